@@ -1,0 +1,68 @@
+"""cellmigrate: fast, verified migration of agent memory state between nodes.
+
+Check that a target can take an agent, capture a rollback point, ship only the 4 KiB
+pages that changed (compressed), apply them atomically, prove the result is the source
+state byte for byte, roll back on failure, and keep an audit trail of every step.
+
+Users import from ``cellmigrate`` only; the compiled kernels are private.
+"""
+
+from __future__ import annotations
+
+# --- errors -------------------------------------------------------------------------
+from .errors import (
+    CellError,
+    CorruptDataError,
+    ExecutionFailedError,
+    InvalidStateError,
+    MigrationFailedError,
+)
+
+# --- kernels: checksums, comparison, compression ------------------------------------
+from ._backend import kernels as _kernels_impl
+from .checksum import PAGE_SIZE, digest, simple_checksum
+from .compare import dirty_pages, first_difference
+from .compression import (
+    CompressionMethod,
+    adaptive_compress,
+    adaptive_compress_aggressive,
+    adaptive_decompress,
+    lz4_compress,
+    lz4_decompress,
+    simple_compress,
+    simple_decompress,
+    zstd_compress,
+    zstd_decompress,
+)
+
+__version__ = "0.1.0"
+
+#: "compiled" or "reference" (CELLMIGRATE_PURE_PYTHON=1).
+IMPLEMENTATION: str = _kernels_impl.IMPLEMENTATION
+
+__all__ = [
+    "__version__",
+    "IMPLEMENTATION",
+    # errors
+    "CellError",
+    "InvalidStateError",
+    "CorruptDataError",
+    "MigrationFailedError",
+    "ExecutionFailedError",
+    # kernels
+    "PAGE_SIZE",
+    "simple_checksum",
+    "digest",
+    "first_difference",
+    "dirty_pages",
+    "CompressionMethod",
+    "simple_compress",
+    "simple_decompress",
+    "lz4_compress",
+    "lz4_decompress",
+    "zstd_compress",
+    "zstd_decompress",
+    "adaptive_compress",
+    "adaptive_compress_aggressive",
+    "adaptive_decompress",
+]

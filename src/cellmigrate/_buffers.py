@@ -1,0 +1,43 @@
+"""Zero-copy views over caller buffers.
+
+Every public function that takes state goes through these two helpers: they accept any
+object exposing a C-contiguous buffer (bytes, bytearray, memoryview, mmap, numpy arrays
+of any dtype) and return a flat unsigned-byte ``memoryview`` over the same memory. A
+non-contiguous buffer is refused with a message naming the problem; it is never copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["as_bytes_view", "as_writable_view"]
+
+
+def _view(obj: Any, what: str) -> memoryview:
+    if isinstance(obj, str):
+        raise TypeError(f"{what} must be a bytes-like buffer, not str")
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise TypeError(
+            f"{what} must support the buffer protocol (bytes, bytearray, memoryview, "
+            f"mmap or numpy array), not {type(obj).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise ValueError(f"{what} must be a C-contiguous buffer; refusing to copy a strided view")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def as_bytes_view(obj: Any, what: str = "data") -> memoryview:
+    """Return a read-only-capable flat ``uint8`` view of ``obj`` without copying."""
+    return _view(obj, what)
+
+
+def as_writable_view(obj: Any, what: str = "target") -> memoryview:
+    """Return a writable flat ``uint8`` view of ``obj``; read-only buffers are refused."""
+    view = _view(obj, what)
+    if view.readonly:
+        raise TypeError(f"{what} must be a writable buffer (bytearray, writable memoryview, mmap or numpy array)")
+    return view

@@ -1,0 +1,62 @@
+"""Checksums and digests over whole states.
+
+``simple_checksum`` is the Rust crate's weighted sum, kept bit-exact for compatibility;
+it is weak on purpose (see SPEC §6). ``digest`` gives the strong integrity check and,
+keyed, the MAC that authenticates a delta.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import blake3 as _blake3
+import xxhash as _xxhash
+
+from ._backend import kernels
+from ._buffers import as_bytes_view
+
+__all__ = ["PAGE_SIZE", "simple_checksum", "digest", "DIGEST_ALGORITHMS", "KEY_SIZE"]
+
+PAGE_SIZE = 4096
+DIGEST_ALGORITHMS = ("xxh3_128", "blake3")
+KEY_SIZE = 32
+
+
+def simple_checksum(data: Any, *, offset: int = 0) -> int:
+    """Sum of ``data[i] * (offset + i + 1)`` modulo 2**32 (the crate's ``simple_checksum``).
+
+    ``offset`` gives the positioned form: the checksum ``data`` contributes when it sits at
+    byte ``offset`` of a larger state, so a state's checksum is the sum of its slices'.
+
+    >>> simple_checksum(bytes([1, 2, 3, 4, 5]))
+    55
+    >>> simple_checksum(b"\\x03", offset=2)
+    9
+    """
+    if offset < 0:
+        raise ValueError("offset must be >= 0")
+    return int(kernels.checksum(as_bytes_view(data), offset & 0xFFFFFFFFFFFFFFFF))
+
+
+def digest(data: Any, algorithm: str = "xxh3_128", *, key: Optional[bytes] = None) -> bytes:
+    """Strong digest of ``data``: 16 bytes of XXH3-128, or 32 of BLAKE3 (keyed with ``key``).
+
+    >>> len(digest(b"state")), len(digest(b"state", "blake3"))
+    (16, 32)
+    """
+    view = as_bytes_view(data)
+    if algorithm == "xxh3_128":
+        if key is not None:
+            raise ValueError("a key needs algorithm='blake3' (xxh3_128 is not a MAC)")
+        return _xxhash.xxh3_128_digest(view)
+    if algorithm == "blake3":
+        if key is not None:
+            key = bytes(key)
+            if len(key) != KEY_SIZE:
+                raise ValueError(f"a BLAKE3 key must be {KEY_SIZE} bytes, got {len(key)}")
+            hasher = _blake3.blake3(key=key, max_threads=_blake3.blake3.AUTO)
+        else:
+            hasher = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        hasher.update(view)
+        return hasher.digest()
+    raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")

@@ -1,0 +1,197 @@
+"""Compression: the crate's RLE ("simple") format, LZ4, zstd, and adaptive choice.
+
+RLE is ours (bit-exact with the Rust crate, strict decoder). LZ4 and zstd come from the
+maintained ``lz4`` and ``zstandard`` packages. Every decoder takes ``max_output`` so a
+hostile stream cannot make it allocate without limit, and every undecodable input raises
+:class:`~cellmigrate.errors.CorruptDataError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, Optional, Tuple, Union
+
+import lz4.block as _lz4_block
+import zstandard as _zstd
+
+from ._backend import kernels
+from ._buffers import as_bytes_view
+from .errors import CorruptDataError
+
+__all__ = [
+    "CompressionMethod",
+    "simple_compress",
+    "simple_decompress",
+    "lz4_compress",
+    "lz4_decompress",
+    "zstd_compress",
+    "zstd_decompress",
+    "adaptive_compress",
+    "adaptive_compress_aggressive",
+    "adaptive_decompress",
+]
+
+ZSTD_DEFAULT_LEVEL = 3
+ZSTD_HIGH_LEVEL = 10
+_RLE_ONLY_BELOW = 256
+_NO_ZSTD_BELOW = 4096
+
+
+class CompressionMethod(enum.IntEnum):
+    """Wire ids of the compression methods (the crate's ``CompressionMethod``)."""
+
+    RLE = 0
+    LZ4 = 1
+    ZSTD_DEFAULT = 2
+    ZSTD_HIGH = 3
+
+    @property
+    def label(self) -> str:
+        """Human-readable name, as the crate prints it."""
+        return _LABELS[self]
+
+
+_LABELS = {
+    CompressionMethod.RLE: "RLE",
+    CompressionMethod.LZ4: "LZ4",
+    CompressionMethod.ZSTD_DEFAULT: "Zstd (default)",
+    CompressionMethod.ZSTD_HIGH: "Zstd (high)",
+}
+
+
+def _bound(max_output: Optional[int]) -> int:
+    if max_output is None:
+        return -1
+    if max_output < 0:
+        raise ValueError("max_output must be >= 0")
+    return max_output
+
+
+def simple_compress(data: Any) -> bytes:
+    """RLE-compress ``data`` exactly as the Rust crate does.
+
+    >>> simple_compress(b"\\xff" * 126).hex()
+    'ff7eff'
+    >>> simple_compress(bytes(131)).hex()
+    'ff7f00ff0400'
+    """
+    return bytes(kernels.rle_compress(as_bytes_view(data)))
+
+
+def simple_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
+    """Decode the RLE format; refuses truncated markers, zero counts and output over ``max_output``.
+
+    >>> simple_decompress(bytes.fromhex("ff0441")) 
+    b'AAAA'
+    """
+    return bytes(kernels.rle_decompress(as_bytes_view(data), _bound(max_output)))
+
+
+def lz4_compress(data: Any) -> bytes:
+    """LZ4 block with its uncompressed size prepended (4 bytes, little-endian)."""
+    return _lz4_block.compress(as_bytes_view(data), store_size=True)
+
+
+def lz4_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
+    """Inverse of :func:`lz4_compress`; the declared size is checked before allocating."""
+    view = as_bytes_view(data)
+    if view.nbytes < 4:
+        raise CorruptDataError("LZ4 frame truncated: missing the 4-byte size prefix")
+    (size,) = struct.unpack_from("<i", view, 0)
+    if size < 0:
+        raise CorruptDataError(f"LZ4 frame declares a negative size ({size})")
+    bound = _bound(max_output)
+    if 0 <= bound < size:
+        raise CorruptDataError(f"LZ4 frame declares {size} bytes, over max_output of {bound}")
+    try:
+        return _lz4_block.decompress(view)
+    except _lz4_block.LZ4BlockError as exc:
+        raise CorruptDataError(f"corrupt LZ4 block: {exc}") from None
+
+
+def zstd_compress(data: Any, level: int = ZSTD_DEFAULT_LEVEL) -> bytes:
+    """A zstd frame (content size recorded) at ``level``."""
+    return _zstd.ZstdCompressor(level=level).compress(as_bytes_view(data))
+
+
+def zstd_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
+    """Decode one or more zstd frames, with or without a recorded content size."""
+    view = as_bytes_view(data)
+    bound = _bound(max_output)
+    try:
+        declared = _zstd.frame_content_size(view)
+    except _zstd.ZstdError as exc:
+        raise CorruptDataError(f"corrupt zstd frame: {exc}") from None
+    try:
+        if declared >= 0:
+            if 0 <= bound < declared:
+                raise CorruptDataError(f"zstd frame declares {declared} bytes, over max_output of {bound}")
+            return _zstd.ZstdDecompressor().decompress(view)
+        # No size in the header (a streaming encoder wrote it): read with a bound.
+        reader = _zstd.ZstdDecompressor().stream_reader(view, read_across_frames=True)
+        chunks = []
+        total = 0
+        while True:
+            chunk = reader.read(1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if 0 <= bound < total:
+                raise CorruptDataError(f"zstd output exceeds max_output of {bound} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except _zstd.ZstdError as exc:
+        raise CorruptDataError(f"corrupt zstd frame: {exc}") from None
+
+
+def _compress_with(data: Any, method: CompressionMethod) -> bytes:
+    if method is CompressionMethod.RLE:
+        return simple_compress(data)
+    if method is CompressionMethod.LZ4:
+        return lz4_compress(data)
+    if method is CompressionMethod.ZSTD_DEFAULT:
+        return zstd_compress(data, ZSTD_DEFAULT_LEVEL)
+    return zstd_compress(data, ZSTD_HIGH_LEVEL)
+
+
+def _smallest(data: Any, methods: Tuple[CompressionMethod, ...]) -> Tuple[bytes, CompressionMethod]:
+    best: Optional[Tuple[bytes, CompressionMethod]] = None
+    for method in methods:
+        payload = _compress_with(data, method)
+        # Strictly smaller wins, so ties keep the earlier (cheaper) method.
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, method)
+    assert best is not None
+    return best
+
+
+def adaptive_compress(data: Any) -> Tuple[bytes, CompressionMethod]:
+    """Pick the smallest of the methods worth trying for this size.
+
+    Under 256 bytes RLE only; under 4096 the smaller of RLE and LZ4; otherwise the
+    smallest of RLE, LZ4 and zstd (level 3). Ties keep the earlier method.
+    """
+    view = as_bytes_view(data)
+    if view.nbytes < _RLE_ONLY_BELOW:
+        return simple_compress(view), CompressionMethod.RLE
+    if view.nbytes < _NO_ZSTD_BELOW:
+        return _smallest(view, (CompressionMethod.RLE, CompressionMethod.LZ4))
+    return _smallest(view, (CompressionMethod.RLE, CompressionMethod.LZ4, CompressionMethod.ZSTD_DEFAULT))
+
+
+def adaptive_compress_aggressive(data: Any) -> Tuple[bytes, CompressionMethod]:
+    """Try all four methods and keep the smallest (ties keep the earlier one)."""
+    return _smallest(as_bytes_view(data), tuple(CompressionMethod))
+
+
+def adaptive_decompress(
+    payload: Any, method: Union[CompressionMethod, int], *, max_output: Optional[int] = None
+) -> bytes:
+    """Decode ``payload`` written with ``method`` (an unknown id raises ``ValueError``)."""
+    method = CompressionMethod(method)
+    if method is CompressionMethod.RLE:
+        return simple_decompress(payload, max_output=max_output)
+    if method is CompressionMethod.LZ4:
+        return lz4_decompress(payload, max_output=max_output)
+    return zstd_decompress(payload, max_output=max_output)

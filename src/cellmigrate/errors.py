@@ -1,0 +1,48 @@
+"""The library's exceptions.
+
+Every error the library raises on purpose is a :class:`CellError`. The three variants
+that exist in the Rust crate render like its ``Display`` impl ("Invalid state: ...");
+the raw text is kept in ``.message`` so callers can match it without the prefix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CellError",
+    "InvalidStateError",
+    "MigrationFailedError",
+    "ExecutionFailedError",
+    "CorruptDataError",
+]
+
+
+class CellError(Exception):
+    """Base class of every error raised by cellmigrate."""
+
+    prefix = ""
+
+    def __init__(self, message: str = "") -> None:
+        self.message = message
+        super().__init__(f"{self.prefix}{message}")
+
+
+class InvalidStateError(CellError):
+    """A state, delta or request is not valid here (Rust ``CellError::InvalidState``)."""
+
+    prefix = "Invalid state: "
+
+
+class MigrationFailedError(CellError):
+    """A migration could not be carried out (Rust ``CellError::MigrationFailed``)."""
+
+    prefix = "Migration failed: "
+
+
+class ExecutionFailedError(CellError):
+    """The agent failed while executing (Rust ``CellError::ExecutionFailed``)."""
+
+    prefix = "Agent execution failed: "
+
+
+class CorruptDataError(CellError, ValueError):
+    """Bytes that cannot be decoded, or that were tampered with."""
