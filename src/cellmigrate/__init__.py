@@ -35,6 +35,17 @@ from .compression import (
     zstd_decompress,
 )
 
+# --- agent --------------------------------------------------------------------------
+from .agent import Agent, Policy
+
+# --- delta and incremental migration (delta.py, tracker.py) ---------------------------
+
+# --- validation (validation.py) -----------------------------------------------------
+
+# --- audit (audit.py, audit_store.py) -----------------------------------------------
+
+# --- rollback, recovery, progress (rollback.py, recovery.py, progress.py) -------------
+
 __version__ = "0.1.0"
 
 #: "compiled" or "reference" (CELLMIGRATE_PURE_PYTHON=1).
@@ -65,4 +76,11 @@ __all__ = [
     "adaptive_compress",
     "adaptive_compress_aggressive",
     "adaptive_decompress",
+    # agent
+    "Agent",
+    "Policy",
+    # delta and incremental migration
+    # validation
+    # audit
+    # rollback, recovery, progress
 ]
