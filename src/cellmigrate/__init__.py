@@ -45,6 +45,7 @@ from .agent import Agent, Policy
 # --- audit (audit.py, audit_store.py) -----------------------------------------------
 
 # --- rollback, recovery, progress (rollback.py, recovery.py, progress.py) -------------
+from .rollback import RollbackInfo
 
 __version__ = "0.1.0"
 
@@ -83,4 +84,5 @@ __all__ = [
     # validation
     # audit
     # rollback, recovery, progress
+    "RollbackInfo",
 ]
