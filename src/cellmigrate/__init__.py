@@ -41,8 +41,20 @@ from .agent import Agent, Policy
 # --- delta and incremental migration (delta.py, tracker.py) ---------------------------
 
 # --- validation (validation.py) -----------------------------------------------------
+from .validation import (
+    AgentRequirements,
+    CompatibilityKind,
+    CompatibilityStatus,
+    CompatibilityValidator,
+    MigrationValidator,
+    NodeCapabilities,
+    StateVerifier,
+    VerificationResult,
+)
 
 # --- audit (audit.py, audit_store.py) -----------------------------------------------
+from .audit import AuditEntry, AuditEventType, MigrationAuditLog
+from .audit_store import AuditSink, SqliteAuditSink, export_jsonl, import_jsonl
 
 # --- rollback, recovery, progress (rollback.py, recovery.py, progress.py) -------------
 from .rollback import RollbackInfo
@@ -82,7 +94,22 @@ __all__ = [
     "Policy",
     # delta and incremental migration
     # validation
+    "AgentRequirements",
+    "NodeCapabilities",
+    "CompatibilityKind",
+    "CompatibilityStatus",
+    "VerificationResult",
+    "CompatibilityValidator",
+    "StateVerifier",
+    "MigrationValidator",
     # audit
+    "AuditEventType",
+    "AuditEntry",
+    "MigrationAuditLog",
+    "AuditSink",
+    "SqliteAuditSink",
+    "export_jsonl",
+    "import_jsonl",
     # rollback, recovery, progress
     "RollbackInfo",
 ]

@@ -1,0 +1,344 @@
+"""Durable audit storage: an embedded SQLite sink and JSON Lines export/import.
+
+Attach a sink to a log and every entry is committed to disk before ``log()`` returns::
+
+    log = MigrationAuditLog(sink=SqliteAuditSink("audit.db"))
+
+The database uses WAL journaling and one row per entry, with indexes on migration id and
+agent id (and timestamp, for range queries). It survives the writing process being
+killed at any moment: a committed entry is in the WAL and is recovered on the next open.
+With the default ``synchronous="FULL"`` it also survives a power loss after commit.
+
+>>> from cellmigrate.audit import AuditEntry, AuditEventType, MigrationAuditLog
+>>> sink = SqliteAuditSink(":memory:")
+>>> log = MigrationAuditLog.with_capacity(1, sink=sink)
+>>> log.log_start(bytes(16), b"A" * 16)
+>>> log.log_completion(bytes(16), b"A" * 16, True, "done")
+>>> len(log), len(log.get_migration_entries(bytes(16)))   # ring holds 1, the DB both
+(1, 2)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import threading
+from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+from .audit import AuditEntry, AuditEventType
+from .errors import CorruptDataError
+
+__all__ = ["AuditSink", "SqliteAuditSink", "export_jsonl", "import_jsonl", "SCHEMA_VERSION"]
+
+#: Stored in ``PRAGMA user_version``; a database with another version is refused.
+SCHEMA_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@runtime_checkable
+class AuditSink(Protocol):
+    """What :class:`~cellmigrate.audit.MigrationAuditLog` needs from durable storage.
+
+    ``append`` must not return before the entry is durable. ``query`` returns entries in
+    insertion order matching every given criterion (``None`` = any).
+    """
+
+    def append(self, entry: AuditEntry) -> int: ...
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> None: ...
+
+    def query(
+        self,
+        *,
+        migration_id: Optional[bytes] = None,
+        agent_id: Optional[bytes] = None,
+        event_type: Optional[AuditEventType] = None,
+        failures_only: bool = False,
+        start: Optional[int] = None,
+        end: Optional[int] = None,
+    ) -> List[AuditEntry]: ...
+
+    def recent(self, n: int) -> List[AuditEntry]: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_entries (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    migration_id BLOB    NOT NULL CHECK (length(migration_id) = 16),
+    agent_id     BLOB    NOT NULL CHECK (length(agent_id) = 16),
+    event_type   TEXT    NOT NULL,
+    timestamp    INTEGER NOT NULL,
+    source_node  BLOB    CHECK (source_node IS NULL OR length(source_node) = 16),
+    target_node  BLOB    CHECK (target_node IS NULL OR length(target_node) = 16),
+    details      TEXT    NOT NULL,
+    success      INTEGER NOT NULL CHECK (success IN (0, 1))
+);
+CREATE INDEX IF NOT EXISTS audit_by_migration ON audit_entries (migration_id, seq);
+CREATE INDEX IF NOT EXISTS audit_by_agent     ON audit_entries (agent_id, seq);
+CREATE INDEX IF NOT EXISTS audit_by_timestamp ON audit_entries (timestamp, seq);
+"""
+
+_COLUMNS = "migration_id, agent_id, event_type, timestamp, source_node, target_node, details, success"
+_INSERT = f"INSERT INTO audit_entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def _row(entry: AuditEntry) -> Tuple[Any, ...]:
+    return (
+        entry.migration_id,
+        entry.agent_id,
+        entry.event_type.name,
+        entry.timestamp,
+        entry.source_node,
+        entry.target_node,
+        entry.details,
+        int(entry.success),
+    )
+
+
+def _entry(row: Sequence[Any]) -> AuditEntry:
+    try:
+        event = AuditEventType[row[2]]
+    except KeyError:
+        raise CorruptDataError(f"audit database holds an unknown event type {row[2]!r}") from None
+    return AuditEntry(
+        migration_id=row[0],
+        agent_id=row[1],
+        event_type=event,
+        timestamp=row[3],
+        source_node=row[4],
+        target_node=row[5],
+        details=row[6],
+        success=bool(row[7]),
+    )
+
+
+class SqliteAuditSink:
+    """Audit entries in an SQLite database file (WAL, one row per entry).
+
+    ``path`` may be ``":memory:"`` (tests) or a file path; the file is created if missing and
+    read back when it exists. ``synchronous`` is SQLite's setting: "FULL" (default) makes
+    each commit survive power loss, "NORMAL" only process crashes (faster). One connection
+    is shared by all threads behind a lock; other processes may open the same file.
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: PathLike, *, synchronous: str = "FULL", timeout: float = 10.0) -> None:
+        mode = synchronous.upper()
+        if mode not in _SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
+        self._path = os.fspath(path)
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit, so a single INSERT is committed when execute()
+        # returns; multi-row writes use explicit BEGIN/COMMIT.
+        self._conn: Optional[sqlite3.Connection] = sqlite3.connect(
+            self._path, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._setup(mode)
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            self._conn = None
+            raise CorruptDataError(f"{self._path!r} is not a usable audit database: {exc}") from None
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+
+    def _setup(self, mode: str) -> None:
+        conn = self._require()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise CorruptDataError(
+                f"{self._path!r} has audit schema version {version}; this cellmigrate reads {SCHEMA_VERSION}"
+            )
+        if self._path != ":memory:":
+            journal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(journal).lower() != "wal":
+                raise CorruptDataError(f"could not enable WAL journaling on {self._path!r} (got {journal})")
+        conn.execute(f"PRAGMA synchronous={mode}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            if version == 0:
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ValueError("the audit database is closed")
+        return self._conn
+
+    @property
+    def path(self) -> str:
+        """The database path given at construction."""
+        return self._path
+
+    # -- writing -------------------------------------------------------------------
+
+    def append(self, entry: AuditEntry) -> int:
+        """Store one entry; returns its sequence number once it is committed."""
+        with self._lock:
+            cursor = self._require().execute(_INSERT, _row(entry))
+            seq = cursor.lastrowid
+        assert seq is not None
+        return seq
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Store several entries in one transaction (all or none)."""
+        rows = [_row(e) for e in entries]
+        with self._lock:
+            conn = self._require()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- reading -------------------------------------------------------------------
+
+    def query(
+        self,
+        *,
+        migration_id: Optional[bytes] = None,
+        agent_id: Optional[bytes] = None,
+        event_type: Optional[AuditEventType] = None,
+        failures_only: bool = False,
+        start: Optional[int] = None,
+        end: Optional[int] = None,
+    ) -> List[AuditEntry]:
+        """Entries matching every given criterion, in insertion order."""
+        clauses: List[str] = []
+        params: List[Any] = []
+        if migration_id is not None:
+            clauses.append("migration_id = ?")
+            params.append(bytes(migration_id))
+        if agent_id is not None:
+            clauses.append("agent_id = ?")
+            params.append(bytes(agent_id))
+        if event_type is not None:
+            clauses.append("event_type = ?")
+            params.append(event_type.name)
+        if failures_only:
+            clauses.append("success = 0")
+        if start is not None:
+            clauses.append("timestamp >= ?")
+            params.append(start)
+        if end is not None:
+            clauses.append("timestamp <= ?")
+            params.append(end)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        return self._fetch(f"SELECT {_COLUMNS} FROM audit_entries{where} ORDER BY seq", params)
+
+    def recent(self, n: int) -> List[AuditEntry]:
+        """The newest ``n`` entries, oldest first."""
+        if n <= 0:
+            return []
+        return self._fetch(
+            f"SELECT {_COLUMNS} FROM (SELECT seq, {_COLUMNS} FROM audit_entries ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            [n],
+        )
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> List[AuditEntry]:
+        with self._lock:
+            rows = self._require().execute(sql, params).fetchall()
+        return [_entry(r) for r in rows]
+
+    def count(self) -> int:
+        """Number of stored entries."""
+        with self._lock:
+            return int(self._require().execute("SELECT count(*) FROM audit_entries").fetchone()[0])
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` verdict ("ok" when the file is sound)."""
+        with self._lock:
+            rows = self._require().execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "SqliteAuditSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"SqliteAuditSink({self._path!r}, {state})"
+
+
+# -- JSON Lines -------------------------------------------------------------------------
+
+
+def export_jsonl(entries: Iterable[AuditEntry], destination: Union[PathLike, Any]) -> int:
+    """Write one JSON object per line (``AuditEntry.to_dict``) to a path or text file.
+
+    Returns the number of entries written. A path is written atomically enough for an
+    export: to a temporary file first, then renamed over the destination.
+    """
+    lines = [json.dumps(e.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for e in entries]
+    if isinstance(destination, (str, os.PathLike)):
+        target = os.fspath(destination)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    else:
+        destination.writelines(lines)
+    return len(lines)
+
+
+def import_jsonl(source: Union[PathLike, Any]) -> List[AuditEntry]:
+    """Read entries written by :func:`export_jsonl` from a path or text file.
+
+    Blank lines are skipped; any malformed line raises :class:`CorruptDataError` naming
+    its line number.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        with open(os.fspath(source), "r", encoding="utf-8") as fh:
+            return _parse_lines(fh)
+    if isinstance(source, (bytes, bytearray)):
+        return _parse_lines(io.StringIO(bytes(source).decode("utf-8")))
+    return _parse_lines(source)
+
+
+def _parse_lines(lines: Iterable[Any]) -> List[AuditEntry]:
+    out: List[AuditEntry] = []
+    for number, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise CorruptDataError(f"audit JSON Lines line {number}: not JSON ({exc})") from None
+        try:
+            out.append(AuditEntry.from_dict(data))
+        except CorruptDataError as exc:
+            raise CorruptDataError(f"audit JSON Lines line {number}: {exc.message}") from None
+    return out
