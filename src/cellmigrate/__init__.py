@@ -58,6 +58,22 @@ from .audit_store import AuditSink, SqliteAuditSink, export_jsonl, import_jsonl
 
 # --- rollback, recovery, progress (rollback.py, recovery.py, progress.py) -------------
 from .rollback import RollbackInfo
+from .recovery import (
+    MigrationError,
+    MigrationErrorType,
+    MigrationRecoveryManager,
+    RecoveryAttempt,
+    RecoveryConfig,
+    RecoveryStrategy,
+)
+from .progress import (
+    CollectingCallback,
+    MigrationPhase,
+    MigrationProgressEvent,
+    MigrationProgressTracker,
+    MultiCallback,
+    ProgressEventKind,
+)
 
 __version__ = "0.1.0"
 
@@ -112,4 +128,16 @@ __all__ = [
     "import_jsonl",
     # rollback, recovery, progress
     "RollbackInfo",
+    "MigrationErrorType",
+    "MigrationError",
+    "RecoveryStrategy",
+    "RecoveryAttempt",
+    "RecoveryConfig",
+    "MigrationRecoveryManager",
+    "MigrationPhase",
+    "ProgressEventKind",
+    "MigrationProgressEvent",
+    "MigrationProgressTracker",
+    "CollectingCallback",
+    "MultiCallback",
 ]
