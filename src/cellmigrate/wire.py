@@ -1,0 +1,377 @@
+"""The self-checking binary wire format of :class:`~cellmigrate.delta.DeltaSnapshot`.
+
+Semi-private: users call ``DeltaSnapshot.serialize()`` / ``DeltaSnapshot.deserialize()``,
+which delegate to :func:`encode_delta` / :func:`decode_delta` here. The layout is
+documented byte by byte in ``docs/FORMAT.md``; this module is its only implementation.
+
+Design rules, all enforced by :func:`decode_delta`:
+
+* The input is hostile. Every length, count, index and flag is checked against the bytes
+  actually present *before* anything is allocated from it, so memory use is bounded by
+  the input size (the page table, the page copies) and by one page at a time (the
+  decompression check); a declared ``total_size`` is never allocated here at all, and it
+  is itself bounded by ``max_total_size``.
+* Every failure raises :class:`~cellmigrate.errors.CorruptDataError` whose message names
+  the field ("bad magic", "page 3: index 99 out of range ...").
+* The per-page and whole-payload checks are XXH3 hashes: they catch corruption in
+  transit and localize it, they do **not** authenticate. Authentication is the keyed
+  BLAKE3 digest of the new state, which ``DeltaSnapshot.apply`` verifies.
+
+:func:`encode_delta` refuses (``ValueError``/``TypeError``) to write anything that
+:func:`decode_delta` would reject, so a round trip never fails on a valid delta.
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import xxhash as _xxhash
+
+from ._buffers import as_bytes_view
+from .checksum import PAGE_SIZE
+from .compression import simple_decompress
+from .errors import CorruptDataError
+
+
+class PageLike(Protocol):
+    """What the encoder reads from a dirty page (``DirtyPage``)."""
+
+    index: int
+    data: bytes
+    compressed: bool
+
+
+class DeltaLike(Protocol):
+    """What the encoder reads from a delta (the attributes of ``DeltaSnapshot``)."""
+
+    agent_id: bytes
+    sequence: int
+    base_sequence: int
+    dirty_pages: Sequence[PageLike]
+    total_size: int
+    timestamp: int
+    checksum: int
+    digest_algorithm: Optional[str]
+    digest: Optional[bytes]
+    keyed: bool
+
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "DEFAULT_MAX_TOTAL_SIZE",
+    "HEADER_SIZE",
+    "PAGE_ENTRY_SIZE",
+    "TRAILER_SIZE",
+    "encode_delta",
+    "decode_delta",
+]
+
+#: PNG-style signature: the high byte catches 7-bit channels, CR LF / LF catch newline
+#: translation, 0x1A stops a DOS ``type``. "CMD" = cellmigrate delta.
+MAGIC = b"\x89CMD\r\n\x1a\n"
+#: The only layout this module reads or writes. Any change to the layout bumps it.
+VERSION = 1
+#: Largest ``total_size`` :func:`decode_delta` accepts unless told otherwise (64 GiB).
+DEFAULT_MAX_TOTAL_SIZE = 64 << 30
+
+# Header: magic, version, digest algorithm id, flags, digest length, 3 reserved bytes,
+# agent id, sequence, base_sequence, total_size, timestamp, checksum, 4 reserved bytes,
+# page count. Reserved bytes are read (not skipped with "x") so they can be required zero.
+_HEADER = struct.Struct("<8sHBBB3s16sQQQQI4sQ")
+HEADER_SIZE = _HEADER.size  # 80
+# Page table entry: index, stored length, encoding, 3 reserved bytes, xxh3_64 of the stored bytes.
+_ENTRY = struct.Struct("<QIB3sQ")
+PAGE_ENTRY_SIZE = _ENTRY.size  # 24
+# Trailer: the canonical XXH3-128 digest of every byte before it.
+TRAILER_SIZE = 16
+
+_U32_MAX = (1 << 32) - 1
+_U64_MAX = (1 << 64) - 1
+
+# Digest algorithm ids and the digest length each one implies.
+_ALG_NONE = 0
+_ALG_IDS = {None: 0, "xxh3_128": 1, "blake3": 2}
+_ALG_NAMES = {v: k for k, v in _ALG_IDS.items()}
+_DIGEST_LENGTHS = {0: 0, 1: 16, 2: 32}
+
+_FLAG_KEYED = 0x01
+_KNOWN_FLAGS = _FLAG_KEYED
+
+# Page encodings. RLE is the crate's "simple" format, what DirtyPage.compress() produces.
+_ENC_RAW = 0
+_ENC_RLE = 1
+# An RLE stream turns every 3 input bytes into at least 1 output byte (a marker has a
+# count of at least 1; a literal is 1 byte for 1), so a stream longer than 3 * L bytes
+# cannot decode to L bytes: a sound bound, checked before decoding anything.
+_RLE_MAX_EXPANSION = 3
+
+_ZERO3 = b"\x00" * 3
+_ZERO4 = b"\x00" * 4
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _page_length(index: int, total_size: int) -> int:
+    """Length of page ``index`` in a state of ``total_size`` bytes (the last may be short)."""
+    return min(PAGE_SIZE, total_size - index * PAGE_SIZE)
+
+
+def _max_pages(total_size: int) -> int:
+    """Number of pages of a ``total_size``-byte state (ceiling division)."""
+    return -(-total_size // PAGE_SIZE)
+
+
+def _page_check(stored: Any) -> int:
+    """Per-page check: XXH3-64 of the stored (possibly compressed) bytes."""
+    return int(_xxhash.xxh3_64_intdigest(stored))
+
+
+def _int_field(name: str, value: Any, maximum: int) -> int:
+    """``value`` as an int in ``[0, maximum]`` or a ``ValueError``/``TypeError`` naming the field."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not 0 <= number <= maximum:
+        raise ValueError(f"{name} {number} does not fit the wire format (0..{maximum})")
+    return number
+
+
+# --------------------------------------------------------------------------------------
+# encoding
+
+
+def encode_delta(delta: DeltaLike) -> bytes:
+    """Serialize ``delta`` (any object with the ``DeltaSnapshot`` attributes) to bytes.
+
+    Raises ``ValueError`` / ``TypeError`` naming the field when the delta cannot be
+    written as a valid wire delta (so :func:`decode_delta` accepts everything this writes):
+    ids not 16 bytes, integers out of range, a digest that does not match its algorithm,
+    pages out of range, unsorted or duplicated, or whose data does not have (or, when
+    compressed, decode to) the page's exact length.
+    """
+    agent_id = delta.agent_id
+    if hasattr(agent_id, "bytes") and not isinstance(agent_id, (bytes, bytearray, memoryview)):
+        agent_id = agent_id.bytes  # a uuid.UUID
+    agent_id = bytes(agent_id)
+    if len(agent_id) != 16:
+        raise ValueError(f"agent_id must be 16 bytes, got {len(agent_id)}")
+    sequence = _int_field("sequence", delta.sequence, _U64_MAX)
+    base_sequence = _int_field("base_sequence", delta.base_sequence, _U64_MAX)
+    total_size = _int_field("total_size", delta.total_size, _U64_MAX)
+    timestamp = _int_field("timestamp", delta.timestamp, _U64_MAX)
+    checksum = _int_field("checksum", delta.checksum, _U32_MAX)
+
+    algorithm = delta.digest_algorithm
+    if algorithm not in _ALG_IDS:
+        raise ValueError(f"digest_algorithm {algorithm!r} is not one of {sorted(k for k in _ALG_IDS if k)}")
+    alg_id = _ALG_IDS[algorithm]
+    digest = b"" if delta.digest is None else bytes(delta.digest)
+    if len(digest) != _DIGEST_LENGTHS[alg_id]:
+        raise ValueError(
+            f"digest of {len(digest)} bytes does not match digest_algorithm {algorithm!r} "
+            f"({_DIGEST_LENGTHS[alg_id]} bytes)"
+        )
+    keyed = bool(delta.keyed)
+    if keyed and algorithm != "blake3":
+        raise ValueError(f"keyed is only possible with digest_algorithm 'blake3', not {algorithm!r}")
+    flags = _FLAG_KEYED if keyed else 0
+
+    pages = list(delta.dirty_pages)
+    table = bytearray(len(pages) * PAGE_ENTRY_SIZE)
+    payloads: List[memoryview] = []
+    previous = -1
+    for position, page in enumerate(pages):
+        index = _int_field(f"page {position}: index", page.index, _U64_MAX)
+        if index <= previous:
+            raise ValueError(f"page {position}: index {index} is not after {previous} (pages must be sorted and unique)")
+        if index * PAGE_SIZE >= total_size:
+            raise ValueError(f"page {position}: index {index} out of range for total_size {total_size}")
+        previous = index
+        expected = _page_length(index, total_size)
+        stored = as_bytes_view(page.data, f"page {position}: data")
+        if page.compressed:
+            encoding = _ENC_RLE
+            # Decoding here costs one page of memory at a time and guarantees the
+            # receiver's identical check will pass.
+            try:
+                decoded = simple_decompress(stored, max_output=expected)
+            except CorruptDataError as exc:
+                raise ValueError(f"page {position}: compressed data is not valid RLE: {exc}") from None
+            if len(decoded) != expected:
+                raise ValueError(f"page {position}: compressed data decodes to {len(decoded)} bytes, expected {expected}")
+        else:
+            encoding = _ENC_RAW
+            if stored.nbytes != expected:
+                raise ValueError(f"page {position}: data is {stored.nbytes} bytes, expected {expected}")
+        _ENTRY.pack_into(table, position * PAGE_ENTRY_SIZE, index, stored.nbytes, encoding, _ZERO3, _page_check(stored))
+        payloads.append(stored)
+
+    header = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        alg_id,
+        flags,
+        len(digest),
+        _ZERO3,
+        agent_id,
+        sequence,
+        base_sequence,
+        total_size,
+        timestamp,
+        checksum,
+        _ZERO4,
+        len(pages),
+    )
+    parts: List[Any] = [header, digest, table, *payloads]
+    # Hash part by part, then join once: a single copy of the payload in memory.
+    hasher = _xxhash.xxh3_128()
+    for part in parts:
+        hasher.update(part)
+    parts.append(hasher.digest())
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_delta(data: Any, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Dict[str, Any]:
+    """Parse and fully validate a serialized delta; return the ``DeltaSnapshot`` keyword fields.
+
+    ``data`` is any C-contiguous buffer (it is read in place; page payloads are copied
+    out). ``max_total_size`` bounds the declared state size (default 64 GiB). Raises
+    :class:`CorruptDataError` naming the field for any malformed, truncated, extended or
+    tampered input, and ``TypeError`` only when ``data`` is not a buffer at all.
+    """
+    view = as_bytes_view(data, "delta")
+    if max_total_size < 0:
+        raise ValueError("max_total_size must be >= 0")
+    size = view.nbytes
+
+    # --- header ------------------------------------------------------------------------
+    if size < len(MAGIC) or view[: len(MAGIC)] != MAGIC:
+        raise CorruptDataError("bad magic: not a cellmigrate delta")
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise CorruptDataError(f"truncated: {size} bytes, a delta has at least {HEADER_SIZE + TRAILER_SIZE}")
+    (
+        _magic,
+        version,
+        alg_id,
+        flags,
+        digest_length,
+        reserved_a,
+        agent_id,
+        sequence,
+        base_sequence,
+        total_size,
+        timestamp,
+        checksum,
+        reserved_b,
+        page_count,
+    ) = _HEADER.unpack_from(view, 0)
+    if version != VERSION:
+        raise CorruptDataError(f"unsupported version {version} (this reader knows version {VERSION})")
+    if alg_id not in _ALG_NAMES:
+        raise CorruptDataError(f"unknown digest algorithm id {alg_id}")
+    if flags & ~_KNOWN_FLAGS:
+        raise CorruptDataError(f"unknown flags 0x{flags & ~_KNOWN_FLAGS:02x}")
+    keyed = bool(flags & _FLAG_KEYED)
+    if keyed and _ALG_NAMES[alg_id] != "blake3":
+        raise CorruptDataError(f"flags: keyed is set but the digest algorithm is {_ALG_NAMES[alg_id]!r}, not 'blake3'")
+    if digest_length != _DIGEST_LENGTHS[alg_id]:
+        raise CorruptDataError(
+            f"digest length {digest_length} does not match digest algorithm {_ALG_NAMES[alg_id]!r} "
+            f"({_DIGEST_LENGTHS[alg_id]} bytes)"
+        )
+    if reserved_a != _ZERO3 or reserved_b != _ZERO4:
+        raise CorruptDataError("reserved header bytes are not zero")
+    if total_size > max_total_size:
+        raise CorruptDataError(f"total_size {total_size} exceeds the maximum of {max_total_size} bytes")
+    max_pages = _max_pages(total_size)
+    if page_count > max_pages:
+        raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
+
+    # --- lengths, all against the bytes actually present, before any allocation --------
+    body_end = size - TRAILER_SIZE
+    offset = HEADER_SIZE
+    if offset + digest_length + page_count * PAGE_ENTRY_SIZE > body_end:
+        raise CorruptDataError(
+            f"truncated: page count {page_count} needs a {page_count * PAGE_ENTRY_SIZE}-byte page table "
+            f"after the {digest_length}-byte digest, only {body_end - offset} bytes before the trailer"
+        )
+    digest = bytes(view[offset : offset + digest_length])
+    offset += digest_length
+    table_end = offset + page_count * PAGE_ENTRY_SIZE
+    # page_count * PAGE_ENTRY_SIZE <= input size, so this list is bounded by the input.
+    entries: List[Tuple[int, int, int, bytes, int]] = list(_ENTRY.iter_unpack(view[offset:table_end]))
+    payload_length = sum(entry[1] for entry in entries)
+    present = body_end - table_end
+    if payload_length > present:
+        raise CorruptDataError(f"truncated: page payloads declare {payload_length} bytes, {present} present before the trailer")
+    if payload_length < present:
+        raise CorruptDataError(f"{present - payload_length} trailing bytes after the page payloads")
+
+    # --- pages ---------------------------------------------------------------------------
+    from .delta import DirtyPage  # lazy: delta.py imports this module
+
+    pages: List[Any] = []
+    previous = -1
+    offset = table_end
+    for position, (index, stored_length, encoding, reserved, check) in enumerate(entries):
+        where = f"page {position}"
+        if index * PAGE_SIZE >= total_size:
+            raise CorruptDataError(f"{where}: index {index} out of range for total_size {total_size}")
+        if index <= previous:
+            raise CorruptDataError(f"{where}: index {index} is not after {previous} (indices must be strictly increasing)")
+        previous = index
+        if reserved != _ZERO3:
+            raise CorruptDataError(f"{where}: reserved bytes are not zero")
+        expected = _page_length(index, total_size)
+        if encoding == _ENC_RAW:
+            if stored_length != expected:
+                raise CorruptDataError(f"{where}: stored length {stored_length}, a raw page {index} is {expected} bytes")
+        elif encoding == _ENC_RLE:
+            if not 0 < stored_length <= _RLE_MAX_EXPANSION * expected:
+                raise CorruptDataError(
+                    f"{where}: compressed length {stored_length} cannot decode to the page's {expected} bytes"
+                )
+        else:
+            raise CorruptDataError(f"{where}: unknown encoding {encoding}")
+        # Copy first, then check the copy: what we return is exactly what was checked,
+        # even if the caller's buffer changes under us.
+        stored = bytes(view[offset : offset + stored_length])
+        offset += stored_length
+        if _page_check(stored) != check:
+            raise CorruptDataError(f"{where}: page check mismatch (stored bytes of page {index} are corrupt)")
+        if encoding == _ENC_RLE:
+            try:
+                decoded = simple_decompress(stored, max_output=expected)
+            except CorruptDataError as exc:
+                raise CorruptDataError(f"{where}: compressed data is corrupt: {exc}") from None
+            if len(decoded) != expected:
+                raise CorruptDataError(f"{where}: decompressed to {len(decoded)} bytes, page {index} is {expected} bytes")
+            del decoded  # only one page's worth of decoded data alive at a time
+        pages.append(DirtyPage(index, stored, encoding == _ENC_RLE))
+
+    # --- whole-payload check -----------------------------------------------------------------
+    if _xxhash.xxh3_128_digest(view[:body_end]) != bytes(view[body_end:]):
+        raise CorruptDataError("whole-payload check mismatch (the delta was corrupted or truncated)")
+
+    return {
+        "agent_id": bytes(agent_id),
+        "sequence": sequence,
+        "base_sequence": base_sequence,
+        "dirty_pages": pages,
+        "total_size": total_size,
+        "timestamp": timestamp,
+        "checksum": checksum,
+        "digest_algorithm": _ALG_NAMES[alg_id],
+        "digest": digest if alg_id != _ALG_NONE else None,
+        "keyed": keyed,
+    }
