@@ -39,6 +39,8 @@ from .compression import (
 from .agent import Agent, Policy
 
 # --- delta and incremental migration (delta.py, tracker.py) ---------------------------
+from .delta import DeltaSnapshot, DirtyPage
+from .tracker import DirtyPageTracker, IncrementalMigrator, MigrationStats
 
 # --- validation (validation.py) -----------------------------------------------------
 from .validation import (
@@ -109,6 +111,11 @@ __all__ = [
     "Agent",
     "Policy",
     # delta and incremental migration
+    "DirtyPage",
+    "DeltaSnapshot",
+    "DirtyPageTracker",
+    "IncrementalMigrator",
+    "MigrationStats",
     # validation
     "AgentRequirements",
     "NodeCapabilities",

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import blake3 as _blake3
 import numpy as np
@@ -349,7 +349,24 @@ class DeltaSnapshot:
         BLAKE3 MAC (``keyed=True``). ``progress(done, total)`` is called between chunks.
         Different lengths raise :class:`InvalidStateError`.
         """
-        agent = to_id(agent_id, "agent_id")
+        delta, _, _ = cls._create_checked(
+            to_id(agent_id, "agent_id"), old_state, new_state, base_sequence, sequence, digest, key, progress
+        )
+        return delta
+
+    @classmethod
+    def _create_checked(
+        cls,
+        agent: bytes,
+        old_state: Any,
+        new_state: Any,
+        base_sequence: int,
+        sequence: int,
+        digest: Optional[str],
+        key: Optional[bytes],
+        progress: Optional[ProgressCallback] = None,
+    ) -> Tuple["DeltaSnapshot", npt.NDArray[np.int64], List[bytes]]:
+        """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`."""
         raw_key = _check_key(key)
         algorithm = digest
         if algorithm is not None and algorithm not in _DIGEST_SIZES:
@@ -358,8 +375,7 @@ class DeltaSnapshot:
             if algorithm is None:
                 raise ValueError("a key needs a digest: digest=None makes an unauthenticated checksum-only delta")
             algorithm = "blake3"
-        delta, _, _ = cls._create(agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress)
-        return delta
+        return cls._create(agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress)
 
     @classmethod
     def _create(
@@ -574,7 +590,9 @@ class DeltaSnapshot:
         """The versioned, self-checking wire format (see docs/FORMAT.md)."""
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
-        return bytes(wire.encode_delta(self))
+        # cast: wire's DeltaLike protocol declares settable attributes, which mypy treats
+        # as invariant (list[DirtyPage] vs Sequence[PageLike]); the shape is the agreed one.
+        return bytes(wire.encode_delta(cast(Any, self)))
 
     @classmethod
     def deserialize(cls, data: Any) -> "DeltaSnapshot":

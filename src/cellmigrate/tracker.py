@@ -1,0 +1,359 @@
+"""Incremental migration: dirty-page tracking per agent and migration statistics.
+
+:class:`DirtyPageTracker` remembers the last state it shipped and hands out deltas with
+consecutive sequence numbers; :class:`IncrementalMigrator` keeps one tracker per agent
+and accumulates :class:`MigrationStats`. Readings follow the Rust crate (SPEC §4 pinned
+readings). All three are safe to share between threads (each object has a lock).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from ._backend import kernels
+from ._buffers import as_bytes_view
+from ._ids import IdLike, to_id
+from .checksum import PAGE_SIZE
+from .delta import DeltaSnapshot
+from .errors import InvalidStateError
+
+__all__ = ["DirtyPageTracker", "IncrementalMigrator", "MigrationStats"]
+
+
+# --------------------------------------------------------------------------------------
+# MigrationStats
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MigrationStats:
+    """Counters over the migrations of one migrator (the crate's ``MigrationStats``).
+
+    >>> stats = MigrationStats()
+    >>> stats.record_full(1_000_000, 1_000)
+    >>> stats.record_incremental(250_000, 1_000_000, 1_000)
+    >>> stats.bytes_transferred, stats.bytes_saved_delta, stats.avg_delta_ratio
+    (1250000, 750000, 0.125)
+    >>> stats.throughput_mbps()
+    625.0
+    >>> stats.record_compression(400_000, 250_000)
+    >>> round(stats.overall_compression_ratio(), 4)
+    0.8929
+
+    Attributes:
+        bytes_transferred: bytes sent (full states and deltas' stored sizes).
+        bytes_saved_compression: bytes compression saved (uncompressed - compressed).
+        bytes_saved_delta: bytes deltas saved over sending the full state.
+        full_migrations: number of full-state migrations recorded.
+        incremental_migrations: number of delta migrations recorded.
+        avg_delta_ratio: running mean of ``delta_size / full_size`` over all migrations
+            (full migrations count in the denominator but do not move the sum).
+        total_time_us: time spent, in microseconds.
+    """
+
+    bytes_transferred: int = 0
+    bytes_saved_compression: int = 0
+    bytes_saved_delta: int = 0
+    full_migrations: int = 0
+    incremental_migrations: int = 0
+    avg_delta_ratio: float = 0.0
+    total_time_us: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def record_full(self, size: int, time_us: int) -> None:
+        """A full-state migration of ``size`` bytes that took ``time_us``."""
+        with self._lock:
+            self.bytes_transferred += size
+            self.full_migrations += 1
+            self.total_time_us += time_us
+
+    def record_incremental(self, delta_size: int, full_size: int, time_us: int) -> None:
+        """A delta of ``delta_size`` bytes that stood in for ``full_size`` bytes."""
+        with self._lock:
+            self.bytes_transferred += delta_size
+            # Saturating like the crate's unsigned counters: a delta never "saves" < 0.
+            self.bytes_saved_delta += max(full_size - delta_size, 0)
+            self.incremental_migrations += 1
+            self.total_time_us += time_us
+            ratio = delta_size / max(full_size, 1)
+            count = self.full_migrations + self.incremental_migrations
+            self.avg_delta_ratio = (self.avg_delta_ratio * (count - 1) + ratio) / count
+
+    def record_compression(self, uncompressed: int, compressed: int) -> None:
+        """Compression turned ``uncompressed`` bytes into ``compressed`` bytes."""
+        with self._lock:
+            self.bytes_saved_compression += max(uncompressed - compressed, 0)
+
+    def overall_compression_ratio(self) -> float:
+        """transferred / (transferred + saved by compression); 1.0 when both are 0."""
+        with self._lock:
+            whole = self.bytes_transferred + self.bytes_saved_compression
+            return 1.0 if whole == 0 else self.bytes_transferred / whole
+
+    def throughput_mbps(self) -> float:
+        """Megabytes (10**6) transferred per second of recorded time; 0.0 with no time."""
+        with self._lock:
+            if self.total_time_us == 0:
+                return 0.0
+            return (self.bytes_transferred / 1e6) / (self.total_time_us / 1e6)
+
+    def snapshot(self) -> "MigrationStats":
+        """A consistent copy (taken under the lock)."""
+        with self._lock:
+            return MigrationStats(**{f.name: getattr(self, f.name) for f in fields(self) if f.init})
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "MigrationStats":
+        return self.snapshot()
+
+    def __copy__(self) -> "MigrationStats":
+        return self.snapshot()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------
+# DirtyPageTracker
+# --------------------------------------------------------------------------------------
+
+
+class DirtyPageTracker:
+    """Tracks one agent's state between deltas (the crate's ``DirtyPageTracker``).
+
+    The bitmap of marked pages is advisory: :meth:`create_delta` always compares the
+    whole state against the last one it shipped (at memory speed), so a missed mark can
+    never produce a wrong delta.
+
+    >>> tracker = DirtyPageTracker(bytes(16), 3 * 4096)
+    >>> tracker.initialize(bytes(3 * 4096))
+    >>> tracker.sequence
+    1
+    >>> tracker.mark_range_dirty(4000, 200)
+    >>> [tracker.is_dirty(i) for i in range(3)], tracker.dirty_count()
+    ([True, True, False], 2)
+    >>> delta = tracker.create_delta(b"x" + bytes(3 * 4096 - 1))
+    >>> delta.base_sequence, delta.sequence, tracker.sequence, tracker.dirty_count()
+    (1, 2, 2, 0)
+    """
+
+    def __init__(self, agent_id: IdLike, state_size: int) -> None:
+        if isinstance(state_size, bool) or not isinstance(state_size, (int, np.integer)):
+            raise TypeError(f"state_size must be an int, not {type(state_size).__name__}")
+        if state_size < 0:
+            raise ValueError(f"state_size must be >= 0, got {state_size}")
+        self._agent_id = to_id(agent_id, "agent_id")
+        self._state_size = int(state_size)
+        self._bitmap: npt.NDArray[np.bool_] = np.zeros(-(-self._state_size // PAGE_SIZE), dtype=np.bool_)
+        self._last: Optional[bytearray] = None
+        self._sequence = 0
+        self._lock = threading.RLock()
+
+    @property
+    def agent_id(self) -> bytes:
+        """The tracked agent's 16-byte id."""
+        return self._agent_id
+
+    @property
+    def state_size(self) -> int:
+        """The state size the bitmap was sized for."""
+        return self._state_size
+
+    @property
+    def page_count(self) -> int:
+        """Number of pages in the bitmap: ``ceil(state_size / PAGE_SIZE)``."""
+        return int(self._bitmap.size)
+
+    @property
+    def sequence(self) -> int:
+        """Sequence of the last state shipped: 0 before :meth:`initialize`, then 1, 2, ..."""
+        with self._lock:
+            return self._sequence
+
+    def initialize(self, state: Any) -> None:
+        """Remember ``state`` (copied) as the base, clear the bitmap, set ``sequence`` to 1."""
+        view = as_bytes_view(state, "state")
+        with self._lock:
+            self._last = bytearray(view)
+            self._bitmap[:] = False
+            self._sequence = 1
+
+    def mark_dirty(self, page_index: int) -> None:
+        """Mark one page; an index outside the state is ignored."""
+        with self._lock:
+            if 0 <= page_index < self._bitmap.size:
+                self._bitmap[page_index] = True
+
+    def mark_range_dirty(self, offset: int, length: int) -> None:
+        """Mark pages ``offset // 4096`` up to ``ceil((offset + length) / 4096)``, clipped."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
+        first = offset // PAGE_SIZE
+        stop = -(-(offset + length) // PAGE_SIZE)
+        with self._lock:
+            stop = min(stop, self._bitmap.size)
+            if first < stop:
+                self._bitmap[first:stop] = True
+
+    def is_dirty(self, page_index: int) -> bool:
+        """Whether a page is marked; False for an index outside the state."""
+        with self._lock:
+            return bool(0 <= page_index < self._bitmap.size and self._bitmap[page_index])
+
+    def dirty_count(self) -> int:
+        """Number of marked pages."""
+        with self._lock:
+            return int(np.count_nonzero(self._bitmap))
+
+    def dirty_page_indices(self) -> npt.NDArray[np.int64]:
+        """Indices of the marked pages (int64 array, ascending)."""
+        with self._lock:
+            return np.flatnonzero(self._bitmap).astype(np.int64)
+
+    def clear_all(self) -> None:
+        """Unmark every page."""
+        with self._lock:
+            self._bitmap[:] = False
+
+    def create_delta(
+        self,
+        current: Any,
+        *,
+        digest: Optional[str] = "xxh3_128",
+        key: Optional[bytes] = None,
+    ) -> DeltaSnapshot:
+        """Diff ``current`` against the last state, then make ``current`` the new base.
+
+        The delta has ``base_sequence`` = the old sequence and ``sequence`` = old + 1;
+        afterwards the bitmap is clear and ``sequence`` has advanced. Before
+        :meth:`initialize` the diff is against zeros (``base_sequence`` 0). Only the dirty
+        pages are copied into the remembered state. ``digest``/``key`` as in
+        :meth:`DeltaSnapshot.create`. A size change raises ``InvalidStateError``.
+        """
+        view = as_bytes_view(current, "current")
+        with self._lock:
+            old: Any = self._last if self._last is not None else bytes(view.nbytes)
+            delta, indices, raw_pages = DeltaSnapshot._create_checked(
+                self._agent_id, old, view, self._sequence, self._sequence + 1, digest, key
+            )
+            if self._last is None:
+                self._last = bytearray(view)
+            else:
+                # Only the dirty pages changed: patch them in instead of copying the state.
+                kernels.scatter_pages(self._last, indices, raw_pages, PAGE_SIZE)
+            self._bitmap[:] = False
+            self._sequence += 1
+            return delta
+
+    def __repr__(self) -> str:
+        return (
+            f"DirtyPageTracker(agent_id={self._agent_id.hex()}, state_size={self._state_size}, "
+            f"sequence={self.sequence}, dirty={self.dirty_count()}/{self.page_count})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# IncrementalMigrator
+# --------------------------------------------------------------------------------------
+
+
+class IncrementalMigrator:
+    """One :class:`DirtyPageTracker` per agent, plus :class:`MigrationStats`.
+
+    >>> m = IncrementalMigrator()
+    >>> agent = bytes(range(16))
+    >>> m.start_tracking(agent, bytes(8192))
+    >>> m.is_tracking(agent), m.get_sequence(agent), m.get_sequence(bytes(16))
+    (True, 1, None)
+    >>> delta = m.create_incremental(agent, b"\\1" + bytes(8191))
+    >>> delta.sequence, m.stats.incremental_migrations, m.stats.bytes_saved_delta
+    (2, 1, 8192)
+    """
+
+    def __init__(self) -> None:
+        self._trackers: Dict[bytes, DirtyPageTracker] = {}
+        self._stats = MigrationStats()
+        self._lock = threading.RLock()
+
+    def start_tracking(self, agent_id: IdLike, initial_state: Any) -> None:
+        """Track an agent from ``initial_state`` (sequence 1); restarts an existing tracker."""
+        view = as_bytes_view(initial_state, "initial_state")
+        agent = to_id(agent_id, "agent_id")
+        tracker = DirtyPageTracker(agent, view.nbytes)
+        tracker.initialize(view)
+        with self._lock:
+            self._trackers[agent] = tracker
+
+    def stop_tracking(self, agent_id: IdLike) -> None:
+        """Forget an agent (no-op when it is not tracked)."""
+        with self._lock:
+            self._trackers.pop(to_id(agent_id, "agent_id"), None)
+
+    def is_tracking(self, agent_id: IdLike) -> bool:
+        """Whether the agent has a tracker."""
+        with self._lock:
+            return to_id(agent_id, "agent_id") in self._trackers
+
+    def get_sequence(self, agent_id: IdLike) -> Optional[int]:
+        """The agent's tracker sequence, or ``None`` when it is not tracked."""
+        with self._lock:
+            tracker = self._trackers.get(to_id(agent_id, "agent_id"))
+        return None if tracker is None else tracker.sequence
+
+    def mark_dirty(self, agent_id: IdLike, offset: int, length: int) -> None:
+        """Mark a byte range of a tracked agent's state (ignored when not tracked)."""
+        with self._lock:
+            tracker = self._trackers.get(to_id(agent_id, "agent_id"))
+        if tracker is not None:
+            tracker.mark_range_dirty(offset, length)
+
+    def create_incremental(
+        self,
+        agent_id: IdLike,
+        state: Any,
+        *,
+        digest: Optional[str] = "xxh3_128",
+        key: Optional[bytes] = None,
+    ) -> DeltaSnapshot:
+        """Delta of ``state`` against the agent's last state; records it in :attr:`stats`.
+
+        Raises ``InvalidStateError("Agent not being tracked for incremental migration")``
+        for an untracked agent.
+        """
+        view = as_bytes_view(state, "state")
+        with self._lock:
+            tracker = self._trackers.get(to_id(agent_id, "agent_id"))
+        if tracker is None:
+            raise InvalidStateError("Agent not being tracked for incremental migration")
+        start = time.perf_counter_ns()
+        delta = tracker.create_delta(view, digest=digest, key=key)
+        elapsed_us = (time.perf_counter_ns() - start) // 1000
+        with self._lock:
+            self._stats.record_incremental(delta.compressed_size(), view.nbytes, elapsed_us)
+            self._stats.record_compression(delta.uncompressed_size(), delta.compressed_size())
+        return delta
+
+    @property
+    def stats(self) -> MigrationStats:
+        """A consistent copy of the statistics so far."""
+        with self._lock:
+            return self._stats.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the statistics."""
+        with self._lock:
+            self._stats = MigrationStats()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return f"IncrementalMigrator(tracking={len(self._trackers)}, stats={self._stats!r})"
+
