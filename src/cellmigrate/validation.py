@@ -181,9 +181,7 @@ class CompatibilityStatus:
             raise TypeError(f"kind must be a CompatibilityKind, not {type(kind).__name__}")
         warns = tuple(_strings(warnings, "warnings"))
         if kind is CompatibilityKind.INCOMPATIBLE:
-            if reason is None:
-                raise ValueError("an incompatible status needs a reason")
-            _text(reason, "reason")
+            _text(reason, "reason")  # None included: an incompatible status needs a reason
         elif reason is not None:
             raise ValueError(f"a {kind.value} status has no reason")
         if warns and kind is not CompatibilityKind.COMPATIBLE_WITH_WARNINGS:
