@@ -1,32 +1,77 @@
 """Rollback points: a saved copy of an agent's state that a failed migration returns to.
 
 :class:`RollbackInfo` is the crate's ``RollbackInfo`` (``capture``, ``age_secs``,
-``is_valid``) plus what big states need: a strong digest next to the weak checksum,
-``restore_into`` a writable buffer (verified, target untouched on failure), an optional
-spill of the copy to a memory-mapped file instead of RAM, and a self-checking binary
-serialization (see ``docs/ROLLBACK_FORMAT.md``).
+``is_valid``) plus what big states need:
+
+* a strong digest (XXH3-128 by default) next to the crate's weak checksum;
+* :meth:`RollbackInfo.restore_into` writes the saved state back into a writable buffer,
+  verifying the saved copy first (so a corrupted rollback point, or a target of the wrong
+  size, leaves the target byte for byte unchanged) and the written target afterwards;
+* ``RollbackInfo.capture(..., spill_to=path)`` keeps the copy in a file, memory-mapped
+  read-only, instead of RAM; the file is in the serialized format below, so
+  :meth:`RollbackInfo.load` reopens it (after a crash, say) without reading it into RAM;
+* :meth:`RollbackInfo.serialize` / :meth:`RollbackInfo.deserialize` use a small versioned,
+  self-checking binary layout documented in ``docs/ROLLBACK_FORMAT.md``; every malformed,
+  truncated or tampered input raises :class:`CorruptDataError`;
+* capture and restore accept ``progress=callback`` (a plain callable taking a
+  :class:`MigrationProgressEvent`): they report CAPTURING_STATE / RESTORING percentages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import json
+import mmap
+import os
+import struct
 import time
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+
+import xxhash
 
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id, to_optional_id
+from .checksum import DIGEST_ALGORITHMS
 from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .compare import first_difference
-from .errors import InvalidStateError
+from .errors import CorruptDataError, InvalidStateError
+from .progress import MigrationProgressEvent, ProgressCallback
 
-__all__ = ["RollbackInfo"]
+__all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
 
 #: Default strong digest recorded by :meth:`RollbackInfo.capture`.
 DEFAULT_DIGEST = "xxh3_128"
+
+#: Work is done (and progress reported) in slices of this many bytes.
+PROGRESS_CHUNK = 64 << 20
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+# ---- serialized layout (docs/ROLLBACK_FORMAT.md) --------------------------------------
+FORMAT_MAGIC = b"CMRB"
+FORMAT_VERSION = 1
+_FLAG_SOURCE_NODE = 0x0001
+_FLAG_DIGEST = 0x0002
+_KNOWN_FLAGS = _FLAG_SOURCE_NODE | _FLAG_DIGEST
+# magic, version, flags, agent_id, source_node, created_at, checksum, digest id,
+# digest length, reserved, policy length, state length, digest (zero padded to 32)
+_HEADER = struct.Struct("<4sHH16s16sQIBBHQQ32s")
+_CHECK_SIZE = 16  # XXH3-128
+_HEADER_SIZE = _HEADER.size + _CHECK_SIZE  # header fields + their own check
+_OVERHEAD = _HEADER_SIZE + _CHECK_SIZE  # + the trailer over everything before it
+_DIGEST_IDS = {"xxh3_128": 1, "blake3": 2}
+_DIGEST_NAMES = {v: k for k, v in _DIGEST_IDS.items()}
+_DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32}
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+assert _HEADER.size == 104
 
 
 def _now() -> int:
@@ -48,6 +93,10 @@ def policy_bytes(agent: Any) -> bytes:
 
     Stable means the same policy always gives the same bytes, so two rollback points can be
     compared (and digested) byte for byte. An agent without a policy gives ``b""``.
+
+    >>> from cellmigrate import Agent
+    >>> policy_bytes(Agent())
+    b'{"max_latency_ms":100,"min_battery_percent":20,"preferred_architectures":[]}'
     """
     policy = getattr(agent, "policy", None)
     if policy is None:
@@ -59,17 +108,77 @@ def policy_bytes(agent: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+class _Reporter:
+    """Turns units of work done into percent events, emitting only when the percent moves."""
+
+    def __init__(
+        self,
+        callback: Optional[ProgressCallback],
+        make_event: Callable[[bytes, int], MigrationProgressEvent],
+        agent_id: bytes,
+        total_units: int,
+    ) -> None:
+        if callback is not None and not callable(callback):
+            raise TypeError(f"progress must be callable (taking one MigrationProgressEvent), not {type(callback).__name__}")
+        self._callback = callback
+        self._make = make_event
+        self._agent_id = agent_id
+        self._total = max(total_units, 1)
+        self._done = 0
+        self._last = -1
+
+    def start(self) -> None:
+        self._emit(0)
+
+    def advance(self, units: int) -> None:
+        self._done = min(self._total, self._done + units)
+        self._emit(self._done * 100 // self._total)
+
+    def finish(self) -> None:
+        self._emit(100)
+
+    def _emit(self, percent: int) -> None:
+        if self._callback is not None and percent != self._last:
+            self._last = percent
+            self._callback(self._make(self._agent_id, percent))
+
+
+def _chunks(n: int) -> List[Tuple[int, int]]:
+    step = max(1, PROGRESS_CHUNK)
+    return [(off, min(off + step, n)) for off in range(0, n, step)]
+
+
+def _checksum_chunked(view: memoryview, reporter: Optional[_Reporter] = None) -> int:
+    """simple_checksum in slices (it is linear: a state's checksum is the sum of its slices')."""
+    total = 0
+    for a, b in _chunks(view.nbytes):
+        total = (total + simple_checksum(view[a:b], offset=a)) & _U32
+        if reporter is not None:
+            reporter.advance(b - a)
+    return total
+
+
+def _state_of(obj: Any) -> Union[bytes, memoryview]:
+    """A rollback point's state must not change under its checksum: keep a private copy
+    unless it already is immutable (bytes, or a read-only view such as a mapped file)."""
+    if isinstance(obj, bytes):
+        return obj
+    if isinstance(obj, memoryview) and obj.readonly:
+        return obj if (obj.format == "B" and obj.ndim == 1) else obj.cast("B")
+    return bytes(as_bytes_view(obj, "original_state"))
+
+
 @dataclass(eq=False, repr=False)
 class RollbackInfo:
     """A saved copy of an agent's state, taken before a migration so it can be undone.
 
     Create one with :meth:`capture`; ``is_valid(max_age_secs)`` says whether it is still
-    young enough to use.
+    young enough to use, :meth:`restore_into` puts the state back.
 
     >>> from cellmigrate import Agent
     >>> info = RollbackInfo.capture(Agent(), b"state")
-    >>> bytes(info.original_state), info.original_checksum
-    (b'state', 1607)
+    >>> bytes(info.original_state), info.original_checksum, info.digest_algorithm
+    (b'state', 1607, 'xxh3_128')
     >>> info.is_valid(3600), info.is_valid(0)
     (True, False)
     >>> target = bytearray(b"garbage!")
@@ -77,11 +186,13 @@ class RollbackInfo:
     5
     >>> bytes(target)
     b'state'
+    >>> RollbackInfo.deserialize(info.serialize()) == info
+    True
 
     Attributes:
         agent_id: the agent's 16-byte id.
         original_state: the saved copy (``bytes``, or a read-only ``memoryview`` over a
-            memory-mapped file when captured with ``spill_to``).
+            memory-mapped file when captured with ``spill_to`` or opened with ``load``).
         original_checksum: ``simple_checksum`` of the saved copy (the crate's check).
         original_policy_data: the agent's policy, serialized (compact sorted JSON).
         created_at: Unix seconds of the capture.
@@ -98,22 +209,24 @@ class RollbackInfo:
     source_node: Optional[bytes] = None
     digest_algorithm: Optional[str] = None
     digest: Optional[bytes] = None
+    # The mapping behind a spilled/loaded state, and where it lives; closed by close().
+    _mapping: Optional[mmap.mmap] = field(default=None, repr=False, compare=False)
+    spill_path: Optional[Path] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.agent_id = to_id(self.agent_id, "agent_id")
         self.source_node = to_optional_id(self.source_node, "source_node")
         self.original_policy_data = bytes(self.original_policy_data)
-        if isinstance(self.original_state, (bytearray, memoryview)) and not (
-            isinstance(self.original_state, memoryview) and self.original_state.readonly
-        ):
-            # A rollback point must not change under its checksum: keep a private copy.
-            self.original_state = bytes(self.original_state)
-        elif not isinstance(self.original_state, (bytes, memoryview)):
-            self.original_state = bytes(as_bytes_view(self.original_state, "original_state"))
+        self.original_state = _state_of(self.original_state)
         if (self.digest_algorithm is None) != (self.digest is None):
             raise ValueError("digest_algorithm and digest must be given together")
-        if self.digest is not None:
-            self.digest = bytes(self.digest)
+        if self.digest_algorithm is not None:
+            if self.digest_algorithm not in DIGEST_ALGORITHMS:
+                raise ValueError(
+                    f"unknown digest algorithm {self.digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}"
+                )
+            self.digest = bytes(self.digest)  # type: ignore[arg-type]
+        self._closed = False
 
     # -- the crate's API -------------------------------------------------------------
 
@@ -125,26 +238,62 @@ class RollbackInfo:
         *,
         source_node: Optional[IdLike] = None,
         digest_algorithm: Optional[str] = DEFAULT_DIGEST,
+        spill_to: Optional[StrPath] = None,
+        progress: Optional[ProgressCallback] = None,
     ) -> "RollbackInfo":
         """Copy ``state`` once, checksum and digest the copy, and stamp the time.
 
         ``state`` is any C-contiguous buffer. The checksum and digest are computed over
         the copy, so the rollback point is self-consistent even if the caller keeps
         mutating its buffer. ``digest_algorithm=None`` records the checksum only.
+
+        ``spill_to=path`` writes the copy to ``path`` (created or overwritten, in the
+        serialized format, fsynced) and maps it read-only instead of holding it in RAM;
+        :meth:`close` unmaps it, the file stays. ``progress`` receives CAPTURING_STATE
+        events (0..100).
         """
         agent_id = _agent_id_bytes(agent)
+        if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
+            raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
         view = as_bytes_view(state, "state")
-        saved = bytes(view)
-        return cls(
-            agent_id=agent_id,
-            original_state=saved,
-            original_checksum=simple_checksum(saved),
-            original_policy_data=policy_bytes(agent),
-            created_at=_now(),
-            source_node=to_optional_id(source_node, "source_node"),
-            digest_algorithm=digest_algorithm,
-            digest=None if digest_algorithm is None else _digest(saved, digest_algorithm),
-        )
+        source = to_optional_id(source_node, "source_node")
+        policy = policy_bytes(agent)
+        n = view.nbytes
+        digest_units = n if digest_algorithm is not None else 0
+        if spill_to is not None:
+            # write pass, checksum pass, digest pass, trailer pass
+            reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 3 * n + digest_units)
+            reporter.start()
+            path = Path(spill_to)
+            try:
+                info = cls._capture_spilled(path, view, agent_id, policy, source, digest_algorithm, reporter)
+            except BaseException:
+                # What we wrote is an unusable half file: do not leave it for load() to trip on.
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise
+        else:
+            # copy (one memcpy), checksum pass, digest pass
+            reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 2 * n + digest_units)
+            reporter.start()
+            saved = bytes(view)
+            reporter.advance(n)
+            saved_view = memoryview(saved)
+            checksum = _checksum_chunked(saved_view, reporter)
+            dig = None if digest_algorithm is None else _digest(saved, digest_algorithm)
+            reporter.advance(digest_units)
+            info = cls(
+                agent_id=agent_id,
+                original_state=saved,
+                original_checksum=checksum,
+                original_policy_data=policy,
+                created_at=_now(),
+                source_node=source,
+                digest_algorithm=digest_algorithm,
+                digest=dig,
+            )
+        reporter.finish()
+        return info
 
     def age_secs(self) -> int:
         """Seconds since capture; never negative (a clock stepping back gives 0)."""
@@ -154,59 +303,289 @@ class RollbackInfo:
         """True while ``age_secs() < max_age_secs`` (strict, so ``is_valid(0)`` is False)."""
         return self.age_secs() < max_age_secs
 
-    # -- restore ---------------------------------------------------------------------
+    # -- verification and restore ----------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidStateError("Rollback point is closed")
+
+    def _verify(self, reporter: Optional[_Reporter]) -> None:
+        self._check_open()
+        state = as_bytes_view(self.original_state, "original_state")
+        got = _checksum_chunked(state, reporter)
+        if got != self.original_checksum:
+            raise InvalidStateError(
+                f"Rollback state checksum mismatch: expected {self.original_checksum}, got {got}"
+            )
+        if self.digest_algorithm is not None and self.digest is not None:
+            actual = _digest(state, self.digest_algorithm)
+            if reporter is not None:
+                reporter.advance(state.nbytes)
+            if not hmac.compare_digest(actual, self.digest):
+                raise InvalidStateError(f"Rollback state {self.digest_algorithm} digest mismatch")
 
     def verify(self) -> None:
         """Check the saved copy against its checksum and digest.
 
         Raises :class:`InvalidStateError` naming the check that failed.
         """
-        got = simple_checksum(self.original_state)
-        if got != self.original_checksum:
-            raise InvalidStateError(
-                f"Rollback state checksum mismatch: expected {self.original_checksum}, got {got}"
-            )
-        if self.digest_algorithm is not None and self.digest is not None:
-            actual = _digest(self.original_state, self.digest_algorithm)
-            if not hmac.compare_digest(actual, self.digest):
-                raise InvalidStateError(f"Rollback state {self.digest_algorithm} digest mismatch")
+        self._verify(None)
 
-    def restore_into(self, target: Any) -> int:
+    def restore_into(self, target: Any, *, progress: Optional[ProgressCallback] = None) -> int:
         """Write the saved state back into ``target`` and verify it; return the byte count.
 
-        ``target`` is a writable buffer: ``bytearray`` (grown or shrunk to the saved
-        size), writable ``memoryview``, writable ``mmap`` or numpy array (these must
-        already have the saved size in bytes). The saved copy is verified (checksum and
-        digest) *before* anything is written, so a corrupted rollback point or a target of
-        the wrong size raises :class:`InvalidStateError` and leaves ``target`` byte for
-        byte unchanged. After writing, the target is compared with the verified copy.
+        ``target`` is a writable buffer: a ``bytearray`` is grown or shrunk to the saved
+        size; a writable ``memoryview``, writable ``mmap`` or numpy array must already have
+        the saved size in bytes. The saved copy is verified (checksum and digest) *before*
+        anything is written, so a corrupted rollback point or a target of the wrong size
+        raises :class:`InvalidStateError` and leaves ``target`` byte for byte unchanged;
+        a read-only target raises ``TypeError``. After writing, the target is compared
+        with the verified copy. ``progress`` receives RESTORING events (0..100).
         """
+        self._check_open()
         saved = as_bytes_view(self.original_state, "original_state")
         n = saved.nbytes
         resizable = isinstance(target, bytearray)
+        view: Optional[memoryview] = None
         if not resizable:
             view = as_writable_view(target, "target")
             if view.nbytes != n:
-                raise InvalidStateError(
-                    f"Rollback target size mismatch: expected {n} bytes, got {view.nbytes} bytes"
-                )
-        self.verify()
-        if resizable:
-            old = len(target)
+                got = view.nbytes
+                view.release()
+                raise InvalidStateError(f"Rollback target size mismatch: expected {n} bytes, got {got} bytes")
+        digest_units = n if self.digest_algorithm is not None else 0
+        # verify pass (checksum + digest), write pass, compare pass
+        reporter = _Reporter(progress, MigrationProgressEvent.Restoring, self.agent_id, 3 * n + digest_units)
+        reporter.start()
+        try:
+            self._verify(reporter)
+            if resizable:
+                view = self._resize_bytearray(target, saved)
+            assert view is not None
+            for a, b in _chunks(n):
+                view[a:b] = saved[a:b]
+                reporter.advance(b - a)
+            diff = first_difference(view, saved)
+        finally:
+            if view is not None:
+                view.release()
+        if diff is not None:
+            raise InvalidStateError(f"Restored state differs from the rollback point at offset {diff}")
+        reporter.advance(n)
+        reporter.finish()
+        return n
+
+    @staticmethod
+    def _resize_bytearray(target: bytearray, saved: memoryview) -> memoryview:
+        n, old = saved.nbytes, len(target)
+        try:
             if old > n:
                 del target[n:]
             elif old < n:
                 # Grow straight from the saved copy: no temporary zero buffer.
                 target[old:] = saved[old:]
-            view = memoryview(target)
+        except BufferError:
+            raise InvalidStateError(
+                "Rollback target bytearray cannot be resized while a view of it is alive"
+            ) from None
+        return memoryview(target)
+
+    # -- serialization ---------------------------------------------------------------
+
+    def _header(self, policy_len: int, state_len: int) -> bytes:
+        if not 0 <= self.created_at <= _U64:
+            raise ValueError(f"created_at must be in 0..2**64-1 to serialize, got {self.created_at}")
+        if not 0 <= self.original_checksum <= _U32:
+            raise ValueError(f"original_checksum must be a u32, got {self.original_checksum}")
+        flags = 0
+        if self.source_node is not None:
+            flags |= _FLAG_SOURCE_NODE
+        dig = b""
+        dig_id = 0
+        if self.digest_algorithm is not None and self.digest is not None:
+            flags |= _FLAG_DIGEST
+            dig, dig_id = self.digest, _DIGEST_IDS[self.digest_algorithm]
+            if len(dig) != _DIGEST_SIZES[self.digest_algorithm]:
+                raise ValueError(f"{self.digest_algorithm} digest must be {_DIGEST_SIZES[self.digest_algorithm]} bytes")
+        fields = _HEADER.pack(
+            FORMAT_MAGIC,
+            FORMAT_VERSION,
+            flags,
+            self.agent_id,
+            self.source_node or bytes(16),
+            self.created_at,
+            self.original_checksum,
+            dig_id,
+            len(dig),
+            0,
+            policy_len,
+            state_len,
+            dig.ljust(32, b"\0"),
+        )
+        return fields + xxhash.xxh3_128_digest(fields)
+
+    def serialize(self) -> bytes:
+        """The rollback point in the versioned, self-checking layout of ``docs/ROLLBACK_FORMAT.md``.
+
+        The state is copied once (into the result); the check values stream over it.
+        """
+        self._check_open()
+        state = as_bytes_view(self.original_state, "original_state")
+        header = self._header(len(self.original_policy_data), state.nbytes)
+        trailer = xxhash.xxh3_128()
+        trailer.update(header)
+        trailer.update(self.original_policy_data)
+        for a, b in _chunks(state.nbytes):
+            trailer.update(state[a:b])
+        return b"".join((header, self.original_policy_data, state, trailer.digest()))
+
+    @classmethod
+    def deserialize(cls, data: Any) -> "RollbackInfo":
+        """Rebuild a rollback point from :meth:`serialize` output (the state is copied).
+
+        Every field is checked before it is trusted (magic, version, flags, header check,
+        lengths against the input size, trailer check, digest id and size, then the
+        state's checksum and digest); any failure raises :class:`CorruptDataError` naming
+        the field. Nothing larger than the input is allocated.
+        """
+        view = as_bytes_view(data, "data")
+        fields, policy, state = _parse(view)
+        return cls(original_state=bytes(state), original_policy_data=bytes(policy), **fields)
+
+    @classmethod
+    def load(cls, path: StrPath) -> "RollbackInfo":
+        """Open a serialized rollback point file (e.g. a ``spill_to`` file) without reading it
+        into RAM: the file is mapped read-only, fully checked like :meth:`deserialize`,
+        and the state stays a view into the mapping until :meth:`close`."""
+        p = Path(path)
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _OVERHEAD:
+                raise CorruptDataError(f"Rollback file truncated: {size} bytes, at least {_OVERHEAD} needed")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = memoryview(mapping)
         try:
-            view[:] = saved
-            diff = first_difference(view, saved)
-        finally:
-            view.release()
-        if diff is not None:
-            raise InvalidStateError(f"Restored state differs from the rollback point at offset {diff}")
-        return n
+            fields, policy, state = _parse(whole)
+            policy_copy = bytes(policy)
+            policy.release()
+        except BaseException:
+            whole.release()
+            mapping.close()
+            raise
+        return cls(
+            original_state=state,
+            original_policy_data=policy_copy,
+            _mapping=mapping,
+            spill_path=p,
+            **fields,
+        )
+
+    @classmethod
+    def _capture_spilled(
+        cls,
+        path: Path,
+        view: memoryview,
+        agent_id: bytes,
+        policy: bytes,
+        source: Optional[bytes],
+        digest_algorithm: Optional[str],
+        reporter: _Reporter,
+    ) -> "RollbackInfo":
+        """Write the serialized layout to ``path`` and map it; check values come from the
+        file's own bytes, so the point describes exactly what is on disk."""
+        n = view.nbytes
+        created = _now()
+        # The header needs the checksum and digest of the copy: write placeholders first,
+        # compute over the mapped file, then fill the header and the trailer in place.
+        placeholder = cls(
+            agent_id=agent_id,
+            original_state=b"",
+            original_checksum=0,
+            original_policy_data=policy,
+            created_at=created,
+            source_node=source,
+        )
+        state_at = _HEADER_SIZE + len(policy)
+        with open(path, "w+b") as f:
+            f.write(placeholder._header(len(policy), n))
+            f.write(policy)
+            for a, b in _chunks(n):
+                f.write(view[a:b])
+                reporter.advance(b - a)
+            f.write(bytes(_CHECK_SIZE))
+            f.flush()
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            whole = memoryview(mapping)
+            try:
+                state = whole[state_at : state_at + n]
+                checksum = _checksum_chunked(state, reporter)
+                dig = None if digest_algorithm is None else _digest(state, digest_algorithm)
+                reporter.advance(n if digest_algorithm is not None else 0)
+                info = cls(
+                    agent_id=agent_id,
+                    original_state=state,
+                    original_checksum=checksum,
+                    original_policy_data=policy,
+                    created_at=created,
+                    source_node=source,
+                    digest_algorithm=digest_algorithm,
+                    digest=dig,
+                    _mapping=mapping,
+                    spill_path=path,
+                )
+                header = info._header(len(policy), n)
+                f.seek(0)
+                f.write(header)
+                f.flush()  # the read-only mapping shares the page cache: it sees this write
+                trailer = xxhash.xxh3_128()
+                end = state_at + n
+                for a, b in [(0, state_at)] + [(state_at + a, state_at + b) for a, b in _chunks(n)]:
+                    trailer.update(whole[a:b])
+                    if a >= state_at:
+                        reporter.advance(b - a)
+                f.seek(end)
+                f.write(trailer.digest())
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                whole.release()
+                mapping.close()
+                raise
+            whole.release()
+        return info
+
+    # -- lifetime of a mapped point ----------------------------------------------------
+
+    @property
+    def spilled(self) -> bool:
+        """True when the state lives in a memory-mapped file rather than RAM."""
+        return self._mapping is not None
+
+    def close(self) -> None:
+        """Unmap a spilled/loaded state (the file stays). Idempotent; no-op for RAM points."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._mapping is not None:
+            if isinstance(self.original_state, memoryview):
+                self.original_state.release()
+            try:
+                self._mapping.close()
+            except BufferError:
+                # A caller still holds a view of the state: the GC unmaps it later.
+                pass
+            self._mapping = None
+
+    def __enter__(self) -> "RollbackInfo":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
 
     # -- value semantics -------------------------------------------------------------
 
@@ -234,10 +613,88 @@ class RollbackInfo:
         # Never print the state itself: it can be GiB.
         src = None if self.source_node is None else self.source_node.hex()
         dig = None if self.digest is None else self.digest.hex()
+        where = f", spill_path={str(self.spill_path)!r}" if self.spill_path is not None else ""
         return (
             f"RollbackInfo(agent_id={self.agent_id.hex()}, "
             f"original_state=<{len(self.original_state)} bytes>, "
             f"original_checksum={self.original_checksum}, "
             f"original_policy_data={self.original_policy_data!r}, created_at={self.created_at}, "
-            f"source_node={src}, digest_algorithm={self.digest_algorithm!r}, digest={dig})"
+            f"source_node={src}, digest_algorithm={self.digest_algorithm!r}, digest={dig}{where})"
         )
+
+
+def _parse(view: memoryview) -> Tuple[Dict[str, Any], memoryview, memoryview]:
+    """Validate a serialized rollback point; return its fields and views of policy and state."""
+    size = view.nbytes
+    if size < _OVERHEAD:
+        raise CorruptDataError(f"Rollback data truncated: {size} bytes, at least {_OVERHEAD} needed")
+    (
+        magic,
+        version,
+        flags,
+        agent_id,
+        source_node,
+        created_at,
+        checksum,
+        dig_id,
+        dig_len,
+        reserved,
+        policy_len,
+        state_len,
+        dig_field,
+    ) = _HEADER.unpack_from(view, 0)
+    if magic != FORMAT_MAGIC:
+        raise CorruptDataError(f"Rollback data has bad magic {bytes(magic)!r} (expected {FORMAT_MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise CorruptDataError(f"Rollback data has unsupported version {version} (expected {FORMAT_VERSION})")
+    if not hmac.compare_digest(
+        xxhash.xxh3_128_digest(view[: _HEADER.size]), bytes(view[_HEADER.size : _HEADER_SIZE])
+    ):
+        raise CorruptDataError("Rollback data header check mismatch")
+    if flags & ~_KNOWN_FLAGS:
+        raise CorruptDataError(f"Rollback data has unknown flags 0x{flags:04x}")
+    if reserved != 0:
+        raise CorruptDataError("Rollback data reserved field is not zero")
+    # Lengths are never trusted: they must add up to exactly the input size.
+    if policy_len > size or state_len > size or _OVERHEAD + policy_len + state_len != size:
+        raise CorruptDataError(
+            f"Rollback data length mismatch: policy {policy_len} + state {state_len} bytes "
+            f"do not fit the {size}-byte input"
+        )
+    end = size - _CHECK_SIZE
+    trailer = xxhash.xxh3_128()
+    for a, b in [(0, _HEADER_SIZE)] + [(_HEADER_SIZE + a, _HEADER_SIZE + b) for a, b in _chunks(end - _HEADER_SIZE)]:
+        trailer.update(view[a:b])
+    if not hmac.compare_digest(trailer.digest(), bytes(view[end:])):
+        raise CorruptDataError("Rollback data trailer check mismatch")
+    if not flags & _FLAG_SOURCE_NODE and source_node != bytes(16):
+        raise CorruptDataError("Rollback data source_node is set but its flag is not")
+    if flags & _FLAG_DIGEST:
+        algorithm = _DIGEST_NAMES.get(dig_id)
+        if algorithm is None:
+            raise CorruptDataError(f"Rollback data has unknown digest algorithm id {dig_id}")
+        if dig_len != _DIGEST_SIZES[algorithm]:
+            raise CorruptDataError(f"Rollback data digest length {dig_len} is wrong for {algorithm}")
+        dig: Optional[bytes] = bytes(dig_field[:dig_len])
+        if any(dig_field[dig_len:]):
+            raise CorruptDataError("Rollback data digest padding is not zero")
+    else:
+        if dig_id != 0 or dig_len != 0 or any(dig_field):
+            raise CorruptDataError("Rollback data has digest fields but no digest flag")
+        algorithm, dig = None, None
+    policy = view[_HEADER_SIZE : _HEADER_SIZE + policy_len]
+    state = view[_HEADER_SIZE + policy_len : end]
+    got = _checksum_chunked(state)
+    if got != checksum:
+        raise CorruptDataError(f"Rollback data state checksum mismatch: expected {checksum}, got {got}")
+    if algorithm is not None and dig is not None and not hmac.compare_digest(_digest(state, algorithm), dig):
+        raise CorruptDataError(f"Rollback data state {algorithm} digest mismatch")
+    fields: Dict[str, Any] = dict(
+        agent_id=bytes(agent_id),
+        original_checksum=checksum,
+        created_at=created_at,
+        source_node=bytes(source_node) if flags & _FLAG_SOURCE_NODE else None,
+        digest_algorithm=algorithm,
+        digest=dig,
+    )
+    return fields, policy, state
