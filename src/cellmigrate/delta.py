@@ -121,7 +121,6 @@ def _page_length(index: int, total_size: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(eq=True, repr=False)
 class DirtyPage:
     """One changed page: its index in the state and its bytes, RLE-compressed or raw.
 
@@ -141,19 +140,22 @@ class DirtyPage:
         compressed: whether ``data`` is RLE ("simple") compressed.
     """
 
-    index: int
-    data: bytes
-    compressed: bool = False
+    __slots__ = ("index", "data", "compressed")
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the crate's struct
 
-    def __post_init__(self) -> None:
-        if isinstance(self.index, bool) or not isinstance(self.index, (int, np.integer)):
-            raise TypeError(f"page index must be an int, not {type(self.index).__name__}")
-        self.index = int(self.index)
-        if self.index < 0:
-            raise ValueError(f"page index must be >= 0, got {self.index}")
-        if not isinstance(self.data, bytes):
-            self.data = bytes(as_bytes_view(self.data, "page data"))
-        self.compressed = bool(self.compressed)
+    def __init__(self, index: int, data: Any, compressed: bool = False) -> None:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"page index must be an int, not {type(index).__name__}")
+        if index < 0:
+            raise ValueError(f"page index must be >= 0, got {index}")
+        self.index: int = int(index)
+        self.data: bytes = data if isinstance(data, bytes) else bytes(as_bytes_view(data, "page data"))
+        self.compressed: bool = bool(compressed)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DirtyPage):
+            return NotImplemented
+        return (self.index, self.compressed, self.data) == (other.index, other.compressed, other.data)
 
     def compress(self) -> None:
         """RLE-compress ``data`` in place, keeping the result only when strictly smaller."""
@@ -595,11 +597,17 @@ class DeltaSnapshot:
         return bytes(wire.encode_delta(cast(Any, self)))
 
     @classmethod
-    def deserialize(cls, data: Any) -> "DeltaSnapshot":
-        """Parse :meth:`serialize` output; any malformed input raises ``CorruptDataError``."""
+    def deserialize(cls, data: Any, *, max_total_size: Optional[int] = None) -> "DeltaSnapshot":
+        """Parse :meth:`serialize` output; any malformed input raises ``CorruptDataError``.
+
+        ``max_total_size`` bounds the declared state size (the wire module's default
+        when ``None``), so a hostile header cannot announce an absurd state.
+        """
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
-        return cls(**wire.decode_delta(data))
+        if max_total_size is None:
+            return cls(**wire.decode_delta(data))
+        return cls(**wire.decode_delta(data, max_total_size=max_total_size))
 
     def __repr__(self) -> str:
         return (

@@ -276,7 +276,7 @@ class IncrementalMigrator:
     (True, 1, None)
     >>> delta = m.create_incremental(agent, b"\\1" + bytes(8191))
     >>> delta.sequence, m.stats.incremental_migrations, m.stats.bytes_saved_delta
-    (2, 1, 8192)
+    (2, 1, 8092)
     """
 
     def __init__(self) -> None:
