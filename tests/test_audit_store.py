@@ -1,0 +1,296 @@
+"""Durable audit sink (SQLite) and JSON Lines export/import."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cellmigrate import (
+    AuditEntry,
+    AuditEventType,
+    AuditSink,
+    CorruptDataError,
+    MigrationAuditLog,
+    MigrationValidator,
+    SqliteAuditSink,
+    export_jsonl,
+    import_jsonl,
+)
+from cellmigrate.audit_store import SCHEMA_VERSION
+
+M1, M2 = uuid.UUID(int=1).bytes, uuid.UUID(int=2).bytes
+A1, A2 = uuid.UUID(int=11).bytes, uuid.UUID(int=12).bytes
+
+
+def entry(i: int, *, mid: bytes = M1, aid: bytes = A1, success: bool = True, ts: int = 1000,
+          event: AuditEventType = AuditEventType.TRANSFER_COMPLETED) -> AuditEntry:
+    return AuditEntry(mid, aid, event, ts, source_node=b"s" * 16 if i % 2 else None,
+                      details=f"entry {i}", success=success)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+def test_sink_satisfies_protocol(db: Path) -> None:
+    with SqliteAuditSink(db) as sink:
+        assert isinstance(sink, AuditSink)
+        assert "SqliteAuditSink(" in repr(sink) and "open" in repr(sink)
+    assert "closed" in repr(sink)
+
+
+def test_schema_wal_and_indexes(db: Path) -> None:
+    SqliteAuditSink(db).close()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = {r[1]: r[2] for r in conn.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE type='index'")}
+        assert {"audit_by_migration", "audit_by_agent"} <= set(indexes)
+        # index_info rows are (seqno, cid, column name); the id is the leading column
+        assert [r[2] for r in conn.execute("PRAGMA index_info(audit_by_migration)")][0] == "migration_id"
+        assert [r[2] for r in conn.execute("PRAGMA index_info(audit_by_agent)")][0] == "agent_id"
+        # the query planner uses them
+        plan = " ".join(str(r) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM audit_entries WHERE agent_id = ? ORDER BY seq", (A1,)))
+        assert "audit_by_agent" in plan
+    finally:
+        conn.close()
+
+
+def test_one_row_per_entry_committed_before_return(db: Path) -> None:
+    sink = SqliteAuditSink(db)
+    log = MigrationAuditLog(sink=sink)
+    for i in range(3):
+        log.log(entry(i))
+        # a second, independent connection sees the row as soon as log() returned
+        other = sqlite3.connect(db)
+        try:
+            assert other.execute("SELECT count(*) FROM audit_entries").fetchone()[0] == i + 1
+        finally:
+            other.close()
+    sink.close()
+
+
+def test_round_trip_of_every_field(db: Path) -> None:
+    entries = [
+        AuditEntry(M1, A1, t, 10 + n, source_node=b"s" * 16 if n % 2 else None,
+                   target_node=b"t" * 16 if n % 3 else None, details=f"déjà {n} \"q\"", success=n % 2 == 0)
+        for n, t in enumerate(AuditEventType)
+    ]
+    with SqliteAuditSink(db) as sink:
+        for e in entries:
+            sink.append(e)
+    with SqliteAuditSink(db) as sink:
+        assert sink.query() == entries
+        assert sink.count() == len(entries)
+
+
+def test_append_returns_increasing_sequence_numbers() -> None:
+    with SqliteAuditSink(":memory:") as sink:
+        seqs = [sink.append(entry(i)) for i in range(5)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 5
+
+
+def test_queries_find_entries_evicted_from_the_ring(db: Path) -> None:
+    log = MigrationAuditLog.with_capacity(2, sink=SqliteAuditSink(db))
+    log.log(entry(0, mid=M1, aid=A1, ts=100, success=False, event=AuditEventType.MIGRATION_FAILED))
+    log.log(entry(1, mid=M2, aid=A2, ts=200))
+    log.log(entry(2, mid=M1, aid=A2, ts=300))
+    log.log(entry(3, mid=M2, aid=A1, ts=400, success=False, event=AuditEventType.ROLLBACK_COMPLETED))
+    assert len(log) == 2 and [e.details for e in log] == ["entry 2", "entry 3"]
+    names = lambda es: [e.details for e in es]  # noqa: E731
+    assert names(log.get_migration_entries(M1)) == ["entry 0", "entry 2"]
+    assert names(log.get_agent_entries(A1)) == ["entry 0", "entry 3"]
+    assert names(log.get_entries_by_type(AuditEventType.MIGRATION_FAILED)) == ["entry 0"]
+    assert names(log.get_failures()) == ["entry 0", "entry 3"]
+    assert names(log.get_entries_in_range(100, 300)) == ["entry 0", "entry 1", "entry 2"]
+    assert names(log.get_entries_in_range(200, 200)) == ["entry 1"]
+    assert log.get_entries_in_range(300, 200) == []
+    assert names(log.all_entries()) == [f"entry {i}" for i in range(4)]
+    # clear() frees memory only: the durable record is append-only
+    log.clear()
+    assert log.is_empty() and len(log.get_failures()) == 2
+    log.sink.close()  # type: ignore[union-attr]
+
+
+def test_reopen_reads_back_and_fills_the_ring(db: Path) -> None:
+    with SqliteAuditSink(db) as sink:
+        log = MigrationAuditLog(sink=sink)
+        for i in range(7):
+            log.log_completion(M1, A1, i % 2 == 0, f"run {i}")
+    with SqliteAuditSink(db) as sink:
+        reopened = MigrationAuditLog.with_capacity(3, sink=sink)
+        assert [e.details for e in reopened] == ["run 4", "run 5", "run 6"]
+        assert len(reopened.get_migration_entries(M1)) == 7
+        reopened.log_start(M2, A2)  # continues appending after the old entries
+        assert [e.event_type for e in sink.query()][-1] is AuditEventType.MIGRATION_STARTED
+        assert sink.count() == 8
+        assert sink.integrity_check() == "ok"
+
+
+def test_recent() -> None:
+    with SqliteAuditSink(":memory:") as sink:
+        for i in range(5):
+            sink.append(entry(i))
+        assert [e.details for e in sink.recent(2)] == ["entry 3", "entry 4"]
+        assert len(sink.recent(100)) == 5 and sink.recent(0) == []
+
+
+def test_append_many_is_all_or_nothing(db: Path) -> None:
+    with SqliteAuditSink(db) as sink:
+        sink.append_many([entry(0), entry(1)])
+        assert sink.count() == 2
+        # A row the schema refuses (bad id length smuggled past AuditEntry) aborts the batch.
+        bad = entry(9)
+        object.__setattr__(bad, "migration_id", b"short")
+        with pytest.raises(sqlite3.IntegrityError):
+            sink.append_many([entry(2), bad])
+        assert sink.count() == 2
+
+
+def test_failed_persist_does_not_reach_memory(db: Path) -> None:
+    sink = SqliteAuditSink(db)
+    log = MigrationAuditLog(sink=sink)
+    log.log(entry(0))
+    sink.close()
+    with pytest.raises(ValueError, match="closed"):
+        log.log(entry(1))
+    assert [e.details for e in log] == ["entry 0"]
+
+
+def test_closed_sink_and_bad_options(db: Path) -> None:
+    sink = SqliteAuditSink(db)
+    sink.close()
+    sink.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        sink.count()
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteAuditSink(db, synchronous="SOMETIMES")
+    with SqliteAuditSink(db, synchronous="normal") as fast:
+        fast.append(entry(0))
+        assert fast.count() == 1
+
+
+def test_not_a_database_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(CorruptDataError, match="not a usable audit database"):
+        SqliteAuditSink(junk)
+
+
+def test_future_schema_version_is_refused(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CorruptDataError, match="schema version"):
+        SqliteAuditSink(db)
+
+
+def test_unknown_event_type_in_database(db: Path) -> None:
+    with SqliteAuditSink(db) as sink:
+        sink.append(entry(0))
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE audit_entries SET event_type = 'BOGUS'")
+    conn.commit()
+    conn.close()
+    with SqliteAuditSink(db) as sink:
+        with pytest.raises(CorruptDataError, match="unknown event type"):
+            sink.query()
+
+
+def test_two_processes_share_one_database(db: Path) -> None:
+    with SqliteAuditSink(db) as sink:
+        sink.append(entry(0))
+        script = textwrap.dedent(
+            f"""
+            import uuid
+            from cellmigrate import MigrationAuditLog, SqliteAuditSink
+            with SqliteAuditSink({str(db)!r}) as sink:
+                log = MigrationAuditLog(sink=sink)
+                for i in range(20):
+                    log.log_start(uuid.UUID(int=5), uuid.UUID(int=6))
+            """
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert sink.count() == 21
+        assert len(sink.query(migration_id=uuid.UUID(int=5).bytes)) == 20
+
+
+def test_validator_writes_through_to_the_database(db: Path) -> None:
+    from cellmigrate import Agent
+
+    agent = Agent(agent_id=uuid.UUID(int=77))
+    with SqliteAuditSink(db) as sink:
+        v = MigrationValidator(sink=sink)
+        v.capture_rollback_info(M1, agent, b"0123456789")
+        v.complete_migration(M1, False, "link down")
+    with SqliteAuditSink(db) as sink:
+        assert [(e.event_type, e.details, e.success) for e in sink.query(agent_id=agent.id.bytes)] == [
+            (AuditEventType.SNAPSHOT_CAPTURED, "Rollback info captured: 10 bytes", True),
+            (AuditEventType.MIGRATION_FAILED, "link down", False),
+        ]
+
+
+# -- JSON Lines ---------------------------------------------------------------------------
+
+
+def test_jsonl_path_round_trip(tmp_path: Path) -> None:
+    entries = [entry(i, success=i % 3 != 0) for i in range(10)]
+    path = tmp_path / "out.jsonl"
+    assert export_jsonl(entries, path) == 10
+    assert import_jsonl(path) == entries
+    assert import_jsonl(str(path)) == entries
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert first["migration_id"] == M1.hex() and first["event_type"] == "TRANSFER_COMPLETED"
+    assert not list(tmp_path.glob("*.tmp-*"))  # the temporary file was renamed away
+
+
+def test_jsonl_file_objects_and_blank_lines() -> None:
+    buf = io.StringIO()
+    export_jsonl([entry(1), entry(2)], buf)
+    text = "\n" + buf.getvalue() + "\n   \n"
+    assert import_jsonl(io.StringIO(text)) == [entry(1), entry(2)]
+    assert import_jsonl(text.encode("utf-8")) == [entry(1), entry(2)]
+    assert import_jsonl(io.BytesIO(text.encode("utf-8"))) == [entry(1), entry(2)]
+
+
+def test_jsonl_bad_lines_name_the_line() -> None:
+    good = json.dumps(entry(0).to_dict())
+    with pytest.raises(CorruptDataError, match="line 2: not JSON"):
+        import_jsonl(io.StringIO(good + "\n{oops\n"))
+    with pytest.raises(CorruptDataError, match="line 3: .*'success' is missing"):
+        bad = entry(0).to_dict()
+        del bad["success"]
+        import_jsonl(io.StringIO(good + "\n\n" + json.dumps(bad) + "\n"))
+
+
+def test_log_export_and_import_through_sinks(tmp_path: Path) -> None:
+    src = MigrationAuditLog.with_capacity(2, sink=SqliteAuditSink(tmp_path / "a.db"))
+    for i in range(5):
+        src.log(entry(i))
+    path = tmp_path / "trail.jsonl"
+    assert src.export_jsonl(path) == 5  # the whole durable record, not only the ring
+    dst_sink = SqliteAuditSink(tmp_path / "b.db")
+    dst = MigrationAuditLog.with_capacity(3, sink=dst_sink)
+    assert dst.import_jsonl(path) == 5
+    assert dst_sink.query() == src.all_entries()
+    assert [e.details for e in dst] == ["entry 2", "entry 3", "entry 4"]
+    # a malformed file imports nothing
+    path.write_text(path.read_text() + "garbage\n")
+    with pytest.raises(CorruptDataError, match="line 6"):
+        dst.import_jsonl(path)
+    assert dst_sink.count() == 5
+    src.sink.close()  # type: ignore[union-attr]
+    dst_sink.close()
