@@ -23,7 +23,7 @@ import dataclasses
 import enum
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Union, overload
 
 from ._ids import IdLike, to_id, to_optional_id
@@ -81,33 +81,49 @@ _CHANGE_TARGET = frozenset(
 )
 
 
-@dataclass
+@dataclass(init=False)
 class MigrationError:
     """A record of one migration failure (named after the Rust struct; not an exception).
 
     ``agent_id`` and ``target_node`` accept 16 bytes or ``uuid.UUID`` and are stored as
     bytes; ``timestamp`` defaults to now (Unix seconds).
+
+    >>> err = MigrationError(MigrationErrorType.TIMEOUT, "no answer", bytes(16))
+    >>> err.retry_count, err.error_type.is_retryable()
+    (0, True)
     """
 
     error_type: MigrationErrorType
     message: str
     agent_id: bytes
-    target_node: Optional[bytes] = None
-    timestamp: int = field(default_factory=_now)
-    retry_count: int = 0
+    target_node: Optional[bytes]
+    timestamp: int
+    retry_count: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.error_type, MigrationErrorType):
-            raise TypeError(f"error_type must be a MigrationErrorType, not {type(self.error_type).__name__}")
-        self.agent_id = to_id(self.agent_id, "agent_id")
-        self.target_node = to_optional_id(self.target_node, "target_node")
-        if self.retry_count < 0:
-            raise ValueError(f"retry_count must be >= 0, got {self.retry_count}")
+    def __init__(
+        self,
+        error_type: MigrationErrorType,
+        message: str,
+        agent_id: IdLike,
+        target_node: Optional[IdLike] = None,
+        timestamp: Optional[int] = None,
+        retry_count: int = 0,
+    ) -> None:
+        if not isinstance(error_type, MigrationErrorType):
+            raise TypeError(f"error_type must be a MigrationErrorType, not {type(error_type).__name__}")
+        if retry_count < 0:
+            raise ValueError(f"retry_count must be >= 0, got {retry_count}")
+        self.error_type = error_type
+        self.message = str(message)
+        self.agent_id = to_id(agent_id, "agent_id")
+        self.target_node = to_optional_id(target_node, "target_node")
+        self.timestamp = _now() if timestamp is None else timestamp
+        self.retry_count = retry_count
 
     @classmethod
     def new(cls, error_type: MigrationErrorType, message: str, agent_id: IdLike) -> "MigrationError":
         """The Rust constructor: no target, stamped now, no retries yet."""
-        return cls(error_type, message, agent_id)  # type: ignore[arg-type]
+        return cls(error_type, message, agent_id)
 
     def with_target(self, target_node: Optional[IdLike]) -> "MigrationError":
         """Return this error with ``target_node`` set (the Rust builder)."""
