@@ -36,26 +36,39 @@ from .errors import CorruptDataError
 
 
 class PageLike(Protocol):
-    """What the encoder reads from a dirty page (``DirtyPage``)."""
+    """What the encoder reads from a dirty page (``DirtyPage``); read-only, so any class fits."""
 
-    index: int
-    data: bytes
-    compressed: bool
+    @property
+    def index(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def compressed(self) -> bool: ...
 
 
 class DeltaLike(Protocol):
     """What the encoder reads from a delta (the attributes of ``DeltaSnapshot``)."""
 
-    agent_id: bytes
-    sequence: int
-    base_sequence: int
-    dirty_pages: Sequence[PageLike]
-    total_size: int
-    timestamp: int
-    checksum: int
-    digest_algorithm: Optional[str]
-    digest: Optional[bytes]
-    keyed: bool
+    @property
+    def agent_id(self) -> bytes: ...
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def base_sequence(self) -> int: ...
+    @property
+    def dirty_pages(self) -> Sequence[PageLike]: ...
+    @property
+    def total_size(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def checksum(self) -> int: ...
+    @property
+    def digest_algorithm(self) -> Optional[str]: ...
+    @property
+    def digest(self) -> Optional[bytes]: ...
+    @property
+    def keyed(self) -> bool: ...
 
 
 __all__ = [
