@@ -294,3 +294,50 @@ def test_log_export_and_import_through_sinks(tmp_path: Path) -> None:
     assert dst_sink.count() == 5
     src.sink.close()  # type: ignore[union-attr]
     dst_sink.close()
+
+
+_THREADED_SINK_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, uuid
+    from cellmigrate import MigrationAuditLog, SqliteAuditSink
+
+    path = sys.argv[1]
+    THREADS, PER_THREAD = 8, 150
+    sink = SqliteAuditSink(path, synchronous="NORMAL")
+    log = MigrationAuditLog.with_capacity(100, sink=sink)
+    barrier = threading.Barrier(THREADS)
+    errors = []
+
+    def worker(t):
+        mid = uuid.UUID(int=t).bytes
+        barrier.wait()
+        try:
+            for i in range(PER_THREAD):
+                log.log_completion(mid, mid, i % 5 != 0, f"{t}:{i}")
+                if i % 10 == 0:
+                    log.get_migration_entries(mid); len(log); list(log)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    sys.setswitchinterval(1e-5)
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    for th in threads: th.start()
+    for th in threads: th.join()
+    assert not errors, errors
+    assert sink.count() == THREADS * PER_THREAD
+    for t in range(THREADS):
+        got = [e.details for e in log.get_migration_entries(uuid.UUID(int=t))]
+        assert got == [f"{t}:{i}" for i in range(PER_THREAD)], t
+    assert len(log.get_failures()) == THREADS * PER_THREAD // 5
+    assert len(log) == 100 and sink.integrity_check() == "ok"
+    print("OK")
+    """
+)
+
+
+def test_concurrent_logging_through_a_sink(db: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _THREADED_SINK_SCRIPT, str(db)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK"

@@ -6,6 +6,8 @@ Every message text is compared verbatim against the seed (``shared/seed/validati
 from __future__ import annotations
 
 import mmap
+import subprocess
+import sys
 import types
 import uuid
 
@@ -719,3 +721,51 @@ def test_all_names_exported() -> None:
     for name in ("AgentRequirements", "NodeCapabilities", "CompatibilityStatus", "VerificationResult",
                  "CompatibilityValidator", "StateVerifier", "MigrationValidator"):
         assert name in cellmigrate.__all__ and getattr(cellmigrate, name).__name__ == name
+
+
+_THREADED_VALIDATOR_SCRIPT = """
+import sys, threading, uuid
+from cellmigrate import Agent, AuditEventType, InvalidStateError, MigrationValidator
+
+THREADS, PER_THREAD = 8, 100
+v = MigrationValidator()
+barrier = threading.Barrier(THREADS)
+errors = []
+restored = []
+
+def worker(t):
+    agent = Agent(agent_id=uuid.UUID(int=t + 1))
+    barrier.wait()
+    try:
+        for i in range(PER_THREAD):
+            mid = uuid.UUID(int=(t << 32) | i).bytes
+            state = bytes([t, i % 256]) * 64
+            v.capture_rollback_info(mid, agent, state)
+            if i % 2:
+                restored.append(bytes(v.execute_rollback(mid).original_state) == state)
+            else:
+                v.complete_migration(mid, True, "ok")
+            v.cleanup_expired()
+    except Exception as exc:
+        errors.append(repr(exc))
+
+sys.setswitchinterval(1e-5)
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+for th in threads: th.start()
+for th in threads: th.join()
+assert not errors, errors
+assert v.rollback_count() == 0
+assert len(restored) == THREADS * PER_THREAD // 2 and all(restored)
+log = v.audit_log
+assert len(log) == THREADS * PER_THREAD * 2 + THREADS * PER_THREAD // 2
+assert len(log.get_entries_by_type(AuditEventType.SNAPSHOT_CAPTURED)) == THREADS * PER_THREAD
+assert len(log.get_entries_by_type(AuditEventType.MIGRATION_COMPLETED)) == THREADS * PER_THREAD // 2
+print("OK")
+"""
+
+
+def test_validator_under_concurrent_use() -> None:
+    proc = subprocess.run([sys.executable, "-c", _THREADED_VALIDATOR_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK"
