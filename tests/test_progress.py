@@ -1,0 +1,372 @@
+"""Progress: phases, event variants, tracker (percent edge cases, phases), callbacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from typing import List
+
+import pytest
+
+from cellmigrate import (
+    CollectingCallback,
+    MigrationPhase,
+    MigrationProgressEvent,
+    MigrationProgressTracker,
+    MultiCallback,
+    ProgressEventKind,
+)
+
+AID = bytes(range(16))
+E = MigrationProgressEvent
+
+
+def _all_events() -> List[MigrationProgressEvent]:
+    return [
+        E.Started(AID, 100),
+        E.CapturingState(AID, 10),
+        E.TransferProgress(AID, 50, 100, 50),
+        E.Validating(AID, "checksum"),
+        E.Restoring(AID, 70),
+        E.Completed(AID, 1234, 100),
+        E.Failed(AID, "boom"),
+    ]
+
+
+def test_phase_order() -> None:
+    assert [p.name for p in MigrationPhase] == [
+        "CAPTURING",
+        "TRANSFERRING",
+        "VALIDATING",
+        "RESTORING",
+        "COMPLETED",
+        "FAILED",
+    ]
+
+
+def test_event_kinds_in_order() -> None:
+    assert [e.kind for e in _all_events()] == list(ProgressEventKind)
+    assert [k.name for k in ProgressEventKind] == [
+        "STARTED",
+        "CAPTURING_STATE",
+        "TRANSFER_PROGRESS",
+        "VALIDATING",
+        "RESTORING",
+        "COMPLETED",
+        "FAILED",
+    ]
+
+
+def test_progress_percent_only_for_percent_kinds() -> None:
+    assert [e.progress_percent() for e in _all_events()] == [None, 10, 50, None, 70, None, None]
+
+
+def test_is_terminal_only_completed_and_failed() -> None:
+    assert [e.is_terminal() for e in _all_events()] == [False, False, False, False, False, True, True]
+
+
+def test_every_event_has_agent_id() -> None:
+    assert all(e.agent_id == AID for e in _all_events())
+
+
+def test_spec_and_rust_names_are_the_same_classes() -> None:
+    assert E.STARTED is E.Started
+    assert E.CAPTURING_STATE is E.CapturingState
+    assert E.TRANSFER_PROGRESS is E.TransferProgress
+    assert E.VALIDATING is E.Validating
+    assert E.RESTORING is E.Restoring
+    assert E.COMPLETED is E.Completed
+    assert E.FAILED is E.Failed
+    assert all(isinstance(e, MigrationProgressEvent) for e in _all_events())
+
+
+def test_factories_build_the_variants() -> None:
+    built = [
+        E.started(AID, 100),
+        E.capturing_state(AID, 10),
+        E.transfer_progress(AID, 50, 100, 50),
+        E.validating(AID, "checksum"),
+        E.restoring(AID, 70),
+        E.completed(AID, 1234, 100),
+        E.failed(AID, "boom"),
+    ]
+    assert built == _all_events()
+
+
+def test_fields_equality_repr_and_uuid_ids() -> None:
+    # ids are typed as bytes; a uuid.UUID is accepted at run time and stored as bytes
+    ev = E.TransferProgress(uuid.UUID(bytes=AID), transferred_bytes=5, total_bytes=10, percent=50)  # type: ignore[arg-type]
+    assert ev.agent_id == AID
+    assert (ev.transferred_bytes, ev.total_bytes, ev.percent) == (5, 10, 50)
+    assert ev == E.TransferProgress(AID, 5, 10, 50)
+    assert ev != E.TransferProgress(AID, 5, 10, 51)
+    assert E.Restoring(AID, 5) != E.CapturingState(AID, 5)  # type: ignore[comparison-overlap]
+    assert repr(ev).startswith("MigrationProgressEvent.TransferProgress(agent_id=")
+    assert E.Completed(AID, 7, 8).duration_ms == 7 and E.Completed(AID, 7, 8).bytes_transferred == 8
+    assert E.Failed(AID, "x").error == "x" and E.Validating(AID, "s").step == "s"
+    assert E.Started(AID, 3).total_bytes == 3
+    with pytest.raises(AttributeError):
+        ev.percent = 3  # type: ignore[misc]  # events are immutable
+
+
+def test_pattern_matching() -> None:
+    seen = []
+    for ev in _all_events():
+        match ev:
+            case E.TransferProgress(transferred_bytes=t, total_bytes=n):
+                seen.append(f"{t}/{n}")
+            case E.Completed() | E.Failed():
+                seen.append("end")
+            case _:
+                seen.append(ev.kind.name)
+    assert seen == ["STARTED", "CAPTURING_STATE", "50/100", "VALIDATING", "RESTORING", "end", "end"]
+
+
+def test_base_class_is_abstract() -> None:
+    with pytest.raises(TypeError):
+        MigrationProgressEvent(AID)
+
+
+@pytest.mark.parametrize("bad", [-1, 101, 1000])
+def test_event_percent_out_of_range(bad: int) -> None:
+    with pytest.raises(ValueError):
+        E.CapturingState(AID, bad)
+    with pytest.raises(ValueError):
+        E.Restoring(AID, bad)
+    with pytest.raises(ValueError):
+        E.TransferProgress(AID, 1, 1, bad)
+
+
+def test_event_bad_values() -> None:
+    with pytest.raises(ValueError):
+        E.Started(AID, -1)
+    with pytest.raises(TypeError):
+        E.CapturingState(AID, 5.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        E.Started(b"short", 1)
+
+
+# ---- tracker ---------------------------------------------------------------------------------
+
+
+def test_tracker_starts_capturing() -> None:
+    t = MigrationProgressTracker(AID, 1000)
+    assert t.phase is MigrationPhase.CAPTURING
+    assert t.progress_percent() == 0
+    assert t.agent_id == AID and t.total_bytes == 1000 and t.bytes_transferred == 0
+
+
+def test_tracker_zero_total_is_100_before_any_update() -> None:
+    t = MigrationProgressTracker(AID, 0)
+    assert t.progress_percent() == 100
+    cb = CollectingCallback()
+    t2 = MigrationProgressTracker(AID, 0, cb)
+    t2.update_transfer_progress(0)
+    ev = cb.latest_event()
+    assert isinstance(ev, E.TransferProgress) and ev.percent == 100
+    t2.update_transfer_progress(10)
+    assert t2.progress_percent() == 100
+
+
+@pytest.mark.parametrize(
+    "total, transferred, percent",
+    [
+        (1000, 0, 0),
+        (1000, 1, 0),
+        (1000, 9, 0),
+        (1000, 10, 1),
+        (1000, 999, 99),
+        (1000, 1000, 100),
+        (1000, 5000, 100),  # clamped
+        (3, 1, 33),
+        (3, 2, 66),
+        (7, 7, 100),
+        (1 << 40, (1 << 40) - 1, 99),
+    ],
+)
+def test_transfer_percent_floor_and_clamp(total: int, transferred: int, percent: int) -> None:
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(AID, total, cb)
+    t.update_transfer_progress(transferred)
+    assert t.progress_percent() == percent
+    assert t.phase is MigrationPhase.TRANSFERRING
+    assert cb.latest_event() == E.TransferProgress(AID, transferred, total, percent)
+
+
+def test_transfer_negative_refused() -> None:
+    t = MigrationProgressTracker(AID, 10)
+    with pytest.raises(ValueError):
+        t.update_transfer_progress(-1)
+    assert t.bytes_transferred == 0 and t.phase is MigrationPhase.CAPTURING
+
+
+def test_tracker_rejects_bad_construction() -> None:
+    with pytest.raises(ValueError):
+        MigrationProgressTracker(AID, -1)
+    with pytest.raises(TypeError):
+        MigrationProgressTracker(AID, 10, callback="nope")  # type: ignore[arg-type]
+
+
+def test_tracker_full_sequence() -> None:
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(AID, 200, callback=cb)
+    t.report_started()
+    assert t.phase is MigrationPhase.CAPTURING
+    t.update_capturing_progress(50)
+    t.update_capturing_progress(100)
+    assert t.phase is MigrationPhase.CAPTURING
+    t.update_transfer_progress(100)
+    t.update_transfer_progress(200)
+    assert t.phase is MigrationPhase.TRANSFERRING  # type: ignore[comparison-overlap]  # mypy narrows the property
+    t.report_validating("checksum")
+    assert t.phase is MigrationPhase.VALIDATING
+    t.update_restoring_progress(40)
+    assert t.phase is MigrationPhase.RESTORING
+    t.report_completed()
+    assert t.phase is MigrationPhase.COMPLETED
+    events = cb.events
+    assert [e.kind for e in events] == [
+        ProgressEventKind.STARTED,
+        ProgressEventKind.CAPTURING_STATE,
+        ProgressEventKind.CAPTURING_STATE,
+        ProgressEventKind.TRANSFER_PROGRESS,
+        ProgressEventKind.TRANSFER_PROGRESS,
+        ProgressEventKind.VALIDATING,
+        ProgressEventKind.RESTORING,
+        ProgressEventKind.COMPLETED,
+    ]
+    assert events[0] == E.Started(AID, 200)
+    assert [e.progress_percent() for e in events[1:5]] == [50, 100, 50, 100]
+    assert events[5] == E.Validating(AID, "checksum")
+    last = events[-1]
+    assert isinstance(last, E.Completed) and last.bytes_transferred == 200 and last.duration_ms >= 0
+    assert last.is_terminal()
+
+
+def test_tracker_failed() -> None:
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(AID, 10, cb)
+    t.report_failed("link down")
+    assert t.phase is MigrationPhase.FAILED
+    assert cb.latest_event() == E.Failed(AID, "link down")
+
+
+@pytest.mark.parametrize("given, clamped", [(-5, 0), (0, 0), (55, 55), (100, 100), (250, 100)])
+def test_capturing_and_restoring_clamped(given: int, clamped: int) -> None:
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(AID, 10, cb)
+    t.update_capturing_progress(given)
+    t.update_restoring_progress(given)
+    assert [e.progress_percent() for e in cb.events] == [clamped, clamped]
+
+
+def test_completed_duration_measured_from_construction() -> None:
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(AID, 10, cb)
+    time.sleep(0.03)  # lower bound only: sleep guarantees at least this much
+    assert t.elapsed_ms() >= 20
+    t.report_completed()
+    ev = cb.latest_event()
+    assert isinstance(ev, E.Completed) and ev.duration_ms >= 20
+
+
+def test_tracker_without_callback_still_tracks() -> None:
+    t = MigrationProgressTracker(AID, 4)
+    t.report_started()
+    t.update_transfer_progress(2)
+    t.report_completed()
+    assert t.phase is MigrationPhase.COMPLETED and t.progress_percent() == 50
+
+
+def test_plain_function_callback_and_reentrancy() -> None:
+    seen: List[int] = []
+    tracker: MigrationProgressTracker
+
+    def cb(ev: MigrationProgressEvent) -> None:
+        # a callback may read the tracker while being called
+        seen.append(tracker.progress_percent())
+
+    tracker = MigrationProgressTracker(AID, 10, cb)
+    tracker.update_transfer_progress(3)
+    tracker.update_transfer_progress(10)
+    assert seen == [30, 100]
+
+
+# ---- callbacks ---------------------------------------------------------------------------------
+
+
+def test_collecting_callback() -> None:
+    cb = CollectingCallback()
+    assert cb.event_count() == 0 and cb.latest_event() is None and cb.events == []
+    for ev in _all_events():
+        cb(ev)
+    assert cb.event_count() == 7
+    assert cb.latest_event() == E.Failed(AID, "boom")
+    snapshot = cb.events
+    snapshot.clear()  # a copy: the callback keeps its events
+    assert cb.event_count() == 7
+    cb.clear()
+    assert cb.event_count() == 0 and cb.latest_event() is None
+
+
+def test_multi_callback_fans_out_in_order() -> None:
+    order: List[str] = []
+    a, b = CollectingCallback(), CollectingCallback()
+    multi = MultiCallback()
+    assert multi.callback_count() == 0
+    multi(E.Started(AID, 1))  # no callbacks: nothing happens
+    multi.add(a)
+    multi.add(lambda ev: order.append("first"))
+    multi.add(b)
+    multi.add(lambda ev: order.append("second"))
+    assert multi.callback_count() == 4
+    t = MigrationProgressTracker(AID, 10, multi)
+    t.report_started()
+    t.report_validating("x")
+    assert a.events == b.events == [E.Started(AID, 10), E.Validating(AID, "x")]
+    assert order == ["first", "second", "first", "second"]
+
+
+def test_multi_callback_initial_and_nesting() -> None:
+    inner = CollectingCallback()
+    outer = MultiCallback(MultiCallback(inner), inner)
+    assert outer.callback_count() == 2
+    outer(E.Failed(AID, "e"))
+    assert inner.event_count() == 2
+    with pytest.raises(TypeError):
+        outer.add(42)  # type: ignore[arg-type]
+
+
+_RACE = textwrap.dedent(
+    """
+    import threading
+    from cellmigrate import CollectingCallback, MultiCallback, MigrationProgressTracker
+    cb = CollectingCallback()
+    multi = MultiCallback(cb)
+    trackers = [MigrationProgressTracker(bytes([i]) * 16, 1000, multi) for i in range(8)]
+    barrier = threading.Barrier(8)
+    def work(i):
+        barrier.wait()
+        for n in range(1, 1001):
+            trackers[i].update_transfer_progress(n)
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    events = cb.events
+    assert len(events) == 8000, len(events)
+    for i in range(8):
+        mine = [e.transferred_bytes for e in events if e.agent_id == bytes([i]) * 16]
+        assert mine == list(range(1, 1001))  # per-tracker order preserved
+    assert all(t.progress_percent() == 100 for t in trackers)
+    print("OK")
+    """
+)
+
+
+def test_callbacks_thread_safe() -> None:
+    proc = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK"
