@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
             "few seconds; use the pytest-benchmark suite in benches/ for careful numbers.")
     p.add_argument("--size", type=_size_arg, default=64 << 20, metavar="SIZE",
                    help="state size (default: 64MiB)")
+    p.add_argument("--min-time", type=float, default=0.25, metavar="SECONDS",
+                   help="time spent repeating each row; the best run counts (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows")
     p.set_defaults(handler=_cmd_bench)
     return parser
@@ -618,7 +620,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .quickbench import run_bench
 
-    return run_bench(size=args.size, as_json=args.json, quiet=args.quiet)
+    return run_bench(size=args.size, as_json=args.json, quiet=args.quiet, min_time=max(0.0, args.min_time))
 
 
 # --------------------------------------------------------------------------------------

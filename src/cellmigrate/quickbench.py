@@ -193,7 +193,7 @@ def format_table(rows: List[BenchRow], size: int) -> str:
     return "\n".join(lines)
 
 
-def run_bench(size: int = 64 << 20, *, as_json: bool = False, quiet: bool = False) -> int:
+def run_bench(size: int = 64 << 20, *, as_json: bool = False, quiet: bool = False, min_time: float = MIN_TIME) -> int:
     """Entry point of ``cellmigrate bench``: measure, print, return the exit code."""
     import sys
 
@@ -205,7 +205,7 @@ def run_bench(size: int = 64 << 20, *, as_json: bool = False, quiet: bool = Fals
         if not quiet and not as_json and sys.stderr.isatty():
             print(f"\r\033[K  measuring {text} ...", end="", file=sys.stderr, flush=True)
 
-    rows = collect_rows(size, progress=note)
+    rows = collect_rows(size, min_time=min_time, progress=note)
     if not quiet and not as_json and sys.stderr.isatty():
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     if as_json:

@@ -1,0 +1,104 @@
+"""``cellmigrate demo``: the end-to-end scenario a new user runs first.
+
+The demo must exit 0 only when every step behaved as expected, so besides running it
+(as a subprocess, the way a user does) these tests break single steps on purpose and
+check that the demo notices.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+
+from cellmigrate import PAGE_SIZE, InvalidStateError, dirty_pages
+from cellmigrate import demo as demo_mod
+from cellmigrate.demo import mutate_pages, run_demo, synthetic_state
+
+
+def test_demo_subprocess_small_state() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cellmigrate", "demo", "--size", "4MiB"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""
+    out = proc.stdout
+    assert "migrating an agent with a 4 MiB memory state" in out
+    # The first migration: checked, delta built, applied, verified byte for byte.
+    assert "compatible: architecture" in out
+    assert "passed: Size verified: 4194304 bytes; Checksum verified; byte-for-byte: identical" in out
+    assert "GB/s" in out
+    # The second: refused twice, target unchanged, source rolled back.
+    assert "refused, as it must be: CorruptDataError" in out
+    assert "refused before writing: Invalid state:" in out
+    assert "digest before and after: equal; byte-for-byte equal to sequence 2: yes" in out
+    assert "node A and node B now hold the same state: yes" in out
+    # The audit trail, with the crate's texts.
+    trail = out[out.index("Audit trail"):]
+    for text in ("MIGRATION_STARTED", "Compatibility check passed", "Rollback info captured: 4194304 bytes",
+                 "Size verified: 4194304 bytes; Checksum verified", "MIGRATION_COMPLETED", "MIGRATION_FAILED",
+                 "Rollback initiated", "Rollback completed: restored 4194304 bytes"):
+        assert text in trail
+    assert "Result: every step behaved as expected" in out
+
+
+def test_demo_in_process_odd_size() -> None:
+    """A size that is not a whole number of pages (the last page is short)."""
+    out = io.StringIO()
+    assert run_demo(size=5 * PAGE_SIZE + 1000, seed=5, stream=out) == 0
+    assert "(15 entries)" in out.getvalue()
+
+
+def test_demo_quiet_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_demo(size=16 * PAGE_SIZE, quiet=True) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_demo_rejects_tiny_size() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cellmigrate", "demo", "--size", "100"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "at least 4096" in proc.stderr
+
+
+def test_demo_fails_when_verification_would_be_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the byte-for-byte comparison reported a difference, the demo must not exit 0."""
+    monkeypatch.setattr(demo_mod, "first_difference", lambda a, b: 3)
+    out = io.StringIO()
+    assert run_demo(size=8 * PAGE_SIZE, stream=out) == 1
+    assert "UNEXPECTED" in out.getvalue()
+    assert "did NOT behave as expected" in out.getvalue()
+
+
+def test_demo_fails_when_a_forged_delta_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver that swallowed apply's refusal would be a failed demo, not a pass."""
+
+    class LaxDelta(demo_mod.DeltaSnapshot):
+        def apply(self, base: Any, *, key: Optional[bytes] = None, progress: Any = None) -> None:
+            try:
+                super().apply(base, key=key)
+            except InvalidStateError:
+                pass  # pretend the delta was fine
+
+    monkeypatch.setattr(demo_mod, "DeltaSnapshot", LaxDelta)
+    out = io.StringIO()
+    assert run_demo(size=8 * PAGE_SIZE, stream=out) == 1
+    assert "UNEXPECTED: apply accepted a delta whose page was altered" in out.getvalue()
+
+
+def test_synthetic_state_and_mutation() -> None:
+    size = 64 * PAGE_SIZE + 10
+    a, b = synthetic_state(size, 1), synthetic_state(size, 1)
+    assert a == b and len(a) == size  # deterministic in the seed
+    pages = np.frombuffer(bytes(a[: 64 * PAGE_SIZE]), dtype=np.uint8).reshape(64, PAGE_SIZE)
+    zero_pages = int((~pages.any(axis=1)).sum())
+    assert 10 < zero_pages < 54  # roughly half, not all and not none
+    before = bytes(a)
+    changed = mutate_pages(a, 0.1, seed=2)
+    assert len(a) == size
+    assert changed == dirty_pages(before, a).tolist()
+    assert len(changed) == round(65 * 0.1)
