@@ -22,6 +22,7 @@ from cellmigrate import (
     CompatibilityKind,
     CompatibilityStatus,
     CompatibilityValidator,
+    DeltaSnapshot,
     InvalidStateError,
     MigrationAuditLog,
     MigrationValidator,
@@ -469,18 +470,18 @@ def test_verify_delta_size_mismatch() -> None:
     ]
 
 
-def test_verify_delta_with_a_real_delta_when_available() -> None:
-    delta_cls = getattr(cellmigrate, "DeltaSnapshot", None)
-    if delta_cls is None:
-        # delta.py is built by another engineer; the fake above covers the contract.
-        assert not hasattr(cellmigrate, "DeltaSnapshot")
-        return
+def test_verify_delta_with_a_real_delta() -> None:
     old = bytes(8192)
     new = bytearray(old)
     new[5000] = 9
-    delta = delta_cls.create(uuid.uuid4().bytes, old, bytes(new), 0, 1)
+    delta = DeltaSnapshot.create(uuid.uuid4().bytes, old, bytes(new), 0, 1)
     r = StateVerifier.verify_delta(old, delta, simple_checksum(new))
     assert r.passed and r.details == ["Delta checksum verified", "Delta size compatible with base state"]
+    wrong = StateVerifier.verify_delta(old[:4096], delta, simple_checksum(old))
+    assert wrong.details == [
+        f"Delta checksum mismatch: expected 0, got {simple_checksum(new)}",
+        "Delta size mismatch: delta expects 8192 bytes, base has 4096 bytes",
+    ]
 
 
 # -- MigrationValidator -------------------------------------------------------------------
