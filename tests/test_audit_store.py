@@ -341,3 +341,8 @@ def test_concurrent_logging_through_a_sink(db: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OK"
+
+
+def test_missing_directory_is_an_os_level_error(tmp_path: Path) -> None:
+    with pytest.raises(sqlite3.OperationalError):
+        SqliteAuditSink(tmp_path / "no" / "such" / "dir" / "audit.db")

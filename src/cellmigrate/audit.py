@@ -298,6 +298,7 @@ class MigrationAuditLog:
 
     def log_completion(self, migration_id: IdLike, agent_id: IdLike, success: bool, details: str) -> None:
         """MIGRATION_COMPLETED when ``success`` else MIGRATION_FAILED, with ``details``."""
+        success = bool(success)
         event = AuditEventType.MIGRATION_COMPLETED if success else AuditEventType.MIGRATION_FAILED
         self.log(AuditEntry.new(migration_id, agent_id, event, details, success))
 
@@ -331,7 +332,7 @@ class MigrationAuditLog:
     ) -> None:
         """ROLLBACK_STARTED when ``started`` else ROLLBACK_COMPLETED."""
         event = AuditEventType.ROLLBACK_STARTED if started else AuditEventType.ROLLBACK_COMPLETED
-        self.log(AuditEntry.new(migration_id, agent_id, event, details, success))
+        self.log(AuditEntry.new(migration_id, agent_id, event, details, bool(success)))
 
     # -- queries (insertion order) -------------------------------------------------
 

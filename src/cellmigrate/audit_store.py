@@ -143,6 +143,11 @@ class SqliteAuditSink:
         )
         try:
             self._setup(mode)
+        except sqlite3.OperationalError:
+            # locked, read-only, disk full...: an environment problem, not a bad file
+            self._conn.close()
+            self._conn = None
+            raise
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             self._conn = None
