@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 import uuid
+from typing import Any, Dict, List
 
 import pytest
 
@@ -93,7 +94,7 @@ def test_entry_equality_and_repr() -> None:
         ({"source_node": b"x" * 15}, ValueError),
     ],
 )
-def test_entry_bad_fields(kwargs: dict, exc: type) -> None:
+def test_entry_bad_fields(kwargs: Dict[str, Any], exc: type) -> None:
     base = dict(migration_id=M1, agent_id=A1, event_type=AuditEventType.MIGRATION_STARTED,
                 timestamp=1, details="d", success=True)
     base.update(kwargs)
@@ -309,7 +310,7 @@ def populated() -> MigrationAuditLog:
     return log
 
 
-def names(entries: list) -> list:
+def names(entries: List[AuditEntry]) -> List[str]:
     return [e.details for e in entries]
 
 

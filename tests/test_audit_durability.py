@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import List, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 from cellmigrate import AuditEventType, MigrationAuditLog, SqliteAuditSink
 
@@ -104,7 +104,7 @@ def test_acknowledged_entries_survive_sigkill(tmp_path: Path) -> None:
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     db = tmp_path / "audit.db"
-    acknowledged: dict = {}
+    acknowledged: Dict[int, List[int]] = {}
     for rnd in range(1, ROUNDS + 1):
         acked, how = _run_and_kill(db, rnd, rng)
         context = f"seed={seed} round={rnd} killed {how}"

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -28,6 +29,10 @@ from cellmigrate.audit_store import SCHEMA_VERSION
 
 M1, M2 = uuid.UUID(int=1).bytes, uuid.UUID(int=2).bytes
 A1, A2 = uuid.UUID(int=11).bytes, uuid.UUID(int=12).bytes
+
+
+def names(entries: List[AuditEntry]) -> List[str]:
+    return [e.details for e in entries]
 
 
 def entry(i: int, *, mid: bytes = M1, aid: bytes = A1, success: bool = True, ts: int = 1000,
@@ -108,7 +113,6 @@ def test_queries_find_entries_evicted_from_the_ring(db: Path) -> None:
     log.log(entry(2, mid=M1, aid=A2, ts=300))
     log.log(entry(3, mid=M2, aid=A1, ts=400, success=False, event=AuditEventType.ROLLBACK_COMPLETED))
     assert len(log) == 2 and [e.details for e in log] == ["entry 2", "entry 3"]
-    names = lambda es: [e.details for e in es]  # noqa: E731
     assert names(log.get_migration_entries(M1)) == ["entry 0", "entry 2"]
     assert names(log.get_agent_entries(A1)) == ["entry 0", "entry 3"]
     assert names(log.get_entries_by_type(AuditEventType.MIGRATION_FAILED)) == ["entry 0"]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import types
 import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -89,7 +91,7 @@ def test_capabilities_default_and_new() -> None:
         ({"version": None}, TypeError),
     ],
 )
-def test_requirements_bad_input(kwargs: dict, exc: type) -> None:
+def test_requirements_bad_input(kwargs: Dict[str, Any], exc: type) -> None:
     with pytest.raises(exc):
         AgentRequirements(**kwargs)
 
@@ -98,11 +100,11 @@ def test_capabilities_bad_input() -> None:
     with pytest.raises(ValueError, match="available_memory"):
         NodeCapabilities(available_memory=-5)
     with pytest.raises(TypeError, match="architectures"):
-        NodeCapabilities(architectures="x86_64")
+        NodeCapabilities(architectures="x86_64")  # type: ignore[arg-type]
 
 
 def test_numpy_integers_are_accepted() -> None:
-    r = AgentRequirements(required_memory=np.uint64(5), version="0.1.0")
+    r = AgentRequirements(required_memory=np.uint64(5), version="0.1.0")  # type: ignore[arg-type]
     assert r.required_memory == 5 and type(r.required_memory) is int
 
 
@@ -242,7 +244,7 @@ def test_check_order() -> None:
         required_wasm_features=["threads"], state_size=9 * GIB, version="9.0.0",
     )
     c = NodeCapabilities.new()
-    expected_prefixes = [
+    expected_prefixes: List[Tuple[str, Any, str]] = [
         ("architecture", None, "Target does not support architecture"),
         ("required_memory", 0, "Insufficient memory"),
         ("required_storage", 0, "Insufficient storage"),
@@ -411,7 +413,7 @@ def test_verify_state_empty_states() -> None:
     assert r.details == ["Size verified: 0 bytes", "Checksum verified"]
 
 
-def test_verify_state_buffer_kinds(tmp_path: object) -> None:
+def test_verify_state_buffer_kinds() -> None:
     data = bytes(range(256)) * 64  # 16 KiB
     cs = simple_checksum(data)
     as_u32 = np.frombuffer(data, dtype=np.uint32)  # 4096 elements, 16384 bytes
@@ -495,7 +497,7 @@ def agent() -> Agent:
     return Agent(b"\0asm", agent_id=uuid.UUID(int=0xB0B))
 
 
-def details(v: MigrationValidator) -> list:
+def details(v: MigrationValidator) -> List[Tuple[AuditEventType, str, bool]]:
     return [(e.event_type, e.details, e.success) for e in v.audit_log]
 
 
@@ -674,13 +676,13 @@ def test_full_migration_audit_trail(agent: Agent) -> None:
     assert v.audit_log.get_failures() == []
 
 
-def test_validator_with_shared_log_or_sink(agent: Agent, tmp_path: object) -> None:
+def test_validator_with_shared_log_or_sink(agent: Agent, tmp_path: Path) -> None:
     shared = MigrationAuditLog.with_capacity(5)
     v = MigrationValidator(shared)
     v.capture_rollback_info(MID, agent, b"abc")
     assert v.audit_log is shared and len(shared) == 1
 
-    path = str(tmp_path) + "/audit.db"  # type: ignore[operator]
+    path = tmp_path / "audit.db"
     with SqliteAuditSink(path) as sink:
         durable = MigrationValidator(sink=sink)
         durable.capture_rollback_info(MID, agent, b"abcd")
