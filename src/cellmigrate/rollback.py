@@ -27,7 +27,7 @@ import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -168,7 +168,7 @@ def _state_of(obj: Any) -> Union[bytes, memoryview]:
     return bytes(as_bytes_view(obj, "original_state"))
 
 
-@dataclass(eq=False, repr=False)
+@dataclass(init=False, eq=False, repr=False)
 class RollbackInfo:
     """A saved copy of an agent's state, taken before a migration so it can be undone.
 
@@ -206,26 +206,46 @@ class RollbackInfo:
     original_checksum: int
     original_policy_data: bytes
     created_at: int
-    source_node: Optional[bytes] = None
-    digest_algorithm: Optional[str] = None
-    digest: Optional[bytes] = None
-    # The mapping behind a spilled/loaded state, and where it lives; closed by close().
-    _mapping: Optional[mmap.mmap] = field(default=None, repr=False, compare=False)
-    spill_path: Optional[Path] = field(default=None, compare=False)
+    source_node: Optional[bytes]
+    digest_algorithm: Optional[str]
+    digest: Optional[bytes]
+    #: The file holding a spilled/loaded state (None for a point in RAM).
+    spill_path: Optional[Path]
 
-    def __post_init__(self) -> None:
-        self.agent_id = to_id(self.agent_id, "agent_id")
-        self.source_node = to_optional_id(self.source_node, "source_node")
-        self.original_policy_data = bytes(self.original_policy_data)
-        self.original_state = _state_of(self.original_state)
-        if (self.digest_algorithm is None) != (self.digest is None):
+    def __init__(
+        self,
+        agent_id: IdLike,
+        original_state: Any,
+        original_checksum: int,
+        original_policy_data: bytes,
+        created_at: int,
+        source_node: Optional[IdLike] = None,
+        digest_algorithm: Optional[str] = None,
+        digest: Optional[bytes] = None,
+        *,
+        spill_path: Optional[StrPath] = None,
+        _mapping: Optional[mmap.mmap] = None,
+    ) -> None:
+        """Build a point from its parts (normally use :meth:`capture`).
+
+        ``original_state`` may be any C-contiguous buffer; unless it is ``bytes`` or a
+        read-only view it is copied, so the point cannot change under its checksum.
+        """
+        if (digest_algorithm is None) != (digest is None):
             raise ValueError("digest_algorithm and digest must be given together")
-        if self.digest_algorithm is not None:
-            if self.digest_algorithm not in DIGEST_ALGORITHMS:
-                raise ValueError(
-                    f"unknown digest algorithm {self.digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}"
-                )
-            self.digest = bytes(self.digest)  # type: ignore[arg-type]
+        if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
+            raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
+        self.agent_id = to_id(agent_id, "agent_id")
+        self.original_state = _state_of(original_state)
+        self.original_checksum = original_checksum
+        self.original_policy_data = bytes(original_policy_data)
+        self.created_at = created_at
+        self.source_node = to_optional_id(source_node, "source_node")
+        self.digest_algorithm = digest_algorithm
+        self.digest = None if digest is None else bytes(digest)
+        self.spill_path = None if spill_path is None else Path(spill_path)
+        # The mapping behind a spilled/loaded state; released by close().
+        self._mapping = _mapping
         self._closed = False
 
     # -- the crate's API -------------------------------------------------------------
@@ -516,6 +536,7 @@ class RollbackInfo:
             f.flush()
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             whole = memoryview(mapping)
+            state: Optional[memoryview] = None
             try:
                 state = whole[state_at : state_at + n]
                 checksum = _checksum_chunked(state, reporter)
@@ -548,8 +569,11 @@ class RollbackInfo:
                 f.flush()
                 os.fsync(f.fileno())
             except BaseException:
+                if state is not None:
+                    state.release()
                 whole.release()
-                mapping.close()
+                with contextlib.suppress(BufferError):  # a traceback may still pin a view
+                    mapping.close()
                 raise
             whole.release()
         return info
