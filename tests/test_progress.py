@@ -370,3 +370,12 @@ def test_callbacks_thread_safe() -> None:
     proc = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OK"
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import cellmigrate.progress
+
+    result = doctest.testmod(cellmigrate.progress)
+    assert result.attempted > 0 and result.failed == 0

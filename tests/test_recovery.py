@@ -440,3 +440,12 @@ def test_manager_is_thread_safe() -> None:
     proc = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OK 1600"
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import cellmigrate.recovery
+
+    result = doctest.testmod(cellmigrate.recovery)
+    assert result.attempted > 0 and result.failed == 0

@@ -669,3 +669,40 @@ def test_large_spilled_roundtrip(tmp_path: Path) -> None:
             m.close()
     info.close()
     assert os.path.getsize(target_file) == n
+
+
+@pytest.mark.large
+def test_gib_state_spill_and_restore(tmp_path: Path) -> None:
+    """1 GiB + 1 page: spilled capture, load, restore into a file mapping (opt-in: -m large)."""
+    n = (1 << 30) + 4096
+    state = np.zeros(n, dtype=np.uint8)
+    rng = np.random.default_rng(11)
+    for page in rng.choice(n // 4096, size=64, replace=False):
+        state[page * 4096 : page * 4096 + 4096] = rng.integers(0, 256, 4096, dtype=np.uint8)
+    expected = digest(state)
+    cb = CollectingCallback()
+    info = RollbackInfo.capture(_agent(), state, spill_to=tmp_path / "gib.cmrb", progress=cb)
+    del state  # the point must not need the caller's copy
+    assert cb.latest_event() == MigrationProgressEvent.CapturingState(AID, 100)
+    assert info.digest == expected
+    loaded = RollbackInfo.load(tmp_path / "gib.cmrb")
+    assert loaded == info
+    with open(tmp_path / "target.bin", "w+b") as f:
+        f.truncate(n)
+        m = mmap.mmap(f.fileno(), n)
+        try:
+            assert loaded.restore_into(m) == n
+            assert digest(m) == expected
+        finally:
+            m.close()
+    loaded.close()
+    info.close()
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import cellmigrate.rollback
+
+    result = doctest.testmod(cellmigrate.rollback)
+    assert result.attempted > 0 and result.failed == 0
