@@ -471,15 +471,41 @@ def test_spilled_file_changed_on_disk_is_caught(tmp_path: Path) -> None:
         RollbackInfo.load(path)
 
 
-def test_spill_failure_removes_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spill_failure_leaves_no_file_and_keeps_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*a: Any, **k: Any) -> bytes:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(rb, "_digest", broken)
     path = tmp_path / "s.cmrb"
+    monkeypatch.setattr(rb, "_digest", broken)
     with pytest.raises(OSError, match="disk on fire"):
         RollbackInfo.capture(_agent(), b"abc", spill_to=path)
-    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # no half file, no temporary left behind
+    path.write_bytes(b"precious")
+    with pytest.raises(OSError, match="disk on fire"):
+        RollbackInfo.capture(_agent(), b"abc", spill_to=path)
+    assert path.read_bytes() == b"precious"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_respill_to_a_mapped_path_keeps_the_old_point_valid(tmp_path: Path) -> None:
+    path = tmp_path / "s.cmrb"
+    old_state, new_state = _state(50_000, seed=1), _state(10, seed=2)
+    old = RollbackInfo.capture(_agent(), old_state, spill_to=path)
+    new = RollbackInfo.capture(_agent(), new_state, spill_to=path)  # same path, smaller file
+    target = bytearray()
+    old.restore_into(target)  # the old mapping was not truncated under it
+    assert target == old_state
+    assert RollbackInfo.load(path).original_state == new_state
+    old.close()
+    new.close()
+
+
+def test_direct_construction_copies_foreign_read_only_views() -> None:
+    owner = bytearray(b"abcd")
+    info = RollbackInfo(AID, memoryview(owner).toreadonly(), simple_checksum(b"abcd"), b"", 0)
+    owner[0] = ord("Z")  # a read-only view does not stop the owner
+    assert info.original_state == b"abcd"
+    info.verify()
 
 
 def test_spill_to_missing_directory(tmp_path: Path) -> None:

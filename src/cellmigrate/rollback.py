@@ -42,6 +42,7 @@ from .checksum import simple_checksum
 from .compare import first_difference
 from .errors import CorruptDataError, InvalidStateError
 from .progress import MigrationProgressEvent, ProgressCallback
+from .statefile import atomic_replace
 
 __all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
 
@@ -158,13 +159,14 @@ def _checksum_chunked(view: memoryview, reporter: Optional[_Reporter] = None) ->
     return total
 
 
-def _state_of(obj: Any) -> Union[bytes, memoryview]:
+def _state_of(obj: Any, mapped: bool) -> Union[bytes, memoryview]:
     """A rollback point's state must not change under its checksum: keep a private copy
-    unless it already is immutable (bytes, or a read-only view such as a mapped file)."""
+    unless it is ``bytes`` or a view of the point's own read-only file mapping (a
+    read-only view of someone else's buffer does not stop its owner from writing)."""
     if isinstance(obj, bytes):
         return obj
-    if isinstance(obj, memoryview) and obj.readonly:
-        return obj if (obj.format == "B" and obj.ndim == 1) else obj.cast("B")
+    if mapped and isinstance(obj, memoryview) and obj.readonly:
+        return obj
     return bytes(as_bytes_view(obj, "original_state"))
 
 
@@ -236,7 +238,7 @@ class RollbackInfo:
         if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
             raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
         self.agent_id = to_id(agent_id, "agent_id")
-        self.original_state = _state_of(original_state)
+        self.original_state = _state_of(original_state, _mapping is not None)
         self.original_checksum = original_checksum
         self.original_policy_data = bytes(original_policy_data)
         self.created_at = created_at
@@ -285,13 +287,11 @@ class RollbackInfo:
             reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 3 * n + digest_units)
             reporter.start()
             path = Path(spill_to)
-            try:
-                info = cls._capture_spilled(path, view, agent_id, policy, source, digest_algorithm, reporter)
-            except BaseException:
-                # What we wrote is an unusable half file: do not leave it for load() to trip on.
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                raise
+            # Written beside ``path`` and renamed over it when complete: a crash or error
+            # never leaves a half file at ``path``, and a point already mapping an older
+            # file there keeps its (now unlinked) inode instead of seeing it truncated.
+            with atomic_replace(path) as tmp:
+                info = cls._capture_spilled(tmp, path, view, agent_id, policy, source, digest_algorithm, reporter)
         else:
             # copy (one memcpy), checksum pass, digest pass
             reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 2 * n + digest_units)
@@ -503,6 +503,7 @@ class RollbackInfo:
     @classmethod
     def _capture_spilled(
         cls,
+        tmp: Path,
         path: Path,
         view: memoryview,
         agent_id: bytes,
@@ -511,8 +512,9 @@ class RollbackInfo:
         digest_algorithm: Optional[str],
         reporter: _Reporter,
     ) -> "RollbackInfo":
-        """Write the serialized layout to ``path`` and map it; check values come from the
-        file's own bytes, so the point describes exactly what is on disk."""
+        """Write the serialized layout to ``tmp`` (renamed to ``path`` by the caller) and map
+        it; check values come from the file's own bytes, so the point describes exactly
+        what is on disk."""
         n = view.nbytes
         created = _now()
         # The header needs the checksum and digest of the copy: write placeholders first,
@@ -526,7 +528,7 @@ class RollbackInfo:
             source_node=source,
         )
         state_at = _HEADER_SIZE + len(policy)
-        with open(path, "w+b") as f:
+        with open(tmp, "w+b") as f:
             f.write(placeholder._header(len(policy), n))
             f.write(policy)
             for a, b in _chunks(n):
