@@ -1,14 +1,36 @@
 # cython: language_level=3
 """Compiled hot path of cellmigrate (private: import from ``cellmigrate``).
 
-Every function takes flat ``uint8`` buffers (``const uint8_t[::1]`` accepts read-only
-ones), releases the GIL for the loop and uses 64-bit sizes. The contract is the one
-documented in ``cellmigrate._reference``, which is the test oracle for this module.
+How the kernels work (why, not what)
+------------------------------------
+The loops that decide throughput live in ``cm_simd.h``: each is written once portably
+and once per x86 instruction set, and the fastest one the CPU supports is picked at
+import (``CELLMIGRATE_FORCE_SCALAR=1`` forces the portable one). This module only turns
+Python buffers into pointers and lengths (typed ``const uint8_t[::1]`` memoryviews, so
+read-only buffers work and nothing is copied), validates arguments, and releases the GIL
+around the C call -- but only from ``NOGIL_MIN_BYTES`` up: for a 4 KiB page, dropping
+and re-taking the GIL would cost more than the work (python-xxhash does the same).
+Threads are not started here; ``cellmigrate._parallel`` splits big buffers over a pool
+and the positioned checksum makes the partial results add up.
+
+The contract is documented in ``cellmigrate._reference``, which is the test oracle for
+this module. The ``_naive_*`` functions are the straightforward loops of each algorithm,
+kept only as baselines for ``benches/``.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcmp, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport _PyBytes_Resize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF
+
+cdef extern from "Python.h":
+    ctypedef struct PyThreadState:
+        pass
+    PyThreadState* PyEval_SaveThread()
+    void PyEval_RestoreThread(PyThreadState*)
+    PyObject* _new_bytes "PyBytes_FromStringAndSize"(const char*, Py_ssize_t)
 
 import numpy as np
 
@@ -16,211 +38,345 @@ from cellmigrate.errors import CorruptDataError
 
 IMPLEMENTATION = "compiled"
 
+cdef enum:
+    _NOGIL_MIN = 64 * 1024
 
-cdef inline uint32_t _checksum(const uint8_t* p, Py_ssize_t n, uint32_t weight0) noexcept nogil:
-    cdef uint32_t acc = 0
-    cdef uint32_t w = weight0
-    cdef Py_ssize_t i
-    for i in range(n):
-        w += 1
-        acc += <uint32_t>p[i] * w
-    return acc
+#: Below this many bytes a kernel keeps the GIL (releasing it costs more than the work).
+NOGIL_MIN_BYTES = _NOGIL_MIN
 
+
+cdef inline PyThreadState* _release(size_t nbytes) noexcept:
+    """Drop the GIL for big work only; pair with ``_reacquire``. Nothing between the
+    two may touch a Python object (pointers are taken before)."""
+    return PyEval_SaveThread() if nbytes >= _NOGIL_MIN else NULL
+
+
+cdef inline void _reacquire(PyThreadState* ts) noexcept:
+    if ts != NULL:
+        PyEval_RestoreThread(ts)
+
+
+cdef extern from "cm_simd.h" nogil:
+    uint32_t cm_checksum(const uint8_t* p, size_t n, uint64_t offset)
+    size_t cm_dirty_pages_checksum(const uint8_t* old, const uint8_t* new_, size_t n, size_t page,
+                                   uint64_t offset, int64_t* idx, uint32_t* checksum)
+    size_t cm_dirty_pages(const uint8_t* old, const uint8_t* new_, size_t n, size_t page, int64_t* idx)
+    int64_t cm_first_difference(const uint8_t* a, const uint8_t* b, size_t n)
+    size_t cm_rle_compress(const uint8_t* src, size_t n, uint8_t* dst)
+    int cm_rle_decoded_size(const uint8_t* src, size_t n, int64_t max_output, size_t* size, size_t* where)
+    void cm_rle_decode(const uint8_t* src, size_t n, uint8_t* dst)
+    void cm_dispatch_init()
+    int cm_dispatch_select(const char* name)
+    int cm_path_supported(int k)
+    const char* cm_path_name(int k)
+    int cm_npaths()
+    const char* cm_active_name()
+
+
+cm_dispatch_init()
+
+
+# --- dispatch (private, for tests and benches) ----------------------------------------
+
+def _dispatch_paths():
+    """Names of the code paths this CPU supports, slowest first (``"scalar"`` always)."""
+    return [cm_path_name(k).decode() for k in range(cm_npaths()) if cm_path_supported(k)]
+
+
+def _dispatch():
+    """Name of the active code path."""
+    return cm_active_name().decode()
+
+
+def _set_dispatch(str name):
+    """Make ``name`` the active path (tests only: not meant to race with kernel calls)."""
+    cdef bytes raw = name.encode()
+    cdef int rc = cm_dispatch_select(raw)
+    if rc == -1:
+        raise ValueError(f"unknown dispatch path {name!r}")
+    if rc == -2:
+        raise ValueError(f"dispatch path {name!r} is not supported by this CPU")
+
+
+# --- checksums --------------------------------------------------------------------------
 
 def checksum(const uint8_t[::1] data, uint64_t offset=0):
     """Weighted sum of ``data[i] * (offset + i + 1)`` modulo 2**32."""
-    cdef Py_ssize_t n = data.shape[0]
-    cdef uint32_t result = 0
+    cdef size_t n = data.shape[0]
+    cdef uint32_t result
     if n == 0:
         return 0
-    with nogil:
-        result = _checksum(&data[0], n, <uint32_t>offset)
+    cdef const uint8_t* p = &data[0]
+    cdef PyThreadState* ts = _release(n)
+    result = cm_checksum(p, n, offset)
+    _reacquire(ts)
     return result
 
 
-cdef inline Py_ssize_t _first_difference(const uint8_t* a, const uint8_t* b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t start = 0
-    cdef Py_ssize_t block
-    cdef Py_ssize_t i
-    # memcmp finds the differing block at full speed; the byte loop only runs inside it.
-    while start < n:
-        block = n - start
-        if block > 4096:
-            block = 4096
-        if memcmp(a + start, b + start, block) != 0:
-            for i in range(start, start + block):
-                if a[i] != b[i]:
-                    return i
-        start += block
-    return -1
+cdef int64_t[::1] _indices(indices) except *:
+    return np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
 
+
+def state_pages_checksum(const uint8_t[::1] state, indices, Py_ssize_t page_size):
+    """Sum of the positioned checksums of ``state``'s pages at ``indices`` (mod 2**32)."""
+    cdef size_t n = state.shape[0]
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef Py_ssize_t k, count = idx.shape[0]
+    cdef size_t start, length
+    cdef uint32_t total = 0
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    for k in range(count):
+        if idx[k] < 0 or <uint64_t>idx[k] >= (n + page_size - 1) // page_size:
+            raise IndexError(f"page {idx[k]} is outside a state of {n} bytes")
+    cdef const uint8_t* p = &state[0] if n else NULL
+    cdef const int64_t* ix = &idx[0] if count else NULL
+    cdef PyThreadState* ts = _release(<size_t>count * page_size)
+    for k in range(count):
+        start = <size_t>ix[k] * page_size
+        length = n - start if n - start < <size_t>page_size else page_size
+        total += cm_checksum(p + start, length, start)
+    _reacquire(ts)
+    return total
+
+
+def pages_checksum(pages, indices, Py_ssize_t page_size):
+    """Sum of ``checksum(pages[k], offset=indices[k] * page_size)`` (mod 2**32)."""
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef const uint8_t[::1] page
+    cdef uint32_t total = 0
+    cdef Py_ssize_t k = 0
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    if len(pages) != idx.shape[0]:
+        raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
+    for data in pages:
+        if idx[k] < 0:
+            raise IndexError(f"page index {idx[k]} is negative")
+        page = data
+        if page.shape[0]:
+            total += cm_checksum(&page[0], page.shape[0], <uint64_t>idx[k] * <uint64_t>page_size)
+        k += 1
+    return total
+
+
+# --- comparison -------------------------------------------------------------------------
 
 def first_difference(const uint8_t[::1] a, const uint8_t[::1] b):
     """Index of the first differing byte of two equal-length buffers, or None."""
-    cdef Py_ssize_t n = a.shape[0]
-    cdef Py_ssize_t k = -1
-    if b.shape[0] != n:
+    cdef size_t n = a.shape[0]
+    cdef int64_t k
+    if <size_t>b.shape[0] != n:
         raise ValueError("first_difference needs buffers of equal length")
     if n == 0:
         return None
-    with nogil:
-        k = _first_difference(&a[0], &b[0], n)
+    cdef const uint8_t* pa = &a[0]
+    cdef const uint8_t* pb = &b[0]
+    cdef PyThreadState* ts = _release(n)
+    k = cm_first_difference(pa, pb, n)
+    _reacquire(ts)
     return None if k < 0 else k
+
+
+cdef inline size_t _page_count(size_t n, Py_ssize_t page_size) except? 0:
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    return (n + page_size - 1) // <size_t>page_size
 
 
 def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size):
     """Indices (int64 array) of the pages where ``old`` and ``new`` differ."""
-    cdef Py_ssize_t n = old.shape[0]
-    if new.shape[0] != n:
+    cdef size_t n = old.shape[0]
+    if <size_t>new.shape[0] != n:
         raise ValueError("dirty_pages needs buffers of equal length")
-    if page_size <= 0:
-        raise ValueError("page_size must be positive")
-    cdef Py_ssize_t npages = (n + page_size - 1) // page_size
+    cdef size_t npages = _page_count(n, page_size)
     out = np.empty(npages, dtype=np.int64)
-    cdef int64_t[::1] idx = out
-    cdef Py_ssize_t count = 0
-    cdef Py_ssize_t page, start, length
     if n == 0:
-        return out[:0]
-    with nogil:
-        for page in range(npages):
-            start = page * page_size
-            length = n - start
-            if length > page_size:
-                length = page_size
-            if memcmp(&old[start], &new[start], length) != 0:
-                idx[count] = page
-                count += 1
-    return out[:count].copy() if count < npages // 2 else out[:count]
+        return out
+    cdef int64_t[::1] idx = out
+    cdef size_t count
+    cdef const uint8_t* po = &old[0]
+    cdef const uint8_t* pn = &new[0]
+    cdef int64_t* pi = &idx[0]
+    cdef PyThreadState* ts = _release(n)
+    count = cm_dirty_pages(po, pn, n, page_size, pi)
+    _reacquire(ts)
+    return out[:count].copy() if count < npages else out
 
 
-cdef Py_ssize_t _rle_compress(const uint8_t* src, Py_ssize_t n, uint8_t* dst) noexcept nogil:
-    cdef Py_ssize_t i = 0
-    cdef Py_ssize_t o = 0
-    cdef Py_ssize_t run
-    cdef uint8_t byte
-    while i < n:
-        byte = src[i]
-        run = 1
-        while i + run < n and src[i + run] == byte and run < 127:
-            run += 1
-        if run >= 4 or byte == 0xFF:
-            dst[o] = 0xFF
-            dst[o + 1] = <uint8_t>run
-            dst[o + 2] = byte
-            o += 3
-        else:
-            memcpy(dst + o, src + i, run)
-            o += run
-        i += run
-    return o
+def dirty_pages_checksum(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size,
+                         uint64_t offset=0):
+    """``(dirty_pages(old, new, page_size), checksum(new, offset))`` in one pass over ``new``."""
+    cdef size_t n = old.shape[0]
+    if <size_t>new.shape[0] != n:
+        raise ValueError("dirty_pages_checksum needs buffers of equal length")
+    cdef size_t npages = _page_count(n, page_size)
+    out = np.empty(npages, dtype=np.int64)
+    if n == 0:
+        return out, 0
+    cdef int64_t[::1] idx = out
+    cdef size_t count
+    cdef uint32_t total
+    cdef const uint8_t* po = &old[0]
+    cdef const uint8_t* pn = &new[0]
+    cdef int64_t* pi = &idx[0]
+    cdef PyThreadState* ts = _release(n)
+    count = cm_dirty_pages_checksum(po, pn, n, page_size, offset, pi, &total)
+    _reacquire(ts)
+    return (out[:count].copy() if count < npages else out), total
 
+
+# --- RLE ----------------------------------------------------------------------------------
 
 def rle_compress(const uint8_t[::1] data):
     """The crate's "simple" RLE, byte-exact."""
-    cdef Py_ssize_t n = data.shape[0]
+    cdef size_t n = data.shape[0]
     if n == 0:
         return b""
-    # Worst case is a lone 0xFF per byte: three output bytes for one input byte.
-    buf = PyBytes_FromStringAndSize(NULL, 3 * n)
-    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(buf)
-    cdef Py_ssize_t o
-    with nogil:
-        o = _rle_compress(&data[0], n, dst)
-    return buf[:o]
+    # Worst case is a lone 0xFF per byte: three output bytes for one input byte. The
+    # buffer is then shrunk in place (realloc), not copied into a second object.
+    cdef PyObject* raw = _new_bytes(NULL, 3 * n)
+    if raw == NULL:
+        raise MemoryError()
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(<object>raw)
+    cdef const uint8_t* src = &data[0]
+    cdef size_t o
+    cdef PyThreadState* ts = _release(n)
+    o = cm_rle_compress(src, n, dst)
+    _reacquire(ts)
+    if _PyBytes_Resize(&raw, o) < 0:
+        raise MemoryError()
+    result = <object>raw
+    Py_DECREF(result)
+    return result
 
 
-cdef Py_ssize_t _rle_decoded_size(const uint8_t* src, Py_ssize_t n, Py_ssize_t* bad) noexcept nogil:
-    """Output size of a stream, or -1 with ``bad[0]`` = offset, ``bad[1]`` = 0 truncated / 1 zero count."""
-    cdef Py_ssize_t i = 0
-    cdef Py_ssize_t size = 0
-    while i < n:
-        if src[i] == 0xFF:
-            if i + 2 >= n:
-                bad[0] = i
-                bad[1] = 0
-                return -1
-            if src[i + 1] == 0:
-                bad[0] = i
-                bad[1] = 1
-                return -1
-            size += src[i + 1]
-            i += 3
-        else:
-            size += 1
-            i += 1
-    return size
-
-
-cdef void _rle_decode(const uint8_t* src, Py_ssize_t n, uint8_t* dst) noexcept nogil:
-    cdef Py_ssize_t i = 0
-    cdef Py_ssize_t o = 0
-    cdef Py_ssize_t k, count
-    cdef uint8_t byte
-    while i < n:
-        if src[i] == 0xFF:
-            count = src[i + 1]
-            byte = src[i + 2]
-            for k in range(count):
-                dst[o + k] = byte
-            o += count
-            i += 3
-        else:
-            dst[o] = src[i]
-            o += 1
-            i += 1
-
-
-def rle_decompress(const uint8_t[::1] data, Py_ssize_t max_output=-1):
+def rle_decompress(const uint8_t[::1] data, int64_t max_output=-1):
     """Strict decoder: refuses a truncated marker, a zero count and output over ``max_output``."""
-    cdef Py_ssize_t n = data.shape[0]
-    cdef Py_ssize_t bad[2]
-    cdef Py_ssize_t size
+    cdef size_t n = data.shape[0]
+    cdef size_t size = 0
+    cdef size_t where = 0
+    cdef int rc
     if n == 0:
         return b""
-    with nogil:
-        size = _rle_decoded_size(&data[0], n, bad)
-    if size < 0:
-        if bad[1] == 0:
-            raise CorruptDataError(f"RLE stream truncated: marker at offset {bad[0]} needs two more bytes")
-        raise CorruptDataError(f"RLE marker at offset {bad[0]} has a zero run length")
-    if 0 <= max_output < size:
+    cdef const uint8_t* src = &data[0]
+    cdef PyThreadState* ts = _release(n)
+    rc = cm_rle_decoded_size(src, n, max_output, &size, &where)
+    _reacquire(ts)
+    if rc == 1:
+        raise CorruptDataError(f"RLE stream truncated: marker at offset {where} needs two more bytes")
+    if rc == 2:
+        raise CorruptDataError(f"RLE marker at offset {where} has a zero run length")
+    if rc == 3:
         raise CorruptDataError(f"RLE output exceeds max_output of {max_output} bytes")
     buf = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(buf)
-    with nogil:
-        _rle_decode(&data[0], n, dst)
+    ts = _release(n + size)
+    cm_rle_decode(src, n, dst)
+    _reacquire(ts)
     return buf
 
 
+# --- pages ----------------------------------------------------------------------------------
+
 def gather_pages(const uint8_t[::1] state, indices, Py_ssize_t page_size):
     """Copies (``bytes``) of the named pages; the last page of the state may be short."""
-    cdef Py_ssize_t n = state.shape[0]
-    cdef Py_ssize_t start, length
+    cdef size_t n = state.shape[0]
+    cdef size_t npages = _page_count(n, page_size)
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef Py_ssize_t k
+    cdef size_t start, length
     cdef list out = []
-    for index in indices:
-        start = <Py_ssize_t>index * page_size
-        if index < 0 or start >= n:
-            raise IndexError(f"page {index} is outside a state of {n} bytes")
-        length = n - start
-        if length > page_size:
-            length = page_size
+    for k in range(idx.shape[0]):
+        if idx[k] < 0 or <uint64_t>idx[k] >= npages:
+            raise IndexError(f"page {idx[k]} is outside a state of {n} bytes")
+    for k in range(idx.shape[0]):
+        start = <size_t>idx[k] * page_size
+        length = n - start if n - start < <size_t>page_size else page_size
         out.append(PyBytes_FromStringAndSize(<const char*>&state[start], length))
     return out
 
 
 def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size):
-    """Write each page at ``index * page_size``; bounds are checked before any write."""
-    cdef Py_ssize_t n = target.shape[0]
-    cdef Py_ssize_t start
+    """Write ``pages[k]`` at ``indices[k] * page_size``; everything is checked before any write."""
+    cdef size_t n = target.shape[0]
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef list views = []
     cdef const uint8_t[::1] page
-    for index, data in zip(indices, pages):
-        start = <Py_ssize_t>index * page_size
-        if index < 0 or start + len(data) > n:
-            raise IndexError(f"page {index} does not fit a target of {n} bytes")
-    for index, data in zip(indices, pages):
+    cdef Py_ssize_t k
+    cdef size_t start
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    if len(pages) != idx.shape[0]:
+        raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
+    for k, data in enumerate(pages):
         page = data
-        start = <Py_ssize_t>index * page_size
+        if <size_t>page.shape[0] > <size_t>page_size:
+            raise ValueError(f"page {idx[k]} has {page.shape[0]} bytes, more than page_size {page_size}")
+        if idx[k] < 0 or <uint64_t>idx[k] * <uint64_t>page_size + page.shape[0] > n:
+            raise IndexError(f"page {idx[k]} does not fit a target of {n} bytes")
+        views.append(page)
+    for k in range(idx.shape[0]):
+        page = views[k]
+        start = <size_t>idx[k] * page_size
         if page.shape[0]:
-            with nogil:
-                memcpy(&target[start], &page[0], page.shape[0])
+            memcpy(&target[start], &page[0], page.shape[0])
+
+
+# --- straightforward loops (benchmark baselines only) ------------------------------------
+
+def _naive_checksum(const uint8_t[::1] data, uint64_t offset=0):
+    """The weighted checksum as a plain scalar loop (baseline for benches)."""
+    cdef uint32_t acc = 0
+    cdef uint32_t w = <uint32_t>offset
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(data.shape[0]):
+            w += 1
+            acc += <uint32_t>data[i] * w
+    return acc
+
+
+def _naive_dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size):
+    """Dirty pages as a plain byte loop per page (baseline for benches)."""
+    cdef Py_ssize_t n = old.shape[0]
+    cdef Py_ssize_t npages = (n + page_size - 1) // page_size
+    out = np.empty(npages, dtype=np.int64)
+    cdef int64_t[::1] idx = out
+    cdef Py_ssize_t page, i, end, count = 0
+    with nogil:
+        for page in range(npages):
+            end = min((page + 1) * page_size, n)
+            for i in range(page * page_size, end):
+                if old[i] != new[i]:
+                    idx[count] = page
+                    count += 1
+                    break
+    return out[:count].copy()
+
+
+def _naive_rle_compress(const uint8_t[::1] data):
+    """The crate's RLE encoder as a plain byte loop (baseline for benches)."""
+    cdef Py_ssize_t n = data.shape[0]
+    if n == 0:
+        return b""
+    buf = PyBytes_FromStringAndSize(NULL, 3 * n)
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t i = 0, o = 0, run
+    cdef uint8_t byte
+    with nogil:
+        while i < n:
+            byte = data[i]
+            run = 1
+            while i + run < n and data[i + run] == byte and run < 127:
+                run += 1
+            if run >= 4 or byte == 0xFF:
+                dst[o] = 0xFF
+                dst[o + 1] = <uint8_t>run
+                dst[o + 2] = byte
+                o += 3
+            else:
+                memcpy(dst + o, &data[i], run)
+                o += run
+            i += run
+    return buf[:o]

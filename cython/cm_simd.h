@@ -1,0 +1,724 @@
+/*
+ * cm_simd.h -- the SIMD regions of cellmigrate's kernels and their runtime dispatch.
+ *
+ * How the kernels work (why, not what)
+ * ------------------------------------
+ * Wheels are built for the baseline CPU (x86-64 v1, plain aarch64), yet the states we
+ * scan are GiB large and the machines that run us have AVX2 or AVX-512. So, as CRoaring
+ * does, the few loops that decide throughput are written here several times, each
+ * compiled with a `target` attribute for one instruction set, and one of them is chosen
+ * once per process from a cached cpuid check (`cm_dispatch_init`). The portable scalar
+ * versions are the only ones compiled on other architectures or compilers, and the
+ * env var CELLMIGRATE_FORCE_SCALAR=1 selects them anywhere.
+ *
+ * Weighted checksum. The crate's sum of data[i] * (i + 1) mod 2**32 looks serial (the
+ * weight grows by one per byte), but it splits like Adler-32: for a block of B bytes
+ * starting at byte b*B, the block adds b*B * (plain sum of the block) + (the block's
+ * bytes weighted 1..B). The in-block part is a fixed-weight dot product (maddubs/madd,
+ * or one vpdpbusd with VNNI); the b*B part needs only the running plain sum, because
+ * sum_b b*S_b = nb*T - sum_b (S_0 + ... + S_b). Everything is mod 2**32, so 32- and
+ * 64-bit lanes may wrap freely. maddubs saturates a pair at 32767: with byte weights
+ * up to 64 a pair is at most 255 * (63 + 64) = 32385, so no saturation. A positioned
+ * checksum (the slice sits at byte `offset` of a state) is W + offset * S, which is
+ * what lets threads and page lists combine partial results linearly.
+ *
+ * Fused dirty scan. Delta creation needs the dirty pages of (old, new) and the checksum
+ * of new. Reading new twice costs a second trip through memory, so the page loop
+ * checksums each page of new and compares it with old while both sit in registers.
+ *
+ * RLE. On real states the stream is mostly literal stretches (random-ish data, where
+ * only 0xFF bytes become markers) or long runs (zero pages). Literal stretches are
+ * found 32/64 bytes at a time by comparing the block with itself shifted by 1, 2 and 3
+ * (four equal bytes start a run) and with 0xFF, and copied by storing the whole vector
+ * (the output buffer has 3x room). A run is measured to its end with vector compares,
+ * then emitted as 127-byte markers, so a zero page costs one pass and 33 stores. The
+ * crate's scanner always restarts at the beginning of a maximal run (or 127 bytes into
+ * one), so "a maximal run of L >= 4 bytes (or of 0xFF) = L // 127 full markers plus the
+ * remainder as a marker (if >= 4 or 0xFF) or literals" is exactly its output.
+ */
+#ifndef CELLMIGRATE_CM_SIMD_H
+#define CELLMIGRATE_CM_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CM_X86 1
+#include <immintrin.h>
+#else
+#define CM_X86 0
+#endif
+
+/* ------------------------------------------------------------------------------------ */
+/* Portable (scalar) paths                                                              */
+/* ------------------------------------------------------------------------------------ */
+
+/* Plain sum S and in-slice weighted sum W (weights 1..n) of p[0..n), both mod 2**32. */
+static void cm_sums_scalar(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
+    uint32_t S = 0, W = 0;
+    size_t i = 0;
+    /* Fixed 64-byte blocks with fixed weights: the inner loop is a dot product the
+       compiler can vectorize even for the baseline target. */
+    for (; i + 64 <= n; i += 64) {
+        uint32_t s = 0, w = 0;
+        for (unsigned j = 0; j < 64; j++) {
+            s += p[i + j];
+            w += (uint32_t)p[i + j] * (j + 1);
+        }
+        W += (uint32_t)i * s + w;
+        S += s;
+    }
+    for (; i < n; i++) {
+        S += p[i];
+        W += (uint32_t)p[i] * (uint32_t)(i + 1);
+    }
+    *ps = S;
+    *pw = W;
+}
+
+/* Same as cm_sums_scalar over `p`; returns whether p and q differ anywhere. */
+static int cm_sums_cmp_scalar(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps,
+                              uint32_t *pw) {
+    cm_sums_scalar(p, n, ps, pw);
+    return n != 0 && memcmp(p, q, n) != 0;
+}
+
+/* Length of the run of bytes equal to p[0] (n >= 1). */
+static uint64_t cm_load64(const uint8_t *p);
+
+static size_t cm_run_length_scalar(const uint8_t *p, size_t n) {
+    const uint8_t b = p[0];
+    const uint64_t bb = 0x0101010101010101ULL * b;
+    size_t k = 1;
+    while (k + 8 <= n && cm_load64(p + k) == bb)
+        k += 8;
+    while (k < n && p[k] == b)
+        k++;
+    return k;
+}
+
+/* Emit a maximal run of `len` copies of `b` the way the crate's scanner does. */
+static inline size_t cm_emit_run(uint8_t *dst, size_t o, uint8_t b, size_t len) {
+    while (len >= 127) {
+        dst[o] = 0xFF;
+        dst[o + 1] = 127;
+        dst[o + 2] = b;
+        o += 3;
+        len -= 127;
+    }
+    if (len >= 4 || (len > 0 && b == 0xFF)) {
+        dst[o] = 0xFF;
+        dst[o + 1] = (uint8_t)len;
+        dst[o + 2] = b;
+        o += 3;
+    } else {
+        for (size_t k = 0; k < len; k++)
+            dst[o + k] = b;
+        o += len;
+    }
+    return o;
+}
+
+typedef size_t (*cm_run_length_fn)(const uint8_t *, size_t);
+
+/* One token at src[i]: a maximal run, either markers or (short, not 0xFF) literals. */
+static inline size_t cm_rle_token(const uint8_t *src, size_t n, size_t *pi, uint8_t *dst, size_t o,
+                                  cm_run_length_fn run_length) {
+    size_t i = *pi;
+    size_t len = run_length(src + i, n - i);
+    o = cm_emit_run(dst, o, src[i], len);
+    *pi = i + len;
+    return o;
+}
+
+static uint64_t cm_load64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* Nonzero when some byte of v is zero (exact: the classic has-zero-byte test). */
+static inline uint64_t cm_has_zero_byte(uint64_t v) {
+    return (v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL;
+}
+
+/* dst needs room for 3 * n bytes (a lone 0xFF becomes three). Returns the output size.
+   Portable: 8 bytes at a time, a word with no equal neighbours and no 0xFF is all
+   literals (a run of 4 needs equal neighbours), so it is copied as a word. */
+static size_t cm_rle_compress_scalar(const uint8_t *src, size_t n, uint8_t *dst) {
+    size_t i = 0, o = 0;
+    while (i < n) {
+        while (i + 9 <= n) {
+            uint64_t x = cm_load64(src + i), y = cm_load64(src + i + 1);
+            if (cm_has_zero_byte(x ^ y) | cm_has_zero_byte(~x))
+                break;
+            memcpy(dst + o, &x, 8);
+            i += 8;
+            o += 8;
+        }
+        /* Byte by byte through the word that has a candidate. */
+        size_t stop = i + 8 < n ? i + 8 : n;
+        while (i < stop) {
+            uint8_t b = src[i];
+            if (b == 0xFF || (i + 3 < n && src[i + 1] == b && src[i + 2] == b && src[i + 3] == b) ||
+                i + 3 >= n)
+                break;
+            dst[o++] = b;
+            i++;
+        }
+        if (i < stop)
+            o = cm_rle_token(src, n, &i, dst, o, cm_run_length_scalar);
+    }
+    return o;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* x86-64: AVX2 and AVX-512 paths                                                       */
+/* ------------------------------------------------------------------------------------ */
+#if CM_X86
+
+/* SSE2 is part of x86-64 itself, so this path needs no target attribute: it is what a
+   baseline wheel gets on a CPU without AVX2. */
+static inline uint64_t cm_hsum64_sse2(__m128i v) {
+    return (uint64_t)_mm_cvtsi128_si64(v) + (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(v, v));
+}
+
+static inline uint32_t cm_hsum32_sse2(__m128i s) {
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(s);
+}
+
+/* 16-byte blocks; bytes widened to 16 bits and dotted with weights 1..16 by pmaddwd. */
+static inline __attribute__((always_inline)) int
+cm_sums_body_sse2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i wlo = _mm_setr_epi16(1, 2, 3, 4, 5, 6, 7, 8);
+    const __m128i whi = _mm_setr_epi16(9, 10, 11, 12, 13, 14, 15, 16);
+    __m128i vs = zero, vq = zero, vw0 = zero, vw1 = zero, diff = zero;
+    size_t nb = n / 16;
+    for (size_t b = 0; b < nb; b++) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(p + 16 * b));
+        if (q)
+            diff = _mm_or_si128(diff, _mm_xor_si128(a, _mm_loadu_si128((const __m128i *)(q + 16 * b))));
+        vs = _mm_add_epi64(vs, _mm_sad_epu8(a, zero));
+        vq = _mm_add_epi64(vq, vs);
+        vw0 = _mm_add_epi32(vw0, _mm_madd_epi16(_mm_unpacklo_epi8(a, zero), wlo));
+        vw1 = _mm_add_epi32(vw1, _mm_madd_epi16(_mm_unpackhi_epi8(a, zero), whi));
+    }
+    uint64_t T = cm_hsum64_sse2(vs), Q = cm_hsum64_sse2(vq);
+    uint32_t S = (uint32_t)T;
+    uint32_t W = (uint32_t)(16u * ((uint64_t)nb * T - Q)) + cm_hsum32_sse2(_mm_add_epi32(vw0, vw1));
+    int differs = q ? _mm_movemask_epi8(_mm_cmpeq_epi8(diff, zero)) != 0xFFFF : 0;
+    for (size_t i = 16 * nb; i < n; i++) {
+        S += p[i];
+        W += (uint32_t)p[i] * (uint32_t)(i + 1);
+        if (q && p[i] != q[i])
+            differs = 1;
+    }
+    *ps = S;
+    *pw = W;
+    return differs;
+}
+
+static void cm_sums_sse2(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
+    cm_sums_body_sse2(p, NULL, n, ps, pw);
+}
+
+static int cm_sums_cmp_sse2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {
+    return cm_sums_body_sse2(p, q, n, ps, pw);
+}
+
+static size_t cm_run_length_sse2(const uint8_t *p, size_t n) {
+    const __m128i b = _mm_set1_epi8((char)p[0]);
+    size_t k = 1;
+    while (k + 16 <= n) {
+        uint32_t ne = 0xFFFFu & ~(uint32_t)_mm_movemask_epi8(
+                                     _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(p + k)), b));
+        if (ne)
+            return k + (size_t)__builtin_ctz(ne);
+        k += 16;
+    }
+    while (k < n && p[k] == p[0])
+        k++;
+    return k;
+}
+
+static size_t cm_rle_compress_sse2(const uint8_t *src, size_t n, uint8_t *dst) {
+    const __m128i ff = _mm_set1_epi8((char)0xFF);
+    size_t i = 0, o = 0;
+    while (i < n) {
+        while (i + 19 <= n) {
+            __m128i v0 = _mm_loadu_si128((const __m128i *)(src + i));
+            __m128i v1 = _mm_loadu_si128((const __m128i *)(src + i + 1));
+            __m128i v2 = _mm_loadu_si128((const __m128i *)(src + i + 2));
+            __m128i v3 = _mm_loadu_si128((const __m128i *)(src + i + 3));
+            __m128i run4 = _mm_and_si128(_mm_and_si128(_mm_cmpeq_epi8(v0, v1), _mm_cmpeq_epi8(v1, v2)),
+                                         _mm_cmpeq_epi8(v2, v3));
+            uint32_t m = (uint32_t)_mm_movemask_epi8(_mm_or_si128(run4, _mm_cmpeq_epi8(v0, ff)));
+            _mm_storeu_si128((__m128i *)(dst + o), v0);
+            if (!m) {
+                i += 16;
+                o += 16;
+                continue;
+            }
+            size_t k = (size_t)__builtin_ctz(m);
+            i += k;
+            o += k;
+            break;
+        }
+        if (i >= n)
+            break;
+        o = cm_rle_token(src, n, &i, dst, o, cm_run_length_sse2);
+    }
+    return o;
+}
+
+#define CM_AVX2 __attribute__((target("avx2")))
+#define CM_AVX512 __attribute__((target("avx512f,avx512bw")))
+#define CM_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+static inline CM_AVX2 uint64_t cm_hsum64_avx2(__m256i v) {
+    __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    return (uint64_t)_mm_cvtsi128_si64(s) + (uint64_t)_mm_extract_epi64(s, 1);
+}
+
+static inline CM_AVX2 uint32_t cm_hsum32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(s);
+}
+
+/* 32-byte blocks; two per iteration for instruction-level parallelism. When q is not
+   NULL the same loads also feed a compare with q (the fused dirty scan). */
+static inline CM_AVX2 __attribute__((always_inline)) int
+cm_sums_body_avx2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i wts = _mm256_setr_epi8(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+                                         18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32);
+    __m256i vs = zero, vq = zero, vw0 = zero, vw1 = zero, diff = zero;
+    size_t nb = n / 32, b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
+        __m256i c = _mm256_loadu_si256((const __m256i *)(p + 32 * b + 32));
+        if (q) {
+            __m256i x = _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i *)(q + 32 * b)));
+            __m256i y = _mm256_xor_si256(c, _mm256_loadu_si256((const __m256i *)(q + 32 * b + 32)));
+            diff = _mm256_or_si256(diff, _mm256_or_si256(x, y));
+        }
+        vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a, zero));
+        vq = _mm256_add_epi64(vq, vs);
+        vs = _mm256_add_epi64(vs, _mm256_sad_epu8(c, zero));
+        vq = _mm256_add_epi64(vq, vs);
+        vw0 = _mm256_add_epi32(vw0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, wts), ones));
+        vw1 = _mm256_add_epi32(vw1, _mm256_madd_epi16(_mm256_maddubs_epi16(c, wts), ones));
+    }
+    for (; b < nb; b++) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
+        if (q)
+            diff = _mm256_or_si256(
+                diff, _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i *)(q + 32 * b))));
+        vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a, zero));
+        vq = _mm256_add_epi64(vq, vs);
+        vw0 = _mm256_add_epi32(vw0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, wts), ones));
+    }
+    uint64_t T = cm_hsum64_avx2(vs), Q = cm_hsum64_avx2(vq);
+    uint32_t S = (uint32_t)T;
+    uint32_t W = (uint32_t)(32u * ((uint64_t)nb * T - Q)) + cm_hsum32_avx2(_mm256_add_epi32(vw0, vw1));
+    int differs = q ? !_mm256_testz_si256(diff, diff) : 0;
+    for (size_t i = 32 * nb; i < n; i++) {
+        S += p[i];
+        W += (uint32_t)p[i] * (uint32_t)(i + 1);
+        if (q && p[i] != q[i])
+            differs = 1;
+    }
+    *ps = S;
+    *pw = W;
+    return differs;
+}
+
+static CM_AVX2 void cm_sums_avx2(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
+    cm_sums_body_avx2(p, NULL, n, ps, pw);
+}
+
+static CM_AVX2 int cm_sums_cmp_avx2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps,
+                                    uint32_t *pw) {
+    return cm_sums_body_avx2(p, q, n, ps, pw);
+}
+
+/* 64-byte blocks, weights 1..64: a maddubs pair is at most 255 * 127, no saturation.
+   With VNNI one vpdpbusd replaces maddubs + madd (no 16-bit intermediate at all). */
+#define CM_SUMS_BODY_AVX512(NAME, TARGET, DOT)                                                   \
+    static inline TARGET __attribute__((always_inline)) int NAME(                               \
+        const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {             \
+        const __m512i zero = _mm512_setzero_si512();                                             \
+        const __m512i ones = _mm512_set1_epi16(1);                                               \
+        const __m512i wts = _mm512_set_epi8(                                                     \
+            64, 63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44,  \
+            43, 42, 41, 40, 39, 38, 37, 36, 35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23,  \
+            22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1);      \
+        __m512i vs = zero, vq = zero, vw0 = zero, vw1 = zero, diff = zero;                       \
+        size_t nb = n / 64, b = 0;                                                               \
+        (void)ones;                                                                              \
+        for (; b + 2 <= nb; b += 2) {                                                            \
+            __m512i a = _mm512_loadu_si512((const void *)(p + 64 * b));                          \
+            __m512i c = _mm512_loadu_si512((const void *)(p + 64 * b + 64));                     \
+            if (q) {                                                                             \
+                __m512i x = _mm512_xor_si512(a, _mm512_loadu_si512((const void *)(q + 64 * b))); \
+                __m512i y =                                                                      \
+                    _mm512_xor_si512(c, _mm512_loadu_si512((const void *)(q + 64 * b + 64)));    \
+                diff = _mm512_or_si512(diff, _mm512_or_si512(x, y));                             \
+            }                                                                                    \
+            vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a, zero));                                 \
+            vq = _mm512_add_epi64(vq, vs);                                                       \
+            vs = _mm512_add_epi64(vs, _mm512_sad_epu8(c, zero));                                 \
+            vq = _mm512_add_epi64(vq, vs);                                                       \
+            vw0 = DOT(vw0, a, wts, ones);                                                        \
+            vw1 = DOT(vw1, c, wts, ones);                                                        \
+        }                                                                                        \
+        for (; b < nb; b++) {                                                                    \
+            __m512i a = _mm512_loadu_si512((const void *)(p + 64 * b));                          \
+            if (q)                                                                               \
+                diff = _mm512_or_si512(                                                          \
+                    diff, _mm512_xor_si512(a, _mm512_loadu_si512((const void *)(q + 64 * b))));  \
+            vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a, zero));                                 \
+            vq = _mm512_add_epi64(vq, vs);                                                       \
+            vw0 = DOT(vw0, a, wts, ones);                                                        \
+        }                                                                                        \
+        uint64_t T = (uint64_t)_mm512_reduce_add_epi64(vs);                                      \
+        uint64_t Q = (uint64_t)_mm512_reduce_add_epi64(vq);                                      \
+        uint32_t S = (uint32_t)T;                                                                \
+        uint32_t W = (uint32_t)(64u * ((uint64_t)nb * T - Q)) +                                  \
+                     (uint32_t)_mm512_reduce_add_epi32(_mm512_add_epi32(vw0, vw1));              \
+        int differs = q ? _mm512_test_epi64_mask(diff, diff) != 0 : 0;                           \
+        for (size_t i = 64 * nb; i < n; i++) {                                                   \
+            S += p[i];                                                                           \
+            W += (uint32_t)p[i] * (uint32_t)(i + 1);                                             \
+            if (q && p[i] != q[i])                                                               \
+                differs = 1;                                                                     \
+        }                                                                                        \
+        *ps = S;                                                                                 \
+        *pw = W;                                                                                 \
+        return differs;                                                                          \
+    }
+
+#define CM_DOT_MADDUBS(acc, v, w, ones) \
+    _mm512_add_epi32((acc), _mm512_madd_epi16(_mm512_maddubs_epi16((v), (w)), (ones)))
+#define CM_DOT_VNNI(acc, v, w, ones) _mm512_dpbusd_epi32((acc), (v), (w))
+
+CM_SUMS_BODY_AVX512(cm_sums_body_avx512, CM_AVX512, CM_DOT_MADDUBS)
+CM_SUMS_BODY_AVX512(cm_sums_body_avx512vnni, CM_AVX512VNNI, CM_DOT_VNNI)
+
+static CM_AVX512 void cm_sums_avx512(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
+    cm_sums_body_avx512(p, NULL, n, ps, pw);
+}
+static CM_AVX512 int cm_sums_cmp_avx512(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps,
+                                        uint32_t *pw) {
+    return cm_sums_body_avx512(p, q, n, ps, pw);
+}
+static CM_AVX512VNNI void cm_sums_avx512vnni(const uint8_t *p, size_t n, uint32_t *ps,
+                                             uint32_t *pw) {
+    cm_sums_body_avx512vnni(p, NULL, n, ps, pw);
+}
+static CM_AVX512VNNI int cm_sums_cmp_avx512vnni(const uint8_t *p, const uint8_t *q, size_t n,
+                                                uint32_t *ps, uint32_t *pw) {
+    return cm_sums_body_avx512vnni(p, q, n, ps, pw);
+}
+
+/* --- RLE ---------------------------------------------------------------------------- */
+
+static CM_AVX2 size_t cm_run_length_avx2(const uint8_t *p, size_t n) {
+    const __m256i b = _mm256_set1_epi8((char)p[0]);
+    size_t k = 1;
+    while (k + 32 <= n) {
+        uint32_t ne = ~(uint32_t)_mm256_movemask_epi8(
+            _mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i *)(p + k)), b));
+        if (ne)
+            return k + (size_t)__builtin_ctz(ne);
+        k += 32;
+    }
+    while (k < n && p[k] == p[0])
+        k++;
+    return k;
+}
+
+static CM_AVX2 size_t cm_rle_compress_avx2(const uint8_t *src, size_t n, uint8_t *dst) {
+    const __m256i ff = _mm256_set1_epi8((char)0xFF);
+    size_t i = 0, o = 0;
+    while (i < n) {
+        /* Literal stretch: store whole vectors, advance to the first run/0xFF candidate. */
+        while (i + 35 <= n) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(src + i));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(src + i + 1));
+            __m256i v2 = _mm256_loadu_si256((const __m256i *)(src + i + 2));
+            __m256i v3 = _mm256_loadu_si256((const __m256i *)(src + i + 3));
+            __m256i run4 = _mm256_and_si256(
+                _mm256_and_si256(_mm256_cmpeq_epi8(v0, v1), _mm256_cmpeq_epi8(v1, v2)),
+                _mm256_cmpeq_epi8(v2, v3));
+            uint32_t m = (uint32_t)_mm256_movemask_epi8(_mm256_or_si256(run4, _mm256_cmpeq_epi8(v0, ff)));
+            _mm256_storeu_si256((__m256i *)(dst + o), v0);
+            if (!m) {
+                i += 32;
+                o += 32;
+                continue;
+            }
+            size_t k = (size_t)__builtin_ctz(m);
+            i += k;
+            o += k;
+            break;
+        }
+        if (i >= n)
+            break;
+        /* At a candidate (the start of a maximal run) or in the last few bytes. */
+        o = cm_rle_token(src, n, &i, dst, o, cm_run_length_avx2);
+    }
+    return o;
+}
+
+static CM_AVX512 size_t cm_run_length_avx512(const uint8_t *p, size_t n) {
+    const __m512i b = _mm512_set1_epi8((char)p[0]);
+    size_t k = 1;
+    while (k + 64 <= n) {
+        uint64_t ne = _mm512_cmpneq_epi8_mask(_mm512_loadu_si512((const void *)(p + k)), b);
+        if (ne)
+            return k + (size_t)__builtin_ctzll(ne);
+        k += 64;
+    }
+    while (k < n && p[k] == p[0])
+        k++;
+    return k;
+}
+
+static CM_AVX512 size_t cm_rle_compress_avx512(const uint8_t *src, size_t n, uint8_t *dst) {
+    const __m512i ff = _mm512_set1_epi8((char)0xFF);
+    size_t i = 0, o = 0;
+    while (i < n) {
+        while (i + 67 <= n) {
+            __m512i v0 = _mm512_loadu_si512((const void *)(src + i));
+            __m512i v1 = _mm512_loadu_si512((const void *)(src + i + 1));
+            __m512i v2 = _mm512_loadu_si512((const void *)(src + i + 2));
+            __m512i v3 = _mm512_loadu_si512((const void *)(src + i + 3));
+            uint64_t m = (_mm512_cmpeq_epi8_mask(v0, v1) & _mm512_cmpeq_epi8_mask(v1, v2) &
+                          _mm512_cmpeq_epi8_mask(v2, v3)) |
+                         _mm512_cmpeq_epi8_mask(v0, ff);
+            _mm512_storeu_si512((void *)(dst + o), v0);
+            if (!m) {
+                i += 64;
+                o += 64;
+                continue;
+            }
+            size_t k = (size_t)__builtin_ctzll(m);
+            i += k;
+            o += k;
+            break;
+        }
+        if (i >= n)
+            break;
+        o = cm_rle_token(src, n, &i, dst, o, cm_run_length_avx512);
+    }
+    return o;
+}
+
+#endif /* CM_X86 */
+
+/* ------------------------------------------------------------------------------------ */
+/* Runtime dispatch                                                                     */
+/* ------------------------------------------------------------------------------------ */
+
+typedef void (*cm_sums_fn)(const uint8_t *, size_t, uint32_t *, uint32_t *);
+typedef int (*cm_sums_cmp_fn)(const uint8_t *, const uint8_t *, size_t, uint32_t *, uint32_t *);
+typedef size_t (*cm_rle_fn)(const uint8_t *, size_t, uint8_t *);
+
+typedef struct {
+    const char *name;
+    cm_sums_fn sums;
+    cm_sums_cmp_fn sums_cmp;
+    cm_rle_fn rle_compress;
+} cm_path;
+
+/* Ordered slowest to fastest; the last supported one is the default. */
+static const cm_path cm_paths[] = {
+    {"scalar", cm_sums_scalar, cm_sums_cmp_scalar, cm_rle_compress_scalar},
+#if CM_X86
+    {"sse2", cm_sums_sse2, cm_sums_cmp_sse2, cm_rle_compress_sse2},
+    {"avx2", cm_sums_avx2, cm_sums_cmp_avx2, cm_rle_compress_avx2},
+    {"avx512", cm_sums_avx512, cm_sums_cmp_avx512, cm_rle_compress_avx512},
+    {"avx512vnni", cm_sums_avx512vnni, cm_sums_cmp_avx512vnni, cm_rle_compress_avx512},
+#endif
+};
+#define CM_NPATHS ((int)(sizeof(cm_paths) / sizeof(cm_paths[0])))
+
+/* The active path. Set once at import (cm_dispatch_init) and, in tests only, through
+   cm_dispatch_select; a pointer store is atomic on every supported platform. */
+static const cm_path *cm_active = &cm_paths[0];
+
+static int cm_path_supported(int k) {
+#if CM_X86
+    static int cached = -1; /* bit k set = path k supported */
+    if (cached < 0) {
+        int bits = 1 | 2; /* scalar; SSE2 is part of x86-64 */
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2"))
+            bits |= 1 << 2;
+        if ((bits & (1 << 2)) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+            bits |= 1 << 3;
+        if ((bits & (1 << 3)) && __builtin_cpu_supports("avx512vnni"))
+            bits |= 1 << 4;
+        cached = bits;
+    }
+    return (cached >> k) & 1;
+#else
+    return k == 0;
+#endif
+}
+
+static void cm_dispatch_init(void) {
+    const char *force = getenv("CELLMIGRATE_FORCE_SCALAR");
+    int k = 0;
+    if (!(force && force[0] && strcmp(force, "0") != 0)) {
+        for (int j = CM_NPATHS - 1; j > 0; j--) {
+            if (cm_path_supported(j)) {
+                k = j;
+                break;
+            }
+        }
+    }
+    cm_active = &cm_paths[k];
+}
+
+/* Select a path by name; returns 0 on success, -1 unknown, -2 unsupported here. */
+static int cm_dispatch_select(const char *name) {
+    for (int k = 0; k < CM_NPATHS; k++) {
+        if (strcmp(cm_paths[k].name, name) == 0) {
+            if (!cm_path_supported(k))
+                return -2;
+            cm_active = &cm_paths[k];
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static const char *cm_path_name(int k) { return k >= 0 && k < CM_NPATHS ? cm_paths[k].name : NULL; }
+static int cm_npaths(void) { return CM_NPATHS; }
+static const char *cm_active_name(void) { return cm_active->name; }
+
+/* ------------------------------------------------------------------------------------ */
+/* Path-independent drivers                                                             */
+/* ------------------------------------------------------------------------------------ */
+
+/* Positioned checksum: sum of p[i] * (offset + i + 1) mod 2**32. */
+static uint32_t cm_checksum(const uint8_t *p, size_t n, uint64_t offset) {
+    uint32_t S, W;
+    if (n == 0)
+        return 0;
+    cm_active->sums(p, n, &S, &W);
+    return W + (uint32_t)offset * S;
+}
+
+/* Dirty pages of (old, new) into idx (room for every page) and the positioned checksum
+   of new; returns the number of dirty pages. */
+static size_t cm_dirty_pages_checksum(const uint8_t *old, const uint8_t *new_, size_t n,
+                                      size_t page, uint64_t offset, int64_t *idx,
+                                      uint32_t *checksum) {
+    const cm_path *path = cm_active;
+    uint32_t S = 0, W = 0;
+    size_t count = 0, k = 0;
+    for (size_t start = 0; start < n; start += page, k++) {
+        size_t len = n - start < page ? n - start : page;
+        uint32_t s, w;
+        if (path->sums_cmp(new_ + start, old + start, len, &s, &w))
+            idx[count++] = (int64_t)k;
+        W += w + (uint32_t)start * s;
+        S += s;
+    }
+    *checksum = W + (uint32_t)offset * S;
+    return count;
+}
+
+/* Dirty pages only: memcmp per page (libc's memcmp is already vectorized). */
+static size_t cm_dirty_pages(const uint8_t *old, const uint8_t *new_, size_t n, size_t page,
+                             int64_t *idx) {
+    size_t count = 0, k = 0;
+    for (size_t start = 0; start < n; start += page, k++) {
+        size_t len = n - start < page ? n - start : page;
+        if (memcmp(old + start, new_ + start, len) != 0)
+            idx[count++] = (int64_t)k;
+    }
+    return count;
+}
+
+/* First differing byte or -1: memcmp finds the block, a byte loop the byte. */
+static int64_t cm_first_difference(const uint8_t *a, const uint8_t *b, size_t n) {
+    for (size_t start = 0; start < n; start += 4096) {
+        size_t len = n - start < 4096 ? n - start : 4096;
+        if (memcmp(a + start, b + start, len) != 0) {
+            for (size_t i = start; i < start + len; i++)
+                if (a[i] != b[i])
+                    return (int64_t)i;
+        }
+    }
+    return -1;
+}
+
+static size_t cm_rle_compress(const uint8_t *src, size_t n, uint8_t *dst) {
+    return cm_active->rle_compress(src, n, dst);
+}
+
+/* Strict RLE decoding, first pass: the output size, checking markers and the bound in
+   stream order (as the reference does). Returns 0 and sets *size, or an error kind with
+   *where = offending offset: 1 truncated marker, 2 zero count, 3 over max_output.
+   memchr jumps between markers, so literal stretches cost what libc's memchr costs. */
+static int cm_rle_decoded_size(const uint8_t *src, size_t n, int64_t max_output, size_t *size,
+                               size_t *where) {
+    size_t i = 0, total = 0;
+    while (i < n) {
+        const uint8_t *f = (const uint8_t *)memchr(src + i, 0xFF, n - i);
+        size_t j = f ? (size_t)(f - src) : n;
+        total += j - i;
+        if (max_output >= 0 && total > (uint64_t)max_output) {
+            *where = j;
+            return 3;
+        }
+        if (j == n)
+            break;
+        if (j + 2 >= n) {
+            *where = j;
+            return 1;
+        }
+        if (src[j + 1] == 0) {
+            *where = j;
+            return 2;
+        }
+        total += src[j + 1];
+        if (max_output >= 0 && total > (uint64_t)max_output) {
+            *where = j;
+            return 3;
+        }
+        i = j + 3;
+    }
+    *size = total;
+    return 0;
+}
+
+/* Second pass over a stream the first pass accepted: bulk copies and fills. */
+static void cm_rle_decode(const uint8_t *src, size_t n, uint8_t *dst) {
+    size_t i = 0, o = 0;
+    while (i < n) {
+        const uint8_t *f = (const uint8_t *)memchr(src + i, 0xFF, n - i);
+        size_t j = f ? (size_t)(f - src) : n;
+        memcpy(dst + o, src + i, j - i);
+        o += j - i;
+        if (j == n)
+            break;
+        memset(dst + o, src[j + 2], src[j + 1]);
+        o += src[j + 1];
+        i = j + 3;
+    }
+}
+
+#endif /* CELLMIGRATE_CM_SIMD_H */
