@@ -120,6 +120,7 @@ def test_config_defaults() -> None:
         c.auto_rollback,
     ) == (3, 10, 300, True, 600, True)
     c.validate()
+    assert RecoveryConfig.default() == c
 
 
 @pytest.mark.parametrize(

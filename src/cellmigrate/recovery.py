@@ -181,6 +181,11 @@ class RecoveryConfig:
     recovery_timeout_secs: int = 600
     auto_rollback: bool = True
 
+    @classmethod
+    def default(cls) -> "RecoveryConfig":
+        """The crate's defaults (same as ``RecoveryConfig()``)."""
+        return cls()
+
     def calculate_retry_delay(self, attempt: int) -> int:
         """Seconds to wait before retry ``attempt``.
 
