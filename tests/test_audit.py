@@ -89,6 +89,7 @@ def test_entry_equality_and_repr() -> None:
         ({"event_type": "MIGRATION_STARTED"}, TypeError),
         ({"timestamp": 1.5}, TypeError),
         ({"timestamp": True}, TypeError),
+        ({"timestamp": 2**63}, ValueError),
         ({"details": None}, TypeError),
         ({"success": 1}, TypeError),
         ({"source_node": b"x" * 15}, ValueError),
@@ -441,3 +442,22 @@ def test_concurrent_logging_in_subprocess() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OK 5000"
+
+
+def test_details_must_be_encodable_text() -> None:
+    with pytest.raises(ValueError, match="surrogate"):
+        AuditEntry.new(M1, A1, AuditEventType.MIGRATION_STARTED, "bad \ud800 text", True)
+    # NUL and non-ASCII characters are fine
+    assert AuditEntry.new(M1, A1, AuditEventType.MIGRATION_STARTED, "a\x00b ✓", True).details == "a\x00b ✓"
+
+
+def test_documented_examples_hold() -> None:
+    import doctest
+
+    import cellmigrate.audit
+    import cellmigrate.audit_store
+    import cellmigrate.validation
+
+    for module in (cellmigrate.audit, cellmigrate.audit_store, cellmigrate.validation):
+        failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert attempted > 0 and failed == 0, module.__name__

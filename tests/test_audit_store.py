@@ -10,9 +10,11 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
-from typing import List
+from typing import List, Literal, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cellmigrate import (
     AuditEntry,
@@ -350,3 +352,36 @@ def test_concurrent_logging_through_a_sink(db: Path) -> None:
 def test_missing_directory_is_an_os_level_error(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         SqliteAuditSink(tmp_path / "no" / "such" / "dir" / "audit.db")
+
+
+# -- properties ---------------------------------------------------------------------------
+
+
+_ids = st.binary(min_size=16, max_size=16)
+_NO_SURROGATES: Tuple[Literal["Cs"]] = ("Cs",)  # lone surrogates are not text (refused by AuditEntry)
+_entries = st.builds(
+    AuditEntry,
+    migration_id=_ids,
+    agent_id=_ids,
+    event_type=st.sampled_from(list(AuditEventType)),
+    timestamp=st.integers(-(2**63), 2**63 - 1),
+    source_node=st.none() | _ids,
+    target_node=st.none() | _ids,
+    details=st.text(st.characters(blacklist_categories=_NO_SURROGATES)),
+    success=st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_entries, max_size=8))
+def test_every_entry_survives_sqlite_and_jsonl(entries: List[AuditEntry]) -> None:
+    with SqliteAuditSink(":memory:") as sink:
+        sink.append_many(entries[: len(entries) // 2])
+        for e in entries[len(entries) // 2:]:
+            sink.append(e)
+        assert sink.query() == entries
+        buf = io.StringIO()
+        export_jsonl(sink.query(), buf)
+        assert import_jsonl(io.StringIO(buf.getvalue())) == entries
+        for e in entries:
+            assert e in sink.query(migration_id=e.migration_id, agent_id=e.agent_id, event_type=e.event_type)

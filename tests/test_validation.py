@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cellmigrate
 from cellmigrate import (
@@ -777,3 +779,45 @@ def test_validator_under_concurrent_use() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OK"
+
+
+# -- properties ---------------------------------------------------------------------------
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.data())
+def test_verify_state_matches_a_plain_comparison(original: bytes, data: st.DataObject) -> None:
+    # Mutate a few positions (possibly none) and compare the verdict with Python's own view.
+    migrated = bytearray(original)
+    if original:
+        for _ in range(data.draw(st.integers(0, 3))):
+            i = data.draw(st.integers(0, len(original) - 1))
+            migrated[i] = data.draw(st.integers(0, 255))
+    r = StateVerifier.verify_state(original, migrated, simple_checksum(original))
+    first = next((i for i, (x, y) in enumerate(zip(original, migrated)) if x != y), None)
+    assert r.content_valid is (first is None)
+    assert r.passed is (first is None)
+    assert r.size_valid and r.details[0] == f"Size verified: {len(original)} bytes"
+    assert r.checksum_valid is (simple_checksum(migrated) == simple_checksum(original))
+    if first is None:
+        assert r.details == [f"Size verified: {len(original)} bytes", "Checksum verified"]
+    else:
+        assert r.details[-1] == f"Content mismatch at offset {first}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=2, max_size=2000), st.data())
+def test_every_checksum_preserving_forgery_is_caught(original: bytes, data: st.DataObject) -> None:
+    # General two-byte forgery: +2 at k (weight k+1), -1 at 2k+1 (weight 2k+2).
+    k = data.draw(st.integers(0, (len(original) - 2) // 2))
+    forged = bytearray(original)
+    if forged[k] > 253 or forged[2 * k + 1] < 1:
+        forged[k], forged[2 * k + 1] = 100, 100  # keep the edit free of byte wrap-around
+        original = bytes(forged)
+    forged[k] += 2
+    forged[2 * k + 1] -= 1
+    assert simple_checksum(forged) == simple_checksum(original)
+    r = StateVerifier.verify_state(original, forged, simple_checksum(original))
+    assert r.checksum_valid and not r.passed and not r.content_valid
+    assert r.details[-1] == f"Content mismatch at offset {k}"

@@ -122,8 +122,17 @@ class AuditEntry:
             set_(self, "timestamp", operator.index(self.timestamp))
         except TypeError:
             raise TypeError(f"timestamp must be an int (Unix seconds), not {type(self.timestamp).__name__}") from None
+        if not -(2**63) <= self.timestamp < 2**63:
+            # the durable form stores it as a 64-bit SQLite INTEGER
+            raise ValueError(f"timestamp out of the 64-bit range: {self.timestamp}")
         if not isinstance(self.details, str):
             raise TypeError(f"details must be a str, not {type(self.details).__name__}")
+        try:
+            # Rust strings are UTF-8, and so are the JSON Lines and SQLite forms: a lone
+            # surrogate would be accepted here and fail later, far from its cause.
+            self.details.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("details must be valid Unicode text (it contains a lone surrogate)") from None
         if not isinstance(self.success, bool):
             raise TypeError(f"success must be a bool, not {type(self.success).__name__}")
 
