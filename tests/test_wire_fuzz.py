@@ -207,3 +207,50 @@ def test_resealed_header_field_tampering(name: str, offset: int, value: int) -> 
     width = {8: 2, 10: 1, 11: 1, 12: 1, 13: 3, 48: 8, 68: 4, 72: 8}[offset]
     data[offset : offset + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
     check_contract(reseal(bytes(data)), name, forgeable=name not in STRONG)
+
+
+# --------------------------------------------------------------------------------------
+# Regression tests for fuzzing findings outside the wire format (compression.py; reported
+# to the lead, fixed by that file's owner). Hostile payloads must give CorruptDataError.
+
+
+def _zstd_header_declaring(size: int) -> bytes:
+    """A 16-byte zstd frame: single segment, 8-byte content size ``size``, one empty raw block."""
+    return bytes.fromhex("28b52ffd") + bytes([0xE0]) + struct.pack("<Q", size) + b"\x01\x00\x00"
+
+
+def test_zstd_frame_declaring_a_huge_size_is_corrupt_not_memoryerror() -> None:
+    """Finding F2: a 16-byte frame declaring 1 TiB made zstd_decompress (no max_output)
+    try to allocate 1 TiB and raise MemoryError instead of CorruptDataError."""
+    from cellmigrate import adaptive_decompress, zstd_decompress
+
+    frame = _zstd_header_declaring(1 << 40)
+    for call in (lambda: zstd_decompress(frame), lambda: adaptive_decompress(frame, 2)):
+        try:
+            call()
+        except CorruptDataError:
+            continue
+        except MemoryError:  # pragma: no cover - the bug
+            raise AssertionError("zstd_decompress raised MemoryError on a 16-byte hostile frame") from None
+        raise AssertionError("a frame declaring 1 TiB but holding 0 bytes was accepted")
+
+
+def test_zstd_decompress_does_not_ignore_bytes_after_the_first_frame() -> None:
+    """Finding F1: with a declared content size, zstd_decompress decoded the first frame and
+    silently dropped whatever followed (garbage, or a second frame's data), unlike the
+    no-content-size path which rejects garbage and reads every frame."""
+    from cellmigrate import zstd_compress, zstd_decompress
+
+    first, second = b"hello " * 20, b"second frame " * 10
+    frame = zstd_compress(first)
+    try:
+        out = zstd_decompress(frame + b"trailing garbage")
+    except CorruptDataError:
+        pass
+    else:
+        raise AssertionError(f"trailing garbage after a zstd frame was ignored ({len(out)} bytes returned)")
+    try:
+        out = zstd_decompress(frame + zstd_compress(second))
+    except CorruptDataError:
+        return
+    assert out == first + second, "the second zstd frame was silently dropped"
