@@ -385,3 +385,27 @@ def test_every_entry_survives_sqlite_and_jsonl(entries: List[AuditEntry]) -> Non
         assert import_jsonl(io.StringIO(buf.getvalue())) == entries
         for e in entries:
             assert e in sink.query(migration_id=e.migration_id, agent_id=e.agent_id, event_type=e.event_type)
+
+
+def test_log_accepts_a_database_path_and_closes_its_sink(tmp_path: Path) -> None:
+    path = tmp_path / "by-path.db"
+    with MigrationAuditLog(sink=path) as log:
+        assert isinstance(log.sink, SqliteAuditSink)
+        log.log_start(M1, A1)
+    with pytest.raises(ValueError, match="closed"):
+        log.log_start(M1, A1)  # the context manager closed the sink
+    assert [e.details for e in log] == ["Migration initiated"]  # memory stays readable
+    with MigrationAuditLog.with_capacity(5, sink=str(path)) as again:
+        assert len(again) == 1 and again.sink.count() == 1  # type: ignore[union-attr]
+    v = MigrationValidator(sink=path)
+    v.audit_log.log_completion(M1, A1, True, "done")
+    v.audit_log.close()
+    with SqliteAuditSink(path) as sink:
+        assert sink.count() == 2
+
+
+def test_log_refuses_a_non_sink() -> None:
+    with pytest.raises(TypeError, match="AuditSink"):
+        MigrationAuditLog(sink=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="AuditSink"):
+        MigrationAuditLog(sink=[])  # type: ignore[arg-type]

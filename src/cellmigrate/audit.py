@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import operator
+import os
 import threading
 import time
 from collections import deque
@@ -34,8 +35,6 @@ from ._ids import IdLike, to_id, to_optional_id
 from .errors import CorruptDataError
 
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
-    import os
-
     from .audit_store import AuditSink
     from .validation import CompatibilityStatus, VerificationResult
 
@@ -247,15 +246,26 @@ class MigrationAuditLog:
     ['target lost']
     """
 
-    def __init__(self, capacity: int = DEFAULT_AUDIT_CAPACITY, *, sink: Optional["AuditSink"] = None) -> None:
+    def __init__(
+        self,
+        capacity: int = DEFAULT_AUDIT_CAPACITY,
+        *,
+        sink: Union["AuditSink", str, "os.PathLike[str]", None] = None,
+    ) -> None:
+        from .audit_store import AuditSink, SqliteAuditSink  # audit_store imports this module
+
         if isinstance(capacity, bool):
             raise TypeError("capacity must be an int, not bool")
         capacity = operator.index(capacity)
         if capacity < 1:
             raise ValueError(f"audit log capacity must be at least 1, got {capacity}")
+        if isinstance(sink, (str, os.PathLike)):
+            sink = SqliteAuditSink(sink)  # a path: the default durable sink
+        elif sink is not None and not isinstance(sink, AuditSink):
+            raise TypeError(f"sink must be an AuditSink or a database path, not {type(sink).__name__}")
         self._capacity = capacity
         self._lock = threading.RLock()
-        self._sink = sink
+        self._sink: Optional[AuditSink] = sink
         # deque(maxlen) drops the oldest entry on append: the ring's eviction order.
         self._entries: Deque[AuditEntry] = deque(maxlen=capacity)
         if sink is not None:
@@ -263,7 +273,9 @@ class MigrationAuditLog:
             self._entries.extend(sink.recent(capacity))
 
     @classmethod
-    def with_capacity(cls, capacity: int, *, sink: Optional["AuditSink"] = None) -> "MigrationAuditLog":
+    def with_capacity(
+        cls, capacity: int, *, sink: Union["AuditSink", str, "os.PathLike[str]", None] = None
+    ) -> "MigrationAuditLog":
         """A log keeping at most ``capacity`` entries in memory (``ValueError`` if < 1)."""
         return cls(capacity, sink=sink)
 
@@ -417,6 +429,17 @@ class MigrationAuditLog:
         """Drop the in-memory entries; capacity and any persisted entries stay."""
         with self._lock:
             self._entries.clear()
+
+    def close(self) -> None:
+        """Close the sink, if any (the in-memory entries stay readable)."""
+        if self._sink is not None:
+            self._sink.close()
+
+    def __enter__(self) -> "MigrationAuditLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         sink = "" if self._sink is None else f", sink={self._sink!r}"

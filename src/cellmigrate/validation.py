@@ -13,7 +13,7 @@ import enum
 import operator
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
@@ -24,6 +24,8 @@ from .errors import InvalidStateError
 from .rollback import RollbackInfo
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
+    import os
+
     from .agent import Agent
     from .audit_store import AuditSink
 
@@ -465,8 +467,8 @@ class MigrationValidator:
     Every step writes the audit entries the crate writes. Rollback points are kept per
     migration id (16 bytes) until the migration is completed, rolled back or expires
     (``rollback_max_age_secs``, default 3600). Pass ``audit_log`` to share a log, or
-    ``sink`` (e.g. :class:`~cellmigrate.audit_store.SqliteAuditSink`) to get a durable
-    10000-entry log. Safe to use from several threads.
+    ``sink`` (an :class:`~cellmigrate.audit_store.SqliteAuditSink`, or a database path) to
+    get a durable 10000-entry log. Safe to use from several threads.
 
     >>> import uuid
     >>> from cellmigrate import Agent
@@ -486,7 +488,7 @@ class MigrationValidator:
         self,
         audit_log: Optional[MigrationAuditLog] = None,
         *,
-        sink: Optional["AuditSink"] = None,
+        sink: Union["AuditSink", str, "os.PathLike[str]", None] = None,
         rollback_max_age_secs: int = DEFAULT_ROLLBACK_MAX_AGE_SECS,
     ) -> None:
         if audit_log is not None and sink is not None:
