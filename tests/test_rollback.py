@@ -471,6 +471,33 @@ def test_spilled_file_changed_on_disk_is_caught(tmp_path: Path) -> None:
         RollbackInfo.load(path)
 
 
+def test_restored_target_checked_against_recorded_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved file changes after the pre-write check (another writer): the post-write
+    check of the target, against the recorded checksum and digest, still refuses it."""
+    monkeypatch.setattr(rb, "PROGRESS_CHUNK", 1024)
+    path = tmp_path / "s.cmrb"
+    state = _state_forgeable(8192)
+    info = RollbackInfo.capture(_agent(), state, spill_to=path)
+    state_at = 120 + len(info.original_policy_data)
+    fired: List[int] = []
+
+    def tamper_after_first_check(ev: MigrationProgressEvent) -> None:
+        # checksum (n) + digest (n) of 5n units = 40%: the saved copy has just been verified
+        p = ev.progress_percent()
+        if p is not None and p >= 40 and not fired:
+            fired.append(p)
+            with open(path, "r+b") as f:
+                f.seek(state_at)
+                f.write(_forge(state)[:2])
+
+    target = bytearray(8192)
+    with pytest.raises(InvalidStateError) as err:
+        info.restore_into(target, progress=tamper_after_first_check)
+    assert fired == [40]
+    assert err.value.message == "Restored state xxh3_128 digest mismatch"
+    info.close()
+
+
 def test_spill_failure_leaves_no_file_and_keeps_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*a: Any, **k: Any) -> bytes:
         raise OSError("disk on fire")

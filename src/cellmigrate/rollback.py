@@ -39,7 +39,6 @@ from ._ids import IdLike, to_id, to_optional_id
 from .checksum import DIGEST_ALGORITHMS
 from .checksum import digest as _digest
 from .checksum import simple_checksum
-from .compare import first_difference
 from .errors import CorruptDataError, InvalidStateError
 from .progress import MigrationProgressEvent, ProgressCallback
 from .statefile import atomic_replace
@@ -230,8 +229,8 @@ class RollbackInfo:
     ) -> None:
         """Build a point from its parts (normally use :meth:`capture`).
 
-        ``original_state`` may be any C-contiguous buffer; unless it is ``bytes`` or a
-        read-only view it is copied, so the point cannot change under its checksum.
+        ``original_state`` may be any C-contiguous buffer; unless it is ``bytes`` it is
+        copied, so the point cannot change under its checksum.
         """
         if (digest_algorithm is None) != (digest is None):
             raise ValueError("digest_algorithm and digest must be given together")
@@ -269,9 +268,10 @@ class RollbackInfo:
         the copy, so the rollback point is self-consistent even if the caller keeps
         mutating its buffer. ``digest_algorithm=None`` records the checksum only.
 
-        ``spill_to=path`` writes the copy to ``path`` (created or overwritten, in the
-        serialized format, fsynced) and maps it read-only instead of holding it in RAM;
-        :meth:`close` unmaps it, the file stays. ``progress`` receives CAPTURING_STATE
+        ``spill_to=path`` writes the copy to ``path`` in the serialized format (to a
+        temporary file beside it, fsynced, then renamed over ``path``) and maps it
+        read-only instead of holding it in RAM; :meth:`close` unmaps it, the file stays,
+        and :meth:`load` reopens it. ``progress`` receives CAPTURING_STATE
         events (0..100).
         """
         agent_id = _agent_id_bytes(agent)
@@ -329,20 +329,21 @@ class RollbackInfo:
         if self._closed:
             raise InvalidStateError("Rollback point is closed")
 
+    def _check(self, data: memoryview, reporter: Optional[_Reporter], what: str) -> None:
+        """Raise InvalidStateError unless ``data`` has the recorded checksum and digest."""
+        got = _checksum_chunked(data, reporter)
+        if got != self.original_checksum:
+            raise InvalidStateError(f"{what} checksum mismatch: expected {self.original_checksum}, got {got}")
+        if self.digest_algorithm is not None and self.digest is not None:
+            actual = _digest(data, self.digest_algorithm)
+            if reporter is not None:
+                reporter.advance(data.nbytes)
+            if not hmac.compare_digest(actual, self.digest):
+                raise InvalidStateError(f"{what} {self.digest_algorithm} digest mismatch")
+
     def _verify(self, reporter: Optional[_Reporter]) -> None:
         self._check_open()
-        state = as_bytes_view(self.original_state, "original_state")
-        got = _checksum_chunked(state, reporter)
-        if got != self.original_checksum:
-            raise InvalidStateError(
-                f"Rollback state checksum mismatch: expected {self.original_checksum}, got {got}"
-            )
-        if self.digest_algorithm is not None and self.digest is not None:
-            actual = _digest(state, self.digest_algorithm)
-            if reporter is not None:
-                reporter.advance(state.nbytes)
-            if not hmac.compare_digest(actual, self.digest):
-                raise InvalidStateError(f"Rollback state {self.digest_algorithm} digest mismatch")
+        self._check(as_bytes_view(self.original_state, "original_state"), reporter, "Rollback state")
 
     def verify(self) -> None:
         """Check the saved copy against its checksum and digest.
@@ -359,8 +360,8 @@ class RollbackInfo:
         the saved size in bytes. The saved copy is verified (checksum and digest) *before*
         anything is written, so a corrupted rollback point or a target of the wrong size
         raises :class:`InvalidStateError` and leaves ``target`` byte for byte unchanged;
-        a read-only target raises ``TypeError``. After writing, the target is compared
-        with the verified copy. ``progress`` receives RESTORING events (0..100).
+        a read-only target raises ``TypeError``. After writing, the target itself is
+        checked against the recorded checksum and digest. ``progress`` receives RESTORING events (0..100).
         """
         self._check_open()
         saved = as_bytes_view(self.original_state, "original_state")
@@ -374,8 +375,8 @@ class RollbackInfo:
                 view.release()
                 raise InvalidStateError(f"Rollback target size mismatch: expected {n} bytes, got {got} bytes")
         digest_units = n if self.digest_algorithm is not None else 0
-        # verify pass (checksum + digest), write pass, compare pass
-        reporter = _Reporter(progress, MigrationProgressEvent.Restoring, self.agent_id, 3 * n + digest_units)
+        # verify the saved copy, write, verify the target (each check: checksum + digest)
+        reporter = _Reporter(progress, MigrationProgressEvent.Restoring, self.agent_id, 3 * n + 2 * digest_units)
         reporter.start()
         try:
             self._verify(reporter)
@@ -385,13 +386,12 @@ class RollbackInfo:
             for a, b in _chunks(n):
                 view[a:b] = saved[a:b]
                 reporter.advance(b - a)
-            diff = first_difference(view, saved)
+            # Checked against the recorded values, not against the saved copy: a mapped
+            # file changed by another writer after the first check is still caught.
+            self._check(view, reporter, "Restored state")
         finally:
             if view is not None:
                 view.release()
-        if diff is not None:
-            raise InvalidStateError(f"Restored state differs from the rollback point at offset {diff}")
-        reporter.advance(n)
         reporter.finish()
         return n
 
@@ -476,7 +476,8 @@ class RollbackInfo:
     def load(cls, path: StrPath) -> "RollbackInfo":
         """Open a serialized rollback point file (e.g. a ``spill_to`` file) without reading it
         into RAM: the file is mapped read-only, fully checked like :meth:`deserialize`,
-        and the state stays a view into the mapping until :meth:`close`."""
+        and the state stays a view into the mapping until :meth:`close`. As with any
+        mapped file, it must not be truncated in place while mapped."""
         p = Path(path)
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
