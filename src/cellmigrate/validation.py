@@ -495,9 +495,10 @@ class MigrationValidator:
             raise ValueError("give either audit_log or sink, not both")
         if audit_log is not None and not isinstance(audit_log, MigrationAuditLog):
             raise TypeError(f"audit_log must be a MigrationAuditLog, not {type(audit_log).__name__}")
+        # Validate before opening anything, so bad arguments cannot leak an open database.
+        self._max_age = _count(rollback_max_age_secs, "rollback_max_age_secs")
         self._audit_log = audit_log if audit_log is not None else MigrationAuditLog(sink=sink)
         self._rollback_info: Dict[bytes, RollbackInfo] = {}
-        self._max_age = _count(rollback_max_age_secs, "rollback_max_age_secs")
         # Guards the rollback map so that the check-then-remove steps of a rollback are
         # atomic across threads; the audit log has its own lock.
         self._lock = threading.RLock()
