@@ -15,11 +15,8 @@
 from __future__ import annotations
 
 import hmac
-import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import blake3 as _blake3
@@ -30,6 +27,7 @@ import xxhash as _xxhash
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
+from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from .checksum import DIGEST_ALGORITHMS, KEY_SIZE, PAGE_SIZE
 from .errors import CorruptDataError, InvalidStateError
 
@@ -48,41 +46,12 @@ _DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32}
 _CHUNK = 1 << 20
 #: Progress is reported about this often (bytes).
 _REPORT = 16 << 20
-#: States under this size are processed on the calling thread only (hand-off costs more).
-_PARALLEL_MIN = 16 << 20
 #: With a strong digest, the hasher is sequential: the calling thread hashes the whole
 #: state and also checks (compares/checksums) this leading share of it chunk by chunk
 #: from cache; the other threads check the rest straight from memory. Measured on the
 #: 2-vCPU dev VM (see the report); the split only changes speed, never results.
 _HASHER_SHARE = 0.25
 _ZEROS = memoryview(bytes(_CHUNK))
-
-_pool_lock = threading.Lock()
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_pid = 0
-
-
-def _threads() -> int:
-    """Threads a delta operation may use: the CPU count, capped by ``CELLMIGRATE_THREADS``."""
-    count = max(1, os.cpu_count() or 1)
-    env = os.environ.get("CELLMIGRATE_THREADS", "").strip()
-    if env:
-        try:
-            count = min(count, max(1, int(env)))
-        except ValueError:
-            pass
-    return count
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    with _pool_lock:
-        # Worker threads do not survive fork(): a child builds its own pool.
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="cellmigrate-delta")
-            _pool_pid = os.getpid()
-        return _pool
-
 
 def _page_align(n: int) -> int:
     return -(-n // PAGE_SIZE) * PAGE_SIZE
@@ -94,8 +63,8 @@ def _plan(total: int, hashing: bool) -> Tuple[int, List[Tuple[int, int]]]:
     Without hashing the split is even. With hashing the calling thread also streams the
     whole state through the (sequential) hasher, so it takes a smaller share of the rest.
     """
-    threads = _threads()
-    if threads <= 1 or total < _PARALLEL_MIN:
+    threads = max_threads()
+    if threads <= 1 or total < PARALLEL_MIN_BYTES:
         return total, []
     share = _HASHER_SHARE if hashing else 1.0 / threads
     split = min(total, _page_align(int(total * share)))
@@ -107,29 +76,12 @@ def _plan(total: int, hashing: bool) -> Tuple[int, List[Tuple[int, int]]]:
 
 def _state_pages_checksum(view: memoryview, indices: npt.NDArray[np.int64]) -> int:
     """Sum of the positioned checksums of ``view``'s pages at ``indices`` (last may be short)."""
-    if not len(indices):
-        return 0
-    fused = getattr(kernels, "state_pages_checksum", None)
-    if fused is not None:
-        return int(fused(view, indices, PAGE_SIZE))
-    total = 0
-    for i in indices.tolist():
-        start = i * PAGE_SIZE
-        total += int(kernels.checksum(view[start : start + PAGE_SIZE], start))
-    return total & _MASK32
+    return int(kernels.state_pages_checksum(view, indices, PAGE_SIZE)) if len(indices) else 0
 
 
 def _pages_checksum(pages: Sequence[bytes], indices: npt.NDArray[np.int64]) -> int:
     """Sum of each page's checksum positioned at ``index * PAGE_SIZE``."""
-    if not len(indices):
-        return 0
-    fused = getattr(kernels, "pages_checksum", None)
-    if fused is not None:
-        return int(fused(pages, indices, PAGE_SIZE))
-    total = 0
-    for i, page in zip(indices.tolist(), pages):
-        total += int(kernels.checksum(page, (i * PAGE_SIZE) & _MASK64))
-    return total & _MASK32
+    return int(kernels.pages_checksum(pages, indices, PAGE_SIZE)) if len(indices) else 0
 
 
 def _now() -> int:
@@ -256,28 +208,15 @@ _Found = Tuple[List[npt.NDArray[np.int64]], int]
 
 def _scan_chunk(old: memoryview, new: memoryview, lo: int, hi: int) -> Tuple[npt.NDArray[np.int64], int]:
     """Dirty page indices (absolute) and positioned checksum of ``new[lo:hi]`` (``lo`` aligned)."""
-    o, n = old[lo:hi], new[lo:hi]
-    fused = getattr(kernels, "dirty_pages_checksum", None)
-    if fused is not None:
-        idx, part = fused(o, n, PAGE_SIZE, lo)
-    else:
-        idx = kernels.dirty_pages(o, n, PAGE_SIZE)
-        # The chunk was just read by the comparison: the checksum reads it from cache.
-        part = kernels.checksum(n, lo)
+    # One pass: the kernel compares and checksums each block while it is in registers.
+    idx, part = kernels.dirty_pages_checksum(old[lo:hi], new[lo:hi], PAGE_SIZE, lo)
     return (idx + lo // PAGE_SIZE if lo and len(idx) else idx), int(part)
 
 
 def _scan_span(old: memoryview, new: memoryview, lo: int, hi: int) -> _Found:
-    """A worker's share: one fused kernel call, or cache-sized chunks without one."""
-    step = hi - lo if hasattr(kernels, "dirty_pages_checksum") else _CHUNK
-    found: List[npt.NDArray[np.int64]] = []
-    total = 0
-    for a in range(lo, hi, max(step, 1)):
-        idx, part = _scan_chunk(old, new, a, min(a + step, hi))
-        if len(idx):
-            found.append(idx)
-        total += part
-    return found, total & _MASK32
+    """A worker's share: one fused kernel call."""
+    idx, part = _scan_chunk(old, new, lo, hi)
+    return ([idx] if len(idx) else []), part
 
 
 def _scan_lead(
@@ -290,7 +229,7 @@ def _scan_lead(
     """The calling thread's share ``[0, split)``, chunk by chunk, each chunk hashed from
     cache right after the comparison read it; then the hasher alone over the rest."""
     n = new.nbytes
-    step = _CHUNK if hasher is not None or not hasattr(kernels, "dirty_pages_checksum") else _REPORT
+    step = _CHUNK if hasher is not None else _REPORT
     found: List[npt.NDArray[np.int64]] = []
     total = 0
     reported = 0
@@ -321,11 +260,10 @@ def _scan(
 ) -> Tuple[npt.NDArray[np.int64], int]:
     """All dirty page indices (ascending) and ``simple_checksum(new)``; feeds ``hasher``."""
     split, spans = _plan(new.nbytes, hasher is not None)
-    futures = [_executor().submit(_scan_span, old, new, a, b) for a, b in spans]
-    try:
-        parts = [_scan_lead(old, new, split, hasher, progress)]
-    finally:
-        parts += [f.result() for f in futures]
+    parts = run_spans(
+        lambda a, b: _scan_lead(old, new, b, hasher, progress) if a == 0 else _scan_span(old, new, a, b),
+        [(0, split)] + spans,
+    )
     found = [a for f, _ in parts for a in f]
     checksum = sum(c for _, c in parts) & _MASK32
     indices = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
@@ -435,11 +373,10 @@ class _Result:
     def checks(self, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]) -> int:
         """Checksum of the whole result (threads share it); ``hasher`` sees every byte."""
         split, spans = _plan(self.total, hasher is not None)
-        futures = [_executor().submit(self.checksum_span, a, b) for a, b in spans]
-        try:
-            parts = [self.lead(split, hasher, progress)]
-        finally:
-            parts += [f.result() for f in futures]
+        parts = run_spans(
+            lambda a, b: self.lead(b, hasher, progress) if a == 0 else self.checksum_span(a, b),
+            [(0, split)] + spans,
+        )
         return sum(parts) & _MASK32
 
 
