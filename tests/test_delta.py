@@ -351,12 +351,37 @@ def test_threaded_create_and_apply_match_serial() -> None:
     new = old.copy()
     pages = rng.choice(size // PAGE_SIZE, 60, replace=False)
     new[pages * PAGE_SIZE + 17] ^= 0x5A
-    delta = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+    seen: List[int] = []
+    delta = DeltaSnapshot.create(AGENT, old, new, 0, 1, progress=lambda done, total: seen.append(done))
     assert [p.index for p in delta.dirty_pages] == sorted(pages.tolist())
     assert delta.checksum == simple_checksum(new) and delta.digest == digest(new)
+    assert seen[-1] == size
+    plain = DeltaSnapshot.create(AGENT, old, new, 0, 1, digest=None)
+    assert plain.dirty_pages == delta.dirty_pages and plain.checksum == delta.checksum
+    keyed = DeltaSnapshot.create(AGENT, old, new, 0, 1, key=bytes(32))
+    assert keyed.digest == digest(new, "blake3", key=bytes(32))
+    for d, key in ((delta, None), (plain, None), (keyed, bytes(32))):
+        target = old.copy()
+        d.apply(target, key=key)
+        assert np.array_equal(target, new)
+    bad = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+    bad.dirty_pages[-1].data = bad.dirty_pages[-1].get_data()[:-1] + b"\x00"
     target = old.copy()
+    with pytest.raises(InvalidStateError):
+        bad.apply(target)
+    assert np.array_equal(target, old)
+
+
+def test_threaded_growth_of_a_short_bytearray() -> None:
+    size = 20 << 20
+    new = bytearray(size)
+    new[5] = 1
+    new[size - 3] = 2
+    new[12 << 20] = 3
+    delta = DeltaSnapshot.create(AGENT, bytes(size), new, 0, 1)
+    target = bytearray(4096)
     delta.apply(target)
-    assert np.array_equal(target, new)
+    assert target == new
 
 
 # --- wire --------------------------------------------------------------------------------
