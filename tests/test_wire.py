@@ -384,6 +384,20 @@ def test_declared_sizes_are_never_allocated() -> None:
     assert peak < 64 * 1024
 
 
+def test_a_huge_page_table_is_not_materialized() -> None:
+    """100,000 table entries (2.4 MB of input) that fail at the first entry: the reader
+    must not build per-entry objects for the whole table first."""
+    entries = [Page(k, b"", encoding=1) for k in range(100_000)]
+    blob = replace(valid_wire(), total_size=100_000 * PAGE_SIZE, pages=entries).build()
+    tracemalloc.start()
+    try:
+        expect(blob, "page 0: compressed length 0")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, peak
+
+
 def test_payload_lengths_must_match_the_input() -> None:
     wire = valid_wire()
     body = wire.build(trailer=False)
