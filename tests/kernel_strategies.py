@@ -1,0 +1,89 @@
+"""Hypothesis strategies for kernel inputs (shared by the kernel test modules).
+
+Byte streams up to ~20 KiB: arbitrary bytes, streams of runs (rich in 0xFF and in runs
+near the 127-byte marker limit), lengths around page boundaries, and buffers sliced at
+every start alignment 0-63 out of a larger buffer.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Tuple
+
+from hypothesis import strategies as st
+
+MAX_LEN = 20 * 1024
+RUN_LENGTHS = (1, 2, 3, 4, 5, 126, 127, 128, 129, 130, 131, 254, 255, 256, 381)
+PAGE_EDGES = (0, 1, 63, 64, 65, 127, 128, 4095, 4096, 4097, 8191, 8192, 8193, 12288, 16385)
+
+
+def _runs(rng: random.Random, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        byte = rng.choice((0, 0xFF, 0xFF, 1, 0x7F, 0xFE, rng.randrange(256)))
+        length = rng.choice(RUN_LENGTHS) if rng.random() < 0.7 else rng.randrange(1, 600)
+        out += bytes((byte,)) * length
+    return bytes(out[:n])
+
+
+def _styled(style: str, n: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    if style == "random":
+        return rng.randbytes(n)
+    if style == "zeros":
+        return bytes(n)
+    if style == "ff":
+        return bytes(rng.choice((0xFF, 0xFF, 0xFF, 0, 1)) for _ in range(n))
+    if style == "runs":
+        return _runs(rng, n)
+    # "sparse": mostly zero with a few random bytes, like a lightly used memory page
+    data = bytearray(n)
+    for _ in range(rng.randrange(0, 8)):
+        if n:
+            data[rng.randrange(n)] = rng.randrange(256)
+    return bytes(data)
+
+
+STYLES = ("random", "zeros", "ff", "runs", "sparse")
+
+lengths = st.one_of(
+    st.integers(0, MAX_LEN),
+    st.sampled_from(PAGE_EDGES),
+    st.sampled_from(PAGE_EDGES).flatmap(lambda e: st.integers(max(0, e - 3), e + 3)),
+)
+
+#: Byte strings of every style and length up to ~20 KiB (cheap to generate).
+payloads = st.one_of(
+    st.binary(max_size=512),
+    st.builds(_styled, st.sampled_from(STYLES), lengths, st.integers(0, 2**32)),
+)
+
+#: Offsets for the positioned checksum, with many near the 2**32 weight wrap.
+offsets = st.one_of(
+    st.just(0),
+    st.integers(0, 2**40),
+    st.integers(2**32 - MAX_LEN, 2**32 + 16),
+    st.integers(2**64 - MAX_LEN - 1, 2**64 - 1),
+)
+
+
+@st.composite
+def aligned(draw: st.DrawFn, data: st.SearchStrategy[bytes] = payloads) -> Tuple[memoryview, bytes]:
+    """``(view, raw)``: ``raw`` sliced at a start alignment 0-63 out of a larger buffer."""
+    raw = draw(data)
+    start = draw(st.integers(0, 63))
+    backing = bytearray(random.Random(len(raw) + start).randbytes(start)) + raw + b"\xa5" * 64
+    return memoryview(bytes(backing))[start : start + len(raw)], raw
+
+
+@st.composite
+def old_new(draw: st.DrawFn) -> Tuple[bytes, bytes, int]:
+    """``(old, new, page_size)``: ``new`` is ``old`` with a few edits (or none)."""
+    old = draw(payloads)
+    new = bytearray(old)
+    for _ in range(draw(st.integers(0, 6))):
+        if new:
+            i = draw(st.integers(0, len(new) - 1))
+            new[i] ^= draw(st.integers(1, 255))
+    page_size = draw(st.sampled_from((1, 7, 64, 100, 4096, 4096, 4096, 8192)))
+    return old, bytes(new), page_size
