@@ -72,15 +72,35 @@ def test_every_event_has_agent_id() -> None:
     assert all(e.agent_id == AID for e in _all_events())
 
 
-def test_spec_and_rust_names_are_the_same_classes() -> None:
-    assert E.STARTED is E.Started
-    assert E.CAPTURING_STATE is E.CapturingState
-    assert E.TRANSFER_PROGRESS is E.TransferProgress
-    assert E.VALIDATING is E.Validating
-    assert E.RESTORING is E.Restoring
-    assert E.COMPLETED is E.Completed
-    assert E.FAILED is E.Failed
-    assert all(isinstance(e, MigrationProgressEvent) for e in _all_events())
+def test_spec_names_are_kinds_and_rust_names_are_classes() -> None:
+    pairs = [
+        (E.STARTED, E.Started),
+        (E.CAPTURING_STATE, E.CapturingState),
+        (E.TRANSFER_PROGRESS, E.TransferProgress),
+        (E.VALIDATING, E.Validating),
+        (E.RESTORING, E.Restoring),
+        (E.COMPLETED, E.Completed),
+        (E.FAILED, E.Failed),
+    ]
+    assert [k for k, _ in pairs] == list(ProgressEventKind)
+    for (kind, cls), ev in zip(pairs, _all_events()):
+        assert isinstance(kind, ProgressEventKind) and kind.event_class is cls
+        # kinds answer isinstance (ProgressEventKind.__instancecheck__); mypy cannot know that
+        assert isinstance(ev, cls) and isinstance(ev, kind) and isinstance(ev, MigrationProgressEvent)  # type: ignore[arg-type]
+        assert ev.kind == kind and ev.kind is cls.KIND
+        others = [k for k, _ in pairs if k is not kind]
+        assert not any(isinstance(ev, k) for k in others)
+    assert not isinstance("x", E.STARTED)  # type: ignore[arg-type]
+
+
+def test_every_spelling_builds_the_same_event() -> None:
+    want = E.TransferProgress(AID, 5, 10, 50)
+    assert E.TRANSFER_PROGRESS(AID, 5, 10, 50) == want
+    assert ProgressEventKind.TRANSFER_PROGRESS(agent_id=AID, transferred_bytes=5, total_bytes=10, percent=50) == want
+    assert MigrationProgressEvent(E.TRANSFER_PROGRESS, AID, 5, 10, 50) == want
+    assert MigrationProgressEvent(kind=E.TRANSFER_PROGRESS, agent_id=AID, transferred_bytes=5, total_bytes=10, percent=50) == want
+    assert MigrationProgressEvent(E.TransferProgress, AID, 5, 10, 50) == want
+    assert type(MigrationProgressEvent(E.FAILED, AID, "x")) is E.Failed
 
 
 def test_factories_build_the_variants() -> None:
@@ -125,9 +145,13 @@ def test_pattern_matching() -> None:
     assert seen == ["STARTED", "CAPTURING_STATE", "50/100", "VALIDATING", "RESTORING", "end", "end"]
 
 
-def test_base_class_is_abstract() -> None:
+def test_base_class_needs_a_kind() -> None:
+    with pytest.raises(TypeError, match="kind must be a ProgressEventKind"):
+        MigrationProgressEvent(AID)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs a kind"):
+        MigrationProgressEvent()  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        MigrationProgressEvent(AID)
+        MigrationProgressEvent(E.STARTED, AID)  # total_bytes missing
 
 
 @pytest.mark.parametrize("bad", [-1, 101, 1000])

@@ -9,8 +9,9 @@ report through the same kind of callable.
 
 Events mirror the Rust enum ``MigrationProgressEvent``: one small frozen dataclass per
 variant, all subclasses of :class:`MigrationProgressEvent` and reachable from it under the
-Rust variant name and the SPEC kind name (``MigrationProgressEvent.TransferProgress`` is
-``MigrationProgressEvent.TRANSFER_PROGRESS``). Each has ``agent_id`` and ``kind``, so a
+Rust variant name (``MigrationProgressEvent.TransferProgress``). The SPEC's kind names
+(``MigrationProgressEvent.TRANSFER_PROGRESS``) are the :class:`ProgressEventKind` members;
+calling one builds an event of that kind. Each event has ``agent_id`` and ``kind``, so a
 caller can dispatch with ``match`` on the class or compare ``event.kind``:
 
 >>> aid = bytes(16)
@@ -29,7 +30,7 @@ import enum
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
 from ._ids import IdLike, to_id
 
@@ -66,6 +67,19 @@ class ProgressEventKind(enum.Enum):
     COMPLETED = enum.auto()
     FAILED = enum.auto()
 
+    @property
+    def event_class(self) -> Type["MigrationProgressEvent"]:
+        """The event class of this kind (``STARTED.event_class`` is ``MigrationProgressEvent.Started``)."""
+        return _CLASS_OF[self]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "MigrationProgressEvent":
+        """Build an event of this kind: ``ProgressEventKind.STARTED(agent_id, total_bytes)``."""
+        return _CLASS_OF[self](*args, **kwargs)
+
+    def __instancecheck__(self, instance: object) -> bool:
+        # isinstance(event, MigrationProgressEvent.STARTED) asks "is it of this kind?"
+        return isinstance(instance, MigrationProgressEvent) and instance.kind is self
+
 
 def _check_count(value: int, what: str) -> int:
     """Byte counts and durations are unsigned in the crate: refuse bools, floats, negatives."""
@@ -98,18 +112,51 @@ def _transfer_percent(transferred: int, total: int) -> int:
     return min(100, max(0, transferred * 100 // total))
 
 
-@dataclass(frozen=True)
-class MigrationProgressEvent:
+class _EventMeta(type):
+    """Lets ``MigrationProgressEvent(kind, agent_id, ...)`` build the variant of that kind."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls.__dict__.get("_IS_BASE", False):
+            if "kind" in kwargs:
+                kind = kwargs.pop("kind")
+            elif args:
+                kind, args = args[0], args[1:]
+            else:
+                raise TypeError("MigrationProgressEvent(kind, agent_id, ...) needs a kind")
+            if isinstance(kind, type) and issubclass(kind, MigrationProgressEvent) and kind is not cls:
+                kind = kind.KIND
+            if not isinstance(kind, ProgressEventKind):
+                raise TypeError(
+                    "MigrationProgressEvent(kind, agent_id, ...): kind must be a ProgressEventKind "
+                    f"such as MigrationProgressEvent.STARTED, not {type(kind).__name__}"
+                )
+            return kind(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+@dataclass(frozen=True, init=False)
+class MigrationProgressEvent(metaclass=_EventMeta):
     """Base of the progress events; construct one of the variants, not this class.
 
     Variants (each also has ``agent_id``, 16 bytes; a ``uuid.UUID`` is accepted):
     ``Started(total_bytes)``, ``CapturingState(percent)``,
     ``TransferProgress(transferred_bytes, total_bytes, percent)``, ``Validating(step)``,
     ``Restoring(percent)``, ``Completed(duration_ms, bytes_transferred)``,
-    ``Failed(error)``. Snake-case factories (``MigrationProgressEvent.started(...)``, ...)
-    build the same objects.
+    ``Failed(error)``. The CamelCase names are the variant classes (for ``match`` and
+    ``isinstance``); the SPEC's upper-case names are the kinds (:class:`ProgressEventKind`
+    members, compare them with ``event.kind``). Every spelling builds the same object:
+
+    >>> aid = bytes(16)
+    >>> a = MigrationProgressEvent.Started(aid, total_bytes=10)
+    >>> a == MigrationProgressEvent.STARTED(aid, 10) == MigrationProgressEvent.started(aid, 10)
+    True
+    >>> a == MigrationProgressEvent(MigrationProgressEvent.STARTED, aid, total_bytes=10)
+    True
+    >>> a.kind == MigrationProgressEvent.STARTED, isinstance(a, MigrationProgressEvent.STARTED)
+    (True, True)
     """
 
+    _IS_BASE: ClassVar[bool] = True
     agent_id: bytes
 
     #: The variant's kind; set on each subclass.
@@ -123,13 +170,20 @@ class MigrationProgressEvent:
     Restoring: ClassVar[Type["_Restoring"]]
     Completed: ClassVar[Type["_Completed"]]
     Failed: ClassVar[Type["_Failed"]]
-    STARTED: ClassVar[Type["_Started"]]
-    CAPTURING_STATE: ClassVar[Type["_CapturingState"]]
-    TRANSFER_PROGRESS: ClassVar[Type["_TransferProgress"]]
-    VALIDATING: ClassVar[Type["_Validating"]]
-    RESTORING: ClassVar[Type["_Restoring"]]
-    COMPLETED: ClassVar[Type["_Completed"]]
-    FAILED: ClassVar[Type["_Failed"]]
+    STARTED: ClassVar[ProgressEventKind] = ProgressEventKind.STARTED
+    CAPTURING_STATE: ClassVar[ProgressEventKind] = ProgressEventKind.CAPTURING_STATE
+    TRANSFER_PROGRESS: ClassVar[ProgressEventKind] = ProgressEventKind.TRANSFER_PROGRESS
+    VALIDATING: ClassVar[ProgressEventKind] = ProgressEventKind.VALIDATING
+    RESTORING: ClassVar[ProgressEventKind] = ProgressEventKind.RESTORING
+    COMPLETED: ClassVar[ProgressEventKind] = ProgressEventKind.COMPLETED
+    FAILED: ClassVar[ProgressEventKind] = ProgressEventKind.FAILED
+
+    def __init__(
+        self, kind: "Union[ProgressEventKind, Type[MigrationProgressEvent]]", *args: Any, **kwargs: Any
+    ) -> None:
+        # Never runs: the metaclass turns MigrationProgressEvent(kind, ...) into kind(...).
+        # It exists to give that call its real signature.
+        raise TypeError("build a variant such as MigrationProgressEvent.Started")  # pragma: no cover
 
     def __post_init__(self) -> None:
         if type(self) is MigrationProgressEvent:
@@ -280,22 +334,25 @@ class _Failed(MigrationProgressEvent):
         return True
 
 
-_VARIANTS: Tuple[Tuple[str, str, type], ...] = (
-    ("Started", "STARTED", _Started),
-    ("CapturingState", "CAPTURING_STATE", _CapturingState),
-    ("TransferProgress", "TRANSFER_PROGRESS", _TransferProgress),
-    ("Validating", "VALIDATING", _Validating),
-    ("Restoring", "RESTORING", _Restoring),
-    ("Completed", "COMPLETED", _Completed),
-    ("Failed", "FAILED", _Failed),
+_VARIANTS: Tuple[Tuple[str, Type[MigrationProgressEvent]], ...] = (
+    ("Started", _Started),
+    ("CapturingState", _CapturingState),
+    ("TransferProgress", _TransferProgress),
+    ("Validating", _Validating),
+    ("Restoring", _Restoring),
+    ("Completed", _Completed),
+    ("Failed", _Failed),
 )
-for _rust_name, _spec_name, _cls in _VARIANTS:
+_CLASS_OF: Dict[ProgressEventKind, Type[MigrationProgressEvent]] = {}
+for _rust_name, _cls in _VARIANTS:
     # Public names: the repr shows MigrationProgressEvent.TransferProgress(...), like Rust.
     _cls.__name__ = _rust_name
     _cls.__qualname__ = f"MigrationProgressEvent.{_rust_name}"
+    _cls._IS_BASE = False
     setattr(MigrationProgressEvent, _rust_name, _cls)
-    setattr(MigrationProgressEvent, _spec_name, _cls)
-del _rust_name, _spec_name, _cls
+    _CLASS_OF[_cls.KIND] = _cls
+del _rust_name, _cls
+assert set(_CLASS_OF) == set(ProgressEventKind)
 
 #: A progress callback: any callable taking one event.
 ProgressCallback = Callable[[MigrationProgressEvent], None]
