@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 from typing import Any, Optional, Tuple, Union
 
 import lz4.block as _lz4_block
@@ -36,6 +37,9 @@ ZSTD_DEFAULT_LEVEL = 3
 ZSTD_HIGH_LEVEL = 10
 _RLE_ONLY_BELOW = 256
 _NO_ZSTD_BELOW = 4096
+_ZSTD_BOUNDED_PIECE = 1024
+# An LZ4 block expands at most ~255x (a match length byte per 255 output bytes).
+_LZ4_MAX_RATIO = 255
 
 
 class CompressionMethod(enum.IntEnum):
@@ -104,6 +108,8 @@ def lz4_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
     bound = _bound(max_output)
     if 0 <= bound < size:
         raise CorruptDataError(f"LZ4 frame declares {size} bytes, over max_output of {bound}")
+    if size > _LZ4_MAX_RATIO * view.nbytes + 64:
+        raise CorruptDataError(f"LZ4 frame declares {size} bytes, more than {view.nbytes - 4} compressed bytes can hold")
     try:
         return _lz4_block.decompress(view)
     except _lz4_block.LZ4BlockError as exc:
@@ -115,34 +121,55 @@ def zstd_compress(data: Any, level: int = ZSTD_DEFAULT_LEVEL) -> bytes:
     return _zstd.ZstdCompressor(level=level).compress(as_bytes_view(data))
 
 
+_zstd_local = threading.local()
+
+
+def _zstd_decompressor() -> _zstd.ZstdDecompressor:
+    # Building a decompression context costs ~50 us, far more than decoding a page; a
+    # context is not safe to share between threads, so each thread keeps its own.
+    dctx: Optional[_zstd.ZstdDecompressor] = getattr(_zstd_local, "dctx", None)
+    if dctx is None:
+        dctx = _zstd_local.dctx = _zstd.ZstdDecompressor()
+    return dctx
+
+
 def zstd_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
-    """Decode one or more zstd frames, with or without a recorded content size."""
+    """Decode every zstd frame in ``data``, with or without a recorded content size.
+
+    A declared content size is never trusted for allocation (a 16-byte frame can claim a
+    terabyte). With ``max_output`` the input is fed in small pieces so the output is checked
+    as it grows; a truncated frame or trailing bytes that are not a frame are refused.
+    """
     view = as_bytes_view(data)
     bound = _bound(max_output)
     try:
         declared = _zstd.frame_content_size(view)
     except _zstd.ZstdError as exc:
         raise CorruptDataError(f"corrupt zstd frame: {exc}") from None
+    if declared >= 0 and 0 <= bound < declared:
+        raise CorruptDataError(f"zstd frame declares {declared} bytes, over max_output of {bound}")
+    # One compressed byte can yield ~32 KiB, so a small piece bounds the overshoot.
+    piece = _ZSTD_BOUNDED_PIECE if bound >= 0 else max(view.nbytes, 1)
+    chunks = []
+    total = 0
+    pos = 0
     try:
-        if declared >= 0:
-            if 0 <= bound < declared:
-                raise CorruptDataError(f"zstd frame declares {declared} bytes, over max_output of {bound}")
-            return _zstd.ZstdDecompressor().decompress(view)
-        # No size in the header (a streaming encoder wrote it): read with a bound.
-        reader = _zstd.ZstdDecompressor().stream_reader(view, read_across_frames=True)
-        chunks = []
-        total = 0
-        while True:
-            chunk = reader.read(1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if 0 <= bound < total:
-                raise CorruptDataError(f"zstd output exceeds max_output of {bound} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        while pos < view.nbytes:
+            frame = _zstd_decompressor().decompressobj()
+            while not frame.eof:
+                if pos >= view.nbytes:
+                    raise CorruptDataError(f"zstd frame truncated at byte {view.nbytes}")
+                fed = view[pos : pos + piece]
+                chunk = frame.decompress(fed)
+                pos += len(fed) - len(frame.unused_data) if frame.eof else len(fed)
+                if chunk:
+                    total += len(chunk)
+                    if 0 <= bound < total:
+                        raise CorruptDataError(f"zstd output exceeds max_output of {bound} bytes")
+                    chunks.append(chunk)
     except _zstd.ZstdError as exc:
         raise CorruptDataError(f"corrupt zstd frame: {exc}") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _compress_with(data: Any, method: CompressionMethod) -> bytes:
