@@ -53,6 +53,7 @@ _REPORT = 16 << 20
 _HASHER_SHARE = 0.25
 _ZEROS = memoryview(bytes(_CHUNK))
 
+
 def _page_align(n: int) -> int:
     return -(-n // PAGE_SIZE) * PAGE_SIZE
 
@@ -67,7 +68,8 @@ def _plan(total: int, hashing: bool) -> Tuple[int, List[Tuple[int, int]]]:
     if threads <= 1 or total < PARALLEL_MIN_BYTES:
         return total, []
     share = _HASHER_SHARE if hashing else 1.0 / threads
-    split = min(total, _page_align(int(total * share)))
+    # At least one page: worker spans then start past 0, which is how the lead is told apart.
+    split = min(total, max(PAGE_SIZE, _page_align(int(total * share))))
     rest, workers = total - split, threads - 1
     step = _page_align(-(-rest // workers)) if rest else PAGE_SIZE
     spans = [(lo, min(lo + step, total)) for lo in range(split, total, step)]
