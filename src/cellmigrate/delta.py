@@ -298,6 +298,7 @@ class _Result:
         self.total = total
         self.indices = np.asarray(indices, dtype=np.int64)
         self.starts = self.indices * PAGE_SIZE
+        self.start_list: List[int] = self.starts.tolist()  # plain ints for the Python loop
         self.pages = pages
 
     def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:
@@ -326,7 +327,7 @@ class _Result:
         A streaming hash gives the same digest however its input is split, so nothing
         is assembled: clean runs are passed as views of the base."""
         k, kb = self._pages_in(lo, hi)
-        starts, pages, view, size = self.starts, self.pages, self.view, self.size
+        starts, pages, view, size = self.start_list, self.pages, self.view, self.size
         pos = lo
         while pos < hi:
             if k < kb and starts[k] == pos:
@@ -335,7 +336,7 @@ class _Result:
                 pos += len(page)
                 k += 1
                 continue
-            stop = int(starts[k]) if k < kb else hi
+            stop = starts[k] if k < kb else hi
             if pos < size:
                 end = min(stop, size)
                 hasher.update(view[pos:end])
