@@ -18,6 +18,7 @@ from cellmigrate import (
     MigrationProgressTracker,
     MultiCallback,
     ProgressEventKind,
+    byte_progress,
 )
 
 AID = bytes(range(16))
@@ -403,3 +404,61 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(cellmigrate.progress)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---- byte-count adapter ------------------------------------------------------------------------
+
+
+def test_byte_progress_transfer_events() -> None:
+    cb = CollectingCallback()
+    report = byte_progress(cb, uuid.UUID(bytes=AID))
+    for done in (0, 1, 5, 9, 10, 10, 99, 100):
+        report(done, 100)
+    assert cb.events == [
+        E.TransferProgress(AID, 0, 100, 0),
+        E.TransferProgress(AID, 1, 100, 1),
+        E.TransferProgress(AID, 5, 100, 5),
+        E.TransferProgress(AID, 9, 100, 9),
+        E.TransferProgress(AID, 10, 100, 10),
+        E.TransferProgress(AID, 99, 100, 99),
+        E.TransferProgress(AID, 100, 100, 100),
+    ]
+
+
+@pytest.mark.parametrize("kind", [ProgressEventKind.CAPTURING_STATE, ProgressEventKind.RESTORING])
+def test_byte_progress_percent_kinds(kind: ProgressEventKind) -> None:
+    cb = CollectingCallback()
+    report = byte_progress(cb, AID, kind)
+    for done in range(0, 1001, 7):
+        report(done, 1000)
+    report(1000, 1000)
+    report(0, 0)  # nothing to do counts as done; no repeat of 100
+    assert all(e.kind is kind for e in cb.events)
+    percents = [e.progress_percent() or 0 for e in cb.events]
+    assert None not in [e.progress_percent() for e in cb.events]
+    assert percents == sorted(set(percents)) and percents[0] == 0 and percents[-1] == 100
+
+
+def test_byte_progress_refuses_bad_use() -> None:
+    with pytest.raises(ValueError):
+        byte_progress(CollectingCallback(), AID, ProgressEventKind.COMPLETED)
+    with pytest.raises(TypeError):
+        byte_progress(42, AID)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        byte_progress(CollectingCallback(), AID)(-1, 10)
+
+
+def test_byte_progress_drives_delta_create_and_apply() -> None:
+    from cellmigrate import DeltaSnapshot
+
+    old = bytes(64 * 4096)
+    new = bytearray(old)
+    new[5 * 4096] = 1
+    cb = CollectingCallback()
+    delta = DeltaSnapshot.create(AID, old, new, 0, 1, progress=byte_progress(cb, AID, ProgressEventKind.CAPTURING_STATE))
+    assert cb.event_count() >= 1 and cb.latest_event() == E.CapturingState(AID, 100)
+    cb.clear()
+    base = bytearray(old)
+    delta.apply(base, progress=byte_progress(cb, AID, ProgressEventKind.RESTORING))
+    assert base == new
+    assert cb.latest_event() == E.Restoring(AID, 100)

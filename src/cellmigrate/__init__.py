@@ -75,6 +75,7 @@ from .progress import (
     MigrationProgressTracker,
     MultiCallback,
     ProgressEventKind,
+    byte_progress,
 )
 
 __version__ = "0.1.0"
@@ -147,4 +148,5 @@ __all__ = [
     "MigrationProgressTracker",
     "CollectingCallback",
     "MultiCallback",
+    "byte_progress",
 ]

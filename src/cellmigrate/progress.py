@@ -39,6 +39,8 @@ __all__ = [
     "ProgressEventKind",
     "MigrationProgressEvent",
     "ProgressCallback",
+    "ByteProgressCallback",
+    "byte_progress",
     "MigrationProgressTracker",
     "CollectingCallback",
     "MultiCallback",
@@ -361,6 +363,60 @@ ProgressCallback = Callable[[MigrationProgressEvent], None]
 def _check_callback(callback: object) -> None:
     if not callable(callback):
         raise TypeError(f"callback must be callable (taking one MigrationProgressEvent), not {type(callback).__name__}")
+
+
+#: The byte-count form used by ``DeltaSnapshot.create/apply`` and the CLI: ``(done, total)``.
+ByteProgressCallback = Callable[[int, int], None]
+
+_PERCENT_KINDS = (
+    ProgressEventKind.CAPTURING_STATE,
+    ProgressEventKind.TRANSFER_PROGRESS,
+    ProgressEventKind.RESTORING,
+)
+
+
+def byte_progress(
+    callback: ProgressCallback,
+    agent_id: IdLike,
+    kind: ProgressEventKind = ProgressEventKind.TRANSFER_PROGRESS,
+) -> ByteProgressCallback:
+    """Adapt an event callback to a ``progress(bytes_done, bytes_total)`` callable.
+
+    Operations that count bytes (delta create/apply) then report through the same event
+    callbacks as the tracker: ``kind`` is CAPTURING_STATE or RESTORING (percent events)
+    or TRANSFER_PROGRESS (bytes and percent). An event is emitted only when the percent
+    changes, so a GiB operation reporting per chunk costs at most 101 events.
+
+    >>> events = CollectingCallback()
+    >>> report = byte_progress(events, bytes(16))
+    >>> for done in (0, 10, 11, 50, 100):
+    ...     report(done, 100)
+    >>> [e.percent for e in events.events]
+    [0, 10, 11, 50, 100]
+    """
+    _check_callback(callback)
+    aid = to_id(agent_id, "agent_id")
+    if kind not in _PERCENT_KINDS:
+        raise ValueError(f"kind must be one of {[k.name for k in _PERCENT_KINDS]}, not {kind!r}")
+    last = [-1]
+    lock = threading.Lock()
+
+    def report(done: int, total: int) -> None:
+        _check_count(done, "bytes_done")
+        _check_count(total, "bytes_total")
+        percent = _transfer_percent(done, total)
+        with lock:
+            if percent == last[0]:
+                return
+            last[0] = percent
+        if kind is ProgressEventKind.TRANSFER_PROGRESS:
+            callback(_TransferProgress(aid, done, total, percent))
+        elif kind is ProgressEventKind.CAPTURING_STATE:
+            callback(_CapturingState(aid, percent))
+        else:
+            callback(_Restoring(aid, percent))
+
+    return report
 
 
 class MigrationProgressTracker:
