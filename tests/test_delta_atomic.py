@@ -354,3 +354,29 @@ def test_every_kind_is_really_writable_and_distinct() -> None:
         assert not memoryview(buf).readonly and content(buf) == OLD
         seen.add(type(buf).__name__ + str(getattr(buf, "dtype", "")))
     assert len(seen) >= 5
+
+
+@pytest.mark.large
+def test_one_gib_refusals_leave_base_unchanged() -> None:
+    from cellmigrate import digest
+
+    size = 1 << 30
+    rng = np.random.default_rng(12)
+    old = np.zeros(size, dtype=np.uint8)
+    old[:: 4096 * 3 + 1] = 5
+    new = old.copy()
+    pages = rng.choice(size // PAGE_SIZE, 2000, replace=False)
+    new[pages * PAGE_SIZE + 1] = 7
+    before = digest(old)
+    bad_checksum = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+    bad_checksum.checksum ^= 1
+    bad_digest = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+    assert bad_digest.digest is not None
+    bad_digest.digest = bytes(16)
+    keyed = DeltaSnapshot.create(AGENT, old, new, 0, 1, key=KEY)
+    for delta, key in ((bad_checksum, None), (bad_digest, None), (keyed, OTHER_KEY), (keyed, None)):
+        with pytest.raises(InvalidStateError):
+            delta.apply(old, key=key)
+        assert digest(old) == before
+    keyed.apply(old, key=KEY)
+    assert np.array_equal(old, new)
