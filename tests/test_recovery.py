@@ -208,6 +208,18 @@ def test_manager_invalid_config_raises() -> None:
         MigrationRecoveryManager(RecoveryConfig(initial_retry_delay_secs=0))
 
 
+def test_manager_refuses_non_errors() -> None:
+    mgr = MigrationRecoveryManager.with_defaults()
+    with pytest.raises(TypeError):
+        mgr.record_failure("boom")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        mgr.determine_strategy(ET.TIMEOUT)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        MigrationRecoveryManager({"max_retries": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        mgr.set_config(None)  # type: ignore[arg-type]
+
+
 def test_manager_with_defaults() -> None:
     mgr = MigrationRecoveryManager.with_defaults()
     assert mgr.config == RecoveryConfig()

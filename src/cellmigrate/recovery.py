@@ -262,6 +262,8 @@ class MigrationRecoveryManager:
         timeouts retry on the same target, target-side problems retry elsewhere, and
         corruption, permanent network failures and unknown errors roll back (or give up).
         """
+        if not isinstance(error, MigrationError):
+            raise TypeError(f"error must be a MigrationError, not {type(error).__name__}")
         with self._lock:
             cfg = self._config
         fallback = RecoveryStrategy.ROLLBACK if cfg.auto_rollback else RecoveryStrategy.GIVE_UP
