@@ -759,3 +759,121 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(cellmigrate.rollback)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---- keyed (authenticated) rollback points --------------------------------------------------
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+def test_keyed_capture_and_restore() -> None:
+    state = _state(9000)
+    info = RollbackInfo.capture(_agent(), state, key=KEY)
+    assert info.keyed and info.digest_algorithm == "blake3"
+    assert info.digest == digest(state, "blake3", key=KEY)
+    info.verify(key=KEY)
+    target = bytearray()
+    info.restore_into(target, key=KEY)
+    assert target == state
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keyed_point_refuses_missing_or_wrong_key(kind: str) -> None:
+    state = _state(4096)
+    info = RollbackInfo.capture(_agent(), state, key=KEY)
+    target = _target(kind, 4096)
+    before = _content(target)
+    with pytest.raises(InvalidStateError, match="a key is needed"):
+        info.restore_into(target)
+    with pytest.raises(InvalidStateError, match=r"^Invalid state: Rollback state MAC \(keyed BLAKE3\) mismatch$"):
+        info.restore_into(target, key=OTHER_KEY)
+    assert _content(target) == before
+
+
+def test_unkeyed_point_refused_when_a_key_is_given() -> None:
+    info = RollbackInfo.capture(_agent(), b"abc")
+    target = bytearray(b"xyz")
+    with pytest.raises(InvalidStateError, match="refusing an unauthenticated rollback point"):
+        info.restore_into(target, key=KEY)
+    with pytest.raises(InvalidStateError, match="refusing"):
+        info.verify(key=KEY)
+    assert target == b"xyz"
+
+
+def test_keyed_forgery_with_recomputed_unkeyed_digest_is_refused() -> None:
+    """Whoever lacks the key cannot make a tampered state pass, even rewriting the digest."""
+    state = _state_forgeable(4096)
+    info = RollbackInfo.capture(_agent(), state, key=KEY)
+    forged = _forge(state)
+    info.original_state = forged
+    info.digest = digest(forged, "blake3")  # the best an attacker without the key can do
+    target = bytearray(4096)
+    with pytest.raises(InvalidStateError, match="MAC"):
+        info.restore_into(target, key=KEY)
+    assert target == bytearray(4096)
+
+
+def test_keyed_capture_options() -> None:
+    info = RollbackInfo.capture(_agent(), b"s", key=KEY, digest_algorithm="xxh3_128")
+    assert info.digest_algorithm == "blake3" and info.keyed  # a key implies keyed BLAKE3
+    with pytest.raises(ValueError, match="cannot be keyed"):
+        RollbackInfo.capture(_agent(), b"s", key=KEY, digest_algorithm=None)
+    with pytest.raises(ValueError):
+        RollbackInfo.capture(_agent(), b"s", key=b"short")
+    with pytest.raises(ValueError, match="keyed"):
+        RollbackInfo(AID, b"", 0, b"", 0, digest_algorithm="xxh3_128", digest=bytes(16), keyed=True)
+
+
+def test_keyed_serialize_roundtrip_and_checks() -> None:
+    info = RollbackInfo.capture(_agent(), _state_forgeable(500), key=KEY)
+    blob = info.serialize()
+    assert struct.unpack_from("<H", blob, 6)[0] & 0x4
+    assert RollbackInfo.deserialize(blob, key=KEY) == info
+    unchecked = RollbackInfo.deserialize(blob)  # structure checked; MAC left to restore_into
+    assert unchecked == info and unchecked.keyed
+    with pytest.raises(CorruptDataError, match="MAC"):
+        RollbackInfo.deserialize(blob, key=OTHER_KEY)
+    # forged state, seals recomputed, digest recomputed without the key
+    bad = bytearray(blob)
+    at = 120 + len(info.original_policy_data)
+    bad[at : at + 500] = _forge(bytes(bad[at : at + 500]))
+    bad[72:104] = digest(bytes(bad[at : at + 500]), "blake3")
+    forged = RollbackInfo.deserialize(_reseal(bad))  # no key: passes structure checks...
+    with pytest.raises(InvalidStateError, match="MAC"):
+        forged.restore_into(bytearray(500), key=KEY)  # ...but never restores
+    with pytest.raises(CorruptDataError, match="MAC"):
+        RollbackInfo.deserialize(_reseal(bad), key=KEY)
+
+
+def test_downgrade_to_unkeyed_blob_refused() -> None:
+    info = RollbackInfo.capture(_agent(), b"abc", key=KEY)
+    bad = bytearray(info.serialize())
+    struct.pack_into("<H", bad, 6, struct.unpack_from("<H", bad, 6)[0] & ~0x4)  # clear keyed
+    with pytest.raises(CorruptDataError, match="not authenticated but a key was given"):
+        RollbackInfo.deserialize(_reseal(bad), key=KEY)
+    plain = RollbackInfo.capture(_agent(), b"abc").serialize()
+    with pytest.raises(CorruptDataError, match="not authenticated"):
+        RollbackInfo.deserialize(plain, key=KEY)
+
+
+def test_keyed_flag_needs_blake3_digest() -> None:
+    bad = bytearray(RollbackInfo.capture(_agent(), b"abc").serialize())  # xxh3 digest
+    struct.pack_into("<H", bad, 6, struct.unpack_from("<H", bad, 6)[0] | 0x4)
+    with pytest.raises(CorruptDataError, match="keyed but has no BLAKE3 digest"):
+        RollbackInfo.deserialize(_reseal(bad))
+
+
+def test_keyed_spill_and_load(tmp_path: Path) -> None:
+    path = tmp_path / "k.cmrb"
+    state = _state(20_000)
+    info = RollbackInfo.capture(_agent(), state, key=KEY, spill_to=path)
+    loaded = RollbackInfo.load(path, key=KEY)
+    assert loaded == info and loaded.keyed
+    target = bytearray()
+    loaded.restore_into(target, key=KEY)
+    assert target == state
+    with pytest.raises(CorruptDataError, match="MAC"):
+        RollbackInfo.load(path, key=OTHER_KEY)
+    loaded.close()
+    info.close()

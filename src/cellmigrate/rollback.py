@@ -3,7 +3,10 @@
 :class:`RollbackInfo` is the crate's ``RollbackInfo`` (``capture``, ``age_secs``,
 ``is_valid``) plus what big states need:
 
-* a strong digest (XXH3-128 by default) next to the crate's weak checksum;
+* a strong digest (XXH3-128 by default) next to the crate's weak checksum, or with a
+  32-byte ``key`` a keyed BLAKE3 MAC, so a rollback file rewritten by someone without the
+  key is refused (and a keyed point is never restored without its key, nor an unkeyed one
+  when a key is given: no downgrade);
 * :meth:`RollbackInfo.restore_into` writes the saved state back into a writable buffer,
   verifying the saved copy first (so a corrupted rollback point, or a target of the wrong
   size, leaves the target byte for byte unchanged) and the written target afterwards;
@@ -58,7 +61,8 @@ FORMAT_MAGIC = b"CMRB"
 FORMAT_VERSION = 1
 _FLAG_SOURCE_NODE = 0x0001
 _FLAG_DIGEST = 0x0002
-_KNOWN_FLAGS = _FLAG_SOURCE_NODE | _FLAG_DIGEST
+_FLAG_KEYED = 0x0004
+_KNOWN_FLAGS = _FLAG_SOURCE_NODE | _FLAG_DIGEST | _FLAG_KEYED
 # magic, version, flags, agent_id, source_node, created_at, checksum, digest id,
 # digest length, reserved, policy length, state length, digest (zero padded to 32)
 _HEADER = struct.Struct("<4sHH16s16sQIBBHQQ32s")
@@ -200,6 +204,7 @@ class RollbackInfo:
         source_node: optional 16-byte id of the node the state was captured on.
         digest_algorithm: "xxh3_128" or "blake3", or ``None`` for a checksum-only point.
         digest: the strong digest of the saved copy (``None`` with ``digest_algorithm``).
+        keyed: ``digest`` is a keyed BLAKE3 MAC: restoring needs the key.
     """
 
     agent_id: bytes
@@ -210,6 +215,7 @@ class RollbackInfo:
     source_node: Optional[bytes]
     digest_algorithm: Optional[str]
     digest: Optional[bytes]
+    keyed: bool
     #: The file holding a spilled/loaded state (None for a point in RAM).
     spill_path: Optional[Path]
 
@@ -223,6 +229,7 @@ class RollbackInfo:
         source_node: Optional[IdLike] = None,
         digest_algorithm: Optional[str] = None,
         digest: Optional[bytes] = None,
+        keyed: bool = False,
         *,
         spill_path: Optional[StrPath] = None,
         _mapping: Optional[mmap.mmap] = None,
@@ -244,6 +251,9 @@ class RollbackInfo:
         self.source_node = to_optional_id(source_node, "source_node")
         self.digest_algorithm = digest_algorithm
         self.digest = None if digest is None else bytes(digest)
+        self.keyed = bool(keyed)
+        if self.keyed and digest_algorithm != "blake3":
+            raise ValueError("a keyed rollback point must use digest_algorithm='blake3'")
         self.spill_path = None if spill_path is None else Path(spill_path)
         # The mapping behind a spilled/loaded state; released by close().
         self._mapping = _mapping
@@ -259,6 +269,7 @@ class RollbackInfo:
         *,
         source_node: Optional[IdLike] = None,
         digest_algorithm: Optional[str] = DEFAULT_DIGEST,
+        key: Optional[bytes] = None,
         spill_to: Optional[StrPath] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> "RollbackInfo":
@@ -266,7 +277,9 @@ class RollbackInfo:
 
         ``state`` is any C-contiguous buffer. The checksum and digest are computed over
         the copy, so the rollback point is self-consistent even if the caller keeps
-        mutating its buffer. ``digest_algorithm=None`` records the checksum only.
+        mutating its buffer. ``digest_algorithm=None`` records the checksum only; a
+        32-byte ``key`` records a keyed BLAKE3 MAC instead (``keyed=True``), which
+        :meth:`restore_into` then checks with the same key.
 
         ``spill_to=path`` writes the copy to ``path`` in the serialized format (to a
         temporary file beside it, fsynced, then renamed over ``path``) and maps it
@@ -275,6 +288,10 @@ class RollbackInfo:
         events (0..100).
         """
         agent_id = _agent_id_bytes(agent)
+        if key is not None:
+            if digest_algorithm is None:
+                raise ValueError("a key needs a digest: digest_algorithm=None cannot be keyed")
+            digest_algorithm = "blake3"  # a key implies keyed BLAKE3
         if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
             raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
         view = as_bytes_view(state, "state")
@@ -291,7 +308,9 @@ class RollbackInfo:
             # never leaves a half file at ``path``, and a point already mapping an older
             # file there keeps its (now unlinked) inode instead of seeing it truncated.
             with atomic_replace(path) as tmp:
-                info = cls._capture_spilled(tmp, path, view, agent_id, policy, source, digest_algorithm, reporter)
+                info = cls._capture_spilled(
+                    tmp, path, view, agent_id, policy, source, digest_algorithm, key, reporter
+                )
         else:
             # copy (one memcpy), checksum pass, digest pass
             reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 2 * n + digest_units)
@@ -300,7 +319,7 @@ class RollbackInfo:
             reporter.advance(n)
             saved_view = memoryview(saved)
             checksum = _checksum_chunked(saved_view, reporter)
-            dig = None if digest_algorithm is None else _digest(saved, digest_algorithm)
+            dig = None if digest_algorithm is None else _digest(saved, digest_algorithm, key=key)
             reporter.advance(digest_units)
             info = cls(
                 agent_id=agent_id,
@@ -311,6 +330,7 @@ class RollbackInfo:
                 source_node=source,
                 digest_algorithm=digest_algorithm,
                 digest=dig,
+                keyed=key is not None,
             )
         reporter.finish()
         return info
@@ -329,30 +349,43 @@ class RollbackInfo:
         if self._closed:
             raise InvalidStateError("Rollback point is closed")
 
-    def _check(self, data: memoryview, reporter: Optional[_Reporter], what: str) -> None:
+    def _check_key(self, key: Optional[bytes]) -> None:
+        """No downgrade: a keyed point needs its key, an unkeyed one is refused when a key is given."""
+        if self.keyed and key is None:
+            raise InvalidStateError("Rollback point is authenticated (keyed BLAKE3): a key is needed to use it")
+        if key is not None and not self.keyed:
+            raise InvalidStateError(
+                "Rollback point is not authenticated but a key was given: refusing an unauthenticated rollback point"
+            )
+
+    def _check(self, data: memoryview, reporter: Optional[_Reporter], what: str, key: Optional[bytes]) -> None:
         """Raise InvalidStateError unless ``data`` has the recorded checksum and digest."""
         got = _checksum_chunked(data, reporter)
         if got != self.original_checksum:
             raise InvalidStateError(f"{what} checksum mismatch: expected {self.original_checksum}, got {got}")
         if self.digest_algorithm is not None and self.digest is not None:
-            actual = _digest(data, self.digest_algorithm)
+            actual = _digest(data, self.digest_algorithm, key=key if self.keyed else None)
             if reporter is not None:
                 reporter.advance(data.nbytes)
             if not hmac.compare_digest(actual, self.digest):
-                raise InvalidStateError(f"{what} {self.digest_algorithm} digest mismatch")
+                name = "MAC (keyed BLAKE3)" if self.keyed else f"{self.digest_algorithm} digest"
+                raise InvalidStateError(f"{what} {name} mismatch")
 
-    def _verify(self, reporter: Optional[_Reporter]) -> None:
+    def _verify(self, reporter: Optional[_Reporter], key: Optional[bytes]) -> None:
         self._check_open()
-        self._check(as_bytes_view(self.original_state, "original_state"), reporter, "Rollback state")
+        self._check_key(key)
+        self._check(as_bytes_view(self.original_state, "original_state"), reporter, "Rollback state", key)
 
-    def verify(self) -> None:
-        """Check the saved copy against its checksum and digest.
+    def verify(self, *, key: Optional[bytes] = None) -> None:
+        """Check the saved copy against its checksum and digest (``key`` for a keyed point).
 
         Raises :class:`InvalidStateError` naming the check that failed.
         """
-        self._verify(None)
+        self._verify(None, key)
 
-    def restore_into(self, target: Any, *, progress: Optional[ProgressCallback] = None) -> int:
+    def restore_into(
+        self, target: Any, *, key: Optional[bytes] = None, progress: Optional[ProgressCallback] = None
+    ) -> int:
         """Write the saved state back into ``target`` and verify it; return the byte count.
 
         ``target`` is a writable buffer: a ``bytearray`` is grown or shrunk to the saved
@@ -361,9 +394,12 @@ class RollbackInfo:
         anything is written, so a corrupted rollback point or a target of the wrong size
         raises :class:`InvalidStateError` and leaves ``target`` byte for byte unchanged;
         a read-only target raises ``TypeError``. After writing, the target itself is
-        checked against the recorded checksum and digest. ``progress`` receives RESTORING events (0..100).
+        checked against the recorded checksum and digest. A keyed point needs its
+        ``key`` (and a key is refused for an unkeyed point); both are checked before any
+        write. ``progress`` receives RESTORING events (0..100).
         """
         self._check_open()
+        self._check_key(key)
         saved = as_bytes_view(self.original_state, "original_state")
         n = saved.nbytes
         resizable = isinstance(target, bytearray)
@@ -379,7 +415,7 @@ class RollbackInfo:
         reporter = _Reporter(progress, MigrationProgressEvent.Restoring, self.agent_id, 3 * n + 2 * digest_units)
         reporter.start()
         try:
-            self._verify(reporter)
+            self._verify(reporter, key)
             if resizable:
                 view = self._resize_bytearray(target, saved)
             assert view is not None
@@ -388,7 +424,7 @@ class RollbackInfo:
                 reporter.advance(b - a)
             # Checked against the recorded values, not against the saved copy: a mapped
             # file changed by another writer after the first check is still caught.
-            self._check(view, reporter, "Restored state")
+            self._check(view, reporter, "Restored state", key)
         finally:
             if view is not None:
                 view.release()
@@ -424,6 +460,8 @@ class RollbackInfo:
         dig_id = 0
         if self.digest_algorithm is not None and self.digest is not None:
             flags |= _FLAG_DIGEST
+            if self.keyed:
+                flags |= _FLAG_KEYED
             dig, dig_id = self.digest, _DIGEST_IDS[self.digest_algorithm]
             if len(dig) != _DIGEST_SIZES[self.digest_algorithm]:
                 raise ValueError(f"{self.digest_algorithm} digest must be {_DIGEST_SIZES[self.digest_algorithm]} bytes")
@@ -460,20 +498,22 @@ class RollbackInfo:
         return b"".join((header, self.original_policy_data, state, trailer.digest()))
 
     @classmethod
-    def deserialize(cls, data: Any) -> "RollbackInfo":
+    def deserialize(cls, data: Any, *, key: Optional[bytes] = None) -> "RollbackInfo":
         """Rebuild a rollback point from :meth:`serialize` output (the state is copied).
 
         Every field is checked before it is trusted (magic, version, flags, header check,
         lengths against the input size, trailer check, digest id and size, then the
         state's checksum and digest); any failure raises :class:`CorruptDataError` naming
-        the field. Nothing larger than the input is allocated.
+        the field. Nothing larger than the input is allocated. A keyed point's MAC is
+        checked here when ``key`` is given (else by :meth:`restore_into`, which needs the
+        key); a ``key`` given for an unkeyed point is refused (no downgrade).
         """
         view = as_bytes_view(data, "data")
-        fields, policy, state = _parse(view)
+        fields, policy, state = _parse(view, key)
         return cls(original_state=bytes(state), original_policy_data=bytes(policy), **fields)
 
     @classmethod
-    def load(cls, path: StrPath) -> "RollbackInfo":
+    def load(cls, path: StrPath, *, key: Optional[bytes] = None) -> "RollbackInfo":
         """Open a serialized rollback point file (e.g. a ``spill_to`` file) without reading it
         into RAM: the file is mapped read-only, fully checked like :meth:`deserialize`,
         and the state stays a view into the mapping until :meth:`close`. As with any
@@ -486,12 +526,15 @@ class RollbackInfo:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         whole = memoryview(mapping)
         try:
-            fields, policy, state = _parse(whole)
+            fields, policy, state = _parse(whole, key)
             policy_copy = bytes(policy)
             policy.release()
         except BaseException:
-            whole.release()
-            mapping.close()
+            # Views made while parsing may still be pinned by the traceback: if so, the
+            # garbage collector unmaps the file once they are gone.
+            with contextlib.suppress(BufferError):
+                whole.release()
+                mapping.close()
             raise
         return cls(
             original_state=state,
@@ -511,6 +554,7 @@ class RollbackInfo:
         policy: bytes,
         source: Optional[bytes],
         digest_algorithm: Optional[str],
+        key: Optional[bytes],
         reporter: _Reporter,
     ) -> "RollbackInfo":
         """Write the serialized layout to ``tmp`` (renamed to ``path`` by the caller) and map
@@ -543,7 +587,7 @@ class RollbackInfo:
             try:
                 state = whole[state_at : state_at + n]
                 checksum = _checksum_chunked(state, reporter)
-                dig = None if digest_algorithm is None else _digest(state, digest_algorithm)
+                dig = None if digest_algorithm is None else _digest(state, digest_algorithm, key=key)
                 reporter.advance(n if digest_algorithm is not None else 0)
                 info = cls(
                     agent_id=agent_id,
@@ -554,6 +598,7 @@ class RollbackInfo:
                     source_node=source,
                     digest_algorithm=digest_algorithm,
                     digest=dig,
+                    keyed=key is not None,
                     _mapping=mapping,
                     spill_path=path,
                 )
@@ -630,6 +675,7 @@ class RollbackInfo:
             and self.source_node == other.source_node
             and self.digest_algorithm == other.digest_algorithm
             and self.digest == other.digest
+            and self.keyed == other.keyed
             and len(self.original_state) == len(other.original_state)
             and self.original_state == other.original_state
         )
@@ -646,11 +692,12 @@ class RollbackInfo:
             f"original_state=<{len(self.original_state)} bytes>, "
             f"original_checksum={self.original_checksum}, "
             f"original_policy_data={self.original_policy_data!r}, created_at={self.created_at}, "
-            f"source_node={src}, digest_algorithm={self.digest_algorithm!r}, digest={dig}{where})"
+            f"source_node={src}, digest_algorithm={self.digest_algorithm!r}, digest={dig}, "
+            f"keyed={self.keyed}{where})"
         )
 
 
-def _parse(view: memoryview) -> Tuple[Dict[str, Any], memoryview, memoryview]:
+def _parse(view: memoryview, key: Optional[bytes] = None) -> Tuple[Dict[str, Any], memoryview, memoryview]:
     """Validate a serialized rollback point; return its fields and views of policy and state."""
     size = view.nbytes
     if size < _OVERHEAD:
@@ -696,6 +743,11 @@ def _parse(view: memoryview) -> Tuple[Dict[str, Any], memoryview, memoryview]:
         raise CorruptDataError("Rollback data trailer check mismatch")
     if not flags & _FLAG_SOURCE_NODE and source_node != bytes(16):
         raise CorruptDataError("Rollback data source_node is set but its flag is not")
+    keyed = bool(flags & _FLAG_KEYED)
+    if keyed and (not flags & _FLAG_DIGEST or _DIGEST_NAMES.get(dig_id) != "blake3"):
+        raise CorruptDataError("Rollback data is marked keyed but has no BLAKE3 digest")
+    if key is not None and not keyed:
+        raise CorruptDataError("Rollback data is not authenticated but a key was given: refusing it")
     if flags & _FLAG_DIGEST:
         algorithm = _DIGEST_NAMES.get(dig_id)
         if algorithm is None:
@@ -714,8 +766,11 @@ def _parse(view: memoryview) -> Tuple[Dict[str, Any], memoryview, memoryview]:
     got = _checksum_chunked(state)
     if got != checksum:
         raise CorruptDataError(f"Rollback data state checksum mismatch: expected {checksum}, got {got}")
-    if algorithm is not None and dig is not None and not hmac.compare_digest(_digest(state, algorithm), dig):
-        raise CorruptDataError(f"Rollback data state {algorithm} digest mismatch")
+    if algorithm is not None and dig is not None and (key is not None or not keyed):
+        # A keyed point without the key cannot be checked here; restore_into needs the key.
+        if not hmac.compare_digest(_digest(state, algorithm, key=key), dig):
+            name = "MAC (keyed BLAKE3)" if keyed else f"{algorithm} digest"
+            raise CorruptDataError(f"Rollback data state {name} mismatch")
     fields: Dict[str, Any] = dict(
         agent_id=bytes(agent_id),
         original_checksum=checksum,
@@ -723,5 +778,6 @@ def _parse(view: memoryview) -> Tuple[Dict[str, Any], memoryview, memoryview]:
         source_node=bytes(source_node) if flags & _FLAG_SOURCE_NODE else None,
         digest_algorithm=algorithm,
         digest=dig,
+        keyed=keyed,
     )
     return fields, policy, state
