@@ -138,7 +138,7 @@ class _EventMeta(type):
 
 @dataclass(frozen=True, init=False)
 class MigrationProgressEvent(metaclass=_EventMeta):
-    """Base of the progress events; construct one of the variants, not this class.
+    """Base of the progress events: every event is an instance of one of its variants.
 
     Variants (each also has ``agent_id``, 16 bytes; a ``uuid.UUID`` is accepted):
     ``Started(total_bytes)``, ``CapturingState(percent)``,
@@ -164,7 +164,8 @@ class MigrationProgressEvent(metaclass=_EventMeta):
     #: The variant's kind; set on each subclass.
     KIND: ClassVar[ProgressEventKind]
 
-    # Variant classes, attached below under both the Rust and the SPEC names.
+    # The variant classes under their Rust names (attached below), then the kinds under
+    # the SPEC's names.
     Started: ClassVar[Type["_Started"]]
     CapturingState: ClassVar[Type["_CapturingState"]]
     TransferProgress: ClassVar[Type["_TransferProgress"]]
