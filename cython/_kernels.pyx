@@ -184,6 +184,15 @@ cdef inline size_t _page_count(size_t n, Py_ssize_t page_size) except? 0:
     return (n + page_size - 1) // <size_t>page_size
 
 
+cdef object _trim(object out, size_t count, size_t npages):
+    # A view keeps the whole index buffer alive: copy when that would waste much memory.
+    if count == npages:
+        return out
+    if npages > 512 and count < npages // 2:
+        return out[:count].copy()
+    return out[:count]
+
+
 def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size):
     """Indices (int64 array) of the pages where ``old`` and ``new`` differ."""
     cdef size_t n = old.shape[0]
@@ -201,7 +210,7 @@ def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_
     cdef PyThreadState* ts = _release(n)
     count = cm_dirty_pages(po, pn, n, page_size, pi)
     _reacquire(ts)
-    return out[:count].copy() if count < npages else out
+    return _trim(out, count, npages)
 
 
 def dirty_pages_checksum(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size,
@@ -223,7 +232,7 @@ def dirty_pages_checksum(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssiz
     cdef PyThreadState* ts = _release(n)
     count = cm_dirty_pages_checksum(po, pn, n, page_size, offset, pi, &total)
     _reacquire(ts)
-    return (out[:count].copy() if count < npages else out), total
+    return _trim(out, count, npages), total
 
 
 # --- RLE ----------------------------------------------------------------------------------

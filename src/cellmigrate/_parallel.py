@@ -32,10 +32,13 @@ _MIN_SPAN = 8 << 20
 _lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
 
+# os.cpu_count() costs microseconds (it reads /sys); ask once.
+_CPUS = os.cpu_count() or 1
+
 
 def max_threads() -> int:
     """Threads a call may use: the CPU count, capped by ``CELLMIGRATE_THREADS``."""
-    count = os.cpu_count() or 1
+    count = _CPUS
     env = os.environ.get("CELLMIGRATE_THREADS", "").strip()
     if env:
         try:
@@ -65,6 +68,8 @@ def plan(nbytes: int, threads: Optional[int], align: int = 1) -> List[Tuple[int,
     Span boundaries are multiples of ``align`` (a page size, so no page is split). A
     single span means "run on the calling thread".
     """
+    if nbytes < PARALLEL_MIN_BYTES and threads is None:
+        return [(0, nbytes)]  # the common small call: no environment lookups
     wanted = _check_threads(threads)
     if wanted == 1 or nbytes < PARALLEL_MIN_BYTES:
         return [(0, nbytes)]
@@ -84,7 +89,7 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1)), thread_name_prefix="cellmigrate")
+            _pool = ThreadPoolExecutor(max_workers=_CPUS, thread_name_prefix="cellmigrate")
         return _pool
 
 

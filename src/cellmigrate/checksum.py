@@ -14,7 +14,7 @@ import xxhash as _xxhash
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
-from ._parallel import plan, run_spans
+from ._parallel import PARALLEL_MIN_BYTES, plan, run_spans
 
 __all__ = [
     "PAGE_SIZE",
@@ -32,6 +32,7 @@ KEY_SIZE = 32
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+_FLAT = (bytes, bytearray)
 
 
 def _check_offset(offset: int) -> int:
@@ -53,6 +54,11 @@ def simple_checksum(data: Any, *, offset: int = 0, threads: Optional[int] = None
     >>> simple_checksum(b"\\x03", offset=2)
     9
     """
+    if threads is None and offset == 0 and type(data) in _FLAT and len(data) < PARALLEL_MIN_BYTES:
+        # Fast path for small calls (4 KiB pages): bytes/bytearray are flat and
+        # contiguous by construction, so the kernel can take them directly.
+        result: int = kernels.checksum(data)
+        return result
     offset = _check_offset(offset)
     view = as_bytes_view(data)
     spans = plan(view.nbytes, threads)
