@@ -12,16 +12,22 @@ variant, all subclasses of :class:`MigrationProgressEvent` and reachable from it
 Rust variant name (``MigrationProgressEvent.TransferProgress``). The SPEC's kind names
 (``MigrationProgressEvent.TRANSFER_PROGRESS``) are the :class:`ProgressEventKind` members;
 calling one builds an event of that kind. Each event has ``agent_id`` and ``kind``, so a
-caller can dispatch with ``match`` on the class or compare ``event.kind``:
+caller can compare ``event.kind``, test ``isinstance`` or (Python 3.10+) ``match``:
 
 >>> aid = bytes(16)
 >>> ev = MigrationProgressEvent.TransferProgress(aid, transferred_bytes=50, total_bytes=200, percent=25)
 >>> ev.kind is ProgressEventKind.TRANSFER_PROGRESS, ev.progress_percent(), ev.is_terminal()
 (True, 25, False)
->>> match ev:
-...     case MigrationProgressEvent.TransferProgress(percent=p):
-...         print(f"{p}% sent")
-25% sent
+>>> isinstance(ev, MigrationProgressEvent.TransferProgress)
+True
+
+::
+
+    match ev:
+        case MigrationProgressEvent.TransferProgress(percent=p):
+            print(f"{p}% sent")
+        case MigrationProgressEvent.Completed() | MigrationProgressEvent.Failed():
+            print("done")
 """
 
 from __future__ import annotations
