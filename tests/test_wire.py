@@ -359,6 +359,8 @@ def test_total_size_is_bounded() -> None:
     blob = valid_wire().build()
     expect(blob, "total_size 10240 exceeds the maximum of 10000", max_total_size=10_000)
     assert decode_delta(blob, max_total_size=10_240)["total_size"] == 10_240
+    with pytest.raises(CorruptDataError, match="total_size 10240 exceeds the maximum of 10239"):
+        DeltaSnapshot.deserialize(blob, max_total_size=10_239)
     with pytest.raises(ValueError):
         decode_delta(blob, max_total_size=-1)
 
