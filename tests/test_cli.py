@@ -517,7 +517,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     import struct
     import termios
 
-    old_path, new_path, _, _ = make_pair(tmp_path)
+    old_path, new_path, _, new = make_pair(tmp_path)
+    delta = diff(tmp_path, old_path, new_path)
+    out = tmp_path / "out.bin"
     master, slave = pty.openpty()
     # A fresh pseudo-terminal reports 0 columns, and tqdm draws nothing in 0 columns.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -525,6 +527,8 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     try:
         proc = subprocess.run([sys.executable, "-m", "cellmigrate", "verify", str(old_path), str(old_path)],
                               stdout=subprocess.PIPE, stderr=slave, env=env, timeout=120)
+        applied = subprocess.run([sys.executable, "-m", "cellmigrate", "apply", str(old_path), str(delta),
+                                  "-o", str(out)], stdout=subprocess.PIPE, stderr=slave, env=env, timeout=120)
         os.close(slave)
         chunks = []
         while True:
@@ -537,5 +541,22 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
             chunks.append(chunk)
     finally:
         os.close(master)
-    assert proc.returncode == 0
-    assert b"verify" in b"".join(chunks) and b"%" in b"".join(chunks)
+    assert proc.returncode == 0 and applied.returncode == 0
+    shown = b"".join(chunks)
+    for label in (b"verify", b"copy", b"apply"):
+        assert label + b":" in shown, shown
+    assert b"%|" in shown
+    assert out.read_bytes() == new
+
+
+def test_copy_to_temp_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellmigrate import statefile
+
+    src = tmp_path / "src"
+    data = os.urandom(10_000)
+    src.write_bytes(data)
+    monkeypatch.setattr(statefile, "COPY_CHUNK", 3000)
+    seen: List[int] = []
+    statefile.copy_to_temp(src, tmp_path / "dst", size=12_000, on_chunk=seen.append)
+    assert seen == [3000, 3000, 3000, 1000]
+    assert (tmp_path / "dst").read_bytes() == data + bytes(2000)

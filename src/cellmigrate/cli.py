@@ -526,7 +526,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             # Copy BASE beside DEST (zero-extended to the delta's size, the library's rule
             # for a short base), apply and sync there, then rename: DEST is complete or absent.
             with atomic_replace(dest) as tmp:
-                copy_to_temp(base, tmp, size=total)
+                bar = _progress(args, base_size, "copy")
+                try:
+                    copy_to_temp(base, tmp, size=total, on_chunk=None if bar is None else bar.update)
+                finally:
+                    if bar is not None:
+                        bar.close()
                 _apply_mapped(args, tmp, delta, key)
         elif total == 0:
             delta.apply(bytearray(), key=key)  # nothing to write, but still verify

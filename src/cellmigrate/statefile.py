@@ -36,7 +36,7 @@ import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Optional, Type, Union
+from typing import Callable, Iterator, Optional, Type, Union
 
 __all__ = [
     "StrPath",
@@ -263,13 +263,49 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
         raise
 
 
-def copy_to_temp(src: StrPath, tmp: StrPath, *, size: Optional[int] = None) -> None:
+#: Bytes copied between two progress reports in :func:`copy_to_temp`.
+COPY_CHUNK = 64 << 20
+
+
+def copy_to_temp(
+    src: StrPath,
+    tmp: StrPath,
+    *,
+    size: Optional[int] = None,
+    on_chunk: Optional[Callable[[int], object]] = None,
+) -> None:
     """Copy ``src`` into ``tmp`` (kernel-side copy where the OS offers one).
 
     With ``size`` larger than the source, the copy is extended with zero bytes, the same
-    rule :meth:`DeltaSnapshot.apply` uses to grow a short ``bytearray`` base.
+    rule :meth:`DeltaSnapshot.apply` uses to grow a short ``bytearray`` base. With
+    ``on_chunk``, the copy runs in chunks and ``on_chunk(nbytes)`` is called after each
+    (for a progress bar); the chunks still stay in the kernel (``copy_file_range``, which
+    can share extents on copy-on-write file systems) where it exists.
     """
-    shutil.copyfile(src, tmp)
+    if on_chunk is None:
+        shutil.copyfile(src, tmp)
+    else:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            remaining = os.fstat(fin.fileno()).st_size
+            kernel_copy = hasattr(os, "copy_file_range")
+            while remaining > 0:
+                want = min(COPY_CHUNK, remaining)
+                done = 0
+                if kernel_copy:
+                    try:
+                        done = os.copy_file_range(fin.fileno(), fout.fileno(), want)
+                    except OSError:
+                        # Not supported between these file systems: fall back to
+                        # reading and writing (positions are unchanged on failure).
+                        kernel_copy = False
+                if not kernel_copy:
+                    block = fin.read(want)
+                    fout.write(block)
+                    done = len(block)
+                if done <= 0:
+                    raise OSError(f"{src}: file shrank while being copied")
+                remaining -= done
+                on_chunk(done)
     if size is not None and size > os.path.getsize(tmp):
         os.truncate(tmp, size)
 
