@@ -74,6 +74,15 @@ def test_demo_fails_when_verification_would_be_wrong(monkeypatch: pytest.MonkeyP
     assert "did NOT behave as expected" in out.getvalue()
 
 
+def test_demo_quiet_failure_is_one_line_on_stderr(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(demo_mod, "first_difference", lambda a, b: 3)
+    assert run_demo(size=8 * PAGE_SIZE, quiet=True) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "did not behave as expected" in captured.err
+
+
 def test_demo_fails_when_a_forged_delta_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     """A receiver that swallowed apply's refusal would be a failed demo, not a pass."""
 

@@ -200,6 +200,8 @@ def _run(size: int, seed: int, report: _Report) -> None:
 
     say(f"cellmigrate demo: migrating an agent with a {format_size(size)} memory state from node A to node B")
     say(f"(kernels: {IMPLEMENTATION}; {platform.machine()}; GB/s = 10^9 bytes per second)")
+    say("First a normal migration that ships only the pages the agent changed; then one whose data")
+    say("is damaged on the way, which must be refused without harm and rolled back.")
 
     # The target node: the crate's default node, widened only if the demo state is larger
     # than its 1 GiB limit (so --size 4GiB still demonstrates a migration, not a refusal).
@@ -374,6 +376,8 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
     started = time.perf_counter()
     try:
         _run(size, seed, report)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the CLI handles it, not a failed step
     except MemoryError:
         print(f"cellmigrate demo: error: not enough memory for a {format_size(size)} state "
               f"(it needs about 3x that); try --size 64MiB", file=sys.stderr)
@@ -387,8 +391,11 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
         report.say(f"Result: {len(report.failures)} step(s) did NOT behave as expected ({elapsed:.1f} s):")
         for failure in report.failures:
             report.say(f"  - {failure}")
+        if quiet:
+            print(f"cellmigrate demo: error: {len(report.failures)} step(s) did not behave as expected: "
+                  f"{report.failures[0]}", file=sys.stderr)
         return 1
-    report.say(f"Result: every step behaved as expected ({elapsed:.2f} s). The first migration moved only the "
-               f"changed pages and proved the copy identical; the damaged one was refused without touching "
-               f"node B, and the rollback restored node A.")
+    report.say(f"Result: every step behaved as expected ({elapsed:.2f} s).")
+    report.say("  The first migration moved only the changed pages and proved the copy identical;")
+    report.say("  the damaged one was refused without touching node B, and the rollback restored node A.")
     return 0
