@@ -560,3 +560,14 @@ def test_copy_to_temp_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     statefile.copy_to_temp(src, tmp_path / "dst", size=12_000, on_chunk=seen.append)
     assert seen == [3000, 3000, 3000, 1000]
     assert (tmp_path / "dst").read_bytes() == data + bytes(2000)
+
+
+def test_docstring_examples_run() -> None:
+    """The examples in the CLI-layer docstrings are real (run as doctests)."""
+    import doctest
+
+    from cellmigrate import demo, statefile
+
+    for module in (statefile, demo):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
