@@ -97,7 +97,7 @@ def make_states(size: int, *, dirty_fraction: float = 0.03, seed: int = 7) -> "t
 def collect_rows(size: int, *, min_time: float = MIN_TIME, progress: Optional[Callable[[str], None]] = None) -> List[BenchRow]:
     """Measure every row on states of ``size`` bytes and return them in table order."""
     import blake3
-    import lz4.block
+    import lz4.block  # type: ignore[import-untyped,unused-ignore]  # lz4 ships no type information
     import xxhash
     import zstandard
 
