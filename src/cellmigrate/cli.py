@@ -24,7 +24,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Union
 
 from .statefile import StateFile, atomic_replace, copy_to_temp, format_size, parse_size, write_bytes_atomic
 
@@ -284,7 +284,7 @@ def _bar_callback(bar: Optional["Tqdm[Any]"]) -> Optional[Callable[[int, int], N
 def chunked_checksum(
     buf: Any, algorithm: str, *, key: Optional[bytes] = None,
     on_chunk: Optional[Callable[[int], object]] = None, chunk: int = CHUNK,
-) -> "int | bytes":
+) -> Union[int, bytes]:
     """Checksum/digest of ``buf`` computed chunk by chunk (for a progress bar).
 
     Gives exactly :func:`cellmigrate.simple_checksum` / :func:`cellmigrate.digest`: the
