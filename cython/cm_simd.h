@@ -60,12 +60,14 @@ static void cm_sums_scalar(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *p
     uint32_t S = 0, W = 0;
     size_t i = 0;
     /* Fixed 64-byte blocks with fixed weights: the inner loop is a dot product the
-       compiler can vectorize even for the baseline target. */
+       compiler can vectorize even for the baseline target. A product is at most
+       255 * 64 < 2**16, so it is formed in 16 bits (SSE2 has a 16-bit multiply, not a
+       32-bit one): twice as fast as the 32-bit form, measured. */
     for (; i + 64 <= n; i += 64) {
         uint32_t s = 0, w = 0;
         for (unsigned j = 0; j < 64; j++) {
             s += p[i + j];
-            w += (uint32_t)p[i + j] * (j + 1);
+            w += (uint16_t)(p[i + j] * (uint16_t)(j + 1));
         }
         W += (uint32_t)i * s + w;
         S += s;
@@ -78,14 +80,46 @@ static void cm_sums_scalar(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *p
     *pw = W;
 }
 
-/* Same as cm_sums_scalar over `p`; returns whether p and q differ anywhere. */
-static int cm_sums_cmp_scalar(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps,
-                              uint32_t *pw) {
-    cm_sums_scalar(p, n, ps, pw);
-    return n != 0 && memcmp(p, q, n) != 0;
+/* Scan protocol shared by every path:
+     scan(p, q, n, page, idx, &S, &W) -> number of dirty pages
+   sets S and W (plain and 1..n-weighted sums of p, mod 2**32) and, when q is not NULL,
+   writes the ascending indices of the `page`-byte pages where p and q differ to idx.
+   SIMD paths need `page` to be a multiple of their block; the driver falls back to a
+   page-by-page loop otherwise. */
+typedef size_t (*cm_scan_fn)(const uint8_t *, const uint8_t *, size_t, size_t, int64_t *,
+                             uint32_t *, uint32_t *);
+
+/* Bytes [from, n) after the last whole block: add them to the sums and, if they differ,
+   record their page (the last one) unless the block loop already did. */
+static inline size_t cm_scan_tail(const uint8_t *p, const uint8_t *q, size_t from, size_t n,
+                                  size_t page, int64_t *idx, size_t count, uint32_t *S,
+                                  uint32_t *W) {
+    uint32_t s = *S, w = *W;
+    int differs = 0;
+    for (size_t i = from; i < n; i++) {
+        s += p[i];
+        w += (uint32_t)p[i] * (uint32_t)(i + 1);
+        if (q && p[i] != q[i])
+            differs = 1;
+    }
+    if (differs) {
+        int64_t last = (int64_t)(from / page);
+        if (count == 0 || idx[count - 1] != last)
+            idx[count++] = last;
+    }
+    *S = s;
+    *W = w;
+    return count;
 }
 
-/* Length of the run of bytes equal to p[0] (n >= 1). */
+/* Portable scan: sums only (the driver's page loop does the comparing with memcmp). */
+static size_t cm_scan_scalar(const uint8_t *p, const uint8_t *q, size_t n, size_t page,
+                             int64_t *idx, uint32_t *ps, uint32_t *pw) {
+    (void)q, (void)page, (void)idx;
+    cm_sums_scalar(p, n, ps, pw);
+    return 0;
+}
+
 static uint64_t cm_load64(const uint8_t *p);
 
 static size_t cm_run_length_scalar(const uint8_t *p, size_t n) {
@@ -192,43 +226,37 @@ static inline uint32_t cm_hsum32_sse2(__m128i s) {
 }
 
 /* 16-byte blocks; bytes widened to 16 bits and dotted with weights 1..16 by pmaddwd. */
-static inline __attribute__((always_inline)) int
-cm_sums_body_sse2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {
+static size_t cm_scan_sse2(const uint8_t *p, const uint8_t *q, size_t n, size_t page, int64_t *idx,
+                           uint32_t *ps, uint32_t *pw) {
     const __m128i zero = _mm_setzero_si128();
     const __m128i wlo = _mm_setr_epi16(1, 2, 3, 4, 5, 6, 7, 8);
     const __m128i whi = _mm_setr_epi16(9, 10, 11, 12, 13, 14, 15, 16);
-    __m128i vs = zero, vq = zero, vw0 = zero, vw1 = zero, diff = zero;
-    size_t nb = n / 16;
-    for (size_t b = 0; b < nb; b++) {
-        __m128i a = _mm_loadu_si128((const __m128i *)(p + 16 * b));
-        if (q)
-            diff = _mm_or_si128(diff, _mm_xor_si128(a, _mm_loadu_si128((const __m128i *)(q + 16 * b))));
-        vs = _mm_add_epi64(vs, _mm_sad_epu8(a, zero));
-        vq = _mm_add_epi64(vq, vs);
-        vw0 = _mm_add_epi32(vw0, _mm_madd_epi16(_mm_unpacklo_epi8(a, zero), wlo));
-        vw1 = _mm_add_epi32(vw1, _mm_madd_epi16(_mm_unpackhi_epi8(a, zero), whi));
+    __m128i vs = zero, vq = zero, vw0 = zero, vw1 = zero;
+    size_t nb = n / 16, b = 0, count = 0, pg = 0;
+    size_t per_page = q ? page / 16 : nb;
+    while (b < nb) {
+        size_t end = nb - b < per_page ? nb : b + per_page;
+        __m128i diff = zero;
+        for (; b < end; b++) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(p + 16 * b));
+            if (q)
+                diff = _mm_or_si128(diff, _mm_xor_si128(a, _mm_loadu_si128((const __m128i *)(q + 16 * b))));
+            vs = _mm_add_epi64(vs, _mm_sad_epu8(a, zero));
+            vq = _mm_add_epi64(vq, vs);
+            vw0 = _mm_add_epi32(vw0, _mm_madd_epi16(_mm_unpacklo_epi8(a, zero), wlo));
+            vw1 = _mm_add_epi32(vw1, _mm_madd_epi16(_mm_unpackhi_epi8(a, zero), whi));
+        }
+        if (q && _mm_movemask_epi8(_mm_cmpeq_epi8(diff, zero)) != 0xFFFF)
+            idx[count++] = (int64_t)pg;
+        pg++;
     }
     uint64_t T = cm_hsum64_sse2(vs), Q = cm_hsum64_sse2(vq);
     uint32_t S = (uint32_t)T;
     uint32_t W = (uint32_t)(16u * ((uint64_t)nb * T - Q)) + cm_hsum32_sse2(_mm_add_epi32(vw0, vw1));
-    int differs = q ? _mm_movemask_epi8(_mm_cmpeq_epi8(diff, zero)) != 0xFFFF : 0;
-    for (size_t i = 16 * nb; i < n; i++) {
-        S += p[i];
-        W += (uint32_t)p[i] * (uint32_t)(i + 1);
-        if (q && p[i] != q[i])
-            differs = 1;
-    }
+    count = cm_scan_tail(p, q, 16 * nb, n, page, idx, count, &S, &W);
     *ps = S;
     *pw = W;
-    return differs;
-}
-
-static void cm_sums_sse2(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
-    cm_sums_body_sse2(p, NULL, n, ps, pw);
-}
-
-static int cm_sums_cmp_sse2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {
-    return cm_sums_body_sse2(p, q, n, ps, pw);
+    return count;
 }
 
 static size_t cm_run_length_sse2(const uint8_t *p, size_t n) {
@@ -292,141 +320,166 @@ static inline CM_AVX2 uint32_t cm_hsum32_avx2(__m256i v) {
     return (uint32_t)_mm_cvtsi128_si32(s);
 }
 
-/* 32-byte blocks; two per iteration for instruction-level parallelism. When q is not
-   NULL the same loads also feed a compare with q (the fused dirty scan). */
-static inline CM_AVX2 __attribute__((always_inline)) int
-cm_sums_body_avx2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {
+/* 32-byte blocks, four per iteration (independent dot-product accumulators hide the
+   multiply latency). When q is not NULL the same loads feed the page compare. */
+static inline CM_AVX2 __attribute__((always_inline)) size_t
+cm_scan_body_avx2(const uint8_t *p, const uint8_t *q, size_t n, size_t page, int64_t *idx,
+                  uint32_t *ps, uint32_t *pw) {
     const __m256i zero = _mm256_setzero_si256();
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i wts = _mm256_setr_epi8(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
                                          18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32);
-    __m256i vs = zero, vq = zero, vw0 = zero, vw1 = zero, diff = zero;
-    size_t nb = n / 32, b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
-        __m256i c = _mm256_loadu_si256((const __m256i *)(p + 32 * b + 32));
-        if (q) {
-            __m256i x = _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i *)(q + 32 * b)));
-            __m256i y = _mm256_xor_si256(c, _mm256_loadu_si256((const __m256i *)(q + 32 * b + 32)));
-            diff = _mm256_or_si256(diff, _mm256_or_si256(x, y));
+    __m256i vs = zero, vq = zero, vw0 = zero, vw1 = zero, vw2 = zero, vw3 = zero;
+    size_t nb = n / 32, b = 0, count = 0, pg = 0;
+    size_t per_page = q ? page / 32 : nb;
+#define CM_LOAD_AVX2(k) _mm256_loadu_si256((const __m256i *)(p + 32 * (b + (k))))
+#define CM_XOR_AVX2(v, k) _mm256_xor_si256((v), _mm256_loadu_si256((const __m256i *)(q + 32 * (b + (k)))))
+#define CM_DOT_AVX2(acc, v) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((v), wts), ones))
+    while (b < nb) {
+        size_t end = nb - b < per_page ? nb : b + per_page;
+        __m256i diff = zero;
+        for (; b + 4 <= end; b += 4) {
+            __m256i a0 = CM_LOAD_AVX2(0), a1 = CM_LOAD_AVX2(1), a2 = CM_LOAD_AVX2(2), a3 = CM_LOAD_AVX2(3);
+            if (q)
+                diff = _mm256_or_si256(diff, _mm256_or_si256(_mm256_or_si256(CM_XOR_AVX2(a0, 0), CM_XOR_AVX2(a1, 1)),
+                                                             _mm256_or_si256(CM_XOR_AVX2(a2, 2), CM_XOR_AVX2(a3, 3))));
+            vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a0, zero));
+            vq = _mm256_add_epi64(vq, vs);
+            vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a1, zero));
+            vq = _mm256_add_epi64(vq, vs);
+            vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a2, zero));
+            vq = _mm256_add_epi64(vq, vs);
+            vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a3, zero));
+            vq = _mm256_add_epi64(vq, vs);
+            vw0 = CM_DOT_AVX2(vw0, a0);
+            vw1 = CM_DOT_AVX2(vw1, a1);
+            vw2 = CM_DOT_AVX2(vw2, a2);
+            vw3 = CM_DOT_AVX2(vw3, a3);
         }
-        vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a, zero));
-        vq = _mm256_add_epi64(vq, vs);
-        vs = _mm256_add_epi64(vs, _mm256_sad_epu8(c, zero));
-        vq = _mm256_add_epi64(vq, vs);
-        vw0 = _mm256_add_epi32(vw0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, wts), ones));
-        vw1 = _mm256_add_epi32(vw1, _mm256_madd_epi16(_mm256_maddubs_epi16(c, wts), ones));
+        for (; b < end; b++) {
+            __m256i a0 = CM_LOAD_AVX2(0);
+            if (q)
+                diff = _mm256_or_si256(diff, CM_XOR_AVX2(a0, 0));
+            vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a0, zero));
+            vq = _mm256_add_epi64(vq, vs);
+            vw0 = CM_DOT_AVX2(vw0, a0);
+        }
+        if (q && !_mm256_testz_si256(diff, diff))
+            idx[count++] = (int64_t)pg;
+        pg++;
     }
-    for (; b < nb; b++) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
-        if (q)
-            diff = _mm256_or_si256(
-                diff, _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i *)(q + 32 * b))));
-        vs = _mm256_add_epi64(vs, _mm256_sad_epu8(a, zero));
-        vq = _mm256_add_epi64(vq, vs);
-        vw0 = _mm256_add_epi32(vw0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, wts), ones));
-    }
+#undef CM_LOAD_AVX2
+#undef CM_XOR_AVX2
+#undef CM_DOT_AVX2
     uint64_t T = cm_hsum64_avx2(vs), Q = cm_hsum64_avx2(vq);
     uint32_t S = (uint32_t)T;
-    uint32_t W = (uint32_t)(32u * ((uint64_t)nb * T - Q)) + cm_hsum32_avx2(_mm256_add_epi32(vw0, vw1));
-    int differs = q ? !_mm256_testz_si256(diff, diff) : 0;
-    for (size_t i = 32 * nb; i < n; i++) {
-        S += p[i];
-        W += (uint32_t)p[i] * (uint32_t)(i + 1);
-        if (q && p[i] != q[i])
-            differs = 1;
-    }
+    __m256i vw = _mm256_add_epi32(_mm256_add_epi32(vw0, vw1), _mm256_add_epi32(vw2, vw3));
+    uint32_t W = (uint32_t)(32u * ((uint64_t)nb * T - Q)) + cm_hsum32_avx2(vw);
+    count = cm_scan_tail(p, q, 32 * nb, n, page, idx, count, &S, &W);
     *ps = S;
     *pw = W;
-    return differs;
+    return count;
 }
 
-static CM_AVX2 void cm_sums_avx2(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
-    cm_sums_body_avx2(p, NULL, n, ps, pw);
-}
-
-static CM_AVX2 int cm_sums_cmp_avx2(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps,
-                                    uint32_t *pw) {
-    return cm_sums_body_avx2(p, q, n, ps, pw);
+static CM_AVX2 size_t cm_scan_avx2(const uint8_t *p, const uint8_t *q, size_t n, size_t page,
+                                   int64_t *idx, uint32_t *ps, uint32_t *pw) {
+    /* Two copies: the compiler drops the compare entirely from the sums-only one. */
+    if (q)
+        return cm_scan_body_avx2(p, q, n, page, idx, ps, pw);
+    return cm_scan_body_avx2(p, NULL, n, page, idx, ps, pw);
 }
 
 /* 64-byte blocks, weights 1..64: a maddubs pair is at most 255 * 127, no saturation.
-   With VNNI one vpdpbusd replaces maddubs + madd (no 16-bit intermediate at all). */
-#define CM_SUMS_BODY_AVX512(NAME, TARGET, DOT)                                                   \
-    static inline TARGET __attribute__((always_inline)) int NAME(                               \
-        const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps, uint32_t *pw) {             \
+   With VNNI one vpdpbusd replaces maddubs + madd (no 16-bit intermediate at all); its
+   latency is why there are four accumulators. */
+#define CM_SCAN_BODY_AVX512(NAME, TARGET, DOT)                                                   \
+    static inline TARGET __attribute__((always_inline)) size_t NAME(                            \
+        const uint8_t *p, const uint8_t *q, size_t n, size_t page, int64_t *idx, uint32_t *ps,  \
+        uint32_t *pw) {                                                                          \
         const __m512i zero = _mm512_setzero_si512();                                             \
         const __m512i ones = _mm512_set1_epi16(1);                                               \
         const __m512i wts = _mm512_set_epi8(                                                     \
             64, 63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44,  \
             43, 42, 41, 40, 39, 38, 37, 36, 35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23,  \
             22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1);      \
-        __m512i vs = zero, vq = zero, vw0 = zero, vw1 = zero, diff = zero;                       \
-        size_t nb = n / 64, b = 0;                                                               \
+        __m512i vs = zero, vq = zero, vw0 = zero, vw1 = zero, vw2 = zero, vw3 = zero;             \
+        size_t nb = n / 64, b = 0, count = 0, pg = 0;                                            \
+        size_t per_page = q ? page / 64 : nb;                                                    \
         (void)ones;                                                                              \
-        for (; b + 2 <= nb; b += 2) {                                                            \
-            __m512i a = _mm512_loadu_si512((const void *)(p + 64 * b));                          \
-            __m512i c = _mm512_loadu_si512((const void *)(p + 64 * b + 64));                     \
-            if (q) {                                                                             \
-                __m512i x = _mm512_xor_si512(a, _mm512_loadu_si512((const void *)(q + 64 * b))); \
-                __m512i y =                                                                      \
-                    _mm512_xor_si512(c, _mm512_loadu_si512((const void *)(q + 64 * b + 64)));    \
-                diff = _mm512_or_si512(diff, _mm512_or_si512(x, y));                             \
+        while (b < nb) {                                                                         \
+            size_t end = nb - b < per_page ? nb : b + per_page;                                  \
+            __m512i diff = zero;                                                                 \
+            for (; b + 4 <= end; b += 4) {                                                       \
+                __m512i a0 = _mm512_loadu_si512((const void *)(p + 64 * b));                     \
+                __m512i a1 = _mm512_loadu_si512((const void *)(p + 64 * b + 64));                \
+                __m512i a2 = _mm512_loadu_si512((const void *)(p + 64 * b + 128));               \
+                __m512i a3 = _mm512_loadu_si512((const void *)(p + 64 * b + 192));               \
+                if (q) {                                                                         \
+                    __m512i x0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(q + 64 * b)));       \
+                    __m512i x1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(q + 64 * b + 64)));  \
+                    __m512i x2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(q + 64 * b + 128))); \
+                    __m512i x3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(q + 64 * b + 192))); \
+                    /* 0xFE: a | b | c, two ternary-logic ops fold four XORs into diff */ \
+                    diff = _mm512_ternarylogic_epi64(diff, x0, x1, 0xFE);                        \
+                    diff = _mm512_ternarylogic_epi64(diff, x2, x3, 0xFE);                        \
+                }                                                                                \
+                vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a0, zero));                            \
+                vq = _mm512_add_epi64(vq, vs);                                                   \
+                vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a1, zero));                            \
+                vq = _mm512_add_epi64(vq, vs);                                                   \
+                vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a2, zero));                            \
+                vq = _mm512_add_epi64(vq, vs);                                                   \
+                vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a3, zero));                            \
+                vq = _mm512_add_epi64(vq, vs);                                                   \
+                vw0 = DOT(vw0, a0, wts, ones);                                                   \
+                vw1 = DOT(vw1, a1, wts, ones);                                                   \
+                vw2 = DOT(vw2, a2, wts, ones);                                                   \
+                vw3 = DOT(vw3, a3, wts, ones);                                                   \
             }                                                                                    \
-            vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a, zero));                                 \
-            vq = _mm512_add_epi64(vq, vs);                                                       \
-            vs = _mm512_add_epi64(vs, _mm512_sad_epu8(c, zero));                                 \
-            vq = _mm512_add_epi64(vq, vs);                                                       \
-            vw0 = DOT(vw0, a, wts, ones);                                                        \
-            vw1 = DOT(vw1, c, wts, ones);                                                        \
-        }                                                                                        \
-        for (; b < nb; b++) {                                                                    \
-            __m512i a = _mm512_loadu_si512((const void *)(p + 64 * b));                          \
-            if (q)                                                                               \
-                diff = _mm512_or_si512(                                                          \
-                    diff, _mm512_xor_si512(a, _mm512_loadu_si512((const void *)(q + 64 * b))));  \
-            vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a, zero));                                 \
-            vq = _mm512_add_epi64(vq, vs);                                                       \
-            vw0 = DOT(vw0, a, wts, ones);                                                        \
+            for (; b < end; b++) {                                                               \
+                __m512i a0 = _mm512_loadu_si512((const void *)(p + 64 * b));                     \
+                if (q)                                                                           \
+                    diff = _mm512_or_si512(                                                      \
+                        diff, _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(q + 64 * b)))); \
+                vs = _mm512_add_epi64(vs, _mm512_sad_epu8(a0, zero));                            \
+                vq = _mm512_add_epi64(vq, vs);                                                   \
+                vw0 = DOT(vw0, a0, wts, ones);                                                   \
+            }                                                                                    \
+            if (q && _mm512_test_epi64_mask(diff, diff))                                         \
+                idx[count++] = (int64_t)pg;                                                      \
+            pg++;                                                                                \
         }                                                                                        \
         uint64_t T = (uint64_t)_mm512_reduce_add_epi64(vs);                                      \
         uint64_t Q = (uint64_t)_mm512_reduce_add_epi64(vq);                                      \
         uint32_t S = (uint32_t)T;                                                                \
-        uint32_t W = (uint32_t)(64u * ((uint64_t)nb * T - Q)) +                                  \
-                     (uint32_t)_mm512_reduce_add_epi32(_mm512_add_epi32(vw0, vw1));              \
-        int differs = q ? _mm512_test_epi64_mask(diff, diff) != 0 : 0;                           \
-        for (size_t i = 64 * nb; i < n; i++) {                                                   \
-            S += p[i];                                                                           \
-            W += (uint32_t)p[i] * (uint32_t)(i + 1);                                             \
-            if (q && p[i] != q[i])                                                               \
-                differs = 1;                                                                     \
-        }                                                                                        \
+        __m512i vw = _mm512_add_epi32(_mm512_add_epi32(vw0, vw1), _mm512_add_epi32(vw2, vw3));   \
+        uint32_t W = (uint32_t)(64u * ((uint64_t)nb * T - Q)) + (uint32_t)_mm512_reduce_add_epi32(vw); \
+        count = cm_scan_tail(p, q, 64 * nb, n, page, idx, count, &S, &W);                        \
         *ps = S;                                                                                 \
         *pw = W;                                                                                 \
-        return differs;                                                                          \
+        return count;                                                                            \
     }
 
 #define CM_DOT_MADDUBS(acc, v, w, ones) \
     _mm512_add_epi32((acc), _mm512_madd_epi16(_mm512_maddubs_epi16((v), (w)), (ones)))
 #define CM_DOT_VNNI(acc, v, w, ones) _mm512_dpbusd_epi32((acc), (v), (w))
 
-CM_SUMS_BODY_AVX512(cm_sums_body_avx512, CM_AVX512, CM_DOT_MADDUBS)
-CM_SUMS_BODY_AVX512(cm_sums_body_avx512vnni, CM_AVX512VNNI, CM_DOT_VNNI)
+CM_SCAN_BODY_AVX512(cm_scan_body_avx512, CM_AVX512, CM_DOT_MADDUBS)
+CM_SCAN_BODY_AVX512(cm_scan_body_avx512vnni, CM_AVX512VNNI, CM_DOT_VNNI)
 
-static CM_AVX512 void cm_sums_avx512(const uint8_t *p, size_t n, uint32_t *ps, uint32_t *pw) {
-    cm_sums_body_avx512(p, NULL, n, ps, pw);
+static CM_AVX512 size_t cm_scan_avx512(const uint8_t *p, const uint8_t *q, size_t n, size_t page,
+                                       int64_t *idx, uint32_t *ps, uint32_t *pw) {
+    if (q)
+        return cm_scan_body_avx512(p, q, n, page, idx, ps, pw);
+    return cm_scan_body_avx512(p, NULL, n, page, idx, ps, pw);
 }
-static CM_AVX512 int cm_sums_cmp_avx512(const uint8_t *p, const uint8_t *q, size_t n, uint32_t *ps,
-                                        uint32_t *pw) {
-    return cm_sums_body_avx512(p, q, n, ps, pw);
-}
-static CM_AVX512VNNI void cm_sums_avx512vnni(const uint8_t *p, size_t n, uint32_t *ps,
-                                             uint32_t *pw) {
-    cm_sums_body_avx512vnni(p, NULL, n, ps, pw);
-}
-static CM_AVX512VNNI int cm_sums_cmp_avx512vnni(const uint8_t *p, const uint8_t *q, size_t n,
-                                                uint32_t *ps, uint32_t *pw) {
-    return cm_sums_body_avx512vnni(p, q, n, ps, pw);
+
+static CM_AVX512VNNI size_t cm_scan_avx512vnni(const uint8_t *p, const uint8_t *q, size_t n,
+                                               size_t page, int64_t *idx, uint32_t *ps,
+                                               uint32_t *pw) {
+    if (q)
+        return cm_scan_body_avx512vnni(p, q, n, page, idx, ps, pw);
+    return cm_scan_body_avx512vnni(p, NULL, n, page, idx, ps, pw);
 }
 
 /* --- RLE ---------------------------------------------------------------------------- */
@@ -529,25 +582,23 @@ static CM_AVX512 size_t cm_rle_compress_avx512(const uint8_t *src, size_t n, uin
 /* Runtime dispatch                                                                     */
 /* ------------------------------------------------------------------------------------ */
 
-typedef void (*cm_sums_fn)(const uint8_t *, size_t, uint32_t *, uint32_t *);
-typedef int (*cm_sums_cmp_fn)(const uint8_t *, const uint8_t *, size_t, uint32_t *, uint32_t *);
 typedef size_t (*cm_rle_fn)(const uint8_t *, size_t, uint8_t *);
 
 typedef struct {
     const char *name;
-    cm_sums_fn sums;
-    cm_sums_cmp_fn sums_cmp;
+    cm_scan_fn scan;
+    size_t block; /* page sizes that are multiples of this are compared in `scan`; 0 = never */
     cm_rle_fn rle_compress;
 } cm_path;
 
 /* Ordered slowest to fastest; the last supported one is the default. */
 static const cm_path cm_paths[] = {
-    {"scalar", cm_sums_scalar, cm_sums_cmp_scalar, cm_rle_compress_scalar},
+    {"scalar", cm_scan_scalar, 0, cm_rle_compress_scalar},
 #if CM_X86
-    {"sse2", cm_sums_sse2, cm_sums_cmp_sse2, cm_rle_compress_sse2},
-    {"avx2", cm_sums_avx2, cm_sums_cmp_avx2, cm_rle_compress_avx2},
-    {"avx512", cm_sums_avx512, cm_sums_cmp_avx512, cm_rle_compress_avx512},
-    {"avx512vnni", cm_sums_avx512vnni, cm_sums_cmp_avx512vnni, cm_rle_compress_avx512},
+    {"sse2", cm_scan_sse2, 16, cm_rle_compress_sse2},
+    {"avx2", cm_scan_avx2, 32, cm_rle_compress_avx2},
+    {"avx512", cm_scan_avx512, 64, cm_rle_compress_avx512},
+    {"avx512vnni", cm_scan_avx512vnni, 64, cm_rle_compress_avx512},
 #endif
 };
 #define CM_NPATHS ((int)(sizeof(cm_paths) / sizeof(cm_paths[0])))
@@ -616,7 +667,7 @@ static uint32_t cm_checksum(const uint8_t *p, size_t n, uint64_t offset) {
     uint32_t S, W;
     if (n == 0)
         return 0;
-    cm_active->sums(p, n, &S, &W);
+    cm_active->scan(p, NULL, n, 0, NULL, &S, &W);
     return W + (uint32_t)offset * S;
 }
 
@@ -628,13 +679,19 @@ static size_t cm_dirty_pages_checksum(const uint8_t *old, const uint8_t *new_, s
     const cm_path *path = cm_active;
     uint32_t S = 0, W = 0;
     size_t count = 0, k = 0;
-    for (size_t start = 0; start < n; start += page, k++) {
-        size_t len = n - start < page ? n - start : page;
-        uint32_t s, w;
-        if (path->sums_cmp(new_ + start, old + start, len, &s, &w))
-            idx[count++] = (int64_t)k;
-        W += w + (uint32_t)start * s;
-        S += s;
+    if (path->block && page % path->block == 0) {
+        count = path->scan(new_, old, n, page, idx, &S, &W);
+    } else {
+        /* Page sizes the vector loop cannot follow: page by page, memcmp while hot. */
+        for (size_t start = 0; start < n; start += page, k++) {
+            size_t len = n - start < page ? n - start : page;
+            uint32_t s, w;
+            path->scan(new_ + start, NULL, len, 0, NULL, &s, &w);
+            if (memcmp(new_ + start, old + start, len) != 0)
+                idx[count++] = (int64_t)k;
+            W += w + (uint32_t)start * s;
+            S += s;
+        }
     }
     *checksum = W + (uint32_t)offset * S;
     return count;

@@ -85,5 +85,5 @@ def old_new(draw: st.DrawFn) -> Tuple[bytes, bytes, int]:
         if new:
             i = draw(st.integers(0, len(new) - 1))
             new[i] ^= draw(st.integers(1, 255))
-    page_size = draw(st.sampled_from((1, 7, 64, 100, 4096, 4096, 4096, 8192)))
+    page_size = draw(st.sampled_from((1, 7, 16, 32, 48, 64, 100, 128, 4096, 4096, 4096, 8192)))
     return old, bytes(new), page_size
