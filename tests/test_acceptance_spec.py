@@ -2140,3 +2140,413 @@ def test_agent():
         Agent(b"", AID)  # agent_id is keyword-only
     with pytest.raises((ValueError, TypeError)):
         Agent(agent_id=b"short")
+
+
+# ---------------------------------------------------------------------------------------
+# Large-ish states (threaded paths): boundaries, ordering, atomicity
+# ---------------------------------------------------------------------------------------
+
+
+def o_checksum_chunked(data, chunk=1 << 22) -> int:
+    mv = memoryview(data)
+    total = 0
+    for start in range(0, len(mv), chunk):
+        part = np.frombuffer(mv[start:start + chunk], dtype=np.uint8).astype(np.uint64)
+        w = (np.arange(start + 1, start + 1 + len(part), dtype=np.uint64) & np.uint64(M32))
+        total = (total + int(((part * w) & np.uint64(M32)).sum(dtype=np.uint64))) & M32
+    return total
+
+
+BIG = 40 * 1024 * 1024 + 1234
+
+
+@pytest.fixture(scope="module")
+def big_pair():
+    old = np.random.default_rng(77).integers(0, 256, BIG, dtype=np.uint8).tobytes()
+    pos = {0, 1, 4095, 4096, BIG - 1, BIG - 1234, BIG - 1235}
+    for k in range(12, 26):
+        pos |= {2 ** k - 1, 2 ** k, 2 ** k + 1}
+    new = bytearray(old)
+    for p in pos:
+        new[p] ^= 0xA5
+    return old, bytes(new), sorted(pos)
+
+
+def test_big_state_kernels_match_oracles(big_pair):
+    old, new, pos = big_pair
+    assert simple_checksum(new) == o_checksum_chunked(new)
+    assert simple_checksum(old) == o_checksum_chunked(old)
+    pages = sorted({p // PAGE_SIZE for p in pos})
+    assert list(dirty_pages(old, new)) == pages
+    assert first_difference(old, new) == 0
+    assert first_difference(old[1:], new[1:]) == 0
+    assert first_difference(old[2:], new[2:]) == 4093
+    assert digest(new) == xxhash.xxh3_128_digest(new)
+    # the first difference is the lowest offset even when a later region differs too
+    late = bytearray(old)
+    late[30 * 1024 * 1024 + 5] ^= 1
+    late[10 * 1024 * 1024 + 7] ^= 1
+    assert first_difference(old, bytes(late)) == 10 * 1024 * 1024 + 7
+
+
+def test_big_state_delta_roundtrip_and_atomicity(big_pair):
+    old, new, pos = big_pair
+    pages = sorted({p // PAGE_SIZE for p in pos})
+    for kw in ({}, {"digest": None}, {"key": KEY}):
+        d = DeltaSnapshot.create(AID, old, new, 0, 1, **kw)
+        assert [p.index for p in d.dirty_pages] == pages
+        assert d.checksum == o_checksum_chunked(new) and d.total_size == BIG
+        apply_kw = {"key": KEY} if "key" in kw else {}
+        base = bytearray(old)
+        d.apply(base, **apply_kw)
+        assert base == new
+        w = d.serialize()
+        r = DeltaSnapshot.deserialize(w)
+        base = np.frombuffer(old, dtype=np.uint8).copy()
+        r.apply(base, **apply_kw)
+        assert base.tobytes() == new
+    # tampered large deltas leave the base unchanged
+    for tamper in ("checksum", "index", "mid-page", "last-page"):
+        d = DeltaSnapshot.create(AID, old, new, 0, 1, digest=None)
+        if tamper == "checksum":
+            d.checksum ^= 0x10
+        elif tamper == "index":
+            d.dirty_pages[-1].index = (BIG + PAGE_SIZE - 1) // PAGE_SIZE
+        elif tamper == "mid-page":
+            p = d.dirty_pages[len(d.dirty_pages) // 2]
+            raw = bytearray(p.get_data())
+            raw[0] ^= 1
+            p.data, p.compressed = bytes(raw), False
+        else:
+            p = d.dirty_pages[-1]
+            p.data, p.compressed = bytes(p.get_data())[:-1], False
+        base = bytearray(old)
+        with pytest.raises(InvalidStateError):
+            d.apply(base)
+        assert xxhash.xxh3_128_digest(base) == xxhash.xxh3_128_digest(old), tamper
+
+
+def test_big_state_content_forgery_far_offset(big_pair):
+    old, _, _ = big_pair
+    k = 2 ** 24 + 3
+    f = bytearray(old)
+    for j, dv in ((k, 1), (k + 1, 1), (2 * k + 2, -1)):
+        if not (0 < f[j] + dv < 256):
+            f[j] = 100 - dv
+    base = bytes(f)  # a copy whose three bytes allow the forgery
+    forged = bytearray(base)
+    forged[k] += 1
+    forged[k + 1] += 1
+    forged[2 * k + 2] -= 1
+    cs = o_checksum_chunked(base)
+    assert o_checksum_chunked(forged) == cs
+    r = StateVerifier.verify_state(base, bytes(forged), cs)
+    assert not r.passed and not r.content_valid and r.checksum_valid and r.size_valid
+    assert "Content mismatch at offset %d" % k in r.details
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes are in bytes for every buffer kind; memory: no copies to read
+# ---------------------------------------------------------------------------------------
+
+
+def test_sizes_are_bytes_for_wide_numpy():
+    a = np.arange(1000, dtype=np.uint32)
+    b2 = a.copy()
+    b2[3] = 7
+    v = MigrationValidator()
+    agent = Agent()
+    v.capture_rollback_info(MID, agent, a)
+    assert list(v.audit_log)[-1].details == "Rollback info captured: 4000 bytes"
+    r = v.verify_post_migration(MID, AID, a, a.copy())
+    assert r.details == ["Size verified: 4000 bytes", "Checksum verified"]
+    r = StateVerifier.verify_state(a, a[:500].copy(), o_checksum(a.tobytes()))
+    assert r.details[0] == "Size mismatch: original 4000 bytes, migrated 2000 bytes"
+    d = DeltaSnapshot.create(AID, a, b2, 0, 1)
+    assert d.total_size == 4000
+    assert StateVerifier.verify_delta(a, d, d.checksum).details[1] == "Delta size compatible with base state"
+    info = v.execute_rollback(MID)
+    assert list(v.audit_log)[-1].details == "Rollback completed: restored 4000 bytes"
+    assert bytes(info.original_state) == a.tobytes()
+    assert info.digest == xxhash.xxh3_128_digest(a.tobytes())
+    m = IncrementalMigrator()
+    m.start_tracking(AID, a)
+    dd = m.create_incremental(AID, b2)
+    assert m.stats.bytes_saved_delta == 4000 - dd.compressed_size()
+    assert m.stats.avg_delta_ratio == pytest.approx(dd.compressed_size() / 4000)
+    t = DirtyPageTracker(AID, 4000)
+    t.mark_range_dirty(0, 4000)
+    assert t.dirty_count() == 1
+    import array
+    assert simple_checksum(array.array("d", [1.5, 2.5])) == o_checksum(struct.pack("=2d", 1.5, 2.5))
+    assert simple_checksum(memoryview(a)) == o_checksum(a.tobytes())
+    assert simple_decompress(memoryview(b"\xff\x04A")) == b"AAAA"
+    assert simple_decompress(np.frombuffer(b"\xff\x04A", dtype=np.uint8)) == b"AAAA"
+
+
+def test_readers_make_no_copy():
+    import tracemalloc
+    n = 16 * 1024 * 1024
+    old = bytes(n)
+    nb = bytearray(n)
+    nb[5] = 3
+    nb[n // 2] = 1
+    new = bytes(nb)
+    d0 = DeltaSnapshot.create(AID, old, new, 0, 1)
+    calls = {
+        "checksum": lambda: simple_checksum(new),
+        "first_difference": lambda: first_difference(old, new),
+        "dirty_pages": lambda: dirty_pages(old, new),
+        "digest": lambda: digest(new),
+        "verify_state": lambda: StateVerifier.verify_state(old, new, 1),
+        "create": lambda: DeltaSnapshot.create(AID, old, new, 0, 1),
+        "create-none": lambda: DeltaSnapshot.create(AID, old, new, 0, 1, digest=None),
+        "apply": lambda: d0.apply(bytearray_base),
+    }
+    bytearray_base = bytearray(old)
+    for name, fn in calls.items():
+        tracemalloc.start()
+        try:
+            fn()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < n // 8, (name, peak)
+    tracemalloc.start()
+    try:
+        RollbackInfo.capture(Agent(), new)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * 1.5  # "copies the state once"
+
+
+# ---------------------------------------------------------------------------------------
+# Misc edges
+# ---------------------------------------------------------------------------------------
+
+
+def test_misc_edges():
+    with pytest.raises(ValueError):
+        dirty_pages(b"a" * 10, b"b" * 10, page_size=0)
+    with pytest.raises((CorruptDataError, ValueError)):
+        lz4_decompress(struct.pack("<I", 0x7FFFFFFF) + b"\x00")
+    with pytest.raises((CorruptDataError, ValueError)):
+        zstd_decompress(b"garbage")
+    mgr = MigrationRecoveryManager.with_defaults()
+    mgr.record_failure(MigrationError(ET.TIMEOUT, "x", AID))
+    mgr.mark_recovery_success(AID)  # no attempt yet: just drops pending
+    assert mgr.pending_count() == 0 and mgr.get_history(AID) == []
+    mgr.mark_recovery_failure(bytes(16), "e")
+    mgr.clear_history(bytes([7] * 16))
+    capped = RecoveryConfig(initial_retry_delay_secs=500, max_retry_delay_secs=300)
+    assert capped.calculate_retry_delay(1) == 300
+    assert RecoveryConfig(initial_retry_delay_secs=500, max_retry_delay_secs=300,
+                          use_exponential_backoff=False).calculate_retry_delay(3) == 500
+    # rollback info keyed by migration id: UUID and bytes are the same key
+    v = MigrationValidator()
+    v.capture_rollback_info(uuid.UUID(bytes=MID), Agent(), b"xyz")
+    assert bytes(v.execute_rollback(MID).original_state) == b"xyz"
+    # audit entries without nodes round-trip through JSON
+    e = AuditEntry.new(MID, AID, AuditEventType.TRANSFER_COMPLETED, "t", False)
+    assert AuditEntry.from_dict(json.loads(json.dumps(e.to_dict()))) == e
+
+
+def test_apply_failure_does_not_grow_bytearray():
+    new = bytearray(PAGE_SIZE * 2 + 100)
+    new[PAGE_SIZE * 2 + 5] = 1
+    d = DeltaSnapshot.create(AID, bytes(len(new)), bytes(new), 0, 1)
+    d.checksum ^= 1
+    base = bytearray(PAGE_SIZE * 2)
+    with pytest.raises(InvalidStateError):
+        d.apply(base)
+    assert base == bytes(PAGE_SIZE * 2)
+    k = DeltaSnapshot.create(AID, bytes(len(new)), bytes(new), 0, 1, key=KEY)
+    base = bytearray(PAGE_SIZE)
+    with pytest.raises(InvalidStateError):
+        k.apply(base)
+    assert base == bytes(PAGE_SIZE)
+
+
+def test_rollback_restore_size_mismatch_untouched():
+    r = RollbackInfo.capture(Agent(), b"abcdef" * 1000)
+    for t in (np.zeros(10, dtype=np.uint8), memoryview(bytearray(7000))):
+        with pytest.raises((CellError, ValueError)):
+            r.restore_into(t)
+        assert not any(b(t))
+
+
+# ---------------------------------------------------------------------------------------
+# §1 extension missing / pure-Python opt-in (subprocess, extension import blocked)
+# ---------------------------------------------------------------------------------------
+
+_BLOCK = r'''
+import sys, json, importlib.abc
+class _B(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.startswith("cellmigrate._kernels"):
+            raise ImportError("blocked: " + name)
+        return None
+sys.meta_path.insert(0, _B())
+try:
+    import cellmigrate as c
+except ImportError as e:
+    print(json.dumps({"error": str(e)}))
+    raise SystemExit(0)
+out = {}
+data = bytes(range(256)) * 20 + b"\0" * 5000 + b"\xff" * 3
+out["checksum"] = c.simple_checksum(data)
+out["rle"] = c.simple_compress(data).hex()
+out["unrle"] = c.simple_decompress(bytes.fromhex(out["rle"])) == data
+bad = []
+for s in (b"\xff", b"a\xff\x01", b"\xff\x00a"):
+    try:
+        c.simple_decompress(s)
+        bad.append(False)
+    except c.CorruptDataError:
+        bad.append(True)
+out["strict"] = bad
+new = bytearray(data); new[4097] ^= 1
+out["first"] = c.first_difference(data, bytes(new))
+out["pages"] = [int(x) for x in c.dirty_pages(data, bytes(new))]
+print(json.dumps(out))
+'''
+
+
+def _run_blocked(env_extra):
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env.pop("CELLMIGRATE_PURE_PYTHON", None)
+    env.update(env_extra)
+    p = subprocess.run([sys.executable, "-c", _BLOCK], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_missing_extension_fails_clearly_unless_opted_in():
+    r = _run_blocked({})
+    assert "error" in r and "CELLMIGRATE_PURE_PYTHON" in r["error"]
+    r = _run_blocked({"CELLMIGRATE_PURE_PYTHON": "1"})
+    data = bytes(range(256)) * 20 + b"\0" * 5000 + b"\xff" * 3
+    assert r["checksum"] == o_checksum(data)
+    assert r["rle"] == o_rle(data).hex() and r["unrle"] is True
+    assert r["strict"] == [True, True, True]
+    assert r["first"] == 4097 and r["pages"] == [1]
+
+
+# ---------------------------------------------------------------------------------------
+# §5 durable audit sink, JSON Lines
+# ---------------------------------------------------------------------------------------
+
+
+def test_durable_sink_keeps_evicted_entries(tmp_path):
+    p = str(tmp_path / "audit.db")
+    log = MigrationAuditLog(2, sink=p)
+    for _ in range(5):
+        log.log_start(MID, AID)
+    log.log_completion(MID, AID, False, "x")
+    assert len(log) == 2
+    assert len(log.get_migration_entries(MID)) == 6
+    del log
+    import gc
+    gc.collect()
+    again = MigrationAuditLog(sink=p)
+    assert len(again.get_migration_entries(MID)) == 6
+    assert len(again.get_agent_entries(AID)) == 6
+    assert [e.details for e in again.get_failures()] == ["x"]
+    assert len(again.get_entries_by_type(AuditEventType.MIGRATION_STARTED)) == 5
+
+
+def test_jsonl_roundtrip(tmp_path):
+    log = MigrationAuditLog()
+    log.log_start(MID, AID, SRC, DST)
+    log.log_validation(MID, AID, CompatibilityStatus.compatible_with_warnings(["a"]))
+    log.log_completion(MID, AID, False, "caf\u00e9 \"q\"")
+    p = str(tmp_path / "a.jsonl")
+    cellmigrate.export_jsonl(list(log), p)
+    assert cellmigrate.import_jsonl(p) == list(log)
+    with open(p, encoding="utf-8") as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    assert len(lines) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# §5 Beyond: long operations report through the same (event) callbacks
+# ---------------------------------------------------------------------------------------
+
+
+def test_delta_create_apply_report_through_event_callbacks():
+    old = bytes(PAGE_SIZE * 64)
+    nb = bytearray(old)
+    nb[7] = 1
+    cb = CollectingCallback()
+    d = DeltaSnapshot.create(AID, old, bytes(nb), 0, 1, progress=cb)
+    assert cb.event_count() >= 1
+    assert all(isinstance(e, MigrationProgressEvent) for e in cb.events)
+    pct = [e.progress_percent() for e in cb.events if e.progress_percent() is not None]
+    assert pct and pct == sorted(pct) and pct[-1] == 100
+    cb2 = CollectingCallback()
+    base = bytearray(old)
+    d.apply(base, progress=cb2)
+    assert base == nb and cb2.event_count() >= 1
+    assert all(isinstance(e, MigrationProgressEvent) for e in cb2.events)
+
+
+def test_progress_adapter_reaches_100():
+    if not hasattr(cellmigrate, "byte_progress"):
+        pytest.skip("no adapter")
+    old = bytes(PAGE_SIZE * 64)
+    nb = bytearray(old)
+    nb[7] = 1
+    cb = CollectingCallback()
+    d = DeltaSnapshot.create(AID, old, bytes(nb), 0, 1, progress=cellmigrate.byte_progress(cb, AID))
+    assert cb.latest_event().progress_percent() == 100
+    cb.clear()
+    d.apply(bytearray(old), progress=cellmigrate.byte_progress(cb, AID))
+    assert cb.latest_event().progress_percent() == 100
+
+
+def test_static_style_calls_and_case_sensitivity():
+    caps = NodeCapabilities.new()
+    r = CompatibilityValidator().check_compatibility(AgentRequirements(architecture="X86_64"), caps)
+    assert r == CompatibilityStatus.incompatible("Target does not support architecture: X86_64")
+    s = bytes([1, 2, 3])
+    assert StateVerifier().verify_state(s, s, o_checksum(s)).passed
+    assert VerificationResult.failure("x").content_valid is False
+    e = AuditEntry.new(MID, AID, AuditEventType.MIGRATION_STARTED, "t", True).with_nodes(
+        uuid.UUID(bytes=SRC), uuid.UUID(bytes=DST))
+    assert (e.source_node, e.target_node) == (SRC, DST)
+    log = MigrationAuditLog()
+    log.log_start(uuid.UUID(bytes=MID), uuid.UUID(bytes=AID), uuid.UUID(bytes=SRC), uuid.UUID(bytes=DST))
+    e = list(log)[0]
+    assert (e.migration_id, e.agent_id, e.source_node, e.target_node) == (MID, AID, SRC, DST)
+    me = MigrationError(ET.TIMEOUT, "t", AID, uuid.UUID(bytes=DST))
+    assert me.target_node == DST
+
+
+def test_delta_pages_are_copies():
+    old = bytes(PAGE_SIZE * 3)
+    nb = bytearray(old)
+    nb[1] = 5
+    nb[PAGE_SIZE * 2 + 1] = 7
+    rand_page = rnd(PAGE_SIZE, 5)
+    nb[PAGE_SIZE:PAGE_SIZE * 2] = rand_page  # an uncompressible page
+    want = bytes(nb)
+    d = DeltaSnapshot.create(AID, old, nb, 0, 1)
+    nb[:] = bytes(len(nb))  # the caller reuses its buffer
+    base = bytearray(old)
+    d.apply(base)
+    assert base == want
+    w = bytearray(DeltaSnapshot.create(AID, old, want, 0, 1).serialize())
+    r = DeltaSnapshot.deserialize(w)
+    w[:] = bytes(len(w))
+    base = bytearray(old)
+    r.apply(base)
+    assert base == want
+    dg = DeltaSnapshot.create(AID, old, want, 0, 1, digest="blake3")
+    assert dg.digest == blake3.blake3(want).digest() and dg.keyed is False
+    with pytest.raises(ValueError):
+        DeltaSnapshot.create(AID, old, want, 0, 1, digest="md5")
+    with pytest.raises((ValueError, TypeError)):
+        DeltaSnapshot.create(AID, old, want, 0, 1, key=b"short")
