@@ -2550,3 +2550,59 @@ def test_delta_pages_are_copies():
         DeltaSnapshot.create(AID, old, want, 0, 1, digest="md5")
     with pytest.raises((ValueError, TypeError)):
         DeltaSnapshot.create(AID, old, want, 0, 1, key=b"short")
+
+
+# ---------------------------------------------------------------------------------------
+# Wire mutation fuzz with a resealed trailer: every mutation reaches the field checks
+# ---------------------------------------------------------------------------------------
+
+_FUZZ_OLD = rnd(PAGE_SIZE * 3 + 300, 21)
+_FUZZ_NEW = bytearray(_FUZZ_OLD)
+_FUZZ_NEW[PAGE_SIZE:PAGE_SIZE * 2] = bytes(PAGE_SIZE)
+_FUZZ_NEW[5] ^= 1
+_FUZZ_NEW[-1] ^= 1
+_FUZZ_NEW = bytes(_FUZZ_NEW)
+_FUZZ_WIRES = [DeltaSnapshot.create(AID, _FUZZ_OLD, _FUZZ_NEW, 1, 2, **kw).serialize()
+               for kw in ({}, {"digest": None}, {"key": KEY})]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 2), st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(-40, 40))
+def test_wire_mutation_fuzz_resealed(which, muts, resize):
+    w = _FUZZ_WIRES[which]
+    body = bytearray(w[:-16])
+    for pos, val in muts:
+        body[pos % len(body)] = val
+    if resize > 0:
+        body += bytes([resize]) * resize
+    elif resize < 0:
+        del body[resize:]
+    data = _reseal(bytes(body))
+    try:
+        r = DeltaSnapshot.deserialize(data)
+    except CorruptDataError:
+        return
+    assert r.serialize() == data  # a delta that decodes re-encodes to exactly its input
+    base = bytearray(_FUZZ_OLD)
+    try:
+        r.apply(base, **({"key": KEY} if r.keyed else {}))
+    except InvalidStateError:
+        assert base == _FUZZ_OLD
+        return
+    assert len(base) == r.total_size
+    assert simple_checksum(base) == r.checksum
+
+
+def test_recovery_manager_history_rules():
+    mgr = MigrationRecoveryManager(RecoveryConfig(max_retries=0))
+    assert mgr.determine_strategy(MigrationError(ET.TIMEOUT, "t", AID)) == RecoveryStrategy.ROLLBACK
+    m = MigrationRecoveryManager.with_defaults()
+    m.record_failure(MigrationError(ET.TIMEOUT, "a", AID, DST))
+    m.execute_recovery(AID)
+    m.record_failure(MigrationError(ET.INCOMPATIBLE_TARGET, "b", AID, SRC))  # replaces, history kept
+    assert len(m.get_history(AID)) == 1
+    assert m.execute_recovery(AID) == RecoveryStrategy.RETRY_ON_DIFFERENT_TARGET
+    h = m.get_history(AID)
+    assert [a.attempt_number for a in h] == [1, 1]
+    assert [a.target_node for a in h] == [DST, SRC]
