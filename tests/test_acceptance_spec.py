@@ -346,10 +346,12 @@ def _noncontig():
         np.asfortranarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)),
         memoryview(bytearray(8192))[::2],
         np.arange(4096, dtype=np.uint16)[::3],
+        memoryview(bytes(8192))[::-1],
+        np.arange(8192, dtype=np.uint8)[::-1],
     ]
 
 
-@pytest.mark.parametrize("idx", range(4))
+@pytest.mark.parametrize("idx", range(6))
 def test_non_contiguous_refused_by_every_reader(idx):
     x = _noncontig()[idx]
     n = x.nbytes
@@ -581,7 +583,19 @@ ADAPTIVE_INPUTS = [
     b"\0\0\0\0\x01\x02\x03\x04" * 100,
     b"\x2a" * 5000,
     rnd(4095, 4),
+    # RLE and LZ4 sizes tie on these: the earlier (RLE) is kept
+    bytes(80) + bytes((i * 37 + 11) % 251 for i in range(347 - 80)),
+    bytes(390) + bytes((i * 37 + 11) % 251 for i in range(410 - 390)),
 ]
+
+
+def test_adaptive_tie_keeps_rle():
+    for n, z in ((347, 80), (375, 108), (410, 390), (417, 390)):
+        data = bytes(z) + bytes((i * 37 + 11) % 251 for i in range(n - z))
+        assert len(o_rle(data)) == len(lz4.block.compress(data, store_size=True)) or \
+            len(simple_compress(data)) == len(lz4_compress(data))
+        if len(simple_compress(data)) == len(lz4_compress(data)):
+            assert adaptive_compress(data)[1] == CompressionMethod.RLE
 
 
 @pytest.mark.parametrize("i", range(len(ADAPTIVE_INPUTS)))
@@ -1490,6 +1504,8 @@ VERSION_CASES = [
     ("4294967296.0.0", "0.0.0"), ("4294967295.0.0", "4294967295.0.0"), ("1.4294967296.0", "1.0.0"),
     ("\u0661.0.0", "0.0.0"), ("\u0661.0.0", "1.0.0"), ("01.02.03", "1.2.3"), ("1.2.3-beta", "1.2.0"),
     ("1.2.3-beta", "1.2.3"), ("2.0.0", "1.9.9"), ("1.10.0", "1.9.0"), ("0.1.0", ""), ("1.0.0", ""),
+    ("\u00b2.0.0", "0.0.0"), ("\uff11.0.0", "0.0.0"), ("\uff11.0.0", "1.0.0"), ("0.\u0663.0", "0.3.0"),
+    ("+", "0.0.0"), ("1.+2.0", "1.2.0"), ("1.2.3 ", "1.2.3"), ("1.2.\t3", "1.2.3"), ("0x1.0.0", "0.0.0"),
 ]
 
 
@@ -1788,7 +1804,8 @@ def test_audit_log_helpers_and_queries():
     assert list(log)[-1].details == "All verification checks passed" and list(log)[-1].success
 
 
-@pytest.mark.parametrize("warnings", [["a", "b"], ["it's"], ['say "hi"'], ["back\\slash"], ["caf\u00e9"], []])
+@pytest.mark.parametrize("warnings", [["a", "b"], ["it's"], ['say "hi"'], ["back\\slash"], ["caf\u00e9"], [],
+                                      ["line\nbreak", "tab\there"]])
 def test_log_validation_warning_rendering(warnings):
     log = MigrationAuditLog()
     log.log_validation(MID, AID, CompatibilityStatus.compatible_with_warnings(warnings))
@@ -2606,3 +2623,43 @@ def test_recovery_manager_history_rules():
     h = m.get_history(AID)
     assert [a.attempt_number for a in h] == [1, 1]
     assert [a.target_node for a in h] == [DST, SRC]
+
+
+def test_progress_ids_are_bytes():
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(uuid.UUID(bytes=AID), 10, callback=cb)
+    t.report_started()
+    t.update_capturing_progress(40)
+    t.update_restoring_progress(60)
+    assert all(e.agent_id == AID for e in cb.events)
+    assert [e.progress_percent() for e in cb.events] == [None, 40, 60]
+    assert cb.events[1].percent == 40 and cb.events[2].percent == 60
+
+
+def test_dirty_page_corrupt_stream_raises_corrupt():
+    p = DirtyPage(0, b"\x01\xff", compressed=True)
+    with pytest.raises(CorruptDataError):
+        p.get_data()
+    with pytest.raises(CorruptDataError):
+        p.decompress()
+
+
+def test_readonly_targets_refused_untouched():
+    old, new = _pair()
+    d = DeltaSnapshot.create(AID, old, new, 0, 1)
+    ro = np.frombuffer(old, dtype=np.uint8)  # read-only numpy view
+    with pytest.raises((TypeError, ValueError, InvalidStateError)):
+        d.apply(ro)
+    assert ro.tobytes() == old
+    with tempfile.TemporaryFile() as f:
+        f.write(old)
+        f.flush()
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with pytest.raises((TypeError, ValueError, InvalidStateError)):
+                d.apply(m)
+            assert m[:] == old
+        finally:
+            m.close()
+    with pytest.raises((TypeError, ValueError, InvalidStateError)):
+        d.apply(memoryview(old))
