@@ -20,12 +20,9 @@ import pytest
 
 from cellmigrate import _reference
 
-try:
-    from cellmigrate import _kernels as _compiled
-except ImportError:  # pragma: no cover - the package requires the extension
-    _compiled = None
+from cellmigrate import _kernels as _compiled
 
-IMPLEMENTATIONS: List[ModuleType] = [m for m in (_compiled, _reference) if m is not None]
+IMPLEMENTATIONS: List[ModuleType] = [_compiled, _reference]
 
 #: Every kind of C-contiguous buffer the library accepts.
 BUFFER_KINDS = (

@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Set, Tuple
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +19,7 @@ from kernel_strategies import RUN_LENGTHS, aligned, offsets, old_new
 PATHS: List[str] = _kernels._dispatch_paths()
 
 
-def _cpu_flags() -> set:
+def _cpu_flags() -> Set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -86,7 +86,7 @@ def test_env_forces_the_portable_path() -> None:
 
 
 # Deterministic edge cases: every length 0..300 in patterns that stress block and run edges.
-EDGE_PATTERNS = [
+EDGE_PATTERNS: List[Callable[[int], bytes]] = [
     lambda n: bytes(n),
     lambda n: b"\xff" * n,
     lambda n: bytes(i % 251 for i in range(n)),

@@ -68,7 +68,9 @@ def plan(nbytes: int, threads: Optional[int], align: int = 1) -> List[Tuple[int,
     Span boundaries are multiples of ``align`` (a page size, so no page is split). A
     single span means "run on the calling thread".
     """
-    if nbytes < PARALLEL_MIN_BYTES and threads is None:
+    if (threads is None or threads == 1) and nbytes < PARALLEL_MIN_BYTES:
+        if threads is not None and isinstance(threads, bool):
+            raise TypeError("threads must be an int or None, not bool")
         return [(0, nbytes)]  # the common small call: no environment lookups
     wanted = _check_threads(threads)
     if wanted == 1 or nbytes < PARALLEL_MIN_BYTES:
