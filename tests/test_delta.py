@@ -432,3 +432,55 @@ def test_one_gib_round_trip() -> None:
     assert delta.dirty_page_count() == len(pages)
     delta.apply(old)
     assert np.array_equal(old, new)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paired_and_single_paths_agree(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    # Force each strategy regardless of this machine's CPU count: the results must not
+    # depend on how the work is split.
+    import cellmigrate.delta as delta_module
+
+    monkeypatch.setattr(delta_module, "max_threads", lambda: threads)
+    monkeypatch.setattr(delta_module, "_PACE_CHUNK", 1 << 20)
+    monkeypatch.setattr(delta_module, "_PACE_WINDOW", 2 << 20)
+    size = (17 << 20) + 1234  # over the threading threshold, with a short last page
+    rng = np.random.default_rng(threads)
+    old = rng.integers(0, 256, size, dtype=np.uint8)
+    new = old.copy()
+    pages = rng.choice(-(-size // PAGE_SIZE), 40, replace=False)
+    new[np.minimum(pages * PAGE_SIZE + 5, size - 1)] ^= 0x11
+    for kwargs in ({}, {"digest": None}, {"digest": "blake3"}, {"key": bytes(32)}):
+        delta = DeltaSnapshot.create(AGENT, old, new, 0, 1, **kwargs)
+        assert [p.index for p in delta.dirty_pages] == dirty_pages(old, new).tolist()
+        assert delta.checksum == simple_checksum(new)
+        if delta.digest_algorithm is not None:
+            assert delta.digest == digest(new, delta.digest_algorithm, key=kwargs.get("key"))  # type: ignore[arg-type]
+        target = old.copy()
+        delta.apply(target, key=kwargs.get("key"))  # type: ignore[arg-type]
+        assert np.array_equal(target, new)
+    short = bytearray(old[: 3 << 20].tobytes())
+    grown = DeltaSnapshot.create(AGENT, np.concatenate([old[: 3 << 20], np.zeros(size - (3 << 20), np.uint8)]), new, 0, 1)
+    grown.apply(short)
+    assert short == new.tobytes()
+
+
+def test_failing_progress_callback_leaves_base_unchanged_and_does_not_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cellmigrate.delta as delta_module
+
+    monkeypatch.setattr(delta_module, "max_threads", lambda: 2)
+    size = 20 << 20
+    old = np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    new[::PAGE_SIZE * 50] = 1
+    delta = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+
+    def boom(done: int, total: int) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        DeltaSnapshot.create(AGENT, old, new, 0, 1, progress=boom)
+    with pytest.raises(RuntimeError, match="stop"):
+        delta.apply(old, progress=boom)
+    assert not old.any()
+    delta.apply(old)
+    assert np.array_equal(old, new)
