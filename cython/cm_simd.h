@@ -295,6 +295,16 @@ static size_t cm_rle_compress_sse2(const uint8_t *src, size_t n, uint8_t *dst) {
             size_t k = (size_t)__builtin_ctz(m);
             i += k;
             o += k;
+            if (src[i] == 0xFF && src[i + 1] != 0xFF) {
+                /* A lone 0xFF (1 in 256 random bytes): emit its marker and stay in the
+                   vector loop instead of leaving it for the general run handling. */
+                dst[o] = 0xFF;
+                dst[o + 1] = 1;
+                dst[o + 2] = 0xFF;
+                i += 1;
+                o += 3;
+                continue;
+            }
             break;
         }
         if (i >= n)
@@ -522,6 +532,16 @@ static CM_AVX2 size_t cm_rle_compress_avx2(const uint8_t *src, size_t n, uint8_t
             size_t k = (size_t)__builtin_ctz(m);
             i += k;
             o += k;
+            if (src[i] == 0xFF && src[i + 1] != 0xFF) {
+                /* A lone 0xFF (1 in 256 random bytes): emit its marker and stay in the
+                   vector loop instead of leaving it for the general run handling. */
+                dst[o] = 0xFF;
+                dst[o + 1] = 1;
+                dst[o + 2] = 0xFF;
+                i += 1;
+                o += 3;
+                continue;
+            }
             break;
         }
         if (i >= n)
@@ -567,6 +587,16 @@ static CM_AVX512 size_t cm_rle_compress_avx512(const uint8_t *src, size_t n, uin
             size_t k = (size_t)__builtin_ctzll(m);
             i += k;
             o += k;
+            if (src[i] == 0xFF && src[i + 1] != 0xFF) {
+                /* A lone 0xFF (1 in 256 random bytes): emit its marker and stay in the
+                   vector loop instead of leaving it for the general run handling. */
+                dst[o] = 0xFF;
+                dst[o + 1] = 1;
+                dst[o + 2] = 0xFF;
+                i += 1;
+                o += 3;
+                continue;
+            }
             break;
         }
         if (i >= n)
