@@ -484,3 +484,14 @@ def test_failing_progress_callback_leaves_base_unchanged_and_does_not_hang(monke
     assert not old.any()
     delta.apply(old)
     assert np.array_equal(old, new)
+
+
+def test_dirty_page_of_any_length_round_trips() -> None:
+    # A hand-built page may hold more than 4096 bytes; get_data is bounded only on request.
+    page = DirtyPage(0, bytes(10_000))
+    page.compress()
+    assert page.compressed and page.get_data() == bytes(10_000)
+    with pytest.raises(CorruptDataError, match="max_output"):
+        page.get_data(max_output=PAGE_SIZE)
+    page.decompress()
+    assert page.data == bytes(10_000) and not page.compressed

@@ -243,12 +243,16 @@ class DirtyPage:
     def get_data(self, *, max_output: Optional[int] = None) -> bytes:
         """The page's raw bytes (decoded if compressed), without changing the page.
 
-        ``max_output`` bounds the decoded size (``CorruptDataError`` past it); ``None``
-        means one page.
+        ``max_output`` bounds the decoded size (``CorruptDataError`` past it). ``None``
+        leaves only RLE's own limit (at most 127 bytes per 3 stored), like the crate,
+        so a page built by hand from more than 4096 bytes still round-trips;
+        :meth:`DeltaSnapshot.apply` always decodes with the exact page length as bound.
         """
         if not self.compressed:
             return self.data
-        bound = PAGE_SIZE if max_output is None else max_output
+        if max_output is not None and max_output < 0:
+            raise ValueError("max_output must be >= 0")
+        bound = -1 if max_output is None else max_output  # -1: the kernel's "no bound"
         return bytes(kernels.rle_decompress(as_bytes_view(self.data), bound))
 
     def __repr__(self) -> str:
