@@ -11,6 +11,9 @@
  * versions are the only ones compiled on other architectures or compilers, and the
  * env var CELLMIGRATE_FORCE_SCALAR=1 selects them anywhere.
  *
+ * Threads are not started here: the Python layer splits big buffers into page-aligned
+ * spans and adds the positioned partial results. Sizes are size_t throughout.
+ *
  * Weighted checksum. The crate's sum of data[i] * (i + 1) mod 2**32 looks serial (the
  * weight grows by one per byte), but it splits like Adler-32: for a block of B bytes
  * starting at byte b*B, the block adds b*B * (plain sum of the block) + (the block's
@@ -23,14 +26,19 @@
  * what lets threads and page lists combine partial results linearly.
  *
  * Fused dirty scan. Delta creation needs the dirty pages of (old, new) and the checksum
- * of new. Reading new twice costs a second trip through memory, so the page loop
- * checksums each page of new and compares it with old while both sit in registers.
+ * of new. Reading new twice costs a second trip through memory, so one loop (`scan`)
+ * checksums new and compares it with old while both sit in registers; the checksum
+ * accumulators run across pages (only the "differs" bit is reset per page), so a page
+ * boundary costs one test, not a horizontal reduction. The plain checksum is the same
+ * loop without old. dirty_pages alone is memcmp per page: glibc's memcmp already runs
+ * at memory speed and stops at the first difference of a dirty page.
  *
  * RLE. On real states the stream is mostly literal stretches (random-ish data, where
  * only 0xFF bytes become markers) or long runs (zero pages). Literal stretches are
  * found 32/64 bytes at a time by comparing the block with itself shifted by 1, 2 and 3
  * (four equal bytes start a run) and with 0xFF, and copied by storing the whole vector
- * (the output buffer has 3x room). A run is measured to its end with vector compares,
+ * (the output buffer has 3x room). A lone 0xFF, the common case in random data, gets
+ * its marker without leaving the vector loop. A run is measured to its end with vector compares,
  * then emitted as 127-byte markers, so a zero page costs one pass and 33 stores. The
  * crate's scanner always restarts at the beginning of a maximal run (or 127 bytes into
  * one), so "a maximal run of L >= 4 bytes (or of 0xFF) = L // 127 full markers plus the
@@ -44,7 +52,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* CELLMIGRATE_PORTABLE_ONLY compiles the portable paths alone (what non-x86 targets
+   get), so their build can be checked on any machine. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(CELLMIGRATE_PORTABLE_ONLY)
 #define CM_X86 1
 #include <immintrin.h>
 #else
