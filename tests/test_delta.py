@@ -495,3 +495,43 @@ def test_dirty_page_of_any_length_round_trips() -> None:
         page.get_data(max_output=PAGE_SIZE)
     page.decompress()
     assert page.data == bytes(10_000) and not page.compressed
+
+
+_CONCURRENT = """
+import threading
+import numpy as np
+import cellmigrate.delta as delta_module
+from cellmigrate import PAGE_SIZE, DeltaSnapshot
+
+delta_module.max_threads = lambda: 2  # paired hashing even on a 1-CPU runner
+size = 17 << 20
+old = np.zeros(size, dtype=np.uint8)
+new = old.copy()
+new[:: PAGE_SIZE * 97] = 3
+deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128", "blake3", None)]
+errors = []
+def worker(k):
+    try:
+        for _ in range(3):
+            target = old.copy()
+            deltas[k % 3].apply(target)
+            assert np.array_equal(target, new)
+            again = DeltaSnapshot.create(bytes(16), old, new, 0, 1)
+            assert again.dirty_pages == deltas[0].dirty_pages and again.digest == deltas[0].digest
+    except BaseException as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert not errors, errors
+print("ok")
+"""
+
+
+def test_concurrent_paired_operations_share_the_pool() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _CONCURRENT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
