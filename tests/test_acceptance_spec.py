@@ -2663,3 +2663,44 @@ def test_readonly_targets_refused_untouched():
             m.close()
     with pytest.raises((TypeError, ValueError, InvalidStateError)):
         d.apply(memoryview(old))
+
+
+@pytest.mark.large
+def test_sparse_over_4gib_delta_create_apply_wire():
+    size = 2 ** 32 + 2 * 4096 + 100
+    hot = 2 ** 32 + 4096 + 9
+    with tempfile.TemporaryDirectory() as tmp:
+        pa, pb = os.path.join(tmp, "a"), os.path.join(tmp, "b")
+        for p, extra in ((pa, False), (pb, True)):
+            with open(p, "wb") as f:
+                f.truncate(size)
+                f.seek(2 ** 32)
+                f.write(b"\x05")
+                if extra:
+                    f.seek(hot)
+                    f.write(b"\x07")
+                    f.seek(size - 1)
+                    f.write(b"\x01")
+        fa, fb = open(pa, "r+b"), open(pb, "rb")
+        ma = mmap.mmap(fa.fileno(), 0)
+        mb = mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            d = DeltaSnapshot.create(AID, ma, mb, 0, 1)
+            assert d.total_size == size
+            assert [p.index for p in d.dirty_pages] == [hot // 4096, (size - 1) // 4096]
+            want = (5 * 1 + 7 * ((hot + 1) % 2 ** 32) + 1 * (size % 2 ** 32)) % 2 ** 32
+            assert d.checksum == want
+            r = DeltaSnapshot.deserialize(d.serialize())
+            assert r.total_size == size and [p.index for p in r.dirty_pages] == [hot // 4096, (size - 1) // 4096]
+            r.checksum ^= 1
+            with pytest.raises(InvalidStateError):
+                r.apply(ma)
+            assert ma[hot] == 0 and ma[size - 1] == 0
+            d.apply(ma)
+            assert ma[hot] == 7 and ma[size - 1] == 1 and ma[2 ** 32] == 5
+            assert first_difference(ma, mb) is None
+        finally:
+            ma.close()
+            mb.close()
+            fa.close()
+            fb.close()
