@@ -535,3 +535,50 @@ def test_concurrent_paired_operations_share_the_pool() -> None:
     done = subprocess.run([sys.executable, "-c", _CONCURRENT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_progress_event_callbacks() -> None:
+    from cellmigrate import CollectingCallback, MigrationProgressEvent, ProgressEventKind
+
+    size = 40 << 20  # several report chunks, threaded paths included
+    old = np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    new[:: PAGE_SIZE * 300] = 1
+    created = CollectingCallback()
+    delta = DeltaSnapshot.create(AGENT, old, new, 0, 1, progress=created)
+    kinds = {e.kind for e in created.events}
+    assert kinds == {ProgressEventKind.CAPTURING_STATE}
+    percents = [e.progress_percent() for e in created.events]
+    assert None not in percents
+    assert percents == sorted(p or 0 for p in percents) and percents[-1] == 100 and len(percents) == len(set(percents))
+    assert all(e.agent_id == AGENT for e in created.events)
+
+    applied = CollectingCallback()
+    bad = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+    bad.checksum ^= 1
+    target = old.copy()
+    with pytest.raises(InvalidStateError):
+        bad.apply(target, progress=applied)
+    assert applied.events and max(e.progress_percent() or 0 for e in applied.events) < 100  # not finished
+    applied.clear()
+    delta.apply(target, progress=applied)
+    assert all(isinstance(e, MigrationProgressEvent) and e.kind is ProgressEventKind.RESTORING for e in applied.events)
+    percents = [e.progress_percent() for e in applied.events]
+    assert None not in percents
+    assert percents == sorted(p or 0 for p in percents) and percents[-1] == 100
+    assert np.array_equal(target, new)
+
+
+def test_progress_forms_are_told_apart() -> None:
+    from cellmigrate.delta import _takes_done_total
+
+    def two(done: int, total: int) -> None: ...
+    def two_and_default(done: int, total: int, extra: int = 0) -> None: ...
+    def one(event: object) -> None: ...
+    def star(*args: object) -> None: ...
+
+    assert _takes_done_total(two) and _takes_done_total(two_and_default)
+    assert _takes_done_total(lambda a, b: None)
+    assert not _takes_done_total(one) and not _takes_done_total(star) and not _takes_done_total(print)
+    with pytest.raises(TypeError, match="callable"):
+        DeltaSnapshot.create(AGENT, b"", b"", 0, 1, progress=5)  # type: ignore[arg-type]

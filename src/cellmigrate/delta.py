@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hmac
+import inspect
 import threading
 import time
 from dataclasses import dataclass
@@ -31,11 +32,44 @@ from ._ids import IdLike, to_id
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from .checksum import DIGEST_ALGORITHMS, KEY_SIZE, PAGE_SIZE
 from .errors import CorruptDataError, InvalidStateError
+from .progress import ProgressEventKind, byte_progress
 
-__all__ = ["DirtyPage", "DeltaSnapshot", "ProgressCallback"]
+__all__ = ["DirtyPage", "DeltaSnapshot"]
 
-#: ``progress(bytes_done, bytes_total)``, called from the calling thread between chunks.
+#: Internal form of progress: ``report(bytes_done, bytes_total)``, called from the calling
+#: thread between chunks. Callers pass either that or an event callback (see
+#: :func:`_byte_reporter`).
 ProgressCallback = Callable[[int, int], None]
+
+
+def _takes_done_total(callback: Callable[..., Any]) -> bool:
+    """Whether ``callback`` wants ``(done, total)``: exactly two required positional parameters."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: treat as an event callback
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is inspect.Parameter.empty]
+    return len(required) == 2
+
+
+def _byte_reporter(
+    progress: Optional[Callable[..., Any]], agent_id: bytes, kind: ProgressEventKind
+) -> Optional[ProgressCallback]:
+    """The ``(done, total)`` reporter for ``progress``.
+
+    A callable taking two positional arguments gets byte counts as they are; any other
+    callable is an event callback (SPEC: the same callbacks as
+    :class:`~cellmigrate.MigrationProgressTracker`) and gets ``kind`` events whose percent
+    only moves forward, through :func:`~cellmigrate.byte_progress`.
+    """
+    if progress is None:
+        return None
+    if not callable(progress):
+        raise TypeError(f"progress must be callable, not {type(progress).__name__}")
+    if _takes_done_total(progress):
+        return cast(ProgressCallback, progress)
+    return byte_progress(progress, agent_id, kind)
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -138,6 +172,18 @@ def _state_pages_checksum(view: memoryview, indices: npt.NDArray[np.int64]) -> i
 def _pages_checksum(pages: Sequence[bytes], indices: npt.NDArray[np.int64]) -> int:
     """Sum of each page's checksum positioned at ``index * PAGE_SIZE``."""
     return int(kernels.pages_checksum(pages, indices, PAGE_SIZE)) if len(indices) else 0
+
+
+def _before_end(report: Optional[ProgressCallback]) -> Optional[ProgressCallback]:
+    """``report`` held one byte short of the end: verification is not the finished apply."""
+    if report is None:
+        return None
+    inner = report
+
+    def held(done: int, total: int) -> None:
+        inner(min(done, max(total - 1, 0)), total)
+
+    return held
 
 
 def _now() -> int:
@@ -462,8 +508,6 @@ class _Result:
             spans = _plan(total) if hasher is None else [(0, total)]
             parts = run_spans(lambda a, b: self.checksum_alone(a, b, hasher, progress), spans)
             checksum = sum(parts) & _MASK32
-        if progress is not None:
-            progress(total, total)
         return checksum
 
 
@@ -550,7 +594,7 @@ class DeltaSnapshot:
         *,
         digest: Optional[str] = "xxh3_128",
         key: Optional[bytes] = None,
-        progress: Optional[ProgressCallback] = None,
+        progress: Optional[Callable[..., Any]] = None,
     ) -> "DeltaSnapshot":
         """Diff two equal-length states page by page.
 
@@ -558,12 +602,15 @@ class DeltaSnapshot:
         are copied, each RLE-compressed when that makes it strictly smaller.
         ``digest`` names the strong digest of the new state ("xxh3_128", "blake3", or
         ``None`` for the crate's checksum-only delta); a 32-byte ``key`` makes it a keyed
-        BLAKE3 MAC (``keyed=True``). ``progress(done, total)`` is called between chunks.
-        Different lengths raise :class:`InvalidStateError`.
+        BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`.
+
+        ``progress`` is an event callback (like :class:`~cellmigrate.CollectingCallback`;
+        it receives CAPTURING_STATE events, percent 0..100) or a callable taking
+        ``(bytes_done, bytes_total)``; it is called from this thread between chunks.
         """
-        delta, _, _ = cls._create_checked(
-            to_id(agent_id, "agent_id"), old_state, new_state, base_sequence, sequence, digest, key, progress
-        )
+        agent = to_id(agent_id, "agent_id")
+        report = _byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
+        delta, _, _ = cls._create_checked(agent, old_state, new_state, base_sequence, sequence, digest, key, report)
         return delta
 
     @classmethod
@@ -676,7 +723,9 @@ class DeltaSnapshot:
                     f"Delta {self.digest_algorithm} digest has {len(self.digest or b'')} bytes, expected {size}"
                 )
 
-    def apply(self, base: Any, *, key: Optional[bytes] = None, progress: Optional[ProgressCallback] = None) -> None:
+    def apply(
+        self, base: Any, *, key: Optional[bytes] = None, progress: Optional[Callable[..., Any]] = None
+    ) -> None:
         """Write the delta's pages into ``base``, after verifying everything.
 
         ``base`` is a writable buffer (bytearray, writable memoryview, writable mmap,
@@ -686,8 +735,13 @@ class DeltaSnapshot:
         MAC: pass ``key`` for a keyed delta) are verified; any failure raises
         :class:`InvalidStateError` saying which check failed, and ``base`` is left
         byte-for-byte unchanged (and not grown). A read-only buffer raises ``TypeError``.
+
+        ``progress`` is an event callback (RESTORING events, percent 0..100) or a
+        callable taking ``(bytes_done, bytes_total)``; 100% is reported only once the
+        pages are written.
         """
         raw_key = _check_key(key)
+        report = _byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
         view = as_writable_view(base, "base")
         size, total = view.nbytes, self.total_size
         if size > total:
@@ -703,7 +757,7 @@ class DeltaSnapshot:
         indices, pages = self._decoded_pages()
         hasher = None if self.digest_algorithm is None else _Hasher(self.digest_algorithm, raw_key)
         result = _Result(view, total, indices, pages)
-        checksum = result.checks(hasher, progress)
+        checksum = result.checks(hasher, _before_end(report))
         value = None if hasher is None else hasher.digest()
         del result  # drops its views of the base, so a bytearray can grow
         if checksum != self.checksum:
@@ -726,6 +780,8 @@ class DeltaSnapshot:
                 raise InvalidStateError(f"Base state is too small and cannot be grown: {exc}") from None
             view = as_writable_view(base, "base")
         kernels.scatter_pages(view, indices, pages, PAGE_SIZE)
+        if report is not None:
+            report(total, total)
 
     # -- sizes -------------------------------------------------------------------------
 
