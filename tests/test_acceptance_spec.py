@@ -2704,3 +2704,56 @@ def test_sparse_over_4gib_delta_create_apply_wire():
             mb.close()
             fa.close()
             fb.close()
+
+
+def test_audit_eviction_is_insertion_order_not_time_order():
+    log = MigrationAuditLog.with_capacity(3)
+    for ts in (500, 400, 300, 200, 100):
+        log.log(AuditEntry(MID, AID, AuditEventType.TRANSFER_STARTED, ts, details=str(ts), success=True))
+    assert [e.details for e in log] == ["300", "200", "100"]
+    assert [e.details for e in log.get_entries_in_range(0, 1000)] == ["300", "200", "100"]
+    assert [e.details for e in log.get_entries_in_range(200, 300)] == ["300", "200"]
+    plain = MigrationAuditLog()
+    for _ in range(10001):
+        plain.log_start(MID, AID)
+    assert len(plain) == 10000
+
+
+def test_progress_completed_duration():
+    cb = CollectingCallback()
+    t = MigrationProgressTracker(AID, 10, callback=cb)
+    time.sleep(0.03)
+    t.report_completed()
+    ev = cb.latest_event()
+    assert ev.is_terminal() and ev.duration_ms >= 25
+    assert t.elapsed_ms() >= 25
+
+
+def test_rollback_digest_catches_weak_forgery():
+    state = bytearray(rnd(5000, 8))
+    state[0] = 10
+    state[1] = 10
+    state = bytes(state)
+    forged = bytearray(state)
+    forged[0] = 12
+    forged[1] = 9
+    assert o_checksum(forged) == o_checksum(state)
+    r = RollbackInfo.capture(Agent(), state)
+    assert r.digest == xxhash.xxh3_128_digest(state)
+    r.original_state = bytes(forged)
+    with pytest.raises(CellError):
+        r.restore_into(bytearray(len(state)))
+    k = RollbackInfo.capture(Agent(), state, key=KEY)
+    t = bytearray(len(state))
+    k.restore_into(t, key=KEY)
+    assert t == state
+
+
+def test_ids_must_be_16_bytes():
+    for bad in (b"", b"x" * 15, b"x" * 17):
+        with pytest.raises((ValueError, TypeError)):
+            DeltaSnapshot.create(bad, b"", b"", 0, 1)
+        with pytest.raises((ValueError, TypeError)):
+            MigrationError(ET.TIMEOUT, "t", bad)
+        with pytest.raises((ValueError, TypeError)):
+            MigrationValidator().verify_post_migration(bad, AID, b"", b"")
