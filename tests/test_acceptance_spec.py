@@ -2794,3 +2794,34 @@ def test_misaligned_views_and_all_small_lengths():
         assert simple_compress(z) == o_rle(z)
         f = b"\xff" * n
         assert simple_compress(f) == o_rle(f)
+
+
+@pytest.mark.parametrize("dtype", ["datetime64[s]", "timedelta64[ms]", "U3", "S2", "float16", "bool", ">u4",
+                                   "complex64", "V3"])
+def test_numpy_any_dtype_viewed_as_raw_bytes(dtype):
+    """SPEC §2: numpy arrays of *any* dtype (viewed as raw bytes), for readers and targets."""
+    base = np.arange(4096 * 3, dtype=np.int64)
+    if dtype.startswith(("datetime64", "timedelta64")):
+        arr = base.astype(dtype)
+    elif dtype == "U3":
+        arr = np.array([str(i % 1000) for i in range(2000)], dtype="U3")
+    elif dtype == "S2":
+        arr = np.array([b"%02d" % (i % 100) for i in range(5000)], dtype="S2")
+    elif dtype == "V3":
+        arr = np.frombuffer(rnd(3 * 3000, 2), dtype="V3").copy()
+    else:
+        arr = base.astype(dtype)
+    raw = arr.tobytes()
+    assert simple_checksum(arr) == o_checksum(raw)
+    assert simple_compress(arr) == o_rle(raw)
+    assert digest(arr) == xxhash.xxh3_128_digest(raw)
+    new = bytearray(raw)
+    new[len(new) // 2] ^= 1
+    new = bytes(new)
+    assert first_difference(arr, new) == len(raw) // 2
+    assert StateVerifier.verify_state(arr, arr.copy(), o_checksum(raw)).passed
+    d = DeltaSnapshot.create(AID, arr, new, 0, 1)
+    assert d.total_size == len(raw)
+    target = arr.copy()
+    d.apply(target)
+    assert target.tobytes() == new
