@@ -2825,3 +2825,37 @@ def test_numpy_any_dtype_viewed_as_raw_bytes(dtype):
     target = arr.copy()
     d.apply(target)
     assert target.tobytes() == new
+
+
+def test_apply_to_exported_bytearray_cannot_grow():
+    new = bytearray(PAGE_SIZE * 2 + 100)
+    new[PAGE_SIZE * 2 + 5] = 1
+    d = DeltaSnapshot.create(AID, bytes(len(new)), bytes(new), 0, 1)
+    ba = bytearray(PAGE_SIZE * 2)
+    view = memoryview(ba)
+    with pytest.raises(InvalidStateError):
+        d.apply(ba)
+    assert len(ba) == PAGE_SIZE * 2 and not any(ba)
+    view.release()
+    d.apply(ba)
+    assert ba == new
+
+
+def test_crate_compression_ratio_tests():
+    z = b"\0" * 10000
+    payload, method = adaptive_compress(z)
+    assert len(payload) < len(z) // 10
+    agg, agg_m = adaptive_compress_aggressive(z)
+    assert len(agg) <= len(payload)
+    assert adaptive_decompress(agg, agg_m) == z
+    s = b"\0" * 50000
+    for enc in (simple_compress(s), lz4_compress(s), zstd_compress(s, 3)):
+        assert len(enc) < len(s) // 10
+    pat = b"\0\0\0\0\1\2\3\4" * 100
+    enc, m = adaptive_compress_aggressive(pat)
+    assert adaptive_decompress(enc, m) == pat and len(enc) / len(pat) < 0.5
+    for data in (b"\0" * 1000, b"".join(bytes([i % 256, (i + 1) % 256] * 2) for i in range(100))):
+        enc, m = adaptive_compress(data)
+        assert adaptive_decompress(enc, m) == data
+    med, mm = adaptive_compress(b"\0" * 2000)
+    assert mm in (CompressionMethod.RLE, CompressionMethod.LZ4)
