@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import inspect
 import threading
@@ -418,7 +419,8 @@ class _Result:
         self.pages = pages
 
     def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:
-        return int(np.searchsorted(self.starts, lo)), int(np.searchsorted(self.starts, hi))
+        """Index range of the pages starting in ``[lo, hi)``."""
+        return bisect.bisect_left(self.start_list, lo), bisect.bisect_left(self.start_list, hi)
 
     def checksum_span(self, lo: int, hi: int) -> int:
         """Checksum of result bytes ``[lo, hi)``: base part, minus the replaced pages' old
@@ -434,7 +436,8 @@ class _Result:
         if ka == kb:
             return 0
         idx = self.indices[ka:kb]
-        covered = idx[self.starts[ka:kb] < self.size]  # pages (partly) over base bytes
+        # Pages (partly) over base bytes; past the end of a short base there is nothing to take out.
+        covered = idx if self.size == self.total else idx[self.starts[ka:kb] < self.size]
         return (_pages_checksum(self.pages[ka:kb], idx) - _state_pages_checksum(self.view, covered)) & _MASK32
 
     def hash_span(self, hasher: "_Hasher", lo: int, hi: int) -> None:
