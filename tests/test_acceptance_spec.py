@@ -2859,3 +2859,60 @@ def test_crate_compression_ratio_tests():
         assert adaptive_decompress(enc, m) == data
     med, mm = adaptive_compress(b"\0" * 2000)
     assert mm in (CompressionMethod.RLE, CompressionMethod.LZ4)
+
+
+def test_tampered_digest_fields_raise_invalid_state_untouched():
+    """SPEC §3: on any failure ... the base is unchanged and InvalidStateError says what failed."""
+    old = bytes(PAGE_SIZE * 2)
+    nb = bytearray(old)
+    nb[3] = 1
+    new = bytes(nb)
+
+    def run(tamper, key=None):
+        d = DeltaSnapshot.create(AID, old, new, 0, 1)
+        tamper(d)
+        base = bytearray(old)
+        with pytest.raises(InvalidStateError):
+            if key is None:
+                d.apply(base)
+            else:
+                d.apply(base, key=key)
+        assert base == old
+
+    run(lambda d: setattr(d, "digest", b"abc"))
+    run(lambda d: setattr(d, "digest_algorithm", "md5"))
+    run(lambda d: setattr(d, "digest", None))
+    run(lambda d: setattr(d, "keyed", True))
+    run(lambda d: setattr(d, "keyed", True), key=KEY)  # "keyed" xxh3 delta: refused, not a ValueError
+    run(lambda d: setattr(d, "total_size", PAGE_SIZE * 2 - 1))
+
+
+def test_wire_reader_messages_name_the_field():
+    """docs/FORMAT.md (SPEC §6: a documented format): each refusal names its field."""
+    _, _, d = _sample_delta(digest=None)
+    w = d.serialize()
+    body = bytearray(w[:-16])
+
+    def msg(data, **kw):
+        with pytest.raises(CorruptDataError) as ei:
+            DeltaSnapshot.deserialize(data, **kw)
+        return str(ei.value)
+
+    assert "bad magic" in msg(b"garbage" * 20)
+    assert "truncated" in msg(MAGIC + b"\x01\x00" + bytes(20))
+    f = bytearray(body)
+    f[8:10] = struct.pack("<H", 2)
+    assert "unsupported version" in msg(_reseal(bytes(f)))
+    f = bytearray(body)
+    f[10] = 7
+    assert "unknown digest algorithm" in msg(_reseal(bytes(f)))
+    assert "total_size" in msg(w, max_total_size=10)
+    f = bytearray(body)
+    f[72:80] = struct.pack("<Q", 10 ** 6)
+    assert "page count" in msg(_reseal(bytes(f)))
+    f = bytearray(body)
+    f[80:88] = struct.pack("<Q", 10 ** 6)
+    assert msg(_reseal(bytes(f))).startswith("page 0:")
+    m = bytearray(w)
+    m[-1] ^= 1
+    assert "whole-payload check mismatch" in msg(bytes(m))
