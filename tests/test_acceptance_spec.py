@@ -2916,3 +2916,31 @@ def test_wire_reader_messages_name_the_field():
     m = bytearray(w)
     m[-1] ^= 1
     assert "whole-payload check mismatch" in msg(bytes(m))
+
+
+def test_deserialize_allocation_bounded_by_input():
+    import tracemalloc
+    if getattr(cellmigrate, "IMPLEMENTATION", "compiled") == "reference":
+        pytest.skip("reference path")
+    n = 4 << 20
+    new = rnd(n, 31)
+    w = DeltaSnapshot.create(AID, bytes(n), new, 0, 1).serialize()
+    tracemalloc.start()
+    try:
+        DeltaSnapshot.deserialize(w)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(w)
+    # a forged header declaring a huge state and page count allocates nothing like it
+    body = bytearray(w[:-16])
+    body[48:56] = struct.pack("<Q", 60 * GiB)
+    body[72:80] = struct.pack("<Q", 60 * GiB // PAGE_SIZE)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptDataError):
+            DeltaSnapshot.deserialize(_reseal(bytes(body)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(w)
