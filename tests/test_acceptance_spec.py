@@ -2936,10 +2936,12 @@ def test_deserialize_allocation_bounded_by_input():
     body = bytearray(w[:-16])
     body[48:56] = struct.pack("<Q", 60 * GiB)
     body[72:80] = struct.pack("<Q", 60 * GiB // PAGE_SIZE)
+    forged = _reseal(bytes(body))
+    del body
     tracemalloc.start()
     try:
         with pytest.raises(CorruptDataError):
-            DeltaSnapshot.deserialize(_reseal(bytes(body)))
+            DeltaSnapshot.deserialize(forged)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
