@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = ["as_bytes_view", "as_writable_view"]
 
 
@@ -23,6 +25,14 @@ def _view(obj: Any, what: str) -> memoryview:
             f"{what} must support the buffer protocol (bytes, bytearray, memoryview, "
             f"mmap or numpy array), not {type(obj).__name__}"
         ) from None
+    except ValueError:
+        # numpy will not export datetime64/timedelta64 through the buffer protocol; a
+        # uint8 view of the same memory is still zero-copy.
+        if not isinstance(obj, np.ndarray):
+            raise
+        if not obj.flags.c_contiguous:
+            raise ValueError(f"{what} must be a C-contiguous buffer; refusing to copy a strided view") from None
+        view = memoryview(obj.reshape(-1).view(np.uint8))
     if not view.c_contiguous:
         raise ValueError(f"{what} must be a C-contiguous buffer; refusing to copy a strided view")
     if view.format != "B" or view.ndim != 1:
