@@ -441,8 +441,8 @@ def test_paired_and_single_paths_agree(monkeypatch: pytest.MonkeyPatch, threads:
     import cellmigrate.delta as delta_module
 
     monkeypatch.setattr(delta_module, "max_threads", lambda: threads)
-    monkeypatch.setattr(delta_module, "_PACE_CHUNK", 1 << 20)
-    monkeypatch.setattr(delta_module, "_PACE_WINDOW", 2 << 20)
+    monkeypatch.setattr(delta_module, "_HELP_CHUNK", 1 << 20)
+    monkeypatch.setattr(delta_module, "_HELP_WINDOW", 2)
     size = (17 << 20) + 1234  # over the threading threshold, with a short last page
     rng = np.random.default_rng(threads)
     old = rng.integers(0, 256, size, dtype=np.uint8)

@@ -183,6 +183,37 @@ def _last_page_full_length() -> Tuple[DeltaSnapshot, Optional[bytes]]:
     return d, None
 
 
+def _keyed_flag_on_xxh3() -> Tuple[DeltaSnapshot, Optional[bytes]]:
+    d = fresh()
+    d.keyed = True  # a "keyed" XXH3 delta is not a MAC: refused, key or not
+    return d, KEY
+
+
+def _digest_removed() -> Tuple[DeltaSnapshot, Optional[bytes]]:
+    d = fresh()
+    d.digest = None
+    return d, None
+
+
+def _digest_truncated() -> Tuple[DeltaSnapshot, Optional[bytes]]:
+    d = fresh()
+    assert d.digest is not None
+    d.digest = d.digest[:8]
+    return d, None
+
+
+def _unknown_algorithm() -> Tuple[DeltaSnapshot, Optional[bytes]]:
+    d = fresh()
+    d.digest_algorithm = "md5"
+    return d, None
+
+
+def _total_size_changed() -> Tuple[DeltaSnapshot, Optional[bytes]]:
+    d = fresh()
+    d.total_size -= 1
+    return d, None
+
+
 BROKEN: Dict[str, Tuple[Callable[[], Tuple[DeltaSnapshot, Optional[bytes]]], str]] = {
     "wrong checksum": (_wrong_checksum, "checksum mismatch"),
     "wrong checksum (digest delta)": (_wrong_checksum_with_digest, "checksum mismatch"),
@@ -202,6 +233,11 @@ BROKEN: Dict[str, Tuple[Callable[[], Tuple[DeltaSnapshot, Optional[bytes]]], str
     "raw page too short": (_raw_page_too_short, "expected 4096"),
     "raw page too long": (_raw_page_too_long, "expected 4096"),
     "full-length last page": (_last_page_full_length, "expected 100"),
+    "keyed flag on an xxh3 delta": (_keyed_flag_on_xxh3, "not a BLAKE3 MAC"),
+    "digest removed": (_digest_removed, "digest has 0 bytes"),
+    "digest truncated": (_digest_truncated, "digest has 8 bytes"),
+    "unknown digest algorithm": (_unknown_algorithm, "unknown digest algorithm"),
+    "total_size changed": (_total_size_changed, "larger"),
 }
 
 

@@ -82,16 +82,15 @@ _DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32}
 _CHUNK = 1 << 20
 #: Progress is reported about this often (bytes).
 _REPORT = 16 << 20
-#: With a strong digest the hasher is sequential, so big states take two threads that
-#: walk the state together: one checks (compares/checksums), the other hashes, each
-#: ``_PACE_CHUNK`` at a time and never more than ``_PACE_WINDOW`` apart, so the data is
-#: read from memory once and the thread behind reads it from the shared cache. Measured
-#: on the 2-vCPU dev VM against the alternatives (one thread doing both per chunk; the
-#: hashing thread also checking a share of the chunks): this was the steadiest, whether
-#: or not the second vCPU was busy with other work. The hasher's single-thread speed is
-#: the ceiling of any digest pass.
-_PACE_CHUNK = 4 << 20
-_PACE_WINDOW = 16 << 20
+#: With a strong digest the hasher is sequential. On big states the calling thread
+#: hashes chunk by chunk while a helper thread checks (compares/checksums) chunks just
+#: ahead of it, at most ``_HELP_WINDOW`` chunks ahead so the hasher finds them in the
+#: shared cache; a chunk the helper has not reached is checked by the hashing thread
+#: right after hashing it (from its own cache). Measured on the 2-vCPU dev VM against a
+#: fixed split and a strict pipeline: this was the best or near it both with the second
+#: vCPU free and with it busy, because the split adapts to the CPU the helper gets.
+_HELP_CHUNK = 512 << 10
+_HELP_WINDOW = 32
 _ZEROS = memoryview(bytes(_CHUNK))
 
 
@@ -113,52 +112,70 @@ def _paired() -> bool:
     return max_threads() > 1
 
 
-class _Pace:
-    """Keeps two threads walking the same buffer within a window of each other.
-
-    Each calls :meth:`advance` with its position after every chunk; the one ahead by more
-    than ``window`` bytes waits, so the one behind finds the bytes in the shared cache.
-    :meth:`done` (finished or failed) releases the other thread for good.
-    """
-
-    _END = 1 << 62
-
-    def __init__(self, window: int) -> None:
-        self._cond = threading.Condition()
-        self._pos = [0, 0]
-        self._waiting = [False, False]
-        self._window = window
-
-    def advance(self, who: int, pos: int) -> None:
-        other = 1 - who
-        with self._cond:
-            self._pos[who] = pos
-            if self._waiting[other]:
-                self._cond.notify_all()
-            while pos - self._pos[other] > self._window:
-                self._waiting[who] = True
-                self._cond.wait()
-                self._waiting[who] = False
-
-    def done(self, who: int) -> None:
-        with self._cond:
-            self._pos[who] = self._END
-            self._cond.notify_all()
-
-
 T = TypeVar("T")
 L = TypeVar("L")
 
 
-def _in_pair(lead: Callable[[_Pace], L], worker: Callable[[_Pace], T]) -> Tuple[L, T]:
-    """Run ``lead`` on this thread and ``worker`` on the shared pool, paced together."""
-    pace = _Pace(_PACE_WINDOW)
+class _Claims:
+    """Chunks of a pass that a hashing thread (the lead) walks in order while a helper
+    thread checks chunks a little ahead of it. Each chunk is checked by whoever claims it
+    first: the helper claims the next unclaimed chunk (at most ``window`` chunks ahead of
+    the lead, so the lead finds the bytes in the shared cache); the lead checks a chunk
+    itself, right after hashing it, when the helper has not got there. So the split
+    adapts: with a free core the helper takes most chunks, without one the lead does.
+    """
+
+    def __init__(self, count: int, window: int) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # first unclaimed chunk
+        self._lead = 0  # chunk the lead is at
+        self._count = count
+        self._window = window
+        self._helper_waiting = False
+        self._stopped = False
+
+    def lead_at(self, k: int) -> bool:
+        """The lead reached chunk ``k``: True when it must check the chunk itself."""
+        with self._cond:
+            self._lead = k
+            if self._helper_waiting:
+                self._cond.notify()
+            if self._next <= k:
+                self._next = k + 1
+                return True
+            return False
+
+    def helper_claim(self) -> Optional[int]:
+        """The next chunk for the helper, or None when every chunk is claimed."""
+        with self._cond:
+            while not self._stopped and self._next < self._count:
+                if self._next - self._lead <= self._window:
+                    k = self._next
+                    self._next += 1
+                    return k
+                self._helper_waiting = True
+                self._cond.wait()
+                self._helper_waiting = False
+            return None
+
+    def stop(self) -> None:
+        """The lead is done (or failed): the helper claims nothing more."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
+def _with_helper(lead: Callable[[_Claims], L], helper: Callable[[_Claims], T], count: int) -> Tuple[L, T]:
+    """Run ``lead`` on this thread and ``helper`` on the shared pool over ``count`` chunks."""
+    claims = _Claims(count, _HELP_WINDOW)
 
     def run(who: int) -> Any:
+        if who == 1:
+            return helper(claims)
         try:
-            return lead(pace) if who == 0 else worker(pace)
+            return lead(claims)
         finally:
-            pace.done(who)
+            claims.stop()
 
     # run_spans runs the first "span" on this thread and the second on the shared pool.
     first, second = run_spans(lambda who, _unused: run(who), [(0, 0), (1, 0)])
@@ -320,34 +337,6 @@ def _scan_chunk(old: memoryview, new: memoryview, lo: int, hi: int) -> Tuple[npt
     return (idx + lo // PAGE_SIZE if lo and len(idx) else idx), int(part)
 
 
-def _scan_paced(old: memoryview, new: memoryview, pace: _Pace) -> _Found:
-    """The checking thread of a paired create: the fused kernel chunk by chunk."""
-    found: List[npt.NDArray[np.int64]] = []
-    total = 0
-    n = new.nbytes
-    for a in range(0, n, _PACE_CHUNK):
-        b = min(a + _PACE_CHUNK, n)
-        idx, part = _scan_chunk(old, new, a, b)
-        if len(idx):
-            found.append(idx)
-        total += part
-        pace.advance(1, b)
-    return found, total & _MASK32
-
-
-def _hash_paced(new: memoryview, hasher: "_Hasher", progress: Optional[ProgressCallback], pace: _Pace) -> None:
-    """The hashing thread of a paired create."""
-    n = new.nbytes
-    reported = 0
-    for a in range(0, n, _PACE_CHUNK):
-        b = min(a + _PACE_CHUNK, n)
-        hasher.update(new[a:b])
-        pace.advance(0, b)
-        if progress is not None and b - reported >= _REPORT:
-            reported = b
-            progress(b, n)
-
-
 def _scan_alone(
     old: memoryview, new: memoryview, lo: int, hi: int, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]
 ) -> _Found:
@@ -369,15 +358,51 @@ def _scan_alone(
     return found, total & _MASK32
 
 
+def _scan_claimed(
+    old: memoryview, new: memoryview, hasher: "_Hasher", progress: Optional[ProgressCallback]
+) -> Tuple[_Found, _Found]:
+    n = new.nbytes
+    step = _HELP_CHUNK
+    count = -(-n // step)
+
+    def lead(claims: _Claims) -> _Found:
+        found: List[npt.NDArray[np.int64]] = []
+        total = 0
+        reported = 0
+        for k in range(count):
+            a, b = k * step, min((k + 1) * step, n)
+            own = claims.lead_at(k)
+            hasher.update(new[a:b])
+            if own:
+                idx, part = _scan_chunk(old, new, a, b)
+                if len(idx):
+                    found.append(idx)
+                total += part
+            if progress is not None and b - reported >= _REPORT:
+                reported = b
+                progress(b, n)
+        return found, total & _MASK32
+
+    def helper(claims: _Claims) -> _Found:
+        found: List[npt.NDArray[np.int64]] = []
+        total = 0
+        while (k := claims.helper_claim()) is not None:
+            idx, part = _scan_chunk(old, new, k * step, min((k + 1) * step, n))
+            if len(idx):
+                found.append(idx)
+            total += part
+        return found, total & _MASK32
+
+    return _with_helper(lead, helper, count)
+
+
 def _scan(
     old: memoryview, new: memoryview, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]
 ) -> Tuple[npt.NDArray[np.int64], int]:
     """All dirty page indices (ascending) and ``simple_checksum(new)``; feeds ``hasher``."""
     n = new.nbytes
     if hasher is not None and n >= PARALLEL_MIN_BYTES and _paired():
-        h = hasher
-        _, scanned = _in_pair(lambda pace: _hash_paced(new, h, progress, pace), lambda pace: _scan_paced(old, new, pace))
-        parts = [scanned]
+        parts = list(_scan_claimed(old, new, hasher, progress))
     else:
         # No hasher: the spans are independent (checksums add up, indices concatenate).
         parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, hasher, progress), _plan(n) if hasher is None else [(0, n)])
@@ -386,6 +411,7 @@ def _scan(
     found = [a for f, _ in parts for a in f]
     checksum = sum(c for _, c in parts) & _MASK32
     indices = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+    indices.sort()  # two threads may have found them chunk by chunk in either order
     return indices.astype(np.int64, copy=False), checksum
 
 
@@ -480,33 +506,43 @@ class _Result:
                 progress(b, self.total)
         return (checksum + self.pages_adjustment(lo, hi)) & _MASK32
 
-    def checksum_paced(self, pace: _Pace) -> int:
-        """The checking thread of a paired apply: the base's checksum, chunk by chunk."""
-        checksum = 0
-        for a in range(0, self.size, _PACE_CHUNK):
-            b = min(a + _PACE_CHUNK, self.size)
-            checksum += int(kernels.checksum(self.view[a:b], a))
-            pace.advance(1, b)
-        return checksum & _MASK32
+    def claimed(self, hasher: "_Hasher", progress: Optional[ProgressCallback]) -> int:
+        """Checksum of the result with a helper thread (see :class:`_Claims`)."""
+        total, size, step = self.total, self.size, _HELP_CHUNK
+        count = -(-total // step)
 
-    def hash_paced(self, hasher: "_Hasher", progress: Optional[ProgressCallback], pace: _Pace) -> None:
-        """The hashing thread of a paired apply."""
-        reported = 0
-        for a in range(0, self.total, _PACE_CHUNK):
-            b = min(a + _PACE_CHUNK, self.total)
-            self.hash_span(hasher, a, b)
-            pace.advance(0, b)
-            if progress is not None and b - reported >= _REPORT:
-                reported = b
-                progress(b, self.total)
+        def base_sum(k: int) -> int:
+            a, b = k * step, min((k + 1) * step, size)
+            return int(kernels.checksum(self.view[a:b], a)) if a < b else 0
+
+        def lead(claims: _Claims) -> int:
+            checksum = 0
+            reported = 0
+            for k in range(count):
+                a, b = k * step, min((k + 1) * step, total)
+                own = claims.lead_at(k)
+                self.hash_span(hasher, a, b)
+                if own:
+                    checksum += base_sum(k)
+                if progress is not None and b - reported >= _REPORT:
+                    reported = b
+                    progress(b, total)
+            return checksum
+
+        def helper(claims: _Claims) -> int:
+            checksum = 0
+            while (k := claims.helper_claim()) is not None:
+                checksum += base_sum(k)
+            return checksum
+
+        mine, theirs = _with_helper(lead, helper, count)
+        return (mine + theirs + self.pages_adjustment(0, total)) & _MASK32
 
     def checks(self, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]) -> int:
         """Checksum of the whole result; ``hasher`` (if any) sees every byte, in order."""
         total = self.total
         if hasher is not None and total >= PARALLEL_MIN_BYTES and _paired():
-            h = hasher
-            _, base_sum = _in_pair(lambda pace: self.hash_paced(h, progress, pace), self.checksum_paced)
-            checksum = (base_sum + self.pages_adjustment(0, total)) & _MASK32
+            checksum = self.claimed(hasher, progress)
         else:
             spans = _plan(total) if hasher is None else [(0, total)]
             parts = run_spans(lambda a, b: self.checksum_alone(a, b, hasher, progress), spans)
@@ -711,6 +747,11 @@ class DeltaSnapshot:
         return order, [seen[i] for i in order]
 
     def _check_key_policy(self, key: Optional[bytes]) -> None:
+        """The digest fields are consistent and the key matches the delta's kind."""
+        if self.keyed and self.digest_algorithm != "blake3":
+            raise InvalidStateError(
+                f"Delta is marked keyed but its digest is {self.digest_algorithm!r}, not a BLAKE3 MAC"
+            )
         if self.keyed and key is None:
             raise InvalidStateError("Delta is authenticated (keyed BLAKE3): a key is needed to apply it")
         if key is not None and not self.keyed:
@@ -825,8 +866,15 @@ class DeltaSnapshot:
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
         if max_total_size is None:
-            return cls(**wire.decode_delta(data))
-        return cls(**wire.decode_delta(data, max_total_size=max_total_size))
+            fields = wire.decode_delta(data)
+        else:
+            fields = wire.decode_delta(data, max_total_size=max_total_size)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as exc:
+            # The wire module checks every field; this is a second line of defence so a
+            # hostile input can only ever surface as CorruptDataError.
+            raise CorruptDataError(f"delta fields are inconsistent: {exc}") from None
 
     def __repr__(self) -> str:
         return (
