@@ -68,7 +68,7 @@ cdef extern from "cm_simd.h" nogil:
     int64_t cm_first_difference(const uint8_t* a, const uint8_t* b, size_t n)
     size_t cm_rle_compress(const uint8_t* src, size_t n, uint8_t* dst)
     int cm_rle_decoded_size(const uint8_t* src, size_t n, int64_t max_output, size_t* size, size_t* where)
-    void cm_rle_decode(const uint8_t* src, size_t n, uint8_t* dst)
+    void cm_rle_decode(const uint8_t* src, size_t n, uint8_t* dst, size_t size)
     void cm_dispatch_init()
     int cm_dispatch_select(const char* name)
     int cm_path_supported(int k)
@@ -285,7 +285,7 @@ def rle_decompress(const uint8_t[::1] data, int64_t max_output=-1):
     buf = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(buf)
     ts = _release(n + size)
-    cm_rle_decode(src, n, dst)
+    cm_rle_decode(src, n, dst, size)
     _reacquire(ts)
     return buf
 

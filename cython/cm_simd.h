@@ -703,6 +703,26 @@ static const char *cm_active_name(void) { return cm_active->name; }
 /* Path-independent drivers                                                             */
 /* ------------------------------------------------------------------------------------ */
 
+/* Ask for transparent huge pages on a large output buffer before writing it. A fresh
+   GiB of 4 KiB pages costs a quarter million page faults, which (measured) makes
+   writing the output, not the algorithm, the limit of RLE on big states; 2 MiB pages
+   take 512 times fewer. Advisory only: any failure is ignored. */
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+static void cm_advise_huge(void *p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t end = ((uintptr_t)p + n) & ~(huge - 1);
+    if (n >= ((size_t)8 << 20) && end > start)
+        (void)madvise((void *)start, end - start, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
 /* Positioned checksum: sum of p[i] * (offset + i + 1) mod 2**32. */
 static uint32_t cm_checksum(const uint8_t *p, size_t n, uint64_t offset) {
     uint32_t S, W;
@@ -764,6 +784,7 @@ static int64_t cm_first_difference(const uint8_t *a, const uint8_t *b, size_t n)
 }
 
 static size_t cm_rle_compress(const uint8_t *src, size_t n, uint8_t *dst) {
+    cm_advise_huge(dst, 3 * n);
     return cm_active->rle_compress(src, n, dst);
 }
 
@@ -804,8 +825,9 @@ static int cm_rle_decoded_size(const uint8_t *src, size_t n, int64_t max_output,
 }
 
 /* Second pass over a stream the first pass accepted: bulk copies and fills. */
-static void cm_rle_decode(const uint8_t *src, size_t n, uint8_t *dst) {
+static void cm_rle_decode(const uint8_t *src, size_t n, uint8_t *dst, size_t size) {
     size_t i = 0, o = 0;
+    cm_advise_huge(dst, size);
     while (i < n) {
         const uint8_t *f = (const uint8_t *)memchr(src + i, 0xFF, n - i);
         size_t j = f ? (size_t)(f - src) : n;
