@@ -400,3 +400,18 @@ def test_bitmap_is_compact() -> None:
     t.mark_range_dirty(0, 1 << 30)
     assert t.dirty_count() == (1 << 30) // PAGE_SIZE
     assert isinstance(t.dirty_page_indices(), np.ndarray)
+
+
+def test_progress_passes_through() -> None:
+    from cellmigrate import CollectingCallback
+
+    m = IncrementalMigrator()
+    m.start_tracking(AGENT, bytes(8 * PAGE_SIZE))
+    events = CollectingCallback()
+    m.create_incremental(AGENT, b"\x01" + bytes(8 * PAGE_SIZE - 1), progress=events)
+    last = events.latest_event()
+    assert events.event_count() >= 1 and last is not None and last.progress_percent() == 100
+    seen: list[tuple[int, int]] = []
+    t = DirtyPageTracker(AGENT, PAGE_SIZE)
+    t.create_delta(bytes(PAGE_SIZE), progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (PAGE_SIZE, PAGE_SIZE)

@@ -361,6 +361,7 @@ def _scan_alone(
 def _scan_claimed(
     old: memoryview, new: memoryview, hasher: "_Hasher", progress: Optional[ProgressCallback]
 ) -> Tuple[_Found, _Found]:
+    """Hash ``new`` on this thread with a helper scanning chunks ahead (see :class:`_Claims`)."""
     n = new.nbytes
     step = _HELP_CHUNK
     count = -(-n // step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -20,8 +20,9 @@ from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
 from .checksum import PAGE_SIZE
-from .delta import DeltaSnapshot
+from .delta import DeltaSnapshot, _byte_reporter
 from .errors import InvalidStateError
+from .progress import ProgressEventKind
 
 __all__ = ["DirtyPageTracker", "IncrementalMigrator", "MigrationStats"]
 
@@ -230,20 +231,22 @@ class DirtyPageTracker:
         *,
         digest: Optional[str] = "xxh3_128",
         key: Optional[bytes] = None,
+        progress: Optional[Callable[..., Any]] = None,
     ) -> DeltaSnapshot:
         """Diff ``current`` against the last state, then make ``current`` the new base.
 
         The delta has ``base_sequence`` = the old sequence and ``sequence`` = old + 1;
         afterwards the bitmap is clear and ``sequence`` has advanced. Before
         :meth:`initialize` the diff is against zeros (``base_sequence`` 0). Only the dirty
-        pages are copied into the remembered state. ``digest``/``key`` as in
-        :meth:`DeltaSnapshot.create`. A size change raises ``InvalidStateError``.
+        pages are copied into the remembered state. ``digest``, ``key`` and ``progress``
+        as in :meth:`DeltaSnapshot.create`. A size change raises ``InvalidStateError``.
         """
         view = as_bytes_view(current, "current")
+        report = _byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
         with self._lock:
             old: Any = self._last if self._last is not None else bytes(view.nbytes)
             delta, indices, raw_pages = DeltaSnapshot._create_checked(
-                self._agent_id, old, view, self._sequence, self._sequence + 1, digest, key
+                self._agent_id, old, view, self._sequence, self._sequence + 1, digest, key, report
             )
             if self._last is None:
                 self._last = bytearray(view)
@@ -323,6 +326,7 @@ class IncrementalMigrator:
         *,
         digest: Optional[str] = "xxh3_128",
         key: Optional[bytes] = None,
+        progress: Optional[Callable[..., Any]] = None,
     ) -> DeltaSnapshot:
         """Delta of ``state`` against the agent's last state; records it in :attr:`stats`.
 
@@ -335,7 +339,7 @@ class IncrementalMigrator:
         if tracker is None:
             raise InvalidStateError("Agent not being tracked for incremental migration")
         start = time.perf_counter_ns()
-        delta = tracker.create_delta(view, digest=digest, key=key)
+        delta = tracker.create_delta(view, digest=digest, key=key, progress=progress)
         elapsed_us = (time.perf_counter_ns() - start) // 1000
         with self._lock:
             self._stats.record_incremental(delta.compressed_size(), view.nbytes, elapsed_us)
