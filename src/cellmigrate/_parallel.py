@@ -21,9 +21,11 @@ __all__ = ["PARALLEL_MIN_BYTES", "max_threads", "plan", "run_spans"]
 T = TypeVar("T")
 
 #: Inputs smaller than this are processed on the calling thread. Measured on the 2-vCPU
-#: dev VM (benches/, checksum and dirty_pages): splitting loses below 8 MiB (hand-off
-#: and cache effects) and breaks even from 16 MiB; machines whose cores each have their
-#: own memory bandwidth gain from there on.
+#: dev VM (best of 3, GB/s, 1 thread -> 2 threads): checksum 25.5 -> 34.5 at 16 MiB and
+#: 16.5 -> 23.5 at 32 MiB (cache-resident spans), neutral from 64 MiB (11-13 GB/s, the
+#: VM's memory bandwidth, which one core already saturates); below a few MiB the hand-off
+#: costs more than it saves. Machines whose cores each bring their own bandwidth gain
+#: from here on.
 PARALLEL_MIN_BYTES = 16 << 20
 
 #: Each thread gets at least this many bytes, so a split never makes tiny spans.

@@ -1,0 +1,67 @@
+"""Turn a pytest-benchmark JSON file into issue 4's goal table (ratios within one run).
+
+    pytest benches/ --benchmark-only --bench-large --benchmark-json=bench.json
+    python benches/goals.py bench.json [--size 1GiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Dict, List, Optional, Tuple
+
+# (what, group, ours, peer, goal ratio, or None for an absolute check)
+GOALS: List[Tuple[str, str, str, str, Optional[float]]] = [
+    ("simple_checksum vs xxh3_64", "checksum", "simple_checksum", "xxhash xxh3_64", 0.85),
+    ("simple_checksum vs the straightforward loop", "checksum", "simple_checksum",
+     "straightforward loop (_naive_checksum)", 5.0),
+    ("dirty_pages (1% dirty) vs memcmp", "compare (1% dirty)", "dirty_pages", "memcmp: bytes == (equal states)", 0.9),
+    ("DeltaSnapshot.create vs the straightforward create", "delta create", "DeltaSnapshot.create digest=None",
+     "straightforward create (naive loops)", 1.5),
+    ("DeltaSnapshot.create (default digest) vs the straightforward create", "delta create",
+     "DeltaSnapshot.create (default xxh3_128 digest)", "straightforward create (naive loops)", 1.5),
+    ("apply, checksum-only, vs simple_checksum", "delta apply", "DeltaSnapshot.apply checksum-only (digest=None)",
+     "simple_checksum (same state)", 0.75),
+    ("apply, default digest, vs simple_checksum", "delta apply", "DeltaSnapshot.apply default (xxh3_128 verified)",
+     "simple_checksum (same state)", 0.5),
+    ("simple_compress random vs the straightforward loop", "compress random", "simple_compress",
+     "straightforward loop (_naive_rle_compress)", 3.0),
+    ("simple_compress zeros vs the straightforward loop", "compress zeros", "simple_compress",
+     "straightforward loop (_naive_rle_compress)", 3.0),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json_file")
+    parser.add_argument("--size", default="1GiB", help="ladder size label to report (default 1GiB)")
+    args = parser.parse_args()
+    with open(args.json_file) as f:
+        data = json.load(f)
+    gbps: Dict[Tuple[str, str], float] = {}
+    for bench in data["benchmarks"]:
+        gbps[(bench["group"], bench["name"])] = bench["extra_info"].get("GB/s", 0.0)
+    print(f"| goal ({args.size}) | ours GB/s | peer GB/s | ratio | goal | met |")
+    print("|---|---|---|---|---|---|")
+    for what, group, ours, peer, goal in GOALS:
+        key = f"{group} {args.size}"
+        a, b = gbps.get((key, ours)), gbps.get((key, peer))
+        if a is None or b is None:
+            print(f"| {what} | - | - | - | {goal} | not measured |")
+            continue
+        ratio = a / b
+        print(f"| {what} | {a:.2f} | {b:.2f} | {ratio:.2f}x | >= {goal}x | {'yes' if ratio >= goal else 'NO'} |")
+    call = gbps.get(("checksum 4KiB call 4KiB", "simple_checksum"))
+    if call:
+        per_call_us = 4096 / (call * 1e9) * 1e6
+        print(f"| simple_checksum on 4 KiB, per call | {per_call_us:.2f} us | | | <= 1 us | "
+              f"{'yes' if per_call_us <= 1 else 'NO'} |")
+    for name in ("simple_checksum", "simple_checksum threads=1"):
+        value = gbps.get((f"checksum {args.size}", name))
+        if value:
+            print(f"| {name} ({args.size}) | {value:.2f} | | | stretch: 40 GB/s on 2 threads | "
+                  f"{'yes' if value >= 40 else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
