@@ -28,7 +28,7 @@ _ROUND_BYTES = 16 << 20
 
 def _same_length(a: memoryview, b: memoryview) -> None:
     if a.nbytes != b.nbytes:
-        raise InvalidStateError(f"State size mismatch: {a.nbytes} bytes vs {b.nbytes} bytes")
+        raise InvalidStateError(f"State sizes must match (size mismatch: {a.nbytes} bytes vs {b.nbytes} bytes)")
 
 
 def _page_size(page_size: int) -> int:

@@ -693,7 +693,7 @@ class DeltaSnapshot:
         new = as_bytes_view(new_state, "new_state")
         if old.nbytes != new.nbytes:
             raise InvalidStateError(
-                f"State size mismatch: old state has {old.nbytes} bytes, new state has {new.nbytes} bytes"
+                f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, new state has {new.nbytes} bytes)"
             )
         hasher = None if algorithm is None else _Hasher(algorithm, key)
         indices, checksum = _scan(old, new, hasher, progress)
