@@ -69,9 +69,19 @@ def test_apply_anchor(states: States, measure: Any) -> None:
 
 MEMORY_CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import numpy as np
     import cellmigrate
+
+    def status(field):
+        # /proc/self/status, not getrusage: ru_maxrss survives exec() on Linux, so a
+        # child of a big process would report its parent's peak.
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
     size = int(sys.argv[1])
     rng = np.random.default_rng(1)
     old = rng.integers(0, 256, size, dtype=np.uint8)
@@ -84,10 +94,9 @@ MEMORY_CHILD = textwrap.dedent(
     # Current RSS now (not the peak: building the states had temporaries). The peak
     # after create is max(earlier peak, now + growth), so peak - now bounds the growth
     # from above: a conservative figure.
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize()
+    before = status("VmRSS")
     delta = cellmigrate.DeltaSnapshot.create(bytes(16), old, new, 0, 1)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = status("VmHWM")
     print(json.dumps({"growth": max(0, after - before), "dirty_bytes": len(dirty) * 4096}))
     """
 )
