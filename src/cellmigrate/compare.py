@@ -13,13 +13,14 @@ import numpy.typing as npt
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
-from ._parallel import plan, run_spans
+from ._parallel import PARALLEL_MIN_BYTES, plan, run_spans
 from .checksum import PAGE_SIZE
 from .errors import InvalidStateError
 
 __all__ = ["first_difference", "dirty_pages", "dirty_pages_checksum"]
 
 _MASK32 = 0xFFFFFFFF
+_FLAT = (bytes, bytearray)
 
 # first_difference scans in rounds of this many bytes per thread, so an early
 # difference stops the scan instead of every thread reading its whole span.
@@ -29,6 +30,18 @@ _ROUND_BYTES = 16 << 20
 def _same_length(a: memoryview, b: memoryview) -> None:
     if a.nbytes != b.nbytes:
         raise InvalidStateError(f"State sizes must match (size mismatch: {a.nbytes} bytes vs {b.nbytes} bytes)")
+
+
+def _small_flat(a: Any, b: Any, threads: Optional[int]) -> bool:
+    """Whether a call can skip the view and thread machinery: two small bytes/bytearray
+    objects (flat and contiguous by construction) of equal length, default threads."""
+    return (
+        threads is None
+        and type(a) in _FLAT
+        and type(b) in _FLAT
+        and len(a) == len(b)
+        and len(a) < PARALLEL_MIN_BYTES
+    )
 
 
 def _page_size(page_size: int) -> int:
@@ -47,6 +60,9 @@ def first_difference(a: Any, b: Any, *, threads: Optional[int] = None) -> Option
     >>> first_difference(b"abcd", b"abXd")
     2
     """
+    if _small_flat(a, b, threads):
+        small: Optional[int] = kernels.first_difference(a, b)
+        return small
     va, vb = as_bytes_view(a, "a"), as_bytes_view(b, "b")
     _same_length(va, vb)
     n = va.nbytes
@@ -77,6 +93,9 @@ def dirty_pages(
     [1]
     """
     page_size = _page_size(page_size)
+    if _small_flat(old, new, threads):
+        small: npt.NDArray[np.int64] = kernels.dirty_pages(old, new, page_size)
+        return small
     vo, vn = as_bytes_view(old, "old"), as_bytes_view(new, "new")
     _same_length(vo, vn)
     spans = plan(vo.nbytes, threads, page_size)
@@ -100,6 +119,9 @@ def dirty_pages_checksum(
     ([1], True)
     """
     page_size = _page_size(page_size)
+    if _small_flat(old, new, threads):
+        pages, checksum = kernels.dirty_pages_checksum(old, new, page_size, 0)
+        return pages, int(checksum)
     vo, vn = as_bytes_view(old, "old"), as_bytes_view(new, "new")
     _same_length(vo, vn)
     spans = plan(vo.nbytes, threads, page_size)
