@@ -98,3 +98,31 @@ def test_eight_threads_match_serial_results(force_scalar: str) -> None:
         pytest.fail("kernel calls from 8 threads did not finish in 240 s (deadlock?)")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "OK", done.stdout[-3000:]
+
+
+NESTED = textwrap.dedent(
+    """
+    import numpy as np
+    from cellmigrate import _parallel, _reference
+    from cellmigrate.checksum import simple_checksum
+
+    _parallel.PARALLEL_MIN_BYTES = 1
+    _parallel._MIN_SPAN = 1000
+    data = np.random.default_rng(3).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    expected = _reference.checksum(data)
+    # Outer spans run on the pool; each splits again. Without the inline rule the two
+    # workers would wait forever on inner tasks queued behind their own.
+    got = _parallel.run_spans(lambda a, b: simple_checksum(data, threads=4), [(0, 1), (1, 2), (2, 3), (3, 4)])
+    assert got == [expected] * 4, (got, expected)
+    print("OK")
+    """
+)
+
+
+def test_nested_splits_do_not_deadlock_the_pool() -> None:
+    try:
+        done = subprocess.run([sys.executable, "-c", NESTED], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("nested run_spans deadlocked the shared pool")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "OK"

@@ -108,11 +108,26 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
+_local = threading.local()
+
+
+def _in_worker(fn: Callable[[int, int], T], start: int, end: int) -> T:
+    _local.worker = True
+    try:
+        return fn(start, end)
+    finally:
+        _local.worker = False
+
+
 def run_spans(fn: Callable[[int, int], T], spans: Sequence[Tuple[int, int]]) -> List[T]:
-    """``[fn(start, end) for each span]``, the first on this thread, the rest on the pool."""
-    if len(spans) == 1:
-        return [fn(*spans[0])]
+    """``[fn(start, end) for each span]``, the first on this thread, the rest on the pool.
+
+    Called from inside a pool task (a span function that itself splits work), the spans
+    run inline: a worker waiting on tasks queued behind it could deadlock the pool.
+    """
+    if len(spans) == 1 or getattr(_local, "worker", False):
+        return [fn(start, end) for start, end in spans]
     pool = _executor()
-    futures: List[Future[T]] = [pool.submit(fn, start, end) for start, end in spans[1:]]
+    futures: List[Future[T]] = [pool.submit(_in_worker, fn, start, end) for start, end in spans[1:]]
     first = fn(*spans[0])
     return [first] + [f.result() for f in futures]
