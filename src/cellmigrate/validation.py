@@ -21,7 +21,7 @@ from .audit import AuditEntry, AuditEventType, MigrationAuditLog
 from .checksum import simple_checksum
 from .compare import first_difference
 from .errors import InvalidStateError
-from .rollback import RollbackInfo
+from .rollback import RollbackInfo, _agent_id_bytes
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     import os
@@ -527,7 +527,7 @@ class MigrationValidator:
         """Check compatibility and log it (VALIDATION_COMPLETED)."""
         mid = to_id(migration_id, "migration_id")
         status = CompatibilityValidator.check_compatibility(requirements, target_capabilities)
-        self._audit_log.log_validation(mid, _agent_id(agent), status)
+        self._audit_log.log_validation(mid, _agent_id_bytes(agent), status)
         return status
 
     def capture_rollback_info(self, migration_id: IdLike, agent: "Agent", state: Any, **capture_options: Any) -> None:
@@ -538,13 +538,13 @@ class MigrationValidator:
         SNAPSHOT_CAPTURED "Rollback info captured: {n} bytes".
         """
         mid = to_id(migration_id, "migration_id")
-        aid = _agent_id(agent)
-        size = _nbytes(state, "state")
         info = RollbackInfo.capture(agent, state, **capture_options)
         with self._lock:
             self._rollback_info[mid] = info
         self._audit_log.log(
-            AuditEntry.new(mid, aid, AuditEventType.SNAPSHOT_CAPTURED, f"Rollback info captured: {size} bytes", True)
+            AuditEntry.new(
+                mid, info.agent_id, AuditEventType.SNAPSHOT_CAPTURED, f"Rollback info captured: {len(info)} bytes", True
+            )
         )
 
     def verify_post_migration(
@@ -569,15 +569,14 @@ class MigrationValidator:
             info = self._rollback_info.pop(mid, None)
         if info is None:
             raise InvalidStateError("No rollback info available for migration")
-        aid = to_id(info.agent_id, "agent_id")
+        aid = info.agent_id
         self._audit_log.log_rollback(mid, aid, True, True, "Rollback initiated")
         if not info.is_valid(self._max_age):
             self._audit_log.log_rollback(
                 mid, aid, False, False, f"Rollback info expired: {info.age_secs()} seconds old"
             )
             raise InvalidStateError("Rollback info has expired")
-        size = _nbytes(info.original_state, "original_state")
-        self._audit_log.log_rollback(mid, aid, False, True, f"Rollback completed: restored {size} bytes")
+        self._audit_log.log_rollback(mid, aid, False, True, f"Rollback completed: restored {len(info)} bytes")
         return info
 
     def complete_migration(self, migration_id: IdLike, success: bool, details: str) -> None:
@@ -590,7 +589,7 @@ class MigrationValidator:
         with self._lock:
             info = self._rollback_info.pop(mid, None)
         if info is not None:
-            self._audit_log.log_completion(mid, to_id(info.agent_id, "agent_id"), bool(success), details)
+            self._audit_log.log_completion(mid, info.agent_id, bool(success), details)
 
     def cleanup_expired(self) -> int:
         """Drop every expired rollback point; returns how many were dropped."""
@@ -616,12 +615,3 @@ class MigrationValidator:
             f"MigrationValidator(rollback_points={self.rollback_count()}, "
             f"rollback_max_age_secs={self._max_age}, audit_log={self._audit_log!r})"
         )
-
-
-def _agent_id(agent: Any) -> bytes:
-    """The 16-byte id of an ``Agent`` (its ``id`` is a ``uuid.UUID``)."""
-    try:
-        ident = agent.id
-    except AttributeError:
-        raise TypeError(f"agent must be an Agent, not {type(agent).__name__}") from None
-    return to_id(ident, "agent.id")
