@@ -415,11 +415,15 @@ class RollbackInfo:
         reporter = _Reporter(progress, MigrationProgressEvent.Restoring, self.agent_id, 3 * n + 2 * digest_units)
         reporter.start()
         try:
-            self._verify(reporter, key)
+            self._check(saved, reporter, "Rollback state", key)
+            # A grown bytearray already holds the saved tail: only the head is copied.
+            copy_n = n
             if resizable:
+                copy_n = min(len(target), n)
                 view = self._resize_bytearray(target, saved)
+                reporter.advance(n - copy_n)
             assert view is not None
-            for a, b in _chunks(n):
+            for a, b in _chunks(copy_n):
                 view[a:b] = saved[a:b]
                 reporter.advance(b - a)
             # Checked against the recorded values, not against the saved copy: a mapped
