@@ -29,6 +29,7 @@ from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple, Uni
 
 from .audit import AuditEntry, AuditEventType
 from .errors import CorruptDataError
+from .statefile import write_bytes_atomic
 
 __all__ = ["AuditSink", "SqliteAuditSink", "export_jsonl", "import_jsonl", "SCHEMA_VERSION"]
 
@@ -300,18 +301,13 @@ class SqliteAuditSink:
 def export_jsonl(entries: Iterable[AuditEntry], destination: Union[PathLike, Any]) -> int:
     """Write one JSON object per line (``AuditEntry.to_dict``) to a path or text file.
 
-    Returns the number of entries written. A path is written atomically enough for an
-    export: to a temporary file first, then renamed over the destination.
+    Returns the number of entries written. A path is written atomically
+    (:func:`~cellmigrate.statefile.write_bytes_atomic`: a temporary file beside it, fsynced,
+    renamed over it; removed on failure).
     """
     lines = [json.dumps(e.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for e in entries]
     if isinstance(destination, (str, os.PathLike)):
-        target = os.fspath(destination)
-        tmp = f"{target}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        write_bytes_atomic(destination, "".join(lines).encode("utf-8"))
     else:
         destination.writelines(lines)
     return len(lines)
