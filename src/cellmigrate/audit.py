@@ -358,9 +358,11 @@ class MigrationAuditLog:
     # -- queries (insertion order) -------------------------------------------------
 
     def _select(self, **criteria: Any) -> List[AuditEntry]:
+        # The sink serialises its own access: a query need not block log() callers.
+        sink = self._sink
+        if sink is not None:
+            return sink.query(**criteria)
         with self._lock:
-            if self._sink is not None:
-                return self._sink.query(**criteria)
             entries = list(self._entries)
         mid = criteria.get("migration_id")
         aid = criteria.get("agent_id")
