@@ -270,14 +270,12 @@ class MigrationRecoveryManager:
         if error.retry_count >= cfg.max_retries:
             return fallback
         kind = error.error_type
-        if kind in (MigrationErrorType.NETWORK_TRANSIENT, MigrationErrorType.TIMEOUT):
-            return RecoveryStrategy.RETRY_ON_SAME_TARGET
-        if kind in (
-            MigrationErrorType.INSUFFICIENT_RESOURCES,
-            MigrationErrorType.INCOMPATIBLE_TARGET,
-            MigrationErrorType.TARGET_UNREACHABLE,
-        ):
+        # The error type's own classification: target-side problems retry elsewhere, the
+        # other retryable kinds (transient network, timeout) on the same target.
+        if kind.should_change_target():
             return RecoveryStrategy.RETRY_ON_DIFFERENT_TARGET
+        if kind.is_retryable():
+            return RecoveryStrategy.RETRY_ON_SAME_TARGET
         return fallback
 
     def execute_recovery(self, agent_id: IdLike) -> RecoveryStrategy:
