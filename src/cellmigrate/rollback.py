@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import xxhash
 
@@ -43,7 +43,7 @@ from .checksum import DIGEST_ALGORITHMS
 from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .errors import CorruptDataError, InvalidStateError
-from .progress import MigrationProgressEvent, ProgressCallback
+from .progress import ProgressCallback, ProgressEventKind, byte_progress
 from .statefile import atomic_replace
 
 __all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
@@ -113,38 +113,35 @@ def policy_bytes(agent: Any) -> bytes:
 
 
 class _Reporter:
-    """Turns units of work done into percent events, emitting only when the percent moves."""
+    """Counts units of work done and reports them through :func:`byte_progress` (which
+    emits an event only when the percent moves)."""
 
     def __init__(
         self,
         callback: Optional[ProgressCallback],
-        make_event: Callable[[bytes, int], MigrationProgressEvent],
+        kind: ProgressEventKind,
         agent_id: bytes,
         total_units: int,
     ) -> None:
         if callback is not None and not callable(callback):
             raise TypeError(f"progress must be callable (taking one MigrationProgressEvent), not {type(callback).__name__}")
-        self._callback = callback
-        self._make = make_event
-        self._agent_id = agent_id
+        self._report = None if callback is None else byte_progress(callback, agent_id, kind)
         self._total = max(total_units, 1)
         self._done = 0
-        self._last = -1
 
     def start(self) -> None:
         self._emit(0)
 
     def advance(self, units: int) -> None:
         self._done = min(self._total, self._done + units)
-        self._emit(self._done * 100 // self._total)
+        self._emit(self._done)
 
     def finish(self) -> None:
-        self._emit(100)
+        self._emit(self._total)
 
-    def _emit(self, percent: int) -> None:
-        if self._callback is not None and percent != self._last:
-            self._last = percent
-            self._callback(self._make(self._agent_id, percent))
+    def _emit(self, done: int) -> None:
+        if self._report is not None:
+            self._report(done, self._total)
 
 
 def _chunks(n: int) -> List[Tuple[int, int]]:
@@ -301,7 +298,7 @@ class RollbackInfo:
         digest_units = n if digest_algorithm is not None else 0
         if spill_to is not None:
             # write pass, checksum pass, digest pass, trailer pass
-            reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 3 * n + digest_units)
+            reporter = _Reporter(progress, ProgressEventKind.CAPTURING_STATE, agent_id, 3 * n + digest_units)
             reporter.start()
             path = Path(spill_to)
             # Written beside ``path`` and renamed over it when complete: a crash or error
@@ -313,7 +310,7 @@ class RollbackInfo:
                 )
         else:
             # copy (one memcpy), checksum pass, digest pass
-            reporter = _Reporter(progress, MigrationProgressEvent.CapturingState, agent_id, 2 * n + digest_units)
+            reporter = _Reporter(progress, ProgressEventKind.CAPTURING_STATE, agent_id, 2 * n + digest_units)
             reporter.start()
             saved = bytes(view)
             reporter.advance(n)
@@ -412,7 +409,7 @@ class RollbackInfo:
                 raise InvalidStateError(f"Rollback target size mismatch: expected {n} bytes, got {got} bytes")
         digest_units = n if self.digest_algorithm is not None else 0
         # verify the saved copy, write, verify the target (each check: checksum + digest)
-        reporter = _Reporter(progress, MigrationProgressEvent.Restoring, self.agent_id, 3 * n + 2 * digest_units)
+        reporter = _Reporter(progress, ProgressEventKind.RESTORING, self.agent_id, 3 * n + 2 * digest_units)
         reporter.start()
         try:
             self._check(saved, reporter, "Rollback state", key)
