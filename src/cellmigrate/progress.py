@@ -89,26 +89,27 @@ class ProgressEventKind(enum.Enum):
         return isinstance(instance, MigrationProgressEvent) and instance.kind is self
 
 
-def _check_count(value: int, what: str) -> int:
-    """Byte counts and durations are unsigned in the crate: refuse bools, floats, negatives."""
+def _int(value: int, what: str) -> int:
+    """Refuse bools and non-ints (floats included) with a TypeError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if value < 0:
+    return value
+
+
+def _check_count(value: int, what: str) -> int:
+    """Byte counts and durations are unsigned in the crate: refuse bools, floats, negatives."""
+    if _int(value, what) < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
     return value
 
 
 def _clamp_percent(value: int, what: str = "percent") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    return min(100, max(0, value))
+    return min(100, max(0, _int(value, what)))
 
 
 def _check_percent(value: int) -> int:
     """An event's percent must already be in 0..100 (the tracker clamps before building one)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"percent must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 100:
+    if not 0 <= _int(value, "percent") <= 100:
         raise ValueError(f"percent must be in 0..100, got {value}")
     return value
 
