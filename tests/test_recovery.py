@@ -351,7 +351,11 @@ def test_uuid_ids_accepted() -> None:
     u = uuid.UUID(bytes=AID)
     mgr.record_failure(MigrationError(ET.TIMEOUT, "a", u))
     assert mgr.execute_recovery(u) is RS.RETRY_ON_SAME_TARGET
-    assert mgr.get_history(AID) is not None
+    history = mgr.get_history(AID)
+    assert history is not None and [a.attempt_number for a in history] == [1]
+    assert mgr.get_history(u) == history
+    pending = mgr.get_pending(u)
+    assert pending is not None and pending.agent_id == AID and pending.retry_count == 1
 
 
 def test_recovery_attempt_record() -> None:
