@@ -20,12 +20,13 @@ With the default ``synchronous="FULL"`` it also survives a power loss after comm
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sqlite3
 import threading
-from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from .audit import AuditEntry, AuditEventType
 from .errors import CorruptDataError
@@ -89,6 +90,18 @@ CREATE INDEX IF NOT EXISTS audit_by_timestamp ON audit_entries (timestamp, seq);
 _COLUMNS = "migration_id, agent_id, event_type, timestamp, source_node, target_node, details, success"
 _INSERT = f"INSERT INTO audit_entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """An explicit write transaction on an autocommit connection: all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _row(entry: AuditEntry) -> Tuple[Any, ...]:
@@ -170,17 +183,12 @@ class SqliteAuditSink:
             if str(journal).lower() != "wal":
                 raise CorruptDataError(f"could not enable WAL journaling on {self._path!r} (got {journal})")
         conn.execute(f"PRAGMA synchronous={mode}")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             if version == 0:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -207,13 +215,8 @@ class SqliteAuditSink:
         rows = [_row(e) for e in entries]
         with self._lock:
             conn = self._require()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 conn.executemany(_INSERT, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     # -- reading -------------------------------------------------------------------
 
