@@ -82,6 +82,11 @@ def _now() -> int:
     return int(time.time())
 
 
+def _check_algorithm(digest_algorithm: Optional[str]) -> None:
+    if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
+        raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
+
+
 def _agent_id_bytes(agent: Any) -> bytes:
     """The agent's id as 16 bytes (``Agent.id_bytes``, or any ``.id`` the id rules accept)."""
     raw = getattr(agent, "id_bytes", None)
@@ -238,8 +243,7 @@ class RollbackInfo:
         """
         if (digest_algorithm is None) != (digest is None):
             raise ValueError("digest_algorithm and digest must be given together")
-        if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
-            raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
+        _check_algorithm(digest_algorithm)
         self.agent_id = to_id(agent_id, "agent_id")
         self.original_state = _state_of(original_state, _mapping is not None)
         self.original_checksum = original_checksum
@@ -289,8 +293,7 @@ class RollbackInfo:
             if digest_algorithm is None:
                 raise ValueError("a key needs a digest: digest_algorithm=None cannot be keyed")
             digest_algorithm = "blake3"  # a key implies keyed BLAKE3
-        if digest_algorithm is not None and digest_algorithm not in DIGEST_ALGORITHMS:
-            raise ValueError(f"unknown digest algorithm {digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
+        _check_algorithm(digest_algorithm)
         view = as_bytes_view(state, "state")
         source = to_optional_id(source_node, "source_node")
         policy = policy_bytes(agent)
