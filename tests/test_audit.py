@@ -260,6 +260,11 @@ def test_log_completion(success: bool, event: AuditEventType) -> None:
         # Rust's Debug formatting escapes quotes, backslashes and control characters
         (CompatibilityStatus.compatible_with_warnings(['say "hi"', "a\\b", "l1\nl2\t\x01"]),
          'Compatibility check passed with warnings: ["say \\"hi\\"", "a\\\\b", "l1\\nl2\\t\\u{1}"]', True),
+        # ... and every other non-printable (DEL, C1 controls, no-break space, soft hyphen)
+        # and combining marks; printable non-ASCII stays as it is
+        (CompatibilityStatus.compatible_with_warnings(["\x7f\x85\x9f\xa0\xad", "e\u0301 é ü"]),
+         'Compatibility check passed with warnings: ["\\u{7f}\\u{85}\\u{9f}\\u{a0}\\u{ad}", "e\\u{301} é ü"]',
+         True),
         (CompatibilityStatus.incompatible("Target does not support WASM feature: gc"),
          "Incompatible: Target does not support WASM feature: gc", False),
     ],

@@ -16,6 +16,7 @@ import operator
 import os
 import threading
 import time
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import (
@@ -214,13 +215,19 @@ def _render_warnings(warnings: Iterable[str]) -> str:
 _DEBUG_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
 
 
+#: Unicode categories Rust's Debug prints as ``\u{..}``: what its ``is_printable`` refuses
+#: (controls, format, surrogates, private use, unassigned, separators other than ' ') and
+#: the grapheme extenders (approximated by the combining-mark categories).
+_DEBUG_UNICODE_ESCAPED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs", "Mn", "Me"})
+
+
 def _escape_debug(text: str) -> str:
-    """Escape a string the way Rust's ``Debug`` does (quotes, backslashes, controls)."""
+    """Escape a string the way Rust's ``Debug`` does (quotes, backslashes, non-printables)."""
     out = []
     for ch in text:
         if ch in _DEBUG_ESCAPES:
             out.append(_DEBUG_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+        elif ch != " " and unicodedata.category(ch) in _DEBUG_UNICODE_ESCAPED:
             out.append(f"\\u{{{ord(ch):x}}}")
         else:
             out.append(ch)
