@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import xxhash
 from hypothesis import HealthCheck, assume, given, settings
@@ -225,7 +225,8 @@ def test_zstd_frame_declaring_a_huge_size_is_corrupt_not_memoryerror() -> None:
     from cellmigrate import adaptive_decompress, zstd_decompress
 
     frame = _zstd_header_declaring(1 << 40)
-    for call in (lambda: zstd_decompress(frame), lambda: adaptive_decompress(frame, 2)):
+    calls: List[Callable[[], bytes]] = [lambda: zstd_decompress(frame), lambda: adaptive_decompress(frame, 2)]
+    for call in calls:
         try:
             call()
         except CorruptDataError:
