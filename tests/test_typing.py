@@ -95,3 +95,9 @@ def test_cli_modules_pass_mypy_strict(tmp_path: Path, mypy_cache: Path) -> None:
               if ": error:" in line and any(f"{os.sep}{n}:" in line or line.startswith(f"{n}:") for n in names)]
     assert errors == [], proc.stdout
     assert "error:" not in proc.stderr
+
+
+def test_src_passes_mypy_strict(mypy_cache: Path) -> None:
+    """The whole package under the project's [tool.mypy] configuration (strict)."""
+    proc = mypy([], cwd=ROOT, cache=mypy_cache)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

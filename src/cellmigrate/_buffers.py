@@ -32,7 +32,7 @@ def _view(obj: Any, what: str) -> memoryview:
             raise
         if not obj.flags.c_contiguous:
             raise ValueError(f"{what} must be a C-contiguous buffer; refusing to copy a strided view") from None
-        view = memoryview(obj.reshape(-1).view(np.uint8))
+        view = obj.reshape(-1).view(np.uint8).data
     if not view.c_contiguous:
         raise ValueError(f"{what} must be a C-contiguous buffer; refusing to copy a strided view")
     if view.format != "B" or view.ndim != 1:

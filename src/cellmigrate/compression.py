@@ -94,7 +94,7 @@ def simple_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
 
 def lz4_compress(data: Any) -> bytes:
     """LZ4 block with its uncompressed size prepended (4 bytes, little-endian)."""
-    return _lz4_block.compress(as_bytes_view(data), store_size=True)
+    return bytes(_lz4_block.compress(as_bytes_view(data), store_size=True))
 
 
 def lz4_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
@@ -111,7 +111,7 @@ def lz4_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
     if size > _LZ4_MAX_RATIO * view.nbytes + 64:
         raise CorruptDataError(f"LZ4 frame declares {size} bytes, more than {view.nbytes - 4} compressed bytes can hold")
     try:
-        return _lz4_block.decompress(view)
+        return bytes(_lz4_block.decompress(view))
     except _lz4_block.LZ4BlockError as exc:
         raise CorruptDataError(f"corrupt LZ4 block: {exc}") from None
 
