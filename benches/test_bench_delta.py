@@ -41,7 +41,9 @@ def straightforward_create(old: bytes, new: bytes) -> Any:
 
 CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {
     "DeltaSnapshot.create digest=None": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest=None),
-    "DeltaSnapshot.create (default xxh3_128 digest)": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1),
+    "DeltaSnapshot.create (default xxh3_128_tree digest)": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1),
+    "DeltaSnapshot.create (sequential xxh3_128 digest)":
+        lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest="xxh3_128"),
     "straightforward create (naive loops)": lambda s: lambda: straightforward_create(s.old, s.new),
     "simple_checksum (new state)": lambda s: lambda: simple_checksum(s.new),
 }
@@ -52,9 +54,16 @@ def test_create(states: States, measure: Any, peer: str) -> None:
     measure("delta create", peer, CREATES[peer](states), states.size, ours=peer == "DeltaSnapshot.create digest=None")
 
 
-@pytest.mark.parametrize("variant", ["checksum-only (digest=None)", "default (xxh3_128 verified)"])
+APPLY_DIGESTS = {
+    "checksum-only (digest=None)": None,
+    "default (xxh3_128_tree verified)": "xxh3_128_tree",
+    "sequential xxh3_128 verified": "xxh3_128",
+}
+
+
+@pytest.mark.parametrize("variant", list(APPLY_DIGESTS))
 def test_apply(states: States, measure: Any, variant: str) -> None:
-    digest = None if variant.startswith("checksum") else "xxh3_128"
+    digest = APPLY_DIGESTS[variant]
     delta = DeltaSnapshot.create(AGENT, states.old, states.new, 0, 1, digest=digest)
     base = bytearray(states.old)
     delta.apply(base)  # afterwards base == new; applying again re-verifies and rewrites

@@ -112,6 +112,14 @@ def o_checksum_slow(data: bytes) -> int:
     return s
 
 
+def o_tree(data: bytes) -> bytes:
+    """xxh3_128_tree by its definition: XXH3-128 of the 1 MiB leaves' XXH3-128 digests
+    followed by the length as u64 little-endian."""
+    data = bytes(data)
+    leaves = b"".join(xxhash.xxh3_128_digest(data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20))
+    return xxhash.xxh3_128_digest(leaves + struct.pack("<Q", len(data)))
+
+
 def o_rle(data: bytes) -> bytes:
     out = bytearray()
     i, n = 0, len(data)
@@ -310,7 +318,8 @@ def test_every_buffer_kind_checksum_compress_digest():
     for kind, obj in _kinds(data).items():
         assert simple_checksum(obj) == o_checksum(data), kind
         assert simple_compress(obj) == o_rle(data), kind
-        assert digest(obj) == xxhash.xxh3_128_digest(data), kind
+        assert digest(obj) == o_tree(data), kind
+        assert digest(obj, "xxh3_128") == xxhash.xxh3_128_digest(data), kind
         assert digest(obj, "blake3") == blake3.blake3(data).digest(), kind
         assert first_difference(obj, data) is None, kind
 
@@ -706,8 +715,8 @@ def test_delta_fields_and_pages():
     assert d.uncompressed_size() == 3 * PAGE_SIZE
     assert d.compressed_size() == sum(len(p.data) for p in d.dirty_pages)
     assert d.compression_ratio() == d.compressed_size() / (3 * PAGE_SIZE)
-    assert d.digest_algorithm == "xxh3_128"
-    assert d.digest == xxhash.xxh3_128_digest(new)
+    assert d.digest_algorithm == "xxh3_128_tree"
+    assert d.digest == o_tree(new)
     assert d.keyed is False
 
 
@@ -781,7 +790,7 @@ def test_delta_apply_every_writable_kind(kind):
     new[PAGE_SIZE * 2:PAGE_SIZE * 3] = bytes(PAGE_SIZE)
     new[PAGE_SIZE * 6 + 9] ^= 3
     new = bytes(new)
-    for dg in ("xxh3_128", "blake3", None):
+    for dg in ("xxh3_128_tree", "xxh3_128", "blake3", None):
         d = DeltaSnapshot.create(AID, old, new, 0, 1, digest=dg)
         t = _writable(kind, old)
         d.apply(t)
@@ -971,7 +980,8 @@ KEY2 = bytes(range(1, 33))
 
 def test_digest_function():
     for data in (b"", b"abc", rnd(100000, 1)):
-        assert digest(data) == xxhash.xxh3_128_digest(data)
+        assert digest(data) == o_tree(data)
+        assert digest(data, "xxh3_128_tree") == o_tree(data)
         assert digest(data, "xxh3_128") == xxhash.xxh3_128_digest(data)
         assert digest(data, "blake3") == blake3.blake3(data).digest()
         assert digest(data, "blake3", key=KEY) == blake3.blake3(data, key=KEY).digest()
@@ -1002,7 +1012,7 @@ def test_keyed_delta_rules():
     d.apply(base, key=KEY)
     assert base == new
     # no downgrade: an unkeyed delta is refused when a key is given
-    for dg in ("xxh3_128", "blake3", None):
+    for dg in ("xxh3_128_tree", "xxh3_128", "blake3", None):
         u = DeltaSnapshot.create(AID, old, new, 0, 1, digest=dg)
         base = bytearray(old)
         with pytest.raises(InvalidStateError):
@@ -2198,7 +2208,8 @@ def test_big_state_kernels_match_oracles(big_pair):
     assert first_difference(old, new) == 0
     assert first_difference(old[1:], new[1:]) == 0
     assert first_difference(old[2:], new[2:]) == 4093
-    assert digest(new) == xxhash.xxh3_128_digest(new)
+    assert digest(new) == o_tree(new)
+    assert digest(new, "xxh3_128") == xxhash.xxh3_128_digest(new)
     # the first difference is the lowest offset even when a later region differs too
     late = bytearray(old)
     late[30 * 1024 * 1024 + 5] ^= 1
@@ -2285,7 +2296,7 @@ def test_sizes_are_bytes_for_wide_numpy():
     info = v.execute_rollback(MID)
     assert list(v.audit_log)[-1].details == "Rollback completed: restored 4000 bytes"
     assert bytes(info.original_state) == a.tobytes()
-    assert info.digest == xxhash.xxh3_128_digest(a.tobytes())
+    assert info.digest == o_tree(a.tobytes())
     m = IncrementalMigrator()
     m.start_tracking(AID, a)
     dd = m.create_incremental(AID, b2)
@@ -2739,7 +2750,7 @@ def test_rollback_digest_catches_weak_forgery():
     forged[1] = 9
     assert o_checksum(forged) == o_checksum(state)
     r = RollbackInfo.capture(Agent(), state)
-    assert r.digest == xxhash.xxh3_128_digest(state)
+    assert r.digest == o_tree(state)
     r.original_state = bytes(forged)
     with pytest.raises(CellError):
         r.restore_into(bytearray(len(state)))
@@ -2812,7 +2823,8 @@ def test_numpy_any_dtype_viewed_as_raw_bytes(dtype):
     raw = arr.tobytes()
     assert simple_checksum(arr) == o_checksum(raw)
     assert simple_compress(arr) == o_rle(raw)
-    assert digest(arr) == xxhash.xxh3_128_digest(raw)
+    assert digest(arr) == o_tree(raw)
+    assert digest(arr, "xxh3_128") == xxhash.xxh3_128_digest(raw)
     new = bytearray(raw)
     new[len(new) // 2] ^= 1
     new = bytes(new)

@@ -118,7 +118,7 @@ def test_create_records_fields_pages_and_checks() -> None:
     ]
     assert [p.compressed for p in delta.dirty_pages] == [False, True, False]
     assert delta.checksum == simple_checksum(new)
-    assert delta.digest_algorithm == "xxh3_128" and delta.digest == digest(new) and not delta.keyed
+    assert delta.digest_algorithm == "xxh3_128_tree" and delta.digest == digest(new) and not delta.keyed
     assert isinstance(delta.timestamp, int) and delta.timestamp > 1_600_000_000
 
 
@@ -508,13 +508,13 @@ size = 17 << 20
 old = np.zeros(size, dtype=np.uint8)
 new = old.copy()
 new[:: PAGE_SIZE * 97] = 3
-deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128", "blake3", None)]
+deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128_tree", "xxh3_128", "blake3", None)]
 errors = []
 def worker(k):
     try:
         for _ in range(3):
             target = old.copy()
-            deltas[k % 3].apply(target)
+            deltas[k % 4].apply(target)
             assert np.array_equal(target, new)
             again = DeltaSnapshot.create(bytes(16), old, new, 0, 1)
             assert again.dirty_pages == deltas[0].dirty_pages and again.digest == deltas[0].digest

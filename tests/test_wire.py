@@ -323,7 +323,7 @@ def test_unsupported_version() -> None:
 
 
 def test_unknown_digest_algorithm_and_flags() -> None:
-    expect(replace(valid_wire(), algorithm=3).build(), "digest algorithm id 3")
+    expect(replace(valid_wire(), algorithm=4).build(), "digest algorithm id 4")
     expect(replace(valid_wire(), flags=0x02).build(), "unknown flags 0x02")
     expect(replace(valid_wire(), flags=0x81).build(), "unknown flags 0x80")
     expect(replace(valid_wire(), flags=1).build(), "keyed", "xxh3_128")

@@ -20,7 +20,7 @@ from .errors import (
 
 # --- kernels: checksums, comparison, compression ------------------------------------
 from ._backend import kernels as _kernels_impl
-from .checksum import PAGE_SIZE, digest, simple_checksum
+from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, PAGE_SIZE, digest, simple_checksum
 from .compare import dirty_pages, first_difference
 from .compression import (
     CompressionMethod,
@@ -96,6 +96,8 @@ __all__ = [
     "PAGE_SIZE",
     "simple_checksum",
     "digest",
+    "DEFAULT_DIGEST",
+    "DIGEST_ALGORITHMS",
     "first_difference",
     "dirty_pages",
     "CompressionMethod",

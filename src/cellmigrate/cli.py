@@ -50,8 +50,9 @@ PROGRESS_MIN_BYTES = int(os.environ.get("CELLMIGRATE_PROGRESS_MIN_BYTES", str(1 
 CHUNK = 64 << 20
 
 KEY_SIZE = 32
-CHECKSUM_ALGORITHMS = ("simple", "xxh3_128", "blake3")
-DIGEST_CHOICES = ("xxh3_128", "blake3", "none")
+#: The second is the default: the digest deltas carry (``cellmigrate.DEFAULT_DIGEST``).
+CHECKSUM_ALGORITHMS = ("simple", "xxh3_128_tree", "xxh3_128", "blake3")
+DIGEST_CHOICES = ("xxh3_128_tree", "xxh3_128", "blake3", "none")
 
 
 class CliError(Exception):
@@ -131,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("checksum", "print the checksum or digest of a state file",
             "Print the checksum of FILE: 'simple' is the Rust crate's weighted sum (decimal u32), "
-            "'xxh3_128' and 'blake3' are strong digests (hex). With --key-file, blake3 is keyed "
+            "'xxh3_128_tree' (XXH3-128 over 1 MiB leaves, the digest deltas carry), 'xxh3_128' and "
+            "'blake3' are strong digests (hex). With --key-file, blake3 is keyed "
             "(the MAC a keyed delta carries).")
     p.add_argument("file", metavar="FILE", help="state file")
-    p.add_argument("-a", "--algorithm", choices=CHECKSUM_ALGORITHMS, default="xxh3_128",
+    p.add_argument("-a", "--algorithm", choices=CHECKSUM_ALGORITHMS, default=CHECKSUM_ALGORITHMS[1],
                    help="checksum algorithm (default: %(default)s)")
     p.add_argument("--key-file", metavar="F", help="32-byte key for keyed blake3 (raw, or 64 hex digits)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new", metavar="NEW", help="the state to ship")
     p.add_argument("-o", "--output", metavar="DELTA", required=True, help="delta file to write (replaced atomically)")
     p.add_argument("--digest", choices=DIGEST_CHOICES, default=None,
-                   help="strong digest of NEW to record (default: xxh3_128, or blake3 with --key-file; "
+                   help="strong digest of NEW to record (default: xxh3_128_tree, or blake3 with --key-file; "
                         "'none' gives a checksum-only delta, as the Rust crate writes)")
     p.add_argument("--key-file", metavar="F",
                    help="32-byte key: authenticate the delta with keyed BLAKE3 (a MAC)")
@@ -293,6 +295,7 @@ def chunked_checksum(
     import blake3
     import xxhash
 
+    from ._tree import TreeStream
     from .checksum import simple_checksum
 
     with memoryview(buf) as whole:
@@ -306,7 +309,9 @@ def chunked_checksum(
                     on_chunk(min(chunk, n - pos))
             return total
         hasher: Any
-        if algorithm == "xxh3_128":
+        if algorithm == "xxh3_128_tree":
+            hasher = TreeStream()
+        elif algorithm == "xxh3_128":
             hasher = xxhash.xxh3_128()
         elif key is not None:
             hasher = blake3.blake3(key=key, max_threads=blake3.blake3.AUTO)
@@ -428,13 +433,14 @@ def _cmd_checksum(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    from .checksum import DEFAULT_DIGEST
     from .delta import DeltaSnapshot
     from .errors import InvalidStateError
 
     key = _read_key(args.key_file)
     algorithm: Optional[str]
     if args.digest is None:
-        algorithm = "blake3" if key is not None else "xxh3_128"
+        algorithm = "blake3" if key is not None else DEFAULT_DIGEST
     elif args.digest == "none":
         if key is not None:
             raise CliError("--key-file authenticates the delta with blake3; it cannot be combined with --digest none")
@@ -442,7 +448,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     else:
         algorithm = args.digest
         if key is not None and algorithm != "blake3":
-            raise CliError("--key-file needs the blake3 digest (xxh3_128 is not a MAC)")
+            raise CliError(f"--key-file needs the blake3 digest ({algorithm} is not a MAC)")
     sequence = args.base_sequence + 1 if args.sequence is None else args.sequence
 
     started = time.perf_counter()

@@ -31,7 +31,8 @@ from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
-from .checksum import DIGEST_ALGORITHMS, KEY_SIZE, PAGE_SIZE
+from ._tree import LEAF_SIZE, TreeStream
+from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, KEY_SIZE, PAGE_SIZE
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressEventKind, byte_progress
 
@@ -75,7 +76,7 @@ def _byte_reporter(
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 #: Digest sizes in bytes, per algorithm.
-_DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32}
+_DIGEST_SIZES = {"xxh3_128_tree": 16, "xxh3_128": 16, "blake3": 32}
 #: Bytes per fused step: small enough that a chunk the page comparison (or the checksum)
 #: just read from memory is still in this core's cache when the hasher reads it again,
 #: big enough that the Python loop costs nothing next to the kernels.
@@ -98,12 +99,12 @@ def _page_align(n: int) -> int:
     return -(-n // PAGE_SIZE) * PAGE_SIZE
 
 
-def _plan(total: int) -> List[Tuple[int, int]]:
-    """Page-aligned spans of ``[0, total)``, one per thread (one span: the calling thread only)."""
+def _plan(total: int, align: int = PAGE_SIZE) -> List[Tuple[int, int]]:
+    """``align``-aligned spans of ``[0, total)``, one per thread (one span: the calling thread only)."""
     threads = max_threads()
     if threads <= 1 or total < PARALLEL_MIN_BYTES:
         return [(0, total)]
-    step = _page_align(-(-total // threads))
+    step = -(-(-(-total // threads)) // align) * align
     return [(lo, min(lo + step, total)) for lo in range(0, total, step)]
 
 
@@ -209,14 +210,15 @@ def _now() -> int:
 
 
 class _Hasher:
-    """Streaming XXH3-128 or (keyed) BLAKE3; ``update`` takes buffers without copying."""
+    """Streaming XXH3-128 (plain or over leaves) or (keyed) BLAKE3; ``update`` takes
+    buffers without copying."""
 
     def __init__(self, algorithm: str, key: Optional[bytes]) -> None:
         self._h: Any
-        if algorithm == "xxh3_128":
+        if algorithm in ("xxh3_128_tree", "xxh3_128"):
             if key is not None:
-                raise ValueError("a key needs algorithm='blake3' (xxh3_128 is not a MAC)")
-            self._h = _xxhash.xxh3_128()
+                raise ValueError(f"a key needs algorithm='blake3' ({algorithm} is not a MAC)")
+            self._h = TreeStream() if algorithm == "xxh3_128_tree" else _xxhash.xxh3_128()
         elif algorithm == "blake3":
             if key is not None:
                 self._h = _blake3.blake3(key=key, max_threads=_blake3.blake3.AUTO)
@@ -230,6 +232,19 @@ class _Hasher:
 
     def digest(self) -> bytes:
         return bytes(self._h.digest())
+
+    @property
+    def splittable(self) -> bool:
+        """Whether spans of the input can be hashed on separate threads (leaf-aligned)."""
+        return isinstance(self._h, TreeStream)
+
+    def fork(self) -> "_Hasher":
+        """A hasher for one leaf-aligned span, to :meth:`join` back in order."""
+        return _Hasher("xxh3_128_tree", None)
+
+    def join(self, spans: Sequence["_Hasher"]) -> None:
+        """Take the spans' leaves, in order, as if this hasher had seen their bytes."""
+        self._h.join([span._h for span in spans])
 
 
 def _check_key(key: Optional[Any]) -> Optional[bytes]:
@@ -402,7 +417,13 @@ def _scan(
 ) -> Tuple[npt.NDArray[np.int64], int]:
     """All dirty page indices (ascending) and ``simple_checksum(new)``; feeds ``hasher``."""
     n = new.nbytes
-    if hasher is not None and n >= PARALLEL_MIN_BYTES and _paired():
+    if hasher is not None and hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
+        # Each thread scans its span and hashes its own leaves while they are in cache.
+        spans = _plan(n, LEAF_SIZE)
+        forks = {lo: hasher.fork() for lo, _ in spans}
+        parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, forks[a], progress), spans)
+        hasher.join([forks[lo] for lo, _ in spans])
+    elif hasher is not None and n >= PARALLEL_MIN_BYTES and _paired():
         parts = list(_scan_claimed(old, new, hasher, progress))
     else:
         # No hasher: the spans are independent (checksums add up, indices concatenate).
@@ -542,7 +563,14 @@ class _Result:
     def checks(self, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]) -> int:
         """Checksum of the whole result; ``hasher`` (if any) sees every byte, in order."""
         total = self.total
-        if hasher is not None and total >= PARALLEL_MIN_BYTES and _paired():
+        if hasher is not None and hasher.splittable and total >= PARALLEL_MIN_BYTES and _paired():
+            # Each thread checksums its span and hashes its own leaves from cache.
+            spans = _plan(total, LEAF_SIZE)
+            forks = {lo: hasher.fork() for lo, _ in spans}
+            parts = run_spans(lambda a, b: self.checksum_alone(a, b, forks[a], progress), spans)
+            hasher.join([forks[lo] for lo, _ in spans])
+            checksum = sum(parts) & _MASK32
+        elif hasher is not None and total >= PARALLEL_MIN_BYTES and _paired():
             checksum = self.claimed(hasher, progress)
         else:
             spans = _plan(total) if hasher is None else [(0, total)]
@@ -580,7 +608,8 @@ class DeltaSnapshot:
         total_size: size of the new state in bytes.
         timestamp: Unix seconds of creation.
         checksum: ``simple_checksum`` of the new state (the crate's check).
-        digest_algorithm: "xxh3_128", "blake3", or ``None`` for a checksum-only delta.
+        digest_algorithm: "xxh3_128_tree", "xxh3_128", "blake3", or ``None`` for a
+            checksum-only delta.
         digest: strong digest (or MAC when ``keyed``) of the new state, or ``None``.
         keyed: the digest is keyed BLAKE3: ``apply`` needs the key.
     """
@@ -632,7 +661,7 @@ class DeltaSnapshot:
         base_sequence: int,
         sequence: int,
         *,
-        digest: Optional[str] = "xxh3_128",
+        digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
     ) -> "DeltaSnapshot":
@@ -640,7 +669,8 @@ class DeltaSnapshot:
 
         Both states are read in place (any C-contiguous buffer); only the dirty pages
         are copied, each RLE-compressed when that makes it strictly smaller.
-        ``digest`` names the strong digest of the new state ("xxh3_128", "blake3", or
+        ``digest`` names the strong digest of the new state ("xxh3_128_tree", the
+        default, XXH3-128 over 1 MiB leaves that all cores hash; "xxh3_128"; "blake3"; or
         ``None`` for the crate's checksum-only delta); a 32-byte ``key`` makes it a keyed
         BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`.
 

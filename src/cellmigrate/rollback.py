@@ -39,7 +39,7 @@ import xxhash
 
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id, to_optional_id
-from .checksum import DIGEST_ALGORITHMS
+from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS
 from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .errors import CorruptDataError, InvalidStateError
@@ -47,9 +47,6 @@ from .progress import ProgressCallback, ProgressEventKind, byte_progress
 from .statefile import atomic_replace
 
 __all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
-
-#: Default strong digest recorded by :meth:`RollbackInfo.capture`.
-DEFAULT_DIGEST = "xxh3_128"
 
 #: Work is done (and progress reported) in slices of this many bytes.
 PROGRESS_CHUNK = 64 << 20
@@ -69,9 +66,9 @@ _HEADER = struct.Struct("<4sHH16s16sQIBBHQQ32s")
 _CHECK_SIZE = 16  # XXH3-128
 _HEADER_SIZE = _HEADER.size + _CHECK_SIZE  # header fields + their own check
 _OVERHEAD = _HEADER_SIZE + _CHECK_SIZE  # + the trailer over everything before it
-_DIGEST_IDS = {"xxh3_128": 1, "blake3": 2}
+_DIGEST_IDS = {"xxh3_128": 1, "blake3": 2, "xxh3_128_tree": 3}
 _DIGEST_NAMES = {v: k for k, v in _DIGEST_IDS.items()}
-_DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32}
+_DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32, "xxh3_128_tree": 16}
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -185,7 +182,7 @@ class RollbackInfo:
     >>> from cellmigrate import Agent
     >>> info = RollbackInfo.capture(Agent(), b"state")
     >>> bytes(info.original_state), info.original_checksum, info.digest_algorithm
-    (b'state', 1607, 'xxh3_128')
+    (b'state', 1607, 'xxh3_128_tree')
     >>> info.is_valid(3600), info.is_valid(0)
     (True, False)
     >>> target = bytearray(b"garbage!")
@@ -204,7 +201,8 @@ class RollbackInfo:
         original_policy_data: the agent's policy, serialized (compact sorted JSON).
         created_at: Unix seconds of the capture.
         source_node: optional 16-byte id of the node the state was captured on.
-        digest_algorithm: "xxh3_128" or "blake3", or ``None`` for a checksum-only point.
+        digest_algorithm: "xxh3_128_tree", "xxh3_128" or "blake3", or ``None`` for a
+            checksum-only point.
         digest: the strong digest of the saved copy (``None`` with ``digest_algorithm``).
         keyed: ``digest`` is a keyed BLAKE3 MAC: restoring needs the key.
     """

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
-from .checksum import PAGE_SIZE
+from .checksum import DEFAULT_DIGEST, PAGE_SIZE
 from .delta import DeltaSnapshot, _byte_reporter
 from .errors import InvalidStateError
 from .progress import ProgressEventKind
@@ -229,7 +229,7 @@ class DirtyPageTracker:
         self,
         current: Any,
         *,
-        digest: Optional[str] = "xxh3_128",
+        digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
     ) -> DeltaSnapshot:
@@ -324,7 +324,7 @@ class IncrementalMigrator:
         agent_id: IdLike,
         state: Any,
         *,
-        digest: Optional[str] = "xxh3_128",
+        digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
     ) -> DeltaSnapshot:

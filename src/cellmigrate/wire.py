@@ -107,9 +107,9 @@ _U64_MAX = (1 << 64) - 1
 
 # Digest algorithm ids and the digest length each one implies.
 _ALG_NONE = 0
-_ALG_IDS = {None: 0, "xxh3_128": 1, "blake3": 2}
+_ALG_IDS = {None: 0, "xxh3_128": 1, "blake3": 2, "xxh3_128_tree": 3}
 _ALG_NAMES = {v: k for k, v in _ALG_IDS.items()}
-_DIGEST_LENGTHS = {0: 0, 1: 16, 2: 32}
+_DIGEST_LENGTHS = {0: 0, 1: 16, 2: 32, 3: 16}
 
 _FLAG_KEYED = 0x01
 _KNOWN_FLAGS = _FLAG_KEYED
