@@ -206,3 +206,10 @@ def test_wire_round_trip_keeps_the_algorithm() -> None:
     back.digest = bytes(16)
     with pytest.raises(InvalidStateError, match="xxh3_128_tree digest mismatch"):
         back.apply(bytearray(old))
+
+
+def test_stream_takes_wide_items_as_bytes() -> None:
+    raw = _bytes(LEAF_SIZE + 4096, 13)
+    stream = TreeStream()
+    stream.update(np.frombuffer(raw, dtype=np.float64))
+    assert stream.digest() == oracle(raw)

@@ -53,8 +53,10 @@ class TreeStream:
         self._length = 0
 
     def update(self, data: Union[bytes, memoryview]) -> None:
-        """Feed the next bytes (a flat byte buffer; views are not copied)."""
+        """Feed the next bytes (any C-contiguous buffer; nothing is copied)."""
         view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")  # leaves are cut in bytes, not in items
         n = view.nbytes
         pos = 0
         while pos < n:
