@@ -18,6 +18,9 @@ from .errors import (
     MigrationFailedError,
 )
 
+# --- the types of what callers pass (_types.py) ---------------------------------------
+from ._types import BufferLike, IndexLike
+
 # --- kernels: checksums, comparison, compression ------------------------------------
 from ._backend import kernels as _kernels_impl
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, PAGE_SIZE, digest, simple_checksum
@@ -92,6 +95,9 @@ __all__ = [
     "CorruptDataError",
     "MigrationFailedError",
     "ExecutionFailedError",
+    # types of arguments
+    "BufferLike",
+    "IndexLike",
     # kernels
     "PAGE_SIZE",
     "simple_checksum",
