@@ -8,18 +8,22 @@ non-contiguous buffer is refused with a message naming the problem; it is never 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ._types import Buffer, BufferLike
 
 __all__ = ["as_bytes_view", "as_writable_view"]
 
 
-def _view(obj: Any, what: str) -> memoryview:
+def _view(obj: BufferLike, what: str) -> memoryview:
     if isinstance(obj, str):
         raise TypeError(f"{what} must be a bytes-like buffer, not str")
     try:
-        view = memoryview(obj)
+        # numpy's stubs declare ndarray.__buffer__ only for Python 3.12+.
+        view = memoryview(cast("Buffer", obj))
     except TypeError:
         raise TypeError(
             f"{what} must support the buffer protocol (bytes, bytearray, memoryview, "
@@ -40,12 +44,12 @@ def _view(obj: Any, what: str) -> memoryview:
     return view
 
 
-def as_bytes_view(obj: Any, what: str = "data") -> memoryview:
+def as_bytes_view(obj: BufferLike, what: str = "data") -> memoryview:
     """Return a read-only-capable flat ``uint8`` view of ``obj`` without copying."""
     return _view(obj, what)
 
 
-def as_writable_view(obj: Any, what: str = "target") -> memoryview:
+def as_writable_view(obj: BufferLike, what: str = "target") -> memoryview:
     """Return a writable flat ``uint8`` view of ``obj``; read-only buffers are refused."""
     view = _view(obj, what)
     if view.readonly:

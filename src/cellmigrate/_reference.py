@@ -58,10 +58,14 @@ Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dis
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
+from ._types import BufferLike, IndexLike
+
+if TYPE_CHECKING:
+    from ._types import Buffer
 from .errors import CorruptDataError
 
 IMPLEMENTATION = "reference"
@@ -71,8 +75,19 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 _CHUNK = 1 << 20
 
 
-def checksum(data: Any, offset: int = 0) -> int:
-    arr = np.frombuffer(data, dtype=np.uint8)
+def _u8(data: BufferLike) -> "np.ndarray[Any, np.dtype[np.uint8]]":
+    # Before Python 3.12, numpy's stubs accept only concrete buffer types (bytes,
+    # memoryview, ...) here, not the Buffer protocol; what is passed is unchanged.
+    return np.frombuffer(cast(memoryview, data), dtype=np.uint8)
+
+
+def _view(data: BufferLike) -> memoryview:
+    # numpy's stubs declare ndarray.__buffer__ only for Python 3.12+.
+    return memoryview(cast("Buffer", data))
+
+
+def checksum(data: BufferLike, offset: int = 0) -> int:
+    arr = _u8(data)
     total = 0
     for start in range(0, arr.size, _CHUNK):
         chunk = arr[start : start + _CHUNK].astype(np.uint64)
@@ -95,17 +110,17 @@ def _equal_length(x: "np.ndarray[Any, Any]", y: "np.ndarray[Any, Any]", what: st
         raise ValueError(f"{what} needs buffers of equal length")
 
 
-def first_difference(a: Any, b: Any) -> Optional[int]:
-    x = np.frombuffer(a, dtype=np.uint8)
-    y = np.frombuffer(b, dtype=np.uint8)
+def first_difference(a: BufferLike, b: BufferLike) -> Optional[int]:
+    x = _u8(a)
+    y = _u8(b)
     _equal_length(x, y, "first_difference")
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else None
 
 
-def dirty_pages(old: Any, new: Any, page_size: int) -> "np.ndarray[Any, np.dtype[np.int64]]":
-    x = np.frombuffer(old, dtype=np.uint8)
-    y = np.frombuffer(new, dtype=np.uint8)
+def dirty_pages(old: BufferLike, new: BufferLike, page_size: int) -> "np.ndarray[Any, np.dtype[np.int64]]":
+    x = _u8(old)
+    y = _u8(new)
     _equal_length(x, y, "dirty_pages")
     _pages(x.size, page_size)
     pages = [i for i, start in enumerate(range(0, x.size, page_size)) if not np.array_equal(
@@ -114,20 +129,20 @@ def dirty_pages(old: Any, new: Any, page_size: int) -> "np.ndarray[Any, np.dtype
 
 
 def dirty_pages_checksum(
-    old: Any, new: Any, page_size: int, offset: int = 0
+    old: BufferLike, new: BufferLike, page_size: int, offset: int = 0
 ) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", int]:
-    x = np.frombuffer(old, dtype=np.uint8)
-    y = np.frombuffer(new, dtype=np.uint8)
+    x = _u8(old)
+    y = _u8(new)
     _equal_length(x, y, "dirty_pages_checksum")
     return dirty_pages(old, new, page_size), checksum(new, offset)
 
 
-def _index_list(indices: Any) -> List[int]:
+def _index_list(indices: IndexLike) -> List[int]:
     return [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
 
 
-def state_pages_checksum(state: Any, indices: Any, page_size: int) -> int:
-    view = memoryview(state).cast("B")
+def state_pages_checksum(state: BufferLike, indices: IndexLike, page_size: int) -> int:
+    view = _view(state).cast("B")
     npages = _pages(view.nbytes, page_size)
     idx = _index_list(indices)
     for i in idx:
@@ -136,7 +151,7 @@ def state_pages_checksum(state: Any, indices: Any, page_size: int) -> int:
     return sum(checksum(view[i * page_size : (i + 1) * page_size], i * page_size) for i in idx) & _MASK32
 
 
-def pages_checksum(pages: Sequence[Any], indices: Any, page_size: int) -> int:
+def pages_checksum(pages: Sequence[BufferLike], indices: IndexLike, page_size: int) -> int:
     _pages(0, page_size)
     idx = _index_list(indices)
     if len(pages) != len(idx):
@@ -149,7 +164,7 @@ def pages_checksum(pages: Sequence[Any], indices: Any, page_size: int) -> int:
     return total & _MASK32
 
 
-def rle_compress(data: Any) -> bytes:
+def rle_compress(data: BufferLike) -> bytes:
     src = bytes(data)
     out = bytearray()
     i, n = 0, len(src)
@@ -166,7 +181,7 @@ def rle_compress(data: Any) -> bytes:
     return bytes(out)
 
 
-def rle_decompress(data: Any, max_output: int = -1) -> bytes:
+def rle_decompress(data: BufferLike, max_output: int = -1) -> bytes:
     src = bytes(data)
     out = bytearray()
     i, n = 0, len(src)
@@ -188,8 +203,8 @@ def rle_decompress(data: Any, max_output: int = -1) -> bytes:
     return bytes(out)
 
 
-def gather_pages(state: Any, indices: Any, page_size: int) -> List[bytes]:
-    view = memoryview(state).cast("B")
+def gather_pages(state: BufferLike, indices: IndexLike, page_size: int) -> List[bytes]:
+    view = _view(state).cast("B")
     npages = _pages(view.nbytes, page_size)
     idx = _index_list(indices)
     for i in idx:
@@ -198,17 +213,17 @@ def gather_pages(state: Any, indices: Any, page_size: int) -> List[bytes]:
     return [bytes(view[i * page_size : (i + 1) * page_size]) for i in idx]
 
 
-def scatter_pages(target: Any, indices: Any, pages: Sequence[Any], page_size: int) -> None:
-    view = memoryview(target).cast("B")
+def scatter_pages(target: BufferLike, indices: IndexLike, pages: Sequence[BufferLike], page_size: int) -> None:
+    view = _view(target).cast("B")
     _pages(0, page_size)
     idx = _index_list(indices)
     if len(pages) != len(idx):
         raise ValueError(f"{len(pages)} pages but {len(idx)} indices")
-    sizes = [memoryview(p).nbytes for p in pages]
+    sizes = [_view(p).nbytes for p in pages]
     for i, size in zip(idx, sizes):
         if size > page_size:
             raise ValueError(f"page {i} has {size} bytes, more than page_size {page_size}")
         if i < 0 or i * page_size + size > view.nbytes:
             raise IndexError(f"page {i} does not fit a target of {view.nbytes} bytes")
     for i, page, size in zip(idx, pages, sizes):
-        view[i * page_size : i * page_size + size] = memoryview(page).cast("B")
+        view[i * page_size : i * page_size + size] = _view(page).cast("B")

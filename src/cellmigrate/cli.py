@@ -31,6 +31,7 @@ from .statefile import StateFile, atomic_replace, copy_to_temp, format_size, par
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tqdm import tqdm as Tqdm
 
+    from ._types import Buffer
     from .delta import DeltaSnapshot
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DIFFERENT", "EXIT_ERROR"]
@@ -284,7 +285,7 @@ def _bar_callback(bar: Optional["Tqdm[Any]"]) -> Optional[Callable[[int, int], N
 
 
 def chunked_checksum(
-    buf: Any, algorithm: str, *, key: Optional[bytes] = None,
+    buf: Buffer, algorithm: str, *, key: Optional[bytes] = None,
     on_chunk: Optional[Callable[[int], object]] = None, chunk: int = CHUNK,
 ) -> Union[int, bytes]:
     """Checksum/digest of ``buf`` computed chunk by chunk (for a progress bar).
@@ -326,7 +327,7 @@ def chunked_checksum(
 
 
 def chunked_first_difference(
-    a: Any, b: Any, *, on_chunk: Optional[Callable[[int], object]] = None, chunk: int = CHUNK,
+    a: Buffer, b: Buffer, *, on_chunk: Optional[Callable[[int], object]] = None, chunk: int = CHUNK,
 ) -> Optional[int]:
     """First differing offset of two buffers, or ``None``; unequal lengths differ at the end
     of the shorter one when its bytes are a prefix of the longer one."""

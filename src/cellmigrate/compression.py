@@ -11,13 +11,14 @@ from __future__ import annotations
 import enum
 import struct
 import threading
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import lz4.block as _lz4_block
 import zstandard as _zstd
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
+from ._types import BufferLike
 from .errors import CorruptDataError
 
 __all__ = [
@@ -72,7 +73,7 @@ def _bound(max_output: Optional[int]) -> int:
     return max_output
 
 
-def simple_compress(data: Any) -> bytes:
+def simple_compress(data: BufferLike) -> bytes:
     """RLE-compress ``data`` exactly as the Rust crate does.
 
     >>> simple_compress(b"\\xff" * 126).hex()
@@ -83,7 +84,7 @@ def simple_compress(data: Any) -> bytes:
     return bytes(kernels.rle_compress(as_bytes_view(data)))
 
 
-def simple_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
+def simple_decompress(data: BufferLike, *, max_output: Optional[int] = None) -> bytes:
     """Decode the RLE format; refuses truncated markers, zero counts and output over ``max_output``.
 
     >>> simple_decompress(bytes.fromhex("ff0441")) 
@@ -92,12 +93,12 @@ def simple_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
     return bytes(kernels.rle_decompress(as_bytes_view(data), _bound(max_output)))
 
 
-def lz4_compress(data: Any) -> bytes:
+def lz4_compress(data: BufferLike) -> bytes:
     """LZ4 block with its uncompressed size prepended (4 bytes, little-endian)."""
     return bytes(_lz4_block.compress(as_bytes_view(data), store_size=True))
 
 
-def lz4_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
+def lz4_decompress(data: BufferLike, *, max_output: Optional[int] = None) -> bytes:
     """Inverse of :func:`lz4_compress`; the declared size is checked before allocating."""
     view = as_bytes_view(data)
     if view.nbytes < 4:
@@ -116,7 +117,7 @@ def lz4_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
         raise CorruptDataError(f"corrupt LZ4 block: {exc}") from None
 
 
-def zstd_compress(data: Any, level: int = ZSTD_DEFAULT_LEVEL) -> bytes:
+def zstd_compress(data: BufferLike, level: int = ZSTD_DEFAULT_LEVEL) -> bytes:
     """A zstd frame (content size recorded) at ``level``."""
     return _zstd.ZstdCompressor(level=level).compress(as_bytes_view(data))
 
@@ -133,7 +134,7 @@ def _zstd_decompressor() -> _zstd.ZstdDecompressor:
     return dctx
 
 
-def zstd_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
+def zstd_decompress(data: BufferLike, *, max_output: Optional[int] = None) -> bytes:
     """Decode every zstd frame in ``data``, with or without a recorded content size.
 
     A declared content size is never trusted for allocation (a 16-byte frame can claim a
@@ -172,7 +173,7 @@ def zstd_decompress(data: Any, *, max_output: Optional[int] = None) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _compress_with(data: Any, method: CompressionMethod) -> bytes:
+def _compress_with(data: BufferLike, method: CompressionMethod) -> bytes:
     if method is CompressionMethod.RLE:
         return simple_compress(data)
     if method is CompressionMethod.LZ4:
@@ -182,7 +183,7 @@ def _compress_with(data: Any, method: CompressionMethod) -> bytes:
     return zstd_compress(data, ZSTD_HIGH_LEVEL)
 
 
-def _smallest(data: Any, methods: Tuple[CompressionMethod, ...]) -> Tuple[bytes, CompressionMethod]:
+def _smallest(data: BufferLike, methods: Tuple[CompressionMethod, ...]) -> Tuple[bytes, CompressionMethod]:
     best: Optional[Tuple[bytes, CompressionMethod]] = None
     for method in methods:
         payload = _compress_with(data, method)
@@ -193,7 +194,7 @@ def _smallest(data: Any, methods: Tuple[CompressionMethod, ...]) -> Tuple[bytes,
     return best
 
 
-def adaptive_compress(data: Any) -> Tuple[bytes, CompressionMethod]:
+def adaptive_compress(data: BufferLike) -> Tuple[bytes, CompressionMethod]:
     """Pick the smallest of the methods worth trying for this size.
 
     Under 256 bytes RLE only; under 4096 the smaller of RLE and LZ4; otherwise the
@@ -207,13 +208,13 @@ def adaptive_compress(data: Any) -> Tuple[bytes, CompressionMethod]:
     return _smallest(view, (CompressionMethod.RLE, CompressionMethod.LZ4, CompressionMethod.ZSTD_DEFAULT))
 
 
-def adaptive_compress_aggressive(data: Any) -> Tuple[bytes, CompressionMethod]:
+def adaptive_compress_aggressive(data: BufferLike) -> Tuple[bytes, CompressionMethod]:
     """Try all four methods and keep the smallest (ties keep the earlier one)."""
     return _smallest(as_bytes_view(data), tuple(CompressionMethod))
 
 
 def adaptive_decompress(
-    payload: Any, method: Union[CompressionMethod, int], *, max_output: Optional[int] = None
+    payload: BufferLike, method: Union[CompressionMethod, int], *, max_output: Optional[int] = None
 ) -> bytes:
     """Decode ``payload`` written with ``method`` (an unknown id raises ``ValueError``)."""
     method = CompressionMethod(method)

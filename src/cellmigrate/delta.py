@@ -32,6 +32,7 @@ from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from ._tree import LEAF_SIZE, TreeStream
+from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, KEY_SIZE, PAGE_SIZE
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressEventKind, byte_progress
@@ -227,7 +228,7 @@ class _Hasher:
         else:
             raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
 
-    def update(self, data: Any) -> None:
+    def update(self, data: BufferLike) -> None:
         self._h.update(data)
 
     def digest(self) -> bytes:
@@ -290,7 +291,7 @@ class DirtyPage:
     __slots__ = ("index", "data", "compressed")
     __hash__ = None  # type: ignore[assignment]  # mutable, like the crate's struct
 
-    def __init__(self, index: int, data: Any, compressed: bool = False) -> None:
+    def __init__(self, index: int, data: BufferLike, compressed: bool = False) -> None:
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"page index must be an int, not {type(index).__name__}")
         if index < 0:
@@ -656,8 +657,8 @@ class DeltaSnapshot:
     def create(
         cls,
         agent_id: IdLike,
-        old_state: Any,
-        new_state: Any,
+        old_state: BufferLike,
+        new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         *,
@@ -687,8 +688,8 @@ class DeltaSnapshot:
     def _create_checked(
         cls,
         agent: bytes,
-        old_state: Any,
-        new_state: Any,
+        old_state: BufferLike,
+        new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         digest: Optional[str],
@@ -710,8 +711,8 @@ class DeltaSnapshot:
     def _create(
         cls,
         agent: bytes,
-        old_state: Any,
-        new_state: Any,
+        old_state: BufferLike,
+        new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         algorithm: Optional[str],
@@ -799,7 +800,7 @@ class DeltaSnapshot:
                 )
 
     def apply(
-        self, base: Any, *, key: Optional[bytes] = None, progress: Optional[Callable[..., Any]] = None
+        self, base: BufferLike, *, key: Optional[bytes] = None, progress: Optional[Callable[..., Any]] = None
     ) -> None:
         """Write the delta's pages into ``base``, after verifying everything.
 
@@ -850,7 +851,7 @@ class DeltaSnapshot:
         if size < total:
             view.release()
             try:
-                base.extend(bytes(total - size))
+                base.extend(bytes(total - size))  # type: ignore[union-attr]  # a bytearray (checked above)
             except BufferError as exc:
                 raise InvalidStateError(f"Base state is too small and cannot be grown: {exc}") from None
             view = as_writable_view(base, "base")
@@ -888,7 +889,7 @@ class DeltaSnapshot:
         return bytes(wire.encode_delta(cast(Any, self)))
 
     @classmethod
-    def deserialize(cls, data: Any, *, max_total_size: Optional[int] = None) -> "DeltaSnapshot":
+    def deserialize(cls, data: BufferLike, *, max_total_size: Optional[int] = None) -> "DeltaSnapshot":
         """Parse :meth:`serialize` output; any malformed input raises ``CorruptDataError``.
 
         ``max_total_size`` bounds the declared state size (the wire module's default

@@ -39,6 +39,7 @@ import xxhash
 
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id, to_optional_id
+from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS
 from .checksum import digest as _digest
 from .checksum import simple_checksum
@@ -161,7 +162,7 @@ def _checksum_chunked(view: memoryview, reporter: Optional[_Reporter] = None) ->
     return total
 
 
-def _state_of(obj: Any, mapped: bool) -> Union[bytes, memoryview]:
+def _state_of(obj: BufferLike, mapped: bool) -> Union[bytes, memoryview]:
     """A rollback point's state must not change under its checksum: keep a private copy
     unless it is ``bytes`` or a view of the point's own read-only file mapping (a
     read-only view of someone else's buffer does not stop its owner from writing)."""
@@ -222,7 +223,7 @@ class RollbackInfo:
     def __init__(
         self,
         agent_id: IdLike,
-        original_state: Any,
+        original_state: BufferLike,
         original_checksum: int,
         original_policy_data: bytes,
         created_at: int,
@@ -264,7 +265,7 @@ class RollbackInfo:
     def capture(
         cls,
         agent: Any,
-        state: Any,
+        state: BufferLike,
         *,
         source_node: Optional[IdLike] = None,
         digest_algorithm: Optional[str] = DEFAULT_DIGEST,
@@ -382,7 +383,7 @@ class RollbackInfo:
         self._verify(None, key)
 
     def restore_into(
-        self, target: Any, *, key: Optional[bytes] = None, progress: Optional[ProgressCallback] = None
+        self, target: BufferLike, *, key: Optional[bytes] = None, progress: Optional[ProgressCallback] = None
     ) -> int:
         """Write the saved state back into ``target`` and verify it; return the byte count.
 
@@ -416,9 +417,9 @@ class RollbackInfo:
             self._check(saved, reporter, "Rollback state", key)
             # A grown bytearray already holds the saved tail: only the head is copied.
             copy_n = n
-            if resizable:
-                copy_n = min(len(target), n)
-                view = self._resize_bytearray(target, saved)
+            if resizable:  # target is a bytearray (mypy does not narrow through ``resizable``)
+                copy_n = min(len(target), n)  # type: ignore[arg-type]
+                view = self._resize_bytearray(target, saved)  # type: ignore[arg-type]
                 reporter.advance(n - copy_n)
             assert view is not None
             for a, b in _chunks(copy_n):
@@ -500,7 +501,7 @@ class RollbackInfo:
         return b"".join((header, self.original_policy_data, state, trailer.digest()))
 
     @classmethod
-    def deserialize(cls, data: Any, *, key: Optional[bytes] = None) -> "RollbackInfo":
+    def deserialize(cls, data: BufferLike, *, key: Optional[bytes] = None) -> "RollbackInfo":
         """Rebuild a rollback point from :meth:`serialize` output (the state is copied).
 
         Every field is checked before it is trusted (magic, version, flags, header check,

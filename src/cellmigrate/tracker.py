@@ -19,6 +19,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
+from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, PAGE_SIZE
 from .delta import DeltaSnapshot, _byte_reporter
 from .errors import InvalidStateError
@@ -180,7 +181,7 @@ class DirtyPageTracker:
         with self._lock:
             return self._sequence
 
-    def initialize(self, state: Any) -> None:
+    def initialize(self, state: BufferLike) -> None:
         """Remember ``state`` (copied) as the base, clear the bitmap, set ``sequence`` to 1."""
         view = as_bytes_view(state, "state")
         with self._lock:
@@ -227,7 +228,7 @@ class DirtyPageTracker:
 
     def create_delta(
         self,
-        current: Any,
+        current: BufferLike,
         *,
         digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
@@ -244,7 +245,7 @@ class DirtyPageTracker:
         view = as_bytes_view(current, "current")
         report = _byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
         with self._lock:
-            old: Any = self._last if self._last is not None else bytes(view.nbytes)
+            old: BufferLike = self._last if self._last is not None else bytes(view.nbytes)
             delta, indices, raw_pages = DeltaSnapshot._create_checked(
                 self._agent_id, old, view, self._sequence, self._sequence + 1, digest, key, report
             )
@@ -287,7 +288,7 @@ class IncrementalMigrator:
         self._stats = MigrationStats()
         self._lock = threading.RLock()
 
-    def start_tracking(self, agent_id: IdLike, initial_state: Any) -> None:
+    def start_tracking(self, agent_id: IdLike, initial_state: BufferLike) -> None:
         """Track an agent from ``initial_state`` (sequence 1); restarts an existing tracker."""
         view = as_bytes_view(initial_state, "initial_state")
         agent = to_id(agent_id, "agent_id")
@@ -322,7 +323,7 @@ class IncrementalMigrator:
     def create_incremental(
         self,
         agent_id: IdLike,
-        state: Any,
+        state: BufferLike,
         *,
         digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Un
 
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
+from ._types import BufferLike
 from .audit import AuditEntry, AuditEventType, MigrationAuditLog
 from .checksum import simple_checksum
 from .compare import first_difference
@@ -77,7 +78,7 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _nbytes(buffer: Any, name: str) -> int:
+def _nbytes(buffer: BufferLike, name: str) -> int:
     """Size in bytes of any C-contiguous buffer (``len`` would count numpy elements)."""
     with as_bytes_view(buffer, name) as view:
         return view.nbytes
@@ -381,7 +382,7 @@ class StateVerifier:
     """Post-migration checks of a state (or a delta) against what was sent."""
 
     @staticmethod
-    def verify_state(original_state: Any, migrated_state: Any, original_checksum: int) -> VerificationResult:
+    def verify_state(original_state: BufferLike, migrated_state: BufferLike, original_checksum: int) -> VerificationResult:
         """Compare sizes, the crate's checksum, and then the bytes themselves.
 
         States are any C-contiguous buffers (read in place, never copied). The details
@@ -431,7 +432,7 @@ class StateVerifier:
         return result
 
     @staticmethod
-    def verify_delta(base_state: Any, delta: Any, expected_checksum: int) -> VerificationResult:
+    def verify_delta(base_state: BufferLike, delta: Any, expected_checksum: int) -> VerificationResult:
         """Check a delta before applying it: its checksum and its size against the base.
 
         ``delta`` needs ``checksum`` and ``total_size`` (a ``DeltaSnapshot``). Content is
@@ -530,7 +531,7 @@ class MigrationValidator:
         self._audit_log.log_validation(mid, _agent_id_bytes(agent), status)
         return status
 
-    def capture_rollback_info(self, migration_id: IdLike, agent: "Agent", state: Any, **capture_options: Any) -> None:
+    def capture_rollback_info(self, migration_id: IdLike, agent: "Agent", state: BufferLike, **capture_options: Any) -> None:
         """Capture a rollback point for ``agent``'s ``state`` under ``migration_id``.
 
         Replaces any earlier point of the same migration. Extra keyword arguments go to
@@ -548,7 +549,7 @@ class MigrationValidator:
         )
 
     def verify_post_migration(
-        self, migration_id: IdLike, agent_id: IdLike, original_state: Any, migrated_state: Any
+        self, migration_id: IdLike, agent_id: IdLike, original_state: BufferLike, migrated_state: BufferLike
     ) -> VerificationResult:
         """Verify ``migrated_state`` against ``original_state`` and log it (VERIFICATION_COMPLETED)."""
         mid = to_id(migration_id, "migration_id")

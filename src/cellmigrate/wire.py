@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import operator
 import struct
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Union
 
 import xxhash as _xxhash
 
 from ._buffers import as_bytes_view
+from ._types import BufferLike
 from .checksum import PAGE_SIZE
 from .compression import simple_decompress
 from .errors import CorruptDataError
@@ -140,7 +141,7 @@ def _max_pages(total_size: int) -> int:
     return -(-total_size // PAGE_SIZE)
 
 
-def _page_check(stored: Any) -> int:
+def _page_check(stored: Union[bytes, memoryview]) -> int:
     """Per-page check: XXH3-64 of the stored (possibly compressed) bytes."""
     return int(_xxhash.xxh3_64_intdigest(stored))
 
@@ -240,7 +241,7 @@ def encode_delta(delta: DeltaLike) -> bytes:
 # decoding
 
 
-def decode_delta(data: Any, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Dict[str, Any]:
+def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Dict[str, Any]:
     """Parse and fully validate a serialized delta; return the ``DeltaSnapshot`` keyword fields.
 
     ``data`` is any C-contiguous buffer (it is read in place; page payloads are copied
