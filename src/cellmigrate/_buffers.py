@@ -8,12 +8,12 @@ non-contiguous buffer is refused with a message naming the problem; it is never 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from ._types import Buffer, BufferLike
+    from ._types import BufferLike
 
 __all__ = ["as_bytes_view", "as_writable_view"]
 
@@ -22,8 +22,9 @@ def _view(obj: BufferLike, what: str) -> memoryview:
     if isinstance(obj, str):
         raise TypeError(f"{what} must be a bytes-like buffer, not str")
     try:
-        # numpy's stubs declare ndarray.__buffer__ only for Python 3.12+.
-        view = memoryview(cast("Buffer", obj))
+        # numpy's stubs declare ndarray.__buffer__ only for Python 3.12+ (unused-ignore: on
+        # 3.12+ an ndarray is a Buffer and the call checks).
+        view = memoryview(obj)  # type: ignore[arg-type,unused-ignore]
     except TypeError:
         raise TypeError(
             f"{what} must support the buffer protocol (bytes, bytearray, memoryview, "

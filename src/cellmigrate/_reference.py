@@ -58,14 +58,11 @@ Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, cast
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._types import BufferLike, IndexLike
-
-if TYPE_CHECKING:
-    from ._types import Buffer
 from .errors import CorruptDataError
 
 IMPLEMENTATION = "reference"
@@ -77,13 +74,14 @@ _CHUNK = 1 << 20
 
 def _u8(data: BufferLike) -> "np.ndarray[Any, np.dtype[np.uint8]]":
     # Before Python 3.12, numpy's stubs accept only concrete buffer types (bytes,
-    # memoryview, ...) here, not the Buffer protocol; what is passed is unchanged.
-    return np.frombuffer(cast(memoryview, data), dtype=np.uint8)
+    # memoryview, ...) here, not the Buffer protocol (unused-ignore: 3.12+ accepts it).
+    return np.frombuffer(data, dtype=np.uint8)  # type: ignore[arg-type,unused-ignore]
 
 
 def _view(data: BufferLike) -> memoryview:
-    # numpy's stubs declare ndarray.__buffer__ only for Python 3.12+.
-    return memoryview(cast("Buffer", data))
+    # numpy's stubs declare ndarray.__buffer__ only for Python 3.12+ (unused-ignore: on
+    # 3.12+ an ndarray is a Buffer and the call checks).
+    return memoryview(data)  # type: ignore[arg-type,unused-ignore]
 
 
 def checksum(data: BufferLike, offset: int = 0) -> int:
