@@ -47,6 +47,25 @@ def test_user_snippet_passes_mypy_strict(tmp_path: Path, mypy_cache: Path) -> No
     assert "Success: no issues found" in proc.stdout
 
 
+#: Extra target versions: up to 3.11 mypy checks the ``typing_extensions.Buffer`` arm of
+#: ``BufferLike``, from 3.12 the ``collections.abc.Buffer`` one (where numpy's stubs make
+#: ``ndarray`` a Buffer). A mypy too new to target a version says so, and that run is skipped.
+TARGET_PYTHONS = ("3.9", "3.10", "3.12")
+
+
+def skip_if_untargetable(proc: subprocess.CompletedProcess, version: str) -> None:
+    if proc.returncode == 2 and f"Python {version} is not supported" in proc.stderr:
+        pytest.skip(f"this mypy cannot target Python {version} ({proc.stderr.strip().splitlines()[-1]})")
+
+
+@pytest.mark.parametrize("version", TARGET_PYTHONS)
+def test_user_snippet_passes_mypy_strict_on(version: str, tmp_path: Path, mypy_cache: Path) -> None:
+    proc = mypy(["--strict", "--python-version", version, str(SNIPPET)], cwd=tmp_path, cache=mypy_cache)
+    skip_if_untargetable(proc, version)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Success: no issues found" in proc.stdout
+
+
 def test_user_snippet_runs(tmp_path: Path) -> None:
     """The snippet is real code: it runs and its assertions hold."""
     proc = subprocess.run([sys.executable, str(SNIPPET)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -59,18 +78,24 @@ def test_mypy_catches_misuse(tmp_path: Path, mypy_cache: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text(textwrap.dedent("""\
         import uuid
-        from cellmigrate import Agent, DeltaSnapshot, RecoveryConfig, MigrationValidator
+        from cellmigrate import Agent, DeltaSnapshot, RecoveryConfig, MigrationValidator, simple_checksum
 
         agent = Agent(b"", agent_id="not a uuid")
         delay: str = RecoveryConfig().calculate_retry_delay(2)
         count: str = DeltaSnapshot.create(bytes(16), b"", b"", 0, 1).dirty_page_count()
         MigrationValidator().set_rollback_max_age("soon")
         uid: bytes = agent.id
+        simple_checksum("abc")
+        DeltaSnapshot.create(bytes(16), 1, b"", 0, 1)
         """))
     proc = mypy(["--strict", str(bad)], cwd=tmp_path, cache=mypy_cache)
     assert proc.returncode == 1, proc.stdout
-    flagged = {int(line.split(":")[1]) for line in proc.stdout.splitlines() if ": error:" in line}
-    assert flagged == {4, 5, 6, 7, 8}, proc.stdout
+    errors = {int(line.split(":")[1]): line for line in proc.stdout.splitlines() if ": error:" in line}
+    assert set(errors) == {4, 5, 6, 7, 8, 9, 10}, proc.stdout
+    # A str or an int is not a state buffer (BufferLike), and the error names the call.
+    assert 'Argument 1 to "simple_checksum" has incompatible type "str"' in errors[9], proc.stdout
+    assert 'Argument 2 to "create" of "DeltaSnapshot" has incompatible type "int"' in errors[10], proc.stdout
+    assert all("Buffer" in errors[n] for n in (9, 10)), proc.stdout
 
 
 #: Configuration for checking the package's own files from outside the source tree (as the
@@ -100,4 +125,12 @@ def test_cli_modules_pass_mypy_strict(tmp_path: Path, mypy_cache: Path) -> None:
 def test_src_passes_mypy_strict(mypy_cache: Path) -> None:
     """The whole package under the project's [tool.mypy] configuration (strict)."""
     proc = mypy([], cwd=ROOT, cache=mypy_cache)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("version", TARGET_PYTHONS)
+def test_src_passes_mypy_strict_on(version: str, mypy_cache: Path) -> None:
+    """Both arms of BufferLike: the package's type: ignore comments hold on every target."""
+    proc = mypy(["--python-version", version], cwd=ROOT, cache=mypy_cache)
+    skip_if_untargetable(proc, version)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -21,6 +21,7 @@ from cellmigrate import (
     AgentRequirements,
     AuditEntry,
     AuditEventType,
+    BufferLike,
     CollectingCallback,
     CompatibilityStatus,
     CompressionMethod,
@@ -29,6 +30,7 @@ from cellmigrate import (
     DirtyPage,
     DirtyPageTracker,
     IncrementalMigrator,
+    IndexLike,
     InvalidStateError,
     MigrationAuditLog,
     MigrationError,
@@ -44,6 +46,7 @@ from cellmigrate import (
     RecoveryConfig,
     RecoveryStrategy,
     RollbackInfo,
+    StateVerifier,
     VerificationResult,
     adaptive_compress,
     adaptive_decompress,
@@ -125,6 +128,47 @@ def kernels_and_compression() -> None:
     assert data == bytes(PAGE_SIZE)
 
 
+def checksum_of(state: BufferLike) -> int:
+    """User code that accepts what cellmigrate accepts, typed with the public alias."""
+    return simple_checksum(state)
+
+
+def every_buffer_kind() -> None:
+    """bytes, bytearray, memoryview, mmap and numpy arrays are all BufferLike to mypy."""
+    n = 2 * PAGE_SIZE
+    old = bytes(n)
+    new = bytearray(old)
+    new[PAGE_SIZE + 7] = 1
+    view = memoryview(new)
+    words = np.frombuffer(bytes(new), dtype=np.uint32)   # any dtype: read as its bytes
+    with tempfile.TemporaryFile() as fh:
+        fh.write(new)
+        fh.flush()
+        with mmap.mmap(fh.fileno(), 0) as mapped:       # writable mapping
+            sums: List[int] = [checksum_of(b) for b in (bytes(new), new, view, mapped, words)]
+            assert len(set(sums)) == 1
+            assert digest(mapped) == digest(words) == digest(view)
+            assert first_difference(old, mapped) == PAGE_SIZE + 7
+            changed: IndexLike = dirty_pages(np.zeros(n, dtype=np.uint8), view)
+            assert list(changed) == [1]
+            assert StateVerifier.verify_state(new, mapped, sums[0]).passed
+            for base_kind in (old, np.zeros(n // 8, dtype=np.float64)):   # bytes or numpy
+                delta = DeltaSnapshot.create(bytes(16), base_kind, mapped, 1, 2)
+                assert delta.dirty_page_count() == 1
+            assert simple_decompress(memoryview(simple_compress(mapped)), max_output=n) == bytes(new)
+
+            # Targets: any writable buffer.
+            array_target = np.zeros(n, dtype=np.uint8)
+            delta.apply(array_target)
+            delta.apply(bytearray(old))
+            mapped[:] = old
+            delta.apply(mapped)
+            assert mapped[:] == array_target.tobytes() == bytes(new)
+            point = RollbackInfo.capture(Agent(), words)
+            restored: int = point.restore_into(memoryview(bytearray(n)))
+            assert restored == n and RollbackInfo.deserialize(memoryview(point.serialize())) == point
+
+
 def tracking_recovery_progress() -> None:
     aid = uuid.UUID(int=2).bytes
     tracker = DirtyPageTracker(aid, 4 * PAGE_SIZE)
@@ -160,5 +204,6 @@ if __name__ == "__main__":
     ok, details = migrate(bytearray(3 * PAGE_SIZE), bytearray(3 * PAGE_SIZE))
     assert ok, details
     kernels_and_compression()
+    every_buffer_kind()
     tracking_recovery_progress()
     print(f"typing snippet ran against cellmigrate {cellmigrate.__version__}")
