@@ -74,12 +74,22 @@ class States:
         self.dirty = np.sort(dirty)
         self._same: Optional[bytes] = None
         self._zeros: Optional[bytearray] = None
+        self._checksum_old: Optional[int] = None
 
     @property
     def same(self) -> bytes:
         if self._same is None:
             self._same = bytes(bytearray(self.old))
         return self._same
+
+    @property
+    def checksum_old(self) -> int:
+        """The sender's checksum of ``old`` (computed once, outside any timing)."""
+        if self._checksum_old is None:
+            from cellmigrate import simple_checksum
+
+            self._checksum_old = simple_checksum(self.old)
+        return self._checksum_old
 
     @property
     def zeros(self) -> bytearray:

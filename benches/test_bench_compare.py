@@ -7,12 +7,14 @@ from typing import Any, Callable, Dict
 import numpy as np
 import pytest
 
-from cellmigrate import _kernels, dirty_pages, first_difference
+from cellmigrate import MigrationValidator, StateVerifier, _kernels, dirty_pages, first_difference, simple_checksum
 from cellmigrate.compare import dirty_pages_checksum
 
 from conftest import States
 
 CHUNK = 16 << 20
+AGENT = bytes(16)
+VALIDATOR = MigrationValidator()
 
 
 def _numpy_page_scan(a: "np.ndarray[Any, Any]", b: "np.ndarray[Any, Any]") -> "np.ndarray[Any, Any]":
@@ -47,3 +49,23 @@ def test_compare(states: States, measure: Any, peer: str) -> None:
         pages = result[0] if isinstance(result, tuple) else result
         assert pages.tolist() == states.dirty.tolist()
     measure("compare (1% dirty)", peer, fn, states.size, ours=peer == "dirty_pages")
+
+
+VERIFIERS: Dict[str, Callable[[States], Callable[[], Any]]] = {
+    "StateVerifier.verify_state": lambda s: lambda: StateVerifier.verify_state(s.old, s.same, s.checksum_old),
+    "MigrationValidator.verify_post_migration (+ audit entry)": lambda s: lambda: VALIDATOR.verify_post_migration(
+        AGENT, AGENT, s.old, s.same
+    ),
+    "simple_checksum + memcmp (the same checks, composed)": lambda s: lambda: (
+        simple_checksum(s.same) == s.checksum_old and s.old == s.same
+    ),
+}
+
+
+@pytest.mark.parametrize("peer", list(VERIFIERS))
+def test_verify(states: States, measure: Any, peer: str) -> None:
+    """Post-migration proof on equal states (the whole of both is read)."""
+    fn = VERIFIERS[peer](states)
+    result = fn()
+    assert result is True or result.passed
+    measure("verify (equal states)", peer, fn, states.size, ours=peer == "StateVerifier.verify_state")

@@ -15,12 +15,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
 from ._types import BufferLike
 from .audit import AuditEntry, AuditEventType, MigrationAuditLog
-from .checksum import simple_checksum
-from .compare import first_difference
+from .checksum import PAGE_SIZE, simple_checksum, state_pages_checksum
+from .compare import dirty_pages_checksum, first_difference
 from .errors import InvalidStateError
 from .rollback import RollbackInfo, _agent_id_bytes
 
@@ -378,6 +379,66 @@ class CompatibilityValidator:
         )
 
 
+#: Below this, both states sit in cache after the first read, so two plain kernel calls
+#: (checksum, then first difference) beat the fused pass's page bookkeeping (measured:
+#: 4 KiB 0.8 vs 2.5 us, 64 KiB 3.3 vs 7 us; even at 1 MiB).
+_FUSE_MIN = 1 << 20
+
+
+def _scan(original: memoryview, migrated: memoryview) -> Tuple[int, int, Optional[int]]:
+    """Checksums of both equal-length states and their first differing offset (or None),
+    from one read of each: the pages are compared and ``migrated`` checksummed in a
+    single pass, and the checksum being linear in the bytes, the original's is the
+    migrated one with the differing pages swapped back."""
+    if original.nbytes < _FUSE_MIN:
+        got = int(kernels.checksum(migrated, 0))
+        first: Optional[int] = kernels.first_difference(original, migrated)
+        return (got if first is None else int(kernels.checksum(original, 0))), got, first
+    pages, got = dirty_pages_checksum(original, migrated)
+    if not len(pages):
+        return got, got, None
+    start = int(pages[0]) * PAGE_SIZE
+    end = min(start + PAGE_SIZE, original.nbytes)
+    offset = first_difference(original[start:end], migrated[start:end])
+    assert offset is not None  # the page was reported dirty
+    before = (got - state_pages_checksum(migrated, pages) + state_pages_checksum(original, pages)) & 0xFFFFFFFF
+    return before, got, start + offset
+
+
+def _verify(original: memoryview, migrated: memoryview, expected: Optional[int]) -> VerificationResult:
+    """:meth:`StateVerifier.verify_state`; ``expected=None`` checks against the original's
+    own checksum."""
+    result = VerificationResult(passed=True, checksum_valid=False, size_valid=False, agent_responsive=True, details=[])
+    offset: Optional[int] = None
+    if original.nbytes == migrated.nbytes:
+        result.size_valid = True
+        result.details.append(f"Size verified: {original.nbytes} bytes")
+        before, got, offset = _scan(original, migrated)
+        if expected is None:
+            expected = before
+    else:
+        result.passed = False
+        result.content_valid = False
+        result.details.append(f"Size mismatch: original {original.nbytes} bytes, migrated {migrated.nbytes} bytes")
+        got = simple_checksum(migrated)
+        if expected is None:
+            expected = simple_checksum(original)
+
+    if got == expected:
+        result.checksum_valid = True
+        result.details.append("Checksum verified")
+    else:
+        result.passed = False
+        result.details.append(f"Checksum mismatch: expected {expected}, got {got}")
+
+    # Beyond the crate: the checksum is forgeable, the bytes are not.
+    if offset is not None:
+        result.passed = False
+        result.content_valid = False
+        result.details.append(f"Content mismatch at offset {offset}")
+    return result
+
+
 class StateVerifier:
     """Post-migration checks of a state (or a delta) against what was sent."""
 
@@ -398,38 +459,10 @@ class StateVerifier:
         (True, False, 'Content mismatch at offset 0')
         """
         expected = _count(original_checksum, "original_checksum")
-        result = VerificationResult(
-            passed=True, checksum_valid=False, size_valid=False, agent_responsive=True, details=[]
-        )
         with as_bytes_view(original_state, "original_state") as original, as_bytes_view(
             migrated_state, "migrated_state"
         ) as migrated:
-            if original.nbytes == migrated.nbytes:
-                result.size_valid = True
-                result.details.append(f"Size verified: {original.nbytes} bytes")
-            else:
-                result.passed = False
-                result.content_valid = False
-                result.details.append(
-                    f"Size mismatch: original {original.nbytes} bytes, migrated {migrated.nbytes} bytes"
-                )
-
-            got = simple_checksum(migrated)
-            if got == expected:
-                result.checksum_valid = True
-                result.details.append("Checksum verified")
-            else:
-                result.passed = False
-                result.details.append(f"Checksum mismatch: expected {expected}, got {got}")
-
-            # Beyond the crate: the checksum is forgeable, the bytes are not.
-            if result.size_valid:
-                offset = first_difference(original, migrated)
-                if offset is not None:
-                    result.passed = False
-                    result.content_valid = False
-                    result.details.append(f"Content mismatch at offset {offset}")
-        return result
+            return _verify(original, migrated, expected)
 
     @staticmethod
     def verify_delta(base_state: BufferLike, delta: Any, expected_checksum: int) -> VerificationResult:
@@ -554,7 +587,12 @@ class MigrationValidator:
         """Verify ``migrated_state`` against ``original_state`` and log it (VERIFICATION_COMPLETED)."""
         mid = to_id(migration_id, "migration_id")
         aid = to_id(agent_id, "agent_id")
-        result = StateVerifier.verify_state(original_state, migrated_state, simple_checksum(original_state))
+        with as_bytes_view(original_state, "original_state") as original, as_bytes_view(
+            migrated_state, "migrated_state"
+        ) as migrated:
+            # The expected checksum is the original's: derived from the same pass that
+            # compares the states, instead of reading the original once more for it.
+            result = _verify(original, migrated, None)
         self._audit_log.log_verification(mid, aid, result)
         return result
 
