@@ -1,14 +1,15 @@
 """Turn a pytest-benchmark JSON file into issue 4's goal table (ratios within one run).
 
     pytest benches/ --benchmark-only --bench-large --benchmark-json=bench.json
-    python benches/goals.py bench.json [--size 1GiB]
+    python benches/goals.py bench.json [--size 1GiB]      # the goal table
+    python benches/goals.py bench.json --ladder           # every row at every size (GB/s)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 # (what, group, ours, peer, goal ratio, or None for an absolute check)
 GOALS: List[Tuple[str, str, str, str, Optional[float]]] = [
@@ -35,9 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json_file")
     parser.add_argument("--size", default="1GiB", help="ladder size label to report (default 1GiB)")
+    parser.add_argument("--ladder", action="store_true", help="print the GB/s ladder instead of the goals")
     args = parser.parse_args()
     with open(args.json_file) as f:
         data = json.load(f)
+    if args.ladder:
+        ladder(data["benchmarks"])
+        return
     gbps: Dict[Tuple[str, str], float] = {}
     for bench in data["benchmarks"]:
         gbps[(bench["group"], bench["name"])] = bench["extra_info"].get("GB/s", 0.0)
@@ -61,6 +66,36 @@ def main() -> None:
         if value:
             print(f"| {name} ({args.size}) | {value:.2f} | | | stretch: 40 GB/s on 2 threads | "
                   f"{'yes' if value >= 40 else 'no'} |")
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "peak_rss_growth_MiB" in info and bench["name"].endswith(f"{_mib(args.size)} MiB states"):
+            growth, dirty = info["peak_rss_growth_MiB"], info["dirty_MiB"]
+            print(f"| create over two {args.size} states: peak RSS growth | {growth} MiB | (dirty {dirty} MiB) | | "
+                  f"<= 64 MiB + dirty | {'yes' if growth <= 64 + dirty else 'NO'} |")
+
+
+def _mib(label: str) -> int:
+    units = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}
+    return int(float(label[:-3]) * units[label[-3:]])
+
+
+def ladder(benchmarks: List[Dict[str, Any]]) -> None:
+    """One row per (group, name), one column per size, in the order the run made them."""
+    sizes: List[str] = []
+    rows: Dict[Tuple[str, str], Dict[str, float]] = {}
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if "GB/s" not in info:
+            continue
+        group, _, size = bench["group"].rpartition(" ")
+        if size not in sizes:
+            sizes.append(size)
+        rows.setdefault((group, bench["name"]), {})[size] = info["GB/s"]
+    sizes.sort(key=_mib)
+    print("| kernel | " + " | ".join(sizes) + " |")
+    print("|---" * (len(sizes) + 1) + "|")
+    for (group, name), cells in rows.items():
+        print(f"| {group}: {name} | " + " | ".join(f"{cells[s]:.2f}" if s in cells else "-" for s in sizes) + " |")
 
 
 if __name__ == "__main__":
