@@ -70,3 +70,21 @@ def test_pure_python_is_an_explicit_opt_in() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["reference", str(97 * 1 + 98 * 2 + 99 * 3)]
+
+
+def test_every_module_docstring_example_runs() -> None:
+    """Docstring examples are documentation: each module's must hold for the current code
+    (only some modules had a doctest run, so a changed default went stale unnoticed)."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    failed = []
+    for info in pkgutil.iter_modules(cellmigrate.__path__):
+        if info.name == "__main__":
+            continue
+        module = importlib.import_module(f"cellmigrate.{info.name}")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=False)
+        if result.failed:
+            failed.append(info.name)
+    assert failed == []

@@ -8,8 +8,8 @@
 * ``apply`` is atomic: every check (sizes, page indices, page decoding, the result's
   checksum, the strong digest or MAC of the result) runs *before* a byte of the base is
   written, so a bad delta leaves the base byte-for-byte unchanged;
-* a strong digest (XXH3-128 by default, or BLAKE3, keyed BLAKE3 = a MAC) backs up the
-  crate's weak checksum.
+* a strong digest (``xxh3_128_tree``, XXH3-128 over 1 MiB leaves, by default; or plain
+  XXH3-128, BLAKE3, keyed BLAKE3 = a MAC) backs up the crate's weak checksum.
 """
 
 from __future__ import annotations
@@ -596,7 +596,7 @@ class DeltaSnapshot:
     >>> new = bytearray(old); new[5000] = 7
     >>> delta = DeltaSnapshot.create(bytes(16), old, new, base_sequence=1, sequence=2)
     >>> delta.dirty_page_count(), [p.index for p in delta.dirty_pages], delta.digest_algorithm
-    (1, [1], 'xxh3_128')
+    (1, [1], 'xxh3_128_tree')
     >>> delta.apply(old)
     >>> old == new
     True

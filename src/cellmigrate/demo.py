@@ -39,6 +39,7 @@ from . import (
     AgentRequirements,
     AuditEntry,
     AuditEventType,
+    DEFAULT_DIGEST,
     CollectingCallback,
     CorruptDataError,
     InvalidStateError,
@@ -344,7 +345,7 @@ def _run(size: int, seed: int, report: _Report) -> None:
     info = validator.execute_rollback(mid2)
     same_as_seq2 = first_difference(target, info.original_state) is None
     step("Node B's state is unchanged",
-         f"xxh3_128 digest before and after: {'equal' if unchanged else 'DIFFERENT'}; byte-for-byte equal to "
+         f"{DEFAULT_DIGEST} digest before and after: {'equal' if unchanged else 'DIFFERENT'}; byte-for-byte equal to "
          f"sequence 2: {'yes' if same_as_seq2 else 'NO'}")
     expect(unchanged and same_as_seq2, "the refused deltas changed the target")
 

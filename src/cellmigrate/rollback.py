@@ -3,7 +3,7 @@
 :class:`RollbackInfo` is the crate's ``RollbackInfo`` (``capture``, ``age_secs``,
 ``is_valid``) plus what big states need:
 
-* a strong digest (XXH3-128 by default) next to the crate's weak checksum, or with a
+* a strong digest (``xxh3_128_tree`` by default) next to the crate's weak checksum, or with a
   32-byte ``key`` a keyed BLAKE3 MAC, so a rollback file rewritten by someone without the
   key is refused (and a keyed point is never restored without its key, nor an unkeyed one
   when a key is given: no downgrade);
