@@ -213,3 +213,30 @@ def test_stream_takes_wide_items_as_bytes() -> None:
     stream = TreeStream()
     stream.update(np.frombuffer(raw, dtype=np.float64))
     assert stream.digest() == oracle(raw)
+
+
+@pytest.mark.parametrize("shape, dtype", [((0, 3), np.float64), ((2, 0), np.uint32), ((0,), np.uint16)])
+def test_empty_numpy_states_of_any_shape(shape: tuple, dtype: type) -> None:
+    """An empty state is an empty state, whatever its array shape: memoryview.cast refuses
+    a shape holding a zero, so a (0, 3) array used to raise TypeError instead of hashing."""
+    from cellmigrate import StateVerifier, simple_checksum
+
+    empty = np.zeros(shape, dtype=dtype)
+    assert digest(empty) == oracle(b"") == digest(b"")
+    assert digest(empty, "xxh3_128") == xxhash.xxh3_128_digest(b"")
+    stream = TreeStream()
+    stream.update(empty)
+    assert stream.digest() == oracle(b"")
+    assert simple_checksum(empty) == 0
+    d = DeltaSnapshot.create(bytes(16), empty, empty, 0, 1)
+    assert d.total_size == 0 and d.digest == oracle(b"") and not d.dirty_pages
+    target = np.zeros(shape, dtype=dtype)
+    d.apply(target)
+    grown = bytearray()
+    d.apply(grown)
+    assert grown == b""
+    assert StateVerifier.verify_state(empty, b"", 0).passed
+    readonly = np.zeros(shape, dtype=dtype)
+    readonly.flags.writeable = False
+    with pytest.raises(TypeError, match="writable"):
+        d.apply(readonly)

@@ -41,6 +41,10 @@ def _view(obj: BufferLike, what: str) -> memoryview:
     if not view.c_contiguous:
         raise ValueError(f"{what} must be a C-contiguous buffer; refusing to copy a strided view")
     if view.format != "B" or view.ndim != 1:
+        if view.nbytes == 0:
+            # memoryview.cast refuses shapes holding a zero (an empty 2-D array): an empty
+            # buffer is simply no bytes, with the same writability.
+            return memoryview(b"" if view.readonly else bytearray())
         view = view.cast("B")
     return view
 

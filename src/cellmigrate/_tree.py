@@ -55,9 +55,11 @@ class TreeStream:
     def update(self, data: Union[bytes, memoryview]) -> None:
         """Feed the next bytes (any C-contiguous buffer; nothing is copied)."""
         view = memoryview(data)
+        n = view.nbytes
+        if n == 0:
+            return  # (cast refuses an empty view with a zero in a multi-dimensional shape)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")  # leaves are cut in bytes, not in items
-        n = view.nbytes
         pos = 0
         while pos < n:
             if self._fill == 0 and n - pos >= LEAF_SIZE:
