@@ -118,7 +118,7 @@ def test_create_records_fields_pages_and_checks() -> None:
     ]
     assert [p.compressed for p in delta.dirty_pages] == [False, True, False]
     assert delta.checksum == simple_checksum(new)
-    assert delta.digest_algorithm == "xxh3_128_tree" and delta.digest == digest(new) and not delta.keyed
+    assert delta.digest_algorithm == "xxh3_128" and delta.digest == digest(new) and not delta.keyed
     assert isinstance(delta.timestamp, int) and delta.timestamp > 1_600_000_000
 
 
@@ -508,7 +508,7 @@ size = 17 << 20
 old = np.zeros(size, dtype=np.uint8)
 new = old.copy()
 new[:: PAGE_SIZE * 97] = 3
-deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128_tree", "xxh3_128", "blake3", None)]
+deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128", "xxh3_128_tree", "blake3", None)]
 errors = []
 def worker(k):
     try:
@@ -582,3 +582,54 @@ def test_progress_forms_are_told_apart() -> None:
     assert not _takes_done_total(one) and not _takes_done_total(star) and not _takes_done_total(print)
     with pytest.raises(TypeError, match="callable"):
         DeltaSnapshot.create(AGENT, b"", b"", 0, 1, progress=5)  # type: ignore[arg-type]
+
+
+def test_span_reporters_sum_all_threads_work_on_the_calling_thread() -> None:
+    """Spans on several threads: every span records its bytes, only the first span (run by
+    the calling thread) calls back, with the sum, so a bar tracks all threads' work."""
+    from cellmigrate.delta import _span_reporters
+
+    seen: List[Tuple[int, int]] = []
+    spans = [(0, 100), (100, 200), (200, 250)]
+    reports = _span_reporters(lambda done, total: seen.append((done, total)), spans)
+    reports[100](160, 250)  # another thread: recorded, no callback from it
+    reports[200](250, 250)
+    assert seen == []
+    reports[0](40, 250)
+    assert seen == [(40 + 60 + 50, 250)]
+    reports[0](100, 250)
+    assert seen[-1] == (100 + 60 + 50, 250)
+    # One span, or no callback: passed through untouched.
+    only = [(0, 10)]
+    cb = lambda done, total: None  # noqa: E731
+    assert _span_reporters(cb, only) == {0: cb}
+    assert _span_reporters(None, spans) == {0: None, 100: None, 200: None}
+
+
+_PROGRESS_THREADS = """
+import numpy as np
+import cellmigrate.delta as delta_module
+from cellmigrate import DeltaSnapshot
+delta_module.max_threads = lambda: 2
+size = 40 << 20
+old = np.zeros(size, np.uint8); new = old.copy(); new[::4096 * 7] = 1
+for digest in (None, "xxh3_128_tree", "xxh3_128"):
+    seen = []
+    d = DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=digest, progress=lambda a, b: seen.append((a, b)))
+    assert seen[-1] == (size, size) and all(t == size for _, t in seen), seen[-3:]
+    assert [a for a, _ in seen] == sorted(a for a, _ in seen), digest
+    applied = []
+    d.apply(old.copy(), progress=lambda a, b: applied.append((a, b)))
+    assert applied[-1] == (size, size) and [a for a, _ in applied] == sorted(a for a, _ in applied), digest
+    assert all(a < size for a, _ in applied[:-1]), digest  # 100% only once the pages are written
+print("ok")
+"""
+
+
+def test_progress_on_threads_is_monotonic_and_complete() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROGRESS_THREADS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

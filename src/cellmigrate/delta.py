@@ -8,8 +8,8 @@
 * ``apply`` is atomic: every check (sizes, page indices, page decoding, the result's
   checksum, the strong digest or MAC of the result) runs *before* a byte of the base is
   written, so a bad delta leaves the base byte-for-byte unchanged;
-* a strong digest (``xxh3_128_tree``, XXH3-128 over 1 MiB leaves, by default; or plain
-  XXH3-128, BLAKE3, keyed BLAKE3 = a MAC) backs up the crate's weak checksum.
+* a strong digest (XXH3-128 by default; ``xxh3_128_tree``, XXH3-128 over 1 MiB leaves
+  that all cores hash; BLAKE3; keyed BLAKE3 = a MAC) backs up the crate's weak checksum.
 """
 
 from __future__ import annotations
@@ -107,6 +107,52 @@ def _plan(total: int, align: int = PAGE_SIZE) -> List[Tuple[int, int]]:
         return [(0, total)]
     step = -(-(-(-total // threads)) // align) * align
     return [(lo, min(lo + step, total)) for lo in range(0, total, step)]
+
+
+def _spans(total: int, hasher: Optional["_Hasher"]) -> List[Tuple[int, int]]:
+    """How a pass over ``total`` bytes splits over threads: pages without a hasher, 1 MiB
+    leaves with a tree hasher, not at all with a sequential one."""
+    if hasher is None:
+        return _plan(total)
+    return _plan(total, LEAF_SIZE) if hasher.splittable else [(0, total)]
+
+
+def _sinks(hasher: Optional["_Hasher"], spans: List[Tuple[int, int]]) -> Dict[int, Optional["_Hasher"]]:
+    """The hasher each span feeds: the one given, or with several spans a fork per span."""
+    if hasher is None or len(spans) == 1:
+        return {lo: hasher for lo, _ in spans}
+    return {lo: hasher.fork() for lo, _ in spans}
+
+
+def _join(hasher: Optional["_Hasher"], sinks: Dict[int, Optional["_Hasher"]], spans: List[Tuple[int, int]]) -> None:
+    if hasher is not None and len(spans) > 1:
+        hasher.join([cast("_Hasher", sinks[lo]) for lo, _ in spans])
+
+
+def _span_reporters(
+    progress: Optional[ProgressCallback], spans: List[Tuple[int, int]]
+) -> Dict[int, Optional[ProgressCallback]]:
+    """Per-span ``(end, total)`` reporters for spans run on several threads.
+
+    Callbacks run on the calling thread only (as documented), which runs the first span:
+    every span records how far it got, and the first one reports the sum, so a bar
+    moves with all threads' work instead of stopping at the first span's share.
+    """
+    if progress is None or len(spans) == 1:
+        return {lo: progress for lo, _ in spans}
+    report_to: ProgressCallback = progress
+    done = {lo: 0 for lo, _ in spans}
+    first = spans[0][0]
+
+    def reporter(lo: int) -> ProgressCallback:
+        def report(end: int, total: int) -> None:
+            done[lo] = end - lo
+            if lo == first:
+                report_to(sum(done.values()), total)
+
+        return report
+
+    return {lo: reporter(lo) for lo, _ in spans}
 
 
 def _paired() -> bool:
@@ -369,7 +415,7 @@ def _scan_alone(
         total += part
         if hasher is not None:
             hasher.update(new[a:b])
-        if progress is not None and lo == 0:
+        if progress is not None:
             progress(b, new.nbytes)
     return found, total & _MASK32
 
@@ -418,17 +464,15 @@ def _scan(
 ) -> Tuple[npt.NDArray[np.int64], int]:
     """All dirty page indices (ascending) and ``simple_checksum(new)``; feeds ``hasher``."""
     n = new.nbytes
-    if hasher is not None and hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
-        # Each thread scans its span and hashes its own leaves while they are in cache.
-        spans = _plan(n, LEAF_SIZE)
-        forks = {lo: hasher.fork() for lo, _ in spans}
-        parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, forks[a], progress), spans)
-        hasher.join([forks[lo] for lo, _ in spans])
-    elif hasher is not None and n >= PARALLEL_MIN_BYTES and _paired():
+    if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
         parts = list(_scan_claimed(old, new, hasher, progress))
     else:
-        # No hasher: the spans are independent (checksums add up, indices concatenate).
-        parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, hasher, progress), _plan(n) if hasher is None else [(0, n)])
+        # Independent spans: checksums add up, indices concatenate, and a tree hasher's
+        # leaves, hashed by each thread while its scan has them in cache, join in order.
+        spans = _spans(n, hasher)
+        sinks, reports = _sinks(hasher, spans), _span_reporters(progress, spans)
+        parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, sinks[a], reports[a]), spans)
+        _join(hasher, sinks, spans)
     if progress is not None:
         progress(n, n)
     found = [a for f, _ in parts for a in f]
@@ -525,7 +569,7 @@ class _Result:
                 checksum += int(kernels.checksum(self.view[a : min(b, self.size)], a))
             if hasher is not None:
                 self.hash_span(hasher, a, b)
-            if progress is not None and lo == 0:
+            if progress is not None:
                 progress(b, self.total)
         return (checksum + self.pages_adjustment(lo, hi)) & _MASK32
 
@@ -564,20 +608,15 @@ class _Result:
     def checks(self, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]) -> int:
         """Checksum of the whole result; ``hasher`` (if any) sees every byte, in order."""
         total = self.total
-        if hasher is not None and hasher.splittable and total >= PARALLEL_MIN_BYTES and _paired():
-            # Each thread checksums its span and hashes its own leaves from cache.
-            spans = _plan(total, LEAF_SIZE)
-            forks = {lo: hasher.fork() for lo, _ in spans}
-            parts = run_spans(lambda a, b: self.checksum_alone(a, b, forks[a], progress), spans)
-            hasher.join([forks[lo] for lo, _ in spans])
-            checksum = sum(parts) & _MASK32
-        elif hasher is not None and total >= PARALLEL_MIN_BYTES and _paired():
-            checksum = self.claimed(hasher, progress)
-        else:
-            spans = _plan(total) if hasher is None else [(0, total)]
-            parts = run_spans(lambda a, b: self.checksum_alone(a, b, hasher, progress), spans)
-            checksum = sum(parts) & _MASK32
-        return checksum
+        if hasher is not None and not hasher.splittable and total >= PARALLEL_MIN_BYTES and _paired():
+            return self.claimed(hasher, progress)
+        # Independent spans, as in create's scan: each thread checksums its span and
+        # hashes its own leaves (tree digest) from cache.
+        spans = _spans(total, hasher)
+        sinks, reports = _sinks(hasher, spans), _span_reporters(progress, spans)
+        parts = run_spans(lambda a, b: self.checksum_alone(a, b, sinks[a], reports[a]), spans)
+        _join(hasher, sinks, spans)
+        return sum(parts) & _MASK32
 
 
 # --------------------------------------------------------------------------------------
@@ -596,7 +635,7 @@ class DeltaSnapshot:
     >>> new = bytearray(old); new[5000] = 7
     >>> delta = DeltaSnapshot.create(bytes(16), old, new, base_sequence=1, sequence=2)
     >>> delta.dirty_page_count(), [p.index for p in delta.dirty_pages], delta.digest_algorithm
-    (1, [1], 'xxh3_128_tree')
+    (1, [1], 'xxh3_128')
     >>> delta.apply(old)
     >>> old == new
     True
@@ -609,7 +648,7 @@ class DeltaSnapshot:
         total_size: size of the new state in bytes.
         timestamp: Unix seconds of creation.
         checksum: ``simple_checksum`` of the new state (the crate's check).
-        digest_algorithm: "xxh3_128_tree", "xxh3_128", "blake3", or ``None`` for a
+        digest_algorithm: "xxh3_128", "blake3", "xxh3_128_tree", or ``None`` for a
             checksum-only delta.
         digest: strong digest (or MAC when ``keyed``) of the new state, or ``None``.
         keyed: the digest is keyed BLAKE3: ``apply`` needs the key.
@@ -670,9 +709,10 @@ class DeltaSnapshot:
 
         Both states are read in place (any C-contiguous buffer); only the dirty pages
         are copied, each RLE-compressed when that makes it strictly smaller.
-        ``digest`` names the strong digest of the new state ("xxh3_128_tree", the
-        default, XXH3-128 over 1 MiB leaves that all cores hash; "xxh3_128"; "blake3"; or
-        ``None`` for the crate's checksum-only delta); a 32-byte ``key`` makes it a keyed
+        ``digest`` names the strong digest of the new state ("xxh3_128", the default;
+        "xxh3_128_tree", XXH3-128 over 1 MiB leaves, which every core helps hash and
+        verify, the faster choice for big states; "blake3"; or ``None`` for the crate's
+        checksum-only delta); a 32-byte ``key`` makes it a keyed
         BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`.
 
         ``progress`` is an event callback (like :class:`~cellmigrate.CollectingCallback`;
