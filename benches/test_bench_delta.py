@@ -41,9 +41,9 @@ def straightforward_create(old: bytes, new: bytes) -> Any:
 
 CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {
     "DeltaSnapshot.create digest=None": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest=None),
-    "DeltaSnapshot.create (default xxh3_128_tree digest)": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1),
-    "DeltaSnapshot.create (sequential xxh3_128 digest)":
-        lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest="xxh3_128"),
+    "DeltaSnapshot.create (default xxh3_128 digest)": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1),
+    "DeltaSnapshot.create (xxh3_128_tree digest)":
+        lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest="xxh3_128_tree"),
     "straightforward create (naive loops)": lambda s: lambda: straightforward_create(s.old, s.new),
     "simple_checksum (new state)": lambda s: lambda: simple_checksum(s.new),
 }
@@ -56,8 +56,8 @@ def test_create(states: States, measure: Any, peer: str) -> None:
 
 APPLY_DIGESTS = {
     "checksum-only (digest=None)": None,
-    "default (xxh3_128_tree verified)": "xxh3_128_tree",
-    "sequential xxh3_128 verified": "xxh3_128",
+    "default (xxh3_128 verified)": "xxh3_128",
+    "xxh3_128_tree verified": "xxh3_128_tree",
 }
 
 

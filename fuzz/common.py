@@ -124,6 +124,7 @@ def delta_seeds() -> List[Tuple[str, bytes]]:
         ("gen_xxh3", 3 * PAGE_SIZE, "xxh3_128", None),
         ("gen_keyed", PAGE_SIZE + 1, "blake3", KEY),
         ("gen_tiny", 9, "xxh3_128", None),
+        ("gen_tree", 2 * PAGE_SIZE + 1, "xxh3_128_tree", None),
     ]:
         base = _state(name, size)
         new = bytearray(base)

@@ -56,6 +56,8 @@ for _label, _size, _alg, _key in [
     ("tail", 3 * PAGE_SIZE + 5, "blake3", None),
     ("keyed", 5 * PAGE_SIZE, "blake3", KEY),
     ("plain", 4 * PAGE_SIZE + 77, None, None),
+    ("tree", 2 * PAGE_SIZE + 9, "xxh3_128_tree", None),
+    ("tree_leaves", (1 << 20) + PAGE_SIZE + 3, "xxh3_128_tree", None),  # two leaves
 ]:
     _base, _new = _pair(_label, _size)
     CASES.append((_base, _new, _alg, _key))
@@ -146,7 +148,7 @@ def TestOneInput(data: bytes) -> None:
         elif op == 2 and good.digest is not None:
             fields["digest"] = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40))
         elif op == 3:
-            fields["digest_algorithm"] = [None, "xxh3_128", "blake3"][fdp.ConsumeIntInRange(0, 2)]
+            fields["digest_algorithm"] = [None, "xxh3_128", "blake3", "xxh3_128_tree"][fdp.ConsumeIntInRange(0, 3)]
             if fields["digest_algorithm"] is None:
                 fields["digest"] = None
             elif fields["digest"] is None:
