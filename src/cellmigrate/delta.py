@@ -99,16 +99,13 @@ _HELP_WINDOW = 16
 _ZEROS = memoryview(bytes(_CHUNK))
 
 
-def _page_align(n: int) -> int:
-    return -(-n // PAGE_SIZE) * PAGE_SIZE
-
-
 def _plan(total: int, align: int = PAGE_SIZE) -> List[Tuple[int, int]]:
     """``align``-aligned spans of ``[0, total)``, one per thread (one span: the calling thread only)."""
     threads = max_threads()
     if threads <= 1 or total < PARALLEL_MIN_BYTES:
         return [(0, total)]
-    step = -(-(-(-total // threads)) // align) * align
+    per_thread = -(-total // threads)
+    step = -(-per_thread // align) * align
     return [(lo, min(lo + step, total)) for lo in range(0, total, step)]
 
 
