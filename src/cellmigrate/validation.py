@@ -405,6 +405,16 @@ def _scan(original: memoryview, migrated: memoryview) -> Tuple[int, int, Optiona
     return before, got, start + offset
 
 
+def _check_checksum(result: VerificationResult, what: str, expected: int, got: int) -> None:
+    """The crate's checksum outcome lines: "{what} verified" or "{what} mismatch: ..."."""
+    if got == expected:
+        result.checksum_valid = True
+        result.details.append(f"{what} verified")
+    else:
+        result.passed = False
+        result.details.append(f"{what} mismatch: expected {expected}, got {got}")
+
+
 def _verify(original: memoryview, migrated: memoryview, expected: Optional[int]) -> VerificationResult:
     """:meth:`StateVerifier.verify_state`; ``expected=None`` checks against the original's
     own checksum."""
@@ -424,12 +434,7 @@ def _verify(original: memoryview, migrated: memoryview, expected: Optional[int])
         if expected is None:
             expected = simple_checksum(original)
 
-    if got == expected:
-        result.checksum_valid = True
-        result.details.append("Checksum verified")
-    else:
-        result.passed = False
-        result.details.append(f"Checksum mismatch: expected {expected}, got {got}")
+    _check_checksum(result, "Checksum", expected, got)
 
     # Beyond the crate: the checksum is forgeable, the bytes are not.
     if offset is not None:
@@ -477,12 +482,7 @@ class StateVerifier:
         )
         checksum = delta.checksum
         total_size = delta.total_size
-        if checksum == expected:
-            result.checksum_valid = True
-            result.details.append("Delta checksum verified")
-        else:
-            result.passed = False
-            result.details.append(f"Delta checksum mismatch: expected {expected}, got {checksum}")
+        _check_checksum(result, "Delta checksum", expected, checksum)
         base_size = _nbytes(base_state, "base_state")
         if total_size == base_size:
             result.size_valid = True
