@@ -26,17 +26,7 @@ from cellmigrate import (
     zstd_decompress,
 )
 
-RLE_VECTORS = [
-    (b"", b""),
-    (b"\xff" * 126, bytes.fromhex("ff7eff")),
-    (bytes([1, 1, 1, 2]), bytes.fromhex("01010102")),
-    (bytes(129), bytes.fromhex("ff7f000000")),
-    (bytes(131), bytes.fromhex("ff7f00ff0400")),
-    (b"\xff", bytes.fromhex("ff01ff")),
-    (b"abcd", b"abcd"),
-    (b"aaaa", bytes.fromhex("ff0461")),
-    (b"\xff" * 128, bytes.fromhex("ff7fffff01ff")),
-]
+from crate_vectors import RLE_VECTORS
 
 
 @pytest.mark.parametrize("raw, packed", RLE_VECTORS)

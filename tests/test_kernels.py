@@ -32,30 +32,12 @@ from cellmigrate.checksum import pages_checksum, state_pages_checksum
 from cellmigrate.compare import dirty_pages_checksum
 
 from conftest import BUFFER_KINDS, WRITABLE_KINDS, as_bytes, buffer_kind, writable_buffer
+from crate_vectors import CHECKSUM_VECTORS, RLE_VECTORS
 from kernel_strategies import aligned, offsets, old_new, payloads
 
 M32 = 2**32
 
 # --- compatibility vectors (issue 2 / the Rust crate) ----------------------------------
-
-CHECKSUM_VECTORS = [(b"", 0), (bytes([1, 2, 3, 4, 5]), 55), (b"\xff" * 126, 2040255)]
-
-RLE_VECTORS = [
-    (b"", b""),
-    (b"\xff" * 126, bytes.fromhex("ff7eff")),
-    (bytes([1, 1, 1, 2]), bytes.fromhex("01010102")),
-    (bytes(129), bytes.fromhex("ff7f000000")),
-    (bytes(131), bytes.fromhex("ff7f00ff0400")),
-    (b"\xff", bytes.fromhex("ff01ff")),
-    (b"\xff\xff", bytes.fromhex("ff02ff")),
-    (b"aaab", b"aaab"),
-    (b"aaaa", bytes.fromhex("ff0461")),
-    (bytes(127), bytes.fromhex("ff7f00")),
-    (bytes(254), bytes.fromhex("ff7f00ff7f00")),
-    (bytes(258), bytes.fromhex("ff7f00ff7f00") + b"\0\0\0\0"[:0] + bytes.fromhex("ff0400")),
-    (b"\x07" * 130, bytes.fromhex("ff7f07070707")),
-    (b"ab\xffcd", b"ab" + bytes.fromhex("ff01ff") + b"cd"),
-]
 
 
 @pytest.mark.parametrize("data, expected", CHECKSUM_VECTORS)
