@@ -139,21 +139,33 @@ def _index_list(indices: IndexLike) -> List[int]:
     return [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
 
 
-def state_pages_checksum(state: BufferLike, indices: IndexLike, page_size: int) -> int:
+def _state_pages(state: BufferLike, indices: IndexLike, page_size: int) -> Tuple[memoryview, List[int]]:
+    """A byte view of ``state`` and the indices, every one naming a page of it."""
     view = _view(state).cast("B")
     npages = _pages(view.nbytes, page_size)
     idx = _index_list(indices)
     for i in idx:
         if not 0 <= i < npages:
             raise IndexError(f"page {i} is outside a state of {view.nbytes} bytes")
-    return sum(checksum(view[i * page_size : (i + 1) * page_size], i * page_size) for i in idx) & _MASK32
+    return view, idx
 
 
-def pages_checksum(pages: Sequence[BufferLike], indices: IndexLike, page_size: int) -> int:
+def _paired_indices(pages: Sequence[BufferLike], indices: IndexLike, page_size: int) -> List[int]:
+    """The indices, one per page (``pages`` and ``indices`` go together)."""
     _pages(0, page_size)
     idx = _index_list(indices)
     if len(pages) != len(idx):
         raise ValueError(f"{len(pages)} pages but {len(idx)} indices")
+    return idx
+
+
+def state_pages_checksum(state: BufferLike, indices: IndexLike, page_size: int) -> int:
+    view, idx = _state_pages(state, indices, page_size)
+    return sum(checksum(view[i * page_size : (i + 1) * page_size], i * page_size) for i in idx) & _MASK32
+
+
+def pages_checksum(pages: Sequence[BufferLike], indices: IndexLike, page_size: int) -> int:
+    idx = _paired_indices(pages, indices, page_size)
     total = 0
     for i, page in zip(idx, pages):
         if i < 0:
@@ -202,21 +214,13 @@ def rle_decompress(data: BufferLike, max_output: int = -1) -> bytes:
 
 
 def gather_pages(state: BufferLike, indices: IndexLike, page_size: int) -> List[bytes]:
-    view = _view(state).cast("B")
-    npages = _pages(view.nbytes, page_size)
-    idx = _index_list(indices)
-    for i in idx:
-        if not 0 <= i < npages:
-            raise IndexError(f"page {i} is outside a state of {view.nbytes} bytes")
+    view, idx = _state_pages(state, indices, page_size)
     return [bytes(view[i * page_size : (i + 1) * page_size]) for i in idx]
 
 
 def scatter_pages(target: BufferLike, indices: IndexLike, pages: Sequence[BufferLike], page_size: int) -> None:
     view = _view(target).cast("B")
-    _pages(0, page_size)
-    idx = _index_list(indices)
-    if len(pages) != len(idx):
-        raise ValueError(f"{len(pages)} pages but {len(idx)} indices")
+    idx = _paired_indices(pages, indices, page_size)
     sizes = [_view(p).nbytes for p in pages]
     for i, size in zip(idx, sizes):
         if size > page_size:
