@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -373,17 +373,21 @@ def test_page_count_is_bounded_by_the_state_and_the_input() -> None:
     expect(big.build(), "page count 16777216", "page table")
 
 
+def _peak_bytes(run: Callable[[], object]) -> int:
+    """Peak bytes Python allocated while ``run`` ran."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_declared_sizes_are_never_allocated() -> None:
     """A 112-byte input declaring a 64 GiB state and 2**24 pages allocates next to nothing."""
     blob = replace(valid_wire(), total_size=DEFAULT_MAX_TOTAL_SIZE, pages=[], page_count=1 << 24).build()
     assert len(blob) == 112
-    tracemalloc.start()
-    try:
-        expect(blob, "page count")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 * 1024
+    assert _peak_bytes(lambda: expect(blob, "page count")) < 64 * 1024
 
 
 def test_a_huge_page_table_is_not_materialized() -> None:
@@ -391,12 +395,7 @@ def test_a_huge_page_table_is_not_materialized() -> None:
     must not build per-entry objects for the whole table first."""
     entries = [Page(k, b"", encoding=1) for k in range(100_000)]
     blob = replace(valid_wire(), total_size=100_000 * PAGE_SIZE, pages=entries).build()
-    tracemalloc.start()
-    try:
-        expect(blob, "page 0: compressed length 0")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _peak_bytes(lambda: expect(blob, "page 0: compressed length 0"))
     assert peak < 256 * 1024, peak
 
 
