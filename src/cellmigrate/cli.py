@@ -294,11 +294,8 @@ def chunked_checksum(
     Gives exactly :func:`cellmigrate.simple_checksum` / :func:`cellmigrate.digest`: the
     weighted sum is positional (``offset=``) and the digests are streaming hashers.
     """
-    import blake3
-    import xxhash
-
-    from ._tree import TreeStream
     from .checksum import simple_checksum
+    from .delta import _Hasher
 
     with memoryview(buf) as whole:
         view = whole.cast("B") if whole.format != "B" else whole
@@ -310,21 +307,12 @@ def chunked_checksum(
                 if on_chunk is not None:
                     on_chunk(min(chunk, n - pos))
             return total
-        hasher: Any
-        if algorithm == "xxh3_128_tree":
-            hasher = TreeStream()
-        elif algorithm == "xxh3_128":
-            hasher = xxhash.xxh3_128()
-        elif key is not None:
-            hasher = blake3.blake3(key=key, max_threads=blake3.blake3.AUTO)
-        else:
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        hasher = _Hasher(algorithm, key)  # the streaming hashers deltas are made with
         for pos in range(0, n, chunk):
             hasher.update(view[pos:pos + chunk])
             if on_chunk is not None:
                 on_chunk(min(chunk, n - pos))
-        out: bytes = hasher.digest()
-        return out
+        return hasher.digest()
 
 
 def chunked_first_difference(
