@@ -26,6 +26,7 @@ __all__ = [
     "digest",
     "DIGEST_ALGORITHMS",
     "DEFAULT_DIGEST",
+    "DIGEST_SIZES",
     "KEY_SIZE",
 ]
 
@@ -35,6 +36,8 @@ DIGEST_ALGORITHMS = ("xxh3_128", "blake3", "xxh3_128_tree")
 #: ``xxh3_128_tree`` is the choice for GiB states on several cores: its leaves are
 #: hashed in parallel, where plain XXH3-128 runs at one core's memory bandwidth.
 DEFAULT_DIGEST = "xxh3_128"
+#: Bytes of each algorithm's digest.
+DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32, "xxh3_128_tree": 16}
 KEY_SIZE = 32
 
 _MASK32 = 0xFFFFFFFF

@@ -33,7 +33,7 @@ from ._ids import IdLike, to_id
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from ._tree import LEAF_SIZE, TreeStream
 from ._types import BufferLike
-from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, KEY_SIZE, PAGE_SIZE
+from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, KEY_SIZE, PAGE_SIZE
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressEventKind, byte_progress
 
@@ -76,8 +76,6 @@ def _byte_reporter(
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
-#: Digest sizes in bytes, per algorithm.
-_DIGEST_SIZES = {"xxh3_128_tree": 16, "xxh3_128": 16, "blake3": 32}
 #: Bytes per fused step: small enough that a chunk the page comparison (or the checksum)
 #: just read from memory is still in this core's cache when the hasher reads it again,
 #: big enough that the Python loop costs nothing next to the kernels.
@@ -681,7 +679,7 @@ class DeltaSnapshot:
         if (self.digest_algorithm is None) != (self.digest is None):
             raise ValueError("digest_algorithm and digest must be given together")
         if self.digest_algorithm is not None:
-            if self.digest_algorithm not in _DIGEST_SIZES:
+            if self.digest_algorithm not in DIGEST_SIZES:
                 raise ValueError(
                     f"unknown digest algorithm {self.digest_algorithm!r}; expected one of {DIGEST_ALGORITHMS}"
                 )
@@ -739,7 +737,7 @@ class DeltaSnapshot:
         """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`."""
         raw_key = _check_key(key)
         algorithm = digest
-        if algorithm is not None and algorithm not in _DIGEST_SIZES:
+        if algorithm is not None and algorithm not in DIGEST_SIZES:
             raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
         if raw_key is not None:
             if algorithm is None:
@@ -831,7 +829,7 @@ class DeltaSnapshot:
                 "Delta is not authenticated but a key was given: refusing an unauthenticated delta"
             )
         if self.digest_algorithm is not None:
-            size = _DIGEST_SIZES.get(self.digest_algorithm)
+            size = DIGEST_SIZES.get(self.digest_algorithm)
             if size is None:
                 raise InvalidStateError(f"Delta names an unknown digest algorithm {self.digest_algorithm!r}")
             if self.digest is None or len(self.digest) != size:

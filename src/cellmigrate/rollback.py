@@ -40,7 +40,7 @@ import xxhash
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id, to_optional_id
 from ._types import BufferLike
-from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS
+from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES
 from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .errors import CorruptDataError, InvalidStateError
@@ -69,7 +69,6 @@ _HEADER_SIZE = _HEADER.size + _CHECK_SIZE  # header fields + their own check
 _OVERHEAD = _HEADER_SIZE + _CHECK_SIZE  # + the trailer over everything before it
 _DIGEST_IDS = {"xxh3_128": 1, "blake3": 2, "xxh3_128_tree": 3}
 _DIGEST_NAMES = {v: k for k, v in _DIGEST_IDS.items()}
-_DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32, "xxh3_128_tree": 16}
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -466,8 +465,8 @@ class RollbackInfo:
             if self.keyed:
                 flags |= _FLAG_KEYED
             dig, dig_id = self.digest, _DIGEST_IDS[self.digest_algorithm]
-            if len(dig) != _DIGEST_SIZES[self.digest_algorithm]:
-                raise ValueError(f"{self.digest_algorithm} digest must be {_DIGEST_SIZES[self.digest_algorithm]} bytes")
+            if len(dig) != DIGEST_SIZES[self.digest_algorithm]:
+                raise ValueError(f"{self.digest_algorithm} digest must be {DIGEST_SIZES[self.digest_algorithm]} bytes")
         fields = _HEADER.pack(
             FORMAT_MAGIC,
             FORMAT_VERSION,
@@ -755,7 +754,7 @@ def _parse(view: memoryview, key: Optional[bytes] = None) -> Tuple[Dict[str, Any
         algorithm = _DIGEST_NAMES.get(dig_id)
         if algorithm is None:
             raise CorruptDataError(f"Rollback data has unknown digest algorithm id {dig_id}")
-        if dig_len != _DIGEST_SIZES[algorithm]:
+        if dig_len != DIGEST_SIZES[algorithm]:
             raise CorruptDataError(f"Rollback data digest length {dig_len} is wrong for {algorithm}")
         dig: Optional[bytes] = bytes(dig_field[:dig_len])
         if any(dig_field[dig_len:]):

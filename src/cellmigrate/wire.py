@@ -32,7 +32,7 @@ import xxhash as _xxhash
 
 from ._buffers import as_bytes_view
 from ._types import BufferLike
-from .checksum import PAGE_SIZE
+from .checksum import DIGEST_SIZES, PAGE_SIZE
 from .compression import simple_decompress
 from .errors import CorruptDataError
 
@@ -110,7 +110,7 @@ _U64_MAX = (1 << 64) - 1
 _ALG_NONE = 0
 _ALG_IDS = {None: 0, "xxh3_128": 1, "blake3": 2, "xxh3_128_tree": 3}
 _ALG_NAMES = {v: k for k, v in _ALG_IDS.items()}
-_DIGEST_LENGTHS = {0: 0, 1: 16, 2: 32, 3: 16}
+_DIGEST_LENGTHS = {_ALG_NONE: 0, **{_ALG_IDS[name]: size for name, size in DIGEST_SIZES.items()}}
 
 _FLAG_KEYED = 0x01
 _KNOWN_FLAGS = _FLAG_KEYED
