@@ -318,8 +318,8 @@ def test_every_buffer_kind_checksum_compress_digest():
     for kind, obj in _kinds(data).items():
         assert simple_checksum(obj) == o_checksum(data), kind
         assert simple_compress(obj) == o_rle(data), kind
-        assert digest(obj) == xxhash.xxh3_128_digest(data), kind
-        assert digest(obj, "xxh3_128_tree") == o_tree(data), kind
+        assert digest(obj) == o_tree(data), kind
+        assert digest(obj, "xxh3_128") == xxhash.xxh3_128_digest(data), kind
         assert digest(obj, "blake3") == blake3.blake3(data).digest(), kind
         assert first_difference(obj, data) is None, kind
 
@@ -715,8 +715,8 @@ def test_delta_fields_and_pages():
     assert d.uncompressed_size() == 3 * PAGE_SIZE
     assert d.compressed_size() == sum(len(p.data) for p in d.dirty_pages)
     assert d.compression_ratio() == d.compressed_size() / (3 * PAGE_SIZE)
-    assert d.digest_algorithm == "xxh3_128"
-    assert d.digest == xxhash.xxh3_128_digest(new)
+    assert d.digest_algorithm == "xxh3_128_tree"
+    assert d.digest == o_tree(new)
     assert d.keyed is False
 
 
@@ -980,7 +980,7 @@ KEY2 = bytes(range(1, 33))
 
 def test_digest_function():
     for data in (b"", b"abc", rnd(100000, 1)):
-        assert digest(data) == xxhash.xxh3_128_digest(data)
+        assert digest(data) == o_tree(data)
         assert digest(data, "xxh3_128_tree") == o_tree(data)
         assert digest(data, "xxh3_128") == xxhash.xxh3_128_digest(data)
         assert digest(data, "blake3") == blake3.blake3(data).digest()
@@ -2208,8 +2208,8 @@ def test_big_state_kernels_match_oracles(big_pair):
     assert first_difference(old, new) == 0
     assert first_difference(old[1:], new[1:]) == 0
     assert first_difference(old[2:], new[2:]) == 4093
-    assert digest(new) == xxhash.xxh3_128_digest(new)
-    assert digest(new, "xxh3_128_tree") == o_tree(new)
+    assert digest(new) == o_tree(new)
+    assert digest(new, "xxh3_128") == xxhash.xxh3_128_digest(new)
     # the first difference is the lowest offset even when a later region differs too
     late = bytearray(old)
     late[30 * 1024 * 1024 + 5] ^= 1
@@ -2296,7 +2296,7 @@ def test_sizes_are_bytes_for_wide_numpy():
     info = v.execute_rollback(MID)
     assert list(v.audit_log)[-1].details == "Rollback completed: restored 4000 bytes"
     assert bytes(info.original_state) == a.tobytes()
-    assert info.digest == xxhash.xxh3_128_digest(a.tobytes())
+    assert info.digest == o_tree(a.tobytes())
     m = IncrementalMigrator()
     m.start_tracking(AID, a)
     dd = m.create_incremental(AID, b2)
@@ -2750,7 +2750,7 @@ def test_rollback_digest_catches_weak_forgery():
     forged[1] = 9
     assert o_checksum(forged) == o_checksum(state)
     r = RollbackInfo.capture(Agent(), state)
-    assert r.digest == xxhash.xxh3_128_digest(state)
+    assert r.digest == o_tree(state)
     r.original_state = bytes(forged)
     with pytest.raises(CellError):
         r.restore_into(bytearray(len(state)))
@@ -2823,8 +2823,8 @@ def test_numpy_any_dtype_viewed_as_raw_bytes(dtype):
     raw = arr.tobytes()
     assert simple_checksum(arr) == o_checksum(raw)
     assert simple_compress(arr) == o_rle(raw)
-    assert digest(arr) == xxhash.xxh3_128_digest(raw)
-    assert digest(arr, "xxh3_128_tree") == o_tree(raw)
+    assert digest(arr) == o_tree(raw)
+    assert digest(arr, "xxh3_128") == xxhash.xxh3_128_digest(raw)
     new = bytearray(raw)
     new[len(new) // 2] ^= 1
     new = bytes(new)

@@ -152,8 +152,8 @@ def test_chunked_paths_match_library() -> None:
     seen: List[int] = []
     assert chunked_checksum(data, "simple", chunk=1000, on_chunk=seen.append) == simple_checksum(data)
     assert sum(seen) == len(data)
-    assert chunked_checksum(data, "xxh3_128", chunk=999) == digest(data)
-    assert chunked_checksum(data, "xxh3_128_tree", chunk=999) == digest(data, "xxh3_128_tree")
+    assert chunked_checksum(data, "xxh3_128_tree", chunk=999) == digest(data)
+    assert chunked_checksum(data, "xxh3_128", chunk=999) == digest(data, "xxh3_128")
     assert chunked_checksum(data, "blake3", chunk=4096) == digest(data, "blake3")
     key = b"k" * 32
     assert chunked_checksum(data, "blake3", key=key, chunk=5000) == digest(data, "blake3", key=key)

@@ -118,7 +118,7 @@ def test_create_records_fields_pages_and_checks() -> None:
     ]
     assert [p.compressed for p in delta.dirty_pages] == [False, True, False]
     assert delta.checksum == simple_checksum(new)
-    assert delta.digest_algorithm == "xxh3_128" and delta.digest == digest(new) and not delta.keyed
+    assert delta.digest_algorithm == "xxh3_128_tree" and delta.digest == digest(new) and not delta.keyed
     assert isinstance(delta.timestamp, int) and delta.timestamp > 1_600_000_000
 
 
@@ -508,7 +508,7 @@ size = 17 << 20
 old = np.zeros(size, dtype=np.uint8)
 new = old.copy()
 new[:: PAGE_SIZE * 97] = 3
-deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128", "xxh3_128_tree", "blake3", None)]
+deltas = [DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest=d) for d in ("xxh3_128_tree", "xxh3_128", "blake3", None)]
 errors = []
 def worker(k):
     try:

