@@ -332,9 +332,16 @@ class WasmAgent:
                 gtype = ext.type(self._store)
                 if not gtype.mutable:
                     continue
-                kind = _kind(gtype.content)
+                try:
+                    # wasmtime's C API aborts the process when asked the kind of a v128;
+                    # reading the value raises instead, so read it first.
+                    ext.value(self._store)
+                    kind = _kind(gtype.content)
+                except wasmtime.WasmtimeError:
+                    kind = None
                 if kind is None:
-                    raise InvalidStateError(f"mutable global {name!r} has type {gtype.content}, which cannot be migrated")
+                    raise InvalidStateError(f"mutable global {name!r} is not an i32, i64, f32 or f64: "
+                                            "it cannot be migrated")
                 self._globals[name] = (kind, ext)
         self._max_pages: Optional[int] = memory.type(self._store).limits.max
         # Serializes every call into the store (wasmtime's Store is not thread-safe).
