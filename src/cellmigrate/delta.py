@@ -37,7 +37,14 @@ from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, KEY_SIZE,
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressEventKind, byte_progress
 
-__all__ = ["DirtyPage", "DeltaSnapshot"]
+__all__ = ["DirtyPage", "DeltaSnapshot", "DEFAULT_MAX_GROW_SIZE"]
+
+#: Largest size (bytes) :meth:`DeltaSnapshot.apply` grows a short ``bytearray`` base to
+#: unless the caller passes ``max_size``: 1 GiB, the Rust crate's default node limit
+#: (``NodeCapabilities.new().max_state_size``). A delta's ``total_size`` is only as
+#: trustworthy as its digest (the weak checksum ignores trailing zeros), so growth in
+#: memory is bounded by what the *caller* allows, never by what the delta declares.
+DEFAULT_MAX_GROW_SIZE = 1 << 30
 
 #: Internal form of progress: ``report(bytes_done, bytes_total)``, called from the calling
 #: thread between chunks. Callers pass either that or an event callback (see
@@ -493,6 +500,23 @@ def _compress_pages(pages: Sequence[bytes]) -> List[Tuple[bytes, bool]]:
 # --------------------------------------------------------------------------------------
 
 
+def _grow_zeros(base: bytearray, total: int) -> None:
+    """Extend ``base`` with zeros to ``total`` bytes, or leave it as it was and raise
+    :class:`InvalidStateError` (a view of it is alive, or memory runs out)."""
+    size = len(base)
+    try:
+        # In place, from a shared zero chunk: no temporary of the grown size.
+        while len(base) < total:
+            base += _ZEROS[: min(_CHUNK, total - len(base))]
+    except BufferError as exc:
+        raise InvalidStateError(f"Base state is too small and cannot be grown: {exc}") from None
+    except MemoryError:
+        del base[size:]
+        raise InvalidStateError(
+            f"Out of memory growing the base from {size} to {total} bytes; base left unchanged"
+        ) from None
+
+
 class _Result:
     """The would-be result of an apply: the base with the delta's pages laid over it.
 
@@ -838,7 +862,12 @@ class DeltaSnapshot:
                 )
 
     def apply(
-        self, base: BufferLike, *, key: Optional[bytes] = None, progress: Optional[Callable[..., Any]] = None
+        self,
+        base: BufferLike,
+        *,
+        key: Optional[bytes] = None,
+        progress: Optional[Callable[..., Any]] = None,
+        max_size: int = DEFAULT_MAX_GROW_SIZE,
     ) -> None:
         """Write the delta's pages into ``base``, after verifying everything.
 
@@ -850,11 +879,22 @@ class DeltaSnapshot:
         :class:`InvalidStateError` saying which check failed, and ``base`` is left
         byte-for-byte unchanged (and not grown). A read-only buffer raises ``TypeError``.
 
+        ``max_size`` (bytes, default :data:`DEFAULT_MAX_GROW_SIZE` = 1 GiB) bounds the
+        size a short ``bytearray`` base may be grown to: a delta whose ``total_size`` is
+        larger raises :class:`InvalidStateError` naming ``max_size`` before anything is
+        read or allocated (a checksum-only delta's ``total_size`` is not authenticated by
+        anything: its weak checksum ignores trailing zeros). A base that already has
+        ``total_size`` bytes is written in place and is not bounded by it. If growing
+        the base runs out of memory, the base is shrunk back to its old length and
+        :class:`InvalidStateError` is raised (never a raw ``MemoryError``).
+
         ``progress`` is an event callback (RESTORING events, percent 0..100) or a
         callable taking ``(bytes_done, bytes_total)``; 100% is reported only once the
         pages are written.
         """
         raw_key = _check_key(key)
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
+            raise ValueError(f"max_size must be an int >= 0 (bytes), got {max_size!r}")
         report = _byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
         view = as_writable_view(base, "base")
         size, total = view.nbytes, self.total_size
@@ -866,6 +906,11 @@ class DeltaSnapshot:
             raise InvalidStateError(
                 f"Base state is too small: base has {size} bytes, delta expects {total}, "
                 f"and a {type(base).__name__} cannot be resized"
+            )
+        if size < total and total > max_size:
+            raise InvalidStateError(
+                f"Delta would grow the base from {size} to {total} bytes, over max_size={max_size} bytes "
+                f"(pass a larger max_size to allow it)"
             )
         self._check_key_policy(raw_key)
         indices, pages = self._decoded_pages()
@@ -888,10 +933,7 @@ class DeltaSnapshot:
         # Everything checked: now (and only now) write.
         if size < total:
             view.release()
-            try:
-                base.extend(bytes(total - size))  # type: ignore[union-attr]  # a bytearray (checked above)
-            except BufferError as exc:
-                raise InvalidStateError(f"Base state is too small and cannot be grown: {exc}") from None
+            _grow_zeros(cast(bytearray, base), total)  # a bytearray (checked above)
             view = as_writable_view(base, "base")
         kernels.scatter_pages(view, indices, pages, PAGE_SIZE)
         if report is not None:
