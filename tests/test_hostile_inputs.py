@@ -6,11 +6,14 @@
   of them sums addresses and an apply over them corrupts the heap.
 * ``DeltaSnapshot.apply`` grows a short base only up to the caller's ``max_size``, and an
   allocation failure while growing is an ``InvalidStateError`` with the base unchanged.
+* LZ4 above its block limit: ``lz4_compress`` raises ``InputTooLargeError`` naming the
+  limit, and the adaptive functions do not try LZ4 there.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -18,8 +21,10 @@ import textwrap
 import uuid
 from typing import Any, Callable, Dict
 
+import lz4.block
 import numpy as np
 import pytest
+import zstandard
 
 import cellmigrate as cm
 from cellmigrate import (
@@ -33,12 +38,14 @@ from cellmigrate import (
     RollbackInfo,
     StateVerifier,
 )
+from cellmigrate import compression
 from cellmigrate.checksum import pages_checksum, state_pages_checksum
 from cellmigrate.delta import DEFAULT_MAX_GROW_SIZE
 
 AID = bytes(range(16))
 MID = bytes(16)
 N = 4096  # bytes of every buffer below: one page
+PAGE = 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -262,3 +269,59 @@ def test_out_of_memory_while_growing_is_invalid_state_and_leaves_the_base() -> N
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "refused"
+
+
+# --------------------------------------------------------------------------------------
+# LZ4's block limit
+# --------------------------------------------------------------------------------------
+
+
+def _zero_mapping(n: int) -> mmap.mmap:
+    """``n`` bytes of zeros that cost no memory until read (an anonymous read-only map)."""
+    return mmap.mmap(-1, n, prot=mmap.PROT_READ)
+
+
+def test_lz4_over_its_block_limit_is_a_cell_error_naming_the_limit() -> None:
+    assert cm.LZ4_MAX_INPUT_SIZE == 0x7E000000
+    big = _zero_mapping(cm.LZ4_MAX_INPUT_SIZE + 1)
+    try:
+        # The constant is LZ4's own: the real library refuses one byte more (raw error)...
+        with memoryview(big) as view, pytest.raises(lz4.block.LZ4BlockError):
+            lz4.block.compress(view, store_size=True)
+        # ...and ours says why, as a CellError and a ValueError, before reading anything.
+        with pytest.raises(cm.InputTooLargeError, match=r"at most 2113929216 bytes \(0x7E000000, LZ4_MAX_INPUT_SIZE\)") as info:
+            cm.lz4_compress(big)
+        assert isinstance(info.value, cm.CellError) and isinstance(info.value, ValueError)
+        assert (info.value.size, info.value.limit) == (cm.LZ4_MAX_INPUT_SIZE + 1, 0x7E000000)
+    finally:
+        big.close()
+
+
+def test_adaptive_functions_skip_a_method_that_cannot_take_the_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adaptive functions and lz4_compress read the limit from one table; with LZ4's
+    limit lowered there, an input LZ4 would win is compressed with another method."""
+    data = bytes(range(200)) * 5  # no runs: RLE cannot shrink it, LZ4 can
+    assert cm.adaptive_compress(data)[1] is CompressionMethod.LZ4
+    monkeypatch.setitem(compression._MAX_INPUT, CompressionMethod.LZ4, len(data) - 1)
+    for compress in (cm.adaptive_compress, cm.adaptive_compress_aggressive):
+        payload, method = compress(data)
+        assert method is not CompressionMethod.LZ4
+        assert cm.adaptive_decompress(payload, method) == data
+    with pytest.raises(cm.InputTooLargeError, match=f"at most {len(data) - 1} bytes"):
+        cm.lz4_compress(data)
+    monkeypatch.setitem(compression._MAX_INPUT, CompressionMethod.LZ4, len(data))  # at the limit: allowed
+    assert cm.adaptive_compress(data)[1] is CompressionMethod.LZ4
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("compress", [cm.adaptive_compress, cm.adaptive_compress_aggressive])
+def test_adaptive_compress_of_a_real_input_over_lz4s_limit(compress: Callable[[Any], Any]) -> None:
+    n = cm.LZ4_MAX_INPUT_SIZE + PAGE
+    big = _zero_mapping(n)
+    try:
+        payload, method = compress(big)
+    finally:
+        big.close()
+    assert method in (CompressionMethod.ZSTD_DEFAULT, CompressionMethod.ZSTD_HIGH)
+    assert zstandard.frame_content_size(payload) == n
+    assert len(payload) < 1 << 20

@@ -13,6 +13,7 @@ __all__ = [
     "MigrationFailedError",
     "ExecutionFailedError",
     "CorruptDataError",
+    "InputTooLargeError",
 ]
 
 
@@ -46,3 +47,16 @@ class ExecutionFailedError(CellError):
 
 class CorruptDataError(CellError, ValueError):
     """Bytes that cannot be decoded, or that were tampered with."""
+
+
+class InputTooLargeError(CellError, ValueError):
+    """An input over a hard size limit of the format or library asked to take it.
+
+    ``size`` is the input's size and ``limit`` the largest accepted, both in bytes; the
+    message names the limit (e.g. LZ4's block limit, ``LZ4_MAX_INPUT_SIZE``).
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
