@@ -3,6 +3,12 @@
 Pre-copy rounds while the agent runs (QEMU's algorithm), a short pause for the final
 round, and a proof that the target holds the source's state byte for byte before the
 target resumes. The core package never imports this subpackage.
+
+- :mod:`.agent`: the protocols users implement (source agent, target agent, staging store)
+- :mod:`.driver`: :class:`LiveMigration`, the pre-copy driver, and its statistics
+- :mod:`.channel`: what the driver sends through; :class:`InProcessChannel`
+- :mod:`.session`: the receiving end of one migration, whatever carries it
+- :mod:`.pages`, :mod:`.leaves`: chunks of pages, per-leaf digests
 """
 
 from __future__ import annotations
@@ -17,6 +23,18 @@ from .agent import (
     StateStore,
     TargetAgent,
 )
+from .channel import Channel, InProcessChannel
+from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, LiveMigrationSummary, RoundStats
+from .errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    OutcomeUnknownError,
+    PeerTimeoutError,
+    ProtocolError,
+    RefusedError,
+)
+from .pages import Chunk
+from .session import Offer, ReceiverSession
 
 __all__ = [
     "MAX_EXTRA_BYTES",
@@ -27,4 +45,20 @@ __all__ = [
     "BufferTarget",
     "MemoryStore",
     "FileStore",
+    "Channel",
+    "InProcessChannel",
+    "Chunk",
+    "Offer",
+    "ReceiverSession",
+    "DEFAULT_DOWNTIME_LIMIT",
+    "DEFAULT_MAX_ROUNDS",
+    "LiveMigration",
+    "LiveMigrationSummary",
+    "RoundStats",
+    "RefusedError",
+    "AuthenticationError",
+    "PeerTimeoutError",
+    "ConnectionLostError",
+    "ProtocolError",
+    "OutcomeUnknownError",
 ]

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
-from .._buffers import as_bytes_view
+import numpy as np
+
+from .._buffers import as_bytes_view, as_writable_view
 from .._types import BufferLike
 from ..errors import InvalidStateError
 
@@ -189,28 +191,33 @@ class BufferTarget:
 
 
 class MemoryStore:
-    """A :class:`StateStore` in a ``bytearray``."""
+    """A :class:`StateStore` in memory (a numpy array: growing from empty costs nothing
+    until pages are written, since the zeros come from ``calloc``)."""
 
     def __init__(self, initial: Optional[BufferLike] = None) -> None:
-        self._buf = bytearray() if initial is None else bytearray(as_bytes_view(initial, "initial"))
+        self._buf: "np.ndarray[Any, np.dtype[np.uint8]]" = (
+            np.zeros(0, dtype=np.uint8)
+            if initial is None
+            else np.frombuffer(as_bytes_view(initial, "initial"), dtype=np.uint8).copy()
+        )
 
     def size(self) -> int:
         """Bytes staged."""
-        return len(self._buf)
+        return int(self._buf.nbytes)
 
     def resize(self, size: int) -> None:
-        """Zero-extend or truncate."""
+        """Zero-extend or truncate (a new array: views taken before stay valid, but stale)."""
         if size < 0:
             raise InvalidStateError(f"state size must be non-negative, not {size}")
-        n = len(self._buf)
-        if size > n:
-            self._buf.extend(bytes(size - n))
-        elif size < n:
-            del self._buf[size:]
+        if size != self._buf.nbytes:
+            new = np.zeros(size, dtype=np.uint8)
+            keep = min(size, self._buf.nbytes)
+            new[:keep] = self._buf[:keep]
+            self._buf = new
 
     def view(self) -> memoryview:
-        """A writable view (release it before ``resize``: a bytearray with exports cannot resize)."""
-        return memoryview(self._buf)
+        """A writable view."""
+        return as_writable_view(self._buf, "staged state")
 
     def flush(self) -> None:
         """Nothing to do in memory."""
