@@ -15,7 +15,10 @@ from .errors import (
     CorruptDataError,
     ExecutionFailedError,
     InvalidStateError,
+    JournalError,
     MigrationFailedError,
+    StateChangedError,
+    TruncatedInputError,
 )
 
 # --- the types of what callers pass (_types.py) ---------------------------------------
@@ -95,6 +98,9 @@ __all__ = [
     "CorruptDataError",
     "MigrationFailedError",
     "ExecutionFailedError",
+    "TruncatedInputError",
+    "StateChangedError",
+    "JournalError",
     # types of arguments
     "BufferLike",
     "IndexLike",
