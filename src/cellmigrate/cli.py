@@ -44,7 +44,7 @@ from .statefile import (
     parse_size,
     signals_raise,
     spool_stream,
-    test_pause,
+    hook_pause,
     write_all,
 )
 
@@ -286,6 +286,7 @@ def _open_state(path: str, *, private: bool = False) -> StateFile:
         raise CliError(str(exc)) from None
     if f.recovered is not None:
         print(f"{PROG}: note: {f.recovered.describe()}", file=sys.stderr)
+    hook_pause("opened")
     return f
 
 
@@ -308,7 +309,6 @@ def _reading(path: str, *, private: bool = False) -> Iterator[StateFile]:
     """
     f = _open_state(path, private=private)
     try:
-        test_pause("opened")
         try:
             yield f
         except (KeyboardInterrupt, SignalInterrupt):
@@ -615,7 +615,7 @@ def _recheck_pages(name: str, new: StateFile, delta: "DeltaSnapshot") -> None:
     A writer may change NEW during the scan within one timestamp tick, so on top of the
     size/mtime/ctime check, the copied pages must still be what the file holds.
     """
-    test_pause("scanned")
+    hook_pause("scanned")
     for page in delta.dirty_pages:
         data = page.get_data()
         if new.pread(len(data), int(page.index) * 4096) != data:

@@ -64,7 +64,8 @@ from .statefile import (
     lock_file,
     open_regular,
     reserve,
-    test_delay,
+    hook_delay,
+    hook_pause,
     write_all,
 )
 
@@ -304,6 +305,16 @@ def _cannot_write(base: StrPath, jpath: Path, exc: OSError) -> JournalError:
     )
 
 
+def _open_for_writing(base: StrPath, path: Path, jpath: Path) -> int:
+    """Open BASE read-write; with a pending journal, a refusal names ``cellmigrate recover``."""
+    try:
+        return open_regular(path, os.O_RDWR)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and os.path.lexists(jpath):
+            raise _cannot_write(base, jpath, exc) from None
+        raise
+
+
 def recover(base: StrPath) -> Recovery:
     """Roll back or discard BASE's pending journal; report ``"clean"`` when there is none.
 
@@ -313,16 +324,7 @@ def recover(base: StrPath) -> Recovery:
     """
     path = Path(os.path.realpath(base))
     jpath = journal_path(path)
-    try:
-        fd = open_regular(path, os.O_RDWR)
-    except PermissionError as exc:
-        if os.path.lexists(jpath):
-            raise _cannot_write(base, jpath, exc) from None
-        raise
-    except OSError as exc:
-        if exc.errno == errno.EROFS and os.path.lexists(jpath):
-            raise _cannot_write(base, jpath, exc) from None
-        raise
+    fd = _open_for_writing(base, path, jpath)
     try:
         lock_file(fd, exclusive=True, what=base)
         try:
@@ -397,7 +399,7 @@ def _write_journal(jpath: Path, fd: int, runs: Sequence[Tuple[int, int]], old_si
             pos += len(record)
             count += 1
             saved += length
-            test_delay()
+            hook_delay()
         st = os.fstat(fd)
         fields = _FIELDS.pack(MAGIC, VERSION, HEADER_SIZE, old_size, new_size, st.st_dev, st.st_ino,
                               count, pos - HEADER_SIZE, hasher.digest())
@@ -443,24 +445,26 @@ def apply_in_place(
     """
     path = Path(os.path.realpath(base))
     jpath = journal_path(path)
-    fd = open_regular(path, os.O_RDWR)
+    fd = _open_for_writing(base, path, jpath)
     try:
         lock_file(fd, exclusive=True, what=base)
         recovered = _recover_locked(fd, path, jpath) if os.path.lexists(jpath) else None
+        hook_pause("opened")
         old_size = os.fstat(fd).st_size
         total = int(delta.total_size)
         indices = sorted({int(page.index) for page in delta.dirty_pages})
         old_runs = _runs(indices, min(old_size, total))
-        for offset, length in old_runs:
-            reserve(fd, offset, length)  # content unchanged; ENOSPC here leaves no trace
         if old_size >= total:
-            # Verify first (a refused delta never touches BASE), then journal and write.
+            # Verify first (a refused delta never touches BASE, not even its mtime), then
+            # reserve, journal and write.
             with StateFile(path, private=True, fd=os.dup(fd)) as result:
                 delta.apply(result.buffer, key=key, progress=progress)
                 result.check()
+                _reserve_runs(fd, old_runs)
                 saved = _write_journal(jpath, fd, old_runs, old_size, total)
                 _write_window(fd, jpath, result, old_runs)
         else:
+            _reserve_runs(fd, old_runs)
             saved = _write_journal(jpath, fd, old_runs, old_size, total)
             try:
                 reserve(fd, old_size, total - old_size)  # grows BASE (journaled: undone on failure)
@@ -499,12 +503,22 @@ def apply_into(
     return len(indices)
 
 
+def _reserve_runs(fd: int, runs: Sequence[Tuple[int, int]]) -> None:
+    """Allocate the blocks of every run (holes of a sparse BASE) before the journal.
+
+    Content is unchanged, so a full disk here needs no rollback: ENOSPC is raised with
+    BASE as it was and no journal written.
+    """
+    for offset, length in runs:
+        reserve(fd, offset, length)
+
+
 def _write_pages(fd: int, result: StateFile, runs: Sequence[Tuple[int, int]]) -> None:
     """``pwrite`` each run of the verified result (a private map) into BASE."""
     with memoryview(result.buffer) as view:
         for offset, length in runs:
             write_all(fd, view[offset:offset + length], offset)
-            test_delay()
+            hook_delay()
 
 
 def _write_window(fd: int, jpath: Path, result: StateFile, runs: Sequence[Tuple[int, int]]) -> None:

@@ -180,20 +180,25 @@ def format_size(n: int) -> str:
 #: sent at a random moment lands inside them: every journal record, page run and copy
 #: chunk is followed by a sleep of that length. Unset (the default), it costs one lookup.
 TEST_IO_DELAY_ENV = "CELLMIGRATE_TEST_IO_DELAY"
-#: Crash tests set this to a file name: ``test_pause(point)`` appends ``point`` and a
+#: Crash tests set this to a file name: ``hook_pause(point)`` appends ``point`` and a
 #: newline to it, then sleeps ``CELLMIGRATE_TEST_PAUSE_SECONDS`` (a truncating or writing
 #: child process can then act at a known moment of the read).
 TEST_PAUSE_ENV = "CELLMIGRATE_TEST_PAUSE_FILE"
 
 
-def test_delay() -> None:
+#: Tests set this to exercise the named-temporary-file path used where ``O_TMPFILE`` is
+#: not supported.
+TEST_NO_TMPFILE_ENV = "CELLMIGRATE_TEST_NO_O_TMPFILE"
+
+
+def hook_delay() -> None:
     """Sleep ``$CELLMIGRATE_TEST_IO_DELAY`` seconds (crash tests only; no-op when unset)."""
     value = os.environ.get(TEST_IO_DELAY_ENV)
     if value:
         time.sleep(float(value))
 
 
-def test_pause(point: str) -> None:
+def hook_pause(point: str) -> None:
     """Announce ``point`` in ``$CELLMIGRATE_TEST_PAUSE_FILE`` and sleep (tests only)."""
     flag = os.environ.get(TEST_PAUSE_ENV)
     if not flag:
@@ -389,7 +394,7 @@ def copy_range(
         pos += done
         if on_chunk is not None:
             on_chunk(done)
-        test_delay()
+        hook_delay()
 
 
 # --------------------------------------------------------------------------------------
@@ -652,7 +657,7 @@ def _named_temp(directory: Path, dest: Path) -> Tuple[int, Path]:
 def _unnamed_temp(directory: Path) -> Optional[int]:
     """An ``O_TMPFILE`` descriptor in ``directory``, or None where unsupported."""
     flag = getattr(os, "O_TMPFILE", 0)
-    if not flag or not os.path.isdir("/proc/self/fd"):
+    if not flag or not os.path.isdir("/proc/self/fd") or os.environ.get(TEST_NO_TMPFILE_ENV):
         return None
     try:
         return os.open(directory, flag | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
