@@ -14,6 +14,7 @@ from .errors import (
     CellError,
     CorruptDataError,
     ExecutionFailedError,
+    InputTooLargeError,
     InvalidStateError,
     JournalError,
     MigrationFailedError,
@@ -29,6 +30,7 @@ from ._backend import kernels as _kernels_impl
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, PAGE_SIZE, digest, simple_checksum
 from .compare import dirty_pages, first_difference
 from .compression import (
+    LZ4_MAX_INPUT_SIZE,
     CompressionMethod,
     adaptive_compress,
     adaptive_compress_aggressive,
@@ -101,6 +103,7 @@ __all__ = [
     "TruncatedInputError",
     "StateChangedError",
     "JournalError",
+    "InputTooLargeError",
     # types of arguments
     "BufferLike",
     "IndexLike",
@@ -113,6 +116,7 @@ __all__ = [
     "first_difference",
     "dirty_pages",
     "CompressionMethod",
+    "LZ4_MAX_INPUT_SIZE",
     "simple_compress",
     "simple_decompress",
     "lz4_compress",

@@ -16,6 +16,7 @@ __all__ = [
     "TruncatedInputError",
     "StateChangedError",
     "JournalError",
+    "InputTooLargeError",
 ]
 
 
@@ -72,3 +73,15 @@ class JournalError(CellError):
     cannot repair it (no write access, another process is applying, the journal belongs
     to another file); the message names ``cellmigrate recover``.
     """
+
+class InputTooLargeError(CellError, ValueError):
+    """An input over a hard size limit of the format or library asked to take it.
+
+    ``size`` is the input's size and ``limit`` the largest accepted, both in bytes; the
+    message names the limit (e.g. LZ4's block limit, ``LZ4_MAX_INPUT_SIZE``).
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit

@@ -19,9 +19,10 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
+from ._passes import byte_reporter
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, PAGE_SIZE
-from .delta import DeltaSnapshot, _byte_reporter
+from .delta import DeltaSnapshot
 from .errors import InvalidStateError
 from .progress import ProgressEventKind
 
@@ -243,7 +244,7 @@ class DirtyPageTracker:
         as in :meth:`DeltaSnapshot.create`. A size change raises ``InvalidStateError``.
         """
         view = as_bytes_view(current, "current")
-        report = _byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
+        report = byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
         with self._lock:
             old: BufferLike = self._last if self._last is not None else bytes(view.nbytes)
             delta, indices, raw_pages = DeltaSnapshot._create_checked(
