@@ -74,6 +74,7 @@ class JournalError(CellError):
     to another file); the message names ``cellmigrate recover``.
     """
 
+
 class InputTooLargeError(CellError, ValueError):
     """An input over a hard size limit of the format or library asked to take it.
 
