@@ -11,6 +11,7 @@ from __future__ import annotations
 
 # --- errors -------------------------------------------------------------------------
 from .errors import (
+    AuditStoreError,
     CellError,
     CorruptDataError,
     ExecutionFailedError,
@@ -104,6 +105,7 @@ __all__ = [
     "StateChangedError",
     "JournalError",
     "InputTooLargeError",
+    "AuditStoreError",
     # types of arguments
     "BufferLike",
     "IndexLike",
