@@ -395,6 +395,11 @@ def _naive_rle_compress(const uint8_t[::1] data):
     return buf[:o]
 
 
+# --- page encodings (zero pages, XOR + zero-run) -------------------------------------------
+
+include "_encodings.pxi"
+
+
 # --- SIGBUS guard for mapped files (see cm_guard.h) ------------------------------------
 
 cdef extern from "cm_guard.h" nogil:
