@@ -30,7 +30,17 @@ from ._tree import LEAF_SIZE
 from .checksum import PAGE_SIZE, Hasher
 from .progress import ProgressEventKind, byte_progress
 
-__all__ = ["ProgressCallback", "Result", "before_end", "byte_reporter", "scan", "span_reporters", "takes_done_total"]
+__all__ = [
+    "Overlay",
+    "ProgressCallback",
+    "Result",
+    "Scan",
+    "before_end",
+    "byte_reporter",
+    "scan",
+    "span_reporters",
+    "takes_done_total",
+]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -88,7 +98,10 @@ _REPORT = 16 << 20
 #: create was unchanged (7.7-8.3 either way).
 _HELP_CHUNK = 1 << 20
 _HELP_WINDOW = 16
-_ZEROS = memoryview(bytes(_CHUNK))
+#: Zeros for the part of a pass past the end of a short base. numpy's zeros come from
+#: calloc: untouched, the whole buffer maps the kernel's one zero page, so it costs no
+#: memory and reads from cache.
+_ZERO_BUFFER = np.zeros(_REPORT, dtype=np.uint8)
 
 
 def _plan(total: int, align: int = PAGE_SIZE) -> List[Tuple[int, int]]:
@@ -173,6 +186,8 @@ class _Claims:
         self._window = window
         self._helper_waiting = False
         self._stopped = False
+        self._failed = False
+        self._done: set[int] = set()  # chunks the helper has finished
 
     def lead_at(self, k: int) -> bool:
         """The lead reached chunk ``k``: True when it must check the chunk itself."""
@@ -198,6 +213,31 @@ class _Claims:
                 self._helper_waiting = False
             return None
 
+    def helper_done(self, k: int) -> None:
+        """The helper finished chunk ``k`` (its results are stored for the lead)."""
+        with self._cond:
+            self._done.add(k)
+            self._cond.notify_all()
+
+    def wait_done(self, k: int) -> None:
+        """Block the lead until the helper has finished chunk ``k`` (which it claimed).
+
+        Raises ``RuntimeError`` when the helper failed instead (its own exception is
+        raised from :func:`_with_helper`)."""
+        with self._cond:
+            while k not in self._done:
+                if self._failed:
+                    raise RuntimeError("the helper thread of a delta pass failed")
+                self._cond.wait()
+            self._done.discard(k)
+
+    def fail(self) -> None:
+        """The helper failed: wake a lead waiting for one of its chunks."""
+        with self._cond:
+            self._failed = True
+            self._stopped = True
+            self._cond.notify_all()
+
     def stop(self) -> None:
         """The lead is done (or failed): the helper claims nothing more."""
         with self._cond:
@@ -211,7 +251,11 @@ def _with_helper(lead: Callable[[_Claims], L], helper: Callable[[_Claims], T], c
 
     def run(who: int) -> Any:
         if who == 1:
-            return helper(claims)
+            try:
+                return helper(claims)
+            except BaseException:
+                claims.fail()
+                raise
         try:
             return lead(claims)
         finally:
@@ -245,152 +289,61 @@ def before_end(report: Optional[ProgressCallback]) -> Optional[ProgressCallback]
 
 
 # --------------------------------------------------------------------------------------
-# create: page comparison + checksum (+ digest) sharing one read of the data
-# --------------------------------------------------------------------------------------
-
-_Found = Tuple[List[npt.NDArray[np.int64]], int]
-
-
-def _scan_chunk(old: memoryview, new: memoryview, lo: int, hi: int) -> Tuple[npt.NDArray[np.int64], int]:
-    """Dirty page indices (absolute) and positioned checksum of ``new[lo:hi]`` (``lo`` aligned)."""
-    # One pass: the kernel compares and checksums each block while it is in registers.
-    idx, part = kernels.dirty_pages_checksum(old[lo:hi], new[lo:hi], PAGE_SIZE, lo)
-    return (idx + lo // PAGE_SIZE if lo and len(idx) else idx), int(part)
-
-
-def _scan_alone(
-    old: memoryview, new: memoryview, lo: int, hi: int, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
-) -> _Found:
-    """``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if asked) right
-    after the comparison read it, from cache."""
-    step = _CHUNK if hasher is not None else _REPORT
-    found: List[npt.NDArray[np.int64]] = []
-    total = 0
-    for a in range(lo, hi, step):
-        b = min(a + step, hi)
-        idx, part = _scan_chunk(old, new, a, b)
-        if len(idx):
-            found.append(idx)
-        total += part
-        if hasher is not None:
-            hasher.update(new[a:b])
-        if progress is not None:
-            progress(b, new.nbytes)
-    return found, total & _MASK32
-
-
-def _scan_claimed(
-    old: memoryview, new: memoryview, hasher: Hasher, progress: Optional[ProgressCallback]
-) -> Tuple[_Found, _Found]:
-    """Hash ``new`` on this thread with a helper scanning chunks ahead (see :class:`_Claims`)."""
-    n = new.nbytes
-    step = _HELP_CHUNK
-    count = -(-n // step)
-
-    def lead(claims: _Claims) -> _Found:
-        found: List[npt.NDArray[np.int64]] = []
-        total = 0
-        reported = 0
-        for k in range(count):
-            a, b = k * step, min((k + 1) * step, n)
-            own = claims.lead_at(k)
-            hasher.update(new[a:b])
-            if own:
-                idx, part = _scan_chunk(old, new, a, b)
-                if len(idx):
-                    found.append(idx)
-                total += part
-            if progress is not None and b - reported >= _REPORT:
-                reported = b
-                progress(b, n)
-        return found, total & _MASK32
-
-    def helper(claims: _Claims) -> _Found:
-        found: List[npt.NDArray[np.int64]] = []
-        total = 0
-        while (k := claims.helper_claim()) is not None:
-            idx, part = _scan_chunk(old, new, k * step, min((k + 1) * step, n))
-            if len(idx):
-                found.append(idx)
-            total += part
-        return found, total & _MASK32
-
-    return _with_helper(lead, helper, count)
-
-
-def scan(
-    old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
-) -> Tuple[npt.NDArray[np.int64], int]:
-    """All dirty page indices (ascending) and ``simple_checksum(new)``; feeds ``hasher``."""
-    n = new.nbytes
-    if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
-        parts = list(_scan_claimed(old, new, hasher, progress))
-    else:
-        # Independent spans: checksums add up, indices concatenate, and a tree hasher's
-        # leaves, hashed by each thread while its scan has them in cache, join in order.
-        spans = _spans(n, hasher)
-        sinks, reports = _sinks(hasher, spans), span_reporters(progress, spans)
-        parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, sinks[a], reports[a]), spans)
-        _join(hasher, sinks, spans)
-    if progress is not None:
-        progress(n, n)
-    found = [a for f, _ in parts for a in f]
-    checksum = sum(c for _, c in parts) & _MASK32
-    indices = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-    indices.sort()  # two threads may have found them chunk by chunk in either order
-    return indices.astype(np.int64, copy=False), checksum
-
-
-# --------------------------------------------------------------------------------------
-# apply: checksum and digest of the result, computed without writing it
+# The bytes a pass checks: a base with pages laid over it
 # --------------------------------------------------------------------------------------
 
 
-class Result:
-    """The would-be result of an apply: the base with the delta's pages laid over it.
+class Overlay:
+    """Bytes ``[0, total)`` of a base state with pages laid over it, never assembled.
 
-    ``view`` holds ``size`` bytes; past it (a short base that will grow) the result is
-    zeros. ``starts`` are the sorted pages' byte offsets.
+    ``view`` is the base; past its end (a base shorter than ``total``) the bytes are
+    zeros, and a longer base is cut at ``total``. Both passes check such bytes: ``create``
+    the base with the dirty pages as it copied them (so a writer changing the live state
+    meanwhile cannot make the delta disagree with its own checks), ``apply`` the base
+    with the delta's pages. The checksum is linear in the bytes, so it is the base's
+    minus the covered base pages' plus the pages' (positioned at ``index * PAGE_SIZE``);
+    a streaming hasher is fed the clean runs as views of the base and the pages as they
+    are, in order.
     """
 
-    def __init__(self, view: memoryview, total: int, indices: List[int], pages: List[bytes]) -> None:
-        self.view = view
-        self.size = view.nbytes
+    def __init__(self, view: memoryview, total: int) -> None:
+        self.size = min(view.nbytes, total)
+        self.view = view[: self.size] if view.nbytes > total else view
         self.total = total
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.starts = self.indices * PAGE_SIZE
-        self.start_list: List[int] = self.starts.tolist()  # plain ints for the Python loop
-        self.pages = pages
 
-    def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:
-        """Index range of the pages starting in ``[lo, hi)``."""
-        return bisect.bisect_left(self.start_list, lo), bisect.bisect_left(self.start_list, hi)
-
-    def checksum_span(self, lo: int, hi: int) -> int:
-        """Checksum of result bytes ``[lo, hi)``: base part, minus the replaced pages' old
-        bytes, plus the new pages (the checksum is linear in the bytes)."""
-        total = 0
-        if lo < self.size:
-            total = int(kernels.checksum(self.view[lo : min(hi, self.size)], lo))
-        return (total + self.pages_adjustment(lo, hi)) & _MASK32
-
-    def pages_adjustment(self, lo: int, hi: int) -> int:
-        """New pages' checksums minus the base bytes they replace, for pages in ``[lo, hi)``."""
-        ka, kb = self._pages_in(lo, hi)
-        if ka == kb:
+    def base_checksum(self, lo: int, hi: int) -> int:
+        """Positioned checksum of the base part of ``[lo, hi)`` (zeros past the base add nothing)."""
+        if lo >= self.size:
             return 0
-        idx = self.indices[ka:kb]
+        return int(kernels.checksum(self.view[lo : min(hi, self.size)], lo))
+
+    def base_chunk(self, lo: int, hi: int) -> memoryview:
+        """The base's bytes ``[lo, hi)`` as one buffer: a view, shared zeros, or (for the
+        one chunk that straddles the end of a short base) a padded copy."""
+        if hi <= self.size:
+            return self.view[lo:hi]
+        if lo >= self.size:
+            return _zeros(hi - lo)
+        padded = bytearray(hi - lo)
+        padded[: self.size - lo] = self.view[lo:]
+        return memoryview(padded)
+
+    def adjustment(self, indices: npt.NDArray[np.int64], pages: Sequence[bytes]) -> int:
+        """The pages' checksums minus the base bytes they cover (``indices`` ascending)."""
+        if not len(indices):
+            return 0
         # Pages (partly) over base bytes; past the end of a short base there is nothing to take out.
-        covered = idx if self.size == self.total else idx[self.starts[ka:kb] < self.size]
-        return (_pages_checksum(self.pages[ka:kb], idx) - _state_pages_checksum(self.view, covered)) & _MASK32
+        covered = indices if self.size == self.total else indices[indices * PAGE_SIZE < self.size]
+        return (_pages_checksum(pages, indices) - _state_pages_checksum(self.view, covered)) & _MASK32
 
-    def hash_span(self, hasher: Hasher, lo: int, hi: int) -> None:
-        """Feed result bytes ``[lo, hi)`` to ``hasher`` (base runs, zeros, new pages, in order).
+    def hash_span(self, hasher: Hasher, lo: int, hi: int, starts: Sequence[int], pages: Sequence[bytes]) -> None:
+        """Feed bytes ``[lo, hi)`` to ``hasher``: base runs, zeros, pages, in order.
 
-        A streaming hash gives the same digest however its input is split, so nothing
-        is assembled: clean runs are passed as views of the base."""
-        k, kb = self._pages_in(lo, hi)
-        starts, pages, view, size = self.start_list, self.pages, self.view, self.size
+        ``starts`` are the byte offsets of ``pages``, the pages that start in
+        ``[lo, hi)``, ascending. A streaming hash gives the same digest however its input
+        is split, so nothing is assembled: clean runs are passed as views of the base."""
+        view, size = self.view, self.size
+        k, kb = 0, len(starts)
         pos = lo
         while pos < hi:
             if k < kb and starts[k] == pos:
@@ -405,9 +358,186 @@ class Result:
                 hasher.update(view[pos:end])
                 pos = end
             while pos < stop:
-                end = min(stop, pos + _CHUNK)
-                hasher.update(_ZEROS[: end - pos])
+                end = min(stop, pos + _REPORT)
+                hasher.update(_zeros(end - pos))
                 pos = end
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes (a view of a shared buffer when it is big enough)."""
+    if n <= _REPORT:
+        return _ZERO_BUFFER.data[:n]
+    return np.zeros(n, dtype=np.uint8).data
+
+
+# --------------------------------------------------------------------------------------
+# create: page comparison, page copies, checksum (+ digest) in one read of the data
+# --------------------------------------------------------------------------------------
+
+
+class Scan:
+    """What a create pass found: the dirty pages as copied, and the checks of "base + copies".
+
+    Attributes:
+        indices: dirty page numbers, int64, ascending.
+        pages: each dirty page's bytes (``bytes``; the last page of the state may be
+            short), copied once from the new state when the scan found it.
+        checksum: ``simple_checksum`` of the base with ``pages`` laid over it: the state
+            the delta describes, whatever a writer did to the live state meanwhile.
+    """
+
+    __slots__ = ("indices", "pages", "checksum")
+
+    def __init__(self, indices: npt.NDArray[np.int64], pages: List[bytes], checksum: int) -> None:
+        self.indices = indices
+        self.pages = pages
+        self.checksum = checksum
+
+
+_Chunk = Tuple[npt.NDArray[np.int64], List[bytes], int]
+_NO_PAGES: _Chunk = (np.empty(0, dtype=np.int64), [], 0)
+
+
+def _scan_chunk(base: Overlay, new: memoryview, lo: int, hi: int) -> _Chunk:
+    """Dirty pages of ``new[lo:hi]`` (``lo`` page-aligned) against the base, copied, and
+    the positioned checksum of the base with the copies over it."""
+    chunk = new[lo:hi]
+    # One pass over both: the kernel compares each block of the base with the new state
+    # and checksums the *base* (which no one writes) while the block is in registers.
+    idx, base_sum = kernels.dirty_pages_checksum(chunk, base.base_chunk(lo, hi), PAGE_SIZE, lo)
+    if not len(idx):
+        return _NO_PAGES[0], [], int(base_sum)
+    # The one read of the dirty pages after the comparison: everything below (checksum,
+    # digest, the delta's pages, the tracker's copy) uses these copies, never `new` again.
+    pages: List[bytes] = kernels.gather_pages(chunk, idx, PAGE_SIZE)
+    if lo:
+        idx = idx + lo // PAGE_SIZE
+    return idx, pages, (int(base_sum) + base.adjustment(idx, pages)) & _MASK32
+
+
+def _hash_chunk(base: Overlay, hasher: Hasher, lo: int, hi: int, found: _Chunk) -> None:
+    idx, pages, _ = found
+    base.hash_span(hasher, lo, hi, (idx * PAGE_SIZE).tolist() if len(idx) else [], pages)
+
+
+def _scan_alone(
+    base: Overlay, new: memoryview, lo: int, hi: int, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
+) -> List[_Chunk]:
+    """``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if asked) right
+    after the comparison read it, from cache."""
+    step = _CHUNK if hasher is not None else _REPORT
+    found: List[_Chunk] = []
+    for a in range(lo, hi, step):
+        b = min(a + step, hi)
+        part = _scan_chunk(base, new, a, b)
+        found.append(part)
+        if hasher is not None:
+            _hash_chunk(base, hasher, a, b, part)
+        if progress is not None:
+            progress(b, new.nbytes)
+    return found
+
+
+def _scan_claimed(
+    base: Overlay, new: memoryview, hasher: Hasher, progress: Optional[ProgressCallback]
+) -> List[_Chunk]:
+    """Hash on this thread with a helper scanning and copying chunks ahead (see :class:`_Claims`).
+
+    The lead hashes chunk ``k`` of "base + copies", so it needs chunk ``k``'s copies:
+    it waits for the helper when the helper claimed ``k``, scans ``k`` itself otherwise."""
+    n = new.nbytes
+    step = _HELP_CHUNK
+    count = -(-n // step)
+    found: List[_Chunk] = [_NO_PAGES] * count
+
+    def lead(claims: _Claims) -> None:
+        reported = 0
+        for k in range(count):
+            a, b = k * step, min((k + 1) * step, n)
+            if claims.lead_at(k):
+                found[k] = _scan_chunk(base, new, a, b)
+            else:
+                claims.wait_done(k)
+            _hash_chunk(base, hasher, a, b, found[k])
+            if progress is not None and b - reported >= _REPORT:
+                reported = b
+                progress(b, n)
+
+    def helper(claims: _Claims) -> None:
+        while (k := claims.helper_claim()) is not None:
+            found[k] = _scan_chunk(base, new, k * step, min((k + 1) * step, n))
+            claims.helper_done(k)
+
+    _with_helper(lead, helper, count)
+    return found
+
+
+def scan(
+    old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
+) -> Scan:
+    """The dirty pages of ``new`` against ``old``, copied, and the checks of what was copied.
+
+    ``old`` may be shorter than ``new`` (the pages past its end are compared with zeros)
+    or longer (it is cut at ``len(new)``). Each dirty page is copied once, right after the
+    scan found it; the checksum and ``hasher`` (fed every byte in order) cover ``old``
+    with those copies over it, not a second read of ``new``: if another thread writes
+    ``new`` meanwhile, the result still describes one state exactly (a page written after
+    it was compared is simply not in this round).
+    """
+    n = new.nbytes
+    base = Overlay(old, n)
+    if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
+        chunks = _scan_claimed(base, new, hasher, progress)
+    else:
+        # Independent spans: checksums add up, pages concatenate in span order, and a
+        # tree hasher's leaves, hashed by each thread while its scan has them in cache,
+        # join in order.
+        spans = _spans(n, hasher)
+        sinks, reports = _sinks(hasher, spans), span_reporters(progress, spans)
+        parts = run_spans(lambda a, b: _scan_alone(base, new, a, b, sinks[a], reports[a]), spans)
+        _join(hasher, sinks, spans)
+        chunks = [c for part in parts for c in part]
+    if progress is not None:
+        progress(n, n)
+    found = [idx for idx, _, _ in chunks if len(idx)]
+    indices = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+    pages = [page for _, chunk_pages, _ in chunks for page in chunk_pages]
+    checksum = sum(c for _, _, c in chunks) & _MASK32
+    return Scan(indices.astype(np.int64, copy=False), pages, checksum)
+
+
+# --------------------------------------------------------------------------------------
+# apply: checksum and digest of the result, computed without writing it
+# --------------------------------------------------------------------------------------
+
+
+class Result(Overlay):
+    """The would-be result of an apply: the base with the delta's pages laid over it.
+
+    ``view`` holds the base; past it (a short base that will grow) the result is
+    zeros. ``indices`` are sorted; ``pages`` their decoded bytes.
+    """
+
+    def __init__(self, view: memoryview, total: int, indices: List[int], pages: List[bytes]) -> None:
+        super().__init__(view, total)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.starts = self.indices * PAGE_SIZE
+        self.start_list: List[int] = self.starts.tolist()  # plain ints for the Python loop
+        self.pages = pages
+
+    def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:
+        """Index range of the pages starting in ``[lo, hi)``."""
+        return bisect.bisect_left(self.start_list, lo), bisect.bisect_left(self.start_list, hi)
+
+    def pages_adjustment(self, lo: int, hi: int) -> int:
+        """New pages' checksums minus the base bytes they replace, for pages in ``[lo, hi)``."""
+        ka, kb = self._pages_in(lo, hi)
+        return self.adjustment(self.indices[ka:kb], self.pages[ka:kb]) if ka < kb else 0
+
+    def hash_range(self, hasher: Hasher, lo: int, hi: int) -> None:
+        """Feed result bytes ``[lo, hi)`` to ``hasher``."""
+        ka, kb = self._pages_in(lo, hi)
+        self.hash_span(hasher, lo, hi, self.start_list[ka:kb], self.pages[ka:kb])
 
     def checksum_alone(self, lo: int, hi: int, hasher: Optional[Hasher], progress: Optional[ProgressCallback]) -> int:
         """Checksum of ``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if
@@ -416,22 +546,20 @@ class Result:
         checksum = 0
         for a in range(lo, hi, step):
             b = min(a + step, hi)
-            if a < self.size:
-                checksum += int(kernels.checksum(self.view[a : min(b, self.size)], a))
+            checksum += self.base_checksum(a, b)
             if hasher is not None:
-                self.hash_span(hasher, a, b)
+                self.hash_range(hasher, a, b)
             if progress is not None:
                 progress(b, self.total)
         return (checksum + self.pages_adjustment(lo, hi)) & _MASK32
 
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
         """Checksum of the result with a helper thread (see :class:`_Claims`)."""
-        total, size, step = self.total, self.size, _HELP_CHUNK
+        total, step = self.total, _HELP_CHUNK
         count = -(-total // step)
 
         def base_sum(k: int) -> int:
-            a, b = k * step, min((k + 1) * step, size)
-            return int(kernels.checksum(self.view[a:b], a)) if a < b else 0
+            return self.base_checksum(k * step, (k + 1) * step)
 
         def lead(claims: _Claims) -> int:
             checksum = 0
@@ -439,7 +567,7 @@ class Result:
             for k in range(count):
                 a, b = k * step, min((k + 1) * step, total)
                 own = claims.lead_at(k)
-                self.hash_span(hasher, a, b)
+                self.hash_range(hasher, a, b)
                 if own:
                     checksum += base_sum(k)
                 if progress is not None and b - reported >= _REPORT:

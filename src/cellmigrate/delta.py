@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
-from ._passes import ProgressCallback, Result, before_end, byte_reporter, scan
+from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
 from .errors import CorruptDataError, InvalidStateError
@@ -257,7 +257,7 @@ class DeltaSnapshot:
         """
         agent = to_id(agent_id, "agent_id")
         report = byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
-        delta, _, _ = cls._create_checked(agent, old_state, new_state, base_sequence, sequence, digest, key, report)
+        delta, _ = cls._create_checked(agent, old_state, new_state, base_sequence, sequence, digest, key, report)
         return delta
 
     @classmethod
@@ -271,7 +271,7 @@ class DeltaSnapshot:
         digest: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback] = None,
-    ) -> Tuple["DeltaSnapshot", npt.NDArray[np.int64], List[bytes]]:
+    ) -> Tuple["DeltaSnapshot", Scan]:
         """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`."""
         raw_key = check_key(key)
         algorithm = digest
@@ -294,8 +294,9 @@ class DeltaSnapshot:
         algorithm: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback],
-    ) -> Tuple["DeltaSnapshot", npt.NDArray[np.int64], List[bytes]]:
-        """``create`` that also returns the dirty indices and raw pages (for the tracker)."""
+    ) -> Tuple["DeltaSnapshot", Scan]:
+        """``create`` that also returns what the scan found: the dirty pages as copied,
+        which the delta describes (the tracker keeps them as its next base)."""
         old = as_bytes_view(old_state, "old_state")
         new = as_bytes_view(new_state, "new_state")
         if old.nbytes != new.nbytes:
@@ -303,9 +304,10 @@ class DeltaSnapshot:
                 f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, new state has {new.nbytes} bytes)"
             )
         hasher = None if algorithm is None else Hasher(algorithm, key)
-        indices, checksum = scan(old, new, hasher, progress)
-        raw_pages: List[bytes] = list(kernels.gather_pages(new, indices, PAGE_SIZE))
-        pages = [DirtyPage(int(i), data, packed) for i, (data, packed) in zip(indices, _compress_pages(raw_pages))]
+        found = scan(old, new, hasher, progress)
+        pages = [
+            DirtyPage(int(i), data, packed) for i, (data, packed) in zip(found.indices, _compress_pages(found.pages))
+        ]
         value = None if hasher is None else hasher.digest()
         delta = cls(
             agent_id=agent,
@@ -314,12 +316,12 @@ class DeltaSnapshot:
             dirty_pages=pages,
             total_size=new.nbytes,
             timestamp=_now(),
-            checksum=checksum,
+            checksum=found.checksum,
             digest_algorithm=algorithm,
             digest=value,
             keyed=key is not None,
         )
-        return delta, indices, raw_pages
+        return delta, found
 
     # -- apply -------------------------------------------------------------------------
 
