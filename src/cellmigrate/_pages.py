@@ -56,6 +56,7 @@ __all__ = [
     "DecodedPages",
     "encode_batch",
     "allowed_mask",
+    "PageStore",
 ]
 
 
@@ -345,12 +346,13 @@ class PageBatch:
         ]
 
     @classmethod
-    def from_pages(cls, pages: Sequence[Any], error: Type[Exception] = TypeError) -> "PageBatch":
+    def from_pages(cls, pages: Sequence[Any]) -> "PageBatch":
         """A batch of ``pages`` (``DirtyPage``-like objects: ``index``, ``data``,
         ``compressed`` and optionally ``encoding``) in their order, data as they hold it.
 
-        Raises ``error`` naming the page for what a batch cannot hold (not a page, an
-        index that is not a non-negative integer under 2**63, data that is not a buffer).
+        Raises ``TypeError`` naming the page for what is not a page, an index that is not
+        an integer or data that is not a buffer, ``ValueError`` for an index outside
+        ``0 .. 2**63 - 1`` or an unknown encoding.
         """
         count = len(pages)
         indices = np.empty(count, dtype=np.int64)
@@ -363,15 +365,14 @@ class PageBatch:
                 if encoding is None:
                     encoding = PageEncoding.RLE if page.compressed else PageEncoding.RAW
             except AttributeError:
-                raise error(f"page {k}: {type(page).__name__} is not a dirty page") from None
-            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < 1 << 63:
-                raise error(f"page {k}: index {index!r} is not a page number")
+                raise TypeError(f"page {k}: {type(page).__name__} is not a dirty page") from None
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+                raise TypeError(f"page {k}: index {index!r} is not an integer")
+            if not 0 <= index < 1 << 63:
+                raise ValueError(f"page {k}: index {index} is not a page number")
             indices[k] = index
-            encodings[k] = int(encoding) if not isinstance(encoding, str) else _encoding(encoding)
-            try:
-                parts.append(data if isinstance(data, bytes) else as_bytes_view(data, f"page {k}: data"))
-            except TypeError as exc:
-                raise error(str(exc)) from None
+            encodings[k] = _encoding(encoding)
+            parts.append(data if isinstance(data, bytes) else as_bytes_view(data, f"page {k}: data"))
         offsets = np.zeros(count + 1, dtype=np.int64)
         if count:
             np.cumsum([len(p) if isinstance(p, bytes) else p.nbytes for p in parts], out=offsets[1:])
@@ -676,3 +677,123 @@ def choose_compression(batch: PageBatch, level: Optional[int], auto: bool) -> Tu
     if auto and len(frame) >= size:
         return "none", None
     return "zstd", frame
+
+
+# --------------------------------------------------------------------------------------
+# PageStore: how a DeltaSnapshot holds its pages
+# --------------------------------------------------------------------------------------
+
+
+class PageStore:
+    """A delta's pages: the encoded :class:`PageBatch` that is shipped and applied, and
+    the public ``dirty_pages`` list, built only when asked for.
+
+    A delta made by ``create`` also keeps the raw pages its scan copied, so its public
+    list shows every page as the crate would (RLE when strictly smaller, else raw: each
+    ``get_data()`` works without a base), while the batch it ships may hold zero and XZR
+    pages. A delta read from the wire lists its pages as stored. Once the list has been
+    handed out, the batch is used only while the list is exactly as handed out (same page
+    objects, same data objects, same encodings, same order); any change, and ``apply`` /
+    ``serialize`` use the list's current pages (SPEC §4).
+    """
+
+    __slots__ = ("_batch", "_raw", "_pages", "_handed")
+
+    def __init__(self, value: Any, raw: Optional[List[bytes]] = None) -> None:
+        self._batch: Optional[PageBatch] = None
+        self._raw: Optional[List[bytes]] = None
+        self._pages: Optional[List[DirtyPage]] = None
+        self._handed: Optional[List[Tuple[Any, Any, Any, Any]]] = None
+        if isinstance(value, PageBatch):
+            self._batch, self._raw = value, raw
+        else:
+            self._pages = value if isinstance(value, list) else list(value)
+
+    def listed(self) -> List[DirtyPage]:
+        """The public list (built from the batch, or the raw pages, the first time)."""
+        if self._pages is None:
+            batch = self._batch
+            assert batch is not None
+            if self._raw is not None:
+                # The crate's view: RLE when strictly smaller, else raw; one kernel call.
+                enc, off, chk, payload = kernels.encode_page_list(b"", self._raw, batch.indices, PAGE_SIZE, ALLOW_CRATE)
+                pages = PageBatch(batch.indices, enc, off, payload, chk).pages()
+            else:
+                pages = batch.pages()
+            self._pages = pages
+            self._handed = [(p, p.index, p.data, p._encoding) for p in pages]
+        return self._pages
+
+    def pristine(self) -> bool:
+        """Whether the batch still describes the pages (the list, if handed out, is untouched)."""
+        if self._batch is None:
+            return False
+        if self._pages is None:
+            return True
+        handed = self._handed
+        pages = self._pages
+        return handed is not None and len(pages) == len(handed) and all(
+            p is q and p.index == i and p.data is d and p._encoding is e for p, (q, i, d, e) in zip(pages, handed)
+        )
+
+    def batch(self, error: Optional[Type[Exception]] = InvalidStateError) -> PageBatch:
+        """The pages as one batch: the held one while pristine, else one made from the list
+        (what cannot be a page raises ``error`` naming it; ``None``: the ``TypeError`` or
+        ``ValueError`` of :meth:`PageBatch.from_pages`)."""
+        if self.pristine():
+            assert self._batch is not None
+            return self._batch
+        try:
+            return PageBatch.from_pages(self.listed())
+        except (TypeError, ValueError) as exc:
+            if error is None:
+                raise
+            raise error(str(exc)) from None
+
+    def raw_pages(self) -> Optional[Tuple[_I64, List[bytes]]]:
+        """``(indices, raw pages)`` as the scan copied them, while pristine (a delta made by
+        ``create``): applying them needs no decoding and no base, and applying twice
+        writes the same bytes twice."""
+        if self._raw is None or not self.pristine():
+            return None
+        assert self._batch is not None
+        return self._batch.indices, self._raw
+
+    def current_batch(self) -> Optional[PageBatch]:
+        """The held batch while pristine, else ``None`` (no per-page work)."""
+        return self._batch if self.pristine() else None
+
+    def count(self) -> int:
+        batch = self.current_batch()
+        return len(batch) if batch is not None else len(self.listed())
+
+    def stored_size(self) -> int:
+        """Bytes of page data as the pages ship (the batch's payload)."""
+        batch = self.current_batch()
+        return batch.payload_size if batch is not None else sum(len(p.data) for p in self.listed())
+
+    def listed_size(self) -> int:
+        """Sum of ``len(p.data)`` over the public list, without building it when possible."""
+        if self._pages is None and self._raw is not None and self._batch is not None:
+            _, off, _, _ = kernels.encode_page_list(b"", self._raw, self._batch.indices, PAGE_SIZE, ALLOW_CRATE)
+            return int(off[-1])
+        if self._pages is None and self._batch is not None:
+            return self._batch.payload_size
+        return sum(len(p.data) for p in self.listed())
+
+    def same_pages(self, other: "PageStore") -> bool:
+        """Equality of the pages: batches compared as arrays when both are pristine."""
+        a, b = self.current_batch(), other.current_batch()
+        if a is not None and b is not None:
+            return (
+                bool(np.array_equal(a.indices, b.indices))
+                and bool(np.array_equal(a.encodings, b.encodings))
+                and bool(np.array_equal(a.offsets, b.offsets))
+                and memoryview(a.payload)[: a.payload_size] == memoryview(b.payload)[: b.payload_size]
+            )
+        if a is not None or b is not None:
+            try:
+                return PageStore(self.batch(None)).same_pages(PageStore(other.batch(None)))
+            except (TypeError, ValueError):
+                return False
+        return self.listed() == other.listed()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple, cast
+from dataclasses import dataclass, field, fields
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
-from ._pages import ALLOW_ALL, DirtyPage, PageBatch, choose_compression, encode_batch, parse_compress
+from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
 from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
@@ -272,7 +272,7 @@ class DeltaSnapshot:
             agent_id=agent,
             sequence=sequence,
             base_sequence=base_sequence,
-            dirty_pages=batch,  # held as one batch; dirty_pages lists it when asked
+            dirty_pages=PageStore(batch, found.pages),  # dirty_pages lists it when asked
             total_size=new.nbytes,
             timestamp=_now(),
             checksum=found.checksum,
@@ -307,29 +307,39 @@ class DeltaSnapshot:
 
     # -- pages ---------------------------------------------------------------------------
 
-    def _page_batch(self) -> PageBatch:
+    def _page_batch(self, error: Optional[type] = InvalidStateError) -> PageBatch:
         """The pages as one batch: the one the delta holds, or (once ``dirty_pages`` was
-        handed out, and may have been changed) one made from the list's current pages."""
-        batch: Optional[PageBatch] = self.__dict__.get("_batch")
-        if batch is not None:
-            return batch
-        return PageBatch.from_pages(self.__dict__["_pages"], InvalidStateError)
+        handed out and changed) one made from the list's current pages; what cannot be a
+        page raises ``error`` (``None``: ``TypeError``/``ValueError``)."""
+        return cast(PageStore, self.__dict__["_store"]).batch(error)
 
     def _zstd_payload(self) -> Optional[bytes]:
         """The payload's zstd frame ``create`` made while choosing it, if still current."""
         cached = self.__dict__.get("_zstd_payload")
-        if cached is not None and cached[0] is self.__dict__.get("_batch"):
+        if cached is not None and cached[0] is cast(PageStore, self.__dict__["_store"]).current_batch():
             return cast(bytes, cached[1])
         return None
 
     # -- apply -------------------------------------------------------------------------
 
-    def _decoded_pages(self, view: memoryview) -> Tuple[npt.NDArray[np.int64], List[memoryview]]:
+    def _decoded_pages(self, view: memoryview) -> Tuple[npt.NDArray[np.int64], Sequence[BufferLike]]:
         """Indices (sorted) and raw bytes of every page, all checked; XZR pages are decoded
         over ``view`` (the base, only read). Raises InvalidStateError naming the page."""
-        pages = self.__dict__.get("_pages")
-        if pages is not None:
-            for page in pages:
+        store = cast(PageStore, self.__dict__["_store"])
+        raw = store.raw_pages()
+        if raw is not None:
+            # Made by create and untouched: the pages as the scan copied them (checked
+            # there), so applying is idempotent like the crate's, and nothing is decoded.
+            indices, pages = raw
+            if len(indices) and int(indices[-1]) * PAGE_SIZE >= self.total_size:
+                raise InvalidStateError(f"Delta page {int(indices[-1])} is out of range for a state of "
+                                        f"{self.total_size} bytes")
+            if len(indices) and len(pages[-1]) != min(PAGE_SIZE, self.total_size - int(indices[-1]) * PAGE_SIZE):
+                raise InvalidStateError(f"Delta page {int(indices[-1])} has {len(pages[-1])} bytes, expected "
+                                        f"{min(PAGE_SIZE, self.total_size - int(indices[-1]) * PAGE_SIZE)}")
+            return indices, pages
+        if store.current_batch() is None:
+            for page in store.listed():
                 if not isinstance(page, DirtyPage):
                     raise InvalidStateError(f"Delta page list holds a {type(page).__name__}, not a DirtyPage")
         batch = self._page_batch().sorted_unique(InvalidStateError)
@@ -470,15 +480,17 @@ class DeltaSnapshot:
 
     def dirty_page_count(self) -> int:
         """Number of pages in the delta."""
-        batch = self.__dict__.get("_batch")
-        return len(batch) if batch is not None else len(self.dirty_pages)
+        return cast(PageStore, self.__dict__["_store"]).count()
 
     def compressed_size(self) -> int:
-        """Sum of the stored (possibly compressed) page lengths."""
-        batch = self.__dict__.get("_batch")
-        if batch is not None:
-            return batch.payload_size
-        return sum(len(p.data) for p in self.dirty_pages)
+        """Sum of the ``dirty_pages``' data lengths (the crate's reading: for a delta made by
+        :meth:`create`, its pages RLE-compressed when that is smaller). What the pages take
+        on the wire, with zero and XZR pages, is :meth:`stored_size`."""
+        return cast(PageStore, self.__dict__["_store"]).listed_size()
+
+    def stored_size(self) -> int:
+        """Bytes of page data as the pages are shipped (every encoding: see :meth:`encoding_counts`)."""
+        return cast(PageStore, self.__dict__["_store"]).stored_size()
 
     def uncompressed_size(self) -> int:
         """``dirty_page_count() * PAGE_SIZE`` (the crate's reading)."""
@@ -545,23 +557,23 @@ class DeltaSnapshot:
 
 
 def _get_dirty_pages(self: DeltaSnapshot) -> List[DirtyPage]:
-    # The public list is built from the batch the first time it is asked for; from then
-    # on the list (which the caller may change) is what apply and serialize use.
-    pages: Optional[List[DirtyPage]] = self.__dict__.get("_pages")
-    if pages is None:
-        batch: PageBatch = self.__dict__["_batch"]
-        pages = self.__dict__["_pages"] = batch.pages()
-        self.__dict__["_batch"] = None
-    return pages
+    return cast(PageStore, self.__dict__["_store"]).listed()
 
 
 def _set_dirty_pages(self: DeltaSnapshot, value: Any) -> None:
-    if isinstance(value, PageBatch):
-        self.__dict__["_batch"], self.__dict__["_pages"] = value, None
-    else:
-        self.__dict__["_batch"], self.__dict__["_pages"] = None, value if isinstance(value, list) else list(value)
+    self.__dict__["_store"] = value if isinstance(value, PageStore) else PageStore(value)
+
+
+def _eq(self: DeltaSnapshot, other: object) -> bool:
+    if not isinstance(other, DeltaSnapshot):
+        return NotImplemented
+    if any(getattr(self, f) != getattr(other, f) for f in _COMPARED):
+        return False
+    return cast(PageStore, self.__dict__["_store"]).same_pages(cast(PageStore, other.__dict__["_store"]))
 
 
 # dirty_pages is a dataclass field (constructor argument, equality) read and written
 # through this property, so the pages can stay in one batch until someone asks for them.
 DeltaSnapshot.dirty_pages = property(_get_dirty_pages, _set_dirty_pages)  # type: ignore[assignment]
+_COMPARED = [f.name for f in fields(DeltaSnapshot) if f.compare and f.name != "dirty_pages"]
+DeltaSnapshot.__eq__ = _eq  # type: ignore[method-assign,assignment]

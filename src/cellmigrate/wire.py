@@ -101,6 +101,7 @@ __all__ = [
     "COMPRESSIONS",
     "encode_delta",
     "write_delta",
+    "prepare_delta",
     "decode_delta",
     "header_digest",
 ]
@@ -292,7 +293,7 @@ def _batch_of(delta: DeltaLike) -> PageBatch:
     """The delta's pages as one batch (no per-page work when the delta holds one)."""
     batch = getattr(delta, "_page_batch", None)
     if callable(batch):
-        got = batch()
+        got = batch(None)
         if isinstance(got, PageBatch):
             return got
     return PageBatch.from_pages(list(delta.dirty_pages))
@@ -312,9 +313,9 @@ class _Prepared:
         bound = getattr(delta, "header_digest", None)
         # A delta without a header digest (built by hand) is written with zeros there: the
         # reader takes it, and apply refuses it (its header is not under its digest).
-        bound = bytes(len(digest)) if bound is None else bytes(bound)
-        if len(bound) != len(digest):
-            raise ValueError(f"header_digest of {len(bound)} bytes: the digest has {len(digest)}")
+        # Written at the digest's length (the layout has one length for both): a tampered
+        # digest length is then refused by the reader, as the faithful writer promises.
+        bound = bytes(len(digest)) if bound is None else bytes(bound)[: len(digest)].ljust(len(digest), b"\0")
         compression = getattr(delta, "compression", "none")
         comp_id = _compression_id(compression)
         self.batch = batch = _batch_of(delta)
@@ -370,6 +371,26 @@ class _Prepared:
     def parts(self) -> List[Any]:
         return [self.header, self.digests, self.payload, self.table]
 
+    @property
+    def size(self) -> int:
+        """Bytes the delta takes on the wire (trailer included)."""
+        return sum(len(p) for p in self.parts()) + TRAILER_SIZE
+
+    def write(self, fileobj: Any, chunk: int = _WRITE_CHUNK) -> int:
+        """Write the delta to ``fileobj`` (anything with ``write``) in pieces of at most
+        ``chunk`` bytes, hashing as it goes; returns the bytes written."""
+        hasher = _xxhash.xxh3_128()
+        written = 0
+        for part in self.parts():
+            view = part if isinstance(part, memoryview) else memoryview(part)
+            for start in range(0, view.nbytes, chunk):
+                piece = view[start : start + chunk]
+                hasher.update(piece)
+                fileobj.write(piece)
+                written += piece.nbytes
+        fileobj.write(hasher.digest())
+        return written + TRAILER_SIZE
+
 
 def _zstd_level_of(delta: DeltaLike) -> Optional[int]:
     level = getattr(delta, "compression_level", None)
@@ -405,32 +426,29 @@ def encode_delta(delta: DeltaLike) -> bytes:
     return b"".join(parts)
 
 
+def prepare_delta(delta: DeltaLike) -> "_Prepared":
+    """Everything :func:`write_delta` writes, validated, without writing it: ``.size`` (the
+    bytes on the wire, e.g. to reserve them) and ``.write(fileobj)``. Version 2 only."""
+    if getattr(delta, "wire_version", VERSION) != VERSION:
+        raise ValueError("prepare_delta writes version 2 only (encode_delta writes version 1)")
+    return _Prepared(delta, _zstd_level_of(delta))
+
+
 def write_delta(delta: DeltaLike, fileobj: IO[bytes], *, chunk: int = _WRITE_CHUNK) -> int:
     """Write ``delta`` to the binary file object ``fileobj`` (the bytes of
     :func:`encode_delta`) in pieces of at most ``chunk`` bytes; returns the bytes written.
 
-    Nothing beyond the delta's own pages and its page table is held in memory (the payload
-    is written from the delta's buffer view by view), so a delta of any size is written with
-    a bounded amount of extra memory. ``fileobj`` only needs ``write`` (a socket file, a
-    pipe, stdout's buffer work). A failing ``write`` propagates; what was written is then a
+    The payload is written from the delta's own buffer, view by view: beyond the delta's
+    pages, only the page table (11 bytes a page) and, for a zstd payload, its frame are
+    held, never the whole serialized delta. ``fileobj`` only needs ``write`` (a file, a
+    pipe, a socket file). A failing ``write`` propagates; what was written is then a
     prefix that any reader refuses (the trailer is missing or wrong).
     """
     if getattr(delta, "wire_version", VERSION) == 1:
         data = _encode_v1(delta)
         fileobj.write(data)
         return len(data)
-    prepared = _Prepared(delta, _zstd_level_of(delta))
-    hasher = _xxhash.xxh3_128()
-    written = 0
-    for part in prepared.parts():
-        view = part if isinstance(part, memoryview) else memoryview(part)
-        for start in range(0, view.nbytes, chunk):
-            piece = view[start : start + chunk]
-            hasher.update(piece)
-            fileobj.write(piece)
-            written += piece.nbytes
-    fileobj.write(hasher.digest())
-    return written + TRAILER_SIZE
+    return _Prepared(delta, _zstd_level_of(delta)).write(fileobj, chunk)
 
 
 # --------------------------------------------------------------------------------------
