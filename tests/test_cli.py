@@ -448,9 +448,16 @@ def test_inspect_text_and_json(tmp_path: Path) -> None:
     assert info["compressed_size"] == sum(p["stored_size"] for p in info["pages"])
     assert info["uncompressed_size"] == 5 * PAGE_SIZE
     assert info["compression_ratio"] == pytest.approx(info["compressed_size"] / info["uncompressed_size"])
-    assert info["rle_pages"] + info["raw_pages"] == 5
+    assert info["rle_pages"] + info["raw_pages"] == info["encodings"]["rle"]["pages"] + info["encodings"]["raw"]["pages"]
+    # Every page in exactly one encoding; the counts and bytes match the page list.
+    assert sum(e["pages"] for e in info["encodings"].values()) == 5
+    for name, e in info["encodings"].items():
+        mine = [p for p in info["pages"] if p["encoding"] == name]
+        assert (e["pages"], e["bytes"]) == (len(mine), sum(p["stored_size"] for p in mine))
+    assert info["wire_version"] == 2 and info["payload_compression"] in ("none", "zstd")
 
     text = run("inspect", str(delta)).stdout
+    assert "encodings    raw " in text and " xzr " in text
     assert "sequence     8 (base 7)" in text
     assert f"checksum     {simple_checksum(new)}" in text
     assert "dirty pages  5 " in text

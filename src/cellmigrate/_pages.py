@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -542,7 +542,7 @@ class DecodedPages:
 
     def views(self) -> List[memoryview]:
         """One read-only view per page, of its exact length."""
-        mv = memoryview(self.buffer).toreadonly()
+        mv = memoryview(self.buffer.data).toreadonly()  # type: ignore[arg-type,unused-ignore]
         n = len(self.indices)
         views = [mv[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in range(n)]
         if n:
@@ -571,12 +571,17 @@ def encode_batch(base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_
         pages: Any = new
 
         def encode(lo: int, hi: int) -> Tuple[_U8, _I64, _U32, bytes]:
-            return kernels.encode_page_list(base_view, pages[lo:hi], idx[lo:hi], PAGE_SIZE, allowed)
+            return cast(
+                Tuple[_U8, _I64, _U32, bytes],
+                kernels.encode_page_list(base_view, pages[lo:hi], idx[lo:hi], PAGE_SIZE, allowed),
+            )
     else:
         new_view = as_bytes_view(new, "new")
 
         def encode(lo: int, hi: int) -> Tuple[_U8, _I64, _U32, bytes]:
-            return kernels.encode_pages(base_view, new_view, idx[lo:hi], PAGE_SIZE, allowed)
+            return cast(
+                Tuple[_U8, _I64, _U32, bytes], kernels.encode_pages(base_view, new_view, idx[lo:hi], PAGE_SIZE, allowed)
+            )
 
     n = len(idx)
     threads = max_threads()

@@ -272,7 +272,7 @@ class DeltaSnapshot:
             agent_id=agent,
             sequence=sequence,
             base_sequence=base_sequence,
-            dirty_pages=PageStore(batch, found.pages),  # dirty_pages lists it when asked
+            dirty_pages=cast(Any, PageStore(batch, found.pages)),  # dirty_pages lists it when asked
             total_size=new.nbytes,
             timestamp=_now(),
             checksum=found.checksum,
@@ -451,7 +451,7 @@ class DeltaSnapshot:
             )
         indices, pages = self._decoded_pages(view)
         hasher = None if self.digest_algorithm is None else Hasher(self.digest_algorithm, raw_key)
-        result = Result(view, total, indices, pages)
+        result = Result(view, total, cast(Any, indices), cast(Any, pages))
         checksum = result.checks(hasher, before_end(report))
         value = None if hasher is None else hasher.digest()
         del result  # drops its views of the base, so a bytearray can grow
@@ -566,10 +566,10 @@ def _set_dirty_pages(self: DeltaSnapshot, value: Any) -> None:
 
 def _eq(self: DeltaSnapshot, other: object) -> bool:
     if not isinstance(other, DeltaSnapshot):
-        return NotImplemented
+        return cast(bool, NotImplemented)
     if any(getattr(self, f) != getattr(other, f) for f in _COMPARED):
         return False
-    return cast(PageStore, self.__dict__["_store"]).same_pages(cast(PageStore, other.__dict__["_store"]))
+    return bool(cast(PageStore, self.__dict__["_store"]).same_pages(cast(PageStore, other.__dict__["_store"])))
 
 
 # dirty_pages is a dataclass field (constructor argument, equality) read and written
