@@ -7,7 +7,7 @@ the live buffer, so a page the agent rewrites after it was copied is simply dirt
 next round. Round 0 compares against an all-zero shadow: zero pages are never sent (the
 receiver's staging starts zero-filled), the rest go LZ4-compressed when that pays.
 
-A chunk holds at most ``chunk_bytes`` of pages (16 MiB by default), the unit a receiver
+A chunk holds at most ``chunk_bytes`` of pages (8 MiB by default), the unit a receiver
 verifies and commits atomically and the most a dropped connection can cost.
 """
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: Pages per chunk, in bytes: what a cut can cost, and the sender's copy buffer.
-DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
 #: The largest chunk any peer may send (a receiver refuses bigger ones before reading them).
 MAX_CHUNK_BYTES = 64 << 20
 
@@ -117,7 +117,8 @@ def copy_pages(state: U8Array, indices: I64Array, size: int) -> U8Array:
     n = len(indices)
     if _run(indices):  # one run (round 0 of dense data): a plain slice copy
         lo = int(indices[0]) * PAGE_SIZE
-        return state[lo : lo + pages_len(indices, size)].copy()
+        run: U8Array = state[lo : lo + pages_len(indices, size)].copy()
+        return run
     out: U8Array = np.empty(pages_len(indices, size), dtype=np.uint8)
     body = n - 1 if n and int(indices[-1]) >= full else n
     if body:
