@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Union
 
 from .statefile import StateFile, atomic_replace, copy_to_temp, format_size, parse_size, write_bytes_atomic
+from .wire import DEFAULT_MAX_TOTAL_SIZE
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tqdm import tqdm as Tqdm
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DIFFERENT", "EXIT_ERROR"]
 
 PROG = "cellmigrate"
+_U64 = (1 << 64) - 1
 
 EXIT_OK = 0
 #: Verification failed, the states differ, or a delta was refused for this base.
@@ -51,6 +53,11 @@ PROGRESS_MIN_BYTES = int(os.environ.get("CELLMIGRATE_PROGRESS_MIN_BYTES", str(1 
 CHUNK = 64 << 20
 
 KEY_SIZE = 32
+#: Default of ``--max-size`` on every command that writes or reads a delta (diff, apply,
+#: inspect): the wire reader's own default bound on a delta's state size (64 GiB), one
+#: constant for both sides, so a delta 'diff' writes by default is one that
+#: 'inspect'/'apply' (and ``DeltaSnapshot.deserialize``) read by default.
+DEFAULT_MAX_SIZE = DEFAULT_MAX_TOTAL_SIZE
 #: The second is the default: the digest deltas carry (``cellmigrate.DEFAULT_DIGEST``).
 CHECKSUM_ALGORITHMS = ("simple", "xxh3_128_tree", "xxh3_128", "blake3")
 DIGEST_CHOICES = ("xxh3_128_tree", "xxh3_128", "blake3", "none")
@@ -98,6 +105,12 @@ def _nonneg_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _add_max_size(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--max-size", type=_size_arg, default=DEFAULT_MAX_SIZE, metavar="SIZE",
+                   help=f"{role}; the same limit on the writing and the reading side "
+                        f"(default: {format_size(DEFAULT_MAX_SIZE).replace(' ', '')}, the library reader's default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence", type=_nonneg_int, default=None, metavar="N",
                    help="sequence number of NEW (default: base sequence + 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_max_size(p, "refuse a NEW larger than this, as readers refuse deltas for larger states")
     p.set_defaults(handler=_cmd_diff)
 
     p = add("apply", "apply a delta to BASE (atomically)",
@@ -178,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in place, but through a temporary copy renamed over BASE: a crash cannot "
                         "leave BASE half-written (costs one full copy)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_max_size(p, "refuse a delta for a state larger than this")
     p.set_defaults(handler=_cmd_apply)
 
     p = add("verify", "check that two state files are identical, byte for byte",
@@ -194,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("delta", metavar="DELTA", help="delta file")
     p.add_argument("--pages", action="store_true", help="also list every page")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_max_size(p, "refuse a delta for a state larger than this")
     p.set_defaults(handler=_cmd_inspect)
 
     p = add("demo", "run an end-to-end migration of a synthetic agent",
@@ -332,8 +348,12 @@ def chunked_first_difference(
         return None if va.nbytes == vb.nbytes else n
 
 
-def _load_delta(path: str) -> "DeltaSnapshot":
-    """Read and decode a delta file; unreadable or corrupt -> CliError (exit 2)."""
+def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> "DeltaSnapshot":
+    """Read and decode a delta file; unreadable or corrupt -> CliError (exit 2).
+
+    A delta for a state over ``max_size`` bytes (``--max-size``) is refused, naming the
+    option.
+    """
     from .delta import DeltaSnapshot
     from .errors import CorruptDataError
 
@@ -341,15 +361,44 @@ def _load_delta(path: str) -> "DeltaSnapshot":
         if f.size == 0:
             raise CliError(f"cannot decode delta {path!r}: the file is empty")
         try:
-            return DeltaSnapshot.deserialize(f.buffer)
+            # Decoded without the reader's size bound, checked right after: the declared
+            # size is never allocated while decoding (work and memory are bounded by the
+            # file), and the refusal can then name --max-size instead of a wire field.
+            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=_U64)
         except CorruptDataError as exc:
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
+    _check_max_size(f"delta {path!r} is for a state of", int(delta.total_size), max_size)
+    return delta
+
+
+def _check_max_size(what: str, size: int, max_size: int) -> None:
+    """Refuse ``size`` over ``--max-size`` (exit 2), the same message on both sides."""
+    if size > max_size:
+        raise CliError(
+            f"{what} {size} bytes ({format_size(size)}), over --max-size {max_size} bytes "
+            f"({format_size(max_size)}); pass a larger --max-size to 'diff', 'inspect' and 'apply' alike"
+        )
+
+
+#: "Checksum only": the weak checksum ignores trailing zeros and is easy to forge, so a
+#: delta without a strong digest is never called verified.
+CHECKSUM_ONLY = "checksum only, not verified"
+
+
+def _integrity(delta: "DeltaSnapshot") -> str:
+    """How a delta's result is checked, in words (the JSON ``integrity`` field)."""
+    algorithm = getattr(delta, "digest_algorithm", None)
+    if algorithm is None:
+        return CHECKSUM_ONLY
+    if getattr(delta, "keyed", False):
+        return f"authenticated ({algorithm} MAC)"
+    return f"verified ({algorithm} digest)"
 
 
 def _digest_label(delta: "DeltaSnapshot") -> str:
     algorithm = getattr(delta, "digest_algorithm", None)
     if algorithm is None:
-        return "checksum only"
+        return CHECKSUM_ONLY
     if getattr(delta, "keyed", False):
         return f"{algorithm} MAC (keyed)"
     return str(algorithm)
@@ -373,6 +422,7 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
         "digest_algorithm": getattr(delta, "digest_algorithm", None),
         "digest": None if digest_value is None else bytes(digest_value).hex(),
         "keyed": bool(getattr(delta, "keyed", False)),
+        "integrity": _integrity(delta),
         "dirty_pages": count,
         "dirty_fraction": (count / pages_total) if pages_total else 0.0,
         "rle_pages": compressed_pages,
@@ -444,6 +494,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if old.size != new.size:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
                            f"{args.new!r} is {new.size} bytes")
+        _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
         bar = _progress(args, new.size, "diff")
         try:
             delta = DeltaSnapshot.create(args.agent_id.bytes, old.buffer, new.buffer,
@@ -494,7 +545,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .errors import InvalidStateError
 
     key = _read_key(args.key_file)
-    delta = _load_delta(args.delta)
+    delta = _load_delta(args.delta, args.max_size)
     if getattr(delta, "keyed", False) and key is None:
         raise CliError(f"{args.delta!r} is authenticated (keyed BLAKE3): pass its key with --key-file")
 
@@ -542,11 +593,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         _print_json({"base": args.base, "delta": args.delta, "output": str(dest), "in_place": args.output is None,
                      "pages_written": delta.dirty_page_count(), "total_size": total,
                      "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
+                     "integrity": _integrity(delta),
                      "seconds": elapsed})
     else:
-        checks = "checksum" if getattr(delta, "digest_algorithm", None) is None else f"checksum + {_digest_label(delta)}"
+        if getattr(delta, "digest_algorithm", None) is None:
+            checked = (f"{CHECKSUM_ONLY}: the delta has no strong digest, only its weak checksum was "
+                       f"checked before writing")
+        else:
+            checked = f"result verified (checksum + {_digest_label(delta)}) before writing"
         _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
-                   f"{delta.sequence}); result verified ({checks}) before writing")
+                   f"{delta.sequence}); {checked}")
     return EXIT_OK
 
 
@@ -574,7 +630,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    delta = _load_delta(args.delta)
+    delta = _load_delta(args.delta, args.max_size)
     wire_size = os.path.getsize(args.delta)
     info = _delta_summary(delta, wire_size)
     pages: List[Dict[str, Any]] = [
@@ -588,7 +644,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(obj)
         return EXIT_OK
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["timestamp"]))
-    digest_text = "none (checksum only)" if info["digest"] is None else f"{_digest_label(delta)} {info['digest']}"
+    digest_text = f"none ({CHECKSUM_ONLY})" if info["digest"] is None else f"{_digest_label(delta)} {info['digest']}"
     rows = [
         ("agent", info["agent_id"]),
         ("sequence", f"{info['sequence']} (base {info['base_sequence']})"),
