@@ -424,10 +424,14 @@ def test_live_migration_in_process_while_running_matches_a_reference_run() -> No
     and grows, the final round paused, then node B continues to the total."""
     from cellmigrate.live import InProcessChannel, LiveMigration, MemoryStore, ReceiverSession
 
-    total = 60_000
-    source = WasmAgent(batch=128, rate=40_000)
+    # At 40 000 iterations/s the source would need 10 s to reach the total: the migration
+    # happens mid-run even on a loaded machine (stop_at keeps it from overshooting anyway).
+    total = 400_000
+    source = WasmAgent(batch=128, rate=40_000, stop_at=total)
     source.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while source.steps < 2000 and time.monotonic() < deadline:
+        time.sleep(0.01)
     started_at = source.steps
     target = WasmAgent(batch=4096, stop_at=total)
     summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target))).run()
@@ -438,7 +442,7 @@ def test_live_migration_in_process_while_running_matches_a_reference_run() -> No
     assert summary.state_size == source.memory_size
     assert target.adopted_at == paused_at  # node B continues exactly where node A paused
     assert target.wait(60) == total
-    reference = WasmAgent()
+    reference = WasmAgent(batch=1 << 16)
     reference.run(total)
     assert bytes(target.state()) == bytes(reference.state())
     assert target.globals() == reference.globals()
