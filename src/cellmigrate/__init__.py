@@ -11,6 +11,7 @@ from __future__ import annotations
 
 # --- errors -------------------------------------------------------------------------
 from .errors import (
+    AuditStoreError,
     CellError,
     CorruptDataError,
     ExecutionFailedError,
@@ -98,6 +99,7 @@ __all__ = [
     "MigrationFailedError",
     "ExecutionFailedError",
     "InputTooLargeError",
+    "AuditStoreError",
     # types of arguments
     "BufferLike",
     "IndexLike",

@@ -7,6 +7,9 @@ the raw text is kept in ``.message`` so callers can match it without the prefix.
 
 from __future__ import annotations
 
+import sqlite3
+from typing import Optional
+
 __all__ = [
     "CellError",
     "InvalidStateError",
@@ -14,6 +17,7 @@ __all__ = [
     "ExecutionFailedError",
     "CorruptDataError",
     "InputTooLargeError",
+    "AuditStoreError",
 ]
 
 
@@ -60,3 +64,25 @@ class InputTooLargeError(CellError, ValueError):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class AuditStoreError(CellError, sqlite3.OperationalError):
+    """The audit database could not be opened, read or written.
+
+    Raised by :class:`~cellmigrate.audit_store.SqliteAuditSink` once the retryable
+    conditions (``SQLITE_BUSY``, "database is locked") have been retried for its
+    ``timeout``, and at once for the others (missing directory, read-only file, disk
+    full, I/O error). The ``sqlite3`` error is chained as ``__cause__`` and, where it has
+    them (Python 3.11+), its ``sqlite_errorcode``/``sqlite_errorname`` are copied. It is also a
+    ``sqlite3.OperationalError``, which is what callers caught before it existed.
+    """
+
+    def __init__(self, message: str, cause: Optional[sqlite3.Error] = None) -> None:
+        super().__init__(message)
+        # Python 3.11+ sets these on sqlite3 errors; copied so callers need not dig in __cause__.
+        code = getattr(cause, "sqlite_errorcode", None)
+        name = getattr(cause, "sqlite_errorname", None)
+        if code is not None:
+            self.sqlite_errorcode = int(code)
+        if name is not None:
+            self.sqlite_errorname = str(name)
