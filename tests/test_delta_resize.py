@@ -58,7 +58,7 @@ def test_resized_delta_round_trips(pair: tuple[bytes, bytes], mode: Optional[str
     key = KEY if mode == "keyed" else None
     algorithm = "blake3" if mode == "keyed" else mode
     delta = DeltaSnapshot.create(AGENT, old, new, 1, 2, digest=algorithm, key=key, resize=True)
-    assert (delta.base_size, delta.total_size) == (len(old), len(new))
+    assert (delta.base_size, delta.total_size) == (len(old) if len(old) != len(new) else None, len(new))
     assert delta.checksum == simple_checksum(new)
     if mode == "keyed":
         assert delta.keyed and delta.digest == digest(new, "blake3", key=KEY)
@@ -158,7 +158,8 @@ def test_resizing_delta_fields_and_wire() -> None:
     old, new = _random(PAGE_SIZE, 6), _random(2 * PAGE_SIZE, 7)
     delta = DeltaSnapshot.create(AGENT, old, new, 0, 1, resize=True)
     same = DeltaSnapshot.create(AGENT, old, old, 0, 1)
-    assert same.base_size == same.total_size == PAGE_SIZE
+    assert same.base_size is None and same.total_size == PAGE_SIZE
+    assert DeltaSnapshot(AGENT, 0, 1, [], 10, 0, 0, base_size=10).base_size is None  # "same size"
     with pytest.raises(ValueError, match="base_size"):
         DeltaSnapshot(AGENT, 0, 1, [], 10, 0, 0, base_size=-1)
     # Until the wire format carries base_size, a resizing delta is refused, not truncated.
@@ -175,7 +176,7 @@ def test_tracker_follows_memory_grow_and_shrink() -> None:
     state = bytearray(_random(2 * PAGE_SIZE, 8))
     receiver = bytearray()
     first = tracker.create_delta(state, commit=False)  # against zeros of the same size
-    assert first.base_size == 2 * PAGE_SIZE
+    assert first.base_size is None  # against zeros of the same size
     receiver.extend(bytes(2 * PAGE_SIZE))
     first.apply(receiver)
     tracker.acknowledge(first.sequence)
@@ -183,7 +184,7 @@ def test_tracker_follows_memory_grow_and_shrink() -> None:
         state = bytearray(state[:size]) + bytearray(max(0, size - len(state)))
         state[size // 2] ^= 0xFF
         delta = tracker.create_delta(state, resize=True, commit=False)
-        assert delta.base_size == len(receiver)
+        assert delta.base_size == len(receiver) != delta.total_size
         delta.apply(receiver)
         tracker.commit(delta)
         assert receiver == state == tracker.committed_state()
@@ -194,3 +195,5 @@ def test_tracker_follows_memory_grow_and_shrink() -> None:
     migrator.start_tracking(AGENT, bytes(PAGE_SIZE))
     grown = migrator.create_incremental(AGENT, bytes(3 * PAGE_SIZE), resize=True)
     assert (grown.base_size, grown.total_size, grown.dirty_page_count()) == (PAGE_SIZE, 3 * PAGE_SIZE, 0)
+    same = migrator.create_incremental(AGENT, bytes(3 * PAGE_SIZE), resize=True)
+    assert same.base_size is None and migrator.get_sequence(AGENT) == 3

@@ -196,9 +196,9 @@ class DeltaSnapshot:
             checksum-only delta.
         digest: strong digest (or MAC when ``keyed``) of the new state, or ``None``.
         keyed: the digest is keyed BLAKE3: ``apply`` needs the key.
-        base_size: size of the state the delta applies to (bytes); ``total_size`` unless
-            the delta was made with ``create(..., resize=True)`` between states of
-            different sizes (the constructor's ``None`` means ``total_size``).
+        base_size: size of the state the delta applies to (bytes) when it differs from
+            ``total_size`` (a delta made with ``create(..., resize=True)`` between states
+            of different sizes); ``None`` when the base has ``total_size`` bytes.
     """
 
     agent_id: bytes
@@ -215,15 +215,17 @@ class DeltaSnapshot:
 
     def __post_init__(self) -> None:
         self.agent_id = to_id(self.agent_id, "agent_id")
-        if self.base_size is None:
-            self.base_size = self.total_size
         for name in ("sequence", "base_sequence", "total_size", "timestamp", "checksum", "base_size"):
             value = getattr(self, name)
+            if value is None and name == "base_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
             setattr(self, name, int(value))
+        if self.base_size == self.total_size:
+            self.base_size = None  # one spelling of "same size", so equal deltas compare equal
         if self.checksum > _MASK32:
             raise ValueError(f"checksum must fit in 32 bits, got {self.checksum}")
         if not isinstance(self.dirty_pages, list):
@@ -268,8 +270,8 @@ class DeltaSnapshot:
         (SPEC §3), unless ``resize=True``: then ``new_state`` may be longer than
         ``old_state`` (a WebAssembly ``memory.grow``: the pages past the old end are
         compared with zeros, so zero pages there cost nothing) or shorter (the state is
-        cut); ``base_size`` records ``len(old_state)`` and :meth:`apply` resizes a
-        ``bytearray`` base to ``total_size``.
+        cut); ``base_size`` records ``len(old_state)`` when it differs, and
+        :meth:`apply` resizes a ``bytearray`` base to ``total_size``.
 
         ``new_state`` may be written by another thread meanwhile (a running agent): each
         dirty page is copied once, when the scan finds it, and the checksum and digest
@@ -530,7 +532,7 @@ class DeltaSnapshot:
         """The versioned, self-checking wire format (see docs/FORMAT.md)."""
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
-        if self.base_size is not None and self.base_size != self.total_size:
+        if self.base_size is not None:
             # The wire format has no base_size field yet (the v2 bump adds it); shipping
             # such a delta would lose the size change. Refuse rather than mislead.
             raise InvalidStateError(
@@ -567,5 +569,5 @@ class DeltaSnapshot:
             f"base_sequence={self.base_sequence}, dirty_pages=<{len(self.dirty_pages)} pages>, "
             f"total_size={self.total_size}, timestamp={self.timestamp}, checksum={self.checksum}, "
             f"digest_algorithm={self.digest_algorithm!r}, keyed={self.keyed}"
-            + (f", base_size={self.base_size})" if self.base_size != self.total_size else ")")
+            + (f", base_size={self.base_size})" if self.base_size is not None else ")")
         )
