@@ -520,10 +520,21 @@ class StateFile:
         compare them with the file afterwards (:meth:`pread`).
         """
         st = os.fstat(self.fd)
-        if self.faults() or st.st_size < self.size:
+        if st.st_size < self.size:
             raise TruncatedInputError(
                 f"{str(self.path)!r} was truncated by another process while it was read "
                 f"({self.size} bytes at open, {st.st_size} now)"
+            )
+        faults = self.faults()
+        if faults:
+            # The size is intact, yet pages could not be brought in: an I/O error, or (on
+            # tmpfs) a hole of a sparse file that needs memory the full file system lacks.
+            reason = "an I/O error, or no space to bring in holes of a sparse file"
+            with contextlib.suppress(OSError):
+                if os.fstatvfs(self.fd).f_bavail == 0:
+                    reason = "No space left on device (holes of a sparse file need space to be read)"
+            raise TruncatedInputError(
+                f"{str(self.path)!r}: {faults} page(s) could not be read through the memory map: {reason}"
             )
         if _signature(st) != self._stat:
             raise StateChangedError(
