@@ -147,7 +147,8 @@ def _replace_loop(tmp_path: Path, mode: str, size: int, trials: int, delay: floa
         named = trial % 2 == 1
         env = dict(s.env, **({"CELLMIGRATE_TEST_NO_O_TMPFILE": "1"} if named else {}))
         proc = spawn("apply", str(s.base), str(s.delta), *extra, env=env)
-        time.sleep(rng.uniform(0.3 * duration, 1.2 * duration))
+        # The first kill lands mid-run for sure; the others anywhere, past the end too.
+        time.sleep(0.6 * duration if trial == 0 else rng.uniform(0.3 * duration, 1.2 * duration))
         proc.kill()
         proc.wait(60)
         if mode == "-o":
@@ -166,6 +167,7 @@ def _replace_loop(tmp_path: Path, mode: str, size: int, trials: int, delay: floa
         temps = "named" if named else "O_TMPFILE"
         outcomes[f"{temps}: {result}, {len(stray)} stray file(s) then removed"] += 1
     print(f"\n{mode} kill loop ({trials} trials, {size >> 20} MiB, run {duration:.2f} s): {dict(outcomes)}")
+    assert any(("absent" in k or "old" in k) for k in outcomes), "no kill landed before the rename"
     return outcomes
 
 

@@ -87,7 +87,7 @@ def _read_fifo(path: Path, into: List[bytes]) -> threading.Thread:
         with open(path, "rb") as fh:
             into.append(fh.read())
 
-    t = threading.Thread(target=reader)
+    t = threading.Thread(target=reader, daemon=True)
     t.start()
     return t
 
@@ -201,7 +201,7 @@ def test_delta_from_a_named_fifo_is_streamed(tmp_path: Path) -> None:
         with open(fifo, "wb") as fh:
             fh.write(data)
 
-    t = threading.Thread(target=writer)
+    t = threading.Thread(target=writer, daemon=True)
     t.start()
     proc = run("apply", str(old_path), str(fifo), timeout=60)
     t.join(30)
