@@ -115,14 +115,26 @@ def test_fifo_output_is_written_through_not_replaced(tmp_path: Path, command: st
         assert old_path.read_bytes() == old
 
 
+def _private_null(tmp_path: Path) -> Path:
+    """A character device to write to: as root, our own node of the null device in
+    tmp_path (so a broken implementation replaces that node, never the machine's
+    /dev/null); otherwise /dev/null itself, which a non-root process cannot replace."""
+    if os.geteuid() != 0:
+        return Path("/dev/null")
+    node = tmp_path / "devnull"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    return node
+
+
 def test_character_device_output_is_written_through(tmp_path: Path) -> None:
     old_path, new_path, delta, _, _ = _setup(tmp_path)
+    device = _private_null(tmp_path)
     link = tmp_path / "null"
-    link.symlink_to("/dev/null")
-    for target in ("/dev/null", str(link)):
+    link.symlink_to(device)
+    for target in (str(device), str(link)):
         assert run("diff", str(old_path), str(new_path), "-o", target).returncode == 0
         assert run("apply", str(old_path), str(delta), "-o", target).returncode == 0
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and link.is_symlink()
+    assert stat.S_ISCHR(os.stat(device).st_mode) and link.is_symlink()
 
 
 def test_stdout_outputs(tmp_path: Path) -> None:
@@ -148,20 +160,20 @@ def test_shell_pipe_diff_to_apply(tmp_path: Path) -> None:
     line = (f"{exe} -m cellmigrate diff {shlex.quote(str(old_path))} {shlex.quote(str(new_path))} -o - | "
             f"{exe} -m cellmigrate apply {shlex.quote(str(base))} -")
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True,
-                          env=cli_env(), timeout=120)
+                          env=cli_env(), timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert base.read_bytes() == new
     # inspect and apply -o from stdin too; a process substitution is a pipe path.
     line = (f"{exe} -m cellmigrate diff {shlex.quote(str(old_path))} {shlex.quote(str(new_path))} -o - | "
             f"{exe} -m cellmigrate inspect - --json")
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True,
-                          env=cli_env(), timeout=120)
+                          env=cli_env(), timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and '"dirty_pages"' in proc.stdout, proc.stderr
     out = tmp_path / "out.bin"
     line = (f"{exe} -m cellmigrate apply {shlex.quote(str(old_path))} "
             f"<({exe} -m cellmigrate diff {shlex.quote(str(old_path))} {shlex.quote(str(new_path))} -o -) "
             f"-o {shlex.quote(str(out))}")
-    proc = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=cli_env(), timeout=120)
+    proc = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=cli_env(), timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == new
 
