@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
-from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
+from ._pages import ALLOW_ALL, ALLOW_CRATE, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
 from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
@@ -73,6 +73,14 @@ def _grow_zeros(base: bytearray, total: int) -> None:
         ) from None
 
 
+def _shrink(base: bytearray, total: int) -> None:
+    """Cut ``base`` to ``total`` bytes, or leave it as it was and raise :class:`InvalidStateError`."""
+    try:
+        del base[total:]
+    except BufferError as exc:
+        raise InvalidStateError(f"Base state must shrink but cannot be resized: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------
 # DeltaSnapshot
 # --------------------------------------------------------------------------------------
@@ -106,9 +114,9 @@ class DeltaSnapshot:
             checksum-only delta.
         digest: strong digest (or MAC when ``keyed``) of the new state, or ``None``.
         keyed: the digest is keyed BLAKE3: ``apply`` needs the key.
-        base_size: size in bytes of the state the delta applies to (``None``: the same
-            as ``total_size``, with the legacy rule that a shorter ``bytearray`` base is
-            zero-extended).
+        base_size: size of the state the delta applies to (bytes) when it differs from
+            ``total_size`` (a delta made with ``create(..., resize=True)`` between states
+            of different sizes); ``None`` when the base has ``total_size`` bytes.
         header_digest: the digest (MAC when keyed) of every header field and the state
             digest (docs/FORMAT.md, "Header digest"); ``apply`` checks it when present.
             ``None`` for a checksum-only delta and for one read from wire version 1.
@@ -137,21 +145,19 @@ class DeltaSnapshot:
 
     def __post_init__(self) -> None:
         self.agent_id = to_id(self.agent_id, "agent_id")
-        for name in ("sequence", "base_sequence", "total_size", "timestamp", "checksum"):
+        for name in ("sequence", "base_sequence", "total_size", "timestamp", "checksum", "base_size"):
             value = getattr(self, name)
+            if value is None and name == "base_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
             setattr(self, name, int(value))
+        if self.base_size == self.total_size:
+            self.base_size = None  # one spelling of "same size", so equal deltas compare equal
         if self.checksum > _MASK32:
             raise ValueError(f"checksum must fit in 32 bits, got {self.checksum}")
-        if self.base_size is not None:
-            if isinstance(self.base_size, bool) or not isinstance(self.base_size, (int, np.integer)):
-                raise TypeError(f"base_size must be an int or None, not {type(self.base_size).__name__}")
-            if self.base_size < 0:
-                raise ValueError(f"base_size must be >= 0, got {self.base_size}")
-            self.base_size = int(self.base_size)
         if self.compression not in ("none", "zstd"):
             raise ValueError(f"compression must be 'none' or 'zstd', not {self.compression!r}")
         if self.wire_version not in (1, 2):
@@ -184,9 +190,10 @@ class DeltaSnapshot:
         digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
+        resize: bool = False,
         compress: str = "auto",
     ) -> "DeltaSnapshot":
-        """Diff two equal-length states page by page.
+        """Diff two states page by page (of equal lengths unless ``resize``).
 
         Both states are read in place (any C-contiguous buffer); only the dirty pages
         are copied, each in the smallest of the encodings ``compress`` allows (kept only
@@ -201,7 +208,17 @@ class DeltaSnapshot:
         XXH3-128 over 1 MiB leaves, which every core helps hash and verify; "xxh3_128",
         plain sequential XXH3-128; "blake3"; or ``None`` for the crate's
         checksum-only delta); a 32-byte ``key`` makes it a keyed
-        BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`.
+        BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`
+        (SPEC §3), unless ``resize=True``: then ``new_state`` may be longer than
+        ``old_state`` (a WebAssembly ``memory.grow``: the pages past the old end are
+        compared with zeros, so zero pages there cost nothing) or shorter (the state is
+        cut); ``base_size`` records ``len(old_state)`` when it differs, and
+        :meth:`apply` resizes a ``bytearray`` base to ``total_size``.
+
+        ``new_state`` may be written by another thread meanwhile (a running agent): each
+        dirty page is copied once, when the scan finds it, and the checksum and digest
+        cover the old state with those copies over it, so the delta describes one state
+        exactly and applies to its base; a page written after it was read is not in it.
 
         ``progress`` is an event callback (like :class:`~cellmigrate.CollectingCallback`;
         it receives CAPTURING_STATE events, percent 0..100) or a callable taking
@@ -210,7 +227,8 @@ class DeltaSnapshot:
         agent = to_id(agent_id, "agent_id")
         report = byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
         delta, _ = cls._create_checked(
-            agent, old_state, new_state, base_sequence, sequence, digest, key, report, compress
+            agent, old_state, new_state, base_sequence, sequence, digest, key, report, resize=resize,
+            compress=compress,
         )
         return delta
 
@@ -218,16 +236,21 @@ class DeltaSnapshot:
     def _create_checked(
         cls,
         agent: bytes,
-        old_state: BufferLike,
+        old_state: Optional[BufferLike],
         new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         digest: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback] = None,
+        *,
+        resize: bool = False,
         compress: str = "auto",
     ) -> Tuple["DeltaSnapshot", Scan]:
-        """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`."""
+        """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`.
+
+        ``old_state`` ``None`` stands for zeros of the new state's length (the tracker's
+        first delta), without allocating them."""
         raw_key = check_key(key)
         algorithm = digest
         if algorithm is not None and algorithm not in DIGEST_SIZES:
@@ -237,29 +260,35 @@ class DeltaSnapshot:
                 raise ValueError("a key needs a digest: digest=None makes an unauthenticated checksum-only delta")
             algorithm = "blake3"
         plan = parse_compress(compress, digest=algorithm is not None)
-        return cls._create(agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress, plan)
+        return cls._create(
+            agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress, resize, plan
+        )
 
     @classmethod
     def _create(
         cls,
         agent: bytes,
-        old_state: BufferLike,
+        old_state: Optional[BufferLike],
         new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         algorithm: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback],
-        plan: Tuple[int, Optional[int], bool],
+        resize: bool,
+        plan: Tuple[int, Optional[int], bool] = (ALLOW_CRATE, None, False),
     ) -> Tuple["DeltaSnapshot", Scan]:
         """``create`` that also returns what the scan found: the dirty pages as copied,
         which the delta describes (the tracker keeps them as its next base). ``plan`` is
         :func:`~cellmigrate._pages.parse_compress`'s (allowed encodings, zstd level, auto)."""
-        old = as_bytes_view(old_state, "old_state")
+        old = memoryview(b"") if old_state is None else as_bytes_view(old_state, "old_state")
         new = as_bytes_view(new_state, "new_state")
-        if old.nbytes != new.nbytes:
+        # None: zeros of the new length (an empty base reads as zeros), never allocated.
+        base_size = new.nbytes if old_state is None else old.nbytes
+        if base_size != new.nbytes and not resize:
             raise InvalidStateError(
-                f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, new state has {new.nbytes} bytes)"
+                f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, "
+                f"new state has {new.nbytes} bytes; resize=True makes a delta between them)"
             )
         hasher = None if algorithm is None else Hasher(algorithm, key)
         found = scan(old, new, hasher, progress)
@@ -279,7 +308,7 @@ class DeltaSnapshot:
             digest_algorithm=algorithm,
             digest=value,
             keyed=key is not None,
-            base_size=old.nbytes,
+            base_size=base_size,
             compression=compression,
             compression_level=level,
         )
@@ -404,12 +433,15 @@ class DeltaSnapshot:
         """Write the delta's pages into ``base``, after verifying everything.
 
         ``base`` is a writable buffer (bytearray, writable memoryview, writable mmap,
-        numpy array) of exactly ``total_size`` bytes, or a shorter ``bytearray`` that is
-        then grown with zeros. Before any write, the page indices (in range, unique), the
+        numpy array) of exactly ``base_size`` bytes (``total_size`` unless the delta
+        changes the state's size), or a shorter ``bytearray``, which reads as zeros past
+        its end. A delta that changes the size (``base_size != total_size``, see
+        ``create(..., resize=True)``) needs a ``bytearray`` base, which is grown with
+        zeros or cut to ``total_size``; a longer base is an error. Before any write, the page indices (in range, unique), the
         page encodings and lengths, the checksum of the result and its strong digest (or
         MAC: pass ``key`` for a keyed delta) are verified; any failure raises
         :class:`InvalidStateError` saying which check failed, and ``base`` is left
-        byte-for-byte unchanged (and not grown). A read-only buffer raises ``TypeError``.
+        byte-for-byte unchanged (and not resized). A read-only buffer raises ``TypeError``.
 
         ``max_size`` (bytes, default :data:`DEFAULT_MAX_GROW_SIZE` = 1 GiB) bounds the
         size a short ``bytearray`` base may be grown to: a delta whose ``total_size`` is
@@ -430,9 +462,16 @@ class DeltaSnapshot:
         report = byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
         view = as_writable_view(base, "base")
         size, total = view.nbytes, self.total_size
-        if size > total:
+        base_size = total if self.base_size is None else self.base_size
+        if size > base_size:
+            what = "state" if base_size == total else "base"
             raise InvalidStateError(
-                f"Base state is larger than the delta's state: base has {size} bytes, delta expects {total}"
+                f"Base state is larger than the delta's {what}: base has {size} bytes, delta expects {base_size}"
+            )
+        if size > total and not isinstance(base, bytearray):
+            raise InvalidStateError(
+                f"Delta shrinks the state from {size} to {total} bytes, and a {type(base).__name__} base "
+                f"cannot be resized (use a bytearray)"
             )
         if size < total and not isinstance(base, bytearray):
             raise InvalidStateError(
@@ -445,10 +484,6 @@ class DeltaSnapshot:
                 f"(pass a larger max_size to allow it)"
             )
         self._check_key_policy(raw_key)
-        if self.base_size is not None and self.base_size != total and size != self.base_size:
-            raise InvalidStateError(
-                f"Base state has {size} bytes, the delta was made against a {self.base_size}-byte state"
-            )
         indices, pages = self._decoded_pages(view)
         hasher = None if self.digest_algorithm is None else Hasher(self.digest_algorithm, raw_key)
         result = Result(view, total, cast(Any, indices), cast(Any, pages))
@@ -468,9 +503,12 @@ class DeltaSnapshot:
                 raise InvalidStateError(f"Delta {self.digest_algorithm} digest mismatch: the result is not the new state")
             self._check_header_digest(value, raw_key)
         # Everything checked: now (and only now) write.
-        if size < total:
+        if size != total:
             view.release()
-            _grow_zeros(cast(bytearray, base), total)  # a bytearray (checked above)
+            if size < total:
+                _grow_zeros(cast(bytearray, base), total)  # a bytearray (checked above)
+            else:
+                _shrink(cast(bytearray, base), total)
             view = as_writable_view(base, "base")
         kernels.scatter_pages(view, indices, pages, PAGE_SIZE)
         if report is not None:
@@ -552,7 +590,8 @@ class DeltaSnapshot:
             f"DeltaSnapshot(agent_id={self.agent_id.hex()}, sequence={self.sequence}, "
             f"base_sequence={self.base_sequence}, dirty_pages=<{self.dirty_page_count()} pages>, "
             f"total_size={self.total_size}, timestamp={self.timestamp}, checksum={self.checksum}, "
-            f"digest_algorithm={self.digest_algorithm!r}, keyed={self.keyed})"
+            f"digest_algorithm={self.digest_algorithm!r}, keyed={self.keyed}"
+            + (f", base_size={self.base_size})" if self.base_size is not None else ")")
         )
 
 
