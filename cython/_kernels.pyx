@@ -393,3 +393,8 @@ def _naive_rle_compress(const uint8_t[::1] data):
                 o += run
             i += run
     return buf[:o]
+
+
+# --- page encodings (zero pages, XOR + zero-run) -------------------------------------------
+
+include "_encodings.pxi"

@@ -16,7 +16,7 @@ WORK="${FUZZ_WORKDIR:-fuzz/corpus}"
 mkdir -p "$WORK/logs" "$WORK/artifacts"
 status=0
 total=0
-for harness in deserialize apply simple_decompress adaptive_decompress; do
+for harness in deserialize apply simple_decompress adaptive_decompress page_decode; do
     case "$harness" in
         deserialize) max_len=20000 ;;
         *) max_len=16384 ;;

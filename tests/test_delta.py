@@ -438,7 +438,7 @@ def test_one_gib_round_trip() -> None:
 def test_paired_and_single_paths_agree(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     # Force each strategy regardless of this machine's CPU count: the results must not
     # depend on how the work is split.
-    import cellmigrate.delta as delta_module
+    import cellmigrate._passes as delta_module
 
     monkeypatch.setattr(delta_module, "max_threads", lambda: threads)
     monkeypatch.setattr(delta_module, "_HELP_CHUNK", 1 << 20)
@@ -465,7 +465,7 @@ def test_paired_and_single_paths_agree(monkeypatch: pytest.MonkeyPatch, threads:
 
 
 def test_failing_progress_callback_leaves_base_unchanged_and_does_not_hang(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cellmigrate.delta as delta_module
+    import cellmigrate._passes as delta_module
 
     monkeypatch.setattr(delta_module, "max_threads", lambda: 2)
     size = 20 << 20
@@ -500,7 +500,7 @@ def test_dirty_page_of_any_length_round_trips() -> None:
 _CONCURRENT = """
 import threading
 import numpy as np
-import cellmigrate.delta as delta_module
+import cellmigrate._passes as delta_module
 from cellmigrate import PAGE_SIZE, DeltaSnapshot
 
 delta_module.max_threads = lambda: 2  # paired hashing even on a 1-CPU runner
@@ -570,7 +570,7 @@ def test_progress_event_callbacks() -> None:
 
 
 def test_progress_forms_are_told_apart() -> None:
-    from cellmigrate.delta import _takes_done_total
+    from cellmigrate._passes import takes_done_total as _takes_done_total
 
     def two(done: int, total: int) -> None: ...
     def two_and_default(done: int, total: int, extra: int = 0) -> None: ...
@@ -587,7 +587,7 @@ def test_progress_forms_are_told_apart() -> None:
 def test_span_reporters_sum_all_threads_work_on_the_calling_thread() -> None:
     """Spans on several threads: every span records its bytes, only the first span (run by
     the calling thread) calls back, with the sum, so a bar tracks all threads' work."""
-    from cellmigrate.delta import _span_reporters
+    from cellmigrate._passes import span_reporters as _span_reporters
 
     seen: List[Tuple[int, int]] = []
     spans = [(0, 100), (100, 200), (200, 250)]
@@ -608,7 +608,7 @@ def test_span_reporters_sum_all_threads_work_on_the_calling_thread() -> None:
 
 _PROGRESS_THREADS = """
 import numpy as np
-import cellmigrate.delta as delta_module
+import cellmigrate._passes as delta_module
 from cellmigrate import DeltaSnapshot
 delta_module.max_threads = lambda: 2
 size = 40 << 20

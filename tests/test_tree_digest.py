@@ -137,7 +137,7 @@ def test_is_the_default_everywhere() -> None:
 
 _PAIRED = """
 import sys, numpy as np, xxhash, struct
-import cellmigrate.delta as delta_module
+import cellmigrate._passes as delta_module
 from cellmigrate import PAGE_SIZE, DeltaSnapshot, InvalidStateError
 
 delta_module.max_threads = lambda: {threads}  # the paired path even on a 1-CPU runner

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 # --- errors -------------------------------------------------------------------------
 from .errors import (
+    AuditStoreError,
     CellError,
     CorruptDataError,
     ExecutionFailedError,
+    InputTooLargeError,
     InvalidStateError,
     MigrationFailedError,
 )
@@ -26,6 +28,7 @@ from ._backend import kernels as _kernels_impl
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, PAGE_SIZE, digest, simple_checksum
 from .compare import dirty_pages, first_difference
 from .compression import (
+    LZ4_MAX_INPUT_SIZE,
     CompressionMethod,
     adaptive_compress,
     adaptive_compress_aggressive,
@@ -95,6 +98,8 @@ __all__ = [
     "CorruptDataError",
     "MigrationFailedError",
     "ExecutionFailedError",
+    "InputTooLargeError",
+    "AuditStoreError",
     # types of arguments
     "BufferLike",
     "IndexLike",
@@ -107,6 +112,7 @@ __all__ = [
     "first_difference",
     "dirty_pages",
     "CompressionMethod",
+    "LZ4_MAX_INPUT_SIZE",
     "simple_compress",
     "simple_decompress",
     "lz4_compress",

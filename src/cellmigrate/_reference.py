@@ -51,6 +51,32 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   the first write: a count mismatch or a page longer than ``page_size`` raises
   ``ValueError``, a page that does not fit (or a negative index) ``IndexError``.
 
+* ``xzr_encode(new_page, base_page) -> bytes``: the XOR + zero-run ("XZR") stream of
+  ``new_page`` against ``base_page`` (zero-extended, or cut, to ``len(new_page)``), per
+  docs/FORMAT.md: pairs ``(varint z, varint k, k bytes of new ^ base)``; a literal runs on
+  through gaps of fewer than 3 equal bytes and ends at a gap of 3 or more, or where the
+  rest of the page equals the base (then nothing more is written).
+* ``xzr_decode(stream, base_page, length) -> bytes``: strict; ``length`` bytes of the base
+  page (zero-extended or cut) with the literals XORed in. Errors (``CorruptDataError``,
+  text from ``xzr_message``), in stream order, at the offset of the pair: a varint cut
+  short, an overlong varint (over 5 bytes, or a non-canonical trailing zero group), a
+  zero literal length, a pair running past the page, a literal cut short. Never writes
+  outside the ``length``-byte page.
+* ``encode_pages(old, new, indices, page_size, allowed) -> (encodings, offsets, payload)``:
+  every page ``indices[k]`` of ``new`` (the last may be short) encoded against the same
+  bytes of ``old`` (any length: zeros past its end), as the smallest encoding in the bit
+  mask ``allowed`` (``1 << ENC_RAW | 1 << ENC_RLE | 1 << ENC_ZERO | 1 << ENC_XZR``; RAW
+  always allowed), a later one of RAW, RLE, ZERO, XZR only when strictly smaller.
+  ``encodings`` is uint8[n], ``offsets`` int64[n + 1] into the ``payload`` bytes. An index
+  outside ``new`` raises ``IndexError``.
+* ``check_pages(payload, offsets, encodings, indices, total_size, page_size, allowed,
+  previous=-1, base=None, out=None) -> (code, position, detail)``: validates stored pages
+  in order and, with ``out`` (``n * page_size`` writable bytes), decodes page k into
+  ``out[k * page_size:]`` (its length: ``min(page_size, total_size - index * page_size)``;
+  XZR pages over the same bytes of ``base``, zeros past its end). ``code`` is 0, or the
+  first failure (``PAGE_*`` below) with the page's position and a detail; ``out`` may then
+  hold partial pages but nothing outside the first ``n * page_size`` bytes is written.
+
 Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dispatch()``,
 ``_set_dispatch(name)`` (code-path selection for tests), ``NOGIL_MIN_BYTES``, and the
 ``_naive_*`` straightforward loops used as benchmark baselines.
@@ -229,3 +255,230 @@ def scatter_pages(target: BufferLike, indices: IndexLike, pages: Sequence[Buffer
             raise IndexError(f"page {i} does not fit a target of {view.nbytes} bytes")
     for i, page, size in zip(idx, pages, sizes):
         view[i * page_size : i * page_size + size] = _view(page).cast("B")
+
+
+# --------------------------------------------------------------------------------------
+# page encodings (zero pages, XOR + zero-run)
+
+ENC_RAW = 0
+ENC_RLE = 1
+ENC_ZERO = 2
+ENC_XZR = 3
+
+_XZR_MESSAGES = {
+    1: "XZR stream truncated: the varint of the pair at offset {where} is cut short",
+    2: "XZR varint in the pair at offset {where} is overlong",
+    3: "XZR pair at offset {where} has a zero literal length",
+    4: "XZR pair at offset {where} runs past the end of the {length}-byte page",
+    5: "XZR stream truncated: the literal of the pair at offset {where} is cut short",
+}
+#: A literal ends at this many equal bytes (a new pair costs at least 2 bytes of varints).
+_XZR_GAP = 3
+_VARINT_MAX = 5
+
+
+def xzr_message(rc: int, where: int, length: int) -> str:
+    return _XZR_MESSAGES[rc].format(where=where, length=length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fit(base_page: BufferLike, length: int) -> bytes:
+    raw = bytes(base_page)[:length]
+    return raw + bytes(length - len(raw))
+
+
+def xzr_encode(new_page: BufferLike, base_page: BufferLike) -> bytes:
+    new = bytes(new_page)
+    n = len(new)
+    x = bytes(a ^ b for a, b in zip(new, _fit(base_page, n)))
+    out = bytearray()
+    pos = 0
+    while pos < n:
+        s = pos
+        while s < n and x[s] == 0:
+            s += 1
+        if s == n:
+            break
+        e = s + 1
+        while e < n:
+            if x[e] != 0:
+                e += 1
+                continue
+            gap = 0
+            while e + gap < n and x[e + gap] == 0 and gap < _XZR_GAP:
+                gap += 1
+            if gap >= _XZR_GAP or e + gap == n:
+                break
+            e += gap
+        out += _varint(s - pos) + _varint(e - s) + x[s:e]
+        pos = e
+    return bytes(out)
+
+
+def _read_varint(src: bytes, i: int) -> Tuple[int, int, int]:
+    """``(rc, value, next)``: rc 0, or 1 (cut short) / 2 (overlong)."""
+    value = 0
+    for count in range(_VARINT_MAX):
+        if i >= len(src):
+            return 1, 0, i
+        byte = src[i]
+        i += 1
+        value |= (byte & 0x7F) << (7 * count)
+        if not byte & 0x80:
+            if byte == 0 and count > 0:
+                return 2, 0, i
+            return 0, value, i
+    return 2, 0, i
+
+
+def _xzr_apply(src: bytes, out: Optional[bytearray], length: int) -> Tuple[int, int]:
+    """XOR ``src``'s literals into ``out`` (or only check with ``None``): ``(rc, where)``."""
+    i = pos = 0
+    n = len(src)
+    while i < n:
+        at = i
+        rc, z, i = _read_varint(src, i)
+        if rc == 0:
+            rc, k, i = _read_varint(src, i)
+        if rc:
+            return rc, at
+        if k == 0:
+            return 3, at
+        if z > length - pos or k > length - pos - z:
+            return 4, at
+        if k > n - i:
+            return 5, at
+        pos += z
+        if out is not None:
+            for j in range(k):
+                out[pos + j] ^= src[i + j]
+        pos += k
+        i += k
+    return 0, 0
+
+
+def xzr_decode(stream: BufferLike, base_page: BufferLike, length: int) -> bytes:
+    if length < 0:
+        raise ValueError("length must be >= 0")
+    out = bytearray(_fit(base_page, length))
+    rc, where = _xzr_apply(bytes(stream), out, length)
+    if rc:
+        raise CorruptDataError(xzr_message(rc, where, length))
+    return bytes(out)
+
+
+def encode_pages(
+    old: BufferLike, new: BufferLike, indices: IndexLike, page_size: int, allowed: int
+) -> Tuple["np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", bytes]:
+    new_view, idx = _state_pages(new, indices, page_size)
+    old_raw = bytes(_view(old).cast("B"))
+    allowed |= 1 << ENC_RAW
+    encodings: List[int] = []
+    offsets = [0]
+    payload = bytearray()
+    for i in idx:
+        page = bytes(new_view[i * page_size : (i + 1) * page_size])
+        candidates = [(ENC_RAW, page)]
+        if allowed & (1 << ENC_RLE):
+            candidates.append((ENC_RLE, rle_compress(page)))
+        if allowed & (1 << ENC_ZERO) and not any(page):
+            candidates.append((ENC_ZERO, b""))
+        if allowed & (1 << ENC_XZR):
+            candidates.append((ENC_XZR, xzr_encode(page, old_raw[i * page_size : i * page_size + len(page)])))
+        best = candidates[0]
+        for candidate in candidates[1:]:
+            if len(candidate[1]) < len(best[1]):  # strictly smaller: ties keep the earlier
+                best = candidate
+        encodings.append(best[0])
+        payload += best[1]
+        offsets.append(len(payload))
+    return np.asarray(encodings, dtype=np.uint8), np.asarray(offsets, dtype=np.int64), bytes(payload)
+
+
+PAGE_OK = 0
+PAGE_INDEX_RANGE = 1
+PAGE_NOT_INCREASING = 2
+PAGE_ENCODING = 3
+PAGE_LENGTH = 4
+PAGE_RLE_CORRUPT = 5
+PAGE_RLE_SIZE = 6
+PAGE_XZR_CORRUPT = 7
+PAGE_OFFSETS = 8
+
+_RLE_CODES = {"truncated": 1, "zero run length": 2, "max_output": 3}
+
+
+def check_pages(
+    payload: BufferLike,
+    offsets: IndexLike,
+    encodings: IndexLike,
+    indices: IndexLike,
+    total_size: int,
+    page_size: int,
+    allowed: int,
+    previous: int = -1,
+    base: Optional[BufferLike] = None,
+    out: Optional[BufferLike] = None,
+) -> Tuple[int, int, int]:
+    src = bytes(_view(payload).cast("B"))
+    off = _index_list(offsets)
+    enc = [int(e) for e in np.asarray(encodings, dtype=np.uint8).reshape(-1)]
+    idx = _index_list(indices)
+    _pages(0, page_size)
+    if len(enc) != len(idx) or len(off) != len(idx) + 1:
+        raise ValueError(f"{len(idx)} indices need {len(idx)} encodings and {len(idx) + 1} offsets")
+    base_raw = b"" if base is None else bytes(_view(base).cast("B"))
+    target = None if out is None else _view(out).cast("B")
+    if target is not None and target.nbytes < len(idx) * page_size:
+        raise ValueError(f"out has {target.nbytes} bytes, {len(idx)} pages need {len(idx) * page_size}")
+    allowed |= 1 << ENC_RAW
+    for k, (index, e) in enumerate(zip(idx, enc)):
+        if not 0 <= index < -(-total_size // page_size):
+            return PAGE_INDEX_RANGE, k, index
+        if index <= previous:
+            return PAGE_NOT_INCREASING, k, previous
+        previous = index
+        if off[k] < 0 or off[k + 1] < off[k] or off[k + 1] > len(src):
+            return PAGE_OFFSETS, k, off[k + 1]
+        if e > ENC_XZR or not allowed & (1 << e):
+            return PAGE_ENCODING, k, e
+        start = index * page_size
+        length = min(page_size, total_size - start)
+        stored = src[off[k] : off[k + 1]]
+        n = len(stored)
+        if e == ENC_RAW:
+            if n != length:
+                return PAGE_LENGTH, k, n
+            page = stored
+        elif e == ENC_ZERO:
+            if n != 0:
+                return PAGE_LENGTH, k, n
+            page = bytes(length)
+        elif e == ENC_RLE:
+            if not 0 < n <= 3 * length:
+                return PAGE_LENGTH, k, n
+            try:
+                page = rle_decompress(stored, length)
+            except CorruptDataError as exc:
+                return PAGE_RLE_CORRUPT, k, next(c for t, c in _RLE_CODES.items() if t in str(exc))
+            if len(page) != length:
+                return PAGE_RLE_SIZE, k, len(page)
+        else:
+            if n > 3 * length:
+                return PAGE_LENGTH, k, n
+            buf = bytearray(_fit(base_raw[start : start + length], length))
+            rc, _ = _xzr_apply(stored, buf, length)
+            if rc:
+                return PAGE_XZR_CORRUPT, k, rc
+            page = bytes(buf)
+        if target is not None:
+            target[k * page_size : k * page_size + length] = page
+    return PAGE_OK, 0, 0

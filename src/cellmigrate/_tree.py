@@ -98,6 +98,21 @@ class TreeStream:
             if span._fill:
                 self._partial = span._partial.copy()
 
+    def update_parallel(self, view: memoryview, threads: Optional[int] = None) -> None:
+        """:meth:`update` with a whole flat byte view, its leaves hashed on up to ``threads``
+        threads (this stream must be at a leaf boundary when the view is split)."""
+        spans = plan(view.nbytes, threads, LEAF_SIZE) if self._fill == 0 else [(0, view.nbytes)]
+        if len(spans) == 1:
+            self.update(view)
+            return
+        streams = {lo: TreeStream() for lo, _ in spans}
+
+        def hash_span(lo: int, hi: int) -> None:
+            streams[lo].update(view[lo:hi])
+
+        run_spans(hash_span, spans)
+        self.join(streams[lo] for lo, _ in spans)
+
     def digest(self) -> bytes:
         """The 16-byte tree digest of everything fed so far."""
         return root(self.leaves(), self._length)
@@ -105,10 +120,6 @@ class TreeStream:
 
 def tree_digest(view: memoryview, threads: Optional[int] = None) -> bytes:
     """``xxh3_128_tree`` of a flat byte view, its leaves hashed on up to ``threads`` threads."""
-    n = view.nbytes
-
-    def leaves(lo: int, hi: int) -> List[bytes]:
-        return [_digest(view[a : min(a + LEAF_SIZE, hi)]) for a in range(lo, hi, LEAF_SIZE)]
-
-    parts = run_spans(leaves, plan(n, threads, LEAF_SIZE))
-    return root((leaf for part in parts for leaf in part), n)
+    stream = TreeStream()
+    stream.update_parallel(view, threads)
+    return stream.digest()

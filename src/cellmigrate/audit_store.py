@@ -9,6 +9,18 @@ agent id (and timestamp, for range queries). It survives the writing process bei
 killed at any moment: a committed entry is in the WAL and is recovered on the next open.
 With the default ``synchronous="FULL"`` it also survives a power loss after commit.
 
+Many processes may open and write one database at once. SQLite reports a lock held by
+another connection as ``SQLITE_BUSY`` ("database is locked"), which its documentation
+calls retryable, and it returns it *without* waiting in some places (switching a new
+file to WAL, a lock upgrade that could deadlock). So every operation here runs in short
+attempts, each waiting up to ``_ATTEMPT_WAIT`` in SQLite's busy handler, with jittered,
+doubling pauses (1 to 25 ms) between them until the sink's ``timeout``; short attempts
+also keep a waiting writer from starving behind writers that commit every few
+milliseconds (SQLite's own handler backs off to polling every 100 ms). A lock still held
+after ``timeout`` seconds, and every other failure of the database file (missing
+directory, read-only file, disk full, I/O error), raises
+:class:`~cellmigrate.errors.AuditStoreError` with the ``sqlite3`` error as its cause.
+
 >>> from cellmigrate.audit import AuditEntry, AuditEventType, MigrationAuditLog
 >>> sink = SqliteAuditSink(":memory:")
 >>> log = MigrationAuditLog.with_capacity(1, sink=sink)
@@ -24,12 +36,27 @@ import contextlib
 import io
 import json
 import os
+import random
 import sqlite3
 import threading
-from typing import Any, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+import time
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    runtime_checkable,
+)
 
 from .audit import AuditEntry, AuditEventType
-from .errors import CorruptDataError
+from .errors import AuditStoreError, CorruptDataError
 from .statefile import write_bytes_atomic
 
 __all__ = ["AuditSink", "SqliteAuditSink", "export_jsonl", "import_jsonl", "SCHEMA_VERSION"]
@@ -91,6 +118,25 @@ _COLUMNS = "migration_id, agent_id, event_type, timestamp, source_node, target_n
 _INSERT = f"INSERT INTO audit_entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+#: Seconds one attempt may wait in SQLite's busy handler before this module retries.
+_ATTEMPT_WAIT = 0.02
+#: Pauses between attempts (seconds): the first, doubled up to the last, each jittered
+#: down to half so processes that collided do not retry in lockstep.
+_PAUSE_FIRST = 0.001
+_PAUSE_MAX = 0.025
+#: SQLITE_BUSY; its extended codes (BUSY_RECOVERY, BUSY_SNAPSHOT, BUSY_TIMEOUT) share the low byte.
+_SQLITE_BUSY = 5
+
+_T = TypeVar("_T")
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` is SQLITE_BUSY, which SQLite documents as safe to retry."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return (int(code) & 0xFF) == _SQLITE_BUSY
+    return "database is locked" in str(exc)
+
 
 @contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
@@ -100,7 +146,10 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         yield
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A COMMIT refused with SQLITE_BUSY leaves the transaction open; some errors
+        # (disk full, I/O) roll it back already, and a second ROLLBACK would mask them.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
@@ -140,36 +189,84 @@ class SqliteAuditSink:
     ``path`` may be ``":memory:"`` (tests) or a file path; the file is created if missing and
     read back when it exists. ``synchronous`` is SQLite's setting: "FULL" (default) makes
     each commit survive power loss, "NORMAL" only process crashes (faster). One connection
-    is shared by all threads behind a lock; other processes may open the same file.
-    Use as a context manager or call :meth:`close`.
+    is shared by all threads behind a lock; other processes may open and write the same
+    file at the same time (see the module docstring).
+
+    ``timeout`` (seconds, default 10) bounds how long opening, and each later operation,
+    waits for locks other connections hold (SQLITE_BUSY), retried in short attempts.
+
+    Raises :class:`~cellmigrate.errors.AuditStoreError` (a ``CellError``, and a
+    ``sqlite3.OperationalError``; the ``sqlite3`` error chained as its cause) when the
+    database is still locked after ``timeout`` or cannot be opened, read or written at
+    all; :class:`~cellmigrate.errors.CorruptDataError` when the file is not an audit
+    database of this schema version. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, path: PathLike, *, synchronous: str = "FULL", timeout: float = 10.0) -> None:
         mode = synchronous.upper()
         if mode not in _SYNC_MODES:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
+        if not timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
         self._path = os.fspath(path)
+        self._timeout = float(timeout)
         self._lock = threading.Lock()
-        # isolation_level=None: autocommit, so a single INSERT is committed when execute()
-        # returns; multi-row writes use explicit BEGIN/COMMIT.
-        self._conn: Optional[sqlite3.Connection] = sqlite3.connect(
-            self._path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        self._conn: Optional[sqlite3.Connection] = None
         try:
-            self._setup(mode)
+            # isolation_level=None: autocommit, so a single INSERT is committed when
+            # execute() returns; multi-row writes use explicit BEGIN/COMMIT.
+            self._conn = self._retry(
+                "cannot open audit database",
+                lambda: sqlite3.connect(
+                    self._path,
+                    timeout=min(self._timeout, _ATTEMPT_WAIT),
+                    isolation_level=None,
+                    check_same_thread=False,
+                ),
+            )
+            # Every step of the setup is idempotent, so a step refused as busy reruns it all.
+            self._retry("cannot open audit database", lambda: self._setup(mode))
         except sqlite3.OperationalError:
-            # locked, read-only, disk full...: an environment problem, not a bad file
-            self._conn.close()
-            self._conn = None
-            raise
+            self._discard()
+            raise  # an AuditStoreError from _retry
         except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            self._conn = None
+            self._discard()
             raise CorruptDataError(f"{self._path!r} is not a usable audit database: {exc}") from None
         except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        if self._conn is not None:
             self._conn.close()
             self._conn = None
-            raise
+
+    def _retry(self, what: str, operation: Callable[[], _T]) -> _T:
+        """Run ``operation`` (safe to repeat), retrying SQLITE_BUSY until ``timeout``.
+
+        Any ``sqlite3.OperationalError`` left over becomes an :class:`AuditStoreError`
+        naming ``what`` and the path, with the original as its cause."""
+        deadline = time.monotonic() + self._timeout
+        pause = _PAUSE_FIRST
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return operation()
+            except sqlite3.OperationalError as exc:
+                if isinstance(exc, AuditStoreError):
+                    raise
+                left = deadline - time.monotonic()
+                if not _is_busy(exc):
+                    raise AuditStoreError(f"{what} {self._path!r}: {exc}", exc) from exc
+                if left <= 0:
+                    raise AuditStoreError(
+                        f"{what} {self._path!r}: still locked by another connection after "
+                        f"{self._timeout:g} s ({attempts} attempts): {exc}",
+                        exc,
+                    ) from exc
+                time.sleep(min(left, random.uniform(pause / 2, pause)))
+                pause = min(2 * pause, _PAUSE_MAX)
 
     def _setup(self, mode: str) -> None:
         conn = self._require()
@@ -181,7 +278,8 @@ class SqliteAuditSink:
         if self._path != ":memory:":
             journal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(journal).lower() != "wal":
-                raise CorruptDataError(f"could not enable WAL journaling on {self._path!r} (got {journal})")
+                # e.g. a file system without shared memory: the store, not the data, is the problem
+                raise AuditStoreError(f"could not enable WAL journaling on {self._path!r} (got {journal})")
         conn.execute(f"PRAGMA synchronous={mode}")
         with _transaction(conn):
             for statement in _SCHEMA.split(";"):
@@ -204,8 +302,11 @@ class SqliteAuditSink:
 
     def append(self, entry: AuditEntry) -> int:
         """Store one entry; returns its sequence number once it is committed."""
+        row = _row(entry)
         with self._lock:
-            cursor = self._require().execute(_INSERT, _row(entry))
+            conn = self._require()
+            # An autocommit INSERT refused as busy wrote nothing: SQLite documents it as safe to rerun.
+            cursor = self._retry("cannot write to audit database", lambda: conn.execute(_INSERT, row))
             seq = cursor.lastrowid
         assert seq is not None
         return seq
@@ -213,10 +314,14 @@ class SqliteAuditSink:
     def append_many(self, entries: Sequence[AuditEntry]) -> None:
         """Store several entries in one transaction (all or none)."""
         rows = [_row(e) for e in entries]
+
+        def write(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):  # rolled back when refused: the rerun starts clean
+                conn.executemany(_INSERT, rows)
+
         with self._lock:
             conn = self._require()
-            with _transaction(conn):
-                conn.executemany(_INSERT, rows)
+            self._retry("cannot write to audit database", lambda: write(conn))
 
     # -- reading -------------------------------------------------------------------
 
@@ -263,20 +368,20 @@ class SqliteAuditSink:
         )
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> List[AuditEntry]:
+        return [_entry(r) for r in self._read(sql, params)]
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> List[Any]:
         with self._lock:
-            rows = self._require().execute(sql, params).fetchall()
-        return [_entry(r) for r in rows]
+            conn = self._require()
+            return self._retry("cannot read audit database", lambda: conn.execute(sql, params).fetchall())
 
     def count(self) -> int:
         """Number of stored entries."""
-        with self._lock:
-            return int(self._require().execute("SELECT count(*) FROM audit_entries").fetchone()[0])
+        return int(self._read("SELECT count(*) FROM audit_entries")[0][0])
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` verdict ("ok" when the file is sound)."""
-        with self._lock:
-            rows = self._require().execute("PRAGMA integrity_check").fetchall()
-        return "\n".join(str(r[0]) for r in rows)
+        return "\n".join(str(r[0]) for r in self._read("PRAGMA integrity_check"))
 
     # -- lifetime ------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ keyed, the MAC that authenticates a delta.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import blake3 as _blake3
 import xxhash as _xxhash
@@ -15,7 +15,7 @@ import xxhash as _xxhash
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._parallel import PARALLEL_MIN_BYTES, plan, run_spans
-from ._tree import tree_digest
+from ._tree import TreeStream
 from ._types import BufferLike, IndexLike
 
 __all__ = [
@@ -102,6 +102,86 @@ def pages_checksum(pages: Sequence[BufferLike], indices: IndexLike, page_size: i
     return int(kernels.pages_checksum([as_bytes_view(p, "page") for p in pages], indices, page_size))
 
 
+def check_key(key: Optional[Any]) -> Optional[bytes]:
+    """``key`` as 32 bytes (or ``None``): ``TypeError`` for a non-buffer, ``ValueError`` for a wrong length."""
+    if key is None:
+        return None
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise TypeError(f"key must be {KEY_SIZE} bytes, not {type(key).__name__}")
+    raw = bytes(key)
+    if len(raw) != KEY_SIZE:
+        raise ValueError(f"a BLAKE3 key must be {KEY_SIZE} bytes, got {len(raw)}")
+    return raw
+
+
+class Hasher:
+    """The one streaming strong digest: ``xxh3_128_tree``, plain XXH3-128 or (keyed) BLAKE3.
+
+    :func:`digest`, the delta passes and the CLI's chunked checks all hash through it, so
+    a state has one digest whichever path computed it. ``update`` takes buffers without
+    copying and gives the same digest however the input is split. A tree hasher can be
+    :meth:`fork`-ed per leaf-aligned span (spans hashed on different threads) and
+    :meth:`join`-ed back in order, and keeps the per-leaf digest table (:meth:`leaves`).
+
+    Raises ``ValueError`` for an unknown algorithm or a key with a non-BLAKE3 algorithm
+    (a key's type and length as :func:`check_key`).
+    """
+
+    __slots__ = ("algorithm", "_h")
+
+    def __init__(self, algorithm: str, key: Optional[bytes] = None) -> None:
+        if algorithm not in DIGEST_ALGORITHMS:
+            raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
+        self.algorithm = algorithm
+        self._h: Any
+        if algorithm in ("xxh3_128_tree", "xxh3_128"):
+            if key is not None:
+                raise ValueError(f"a key needs algorithm='blake3' ({algorithm} is not a MAC)")
+            self._h = TreeStream() if algorithm == "xxh3_128_tree" else _xxhash.xxh3_128()
+        else:
+            raw = check_key(key)
+            if raw is not None:
+                self._h = _blake3.blake3(key=raw, max_threads=_blake3.blake3.AUTO)
+            else:
+                self._h = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+
+    def update(self, data: BufferLike) -> None:
+        """Feed the next bytes (any C-contiguous buffer; nothing is copied)."""
+        self._h.update(data)
+
+    def update_all(self, view: memoryview, threads: Optional[int] = None) -> None:
+        """Feed a whole flat byte view; a tree hasher splits its leaves over up to ``threads`` threads."""
+        if isinstance(self._h, TreeStream):
+            self._h.update_parallel(view, threads)
+        else:
+            self._h.update(view)
+
+    def digest(self) -> bytes:
+        """The digest of everything fed so far (16 bytes, or 32 for BLAKE3)."""
+        return bytes(self._h.digest())
+
+    @property
+    def splittable(self) -> bool:
+        """Whether spans of the input can be hashed on separate threads (leaf-aligned)."""
+        return isinstance(self._h, TreeStream)
+
+    def fork(self) -> "Hasher":
+        """A hasher for one leaf-aligned span, to :meth:`join` back in order (tree only)."""
+        if not self.splittable:
+            raise ValueError(f"{self.algorithm} is sequential: only xxh3_128_tree can be split")
+        return Hasher("xxh3_128_tree")
+
+    def join(self, spans: Sequence["Hasher"]) -> None:
+        """Take the spans' leaves, in order, as if this hasher had seen their bytes."""
+        self._h.join([span._h for span in spans])
+
+    def leaves(self) -> List[bytes]:
+        """The per-leaf digest table so far (``xxh3_128_tree`` only; see ``_tree``)."""
+        if not isinstance(self._h, TreeStream):
+            raise ValueError(f"{self.algorithm} has no leaves: only xxh3_128_tree keeps a leaf table")
+        return self._h.leaves()
+
+
 def digest(
     data: BufferLike, algorithm: str = DEFAULT_DIGEST, *, key: Optional[bytes] = None, threads: Optional[int] = None
 ) -> bytes:
@@ -114,23 +194,6 @@ def digest(
     >>> [len(digest(b"state", a)) for a in ("xxh3_128_tree", "xxh3_128", "blake3")]
     [16, 16, 32]
     """
-    if algorithm not in DIGEST_ALGORITHMS:
-        raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
-    view = as_bytes_view(data)
-    if key is not None and algorithm != "blake3":
-        raise ValueError(f"a key needs algorithm='blake3' ({algorithm} is not a MAC)")
-    if algorithm == "xxh3_128_tree":
-        return tree_digest(view, threads)
-    if algorithm == "xxh3_128":
-        return _xxhash.xxh3_128_digest(view)
-    if algorithm == "blake3":
-        if key is not None:
-            key = bytes(key)
-            if len(key) != KEY_SIZE:
-                raise ValueError(f"a BLAKE3 key must be {KEY_SIZE} bytes, got {len(key)}")
-            hasher = _blake3.blake3(key=key, max_threads=_blake3.blake3.AUTO)
-        else:
-            hasher = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
-        hasher.update(view)
-        return hasher.digest()
-    raise AssertionError(algorithm)  # every name in DIGEST_ALGORITHMS is handled above
+    hasher = Hasher(algorithm, key)
+    hasher.update_all(as_bytes_view(data), threads)
+    return hasher.digest()

@@ -293,8 +293,7 @@ def chunked_checksum(
     Gives exactly :func:`cellmigrate.simple_checksum` / :func:`cellmigrate.digest`: the
     weighted sum is positional (``offset=``) and the digests are streaming hashers.
     """
-    from .checksum import simple_checksum
-    from .delta import _Hasher
+    from .checksum import Hasher, simple_checksum
 
     with memoryview(buf) as whole:
         view = whole.cast("B") if whole.format != "B" else whole
@@ -306,7 +305,7 @@ def chunked_checksum(
                 if on_chunk is not None:
                     on_chunk(min(chunk, n - pos))
             return total
-        hasher = _Hasher(algorithm, key)  # the streaming hashers deltas are made with
+        hasher = Hasher(algorithm, key)  # the one streaming hasher digests and deltas use
         for pos in range(0, n, chunk):
             hasher.update(view[pos:pos + chunk])
             if on_chunk is not None:

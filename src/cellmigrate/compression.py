@@ -3,7 +3,10 @@
 RLE is ours (bit-exact with the Rust crate, strict decoder). LZ4 and zstd come from the
 maintained ``lz4`` and ``zstandard`` packages. Every decoder takes ``max_output`` so a
 hostile stream cannot make it allocate without limit, and every undecodable input raises
-:class:`~cellmigrate.errors.CorruptDataError`.
+:class:`~cellmigrate.errors.CorruptDataError`. An input over a method's hard size limit
+(only LZ4 has one: :data:`LZ4_MAX_INPUT_SIZE`) raises
+:class:`~cellmigrate.errors.InputTooLargeError` from that method, and the adaptive
+functions simply do not try that method for it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import zstandard as _zstd
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._types import BufferLike
-from .errors import CorruptDataError
+from .errors import CorruptDataError, InputTooLargeError
 
 __all__ = [
     "CompressionMethod",
@@ -32,6 +35,7 @@ __all__ = [
     "adaptive_compress",
     "adaptive_compress_aggressive",
     "adaptive_decompress",
+    "LZ4_MAX_INPUT_SIZE",
 ]
 
 ZSTD_DEFAULT_LEVEL = 3
@@ -41,6 +45,10 @@ _NO_ZSTD_BELOW = 4096
 _ZSTD_BOUNDED_PIECE = 1024
 # An LZ4 block expands at most ~255x (a match length byte per 255 output bytes).
 _LZ4_MAX_RATIO = 255
+#: Largest input (bytes) one LZ4 block can hold: ``LZ4_MAX_INPUT_SIZE`` of lz4.h,
+#: 0x7E000000 = 2 113 929 216 (the ``lz4`` package enforces it but does not export it;
+#: the size prefix is a signed 32-bit int).
+LZ4_MAX_INPUT_SIZE = 0x7E000000
 
 
 class CompressionMethod(enum.IntEnum):
@@ -94,8 +102,19 @@ def simple_decompress(data: BufferLike, *, max_output: Optional[int] = None) -> 
 
 
 def lz4_compress(data: BufferLike) -> bytes:
-    """LZ4 block with its uncompressed size prepended (4 bytes, little-endian)."""
-    return bytes(_lz4_block.compress(as_bytes_view(data), store_size=True))
+    """LZ4 block with its uncompressed size prepended (4 bytes, little-endian).
+
+    Raises :class:`~cellmigrate.errors.InputTooLargeError` (a ``CellError`` and a
+    ``ValueError``) for more than :data:`LZ4_MAX_INPUT_SIZE` bytes (0x7E000000), the
+    most one LZ4 block can hold; nothing is read then. Use zstd for larger inputs.
+    """
+    view = as_bytes_view(data)
+    try:
+        _check_fits(CompressionMethod.LZ4, view.nbytes)
+    except InputTooLargeError:
+        view.release()  # the traceback must not pin the caller's buffer (an mmap could not close)
+        raise
+    return bytes(_lz4_block.compress(view, store_size=True))
 
 
 def lz4_decompress(data: BufferLike, *, max_output: Optional[int] = None) -> bytes:
@@ -173,6 +192,28 @@ def zstd_decompress(data: BufferLike, *, max_output: Optional[int] = None) -> by
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+#: Hard input limits (bytes) of the methods that have one; the others are bounded by
+#: memory only (RLE: 64-bit sizes; zstd: far beyond any state). The adaptive functions
+#: and the methods themselves read the limits from here.
+_MAX_INPUT = {CompressionMethod.LZ4: LZ4_MAX_INPUT_SIZE}
+
+
+def _fits(method: CompressionMethod, size: int) -> bool:
+    limit = _MAX_INPUT.get(method)
+    return limit is None or size <= limit
+
+
+def _check_fits(method: CompressionMethod, size: int) -> None:
+    if not _fits(method, size):
+        limit = _MAX_INPUT[method]
+        raise InputTooLargeError(
+            f"{method.label} cannot compress {size} bytes: one LZ4 block holds at most {limit} bytes "
+            f"(0x{limit:X}, LZ4_MAX_INPUT_SIZE); use zstd or compress in smaller pieces",
+            size=size,
+            limit=limit,
+        )
+
+
 def _compress_with(data: BufferLike, method: CompressionMethod) -> bytes:
     if method is CompressionMethod.RLE:
         return simple_compress(data)
@@ -183,9 +224,11 @@ def _compress_with(data: BufferLike, method: CompressionMethod) -> bytes:
     return zstd_compress(data, ZSTD_HIGH_LEVEL)
 
 
-def _smallest(data: BufferLike, methods: Tuple[CompressionMethod, ...]) -> Tuple[bytes, CompressionMethod]:
+def _smallest(data: memoryview, methods: Tuple[CompressionMethod, ...]) -> Tuple[bytes, CompressionMethod]:
     best: Optional[Tuple[bytes, CompressionMethod]] = None
     for method in methods:
+        if not _fits(method, data.nbytes):
+            continue  # RLE has no limit, so some method always remains
         payload = _compress_with(data, method)
         # Strictly smaller wins, so ties keep the earlier (cheaper) method.
         if best is None or len(payload) < len(best[0]):
@@ -198,7 +241,9 @@ def adaptive_compress(data: BufferLike) -> Tuple[bytes, CompressionMethod]:
     """Pick the smallest of the methods worth trying for this size.
 
     Under 256 bytes RLE only; under 4096 the smaller of RLE and LZ4; otherwise the
-    smallest of RLE, LZ4 and zstd (level 3). Ties keep the earlier method.
+    smallest of RLE, LZ4 and zstd (level 3). Ties keep the earlier method. LZ4 is not
+    tried for inputs over :data:`LZ4_MAX_INPUT_SIZE` (0x7E000000 bytes), which one LZ4
+    block cannot hold.
     """
     view = as_bytes_view(data)
     if view.nbytes < _RLE_ONLY_BELOW:
@@ -209,7 +254,10 @@ def adaptive_compress(data: BufferLike) -> Tuple[bytes, CompressionMethod]:
 
 
 def adaptive_compress_aggressive(data: BufferLike) -> Tuple[bytes, CompressionMethod]:
-    """Try all four methods and keep the smallest (ties keep the earlier one)."""
+    """Try all four methods and keep the smallest (ties keep the earlier one).
+
+    As in :func:`adaptive_compress`, LZ4 is skipped above :data:`LZ4_MAX_INPUT_SIZE`.
+    """
     return _smallest(as_bytes_view(data), tuple(CompressionMethod))
 
 

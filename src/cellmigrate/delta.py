@@ -14,293 +14,40 @@
 
 from __future__ import annotations
 
-import bisect
 import hmac
-import inspect
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
-import blake3 as _blake3
 import numpy as np
 import numpy.typing as npt
-import xxhash as _xxhash
 
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
-from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
-from ._tree import LEAF_SIZE, TreeStream
+from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan
 from ._types import BufferLike
-from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, KEY_SIZE, PAGE_SIZE
+from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
 from .errors import CorruptDataError, InvalidStateError
-from .progress import ProgressEventKind, byte_progress
+from .progress import ProgressEventKind
 
-__all__ = ["DirtyPage", "DeltaSnapshot"]
+__all__ = ["DirtyPage", "DeltaSnapshot", "DEFAULT_MAX_GROW_SIZE"]
 
-#: Internal form of progress: ``report(bytes_done, bytes_total)``, called from the calling
-#: thread between chunks. Callers pass either that or an event callback (see
-#: :func:`_byte_reporter`).
-ProgressCallback = Callable[[int, int], None]
-
-
-def _takes_done_total(callback: Callable[..., Any]) -> bool:
-    """Whether ``callback`` wants ``(done, total)``: exactly two required positional parameters."""
-    try:
-        params = inspect.signature(callback).parameters.values()
-    except (TypeError, ValueError):  # some builtins have no signature: treat as an event callback
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [p for p in params if p.kind in positional and p.default is inspect.Parameter.empty]
-    return len(required) == 2
-
-
-def _byte_reporter(
-    progress: Optional[Callable[..., Any]], agent_id: bytes, kind: ProgressEventKind
-) -> Optional[ProgressCallback]:
-    """The ``(done, total)`` reporter for ``progress``.
-
-    A callable taking two positional arguments gets byte counts as they are; any other
-    callable is an event callback (SPEC: the same callbacks as
-    :class:`~cellmigrate.MigrationProgressTracker`) and gets ``kind`` events whose percent
-    only moves forward, through :func:`~cellmigrate.byte_progress`.
-    """
-    if progress is None:
-        return None
-    if not callable(progress):
-        raise TypeError(f"progress must be callable, not {type(progress).__name__}")
-    if _takes_done_total(progress):
-        return cast(ProgressCallback, progress)
-    return byte_progress(progress, agent_id, kind)
+#: Largest size (bytes) :meth:`DeltaSnapshot.apply` grows a short ``bytearray`` base to
+#: unless the caller passes ``max_size``: 1 GiB, the Rust crate's default node limit
+#: (``NodeCapabilities.new().max_state_size``). A delta's ``total_size`` is only as
+#: trustworthy as its digest (the weak checksum ignores trailing zeros), so growth in
+#: memory is bounded by what the *caller* allows, never by what the delta declares.
+DEFAULT_MAX_GROW_SIZE = 1 << 30
 
 _MASK32 = 0xFFFFFFFF
-_MASK64 = 0xFFFFFFFFFFFFFFFF
-#: Bytes per fused step: small enough that a chunk the page comparison (or the checksum)
-#: just read from memory is still in this core's cache when the hasher reads it again,
-#: big enough that the Python loop costs nothing next to the kernels.
-_CHUNK = 1 << 20
-#: Progress is reported about this often (bytes).
-_REPORT = 16 << 20
-#: With a strong digest the hasher is sequential. On big states the calling thread
-#: hashes chunk by chunk while a helper thread checks (compares/checksums) chunks just
-#: ahead of it, at most ``_HELP_WINDOW`` chunks ahead so the hasher finds them in the
-#: shared cache; a chunk the helper has not reached is checked by the hashing thread
-#: right after hashing it (from its own cache). Measured on the 2-vCPU dev VM against a
-#: fixed split and a strict pipeline: this was the best or near it both with the second
-#: vCPU free and with it busy, because the split adapts to the CPU the helper gets.
-#: 1 MiB chunks (window 16 MiB) beat 512 KiB (window 32) on a 1 GiB apply, best of 7,
-#: three alternations: 10.1-10.4 vs 9.1-9.5 GB/s (plain XXH3-128 alone: 11.7-11.9);
-#: create was unchanged (7.7-8.3 either way).
-_HELP_CHUNK = 1 << 20
-_HELP_WINDOW = 16
-_ZEROS = memoryview(bytes(_CHUNK))
-
-
-def _plan(total: int, align: int = PAGE_SIZE) -> List[Tuple[int, int]]:
-    """``align``-aligned spans of ``[0, total)``, one per thread (one span: the calling thread only)."""
-    threads = max_threads()
-    if threads <= 1 or total < PARALLEL_MIN_BYTES:
-        return [(0, total)]
-    per_thread = -(-total // threads)
-    step = -(-per_thread // align) * align
-    return [(lo, min(lo + step, total)) for lo in range(0, total, step)]
-
-
-def _spans(total: int, hasher: Optional["_Hasher"]) -> List[Tuple[int, int]]:
-    """How a pass over ``total`` bytes splits over threads: pages without a hasher, 1 MiB
-    leaves with a tree hasher, not at all with a sequential one."""
-    if hasher is None:
-        return _plan(total)
-    return _plan(total, LEAF_SIZE) if hasher.splittable else [(0, total)]
-
-
-def _sinks(hasher: Optional["_Hasher"], spans: List[Tuple[int, int]]) -> Dict[int, Optional["_Hasher"]]:
-    """The hasher each span feeds: the one given, or with several spans a fork per span."""
-    if hasher is None or len(spans) == 1:
-        return {lo: hasher for lo, _ in spans}
-    return {lo: hasher.fork() for lo, _ in spans}
-
-
-def _join(hasher: Optional["_Hasher"], sinks: Dict[int, Optional["_Hasher"]], spans: List[Tuple[int, int]]) -> None:
-    if hasher is not None and len(spans) > 1:
-        hasher.join([cast("_Hasher", sinks[lo]) for lo, _ in spans])
-
-
-def _span_reporters(
-    progress: Optional[ProgressCallback], spans: List[Tuple[int, int]]
-) -> Dict[int, Optional[ProgressCallback]]:
-    """Per-span ``(end, total)`` reporters for spans run on several threads.
-
-    Callbacks run on the calling thread only (as documented), which runs the first span:
-    every span records how far it got, and the first one reports the sum, so a bar
-    moves with all threads' work instead of stopping at the first span's share.
-    """
-    if progress is None or len(spans) == 1:
-        return {lo: progress for lo, _ in spans}
-    report_to: ProgressCallback = progress
-    done = {lo: 0 for lo, _ in spans}
-    first = spans[0][0]
-
-    def reporter(lo: int) -> ProgressCallback:
-        def report(end: int, total: int) -> None:
-            done[lo] = end - lo
-            if lo == first:
-                report_to(sum(done.values()), total)
-
-        return report
-
-    return {lo: reporter(lo) for lo, _ in spans}
-
-
-def _paired() -> bool:
-    """Whether a big hashing pass gets a second thread (the checks run beside the hasher)."""
-    return max_threads() > 1
-
-
-T = TypeVar("T")
-L = TypeVar("L")
-
-
-class _Claims:
-    """Chunks of a pass that a hashing thread (the lead) walks in order while a helper
-    thread checks chunks a little ahead of it. Each chunk is checked by whoever claims it
-    first: the helper claims the next unclaimed chunk (at most ``window`` chunks ahead of
-    the lead, so the lead finds the bytes in the shared cache); the lead checks a chunk
-    itself, right after hashing it, when the helper has not got there. So the split
-    adapts: with a free core the helper takes most chunks, without one the lead does.
-    """
-
-    def __init__(self, count: int, window: int) -> None:
-        self._cond = threading.Condition()
-        self._next = 0  # first unclaimed chunk
-        self._lead = 0  # chunk the lead is at
-        self._count = count
-        self._window = window
-        self._helper_waiting = False
-        self._stopped = False
-
-    def lead_at(self, k: int) -> bool:
-        """The lead reached chunk ``k``: True when it must check the chunk itself."""
-        with self._cond:
-            self._lead = k
-            if self._helper_waiting:
-                self._cond.notify()
-            if self._next <= k:
-                self._next = k + 1
-                return True
-            return False
-
-    def helper_claim(self) -> Optional[int]:
-        """The next chunk for the helper, or None when every chunk is claimed."""
-        with self._cond:
-            while not self._stopped and self._next < self._count:
-                if self._next - self._lead <= self._window:
-                    k = self._next
-                    self._next += 1
-                    return k
-                self._helper_waiting = True
-                self._cond.wait()
-                self._helper_waiting = False
-            return None
-
-    def stop(self) -> None:
-        """The lead is done (or failed): the helper claims nothing more."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-
-
-def _with_helper(lead: Callable[[_Claims], L], helper: Callable[[_Claims], T], count: int) -> Tuple[L, T]:
-    """Run ``lead`` on this thread and ``helper`` on the shared pool over ``count`` chunks."""
-    claims = _Claims(count, _HELP_WINDOW)
-
-    def run(who: int) -> Any:
-        if who == 1:
-            return helper(claims)
-        try:
-            return lead(claims)
-        finally:
-            claims.stop()
-
-    # run_spans runs the first "span" on this thread and the second on the shared pool.
-    first, second = run_spans(lambda who, _unused: run(who), [(0, 0), (1, 0)])
-    return first, second
-
-
-def _state_pages_checksum(view: memoryview, indices: npt.NDArray[np.int64]) -> int:
-    """Sum of the positioned checksums of ``view``'s pages at ``indices`` (last may be short)."""
-    return int(kernels.state_pages_checksum(view, indices, PAGE_SIZE)) if len(indices) else 0
-
-
-def _pages_checksum(pages: Sequence[bytes], indices: npt.NDArray[np.int64]) -> int:
-    """Sum of each page's checksum positioned at ``index * PAGE_SIZE``."""
-    return int(kernels.pages_checksum(pages, indices, PAGE_SIZE)) if len(indices) else 0
-
-
-def _before_end(report: Optional[ProgressCallback]) -> Optional[ProgressCallback]:
-    """``report`` held one byte short of the end: verification is not the finished apply."""
-    if report is None:
-        return None
-    inner = report
-
-    def held(done: int, total: int) -> None:
-        inner(min(done, max(total - 1, 0)), total)
-
-    return held
+#: A base grows by appending this shared zero chunk (no temporary of the grown size).
+_GROW_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_GROW_CHUNK))
 
 
 def _now() -> int:
     return int(time.time())
-
-
-class _Hasher:
-    """Streaming XXH3-128 (plain or over leaves) or (keyed) BLAKE3; ``update`` takes
-    buffers without copying."""
-
-    def __init__(self, algorithm: str, key: Optional[bytes]) -> None:
-        self._h: Any
-        if algorithm in ("xxh3_128_tree", "xxh3_128"):
-            if key is not None:
-                raise ValueError(f"a key needs algorithm='blake3' ({algorithm} is not a MAC)")
-            self._h = TreeStream() if algorithm == "xxh3_128_tree" else _xxhash.xxh3_128()
-        elif algorithm == "blake3":
-            if key is not None:
-                self._h = _blake3.blake3(key=key, max_threads=_blake3.blake3.AUTO)
-            else:
-                self._h = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
-        else:
-            raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
-
-    def update(self, data: BufferLike) -> None:
-        self._h.update(data)
-
-    def digest(self) -> bytes:
-        return bytes(self._h.digest())
-
-    @property
-    def splittable(self) -> bool:
-        """Whether spans of the input can be hashed on separate threads (leaf-aligned)."""
-        return isinstance(self._h, TreeStream)
-
-    def fork(self) -> "_Hasher":
-        """A hasher for one leaf-aligned span, to :meth:`join` back in order."""
-        return _Hasher("xxh3_128_tree", None)
-
-    def join(self, spans: Sequence["_Hasher"]) -> None:
-        """Take the spans' leaves, in order, as if this hasher had seen their bytes."""
-        self._h.join([span._h for span in spans])
-
-
-def _check_key(key: Optional[Any]) -> Optional[bytes]:
-    if key is None:
-        return None
-    if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise TypeError(f"key must be {KEY_SIZE} bytes, not {type(key).__name__}")
-    raw = bytes(key)
-    if len(raw) != KEY_SIZE:
-        raise ValueError(f"a BLAKE3 key must be {KEY_SIZE} bytes, got {len(raw)}")
-    return raw
 
 
 def _page_length(index: int, total_size: int) -> int:
@@ -383,103 +130,6 @@ class DirtyPage:
         return f"DirtyPage(index={self.index}, data=<{len(self.data)} bytes>, compressed={self.compressed})"
 
 
-# --------------------------------------------------------------------------------------
-# create: page comparison + checksum (+ digest) sharing one read of the data
-# --------------------------------------------------------------------------------------
-
-_Found = Tuple[List[npt.NDArray[np.int64]], int]
-
-
-def _scan_chunk(old: memoryview, new: memoryview, lo: int, hi: int) -> Tuple[npt.NDArray[np.int64], int]:
-    """Dirty page indices (absolute) and positioned checksum of ``new[lo:hi]`` (``lo`` aligned)."""
-    # One pass: the kernel compares and checksums each block while it is in registers.
-    idx, part = kernels.dirty_pages_checksum(old[lo:hi], new[lo:hi], PAGE_SIZE, lo)
-    return (idx + lo // PAGE_SIZE if lo and len(idx) else idx), int(part)
-
-
-def _scan_alone(
-    old: memoryview, new: memoryview, lo: int, hi: int, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]
-) -> _Found:
-    """``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if asked) right
-    after the comparison read it, from cache."""
-    step = _CHUNK if hasher is not None else _REPORT
-    found: List[npt.NDArray[np.int64]] = []
-    total = 0
-    for a in range(lo, hi, step):
-        b = min(a + step, hi)
-        idx, part = _scan_chunk(old, new, a, b)
-        if len(idx):
-            found.append(idx)
-        total += part
-        if hasher is not None:
-            hasher.update(new[a:b])
-        if progress is not None:
-            progress(b, new.nbytes)
-    return found, total & _MASK32
-
-
-def _scan_claimed(
-    old: memoryview, new: memoryview, hasher: "_Hasher", progress: Optional[ProgressCallback]
-) -> Tuple[_Found, _Found]:
-    """Hash ``new`` on this thread with a helper scanning chunks ahead (see :class:`_Claims`)."""
-    n = new.nbytes
-    step = _HELP_CHUNK
-    count = -(-n // step)
-
-    def lead(claims: _Claims) -> _Found:
-        found: List[npt.NDArray[np.int64]] = []
-        total = 0
-        reported = 0
-        for k in range(count):
-            a, b = k * step, min((k + 1) * step, n)
-            own = claims.lead_at(k)
-            hasher.update(new[a:b])
-            if own:
-                idx, part = _scan_chunk(old, new, a, b)
-                if len(idx):
-                    found.append(idx)
-                total += part
-            if progress is not None and b - reported >= _REPORT:
-                reported = b
-                progress(b, n)
-        return found, total & _MASK32
-
-    def helper(claims: _Claims) -> _Found:
-        found: List[npt.NDArray[np.int64]] = []
-        total = 0
-        while (k := claims.helper_claim()) is not None:
-            idx, part = _scan_chunk(old, new, k * step, min((k + 1) * step, n))
-            if len(idx):
-                found.append(idx)
-            total += part
-        return found, total & _MASK32
-
-    return _with_helper(lead, helper, count)
-
-
-def _scan(
-    old: memoryview, new: memoryview, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]
-) -> Tuple[npt.NDArray[np.int64], int]:
-    """All dirty page indices (ascending) and ``simple_checksum(new)``; feeds ``hasher``."""
-    n = new.nbytes
-    if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
-        parts = list(_scan_claimed(old, new, hasher, progress))
-    else:
-        # Independent spans: checksums add up, indices concatenate, and a tree hasher's
-        # leaves, hashed by each thread while its scan has them in cache, join in order.
-        spans = _spans(n, hasher)
-        sinks, reports = _sinks(hasher, spans), _span_reporters(progress, spans)
-        parts = run_spans(lambda a, b: _scan_alone(old, new, a, b, sinks[a], reports[a]), spans)
-        _join(hasher, sinks, spans)
-    if progress is not None:
-        progress(n, n)
-    found = [a for f, _ in parts for a in f]
-    checksum = sum(c for _, c in parts) & _MASK32
-    indices = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-    indices.sort()  # two threads may have found them chunk by chunk in either order
-    return indices.astype(np.int64, copy=False), checksum
-
-
 def _compress_pages(pages: Sequence[bytes]) -> List[Tuple[bytes, bool]]:
     out: List[Tuple[bytes, bool]] = []
     for raw in pages:
@@ -488,133 +138,21 @@ def _compress_pages(pages: Sequence[bytes]) -> List[Tuple[bytes, bool]]:
     return out
 
 
-# --------------------------------------------------------------------------------------
-# apply: checksum and digest of the result, computed without writing it
-# --------------------------------------------------------------------------------------
-
-
-class _Result:
-    """The would-be result of an apply: the base with the delta's pages laid over it.
-
-    ``view`` holds ``size`` bytes; past it (a short base that will grow) the result is
-    zeros. ``starts`` are the sorted pages' byte offsets.
-    """
-
-    def __init__(self, view: memoryview, total: int, indices: List[int], pages: List[bytes]) -> None:
-        self.view = view
-        self.size = view.nbytes
-        self.total = total
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.starts = self.indices * PAGE_SIZE
-        self.start_list: List[int] = self.starts.tolist()  # plain ints for the Python loop
-        self.pages = pages
-
-    def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:
-        """Index range of the pages starting in ``[lo, hi)``."""
-        return bisect.bisect_left(self.start_list, lo), bisect.bisect_left(self.start_list, hi)
-
-    def checksum_span(self, lo: int, hi: int) -> int:
-        """Checksum of result bytes ``[lo, hi)``: base part, minus the replaced pages' old
-        bytes, plus the new pages (the checksum is linear in the bytes)."""
-        total = 0
-        if lo < self.size:
-            total = int(kernels.checksum(self.view[lo : min(hi, self.size)], lo))
-        return (total + self.pages_adjustment(lo, hi)) & _MASK32
-
-    def pages_adjustment(self, lo: int, hi: int) -> int:
-        """New pages' checksums minus the base bytes they replace, for pages in ``[lo, hi)``."""
-        ka, kb = self._pages_in(lo, hi)
-        if ka == kb:
-            return 0
-        idx = self.indices[ka:kb]
-        # Pages (partly) over base bytes; past the end of a short base there is nothing to take out.
-        covered = idx if self.size == self.total else idx[self.starts[ka:kb] < self.size]
-        return (_pages_checksum(self.pages[ka:kb], idx) - _state_pages_checksum(self.view, covered)) & _MASK32
-
-    def hash_span(self, hasher: "_Hasher", lo: int, hi: int) -> None:
-        """Feed result bytes ``[lo, hi)`` to ``hasher`` (base runs, zeros, new pages, in order).
-
-        A streaming hash gives the same digest however its input is split, so nothing
-        is assembled: clean runs are passed as views of the base."""
-        k, kb = self._pages_in(lo, hi)
-        starts, pages, view, size = self.start_list, self.pages, self.view, self.size
-        pos = lo
-        while pos < hi:
-            if k < kb and starts[k] == pos:
-                page = pages[k]
-                hasher.update(page)
-                pos += len(page)
-                k += 1
-                continue
-            stop = starts[k] if k < kb else hi
-            if pos < size:
-                end = min(stop, size)
-                hasher.update(view[pos:end])
-                pos = end
-            while pos < stop:
-                end = min(stop, pos + _CHUNK)
-                hasher.update(_ZEROS[: end - pos])
-                pos = end
-
-    def checksum_alone(self, lo: int, hi: int, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]) -> int:
-        """Checksum of ``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if
-        asked) right after the checksum read it, from cache."""
-        step = _CHUNK if hasher is not None else _REPORT
-        checksum = 0
-        for a in range(lo, hi, step):
-            b = min(a + step, hi)
-            if a < self.size:
-                checksum += int(kernels.checksum(self.view[a : min(b, self.size)], a))
-            if hasher is not None:
-                self.hash_span(hasher, a, b)
-            if progress is not None:
-                progress(b, self.total)
-        return (checksum + self.pages_adjustment(lo, hi)) & _MASK32
-
-    def claimed(self, hasher: "_Hasher", progress: Optional[ProgressCallback]) -> int:
-        """Checksum of the result with a helper thread (see :class:`_Claims`)."""
-        total, size, step = self.total, self.size, _HELP_CHUNK
-        count = -(-total // step)
-
-        def base_sum(k: int) -> int:
-            a, b = k * step, min((k + 1) * step, size)
-            return int(kernels.checksum(self.view[a:b], a)) if a < b else 0
-
-        def lead(claims: _Claims) -> int:
-            checksum = 0
-            reported = 0
-            for k in range(count):
-                a, b = k * step, min((k + 1) * step, total)
-                own = claims.lead_at(k)
-                self.hash_span(hasher, a, b)
-                if own:
-                    checksum += base_sum(k)
-                if progress is not None and b - reported >= _REPORT:
-                    reported = b
-                    progress(b, total)
-            return checksum
-
-        def helper(claims: _Claims) -> int:
-            checksum = 0
-            while (k := claims.helper_claim()) is not None:
-                checksum += base_sum(k)
-            return checksum
-
-        mine, theirs = _with_helper(lead, helper, count)
-        return (mine + theirs + self.pages_adjustment(0, total)) & _MASK32
-
-    def checks(self, hasher: Optional["_Hasher"], progress: Optional[ProgressCallback]) -> int:
-        """Checksum of the whole result; ``hasher`` (if any) sees every byte, in order."""
-        total = self.total
-        if hasher is not None and not hasher.splittable and total >= PARALLEL_MIN_BYTES and _paired():
-            return self.claimed(hasher, progress)
-        # Independent spans, as in create's scan: each thread checksums its span and
-        # hashes its own leaves (tree digest) from cache.
-        spans = _spans(total, hasher)
-        sinks, reports = _sinks(hasher, spans), _span_reporters(progress, spans)
-        parts = run_spans(lambda a, b: self.checksum_alone(a, b, sinks[a], reports[a]), spans)
-        _join(hasher, sinks, spans)
-        return sum(parts) & _MASK32
+def _grow_zeros(base: bytearray, total: int) -> None:
+    """Extend ``base`` with zeros to ``total`` bytes, or leave it as it was and raise
+    :class:`InvalidStateError` (a view of it is alive, or memory runs out)."""
+    size = len(base)
+    try:
+        # In place, from a shared zero chunk: no temporary of the grown size.
+        while len(base) < total:
+            base += _ZEROS[: min(_GROW_CHUNK, total - len(base))]
+    except BufferError as exc:
+        raise InvalidStateError(f"Base state is too small and cannot be grown: {exc}") from None
+    except MemoryError:
+        del base[size:]
+        raise InvalidStateError(
+            f"Out of memory growing the base from {size} to {total} bytes; base left unchanged"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -718,8 +256,8 @@ class DeltaSnapshot:
         ``(bytes_done, bytes_total)``; it is called from this thread between chunks.
         """
         agent = to_id(agent_id, "agent_id")
-        report = _byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
-        delta, _, _ = cls._create_checked(agent, old_state, new_state, base_sequence, sequence, digest, key, report)
+        report = byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
+        delta, _ = cls._create_checked(agent, old_state, new_state, base_sequence, sequence, digest, key, report)
         return delta
 
     @classmethod
@@ -733,9 +271,9 @@ class DeltaSnapshot:
         digest: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback] = None,
-    ) -> Tuple["DeltaSnapshot", npt.NDArray[np.int64], List[bytes]]:
+    ) -> Tuple["DeltaSnapshot", Scan]:
         """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`."""
-        raw_key = _check_key(key)
+        raw_key = check_key(key)
         algorithm = digest
         if algorithm is not None and algorithm not in DIGEST_SIZES:
             raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {DIGEST_ALGORITHMS}")
@@ -756,18 +294,20 @@ class DeltaSnapshot:
         algorithm: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback],
-    ) -> Tuple["DeltaSnapshot", npt.NDArray[np.int64], List[bytes]]:
-        """``create`` that also returns the dirty indices and raw pages (for the tracker)."""
+    ) -> Tuple["DeltaSnapshot", Scan]:
+        """``create`` that also returns what the scan found: the dirty pages as copied,
+        which the delta describes (the tracker keeps them as its next base)."""
         old = as_bytes_view(old_state, "old_state")
         new = as_bytes_view(new_state, "new_state")
         if old.nbytes != new.nbytes:
             raise InvalidStateError(
                 f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, new state has {new.nbytes} bytes)"
             )
-        hasher = None if algorithm is None else _Hasher(algorithm, key)
-        indices, checksum = _scan(old, new, hasher, progress)
-        raw_pages: List[bytes] = list(kernels.gather_pages(new, indices, PAGE_SIZE))
-        pages = [DirtyPage(int(i), data, packed) for i, (data, packed) in zip(indices, _compress_pages(raw_pages))]
+        hasher = None if algorithm is None else Hasher(algorithm, key)
+        found = scan(old, new, hasher, progress)
+        pages = [
+            DirtyPage(int(i), data, packed) for i, (data, packed) in zip(found.indices, _compress_pages(found.pages))
+        ]
         value = None if hasher is None else hasher.digest()
         delta = cls(
             agent_id=agent,
@@ -776,12 +316,12 @@ class DeltaSnapshot:
             dirty_pages=pages,
             total_size=new.nbytes,
             timestamp=_now(),
-            checksum=checksum,
+            checksum=found.checksum,
             digest_algorithm=algorithm,
             digest=value,
             keyed=key is not None,
         )
-        return delta, indices, raw_pages
+        return delta, found
 
     # -- apply -------------------------------------------------------------------------
 
@@ -838,7 +378,12 @@ class DeltaSnapshot:
                 )
 
     def apply(
-        self, base: BufferLike, *, key: Optional[bytes] = None, progress: Optional[Callable[..., Any]] = None
+        self,
+        base: BufferLike,
+        *,
+        key: Optional[bytes] = None,
+        progress: Optional[Callable[..., Any]] = None,
+        max_size: int = DEFAULT_MAX_GROW_SIZE,
     ) -> None:
         """Write the delta's pages into ``base``, after verifying everything.
 
@@ -850,12 +395,23 @@ class DeltaSnapshot:
         :class:`InvalidStateError` saying which check failed, and ``base`` is left
         byte-for-byte unchanged (and not grown). A read-only buffer raises ``TypeError``.
 
+        ``max_size`` (bytes, default :data:`DEFAULT_MAX_GROW_SIZE` = 1 GiB) bounds the
+        size a short ``bytearray`` base may be grown to: a delta whose ``total_size`` is
+        larger raises :class:`InvalidStateError` naming ``max_size`` before anything is
+        read or allocated (a checksum-only delta's ``total_size`` is not authenticated by
+        anything: its weak checksum ignores trailing zeros). A base that already has
+        ``total_size`` bytes is written in place and is not bounded by it. If growing
+        the base runs out of memory, the base is shrunk back to its old length and
+        :class:`InvalidStateError` is raised (never a raw ``MemoryError``).
+
         ``progress`` is an event callback (RESTORING events, percent 0..100) or a
         callable taking ``(bytes_done, bytes_total)``; 100% is reported only once the
         pages are written.
         """
-        raw_key = _check_key(key)
-        report = _byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
+        raw_key = check_key(key)
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
+            raise ValueError(f"max_size must be an int >= 0 (bytes), got {max_size!r}")
+        report = byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
         view = as_writable_view(base, "base")
         size, total = view.nbytes, self.total_size
         if size > total:
@@ -867,11 +423,16 @@ class DeltaSnapshot:
                 f"Base state is too small: base has {size} bytes, delta expects {total}, "
                 f"and a {type(base).__name__} cannot be resized"
             )
+        if size < total and total > max_size:
+            raise InvalidStateError(
+                f"Delta would grow the base from {size} to {total} bytes, over max_size={max_size} bytes "
+                f"(pass a larger max_size to allow it)"
+            )
         self._check_key_policy(raw_key)
         indices, pages = self._decoded_pages()
-        hasher = None if self.digest_algorithm is None else _Hasher(self.digest_algorithm, raw_key)
-        result = _Result(view, total, indices, pages)
-        checksum = result.checks(hasher, _before_end(report))
+        hasher = None if self.digest_algorithm is None else Hasher(self.digest_algorithm, raw_key)
+        result = Result(view, total, indices, pages)
+        checksum = result.checks(hasher, before_end(report))
         value = None if hasher is None else hasher.digest()
         del result  # drops its views of the base, so a bytearray can grow
         if checksum != self.checksum:
@@ -888,10 +449,7 @@ class DeltaSnapshot:
         # Everything checked: now (and only now) write.
         if size < total:
             view.release()
-            try:
-                base.extend(bytes(total - size))  # type: ignore[union-attr]  # a bytearray (checked above)
-            except BufferError as exc:
-                raise InvalidStateError(f"Base state is too small and cannot be grown: {exc}") from None
+            _grow_zeros(cast(bytearray, base), total)  # a bytearray (checked above)
             view = as_writable_view(base, "base")
         kernels.scatter_pages(view, indices, pages, PAGE_SIZE)
         if report is not None:

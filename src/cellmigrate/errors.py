@@ -7,12 +7,17 @@ the raw text is kept in ``.message`` so callers can match it without the prefix.
 
 from __future__ import annotations
 
+import sqlite3
+from typing import Optional
+
 __all__ = [
     "CellError",
     "InvalidStateError",
     "MigrationFailedError",
     "ExecutionFailedError",
     "CorruptDataError",
+    "InputTooLargeError",
+    "AuditStoreError",
 ]
 
 
@@ -46,3 +51,38 @@ class ExecutionFailedError(CellError):
 
 class CorruptDataError(CellError, ValueError):
     """Bytes that cannot be decoded, or that were tampered with."""
+
+
+class InputTooLargeError(CellError, ValueError):
+    """An input over a hard size limit of the format or library asked to take it.
+
+    ``size`` is the input's size and ``limit`` the largest accepted, both in bytes; the
+    message names the limit (e.g. LZ4's block limit, ``LZ4_MAX_INPUT_SIZE``).
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class AuditStoreError(CellError, sqlite3.OperationalError):
+    """The audit database could not be opened, read or written.
+
+    Raised by :class:`~cellmigrate.audit_store.SqliteAuditSink` once the retryable
+    conditions (``SQLITE_BUSY``, "database is locked") have been retried for its
+    ``timeout``, and at once for the others (missing directory, read-only file, disk
+    full, I/O error). The ``sqlite3`` error is chained as ``__cause__`` and, where it has
+    them (Python 3.11+), its ``sqlite_errorcode``/``sqlite_errorname`` are copied. It is also a
+    ``sqlite3.OperationalError``, which is what callers caught before it existed.
+    """
+
+    def __init__(self, message: str, cause: Optional[sqlite3.Error] = None) -> None:
+        super().__init__(message)
+        # Python 3.11+ sets these on sqlite3 errors; copied so callers need not dig in __cause__.
+        code = getattr(cause, "sqlite_errorcode", None)
+        name = getattr(cause, "sqlite_errorname", None)
+        if code is not None:
+            self.sqlite_errorcode = int(code)
+        if name is not None:
+            self.sqlite_errorname = str(name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -19,9 +19,10 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
+from ._passes import Scan, byte_reporter
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, PAGE_SIZE
-from .delta import DeltaSnapshot, _byte_reporter
+from .delta import DeltaSnapshot
 from .errors import InvalidStateError
 from .progress import ProgressEventKind
 
@@ -133,8 +134,11 @@ class DirtyPageTracker:
     """Tracks one agent's state between deltas (the crate's ``DirtyPageTracker``).
 
     The bitmap of marked pages is advisory: :meth:`create_delta` always compares the
-    whole state against the last one it shipped (at memory speed), so a missed mark can
-    never produce a wrong delta.
+    whole state against the committed one (at memory speed), so a missed mark can never
+    produce a wrong delta. The committed state is what the deltas carried (the pages as
+    copied when they were read), not the live state, so rounds made while the agent
+    writes stay consistent; with ``create_delta(..., commit=False)`` it advances only
+    when :meth:`commit` or :meth:`acknowledge` says the receiver has the delta.
 
     >>> tracker = DirtyPageTracker(bytes(16), 3 * 4096)
     >>> tracker.initialize(bytes(3 * 4096))
@@ -158,6 +162,7 @@ class DirtyPageTracker:
         self._bitmap: npt.NDArray[np.bool_] = np.zeros(-(-self._state_size // PAGE_SIZE), dtype=np.bool_)
         self._last: Optional[bytearray] = None
         self._sequence = 0
+        self._pending: Optional[Tuple[DeltaSnapshot, Scan]] = None
         self._lock = threading.RLock()
 
     @property
@@ -177,17 +182,23 @@ class DirtyPageTracker:
 
     @property
     def sequence(self) -> int:
-        """Sequence of the last state shipped: 0 before :meth:`initialize`, then 1, 2, ..."""
+        """Sequence of the committed state: 0 before :meth:`initialize`, then 1, 2, ..."""
         with self._lock:
             return self._sequence
 
     def initialize(self, state: BufferLike) -> None:
-        """Remember ``state`` (copied) as the base, clear the bitmap, set ``sequence`` to 1."""
+        """Remember ``state`` (copied) as the committed base, clear the bitmap, set ``sequence`` to 1.
+
+        If another thread writes ``state`` meanwhile, the copy is one moment's reading:
+        ship :meth:`committed_state` (not a second read of ``state``) as the full state,
+        or start without ``initialize`` so the first delta, made against zeros, carries it.
+        A pending delta is dropped."""
         view = as_bytes_view(state, "state")
         with self._lock:
             self._last = bytearray(view)
             self._bitmap[:] = False
             self._sequence = 1
+            self._pending = None
 
     def mark_dirty(self, page_index: int) -> None:
         """Mark one page; an index outside the state is ignored."""
@@ -233,30 +244,94 @@ class DirtyPageTracker:
         digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
+        commit: bool = True,
     ) -> DeltaSnapshot:
-        """Diff ``current`` against the last state, then make ``current`` the new base.
+        """Diff ``current`` against the committed state; by default commit the delta at once.
 
-        The delta has ``base_sequence`` = the old sequence and ``sequence`` = old + 1;
-        afterwards the bitmap is clear and ``sequence`` has advanced. Before
-        :meth:`initialize` the diff is against zeros (``base_sequence`` 0). Only the dirty
-        pages are copied into the remembered state. ``digest``, ``key`` and ``progress``
-        as in :meth:`DeltaSnapshot.create`. A size change raises ``InvalidStateError``.
+        The delta has ``base_sequence`` = the committed sequence and ``sequence`` = that
+        plus one. Before :meth:`initialize` the diff is against zeros (``base_sequence``
+        0). ``digest``, ``key`` and ``progress`` as in :meth:`DeltaSnapshot.create`. A
+        size change raises ``InvalidStateError``.
+
+        The delta describes exactly the state it was made from as the scan read it: each
+        dirty page is copied once when found, and the checksum and digest cover the
+        committed state with those copies over it. So ``current`` may be written by
+        another thread meanwhile (a running agent): the delta still applies to its base,
+        and a page written after it was read is dirty again in the next delta.
+
+        ``commit=True`` (SPEC §4): the committed state becomes what the delta carries
+        (the committed state with the copied pages, never a second read of ``current``),
+        ``sequence`` advances and the bitmap is cleared. ``commit=False``: nothing moves
+        until :meth:`commit` (or :meth:`acknowledge`) says the receiver has the delta, so
+        a delta lost in transit is simply re-diffed next time; a later ``create_delta``
+        replaces a pending delta that was never committed (both have the same base).
         """
         view = as_bytes_view(current, "current")
-        report = _byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
+        report = byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
         with self._lock:
             old: BufferLike = self._last if self._last is not None else bytes(view.nbytes)
-            delta, indices, raw_pages = DeltaSnapshot._create_checked(
+            delta, found = DeltaSnapshot._create_checked(
                 self._agent_id, old, view, self._sequence, self._sequence + 1, digest, key, report
             )
-            if self._last is None:
-                self._last = bytearray(view)
-            else:
-                # Only the dirty pages changed: patch them in instead of copying the state.
-                kernels.scatter_pages(self._last, indices, raw_pages, PAGE_SIZE)
-            self._bitmap[:] = False
-            self._sequence += 1
+            self._pending = (delta, found)
+            if commit:
+                self._advance()
             return delta
+
+    def commit(self, delta: DeltaSnapshot) -> None:
+        """The receiver has ``delta`` (made with ``commit=False``): make it the committed state.
+
+        Raises ``InvalidStateError`` when ``delta`` is not the pending delta of this
+        tracker (none is pending, or it was replaced or already committed)."""
+        with self._lock:
+            if self._pending is None or self._pending[0] is not delta:
+                raise InvalidStateError(
+                    f"Delta {getattr(delta, 'sequence', '?')} is not this tracker's pending delta "
+                    f"(pending: {self.pending_sequence}); nothing was committed"
+                )
+            self._advance()
+
+    def acknowledge(self, sequence: int) -> None:
+        """The receiver acknowledged ``sequence``: commit the pending delta of that sequence.
+
+        Raises ``InvalidStateError`` when no pending delta has that sequence (an
+        acknowledgement of an older, already committed sequence is refused too: it
+        would mean the two sides disagree)."""
+        with self._lock:
+            if self._pending is None or self._pending[0].sequence != sequence:
+                raise InvalidStateError(
+                    f"Acknowledged sequence {sequence} is not pending (pending: {self.pending_sequence}, "
+                    f"committed: {self._sequence})"
+                )
+            self._advance()
+
+    def discard(self) -> None:
+        """Forget a pending delta (e.g. its transfer failed); a no-op when none is pending."""
+        with self._lock:
+            self._pending = None
+
+    @property
+    def pending_sequence(self) -> Optional[int]:
+        """Sequence of the delta made with ``commit=False`` and not yet committed, or ``None``."""
+        with self._lock:
+            return None if self._pending is None else self._pending[0].sequence
+
+    def committed_state(self) -> bytes:
+        """A copy of the committed state: what a receiver that applied every committed
+        delta holds (empty before the first commit or :meth:`initialize`)."""
+        with self._lock:
+            return bytes(self._last) if self._last is not None else b""
+
+    def _advance(self) -> None:
+        """Commit the pending delta: patch its copied pages into the committed state."""
+        assert self._pending is not None
+        delta, found = self._pending
+        if self._last is None:
+            self._last = bytearray(delta.total_size)  # the first delta was made against zeros
+        kernels.scatter_pages(self._last, found.indices, found.pages, PAGE_SIZE)
+        self._bitmap[:] = False
+        self._sequence = delta.sequence
+        self._pending = None
 
     def __repr__(self) -> str:
         return (
@@ -328,11 +403,14 @@ class IncrementalMigrator:
         digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
+        commit: bool = True,
     ) -> DeltaSnapshot:
-        """Delta of ``state`` against the agent's last state; records it in :attr:`stats`.
+        """Delta of ``state`` against the agent's committed state; records it in :attr:`stats`.
 
-        Raises ``InvalidStateError("Agent not being tracked for incremental migration")``
-        for an untracked agent.
+        ``commit`` as in :meth:`DirtyPageTracker.create_delta`: with ``commit=False`` the
+        agent's tracker advances only at :meth:`commit` / :meth:`acknowledge`. Raises
+        ``InvalidStateError("Agent not being tracked for incremental migration")`` for an
+        untracked agent.
         """
         view = as_bytes_view(state, "state")
         with self._lock:
@@ -340,12 +418,31 @@ class IncrementalMigrator:
         if tracker is None:
             raise InvalidStateError("Agent not being tracked for incremental migration")
         start = time.perf_counter_ns()
-        delta = tracker.create_delta(view, digest=digest, key=key, progress=progress)
+        delta = tracker.create_delta(view, digest=digest, key=key, progress=progress, commit=commit)
         elapsed_us = (time.perf_counter_ns() - start) // 1000
         with self._lock:
             self._stats.record_incremental(delta.compressed_size(), view.nbytes, elapsed_us)
             self._stats.record_compression(delta.uncompressed_size(), delta.compressed_size())
         return delta
+
+    def commit(self, agent_id: IdLike, delta: DeltaSnapshot) -> None:
+        """The receiver has ``delta`` (made with ``commit=False``): see :meth:`DirtyPageTracker.commit`."""
+        self._tracker(agent_id).commit(delta)
+
+    def acknowledge(self, agent_id: IdLike, sequence: int) -> None:
+        """The receiver acknowledged ``sequence``: see :meth:`DirtyPageTracker.acknowledge`."""
+        self._tracker(agent_id).acknowledge(sequence)
+
+    def tracker(self, agent_id: IdLike) -> Optional[DirtyPageTracker]:
+        """The agent's tracker (its committed state, pending delta, bitmap), or ``None``."""
+        with self._lock:
+            return self._trackers.get(to_id(agent_id, "agent_id"))
+
+    def _tracker(self, agent_id: IdLike) -> DirtyPageTracker:
+        tracker = self.tracker(agent_id)
+        if tracker is None:
+            raise InvalidStateError("Agent not being tracked for incremental migration")
+        return tracker
 
     @property
     def stats(self) -> MigrationStats:

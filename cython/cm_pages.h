@@ -1,0 +1,465 @@
+/*
+ * cm_pages.h -- page encodings of a delta: zero pages and XOR + zero-run ("XZR") pages,
+ * encoded and decoded for a whole batch of dirty pages in one GIL-free call.
+ *
+ * Included (after cm_simd.h, whose dispatch it follows) by _encodings.pxi. The contract,
+ * and the pure-Python oracle, is cellmigrate._reference (encode_pages, validate_pages,
+ * decode_pages, xzr_encode, xzr_decode); the byte format is docs/FORMAT.md, "XZR".
+ *
+ * How it works (why, not what)
+ * ----------------------------
+ * A dirty page of a live state usually differs from its base page in a few places (a
+ * counter, a string, a struct). X = new ^ base is then mostly zero, and XZR writes X as
+ * pairs (varint z, varint k, k literal bytes of X): skip z bytes (equal to the base),
+ * then XOR k bytes into the base. Bytes after the last pair equal the base. A literal
+ * runs on through zero gaps shorter than 3 bytes (a new pair costs at least 2 bytes of
+ * varints), and ends at a zero gap of 3 or more, or where the rest of the page is zero.
+ *
+ * The encoder never materializes X: it scans new and base side by side. Equal runs
+ * (z) are found 32 bytes at a time with AVX2 (cmpeq + movemask) or 8 at a time with
+ * word XORs; inside a literal the next equal byte is found the same way (random data
+ * has one in 256), so both dense and sparse pages cost one pass at vector speed. An
+ * output limit (the size of the best encoding found so far) stops it as soon as it
+ * cannot win, so an incompressible page costs at most one scan.
+ *
+ * Decoding copies the base page (zero-extended when the base state is shorter) into the
+ * output slot, then XORs each literal in. Every varint, length and offset is checked
+ * before use; nothing is ever written outside the page's slot, whatever the input.
+ */
+#ifndef CELLMIGRATE_CM_PAGES_H
+#define CELLMIGRATE_CM_PAGES_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Encodings (wire values, docs/FORMAT.md). */
+enum { CM_ENC_RAW = 0, CM_ENC_RLE = 1, CM_ENC_ZERO = 2, CM_ENC_XZR = 3 };
+/* Bit masks of allowed encodings. */
+#define CM_ALLOW(e) (1u << (e))
+
+/* XZR decode errors (and the detail code of a batch's CM_PAGE_XZR_CORRUPT). */
+enum {
+    CM_XZR_OK = 0,
+    CM_XZR_TRUNCATED_VARINT = 1,
+    CM_XZR_OVERLONG_VARINT = 2,
+    CM_XZR_ZERO_LITERAL = 3,
+    CM_XZR_PAST_PAGE = 4,
+    CM_XZR_TRUNCATED_LITERAL = 5,
+};
+
+/* Batch errors: (code, position of the page in the batch, detail). */
+enum {
+    CM_PAGE_OK = 0,
+    CM_PAGE_INDEX_RANGE = 1,    /* index * page >= total size */
+    CM_PAGE_NOT_INCREASING = 2, /* index <= previous index */
+    CM_PAGE_ENCODING = 3,       /* unknown or not allowed here; detail = the value */
+    CM_PAGE_LENGTH = 4,         /* stored length impossible for the encoding; detail = the length */
+    CM_PAGE_RLE_CORRUPT = 5,    /* detail = cm_rle_decoded_size's code */
+    CM_PAGE_RLE_SIZE = 6,       /* RLE decodes to detail bytes, not the page's length */
+    CM_PAGE_XZR_CORRUPT = 7,    /* detail = CM_XZR_* */
+    CM_PAGE_OFFSETS = 8,        /* offsets not non-decreasing / past the payload (caller bug) */
+};
+
+/* Longest varint accepted: 5 bytes (35 bits); every value must also fit the page. */
+#define CM_VARINT_MAX 5
+
+/* ------------------------------------------------------------------------------------ */
+/* equal / unequal runs of two buffers                                                   */
+/* ------------------------------------------------------------------------------------ */
+
+/* Length of the prefix of a[0..n) equal to b[0..n). */
+static size_t cm_eq_run_scalar(const uint8_t *a, const uint8_t *b, size_t n) {
+    size_t k = 0;
+    while (k + 8 <= n) {
+        uint64_t x = cm_load64(a + k) ^ cm_load64(b + k);
+        if (x)
+            return k + (size_t)(__builtin_ctzll(x) >> 3);
+        k += 8;
+    }
+    while (k < n && a[k] == b[k])
+        k++;
+    return k;
+}
+
+/* Length of the prefix of a[0..n) where every byte differs from b (first equal byte). */
+static size_t cm_ne_run_scalar(const uint8_t *a, const uint8_t *b, size_t n) {
+    size_t k = 0;
+    while (k + 8 <= n) {
+        uint64_t x = cm_load64(a + k) ^ cm_load64(b + k);
+        uint64_t z = cm_has_zero_byte(x);
+        if (z)
+            return k + (size_t)(__builtin_ctzll(z) >> 3);
+        k += 8;
+    }
+    while (k < n && a[k] != b[k])
+        k++;
+    return k;
+}
+
+#if CM_X86
+static CM_AVX2 size_t cm_eq_run_avx2(const uint8_t *a, const uint8_t *b, size_t n) {
+    size_t k = 0;
+    while (k + 32 <= n) {
+        __m256i va = _mm256_loadu_si256((const __m256i *)(a + k));
+        __m256i vb = _mm256_loadu_si256((const __m256i *)(b + k));
+        uint32_t ne = ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(va, vb));
+        if (ne)
+            return k + (size_t)__builtin_ctz(ne);
+        k += 32;
+    }
+    return k + cm_eq_run_scalar(a + k, b + k, n - k);
+}
+
+static CM_AVX2 size_t cm_ne_run_avx2(const uint8_t *a, const uint8_t *b, size_t n) {
+    size_t k = 0;
+    while (k + 32 <= n) {
+        __m256i va = _mm256_loadu_si256((const __m256i *)(a + k));
+        __m256i vb = _mm256_loadu_si256((const __m256i *)(b + k));
+        uint32_t eq = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(va, vb));
+        if (eq)
+            return k + (size_t)__builtin_ctz(eq);
+        k += 32;
+    }
+    return k + cm_ne_run_scalar(a + k, b + k, n - k);
+}
+#endif
+
+typedef size_t (*cm_run_fn)(const uint8_t *, const uint8_t *, size_t);
+
+typedef struct {
+    cm_run_fn eq_run;
+    cm_run_fn ne_run;
+} cm_page_ops;
+
+/* The run finders for the active dispatch path: AVX2 from the "avx2" path up (the
+   AVX-512 paths too: at page granularity 32-byte compares already run at L1 speed). */
+static cm_page_ops cm_page_ops_active(void) {
+    cm_page_ops ops = {cm_eq_run_scalar, cm_ne_run_scalar};
+#if CM_X86
+    if (cm_active - cm_paths >= 2) {
+        ops.eq_run = cm_eq_run_avx2;
+        ops.ne_run = cm_ne_run_avx2;
+    }
+#endif
+    return ops;
+}
+
+/* Whether p[0..n) is all zero: OR of 64-byte blocks (the compiler vectorizes it for the
+   baseline target), stopping at the first non-zero block. */
+static int cm_all_zero(const uint8_t *p, size_t n) {
+    size_t k = 0;
+    for (; k + 64 <= n; k += 64) {
+        uint64_t acc = 0;
+        for (unsigned j = 0; j < 64; j += 8)
+            acc |= cm_load64(p + k + j);
+        if (acc)
+            return 0;
+    }
+    for (; k < n; k++)
+        if (p[k])
+            return 0;
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* XZR                                                                                   */
+/* ------------------------------------------------------------------------------------ */
+
+static inline size_t cm_varint_size(size_t v) {
+    size_t s = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        s++;
+    }
+    return s;
+}
+
+static inline size_t cm_put_varint(uint8_t *dst, size_t o, size_t v) {
+    while (v >= 0x80) {
+        dst[o++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    dst[o++] = (uint8_t)v;
+    return o;
+}
+
+/* XZR of new[0..L) against base[0..L) into dst; returns the stream size, or SIZE_MAX as
+   soon as it would reach `limit` bytes (so it never writes `limit` bytes or more). dst
+   needs min(limit, L + 16) bytes. Both pages are L bytes (the caller zero-extends a
+   short base). */
+static size_t cm_xzr_encode(const uint8_t *nw, const uint8_t *base, size_t L, uint8_t *dst,
+                            size_t limit, cm_page_ops ops) {
+    size_t pos = 0, o = 0;
+    while (pos < L) {
+        size_t s = pos + ops.eq_run(nw + pos, base + pos, L - pos);
+        if (s >= L)
+            break; /* the rest equals the base: implicit */
+        /* The literal: from s to the first equal byte that starts a gap of >= 3 equal
+           bytes or runs to the end of the page. */
+        size_t e = s + 1;
+        for (;;) {
+            e += ops.ne_run(nw + e, base + e, L - e);
+            if (e >= L) {
+                e = L;
+                break;
+            }
+            size_t g = ops.eq_run(nw + e, base + e, L - e < 3 ? L - e : 3);
+            if (g >= 3 || e + g >= L)
+                break;
+            e += g; /* a short gap: stays in the literal */
+        }
+        size_t k = e - s;
+        size_t need = cm_varint_size(s - pos) + cm_varint_size(k) + k;
+        if (o + need >= limit)
+            return SIZE_MAX;
+        o = cm_put_varint(dst, o, s - pos);
+        o = cm_put_varint(dst, o, k);
+        for (size_t j = 0; j < k; j++)
+            dst[o + j] = nw[s + j] ^ base[s + j];
+        o += k;
+        pos = e;
+    }
+    return o < limit ? o : SIZE_MAX;
+}
+
+/* cm_xzr_encode with the active dispatch path's run finders. */
+static size_t cm_xzr_encode_entry(const uint8_t *nw, const uint8_t *base, size_t L, uint8_t *dst,
+                                  size_t limit) {
+    return cm_xzr_encode(nw, base, L, dst, limit, cm_page_ops_active());
+}
+
+/* One varint at src[*i..n): CM_XZR_OK and *v, or an error. Canonical only (no
+   trailing zero groups), at most CM_VARINT_MAX bytes. */
+static inline int cm_get_varint(const uint8_t *src, size_t n, size_t *i, uint64_t *v) {
+    uint64_t value = 0;
+    size_t j = *i;
+    for (unsigned shift = 0, count = 0;; shift += 7, count++) {
+        if (count == CM_VARINT_MAX)
+            return CM_XZR_OVERLONG_VARINT;
+        if (j >= n)
+            return CM_XZR_TRUNCATED_VARINT;
+        uint8_t b = src[j++];
+        value |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) {
+            if (b == 0 && count > 0)
+                return CM_XZR_OVERLONG_VARINT;
+            break;
+        }
+    }
+    *i = j;
+    *v = value;
+    return CM_XZR_OK;
+}
+
+/* Strict XZR decode: out[0..L) already holds the base page; XOR the literals in. With
+   out == NULL, only checks the stream. Returns CM_XZR_OK or an error with *where = the
+   offending stream offset. Never touches out outside [0, L). */
+static int cm_xzr_decode(const uint8_t *src, size_t n, uint8_t *out, size_t L, size_t *where) {
+    size_t i = 0, pos = 0;
+    while (i < n) {
+        uint64_t z, k;
+        size_t at = i;
+        int rc = cm_get_varint(src, n, &i, &z);
+        if (rc == CM_XZR_OK)
+            rc = cm_get_varint(src, n, &i, &k);
+        if (rc != CM_XZR_OK) {
+            *where = at;
+            return rc;
+        }
+        if (k == 0) {
+            *where = at;
+            return CM_XZR_ZERO_LITERAL;
+        }
+        if (z > L - pos || k > L - pos - z) {
+            *where = at;
+            return CM_XZR_PAST_PAGE;
+        }
+        if (k > n - i) {
+            *where = at;
+            return CM_XZR_TRUNCATED_LITERAL;
+        }
+        pos += (size_t)z;
+        if (out) {
+            for (size_t j = 0; j < (size_t)k; j++)
+                out[pos + j] ^= src[i + j];
+        }
+        pos += (size_t)k;
+        i += (size_t)k;
+    }
+    return CM_XZR_OK;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* batches                                                                               */
+/* ------------------------------------------------------------------------------------ */
+
+/* Smallest RLE stream of L bytes: every output byte stands for at most 127/3 input bytes. */
+static inline size_t cm_rle_min_size(size_t L) { return (3 * L + 126) / 127; }
+
+/* The base page at byte `start`, L bytes long: a pointer into base when it is whole,
+   else `scratch` filled with the part present and zeros. */
+static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, size_t start, size_t L,
+                                          uint8_t *scratch) {
+    if (start + L <= nbase)
+        return base + start;
+    size_t have = start < nbase ? nbase - start : 0;
+    if (have)
+        memcpy(scratch, base + start, have);
+    memset(scratch + have, 0, L - have);
+    return scratch;
+}
+
+/* Encode the pages idx[0..count) of `nw` (nnew bytes) against `base` (nbase bytes; may
+   differ from nnew). Each page gets the smallest allowed encoding, ties to the lower
+   value in the order RAW, RLE, ZERO, XZR (a later one only when strictly smaller).
+   Writes enc[k], off[k+1] (off[0] = 0) and the stored bytes back to back into dst, which
+   needs room for the sum of the pages' lengths (RAW bounds every choice). scratch needs
+   3 * page + page + page + 32 bytes. Indices must be valid pages of nw (checked by the
+   caller). Returns the payload size. */
+static size_t cm_encode_pages(const uint8_t *nw, size_t nnew, const uint8_t *base, size_t nbase,
+                              const int64_t *idx, size_t count, size_t page, unsigned allowed,
+                              uint8_t *enc, int64_t *off, uint8_t *dst, uint8_t *scratch) {
+    cm_page_ops ops = cm_page_ops_active();
+    uint8_t *rle_buf = scratch;                  /* 3 * page */
+    uint8_t *xzr_buf = scratch + 3 * page;       /* page + 16 */
+    uint8_t *base_buf = scratch + 4 * page + 16; /* page */
+    size_t o = 0;
+    off[0] = 0;
+    for (size_t k = 0; k < count; k++) {
+        size_t start = (size_t)idx[k] * page;
+        size_t L = nnew - start < page ? nnew - start : page;
+        const uint8_t *np = nw + start;
+        uint8_t best = CM_ENC_RAW;
+        size_t best_size = L;
+        const uint8_t *best_src = np;
+        if ((allowed & CM_ALLOW(CM_ENC_ZERO)) && cm_all_zero(np, L)) {
+            best = CM_ENC_ZERO;
+            best_size = 0;
+        } else {
+            size_t xzr = SIZE_MAX;
+            if (allowed & CM_ALLOW(CM_ENC_XZR)) {
+                const uint8_t *bp = cm_base_page(base, nbase, start, L, base_buf);
+                xzr = cm_xzr_encode(np, bp, L, xzr_buf, L, ops);
+            }
+            /* RLE (tried first, so it wins a tie) cannot be smaller than its smallest
+               possible output: skip it when XZR is already below that. */
+            if ((allowed & CM_ALLOW(CM_ENC_RLE)) && (xzr == SIZE_MAX || xzr >= cm_rle_min_size(L))) {
+                size_t r = cm_active->rle_compress(np, L, rle_buf);
+                if (r < best_size) {
+                    best = CM_ENC_RLE;
+                    best_size = r;
+                    best_src = rle_buf;
+                }
+            }
+            if (xzr < best_size) {
+                best = CM_ENC_XZR;
+                best_size = xzr;
+                best_src = xzr_buf;
+            }
+        }
+        if (best_size)
+            memcpy(dst + o, best_src, best_size);
+        o += best_size;
+        enc[k] = best;
+        off[k + 1] = (int64_t)o;
+    }
+    return o;
+}
+
+/* Check (and, with out != NULL, decode) a batch of stored pages.
+ *
+ * Page k: index idx[k] (strictly increasing, idx * page < total), encoding enc[k] (in
+ * `allowed`), stored bytes src[off[k]..off[k+1]). Decoded page k goes to
+ * out[k * page .. k * page + L) where L is its length in a `total`-byte state; base
+ * (nbase bytes) is read only for XZR pages, and is zero past nbase.
+ * `prev` is the index before this batch (-1 for none), so a batch can be checked in
+ * pieces. Returns CM_PAGE_OK or an error code with *pos = the page and *detail. */
+static int cm_check_pages(const uint8_t *src, size_t nsrc, const int64_t *off, const uint8_t *enc,
+                          const int64_t *idx, size_t count, uint64_t total, size_t page,
+                          unsigned allowed, int64_t prev, const uint8_t *base, size_t nbase,
+                          uint8_t *out, size_t *pos, int64_t *detail) {
+    for (size_t k = 0; k < count; k++) {
+        int64_t index = idx[k];
+        *pos = k;
+        if (index < 0 || (uint64_t)index >= total / page + (total % page != 0)) {
+            *detail = index;
+            return CM_PAGE_INDEX_RANGE;
+        }
+        if (index <= prev) {
+            *detail = prev;
+            return CM_PAGE_NOT_INCREASING;
+        }
+        prev = index;
+        if (off[k] < 0 || off[k + 1] < off[k] || (uint64_t)off[k + 1] > nsrc) {
+            *detail = off[k + 1];
+            return CM_PAGE_OFFSETS;
+        }
+        uint8_t e = enc[k];
+        if (e > CM_ENC_XZR || !(allowed & CM_ALLOW(e))) {
+            *detail = e;
+            return CM_PAGE_ENCODING;
+        }
+        size_t start = (size_t)index * page;
+        size_t L = (size_t)(total - start) < page ? (size_t)(total - start) : page;
+        const uint8_t *s = src + off[k];
+        size_t n = (size_t)(off[k + 1] - off[k]);
+        uint8_t *slot = out ? out + k * page : NULL;
+        *detail = (int64_t)n;
+        switch (e) {
+        case CM_ENC_RAW:
+            if (n != L)
+                return CM_PAGE_LENGTH;
+            if (slot)
+                memcpy(slot, s, L);
+            break;
+        case CM_ENC_ZERO:
+            if (n != 0)
+                return CM_PAGE_LENGTH;
+            if (slot)
+                memset(slot, 0, L);
+            break;
+        case CM_ENC_RLE: {
+            size_t size = 0, where = 0;
+            if (n == 0 || n > 3 * L)
+                return CM_PAGE_LENGTH;
+            int rc = cm_rle_decoded_size(s, n, (int64_t)L, &size, &where);
+            if (rc) {
+                *detail = rc;
+                return CM_PAGE_RLE_CORRUPT;
+            }
+            if (size != L) {
+                *detail = (int64_t)size;
+                return CM_PAGE_RLE_SIZE;
+            }
+            if (slot)
+                cm_rle_decode(s, n, slot, L);
+            break;
+        }
+        case CM_ENC_XZR: {
+            size_t where = 0;
+            if (n > 3 * L)
+                return CM_PAGE_LENGTH;
+            if (slot) {
+                size_t have = start < nbase ? nbase - start : 0;
+                if (have > L)
+                    have = L;
+                if (have)
+                    memcpy(slot, base + start, have);
+                memset(slot + have, 0, L - have);
+            }
+            int rc = cm_xzr_decode(s, n, slot, L, &where);
+            if (rc) {
+                *detail = rc;
+                return CM_PAGE_XZR_CORRUPT;
+            }
+            break;
+        }
+        }
+    }
+    *pos = 0;
+    *detail = 0;
+    return CM_PAGE_OK;
+}
+
+#endif /* CELLMIGRATE_CM_PAGES_H */

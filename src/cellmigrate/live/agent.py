@@ -1,0 +1,281 @@
+"""What a live migration needs from the agent on each side: the protocols users implement.
+
+Source side (:class:`SourceAgent`): the running agent whose state is copied while it runs.
+Target side: a :class:`StateStore` where incoming rounds are staged (a resizable buffer or
+a file; the live agent on the target is never touched before the final round is proven),
+and a :class:`TargetAgent` that adopts the proven state and resumes.
+
+The order of calls a migration makes (see :mod:`cellmigrate.live.driver`)::
+
+    source.state()  ... rounds while the agent runs ...
+    source.pause(); source.state(); source.extra()     # final round, agent stopped
+    target.adopt(staged_state, extra); target.resume() # after the target proved equality
+    # on any failure before the target resumed: source.resume(), target untouched
+
+Ready-made adapters: :class:`BufferSource` / :class:`BufferTarget` over a bytearray,
+numpy array or a callable returning the current buffer, with optional pause/resume
+callables, and :class:`MemoryStore` / :class:`FileStore` staging areas.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+
+import numpy as np
+
+from .._buffers import as_bytes_view, as_writable_view
+from .._types import BufferLike
+from ..errors import InvalidStateError
+
+__all__ = [
+    "MAX_EXTRA_BYTES",
+    "SourceAgent",
+    "TargetAgent",
+    "StateStore",
+    "BufferSource",
+    "BufferTarget",
+    "MemoryStore",
+    "FileStore",
+]
+
+#: Bound on :meth:`SourceAgent.extra` (exported globals, registers): it travels in one frame.
+MAX_EXTRA_BYTES = 1 << 20
+
+
+@runtime_checkable
+class SourceAgent(Protocol):
+    """The running agent on the source node.
+
+    ``state()`` may be called from the migration's thread while the agent keeps writing;
+    pages written after they were copied are found dirty again in the next round.
+    """
+
+    def state(self) -> BufferLike:
+        """The agent's current state: a C-contiguous buffer, read in place (never copied whole).
+
+        It may be a different object, and of a different size, from one call to the next
+        (WebAssembly ``memory.grow``); the migration calls it at the start of every round.
+        """
+        ...
+
+    def pause(self) -> None:
+        """Stop the agent; return only once it no longer writes its state."""
+        ...
+
+    def resume(self) -> None:
+        """Let the agent run again (the migration failed or was abandoned; never after success)."""
+        ...
+
+    def extra(self) -> bytes:
+        """A small opaque blob read while paused (e.g. exported mutable globals), ≤ 1 MiB."""
+        ...
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Where the target stages the incoming state; outlives a dropped connection (resume).
+
+    ``view()`` is valid until the next ``resize()``.
+    """
+
+    def size(self) -> int:
+        """Current length of the staged state in bytes."""
+        ...
+
+    def resize(self, size: int) -> None:
+        """Grow (zero-filled) or shrink the staged state to ``size`` bytes."""
+        ...
+
+    def view(self) -> memoryview:
+        """A writable flat byte view of the staged state."""
+        ...
+
+    def flush(self) -> None:
+        """Make what was written so far durable (a no-op in memory)."""
+        ...
+
+
+@runtime_checkable
+class TargetAgent(Protocol):
+    """The agent on the target node: takes over the state once it is proven."""
+
+    def adopt(self, state: memoryview, extra: bytes) -> None:
+        """Take the staged state, proven equal to the source's final state, and ``extra``.
+
+        ``state`` is a read-only view valid during the call. Raising here fails the
+        migration: the source resumes.
+        """
+        ...
+
+    def resume(self) -> None:
+        """Start the adopted agent."""
+        ...
+
+
+def _noop() -> None:
+    return None
+
+
+class BufferSource:
+    """A :class:`SourceAgent` over a buffer, or over a callable returning the current buffer.
+
+    >>> state = bytearray(8192)
+    >>> src = BufferSource(state)
+    >>> bytes(src.state()) == bytes(state), src.extra()
+    (True, b'')
+    """
+
+    def __init__(
+        self,
+        state: Union[BufferLike, Callable[[], BufferLike]],
+        *,
+        pause: Callable[[], None] = _noop,
+        resume: Callable[[], None] = _noop,
+        extra: Callable[[], bytes] = bytes,
+    ) -> None:
+        self._state = state
+        self._pause, self._resume, self._extra = pause, resume, extra
+
+    def state(self) -> BufferLike:
+        """The current buffer (the callable's result when one was given)."""
+        return self._state() if callable(self._state) else self._state
+
+    def pause(self) -> None:
+        """Call the ``pause`` callable."""
+        self._pause()
+
+    def resume(self) -> None:
+        """Call the ``resume`` callable."""
+        self._resume()
+
+    def extra(self) -> bytes:
+        """The ``extra`` callable's bytes (``InvalidStateError`` above ``MAX_EXTRA_BYTES``)."""
+        blob = bytes(self._extra())
+        if len(blob) > MAX_EXTRA_BYTES:
+            raise InvalidStateError(f"agent extra is {len(blob)} bytes; the limit is {MAX_EXTRA_BYTES}")
+        return blob
+
+
+class BufferTarget:
+    """A :class:`TargetAgent` that keeps a copy of the adopted state and extra.
+
+    ``on_adopt(state, extra)`` and ``on_resume()`` are called when given; ``state`` and
+    ``extra`` hold the result after the migration (``bytearray`` and ``bytes``).
+    """
+
+    def __init__(
+        self,
+        *,
+        on_adopt: Optional[Callable[[memoryview, bytes], None]] = None,
+        on_resume: Callable[[], None] = _noop,
+    ) -> None:
+        self.state: Optional[bytearray] = None
+        self.extra: Optional[bytes] = None
+        self.resumed = False
+        self._on_adopt, self._on_resume = on_adopt, on_resume
+
+    def adopt(self, state: memoryview, extra: bytes) -> None:
+        """Copy the state (or hand it to ``on_adopt``, which then keeps what it needs)."""
+        if self._on_adopt is not None:
+            self._on_adopt(state, extra)
+        else:
+            self.state = bytearray(state)
+        self.extra = bytes(extra)
+
+    def resume(self) -> None:
+        """Call ``on_resume`` and mark the target resumed."""
+        self._on_resume()
+        self.resumed = True
+
+
+class MemoryStore:
+    """A :class:`StateStore` in memory (a numpy array: growing from empty costs nothing
+    until pages are written, since the zeros come from ``calloc``)."""
+
+    def __init__(self, initial: Optional[BufferLike] = None) -> None:
+        self._buf: "np.ndarray[Any, np.dtype[np.uint8]]" = (
+            np.zeros(0, dtype=np.uint8)
+            if initial is None
+            else np.frombuffer(as_bytes_view(initial, "initial"), dtype=np.uint8).copy()
+        )
+
+    def size(self) -> int:
+        """Bytes staged."""
+        return int(self._buf.nbytes)
+
+    def resize(self, size: int) -> None:
+        """Zero-extend or truncate (a new array: views taken before stay valid, but stale)."""
+        if size < 0:
+            raise InvalidStateError(f"state size must be non-negative, not {size}")
+        if size != self._buf.nbytes:
+            new = np.zeros(size, dtype=np.uint8)
+            keep = min(size, self._buf.nbytes)
+            new[:keep] = self._buf[:keep]
+            self._buf = new
+
+    def view(self) -> memoryview:
+        """A writable view."""
+        return as_writable_view(self._buf, "staged state")
+
+    def flush(self) -> None:
+        """Nothing to do in memory."""
+
+
+class FileStore:
+    """A :class:`StateStore` in a file, mapped into memory (created empty when missing).
+
+    The file is the staging copy, not the target's state file: the CLI renames it over
+    the state file only after the final round is proven.
+    """
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._map: Optional[mmap.mmap] = None
+        self._size = os.fstat(self._fd).st_size
+        self._remap()
+
+    def _remap(self) -> None:
+        if self._map is not None:
+            self._map.close()  # BufferError here means a view() is still held
+            self._map = None
+        if self._size:
+            self._map = mmap.mmap(self._fd, self._size)
+
+    def size(self) -> int:
+        """Bytes staged (the file's length)."""
+        return self._size
+
+    def resize(self, size: int) -> None:
+        """Truncate or zero-extend the file and map it again."""
+        if size < 0:
+            raise InvalidStateError(f"state size must be non-negative, not {size}")
+        if size == self._size:
+            return
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        os.ftruncate(self._fd, size)
+        self._size = size
+        self._remap()
+
+    def view(self) -> memoryview:
+        """A writable view of the mapping (release it before ``resize``)."""
+        return memoryview(self._map) if self._map is not None else memoryview(bytearray())
+
+    def flush(self) -> None:
+        """``msync`` the mapping and ``fsync`` the file."""
+        if self._map is not None:
+            self._map.flush()
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Unmap and close the file (the file stays)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,403 @@
+"""Pre-copy live migration (QEMU's algorithm), with the result proven byte for byte.
+
+:class:`LiveMigration` drives one running agent over a :class:`~cellmigrate.live.channel.Channel`:
+
+1. round 0 sends the whole state (zero pages are never sent: the receiver's staging
+   starts zero-filled; the rest LZ4-compressed when that pays) while the agent runs;
+2. delta rounds send the pages written since the previous round's copy, measuring the
+   agent's dirty rate and the link's bandwidth, until the final round is expected to
+   fit ``downtime_limit`` (0.3 s, QEMU's default), or after ``max_rounds``, or once
+   rounds stop shrinking;
+3. ``pause()``, the final round (plus the agent's ``extra`` blob), and the commit: the
+   target checks that its staged state has the source's ``xxh3_128_tree`` digest, adopts
+   it and resumes. Both sides keep the leaf table of the committed state, so this proof
+   re-hashes only the leaves the last rounds touched.
+
+The sender keeps a *shadow* of what the receiver has committed and advances it only on
+acknowledgement, with the pages as they were copied (never re-read). After every round
+the receiver's digest of its staged state must equal the shadow's.
+
+On any failure before the commit the source agent resumes, the receiver discards what
+it staged (the target's own state was never touched), and both audit logs say why.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+from .._buffers import as_bytes_view
+from .._ids import IdLike, to_id
+from ..audit import AuditEntry, AuditEventType
+from ..errors import CellError, CorruptDataError, MigrationFailedError
+from ..progress import MigrationProgressTracker, ProgressCallback
+from ..recovery import MigrationError, MigrationRecoveryManager
+from ..validation import AgentRequirements, MigrationValidator, VerificationResult
+from .agent import MAX_EXTRA_BYTES, SourceAgent
+from .channel import Channel
+from .errors import OutcomeUnknownError, error_type
+from .leaves import LeafTable
+from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Chunk, scan_chunks, write_pages
+from .session import Offer
+
+__all__ = ["DEFAULT_DOWNTIME_LIMIT", "DEFAULT_MAX_ROUNDS", "RoundStats", "LiveMigrationSummary", "LiveMigration"]
+
+#: Seconds the agent may stay paused (QEMU's default ``downtime-limit``, 300 ms).
+DEFAULT_DOWNTIME_LIMIT = 0.3
+#: Pre-copy rounds before the final one at most (round 0 included).
+DEFAULT_MAX_ROUNDS = 30
+# A round "shrinks" when it carries less than this fraction of the previous one's bytes;
+# two rounds in a row that do not mean the agent dirties as fast as the link drains.
+_SHRINK = 0.9
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One round. Bytes are raw page bytes unless named ``wire``; rates are bytes/second.
+
+    ``dirty_rate`` is the agent's estimated write rate (pages found dirty / time since the
+    previous round's scan; 0 for round 0), ``bandwidth`` the rate pages crossed the link,
+    ``expected_downtime_s`` the predicted pause if the next round were the final one,
+    ``actual_downtime_s`` (final round only) the pause from ``pause()`` to the target resumed.
+    """
+
+    round: int
+    state_size: int
+    dirty_pages: int
+    dirty_bytes: int
+    wire_bytes: int
+    chunks: int
+    duration_s: float
+    scan_s: float
+    send_s: float
+    verify_s: float
+    dirty_rate: float
+    bandwidth: float
+    expected_downtime_s: float
+    final: bool = False
+    actual_downtime_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class LiveMigrationSummary:
+    """What a completed live migration did (``to_dict`` gives the ``--json`` form)."""
+
+    migration_id: bytes
+    agent_id: bytes
+    state_size: int
+    rounds: Tuple[RoundStats, ...]
+    wire_bytes: int
+    page_bytes: int
+    duration_s: float
+    downtime_s: float
+    stop_reason: str
+    digest: bytes
+    extra_bytes: int = 0
+    resent_chunks: int = 0
+
+    @property
+    def transfer_ratio(self) -> float:
+        """Wire bytes sent over the final state size (1.0: as much as the state itself)."""
+        return self.wire_bytes / self.state_size if self.state_size else 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready: ids and digest in hex, rounds as dicts."""
+        out = asdict(self)
+        out["migration_id"] = str(uuid.UUID(bytes=self.migration_id))
+        out["agent_id"] = str(uuid.UUID(bytes=self.agent_id))
+        out["digest"] = self.digest.hex()
+        out["transfer_ratio"] = self.transfer_ratio
+        out["rounds"] = [asdict(r) for r in self.rounds]
+        return out
+
+
+U8Array = npt.NDArray[np.uint8]
+
+
+def _state_array(buffer: Any) -> U8Array:
+    return np.frombuffer(as_bytes_view(buffer, "agent state"), dtype=np.uint8)
+
+
+class LiveMigration:
+    """Move a running :class:`~cellmigrate.live.agent.SourceAgent` to a target over ``channel``.
+
+    >>> from cellmigrate.live import BufferSource, BufferTarget, MemoryStore, InProcessChannel, ReceiverSession
+    >>> state = bytearray(b"agent memory" * 1000)
+    >>> target = BufferTarget()
+    >>> channel = InProcessChannel(ReceiverSession(MemoryStore(), target))
+    >>> summary = LiveMigration(BufferSource(state), channel).run()
+    >>> target.state == state, target.resumed, summary.stop_reason
+    (True, True, 'downtime')
+
+    ``progress`` receives the migration's progress events (TRANSFER_PROGRESS per chunk,
+    VALIDATING per round with its figures, then COMPLETED or FAILED); ``on_round`` gets
+    each :class:`RoundStats` as it completes. ``validator`` supplies the audit log
+    (a fresh in-memory one by default), ``recovery`` records the failure for a retry policy.
+    """
+
+    def __init__(
+        self,
+        source: SourceAgent,
+        channel: Channel,
+        *,
+        agent_id: Optional[IdLike] = None,
+        migration_id: Optional[IdLike] = None,
+        requirements: Optional[AgentRequirements] = None,
+        downtime_limit: float = DEFAULT_DOWNTIME_LIMIT,
+        max_rounds: int = DEFAULT_MAX_ROUNDS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        compress: bool = True,
+        validator: Optional[MigrationValidator] = None,
+        recovery: Optional[MigrationRecoveryManager] = None,
+        progress: Optional[ProgressCallback] = None,
+        on_round: Optional[Callable[[RoundStats], None]] = None,
+        threads: Optional[int] = None,
+    ) -> None:
+        if downtime_limit <= 0:
+            raise ValueError(f"downtime_limit must be > 0 seconds, got {downtime_limit}")
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 4096..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        self.source = source
+        self.channel = channel
+        self.agent_id = to_id(agent_id, "agent_id") if agent_id is not None else uuid.uuid4().bytes
+        self.migration_id = to_id(migration_id, "migration_id") if migration_id is not None else uuid.uuid4().bytes
+        self.requirements = requirements
+        self.downtime_limit = float(downtime_limit)
+        self.max_rounds = int(max_rounds)
+        self.chunk_bytes = int(chunk_bytes)
+        self.compress = compress
+        self.validator = validator if validator is not None else MigrationValidator()
+        self.recovery = recovery
+        self.progress = progress
+        self.on_round = on_round
+        self.threads = threads
+        self.rounds: List[RoundStats] = []
+        self._shadow: U8Array = np.zeros(0, dtype=np.uint8)
+        self._leaves = LeafTable()
+        self._next_seq = 1
+        self._page_bytes = 0
+        self._wire_bytes = 0
+        self._tracker: Optional[MigrationProgressTracker] = None
+
+    # -- the shadow advances only on acknowledgement ---------------------------------
+
+    def _on_commit(self, chunk: Chunk) -> None:
+        pages = chunk.pages
+        if pages is None:
+            raise MigrationFailedError(f"chunk {chunk.seq} acknowledged twice")
+        if len(chunk.indices):
+            write_pages(self._shadow, chunk.indices, pages, chunk.size)
+            self._leaves.touch_pages(chunk.indices)
+        chunk.pages = None  # the copy is no longer needed: free it
+
+    def _resize_shadow(self, size: int) -> None:
+        old = self._shadow
+        if size == old.nbytes:
+            return
+        # A new zero-filled array (calloc: untouched pages cost nothing) keeps the old bytes.
+        new: U8Array = np.zeros(size, dtype=np.uint8)
+        keep = min(size, old.nbytes)
+        new[:keep] = old[:keep]
+        self._shadow = new
+        self._leaves.resize(size)
+
+    # -- one round -------------------------------------------------------------------
+
+    def _round(self, round_no: int, final: bool, previous_scan: Optional[float]) -> Tuple[RoundStats, bytes, float]:
+        t0 = time.monotonic()
+        state = _state_array(self.source.state())
+        size = state.nbytes
+        self._resize_shadow(size)
+        pages = page_bytes = wire = chunks = 0
+        send_s = 0.0
+        for chunk in scan_chunks(
+            state,
+            self._shadow,
+            round_no=round_no,
+            first_seq=self._next_seq,
+            chunk_bytes=self.chunk_bytes,
+            compress=self.compress,
+            threads=self.threads,
+        ):
+            self._next_seq = chunk.seq + 1
+            pages += len(chunk.indices)
+            page_bytes += chunk.raw_len
+            wire += chunk.wire_len
+            chunks += 1
+            ts = time.monotonic()
+            self.channel.send_chunk(chunk)
+            send_s += time.monotonic() - ts
+            self._page_bytes += chunk.raw_len
+            self._wire_bytes += chunk.wire_len
+            if self._tracker is not None:
+                self._tracker.update_transfer_progress(self._wire_bytes)
+        t_sent = time.monotonic()
+        theirs = self.channel.end_round(round_no)
+        ours = self._leaves.refresh(as_bytes_view(self._shadow), self.threads)
+        if theirs != ours:
+            raise CorruptDataError(
+                f"after round {round_no} the receiver's digest {theirs.hex()} differs from the sender's {ours.hex()}"
+            )
+        t1 = time.monotonic()
+        duration = t1 - t0
+        scan_s = max(t_sent - t0 - send_s, 0.0)
+        verify_s = t1 - t_sent
+        since = t0 - previous_scan if previous_scan is not None else 0.0
+        dirty_rate = page_bytes / since if round_no > 0 and since > 0 else 0.0
+        bandwidth = page_bytes / (send_s + verify_s) if send_s + verify_s > 0 else float("inf")
+        # If this were the last pre-copy round: the agent keeps writing while it ran, and
+        # the final round must scan the whole state again, ship that, and prove it.
+        remaining = dirty_rate * duration
+        link = bandwidth if bandwidth > 0 else float("inf")
+        expected = scan_s + remaining / link + verify_s if round_no > 0 else float("inf")
+        stats = RoundStats(
+            round=round_no,
+            state_size=size,
+            dirty_pages=pages,
+            dirty_bytes=page_bytes,
+            wire_bytes=wire,
+            chunks=chunks,
+            duration_s=duration,
+            scan_s=scan_s,
+            send_s=send_s,
+            verify_s=verify_s,
+            dirty_rate=dirty_rate,
+            bandwidth=bandwidth,
+            expected_downtime_s=expected,
+            final=final,
+        )
+        return stats, ours, t0
+
+    def _report(self, stats: RoundStats) -> None:
+        self.rounds.append(stats)
+        if self._tracker is not None:
+            self._tracker.report_validating(
+                f"round {stats.round}{' (final)' if stats.final else ''}: {stats.dirty_pages} pages, "
+                f"{stats.wire_bytes} bytes sent in {stats.duration_s:.3f} s; dirty rate {stats.dirty_rate / 1e6:.1f} MB/s, "
+                f"bandwidth {stats.bandwidth / 1e6:.1f} MB/s, expected downtime {stats.expected_downtime_s:.3f} s"
+            )
+        if self.on_round is not None:
+            self.on_round(stats)
+
+    def _stop_reason(self, stats: RoundStats) -> Optional[str]:
+        rounds = self.rounds
+        if stats.round > 0 and stats.expected_downtime_s <= self.downtime_limit:
+            return "downtime"
+        if len(rounds) >= self.max_rounds:
+            return "max_rounds"
+        if len(rounds) >= 3 and all(
+            rounds[-k].dirty_bytes > _SHRINK * rounds[-k - 1].dirty_bytes for k in (1, 2)
+        ):
+            return "not_shrinking"
+        return None
+
+    # -- the whole migration ----------------------------------------------------------
+
+    def _audit(self, event: AuditEventType, details: str, success: bool = True) -> None:
+        self.validator.audit_log.log(AuditEntry.new(self.migration_id, self.agent_id, event, details, success))
+
+    def run(self) -> LiveMigrationSummary:
+        """Migrate; returns the summary once the target runs the agent.
+
+        Raises a :class:`~cellmigrate.errors.CellError` subclass on failure, after the
+        source resumed (except :class:`~cellmigrate.live.errors.OutcomeUnknownError`,
+        where the target may already run the agent and the source stays paused).
+        """
+        mid, aid = self.migration_id, self.agent_id
+        log = self.validator.audit_log
+        started = time.monotonic()
+        size = as_bytes_view(self.source.state(), "agent state").nbytes
+        self._tracker = MigrationProgressTracker(aid, size, self.progress)
+        self._tracker.report_started()
+        log.log_start(mid, aid)
+        paused = False
+        try:
+            requirements = self.requirements or AgentRequirements(state_size=size)
+            committed = self.channel.open(Offer(mid, aid, requirements, size), self._on_commit)
+            if committed:
+                raise MigrationFailedError(f"the receiver already holds {committed} chunks of a new migration")
+            self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration started: {size} bytes")
+            previous: Optional[float] = None
+            round_no = 0
+            reason: Optional[str] = None
+            while reason is None:
+                stats, _, previous = self._round(round_no, False, previous)
+                self._report(stats)
+                reason = self._stop_reason(stats)
+                round_no += 1
+            self.source.pause()
+            paused = True
+            t_pause = time.monotonic()
+            stats, digest, _ = self._round(round_no, True, previous)
+            extra = bytes(self.source.extra())
+            if len(extra) > MAX_EXTRA_BYTES:
+                raise MigrationFailedError(f"agent extra is {len(extra)} bytes; the limit is {MAX_EXTRA_BYTES}")
+            self.channel.commit(digest, extra)
+            downtime = time.monotonic() - t_pause
+            stats = RoundStats(**{**asdict(stats), "actual_downtime_s": downtime})
+            self._report(stats)
+        except BaseException as exc:
+            self._fail(exc, paused)
+            if isinstance(exc, CellError) or not isinstance(exc, Exception):
+                raise
+            raise MigrationFailedError(f"live migration failed: {exc}") from exc
+        final_size = stats.state_size
+        log.log_verification(
+            mid,
+            aid,
+            VerificationResult(
+                True, True, True, True, [f"Size verified: {final_size} bytes", "Target proved the digest (xxh3_128_tree)"], True
+            ),
+        )
+        self._audit(
+            AuditEventType.TRANSFER_COMPLETED,
+            f"{len(self.rounds)} rounds, {self._wire_bytes} bytes sent, downtime {downtime:.3f} s",
+        )
+        log.log_completion(mid, aid, True, f"Live migration completed: {final_size} bytes, stopped on {reason}")
+        self._tracker.report_completed()
+        self.channel.close()
+        return LiveMigrationSummary(
+            migration_id=mid,
+            agent_id=aid,
+            state_size=final_size,
+            rounds=tuple(self.rounds),
+            wire_bytes=self._wire_bytes,
+            page_bytes=self._page_bytes,
+            duration_s=time.monotonic() - started,
+            downtime_s=downtime,
+            stop_reason=reason,
+            digest=digest,
+            extra_bytes=len(extra),
+            resent_chunks=int(getattr(self.channel, "resent_chunks", 0)),
+        )
+
+    def _fail(self, exc: BaseException, paused: bool) -> None:
+        """Resume the source (unless the outcome is unknown), tell the target, log it all."""
+        mid, aid = self.migration_id, self.agent_id
+        log = self.validator.audit_log
+        message = str(exc) or type(exc).__name__
+        unknown = isinstance(exc, OutcomeUnknownError)
+        if not unknown:
+            self.channel.abort(message)
+        self.channel.close()
+        if paused and not unknown:
+            log.log_rollback(mid, aid, True, True, f"Resuming the source agent: {message}")
+            try:
+                self.source.resume()
+                log.log_rollback(mid, aid, False, True, "Source agent resumed; target state unchanged")
+            except Exception as resume_exc:  # the original failure stays the one raised
+                log.log_rollback(mid, aid, False, False, f"Source agent did not resume: {resume_exc}")
+        elif unknown:
+            log.log_rollback(mid, aid, False, False, "Source agent left paused: the target may have resumed it")
+        log.log_completion(mid, aid, False, f"Live migration failed: {message}")
+        if self._tracker is not None:
+            self._tracker.report_failed(message)
+        if self.recovery is not None:
+            self.recovery.record_failure(MigrationError(error_type(exc), message, aid))

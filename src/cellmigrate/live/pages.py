@@ -1,0 +1,213 @@
+"""A round's pages in bounded chunks: scan, copy once, digest the copy, encode; and back.
+
+A round compares the agent's live state with the *shadow* (the state the receiver has
+committed) page by page, a region at a time, and copies each dirty page once. The copy
+is what the chunk's digest covers and what the receiver writes, never a second read of
+the live buffer, so a page the agent rewrites after it was copied is simply dirty again
+next round. Round 0 compares against an all-zero shadow: zero pages are never sent (the
+receiver's staging starts zero-filled), the rest go LZ4-compressed when that pays.
+
+A chunk holds at most ``chunk_bytes`` of pages (16 MiB by default), the unit a receiver
+verifies and commits atomically and the most a dropped connection can cost.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import lz4.block as _lz4_block
+import numpy as np
+import numpy.typing as npt
+import xxhash as _xxhash
+
+from .._buffers import as_bytes_view
+from ..checksum import PAGE_SIZE
+from ..compare import dirty_pages
+from ..errors import CorruptDataError
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "MAX_CHUNK_BYTES",
+    "Encoding",
+    "Chunk",
+    "scan_chunks",
+    "copy_pages",
+    "encode_pages",
+    "decode_pages",
+    "pages_digest",
+    "write_pages",
+]
+
+#: Pages per chunk, in bytes: what a cut can cost, and the sender's copy buffer.
+DEFAULT_CHUNK_BYTES = 16 << 20
+#: The largest chunk any peer may send (a receiver refuses bigger ones before reading them).
+MAX_CHUNK_BYTES = 64 << 20
+
+# Region of the state compared per kernel call: small enough that a chunk's pages are
+# copied soon after they were found dirty, big enough to use the threads.
+_SCAN_BYTES = 32 << 20
+# Bytes of a chunk trial-compressed to decide whether LZ4 is worth it for the whole chunk.
+_PROBE_BYTES = 64 << 10
+_MIN_GAIN = 0.9  # compress only when the probe shrinks below 90 %
+_PAGE_DTYPE = np.dtype(("V", PAGE_SIZE))
+
+U8Array = npt.NDArray[np.uint8]
+I64Array = npt.NDArray[np.int64]
+
+
+class Encoding(enum.IntEnum):
+    """How a chunk's page bytes travel."""
+
+    RAW = 0
+    LZ4 = 1
+
+
+@dataclass
+class Chunk:
+    """A batch of a round's pages: the unit sent, verified, committed and acknowledged.
+
+    ``seq`` counts chunks over the whole migration from 1; ``size`` is the state's length
+    in this round (the receiver resizes to it before writing); ``indices`` are ascending
+    page numbers; ``payload`` is the pages' bytes (the last page of the state may be
+    short) encoded with ``encoding``; ``digest`` is XXH3-128 of the raw page bytes as the
+    sender copied them. ``pages`` keeps the raw copy on the sender until acknowledged.
+    """
+
+    seq: int
+    round: int
+    size: int
+    indices: I64Array
+    encoding: Encoding
+    payload: Union[bytes, memoryview]
+    raw_len: int
+    digest: bytes
+    pages: Optional[U8Array] = field(default=None, repr=False, compare=False)
+
+    @property
+    def wire_len(self) -> int:
+        """Bytes of payload on the wire."""
+        return len(self.payload)
+
+
+def pages_len(indices: I64Array, size: int) -> int:
+    """Bytes of the pages at ``indices`` of a ``size``-byte state (the last may be short)."""
+    n = len(indices)
+    if n == 0:
+        return 0
+    tail = size - int(indices[-1]) * PAGE_SIZE
+    return (n - 1) * PAGE_SIZE + min(tail, PAGE_SIZE)
+
+
+def _rows(array: U8Array, pages: int) -> "npt.NDArray[np.void]":
+    """The first ``pages`` whole pages of a flat byte array as one 4 KiB item each."""
+    return array[: pages * PAGE_SIZE].view(_PAGE_DTYPE)
+
+
+def copy_pages(state: U8Array, indices: I64Array, size: int) -> U8Array:
+    """One contiguous copy of ``state``'s pages at ``indices`` (ascending, validated)."""
+    full = size // PAGE_SIZE
+    n = len(indices)
+    out: U8Array = np.empty(pages_len(indices, size), dtype=np.uint8)
+    body = n - 1 if n and int(indices[-1]) >= full else n
+    if body:
+        # One item per page and mode="clip" (no bounds re-check, no buffering): a memcpy
+        # per page, ~10x faster than taking rows of a 2-D uint8 view.
+        np.take(_rows(state, full), indices[:body], out=_rows(out, body), mode="clip")
+    if body < n:
+        out[body * PAGE_SIZE :] = state[full * PAGE_SIZE : size]
+    return out
+
+
+def write_pages(state: U8Array, indices: I64Array, pages: U8Array, size: int) -> None:
+    """Inverse of :func:`copy_pages`: write the pages into ``state`` (``size`` bytes)."""
+    full = size // PAGE_SIZE
+    n = len(indices)
+    body = n - 1 if n and int(indices[-1]) >= full else n
+    if body:
+        _rows(state, full)[indices[:body]] = _rows(pages, body)
+    if body < n:
+        state[full * PAGE_SIZE : size] = pages[body * PAGE_SIZE :]
+
+
+def pages_digest(pages: Union[bytes, memoryview, U8Array]) -> bytes:
+    """XXH3-128 of raw page bytes (what a chunk's ``digest`` is)."""
+    return _xxhash.xxh3_128_digest(as_bytes_view(pages, "pages"))
+
+
+def encode_pages(pages: U8Array, compress: bool = True) -> "tuple[Encoding, Union[bytes, memoryview]]":
+    """LZ4 when a probe of the chunk shows it pays, else the raw bytes (not copied)."""
+    raw = as_bytes_view(pages, "pages")
+    if compress and raw.nbytes >= 512:
+        probe = raw[:_PROBE_BYTES]
+        if len(_lz4_block.compress(probe, store_size=False)) < _MIN_GAIN * probe.nbytes:
+            packed = _lz4_block.compress(raw, store_size=False)
+            if len(packed) < raw.nbytes:
+                return Encoding.LZ4, packed
+    return Encoding.RAW, raw
+
+
+def decode_pages(encoding: int, payload: Union[bytes, memoryview], raw_len: int) -> Union[bytes, memoryview]:
+    """The raw page bytes of a chunk, exactly ``raw_len`` of them (``CorruptDataError`` else)."""
+    if encoding == Encoding.RAW:
+        data: Union[bytes, memoryview] = payload
+    elif encoding == Encoding.LZ4:
+        if raw_len > 255 * len(payload) + 64:
+            raise CorruptDataError(f"LZ4 chunk declares {raw_len} bytes, more than {len(payload)} bytes can hold")
+        try:
+            data = _lz4_block.decompress(payload, uncompressed_size=raw_len)
+        except _lz4_block.LZ4BlockError as exc:
+            raise CorruptDataError(f"corrupt LZ4 chunk: {exc}") from None
+    else:
+        raise CorruptDataError(f"unknown chunk encoding {encoding}")
+    if len(data) != raw_len:
+        raise CorruptDataError(f"chunk decodes to {len(data)} bytes, expected {raw_len}")
+    return data
+
+
+def scan_chunks(
+    state: U8Array,
+    shadow: U8Array,
+    *,
+    round_no: int,
+    first_seq: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    compress: bool = True,
+    threads: Optional[int] = None,
+) -> Iterator[Chunk]:
+    """Yield the chunks of one round: ``state``'s pages that differ from ``shadow``.
+
+    Both are flat ``uint8`` arrays of the round's size. Every round yields at least one
+    chunk (possibly empty) so the receiver learns the round's size. Pages are copied out
+    of ``state`` when their chunk is built, digested and encoded from that copy.
+    """
+    size = state.nbytes
+    per_chunk = max(1, chunk_bytes // PAGE_SIZE)
+    seq = first_seq
+    pending: list[I64Array] = []
+    count = 0
+
+    def build(indices: I64Array) -> Chunk:
+        nonlocal seq
+        pages = copy_pages(state, indices, size)
+        encoding, payload = encode_pages(pages, compress)
+        chunk = Chunk(seq, round_no, size, indices, encoding, payload, pages.nbytes, pages_digest(pages), pages)
+        seq += 1
+        return chunk
+
+    emitted = False
+    for lo in range(0, size, _SCAN_BYTES):
+        hi = min(lo + _SCAN_BYTES, size)
+        found = dirty_pages(shadow[lo:hi], state[lo:hi], PAGE_SIZE, threads=threads) + lo // PAGE_SIZE
+        while len(found):
+            take = found[: per_chunk - count]
+            found = found[len(take) :]
+            pending.append(take)
+            count += len(take)
+            if count == per_chunk:
+                yield build(np.concatenate(pending))
+                emitted = True
+                pending, count = [], 0
+    if count or not emitted:
+        yield build(np.concatenate(pending) if pending else np.zeros(0, dtype=np.int64))

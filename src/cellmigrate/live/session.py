@@ -1,0 +1,233 @@
+"""The receiving end of one live migration, whatever carries it (stream, in-process, Ray).
+
+A :class:`ReceiverSession` stages rounds into a :class:`~cellmigrate.live.agent.StateStore`:
+each chunk is decoded and its digest checked *before* anything is written, then written
+whole and acknowledged (its sequence number becomes the committed point a resumed
+connection continues from). At the end of a round it reports the ``xxh3_128_tree``
+digest of the staged state, re-hashing only the 1 MiB leaves the round touched. The
+target agent adopts the staged state only when the sender's commit carries the same
+digest; until then the target's own state is never touched, so a failure at any point
+leaves it unchanged. Every step is written to the validator's audit log.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..agent import Agent
+from ..audit import AuditEntry, AuditEventType
+from ..checksum import PAGE_SIZE
+from ..errors import CorruptDataError, InvalidStateError, MigrationFailedError
+from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities, VerificationResult
+from .errors import RefusedError
+from .agent import MAX_EXTRA_BYTES, StateStore, TargetAgent
+from .leaves import LeafTable
+from .pages import MAX_CHUNK_BYTES, Chunk, decode_pages, pages_digest, pages_len, write_pages
+
+__all__ = ["Offer", "ReceiverSession"]
+
+@dataclass(frozen=True)
+class Offer:
+    """What a sender proposes: which migration, which agent, what it needs, how big it is."""
+
+    migration_id: bytes
+    agent_id: bytes
+    requirements: AgentRequirements
+    state_size: int
+
+
+class ReceiverSession:
+    """Stage, verify and commit one migration's rounds; adopt on a matching final digest.
+
+    ``capabilities=None`` accepts any requirements (the check still runs and is logged
+    against an unlimited node). ``max_state_size`` bounds what a sender may make the
+    receiver allocate (0: the capabilities' ``max_state_size``, if any).
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        target: TargetAgent,
+        *,
+        capabilities: Optional[NodeCapabilities] = None,
+        validator: Optional[MigrationValidator] = None,
+        max_state_size: int = 0,
+    ) -> None:
+        self.store = store
+        self.target = target
+        self.capabilities = capabilities
+        self.validator = validator if validator is not None else MigrationValidator()
+        self.max_state_size = max_state_size or (capabilities.max_state_size if capabilities else 0)
+        self.offer: Optional[Offer] = None
+        self.committed_seq = 0
+        self.committed_round = -1
+        self.completed = False
+        self.failed = False
+        self.bytes_received = 0
+        self._leaves = LeafTable()
+        self._round_seen = -1
+        self._started = 0.0
+
+    # -- handshake -------------------------------------------------------------------
+
+    def begin(self, offer: Offer) -> int:
+        """Accept ``offer`` (or refuse with :class:`RefusedError`); returns the committed seq.
+
+        The same migration id again (a reconnect) continues where the last committed
+        chunk left off; a new one starts from an empty, zero-filled staging area.
+        """
+        if self.offer is not None and offer.migration_id == self.offer.migration_id:
+            if self.completed or self.failed:
+                raise RefusedError(f"migration {uuid.UUID(bytes=offer.migration_id)} is already finished")
+            return self.committed_seq
+        if self.offer is not None and not (self.completed or self.failed):
+            raise RefusedError("another migration is in progress on this receiver")
+        if self.max_state_size and offer.state_size > self.max_state_size:
+            raise RefusedError(f"state of {offer.state_size} bytes exceeds this node's limit of {self.max_state_size}")
+        caps = self.capabilities
+        status = self.validator.validate_pre_migration(
+            offer.migration_id, Agent(agent_id=offer.agent_id), offer.requirements, caps if caps is not None else _anything(offer.requirements)
+        )
+        if not status.can_proceed():
+            raise RefusedError(status.reason or "incompatible target")
+        self.offer = offer
+        self.committed_seq, self.committed_round, self._round_seen = 0, -1, -1
+        self.completed = self.failed = False
+        self.bytes_received = 0
+        self._started = time.monotonic()
+        self.store.resize(0)  # the staging area starts zero-filled: round 0 skips zero pages
+        self._leaves = LeafTable()
+        self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration staging started: {offer.state_size} bytes announced")
+        return 0
+
+    # -- rounds ----------------------------------------------------------------------
+
+    def apply_chunk(self, chunk: Chunk) -> bool:
+        """Verify and commit one chunk; False when it was already committed (a resend).
+
+        Raises ``CorruptDataError`` (digest, bounds, order) with the staged state as it was.
+        """
+        self._need_open()
+        if chunk.seq <= self.committed_seq:
+            return False
+        if chunk.seq != self.committed_seq + 1:
+            raise CorruptDataError(f"chunk {chunk.seq} out of order: expected {self.committed_seq + 1}")
+        if chunk.round < self._round_seen or chunk.round < 0:
+            raise CorruptDataError(f"chunk of round {chunk.round} after round {self._round_seen}")
+        if self.max_state_size and chunk.size > self.max_state_size:
+            raise CorruptDataError(f"chunk sets the state to {chunk.size} bytes, over the limit of {self.max_state_size}")
+        idx = chunk.indices
+        n_pages = -(-chunk.size // PAGE_SIZE)
+        if len(idx):
+            if int(idx[0]) < 0 or int(idx[-1]) >= n_pages or (len(idx) > 1 and not bool(np.all(np.diff(idx) > 0))):
+                raise CorruptDataError("chunk page indices are not ascending within the state")
+        if chunk.raw_len != pages_len(idx, chunk.size) or chunk.raw_len > MAX_CHUNK_BYTES:
+            raise CorruptDataError(f"chunk declares {chunk.raw_len} bytes for {len(idx)} pages")
+        raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len)
+        if pages_digest(raw) != chunk.digest:
+            raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
+        # Verified: now (and only now) change the staged state.
+        if chunk.size != self.store.size():
+            self.store.resize(chunk.size)
+            self._leaves.resize(chunk.size)
+        if len(idx):
+            with self.store.view() as view:
+                write_pages(np.frombuffer(view, dtype=np.uint8), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
+            self._leaves.touch_pages(idx)
+        self.committed_seq = chunk.seq
+        self._round_seen = chunk.round
+        self.bytes_received += chunk.raw_len
+        return True
+
+    def end_round(self, round_no: int) -> bytes:
+        """The round is fully committed: return the staged state's digest (and flush it)."""
+        self._need_open()
+        if round_no != self._round_seen:
+            raise CorruptDataError(f"end of round {round_no}, but the last chunk was of round {self._round_seen}")
+        with self.store.view() as view:
+            root = self._leaves.refresh(view)
+        self.committed_round = round_no
+        return root
+
+    def commit(self, digest: bytes, extra: bytes) -> None:
+        """The sender's final digest: adopt and resume the target when it matches ours.
+
+        A mismatch fails the migration (``MigrationFailedError``) and leaves the target
+        untouched; so does a failing ``adopt``/``resume`` (logged either way).
+        """
+        offer = self._need_open()
+        if len(extra) > MAX_EXTRA_BYTES:
+            raise CorruptDataError(f"agent extra of {len(extra)} bytes exceeds {MAX_EXTRA_BYTES}")
+        with self.store.view() as view:
+            ours = self._leaves.refresh(view)
+            size = view.nbytes
+        ok = ours == digest
+        result = VerificationResult(
+            passed=ok,
+            checksum_valid=ok,
+            size_valid=True,
+            agent_responsive=True,
+            details=[f"Size verified: {size} bytes", "Digest verified (xxh3_128_tree)" if ok else "Digest mismatch"],
+            content_valid=ok,
+        )
+        self.validator.audit_log.log_verification(offer.migration_id, offer.agent_id, result)
+        if not ok:
+            self.abandon("final digest mismatch: staged state differs from the source's")
+            raise MigrationFailedError("final digest mismatch: the target's staged state differs from the source's")
+        try:
+            self.store.flush()
+            with self.store.view() as view:
+                self.target.adopt(view.toreadonly(), bytes(extra))
+            self.target.resume()
+        except Exception as exc:
+            self.abandon(f"target could not adopt the state: {exc}")
+            raise MigrationFailedError(f"target could not adopt the state: {exc}") from exc
+        self.completed = True
+        secs = time.monotonic() - self._started
+        self._audit(AuditEventType.TRANSFER_COMPLETED, f"Staged {self.bytes_received} bytes in {self.committed_seq} chunks")
+        self.validator.audit_log.log_completion(
+            offer.migration_id, offer.agent_id, True, f"Live migration completed: {size} bytes in {secs:.3f} s"
+        )
+
+    def abandon(self, reason: str) -> None:
+        """Give the migration up: the target keeps its own state; log why (idempotent)."""
+        offer = self.offer
+        if offer is None or self.completed or self.failed:
+            return
+        self.failed = True
+        log = self.validator.audit_log
+        log.log_rollback(offer.migration_id, offer.agent_id, True, True, f"Discarding staged state: {reason}")
+        log.log_rollback(offer.migration_id, offer.agent_id, False, True, "Staged state discarded; target state unchanged")
+        log.log_completion(offer.migration_id, offer.agent_id, False, f"Live migration failed: {reason}")
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _need_open(self) -> Offer:
+        if self.offer is None:
+            raise InvalidStateError("no migration has been offered to this receiver")
+        if self.completed or self.failed:
+            raise InvalidStateError("this migration is already finished")
+        return self.offer
+
+    def _audit(self, event: AuditEventType, details: str) -> None:
+        offer = self.offer
+        assert offer is not None
+        self.validator.audit_log.log(AuditEntry.new(offer.migration_id, offer.agent_id, event, details, True))
+
+
+def _anything(req: AgentRequirements) -> NodeCapabilities:
+    """A node that satisfies ``req`` (when the receiver sets no capabilities)."""
+    return NodeCapabilities(
+        architectures=[req.architecture] if req.architecture else [],
+        available_memory=req.required_memory,
+        available_storage=req.required_storage,
+        wasm_features=list(req.required_wasm_features),
+        max_state_size=req.state_size,
+        version=req.version,
+        min_compatible_version=req.version,
+    )

@@ -1,0 +1,397 @@
+"""Page-encoding kernels (zero pages, XOR + zero-run "XZR"): compiled vs the reference.
+
+The compiled batch kernels (``encode_pages``, ``check_pages``) and the single-page
+``xzr_encode`` / ``xzr_decode`` must agree byte for byte with ``cellmigrate._reference``
+on random pages, sparse edits, all-zero and all-equal pages, short last pages and bases
+of another length, on every dispatch path; decoding is strict and never writes outside
+its page, whatever the input.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cellmigrate import CorruptDataError
+from cellmigrate import _kernels, _reference
+
+PAGE = 4096
+ALL = 0xF  # raw, RLE, zero, XZR
+CRATE = 0x3  # raw, RLE: what a checksum-only (crate-compatible) delta may use
+PATHS = _kernels._dispatch_paths()
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _each_path() -> Iterator[str]:
+    before = _kernels._dispatch()
+    try:
+        for name in PATHS:
+            _kernels._set_dispatch(name)
+            yield name
+    finally:
+        _kernels._set_dispatch(before)
+
+
+def _edit_page(rng: random.Random, page: bytes, style: str) -> bytes:
+    n = len(page)
+    out = bytearray(page)
+    if style == "sparse":  # a few scattered bytes
+        for _ in range(rng.randrange(1, 12)):
+            out[rng.randrange(n)] = rng.randrange(256)
+    elif style == "block":  # one run of random bytes at a random offset (issue 12's workload)
+        length = rng.randrange(1, min(n, 200) + 1)
+        start = rng.randrange(n - length + 1)
+        out[start : start + length] = rng.randbytes(length)
+    elif style == "counters":  # int64 counters incremented
+        arr = np.frombuffer(bytes(out[: n - n % 8]), dtype="<i8").copy()
+        arr[:: rng.randrange(1, 9)] += rng.randrange(1, 4)
+        out[: len(arr) * 8] = arr.tobytes()
+    elif style == "random":
+        out[:] = rng.randbytes(n)
+    elif style == "zeros":
+        out[:] = bytes(n)
+    elif style == "run":
+        out[:] = bytes([rng.randrange(256)]) * n
+    elif style == "gaps":  # literals separated by gaps of 1..4 equal bytes (the split rule)
+        pos = rng.randrange(4)
+        while pos < n:
+            out[pos] ^= rng.randrange(1, 256)
+            pos += rng.randrange(1, 6)
+    # "same": unchanged
+    return bytes(out)
+
+
+STYLES = ("sparse", "block", "counters", "random", "zeros", "run", "gaps", "same")
+
+
+@st.composite
+def states(draw: st.DrawFn) -> Tuple[bytes, bytes, List[int]]:
+    """``(old, new, dirty indices)``: new has pages edited in every style; old may be
+    shorter or longer than new (deltas between states of different sizes)."""
+    seed = draw(st.integers(0, 2**32))
+    rng = random.Random(seed)
+    npages = draw(st.integers(0, 6))
+    tail = draw(st.sampled_from([0, 0, 1, 7, 100, 4095]))
+    size = npages * PAGE + tail
+    base_kind = draw(st.sampled_from(["random", "zeros", "counters"]))
+    if base_kind == "random":
+        base = rng.randbytes(size)
+    elif base_kind == "zeros":
+        base = bytes(size)
+    else:
+        base = np.arange(size // 8 + 1, dtype="<i8").tobytes()[:size]
+    new = bytearray(base)
+    count = -(-size // PAGE)
+    for i in range(count):
+        style = draw(st.sampled_from(STYLES))
+        new[i * PAGE : (i + 1) * PAGE] = _edit_page(rng, bytes(new[i * PAGE : (i + 1) * PAGE]), style)
+    old = base
+    resize = draw(st.sampled_from(["same", "same", "shorter", "longer"]))
+    if resize == "shorter" and old:
+        old = old[: rng.randrange(len(old))]
+    elif resize == "longer":
+        old = old + rng.randbytes(rng.randrange(1, 2 * PAGE))
+    indices = sorted(draw(st.sets(st.integers(0, max(count - 1, 0)), max_size=count))) if count else []
+    return old, bytes(new), indices
+
+
+def _pages_of(data: bytes, indices: List[int]) -> List[bytes]:
+    return [data[i * PAGE : (i + 1) * PAGE] for i in indices]
+
+
+# --------------------------------------------------------------------------------------
+# single pages
+
+
+def test_xzr_examples() -> None:
+    base = bytes(range(256)) * 16
+    new = bytearray(base)
+    new[300:364] = bytes(b ^ 0x5A for b in new[300:364])
+    stream = _kernels.xzr_encode(bytes(new), base)
+    # varint 300 (2 bytes), varint 64, then the 64 XOR bytes (all 0x5A); nothing after.
+    assert stream == bytes([0xAC, 0x02, 64]) + b"\x5a" * 64
+    assert _reference.xzr_encode(bytes(new), base) == stream
+    assert _kernels.xzr_decode(stream, base, PAGE) == bytes(new)
+    assert _kernels.xzr_encode(base, base) == b""
+    # Gaps of 1 and 2 equal bytes stay inside the literal; a gap of 3 starts a new pair.
+    new = bytearray(base)
+    new[10] ^= 1
+    new[12] ^= 1  # gap 1
+    new[15] ^= 1  # gap 2
+    new[19] ^= 1  # gap 3
+    assert _kernels.xzr_encode(bytes(new), base) == bytes([10, 6, 1, 0, 1, 0, 0, 1, 3, 1, 1])
+    # Equal bytes at the end of the page are implicit, even fewer than 3.
+    new = bytearray(base)
+    new[PAGE - 3] ^= 0xFF
+    assert _kernels.xzr_encode(bytes(new), base) == bytes([0xFD, 0x1F, 1, 0xFF])
+
+
+@SETTINGS
+@given(st.data())
+def test_xzr_single_page_matches_reference(data: st.DataObject) -> None:
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    length = data.draw(st.sampled_from([1, 2, 3, 4, 5, 31, 32, 33, 64, 100, 4095, PAGE]))
+    base = rng.randbytes(length) if data.draw(st.booleans()) else bytes(length)
+    new = _edit_page(rng, base, data.draw(st.sampled_from(STYLES)))
+    base_given = base[: data.draw(st.integers(0, length))] if data.draw(st.booleans()) else base
+    want = _reference.xzr_encode(new, base_given)
+    for path in _each_path():
+        assert _kernels.xzr_encode(new, base_given) == want, path
+    assert _kernels.xzr_decode(want, base_given, length) == new
+    assert _reference.xzr_decode(want, base_given, length) == new
+
+
+XZR_CORRUPT = [
+    (b"\x80", "varint of the pair at offset 0 is cut short"),
+    (b"\x00", "varint of the pair at offset 0 is cut short"),
+    (b"\x00\x01", "literal of the pair at offset 0 is cut short"),
+    (b"\x00\x00", "pair at offset 0 has a zero literal length"),
+    (b"\x80\x00\x01\x07", "varint in the pair at offset 0 is overlong"),
+    (b"\xff\xff\xff\xff\xff\x01\x01\x07", "varint in the pair at offset 0 is overlong"),
+    (b"\x00\x01\x07\x80\x20\x01\x07", "pair at offset 3 runs past the end of the 4096-byte page"),
+    (b"\xff\x1f\x02\x01\x01", "pair at offset 0 runs past the end"),
+    (b"\x00\x81\x20" + bytes(4097), "pair at offset 0 runs past the end"),
+    (b"\x00\x01\x07\x00", "varint of the pair at offset 3 is cut short"),
+]
+
+
+@pytest.mark.parametrize("stream, fragment", XZR_CORRUPT)
+def test_xzr_decode_refuses_malformed_streams(impl: ModuleType, stream: bytes, fragment: str) -> None:
+    with pytest.raises(CorruptDataError) as info:
+        impl.xzr_decode(stream, bytes(PAGE), PAGE)
+    assert fragment in str(info.value)
+
+
+@SETTINGS
+@given(stream=st.binary(max_size=64), length=st.integers(0, 70), base=st.binary(max_size=80))
+def test_xzr_decoders_agree_on_arbitrary_streams(stream: bytes, length: int, base: bytes) -> None:
+    try:
+        want = _reference.xzr_decode(stream, base, length)
+    except CorruptDataError as exc:
+        with pytest.raises(CorruptDataError) as info:
+            _kernels.xzr_decode(stream, base, length)
+        assert str(info.value) == str(exc)
+        return
+    got = _kernels.xzr_decode(stream, base, length)
+    assert got == want and len(got) == length
+
+
+# --------------------------------------------------------------------------------------
+# batches
+
+
+def _reference_best(old: bytes, new: bytes, indices: List[int], allowed: int) -> List[Tuple[int, bytes]]:
+    """The choice rule spelled out: smallest allowed candidate, ties to the earlier."""
+    out = []
+    for i in indices:
+        page = new[i * PAGE : (i + 1) * PAGE]
+        base = (old[i * PAGE : i * PAGE + len(page)] + bytes(len(page)))[: len(page)]
+        candidates = [(0, page)]
+        if allowed & 2:
+            candidates.append((1, _reference.rle_compress(page)))
+        if allowed & 4 and page == bytes(len(page)):
+            candidates.append((2, b""))
+        if allowed & 8:
+            candidates.append((3, _reference.xzr_encode(page, base)))
+        best = candidates[0]
+        for c in candidates[1:]:
+            if len(c[1]) < len(best[1]):
+                best = c
+        out.append(best)
+    return out
+
+
+@SETTINGS
+@given(case=states(), allowed=st.sampled_from([ALL, CRATE, 0x1, 0x9, 0x5]))
+def test_encode_pages_matches_reference_on_every_path(case: Tuple[bytes, bytes, List[int]], allowed: int) -> None:
+    old, new, indices = case
+    want_enc, want_off, want_payload = _reference.encode_pages(old, new, indices, PAGE, allowed)
+    expected = _reference_best(old, new, indices, allowed)
+    assert want_enc.tolist() == [e for e, _ in expected]
+    assert want_payload == b"".join(s for _, s in expected)
+    for path in _each_path():
+        enc, off, payload = _kernels.encode_pages(old, new, indices, PAGE, allowed)
+        assert enc.dtype == np.uint8 and off.dtype == np.int64, path
+        assert enc.tolist() == want_enc.tolist(), path
+        assert off.tolist() == want_off.tolist(), path
+        assert payload == want_payload, path
+    # Decoding the batch against old gives back new's pages, in both implementations.
+    for impl in (_kernels, _reference):
+        out = bytearray(len(indices) * PAGE)
+        assert impl.check_pages(want_payload, want_off, want_enc, indices, len(new), PAGE, allowed,
+                                base=old, out=out) == (0, 0, 0)
+        for k, page in enumerate(_pages_of(new, indices)):
+            assert bytes(out[k * PAGE : k * PAGE + len(page)]) == page
+        assert impl.check_pages(want_payload, want_off, want_enc, indices, len(new), PAGE, allowed) == (0, 0, 0)
+
+
+def test_encode_pages_chooses_zero_xzr_rle_raw() -> None:
+    rng = random.Random(5)
+    old = rng.randbytes(5 * PAGE)
+    new = bytearray(old)
+    new[0:PAGE] = bytes(PAGE)  # zero page
+    new[PAGE + 300 : PAGE + 364] = rng.randbytes(64)  # XZR: 2 + 1 + 64 = 67 bytes
+    new[2 * PAGE : 3 * PAGE] = b"\x07" * PAGE  # RLE: 99 bytes, XZR would be ~4 KiB
+    new[3 * PAGE : 4 * PAGE] = rng.randbytes(PAGE)  # raw
+    new[4 * PAGE : 5 * PAGE] = bytes(PAGE)
+    enc, off, payload = _kernels.encode_pages(old, bytes(new), [0, 1, 2, 3, 4], PAGE, ALL)
+    assert enc.tolist() == [2, 3, 1, 0, 2]
+    assert np.diff(off).tolist() == [0, 67, 99, PAGE, 0]
+    # The crate-compatible subset: zero pages become RLE, the edited page stays raw.
+    enc, off, _ = _kernels.encode_pages(old, bytes(new), [0, 1, 2, 3, 4], PAGE, CRATE)
+    assert enc.tolist() == [1, 0, 1, 0, 1]
+    assert np.diff(off).tolist() == [99, PAGE, 99, PAGE, 99]
+
+
+def test_encode_pages_argument_errors(impl: ModuleType) -> None:
+    with pytest.raises(IndexError):
+        impl.encode_pages(bytes(PAGE), bytes(PAGE), [1], PAGE, ALL)
+    with pytest.raises(IndexError):
+        impl.encode_pages(bytes(PAGE), bytes(PAGE), [-1], PAGE, ALL)
+    with pytest.raises(ValueError):
+        impl.encode_pages(b"", b"", [], 0, ALL)
+    enc, off, payload = impl.encode_pages(b"", b"", [], PAGE, ALL)
+    assert (enc.tolist(), off.tolist(), payload) == ([], [0], b"")
+
+
+def _batch(total: int = 3 * PAGE) -> Tuple[bytes, bytes, List[int], np.ndarray, np.ndarray, bytes]:
+    rng = random.Random(11)
+    old = rng.randbytes(total)
+    new = bytearray(old)
+    new[10:20] = bytes(10)
+    new[PAGE : 2 * PAGE] = bytes(PAGE)
+    new[2 * PAGE : 2 * PAGE + 99] = b"\x01" * 99
+    indices = [0, 1, 2]
+    enc, off, payload = _kernels.encode_pages(old, bytes(new), indices, PAGE, ALL)
+    return old, bytes(new), indices, enc, off, payload
+
+
+CHECK_CASES = [
+    # (what to change, expected code, position, detail or None)
+    ("index_range", 1, 2, 3),
+    ("not_increasing", 2, 1, 0),
+    ("encoding", 3, 0, 9),
+    ("raw_length", 4, 2, None),
+    ("zero_length", 4, 1, 5),
+    ("xzr_corrupt", 7, 0, None),
+    ("offsets", 8, 2, None),
+]
+
+
+@pytest.mark.parametrize("change, code, position, detail", CHECK_CASES)
+def test_check_pages_reports_the_first_bad_page(impl: ModuleType, change: str, code: int, position: int,
+                                                detail: object) -> None:
+    old, new, indices, enc, off, payload = _batch()
+    enc, off, idx = enc.copy(), off.copy(), list(indices)
+    assert enc.tolist() == [3, 2, 3]
+    if change == "index_range":
+        idx[2] = 3
+    elif change == "not_increasing":
+        idx[1] = 0
+    elif change == "encoding":
+        enc[0] = 9
+    elif change == "raw_length":
+        enc[2] = 0
+    elif change == "zero_length":
+        off[2:] += 5  # page 1 (a zero page) gets 5 stored bytes
+        payload = payload[: off[1]] + bytes(5) + payload[off[1] :]
+    elif change == "xzr_corrupt":
+        payload = b"\x80" + payload[1:]
+        off = off.copy()
+    elif change == "offsets":
+        off[3] = len(payload) + 1
+    out = bytearray(3 * PAGE)
+    got = impl.check_pages(payload, off, enc, idx, len(new), PAGE, ALL, base=old, out=out)
+    assert got[:2] == (code, position)
+    if detail is not None:
+        assert got[2] == detail
+
+
+def test_check_pages_allowed_mask_and_previous(impl: ModuleType) -> None:
+    old, new, indices, enc, off, payload = _batch()
+    assert impl.check_pages(payload, off, enc, indices, len(new), PAGE, CRATE)[:3] == (3, 0, 3)
+    assert impl.check_pages(payload, off, enc, indices, len(new), PAGE, ALL, previous=0)[:2] == (2, 0)
+    assert impl.check_pages(payload, off, enc, indices, len(new), PAGE, ALL, previous=-1) == (0, 0, 0)
+    with pytest.raises(ValueError):
+        impl.check_pages(payload, off[:-1], enc, indices, len(new), PAGE, ALL)
+    with pytest.raises(ValueError):
+        impl.check_pages(payload, off, enc, indices, len(new), PAGE, ALL, out=bytearray(PAGE))
+
+
+def test_rle_pages_in_a_batch(impl: ModuleType) -> None:
+    packed = _reference.rle_compress(bytes(PAGE))
+    ok = impl.check_pages(packed, [0, len(packed)], [1], [0], PAGE, PAGE, ALL)
+    assert ok == (0, 0, 0)
+    short = _reference.rle_compress(bytes(PAGE - 1))
+    assert impl.check_pages(short, [0, len(short)], [1], [0], PAGE, PAGE, ALL) == (6, 0, PAGE - 1)
+    assert impl.check_pages(b"\xff\x05", [0, 2], [1], [0], PAGE, PAGE, ALL) == (5, 0, 1)
+    assert impl.check_pages(b"\xff\x00\x00", [0, 3], [1], [0], PAGE, PAGE, ALL) == (5, 0, 2)
+    assert impl.check_pages(b"\xff\x7f\x00" * 40, [0, 120], [1], [0], PAGE, PAGE, ALL) == (5, 0, 3)
+    assert impl.check_pages(b"", [0, 0], [1], [0], PAGE, PAGE, ALL) == (4, 0, 0)
+
+
+@SETTINGS
+@given(payload=st.binary(max_size=300), enc=st.integers(0, 4), total=st.integers(1, 3 * PAGE),
+       guard=st.binary(min_size=8, max_size=8))
+def test_hostile_pages_never_write_outside_their_slot(payload: bytes, enc: int, total: int, guard: bytes) -> None:
+    """Arbitrary stored bytes as one page: same verdict from both decoders, and the bytes
+    after the page's slot are untouched."""
+    index = (total - 1) // PAGE
+    results = []
+    for impl in (_kernels, _reference):
+        out = bytearray(PAGE) + bytearray(guard)
+        got = impl.check_pages(payload, [0, len(payload)], [enc], [index], total, PAGE, ALL,
+                               base=bytes(range(256)) * 16, out=memoryview(out)[:PAGE])
+        assert bytes(out[PAGE:]) == guard
+        results.append((got, bytes(out[: total - index * PAGE]) if got[0] == 0 else None))
+    assert results[0] == results[1]
+
+
+# --------------------------------------------------------------------------------------
+# the portable C alone
+
+
+PORTABLE_PROBE = r"""
+#include "cm_simd.h"
+#include "cm_pages.h"
+#include <stdio.h>
+int main(void) {
+    static uint8_t a[4096], b[4096], out[4096 + 16], back[4096];
+    for (int i = 0; i < 4096; i++) a[i] = b[i] = (uint8_t)(i * 13);
+    for (int i = 700; i < 764; i++) b[i] ^= 0x5A;
+    cm_dispatch_init();
+    size_t n = cm_xzr_encode_entry(b, a, 4096, out, 4096);
+    size_t where = 0;
+    memcpy(back, a, 4096);
+    int rc = cm_xzr_decode(out, n, back, 4096, &where);
+    printf("%zu %d %d\n", n, rc, memcmp(back, b, 4096));
+    return 0;
+}
+"""
+
+
+def test_portable_page_encodings_compile_alone(tmp_path: Path) -> None:
+    header_dir = Path(__file__).resolve().parent.parent / "cython"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None or not (header_dir / "cm_pages.h").exists():
+        pytest.skip("needs a C compiler and the source tree's cython/cm_pages.h")
+    src = tmp_path / "probe.c"
+    src.write_text(PORTABLE_PROBE)
+    exe = tmp_path / "probe"
+    subprocess.run(
+        [compiler, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
+         "-DCELLMIGRATE_PORTABLE_ONLY", f"-I{header_dir}", str(src), "-o", str(exe)],
+        check=True, capture_output=True, timeout=120,
+    )
+    fields = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout.split()
+    assert fields == ["67", "0", "0"]
