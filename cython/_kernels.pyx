@@ -398,3 +398,28 @@ def _naive_rle_compress(const uint8_t[::1] data):
 # --- page encodings (zero pages, XOR + zero-run) -------------------------------------------
 
 include "_encodings.pxi"
+
+
+# --- SIGBUS guard for mapped files (see cm_guard.h) ------------------------------------
+
+cdef extern from "cm_guard.h" nogil:
+    int cm_guard_add(const void* start, size_t length)
+    long cm_guard_faults(int slot)
+    long cm_guard_remove(int slot)
+
+
+def _guard_add(const uint8_t[::1] mapping):
+    """Guard a mapped file's pages against SIGBUS; returns a slot (-1: not guarded)."""
+    if mapping.shape[0] == 0:
+        return -1
+    return cm_guard_add(&mapping[0], <size_t>mapping.shape[0])
+
+
+def _guard_faults(int slot):
+    """Pages of the slot's mapping read past the file's end so far (each read zeros)."""
+    return cm_guard_faults(slot)
+
+
+def _guard_remove(int slot):
+    """Stop guarding a slot (call before unmapping); returns its final fault count."""
+    return cm_guard_remove(slot)

@@ -402,3 +402,16 @@ def test_migration_while_running_matches_a_reference_run() -> None:
     reference.run(total)
     assert bytes(target.state()) == bytes(reference.state())
     assert target.globals() == reference.globals()
+
+
+def test_wasm_agent_is_a_live_source_and_target() -> None:
+    from cellmigrate.live import SourceAgent, TargetAgent
+
+    agent = WasmAgent(KINDS_WAT)
+    assert isinstance(agent, SourceAgent) and isinstance(agent, TargetAgent)
+    agent.run(1)
+    assert agent.adopted_at is None
+    other = WasmAgent(KINDS_WAT)
+    other.adopt(memoryview(bytes(agent.state())).toreadonly(), agent.extra())  # as the receiver hands it
+    assert other.adopted_at == other.steps == agent.steps
+    assert other.global_kinds == {"i": "i32", "l": "i64", "f": "f32", "d": "f64"}

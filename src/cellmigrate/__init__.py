@@ -17,7 +17,10 @@ from .errors import (
     ExecutionFailedError,
     InputTooLargeError,
     InvalidStateError,
+    JournalError,
     MigrationFailedError,
+    StateChangedError,
+    TruncatedInputError,
 )
 
 # --- the types of what callers pass (_types.py) ---------------------------------------
@@ -98,6 +101,9 @@ __all__ = [
     "CorruptDataError",
     "MigrationFailedError",
     "ExecutionFailedError",
+    "TruncatedInputError",
+    "StateChangedError",
+    "JournalError",
     "InputTooLargeError",
     "AuditStoreError",
     # types of arguments

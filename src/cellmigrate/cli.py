@@ -1,4 +1,4 @@
-"""The ``cellmigrate`` command line: checksum, diff, apply, verify, inspect, demo, bench.
+"""The ``cellmigrate`` command line: checksum, diff, apply, recover, verify, inspect, demo, bench.
 
 Run ``cellmigrate --help`` (or ``python -m cellmigrate --help``) for the list, and
 ``cellmigrate COMMAND --help`` for each command. Conventions every command follows:
@@ -6,17 +6,22 @@ Run ``cellmigrate --help`` (or ``python -m cellmigrate --help``) for the list, a
 * State files are memory-mapped (:class:`~cellmigrate.statefile.StateFile`), never read
   whole, so multi-GiB states run in bounded memory.
 * Exit codes: ``0`` success, ``1`` verification failed or the states differ (including a
-  delta that is refused because it does not fit the base), ``2`` usage error or
-  unreadable/corrupt input. Errors are one line on stderr, never a traceback (set
+  delta that is refused because it does not fit the base, and a state that changed while
+  it was read), ``2`` usage error, unreadable/corrupt/truncated input, or a full disk. Errors are one line on stderr, never a traceback (set
   ``CELLMIGRATE_DEBUG=1`` to get the traceback of an unexpected error).
 * Results go to stdout (``--json`` for machine-readable output where it makes sense);
   progress bars go to stderr, only when stderr is a terminal and the work is long.
 * ``--quiet`` silences everything but errors (and the value ``checksum`` was asked for).
+* Files (:mod:`cellmigrate.statefile`, :mod:`cellmigrate.journal`): outputs are never an
+  input and never an existing file without ``-f/--force``; ``-`` is stdin/stdout for
+  deltas; in-place ``apply`` is journaled; SIGTERM/SIGHUP clean up like SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -24,9 +29,24 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
-from .statefile import StateFile, atomic_replace, copy_to_temp, format_size, parse_size, write_bytes_atomic
+from .errors import JournalError, StateChangedError, TruncatedInputError
+from .statefile import (
+    STREAM,
+    Output,
+    SignalInterrupt,
+    StateFile,
+    copy_range,
+    format_size,
+    open_input_stream,
+    open_output,
+    parse_size,
+    signals_raise,
+    spool_stream,
+    hook_pause,
+    write_all,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tqdm import tqdm as Tqdm
@@ -149,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
             "strong digest of NEW, so 'apply' can prove its result.")
     p.add_argument("old", metavar="OLD", help="the state the receiver already has")
     p.add_argument("new", metavar="NEW", help="the state to ship")
-    p.add_argument("-o", "--output", metavar="DELTA", required=True, help="delta file to write (replaced atomically)")
+    p.add_argument("-o", "--output", metavar="DELTA", required=True,
+                   help="delta file to write (atomically; '-' for stdout; a FIFO or device is written through)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing DELTA (never an input)")
     p.add_argument("--digest", choices=DIGEST_CHOICES, default=None,
                    help="strong digest of NEW to record (default: xxh3_128_tree, or blake3 with --key-file; "
                         "'none' gives a checksum-only delta, as the Rust crate writes)")
@@ -167,18 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("apply", "apply a delta to BASE (atomically)",
             "Apply DELTA to BASE. The whole result is verified against the delta's checksum and "
             "digest (and MAC) before a single byte is written: a refused delta leaves BASE byte "
-            "for byte unchanged. Without -o, BASE is updated in place; with -o, BASE is copied to "
-            "a temporary file beside OUT, the delta applied and synced there, and the file renamed "
-            "to OUT, so OUT is either complete or absent.")
+            "for byte unchanged. Without -o, BASE is updated in place under an undo journal "
+            "(BASE.cmjournal): killed at any instant, BASE is the old or the new state once the next "
+            "cellmigrate command (or 'cellmigrate recover BASE') has run. With -o, the result is built "
+            "in a temporary file beside OUT, synced and renamed to OUT, so OUT is either complete or "
+            "absent.")
     p.add_argument("base", metavar="BASE", help="the state the delta was made against")
-    p.add_argument("delta", metavar="DELTA", help="delta file written by 'cellmigrate diff'")
-    p.add_argument("-o", "--output", metavar="OUT", help="write the result here instead of updating BASE")
+    p.add_argument("delta", metavar="DELTA", help="delta file written by 'cellmigrate diff' ('-' for stdin)")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write the result here instead of updating BASE ('-' for stdout)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing OUT (never an input)")
     p.add_argument("--key-file", metavar="F", help="32-byte key of an authenticated delta")
     p.add_argument("--safe-replace", action="store_true",
                    help="in place, but through a temporary copy renamed over BASE: a crash cannot "
                         "leave BASE half-written (costs one full copy)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(handler=_cmd_apply)
+
+    p = add("recover", "roll back the journal of an interrupted in-place apply",
+            "If an in-place 'apply' on BASE was interrupted (killed, power lost), BASE.cmjournal holds "
+            "the original bytes of the pages it was writing: write them back so BASE is exactly the "
+            "state it was before that apply (an incomplete journal, written before BASE was touched, "
+            "is just removed). On a clean file, says so. Every other command does this by itself when "
+            "it can write BASE.")
+    p.add_argument("base", metavar="BASE", help="state file")
+    p.set_defaults(handler=_cmd_recover)
 
     p = add("verify", "check that two state files are identical, byte for byte",
             "Compare A and B byte for byte. Exit 0 when identical; exit 1 and print the first "
@@ -191,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inspect", "show a delta's header, pages, sizes and ratios",
             "Decode DELTA (checking every structural and integrity field of the wire format) and "
             "show what it contains.")
-    p.add_argument("delta", metavar="DELTA", help="delta file")
+    p.add_argument("delta", metavar="DELTA", help="delta file ('-' for stdin)")
     p.add_argument("--pages", action="store_true", help="also list every page")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(handler=_cmd_inspect)
@@ -225,22 +260,81 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 
 
-def _out(args: argparse.Namespace, text: str) -> None:
+def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) -> None:
     """Print a result line unless --quiet."""
     if not args.quiet:
-        print(text)
+        print(text, file=file or sys.stdout)
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+def _print_json(obj: Any, file: Optional[IO[str]] = None) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False), file=file or sys.stdout)
 
 
-def _open_state(path: str, *, writable: bool = False) -> StateFile:
-    """Open a state file, turning OS errors into a one-line exit-2 message."""
+def _open_state(path: str, *, private: bool = False) -> StateFile:
+    """Open a state file, turning OS errors into a one-line exit-2 message.
+
+    A pending journal of an interrupted apply is rolled back by :class:`StateFile`; that
+    is reported as a note on stderr.
+    """
+    if path == STREAM:
+        raise CliError("'-' (stdin) is only accepted for deltas: state files must be regular files")
     try:
-        return StateFile(path, writable=writable)
+        f = StateFile(path, private=private)
     except OSError as exc:
         raise CliError(f"cannot open {path!r}: {exc.strerror or exc}") from None
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
+    if f.recovered is not None:
+        print(f"{PROG}: note: {f.recovered.describe()}", file=sys.stderr)
+    hook_pause("opened")
+    return f
+
+
+def _check_read(f: StateFile) -> None:
+    """Raise the CLI error for a file truncated (exit 2) or changed (exit 1) while read."""
+    try:
+        f.check()
+    except TruncatedInputError as exc:
+        raise CliError(str(exc)) from None
+    except StateChangedError as exc:
+        raise CliError(f"{exc}; nothing was written", EXIT_DIFFERENT) from None
+
+
+@contextlib.contextmanager
+def _reading(path: str, *, private: bool = False) -> Iterator[StateFile]:
+    """Open a state file for reading; on leaving, check it was not truncated or changed.
+
+    A truncated or changed input also explains any failure of the work done on it (a
+    truncated map reads zeros, which may fail to decode), so it is reported instead.
+    """
+    f = _open_state(path, private=private)
+    try:
+        try:
+            yield f
+        except (KeyboardInterrupt, SignalInterrupt):
+            raise
+        except BaseException:
+            _check_read(f)
+            raise
+        _check_read(f)
+    finally:
+        f.close()
+
+
+def _resolve_output(name: str, inputs: Sequence[Union[str, int]], force: bool) -> Output:
+    """The output target, or a one-line exit-2 refusal (an input, an existing file, ...)."""
+    try:
+        return open_output(name, inputs=[i for i in inputs if i != STREAM], force=force)
+    except OSError as exc:
+        raise CliError(f"cannot write {name!r}: {exc.strerror or exc}") from None
+
+
+def _os_error(what: str, exc: OSError) -> CliError:
+    """One line for an OS error while writing (ENOSPC: the disk is full)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (disk full: nothing was changed)"
+    return CliError(f"cannot write {what!r}: {reason}")
 
 
 def _read_key(path: Optional[str]) -> Optional[bytes]:
@@ -332,16 +426,51 @@ def chunked_first_difference(
         return None if va.nbytes == vb.nbytes else n
 
 
-def _load_delta(path: str) -> "DeltaSnapshot":
-    """Read and decode a delta file; unreadable or corrupt -> CliError (exit 2)."""
+def _max_delta_bytes() -> int:
+    """Largest delta read from a stream: one for the largest state the reader accepts."""
+    from .wire import DEFAULT_MAX_TOTAL_SIZE
+
+    pages = -(-DEFAULT_MAX_TOTAL_SIZE // 4096)
+    return DEFAULT_MAX_TOTAL_SIZE + 64 * pages + (1 << 20)
+
+
+@contextlib.contextmanager
+def _delta_input(path: str) -> Iterator[StateFile]:
+    """A delta file mapped, or a stream (``-``, a FIFO, ``<(...)``) spooled then mapped."""
+    try:
+        stream = open_input_stream(path)
+    except OSError as exc:
+        raise CliError(f"cannot open {path!r}: {exc.strerror or exc}") from None
+    if stream is None:
+        with _reading(path) as f:
+            yield f
+        return
+    name = "stdin" if path == STREAM else path
+    try:
+        spooled = spool_stream(stream, limit=_max_delta_bytes(), what=name)
+    except ValueError as exc:
+        raise CliError(f"cannot read delta from {name}: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"cannot read delta from {name}: {exc.strerror or exc}") from None
+    finally:
+        os.close(stream)
+    with spooled:
+        yield spooled
+
+
+def _load_delta(path: str) -> Tuple["DeltaSnapshot", int]:
+    """Read and decode a delta (file or stream); return it and its size on the wire.
+
+    Unreadable, truncated or corrupt -> CliError (exit 2).
+    """
     from .delta import DeltaSnapshot
     from .errors import CorruptDataError
 
-    with _open_state(path) as f:
+    with _delta_input(path) as f:
         if f.size == 0:
             raise CliError(f"cannot decode delta {path!r}: the file is empty")
         try:
-            return DeltaSnapshot.deserialize(f.buffer)
+            return DeltaSnapshot.deserialize(f.buffer), f.size
         except CorruptDataError as exc:
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
 
@@ -400,7 +529,7 @@ def _cmd_checksum(args: argparse.Namespace) -> int:
     key = _read_key(args.key_file)
     if key is not None and args.algorithm != "blake3":
         raise CliError("--key-file needs --algorithm blake3 (a keyed BLAKE3 MAC)")
-    with _open_state(args.file) as f:
+    with _reading(args.file) as f:
         bar = _progress(args, f.size, "checksum")
         if bar is not None:
             with bar:
@@ -438,9 +567,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if key is not None and algorithm != "blake3":
             raise CliError(f"--key-file needs the blake3 digest ({algorithm} is not a MAC)")
     sequence = args.base_sequence + 1 if args.sequence is None else args.sequence
+    output = _resolve_output(args.output, [args.old, args.new], args.force)
 
     started = time.perf_counter()
-    with _open_state(args.old) as old, _open_state(args.new) as new:
+    with _reading(args.old) as old, _reading(args.new) as new:
         if old.size != new.size:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
                            f"{args.new!r} is {new.size} bytes")
@@ -454,104 +584,198 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
+        _recheck_pages(args.new, new, delta)
         wire = delta.serialize()
     elapsed = time.perf_counter() - started
     try:
-        write_bytes_atomic(args.output, wire)
+        with output.open(size=len(wire)) as fd:
+            write_all(fd, wire)
     except OSError as exc:
-        raise CliError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
+        raise _os_error(args.output, exc) from None
 
     info = _delta_summary(delta, len(wire))
+    # With '-o -' stdout carries the delta: the summary goes to stderr.
+    report = sys.stderr if args.output == STREAM else sys.stdout
     if args.json:
-        _print_json({"output": args.output, "seconds": elapsed, **info})
+        _print_json({"output": args.output, "seconds": elapsed, **info}, file=report)
     else:
         _out(args, (
-            f"{args.output}: {info['dirty_pages']} of {info['total_pages']} pages changed "
+            f"{'<stdout>' if args.output == STREAM else args.output}: {info['dirty_pages']} of {info['total_pages']} pages changed "
             f"({_pct(info['dirty_fraction'])}); {format_size(len(wire))} on the wire "
             f"({_pct(info['wire_fraction'])} of {format_size(info['total_size'])}); "
             f"digest: {_digest_label(delta)}"
-        ))
+        ), file=report)
     return EXIT_OK
 
 
-def _apply_mapped(args: argparse.Namespace, path: Path, delta: "DeltaSnapshot", key: Optional[bytes]) -> None:
-    """Apply ``delta`` to the file at ``path`` through a writable map, then msync it.
+def _recheck_pages(name: str, new: StateFile, delta: "DeltaSnapshot") -> None:
+    """Compare each page the delta copied with the file now (SPEC: no state that never was).
 
-    ``DeltaSnapshot.apply`` computes and checks the result's checksum and digest before it
-    writes anything, so a refused delta leaves the file untouched.
+    A writer may change NEW during the scan within one timestamp tick, so on top of the
+    size/mtime/ctime check, the copied pages must still be what the file holds.
     """
-    with StateFile(path, writable=True) as f:
-        bar = _progress(args, f.size, "apply")
+    hook_pause("scanned")
+    for page in delta.dirty_pages:
+        data = page.get_data()
+        if new.pread(len(data), int(page.index) * 4096) != data:
+            raise CliError(f"{name!r} changed while it was read (page {page.index} differs from the copy "
+                           "taken during the scan); nothing was written", EXIT_DIFFERENT)
+
+
+def _result_map(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot", key: Optional[bytes],
+                stack: contextlib.ExitStack) -> StateFile:
+    """The verified result as a private map, for a stream output (nothing is written).
+
+    Same size: a copy-on-write map of BASE with the pages applied in memory. A growing
+    base: a copy in an unnamed temporary file (``$TMPDIR``), zero-extended first.
+    """
+    import tempfile
+
+    from .journal import apply_into
+
+    total = int(delta.total_size)
+    if base.size == total:
+        result = stack.enter_context(StateFile(base.path, private=True, fd=os.dup(base.fd)))
+        bar = _progress(args, total, "apply")
         try:
-            delta.apply(f.buffer, key=key, progress=_bar_callback(bar))
+            delta.apply(result.buffer, key=key, progress=_bar_callback(bar))
         finally:
             if bar is not None:
                 bar.close()
-        f.flush()
+        result.check()
+        return result
+    spool = stack.enter_context(tempfile.TemporaryFile())
+    from .statefile import reserve
+
+    reserve(spool.fileno(), 0, total)
+    copy_range(base.fd, spool.fileno(), base.size, what=base.path)
+    apply_into(spool.fileno(), delta, key=key, name=base.path)
+    return stack.enter_context(StateFile(base.path, fd=os.dup(spool.fileno())))
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .errors import InvalidStateError
+    from .journal import apply_in_place, apply_into
 
     key = _read_key(args.key_file)
-    delta = _load_delta(args.delta)
+    base_path = Path(args.base)
+    if args.base == STREAM:
+        raise CliError("BASE cannot be '-': it is a file updated in place (the delta may come from stdin)")
+    try:
+        base_st = os.stat(base_path)
+    except OSError as exc:
+        raise CliError(f"cannot open {args.base!r}: {exc.strerror or exc}") from None
+    if args.delta != STREAM:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(base_st, os.stat(args.delta)):
+                raise CliError(f"{args.base!r} and {args.delta!r} are the same file")
+    output: Optional[Output] = None
+    if args.output is not None:
+        output = _resolve_output(args.output, [args.base, args.delta] + ([0] if args.delta == STREAM else []),
+                                 args.force)
+    delta, _ = _load_delta(args.delta)
     if getattr(delta, "keyed", False) and key is None:
         raise CliError(f"{args.delta!r} is authenticated (keyed BLAKE3): pass its key with --key-file")
 
-    base = Path(args.base)
-    try:
-        base_size = os.path.getsize(base)
-        if not base.is_file():
-            raise CliError(f"cannot open {args.base!r}: not a regular file")
-    except OSError as exc:
-        raise CliError(f"cannot open {args.base!r}: {exc.strerror or exc}") from None
     total = int(delta.total_size)
+    dest_name = args.output if args.output is not None else args.base
+    where = f"{args.base!r} left unchanged" + ("" if args.output is None else f", {args.output!r} not written")
+    started = time.perf_counter()
+    recovered = None
+    try:
+        if output is None and not args.safe_replace:
+            # In place, under the undo journal (docs/CLI.md): old or new after any crash.
+            _refuse_longer(args, base_st.st_size, total)
+            bar = _progress(args, total, "apply")
+            try:
+                report = apply_in_place(base_path, delta, key=key, progress=_bar_callback(bar))
+            finally:
+                if bar is not None:
+                    bar.close()
+            recovered = report.recovered
+        else:
+            if output is None:  # --safe-replace: a fresh copy renamed over BASE
+                output = Output(name=args.base, path=Path(os.path.realpath(base_path)), stream=False, exists=True)
+            # BASE is checked (not truncated, not changed) explicitly before the result is
+            # committed: after --safe-replace renames over it, its old inode has changed.
+            with _open_state(args.base) as base:
+                _refuse_longer(args, base.size, total)
+                if output.stream:
+                    with contextlib.ExitStack() as stack:
+                        result = _result_map(args, base, delta, key, stack)
+                        _check_read(base)
+                        with output.open() as fd, memoryview(result.buffer) as view:
+                            for pos in range(0, view.nbytes, CHUNK):
+                                write_all(fd, view[pos:pos + CHUNK])
+                else:
+                    with output.open(size=total) as fd:
+                        bar = _progress(args, base.size, "copy")
+                        try:
+                            copy_range(base.fd, fd, base.size, what=args.base,
+                                       on_chunk=None if bar is None else bar.update)
+                        finally:
+                            if bar is not None:
+                                bar.close()
+                        bar = _progress(args, total, "apply")
+                        try:
+                            apply_into(fd, delta, key=key, progress=_bar_callback(bar), name=dest_name)
+                        finally:
+                            if bar is not None:
+                                bar.close()
+                        _check_read(base)
+    except InvalidStateError as exc:
+        raise CliError(f"refused: {exc.message or exc}; {where}", EXIT_DIFFERENT) from None
+    except TruncatedInputError as exc:
+        raise CliError(f"{exc}; {where}") from None
+    except StateChangedError as exc:
+        raise CliError(f"{exc}; {where}", EXIT_DIFFERENT) from None
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise _os_error(dest_name, exc) from None
+    elapsed = time.perf_counter() - started
+    if recovered is not None:
+        print(f"{PROG}: note: {recovered.describe()}", file=sys.stderr)
+
+    dest = args.output if args.output is not None else args.base
+    report_to = sys.stderr if args.output == STREAM else sys.stdout
+    if args.json:
+        _print_json({"base": args.base, "delta": args.delta, "output": dest, "in_place": args.output is None,
+                     "pages_written": delta.dirty_page_count(), "total_size": total,
+                     "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
+                     "seconds": elapsed}, file=report_to)
+    else:
+        checks = "checksum" if getattr(delta, "digest_algorithm", None) is None else f"checksum + {_digest_label(delta)}"
+        _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
+                   f"{delta.sequence}); result verified ({checks}) before writing", file=report_to)
+    return EXIT_OK
+
+
+def _refuse_longer(args: argparse.Namespace, base_size: int, total: int) -> None:
     if base_size > total:
         # Refuse here with the library's rule, before copying anything.
         raise CliError(
             f"refused: {args.base!r} is {base_size} bytes but the delta is for a {total}-byte state; "
             f"{args.base!r} left unchanged", EXIT_DIFFERENT)
 
-    dest = Path(args.output) if args.output else base
-    via_temp = args.output is not None or args.safe_replace or base_size < total
-    started = time.perf_counter()
-    try:
-        if via_temp:
-            # Copy BASE beside DEST (zero-extended to the delta's size, the library's rule
-            # for a short base), apply and sync there, then rename: DEST is complete or absent.
-            with atomic_replace(dest) as tmp:
-                bar = _progress(args, base_size, "copy")
-                try:
-                    copy_to_temp(base, tmp, size=total, on_chunk=None if bar is None else bar.update)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                _apply_mapped(args, tmp, delta, key)
-        elif total == 0:
-            delta.apply(bytearray(), key=key)  # nothing to write, but still verify
-        else:
-            _apply_mapped(args, base, delta, key)
-    except InvalidStateError as exc:
-        where = f"{args.base!r} left unchanged" + ("" if args.output is None else f", {args.output!r} not written")
-        raise CliError(f"refused: {exc.message or exc}; {where}", EXIT_DIFFERENT) from None
-    except OSError as exc:
-        raise CliError(f"cannot write {str(dest)!r}: {exc.strerror or exc}") from None
-    elapsed = time.perf_counter() - started
 
-    if args.json:
-        _print_json({"base": args.base, "delta": args.delta, "output": str(dest), "in_place": args.output is None,
-                     "pages_written": delta.dirty_page_count(), "total_size": total,
-                     "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
-                     "seconds": elapsed})
-    else:
-        checks = "checksum" if getattr(delta, "digest_algorithm", None) is None else f"checksum + {_digest_label(delta)}"
-        _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
-                   f"{delta.sequence}); result verified ({checks}) before writing")
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from .journal import recover
+
+    if args.base == STREAM:
+        raise CliError("BASE must be a file")
+    try:
+        done = recover(args.base)
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot open {args.base!r}: {exc.strerror or exc}") from None
+    _out(args, done.describe())
     return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    with _open_state(args.a) as a, _open_state(args.b) as b:
+    with _reading(args.a) as a, _reading(args.b) as b:
         bar = _progress(args, min(a.size, b.size), "verify")
         if bar is not None:
             with bar:
@@ -574,8 +798,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    delta = _load_delta(args.delta)
-    wire_size = os.path.getsize(args.delta)
+    delta, wire_size = _load_delta(args.delta)
     info = _delta_summary(delta, wire_size)
     pages: List[Dict[str, Any]] = [
         {"index": int(p.index), "compressed": bool(p.compressed), "stored_size": len(p.data)}
@@ -639,13 +862,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     prefix = f"{PROG} {args.command}"
     try:
-        return handler(args)
+        # SIGTERM/SIGHUP raise like SIGINT, so temporary files are removed on the way out.
+        with signals_raise():
+            return handler(args)
     except CliError as exc:
         _error(prefix, str(exc))
         return exc.code
     except KeyboardInterrupt:
         _error(prefix, "interrupted")
         return 130
+    except SignalInterrupt as exc:
+        _error(prefix, str(exc))
+        return 128 + exc.signum
+    except TruncatedInputError as exc:
+        _error(prefix, str(exc))
+        return EXIT_ERROR
+    except StateChangedError as exc:
+        _error(prefix, str(exc))
+        return EXIT_DIFFERENT
+    except JournalError as exc:
+        _error(prefix, str(exc))
+        return EXIT_ERROR
     except BrokenPipeError:
         # The reader went away (e.g. '| head'): not an error of ours. Point stdout at
         # devnull so the interpreter's final flush does not complain either.

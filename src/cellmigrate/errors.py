@@ -16,6 +16,9 @@ __all__ = [
     "MigrationFailedError",
     "ExecutionFailedError",
     "CorruptDataError",
+    "TruncatedInputError",
+    "StateChangedError",
+    "JournalError",
     "InputTooLargeError",
     "AuditStoreError",
 ]
@@ -51,6 +54,29 @@ class ExecutionFailedError(CellError):
 
 class CorruptDataError(CellError, ValueError):
     """Bytes that cannot be decoded, or that were tampered with."""
+
+
+class TruncatedInputError(CellError):
+    """A file became shorter while it was being read (another process truncated it).
+
+    Whatever was computed from it is discarded; the CLI exits 2 (the input is the problem).
+    """
+
+
+class StateChangedError(CellError):
+    """A state file changed while it was being read (size, times or copied pages differ).
+
+    The result could describe a state that never existed, so it is refused (CLI exit 1).
+    """
+
+
+class JournalError(CellError):
+    """A state file has an undo journal that cannot be rolled back here and now.
+
+    Raised when an interrupted ``apply`` left a journal beside the file and the caller
+    cannot repair it (no write access, another process is applying, the journal belongs
+    to another file); the message names ``cellmigrate recover``.
+    """
 
 
 class InputTooLargeError(CellError, ValueError):

@@ -1,20 +1,37 @@
-"""State files on disk: memory-mapped opening, size parsing, atomic replacement.
+"""State files on disk: safe opening, mapping, atomic and streamed output, temp files.
 
 The CLI never loads a state file whole. :class:`StateFile` maps it with :mod:`mmap`, so a
 4 GiB state costs address space, not RAM: the kernels read the mapping in place and the
-OS pages it in and out as needed. Two details the raw ``mmap`` module leaves to callers
-are handled here:
+OS pages it in and out as needed. What the raw ``mmap`` module leaves to callers is
+handled here:
 
-* an empty file cannot be mapped (``mmap`` refuses length 0), so it is represented by an
-  empty ``bytes``/``bytearray`` that every kernel accepts;
-* closing a map fails with ``BufferError`` while a ``memoryview`` of it is still alive
-  (for example one held by a traceback frame while an error propagates); we then drop our
-  reference and let the garbage collector unmap it, instead of masking the real error.
+* **File types.** The path is checked with ``os.stat`` *before* any open, and opened
+  ``O_NONBLOCK`` (then checked again with ``fstat``): a FIFO, device, socket or directory
+  is refused with a clear message instead of hanging in ``open`` or ``read``.
+* **Truncation under the map.** Another process may truncate the file while we read it;
+  touching a mapped page past the new end raises SIGBUS. Every map is registered with the
+  compiled guard (``cython/cm_guard.h``): such a page reads as zeros, the fault is counted,
+  and :meth:`StateFile.check` raises :class:`~cellmigrate.errors.TruncatedInputError`.
+* **Changes while read.** :meth:`StateFile.check` also compares size, ``mtime_ns`` and
+  ``ctime_ns`` with the values at open and raises
+  :class:`~cellmigrate.errors.StateChangedError` when another writer touched the file.
+* **Pending undo journals.** Opening a file that an interrupted in-place ``apply`` left
+  with a journal rolls the journal back first (or refuses, naming ``cellmigrate
+  recover``, when this process cannot write it): see :mod:`cellmigrate.journal`.
+* An empty file cannot be mapped (``mmap`` refuses length 0); it is an empty
+  ``bytes``/``bytearray``, which every kernel accepts. Closing a map while a
+  ``memoryview`` of it is alive raises ``BufferError``; we then let the garbage collector
+  unmap it instead of masking the real error.
 
-:func:`atomic_replace` is the crash-safety primitive: the new content is written to a
-temporary file in the destination's directory, flushed to disk, and renamed over the
-destination, so a reader (or a crash) sees either the old file or the new one, never a
-half-written one.
+Output goes through :func:`open_output`: a regular file (a symlink is resolved, so the
+link stays and its target is replaced) is written to an unnamed temporary file
+(``O_TMPFILE``) in the target's directory, fsynced, linked in and renamed over the target,
+so the target is either untouched or complete and a killed process leaves nothing behind.
+Where ``O_TMPFILE`` is not supported, the temporary file gets a deterministic name
+(``.NAME.cellmigrate-PID.tmp``) that the next run on the same target removes once PID is
+gone. A FIFO, character device or ``-`` (stdout) is written through as a stream, never
+replaced. Inputs are never overwritten (same device and inode) and an existing output
+only with ``force``.
 
 >>> parse_size("256MiB")
 268435456
@@ -27,28 +44,56 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import gc
 import mmap
 import os
 import re
 import shutil
+import signal
 import stat
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Callable, Iterator, Optional, Type, Union
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
+
+from .errors import JournalError, StateChangedError, TruncatedInputError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .journal import Recovery
 
 __all__ = [
     "StrPath",
     "StateFile",
+    "Output",
+    "SignalInterrupt",
     "parse_size",
     "format_size",
     "atomic_replace",
     "copy_to_temp",
     "write_bytes_atomic",
+    "open_output",
+    "open_input_stream",
+    "spool_stream",
+    "file_kind",
+    "fsync_dir",
+    "reserve",
+    "copy_range",
+    "lock_file",
+    "signals_raise",
+    "remove_stale_temps",
+    "temp_name",
+    "STREAM",
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
+
+#: The path that names stdin (for inputs) or stdout (for outputs).
+STREAM = "-"
 
 # Binary units (KiB, MiB, ...) are powers of 1024; the bare letters K/M/G/T follow them,
 # as ``dd`` and ``numfmt --from=iec`` do. The SI spellings kB/MB/GB/TB are powers of 1000
@@ -127,99 +172,138 @@ def format_size(n: int) -> str:
     return f"{text} {unit}"
 
 
-class StateFile:
-    """A state file mapped into memory (read-only unless ``writable=True``).
+# --------------------------------------------------------------------------------------
+# test hooks
+# --------------------------------------------------------------------------------------
 
-    ``sequential`` (default: True for read-only maps, False for writable ones, which
-    ``apply`` writes at scattered dirty pages) advises the kernel that the map will be
-    read front to back.
+#: Crash tests set this (seconds, a float) to widen the write windows so that a SIGKILL
+#: sent at a random moment lands inside them: every journal record, page run and copy
+#: chunk is followed by a sleep of that length. Unset (the default), it costs one lookup.
+TEST_IO_DELAY_ENV = "CELLMIGRATE_TEST_IO_DELAY"
+#: Crash tests set this to a file name: ``hook_pause(point)`` appends ``point`` and a
+#: newline to it, then sleeps ``CELLMIGRATE_TEST_PAUSE_SECONDS`` (a truncating or writing
+#: child process can then act at a known moment of the read).
+TEST_PAUSE_ENV = "CELLMIGRATE_TEST_PAUSE_FILE"
 
-    ``buffer`` is the mapping (an :class:`mmap.mmap`), or an empty ``bytes``/``bytearray``
-    for an empty file, which ``mmap`` cannot map. Use as a context manager; the file
-    descriptor is closed right after mapping (the mapping keeps the data reachable).
 
-    >>> import tempfile, os
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     p = os.path.join(d, "s.bin")
-    ...     _ = open(p, "wb").write(b"abc")
-    ...     with StateFile(p) as f:
-    ...         bytes(f.buffer[:2]), f.size
-    (b'ab', 3)
+#: Tests set this to exercise the named-temporary-file path used where ``O_TMPFILE`` is
+#: not supported.
+TEST_NO_TMPFILE_ENV = "CELLMIGRATE_TEST_NO_O_TMPFILE"
+
+
+def hook_delay() -> None:
+    """Sleep ``$CELLMIGRATE_TEST_IO_DELAY`` seconds (crash tests only; no-op when unset)."""
+    value = os.environ.get(TEST_IO_DELAY_ENV)
+    if value:
+        time.sleep(float(value))
+
+
+def hook_pause(point: str) -> None:
+    """Announce ``point`` in ``$CELLMIGRATE_TEST_PAUSE_FILE`` and sleep (tests only)."""
+    flag = os.environ.get(TEST_PAUSE_ENV)
+    if not flag:
+        return
+    with open(flag, "a", encoding="utf-8") as fh:
+        fh.write(point + "\n")
+    time.sleep(float(os.environ.get("CELLMIGRATE_TEST_PAUSE_SECONDS", "0.5")))
+
+
+# --------------------------------------------------------------------------------------
+# file types, identities, locks, durability
+# --------------------------------------------------------------------------------------
+
+
+def file_kind(mode: int) -> str:
+    """What ``st_mode`` is, in words: ``'a regular file'``, ``'a FIFO'``, ...
+
+    >>> file_kind(stat.S_IFIFO), file_kind(stat.S_IFCHR | 0o666)
+    ('a FIFO', 'a character device')
     """
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
 
-    def __init__(self, path: StrPath, *, writable: bool = False, sequential: Optional[bool] = None) -> None:
-        self.path = Path(path)
-        self.writable = writable
-        self._map: Optional[mmap.mmap] = None
-        self._empty: Union[bytes, bytearray] = bytearray() if writable else b""
-        if sequential is None:
-            sequential = not writable
-        with open(self.path, "r+b" if writable else "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise OSError(f"{self.path}: not a regular file")
-            if size > 0:
-                access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-                self._map = mmap.mmap(fh.fileno(), 0, access=access)
-                if sequential and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-                    # Reads of a cold file through a map fault page by page; telling the
-                    # kernel the scan is sequential turns on aggressive read-ahead (about
-                    # 2x faster on a cold 2 GiB file) and lets it drop pages behind us.
-                    self._map.madvise(mmap.MADV_SEQUENTIAL)
-        self.size = size
 
-    @property
-    def buffer(self) -> Union[mmap.mmap, bytes, bytearray]:
-        """The file's bytes, mapped (or an empty buffer for an empty file)."""
-        if self._map is not None:
-            return self._map
-        return self._empty
+def _not_regular(mode: int) -> OSError:
+    return OSError(errno.EINVAL, f"is {file_kind(mode)}, not a regular file (state files must be regular files)")
 
-    def flush(self) -> None:
-        """Write dirty pages of a writable mapping back to the file (``msync``)."""
-        if self._map is not None and self.writable:
-            self._map.flush()
 
-    def close(self) -> None:
-        """Unmap. Idempotent; tolerant of views that are still alive (see module doc)."""
-        mapping, self._map = self._map, None
-        if mapping is None:
-            return
+def open_regular(path: StrPath, flags: int = os.O_RDONLY) -> int:
+    """Open a path that must be a regular file, without ever blocking; return the fd.
+
+    The type is checked with ``os.stat`` first (a FIFO or device is refused before any
+    open), and the open itself is non-blocking, so a path swapped for a FIFO in between
+    cannot hang us either; ``fstat`` on the descriptor is what finally counts. Raises
+    ``OSError`` (``strerror`` says what the path is instead).
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(st.st_mode)
+    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def identity(st: os.stat_result) -> Tuple[int, int]:
+    """``(st_dev, st_ino)``: two paths name the same file when these are equal."""
+    return (st.st_dev, st.st_ino)
+
+
+def _signature(st: os.stat_result) -> Tuple[int, int, int, int, int]:
+    """What a writer changes: size, modification and change times (ns), and identity."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino)
+
+
+#: How long a command waits for another cellmigrate process's lock on a state file.
+LOCK_WAIT = float(os.environ.get("CELLMIGRATE_LOCK_WAIT", "2"))
+
+
+def lock_file(fd: int, *, exclusive: bool, what: StrPath, wait: Optional[float] = None) -> None:
+    """Take a shared (readers) or exclusive (apply, recover) ``flock`` on ``fd``.
+
+    cellmigrate processes use these locks to stay out of each other's way: ``apply``
+    holds the exclusive lock on BASE for the whole journaled write, so a reader never
+    rolls back the journal of a live apply, and readers hold shared locks while they
+    read. The lock dies with the process (a SIGKILL releases it). Polls for ``wait``
+    seconds (default :data:`LOCK_WAIT`), then raises :class:`JournalError`. File systems
+    without ``flock`` are used unlocked.
+    """
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+    while True:
         try:
-            mapping.close()
-        except BufferError:
-            # A memoryview of the map is still referenced (typically by the traceback of an
-            # exception in flight). Collect cycles once and retry; otherwise leave the
-            # unmapping to the garbage collector rather than hide the original error.
-            gc.collect()
-            with contextlib.suppress(BufferError):
-                mapping.close()
-
-    def __enter__(self) -> "StateFile":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        mode = "rw" if self.writable else "r"
-        return f"StateFile({str(self.path)!r}, size={self.size}, mode={mode!r})"
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                doing = "in use by" if exclusive else "being updated by"
+                raise JournalError(
+                    f"{os.fspath(what)!r} is {doing} another cellmigrate process; try again when it has finished"
+                ) from None
+            time.sleep(0.02)
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise
 
 
-def _default_mode() -> int:
-    """Permissions a newly created file gets under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable by syncing its directory (a no-op where unsupported)."""
+def fsync_dir(directory: StrPath) -> None:
+    """Make a create, rename or unlink durable by syncing its directory (best effort)."""
     if os.name != "posix":
         return
     try:
@@ -234,18 +318,383 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_fsync_dir = fsync_dir  # the old private name
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate disk blocks for ``[offset, offset + length)`` before writing there.
+
+    ``posix_fallocate`` turns a full disk into an ordinary ``OSError(ENOSPC)`` *before*
+    any byte changes (content is never altered; a range past the end extends the file
+    with zeros). File systems that cannot preallocate are left to report ENOSPC on the
+    write itself, which is still an ordinary error since nothing is written through a
+    memory map.
+    """
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        if offset + length > os.fstat(fd).st_size:
+            os.ftruncate(fd, offset + length)
+
+
+def write_all(fd: int, data: Union[bytes, bytearray, memoryview], offset: Optional[int] = None) -> None:
+    """Write every byte of ``data`` (``os.write`` / ``os.pwrite`` may write less)."""
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    done = 0
+    while done < view.nbytes:
+        if offset is None:
+            n = os.write(fd, view[done:])
+        else:
+            n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:  # pragma: no cover - write(2) reports errors, not 0
+            raise OSError(errno.EIO, "short write")
+        done += n
+
+
+#: Bytes copied between two progress reports (and test delays) in the copy helpers.
+COPY_CHUNK = 64 << 20
+
+
+def copy_range(
+    src_fd: int, dst_fd: int, length: int, *, what: StrPath = "input",
+    on_chunk: Optional[Callable[[int], object]] = None, chunk: Optional[int] = None,
+) -> None:
+    """Copy the first ``length`` bytes of ``src_fd`` to the start of ``dst_fd``.
+
+    In the kernel (``copy_file_range``, which can share extents on copy-on-write file
+    systems) where it exists, else by ``pread``/``pwrite``. A source shorter than
+    ``length`` (truncated by another process) raises :class:`TruncatedInputError`.
+    """
+    kernel_copy = hasattr(os, "copy_file_range")
+    chunk = chunk or COPY_CHUNK
+    pos = 0
+    while pos < length:
+        want = min(chunk, length - pos)
+        done = 0
+        if kernel_copy:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, want, pos, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+                    raise
+                kernel_copy = False  # not between these file systems: read and write
+        if not kernel_copy:
+            block = os.pread(src_fd, want, pos)
+            write_all(dst_fd, block, pos)
+            done = len(block)
+        if done <= 0:
+            raise TruncatedInputError(
+                f"{os.fspath(what)!r} was truncated by another process while it was copied "
+                f"(expected {length} bytes, got {pos})"
+            )
+        pos += done
+        if on_chunk is not None:
+            on_chunk(done)
+        hook_delay()
+
+
+# --------------------------------------------------------------------------------------
+# the SIGBUS guard (compiled; see cython/cm_guard.h)
+# --------------------------------------------------------------------------------------
+
+try:
+    from . import _kernels as _guard_module
+
+    _guard_add: Optional[Callable[[mmap.mmap], int]] = _guard_module._guard_add
+    _guard_faults: Callable[[int], int] = _guard_module._guard_faults
+    _guard_remove: Callable[[int], int] = _guard_module._guard_remove
+except (ImportError, AttributeError):  # pragma: no cover - extension not built
+    _guard_add = None
+    _guard_faults = _guard_remove = lambda slot: 0
+
+
+def _guard(mapping: mmap.mmap) -> int:
+    """Register a map with the SIGBUS guard (-1: unguarded: no extension, table full)."""
+    if _guard_add is None:
+        return -1
+    return _guard_add(mapping)
+
+
+# --------------------------------------------------------------------------------------
+# mapped state files
+# --------------------------------------------------------------------------------------
+
+
+class StateFile:
+    """A state file mapped into memory (read-only unless ``writable=True``).
+
+    ``private=True`` maps it copy-on-write: the buffer is writable, but writes stay in
+    this process's memory (only the pages written cost RAM) and never reach the file;
+    ``apply`` verifies a delta on such a map before writing the pages with ``pwrite``.
+    ``sequential`` (default: True for read-only maps) advises the kernel that the map
+    will be read front to back.
+
+    ``buffer`` is the mapping (an :class:`mmap.mmap`), or an empty ``bytes``/``bytearray``
+    for an empty file, which ``mmap`` cannot map. Use as a context manager. The file
+    stays open (``fd``) so that :meth:`check` can tell whether it was truncated or
+    changed while it was read, and so that its lock (shared for readers, exclusive when
+    ``writable``) lasts as long as the map. ``fd=`` adopts an already open descriptor
+    (a spooled stream) instead of opening ``path``. Opening a file with a pending undo
+    journal rolls it back first (``recovered`` then holds the report; see
+    :mod:`cellmigrate.journal`), or raises :class:`JournalError` naming
+    ``cellmigrate recover`` when this process cannot.
+
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = os.path.join(d, "s.bin")
+    ...     _ = open(p, "wb").write(b"abc")
+    ...     with StateFile(p) as f:
+    ...         bytes(f.buffer[:2]), f.size
+    (b'ab', 3)
+    """
+
+    def __init__(
+        self,
+        path: StrPath,
+        *,
+        writable: bool = False,
+        sequential: Optional[bool] = None,
+        private: bool = False,
+        fd: Optional[int] = None,
+    ) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        self.recovered: Optional["Recovery"] = None
+        self._map: Optional[mmap.mmap] = None
+        self._slot = -1
+        self._empty: Union[bytes, bytearray] = bytearray() if writable or private else b""
+        if sequential is None:
+            sequential = not writable and not private
+        if fd is None:
+            from .journal import recover_if_pending  # journal imports this module
+
+            self.recovered = recover_if_pending(self.path)
+            fd = open_regular(self.path, os.O_RDWR if writable else os.O_RDONLY)
+            owned_checks = True
+        else:
+            owned_checks = False
+        self.fd = fd
+        try:
+            if owned_checks:
+                lock_file(fd, exclusive=writable, what=self.path)
+            st = os.fstat(fd)
+            size = st.st_size
+            if size > 0:
+                access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+                self._map = mmap.mmap(fd, 0, access=access)
+                self._slot = _guard(self._map)
+                if sequential and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+                    # Reads of a cold file through a map fault page by page; telling the
+                    # kernel the scan is sequential turns on aggressive read-ahead (about
+                    # 2x faster on a cold 2 GiB file) and lets it drop pages behind us.
+                    self._map.madvise(mmap.MADV_SEQUENTIAL)
+        except BaseException:
+            self.close()
+            raise
+        self.size = size
+        self._stat = _signature(st)
+
+    @property
+    def buffer(self) -> Union[mmap.mmap, bytes, bytearray]:
+        """The file's bytes, mapped (or an empty buffer for an empty file)."""
+        if self._map is not None:
+            return self._map
+        return self._empty
+
+    def faults(self) -> int:
+        """Pages read past the file's end so far (they read as zeros; see :meth:`check`)."""
+        return _guard_faults(self._slot) if self._slot >= 0 else 0
+
+    def check(self) -> None:
+        """Raise if the file was truncated or changed since it was opened.
+
+        :class:`TruncatedInputError` when a mapped page was read past the file's end or
+        the file is now shorter; :class:`StateChangedError` when its size, ``mtime_ns``
+        or ``ctime_ns`` changed (another process wrote to it). Call it after the work
+        that read :attr:`buffer` and before trusting the result. Timestamps have the
+        file system's granularity (a few ms on some), so callers that copy pages also
+        compare them with the file afterwards (:meth:`pread`).
+        """
+        st = os.fstat(self.fd)
+        if self.faults() or st.st_size < self.size:
+            raise TruncatedInputError(
+                f"{str(self.path)!r} was truncated by another process while it was read "
+                f"({self.size} bytes at open, {st.st_size} now)"
+            )
+        if _signature(st) != self._stat:
+            raise StateChangedError(
+                f"{str(self.path)!r} changed while it was read (another process wrote to it); "
+                "the result could describe a state that never existed"
+            )
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """``length`` bytes at ``offset`` read from the file now (not from the map)."""
+        return os.pread(self.fd, length, offset)
+
+    def flush(self) -> None:
+        """Write dirty pages of a writable mapping back to the file (``msync``)."""
+        if self._map is not None and self.writable:
+            self._map.flush()
+
+    def close(self) -> None:
+        """Unmap and close. Idempotent; tolerant of views that are still alive."""
+        mapping, self._map = self._map, None
+        if self._slot >= 0:
+            _guard_remove(self._slot)
+            self._slot = -1
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                # A memoryview of the map is still referenced (typically by the traceback
+                # of an exception in flight). Collect cycles once and retry; otherwise
+                # leave the unmapping to the garbage collector rather than hide the
+                # original error.
+                gc.collect()
+                with contextlib.suppress(BufferError):
+                    mapping.close()
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> "StateFile":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "rw" if self.writable else "r"
+        return f"StateFile({str(self.path)!r}, size={getattr(self, 'size', None)}, mode={mode!r})"
+
+
+# --------------------------------------------------------------------------------------
+# temporary files: unnamed where possible, else a name the next run can clean up
+# --------------------------------------------------------------------------------------
+
+
+def _default_mode() -> int:
+    """Permissions a newly created file gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_TEMP_RE_TEMPLATE = r"^\.{name}\.cellmigrate-(\d+)\.tmp$"
+
+
+def temp_name(dest: StrPath, pid: Optional[int] = None) -> str:
+    """The temporary name used beside ``dest``: ``.NAME.cellmigrate-PID.tmp``.
+
+    Deterministic per target and process, so a run killed with SIGKILL leaves a file
+    that the next run on the same target recognises (:func:`remove_stale_temps`).
+
+    >>> temp_name("/data/state.bin", pid=42)
+    '.state.bin.cellmigrate-42.tmp'
+    """
+    return f".{Path(dest).name}.cellmigrate-{os.getpid() if pid is None else pid}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(dest: StrPath) -> List[Path]:
+    """Remove temporary files of ``dest`` left by processes that no longer run.
+
+    Only names matching :func:`temp_name` for this target, whose PID is gone, are
+    removed (a live PID, even a recycled one, keeps its file). Returns what was removed.
+    """
+    dest = Path(dest)
+    directory = dest.parent if str(dest.parent) else Path(".")
+    pattern = re.compile(_TEMP_RE_TEMPLATE.format(name=re.escape(dest.name)))
+    removed: List[Path] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+            removed.append(directory / name)
+    return removed
+
+
+def _named_temp(directory: Path, dest: Path) -> Tuple[int, Path]:
+    """Create ``temp_name(dest)`` in ``directory`` exclusively (replacing a stale one)."""
+    path = directory / temp_name(dest)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags, 0o600), path
+    except FileExistsError:
+        # Left by a dead process that had our PID (we are the only one with it now).
+        os.unlink(path)
+        return os.open(path, flags, 0o600), path
+
+
+def _unnamed_temp(directory: Path) -> Optional[int]:
+    """An ``O_TMPFILE`` descriptor in ``directory``, or None where unsupported."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag or not os.path.isdir("/proc/self/fd") or os.environ.get(TEST_NO_TMPFILE_ENV):
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS):
+            return None
+        raise
+
+
+def _link_unnamed(fd: int, directory: Path, name: str) -> None:
+    """Give an ``O_TMPFILE`` file a name: ``linkat(/proc/self/fd/N, AT_SYMLINK_FOLLOW)``.
+
+    A directory descriptor is passed on purpose: with default arguments CPython calls
+    plain ``link(2)``, which would link the ``/proc`` symlink itself (EXDEV).
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def atomic_replace(dest: StrPath) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success fsync it and rename it over ``dest``.
 
-    On any exception the temporary file is removed and ``dest`` is untouched. The result
-    keeps ``dest``'s permission bits when it exists, else gets the umask's default.
+    ``dest`` is resolved first (a symlink stays a symlink; its target is replaced). On
+    any exception, including :class:`SignalInterrupt` and ``KeyboardInterrupt``, the
+    temporary file is removed and ``dest`` is untouched; a SIGKILL leaves
+    ``.NAME.cellmigrate-PID.tmp``, which the next call on the same target removes. The
+    result keeps ``dest``'s permission bits when it exists, else gets the umask's default.
     """
-    dest = Path(dest)
-    directory = dest.parent if str(dest.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=directory)
+    dest = Path(os.path.realpath(dest))
+    directory = dest.parent
+    remove_stale_temps(dest)
+    fd, tmp = _named_temp(directory, dest)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         try:
@@ -256,15 +705,11 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-#: Bytes copied between two progress reports in :func:`copy_to_temp`.
-COPY_CHUNK = 64 << 20
 
 
 def copy_to_temp(
@@ -285,27 +730,12 @@ def copy_to_temp(
     if on_chunk is None:
         shutil.copyfile(src, tmp)
     else:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            remaining = os.fstat(fin.fileno()).st_size
-            kernel_copy = hasattr(os, "copy_file_range")
-            while remaining > 0:
-                want = min(COPY_CHUNK, remaining)
-                done = 0
-                if kernel_copy:
-                    try:
-                        done = os.copy_file_range(fin.fileno(), fout.fileno(), want)
-                    except OSError:
-                        # Not supported between these file systems: fall back to
-                        # reading and writing (positions are unchanged on failure).
-                        kernel_copy = False
-                if not kernel_copy:
-                    block = fin.read(want)
-                    fout.write(block)
-                    done = len(block)
-                if done <= 0:
-                    raise OSError(f"{src}: file shrank while being copied")
-                remaining -= done
-                on_chunk(done)
+        src_fd = open_regular(src)
+        try:
+            with open(tmp, "wb") as fout:
+                copy_range(src_fd, fout.fileno(), os.fstat(src_fd).st_size, what=src, on_chunk=on_chunk)
+        finally:
+            os.close(src_fd)
     if size is not None and size > os.path.getsize(tmp):
         os.truncate(tmp, size)
 
@@ -315,3 +745,227 @@ def write_bytes_atomic(dest: StrPath, data: Union[bytes, bytearray, memoryview])
     with atomic_replace(dest) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
+
+
+# --------------------------------------------------------------------------------------
+# outputs: a regular file replaced atomically, or a stream written through
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Output:
+    """Where a command's result goes (see :func:`open_output`).
+
+    ``path`` is the resolved target of a regular file (the symlink's target when the
+    user named a link), ``None`` for stdout; ``stream`` is True for stdout, FIFOs and
+    character devices, which are written through front to back and never replaced.
+    """
+
+    name: str
+    path: Optional[Path]
+    stream: bool
+    exists: bool
+
+    @contextlib.contextmanager
+    def open(self, *, size: Optional[int] = None) -> Iterator[int]:
+        """Yield a writable descriptor; make the result visible only on success.
+
+        A regular target gets a fresh temporary file in its directory (unnamed with
+        ``O_TMPFILE`` where supported), ``size`` bytes reserved up front with
+        ``posix_fallocate`` (a full disk fails here, as an ``OSError``, before anything
+        is written); on success it is fsynced, given the old file's permission bits and
+        renamed over the target, then the directory is fsynced. On any exception
+        (signals included) it is removed. A stream is opened for writing (stdout is
+        used as is) and only flushed at the end.
+        """
+        if self.stream:
+            if self.path is None:
+                sys.stdout.flush()
+                yield sys.stdout.fileno()
+            else:
+                fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    yield fd
+                finally:
+                    os.close(fd)
+            return
+        assert self.path is not None
+        dest = self.path
+        directory = dest.parent
+        remove_stale_temps(dest)
+        named: Optional[Path] = None
+        unnamed = _unnamed_temp(directory)
+        if unnamed is None:
+            fd, named = _named_temp(directory, dest)
+        else:
+            fd = unnamed
+        try:
+            if size:
+                reserve(fd, 0, size)
+            yield fd
+            try:
+                mode = stat.S_IMODE(os.stat(dest).st_mode)
+            except FileNotFoundError:
+                mode = _default_mode()
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+            if named is None:
+                # Give the unnamed file a (deterministic) name, then rename it into place:
+                # rename is the atomic step that replaces an existing target.
+                named = directory / temp_name(dest)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(named)
+                _link_unnamed(fd, directory, named.name)
+            os.replace(named, dest)
+            named = None
+            fsync_dir(directory)
+        finally:
+            os.close(fd)
+            if named is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(named)
+
+
+def _input_identities(inputs: Iterable[Union[StrPath, int]]) -> List[Tuple[Tuple[int, int], str]]:
+    found = []
+    for item in inputs:
+        try:
+            st = os.fstat(item) if isinstance(item, int) else os.stat(item)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.append((identity(st), "stdin" if isinstance(item, int) else os.fspath(item)))
+    return found
+
+
+def open_output(name: str, *, inputs: Iterable[Union[StrPath, int]] = (), force: bool = False) -> Output:
+    """Decide how to write the output ``name`` (no side effect: see :meth:`Output.open`).
+
+    * ``-`` is stdout, a stream.
+    * A FIFO or character device (``/dev/stdout``, ``/dev/null``, a named pipe) is a
+      stream: written through, never replaced.
+    * A symlink is resolved: its target is the file written, the link stays.
+    * A path that names the same file (device and inode) as one of ``inputs`` (paths, or
+      descriptors such as stdin) is always refused; an existing regular file is refused
+      unless ``force``. Directories, block devices and sockets are refused.
+
+    Refusals raise ``OSError`` whose ``strerror`` is the reason (the CLI prints it).
+    """
+    sources = _input_identities(inputs)
+
+    def refuse_if_input(st: os.stat_result) -> None:
+        for ident, source in sources:
+            if identity(st) == ident:
+                raise OSError(errno.EINVAL, f"is the same file as the input {source!r}; refusing to overwrite an input")
+
+    if name == STREAM:
+        with contextlib.suppress(OSError, ValueError):
+            refuse_if_input(os.fstat(sys.stdout.fileno()))
+        return Output(name=name, path=None, stream=True, exists=True)
+    target = Path(os.path.realpath(name))
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return Output(name=name, path=target, stream=False, exists=False)
+    refuse_if_input(st)
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return Output(name=name, path=target, stream=True, exists=True)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"is {file_kind(st.st_mode)}; refusing to write over it")
+    if not force:
+        raise OSError(errno.EEXIST, "already exists; not overwritten without -f/--force")
+    return Output(name=name, path=target, stream=False, exists=True)
+
+
+# --------------------------------------------------------------------------------------
+# stream inputs (stdin, FIFOs, devices)
+# --------------------------------------------------------------------------------------
+
+
+def open_input_stream(name: str) -> Optional[int]:
+    """A descriptor to read ``name`` as a stream, or None when it is a regular file.
+
+    ``-`` is stdin (duplicated, so closing it is safe). A FIFO or character device is
+    opened for reading: for a FIFO that waits for its writer, as ``cat`` does. The type
+    is checked with ``os.stat`` before the open. Directories, sockets and block devices
+    raise ``OSError``.
+    """
+    if name == STREAM:
+        return os.dup(sys.stdin.fileno())
+    st = os.stat(name)
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    raise OSError(errno.EINVAL, f"is {file_kind(st.st_mode)}, not a file or a stream")
+
+
+def spool_stream(fd: int, *, limit: int, what: str = "input") -> StateFile:
+    """Read a stream to its end into an unnamed temporary file and map it.
+
+    The copy lives in ``$TMPDIR`` (unlinked at once: nothing is left behind whatever
+    happens) and is at most ``limit`` bytes: a longer stream raises ``ValueError``
+    naming the limit. Reads in 1 MiB blocks, so memory stays bounded.
+    """
+    spool = tempfile.TemporaryFile()
+    try:
+        total = 0
+        while True:
+            block = os.read(fd, 1 << 20)
+            if not block:
+                break
+            total += len(block)
+            if total > limit:
+                raise ValueError(f"{what} is larger than the limit of {limit} bytes ({format_size(limit)})")
+            spool.write(block)
+        spool.flush()
+        dup = os.dup(spool.fileno())
+    finally:
+        spool.close()
+    return StateFile(what, fd=dup)
+
+
+# --------------------------------------------------------------------------------------
+# catchable signals: raise, so that `finally` blocks clean up
+# --------------------------------------------------------------------------------------
+
+
+class SignalInterrupt(BaseException):
+    """Raised by :func:`signals_raise` handlers when SIGTERM or SIGHUP arrives.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that ``except Exception`` does
+    not swallow it; cleanup code in ``finally``/``except BaseException`` runs.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def signals_raise(signums: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`SignalInterrupt`.
+
+    Their default action kills the process without running ``finally`` blocks (a temp
+    file would stay). Signals that are ignored (``nohup``) stay ignored; SIGINT already
+    raises ``KeyboardInterrupt``. Only the main thread can install handlers: elsewhere
+    this is a no-op.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Optional[FrameType]) -> None:
+        raise SignalInterrupt(signum)
+
+    previous = {}
+    for signum in signums:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -354,6 +354,8 @@ class WasmAgent:
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
         self._steps = 0
+        #: :attr:`steps` right after the last :meth:`adopt` (where a migrated run continues), else None.
+        self.adopted_at: Optional[int] = None
         self._ptr = 0
         self._len = 0
         with self._store_lock:
@@ -438,6 +440,11 @@ class WasmAgent:
         with self._store_lock:
             return {name: g.value(self._store) for name, (_, g) in self._globals.items()}
 
+    @property
+    def global_kinds(self) -> Dict[str, str]:
+        """The exported mutable globals' kinds by name (``"i32"``, ``"i64"``, ``"f32"``, ``"f64"``)."""
+        return {name: kind for name, (kind, _) in self._globals.items()}
+
     def set_globals(self, values: Mapping[str, Union[int, float]]) -> None:
         """Set exported mutable globals by name. Only while no step runs.
 
@@ -484,7 +491,7 @@ class WasmAgent:
         if decoded.module_digest != self.module_digest:
             raise InvalidStateError("the migrated globals belong to a different wasm module "
                                     f"({decoded.module_digest.hex()} != {self.module_digest.hex()})")
-        mine = {name: kind for name, (kind, _) in self._globals.items()}
+        mine = self.global_kinds
         theirs = {name: kind for name, (kind, _) in decoded.values.items()}
         if mine != theirs:
             raise InvalidStateError(f"the migrated globals {theirs} do not match this module's {mine}")
@@ -494,6 +501,7 @@ class WasmAgent:
         view = self.grow_to(len(source))
         view[:] = source
         self.set_globals({name: value for name, (_, value) in decoded.values.items()})
+        self.adopted_at = self.steps
 
     @classmethod
     def from_migrated(cls, state: BufferLike, extra: BufferLike, module: _ModuleSource = None,

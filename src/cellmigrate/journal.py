@@ -1,0 +1,533 @@
+"""Undo journal for in-place ``apply``: after a crash at any instant, BASE is old or new.
+
+Writing a delta's pages into BASE takes many ``pwrite`` calls; a process killed among
+them would leave a mix of old and new pages. The cure is SQLite's rollback journal:
+before the first byte of BASE changes, the original bytes of every region about to be
+written go to ``BASE.cmjournal`` beside it, which is fsynced (and its directory) first.
+Then the pages are written, BASE is fsynced, and the journal is deleted (the deletion,
+made durable by syncing the directory, is the commit point). So at any instant:
+
+* no journal: BASE is old (nothing written yet) or new (committed);
+* a complete journal (its digests check): BASE may be anything between old and new,
+  and writing the journal's bytes back (and restoring the old size) makes it old;
+* an incomplete ("torn") journal: the process died while writing it, before it touched
+  BASE, so BASE is old and the journal is simply removed.
+
+Every command that opens a state file runs :func:`recover_if_pending` first (through
+:class:`~cellmigrate.statefile.StateFile`), and ``cellmigrate recover BASE`` runs
+:func:`recover`. ``apply`` holds an exclusive ``flock`` on BASE for the whole journaled
+write, so nobody rolls back the journal of an apply that is still running.
+
+Pages are written with ``os.pwrite``, never through a writable memory map: a write into
+a map of a sparse file on a full disk is a SIGBUS, a ``pwrite`` is an ordinary
+``ENOSPC``. Blocks are reserved (``posix_fallocate``) before the journal is written, and
+a growing BASE is extended (under the journal) before any page is written.
+
+Journal layout (little-endian; docs/CLI.md has the same table)::
+
+    header, 96 bytes
+      0  8  magic  b"CMJRNL\\r\\n"
+      8  4  version (1)
+     12  4  header size (96)
+     16  8  old size of BASE (restored by a rollback)
+     24  8  new size of BASE (the delta's state size)
+     32  8  st_dev of BASE      (a journal is only ever rolled back into its own file)
+     40  8  st_ino of BASE
+     48  8  record count
+     56  8  body length in bytes
+     64 16  XXH3-128 of the body
+     80 16  XXH3-128 of header bytes 0..79
+    body: record count times
+      offset u64, length u32, reserved u32 (0), then `length` original bytes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import xxhash
+
+from .errors import JournalError, TruncatedInputError
+from .statefile import (
+    StateFile,
+    StrPath,
+    fsync_dir,
+    identity,
+    lock_file,
+    open_regular,
+    reserve,
+    hook_delay,
+    hook_pause,
+    write_all,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .delta import DeltaSnapshot
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "SUFFIX",
+    "HEADER_SIZE",
+    "journal_path",
+    "JournalInfo",
+    "read_journal",
+    "Recovery",
+    "recover",
+    "recover_if_pending",
+    "ApplyReport",
+    "apply_in_place",
+    "apply_into",
+]
+
+MAGIC = b"CMJRNL\r\n"
+VERSION = 1
+SUFFIX = ".cmjournal"
+_FIELDS = struct.Struct("<8sIIQQQQQQ16s")
+_HEADER_DIGEST = 16
+HEADER_SIZE = _FIELDS.size + _HEADER_DIGEST  # 96
+_RECORD = struct.Struct("<QII")
+#: Longest region in one record (dirty pages are coalesced into runs up to this).
+MAX_RUN = 1 << 20
+_PAGE = 4096
+_READ_CHUNK = 1 << 20
+
+
+def journal_path(base: StrPath) -> Path:
+    """``BASE.cmjournal`` beside the *resolved* BASE (a symlink's target owns it)."""
+    real = Path(os.path.realpath(base))
+    return real.with_name(real.name + SUFFIX)
+
+
+# --------------------------------------------------------------------------------------
+# reading and validating
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JournalInfo:
+    """What a journal file says, and whether it is complete (``valid``).
+
+    An invalid journal (``reason`` says why: short, bad magic, digest mismatch) was torn
+    while being written, before BASE was touched.
+    """
+
+    path: Path
+    valid: bool
+    reason: str = ""
+    old_size: int = 0
+    new_size: int = 0
+    dev: int = 0
+    ino: int = 0
+    records: int = 0
+    body_length: int = 0
+
+
+def read_journal(path: StrPath) -> Optional[JournalInfo]:
+    """Parse and check a journal file; ``None`` when there is none.
+
+    Reads the whole body once to check its digest. A journal of an unknown version
+    raises :class:`JournalError` (it is never discarded as torn).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, HEADER_SIZE, 0)
+        if len(head) < HEADER_SIZE:
+            return JournalInfo(path, False, f"header incomplete ({len(head)} of {HEADER_SIZE} bytes)")
+        magic, version, header_size, old_size, new_size, dev, ino, records, body_length, body_digest = (
+            _FIELDS.unpack_from(head)
+        )
+        if magic != MAGIC:
+            return JournalInfo(path, False, "no journal header (bad magic)")
+        if xxhash.xxh3_128_digest(head[: _FIELDS.size]) != head[_FIELDS.size:]:
+            return JournalInfo(path, False, "header digest mismatch")
+        if version != VERSION or header_size != HEADER_SIZE:
+            raise JournalError(
+                f"{str(path)!r} is a version {version} journal; this cellmigrate reads version {VERSION}: "
+                "recover it with the cellmigrate that wrote it"
+            )
+        if size != HEADER_SIZE + body_length:
+            return JournalInfo(path, False, f"body incomplete ({size - HEADER_SIZE} of {body_length} bytes)")
+        hasher = xxhash.xxh3_128()
+        pos = HEADER_SIZE
+        while pos < size:
+            block = os.pread(fd, min(_READ_CHUNK, size - pos), pos)
+            if not block:
+                return JournalInfo(path, False, "body shrank while read")
+            hasher.update(block)
+            pos += len(block)
+        if hasher.digest() != body_digest:
+            return JournalInfo(path, False, "body digest mismatch")
+        return JournalInfo(path, True, "", old_size, new_size, dev, ino, records, body_length)
+    finally:
+        os.close(fd)
+
+
+def _records(fd: int, info: JournalInfo) -> Iterator[Tuple[int, bytes]]:
+    """``(offset, original bytes)`` of each record of a checked journal."""
+    pos, end = HEADER_SIZE, HEADER_SIZE + info.body_length
+    for _ in range(info.records):
+        head = os.pread(fd, _RECORD.size, pos)
+        if len(head) != _RECORD.size:
+            raise JournalError(f"{str(info.path)!r}: record table ends early")
+        offset, length, _reserved = _RECORD.unpack(head)
+        pos += _RECORD.size
+        if pos + length > end or offset + length > info.old_size:
+            raise JournalError(f"{str(info.path)!r}: record at {offset} (+{length}) is out of bounds")
+        data = os.pread(fd, length, pos)
+        if len(data) != length:
+            raise JournalError(f"{str(info.path)!r}: record data ends early")
+        pos += length
+        yield offset, data
+    if pos != end:
+        raise JournalError(f"{str(info.path)!r}: {end - pos} bytes after the last record")
+
+
+# --------------------------------------------------------------------------------------
+# recovery
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover` did: ``action`` is ``"clean"``, ``"rolled back"`` or ``"discarded"``."""
+
+    base: Path
+    action: str
+    journal: Path
+    bytes_restored: int = 0
+    records: int = 0
+    old_size: int = 0
+    new_size: int = 0
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One line for the user."""
+        if self.action == "clean":
+            return f"{self.base}: clean (no pending journal)"
+        if self.action == "discarded":
+            return (f"{self.base}: removed an incomplete journal {self.journal.name} ({self.reason}); "
+                    "the interrupted apply had not modified the file")
+        return (f"{self.base}: rolled back an interrupted apply from {self.journal.name}: restored "
+                f"{self.bytes_restored} bytes in {self.records} regions, size {self.old_size} bytes; "
+                "the file is the state it was before that apply")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends (a rollback is not interrupted).
+
+    Only Python-level handlers can be swapped, and only in the main thread; the first
+    signal that arrived is re-delivered when the block ends.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+
+    def hold(signum: int, frame: Optional[FrameType]) -> None:
+        pending.append(signum)
+
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        old = signal.getsignal(signum)
+        if old not in (signal.SIG_IGN, None):
+            saved[signum] = signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, old in saved.items():
+            signal.signal(signum, old)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _remove_journal(jpath: Path) -> None:
+    os.unlink(jpath)
+    fsync_dir(jpath.parent)
+
+
+def _rollback(fd: int, info: JournalInfo) -> int:
+    """Write the journal's original bytes back into BASE, restore its size, fsync."""
+    restored = 0
+    jfd = os.open(info.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for offset, data in _records(jfd, info):
+            write_all(fd, data, offset)
+            restored += len(data)
+    finally:
+        os.close(jfd)
+    os.ftruncate(fd, info.old_size)
+    os.fsync(fd)
+    return restored
+
+
+def _recover_locked(fd: int, base: Path, jpath: Path) -> Recovery:
+    """Act on ``jpath`` for BASE open (read-write, exclusively locked) as ``fd``."""
+    info = read_journal(jpath)
+    if info is None:
+        return Recovery(base, "clean", jpath)
+    with _signals_deferred():
+        if not info.valid:
+            _remove_journal(jpath)
+            return Recovery(base, "discarded", jpath, reason=info.reason)
+        if (info.dev, info.ino) != identity(os.fstat(fd)):
+            raise JournalError(
+                f"{str(jpath)!r} was written for another file than {str(base)!r} (device/inode differ: the file "
+                "was replaced since); it cannot be rolled back into this one. Remove the journal by hand "
+                "if this file is right"
+            )
+        restored = _rollback(fd, info)
+        _remove_journal(jpath)
+    return Recovery(base, "rolled back", jpath, restored, info.records, info.old_size, info.new_size)
+
+
+def _cannot_write(base: StrPath, jpath: Path, exc: OSError) -> JournalError:
+    return JournalError(
+        f"{os.fspath(base)!r} has a pending journal from an interrupted apply ({jpath.name}) and this process "
+        f"cannot roll it back ({exc.strerror or exc}): run 'cellmigrate recover {os.fspath(base)}' as a user "
+        "who can write the file and its directory"
+    )
+
+
+def _open_for_writing(base: StrPath, path: Path, jpath: Path) -> int:
+    """Open BASE read-write; with a pending journal, a refusal names ``cellmigrate recover``."""
+    try:
+        return open_regular(path, os.O_RDWR)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and os.path.lexists(jpath):
+            raise _cannot_write(base, jpath, exc) from None
+        raise
+
+
+def recover(base: StrPath) -> Recovery:
+    """Roll back or discard BASE's pending journal; report ``"clean"`` when there is none.
+
+    Takes BASE's exclusive lock (raises :class:`JournalError` while another cellmigrate
+    process holds it). Raises :class:`JournalError` when the journal cannot be applied
+    (other file, unknown version, no permission).
+    """
+    path = Path(os.path.realpath(base))
+    jpath = journal_path(path)
+    fd = _open_for_writing(base, path, jpath)
+    try:
+        lock_file(fd, exclusive=True, what=base)
+        try:
+            return _recover_locked(fd, path, jpath)
+        except PermissionError as exc:
+            raise _cannot_write(base, jpath, exc) from None
+    finally:
+        os.close(fd)
+
+
+def recover_if_pending(base: StrPath) -> Optional[Recovery]:
+    """:func:`recover` when BASE has a journal beside it, else ``None`` (one ``lstat``)."""
+    if not os.path.lexists(journal_path(base)):
+        return None
+    return recover(base)
+
+
+# --------------------------------------------------------------------------------------
+# the journaled in-place apply
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What :func:`apply_in_place` did."""
+
+    pages_written: int
+    bytes_journaled: int
+    old_size: int
+    new_size: int
+    recovered: Optional[Recovery]
+
+
+def _runs(indices: Sequence[int], limit: int) -> List[Tuple[int, int]]:
+    """Coalesce sorted page indices into ``(offset, length)`` runs clipped to ``limit``."""
+    runs: List[Tuple[int, int]] = []
+    for index in indices:
+        start = index * _PAGE
+        if index < 0 or start >= limit:
+            continue
+        end = min(start + _PAGE, limit)
+        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][1] + (end - start) <= MAX_RUN:
+            runs[-1] = (runs[-1][0], runs[-1][1] + end - start)
+        else:
+            runs.append((start, end - start))
+    return runs
+
+
+def _write_journal(jpath: Path, fd: int, runs: Sequence[Tuple[int, int]], old_size: int, new_size: int) -> int:
+    """Write and fsync the journal of ``runs`` (their bytes read from BASE now)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        jfd = os.open(jpath, flags, 0o600)
+    except FileExistsError:
+        raise JournalError(
+            f"{str(jpath)!r} appeared while applying (another process?): run 'cellmigrate recover'"
+        ) from None
+    try:
+        write_all(jfd, bytes(HEADER_SIZE), 0)  # zeros: a torn journal has no valid header
+        hasher = xxhash.xxh3_128()
+        pos, count, saved = HEADER_SIZE, 0, 0
+        for offset, length in runs:
+            length = min(length, old_size - offset)
+            if length <= 0:
+                continue
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise TruncatedInputError("BASE was truncated by another process while it was journaled")
+            record = _RECORD.pack(offset, length, 0) + data
+            hasher.update(record)
+            write_all(jfd, record, pos)
+            pos += len(record)
+            count += 1
+            saved += length
+            hook_delay()
+        st = os.fstat(fd)
+        fields = _FIELDS.pack(MAGIC, VERSION, HEADER_SIZE, old_size, new_size, st.st_dev, st.st_ino,
+                              count, pos - HEADER_SIZE, hasher.digest())
+        write_all(jfd, fields + xxhash.xxh3_128_digest(fields), 0)
+        os.fsync(jfd)
+    except BaseException:
+        os.close(jfd)
+        with contextlib.suppress(OSError):
+            os.unlink(jpath)
+        raise
+    os.close(jfd)
+    fsync_dir(jpath.parent)
+    return saved
+
+
+def _undo(fd: int, jpath: Path) -> None:
+    """Roll back our own journal after a failure or signal in the write window."""
+    with _signals_deferred():
+        info = read_journal(jpath)
+        if info is not None and info.valid:
+            _rollback(fd, info)
+        _remove_journal(jpath)
+
+
+def apply_in_place(
+    base: StrPath,
+    delta: "DeltaSnapshot",
+    *,
+    key: Optional[bytes] = None,
+    progress: Optional[Callable[..., Any]] = None,
+) -> ApplyReport:
+    """Apply ``delta`` to the file BASE in place, crash-safely (see the module doc).
+
+    The delta is verified in full (page table, checksum, digest or MAC) on a private
+    copy-on-write map of BASE before anything is written, so a refused delta raises
+    :class:`~cellmigrate.errors.InvalidStateError` and leaves BASE byte for byte
+    unchanged. A BASE shorter than the delta's state is grown with zeros (the library's
+    rule); as growing must happen before the result can be checked, it is done under the
+    journal and undone when the delta is refused. A pending journal is rolled back first
+    (``recovered``). A full disk raises ``OSError(ENOSPC)`` with BASE unchanged; a
+    signal that raises (SIGINT, or SIGTERM/SIGHUP under
+    :func:`~cellmigrate.statefile.signals_raise`) rolls back before propagating.
+    """
+    path = Path(os.path.realpath(base))
+    jpath = journal_path(path)
+    fd = _open_for_writing(base, path, jpath)
+    try:
+        lock_file(fd, exclusive=True, what=base)
+        recovered = _recover_locked(fd, path, jpath) if os.path.lexists(jpath) else None
+        hook_pause("opened")
+        old_size = os.fstat(fd).st_size
+        total = int(delta.total_size)
+        indices = sorted({int(page.index) for page in delta.dirty_pages})
+        old_runs = _runs(indices, min(old_size, total))
+        if old_size >= total:
+            # Verify first (a refused delta never touches BASE, not even its mtime), then
+            # reserve, journal and write.
+            with StateFile(path, private=True, fd=os.dup(fd)) as result:
+                delta.apply(result.buffer, key=key, progress=progress)
+                result.check()
+                _reserve_runs(fd, old_runs)
+                saved = _write_journal(jpath, fd, old_runs, old_size, total)
+                _write_window(fd, jpath, result, old_runs)
+        else:
+            _reserve_runs(fd, old_runs)
+            saved = _write_journal(jpath, fd, old_runs, old_size, total)
+            try:
+                reserve(fd, old_size, total - old_size)  # grows BASE (journaled: undone on failure)
+                apply_into(fd, delta, key=key, progress=progress, name=path)
+                os.fsync(fd)
+            except BaseException:
+                _undo(fd, jpath)
+                raise
+            with _signals_deferred():
+                _remove_journal(jpath)
+        return ApplyReport(len(indices), saved, old_size, total, recovered)
+    finally:
+        os.close(fd)
+
+
+def apply_into(
+    fd: int,
+    delta: "DeltaSnapshot",
+    *,
+    key: Optional[bytes] = None,
+    progress: Optional[Callable[..., Any]] = None,
+    name: StrPath = "output",
+) -> int:
+    """Apply ``delta`` to the file open as ``fd`` (read-write, already the delta's size).
+
+    For a fresh copy of BASE (``apply -o``, ``--safe-replace``): the delta is verified on
+    a private map of the file, then its pages are written with ``pwrite``. No journal:
+    the caller renames the file into place only when this returned. Returns the number
+    of pages written. Raises like :func:`apply_in_place`.
+    """
+    indices = sorted({int(page.index) for page in delta.dirty_pages})
+    with StateFile(name, private=True, fd=os.dup(fd)) as result:
+        delta.apply(result.buffer, key=key, progress=progress)
+        result.check()
+        _write_pages(fd, result, _runs(indices, int(delta.total_size)))
+    return len(indices)
+
+
+def _reserve_runs(fd: int, runs: Sequence[Tuple[int, int]]) -> None:
+    """Allocate the blocks of every run (holes of a sparse BASE) before the journal.
+
+    Content is unchanged, so a full disk here needs no rollback: ENOSPC is raised with
+    BASE as it was and no journal written.
+    """
+    for offset, length in runs:
+        reserve(fd, offset, length)
+
+
+def _write_pages(fd: int, result: StateFile, runs: Sequence[Tuple[int, int]]) -> None:
+    """``pwrite`` each run of the verified result (a private map) into BASE."""
+    with memoryview(result.buffer) as view:
+        for offset, length in runs:
+            write_all(fd, view[offset:offset + length], offset)
+            hook_delay()
+
+
+def _write_window(fd: int, jpath: Path, result: StateFile, runs: Sequence[Tuple[int, int]]) -> None:
+    """Pages, fsync, journal removal; any failure or signal in between rolls back."""
+    try:
+        _write_pages(fd, result, runs)
+        os.fsync(fd)
+    except BaseException:
+        _undo(fd, jpath)
+        raise
+    with _signals_deferred():
+        _remove_journal(jpath)

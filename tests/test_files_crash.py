@@ -1,0 +1,238 @@
+"""Crash safety of ``apply`` on files, tested by killing real processes (issue 10 §1, §2).
+
+A child ``cellmigrate apply`` is killed with SIGKILL at random moments of its write
+window; afterwards the next command (``recover``, or any command that opens the file)
+must find BASE exactly old or exactly new, and ``-o OUT`` absent or exactly new, with no
+stray file left once the next run on the same target is done. The window is made wide
+enough to hit by ``CELLMIGRATE_TEST_IO_DELAY`` (a sleep after every journal record and
+every page run the child writes); kills are placed uniformly over the window measured
+on an uninterrupted run, a little past its end too, so commits are hit as well.
+
+The default run does a handful of trials per mode on 32 MiB; ``-m large`` does 30 per
+mode on 128 MiB. Each test prints its outcome counts (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Counter, Dict, Tuple
+
+import pytest
+
+from files_support import cli_env, leftovers, make_states, one_line_error, run, spawn, write_delta
+
+MiB = 1 << 20
+
+
+def _state(data: bytes, old: bytes, new: bytes) -> str:
+    return "old" if data == old else "new" if data == new else "mixed"
+
+
+def _wait_until(condition: Callable[[], bool], proc: "subprocess.Popen[bytes]", timeout: float = 60) -> bool:
+    """Poll ``condition`` every millisecond; False if the child exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise AssertionError("timed out waiting for the child")
+
+
+class Setup:
+    """OLD/NEW states of ``size`` bytes (5% dirty) and the delta between them."""
+
+    def __init__(self, tmp_path: Path, size: int, delay: float) -> None:
+        self.dir = tmp_path
+        self.old, self.new = make_states(size)
+        self.delta = write_delta(tmp_path / "d.cmd", self.old, self.new)
+        self.base = tmp_path / "base.bin"
+        self.out = tmp_path / "out.bin"
+        self.journal = tmp_path / "base.bin.cmjournal"
+        self.env = {"CELLMIGRATE_TEST_IO_DELAY": str(delay)}
+
+    def reset(self) -> None:
+        self.base.write_bytes(self.old)
+        if self.out.exists():
+            self.out.unlink()
+
+
+# --------------------------------------------------------------------------- in place
+
+
+def _in_place_loop(tmp_path: Path, size: int, trials: int, delay: float, seed: int) -> Counter[str]:
+    s = Setup(tmp_path, size, delay)
+    rng = random.Random(seed)
+    # Calibrate: how long the journal exists (journal write + page writes + fsync).
+    s.reset()
+    proc = spawn("apply", str(s.base), str(s.delta), env=s.env)
+    assert _wait_until(s.journal.exists, proc), "the journal never appeared"
+    appeared = time.monotonic()
+    assert proc.wait(60) == 0
+    window = time.monotonic() - appeared
+    assert s.base.read_bytes() == s.new
+
+    outcomes: Counter[str] = collections.Counter()
+    for trial in range(trials):
+        s.reset()
+        proc = spawn("apply", str(s.base), str(s.delta), env=s.env)
+        in_window = _wait_until(s.journal.exists, proc)
+        time.sleep(rng.uniform(0.0, 1.1 * window))
+        proc.kill()
+        proc.wait(60)
+        at_kill = _state(s.base.read_bytes(), s.old, s.new)
+        journal = "journal" if s.journal.exists() else "no journal"
+        if trial % 2 == 0:
+            rec = run("recover", str(s.base))
+            assert rec.returncode == 0, rec.stderr
+        else:
+            # Any command that opens BASE rolls the journal back first.
+            rec = run("checksum", str(s.base))
+            assert rec.returncode == 0, rec.stderr
+            if journal == "journal":
+                assert "rolled back" in rec.stderr or "incomplete journal" in rec.stderr, rec.stderr
+        final = _state(s.base.read_bytes(), s.old, s.new)
+        assert final in ("old", "new"), f"trial {trial}: BASE is {final} after recovery (at kill: {at_kill}, {journal})"
+        assert not s.journal.exists()
+        assert leftovers(tmp_path, ["base.bin", "d.cmd"]) == []
+        if trial % 2 == 1:
+            assert rec.stdout.strip(), "checksum printed nothing"
+        outcomes[f"killed {'in' if in_window else 'after'} window: {at_kill} + {journal} -> {final}"] += 1
+    # recover, then apply, ends with the new state.
+    done = run("apply", str(s.base), str(s.delta))
+    assert done.returncode == 0, done.stderr
+    assert s.base.read_bytes() == s.new
+    print(f"\nin-place kill loop ({trials} trials, {size >> 20} MiB, window {window:.2f} s): {dict(outcomes)}")
+    assert sum(n for k, n in outcomes.items() if "+ journal" in k) >= 1, "no kill landed inside the journal window"
+    return outcomes
+
+
+def test_in_place_apply_survives_sigkill(tmp_path: Path) -> None:
+    _in_place_loop(tmp_path, 32 * MiB, trials=5, delay=0.001, seed=1)
+
+
+@pytest.mark.large
+def test_in_place_apply_survives_sigkill_many(tmp_path: Path) -> None:
+    outcomes = _in_place_loop(tmp_path, 128 * MiB, trials=30, delay=0.0004, seed=2)
+    assert sum(outcomes.values()) == 30
+
+
+# --------------------------------------------------------------------------- -o and --safe-replace
+
+
+def _replace_loop(tmp_path: Path, mode: str, size: int, trials: int, delay: float, seed: int) -> Counter[str]:
+    s = Setup(tmp_path, size, delay)
+    rng = random.Random(seed)
+    extra = ["-o", str(s.out)] if mode == "-o" else ["--safe-replace"]
+    target = s.out if mode == "-o" else s.base
+
+    s.reset()
+    started = time.monotonic()
+    proc = spawn("apply", str(s.base), str(s.delta), *extra, env=s.env)
+    assert proc.wait(60) == 0
+    duration = time.monotonic() - started
+    assert target.read_bytes() == s.new
+
+    outcomes: Counter[str] = collections.Counter()
+    for trial in range(trials):
+        s.reset()
+        # Half the trials use named temporary files (file systems without O_TMPFILE).
+        named = trial % 2 == 1
+        env = dict(s.env, **({"CELLMIGRATE_TEST_NO_O_TMPFILE": "1"} if named else {}))
+        proc = spawn("apply", str(s.base), str(s.delta), *extra, env=env)
+        time.sleep(rng.uniform(0.3 * duration, 1.2 * duration))
+        proc.kill()
+        proc.wait(60)
+        if mode == "-o":
+            result = "absent" if not s.out.exists() else _state(s.out.read_bytes(), s.old, s.new)
+            assert result in ("absent", "new"), f"trial {trial}: OUT is {result}"
+            assert s.base.read_bytes() == s.old
+        else:
+            result = _state(s.base.read_bytes(), s.old, s.new)
+            assert result in ("old", "new"), f"trial {trial}: BASE is {result}"
+        stray = leftovers(tmp_path, ["base.bin", "d.cmd", "out.bin"])
+        # The next run on the same target finishes the job and removes what a killed run left.
+        again = run("apply", str(s.base), str(s.delta), *extra, *(["-f"] if mode == "-o" else []), env=env)
+        assert again.returncode == 0, again.stderr
+        assert target.read_bytes() == s.new
+        assert leftovers(tmp_path, ["base.bin", "d.cmd", "out.bin"]) == []
+        temps = "named" if named else "O_TMPFILE"
+        outcomes[f"{temps}: {result}, {len(stray)} stray file(s) then removed"] += 1
+    print(f"\n{mode} kill loop ({trials} trials, {size >> 20} MiB, run {duration:.2f} s): {dict(outcomes)}")
+    return outcomes
+
+
+@pytest.mark.parametrize("mode", ["-o", "--safe-replace"])
+def test_replacing_apply_survives_sigkill(tmp_path: Path, mode: str) -> None:
+    _replace_loop(tmp_path, mode, 32 * MiB, trials=3, delay=0.001, seed=3)
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("mode", ["-o", "--safe-replace"])
+def test_replacing_apply_survives_sigkill_many(tmp_path: Path, mode: str) -> None:
+    outcomes = _replace_loop(tmp_path, mode, 128 * MiB, trials=30, delay=0.0004, seed=4)
+    assert sum(outcomes.values()) == 30
+
+
+# --------------------------------------------------------------------------- catchable signals
+
+SIGNAL_CASES = [
+    ("-o", signal.SIGTERM), ("-o", signal.SIGHUP), ("-o", signal.SIGINT),
+    ("--safe-replace", signal.SIGTERM), ("--safe-replace", signal.SIGHUP),
+    ("in-place", signal.SIGTERM), ("in-place", signal.SIGHUP),
+]
+
+
+@pytest.mark.parametrize("mode,signum", SIGNAL_CASES)
+def test_catchable_signals_clean_up(tmp_path: Path, mode: str, signum: int) -> None:
+    """SIGTERM/SIGHUP/SIGINT inside the write window: one line, 128+N, nothing left, BASE old."""
+    s = Setup(tmp_path, 8 * MiB, delay=0.005)
+    s.reset()
+    extra = {"-o": ["-o", str(s.out)], "--safe-replace": ["--safe-replace"], "in-place": []}[mode]
+    # Named temporary files, so that a leftover would be visible.
+    env = dict(s.env, CELLMIGRATE_TEST_NO_O_TMPFILE="1")
+    proc = subprocess.Popen(
+        [*__import__("files_support").cli_args("apply", str(s.base), str(s.delta), *extra)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(env))
+    if mode == "in-place":
+        ready = _wait_until(s.journal.exists, proc)
+    else:
+        ready = _wait_until(lambda: any(".cellmigrate-" in n for n in os.listdir(tmp_path)), proc)
+    assert ready, "the child finished before the signal"
+    time.sleep(0.1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    code = 130 if signum == signal.SIGINT else 128 + signum
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, b"", err.decode())
+    line = one_line_error(done, code)
+    assert "interrupted" in line
+    assert s.base.read_bytes() == s.old
+    assert not s.out.exists()
+    assert leftovers(tmp_path, ["base.bin", "d.cmd"]) == []
+
+
+def test_stale_named_temp_of_a_dead_process_is_removed(tmp_path: Path) -> None:
+    """A SIGKILLed run's ``.OUT.cellmigrate-PID.tmp`` goes at the next run on OUT; a live PID's stays."""
+    from cellmigrate.statefile import remove_stale_temps, temp_name
+
+    s = Setup(tmp_path, 1 * MiB, delay=0)
+    s.reset()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / temp_name(s.out, pid=dead.pid)
+    live = tmp_path / temp_name(s.out, pid=os.getppid())
+    other = tmp_path / temp_name(tmp_path / "other.bin", pid=dead.pid)
+    for p in (stale, live, other):
+        p.write_bytes(b"x" * 100)
+    proc = run("apply", str(s.base), str(s.delta), "-o", str(s.out))
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    assert remove_stale_temps(tmp_path / "other.bin") == [other]

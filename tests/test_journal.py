@@ -1,0 +1,272 @@
+"""The undo journal of in-place apply (cellmigrate.journal), in process.
+
+Each crash state the kill-loop tests reach at random is built here on purpose: a complete
+journal beside a half-written BASE, a journal torn at every length, a damaged one, one
+of another version or for another file, a failure or signal inside the write window.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+from cellmigrate import InvalidStateError, JournalError, PAGE_SIZE
+from cellmigrate import journal as jr
+from cellmigrate.cli import main
+from cellmigrate.statefile import StateFile
+
+from files_support import make_states, write_delta
+
+
+def _files(tmp_path: Path, size: int = 64 * PAGE_SIZE + 100) -> Tuple[Path, bytes, bytes, Path]:
+    old, new = make_states(size, dirty_fraction=0.2, seed=3)
+    base = tmp_path / "base.bin"
+    base.write_bytes(old)
+    return base, old, new, write_delta(tmp_path / "d.cmd", old, new)
+
+
+def _dirty_runs(old: bytes, new: bytes) -> List[Tuple[int, int]]:
+    pages = [i for i in range(-(-len(new) // PAGE_SIZE))
+             if old[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != new[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]]
+    return jr._runs(pages, len(new))
+
+
+def _half_written(base: Path, old: bytes, new: bytes) -> None:
+    """What a kill in the write window leaves: a complete journal, some pages new."""
+    runs = _dirty_runs(old, new)
+    fd = os.open(base, os.O_RDWR)
+    try:
+        jr._write_journal(jr.journal_path(base), fd, runs, len(old), len(new))
+        for offset, length in runs[: len(runs) // 2]:
+            os.pwrite(fd, new[offset:offset + length], offset)
+    finally:
+        os.close(fd)
+    data = base.read_bytes()
+    assert data != old and data != new
+
+
+def test_complete_journal_rolls_back_a_half_written_base(tmp_path: Path) -> None:
+    base, old, new, _ = _files(tmp_path)
+    _half_written(base, old, new)
+    info = jr.read_journal(jr.journal_path(base))
+    assert info is not None and info.valid and info.old_size == len(old) and info.records >= 1
+    done = jr.recover(base)
+    assert done.action == "rolled back" and done.bytes_restored > 0
+    assert base.read_bytes() == old
+    assert not jr.journal_path(base).exists()
+    assert jr.recover(base).action == "clean"
+
+
+def test_rollback_restores_the_old_size_of_a_grown_base(tmp_path: Path) -> None:
+    base, old, new, _ = _files(tmp_path)
+    short = old[: 10 * PAGE_SIZE + 7]
+    base.write_bytes(short)
+    fd = os.open(base, os.O_RDWR)
+    try:
+        jr._write_journal(jr.journal_path(base), fd, jr._runs(list(range(20)), len(short)), len(short), len(new))
+        os.ftruncate(fd, len(new))
+        os.pwrite(fd, b"\xff" * PAGE_SIZE, 0)
+        os.pwrite(fd, b"\xee" * PAGE_SIZE, 30 * PAGE_SIZE)
+    finally:
+        os.close(fd)
+    assert jr.recover(base).action == "rolled back"
+    assert base.read_bytes() == short
+
+
+def test_torn_journal_at_every_length_is_discarded(tmp_path: Path) -> None:
+    """Killed while writing the journal: BASE was never touched, the journal just goes."""
+    base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+    jpath = jr.journal_path(base)
+    fd = os.open(base, os.O_RDWR)
+    try:
+        jr._write_journal(jpath, fd, _dirty_runs(old, new), len(old), len(new))
+    finally:
+        os.close(fd)
+    whole = jpath.read_bytes()
+    cuts = sorted(set(range(0, jr.HEADER_SIZE + 40)) | set(range(jr.HEADER_SIZE, len(whole), 97)))
+    for cut in cuts:
+        jpath.write_bytes(whole[:cut])
+        done = jr.recover(base)
+        assert done.action == "discarded", cut
+        assert base.read_bytes() == old
+        assert not jpath.exists()
+    # Our own writer's torn state: a zero header (written first) over a complete body.
+    jpath.write_bytes(bytes(jr.HEADER_SIZE) + whole[jr.HEADER_SIZE:])
+    assert jr.recover(base).action == "discarded"
+
+
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_damaged_journal_is_not_applied(tmp_path: Path, where: str) -> None:
+    base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+    jpath = jr.journal_path(base)
+    fd = os.open(base, os.O_RDWR)
+    try:
+        jr._write_journal(jpath, fd, _dirty_runs(old, new), len(old), len(new))
+    finally:
+        os.close(fd)
+    data = bytearray(jpath.read_bytes())
+    data[20 if where == "header" else len(data) - 5] ^= 0x01
+    jpath.write_bytes(bytes(data))
+    info = jr.read_journal(jpath)
+    assert info is not None and not info.valid and "digest" in info.reason
+    assert jr.recover(base).action == "discarded"
+    assert base.read_bytes() == old
+
+
+def test_unknown_version_and_other_file_are_refused_and_kept(tmp_path: Path) -> None:
+    import xxhash
+
+    base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+    jpath = jr.journal_path(base)
+    fd = os.open(base, os.O_RDWR)
+    try:
+        jr._write_journal(jpath, fd, _dirty_runs(old, new), len(old), len(new))
+    finally:
+        os.close(fd)
+    good = jpath.read_bytes()
+    fields = bytearray(good[:80])
+    struct.pack_into("<I", fields, 8, 2)  # version 2, correctly sealed
+    jpath.write_bytes(bytes(fields) + xxhash.xxh3_128_digest(bytes(fields)) + good[96:])
+    with pytest.raises(JournalError, match="version 2"):
+        jr.recover(base)
+    assert jpath.exists() and base.read_bytes() == old
+    # A journal whose file was replaced since (another inode) is never applied to it.
+    jpath.write_bytes(good)
+    replacement = tmp_path / "other.bin"
+    replacement.write_bytes(new)
+    os.replace(replacement, base)
+    with pytest.raises(JournalError, match="another file"):
+        jr.recover(base)
+    assert base.read_bytes() == new and jpath.exists()
+
+
+def test_apply_in_place_and_the_refusals(tmp_path: Path) -> None:
+    from cellmigrate import DeltaSnapshot
+
+    base, old, new, delta_path = _files(tmp_path)
+    delta = DeltaSnapshot.deserialize(delta_path.read_bytes())
+    # A delta for another base is refused before anything is written (not even mtime).
+    other = bytearray(old)
+    clean = next(i for i in range(len(old) // PAGE_SIZE)
+                 if old[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == new[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+    other[clean * PAGE_SIZE + 5] ^= 1  # a page the delta does not carry
+    base.write_bytes(bytes(other))
+    before = os.stat(base).st_mtime_ns
+    with pytest.raises(InvalidStateError, match="checksum"):
+        jr.apply_in_place(base, delta)
+    assert base.read_bytes() == bytes(other) and os.stat(base).st_mtime_ns == before
+    assert not jr.journal_path(base).exists()
+    # A short base that the delta does not fit: grown under the journal, then undone.
+    short = bytes(other[: 5 * PAGE_SIZE])
+    base.write_bytes(short)
+    with pytest.raises(InvalidStateError):
+        jr.apply_in_place(base, delta)
+    assert base.read_bytes() == short
+    assert not jr.journal_path(base).exists()
+    # The right base: new, and the report says what happened.
+    base.write_bytes(old)
+    report = jr.apply_in_place(base, delta)
+    assert base.read_bytes() == new
+    assert report.pages_written == delta.dirty_page_count() and report.bytes_journaled > 0
+    assert report.recovered is None
+    # A short base that is a prefix of OLD grows to NEW.
+    base.write_bytes(old[: 3 * PAGE_SIZE])
+    prefix_delta = DeltaSnapshot.create(bytes(16), old[: 3 * PAGE_SIZE] + bytes(len(old) - 3 * PAGE_SIZE), new, 0, 1)
+    jr.apply_in_place(base, prefix_delta)
+    assert base.read_bytes() == new
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failure_inside_the_write_window_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    exc: BaseException) -> None:
+    from cellmigrate import DeltaSnapshot
+
+    base, old, new, delta_path = _files(tmp_path)
+    delta = DeltaSnapshot.deserialize(delta_path.read_bytes())
+    calls = {"n": 0}
+    real = jr.write_all
+
+    def failing(fd: int, data: object, offset: object = None) -> None:
+        # Journal records go to the journal fd; count only writes into BASE.
+        if offset is not None and os.readlink(f"/proc/self/fd/{fd}") == str(base.resolve()):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise exc
+        real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jr, "write_all", failing)
+    with pytest.raises(type(exc)):
+        jr.apply_in_place(base, delta)
+    assert calls["n"] >= 3
+    assert base.read_bytes() == old
+    assert not jr.journal_path(base).exists()
+
+
+def test_opening_a_file_with_a_pending_journal_rolls_it_back(tmp_path: Path) -> None:
+    base, old, new, _ = _files(tmp_path)
+    _half_written(base, old, new)
+    with StateFile(base) as f:
+        assert f.recovered is not None and f.recovered.action == "rolled back"
+        assert bytes(f.buffer) == old
+
+
+def test_cli_refuses_when_it_cannot_roll_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    base, old, new, delta = _files(tmp_path)
+    _half_written(base, old, new)
+    real_open = jr.open_regular
+
+    def read_only(path: object, flags: int = os.O_RDONLY) -> int:
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jr, "open_regular", read_only)
+    for argv in (["checksum", str(base)], ["apply", str(base), str(delta)], ["recover", str(base)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cellmigrate recover" in err[0], err
+    assert jr.journal_path(base).exists()
+    monkeypatch.undo()
+    # recover, then apply: the new state.
+    assert main(["recover", str(base)]) == 0
+    assert "rolled back" in capsys.readouterr().out
+    assert main(["apply", str(base), str(delta)]) == 0
+    assert base.read_bytes() == new
+    assert main(["recover", str(base)]) == 0
+    assert "clean" in capsys.readouterr().out
+
+
+def test_a_live_apply_is_never_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another process holds BASE's lock (a running apply), recovery waits, then refuses."""
+    from cellmigrate import statefile
+
+    base, old, new, _ = _files(tmp_path)
+    _half_written(base, old, new)
+    monkeypatch.setattr(statefile, "LOCK_WAIT", 0.1)
+    holder = os.open(base, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: like another process
+        with pytest.raises(JournalError, match="another cellmigrate process"):
+            jr.recover(base)
+        with pytest.raises(JournalError):
+            StateFile(base)
+        assert jr.journal_path(base).exists()
+    finally:
+        os.close(holder)
+    assert jr.recover(base).action == "rolled back"
+    assert base.read_bytes() == old
+
+
+def test_journal_follows_the_symlink_target(tmp_path: Path) -> None:
+    base, old, new, delta = _files(tmp_path)
+    link = tmp_path / "link.bin"
+    link.symlink_to(base.name)
+    assert jr.journal_path(link) == jr.journal_path(base)
+    assert main(["apply", str(link), str(delta)]) == 0
+    assert link.is_symlink() and base.read_bytes() == new
