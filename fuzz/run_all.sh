@@ -16,9 +16,9 @@ WORK="${FUZZ_WORKDIR:-fuzz/corpus}"
 mkdir -p "$WORK/logs" "$WORK/artifacts"
 status=0
 total=0
-for harness in deserialize apply simple_decompress adaptive_decompress page_decode; do
+for harness in deserialize apply simple_decompress adaptive_decompress page_decode live_frames; do
     case "$harness" in
-        deserialize) max_len=20000 ;;
+        deserialize|live_frames) max_len=20000 ;;
         *) max_len=16384 ;;
     esac
     log="$WORK/logs/$harness.log"

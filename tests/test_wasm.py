@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 wasmtime = pytest.importorskip("wasmtime")  # in the test extra; the import names the need
 
-from cellmigrate import CorruptDataError, ExecutionFailedError, InvalidStateError  # noqa: E402
+from cellmigrate import CellError, CorruptDataError, ExecutionFailedError, InvalidStateError  # noqa: E402
 from cellmigrate.wasm import (  # noqa: E402
     WASM_PAGE_SIZE,
     WasmAgent,
@@ -415,3 +415,50 @@ def test_wasm_agent_is_a_live_source_and_target() -> None:
     other.adopt(memoryview(bytes(agent.state())).toreadonly(), agent.extra())  # as the receiver hands it
     assert other.adopted_at == other.steps == agent.steps
     assert other.global_kinds == {"i": "i32", "l": "i64", "f": "f32", "d": "f64"}
+
+
+# ---------------------------------------------------------------- with the live driver
+
+def test_live_migration_in_process_while_running_matches_a_reference_run() -> None:
+    """The real pre-copy driver over the in-process channel: rounds while the agent runs
+    and grows, the final round paused, then node B continues to the total."""
+    from cellmigrate.live import InProcessChannel, LiveMigration, MemoryStore, ReceiverSession
+
+    total = 60_000
+    source = WasmAgent(batch=128, rate=40_000)
+    source.start()
+    time.sleep(0.1)
+    started_at = source.steps
+    target = WasmAgent(batch=4096, stop_at=total)
+    summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target))).run()
+    paused_at = source.steps
+    source.stop()
+    assert 0 < started_at <= paused_at < total
+    assert summary.rounds[0].round == 0 and summary.rounds[-1].final and len(summary.rounds) >= 2
+    assert summary.state_size == source.memory_size
+    assert target.adopted_at == paused_at  # node B continues exactly where node A paused
+    assert target.wait(60) == total
+    reference = WasmAgent()
+    reference.run(total)
+    assert bytes(target.state()) == bytes(reference.state())
+    assert target.globals() == reference.globals()
+
+
+def test_live_migration_refused_by_the_target_resumes_the_source() -> None:
+    """A target instance of another module refuses to adopt: the migration fails, the
+    source runs on, the target's memory and globals are untouched."""
+    from cellmigrate.live import InProcessChannel, LiveMigration, MemoryStore, ReceiverSession
+
+    source = WasmAgent(batch=128, rate=40_000)
+    source.start()
+    target = WasmAgent(KINDS_WAT)
+    before = (bytes(target.state()), target.globals())
+    with pytest.raises(CellError, match="different wasm module"):
+        LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target))).run()
+    steps = source.steps
+    deadline = time.monotonic() + 10
+    while source.steps == steps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert source.steps > steps  # resumed: the agent runs again on node A
+    source.stop()
+    assert (bytes(target.state()), target.globals()) == before and target.adopted_at is None

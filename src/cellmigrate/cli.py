@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time spent repeating each row; the best run counts (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows")
     p.set_defaults(handler=_cmd_bench)
+
+    from .live.cli import add_commands  # send / receive (issue 11): the live subpackage
+
+    add_commands(add)
     return parser
 
 

@@ -134,7 +134,8 @@ class LiveMigration:
     >>> target.state == state, target.resumed, summary.stop_reason
     (True, True, 'downtime')
 
-    ``progress`` receives the migration's progress events (TRANSFER_PROGRESS per chunk,
+    ``max_rounds`` bounds the pre-copy rounds (0: pause first and copy once, for a
+    source that is not running). ``progress`` receives the migration's progress events (TRANSFER_PROGRESS per chunk,
     VALIDATING per round with its figures, then COMPLETED or FAILED); ``on_round`` gets
     each :class:`RoundStats` as it completes. ``validator`` supplies the audit log
     (a fresh in-memory one by default), ``recovery`` records the failure for a retry policy.
@@ -160,8 +161,8 @@ class LiveMigration:
     ) -> None:
         if downtime_limit <= 0:
             raise ValueError(f"downtime_limit must be > 0 seconds, got {downtime_limit}")
-        if max_rounds < 1:
-            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        if max_rounds < 0:
+            raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
         if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 4096..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         self.source = source
@@ -326,7 +327,8 @@ class LiveMigration:
             self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration started: {size} bytes")
             previous: Optional[float] = None
             round_no = 0
-            reason: Optional[str] = None
+            # max_rounds=0: stop-and-copy (a source that is not running: one round, paused).
+            reason: Optional[str] = "stop_and_copy" if self.max_rounds == 0 else None
             while reason is None:
                 stats, _, previous = self._round(round_no, False, previous)
                 self._report(stats)

@@ -1,0 +1,58 @@
+"""atheris harness: the live-migration receiver's frame decoder on hostile byte streams.
+
+Input: the bytes a sender would write on the connection. They are fed through
+``LiveReceiver.handle`` (frame reader, handshake, OFFER/CHUNK/ROUND_END/COMMIT decoders,
+the session's checks and staging) over an in-memory stream.
+
+Contract checked on every input:
+* ``handle`` returns (never raises); a connection that did not complete leaves a
+  ``CellError`` subclass (or nothing) as ``last_error`` and the target agent untouched;
+* a completed one (possible unkeyed: the digest is not a MAC) adopted exactly the staged
+  state, whose digest is the one the COMMIT carried.
+
+Seeds: a recorded real migration (``replay.record_sender_stream``) of a few small states.
+
+Run: see fuzz/README.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import atheris, main_with_seeds  # noqa: E402
+
+with atheris.instrument_imports(include=["cellmigrate"]):
+    from cellmigrate import CellError, digest
+    from cellmigrate.live import BufferTarget, MemoryStore
+    from cellmigrate.live.receiver import LiveReceiver
+    from cellmigrate.live.replay import BytesStream, record_sender_stream
+
+
+def TestOneInput(data: bytes) -> None:
+    target = BufferTarget()
+    receiver = LiveReceiver(MemoryStore(), target, timeout=1, max_state_size=1 << 22)
+    done = receiver.handle(BytesStream(data))
+    if done:
+        assert target.state is not None and target.resumed
+        with receiver.session.store.view() as view:
+            assert bytes(view) == bytes(target.state)
+        assert digest(bytes(target.state)) == receiver.session._leaves.refresh(receiver.session.store.view())
+    else:
+        assert receiver.last_error is None or isinstance(receiver.last_error, CellError), repr(receiver.last_error)
+        assert target.state is None and not target.resumed
+
+
+def seeds() -> List[Tuple[str, bytes]]:
+    out = []
+    for size in (0, 100, 4096 * 3 + 7, 20000):
+        state = bytes((i * 7 + 3) % 251 for i in range(size))
+        out.append((f"migration-{size}", record_sender_stream(state)))
+    return out
+
+
+if __name__ == "__main__":
+    main_with_seeds(TestOneInput, seeds())

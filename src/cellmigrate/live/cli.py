@@ -1,0 +1,386 @@
+"""``cellmigrate send`` and ``cellmigrate receive``: live migration of a state file.
+
+``receive --listen HOST:PORT STATE_FILE`` stages incoming rounds in a hidden file next to
+STATE_FILE and renames it over STATE_FILE only once the final round is proven equal to
+the sender's state; until then STATE_FILE is untouched, whatever the peer or the network
+does. ``send STATE_FILE HOST:PORT`` moves a file (``--live`` while another process keeps
+writing it, paused by ``--pause-cmd`` for the final round). Registered by
+:func:`add_commands` from :mod:`cellmigrate.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import ssl
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from .._buffers import as_bytes_view
+from .._types import BufferLike
+from ..errors import CellError
+from ..progress import MigrationProgressEvent, ProgressEventKind
+from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
+from .agent import FileStore
+from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
+from .errors import ConnectionLostError
+from .protocol import derive_key
+from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
+from .sender import StreamChannel
+from .transport import DEFAULT_TIMEOUT, PipeStream, SocketStream, connect, listen
+
+__all__ = ["add_commands", "FileSource", "FileTarget"]
+
+AddParser = Callable[[str, str, str], argparse.ArgumentParser]
+
+
+class FileSource:
+    """A :class:`~cellmigrate.live.agent.SourceAgent` over a file (mapped read-only).
+
+    ``pause_cmd``/``resume_cmd`` are shell commands run for ``pause()``/``resume()``
+    (e.g. ``kill -STOP 1234``); a command that fails raises ``CellError``. The file is
+    mapped again whenever its size changed since the last round.
+    """
+
+    def __init__(self, path: str, pause_cmd: Optional[str] = None, resume_cmd: Optional[str] = None) -> None:
+        self.path = path
+        self.pause_cmd, self.resume_cmd = pause_cmd, resume_cmd
+        self._fd = os.open(path, os.O_RDONLY)
+        self._map: Optional[mmap.mmap] = None
+        self._size = -1
+
+    def state(self) -> BufferLike:
+        size = os.fstat(self._fd).st_size
+        if size != self._size:
+            self._size = size
+            # The old mapping may still be referenced by the previous round's arrays; it
+            # is released when they are (closing it here would invalidate them).
+            self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
+        return self._map if self._map is not None else b""
+
+    def _run(self, cmd: Optional[str], what: str) -> None:
+        if cmd is None:
+            return
+        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode}): {done.stderr.strip()[:200]}")
+
+    def pause(self) -> None:
+        self._run(self.pause_cmd, "pause")
+
+    def resume(self) -> None:
+        self._run(self.resume_cmd, "resume")
+
+    def extra(self) -> bytes:
+        return b""
+
+
+class FileTarget:
+    """A :class:`~cellmigrate.live.agent.TargetAgent` that renames the staged file into place."""
+
+    def __init__(self, store: FileStore, path: str, resume_cmd: Optional[str] = None) -> None:
+        self.store, self.path, self.resume_cmd = store, path, resume_cmd
+
+    def adopt(self, state: memoryview, extra: bytes) -> None:
+        # The session flushed the staged file; one atomic rename makes it the state file.
+        os.replace(self.store.path, self.path)
+        dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def resume(self) -> None:
+        if self.resume_cmd:
+            subprocess.run(self.resume_cmd, shell=True, stdin=subprocess.DEVNULL, check=False, timeout=60)
+
+
+# -- argument helpers -----------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    from ..cli import _size_arg
+
+    return _size_arg(text)
+
+
+def _key(args: argparse.Namespace) -> Optional[bytes]:
+    from ..cli import _read_key
+
+    raw = _read_key(args.key_file)
+    return derive_key(raw) if raw is not None else None
+
+
+def _server_tls(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
+    from ..cli import CliError
+
+    if not (args.tls_cert or args.tls_key):
+        if args.tls_ca:
+            raise CliError("--tls-ca on 'receive' needs --tls-cert and --tls-key")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise CliError("--tls-cert and --tls-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:  # mutual TLS: the sender must present a certificate from this CA
+            ctx.load_verify_locations(args.tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"cannot load the TLS certificate/key: {exc}") from None
+    return ctx
+
+
+def _client_tls(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
+    from ..cli import CliError
+
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise CliError("TLS on 'send' needs --tls-ca (the CA that signed the receiver's certificate)")
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise CliError("--tls-cert and --tls-key go together")
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"cannot load the TLS files: {exc}") from None
+    return ctx
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", metavar="FILE",
+                   help="shared key (32 raw bytes or 64 hex digits): both ends prove they hold it "
+                        "(keyed BLAKE3) and every frame carries a MAC")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate (receive: the server's; send: a client certificate)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="CA certificates (send: verify the receiver, enables TLS; receive: require client certificates)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="give up on a peer silent this long (default: %(default)g)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def add_commands(add: AddParser) -> None:
+    """Add ``send`` and ``receive`` to the CLI (``add(name, help, description)`` -> parser)."""
+    p = add("receive", "receive a live migration into a state file",
+            "Listen for one migration (cellmigrate send) and write it to STATE_FILE. Rounds are "
+            "staged in a hidden file next to STATE_FILE, each chunk verified by its digest before it "
+            "is written; STATE_FILE is replaced atomically only after the final round is proven "
+            "equal to the sender's state (xxh3_128_tree). A dropped connection resumes where it "
+            "stopped. Exits 0 after one completed migration (--keep-listening: serve more). "
+            "Example: cellmigrate receive --listen 127.0.0.1:7070 agent.bin")
+    p.add_argument("state_file", metavar="STATE_FILE", help="file to (re)place with the migrated state")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0: any free port; unix:PATH too)")
+    where.add_argument("--stdio", action="store_true", help="speak the protocol on stdin/stdout (e.g. behind ssh)")
+    p.add_argument("--keep-listening", action="store_true", help="serve migrations until interrupted")
+    p.add_argument("--resume-timeout", type=float, default=DEFAULT_RESUME_TIMEOUT, metavar="SECONDS",
+                   help="how long a dropped sender may take to reconnect (default: %(default)g)")
+    p.add_argument("--linger", type=float, default=2.0, metavar="SECONDS",
+                   help="after a migration, answer a sender reconnecting to learn its outcome (default: %(default)g)")
+    p.add_argument("--max-state-size", type=int, default=0, metavar="BYTES",
+                   help="refuse states larger than this (default: no limit)")
+    p.add_argument("--arch", action="append", default=None, metavar="NAME",
+                   help="architectures this node runs (repeatable); an agent requiring another is refused")
+    p.add_argument("--resume-cmd", metavar="CMD", help="shell command run once the new state file is in place")
+    _common(p)
+    p.set_defaults(handler=_cmd_receive)
+
+    p = add("send", "live-migrate a state file to a receiver",
+            "Send STATE_FILE to 'cellmigrate receive' at HOST:PORT and wait until the receiver proved it "
+            "holds the same bytes. With --live the file may keep changing: pre-copy rounds send what "
+            "changed until the final round fits --downtime-limit, then --pause-cmd stops the writer "
+            "(e.g. 'kill -STOP PID'), the final round is sent and proven, and the receiver takes over; "
+            "on failure --resume-cmd runs. A dropped connection is resumed without resending what the "
+            "receiver committed. Example: cellmigrate send --live --pause-cmd 'kill -STOP 4242' "
+            "--resume-cmd 'kill -CONT 4242' agent.bin 10.0.0.2:7070")
+    p.add_argument("state_file", metavar="STATE_FILE", help="state file to send")
+    p.add_argument("address", metavar="HOST:PORT", help="the receiver (unix:PATH too)")
+    p.add_argument("--live", action="store_true", help="pre-copy rounds while the file keeps changing")
+    p.add_argument("--pause-cmd", metavar="CMD", help="shell command that stops the writer (with --live)")
+    p.add_argument("--resume-cmd", metavar="CMD", help="shell command that restarts the writer if the migration fails")
+    p.add_argument("--downtime-limit", type=float, default=DEFAULT_DOWNTIME_LIMIT, metavar="SECONDS",
+                   help="pause budget of the final round (default: %(default)g, QEMU's)")
+    p.add_argument("--max-rounds", type=int, default=DEFAULT_MAX_ROUNDS, metavar="N",
+                   help="pre-copy rounds at most with --live (default: %(default)s)")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
+                   help="pages per chunk, the unit committed and resent after a cut (default: 16MiB)")
+    p.add_argument("--retries", type=int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
+    p.add_argument("--agent-id", metavar="UUID", help="agent id (default: random)")
+    p.add_argument("--arch", metavar="NAME", help="architecture the agent requires (the receiver checks it)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="name to verify the receiver's certificate against")
+    _common(p)
+    p.set_defaults(handler=_cmd_send)
+
+
+# -- receive -----------------------------------------------------------------------------
+
+
+def _staging_path(path: str) -> str:
+    p = Path(path)
+    return str(p.with_name(f".{p.name}.cmlive-staging"))
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _cmd_receive(args: argparse.Namespace) -> int:
+    from ..cli import CliError
+
+    key = _key(args)
+    tls = _server_tls(args)
+    staging = _staging_path(args.state_file)
+    caps = None
+    if args.arch:
+        caps = NodeCapabilities.new()
+        caps.architectures = list(args.arch)
+        caps.max_state_size = args.max_state_size or (1 << 62)
+    listener = None
+    if args.listen:
+        try:
+            listener = listen(args.listen)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot listen on {args.listen}: {exc}") from None
+        bound = listener.getsockname()
+        shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
+        _say(args, f"cellmigrate receive: listening on {shown}")
+    try:
+        while True:
+            validator = MigrationValidator()
+            store = FileStore(staging)
+            receiver = LiveReceiver(
+                store, FileTarget(store, args.state_file, args.resume_cmd), key=key, capabilities=caps,
+                validator=validator, timeout=args.timeout, max_state_size=args.max_state_size,
+            )
+            try:
+                if listener is not None:
+                    receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=lambda e: _say(
+                        args, f"cellmigrate receive: connection dropped: {e}"))
+                else:
+                    if not receiver.handle(PipeStream(sys.stdin.fileno(), sys.stdout.fileno())):
+                        raise receiver.last_error or ConnectionLostError("the sender closed the stream")
+            except CellError as exc:
+                raise CliError(str(exc)) from None
+            finally:
+                store.close()
+                if not receiver.session.completed:
+                    _unlink(staging)
+            _report_received(args, receiver, validator)
+            if listener is not None and args.linger > 0:
+                # A sender whose DONE was cut off reconnects to learn the outcome.
+                receiver.linger(listener, args.linger, tls)
+            if not args.keep_listening or listener is None:
+                return 0
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator: MigrationValidator) -> None:
+    s = receiver.session
+    assert s.offer is not None
+    size = os.stat(args.state_file).st_size
+    if args.json:
+        print(json.dumps({
+            "state_file": args.state_file,
+            "migration_id": str(uuid.UUID(bytes=s.offer.migration_id)),
+            "agent_id": str(uuid.UUID(bytes=s.offer.agent_id)),
+            "state_size": size,
+            "chunks": s.committed_seq,
+            "page_bytes": s.bytes_received,
+            "audit": [e.to_dict() for e in validator.audit_log],
+        }, indent=2), flush=True)
+    elif not args.quiet:
+        print(f"received {args.state_file}: {size} bytes in {s.committed_seq} chunks "
+              f"({s.bytes_received} page bytes), proven equal to the sender's state", flush=True)
+
+
+# -- send --------------------------------------------------------------------------------
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from ..cli import CliError, _progress
+
+    if (args.pause_cmd or args.max_rounds != DEFAULT_MAX_ROUNDS) and not args.live:
+        raise CliError("--pause-cmd and --max-rounds need --live")
+    key = _key(args)
+    tls = _client_tls(args)
+    try:
+        source = FileSource(args.state_file, args.pause_cmd, args.resume_cmd)
+    except OSError as exc:
+        raise CliError(f"cannot open {args.state_file!r}: {exc.strerror or exc}") from None
+    size = as_bytes_view(source.state()).nbytes
+    try:
+        agent_id = uuid.UUID(args.agent_id) if args.agent_id else uuid.uuid4()
+    except ValueError:
+        raise CliError(f"invalid --agent-id {args.agent_id!r}") from None
+
+    def open_stream() -> SocketStream:
+        return connect(args.address, timeout=args.timeout, tls=tls, server_hostname=args.tls_server_name)
+
+    bar = None if args.json else _progress(args, size, "send")
+    rounds: List[RoundStats] = []
+
+    def on_event(event: MigrationProgressEvent) -> None:
+        if bar is not None and event.kind is ProgressEventKind.TRANSFER_PROGRESS:
+            done = min(getattr(event, "transferred_bytes", 0), size)
+            if done > bar.n:
+                bar.update(done - bar.n)
+
+    def on_round(stats: RoundStats) -> None:
+        rounds.append(stats)
+        if not args.quiet and not args.json:
+            tag = "final" if stats.final else f"round {stats.round}"
+            print(f"  {tag}: {stats.dirty_pages} pages, {stats.wire_bytes} bytes sent in {stats.duration_s:.3f} s"
+                  + (f", downtime {stats.actual_downtime_s:.3f} s" if stats.actual_downtime_s is not None else ""),
+                  file=sys.stderr, flush=True)
+
+    if not 4096 <= args.chunk_size <= MAX_CHUNK_BYTES:
+        raise CliError(f"--chunk-size must be between 4KiB and {MAX_CHUNK_BYTES >> 20}MiB")
+    channel = StreamChannel(
+        open_stream, key=key, timeout=args.timeout, retries=args.retries, window_bytes=3 * args.chunk_size,
+        on_reconnect=lambda attempt, cause: _say(args, f"cellmigrate send: reconnecting ({attempt}): {cause}"),
+    )
+    validator = MigrationValidator()
+    migration = LiveMigration(
+        source, channel, agent_id=agent_id,
+        requirements=AgentRequirements(architecture=args.arch, state_size=size),
+        downtime_limit=args.downtime_limit, max_rounds=args.max_rounds if args.live else 0, chunk_bytes=args.chunk_size,
+        validator=validator, progress=on_event, on_round=on_round,
+    )
+    try:
+        summary = migration.run()
+    except CellError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot reach {args.address}: {exc.strerror or exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        out: Any = summary.to_dict()
+        out["reconnects"] = channel.reconnects
+        print(json.dumps(out, indent=2), flush=True)
+    elif not args.quiet:
+        print(f"sent {args.state_file}: {summary.state_size} bytes in {len(summary.rounds)} rounds, "
+              f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
+              f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
+              f"(xxh3_128_tree {summary.digest.hex()})", flush=True)
+    return 0

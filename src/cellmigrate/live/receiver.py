@@ -1,0 +1,217 @@
+"""The receiving end of the stream protocol: handshake, compatibility check, staging, commit.
+
+:class:`LiveReceiver` serves connections one at a time into one
+:class:`~cellmigrate.live.session.ReceiverSession`. A connection that drops mid-migration
+leaves the session at its last committed chunk; the sender reconnects and continues from
+there (``resume_timeout`` bounds how long :meth:`LiveReceiver.serve` waits for it before
+discarding what was staged). A peer that stalls, sends garbage or fails authentication
+is dropped with a clear error, and the staged state stays exactly as last committed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from typing import Callable, Optional
+
+from ..errors import CellError, CorruptDataError, MigrationFailedError
+from ..validation import MigrationValidator, NodeCapabilities
+from .agent import StateStore, TargetAgent
+from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, RefusedError
+from .protocol import (
+    ACCEPT_COMPLETED,
+    ACCEPT_CONTINUE,
+    NONCE_SIZE,
+    VERSION,
+    Handshake,
+    Msg,
+    decode_chunk,
+    decode_commit,
+    decode_hello,
+    decode_offer,
+    decode_reason,
+    decode_u32,
+    encode_accept,
+    encode_challenge,
+    encode_reason,
+    encode_round_digest,
+)
+from .session import ReceiverSession
+from .transport import DEFAULT_TIMEOUT, Connection, Stream, accept
+
+__all__ = ["DEFAULT_RESUME_TIMEOUT", "LiveReceiver"]
+
+#: Seconds a receiver waits for a dropped sender to reconnect before discarding the staged state.
+DEFAULT_RESUME_TIMEOUT = 60.0
+
+
+class LiveReceiver:
+    """Serve live migrations into ``store``, handing the proven state to ``target``.
+
+    ``key`` is the 32-byte protocol key (:func:`~cellmigrate.live.protocol.derive_key` of
+    the shared secret); with it, senders must prove they hold it and every frame is
+    MAC-checked; without it, keyed senders are still served (they detect the missing
+    proof and refuse on their side). ``capabilities`` are checked against each offer's
+    requirements (refused with the check's reason).
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        target: TargetAgent,
+        *,
+        key: Optional[bytes] = None,
+        capabilities: Optional[NodeCapabilities] = None,
+        validator: Optional[MigrationValidator] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_state_size: int = 0,
+    ) -> None:
+        if key is not None and len(key) != 32:
+            raise ValueError("key must be the 32-byte protocol key (see protocol.derive_key)")
+        self.key = key
+        self.timeout = timeout
+        self.session = ReceiverSession(
+            store, target, capabilities=capabilities, validator=validator, max_state_size=max_state_size
+        )
+        #: The last error that ended a connection (None after a clean one).
+        self.last_error: Optional[CellError] = None
+        self.completed = 0
+        #: Only tell reconnecting senders the outcome of the finished migration (see linger).
+        self.answer_only = False
+
+    @property
+    def in_progress(self) -> bool:
+        """A migration was offered and is neither completed nor abandoned."""
+        s = self.session
+        return s.offer is not None and not (s.completed or s.failed)
+
+    def handle(self, stream: Stream) -> bool:
+        """Serve one connection; True when it completed a migration (the target resumed)."""
+        conn = Connection(stream, timeout=self.timeout)
+        self.last_error = None
+        try:
+            return self._handle(conn)
+        except (ConnectionLostError, PeerTimeoutError) as exc:
+            self.last_error = exc  # resumable: the session keeps its committed point
+        except (CorruptDataError, AuthenticationError, RefusedError, MigrationFailedError) as exc:
+            self.last_error = exc
+            _try_send(conn, Msg.ERROR, encode_reason(str(exc)))
+        finally:
+            conn.close()
+        return False
+
+    def _handle(self, conn: Connection) -> bool:
+        _, body = conn.recv(Msg.HELLO)
+        version, keyed, _nonce = decode_hello(body)
+        hello = bytes(body)
+        if version != VERSION:
+            conn.send(Msg.REFUSE, encode_reason(f"protocol version {version} not supported (this receiver speaks {VERSION})"))
+            raise RefusedError(f"sender speaks protocol version {version}")
+        if self.key is not None and not keyed:
+            conn.send(Msg.REFUSE, encode_reason("this receiver requires a shared key (--key-file)"))
+            raise AuthenticationError("sender offered no key; this receiver requires one")
+        challenge = encode_challenge(self.key is not None, os.urandom(NONCE_SIZE))
+        handshake = Handshake(self.key, hello + challenge) if self.key is not None else None
+        conn.send(Msg.CHALLENGE, challenge, handshake.receiver_proof() if handshake else b"")
+        msg, body = conn.recv(Msg.AUTH)
+        _raise_if_error(msg, body)
+        if handshake is not None:
+            Handshake.check(handshake.sender_proof(), body, "the sender")
+            conn.enable_macs(handshake.session_key(), b"R", b"S")
+        msg, body = conn.recv(Msg.OFFER)
+        _raise_if_error(msg, body)
+        offer = decode_offer(body)
+        session = self.session
+        if session.completed and session.offer is not None and session.offer.migration_id == offer.migration_id:
+            conn.send(Msg.ACCEPT, encode_accept(ACCEPT_COMPLETED, session.committed_seq))  # its DONE was lost
+            return False
+        if self.answer_only:
+            conn.send(Msg.REFUSE, encode_reason("this receiver has finished its migration"))
+            raise RefusedError("offer after the receiver finished")
+        try:
+            committed = session.begin(offer)
+        except RefusedError as exc:
+            conn.send(Msg.REFUSE, encode_reason(exc.message))
+            raise
+        conn.send(Msg.ACCEPT, encode_accept(ACCEPT_CONTINUE, committed))
+        while True:
+            msg, body = conn.recv(Msg.CHUNK, Msg.ROUND_END, Msg.COMMIT, Msg.ABORT)
+            if msg is Msg.CHUNK:
+                chunk = decode_chunk(body)
+                session.apply_chunk(chunk)
+                conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
+            elif msg is Msg.ROUND_END:
+                round_no = decode_u32(body, "ROUND_END")
+                conn.send(Msg.ROUND_DIGEST, encode_round_digest(round_no, session.end_round(round_no)))
+            elif msg is Msg.COMMIT:
+                digest, extra = decode_commit(body)
+                session.commit(digest, extra)  # raises (and abandons) on a mismatch
+                self.completed += 1
+                _try_send(conn, Msg.DONE)
+                return True
+            elif msg is Msg.ABORT:
+                session.abandon(f"sender aborted: {decode_reason(body)}")
+                return False
+            else:  # ERROR: the sender gives this connection up; the session may resume
+                raise ConnectionLostError(f"sender reported: {decode_reason(body)}")
+
+    def serve(
+        self,
+        listener: socket.socket,
+        *,
+        tls: Optional[ssl.SSLContext] = None,
+        keep_listening: bool = False,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+        idle_timeout: Optional[float] = None,
+        on_drop: Optional[Callable[[CellError], None]] = None,
+    ) -> int:
+        """Accept connections until one migration completes (or forever with ``keep_listening``).
+
+        Returns the number of completed migrations once ``idle_timeout`` (None: wait
+        forever) passes with no connection. Raises ``ConnectionLostError`` when a sender
+        that dropped mid-migration does not come back within ``resume_timeout`` (the
+        staged state is discarded; the target's own state is unchanged). ``on_drop`` is
+        told why each connection that did not complete a migration ended.
+        """
+        while True:
+            waiting = self.in_progress
+            try:
+                stream = accept(listener, resume_timeout if waiting else idle_timeout, tls)
+            except ConnectionLostError as exc:  # a failed TLS handshake: next connection
+                self.last_error = exc
+                if on_drop is not None:
+                    on_drop(exc)
+                continue
+            if stream is None:
+                if waiting:
+                    reason = f"the sender did not reconnect within {resume_timeout:g} s"
+                    self.session.abandon(reason)
+                    raise ConnectionLostError(reason)
+                return self.completed
+            if self.handle(stream):
+                if not keep_listening:
+                    return self.completed
+            elif on_drop is not None and self.last_error is not None:
+                on_drop(self.last_error)
+
+
+    def linger(self, listener: socket.socket, seconds: float, tls: Optional[ssl.SSLContext] = None) -> None:
+        """After a completion, answer senders whose DONE was lost ("completed") for ``seconds``."""
+        self.answer_only = True
+        try:
+            self.serve(listener, tls=tls, idle_timeout=seconds)
+        finally:
+            self.answer_only = False
+
+
+def _raise_if_error(msg: Msg, body: memoryview) -> None:
+    if msg is Msg.ERROR:
+        raise ConnectionLostError(f"sender reported: {decode_reason(body)}")
+
+
+def _try_send(conn: Connection, msg: Msg, body: bytes = b"") -> None:
+    try:
+        conn.send(msg, body)
+    except CellError:
+        pass

@@ -1,0 +1,329 @@
+"""The sending end of the stream protocol: a :class:`~cellmigrate.live.channel.Channel`.
+
+:class:`StreamChannel` keeps the chunks the receiver has not acknowledged yet (at most
+``window_bytes`` of them, so a round streams in bounded memory) and hands each one to
+the driver's ``on_commit`` when its ACK arrives. When the connection drops or stalls it
+reconnects (``retries`` times, backing off as :class:`~cellmigrate.recovery.RecoveryConfig`
+says), learns the receiver's committed sequence number from the handshake, and resends
+only the chunks after it: committed data is never sent twice.
+
+The final COMMIT is the one step whose outcome can be lost with the connection: the
+channel then reconnects and asks; a receiver that completed says so, one that did not
+gets the COMMIT again; if it cannot be reached at all :class:`OutcomeUnknownError` tells
+the driver to keep the source paused.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Callable, Deque, List, Optional, TypeVar
+
+from ..errors import CellError, MigrationFailedError
+from ..recovery import RecoveryConfig
+from .channel import CommitCallback
+from .errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    OutcomeUnknownError,
+    PeerTimeoutError,
+    ProtocolError,
+    RefusedError,
+)
+from .pages import Chunk
+from .protocol import (
+    ACCEPT_COMPLETED,
+    NONCE_SIZE,
+    VERSION,
+    Handshake,
+    Msg,
+    chunk_parts,
+    decode_accept,
+    decode_challenge,
+    decode_reason,
+    decode_round_digest,
+    decode_u64,
+    encode_hello,
+    encode_offer,
+    encode_reason,
+)
+from .session import Offer
+from .transport import DEFAULT_TIMEOUT, Connection, Stream
+
+__all__ = ["DEFAULT_WINDOW_BYTES", "StreamChannel"]
+
+#: Unacknowledged page bytes the sender keeps (and may have to resend after a cut).
+DEFAULT_WINDOW_BYTES = 48 << 20
+
+T = TypeVar("T")
+_RETRYABLE = (ConnectionLostError, PeerTimeoutError, ConnectionError, TimeoutError)
+
+
+class StreamChannel:
+    """A :class:`~cellmigrate.live.channel.Channel` over a byte stream from ``connect()``.
+
+    ``connect`` opens a fresh :class:`~cellmigrate.live.transport.Stream` each time it is
+    called (a TCP/Unix/TLS connection, or a pipe pair when ``retries=0``). ``key`` is the
+    32-byte protocol key; with it the receiver must prove it holds the key too.
+    ``retry_delay`` (seconds) doubles per attempt up to ``max_retry_delay``; pass a
+    ``recovery`` config to take ``max_retries`` and the delays from it instead.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Stream],
+        *,
+        key: Optional[bytes] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        retries: int = 5,
+        retry_delay: float = 0.2,
+        max_retry_delay: float = 5.0,
+        recovery: Optional[RecoveryConfig] = None,
+        on_reconnect: Optional[Callable[[int, BaseException], None]] = None,
+    ) -> None:
+        if key is not None and len(key) != 32:
+            raise ValueError("key must be the 32-byte protocol key (see protocol.derive_key)")
+        if recovery is not None:
+            retries = recovery.max_retries
+            retry_delay = float(recovery.initial_retry_delay_secs)
+            max_retry_delay = float(recovery.max_retry_delay_secs)
+        self._connect = connect
+        self.key = key
+        self.timeout = timeout
+        self.window_bytes = window_bytes
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self.on_reconnect = on_reconnect
+        self._conn: Optional[Connection] = None
+        self._offer: Optional[Offer] = None
+        self._on_commit: CommitCallback = lambda chunk: None
+        self._pending: Deque[Chunk] = collections.deque()
+        self._pending_bytes = 0
+        self._next_unsent = 1
+        #: Reconnections made, and chunks sent again after one (never committed ones).
+        self.reconnects = 0
+        self.resent_chunks = 0
+        self.bytes_sent = 0
+
+    # -- connection and handshake ----------------------------------------------------
+
+    def _handshake(self) -> int:
+        """Connect, authenticate, offer; returns the committed sequence number."""
+        assert self._offer is not None
+        conn = Connection(self._connect(), timeout=self.timeout)
+        self._conn = conn
+        hello = encode_hello(self.key is not None, os.urandom(NONCE_SIZE))
+        conn.send(Msg.HELLO, hello)
+        msg, body = conn.recv(Msg.CHALLENGE, Msg.REFUSE)
+        if msg is Msg.REFUSE:
+            raise _refusal(decode_reason(body))
+        if msg is Msg.ERROR:
+            raise ConnectionLostError(f"receiver reported: {decode_reason(body)}")
+        version, keyed, _nonce, proof = decode_challenge(body)
+        if version != VERSION:
+            raise RefusedError(f"receiver speaks protocol version {version}, this sender {VERSION}")
+        if self.key is not None:
+            if not keyed:
+                raise AuthenticationError("the receiver has no shared key; refusing to send unauthenticated")
+            handshake = Handshake(self.key, hello + bytes(body[: body.nbytes - len(proof)]))
+            Handshake.check(handshake.receiver_proof(), proof, "the receiver")
+            conn.send(Msg.AUTH, handshake.sender_proof())
+            conn.enable_macs(handshake.session_key(), b"S", b"R")
+        else:
+            conn.send(Msg.AUTH)
+        conn.send(Msg.OFFER, encode_offer(self._offer))
+        msg, body = conn.recv(Msg.ACCEPT, Msg.REFUSE)
+        if msg is Msg.REFUSE:
+            raise RefusedError(decode_reason(body))
+        if msg is Msg.ERROR:
+            raise ConnectionLostError(f"receiver reported: {decode_reason(body)}")
+        status, committed = decode_accept(body)
+        if status == ACCEPT_COMPLETED:
+            raise _AlreadyCompleted()
+        return committed
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self.bytes_sent += self._conn.bytes_sent
+            self._conn.close()
+            self._conn = None
+
+    def _reconnect(self, cause: BaseException) -> None:
+        """Reconnect after ``cause`` (retrying), then resend what was not committed."""
+        self._drop()
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt > self.retries:
+                raise cause
+            time.sleep(min(self.retry_delay * (2 ** (attempt - 1)), self.max_retry_delay))
+            self.reconnects += 1
+            if self.on_reconnect is not None:
+                self.on_reconnect(attempt, cause)
+            try:
+                committed = self._handshake()
+                first = self._pending[0].seq if self._pending else self._next_unsent
+                if committed < first - 1:
+                    raise MigrationFailedError(
+                        f"the receiver holds {committed} chunks but had acknowledged {first - 1}: "
+                        "it lost the staged state (restarted?)"
+                    )
+                self._acknowledged_up_to(committed)
+                for chunk in list(self._pending):
+                    self._send_chunk_frame(chunk)
+                    self.resent_chunks += 1
+                return
+            except _RETRYABLE as exc:
+                cause = exc
+                self._drop()
+            except OSError as exc:  # connection refused while the receiver restarts
+                cause = ConnectionLostError(f"cannot reconnect: {exc}")
+                self._drop()
+
+    def _retrying(self, op: Callable[[], T]) -> T:
+        while True:
+            try:
+                if self._conn is None:
+                    raise ConnectionLostError("not connected")
+                return op()
+            except _RETRYABLE as exc:
+                self._reconnect(exc)
+
+    # -- acknowledgements ------------------------------------------------------------
+
+    def _acknowledged_up_to(self, seq: int) -> None:
+        while self._pending and self._pending[0].seq <= seq:
+            chunk = self._pending.popleft()
+            self._pending_bytes -= chunk.raw_len
+            self._on_commit(chunk)
+
+    def _read_one(self) -> Optional[bytes]:
+        """Handle one frame from the receiver: an ACK, or a ROUND_DIGEST (returned)."""
+        assert self._conn is not None
+        msg, body = self._conn.recv(Msg.ACK, Msg.ROUND_DIGEST)
+        if msg is Msg.ERROR:
+            raise _receiver_error(decode_reason(body))
+        if msg is Msg.ACK:
+            seq = decode_u64(body, "ACK")
+            if not self._pending or seq != self._pending[0].seq:
+                raise ProtocolError(f"ACK of chunk {seq} out of order")
+            self._acknowledged_up_to(seq)
+            return None
+        _, digest = decode_round_digest(body)
+        return digest
+
+    def _send_chunk_frame(self, chunk: Chunk) -> None:
+        assert self._conn is not None
+        self._conn.send(Msg.CHUNK, *chunk_parts(chunk))
+        # Read whatever ACKs are already here so the window keeps moving.
+        while self._conn.readable() and self._pending and self._read_one() is None:
+            pass
+
+    # -- the Channel interface ---------------------------------------------------------
+
+    def open(self, offer: Offer, on_commit: CommitCallback) -> int:
+        """Connect and offer the migration (retrying a connection that fails to open)."""
+        self._offer = offer
+        self._on_commit = on_commit
+        try:
+            return self._handshake()
+        except _RETRYABLE as exc:
+            self._reconnect(exc)
+            return 0
+
+    def send_chunk(self, chunk: Chunk) -> None:
+        """Send ``chunk``; block while more than ``window_bytes`` are unacknowledged."""
+        self._pending.append(chunk)
+        self._pending_bytes += chunk.raw_len
+        self._next_unsent = chunk.seq + 1
+        try:
+            if self._conn is None:
+                raise ConnectionLostError("not connected")
+            self._send_chunk_frame(chunk)
+        except _RETRYABLE as exc:
+            self._reconnect(exc)  # resends every pending chunk, this one included
+        self._retrying(self._drain_window)
+
+    def _drain_window(self) -> None:
+        while self._pending_bytes > self.window_bytes and self._pending:
+            self._read_one()
+
+    def end_round(self, round_no: int) -> bytes:
+        """ROUND_END, then wait for every ACK and the receiver's digest."""
+
+        def finish() -> bytes:
+            assert self._conn is not None
+            self._conn.send(Msg.ROUND_END, round_no.to_bytes(4, "little"))
+            while True:
+                digest = self._read_one()
+                if digest is not None:
+                    if self._pending:
+                        raise ProtocolError("ROUND_DIGEST before every chunk of the round was acknowledged")
+                    return digest
+
+        return self._retrying(finish)
+
+    def commit(self, digest: bytes, extra: bytes) -> None:
+        """COMMIT and wait for DONE; after a cut, ask the receiver what became of it.
+
+        Only an explicit refusal of the COMMIT (the receiver's digest differs, or it could
+        not adopt) is a plain failure; anything else that leaves the outcome open raises
+        :class:`OutcomeUnknownError`.
+        """
+        refused: List[CellError] = []
+
+        def finish() -> None:
+            assert self._conn is not None
+            self._conn.send(Msg.COMMIT, digest, extra)
+            msg, body = self._conn.recv(Msg.DONE)
+            if msg is Msg.ERROR:
+                refused.append(MigrationFailedError(f"the receiver refused the commit: {decode_reason(body)}"))
+
+        try:
+            self._retrying(finish)
+        except _AlreadyCompleted:
+            return  # the receiver completed; only its DONE was lost
+        except CellError as exc:
+            raise OutcomeUnknownError(
+                f"commit sent but its outcome is unknown ({exc}); the source agent stays paused"
+            ) from exc
+        finally:
+            self._drop()
+        if refused:
+            raise refused[0]
+
+    def abort(self, reason: str) -> None:
+        """Best effort: tell the receiver to discard the migration."""
+        if self._conn is not None:
+            try:
+                self._conn.send(Msg.ABORT, encode_reason(reason))
+            except CellError:
+                pass
+        self._drop()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._drop()
+
+
+class _AlreadyCompleted(CellError):
+    """The receiver reports the migration completed (only seen while committing)."""
+
+    def __init__(self) -> None:
+        super().__init__("the receiver already completed this migration")
+
+
+def _refusal(reason: str) -> CellError:
+    if "key" in reason:
+        return AuthenticationError(reason)
+    return RefusedError(reason)
+
+
+def _receiver_error(reason: str) -> CellError:
+    """An ERROR frame from the receiver: it refuses this migration's data."""
+    if "MAC" in reason or "key" in reason:
+        return AuthenticationError(f"receiver reported: {reason}")
+    return ProtocolError(f"receiver reported: {reason}")

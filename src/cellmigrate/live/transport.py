@@ -1,0 +1,315 @@
+"""Byte streams (TCP, Unix sockets, TLS, pipes) and the framing on top of them.
+
+A :class:`Connection` sends and receives protocol frames over any :class:`Stream`: a
+connected socket (``socket``/``ssl`` objects, TCP or Unix) or a pair of pipe file
+descriptors (``ssh host cellmigrate receive --stdio ...``). Every read has a deadline:
+``timeout`` for the next frame to start, plus time for its body at no less than 1 MB/s,
+so a stalled or trickling peer raises :class:`~cellmigrate.live.errors.PeerTimeoutError`;
+a closed or reset stream raises :class:`~cellmigrate.live.errors.ConnectionLostError`;
+a frame that is not this protocol's (unknown type, length over its type's bound, bad MAC)
+raises :class:`~cellmigrate.live.errors.ProtocolError` or ``AuthenticationError`` before
+its body is read. Addresses are ``HOST:PORT`` or ``unix:PATH``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import select
+import socket
+import ssl
+import struct
+import time
+from typing import List, Optional, Protocol, Tuple, Union
+
+from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, ProtocolError
+from .protocol import MAC_SIZE, FrameMac, Msg, body_limit
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Stream",
+    "SocketStream",
+    "PipeStream",
+    "Connection",
+    "parse_address",
+    "connect",
+    "listen",
+    "accept",
+]
+
+#: Seconds a peer may stay silent when a frame is expected.
+DEFAULT_TIMEOUT = 30.0
+# A frame's body must arrive at least this fast (bytes/s) once its header has.
+_MIN_RATE = 1 << 20
+_HEADER = struct.Struct("<IB")
+_KNOWN = frozenset(int(m) for m in Msg)
+_SMALL = 64 << 10  # frames up to this size are sent as one buffer
+
+Part = Union[bytes, bytearray, memoryview]
+
+
+class Stream(Protocol):
+    """What a :class:`Connection` needs from a byte stream."""
+
+    def recv_into(self, view: memoryview, timeout: float) -> int:
+        """Read some bytes (0 at end of stream) within ``timeout`` seconds, else ``TimeoutError``."""
+        ...
+
+    def sendall(self, data: Part, timeout: float) -> None:
+        """Write all of ``data`` within ``timeout`` seconds, else ``TimeoutError``."""
+        ...
+
+    def readable(self, timeout: float) -> bool:
+        """Whether a read would not block (waiting up to ``timeout``)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class SocketStream:
+    """A connected socket: TCP, Unix, or TLS (``ssl.SSLSocket``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, view: memoryview, timeout: float) -> int:
+        self.sock.settimeout(max(timeout, 1e-3))
+        return self.sock.recv_into(view)
+
+    def sendall(self, data: Part, timeout: float) -> None:
+        self.sock.settimeout(max(timeout, 1e-3))
+        self.sock.sendall(data)
+
+    def readable(self, timeout: float) -> bool:
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        return bool(select.select([self.sock], [], [], max(timeout, 0))[0])
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class PipeStream:
+    """Two file descriptors: one read, one written (a pipe pair, stdin/stdout, a FIFO)."""
+
+    def __init__(self, read_fd: int, write_fd: int, *, close_fds: bool = False) -> None:
+        self.read_fd, self.write_fd, self._close = read_fd, write_fd, close_fds
+
+    def recv_into(self, view: memoryview, timeout: float) -> int:
+        if not select.select([self.read_fd], [], [], max(timeout, 0))[0]:
+            raise TimeoutError
+        return os.readv(self.read_fd, [view])
+
+    def sendall(self, data: Part, timeout: float) -> None:
+        view = memoryview(data).cast("B")
+        deadline = time.monotonic() + timeout
+        while view.nbytes:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self.write_fd], [], left)[1]:
+                raise TimeoutError
+            view = view[os.write(self.write_fd, view[: 1 << 20]) :]
+
+    def readable(self, timeout: float) -> bool:
+        return bool(select.select([self.read_fd], [], [], max(timeout, 0))[0])
+
+    def close(self) -> None:
+        if self._close:
+            for fd in {self.read_fd, self.write_fd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class Connection:
+    """Protocol frames over a :class:`Stream`, with optional per-frame MACs.
+
+    ``recv`` returns a view into a buffer reused by the next ``recv``.
+    """
+
+    def __init__(self, stream: Stream, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.stream = stream
+        self.timeout = float(timeout)
+        self._buf = bytearray(_SMALL)
+        self._out_mac: Optional[FrameMac] = None
+        self._in_mac: Optional[FrameMac] = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def enable_macs(self, session_key: bytes, sending: bytes, receiving: bytes) -> None:
+        """From now on every frame carries (and must carry) a MAC under ``session_key``."""
+        self._out_mac = FrameMac(session_key, sending)
+        self._in_mac = FrameMac(session_key, receiving)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def send(self, msg: Msg, *parts: Part) -> None:
+        """One frame of type ``msg`` whose body is ``parts`` joined (they are not copied)."""
+        length = sum(memoryview(p).nbytes for p in parts)
+        if length > body_limit(msg):
+            raise ValueError(f"{msg.name} frame of {length} bytes exceeds its limit of {body_limit(msg)}")
+        out: List[Part] = [_HEADER.pack(length, int(msg))]
+        out.extend(parts)
+        if self._out_mac is not None:
+            out.append(self._out_mac.next(int(msg), parts, length))
+        if length <= _SMALL:
+            out = [b"".join(out)]
+        deadline = time.monotonic() + self.timeout + length / _MIN_RATE
+        try:
+            for part in out:
+                self.stream.sendall(part, deadline - time.monotonic())
+        except (TimeoutError, socket.timeout):
+            raise PeerTimeoutError(f"peer took no data for {self.timeout:g} s (sending {msg.name})") from None
+        except ssl.SSLError as exc:
+            raise ConnectionLostError(f"TLS error while sending: {exc}") from None
+        except OSError as exc:
+            raise ConnectionLostError(f"connection lost while sending {msg.name}: {exc}") from None
+        self.bytes_sent += _HEADER.size + length
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _read_exact(self, view: memoryview, deadline: float, what: str) -> None:
+        got = 0
+        n = view.nbytes
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeoutError(f"peer sent {got} of {n} bytes of {what} within the deadline ({self.timeout:g} s)")
+            try:
+                k = self.stream.recv_into(view[got:], left)
+            except (TimeoutError, socket.timeout):
+                raise PeerTimeoutError(f"peer sent nothing for {self.timeout:g} s (waiting for {what})") from None
+            except ssl.SSLError as exc:
+                raise ConnectionLostError(f"TLS error: {exc}") from None
+            except OSError as exc:
+                raise ConnectionLostError(f"connection lost: {exc}") from None
+            if k == 0:
+                raise ConnectionLostError(f"peer closed the connection ({got} of {n} bytes of {what} received)")
+            got += k
+        self.bytes_received += n
+
+    def recv(self, *expect: Msg) -> Tuple[Msg, memoryview]:
+        """The next frame: ``(type, body)``. With ``expect``, any other type but ERROR is a
+        ``ProtocolError`` (an ERROR frame is returned for the caller to raise)."""
+        header = memoryview(bytearray(_HEADER.size))
+        self._read_exact(header, time.monotonic() + self.timeout, "a frame header")
+        length, kind = _HEADER.unpack(header)
+        if kind not in _KNOWN:
+            raise ProtocolError(f"unknown frame type {kind}")
+        msg = Msg(kind)
+        if expect and msg not in expect and msg is not Msg.ERROR:
+            raise ProtocolError(f"unexpected {msg.name} frame (expected {' or '.join(m.name for m in expect)})")
+        if length > body_limit(msg):
+            raise ProtocolError(f"{msg.name} frame declares {length} bytes, over its limit of {body_limit(msg)}")
+        total = length + (MAC_SIZE if self._in_mac is not None else 0)
+        if total > len(self._buf):
+            self._buf = bytearray(total)
+        view = memoryview(self._buf)[:total]
+        self._read_exact(view, time.monotonic() + self.timeout + total / _MIN_RATE, f"a {msg.name} frame")
+        body = view[:length]
+        if self._in_mac is not None:
+            expected = self._in_mac.next(kind, [body], length)
+            if not _equal(expected, view[length:]):
+                raise AuthenticationError(f"{msg.name} frame failed its MAC check (tampered, or not from the key holder)")
+        return msg, body
+
+    def readable(self) -> bool:
+        """Whether a frame has (started to) arrive."""
+        try:
+            return self.stream.readable(0)
+        except (OSError, ValueError):
+            return True  # let the next recv report the problem
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+
+
+def _equal(a: bytes, b: memoryview) -> bool:
+    return hmac.compare_digest(a, bytes(b))
+
+
+# -- addresses -----------------------------------------------------------------------------
+
+
+def parse_address(address: str) -> Tuple[int, Union[str, Tuple[str, int]]]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) or ``unix:PATH`` as ``(family, sockaddr)``."""
+    if address.startswith("unix:"):
+        path = address[5:]
+        if not path:
+            raise ValueError("unix: address needs a path")
+        return socket.AF_UNIX, path
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address must be HOST:PORT or unix:PATH, not {address!r}")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"port must be a number in {address!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {address!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, number)
+
+
+def connect(
+    address: str, *, timeout: float = DEFAULT_TIMEOUT, tls: Optional[ssl.SSLContext] = None, server_hostname: Optional[str] = None
+) -> SocketStream:
+    """A stream connected to ``address`` (TLS-wrapped with ``tls``)."""
+    family, sockaddr = parse_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sockaddr)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            host = server_hostname or (sockaddr[0] if isinstance(sockaddr, tuple) else None)
+            sock = tls.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    return SocketStream(sock)
+
+
+def listen(address: str, backlog: int = 4) -> socket.socket:
+    """A listening socket on ``address`` (port 0 picks a free one: see ``getsockname``)."""
+    family, sockaddr = parse_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def accept(listener: socket.socket, timeout: Optional[float], tls: Optional[ssl.SSLContext] = None) -> Optional[SocketStream]:
+    """The next connection (TLS handshake done), or None when ``timeout`` passed first."""
+    listener.settimeout(timeout)
+    try:
+        sock, _ = listener.accept()
+    except socket.timeout:
+        return None
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock.settimeout(DEFAULT_TIMEOUT)
+        try:
+            sock = tls.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ConnectionLostError(f"TLS handshake failed: {exc}") from None
+    return SocketStream(sock)

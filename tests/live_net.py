@@ -1,0 +1,136 @@
+"""Helpers of the live-migration network tests: a receiver process, a cutting proxy, TLS files."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+CLI = [sys.executable, "-m", "cellmigrate"]
+_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+class Receiver:
+    """``cellmigrate receive --listen 127.0.0.1:0`` in a subprocess; ``address`` once it listens."""
+
+    def __init__(self, state_file: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [*CLI, "receive", "--listen", "127.0.0.1:0", str(state_file), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV,
+        )
+        assert self.proc.stderr is not None
+        self.err_lines: List[str] = []
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "receiver did not start listening"
+            line = self.proc.stderr.readline()
+            assert line, f"receiver exited: {self.proc.wait()} {self.err_lines}"
+            self.err_lines.append(line)
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                self.address = m.group(1)
+                break
+
+    def wait(self, timeout: float = 60) -> "subprocess.CompletedProcess[str]":
+        out, err = self.proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, "".join(self.err_lines) + err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def send(*args: str, timeout: float = 120) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([*CLI, "send", *args], capture_output=True, text=True, timeout=timeout, env=_ENV)
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1 connections to ``target``; the first ``cuts`` connections are cut
+    (both sides closed) once ``cut_after[i]`` bytes went from client to server."""
+
+    def __init__(self, target: str, cut_after: Sequence[int]) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut_after = list(cut_after)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.forwarded = 0  # client -> server bytes, all connections
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            limit = self.cut_after[self.connections] if self.connections < len(self.cut_after) else None
+            self.connections += 1
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket, limit: Optional[int]) -> None:
+        sent = 0
+        socks = [client, server]
+        deadline = time.monotonic() + 300  # bounded: no endless loop whatever happens
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select(socks, [], [], 0.5)
+                for s in ready:
+                    data = s.recv(1 << 16)
+                    if not data:
+                        return
+                    if s is client:
+                        if limit is not None and sent + len(data) >= limit:
+                            server.sendall(data[: limit - sent])
+                            self.forwarded += limit - sent
+                            return  # cut
+                        sent += len(data)
+                        self.forwarded += len(data)
+                        server.sendall(data)
+                    else:
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            for s in socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+        self._thread.join(5)
+
+
+def self_signed(tmp: Path) -> tuple:
+    """A self-signed certificate for 127.0.0.1/localhost made with the openssl CLI: (cert, key)."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
