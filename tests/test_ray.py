@@ -418,3 +418,29 @@ def test_bad_target_node_is_refused_and_source_untouched(cluster: SimpleNamespac
         migrate(source, cluster.a, audit=fleet, timeout=30)
     assert ray.get(source.node.remote()) == cluster.a
     ray.kill(source)
+
+
+# --------------------------------------------------------------------------------------
+# The README's example, as a user runs it (its own cluster, in its own process)
+# --------------------------------------------------------------------------------------
+
+
+def test_readme_ray_example_runs(cluster: SimpleNamespace, tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```py\n(.*?)```", readme, flags=re.S)
+    script = tmp_path / "example.py"
+    script.write_text(block, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(r"^\d+ rounds, \d+ bytes, downtime \d+\.\d+ s$", proc.stdout, flags=re.M), proc.stdout
+    assert "'MIGRATION_COMPLETED']" in proc.stdout
+    from cellmigrate import MigrationAuditLog
+
+    with MigrationAuditLog(sink=tmp_path / "fleet.db") as log:
+        assert [e.event_type.name for e in log.get_failures()] == []
+        assert len(log.get_entries_by_type(_type("MIGRATION_COMPLETED"))) == 3

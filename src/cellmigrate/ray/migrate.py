@@ -22,10 +22,11 @@ per agent and overall, and one :class:`MigrationResult` per agent, in input orde
 from __future__ import annotations
 
 import collections
-import importlib
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import ray
@@ -145,13 +146,21 @@ def _node16(node_id: str) -> Optional[bytes]:
 def _actor_class(actor: Any) -> Any:
     """The ``@ray.remote`` class ``actor`` was built from, found by its module and name."""
     desc = actor._ray_actor_creation_function_descriptor
-    where = f"{desc.module_name}.{desc.class_name}"
+    module_name, where = str(desc.module_name), f"{desc.module_name}.{desc.class_name}"
+    # Only modules this driver has already loaded: importing one could run a script again
+    # (Ray names a class defined in the main script after the script's file).
+    module = sys.modules.get(module_name)
+    main = sys.modules.get("__main__")
+    if module is None and main is not None and Path(str(getattr(main, "__file__", ""))).stem == module_name:
+        module = main
     try:
-        obj: Any = importlib.import_module(desc.module_name)
+        if module is None:
+            raise AttributeError(module_name)
+        obj: Any = module
         for part in str(desc.class_name).split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise InvalidStateError(f"cannot find the actor class {where} from the driver; pass actor_class=") from None
+    except AttributeError:
+        raise InvalidStateError(f"cannot find the actor class {where} in this driver; pass actor_class=") from None
     if not isinstance(obj, ray.actor.ActorClass):
         raise InvalidStateError(f"{where} is not a @ray.remote actor class; pass actor_class=")
     return obj
