@@ -42,14 +42,53 @@ def test_demo_subprocess_small_state() -> None:
                  "Size verified: 4194304 bytes; Checksum verified", "MIGRATION_COMPLETED", "MIGRATION_FAILED",
                  "Rollback initiated", "Rollback completed: restored 4194304 bytes"):
         assert text in trail
+    # The third: a running wasmtime agent moved live over TCP, proven against a reference run.
+    third = out[out.index("Migration 3: a running WebAssembly agent, moved live over TCP (wasmtime)"):]
+    assert "Start the agent on node A: the package's mutator.wat, instantiated by wasmtime" in third
+    assert "globals lcg (mutable i64), steps (mutable i64)" in third
+    assert "Node B listens on 127.0.0.1:" in third
+    assert "Pre-copy round 0 while the agent runs" in third
+    assert "Final round: the agent is paused" in third
+    assert "node B proved the xxh3_128_tree digest, adopted the memory and globals and resumed" in third
+    assert "Node B runs on to 150000 iterations; a reference instance runs 150000 without migrating" in third
+    assert "identical byte for byte" in third and "} equal" in third
+    assert "live wasm  MIGRATION_COMPLETED    ok   Live migration completed" in trail
+    node_b = out[out.index("Audit trail of node B, live migration"):]
+    assert "Digest verified (xxh3_128_tree)" in node_b and "FAIL" not in node_b
     assert "Result: every step behaved as expected" in out
+    assert "finished exactly as if it had never moved" in out
 
 
 def test_demo_in_process_odd_size() -> None:
     """A size that is not a whole number of pages (the last page is short)."""
     out = io.StringIO()
     assert run_demo(size=5 * PAGE_SIZE + 1000, seed=5, stream=out) == 0
-    assert "(15 entries)" in out.getvalue()
+    trail = out.getvalue()[out.getvalue().index("Audit trail ("):]
+    # The first two migrations' entries, whatever the live part adds.
+    assert len([line for line in trail.splitlines() if line[13:24].strip() in ("first", "second")]) == 15
+
+
+def test_demo_fails_when_the_migrated_wasm_agent_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that dropped a global on adopt runs on differently: the demo must notice."""
+    wasm = pytest.importorskip("cellmigrate.wasm")
+    original = wasm.WasmAgent.set_globals
+
+    def lossy(self: Any, values: Any) -> None:
+        original(self, {k: v for k, v in values.items() if k != "lcg"})
+
+    monkeypatch.setattr(wasm.WasmAgent, "set_globals", lossy)
+    out = io.StringIO()
+    assert run_demo(size=8 * PAGE_SIZE, stream=out) == 1
+    assert "UNEXPECTED: the migrated WebAssembly agent does not match the unmigrated reference run" in out.getvalue()
+
+
+def test_demo_without_wasmtime_skips_the_live_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cellmigrate.wasm", None)  # import fails as without the extra
+    out = io.StringIO()
+    assert run_demo(size=8 * PAGE_SIZE, stream=out) == 0
+    text = out.getvalue()
+    assert "Migration 3: a running WebAssembly agent, moved live (skipped)" in text
+    assert "pip install 'cellmigrate[wasm]'" in text
 
 
 def test_demo_quiet_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,3 +150,18 @@ def test_synthetic_state_and_mutation() -> None:
     assert len(a) == size
     assert changed == dirty_pages(before, a).tolist()
     assert len(changed) == round(65 * 0.1)
+
+
+def test_demo_fails_cleanly_when_the_live_migration_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source's globals cannot be read in the final round: the migration fails, the demo
+    says so and returns 1 (node B's listener is woken, not left to its idle timeout)."""
+    wasm = pytest.importorskip("cellmigrate.wasm")
+    from cellmigrate import ExecutionFailedError
+
+    def broken(self: Any) -> bytes:
+        raise ExecutionFailedError("globals unreadable")
+
+    monkeypatch.setattr(wasm.WasmAgent, "extra", broken)
+    out = io.StringIO()
+    assert run_demo(size=8 * PAGE_SIZE, stream=out) == 1
+    assert "step raised ExecutionFailedError: Agent execution failed: globals unreadable" in out.getvalue()

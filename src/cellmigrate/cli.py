@@ -47,6 +47,7 @@ from .statefile import (
     hook_pause,
     write_all,
 )
+from .wire import DEFAULT_MAX_TOTAL_SIZE
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tqdm import tqdm as Tqdm
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DIFFERENT", "EXIT_ERROR"]
 
 PROG = "cellmigrate"
+_U64 = (1 << 64) - 1
 
 EXIT_OK = 0
 #: Verification failed, the states differ, or a delta was refused for this base.
@@ -71,6 +73,11 @@ PROGRESS_MIN_BYTES = int(os.environ.get("CELLMIGRATE_PROGRESS_MIN_BYTES", str(1 
 CHUNK = 64 << 20
 
 KEY_SIZE = 32
+#: Default of ``--max-size`` on every command that writes or reads a delta (diff, apply,
+#: inspect): the wire reader's own default bound on a delta's state size (64 GiB), one
+#: constant for both sides, so a delta 'diff' writes by default is one that
+#: 'inspect'/'apply' (and ``DeltaSnapshot.deserialize``) read by default.
+DEFAULT_MAX_SIZE = DEFAULT_MAX_TOTAL_SIZE
 #: The second is the default: the digest deltas carry (``cellmigrate.DEFAULT_DIGEST``).
 CHECKSUM_ALGORITHMS = ("simple", "xxh3_128_tree", "xxh3_128", "blake3")
 DIGEST_CHOICES = ("xxh3_128_tree", "xxh3_128", "blake3", "none")
@@ -118,6 +125,12 @@ def _nonneg_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _add_max_size(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--max-size", type=_size_arg, default=DEFAULT_MAX_SIZE, metavar="SIZE",
+                   help=f"{role}; the same limit on the writing and the reading side "
+                        f"(default: {format_size(DEFAULT_MAX_SIZE).replace(' ', '')}, the library reader's default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence", type=_nonneg_int, default=None, metavar="N",
                    help="sequence number of NEW (default: base sequence + 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_max_size(p, "refuse a NEW larger than this, as readers refuse deltas for larger states")
     p.set_defaults(handler=_cmd_diff)
 
     p = add("apply", "apply a delta to BASE (atomically)",
@@ -204,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in place, but through a temporary copy renamed over BASE: a crash cannot "
                         "leave BASE half-written (costs one full copy)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_max_size(p, "refuse a delta for a state larger than this")
     p.set_defaults(handler=_cmd_apply)
 
     p = add("recover", "roll back the journal of an interrupted in-place apply",
@@ -229,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("delta", metavar="DELTA", help="delta file ('-' for stdin)")
     p.add_argument("--pages", action="store_true", help="also list every page")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_max_size(p, "refuse a delta for a state larger than this")
     p.set_defaults(handler=_cmd_inspect)
 
     p = add("demo", "run an end-to-end migration of a synthetic agent",
@@ -430,16 +446,14 @@ def chunked_first_difference(
         return None if va.nbytes == vb.nbytes else n
 
 
-def _max_delta_bytes() -> int:
-    """Largest delta read from a stream: one for the largest state the reader accepts."""
-    from .wire import DEFAULT_MAX_TOTAL_SIZE
-
-    pages = -(-DEFAULT_MAX_TOTAL_SIZE // 4096)
-    return DEFAULT_MAX_TOTAL_SIZE + 64 * pages + (1 << 20)
+def _max_delta_bytes(max_size: int) -> int:
+    """Largest delta read from a stream: one for the largest state the reader accepts (``--max-size``)."""
+    pages = -(-max_size // 4096)
+    return max_size + 64 * pages + (1 << 20)
 
 
 @contextlib.contextmanager
-def _delta_input(path: str) -> Iterator[StateFile]:
+def _delta_input(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Iterator[StateFile]:
     """A delta file mapped, or a stream (``-``, a FIFO, ``<(...)``) spooled then mapped."""
     try:
         stream = open_input_stream(path)
@@ -451,7 +465,7 @@ def _delta_input(path: str) -> Iterator[StateFile]:
         return
     name = "stdin" if path == STREAM else path
     try:
-        spooled = spool_stream(stream, limit=_max_delta_bytes(), what=name)
+        spooled = spool_stream(stream, limit=_max_delta_bytes(max_size), what=name)
     except ValueError as exc:
         raise CliError(f"cannot read delta from {name}: {exc}") from None
     except OSError as exc:
@@ -462,27 +476,58 @@ def _delta_input(path: str) -> Iterator[StateFile]:
         yield spooled
 
 
-def _load_delta(path: str) -> Tuple["DeltaSnapshot", int]:
+def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Tuple["DeltaSnapshot", int]:
     """Read and decode a delta (file or stream); return it and its size on the wire.
 
-    Unreadable, truncated or corrupt -> CliError (exit 2).
+    Unreadable, truncated or corrupt -> CliError (exit 2); so is a delta for a state over
+    ``max_size`` bytes (``--max-size``), naming the option.
     """
     from .delta import DeltaSnapshot
     from .errors import CorruptDataError
 
-    with _delta_input(path) as f:
+    with _delta_input(path, max_size) as f:
         if f.size == 0:
             raise CliError(f"cannot decode delta {path!r}: the file is empty")
         try:
-            return DeltaSnapshot.deserialize(f.buffer), f.size
+            # Decoded without the reader's size bound, checked right after: the declared
+            # size is never allocated while decoding (work and memory are bounded by the
+            # file), and the refusal can then name --max-size instead of a wire field.
+            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=_U64)
         except CorruptDataError as exc:
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
+        size = f.size
+    _check_max_size(f"delta {path!r} is for a state of", int(delta.total_size), max_size)
+    return delta, size
+
+
+def _check_max_size(what: str, size: int, max_size: int) -> None:
+    """Refuse ``size`` over ``--max-size`` (exit 2), the same message on both sides."""
+    if size > max_size:
+        raise CliError(
+            f"{what} {size} bytes ({format_size(size)}), over --max-size {max_size} bytes "
+            f"({format_size(max_size)}); pass a larger --max-size to 'diff', 'inspect' and 'apply' alike"
+        )
+
+
+#: "Checksum only": the weak checksum ignores trailing zeros and is easy to forge, so a
+#: delta without a strong digest is never called verified.
+CHECKSUM_ONLY = "checksum only, not verified"
+
+
+def _integrity(delta: "DeltaSnapshot") -> str:
+    """How a delta's result is checked, in words (the JSON ``integrity`` field)."""
+    algorithm = getattr(delta, "digest_algorithm", None)
+    if algorithm is None:
+        return CHECKSUM_ONLY
+    if getattr(delta, "keyed", False):
+        return f"authenticated ({algorithm} MAC)"
+    return f"verified ({algorithm} digest)"
 
 
 def _digest_label(delta: "DeltaSnapshot") -> str:
     algorithm = getattr(delta, "digest_algorithm", None)
     if algorithm is None:
-        return "checksum only"
+        return CHECKSUM_ONLY
     if getattr(delta, "keyed", False):
         return f"{algorithm} MAC (keyed)"
     return str(algorithm)
@@ -506,6 +551,7 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
         "digest_algorithm": getattr(delta, "digest_algorithm", None),
         "digest": None if digest_value is None else bytes(digest_value).hex(),
         "keyed": bool(getattr(delta, "keyed", False)),
+        "integrity": _integrity(delta),
         "dirty_pages": count,
         "dirty_fraction": (count / pages_total) if pages_total else 0.0,
         "rle_pages": compressed_pages,
@@ -578,6 +624,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if old.size != new.size:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
                            f"{args.new!r} is {new.size} bytes")
+        _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
         bar = _progress(args, new.size, "diff")
         try:
             delta = DeltaSnapshot.create(args.agent_id.bytes, old.buffer, new.buffer,
@@ -677,7 +724,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.output is not None:
         output = _resolve_output(args.output, [args.base, args.delta] + ([0] if args.delta == STREAM else []),
                                  args.force)
-    delta, _ = _load_delta(args.delta)
+    delta, _ = _load_delta(args.delta, args.max_size)
     if getattr(delta, "keyed", False) and key is None:
         raise CliError(f"{args.delta!r} is authenticated (keyed BLAKE3): pass its key with --key-file")
 
@@ -747,11 +794,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         _print_json({"base": args.base, "delta": args.delta, "output": dest, "in_place": args.output is None,
                      "pages_written": delta.dirty_page_count(), "total_size": total,
                      "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
+                     "integrity": _integrity(delta),
                      "seconds": elapsed}, file=report_to)
     else:
-        checks = "checksum" if getattr(delta, "digest_algorithm", None) is None else f"checksum + {_digest_label(delta)}"
+        if getattr(delta, "digest_algorithm", None) is None:
+            checked = (f"{CHECKSUM_ONLY}: the delta has no strong digest, only its weak checksum was "
+                       f"checked before writing")
+        else:
+            checked = f"result verified (checksum + {_digest_label(delta)}) before writing"
         _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
-                   f"{delta.sequence}); result verified ({checks}) before writing", file=report_to)
+                   f"{delta.sequence}); {checked}", file=report_to)
     return EXIT_OK
 
 
@@ -802,7 +854,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    delta, wire_size = _load_delta(args.delta)
+    delta, wire_size = _load_delta(args.delta, args.max_size)
     info = _delta_summary(delta, wire_size)
     pages: List[Dict[str, Any]] = [
         {"index": int(p.index), "compressed": bool(p.compressed), "stored_size": len(p.data)}
@@ -815,7 +867,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(obj)
         return EXIT_OK
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["timestamp"]))
-    digest_text = "none (checksum only)" if info["digest"] is None else f"{_digest_label(delta)} {info['digest']}"
+    digest_text = f"none ({CHECKSUM_ONLY})" if info["digest"] is None else f"{_digest_label(delta)} {info['digest']}"
     rows = [
         ("agent", info["agent_id"]),
         ("sequence", f"{info['sequence']} (base {info['base_sequence']})"),

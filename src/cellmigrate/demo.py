@@ -12,6 +12,14 @@ Two migrations of the same agent from node A to node B, using only the public AP
    wire format re-sealed around it, so it decodes) is refused by ``apply``, which checks
    the result before writing. The target is proved unchanged, and the rollback point
    restores the source.
+3. **A running WebAssembly agent moved live** (needs ``cellmigrate[wasm]``; skipped with a
+   note without wasmtime). The package's ``mutator.wat`` runs under wasmtime on node A,
+   rewriting and growing its linear memory, while ``cellmigrate.live`` pre-copies it in
+   rounds over the stream protocol on 127.0.0.1 TCP to node B (a receiver thread of this
+   process; ``examples/wasm_live_migration.py`` runs node B as a second process). The
+   agent pauses only for the final round; node B proves the digest, adopts the memory and
+   the exported mutable globals and runs on, and its final memory and globals are then
+   compared byte for byte with an unmigrated run of the same number of steps.
 
 Every step prints what it did, with sizes, timings and throughput, and the audit trail
 closes the run. The exit code is 0 only when every step behaved as expected (including
@@ -24,7 +32,9 @@ the refusals), so the demo doubles as a smoke test of an installation.
 from __future__ import annotations
 
 import platform
+import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -62,6 +72,10 @@ FIRST_DIRTY, SECOND_DIRTY = 0.03, 0.05
 WASM_HEADER = b"\x00asm\x01\x00\x00\x00"
 #: Chunk size of the simulated network transfer (drives the progress events).
 WIRE_CHUNK = 1 << 20
+#: The live WebAssembly migration: iterations in total (node A, then node B), node A's
+#: pace (iterations per second; one 8-byte write each) and how long it runs before the
+#: migration starts (seconds), and the bound on every wait of that part (seconds).
+WASM_TOTAL_STEPS, WASM_RATE, WASM_WARMUP, WASM_TIMEOUT = 150_000, 40_000, 0.3, 60.0
 
 T = TypeVar("T")
 
@@ -142,6 +156,7 @@ class _Report:
     stream: IO[str]
     failures: List[str] = field(default_factory=list)
     step_no: int = 0
+    wasm_skipped: bool = False
 
     def say(self, text: str = "") -> None:
         if not self.quiet:
@@ -202,7 +217,8 @@ def _run(size: int, seed: int, report: _Report) -> None:
     say(f"cellmigrate demo: migrating an agent with a {format_size(size)} memory state from node A to node B")
     say(f"(kernels: {IMPLEMENTATION}; {platform.machine()}; GB/s = 10^9 bytes per second)")
     say("First a normal migration that ships only the pages the agent changed; then one whose data")
-    say("is damaged on the way, which must be refused without harm and rolled back.")
+    say("is damaged on the way, which must be refused without harm and rolled back; last, a running")
+    say("WebAssembly agent moved live over TCP, which must finish exactly as if it had never moved.")
 
     # The target node: the crate's default node, widened only if the demo state is larger
     # than its 1 GiB limit (so --size 4GiB still demonstrates a migration, not a refusal).
@@ -357,6 +373,9 @@ def _run(size: int, seed: int, report: _Report) -> None:
          f"the {len(changed)} page writes of the failed attempt are undone; the agent resumes on node A")
     expect(back, "after rollback the source differs from the target")
 
+    # ---------------------------------------------------------------- migration 3
+    node_b_log = _run_wasm(report, validator, names, requirements, caps)
+
     # ---------------------------------------------------------------- audit trail
     report.heading(f"Audit trail ({len(validator.audit_log)} entries)")
     for line in _audit_table(validator, names):
@@ -364,6 +383,117 @@ def _run(size: int, seed: int, report: _Report) -> None:
     failures = validator.audit_log.get_failures()
     expect([e.migration_id for e in failures] == [mid2] * len(failures) and len(failures) >= 2,
            "the audit trail does not show the second migration as the only failure")
+    if node_b_log is not None:
+        report.heading(f"Audit trail of node B, live migration ({len(node_b_log.audit_log)} entries)")
+        for line in _audit_table(node_b_log, names):
+            say(line)
+        expect(not node_b_log.audit_log.get_failures(), "node B's audit trail shows a failure")
+
+
+def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes, str]",
+              requirements: AgentRequirements, caps: NodeCapabilities) -> Optional[MigrationValidator]:
+    """Migration 3: a running wasmtime agent, live over TCP; returns node B's validator
+    (None when wasmtime is not installed and the part is skipped)."""
+    say, step, expect = report.say, report.step, report.expect
+    try:
+        from .wasm import WASM_PAGE_SIZE, WasmAgent
+    except ImportError as exc:
+        report.heading("Migration 3: a running WebAssembly agent, moved live (skipped)")
+        say(f"skipped: wasmtime is not available (pip install 'cellmigrate[wasm]'): {exc}")
+        report.wasm_skipped = True
+        return None
+    from .live import LiveMigration, MemoryStore, RoundStats
+    from .live.receiver import LiveReceiver
+    from .live.sender import StreamChannel
+    from .live.transport import connect, listen
+
+    report.heading("Migration 3: a running WebAssembly agent, moved live over TCP (wasmtime)")
+    mid = uuid.uuid4().bytes
+    names[mid] = "live wasm"
+    source = WasmAgent(batch=128, rate=WASM_RATE)
+    aid = Agent(source.wasm_binary).id_bytes
+    exports = ", ".join(f"{name} (mutable {kind})" for name, kind in source.global_kinds.items())
+    source.start()
+    step("Start the agent on node A: the package's mutator.wat, instantiated by wasmtime",
+         f"{len(source.wasm_binary)} bytes of WebAssembly; linear memory {format_size(source.memory_size)} "
+         f"({source.memory_size // WASM_PAGE_SIZE} pages of 64 KiB), growing to "
+         f"{format_size(source.max_memory_size or 0)}; globals {exports}",
+         f"running in a thread at {WASM_RATE} iterations/s (one 8-byte write each, a page grown every 1024)")
+
+    node_b = MigrationValidator()
+    target = WasmAgent(batch=4096, stop_at=WASM_TOTAL_STEPS)
+    receiver = LiveReceiver(MemoryStore(), target, capabilities=caps, validator=node_b, timeout=WASM_TIMEOUT)
+    listener = listen("127.0.0.1:0")
+    port = listener.getsockname()[1]
+    served: List[BaseException] = []
+
+    def serve() -> None:
+        try:
+            receiver.serve(listener, idle_timeout=WASM_TIMEOUT, resume_timeout=WASM_TIMEOUT)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            served.append(exc)
+
+    thread = threading.Thread(target=serve, name="cellmigrate-demo-node-b", daemon=True)
+    thread.start()
+    step(f"Node B listens on 127.0.0.1:{port}",
+         "a fresh instance of the same module waits to adopt; the stream protocol, in a thread of this process")
+
+    time.sleep(WASM_WARMUP)
+
+    def on_round(stats: RoundStats) -> None:
+        title = ("Final round: the agent is paused" if stats.final
+                 else f"Pre-copy round {stats.round} while the agent runs")
+        more = []
+        if stats.final:
+            more.append(f"node B proved the {DEFAULT_DIGEST} digest, adopted the memory and globals and resumed; "
+                        f"downtime {1e3 * (stats.actual_downtime_s or 0.0):.1f} ms")
+        step(title, f"{stats.dirty_pages} pages ({format_size(stats.dirty_bytes)}) of a "
+                    f"{format_size(stats.state_size)} memory, {format_size(stats.wire_bytes)} on the wire, "
+                    f"in {1e3 * stats.duration_s:.1f} ms", *more)
+
+    try:
+        channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=WASM_TIMEOUT), timeout=WASM_TIMEOUT)
+        wasm_req = AgentRequirements(
+            architecture=requirements.architecture, required_memory=source.max_memory_size or source.memory_size,
+            required_storage=0, required_wasm_features=["bulk-memory"], state_size=source.memory_size,
+            version=requirements.version,
+        )
+        summary = LiveMigration(source, channel, agent_id=aid, migration_id=mid, requirements=wasm_req,
+                                validator=validator, on_round=on_round).run()
+        paused_at = source.steps
+    finally:
+        source.stop()
+        if thread.is_alive() and target.adopted_at is None:
+            # The migration failed before node B adopted: wake its accept() instead of
+            # letting it wait out its idle timeout (shutdown interrupts a blocked accept).
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        thread.join(WASM_TIMEOUT)
+        listener.close()
+    expect(not served, f"node B failed: {served[0] if served else ''}")
+    step("The migration completes",
+         f"{len(summary.rounds)} rounds, {format_size(summary.wire_bytes)} on the wire for a "
+         f"{format_size(summary.state_size)} memory ({summary.transfer_ratio:.2f}x the memory), stopped on "
+         f"{summary.stop_reason}; node A stays paused (stopped), node B runs the agent from iteration {target.adopted_at}")
+    expect(target.adopted_at == paused_at,
+           f"node B continued from iteration {target.adopted_at}, node A paused at {paused_at}")
+
+    final = target.wait(WASM_TIMEOUT)
+    reference = WasmAgent()
+    _, dt = _timed(lambda: reference.run(WASM_TOTAL_STEPS))
+    diff = (first_difference(reference.state(), target.state())
+            if reference.memory_size == target.memory_size else min(reference.memory_size, target.memory_size))
+    same_globals = target.globals() == reference.globals()
+    step(f"Node B runs on to {final} iterations; a reference instance runs {WASM_TOTAL_STEPS} without migrating",
+         f"memory {format_size(target.memory_size)} vs {format_size(reference.memory_size)}: "
+         + ("identical byte for byte" if diff is None else f"DIFFERS at offset {diff}")
+         + f"; globals {target.globals()} " + ("equal" if same_globals else f"DIFFER from {reference.globals()}"),
+         f"(reference run in {dt:.3f} s)")
+    expect(diff is None and same_globals and final == WASM_TOTAL_STEPS,
+           "the migrated WebAssembly agent does not match the unmigrated reference run")
+    return node_b
 
 
 def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
@@ -398,5 +528,10 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
         return 1
     report.say(f"Result: every step behaved as expected ({elapsed:.2f} s).")
     report.say("  The first migration moved only the changed pages and proved the copy identical;")
-    report.say("  the damaged one was refused without touching node B, and the rollback restored node A.")
+    if report.wasm_skipped:
+        report.say("  the damaged one was refused without touching node B, and the rollback restored node A.")
+        report.say("  (The live WebAssembly migration was skipped: pip install 'cellmigrate[wasm]'.)")
+    else:
+        report.say("  the damaged one was refused without touching node B, and the rollback restored node A;")
+        report.say("  the running WebAssembly agent moved live and finished exactly as if it had never moved.")
     return 0
