@@ -39,7 +39,7 @@ from cellmigrate.live.transport import connect, listen
 from cellmigrate.wasm import WASM_PAGE_SIZE, WasmAgent
 
 #: Iterations the agent runs in total, on node A then node B.
-TOTAL_STEPS = 150_000
+TOTAL_STEPS = 250_000
 #: Node A's pace (iterations per second) and iterations per step call.
 RATE, BATCH = 40_000, 128
 #: Bound on every wait, in seconds.
@@ -105,7 +105,8 @@ def run_source() -> int:
         try:
             port = _read_port(child)
             print(f"node B (pid {child.pid}) listens on 127.0.0.1:{port}")
-            source = WasmAgent(batch=BATCH, rate=RATE)
+            # stop_at: even on a very slow machine node A never runs past the total.
+            source = WasmAgent(batch=BATCH, rate=RATE, stop_at=TOTAL_STEPS)
             source.start()
             time.sleep(0.3)  # the agent runs on node A for a while
             print(f"node A runs the agent: {source.steps} iterations so far, memory {source.memory_size} bytes; "
@@ -134,7 +135,7 @@ def run_source() -> int:
                 child.wait()
     print(f"node B adopted at iteration {report['adopted_at']} and ran on to {report['steps']}")
 
-    reference = WasmAgent()
+    reference = WasmAgent(batch=1 << 16)
     reference.run(TOTAL_STEPS)
     expected = reference.state()
     diff = first_difference(expected, memory) if len(expected) == len(memory) else min(len(expected), len(memory))

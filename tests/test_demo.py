@@ -50,7 +50,8 @@ def test_demo_subprocess_small_state() -> None:
     assert "Pre-copy round 0 while the agent runs" in third
     assert "Final round: the agent is paused" in third
     assert "node B proved the xxh3_128_tree digest, adopted the memory and globals and resumed" in third
-    assert "Node B runs on to 150000 iterations; a reference instance runs 150000 without migrating" in third
+    total = demo_mod.WASM_TOTAL_STEPS
+    assert f"Node B runs on to {total} iterations; a reference instance runs {total} without migrating" in third
     assert "identical byte for byte" in third and "} equal" in third
     assert "live wasm  MIGRATION_COMPLETED    ok   Live migration completed" in trail
     node_b = out[out.index("Audit trail of node B, live migration"):]

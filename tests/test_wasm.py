@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import List
@@ -424,10 +426,14 @@ def test_live_migration_in_process_while_running_matches_a_reference_run() -> No
     and grows, the final round paused, then node B continues to the total."""
     from cellmigrate.live import InProcessChannel, LiveMigration, MemoryStore, ReceiverSession
 
-    total = 60_000
-    source = WasmAgent(batch=128, rate=40_000)
+    # At 40 000 iterations/s the source would need 10 s to reach the total: the migration
+    # happens mid-run even on a loaded machine (stop_at keeps it from overshooting anyway).
+    total = 400_000
+    source = WasmAgent(batch=128, rate=40_000, stop_at=total)
     source.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while source.steps < 2000 and time.monotonic() < deadline:
+        time.sleep(0.01)
     started_at = source.steps
     target = WasmAgent(batch=4096, stop_at=total)
     summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target))).run()
@@ -438,7 +444,7 @@ def test_live_migration_in_process_while_running_matches_a_reference_run() -> No
     assert summary.state_size == source.memory_size
     assert target.adopted_at == paused_at  # node B continues exactly where node A paused
     assert target.wait(60) == total
-    reference = WasmAgent()
+    reference = WasmAgent(batch=1 << 16)
     reference.run(total)
     assert bytes(target.state()) == bytes(reference.state())
     assert target.globals() == reference.globals()
@@ -462,3 +468,91 @@ def test_live_migration_refused_by_the_target_resumes_the_source() -> None:
     assert source.steps > steps  # resumed: the agent runs again on node A
     source.stop()
     assert (bytes(target.state()), target.globals()) == before and target.adopted_at is None
+
+
+# ---------------------------------------------------------------- node B killed mid-migration
+
+#: Node B in a second process: one migration into a fresh mutator instance (port on stdout).
+_NODE_B = """
+from cellmigrate.live import MemoryStore
+from cellmigrate.live.receiver import LiveReceiver
+from cellmigrate.live.transport import listen
+from cellmigrate.wasm import WasmAgent
+listener = listen("127.0.0.1:0")
+print(listener.getsockname()[1], flush=True)
+LiveReceiver(MemoryStore(), WasmAgent(), timeout=30).serve(listener, idle_timeout=30, resume_timeout=30)
+"""
+
+
+class _KillAtFinalRound:
+    """A source that kills node B when the final round's extra is read (agent paused)."""
+
+    def __init__(self, agent: WasmAgent, node_b: "subprocess.Popen[str]") -> None:
+        self.agent, self.node_b = agent, node_b
+
+    def state(self) -> memoryview:
+        return self.agent.state()
+
+    def pause(self) -> None:
+        self.agent.pause()
+
+    def resume(self) -> None:
+        self.agent.resume()
+
+    def extra(self) -> bytes:
+        self.node_b.kill()
+        self.node_b.wait(30)
+        return self.agent.extra()
+
+
+def _running(agent: WasmAgent, within: float = 10.0) -> bool:
+    steps, deadline = agent.steps, time.monotonic() + within
+    while agent.steps == steps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return agent.steps > steps
+
+
+@pytest.mark.parametrize("when", ["pre-copy", "final round"])
+def test_node_b_killed_mid_migration(when: str) -> None:
+    """SIGKILL node B during pre-copy (the source never paused: it just keeps running) or
+    while the agent is paused for the final round (the commit cannot be delivered: the
+    source either resumes, or stays paused when the outcome cannot be known; it never
+    runs while node B might)."""
+    from cellmigrate import MigrationValidator
+    from cellmigrate.live import LiveMigration, OutcomeUnknownError, RoundStats
+    from cellmigrate.live.sender import StreamChannel
+    from cellmigrate.live.transport import connect
+
+    node_b = subprocess.Popen([sys.executable, "-c", _NODE_B], stdout=subprocess.PIPE, text=True)
+    source = WasmAgent(batch=128, rate=40_000)
+    try:
+        assert node_b.stdout is not None
+        port = int(node_b.stdout.readline())
+        source.start()
+        assert _running(source)
+
+        def on_round(stats: RoundStats) -> None:
+            if when == "pre-copy" and stats.round == 0:
+                node_b.kill()
+                node_b.wait(30)
+
+        channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=5), timeout=5, retries=1,
+                                retry_delay=0.05)
+        validator = MigrationValidator()
+        agent = source if when == "pre-copy" else _KillAtFinalRound(source, node_b)
+        with pytest.raises(CellError) as raised:
+            LiveMigration(agent, channel, validator=validator, on_round=on_round).run()
+        events = [e.event_type.name for e in validator.audit_log]
+        assert events[-1] == "MIGRATION_FAILED"
+        if isinstance(raised.value, OutcomeUnknownError):
+            assert when == "final round"
+            assert not _running(source, 0.3)  # left paused: node B might have resumed it
+            assert "ROLLBACK_STARTED" not in events
+        else:
+            assert _running(source)  # resumed (or never paused): the agent runs on node A
+            assert when == "pre-copy" or "ROLLBACK_COMPLETED" in events
+    finally:
+        source.stop()
+        if node_b.poll() is None:
+            node_b.kill()
+            node_b.wait(30)

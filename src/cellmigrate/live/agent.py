@@ -77,7 +77,9 @@ class SourceAgent(Protocol):
 class StateStore(Protocol):
     """Where the target stages the incoming state; outlives a dropped connection (resume).
 
-    ``view()`` is valid until the next ``resize()``.
+    ``view()`` is valid until the next ``resize()``. A store may also offer
+    ``write_run(offset, data)`` to write a run of consecutive pages without going through
+    the view (used when present; :class:`FileStore` writes with ``pwrite``).
     """
 
     def size(self) -> int:
@@ -264,6 +266,14 @@ class FileStore:
     def view(self) -> memoryview:
         """A writable view of the mapping (release it before ``resize``)."""
         return memoryview(self._map) if self._map is not None else memoryview(bytearray())
+
+    def write_run(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset`` with ``pwrite`` (into the page cache: no page faults
+        of the mapping, several times faster than writing fresh pages through it)."""
+        view = data.cast("B") if data.format != "B" else data
+        while view.nbytes:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def flush(self) -> None:
         """``msync`` the mapping and ``fsync`` the file."""

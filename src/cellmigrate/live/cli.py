@@ -212,7 +212,7 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("--max-rounds", type=int, default=DEFAULT_MAX_ROUNDS, metavar="N",
                    help="pre-copy rounds at most with --live (default: %(default)s)")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
-                   help="pages per chunk, the unit committed and resent after a cut (default: 16MiB)")
+                   help="pages per chunk, the unit committed and resent after a cut (default: 8MiB)")
     p.add_argument("--retries", type=int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
     p.add_argument("--agent-id", metavar="UUID", help="agent id (default: random)")
     p.add_argument("--arch", metavar="NAME", help="architecture the agent requires (the receiver checks it)")
@@ -297,6 +297,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
     s = receiver.session
     assert s.offer is not None
     size = os.stat(args.state_file).st_size
+    out = sys.stderr if args.stdio else sys.stdout  # with --stdio, stdout is the protocol's
     if args.json:
         print(json.dumps({
             "state_file": args.state_file,
@@ -306,10 +307,10 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
             "chunks": s.committed_seq,
             "page_bytes": s.bytes_received,
             "audit": [e.to_dict() for e in validator.audit_log],
-        }, indent=2), flush=True)
+        }, indent=2), file=out, flush=True)
     elif not args.quiet:
         print(f"received {args.state_file}: {size} bytes in {s.committed_seq} chunks "
-              f"({s.bytes_received} page bytes), proven equal to the sender's state", flush=True)
+              f"({s.bytes_received} page bytes), proven equal to the sender's state", file=out, flush=True)
 
 
 # -- send --------------------------------------------------------------------------------

@@ -186,6 +186,7 @@ class LiveMigration:
         self._page_bytes = 0
         self._wire_bytes = 0
         self._tracker: Optional[MigrationProgressTracker] = None
+        self._final = False
 
     # -- the shadow advances only on acknowledgement ---------------------------------
 
@@ -194,7 +195,10 @@ class LiveMigration:
         if pages is None:
             raise MigrationFailedError(f"chunk {chunk.seq} acknowledged twice")
         if len(chunk.indices):
-            write_pages(self._shadow, chunk.indices, pages, chunk.size)
+            # In the final round the paused state *is* what the receiver now holds: its
+            # leaves are hashed from the state, and the shadow is not needed any more.
+            if not self._final:
+                write_pages(self._shadow, chunk.indices, pages, chunk.size)
             self._leaves.touch_pages(chunk.indices)
         chunk.pages = None  # the copy is no longer needed: free it
 
@@ -216,6 +220,7 @@ class LiveMigration:
         state = _state_array(self.source.state())
         size = state.nbytes
         self._resize_shadow(size)
+        self._final = final
         pages = page_bytes = wire = chunks = 0
         send_s = 0.0
         for chunk in scan_chunks(
@@ -226,6 +231,7 @@ class LiveMigration:
             chunk_bytes=self.chunk_bytes,
             compress=self.compress,
             threads=self.threads,
+            stable=final,
         ):
             self._next_seq = chunk.seq + 1
             pages += len(chunk.indices)
@@ -241,7 +247,7 @@ class LiveMigration:
                 self._tracker.update_transfer_progress(self._wire_bytes)
         t_sent = time.monotonic()
         theirs = self.channel.end_round(round_no)
-        ours = self._leaves.refresh(as_bytes_view(self._shadow), self.threads)
+        ours = self._leaves.refresh(as_bytes_view(state if final else self._shadow), self.threads)
         if theirs != ours:
             raise CorruptDataError(
                 f"after round {round_no} the receiver's digest {theirs.hex()} differs from the sender's {ours.hex()}"

@@ -7,7 +7,7 @@ the live buffer, so a page the agent rewrites after it was copied is simply dirt
 next round. Round 0 compares against an all-zero shadow: zero pages are never sent (the
 receiver's staging starts zero-filled), the rest go LZ4-compressed when that pays.
 
-A chunk holds at most ``chunk_bytes`` of pages (16 MiB by default), the unit a receiver
+A chunk holds at most ``chunk_bytes`` of pages (8 MiB by default), the unit a receiver
 verifies and commits atomically and the most a dropped connection can cost.
 """
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: Pages per chunk, in bytes: what a cut can cost, and the sender's copy buffer.
-DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
 #: The largest chunk any peer may send (a receiver refuses bigger ones before reading them).
 MAX_CHUNK_BYTES = 64 << 20
 
@@ -105,10 +105,20 @@ def _rows(array: U8Array, pages: int) -> "npt.NDArray[np.void]":
     return array[: pages * PAGE_SIZE].view(_PAGE_DTYPE)
 
 
+def _run(indices: I64Array) -> bool:
+    """Whether ascending ``indices`` are one run of consecutive pages."""
+    n = len(indices)
+    return n > 0 and int(indices[-1]) - int(indices[0]) == n - 1
+
+
 def copy_pages(state: U8Array, indices: I64Array, size: int) -> U8Array:
     """One contiguous copy of ``state``'s pages at ``indices`` (ascending, validated)."""
     full = size // PAGE_SIZE
     n = len(indices)
+    if _run(indices):  # one run (round 0 of dense data): a plain slice copy
+        lo = int(indices[0]) * PAGE_SIZE
+        run: U8Array = state[lo : lo + pages_len(indices, size)].copy()
+        return run
     out: U8Array = np.empty(pages_len(indices, size), dtype=np.uint8)
     body = n - 1 if n and int(indices[-1]) >= full else n
     if body:
@@ -124,6 +134,10 @@ def write_pages(state: U8Array, indices: I64Array, pages: U8Array, size: int) ->
     """Inverse of :func:`copy_pages`: write the pages into ``state`` (``size`` bytes)."""
     full = size // PAGE_SIZE
     n = len(indices)
+    if _run(indices):
+        lo = int(indices[0]) * PAGE_SIZE
+        state[lo : lo + pages.nbytes] = pages
+        return
     body = n - 1 if n and int(indices[-1]) >= full else n
     if body:
         _rows(state, full)[indices[:body]] = _rows(pages, body)
@@ -175,12 +189,15 @@ def scan_chunks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compress: bool = True,
     threads: Optional[int] = None,
+    stable: bool = False,
 ) -> Iterator[Chunk]:
     """Yield the chunks of one round: ``state``'s pages that differ from ``shadow``.
 
     Both are flat ``uint8`` arrays of the round's size. Every round yields at least one
     chunk (possibly empty) so the receiver learns the round's size. Pages are copied out
-    of ``state`` when their chunk is built, digested and encoded from that copy.
+    of ``state`` when their chunk is built, digested and encoded from that copy; with
+    ``stable`` (the agent is paused: nothing writes the state) a run of consecutive pages
+    is sent from the state itself, uncopied.
     """
     size = state.nbytes
     per_chunk = max(1, chunk_bytes // PAGE_SIZE)
@@ -190,7 +207,11 @@ def scan_chunks(
 
     def build(indices: I64Array) -> Chunk:
         nonlocal seq
-        pages = copy_pages(state, indices, size)
+        if stable and _run(indices):
+            lo = int(indices[0]) * PAGE_SIZE
+            pages = state[lo : lo + pages_len(indices, size)]
+        else:
+            pages = copy_pages(state, indices, size)
         encoding, payload = encode_pages(pages, compress)
         chunk = Chunk(seq, round_no, size, indices, encoding, payload, pages.nbytes, pages_digest(pages), pages)
         seq += 1

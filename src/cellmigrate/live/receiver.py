@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
-from ..errors import CellError, CorruptDataError, MigrationFailedError
+from ..errors import CellError
 from ..validation import MigrationValidator, NodeCapabilities
 from .agent import StateStore, TargetAgent
 from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, RefusedError
@@ -88,13 +89,13 @@ class LiveReceiver:
 
     def handle(self, stream: Stream) -> bool:
         """Serve one connection; True when it completed a migration (the target resumed)."""
-        conn = Connection(stream, timeout=self.timeout)
+        conn = Connection(stream, timeout=self.timeout, buffers=2)
         self.last_error = None
         try:
             return self._handle(conn)
         except (ConnectionLostError, PeerTimeoutError) as exc:
             self.last_error = exc  # resumable: the session keeps its committed point
-        except (CorruptDataError, AuthenticationError, RefusedError, MigrationFailedError) as exc:
+        except CellError as exc:  # garbage, bad MAC, refused, a chunk that failed its checks
             self.last_error = exc
             _try_send(conn, Msg.ERROR, encode_reason(str(exc)))
         finally:
@@ -135,26 +136,44 @@ class LiveReceiver:
             conn.send(Msg.REFUSE, encode_reason(exc.message))
             raise
         conn.send(Msg.ACCEPT, encode_accept(ACCEPT_CONTINUE, committed))
-        while True:
-            msg, body = conn.recv(Msg.CHUNK, Msg.ROUND_END, Msg.COMMIT, Msg.ABORT)
-            if msg is Msg.CHUNK:
-                chunk = decode_chunk(body)
-                session.apply_chunk(chunk)
-                conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
-            elif msg is Msg.ROUND_END:
-                round_no = decode_u32(body, "ROUND_END")
-                conn.send(Msg.ROUND_DIGEST, encode_round_digest(round_no, session.end_round(round_no)))
-            elif msg is Msg.COMMIT:
-                digest, extra = decode_commit(body)
-                session.commit(digest, extra)  # raises (and abandons) on a mismatch
-                self.completed += 1
-                _try_send(conn, Msg.DONE)
-                return True
-            elif msg is Msg.ABORT:
-                session.abandon(f"sender aborted: {decode_reason(body)}")
-                return False
-            else:  # ERROR: the sender gives this connection up; the session may resume
-                raise ConnectionLostError(f"sender reported: {decode_reason(body)}")
+        # A chunk is verified and written on a helper thread while the next frame arrives
+        # (both mostly outside the GIL: socket reads, LZ4, pwrite/memcpy). Its ACK goes out
+        # as soon as it is done, or once the next frame is in: order is kept either way.
+        pending: Optional["Future[bool]"] = None
+        pending_seq = 0
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                job, pending = pending, None
+                job.result()  # re-raises the chunk's error (nothing of it was written)
+                conn.send(Msg.ACK, pending_seq.to_bytes(8, "little"))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-rx") as worker:
+            while True:
+                while pending is not None and not pending.done() and not conn.readable():
+                    wait([pending], timeout=0.002)
+                if pending is not None and pending.done():
+                    settle()
+                msg, body = conn.recv(Msg.CHUNK, Msg.ROUND_END, Msg.COMMIT, Msg.ABORT)
+                settle()
+                if msg is Msg.CHUNK:
+                    chunk = decode_chunk(body)
+                    pending, pending_seq = worker.submit(session.apply_chunk, chunk), chunk.seq
+                elif msg is Msg.ROUND_END:
+                    round_no = decode_u32(body, "ROUND_END")
+                    conn.send(Msg.ROUND_DIGEST, encode_round_digest(round_no, session.end_round(round_no)))
+                elif msg is Msg.COMMIT:
+                    digest, extra = decode_commit(body)
+                    session.commit(digest, extra)  # raises (and abandons) on a mismatch
+                    self.completed += 1
+                    _try_send(conn, Msg.DONE)
+                    return True
+                elif msg is Msg.ABORT:
+                    session.abandon(f"sender aborted: {decode_reason(body)}")
+                    return False
+                else:  # ERROR: the sender gives this connection up; the session may resume
+                    raise ConnectionLostError(f"sender reported: {decode_reason(body)}")
 
     def serve(
         self,

@@ -54,7 +54,7 @@ from .transport import DEFAULT_TIMEOUT, Connection, Stream
 __all__ = ["DEFAULT_WINDOW_BYTES", "StreamChannel"]
 
 #: Unacknowledged page bytes the sender keeps (and may have to resend after a cut).
-DEFAULT_WINDOW_BYTES = 48 << 20
+DEFAULT_WINDOW_BYTES = 24 << 20
 
 T = TypeVar("T")
 _RETRYABLE = (ConnectionLostError, PeerTimeoutError, ConnectionError, TimeoutError)

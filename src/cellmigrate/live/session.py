@@ -119,8 +119,9 @@ class ReceiverSession:
             raise CorruptDataError(f"chunk {chunk.seq} out of order: expected {self.committed_seq + 1}")
         if chunk.round < self._round_seen or chunk.round < 0:
             raise CorruptDataError(f"chunk of round {chunk.round} after round {self._round_seen}")
-        if self.max_state_size and chunk.size > self.max_state_size:
-            raise CorruptDataError(f"chunk sets the state to {chunk.size} bytes, over the limit of {self.max_state_size}")
+        limit = self._size_limit()
+        if chunk.size > limit:
+            raise CorruptDataError(f"chunk sets the state to {chunk.size} bytes, over the limit of {limit}")
         idx = chunk.indices
         n_pages = -(-chunk.size // PAGE_SIZE)
         if len(idx):
@@ -133,11 +134,18 @@ class ReceiverSession:
             raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
         # Verified: now (and only now) change the staged state.
         if chunk.size != self.store.size():
-            self.store.resize(chunk.size)
+            try:
+                self.store.resize(chunk.size)
+            except (MemoryError, ValueError, OSError) as exc:
+                raise InvalidStateError(f"cannot stage a state of {chunk.size} bytes: {exc}") from None
             self._leaves.resize(chunk.size)
         if len(idx):
-            with self.store.view() as view:
-                write_pages(np.frombuffer(view, dtype=np.uint8), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
+            write_run = getattr(self.store, "write_run", None)
+            if write_run is not None and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
+                write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
+            else:
+                with self.store.view() as view:
+                    write_pages(np.frombuffer(view, dtype=np.uint8), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
             self._leaves.touch_pages(idx)
         self.committed_seq = chunk.seq
         self._round_seen = chunk.round
@@ -206,6 +214,15 @@ class ReceiverSession:
         log.log_completion(offer.migration_id, offer.agent_id, False, f"Live migration failed: {reason}")
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _size_limit(self) -> int:
+        """Largest state a chunk may announce: ``max_state_size`` when set, else the
+        offered size grown at most 2x or by 1 GiB (WebAssembly memory grows; a hostile
+        sender must not make the receiver allocate without bound)."""
+        if self.max_state_size:
+            return self.max_state_size
+        announced = self.offer.state_size if self.offer is not None else 0
+        return max(2 * announced, announced + (1 << 30))
 
     def _need_open(self) -> Offer:
         if self.offer is None:

@@ -129,15 +129,17 @@ class PipeStream:
 class Connection:
     """Protocol frames over a :class:`Stream`, with optional per-frame MACs.
 
-    ``recv`` returns a view into a buffer reused by the next ``recv``.
+    ``recv`` returns a view into a buffer reused by the next ``recv`` (with ``buffers=2``,
+    by the one after: a frame can be processed while the next one arrives).
     """
 
-    def __init__(self, stream: Stream, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, stream: Stream, *, timeout: float = DEFAULT_TIMEOUT, buffers: int = 1) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.stream = stream
         self.timeout = float(timeout)
-        self._buf = bytearray(_SMALL)
+        self._bufs = [bytearray(_SMALL) for _ in range(max(1, buffers))]
+        self._turn = 0
         self._out_mac: Optional[FrameMac] = None
         self._in_mac: Optional[FrameMac] = None
         self.bytes_sent = 0
@@ -209,9 +211,10 @@ class Connection:
         if length > body_limit(msg):
             raise ProtocolError(f"{msg.name} frame declares {length} bytes, over its limit of {body_limit(msg)}")
         total = length + (MAC_SIZE if self._in_mac is not None else 0)
-        if total > len(self._buf):
-            self._buf = bytearray(total)
-        view = memoryview(self._buf)[:total]
+        self._turn = (self._turn + 1) % len(self._bufs)
+        if total > len(self._bufs[self._turn]):
+            self._bufs[self._turn] = bytearray(total)
+        view = memoryview(self._bufs[self._turn])[:total]
         self._read_exact(view, time.monotonic() + self.timeout + total / _MIN_RATE, f"a {msg.name} frame")
         body = view[:length]
         if self._in_mac is not None:
