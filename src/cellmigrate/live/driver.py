@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -42,7 +43,7 @@ from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
 from .leaves import LeafTable
-from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Chunk, scan_chunks, write_pages
+from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks, write_pages
 from .session import Offer
 
 __all__ = ["DEFAULT_DOWNTIME_LIMIT", "DEFAULT_MAX_ROUNDS", "RoundStats", "LiveMigrationSummary", "LiveMigration"]
@@ -187,6 +188,7 @@ class LiveMigration:
         self._wire_bytes = 0
         self._tracker: Optional[MigrationProgressTracker] = None
         self._final = False
+        self._pool = BufferPool(self.chunk_bytes)
 
     # -- the shadow advances only on acknowledgement ---------------------------------
 
@@ -196,11 +198,13 @@ class LiveMigration:
             raise MigrationFailedError(f"chunk {chunk.seq} acknowledged twice")
         if len(chunk.indices):
             # In the final round the paused state *is* what the receiver now holds: its
-            # leaves are hashed from the state, and the shadow is not needed any more.
+            # leaves are hashed from the state (touched when sent), the shadow is done with.
             if not self._final:
                 write_pages(self._shadow, chunk.indices, pages, chunk.size)
-            self._leaves.touch_pages(chunk.indices)
-        chunk.pages = None  # the copy is no longer needed: free it
+                self._leaves.touch_pages(chunk.indices)
+        chunk.pages = None  # the copy is no longer needed: its buffer serves the next chunk
+        if not self._final:
+            self._pool.give(pages)
 
     def _resize_shadow(self, size: int) -> None:
         old = self._shadow
@@ -232,8 +236,11 @@ class LiveMigration:
             compress=self.compress,
             threads=self.threads,
             stable=final,
+            pool=self._pool,
         ):
             self._next_seq = chunk.seq + 1
+            if final:
+                self._leaves.touch_pages(chunk.indices)  # hashed from the paused state below
             pages += len(chunk.indices)
             page_bytes += chunk.raw_len
             wire += chunk.wire_len
@@ -246,8 +253,16 @@ class LiveMigration:
             if self._tracker is not None:
                 self._tracker.update_transfer_progress(self._wire_bytes)
         t_sent = time.monotonic()
-        theirs = self.channel.end_round(round_no)
-        ours = self._leaves.refresh(as_bytes_view(state if final else self._shadow), self.threads)
+        if final:
+            # The paused state is what the receiver will hold: hash its touched leaves
+            # while the receiver hashes its own (the proof costs one of the two, not both).
+            with ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-proof") as helper:
+                proof = helper.submit(self._leaves.refresh, as_bytes_view(state), self.threads)
+                theirs = self.channel.end_round(round_no)
+                ours = proof.result()
+        else:
+            theirs = self.channel.end_round(round_no)
+            ours = self._leaves.refresh(as_bytes_view(self._shadow), self.threads)
         if theirs != ours:
             raise CorruptDataError(
                 f"after round {round_no} the receiver's digest {theirs.hex()} differs from the sender's {ours.hex()}"
