@@ -376,6 +376,32 @@ def test_trap_stops_the_runner_and_is_reported() -> None:
         agent.run(1)
 
 
+#: step(n > 0) never returns.
+SPIN_WAT = """
+(module
+  (memory (export "memory") 1)
+  (func (export "step") (param $n i32) (result i64)
+    (if (i32.gt_s (local.get $n) (i32.const 0)) (then (loop $forever (br $forever))))
+    (i64.const 0)))
+"""
+
+
+def test_step_timeout_interrupts_a_runaway_step_and_spares_the_others() -> None:
+    with pytest.raises(ExecutionFailedError, match=r"interrupted: it ran longer than step_timeout \(0.2 s\)"):
+        WasmAgent(SPIN_WAT, step_timeout=0.2).run(1)
+    runaway = WasmAgent(SPIN_WAT, step_timeout=0.5)
+    runaway.start()  # its step spins; the epoch ticker runs meanwhile
+    other, reference = WasmAgent(), WasmAgent(step_timeout=30)
+    other.run(20_000)  # no timeout: never interrupted, whatever the epoch does
+    reference.run(20_000)  # a generous timeout: not hit
+    assert bytes(other.state()) == bytes(reference.state())
+    with pytest.raises(ExecutionFailedError, match="interrupted"):
+        runaway.pause()  # returns (raising) once the runaway step was stopped
+    assert not runaway.running
+    with pytest.raises(ValueError, match="step_timeout"):
+        WasmAgent(SPIN_WAT, step_timeout=0)
+
+
 # ---------------------------------------------------------------- migration by hand
 
 def test_migration_while_running_matches_a_reference_run() -> None:

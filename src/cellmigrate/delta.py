@@ -155,6 +155,14 @@ def _grow_zeros(base: bytearray, total: int) -> None:
         ) from None
 
 
+def _shrink(base: bytearray, total: int) -> None:
+    """Cut ``base`` to ``total`` bytes, or leave it as it was and raise :class:`InvalidStateError`."""
+    try:
+        del base[total:]
+    except BufferError as exc:
+        raise InvalidStateError(f"Base state must shrink but cannot be resized: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------
 # DeltaSnapshot
 # --------------------------------------------------------------------------------------
@@ -188,6 +196,9 @@ class DeltaSnapshot:
             checksum-only delta.
         digest: strong digest (or MAC when ``keyed``) of the new state, or ``None``.
         keyed: the digest is keyed BLAKE3: ``apply`` needs the key.
+        base_size: size of the state the delta applies to (bytes) when it differs from
+            ``total_size`` (a delta made with ``create(..., resize=True)`` between states
+            of different sizes); ``None`` when the base has ``total_size`` bytes.
     """
 
     agent_id: bytes
@@ -200,16 +211,21 @@ class DeltaSnapshot:
     digest_algorithm: Optional[str] = None
     digest: Optional[bytes] = None
     keyed: bool = False
+    base_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.agent_id = to_id(self.agent_id, "agent_id")
-        for name in ("sequence", "base_sequence", "total_size", "timestamp", "checksum"):
+        for name in ("sequence", "base_sequence", "total_size", "timestamp", "checksum", "base_size"):
             value = getattr(self, name)
+            if value is None and name == "base_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
             setattr(self, name, int(value))
+        if self.base_size == self.total_size:
+            self.base_size = None  # one spelling of "same size", so equal deltas compare equal
         if self.checksum > _MASK32:
             raise ValueError(f"checksum must fit in 32 bits, got {self.checksum}")
         if not isinstance(self.dirty_pages, list):
@@ -240,8 +256,9 @@ class DeltaSnapshot:
         digest: Optional[str] = DEFAULT_DIGEST,
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
+        resize: bool = False,
     ) -> "DeltaSnapshot":
-        """Diff two equal-length states page by page.
+        """Diff two states page by page (of equal lengths unless ``resize``).
 
         Both states are read in place (any C-contiguous buffer); only the dirty pages
         are copied, each RLE-compressed when that makes it strictly smaller.
@@ -249,7 +266,17 @@ class DeltaSnapshot:
         XXH3-128 over 1 MiB leaves, which every core helps hash and verify; "xxh3_128",
         plain sequential XXH3-128; "blake3"; or ``None`` for the crate's
         checksum-only delta); a 32-byte ``key`` makes it a keyed
-        BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`.
+        BLAKE3 MAC (``keyed=True``). Different lengths raise :class:`InvalidStateError`
+        (SPEC §3), unless ``resize=True``: then ``new_state`` may be longer than
+        ``old_state`` (a WebAssembly ``memory.grow``: the pages past the old end are
+        compared with zeros, so zero pages there cost nothing) or shorter (the state is
+        cut); ``base_size`` records ``len(old_state)`` when it differs, and
+        :meth:`apply` resizes a ``bytearray`` base to ``total_size``.
+
+        ``new_state`` may be written by another thread meanwhile (a running agent): each
+        dirty page is copied once, when the scan finds it, and the checksum and digest
+        cover the old state with those copies over it, so the delta describes one state
+        exactly and applies to its base; a page written after it was read is not in it.
 
         ``progress`` is an event callback (like :class:`~cellmigrate.CollectingCallback`;
         it receives CAPTURING_STATE events, percent 0..100) or a callable taking
@@ -257,22 +284,29 @@ class DeltaSnapshot:
         """
         agent = to_id(agent_id, "agent_id")
         report = byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
-        delta, _ = cls._create_checked(agent, old_state, new_state, base_sequence, sequence, digest, key, report)
+        delta, _ = cls._create_checked(
+            agent, old_state, new_state, base_sequence, sequence, digest, key, report, resize=resize
+        )
         return delta
 
     @classmethod
     def _create_checked(
         cls,
         agent: bytes,
-        old_state: BufferLike,
+        old_state: Optional[BufferLike],
         new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         digest: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback] = None,
+        *,
+        resize: bool = False,
     ) -> Tuple["DeltaSnapshot", Scan]:
-        """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`."""
+        """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`.
+
+        ``old_state`` ``None`` stands for zeros of the new state's length (the tracker's
+        first delta), without allocating them."""
         raw_key = check_key(key)
         algorithm = digest
         if algorithm is not None and algorithm not in DIGEST_SIZES:
@@ -281,27 +315,31 @@ class DeltaSnapshot:
             if algorithm is None:
                 raise ValueError("a key needs a digest: digest=None makes an unauthenticated checksum-only delta")
             algorithm = "blake3"
-        return cls._create(agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress)
+        return cls._create(agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress, resize)
 
     @classmethod
     def _create(
         cls,
         agent: bytes,
-        old_state: BufferLike,
+        old_state: Optional[BufferLike],
         new_state: BufferLike,
         base_sequence: int,
         sequence: int,
         algorithm: Optional[str],
         key: Optional[bytes],
         progress: Optional[ProgressCallback],
+        resize: bool,
     ) -> Tuple["DeltaSnapshot", Scan]:
         """``create`` that also returns what the scan found: the dirty pages as copied,
         which the delta describes (the tracker keeps them as its next base)."""
-        old = as_bytes_view(old_state, "old_state")
+        old = memoryview(b"") if old_state is None else as_bytes_view(old_state, "old_state")
         new = as_bytes_view(new_state, "new_state")
-        if old.nbytes != new.nbytes:
+        # None: zeros of the new length (an empty base reads as zeros), never allocated.
+        base_size = new.nbytes if old_state is None else old.nbytes
+        if base_size != new.nbytes and not resize:
             raise InvalidStateError(
-                f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, new state has {new.nbytes} bytes)"
+                f"State sizes must match for delta (size mismatch: old state has {old.nbytes} bytes, "
+                f"new state has {new.nbytes} bytes; resize=True makes a delta between them)"
             )
         hasher = None if algorithm is None else Hasher(algorithm, key)
         found = scan(old, new, hasher, progress)
@@ -320,6 +358,7 @@ class DeltaSnapshot:
             digest_algorithm=algorithm,
             digest=value,
             keyed=key is not None,
+            base_size=base_size,
         )
         return delta, found
 
@@ -388,12 +427,15 @@ class DeltaSnapshot:
         """Write the delta's pages into ``base``, after verifying everything.
 
         ``base`` is a writable buffer (bytearray, writable memoryview, writable mmap,
-        numpy array) of exactly ``total_size`` bytes, or a shorter ``bytearray`` that is
-        then grown with zeros. Before any write, the page indices (in range, unique), the
+        numpy array) of exactly ``base_size`` bytes (``total_size`` unless the delta
+        changes the state's size), or a shorter ``bytearray``, which reads as zeros past
+        its end. A delta that changes the size (``base_size != total_size``, see
+        ``create(..., resize=True)``) needs a ``bytearray`` base, which is grown with
+        zeros or cut to ``total_size``; a longer base is an error. Before any write, the page indices (in range, unique), the
         page encodings and lengths, the checksum of the result and its strong digest (or
         MAC: pass ``key`` for a keyed delta) are verified; any failure raises
         :class:`InvalidStateError` saying which check failed, and ``base`` is left
-        byte-for-byte unchanged (and not grown). A read-only buffer raises ``TypeError``.
+        byte-for-byte unchanged (and not resized). A read-only buffer raises ``TypeError``.
 
         ``max_size`` (bytes, default :data:`DEFAULT_MAX_GROW_SIZE` = 1 GiB) bounds the
         size a short ``bytearray`` base may be grown to: a delta whose ``total_size`` is
@@ -414,9 +456,16 @@ class DeltaSnapshot:
         report = byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
         view = as_writable_view(base, "base")
         size, total = view.nbytes, self.total_size
-        if size > total:
+        base_size = total if self.base_size is None else self.base_size
+        if size > base_size:
+            what = "state" if base_size == total else "base"
             raise InvalidStateError(
-                f"Base state is larger than the delta's state: base has {size} bytes, delta expects {total}"
+                f"Base state is larger than the delta's {what}: base has {size} bytes, delta expects {base_size}"
+            )
+        if size > total and not isinstance(base, bytearray):
+            raise InvalidStateError(
+                f"Delta shrinks the state from {size} to {total} bytes, and a {type(base).__name__} base "
+                f"cannot be resized (use a bytearray)"
             )
         if size < total and not isinstance(base, bytearray):
             raise InvalidStateError(
@@ -447,9 +496,12 @@ class DeltaSnapshot:
                     )
                 raise InvalidStateError(f"Delta {self.digest_algorithm} digest mismatch: the result is not the new state")
         # Everything checked: now (and only now) write.
-        if size < total:
+        if size != total:
             view.release()
-            _grow_zeros(cast(bytearray, base), total)  # a bytearray (checked above)
+            if size < total:
+                _grow_zeros(cast(bytearray, base), total)  # a bytearray (checked above)
+            else:
+                _shrink(cast(bytearray, base), total)
             view = as_writable_view(base, "base")
         kernels.scatter_pages(view, indices, pages, PAGE_SIZE)
         if report is not None:
@@ -480,6 +532,13 @@ class DeltaSnapshot:
         """The versioned, self-checking wire format (see docs/FORMAT.md)."""
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
+        if self.base_size is not None:
+            # The wire format has no base_size field yet (the v2 bump adds it); shipping
+            # such a delta would lose the size change. Refuse rather than mislead.
+            raise InvalidStateError(
+                f"This wire format cannot carry a delta that resizes the state "
+                f"({self.base_size} -> {self.total_size} bytes)"
+            )
         # cast: wire's DeltaLike protocol declares settable attributes, which mypy treats
         # as invariant (list[DirtyPage] vs Sequence[PageLike]); the shape is the agreed one.
         return bytes(wire.encode_delta(cast(Any, self)))
@@ -509,5 +568,6 @@ class DeltaSnapshot:
             f"DeltaSnapshot(agent_id={self.agent_id.hex()}, sequence={self.sequence}, "
             f"base_sequence={self.base_sequence}, dirty_pages=<{len(self.dirty_pages)} pages>, "
             f"total_size={self.total_size}, timestamp={self.timestamp}, checksum={self.checksum}, "
-            f"digest_algorithm={self.digest_algorithm!r}, keyed={self.keyed})"
+            f"digest_algorithm={self.digest_algorithm!r}, keyed={self.keyed}"
+            + (f", base_size={self.base_size})" if self.base_size is not None else ")")
         )

@@ -172,7 +172,7 @@ class DirtyPageTracker:
 
     @property
     def state_size(self) -> int:
-        """The state size the bitmap was sized for."""
+        """The state size the bitmap is sized for (the committed size once a resizing delta is committed)."""
         return self._state_size
 
     @property
@@ -245,13 +245,16 @@ class DirtyPageTracker:
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
         commit: bool = True,
+        resize: bool = False,
     ) -> DeltaSnapshot:
         """Diff ``current`` against the committed state; by default commit the delta at once.
 
         The delta has ``base_sequence`` = the committed sequence and ``sequence`` = that
         plus one. Before :meth:`initialize` the diff is against zeros (``base_sequence``
         0). ``digest``, ``key`` and ``progress`` as in :meth:`DeltaSnapshot.create`. A
-        size change raises ``InvalidStateError``.
+        size change raises ``InvalidStateError`` unless ``resize=True`` (a WebAssembly
+        ``memory.grow``): then the delta's ``base_size`` is the committed size, and
+        committing it resizes the committed state, the bitmap and :attr:`state_size`.
 
         The delta describes exactly the state it was made from as the scan read it: each
         dirty page is copied once when found, and the checksum and digest cover the
@@ -269,9 +272,9 @@ class DirtyPageTracker:
         view = as_bytes_view(current, "current")
         report = byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
         with self._lock:
-            old: BufferLike = self._last if self._last is not None else bytes(view.nbytes)
+            # Before initialize: None = zeros of the new length, never allocated.
             delta, found = DeltaSnapshot._create_checked(
-                self._agent_id, old, view, self._sequence, self._sequence + 1, digest, key, report
+                self._agent_id, self._last, view, self._sequence, self._sequence + 1, digest, key, report, resize=resize
             )
             self._pending = (delta, found)
             if commit:
@@ -326,9 +329,17 @@ class DirtyPageTracker:
         """Commit the pending delta: patch its copied pages into the committed state."""
         assert self._pending is not None
         delta, found = self._pending
+        total = delta.total_size
         if self._last is None:
-            self._last = bytearray(delta.total_size)  # the first delta was made against zeros
+            self._last = bytearray(total)  # the first delta was made against zeros
+        elif len(self._last) > total:
+            del self._last[total:]
+        elif len(self._last) < total:
+            self._last.extend(bytes(total - len(self._last)))
         kernels.scatter_pages(self._last, found.indices, found.pages, PAGE_SIZE)
+        if total != self._state_size:
+            self._state_size = total
+            self._bitmap = np.zeros(-(-total // PAGE_SIZE), dtype=np.bool_)
         self._bitmap[:] = False
         self._sequence = delta.sequence
         self._pending = None
@@ -404,10 +415,11 @@ class IncrementalMigrator:
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
         commit: bool = True,
+        resize: bool = False,
     ) -> DeltaSnapshot:
         """Delta of ``state`` against the agent's committed state; records it in :attr:`stats`.
 
-        ``commit`` as in :meth:`DirtyPageTracker.create_delta`: with ``commit=False`` the
+        ``resize`` and ``commit`` as in :meth:`DirtyPageTracker.create_delta`: with ``commit=False`` the
         agent's tracker advances only at :meth:`commit` / :meth:`acknowledge`. Raises
         ``InvalidStateError("Agent not being tracked for incremental migration")`` for an
         untracked agent.
@@ -418,7 +430,7 @@ class IncrementalMigrator:
         if tracker is None:
             raise InvalidStateError("Agent not being tracked for incremental migration")
         start = time.perf_counter_ns()
-        delta = tracker.create_delta(view, digest=digest, key=key, progress=progress, commit=commit)
+        delta = tracker.create_delta(view, digest=digest, key=key, progress=progress, commit=commit, resize=resize)
         elapsed_us = (time.perf_counter_ns() - start) // 1000
         with self._lock:
             self._stats.record_incremental(delta.compressed_size(), view.nbytes, elapsed_us)

@@ -473,7 +473,8 @@ class StateVerifier:
     def verify_delta(base_state: BufferLike, delta: Any, expected_checksum: int) -> VerificationResult:
         """Check a delta before applying it: its checksum and its size against the base.
 
-        ``delta`` needs ``checksum`` and ``total_size`` (a ``DeltaSnapshot``). Content is
+        ``delta`` needs ``checksum`` and ``total_size`` (a ``DeltaSnapshot``; its
+        ``base_size``, when it has one, is the size the base must have). Content is
         not compared (nothing is applied), so ``content_valid`` stays True.
         """
         expected = _count(expected_checksum, "expected_checksum")
@@ -481,7 +482,11 @@ class StateVerifier:
             passed=True, checksum_valid=False, size_valid=False, agent_responsive=True, details=[]
         )
         checksum = delta.checksum
-        total_size = delta.total_size
+        # A delta that resizes the state (DeltaSnapshot.create(..., resize=True)) names
+        # the size of its base; any other delta's base has its total_size.
+        total_size = getattr(delta, "base_size", None)
+        if total_size is None:
+            total_size = delta.total_size
         _check_checksum(result, "Delta checksum", expected, checksum)
         base_size = _nbytes(base_state, "base_state")
         if total_size == base_size:

@@ -44,6 +44,7 @@ This module is an optional integration: nothing in the core imports it.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import struct
 import threading
@@ -221,15 +222,57 @@ _engine: Optional["wasmtime.Engine"] = None
 
 def _shared_engine() -> "wasmtime.Engine":
     """One engine per process (engines are thread-safe and costly), configured so that
-    linear memories never move when they grow."""
+    linear memories never move when they grow, and with epoch interruption (how a step
+    that overruns ``step_timeout`` is stopped; every store sets its own deadline)."""
     global _engine
     with _engine_lock:
         if _engine is None:
             config = wasmtime.Config()
             config.memory_may_move = False
             config.memory_reservation = _RESERVATION
+            config.epoch_interruption = True
             _engine = wasmtime.Engine(config)
         return _engine
+
+
+#: Seconds between two epoch ticks while a step with a ``step_timeout`` runs.
+_TICK = 0.01
+#: An epoch deadline that is never reached (ticks), for steps without a timeout.
+_NO_DEADLINE = 1 << 62
+
+
+class _EpochTicker:
+    """Advances the shared engine's epoch every ``_TICK`` seconds while at least one step
+    with a timeout runs (and sleeps otherwise), so overrunning steps trap."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._active += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cellmigrate-wasm-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._active -= 1
+
+    def _run(self) -> None:
+        engine = _shared_engine()
+        while True:
+            with self._cond:
+                while not self._active:
+                    self._cond.wait()
+            time.sleep(_TICK)
+            engine.increment_epoch()
+
+
+_ticker = _EpochTicker()
 
 
 def _module_binary(module: _ModuleSource) -> bytes:
@@ -280,11 +323,15 @@ class WasmAgent:
     it can; a pace lets a live migration converge while the agent runs, the way a real
     agent waits for input). ``stop_at``: the runner stops on its own once this many
     iterations in total have run (the last batch is shortened to land on it exactly).
+    ``step_timeout``: seconds one ``step`` call may run (to within 10 ms) before it is
+    interrupted (wasmtime epoch interruption) and fails with ``ExecutionFailedError``, so a
+    runaway module cannot make :meth:`pause` wait forever (``None``: no limit).
 
     Raises ``InvalidStateError`` when the module does not compile or instantiate (it may
     import nothing), lacks the ``memory``/``step`` exports or ``step`` has the wrong type,
     or has a mutable exported global of a kind that cannot be migrated (v128, references);
-    ``ValueError`` for a ``batch`` below 1, a ``rate`` not above 0 or a negative ``stop_at``.
+    ``ValueError`` for a ``batch`` below 1, a ``rate`` or ``step_timeout`` not above 0, or a
+    negative ``stop_at``.
 
     >>> agent = WasmAgent()
     >>> agent.run(2000)
@@ -294,21 +341,27 @@ class WasmAgent:
     """
 
     def __init__(self, module: _ModuleSource = None, *, batch: int = 256, rate: Optional[float] = None,
-                 stop_at: Optional[int] = None) -> None:
+                 stop_at: Optional[int] = None, step_timeout: Optional[float] = None) -> None:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         if rate is not None and not rate > 0:
             raise ValueError(f"rate must be above 0 iterations per second, got {rate}")
         if stop_at is not None and stop_at < 0:
             raise ValueError(f"stop_at must not be negative, got {stop_at}")
+        if step_timeout is not None and not step_timeout > 0:
+            raise ValueError(f"step_timeout must be above 0 seconds, got {step_timeout}")
         self.wasm_binary = _module_binary(module)
         #: First 16 bytes of the module binary's BLAKE3 digest (identifies it in :meth:`extra`).
         self.module_digest = digest(self.wasm_binary, "blake3")[:16]
         self.batch = int(batch)
         self.rate = None if rate is None else float(rate)
         self.stop_at = None if stop_at is None else int(stop_at)
+        self.step_timeout = None if step_timeout is None else float(step_timeout)
         engine = _shared_engine()
         self._store = wasmtime.Store(engine)
+        # The engine interrupts at epoch deadlines (default: immediately); steps with a
+        # timeout set their own before each call.
+        self._store.set_epoch_deadline(_NO_DEADLINE)
         try:
             compiled = wasmtime.Module(engine, self.wasm_binary)
             instance = wasmtime.Instance(self._store, compiled, [])
@@ -537,8 +590,18 @@ class WasmAgent:
     def _call_step(self, n: int) -> int:
         """One ``step(n)`` call; store lock held by the caller. Traps become ExecutionFailedError."""
         try:
-            total = int(self._step(self._store, n))
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            if self.step_timeout is None:
+                total = int(self._step(self._store, n))
+            else:
+                self._store.set_epoch_deadline(1 + math.ceil(self.step_timeout / _TICK))
+                with _ticker:
+                    total = int(self._step(self._store, n))
+        except wasmtime.Trap as exc:
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise ExecutionFailedError(f"wasm step interrupted: it ran longer than step_timeout "
+                                           f"({self.step_timeout:g} s)") from exc
+            raise ExecutionFailedError(f"wasm step trapped: {_first_line(exc)}") from exc
+        except wasmtime.WasmtimeError as exc:
             raise ExecutionFailedError(f"wasm step trapped: {_first_line(exc)}") from exc
         finally:
             self._refresh()
