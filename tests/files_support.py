@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,13 +37,19 @@ def cli_args(*args: str) -> List[str]:
 
 def run(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120,
         input: Optional[bytes] = None) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
-    """Run the CLI; stdout is bytes (it may carry a delta), stderr text."""
-    proc = subprocess.run(cli_args(*args), capture_output=True, env=cli_env(env), timeout=timeout, input=input)
+    """Run the CLI; stdout is bytes (it may carry a delta), stderr text.
+
+    The working directory is the temp directory, not the checkout: an implementation
+    that took ``-`` for a file name would litter there, not in the source tree.
+    """
+    proc = subprocess.run(cli_args(*args), capture_output=True, env=cli_env(env), timeout=timeout, input=input,
+                          cwd=tempfile.gettempdir())
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
 
 
 def spawn(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:  # type: ignore[type-arg]
-    return subprocess.Popen(cli_args(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(env))
+    return subprocess.Popen(cli_args(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(env),
+                            cwd=tempfile.gettempdir())
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:  # type: ignore[type-arg]

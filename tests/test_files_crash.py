@@ -9,7 +9,7 @@ every page run the child writes); kills are placed uniformly over the window mea
 on an uninterrupted run, a little past its end too, so commits are hit as well.
 
 The default run does a handful of trials per mode on 32 MiB; ``-m large`` does 30 per
-mode on 128 MiB. Each test prints its outcome counts (``pytest -s`` shows them).
+mode on 128 MiB, and every signal/mode combination. Each test prints its outcome counts (``pytest -s`` shows them).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _in_place_loop(tmp_path: Path, size: int, trials: int, delay: float, seed: i
 
 
 def test_in_place_apply_survives_sigkill(tmp_path: Path) -> None:
-    _in_place_loop(tmp_path, 32 * MiB, trials=5, delay=0.001, seed=1)
+    _in_place_loop(tmp_path, 32 * MiB, trials=4, delay=0.001, seed=1)
 
 
 @pytest.mark.large
@@ -147,7 +147,8 @@ def _replace_loop(tmp_path: Path, mode: str, size: int, trials: int, delay: floa
         named = trial % 2 == 1
         env = dict(s.env, **({"CELLMIGRATE_TEST_NO_O_TMPFILE": "1"} if named else {}))
         proc = spawn("apply", str(s.base), str(s.delta), *extra, env=env)
-        time.sleep(rng.uniform(0.3 * duration, 1.2 * duration))
+        # The first kill lands mid-run for sure; the others anywhere, past the end too.
+        time.sleep(0.6 * duration if trial == 0 else rng.uniform(0.3 * duration, 1.2 * duration))
         proc.kill()
         proc.wait(60)
         if mode == "-o":
@@ -166,12 +167,13 @@ def _replace_loop(tmp_path: Path, mode: str, size: int, trials: int, delay: floa
         temps = "named" if named else "O_TMPFILE"
         outcomes[f"{temps}: {result}, {len(stray)} stray file(s) then removed"] += 1
     print(f"\n{mode} kill loop ({trials} trials, {size >> 20} MiB, run {duration:.2f} s): {dict(outcomes)}")
+    assert any(("absent" in k or "old" in k) for k in outcomes), "no kill landed before the rename"
     return outcomes
 
 
 @pytest.mark.parametrize("mode", ["-o", "--safe-replace"])
 def test_replacing_apply_survives_sigkill(tmp_path: Path, mode: str) -> None:
-    _replace_loop(tmp_path, mode, 32 * MiB, trials=3, delay=0.001, seed=3)
+    _replace_loop(tmp_path, mode, 32 * MiB, trials=2, delay=0.001, seed=3)
 
 
 @pytest.mark.large
@@ -183,10 +185,12 @@ def test_replacing_apply_survives_sigkill_many(tmp_path: Path, mode: str) -> Non
 
 # --------------------------------------------------------------------------- catchable signals
 
+# A few in the default run, every combination under -m large.
+_SIGNAL_DEFAULT = {("-o", signal.SIGTERM), ("--safe-replace", signal.SIGHUP), ("in-place", signal.SIGTERM)}
 SIGNAL_CASES = [
-    ("-o", signal.SIGTERM), ("-o", signal.SIGHUP), ("-o", signal.SIGINT),
-    ("--safe-replace", signal.SIGTERM), ("--safe-replace", signal.SIGHUP),
-    ("in-place", signal.SIGTERM), ("in-place", signal.SIGHUP),
+    pytest.param(mode, signum, marks=() if (mode, signum) in _SIGNAL_DEFAULT else pytest.mark.large)
+    for mode in ("-o", "--safe-replace", "in-place")
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 ]
 
 

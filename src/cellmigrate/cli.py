@@ -688,18 +688,17 @@ def _result_map(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot
     """
     import tempfile
 
-    from .journal import apply_into
+    from .journal import apply_into, verify_on
 
     total = int(delta.total_size)
     if base.size == total:
         result = stack.enter_context(StateFile(base.path, private=True, fd=os.dup(base.fd)))
         bar = _progress(args, total, "apply")
         try:
-            delta.apply(result.buffer, key=key, progress=_bar_callback(bar))
+            verify_on(result, delta, key=key, progress=_bar_callback(bar))
         finally:
             if bar is not None:
                 bar.close()
-        result.check()
         return result
     spool = stack.enter_context(tempfile.TemporaryFile())
     from .statefile import reserve

@@ -57,7 +57,9 @@ class CorruptDataError(CellError, ValueError):
 
 
 class TruncatedInputError(CellError):
-    """A file became shorter while it was being read (another process truncated it).
+    """A file could not be read to its end: another process truncated it while it was
+    read, or pages of its memory map could not be brought in (an I/O error; a hole of a
+    sparse tmpfs file on a full file system).
 
     Whatever was computed from it is discarded; the CLI exits 2 (the input is the problem).
     """

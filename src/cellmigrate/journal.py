@@ -86,6 +86,7 @@ __all__ = [
     "ApplyReport",
     "apply_in_place",
     "apply_into",
+    "verify_on",
 ]
 
 MAGIC = b"CMJRNL\r\n"
@@ -449,7 +450,6 @@ def apply_in_place(
     try:
         lock_file(fd, exclusive=True, what=base)
         recovered = _recover_locked(fd, path, jpath) if os.path.lexists(jpath) else None
-        hook_pause("opened")
         old_size = os.fstat(fd).st_size
         total = int(delta.total_size)
         indices = sorted({int(page.index) for page in delta.dirty_pages})
@@ -458,8 +458,8 @@ def apply_in_place(
             # Verify first (a refused delta never touches BASE, not even its mtime), then
             # reserve, journal and write.
             with StateFile(path, private=True, fd=os.dup(fd)) as result:
-                delta.apply(result.buffer, key=key, progress=progress)
-                result.check()
+                hook_pause("mapped")
+                verify_on(result, delta, key=key, progress=progress)
                 _reserve_runs(fd, old_runs)
                 saved = _write_journal(jpath, fd, old_runs, old_size, total)
                 _write_window(fd, jpath, result, old_runs)
@@ -480,6 +480,27 @@ def apply_in_place(
         os.close(fd)
 
 
+def verify_on(
+    result: StateFile,
+    delta: "DeltaSnapshot",
+    *,
+    key: Optional[bytes] = None,
+    progress: Optional[Callable[..., Any]] = None,
+) -> None:
+    """``delta.apply`` on a private map, then check the file under it did not change.
+
+    A file truncated or written while it was read explains any refusal of the delta (a
+    truncated map reads zeros), so :class:`TruncatedInputError` or
+    :class:`StateChangedError` is raised instead, the refusal chained to it.
+    """
+    try:
+        delta.apply(result.buffer, key=key, progress=progress)
+    except Exception:
+        result.check()
+        raise
+    result.check()
+
+
 def apply_into(
     fd: int,
     delta: "DeltaSnapshot",
@@ -497,8 +518,7 @@ def apply_into(
     """
     indices = sorted({int(page.index) for page in delta.dirty_pages})
     with StateFile(name, private=True, fd=os.dup(fd)) as result:
-        delta.apply(result.buffer, key=key, progress=progress)
-        result.check()
+        verify_on(result, delta, key=key, progress=progress)
         _write_pages(fd, result, _runs(indices, int(delta.total_size)))
     return len(indices)
 

@@ -520,10 +520,21 @@ class StateFile:
         compare them with the file afterwards (:meth:`pread`).
         """
         st = os.fstat(self.fd)
-        if self.faults() or st.st_size < self.size:
+        if st.st_size < self.size:
             raise TruncatedInputError(
                 f"{str(self.path)!r} was truncated by another process while it was read "
                 f"({self.size} bytes at open, {st.st_size} now)"
+            )
+        faults = self.faults()
+        if faults:
+            # The size is intact, yet pages could not be brought in: an I/O error, or (on
+            # tmpfs) a hole of a sparse file that needs memory the full file system lacks.
+            reason = "an I/O error, or no space to bring in holes of a sparse file"
+            with contextlib.suppress(OSError):
+                if os.fstatvfs(self.fd).f_bavail == 0:
+                    reason = "No space left on device (holes of a sparse file need space to be read)"
+            raise TruncatedInputError(
+                f"{str(self.path)!r}: {faults} page(s) could not be read through the memory map: {reason}"
             )
         if _signature(st) != self._stat:
             raise StateChangedError(
@@ -684,7 +695,8 @@ def _link_unnamed(fd: int, directory: Path, name: str) -> None:
 def atomic_replace(dest: StrPath) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success fsync it and rename it over ``dest``.
 
-    ``dest`` is resolved first (a symlink stays a symlink; its target is replaced). On
+    ``dest`` is resolved first (a symlink stays a symlink; its target is replaced); an
+    existing ``dest`` that is not a regular file (a device, a FIFO) raises ``OSError``. On
     any exception, including :class:`SignalInterrupt` and ``KeyboardInterrupt``, the
     temporary file is removed and ``dest`` is untouched; a SIGKILL leaves
     ``.NAME.cellmigrate-PID.tmp``, which the next call on the same target removes. The
@@ -692,6 +704,11 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
     """
     dest = Path(os.path.realpath(dest))
     directory = dest.parent
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(dest).st_mode
+        if not stat.S_ISREG(mode):
+            # Renaming over /dev/null or a FIFO would replace the device node itself.
+            raise OSError(errno.EINVAL, f"{str(dest)!r} is {file_kind(mode)}; refusing to replace it")
     remove_stale_temps(dest)
     fd, tmp = _named_temp(directory, dest)
     os.close(fd)
