@@ -502,6 +502,10 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Tuple["DeltaSnap
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
         size = f.size
     _check_max_size(f"delta {path!r} is for a state of", int(delta.total_size), max_size)
+    # A delta between states of different sizes also declares its base's size.
+    base_size = getattr(delta, "base_size", None)
+    if base_size is not None:
+        _check_max_size(f"delta {path!r} is for a base of", int(base_size), max_size)
     return delta, size
 
 
@@ -630,10 +634,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with _reading(args.old) as old, _reading(args.new) as new:
+        # Readers bound the sizes a delta declares by their --max-size: refuse here what they would.
+        _check_max_size(f"OLD {args.old!r} is", old.size, args.max_size)
+        _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
         if old.size != new.size:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
                            f"{args.new!r} is {new.size} bytes")
-        _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
         bar = _progress(args, new.size, "diff")
         try:
             delta = DeltaSnapshot.create(args.agent_id.bytes, old.buffer, new.buffer,

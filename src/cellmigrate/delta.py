@@ -297,6 +297,8 @@ class DeltaSnapshot:
         batch = encode_batch(old, found.pages, found.indices, allowed)
         compression, payload = choose_compression(batch, level, auto)
         value = None if hasher is None else hasher.digest()
+        if hasher is not None and hasher.splittable:
+            found.leaves = hasher.leaves()  # the new state's leaf table, for free
         delta = cls(
             agent_id=agent,
             sequence=sequence,
