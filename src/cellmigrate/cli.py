@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence", type=_nonneg_int, default=None, metavar="N",
                    help="sequence number of NEW (default: base sequence + 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_max_size(p, "refuse a NEW larger than this, as readers refuse deltas for larger states")
+    _add_max_size(p, "refuse an OLD or NEW larger than this, as readers refuse deltas for larger states")
     p.set_defaults(handler=_cmd_diff)
 
     p = add("apply", "apply a delta to BASE (atomically)",
