@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'rle' (the Rust crate's), 'none' (raw pages), 'zstd[:LEVEL]' (always zstd, "
                         "level 1-22, default 3); see docs/FORMAT.md")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_max_size(p, "refuse a NEW larger than this, as readers refuse deltas for larger states")
+    _add_max_size(p, "refuse an OLD or NEW larger than this, as readers refuse deltas for larger states")
     p.set_defaults(handler=_cmd_diff)
 
     p = add("apply", "apply a delta to BASE (atomically)",
