@@ -8,7 +8,7 @@ the raw text is kept in ``.message`` so callers can match it without the prefix.
 from __future__ import annotations
 
 import sqlite3
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = [
     "CellError",
@@ -25,6 +25,13 @@ __all__ = [
 ]
 
 
+def _rebuild(cls: "type[CellError]", args: Tuple[Any, ...], state: Dict[str, Any]) -> "CellError":
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class CellError(Exception):
     """Base class of every error raised by cellmigrate."""
 
@@ -33,6 +40,12 @@ class CellError(Exception):
     def __init__(self, message: str = "") -> None:
         self.message = message
         super().__init__(f"{self.prefix}{message}")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # Pickled (multiprocessing, Ray) as its args and attributes, rebuilt without
+        # calling __init__ again: that would prefix the message twice, and some
+        # subclasses take required keyword-only fields.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidStateError(CellError):
