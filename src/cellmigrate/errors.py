@@ -20,6 +20,7 @@ __all__ = [
     "StateChangedError",
     "JournalError",
     "InputTooLargeError",
+    "DeclaredSizeError",
     "AuditStoreError",
 ]
 
@@ -92,6 +93,20 @@ class InputTooLargeError(CellError, ValueError):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class DeclaredSizeError(CorruptDataError, InputTooLargeError):
+    """Serialized input declares a size over the reader's limit (e.g. a delta's
+    ``total_size`` over ``max_total_size``), refused before anything is decoded.
+
+    A :class:`CorruptDataError` (what a reader raises for input it refuses) and an
+    :class:`InputTooLargeError`: ``field`` names the header field, ``size`` is the
+    declared size and ``limit`` the reader's bound, both in bytes.
+    """
+
+    def __init__(self, message: str, *, field: str, size: int, limit: int) -> None:
+        super().__init__(message, size=size, limit=limit)
+        self.field = field
 
 
 class AuditStoreError(CellError, sqlite3.OperationalError):
