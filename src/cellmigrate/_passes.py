@@ -335,13 +335,13 @@ class Overlay:
         hi: int,
         indices: npt.NDArray[np.int64],
         pages: Sequence[BufferLike],
-        scratch: Optional[bytearray],
+        scratch: Optional["_Scratch"],
         base_sum: Optional[int] = None,
     ) -> int:
         """Checksum of bytes ``[lo, hi)`` with ``pages`` (at ``indices``, the pages that
         start in the chunk, ascending) over the base; feeds ``hasher`` those bytes in order.
 
-        With many pages and a ``scratch`` buffer of at least ``hi - lo`` bytes, the chunk
+        With many pages and a ``scratch`` (this thread's buffer, ``hi - lo`` bytes at most), the chunk
         is laid out once in the scratch by a kernel (which checksums it) and hashed in
         one call: one call per clean run would cost more than the hashing. Otherwise the
         checksum is the base's (``base_sum`` when the caller has it) adjusted for the
@@ -350,8 +350,9 @@ class Overlay:
         if hasher is not None and scratch is not None and len(indices) >= _SCRATCH_PAGES:
             n = hi - lo
             starts = indices * PAGE_SIZE - lo
-            checksum = int(kernels.overlay_checksum(self.base_view(lo, hi), lo, n, pages, starts, scratch))
-            hasher.update(memoryview(scratch)[:n])
+            buf = scratch.get(n)
+            checksum = int(kernels.overlay_checksum(self.base_view(lo, hi), lo, n, pages, starts, buf))
+            hasher.update(memoryview(buf)[:n])
             return checksum
         if base_sum is None:
             base_sum = self.base_checksum(lo, hi)
@@ -403,6 +404,21 @@ class Overlay:
                 end = min(stop, pos + _REPORT)
                 hasher.update(_zeros(end - pos))
                 pos = end
+
+
+class _Scratch:
+    """One thread's scratch buffer for :meth:`Overlay.check_chunk`, allocated on first use
+    (a pass whose chunks all have few pages allocates nothing)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf: Optional[bytearray] = None
+
+    def get(self, n: int) -> bytearray:
+        if self._buf is None or len(self._buf) < n:
+            self._buf = bytearray(n)
+        return self._buf
 
 
 def _zeros(n: int) -> memoryview:
@@ -461,7 +477,7 @@ def _scan_chunk(base: Overlay, new: memoryview, lo: int, hi: int) -> _Chunk:
 
 
 def _check_scanned(
-    base: Overlay, hasher: Optional[Hasher], lo: int, hi: int, found: _Chunk, scratch: Optional[bytearray]
+    base: Overlay, hasher: Optional[Hasher], lo: int, hi: int, found: _Chunk, scratch: Optional[_Scratch]
 ) -> _Chunk:
     """The scanned chunk with its checksum of "base + copies" (the hasher fed those bytes)."""
     idx, pages, base_sum = found
@@ -474,7 +490,7 @@ def _scan_alone(
     """``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if asked) right
     after the comparison read it, from cache."""
     step = _CHUNK if hasher is not None else _REPORT
-    scratch = bytearray(step) if hasher is not None else None
+    scratch = _Scratch() if hasher is not None else None
     found: List[_Chunk] = []
     for a in range(lo, hi, step):
         b = min(a + step, hi)
@@ -591,7 +607,7 @@ class Result(Overlay):
         """Checksum of ``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if
         asked) right after the checksum read it, from cache."""
         step = _CHUNK if hasher is not None else _REPORT
-        scratch = bytearray(step) if hasher is not None else None
+        scratch = _Scratch() if hasher is not None else None
         checksum = 0
         for a in range(lo, hi, step):
             b = min(a + step, hi)
