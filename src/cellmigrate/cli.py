@@ -635,7 +635,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        _recheck_pages(args.new, new, delta)
+        _recheck_pages(args.new, old, new, delta)
         wire = delta.serialize()
     elapsed = time.perf_counter() - started
     try:
@@ -659,16 +659,23 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _recheck_pages(name: str, new: StateFile, delta: "DeltaSnapshot") -> None:
+def _recheck_pages(name: str, old: StateFile, new: StateFile, delta: "DeltaSnapshot") -> None:
     """Compare each page the delta copied with the file now (SPEC: no state that never was).
 
     A writer may change NEW during the scan within one timestamp tick, so on top of the
     size/mtime/ctime check, the copied pages must still be what the file holds.
     """
     hook_pause("scanned")
+    total = int(delta.total_size)
     for page in delta.dirty_pages:
-        data = page.get_data()
-        if new.pread(len(data), int(page.index) * 4096) != data:
+        offset = int(page.index) * 4096
+        length = min(4096, total - offset)
+        try:
+            # A page stored XORed with the base page (wire v2) decodes against OLD's page.
+            data = page.get_data(base=old.pread(length, offset), length=length)  # type: ignore[call-arg,unused-ignore]
+        except TypeError:  # a DirtyPage that only knows raw and RLE pages
+            data = page.get_data()
+        if new.pread(len(data), offset) != data:
             raise CliError(f"{name!r} changed while it was read (page {page.index} differs from the copy "
                            "taken during the scan); nothing was written", EXIT_DIFFERENT)
 
