@@ -8,7 +8,9 @@ Run it as it is (``python examples/wasm_live_migration.py``; needs ``cellmigrate
 2. It starts node B: this same script as a second process (``--target``), which listens on
    127.0.0.1 (a free port) with a fresh instance of the same module waiting to adopt.
 3. While the agent runs, ``LiveMigration`` pre-copies its memory in rounds over the
-   stream protocol (pages written meanwhile travel again), then pauses it, sends the last
+   stream protocol, authenticated with a fresh shared key (both nodes prove they hold it,
+   every frame carries a MAC; node B gets the secret on its stdin, never on its command
+   line) - pages written meanwhile travel again - then pauses it, sends the last
    pages and the agent's exported mutable globals; node B proves the digest of what it
    staged equals node A's, adopts memory and globals and continues the run to
    ``TOTAL_STEPS`` iterations.
@@ -34,6 +36,7 @@ from typing import Any, Dict, List, Optional
 from cellmigrate import MigrationValidator, first_difference
 from cellmigrate.live import LiveMigration, MemoryStore, RoundStats
 from cellmigrate.live.receiver import LiveReceiver
+from cellmigrate.live.protocol import derive_key
 from cellmigrate.live.sender import StreamChannel
 from cellmigrate.live.transport import connect, listen
 from cellmigrate.wasm import WASM_PAGE_SIZE, WasmAgent
@@ -55,11 +58,12 @@ def _audit_lines(validator: MigrationValidator) -> List[str]:
 
 def run_target(out_dir: Path) -> int:
     """Node B: receive one migration into a fresh instance, finish the run, report."""
+    key = derive_key(bytes.fromhex(sys.stdin.readline().strip()))  # the shared secret, from node A
     target = WasmAgent(batch=4096, stop_at=TOTAL_STEPS)
     validator = MigrationValidator()
     listener = listen("127.0.0.1:0")
     print(f"LISTENING {listener.getsockname()[1]}", flush=True)
-    receiver = LiveReceiver(MemoryStore(), target, validator=validator, timeout=TIMEOUT)
+    receiver = LiveReceiver(MemoryStore(), target, key=key, validator=validator, timeout=TIMEOUT)
     try:
         if receiver.serve(listener, idle_timeout=TIMEOUT, resume_timeout=TIMEOUT) != 1:
             print(f"node B: no migration arrived ({receiver.last_error})", file=sys.stderr)
@@ -100,11 +104,15 @@ def run_source() -> int:
     with tempfile.TemporaryDirectory(prefix="cellmigrate-wasm-") as tmp:
         out_dir = Path(tmp)
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--target", str(out_dir)],
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         source: Optional[WasmAgent] = None
         try:
+            secret = os.urandom(32)
+            assert child.stdin is not None
+            child.stdin.write(secret.hex() + "\n")
+            child.stdin.close()
             port = _read_port(child)
-            print(f"node B (pid {child.pid}) listens on 127.0.0.1:{port}")
+            print(f"node B (pid {child.pid}) listens on 127.0.0.1:{port}; both nodes hold a fresh 32-byte shared key")
             # stop_at: even on a very slow machine node A never runs past the total.
             source = WasmAgent(batch=BATCH, rate=RATE, stop_at=TOTAL_STEPS)
             source.start()
@@ -113,7 +121,8 @@ def run_source() -> int:
                   f"live-migrating to node B while it runs")
             validator = MigrationValidator()
             # The stream protocol over TCP; the channel reconnects (and resumes) by itself.
-            channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=TIMEOUT), timeout=TIMEOUT)
+            channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=TIMEOUT),
+                                    key=derive_key(secret), timeout=TIMEOUT)
             migration = LiveMigration(source, channel, validator=validator, on_round=_print_round)
             summary = migration.run()
             paused_at = source.steps

@@ -47,6 +47,7 @@ def test_demo_subprocess_small_state() -> None:
     assert "Start the agent on node A: the package's mutator.wat, instantiated by wasmtime" in third
     assert "globals lcg (mutable i64), steps (mutable i64)" in third
     assert "Node B listens on 127.0.0.1:" in third
+    assert "both nodes prove they hold it (keyed BLAKE3) and every frame carries a MAC" in third
     assert "Pre-copy round 0 while the agent runs" in third
     assert "Final round: the agent is paused" in third
     assert "node B proved the xxh3_128_tree digest, adopted the memory and globals and resumed" in third

@@ -31,6 +31,7 @@ def test_example_runs_with_no_arguments(script: Path, tmp_path: Path) -> None:
 
 def _check_wasm_proof(out: str) -> None:
     """The wasm example printed the rounds, the proof and both nodes' audit trails."""
+    assert "both nodes hold a fresh 32-byte shared key" in out
     assert "final round (agent paused)" in out
     assert "PROOF: the migrated agent's final memory and globals are byte-for-byte identical" in out
     a, b = out.index("audit trail, node A:"), out.index("audit trail, node B:")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
-from typing import List
+from typing import Any, List
 
 import numpy as np
 import pytest
@@ -240,3 +240,94 @@ def test_empty_numpy_states_of_any_shape(shape: tuple, dtype: type) -> None:
     readonly.flags.writeable = False
     with pytest.raises(TypeError, match="writable"):
         d.apply(readonly)
+
+
+# --- LeafTable: the incremental tree digest ------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 5 * LEAF_SIZE // PAGE_SIZE), st.integers(0, 2**32 - 1),
+       st.lists(st.tuples(st.booleans(), st.integers(0, 5 * LEAF_SIZE)), max_size=6))
+def test_leaf_table_follows_page_writes_and_resizes(pages: int, seed: int, steps: List[Any]) -> None:
+    from cellmigrate._tree import LeafTable
+
+    rng = np.random.default_rng(seed)
+    state = bytearray(rng.integers(0, 256, pages * PAGE_SIZE + int(rng.integers(0, PAGE_SIZE)), dtype=np.uint8).tobytes())
+    table = LeafTable.of(memoryview(state))
+    assert table.root() == oracle(bytes(state)) and len(table) == -(-len(state) // LEAF_SIZE)
+    for is_resize, where in steps:
+        if is_resize:
+            state = state[:where] + bytearray(max(0, where - len(state)))
+            table.resize(len(state))
+        elif state:
+            at = where % len(state)
+            state[at] ^= 0xA5
+            table.touch_pages([at // PAGE_SIZE])
+        assert table.refresh(memoryview(state)) == oracle(bytes(state)) == digest(state)
+
+
+def test_leaf_table_hashes_only_touched_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cellmigrate._tree as tree
+
+    state = bytearray(_bytes(8 * MiB + 100, 3))
+    table = tree.LeafTable.of(memoryview(state))
+    hashed: List[int] = []
+    real = tree._digest
+
+    def counting(data: Any) -> bytes:
+        hashed.append(memoryview(data).nbytes)
+        return real(data)
+
+    monkeypatch.setattr(tree, "_digest", counting)
+    state[3 * MiB + 7] ^= 1
+    state[3 * MiB + 9000] ^= 1
+    table.touch_pages([(3 * MiB + 7) // PAGE_SIZE, (3 * MiB + 9000) // PAGE_SIZE, 10**9])  # past the end: ignored
+    assert table.stale_count() == 1
+    assert table.refresh(memoryview(state), threads=1) == oracle(bytes(state))
+    assert hashed[0] == LEAF_SIZE and len(hashed) == 2  # one leaf, then the root over the leaf table
+    hashed.clear()
+    state.extend(bytes(5))  # the last, partial leaf changes length
+    table.resize(len(state))
+    assert table.stale_count() == 1 and table.refresh(memoryview(state)) == oracle(bytes(state))
+    assert hashed[0] == 100 + 5
+
+
+def test_leaf_table_seeds_from_a_pass_and_refuses_misuse() -> None:
+    from cellmigrate._tree import LeafTable
+    from cellmigrate.checksum import Hasher
+
+    data = _bytes(3 * MiB + 10, 4)
+    hasher = Hasher("xxh3_128_tree")
+    hasher.update(data)
+    table = LeafTable.from_leaves(hasher.leaves(), len(data))
+    assert table.root() == hasher.digest() == digest(data)
+    assert table.leaves() == hasher.leaves()
+    with pytest.raises(ValueError, match="leaf digests"):
+        LeafTable.from_leaves(hasher.leaves()[:-1], len(data))
+    with pytest.raises(ValueError, match="has no leaves"):
+        Hasher("xxh3_128").leaves()
+    table.touch_pages([0])
+    with pytest.raises(ValueError, match="stale"):
+        table.root()
+    with pytest.raises(ValueError, match="describes"):
+        table.refresh(memoryview(data[:-1]))
+    assert LeafTable().refresh(memoryview(b"")) == digest(b"")
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128_tree", "xxh3_128", None])
+def test_tracker_committed_digest(algorithm: Any) -> None:
+    from cellmigrate import DirtyPageTracker
+
+    rng = np.random.default_rng(5)
+    state = bytearray(rng.integers(0, 256, 3 * MiB + 5, dtype=np.uint8).tobytes())
+    tracker = DirtyPageTracker(bytes(16), len(state))
+    assert tracker.committed_digest() == digest(b"")
+    tracker.initialize(state)
+    assert tracker.committed_digest() == digest(state)
+    for size in (len(state), 5 * MiB, 2 * MiB - 3):
+        state = state[:size] + bytearray(max(0, size - len(state)))
+        state[int(rng.integers(0, size))] ^= 0xFF
+        delta = tracker.create_delta(state, digest=algorithm, resize=True)
+        assert tracker.committed_digest() == digest(state)
+        if algorithm == "xxh3_128_tree":
+            assert delta.digest == tracker.committed_digest()

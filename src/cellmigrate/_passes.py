@@ -384,14 +384,17 @@ class Scan:
             short), copied once from the new state when the scan found it.
         checksum: ``simple_checksum`` of the base with ``pages`` laid over it: the state
             the delta describes, whatever a writer did to the live state meanwhile.
+        leaves: that state's ``xxh3_128_tree`` leaf digests when the pass hashed it with
+            the tree digest (set by the caller from ``Hasher.leaves()``), else ``None``.
     """
 
-    __slots__ = ("indices", "pages", "checksum")
+    __slots__ = ("indices", "pages", "checksum", "leaves")
 
     def __init__(self, indices: npt.NDArray[np.int64], pages: List[bytes], checksum: int) -> None:
         self.indices = indices
         self.pages = pages
         self.checksum = checksum
+        self.leaves: Optional[List[bytes]] = None
 
 
 _Chunk = Tuple[npt.NDArray[np.int64], List[bytes], int]

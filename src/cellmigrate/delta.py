@@ -347,6 +347,8 @@ class DeltaSnapshot:
             DirtyPage(int(i), data, packed) for i, (data, packed) in zip(found.indices, _compress_pages(found.pages))
         ]
         value = None if hasher is None else hasher.digest()
+        if hasher is not None and hasher.splittable:
+            found.leaves = hasher.leaves()  # the new state's leaf table, for free
         delta = cls(
             agent_id=agent,
             sequence=sequence,

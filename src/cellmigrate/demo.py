@@ -31,6 +31,7 @@ the refusals), so the demo doubles as a smoke test of an installation.
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import sys
@@ -404,6 +405,7 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
         return None
     from .live import LiveMigration, MemoryStore, RoundStats
     from .live.receiver import LiveReceiver
+    from .live.protocol import derive_key
     from .live.sender import StreamChannel
     from .live.transport import connect, listen
 
@@ -423,7 +425,8 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
 
     node_b = MigrationValidator()
     target = WasmAgent(batch=4096, stop_at=WASM_TOTAL_STEPS)
-    receiver = LiveReceiver(MemoryStore(), target, capabilities=caps, validator=node_b, timeout=WASM_TIMEOUT)
+    key = derive_key(os.urandom(32))  # a fresh shared key: both ends prove they hold it
+    receiver = LiveReceiver(MemoryStore(), target, key=key, capabilities=caps, validator=node_b, timeout=WASM_TIMEOUT)
     listener = listen("127.0.0.1:0")
     port = listener.getsockname()[1]
     served: List[BaseException] = []
@@ -437,7 +440,8 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
     thread = threading.Thread(target=serve, name="cellmigrate-demo-node-b", daemon=True)
     thread.start()
     step(f"Node B listens on 127.0.0.1:{port}",
-         "a fresh instance of the same module waits to adopt; the stream protocol, in a thread of this process")
+         "a fresh instance of the same module waits to adopt; the stream protocol, in a thread of this process",
+         "a fresh shared key: both nodes prove they hold it (keyed BLAKE3) and every frame carries a MAC")
 
     time.sleep(WASM_WARMUP)
 
@@ -453,7 +457,8 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
                     f"in {1e3 * stats.duration_s:.1f} ms", *more)
 
     try:
-        channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=WASM_TIMEOUT), timeout=WASM_TIMEOUT)
+        channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=WASM_TIMEOUT), key=key,
+                                timeout=WASM_TIMEOUT)
         wasm_req = AgentRequirements(
             architecture=requirements.architecture, required_memory=source.max_memory_size or source.memory_size,
             required_storage=0, required_wasm_features=["bulk-memory"], state_size=source.memory_size,

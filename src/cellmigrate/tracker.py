@@ -20,6 +20,7 @@ from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._ids import IdLike, to_id
 from ._passes import Scan, byte_reporter
+from ._tree import LeafTable
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, PAGE_SIZE
 from .delta import DeltaSnapshot
@@ -163,6 +164,8 @@ class DirtyPageTracker:
         self._last: Optional[bytearray] = None
         self._sequence = 0
         self._pending: Optional[Tuple[DeltaSnapshot, Scan]] = None
+        # xxh3_128_tree leaf table of the committed state (None: not computed yet).
+        self._leaves: Optional[LeafTable] = None
         self._lock = threading.RLock()
 
     @property
@@ -199,6 +202,7 @@ class DirtyPageTracker:
             self._bitmap[:] = False
             self._sequence = 1
             self._pending = None
+            self._leaves = None
 
     def mark_dirty(self, page_index: int) -> None:
         """Mark one page; an index outside the state is ignored."""
@@ -325,6 +329,25 @@ class DirtyPageTracker:
         with self._lock:
             return bytes(self._last) if self._last is not None else b""
 
+    def committed_digest(self) -> bytes:
+        """``xxh3_128_tree`` digest of the committed state (what the receiver must hold).
+
+        The tracker keeps the committed state's leaf table: a delta made with the tree
+        digest (the default) hands it over for free, otherwise only the leaves the
+        committed pages touched are hashed again, so after the first call this costs the
+        touched MiB, not the state. Empty-state digest before :meth:`initialize`.
+        """
+        with self._lock:
+            if self._last is None:
+                return LeafTable(0).root()
+            view = memoryview(self._last)
+            try:
+                if self._leaves is None:
+                    self._leaves = LeafTable.of(view)
+                return self._leaves.refresh(view)
+            finally:
+                view.release()
+
     def _advance(self) -> None:
         """Commit the pending delta: patch its copied pages into the committed state."""
         assert self._pending is not None
@@ -337,6 +360,11 @@ class DirtyPageTracker:
         elif len(self._last) < total:
             self._last.extend(bytes(total - len(self._last)))
         kernels.scatter_pages(self._last, found.indices, found.pages, PAGE_SIZE)
+        if found.leaves is not None:  # the delta's tree digest hashed exactly this state
+            self._leaves = LeafTable.from_leaves(found.leaves, total)
+        elif self._leaves is not None:
+            self._leaves.resize(total)
+            self._leaves.touch_pages(found.indices, PAGE_SIZE)
         if total != self._state_size:
             self._state_size = total
             self._bitmap = np.zeros(-(-total // PAGE_SIZE), dtype=np.bool_)

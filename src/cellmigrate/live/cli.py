@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import ssl
 import subprocess
@@ -25,6 +24,7 @@ from .._buffers import as_bytes_view
 from .._types import BufferLike
 from ..errors import CellError
 from ..progress import MigrationProgressEvent, ProgressEventKind
+from ..statefile import StateFile
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
@@ -45,24 +45,29 @@ class FileSource:
 
     ``pause_cmd``/``resume_cmd`` are shell commands run for ``pause()``/``resume()``
     (e.g. ``kill -STOP 1234``); a command that fails raises ``CellError``. The file is
-    mapped again whenever its size changed since the last round.
+    mapped again (a :class:`~cellmigrate.statefile.StateFile`) whenever its size changed
+    since the last round; the maps are guarded, so a page the writer truncated away
+    while a round reads it reads as zeros instead of killing the sender with SIGBUS
+    (the next round sees the new size, and the final round is read paused).
     """
 
     def __init__(self, path: str, pause_cmd: Optional[str] = None, resume_cmd: Optional[str] = None) -> None:
         self.path = path
         self.pause_cmd, self.resume_cmd = pause_cmd, resume_cmd
-        self._fd = os.open(path, os.O_RDONLY)
-        self._map: Optional[mmap.mmap] = None
-        self._size = -1
+        self._file = StateFile(path, sequential=False)
+        self._older: List[StateFile] = []
 
     def state(self) -> BufferLike:
-        size = os.fstat(self._fd).st_size
-        if size != self._size:
-            self._size = size
-            # The old mapping may still be referenced by the previous round's arrays; it
-            # is released when they are (closing it here would invalidate them).
-            self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
-        return self._map if self._map is not None else b""
+        if os.fstat(self._file.fd).st_size != self._file.size:
+            # Earlier rounds' arrays may still view the old map: close it with the source.
+            self._older.append(self._file)
+            self._file = StateFile(self.path, sequential=False)
+        return self._file.buffer
+
+    def close(self) -> None:
+        """Unmap the file."""
+        for f in [*self._older, self._file]:
+            f.close()
 
     def _run(self, cmd: Optional[str], what: str) -> None:
         if cmd is None:
@@ -317,16 +322,29 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    from ..cli import CliError, _progress
+    from ..cli import CliError
 
     if (args.pause_cmd or args.max_rounds != DEFAULT_MAX_ROUNDS) and not args.live:
         raise CliError("--pause-cmd and --max-rounds need --live")
-    key = _key(args)
-    tls = _client_tls(args)
+    _key(args)  # bad key or TLS files are reported before the state file is opened
+    _client_tls(args)
     try:
         source = FileSource(args.state_file, args.pause_cmd, args.resume_cmd)
     except OSError as exc:
         raise CliError(f"cannot open {args.state_file!r}: {exc.strerror or exc}") from None
+    except CellError as exc:  # locked by a writer of ours, a pending journal, ...
+        raise CliError(str(exc)) from None
+    try:
+        return _send(args, source)
+    finally:
+        source.close()
+
+
+def _send(args: argparse.Namespace, source: FileSource) -> int:
+    from ..cli import CliError, _progress
+
+    key = _key(args)
+    tls = _client_tls(args)
     size = as_bytes_view(source.state()).nbytes
     try:
         agent_id = uuid.UUID(args.agent_id) if args.agent_id else uuid.uuid4()

@@ -79,9 +79,15 @@ class LeafTable:
 
     def refresh(self, view: memoryview, threads: Optional[int] = None) -> bytes:
         """Hash the changed leaves of ``view`` (the state, ``size`` bytes) and return the root."""
+        self.hash_dirty(view, len(self._leaves), threads)
+        return root(self._leaves, self._size)
+
+    def hash_dirty(self, view: memoryview, below: int, threads: Optional[int] = None) -> None:
+        """Hash the changed leaves numbered below ``below`` now (a round's pages arrive in
+        ascending order, so leaves before the latest page are final for the round)."""
         if view.nbytes != self._size:
             raise ValueError(f"leaf table describes {self._size} bytes, the view has {view.nbytes}")
-        todo = np.flatnonzero(self._dirty)
+        todo = np.flatnonzero(self._dirty[: max(0, below)])
         if len(todo):
             leaves, size = self._leaves, self._size
 
@@ -92,5 +98,4 @@ class LeafTable:
             # Spans of leaf indices, each worth several MiB of hashing (xxhash frees the GIL).
             spans = plan(len(todo) * LEAF_SIZE, threads, 8 * LEAF_SIZE)
             run_spans(hash_leaves, [(lo // LEAF_SIZE, hi // LEAF_SIZE) for lo, hi in spans])
-            self._dirty[:] = False
-        return root(self._leaves, self._size)
+            self._dirty[todo] = False

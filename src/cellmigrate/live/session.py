@@ -26,6 +26,7 @@ from ..errors import CorruptDataError, InvalidStateError, MigrationFailedError
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities, VerificationResult
 from .errors import RefusedError
 from .agent import MAX_EXTRA_BYTES, StateStore, TargetAgent
+from .._tree import LEAF_SIZE
 from .leaves import LeafTable
 from .pages import MAX_CHUNK_BYTES, Chunk, decode_pages, pages_digest, pages_len, write_pages
 
@@ -147,6 +148,11 @@ class ReceiverSession:
                 with self.store.view() as view:
                     write_pages(np.frombuffer(view, dtype=np.uint8), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
             self._leaves.touch_pages(idx)
+            # Pages of a round come in ascending order: the leaves before this chunk's last
+            # page are final for the round. Hash them now, while the next chunk arrives, so
+            # the round's (and the final proof's) digest has little left to do.
+            with self.store.view() as view:
+                self._leaves.hash_dirty(view, int(idx[-1]) * PAGE_SIZE // LEAF_SIZE)
         self.committed_seq = chunk.seq
         self._round_seen = chunk.round
         self.bytes_received += chunk.raw_len
