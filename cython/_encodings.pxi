@@ -9,11 +9,11 @@ cdef extern from "cm_pages.h" nogil:
     size_t cm_xzr_encode_active "cm_xzr_encode_entry"(const uint8_t* nw, const uint8_t* base, size_t L,
                                                        uint8_t* dst, size_t limit)
     int cm_xzr_decode(const uint8_t* src, size_t n, uint8_t* out, size_t L, size_t* where)
-    size_t cm_encode_pages(const uint8_t* nw, size_t nnew, const uint8_t* base, size_t nbase,
+    size_t cm_encode_pages(const uint8_t* const* pages, const size_t* lens, const uint8_t* base, size_t nbase,
                            const int64_t* idx, size_t count, size_t page, unsigned allowed,
-                           uint8_t* enc, int64_t* off, uint8_t* dst, uint8_t* scratch)
+                           uint8_t* enc, int64_t* off, uint32_t* chk, uint8_t* dst, uint8_t* scratch)
     int cm_check_pages(const uint8_t* src, size_t nsrc, const int64_t* off, const uint8_t* enc,
-                       const int64_t* idx, size_t count, uint64_t total, size_t page,
+                       const uint32_t* chk, const int64_t* idx, size_t count, uint64_t total, size_t page,
                        unsigned allowed, int64_t prev, const uint8_t* base, size_t nbase,
                        uint8_t* out, size_t* pos, int64_t* detail)
 
@@ -95,29 +95,15 @@ def xzr_decode(const uint8_t[::1] stream, const uint8_t[::1] base_page, Py_ssize
     return out
 
 
-def encode_pages(const uint8_t[::1] old, const uint8_t[::1] new, indices, Py_ssize_t page_size,
-                 unsigned allowed):
-    """Encode the pages ``indices`` of ``new`` against ``old`` (any length).
-
-    Returns ``(encodings uint8[n], offsets int64[n + 1], payload bytes)``: page k is
-    stored as ``payload[offsets[k]:offsets[k + 1]]`` with encoding ``encodings[k]``, the
-    smallest of the encodings in the bit mask ``allowed`` (``1 << ENC_*``; RAW is always
-    allowed), ties to the earlier of RAW, RLE, ZERO, XZR.
-    """
-    cdef int64_t[::1] idx = _indices(indices)
-    cdef size_t count = idx.shape[0], nnew = new.shape[0], nold = old.shape[0]
-    cdef size_t npages = _page_count(nnew, page_size)
-    cdef Py_ssize_t k
-    cdef size_t total = 0, start
-    for k in range(<Py_ssize_t>count):
-        if idx[k] < 0 or <uint64_t>idx[k] >= npages:
-            raise IndexError(f"page {idx[k]} is outside a state of {nnew} bytes")
-        start = <size_t>idx[k] * page_size
-        total += nnew - start if nnew - start < <size_t>page_size else page_size
+cdef object _encode(const uint8_t* base, size_t nbase, const uint8_t** ptrs, size_t* lens, int64_t[::1] idx,
+                    size_t count, size_t total, Py_ssize_t page_size, unsigned allowed):
+    """Run cm_encode_pages over prepared page pointers (frees nothing: the caller owns them)."""
     encs = np.empty(count, dtype=np.uint8)
     offs = np.empty(count + 1, dtype=np.int64)
+    chks = np.empty(count, dtype=np.uint32)
     cdef uint8_t[::1] enc = encs
     cdef int64_t[::1] off = offs
+    cdef uint32_t[::1] chk = chks
     cdef PyObject* raw = _new_bytes(NULL, total)
     if raw == NULL:
         raise MemoryError()
@@ -127,34 +113,109 @@ def encode_pages(const uint8_t[::1] old, const uint8_t[::1] new, indices, Py_ssi
         result = <object>raw
         Py_DECREF(result)
         raise MemoryError()
-    cdef const uint8_t* pn = &new[0] if nnew else NULL
-    cdef const uint8_t* po = &old[0] if nold else NULL
-    cdef const int64_t* pi = &idx[0] if count else NULL
     cdef size_t o
     cdef PyThreadState* ts = _release(total)
-    o = cm_encode_pages(pn, nnew, po, nold, pi, count, page_size, allowed | 1u, &enc[0] if count else NULL,
-                        &off[0], dst, scratch)
+    o = cm_encode_pages(ptrs, lens, base, nbase, &idx[0] if count else NULL, count, page_size, allowed | 1u,
+                        &enc[0] if count else NULL, &off[0], &chk[0] if count else NULL, dst, scratch)
     _reacquire(ts)
     free(scratch)
     if _PyBytes_Resize(&raw, o) < 0:
         raise MemoryError()
     result = <object>raw
     Py_DECREF(result)
-    return encs, offs, result
+    return encs, offs, chks, result
+
+
+def encode_pages(const uint8_t[::1] old, const uint8_t[::1] new, indices, Py_ssize_t page_size,
+                 unsigned allowed):
+    """Encode the pages ``indices`` of ``new`` against ``old`` (any length).
+
+    Returns ``(encodings uint8[n], offsets int64[n + 1], checks uint32[n], payload bytes)``:
+    page k is stored as ``payload[offsets[k]:offsets[k + 1]]`` (whose weighted checksum
+    is ``checks[k]``) with encoding ``encodings[k]``, the smallest of the encodings in the
+    bit mask ``allowed`` (``1 << ENC_*``; RAW is always allowed), ties to the earlier of
+    RAW, RLE, ZERO, XZR.
+    """
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef size_t count = idx.shape[0], nnew = new.shape[0], nold = old.shape[0]
+    cdef size_t npages = _page_count(nnew, page_size)
+    cdef Py_ssize_t k
+    cdef size_t total = 0, start
+    for k in range(<Py_ssize_t>count):
+        if idx[k] < 0 or <uint64_t>idx[k] >= npages:
+            raise IndexError(f"page {idx[k]} is outside a state of {nnew} bytes")
+    cdef const uint8_t** ptrs = <const uint8_t**>malloc((count + 1) * sizeof(uint8_t*))
+    cdef size_t* lens = <size_t*>malloc((count + 1) * sizeof(size_t))
+    if ptrs == NULL or lens == NULL:
+        free(ptrs)
+        free(lens)
+        raise MemoryError()
+    try:
+        for k in range(<Py_ssize_t>count):
+            start = <size_t>idx[k] * page_size
+            lens[k] = nnew - start if nnew - start < <size_t>page_size else page_size
+            ptrs[k] = &new[start]
+            total += lens[k]
+        return _encode(&old[0] if nold else NULL, nold, ptrs, lens, idx, count, total, page_size, allowed)
+    finally:
+        free(ptrs)
+        free(lens)
+
+
+def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_size, unsigned allowed):
+    """``encode_pages`` for pages given as separate buffers: ``pages[k]`` holds page
+    ``indices[k]`` of the new state (at most ``page_size`` bytes; only a state's last page
+    is short), encoded against the same bytes of ``old``."""
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef size_t count = idx.shape[0], nold = old.shape[0]
+    cdef Py_ssize_t k
+    cdef size_t total = 0
+    cdef const uint8_t[::1] view
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    if len(pages) != <Py_ssize_t>count:
+        raise ValueError(f"{len(pages)} pages but {count} indices")
+    cdef list views = []
+    for k in range(<Py_ssize_t>count):
+        view = pages[k]
+        if idx[k] < 0:
+            raise IndexError(f"page index {idx[k]} is negative")
+        if view.shape[0] == 0 or <size_t>view.shape[0] > <size_t>page_size:
+            raise ValueError(f"page {idx[k]} has {view.shape[0]} bytes, not 1..{page_size}")
+        views.append(view)
+    cdef const uint8_t** ptrs = <const uint8_t**>malloc((count + 1) * sizeof(uint8_t*))
+    cdef size_t* lens = <size_t*>malloc((count + 1) * sizeof(size_t))
+    if ptrs == NULL or lens == NULL:
+        free(ptrs)
+        free(lens)
+        raise MemoryError()
+    try:
+        for k in range(<Py_ssize_t>count):
+            view = views[k]
+            ptrs[k] = &view[0]
+            lens[k] = view.shape[0]
+            total += lens[k]
+        return _encode(&old[0] if nold else NULL, nold, ptrs, lens, idx, count, total, page_size, allowed)
+    finally:
+        free(ptrs)
+        free(lens)
 
 
 def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_t total_size,
-                Py_ssize_t page_size, unsigned allowed, int64_t previous=-1, base=None, out=None):
+                Py_ssize_t page_size, unsigned allowed, int64_t previous=-1, base=None, out=None, checks=None):
     """Check (and decode, when ``out`` is given) stored pages; see ``_reference.check_pages``.
 
     Returns ``(code, position, detail)``, ``code`` 0 when every page is valid. With
     ``out`` (a writable buffer of ``len(indices) * page_size`` bytes), decoded page k is
-    written at ``out[k * page_size:]``; XZR pages XOR into the pages of ``base``.
+    written at ``out[k * page_size:]``; XZR pages XOR into the pages of ``base``. With
+    ``checks`` (uint32[n]), each page's stored bytes must have that weighted checksum.
     """
     cdef int64_t[::1] idx = _indices(indices)
     cdef int64_t[::1] off = _offsets(offsets)
     cdef const uint8_t[::1] enc = _encs(encodings)
     cdef size_t count = idx.shape[0]
+    cdef const uint32_t[::1] chk
+    cdef const uint32_t* pc = NULL
     cdef const uint8_t[::1] base_view
     cdef uint8_t[::1] out_view
     cdef const uint8_t* pb = NULL
@@ -164,6 +225,12 @@ def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_
         raise ValueError("page_size must be positive")
     if <size_t>enc.shape[0] != count or <size_t>off.shape[0] != count + 1:
         raise ValueError(f"{count} indices need {count} encodings and {count + 1} offsets")
+    if checks is not None:
+        chk = np.ascontiguousarray(checks, dtype=np.uint32).reshape(-1)
+        if <size_t>chk.shape[0] != count:
+            raise ValueError(f"{count} indices need {count} checks")
+        if count:
+            pc = &chk[0]
     if base is not None:
         base_view = base
         nbase = base_view.shape[0]
@@ -181,7 +248,27 @@ def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_
     cdef int64_t detail = 0
     cdef int rc
     cdef PyThreadState* ts = _release(nsrc + (count * page_size if po != NULL else 0))
-    rc = cm_check_pages(ps, nsrc, &off[0], &enc[0] if count else NULL, &idx[0] if count else NULL, count,
+    rc = cm_check_pages(ps, nsrc, &off[0], &enc[0] if count else NULL, pc, &idx[0] if count else NULL, count,
                         total_size, page_size, allowed | 1u, previous, pb, nbase, po, &pos, &detail)
     _reacquire(ts)
     return rc, pos, detail
+
+
+def stored_checks(const uint8_t[::1] payload, offsets):
+    """uint32[n]: the weighted checksum of each ``payload[offsets[k]:offsets[k + 1]]``."""
+    cdef int64_t[::1] off = _offsets(offsets)
+    cdef Py_ssize_t k, count = off.shape[0] - 1 if off.shape[0] else 0
+    cdef size_t nsrc = payload.shape[0]
+    out = np.empty(count, dtype=np.uint32)
+    cdef uint32_t[::1] chk = out
+    for k in range(count):
+        if off[k] < 0 or off[k + 1] < off[k] or <size_t>off[k + 1] > nsrc:
+            raise ValueError(f"offsets {off[k]}..{off[k + 1]} do not fit a payload of {nsrc} bytes")
+    if count == 0:
+        return out
+    cdef const uint8_t* p = &payload[0] if nsrc else NULL
+    cdef PyThreadState* ts = _release(nsrc)
+    for k in range(count):
+        chk[k] = cm_checksum(p + off[k], <size_t>(off[k + 1] - off[k]), 0) if off[k + 1] > off[k] else 0
+    _reacquire(ts)
+    return out

@@ -59,6 +59,7 @@ enum {
     CM_PAGE_RLE_SIZE = 6,       /* RLE decodes to detail bytes, not the page's length */
     CM_PAGE_XZR_CORRUPT = 7,    /* detail = CM_XZR_* */
     CM_PAGE_OFFSETS = 8,        /* offsets not non-decreasing / past the payload (caller bug) */
+    CM_PAGE_CHECK = 9,          /* the stored bytes' weighted checksum is not the table's; detail = it */
 };
 
 /* Longest varint accepted: 5 bytes (35 bits); every value must also fit the page. */
@@ -310,16 +311,17 @@ static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, siz
     return scratch;
 }
 
-/* Encode the pages idx[0..count) of `nw` (nnew bytes) against `base` (nbase bytes; may
-   differ from nnew). Each page gets the smallest allowed encoding, ties to the lower
+/* Encode page k (pages[k], lens[k] <= page bytes: page idx[k] of the new state) against
+   the same bytes of `base` (nbase bytes, zeros past its end). Each page gets the smallest allowed encoding, ties to the lower
    value in the order RAW, RLE, ZERO, XZR (a later one only when strictly smaller).
-   Writes enc[k], off[k+1] (off[0] = 0) and the stored bytes back to back into dst, which
+   Writes enc[k], off[k+1] (off[0] = 0), chk[k] (the weighted checksum of the stored
+   bytes: the per-page check of the wire format) and the stored bytes back to back into dst, which
    needs room for the sum of the pages' lengths (RAW bounds every choice). scratch needs
-   3 * page + page + page + 32 bytes. Indices must be valid pages of nw (checked by the
-   caller). Returns the payload size. */
-static size_t cm_encode_pages(const uint8_t *nw, size_t nnew, const uint8_t *base, size_t nbase,
-                              const int64_t *idx, size_t count, size_t page, unsigned allowed,
-                              uint8_t *enc, int64_t *off, uint8_t *dst, uint8_t *scratch) {
+   3 * page + page + page + 32 bytes. Indices must be >= 0 (checked by the caller).
+   Returns the payload size. */
+static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, const uint8_t *base,
+                              size_t nbase, const int64_t *idx, size_t count, size_t page, unsigned allowed,
+                              uint8_t *enc, int64_t *off, uint32_t *chk, uint8_t *dst, uint8_t *scratch) {
     cm_page_ops ops = cm_page_ops_active();
     uint8_t *rle_buf = scratch;                  /* 3 * page */
     uint8_t *xzr_buf = scratch + 3 * page;       /* page + 16 */
@@ -328,8 +330,8 @@ static size_t cm_encode_pages(const uint8_t *nw, size_t nnew, const uint8_t *bas
     off[0] = 0;
     for (size_t k = 0; k < count; k++) {
         size_t start = (size_t)idx[k] * page;
-        size_t L = nnew - start < page ? nnew - start : page;
-        const uint8_t *np = nw + start;
+        size_t L = lens[k];
+        const uint8_t *np = pages[k];
         uint8_t best = CM_ENC_RAW;
         size_t best_size = L;
         const uint8_t *best_src = np;
@@ -360,6 +362,7 @@ static size_t cm_encode_pages(const uint8_t *nw, size_t nnew, const uint8_t *bas
         }
         if (best_size)
             memcpy(dst + o, best_src, best_size);
+        chk[k] = cm_checksum(dst + o, best_size, 0);
         o += best_size;
         enc[k] = best;
         off[k + 1] = (int64_t)o;
@@ -370,13 +373,14 @@ static size_t cm_encode_pages(const uint8_t *nw, size_t nnew, const uint8_t *bas
 /* Check (and, with out != NULL, decode) a batch of stored pages.
  *
  * Page k: index idx[k] (strictly increasing, idx * page < total), encoding enc[k] (in
- * `allowed`), stored bytes src[off[k]..off[k+1]). Decoded page k goes to
+ * `allowed`), stored bytes src[off[k]..off[k+1]) whose weighted checksum is chk[k] (not
+ * checked when chk is NULL). Decoded page k goes to
  * out[k * page .. k * page + L) where L is its length in a `total`-byte state; base
  * (nbase bytes) is read only for XZR pages, and is zero past nbase.
  * `prev` is the index before this batch (-1 for none), so a batch can be checked in
  * pieces. Returns CM_PAGE_OK or an error code with *pos = the page and *detail. */
 static int cm_check_pages(const uint8_t *src, size_t nsrc, const int64_t *off, const uint8_t *enc,
-                          const int64_t *idx, size_t count, uint64_t total, size_t page,
+                          const uint32_t *chk, const int64_t *idx, size_t count, uint64_t total, size_t page,
                           unsigned allowed, int64_t prev, const uint8_t *base, size_t nbase,
                           uint8_t *out, size_t *pos, int64_t *detail) {
     for (size_t k = 0; k < count; k++) {
@@ -405,6 +409,13 @@ static int cm_check_pages(const uint8_t *src, size_t nsrc, const int64_t *off, c
         const uint8_t *s = src + off[k];
         size_t n = (size_t)(off[k + 1] - off[k]);
         uint8_t *slot = out ? out + k * page : NULL;
+        if (chk) {
+            uint32_t c = cm_checksum(s, n, 0);
+            if (c != chk[k]) {
+                *detail = (int64_t)c;
+                return CM_PAGE_CHECK;
+            }
+        }
         *detail = (int64_t)n;
         switch (e) {
         case CM_ENC_RAW:

@@ -1070,14 +1070,14 @@ def test_wire_roundtrip(kw):
     w = d.serialize()
     assert isinstance(w, bytes)
     assert w[:8] == MAGIC
-    assert struct.unpack("<H", w[8:10])[0] == 1
+    assert struct.unpack("<H", w[8:10])[0] == 2  # wire format version 2 (docs/FORMAT.md)
     r = DeltaSnapshot.deserialize(w)
     for f in ("agent_id", "sequence", "base_sequence", "total_size", "timestamp", "checksum",
               "digest_algorithm", "keyed"):
         assert getattr(r, f) == getattr(d, f), f
     assert (r.digest or None) == (d.digest or None)
-    assert [(p.index, bool(p.compressed), bytes(p.data)) for p in r.dirty_pages] == \
-        [(p.index, bool(p.compressed), bytes(p.data)) for p in d.dirty_pages]
+    # The pages as shipped (zero and XOR pages included) are the pages read back.
+    assert r == d and r.encoding_counts() == d.encoding_counts()
     assert r.serialize() == w
     assert DeltaSnapshot.deserialize(bytearray(w)).serialize() == w
     assert DeltaSnapshot.deserialize(memoryview(w)).serialize() == w
@@ -1121,11 +1121,21 @@ def _reseal(body: bytes) -> bytes:
     return body + xxhash.xxh3_128_digest(body)
 
 
+def _v2_table(w):
+    """Offsets of a version-2 delta's page table columns (docs/FORMAT.md): indices (u32),
+    stored lengths (u16), page checks (u32), encodings (u8), after header, digests, payload."""
+    dlen = w[12]
+    count, wire = struct.unpack_from("<IQ", w, 76)
+    start = 96 + 2 * dlen + wire
+    return count, start, start + 4 * count, start + 6 * count, start + 10 * count
+
+
 def test_wire_forgeries_with_valid_trailer_refused():
     _, _, d = _sample_delta(digest=None)
     w = d.serialize()
     body = bytearray(w[:-16])
     assert _reseal(bytes(body)) == w  # documented trailer
+    count, idx_at, len_at, _, enc_at = _v2_table(w)
     forged = []
     # total_size shrunk so that the last page index is out of range
     f = bytearray(body)
@@ -1137,15 +1147,15 @@ def test_wire_forgeries_with_valid_trailer_refused():
     forged.append(("total_size-huge", f))
     # page count huge
     f = bytearray(body)
-    f[72:80] = struct.pack("<Q", 2 ** 40)
+    f[76:80] = struct.pack("<I", 2 ** 32 - 1)
     forged.append(("page-count-huge", f))
     # page count zero with payload present
     f = bytearray(body)
-    f[72:80] = struct.pack("<Q", 0)
+    f[76:80] = struct.pack("<I", 0)
     forged.append(("page-count-zero", f))
-    # version 2
+    # version 3 (a newer writer)
     f = bytearray(body)
-    f[8:10] = struct.pack("<H", 2)
+    f[8:10] = struct.pack("<H", 3)
     forged.append(("version", f))
     # keyed flag without blake3
     f = bytearray(body)
@@ -1153,19 +1163,19 @@ def test_wire_forgeries_with_valid_trailer_refused():
     forged.append(("keyed-without-blake3", f))
     # reserved byte
     f = bytearray(body)
-    f[13] = 1
+    f[14] = 1
     forged.append(("reserved", f))
     # page index of first entry moved past the end
     f = bytearray(body)
-    f[80:88] = struct.pack("<Q", 10 ** 9)
+    f[idx_at : idx_at + 4] = struct.pack("<I", 10 ** 9)
     forged.append(("page-index", f))
     # stored length of first page zero
     f = bytearray(body)
-    f[88:92] = struct.pack("<I", 0)
+    f[len_at : len_at + 2] = struct.pack("<H", 0)
     forged.append(("stored-length", f))
     # unknown encoding
     f = bytearray(body)
-    f[92] = 9
+    f[enc_at] = 9
     forged.append(("encoding", f))
     for name, fb in forged:
         with pytest.raises(CorruptDataError):
@@ -2911,17 +2921,18 @@ def test_wire_reader_messages_name_the_field():
     assert "bad magic" in msg(b"garbage" * 20)
     assert "truncated" in msg(MAGIC + b"\x01\x00" + bytes(20))
     f = bytearray(body)
-    f[8:10] = struct.pack("<H", 2)
-    assert "unsupported version" in msg(_reseal(bytes(f)))
+    f[8:10] = struct.pack("<H", 3)
+    assert "unsupported version 3" in msg(_reseal(bytes(f)))
     f = bytearray(body)
     f[10] = 7
     assert "unknown digest algorithm" in msg(_reseal(bytes(f)))
     assert "total_size" in msg(w, max_total_size=10)
     f = bytearray(body)
-    f[72:80] = struct.pack("<Q", 10 ** 6)
+    f[76:80] = struct.pack("<I", 10 ** 6)
     assert "page count" in msg(_reseal(bytes(f)))
+    _, idx_at, _, _, _ = _v2_table(w)
     f = bytearray(body)
-    f[80:88] = struct.pack("<Q", 10 ** 6)
+    f[idx_at : idx_at + 4] = struct.pack("<I", 10 ** 6)
     assert msg(_reseal(bytes(f))).startswith("page 0:")
     m = bytearray(w)
     m[-1] ^= 1
@@ -2945,7 +2956,7 @@ def test_deserialize_allocation_bounded_by_input():
     # a forged header declaring a huge state and page count allocates nothing like it
     body = bytearray(w[:-16])
     body[48:56] = struct.pack("<Q", 60 * GiB)
-    body[72:80] = struct.pack("<Q", 60 * GiB // PAGE_SIZE)
+    body[76:80] = struct.pack("<I", 60 * GiB // PAGE_SIZE)
     forged = _reseal(bytes(body))
     del body
     tracemalloc.start()

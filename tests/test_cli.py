@@ -263,12 +263,23 @@ def test_delta_for_another_base_is_refused_and_base_unchanged(tmp_path: Path) ->
 
 def test_delta_applied_twice_is_idempotent(tmp_path: Path) -> None:
     old_path, new_path, _, new = make_pair(tmp_path)
-    delta = diff(tmp_path, old_path, new_path)
+    delta = diff(tmp_path, old_path, new_path, "--compress", "rle")
     assert run("apply", str(old_path), str(delta)).returncode == 0
     # BASE now holds NEW; the delta's pages are NEW's pages, so applying it again yields
     # NEW, which the checksum and digest confirm: accepted, and nothing changes.
     proc = run("apply", str(old_path), str(delta))
     assert proc.returncode == 0, proc.stderr
+    assert old_path.read_bytes() == new
+
+
+def test_xor_delta_applied_twice_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """An XOR page is relative to its base page: applied to NEW it would not give NEW, and
+    verification refuses it before writing (exit 1), leaving the file as it was."""
+    old_path, new_path, _, new = make_pair(tmp_path)
+    delta = diff(tmp_path, old_path, new_path)  # --compress auto: XOR pages
+    assert run("apply", str(old_path), str(delta)).returncode == 0
+    line = assert_one_line_error(run("apply", str(old_path), str(delta)), 1)
+    assert "refused" in line and "mismatch" in line
     assert old_path.read_bytes() == new
 
 
@@ -437,9 +448,16 @@ def test_inspect_text_and_json(tmp_path: Path) -> None:
     assert info["compressed_size"] == sum(p["stored_size"] for p in info["pages"])
     assert info["uncompressed_size"] == 5 * PAGE_SIZE
     assert info["compression_ratio"] == pytest.approx(info["compressed_size"] / info["uncompressed_size"])
-    assert info["rle_pages"] + info["raw_pages"] == 5
+    assert info["rle_pages"] + info["raw_pages"] == info["encodings"]["rle"]["pages"] + info["encodings"]["raw"]["pages"]
+    # Every page in exactly one encoding; the counts and bytes match the page list.
+    assert sum(e["pages"] for e in info["encodings"].values()) == 5
+    for name, e in info["encodings"].items():
+        mine = [p for p in info["pages"] if p["encoding"] == name]
+        assert (e["pages"], e["bytes"]) == (len(mine), sum(p["stored_size"] for p in mine))
+    assert info["wire_version"] == 2 and info["payload_compression"] in ("none", "zstd")
 
     text = run("inspect", str(delta)).stdout
+    assert "encodings    raw " in text and " xzr " in text
     assert "sequence     8 (base 7)" in text
     assert f"checksum     {simple_checksum(new)}" in text
     assert "dirty pages  5 " in text

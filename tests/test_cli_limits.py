@@ -79,9 +79,19 @@ def test_diff_refuses_a_state_readers_would_refuse(tmp_path: Path) -> None:
     proc = run("diff", str(old), str(new), "-o", str(out))
     line = one_line_error(proc, 2)
     assert time.monotonic() - started < 60  # refused before reading 128 GiB
+    # the reader's bound covers both sizes a delta declares (state and base)
+    assert f"OLD '{old}' is {BIG} bytes" in line
     assert f"is {BIG} bytes (64 GiB), over --max-size {64 << 30} bytes (64 GiB)" in line
     assert "pass a larger --max-size to 'diff', 'inspect' and 'apply' alike" in line
     assert not out.exists()
+
+
+def test_diff_bounds_old_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old, new, _ = pair(tmp_path)
+    code, _, err = run_cli(capsys, "diff", str(old), str(new), "-o", str(tmp_path / "d.cmd"),
+                           "--max-size", str(old.stat().st_size - 1))
+    assert code == 2 and f"OLD '{old}' is" in err and "--max-size" in err
+    assert not (tmp_path / "d.cmd").exists()
 
 
 def _forged_big_delta(tmp_path: Path) -> Path:

@@ -162,9 +162,12 @@ def test_resizing_delta_fields_and_wire() -> None:
     assert DeltaSnapshot(AGENT, 0, 1, [], 10, 0, 0, base_size=10).base_size is None  # "same size"
     with pytest.raises(ValueError, match="base_size"):
         DeltaSnapshot(AGENT, 0, 1, [], 10, 0, 0, base_size=-1)
-    # Until the wire format carries base_size, a resizing delta is refused, not truncated.
-    with pytest.raises(InvalidStateError, match="resizes the state"):
-        delta.serialize()
+    # Wire format v2 carries base_size: a resizing delta round-trips and applies.
+    back = DeltaSnapshot.deserialize(delta.serialize())
+    assert back == delta and back.base_size == PAGE_SIZE and back.total_size == 2 * PAGE_SIZE
+    grown = bytearray(old)
+    back.apply(grown)
+    assert grown == new
     assert DeltaSnapshot.deserialize(same.serialize()) == same
     # The validator's size check uses the base size the delta names.
     assert StateVerifier.verify_delta(old, delta, delta.checksum).passed

@@ -215,21 +215,27 @@ def _reference_best(old: bytes, new: bytes, indices: List[int], allowed: int) ->
 @given(case=states(), allowed=st.sampled_from([ALL, CRATE, 0x1, 0x9, 0x5]))
 def test_encode_pages_matches_reference_on_every_path(case: Tuple[bytes, bytes, List[int]], allowed: int) -> None:
     old, new, indices = case
-    want_enc, want_off, want_payload = _reference.encode_pages(old, new, indices, PAGE, allowed)
+    want_enc, want_off, want_chk, want_payload = _reference.encode_pages(old, new, indices, PAGE, allowed)
     expected = _reference_best(old, new, indices, allowed)
     assert want_enc.tolist() == [e for e, _ in expected]
     assert want_payload == b"".join(s for _, s in expected)
     for path in _each_path():
-        enc, off, payload = _kernels.encode_pages(old, new, indices, PAGE, allowed)
-        assert enc.dtype == np.uint8 and off.dtype == np.int64, path
+        enc, off, chk, payload = _kernels.encode_pages(old, new, indices, PAGE, allowed)
+        assert enc.dtype == np.uint8 and off.dtype == np.int64 and chk.dtype == np.uint32, path
         assert enc.tolist() == want_enc.tolist(), path
         assert off.tolist() == want_off.tolist(), path
+        assert chk.tolist() == want_chk.tolist(), path
         assert payload == want_payload, path
+        assert _kernels.stored_checks(payload, off).tolist() == chk.tolist(), path
+        # The same pages given as separate buffers (what a scan copies) encode the same.
+        listed = _kernels.encode_page_list(old, _pages_of(new, indices), indices, PAGE, allowed)
+        assert [a.tolist() for a in listed[:3]] + [listed[3]] == [enc.tolist(), off.tolist(), chk.tolist(), payload]
     # Decoding the batch against old gives back new's pages, in both implementations.
     for impl in (_kernels, _reference):
         out = bytearray(len(indices) * PAGE)
         assert impl.check_pages(want_payload, want_off, want_enc, indices, len(new), PAGE, allowed,
-                                base=old, out=out) == (0, 0, 0)
+                                base=old, out=out, checks=want_chk) == (0, 0, 0)
+        assert impl.stored_checks(want_payload, want_off).tolist() == want_chk.tolist()
         for k, page in enumerate(_pages_of(new, indices)):
             assert bytes(out[k * PAGE : k * PAGE + len(page)]) == page
         assert impl.check_pages(want_payload, want_off, want_enc, indices, len(new), PAGE, allowed) == (0, 0, 0)
@@ -244,11 +250,11 @@ def test_encode_pages_chooses_zero_xzr_rle_raw() -> None:
     new[2 * PAGE : 3 * PAGE] = b"\x07" * PAGE  # RLE: 99 bytes, XZR would be ~4 KiB
     new[3 * PAGE : 4 * PAGE] = rng.randbytes(PAGE)  # raw
     new[4 * PAGE : 5 * PAGE] = bytes(PAGE)
-    enc, off, payload = _kernels.encode_pages(old, bytes(new), [0, 1, 2, 3, 4], PAGE, ALL)
+    enc, off, _, payload = _kernels.encode_pages(old, bytes(new), [0, 1, 2, 3, 4], PAGE, ALL)
     assert enc.tolist() == [2, 3, 1, 0, 2]
     assert np.diff(off).tolist() == [0, 67, 99, PAGE, 0]
     # The crate-compatible subset: zero pages become RLE, the edited page stays raw.
-    enc, off, _ = _kernels.encode_pages(old, bytes(new), [0, 1, 2, 3, 4], PAGE, CRATE)
+    enc, off, _, _ = _kernels.encode_pages(old, bytes(new), [0, 1, 2, 3, 4], PAGE, CRATE)
     assert enc.tolist() == [1, 0, 1, 0, 1]
     assert np.diff(off).tolist() == [99, PAGE, 99, PAGE, 99]
 
@@ -260,8 +266,17 @@ def test_encode_pages_argument_errors(impl: ModuleType) -> None:
         impl.encode_pages(bytes(PAGE), bytes(PAGE), [-1], PAGE, ALL)
     with pytest.raises(ValueError):
         impl.encode_pages(b"", b"", [], 0, ALL)
-    enc, off, payload = impl.encode_pages(b"", b"", [], PAGE, ALL)
-    assert (enc.tolist(), off.tolist(), payload) == ([], [0], b"")
+    enc, off, chk, payload = impl.encode_pages(b"", b"", [], PAGE, ALL)
+    assert (enc.tolist(), off.tolist(), chk.tolist(), payload) == ([], [0], [], b"")
+    with pytest.raises(ValueError):
+        impl.stored_checks(b"abc", [0, 4])
+    with pytest.raises(ValueError):
+        impl.encode_page_list(b"", [b"x" * (PAGE + 1)], [0], PAGE, ALL)
+    with pytest.raises(ValueError):
+        impl.encode_page_list(b"", [b"x"], [0, 1], PAGE, ALL)
+    with pytest.raises(IndexError):
+        impl.encode_page_list(b"", [b"x"], [-1], PAGE, ALL)
+    assert impl.encode_page_list(b"", [b"\0\0"], [3], PAGE, ALL)[0].tolist() == [2]
 
 
 def _batch(total: int = 3 * PAGE) -> Tuple[bytes, bytes, List[int], np.ndarray, np.ndarray, bytes]:
@@ -272,7 +287,7 @@ def _batch(total: int = 3 * PAGE) -> Tuple[bytes, bytes, List[int], np.ndarray, 
     new[PAGE : 2 * PAGE] = bytes(PAGE)
     new[2 * PAGE : 2 * PAGE + 99] = b"\x01" * 99
     indices = [0, 1, 2]
-    enc, off, payload = _kernels.encode_pages(old, bytes(new), indices, PAGE, ALL)
+    enc, off, _, payload = _kernels.encode_pages(old, bytes(new), indices, PAGE, ALL)
     return old, bytes(new), indices, enc, off, payload
 
 
@@ -285,6 +300,7 @@ CHECK_CASES = [
     ("zero_length", 4, 1, 5),
     ("xzr_corrupt", 7, 0, None),
     ("offsets", 8, 2, None),
+    ("check", 9, 1, 0),
 ]
 
 
@@ -310,8 +326,11 @@ def test_check_pages_reports_the_first_bad_page(impl: ModuleType, change: str, c
         off = off.copy()
     elif change == "offsets":
         off[3] = len(payload) + 1
+    checks = _reference.stored_checks(payload, off) if change != "offsets" else None
+    if change == "check":
+        checks[1] = 5  # the zero page's stored bytes (none) sum to 0
     out = bytearray(3 * PAGE)
-    got = impl.check_pages(payload, off, enc, idx, len(new), PAGE, ALL, base=old, out=out)
+    got = impl.check_pages(payload, off, enc, idx, len(new), PAGE, ALL, base=old, out=out, checks=checks)
     assert got[:2] == (code, position)
     if detail is not None:
         assert got[2] == detail

@@ -229,6 +229,8 @@ def test_adopt_refuses_foreign_or_mismatched_globals_and_changes_nothing() -> No
      " (func (export \"step\") (param i32) (result i64) (i64.const 0)))", "cannot be migrated"),
     ("(module (import \"env\" \"f\" (func)) (memory (export \"memory\") 1))", "does not instantiate"),
     ("(module (memory", "does not compile"),
+    ("(module (memory (export \"memory\") 1) (func (export \"step\") (param i32) (result i64) unreachable))",
+     "step\\(0\\) must run no iteration, but it trapped"),
     (b"\0asm\x01\0\0\0\xff", "does not instantiate"),
     (b"\xff\xfe", "neither a binary"),
 ])

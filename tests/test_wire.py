@@ -66,7 +66,9 @@ def test_golden_fixture_decodes_applies_and_reencodes(name: str) -> None:
     assert hashlib.sha256(base).hexdigest() == entry["base_sha256"]
     assert hashlib.sha256(new).hexdigest() == entry["new_sha256"]
 
-    delta = DeltaSnapshot.deserialize(blob)
+    version = entry.get("version", 1)
+    assert struct.unpack_from("<H", blob, 8)[0] == version
+    delta = DeltaSnapshot.deserialize(blob, allow_legacy_keyed=entry["keyed"] and version == 1)
     assert delta.agent_id == make_fixtures.AGENT_ID
     assert (delta.base_sequence, delta.sequence) == (make_fixtures.BASE_SEQUENCE, make_fixtures.SEQUENCE)
     assert delta.timestamp == make_fixtures.TIMESTAMP
@@ -74,7 +76,11 @@ def test_golden_fixture_decodes_applies_and_reencodes(name: str) -> None:
     assert delta.checksum == simple_checksum(new)
     assert delta.digest_algorithm == entry["digest_algorithm"]
     assert delta.keyed is entry["keyed"]
-    assert [[p.index, p.compressed] for p in delta.dirty_pages] == entry["pages"]
+    if version == 1:
+        assert [[p.index, p.compressed] for p in delta.dirty_pages] == entry["pages"]
+    else:
+        assert [[p.index, p.encoding.label, len(p.data)] for p in delta.dirty_pages] == entry["encodings"]
+        assert (delta.base_size or delta.total_size, delta.compression) == (entry["base_size"], entry["compression"])
     key = None if entry["key_hex"] is None else bytes.fromhex(entry["key_hex"])
     if delta.digest_algorithm is not None:
         assert delta.digest == digest(new, delta.digest_algorithm, key=key)
@@ -98,15 +104,67 @@ def test_golden_fixtures_cover_the_required_cases() -> None:
     assert any(e["pages"] and all(c for _, c in e["pages"]) for e in MANIFEST.values())
 
 
-def test_keyed_fixture_needs_its_key() -> None:
-    blob = (FIXTURES / MANIFEST["keyed_blake3"]["file"]).read_bytes()
-    base, _ = make_fixtures.RECIPES["keyed_blake3"].states()
-    delta = DeltaSnapshot.deserialize(blob)
+@pytest.mark.parametrize("name", ["keyed_blake3", "v2_keyed"])
+def test_keyed_fixture_needs_its_key(name: str) -> None:
+    blob = (FIXTURES / MANIFEST[name]["file"]).read_bytes()
+    base, _ = make_fixtures.RECIPES[name].states()
+    delta = DeltaSnapshot.deserialize(blob, allow_legacy_keyed=name == "keyed_blake3")
     for key in (None, bytes(32)):
         target = bytearray(base)
         with pytest.raises(InvalidStateError):
             delta.apply(target, key=key)
         assert bytes(target) == base
+
+
+def test_keyed_version_1_delta_needs_the_opt_in() -> None:
+    """No downgrade: a keyed v1 delta's header is not under its MAC, so it is refused
+    unless the caller names the opt-in."""
+    blob = (FIXTURES / MANIFEST["keyed_blake3"]["file"]).read_bytes()
+    expect(blob, "keyed version-1 delta refused", "allow_legacy_keyed")
+    assert DeltaSnapshot.deserialize(blob, allow_legacy_keyed=True).keyed
+    # Unkeyed version-1 deltas need no opt-in.
+    assert DeltaSnapshot.deserialize((FIXTURES / MANIFEST["blake3"]["file"]).read_bytes()).wire_version == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("agent_id", b"\x09" * 16), ("sequence", 43), ("base_sequence", 40), ("timestamp", 1),
+    ("checksum", 5), ("total_size", 30172 + 1), ("base_size", 4096), ("compression", "zstd"),
+])
+def test_every_header_field_is_under_the_mac(field: str, value: Any) -> None:
+    """Replay to another agent or round: a keyed v2 delta with any header field changed (and
+    the wire checks recomputed, as an attacker can) is refused by apply, base unchanged."""
+    name = "v2_keyed"
+    blob = (FIXTURES / MANIFEST[name]["file"]).read_bytes()
+    base, new = make_fixtures.RECIPES[name].states()
+    delta = DeltaSnapshot.deserialize(blob)
+    setattr(delta, field, value)
+    forged = DeltaSnapshot.deserialize(delta.serialize())  # re-sealed wire checks
+    target = bytearray(base)
+    with pytest.raises(InvalidStateError):
+        forged.apply(target, key=make_fixtures.TEST_KEY, max_size=1 << 20)
+    assert bytes(target) == base
+    # The untouched delta applies.
+    target = bytearray(base)
+    DeltaSnapshot.deserialize(blob).apply(target, key=make_fixtures.TEST_KEY)
+    assert bytes(target) == new
+
+
+@pytest.mark.parametrize("field, value", [("sequence", 43), ("timestamp", 1), ("agent_id", b"\x09" * 16)])
+def test_header_fields_are_under_the_unkeyed_digest(field: str, value: Any) -> None:
+    blob = (FIXTURES / MANIFEST["v2_encodings"]["file"]).read_bytes()
+    base, _ = make_fixtures.RECIPES["v2_encodings"].states()
+    delta = DeltaSnapshot.deserialize(blob)
+    setattr(delta, field, value)
+    target = bytearray(base)
+    with pytest.raises(InvalidStateError, match="header digest mismatch"):
+        DeltaSnapshot.deserialize(delta.serialize()).apply(target)
+    assert bytes(target) == base
+
+
+def test_newer_version_is_refused_by_name() -> None:
+    blob = bytearray((FIXTURES / MANIFEST["v2_encodings"]["file"]).read_bytes())
+    blob[8:10] = struct.pack("<H", 3)
+    expect(bytes(blob), "unsupported version 3", "newer")
 
 
 def test_make_fixtures_reproduces_the_committed_bytes() -> None:
@@ -201,23 +259,39 @@ def test_independent_writer_matches_the_encoder() -> None:
     assert encode_delta(SimpleNamespace(**fields)) == blob
 
 
+HEADER_V2 = struct.Struct("<8sHBBBB2s16sQQQQQIIQQ")
+
+
 def test_real_delta_layout_matches_the_documentation() -> None:
+    """docs/FORMAT.md, version 2: header, state digest, header digest, payload, page table
+    (indices, stored lengths, page checks, encodings), trailer."""
     old = bytearray(5 * PAGE_SIZE + 10)
     new = bytearray(old)
     new[3 * PAGE_SIZE + 5] = 9
-    new[-10:] = b"0123456789"  # incompressible: stays raw
+    new[-10:] = b"0123456789"
     delta = DeltaSnapshot.create(uuid.UUID(int=7), old, new, 3, 4, digest="blake3")
     blob = delta.serialize()
-    (magic, version, alg, flags, dlen, _, agent, seq, base_seq, total, ts, checksum, _, count) = HEADER.unpack_from(blob)
-    assert (magic, version, alg, flags, dlen) == (b"\x89CMD\r\n\x1a\n", 1, 2, 0, 32)
+    (magic, version, alg, flags, dlen, comp, _, agent, seq, base_seq, total, base_size, ts, checksum, count,
+     wire_size, payload_size) = HEADER_V2.unpack_from(blob)
+    assert (magic, version, alg, flags, dlen, comp) == (b"\x89CMD\r\n\x1a\n", 2, 2, 0, 32, 0)
     assert agent == uuid.UUID(int=7).bytes
-    assert (seq, base_seq, total, ts, checksum, count) == (4, 3, len(new), delta.timestamp, simple_checksum(new), 2)
-    assert blob[80:112] == digest(new, "blake3")
-    entries = [ENTRY.unpack_from(blob, 112 + 24 * k) for k in range(count)]
-    assert [e[0] for e in entries] == [3, 5]
-    assert [e[2] for e in entries] == [1, 0]  # page 3 (one byte set in zeros) RLE, the tail raw
-    assert entries[1][1] == 10  # the short tail page
-    assert sum(e[1] for e in entries) == len(blob) - 112 - 48 - 16
+    assert (seq, base_seq, total, base_size, ts, checksum, count) == (
+        4, 3, len(new), len(old), delta.timestamp, simple_checksum(new), 2)
+    assert blob[96:128] == digest(new, "blake3") == delta.digest
+    assert blob[128:160] == delta.header_digest
+    table = 160 + wire_size
+    assert wire_size == payload_size
+    idx = struct.unpack_from("<2I", blob, table)
+    lengths = struct.unpack_from("<2H", blob, table + 8)
+    checks = struct.unpack_from("<2I", blob, table + 12)
+    encodings = list(blob[table + 20 : table + 22])
+    assert idx == (3, 5)
+    # page 3, one byte set over zeros: XZR (skip 5, 1 literal: 9); the 10-byte tail: raw
+    # (its XZR stream, 2 + 10 bytes, is not smaller)
+    assert encodings == [3, 0] and lengths == (3, 10)
+    assert blob[160:163] == bytes([5, 1, 9]) and blob[163:173] == b"0123456789"
+    assert checks == (simple_checksum(blob[160:163]), simple_checksum(blob[163:173]))
+    assert table + 22 + 16 == len(blob)
     assert blob[-16:] == xxhash.xxh3_128_digest(blob[:-16])
 
 
@@ -318,7 +392,7 @@ def test_truncated_header() -> None:
 
 
 def test_unsupported_version() -> None:
-    expect(replace(valid_wire(), version=2).build(), "version 2")
+    expect(replace(valid_wire(), version=3).build(), "version 3")
     expect(replace(valid_wire(), version=0).build(), "version 0")
 
 
@@ -339,7 +413,8 @@ def test_digest_length_must_match_the_algorithm() -> None:
 
 
 def test_keyed_blake3_decodes() -> None:
-    fields = decode_delta(replace(valid_wire(), algorithm=2, flags=1, digest=bytes(range(32))).build())
+    fields = decode_delta(replace(valid_wire(), algorithm=2, flags=1, digest=bytes(range(32))).build(),
+                          allow_legacy_keyed=True)
     assert (fields["digest_algorithm"], fields["keyed"], fields["digest"]) == ("blake3", True, bytes(range(32)))
     fields = decode_delta(replace(valid_wire(), algorithm=0, digest=b"").build())
     assert (fields["digest_algorithm"], fields["digest"], fields["keyed"]) == (None, None, False)
@@ -526,8 +601,9 @@ def stand_in(**overrides: Any) -> SimpleNamespace:
 def test_stand_in_encodes_and_decodes() -> None:
     blob = encode_delta(stand_in())
     fields = decode_delta(blob)
-    assert [p.index for p in fields["dirty_pages"]] == [0, 1]
-    assert isinstance(fields["dirty_pages"][0], DirtyPage)
+    pages = DeltaSnapshot(**fields).dirty_pages
+    assert [p.index for p in pages] == [0, 1]
+    assert isinstance(pages[0], DirtyPage)
     assert encode_delta(stand_in(agent_id=uuid.UUID(bytes=b"\x02" * 16)))[16:32] == b"\x02" * 16
 
 
@@ -578,7 +654,7 @@ def _set(attr: str, value: Any, page: Optional[int] = None) -> Any:
     "tamper, fragment",
     [
         (_set("index", 999, page=2), "page 2: index 999 out of range"),
-        (_set("index", 2**64 - 1, page=0), "page 0: index 18446744073709551615 out of range"),
+        (_set("index", 2**32 - 1, page=0), "page 0: index 4294967295 out of range"),
         (_swap, "page 1: index 0", ),
         (lambda d: d.dirty_pages.append(d.dirty_pages[-1]), "page 3: index 4 is not after 4"),
         (_set("data", b"\x01" * 10, page=1), "page 1: stored length 10"),
@@ -618,4 +694,7 @@ def test_same_length_content_tampering_is_refused_by_apply(page: int, offset: in
 def test_encoding_is_deterministic_and_version_pinned() -> None:
     blob = encode_delta(stand_in())
     assert blob == encode_delta(stand_in())
-    assert blob[:8] == MAGIC and struct.unpack_from("<H", blob, 8)[0] == VERSION == 1
+    assert blob[:8] == MAGIC and struct.unpack_from("<H", blob, 8)[0] == VERSION == 2
+    # Version 2 cannot hold a page index over 2**32 - 1 (16 TiB states): refused by the writer.
+    with pytest.raises(ValueError, match="page 0: index 4294967296 does not fit"):
+        encode_delta(stand_in(dirty_pages=[SimpleNamespace(index=2**32, data=b"", compressed=False)]))

@@ -23,7 +23,7 @@ import xxhash
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cellmigrate import PAGE_SIZE, CorruptDataError, InvalidStateError
+from cellmigrate import PAGE_SIZE, CorruptDataError, InvalidStateError, simple_checksum
 from cellmigrate.delta import DeltaSnapshot
 from cellmigrate.wire import HEADER_SIZE, MAGIC, PAGE_ENTRY_SIZE, TRAILER_SIZE
 
@@ -89,23 +89,23 @@ def check_contract(blob: bytes, name: str, *, forgeable: bool = False) -> str:
 def reseal(blob: bytes) -> bytes:
     """Recompute what an attacker can: every page check that can be located, and the trailer.
 
-    Best effort on a mutated (possibly nonsensical) header: page checks are fixed only
-    while the table and payloads stay inside the input.
+    Best effort on a mutated (possibly nonsensical) header (version 2 layout, docs/FORMAT.md):
+    page checks are fixed only while the table and payload stay inside the input.
     """
     data = bytearray(blob)
-    if len(data) >= HEADER_SIZE + TRAILER_SIZE:
+    if len(data) >= HEADER_SIZE + TRAILER_SIZE and data[8:10] == b"\x02\x00" and data[13] == 0:
         digest_length = data[12]
-        (count,) = struct.unpack_from("<Q", data, 72)
-        table = HEADER_SIZE + digest_length
+        count, wire = struct.unpack_from("<IQ", data, 76)
+        payload = HEADER_SIZE + 2 * digest_length
+        table = payload + wire
         body_end = len(data) - TRAILER_SIZE
-        if count <= (body_end - table) // PAGE_ENTRY_SIZE:
-            offset = table + count * PAGE_ENTRY_SIZE
+        if table + PAGE_ENTRY_SIZE * count <= body_end:
+            offset = payload
             for k in range(count):
-                entry = table + k * PAGE_ENTRY_SIZE
-                (length,) = struct.unpack_from("<I", data, entry + 8)
-                if offset + length > body_end:
+                (length,) = struct.unpack_from("<H", data, table + 4 * count + 2 * k)
+                if offset + length > table:
                     break
-                struct.pack_into("<Q", data, entry + 16, xxhash.xxh3_64_intdigest(bytes(data[offset : offset + length])))
+                struct.pack_into("<I", data, table + 6 * count + 4 * k, simple_checksum(bytes(data[offset : offset + length])))
                 offset += length
     if len(data) >= TRAILER_SIZE:
         data[-TRAILER_SIZE:] = xxhash.xxh3_128_digest(bytes(data[:-TRAILER_SIZE]))
@@ -158,9 +158,9 @@ def test_resealed_mutation_never_yields_a_wrong_state(name: str, edits: List[Tup
 def test_resealed_payload_tampering_is_refused_by_apply(name: str, page_byte: int, value: int) -> None:
     """Tampered page bytes with valid checks decode (or not) but never apply."""
     blob = CASES[name][3]
-    (count,) = struct.unpack_from("<Q", blob, 72)
-    payload_start = HEADER_SIZE + blob[12] + count * PAGE_ENTRY_SIZE
-    payload_len = len(blob) - TRAILER_SIZE - payload_start
+    (wire,) = struct.unpack_from("<Q", blob, 80)
+    payload_start = HEADER_SIZE + 2 * blob[12]
+    payload_len = wire
     data = bytearray(blob)
     data[payload_start + page_byte % payload_len] ^= value
     assert check_contract(reseal(bytes(data)), name) in ("corrupt", "refused")
@@ -197,14 +197,15 @@ def test_random_bytes_are_refused(data: bytes, with_magic: bool, resealed: bool)
 @SETTINGS
 @given(
     name=st.sampled_from(NAMES),
-    offset=st.sampled_from([8, 10, 11, 12, 13, 48, 68, 72]),
+    offset=st.sampled_from([8, 10, 11, 12, 13, 14, 48, 56, 76, 80, 88]),
     value=st.integers(0, 2**64 - 1),
 )
 def test_resealed_header_field_tampering(name: str, offset: int, value: int) -> None:
-    """Version, algorithm, flags, digest length, reserved, total size, page count: each
-    is validated on its own even when the checks were recomputed."""
+    """Version, algorithm, flags, digest length, compression, reserved, total size, base
+    size, page count, payload sizes: each is validated on its own (or caught by apply's
+    header digest) even when the checks were recomputed."""
     data = bytearray(CASES[name][3])
-    width = {8: 2, 10: 1, 11: 1, 12: 1, 13: 3, 48: 8, 68: 4, 72: 8}[offset]
+    width = {8: 2, 10: 1, 11: 1, 12: 1, 13: 1, 14: 2, 48: 8, 56: 8, 76: 4, 80: 8, 88: 8}[offset]
     data[offset : offset + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
     check_contract(reseal(bytes(data)), name, forgeable=name not in STRONG)
 

@@ -62,16 +62,24 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   short, an overlong varint (over 5 bytes, or a non-canonical trailing zero group), a
   zero literal length, a pair running past the page, a literal cut short. Never writes
   outside the ``length``-byte page.
-* ``encode_pages(old, new, indices, page_size, allowed) -> (encodings, offsets, payload)``:
+* ``encode_pages(old, new, indices, page_size, allowed) -> (encodings, offsets, checks, payload)``:
   every page ``indices[k]`` of ``new`` (the last may be short) encoded against the same
   bytes of ``old`` (any length: zeros past its end), as the smallest encoding in the bit
   mask ``allowed`` (``1 << ENC_RAW | 1 << ENC_RLE | 1 << ENC_ZERO | 1 << ENC_XZR``; RAW
   always allowed), a later one of RAW, RLE, ZERO, XZR only when strictly smaller.
-  ``encodings`` is uint8[n], ``offsets`` int64[n + 1] into the ``payload`` bytes. An index
-  outside ``new`` raises ``IndexError``.
+  ``encodings`` is uint8[n], ``offsets`` int64[n + 1] into the ``payload`` bytes,
+  ``checks`` uint32[n] the ``checksum`` of each page's stored bytes (the wire format's
+  per-page check). An index outside ``new`` raises ``IndexError``.
+* ``encode_page_list(old, pages, indices, page_size, allowed)``: ``encode_pages`` for
+  pages given as separate buffers (``pages[k]`` is page ``indices[k]`` of the new state,
+  1..``page_size`` bytes); a count mismatch or a page of another length raises
+  ``ValueError``, a negative index ``IndexError``.
+* ``stored_checks(payload, offsets) -> ndarray[uint32]``: ``checksum`` of each
+  ``payload[offsets[k]:offsets[k + 1]]``; offsets outside the payload raise ``ValueError``.
 * ``check_pages(payload, offsets, encodings, indices, total_size, page_size, allowed,
-  previous=-1, base=None, out=None) -> (code, position, detail)``: validates stored pages
-  in order and, with ``out`` (``n * page_size`` writable bytes), decodes page k into
+  previous=-1, base=None, out=None, checks=None) -> (code, position, detail)``: validates
+  stored pages in order (with ``checks``, first that each page's stored bytes have that
+  ``checksum``: ``PAGE_CHECK``, detail the one found) and, with ``out`` (``n * page_size`` writable bytes), decodes page k into
   ``out[k * page_size:]`` (its length: ``min(page_size, total_size - index * page_size)``;
   XZR pages over the same bytes of ``base``, zeros past its end). ``code`` is 0, or the
   first failure (``PAGE_*`` below) with the page's position and a detail; ``out`` may then
@@ -375,17 +383,24 @@ def xzr_decode(stream: BufferLike, base_page: BufferLike, length: int) -> bytes:
     return bytes(out)
 
 
-def encode_pages(
-    old: BufferLike, new: BufferLike, indices: IndexLike, page_size: int, allowed: int
-) -> Tuple["np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", bytes]:
-    new_view, idx = _state_pages(new, indices, page_size)
+def encode_page_list(
+    old: BufferLike, pages: Sequence[BufferLike], indices: IndexLike, page_size: int, allowed: int
+) -> Tuple[
+    "np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", "np.ndarray[Any, np.dtype[np.uint32]]", bytes
+]:
+    idx = _paired_indices(pages, indices, page_size)
     old_raw = bytes(_view(old).cast("B"))
     allowed |= 1 << ENC_RAW
     encodings: List[int] = []
     offsets = [0]
+    checks: List[int] = []
     payload = bytearray()
-    for i in idx:
-        page = bytes(new_view[i * page_size : (i + 1) * page_size])
+    for i, data in zip(idx, pages):
+        if i < 0:
+            raise IndexError(f"page index {i} is negative")
+        page = bytes(_view(data).cast("B"))
+        if not 0 < len(page) <= page_size:
+            raise ValueError(f"page {i} has {len(page)} bytes, not 1..{page_size}")
         candidates = [(ENC_RAW, page)]
         if allowed & (1 << ENC_RLE):
             candidates.append((ENC_RLE, rle_compress(page)))
@@ -398,9 +413,34 @@ def encode_pages(
             if len(candidate[1]) < len(best[1]):  # strictly smaller: ties keep the earlier
                 best = candidate
         encodings.append(best[0])
+        checks.append(checksum(best[1]))
         payload += best[1]
         offsets.append(len(payload))
-    return np.asarray(encodings, dtype=np.uint8), np.asarray(offsets, dtype=np.int64), bytes(payload)
+    return (
+        np.asarray(encodings, dtype=np.uint8),
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(checks, dtype=np.uint32),
+        bytes(payload),
+    )
+
+
+def encode_pages(
+    old: BufferLike, new: BufferLike, indices: IndexLike, page_size: int, allowed: int
+) -> Tuple[
+    "np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", "np.ndarray[Any, np.dtype[np.uint32]]", bytes
+]:
+    new_view, idx = _state_pages(new, indices, page_size)
+    pages = [new_view[i * page_size : (i + 1) * page_size] for i in idx]
+    return encode_page_list(old, pages, idx, page_size, allowed)
+
+
+def stored_checks(payload: BufferLike, offsets: IndexLike) -> "np.ndarray[Any, np.dtype[np.uint32]]":
+    src = bytes(_view(payload).cast("B"))
+    off = _index_list(offsets)
+    for a, b in zip(off, off[1:]):
+        if a < 0 or b < a or b > len(src):
+            raise ValueError(f"offsets {a}..{b} do not fit a payload of {len(src)} bytes")
+    return np.asarray([checksum(src[a:b]) for a, b in zip(off, off[1:])], dtype=np.uint32)
 
 
 PAGE_OK = 0
@@ -412,6 +452,7 @@ PAGE_RLE_CORRUPT = 5
 PAGE_RLE_SIZE = 6
 PAGE_XZR_CORRUPT = 7
 PAGE_OFFSETS = 8
+PAGE_CHECK = 9
 
 _RLE_CODES = {"truncated": 1, "zero run length": 2, "max_output": 3}
 
@@ -427,6 +468,7 @@ def check_pages(
     previous: int = -1,
     base: Optional[BufferLike] = None,
     out: Optional[BufferLike] = None,
+    checks: Optional[IndexLike] = None,
 ) -> Tuple[int, int, int]:
     src = bytes(_view(payload).cast("B"))
     off = _index_list(offsets)
@@ -439,6 +481,9 @@ def check_pages(
     target = None if out is None else _view(out).cast("B")
     if target is not None and target.nbytes < len(idx) * page_size:
         raise ValueError(f"out has {target.nbytes} bytes, {len(idx)} pages need {len(idx) * page_size}")
+    chk = None if checks is None else [int(c) for c in np.asarray(checks, dtype=np.uint32).reshape(-1)]
+    if chk is not None and len(chk) != len(idx):
+        raise ValueError(f"{len(idx)} indices need {len(idx)} checks")
     allowed |= 1 << ENC_RAW
     for k, (index, e) in enumerate(zip(idx, enc)):
         if not 0 <= index < -(-total_size // page_size):
@@ -453,6 +498,8 @@ def check_pages(
         start = index * page_size
         length = min(page_size, total_size - start)
         stored = src[off[k] : off[k + 1]]
+        if chk is not None and checksum(stored) != chk[k]:
+            return PAGE_CHECK, k, checksum(stored)
         n = len(stored)
         if e == ENC_RAW:
             if n != length:

@@ -196,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence number of OLD (default: %(default)s)")
     p.add_argument("--sequence", type=_nonneg_int, default=None, metavar="N",
                    help="sequence number of NEW (default: base sequence + 1)")
+    p.add_argument("--compress", default="auto", metavar="{auto,none,rle,xor,zstd[:LEVEL]}",
+                   help="page encodings: 'auto' (default: zero pages, XOR with OLD, RLE, each page the "
+                        "smallest; zstd over the page data when it wins), 'xor' (the same, never zstd), "
+                        "'rle' (the Rust crate's), 'none' (raw pages), 'zstd[:LEVEL]' (always zstd, "
+                        "level 1-22, default 3); see docs/FORMAT.md")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_max_size(p, "refuse a NEW larger than this, as readers refuse deltas for larger states")
+    _add_max_size(p, "refuse an OLD or NEW larger than this, as readers refuse deltas for larger states")
     p.set_defaults(handler=_cmd_diff)
 
     p = add("apply", "apply a delta to BASE (atomically)",
@@ -497,6 +502,10 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Tuple["DeltaSnap
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
         size = f.size
     _check_max_size(f"delta {path!r} is for a state of", int(delta.total_size), max_size)
+    # A delta between states of different sizes also declares its base's size.
+    base_size = getattr(delta, "base_size", None)
+    if base_size is not None:
+        _check_max_size(f"delta {path!r} is for a base of", int(base_size), max_size)
     return delta, size
 
 
@@ -538,7 +547,7 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
     total = int(delta.total_size)
     pages_total = (total + 4095) // 4096
     count = delta.dirty_page_count()
-    compressed_pages = sum(1 for p in delta.dirty_pages if p.compressed)
+    counts = delta.encoding_counts()
     digest_value = getattr(delta, "digest", None)
     return {
         "agent_id": str(uuid.UUID(bytes=bytes(delta.agent_id))),
@@ -554,11 +563,14 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
         "integrity": _integrity(delta),
         "dirty_pages": count,
         "dirty_fraction": (count / pages_total) if pages_total else 0.0,
-        "rle_pages": compressed_pages,
-        "raw_pages": count - compressed_pages,
+        "rle_pages": counts["rle"][0],
+        "raw_pages": counts["raw"][0],
+        "encodings": {name: {"pages": n, "bytes": size} for name, (n, size) in counts.items()},
+        "payload_compression": str(getattr(delta, "compression", "none")),
+        "wire_version": int(getattr(delta, "wire_version", 2)),
         "uncompressed_size": int(delta.uncompressed_size()),
-        "compressed_size": int(delta.compressed_size()),
-        "compression_ratio": float(delta.compression_ratio()),
+        "compressed_size": int(delta.stored_size()),
+        "compression_ratio": (delta.stored_size() / delta.uncompressed_size()) if count else 1.0,
         "wire_size": wire_size,
         "wire_fraction": (wire_size / total) if total else 0.0,
     }
@@ -603,6 +615,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from .checksum import DEFAULT_DIGEST
     from .delta import DeltaSnapshot
     from .errors import InvalidStateError
+    from .wire import prepare_delta
 
     key = _read_key(args.key_file)
     algorithm: Optional[str]
@@ -621,30 +634,36 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with _reading(args.old) as old, _reading(args.new) as new:
+        # Readers bound the sizes a delta declares by their --max-size: refuse here what they would.
+        _check_max_size(f"OLD {args.old!r} is", old.size, args.max_size)
+        _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
         if old.size != new.size:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
                            f"{args.new!r} is {new.size} bytes")
-        _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
         bar = _progress(args, new.size, "diff")
         try:
             delta = DeltaSnapshot.create(args.agent_id.bytes, old.buffer, new.buffer,
                                          args.base_sequence, sequence, digest=algorithm, key=key,
-                                         progress=_bar_callback(bar))
+                                         progress=_bar_callback(bar), compress=args.compress)
         except InvalidStateError as exc:
             raise CliError(str(exc)) from None
+        except ValueError as exc:  # a --compress the delta cannot use
+            raise CliError(f"--compress {args.compress}: {exc}") from None
         finally:
             if bar is not None:
                 bar.close()
         _recheck_pages(args.new, old, new, delta)
-        wire = delta.serialize()
+        # Streamed from the delta's own pages: the serialized delta is never built in memory.
+        prepared = prepare_delta(delta)
     elapsed = time.perf_counter() - started
     try:
-        with output.open(size=len(wire)) as fd:
-            write_all(fd, wire)
+        with output.open(size=prepared.size) as fd:
+            prepared.write(_FdSink(fd))
     except OSError as exc:
         raise _os_error(args.output, exc) from None
+    wire_size = prepared.size
 
-    info = _delta_summary(delta, len(wire))
+    info = _delta_summary(delta, wire_size)
     # With '-o -' stdout carries the delta: the summary goes to stderr.
     report = sys.stderr if args.output == STREAM else sys.stdout
     if args.json:
@@ -652,11 +671,21 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     else:
         _out(args, (
             f"{'<stdout>' if args.output == STREAM else args.output}: {info['dirty_pages']} of {info['total_pages']} pages changed "
-            f"({_pct(info['dirty_fraction'])}); {format_size(len(wire))} on the wire "
+            f"({_pct(info['dirty_fraction'])}); {format_size(wire_size)} on the wire "
             f"({_pct(info['wire_fraction'])} of {format_size(info['total_size'])}); "
             f"digest: {_digest_label(delta)}"
         ), file=report)
     return EXIT_OK
+
+
+class _FdSink:
+    """``write`` to a file descriptor, all of it (what the streaming delta writer needs)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: Union[bytes, memoryview]) -> None:
+        write_all(self.fd, data)
 
 
 def _recheck_pages(name: str, old: StateFile, new: StateFile, delta: "DeltaSnapshot") -> None:
@@ -670,11 +699,8 @@ def _recheck_pages(name: str, old: StateFile, new: StateFile, delta: "DeltaSnaps
     for page in delta.dirty_pages:
         offset = int(page.index) * 4096
         length = min(4096, total - offset)
-        try:
-            # A page stored XORed with the base page (wire v2) decodes against OLD's page.
-            data = page.get_data(base=old.pread(length, offset), length=length)  # type: ignore[call-arg,unused-ignore]
-        except TypeError:  # a DirtyPage that only knows raw and RLE pages
-            data = page.get_data()
+        # A page stored XORed with the base page decodes against OLD's page.
+        data = page.get_data(base=old.pread(length, offset), length=length)
         if new.pread(len(data), offset) != data:
             raise CliError(f"{name!r} changed while it was read (page {page.index} differs from the copy "
                            "taken during the scan); nothing was written", EXIT_DIFFERENT)
@@ -856,7 +882,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     delta, wire_size = _load_delta(args.delta, args.max_size)
     info = _delta_summary(delta, wire_size)
     pages: List[Dict[str, Any]] = [
-        {"index": int(p.index), "compressed": bool(p.compressed), "stored_size": len(p.data)}
+        {"index": int(p.index), "compressed": bool(p.compressed), "encoding": p.encoding.label,
+         "stored_size": len(p.data)}
         for p in delta.dirty_pages
     ] if args.pages else []
     if args.json:
@@ -875,15 +902,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("checksum", f"{info['checksum']} (simple, of the result)"),
         ("digest", digest_text),
         ("dirty pages", f"{info['dirty_pages']} ({_pct(info['dirty_fraction'])} of the state); "
-                        f"{info['rle_pages']} RLE-compressed, {info['raw_pages']} raw"),
+                        f"{info['rle_pages']} RLE-compressed, {info['raw_pages']} raw, "
+                        f"{info['encodings']['zero']['pages']} zero, {info['encodings']['xzr']['pages']} XOR (xzr)"),
+        ("encodings", ", ".join(f"{name} {e['pages']} pages / {e['bytes']} bytes" for name, e in info["encodings"].items())),
         ("page data", f"{format_size(info['uncompressed_size'])} -> {format_size(info['compressed_size'])} "
-                      f"(ratio {info['compression_ratio']:.3f})"),
+                      f"(ratio {info['compression_ratio']:.3f}); payload compression: {info['payload_compression']}; "
+                      f"wire format v{info['wire_version']}"),
         ("on the wire", f"{format_size(wire_size)} ({wire_size} bytes, {_pct(info['wire_fraction'])} of the state)"),
     ]
     lines = [f"{args.delta}: cellmigrate delta"] + [f"  {k:<12} {v}" for k, v in rows]
     if args.pages:
         lines.append("  pages (index, stored bytes, encoding):")
-        lines += [f"    {p['index']:>10}  {p['stored_size']:>5}  {'rle' if p['compressed'] else 'raw'}" for p in pages]
+        lines += [f"    {p['index']:>10}  {p['stored_size']:>5}  {p['encoding']}" for p in pages]
     _out(args, "\n".join(lines))
     return EXIT_OK
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+from dataclasses import dataclass, field, fields
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
+from ._pages import ALLOW_ALL, ALLOW_CRATE, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
 from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
@@ -53,89 +54,6 @@ def _now() -> int:
 def _page_length(index: int, total_size: int) -> int:
     """Length of page ``index`` in a state of ``total_size`` bytes (the last may be short)."""
     return min(PAGE_SIZE, total_size - index * PAGE_SIZE)
-
-
-# --------------------------------------------------------------------------------------
-# DirtyPage
-# --------------------------------------------------------------------------------------
-
-
-class DirtyPage:
-    """One changed page: its index in the state and its bytes, RLE-compressed or raw.
-
-    >>> page = DirtyPage(3, bytes(4096))
-    >>> page.compress()
-    >>> page.compressed, len(page.data)
-    (True, 99)
-    >>> page.get_data() == bytes(4096)
-    True
-    >>> page.decompress()
-    >>> page
-    DirtyPage(index=3, data=<4096 bytes>, compressed=False)
-
-    Attributes:
-        index: page number; the page covers bytes ``[index*4096, (index+1)*4096)``.
-        data: the page's bytes, RLE-encoded when ``compressed``.
-        compressed: whether ``data`` is RLE ("simple") compressed.
-    """
-
-    __slots__ = ("index", "data", "compressed")
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the crate's struct
-
-    def __init__(self, index: int, data: BufferLike, compressed: bool = False) -> None:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"page index must be an int, not {type(index).__name__}")
-        if index < 0:
-            raise ValueError(f"page index must be >= 0, got {index}")
-        self.index: int = int(index)
-        self.data: bytes = data if isinstance(data, bytes) else bytes(as_bytes_view(data, "page data"))
-        self.compressed: bool = bool(compressed)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DirtyPage):
-            return NotImplemented
-        return (self.index, self.compressed, self.data) == (other.index, other.compressed, other.data)
-
-    def compress(self) -> None:
-        """RLE-compress ``data`` in place, keeping the result only when strictly smaller."""
-        if self.compressed:
-            return
-        packed = bytes(kernels.rle_compress(as_bytes_view(self.data)))
-        if len(packed) < len(self.data):
-            self.data = packed
-            self.compressed = True
-
-    def decompress(self, *, max_output: Optional[int] = None) -> None:
-        """Decode ``data`` in place (no-op when raw); corrupt data raises ``CorruptDataError``."""
-        if self.compressed:
-            self.data = self.get_data(max_output=max_output)
-            self.compressed = False
-
-    def get_data(self, *, max_output: Optional[int] = None) -> bytes:
-        """The page's raw bytes (decoded if compressed), without changing the page.
-
-        ``max_output`` bounds the decoded size (``CorruptDataError`` past it). ``None``
-        leaves only RLE's own limit (at most 127 bytes per 3 stored), like the crate,
-        so a page built by hand from more than 4096 bytes still round-trips;
-        :meth:`DeltaSnapshot.apply` always decodes with the exact page length as bound.
-        """
-        if not self.compressed:
-            return self.data
-        if max_output is not None and max_output < 0:
-            raise ValueError("max_output must be >= 0")
-        bound = -1 if max_output is None else max_output  # -1: the kernel's "no bound"
-        return bytes(kernels.rle_decompress(as_bytes_view(self.data), bound))
-
-    def __repr__(self) -> str:
-        return f"DirtyPage(index={self.index}, data=<{len(self.data)} bytes>, compressed={self.compressed})"
-
-
-def _compress_pages(pages: Sequence[bytes]) -> List[Tuple[bytes, bool]]:
-    out: List[Tuple[bytes, bool]] = []
-    for raw in pages:
-        packed = bytes(kernels.rle_compress(raw))
-        out.append((packed, True) if len(packed) < len(raw) else (raw, False))
-    return out
 
 
 def _grow_zeros(base: bytearray, total: int) -> None:
@@ -199,6 +117,14 @@ class DeltaSnapshot:
         base_size: size of the state the delta applies to (bytes) when it differs from
             ``total_size`` (a delta made with ``create(..., resize=True)`` between states
             of different sizes); ``None`` when the base has ``total_size`` bytes.
+        header_digest: the digest (MAC when keyed) of every header field and the state
+            digest (docs/FORMAT.md, "Header digest"); ``apply`` checks it when present.
+            ``None`` for a checksum-only delta and for one read from wire version 1.
+        compression: "zstd" when the serialized page payload is one zstd frame, else "none"
+            (chosen by ``create``'s ``compress``; under the header digest).
+        compression_level: the zstd level ``serialize`` uses (``None``: the default, 3).
+        wire_version: the wire format ``serialize`` writes: 2, or 1 for a delta read from
+            a version-1 input (so it re-encodes to the same bytes).
     """
 
     agent_id: bytes
@@ -212,6 +138,10 @@ class DeltaSnapshot:
     digest: Optional[bytes] = None
     keyed: bool = False
     base_size: Optional[int] = None
+    header_digest: Optional[bytes] = None
+    compression: str = "none"
+    compression_level: Optional[int] = field(default=None, compare=False)
+    wire_version: int = 2
 
     def __post_init__(self) -> None:
         self.agent_id = to_id(self.agent_id, "agent_id")
@@ -228,8 +158,12 @@ class DeltaSnapshot:
             self.base_size = None  # one spelling of "same size", so equal deltas compare equal
         if self.checksum > _MASK32:
             raise ValueError(f"checksum must fit in 32 bits, got {self.checksum}")
-        if not isinstance(self.dirty_pages, list):
-            self.dirty_pages = list(self.dirty_pages)
+        if self.compression not in ("none", "zstd"):
+            raise ValueError(f"compression must be 'none' or 'zstd', not {self.compression!r}")
+        if self.wire_version not in (1, 2):
+            raise ValueError(f"wire_version must be 1 or 2, not {self.wire_version!r}")
+        if self.header_digest is not None:
+            self.header_digest = bytes(self.header_digest)
         if (self.digest_algorithm is None) != (self.digest is None):
             raise ValueError("digest_algorithm and digest must be given together")
         if self.digest_algorithm is not None:
@@ -257,11 +191,19 @@ class DeltaSnapshot:
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
         resize: bool = False,
+        compress: str = "auto",
     ) -> "DeltaSnapshot":
         """Diff two states page by page (of equal lengths unless ``resize``).
 
         Both states are read in place (any C-contiguous buffer); only the dirty pages
-        are copied, each RLE-compressed when that makes it strictly smaller.
+        are copied, each in the smallest of the encodings ``compress`` allows (kept only
+        when strictly smaller than the raw page): "auto" (the default) and "xor" allow
+        zero pages, XOR-with-the-base (XZR) and RLE; "rle" the crate's RLE only; "none"
+        raw pages only; "zstd" or "zstd:LEVEL" XZR/RLE pages in one zstd frame. "auto"
+        also compresses the page payload with zstd when a sample shows that it wins. A
+        checksum-only delta (``digest=None``) keeps the crate's encodings under "auto"
+        (RLE or raw, byte-compatible with it); XZR, which needs the base that only a
+        strong digest proves, is refused for it.
         ``digest`` names the strong digest of the new state ("xxh3_128_tree", the default:
         XXH3-128 over 1 MiB leaves, which every core helps hash and verify; "xxh3_128",
         plain sequential XXH3-128; "blake3"; or ``None`` for the crate's
@@ -285,7 +227,8 @@ class DeltaSnapshot:
         agent = to_id(agent_id, "agent_id")
         report = byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
         delta, _ = cls._create_checked(
-            agent, old_state, new_state, base_sequence, sequence, digest, key, report, resize=resize
+            agent, old_state, new_state, base_sequence, sequence, digest, key, report, resize=resize,
+            compress=compress,
         )
         return delta
 
@@ -302,6 +245,7 @@ class DeltaSnapshot:
         progress: Optional[ProgressCallback] = None,
         *,
         resize: bool = False,
+        compress: str = "auto",
     ) -> Tuple["DeltaSnapshot", Scan]:
         """Normalise ``digest``/``key`` (a key implies keyed BLAKE3), then :meth:`_create`.
 
@@ -315,7 +259,10 @@ class DeltaSnapshot:
             if algorithm is None:
                 raise ValueError("a key needs a digest: digest=None makes an unauthenticated checksum-only delta")
             algorithm = "blake3"
-        return cls._create(agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress, resize)
+        plan = parse_compress(compress, digest=algorithm is not None)
+        return cls._create(
+            agent, old_state, new_state, base_sequence, sequence, algorithm, raw_key, progress, resize, plan
+        )
 
     @classmethod
     def _create(
@@ -329,9 +276,11 @@ class DeltaSnapshot:
         key: Optional[bytes],
         progress: Optional[ProgressCallback],
         resize: bool,
+        plan: Tuple[int, Optional[int], bool] = (ALLOW_CRATE, None, False),
     ) -> Tuple["DeltaSnapshot", Scan]:
         """``create`` that also returns what the scan found: the dirty pages as copied,
-        which the delta describes (the tracker keeps them as its next base)."""
+        which the delta describes (the tracker keeps them as its next base). ``plan`` is
+        :func:`~cellmigrate._pages.parse_compress`'s (allowed encodings, zstd level, auto)."""
         old = memoryview(b"") if old_state is None else as_bytes_view(old_state, "old_state")
         new = as_bytes_view(new_state, "new_state")
         # None: zeros of the new length (an empty base reads as zeros), never allocated.
@@ -343,9 +292,10 @@ class DeltaSnapshot:
             )
         hasher = None if algorithm is None else Hasher(algorithm, key)
         found = scan(old, new, hasher, progress)
-        pages = [
-            DirtyPage(int(i), data, packed) for i, (data, packed) in zip(found.indices, _compress_pages(found.pages))
-        ]
+        allowed, level, auto = plan
+        # Encoded from the pages as the scan copied them (never a second read of new).
+        batch = encode_batch(old, found.pages, found.indices, allowed)
+        compression, payload = choose_compression(batch, level, auto)
         value = None if hasher is None else hasher.digest()
         if hasher is not None and hasher.splittable:
             found.leaves = hasher.leaves()  # the new state's leaf table, for free
@@ -353,7 +303,7 @@ class DeltaSnapshot:
             agent_id=agent,
             sequence=sequence,
             base_sequence=base_sequence,
-            dirty_pages=pages,
+            dirty_pages=cast(Any, PageStore(batch, found.pages)),  # dirty_pages lists it when asked
             total_size=new.nbytes,
             timestamp=_now(),
             checksum=found.checksum,
@@ -361,41 +311,71 @@ class DeltaSnapshot:
             digest=value,
             keyed=key is not None,
             base_size=base_size,
+            compression=compression,
+            compression_level=level,
         )
+        delta._seal(key)
+        if payload is not None:
+            delta.__dict__["_zstd_payload"] = (batch, payload)
         return delta, found
+
+    def _seal(self, key: Optional[bytes]) -> None:
+        """Set :attr:`header_digest` from the header fields and the state digest."""
+        if self.digest_algorithm is None or self.digest is None:
+            self.header_digest = None
+            return
+        from .wire import header_digest
+
+        self.header_digest = header_digest(
+            algorithm=self.digest_algorithm, keyed=self.keyed, compression=self.compression,
+            agent_id=self.agent_id, sequence=self.sequence, base_sequence=self.base_sequence,
+            total_size=self.total_size, base_size=self._base_size(), timestamp=self.timestamp,
+            checksum=self.checksum, state_digest=self.digest, key=key,
+        )
+
+    def _base_size(self) -> int:
+        return self.total_size if self.base_size is None else self.base_size
+
+    # -- pages ---------------------------------------------------------------------------
+
+    def _page_batch(self, error: Optional[type] = InvalidStateError) -> PageBatch:
+        """The pages as one batch: the one the delta holds, or (once ``dirty_pages`` was
+        handed out and changed) one made from the list's current pages; what cannot be a
+        page raises ``error`` (``None``: ``TypeError``/``ValueError``)."""
+        return cast(PageStore, self.__dict__["_store"]).batch(error)
+
+    def _zstd_payload(self) -> Optional[bytes]:
+        """The payload's zstd frame ``create`` made while choosing it, if still current."""
+        cached = self.__dict__.get("_zstd_payload")
+        if cached is not None and cached[0] is cast(PageStore, self.__dict__["_store"]).current_batch():
+            return cast(bytes, cached[1])
+        return None
 
     # -- apply -------------------------------------------------------------------------
 
-    def _decoded_pages(self) -> Tuple[List[int], List[bytes]]:
-        """Indices (sorted) and raw bytes of every page, all checked; raises InvalidStateError."""
-        total = self.total_size
-        npages = -(-total // PAGE_SIZE)
-        seen: Dict[int, bytes] = {}
-        for page in self.dirty_pages:
-            if not isinstance(page, DirtyPage):
-                raise InvalidStateError(f"Delta page list holds a {type(page).__name__}, not a DirtyPage")
-            index = page.index
-            if not 0 <= index < npages:
-                raise InvalidStateError(
-                    f"Delta page {index} is out of range for a state of {total} bytes ({npages} pages)"
-                )
-            if index in seen:
-                raise InvalidStateError(f"Delta holds page {index} more than once")
-            expected = _page_length(index, total)
-            if page.compressed:
-                try:
-                    data = bytes(kernels.rle_decompress(as_bytes_view(page.data), expected))
-                except CorruptDataError as exc:
-                    raise InvalidStateError(f"Delta page {index} is corrupt: {exc}") from None
-            else:
-                data = bytes(page.data)
-            if len(data) != expected:
-                raise InvalidStateError(
-                    f"Delta page {index} has {len(data)} bytes, expected {expected}"
-                )
-            seen[index] = data
-        order = sorted(seen)
-        return order, [seen[i] for i in order]
+    def _decoded_pages(self, view: memoryview) -> Tuple[npt.NDArray[np.int64], Sequence[BufferLike]]:
+        """Indices (sorted) and raw bytes of every page, all checked; XZR pages are decoded
+        over ``view`` (the base, only read). Raises InvalidStateError naming the page."""
+        store = cast(PageStore, self.__dict__["_store"])
+        raw = store.raw_pages()
+        if raw is not None:
+            # Made by create and untouched: the pages as the scan copied them (checked
+            # there), so applying is idempotent like the crate's, and nothing is decoded.
+            indices, pages = raw
+            if len(indices) and int(indices[-1]) * PAGE_SIZE >= self.total_size:
+                raise InvalidStateError(f"Delta page {int(indices[-1])} is out of range for a state of "
+                                        f"{self.total_size} bytes")
+            if len(indices) and len(pages[-1]) != min(PAGE_SIZE, self.total_size - int(indices[-1]) * PAGE_SIZE):
+                raise InvalidStateError(f"Delta page {int(indices[-1])} has {len(pages[-1])} bytes, expected "
+                                        f"{min(PAGE_SIZE, self.total_size - int(indices[-1]) * PAGE_SIZE)}")
+            return indices, pages
+        if store.current_batch() is None:
+            for page in store.listed():
+                if not isinstance(page, DirtyPage):
+                    raise InvalidStateError(f"Delta page list holds a {type(page).__name__}, not a DirtyPage")
+        batch = self._page_batch().sorted_unique(InvalidStateError)
+        decoded = batch.decode(view, self.total_size, ALLOW_ALL, error=InvalidStateError)
+        return decoded.indices, decoded.views()
 
     def _check_key_policy(self, key: Optional[bytes]) -> None:
         """The digest fields are consistent and the key matches the delta's kind."""
@@ -417,6 +397,32 @@ class DeltaSnapshot:
                 raise InvalidStateError(
                     f"Delta {self.digest_algorithm} digest has {len(self.digest or b'')} bytes, expected {size}"
                 )
+
+    def _check_header_digest(self, state_digest: bytes, key: Optional[bytes]) -> None:
+        """Every header field is what the delta's creator sealed (version 2)."""
+        if self.header_digest is None:
+            return  # version 1 (keyed ones only by opt-in) or built by hand: no header digest
+        from .wire import header_digest
+
+        try:
+            expected = header_digest(
+                algorithm=self.digest_algorithm, keyed=self.keyed, compression=self.compression,
+                agent_id=self.agent_id, sequence=self.sequence, base_sequence=self.base_sequence,
+                total_size=self.total_size, base_size=self._base_size(), timestamp=self.timestamp,
+                checksum=self.checksum, state_digest=state_digest, key=key,
+            )
+        except ValueError as exc:
+            raise InvalidStateError(f"Delta header cannot be verified: {exc}") from None
+        if not hmac.compare_digest(expected, self.header_digest):
+            if self.keyed:
+                raise InvalidStateError(
+                    "Delta authentication failed: the header MAC does not match (agent id, sequence, base "
+                    "sequence, timestamp, sizes or compression changed, or a wrong key)"
+                )
+            raise InvalidStateError(
+                f"Delta {self.digest_algorithm} header digest mismatch: a header field (agent id, sequence, "
+                f"base sequence, timestamp, sizes, compression) is not what the delta was made with"
+            )
 
     def apply(
         self,
@@ -480,9 +486,9 @@ class DeltaSnapshot:
                 f"(pass a larger max_size to allow it)"
             )
         self._check_key_policy(raw_key)
-        indices, pages = self._decoded_pages()
+        indices, pages = self._decoded_pages(view)
         hasher = None if self.digest_algorithm is None else Hasher(self.digest_algorithm, raw_key)
-        result = Result(view, total, indices, pages)
+        result = Result(view, total, cast(Any, indices), cast(Any, pages))
         checksum = result.checks(hasher, before_end(report))
         value = None if hasher is None else hasher.digest()
         del result  # drops its views of the base, so a bytearray can grow
@@ -497,6 +503,7 @@ class DeltaSnapshot:
                         "Delta authentication failed: BLAKE3 MAC mismatch (wrong key or tampered delta)"
                     )
                 raise InvalidStateError(f"Delta {self.digest_algorithm} digest mismatch: the result is not the new state")
+            self._check_header_digest(value, raw_key)
         # Everything checked: now (and only now) write.
         if size != total:
             view.release()
@@ -513,15 +520,26 @@ class DeltaSnapshot:
 
     def dirty_page_count(self) -> int:
         """Number of pages in the delta."""
-        return len(self.dirty_pages)
+        return cast(PageStore, self.__dict__["_store"]).count()
 
     def compressed_size(self) -> int:
-        """Sum of the stored (possibly compressed) page lengths."""
-        return sum(len(p.data) for p in self.dirty_pages)
+        """Sum of the ``dirty_pages``' data lengths (the crate's reading: for a delta made by
+        :meth:`create`, its pages RLE-compressed when that is smaller). What the pages take
+        on the wire, with zero and XZR pages, is :meth:`stored_size`."""
+        return cast(PageStore, self.__dict__["_store"]).listed_size()
+
+    def stored_size(self) -> int:
+        """Bytes of page data as the pages are shipped (every encoding: see :meth:`encoding_counts`)."""
+        return cast(PageStore, self.__dict__["_store"]).stored_size()
 
     def uncompressed_size(self) -> int:
         """``dirty_page_count() * PAGE_SIZE`` (the crate's reading)."""
-        return len(self.dirty_pages) * PAGE_SIZE
+        return self.dirty_page_count() * PAGE_SIZE
+
+    def encoding_counts(self) -> Dict[str, Tuple[int, int]]:
+        """``{encoding: (pages, stored bytes)}`` for each page encoding ("raw", "rle",
+        "zero", "xzr"; every one listed, zeros included)."""
+        return self._page_batch().counts()
 
     def compression_ratio(self) -> float:
         """``compressed_size() / uncompressed_size()``; 1.0 when there are no pages."""
@@ -534,30 +552,34 @@ class DeltaSnapshot:
         """The versioned, self-checking wire format (see docs/FORMAT.md)."""
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
-        if self.base_size is not None:
-            # The wire format has no base_size field yet (the v2 bump adds it); shipping
-            # such a delta would lose the size change. Refuse rather than mislead.
-            raise InvalidStateError(
-                f"This wire format cannot carry a delta that resizes the state "
-                f"({self.base_size} -> {self.total_size} bytes)"
-            )
         # cast: wire's DeltaLike protocol declares settable attributes, which mypy treats
         # as invariant (list[DirtyPage] vs Sequence[PageLike]); the shape is the agreed one.
         return bytes(wire.encode_delta(cast(Any, self)))
 
+    def write_to(self, fileobj: IO[bytes]) -> int:
+        """Write :meth:`serialize`'s bytes to a binary file object (anything with
+        ``write``: a file, a pipe, a socket file) piece by piece, without building them in
+        memory; returns the number of bytes written."""
+        from . import wire  # type: ignore[attr-defined,unused-ignore]
+
+        return int(wire.write_delta(cast(Any, self), fileobj))
+
     @classmethod
-    def deserialize(cls, data: BufferLike, *, max_total_size: Optional[int] = None) -> "DeltaSnapshot":
+    def deserialize(
+        cls, data: BufferLike, *, max_total_size: Optional[int] = None, allow_legacy_keyed: bool = False
+    ) -> "DeltaSnapshot":
         """Parse :meth:`serialize` output; any malformed input raises ``CorruptDataError``.
 
         ``max_total_size`` bounds the declared state size (the wire module's default
-        when ``None``), so a hostile header cannot announce an absurd state.
+        when ``None``), so a hostile header cannot announce an absurd state. A read-only
+        ``data`` (``bytes``, an ``mmap`` opened for reading) is held without a copy: the
+        delta's pages are views into it. A keyed delta in wire version 1 (whose header
+        fields are not under its MAC) is refused unless ``allow_legacy_keyed=True``.
         """
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
-        if max_total_size is None:
-            fields = wire.decode_delta(data)
-        else:
-            fields = wire.decode_delta(data, max_total_size=max_total_size)
+        limit = wire.DEFAULT_MAX_TOTAL_SIZE if max_total_size is None else max_total_size
+        fields = wire.decode_delta(data, max_total_size=limit, allow_legacy_keyed=allow_legacy_keyed)
         try:
             return cls(**fields)
         except (TypeError, ValueError) as exc:
@@ -568,8 +590,31 @@ class DeltaSnapshot:
     def __repr__(self) -> str:
         return (
             f"DeltaSnapshot(agent_id={self.agent_id.hex()}, sequence={self.sequence}, "
-            f"base_sequence={self.base_sequence}, dirty_pages=<{len(self.dirty_pages)} pages>, "
+            f"base_sequence={self.base_sequence}, dirty_pages=<{self.dirty_page_count()} pages>, "
             f"total_size={self.total_size}, timestamp={self.timestamp}, checksum={self.checksum}, "
             f"digest_algorithm={self.digest_algorithm!r}, keyed={self.keyed}"
             + (f", base_size={self.base_size})" if self.base_size is not None else ")")
         )
+
+
+def _get_dirty_pages(self: DeltaSnapshot) -> List[DirtyPage]:
+    return cast(PageStore, self.__dict__["_store"]).listed()
+
+
+def _set_dirty_pages(self: DeltaSnapshot, value: Any) -> None:
+    self.__dict__["_store"] = value if isinstance(value, PageStore) else PageStore(value)
+
+
+def _eq(self: DeltaSnapshot, other: object) -> bool:
+    if not isinstance(other, DeltaSnapshot):
+        return cast(bool, NotImplemented)
+    if any(getattr(self, f) != getattr(other, f) for f in _COMPARED):
+        return False
+    return bool(cast(PageStore, self.__dict__["_store"]).same_pages(cast(PageStore, other.__dict__["_store"])))
+
+
+# dirty_pages is a dataclass field (constructor argument, equality) read and written
+# through this property, so the pages can stay in one batch until someone asks for them.
+DeltaSnapshot.dirty_pages = property(_get_dirty_pages, _set_dirty_pages)  # type: ignore[assignment]
+_COMPARED = [f.name for f in fields(DeltaSnapshot) if f.compare and f.name != "dirty_pages"]
+DeltaSnapshot.__eq__ = _eq  # type: ignore[method-assign,assignment]

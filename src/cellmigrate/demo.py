@@ -342,7 +342,9 @@ def _run(size: int, seed: int, report: _Report) -> None:
     # which computes the result's checksum and digest before writing anything.
     forged = DeltaSnapshot.deserialize(wire)
     page = forged.dirty_pages[0]
-    data = bytearray(page.get_data())
+    start = page.index * PAGE_SIZE  # an XOR-encoded page decodes against its base page
+    data = bytearray(page.get_data(base=target[start : start + PAGE_SIZE],
+                                   length=min(PAGE_SIZE, forged.total_size - start)))
     data[0] ^= 0x01
     forged.dirty_pages[0] = DirtyPage(page.index, bytes(data))
     forged = DeltaSnapshot.deserialize(forged.serialize())

@@ -412,7 +412,11 @@ class WasmAgent:
         self._ptr = 0
         self._len = 0
         with self._store_lock:
-            self._steps = int(self._step(self._store, 0))
+            try:
+                self._steps = int(self._step(self._store, 0))
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                raise InvalidStateError(f"the wasm module's step(0) must run no iteration, but it trapped: "
+                                        f"{_first_line(exc)}") from None
             self._refresh()
 
     # ------------------------------------------------------------------ memory

@@ -1,21 +1,26 @@
 """The self-checking binary wire format of :class:`~cellmigrate.delta.DeltaSnapshot`.
 
-Semi-private: users call ``DeltaSnapshot.serialize()`` / ``DeltaSnapshot.deserialize()``,
-which delegate to :func:`encode_delta` / :func:`decode_delta` here. The layout is
-documented byte by byte in ``docs/FORMAT.md``; this module is its only implementation.
+Semi-private: users call ``DeltaSnapshot.serialize()`` / ``write_to()`` /
+``deserialize()``, which delegate to :func:`encode_delta` / :func:`write_delta` /
+:func:`decode_delta` here. The layout is documented byte by byte in ``docs/FORMAT.md``;
+this module is its only implementation. It writes version 2 and reads versions 1 and 2.
 
 Design rules, all enforced by :func:`decode_delta`:
 
 * The input is hostile. Every length, count, index and flag is checked against the bytes
   actually present *before* anything is allocated from it, so memory use is bounded by
-  the input size (the page table, the page copies) and by one page at a time (the
-  decompression check); a declared ``total_size`` is never allocated here at all, and it
-  is itself bounded by ``max_total_size``.
+  the input size (the page table; a copy of the payload only when it is zstd-compressed
+  or the input is writable) and a declared ``total_size`` is never allocated here at
+  all; it is itself bounded by ``max_total_size``.
 * Every failure raises :class:`~cellmigrate.errors.CorruptDataError` whose message names
   the field ("bad magic", "page 3: index 99 out of range ...").
-* The per-page and whole-payload checks are XXH3 hashes: they catch corruption in
-  transit and localize it, they do **not** authenticate. Authentication is the keyed
-  BLAKE3 digest of the new state, which ``DeltaSnapshot.apply`` verifies.
+* The page table and the payload are checked without a per-page Python loop: numpy reads
+  the table's columns, one kernel call checks every page's stored bytes.
+* The whole-payload check is an XXH3-128 hash: it catches corruption in transit, it does
+  **not** authenticate. Authentication is the keyed BLAKE3 MAC, which in version 2 covers
+  every header field (the header digest, :func:`header_digest`), checked by
+  ``DeltaSnapshot.apply``. A keyed version-1 delta (whose header is not under its MAC) is
+  refused unless the caller opts in with ``allow_legacy_keyed=True``.
 
 :func:`encode_delta` writes what the delta holds (a delta tampered with in memory is
 written as is and refused by the reader); it only refuses what the fixed-width fields
@@ -26,11 +31,15 @@ from __future__ import annotations
 
 import operator
 import struct
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
+import blake3 as _blake3
+import numpy as np
 import xxhash as _xxhash
+import zstandard as _zstd
 
 from ._buffers import as_bytes_view
+from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageEncoding, zstd_payload
 from ._types import BufferLike
 from .checksum import DIGEST_SIZES, PAGE_SIZE
 from .compression import simple_decompress
@@ -49,7 +58,13 @@ class PageLike(Protocol):
 
 
 class DeltaLike(Protocol):
-    """What the encoder reads from a delta (the attributes of ``DeltaSnapshot``)."""
+    """What the encoder reads from a delta (the attributes of ``DeltaSnapshot``).
+
+    Version-2 attributes it reads when present: ``base_size`` (default: ``total_size``),
+    ``header_digest``, ``compression`` ("none" or "zstd"), ``wire_version`` (default 2),
+    and the method ``_page_batch()`` (the pages as one :class:`PageBatch`, else
+    ``dirty_pages`` is read page by page).
+    """
 
     @property
     def agent_id(self) -> bytes: ...
@@ -76,33 +91,60 @@ class DeltaLike(Protocol):
 __all__ = [
     "MAGIC",
     "VERSION",
+    "READABLE_VERSIONS",
     "DEFAULT_MAX_TOTAL_SIZE",
     "HEADER_SIZE",
+    "HEADER_SIZE_V1",
     "PAGE_ENTRY_SIZE",
+    "PAGE_ENTRY_SIZE_V1",
     "TRAILER_SIZE",
+    "COMPRESSIONS",
     "encode_delta",
+    "write_delta",
+    "prepare_delta",
     "decode_delta",
+    "header_digest",
 ]
 
 #: PNG-style signature: the high byte catches 7-bit channels, CR LF / LF catch newline
 #: translation, 0x1A stops a DOS ``type``. "CMD" = cellmigrate delta.
 MAGIC = b"\x89CMD\r\n\x1a\n"
-#: The only layout this module reads or writes. Any change to the layout bumps it.
-VERSION = 1
-#: Largest ``total_size`` :func:`decode_delta` accepts unless told otherwise (64 GiB).
+#: The layout this module writes. Any change to the layout bumps it.
+VERSION = 2
+#: The layouts this module reads.
+READABLE_VERSIONS = (1, 2)
+#: Largest ``total_size`` (and ``base_size``) :func:`decode_delta` accepts unless told otherwise (64 GiB).
 DEFAULT_MAX_TOTAL_SIZE = 64 << 30
 
+# --- version 2 ------------------------------------------------------------------------
+# Header: magic, version, digest algorithm id, flags, digest length D, payload compression,
+# 2 reserved bytes, agent id, sequence, base_sequence, total_size, base_size, timestamp,
+# checksum, page count, payload size on the wire, payload size decoded.
+_HEADER = struct.Struct("<8sHBBBB2s16sQQQQQIIQQ")
+HEADER_SIZE = _HEADER.size  # 96
+# Page table (after the payload), four columns of N entries: index (u32), stored length
+# (u16), per-page check (u32: the weighted checksum of the stored bytes), encoding (u8).
+PAGE_ENTRY_SIZE = 11
+# What the header digest covers, after the domain tag: algorithm id, flags, compression,
+# agent id, sequence, base_sequence, total_size, base_size, timestamp, checksum; then the
+# state digest. See docs/FORMAT.md, "Header digest".
+_BINDING = struct.Struct("<BBB16sQQQQQI")
+_BINDING_TAG = b"cellmigrate delta header v2\x00"
+
+# --- version 1 ------------------------------------------------------------------------
 # Header: magic, version, digest algorithm id, flags, digest length, 3 reserved bytes,
 # agent id, sequence, base_sequence, total_size, timestamp, checksum, 4 reserved bytes,
 # page count. Reserved bytes are read (not skipped with "x") so they can be required zero.
-_HEADER = struct.Struct("<8sHBBB3s16sQQQQI4sQ")
-HEADER_SIZE = _HEADER.size  # 80
+_HEADER_V1 = struct.Struct("<8sHBBB3s16sQQQQI4sQ")
+HEADER_SIZE_V1 = _HEADER_V1.size  # 80
 # Page table entry: index, stored length, encoding, 3 reserved bytes, xxh3_64 of the stored bytes.
-_ENTRY = struct.Struct("<QIB3sQ")
-PAGE_ENTRY_SIZE = _ENTRY.size  # 24
-# Trailer: the canonical XXH3-128 digest of every byte before it.
+_ENTRY_V1 = struct.Struct("<QIB3sQ")
+PAGE_ENTRY_SIZE_V1 = _ENTRY_V1.size  # 24
+
+# Trailer (both versions): the canonical XXH3-128 digest of every byte before it.
 TRAILER_SIZE = 16
 
+_U16_MAX = (1 << 16) - 1
 _U32_MAX = (1 << 32) - 1
 _U64_MAX = (1 << 64) - 1
 
@@ -115,7 +157,13 @@ _DIGEST_LENGTHS = {_ALG_NONE: 0, **{_ALG_IDS[name]: size for name, size in DIGES
 _FLAG_KEYED = 0x01
 _KNOWN_FLAGS = _FLAG_KEYED
 
-# Page encodings. RLE is the crate's "simple" format, what DirtyPage.compress() produces.
+#: Whole-payload compression ids (version 2).
+COMPRESSIONS = {"none": 0, "zstd": 1}
+_COMPRESSION_NAMES = {v: k for k, v in COMPRESSIONS.items()}
+#: zstd level written when the delta does not name one.
+ZSTD_LEVEL = 3
+
+# Page encodings of version 1. RLE is the crate's "simple" format (DirtyPage.compress()).
 _ENC_RAW = 0
 _ENC_RLE = 1
 # An RLE stream turns every 3 input bytes into at least 1 output byte (a marker has a
@@ -123,8 +171,12 @@ _ENC_RLE = 1
 # cannot decode to L bytes: a sound bound, checked before decoding anything.
 _RLE_MAX_EXPANSION = 3
 
+_ZERO2 = b"\x00" * 2
 _ZERO3 = b"\x00" * 3
 _ZERO4 = b"\x00" * 4
+
+#: Payload bytes written (and hashed) per step by the streaming writer.
+_WRITE_CHUNK = 8 << 20
 
 
 # --------------------------------------------------------------------------------------
@@ -142,7 +194,7 @@ def _max_pages(total_size: int) -> int:
 
 
 def _page_check(stored: Union[bytes, memoryview]) -> int:
-    """Per-page check: XXH3-64 of the stored (possibly compressed) bytes."""
+    """Version-1 per-page check: XXH3-64 of the stored (possibly compressed) bytes."""
     return int(_xxhash.xxh3_64_intdigest(stored))
 
 
@@ -157,78 +209,215 @@ def _int_field(name: str, value: Any, maximum: int) -> int:
     return number
 
 
+def _agent_bytes(agent_id: Any) -> bytes:
+    if hasattr(agent_id, "bytes") and not isinstance(agent_id, (bytes, bytearray, memoryview)):
+        agent_id = agent_id.bytes  # a uuid.UUID
+    raw = bytes(agent_id)
+    if len(raw) != 16:
+        raise ValueError(f"agent_id must be 16 bytes, got {len(raw)}")
+    return raw
+
+
+def _algorithm_id(algorithm: Optional[str]) -> int:
+    if algorithm not in _ALG_IDS:
+        raise ValueError(f"digest_algorithm {algorithm!r} is not one of {sorted(k for k in _ALG_IDS if k)}")
+    return _ALG_IDS[algorithm]
+
+
+def _compression_id(name: Any) -> int:
+    if name not in COMPRESSIONS:
+        raise ValueError(f"compression {name!r} is not one of {sorted(COMPRESSIONS)}")
+    return COMPRESSIONS[name]
+
+
 # --------------------------------------------------------------------------------------
-# encoding
+# the header digest (version 2): every header field under the digest / MAC
+
+
+def header_digest(
+    *,
+    algorithm: Optional[str],
+    keyed: bool,
+    compression: str,
+    agent_id: Any,
+    sequence: int,
+    base_sequence: int,
+    total_size: int,
+    base_size: int,
+    timestamp: int,
+    checksum: int,
+    state_digest: bytes,
+    key: Optional[bytes] = None,
+) -> bytes:
+    """The version-2 header digest: the delta's algorithm over its header fields and the
+    state digest (docs/FORMAT.md, "Header digest").
+
+    ``H(tag || alg || flags || compression || agent id || sequence || base sequence ||
+    total size || base size || timestamp || checksum || state digest)``, ``H`` being
+    XXH3-128 for ``xxh3_128`` and ``xxh3_128_tree``, BLAKE3 for ``blake3`` and BLAKE3
+    keyed with ``key`` for a keyed delta (then it is a MAC of every field). The state
+    digest is computed as before (in parallel for the tree digest); this is one small
+    hash more.
+    """
+    if algorithm is None:
+        raise ValueError("a checksum-only delta has no header digest")
+    alg_id = _algorithm_id(algorithm)
+    binding = _BINDING_TAG + _BINDING.pack(
+        alg_id,
+        _FLAG_KEYED if keyed else 0,
+        _compression_id(compression),
+        _agent_bytes(agent_id),
+        _int_field("sequence", sequence, _U64_MAX),
+        _int_field("base_sequence", base_sequence, _U64_MAX),
+        _int_field("total_size", total_size, _U64_MAX),
+        _int_field("base_size", base_size, _U64_MAX),
+        _int_field("timestamp", timestamp, _U64_MAX),
+        _int_field("checksum", checksum, _U32_MAX),
+    ) + bytes(state_digest)
+    if algorithm == "blake3":
+        if keyed:
+            if key is None:
+                raise ValueError("a keyed header digest needs the key")
+            return bytes(_blake3.blake3(binding, key=key).digest())
+        return bytes(_blake3.blake3(binding).digest())
+    if keyed:
+        raise ValueError(f"{algorithm} cannot be keyed")
+    return bytes(_xxhash.xxh3_128_digest(binding))
+
+
+# --------------------------------------------------------------------------------------
+# encoding (version 2)
+
+
+def _batch_of(delta: DeltaLike) -> PageBatch:
+    """The delta's pages as one batch (no per-page work when the delta holds one)."""
+    batch = getattr(delta, "_page_batch", None)
+    if callable(batch):
+        got = batch(None)
+        if isinstance(got, PageBatch):
+            return got
+    return PageBatch.from_pages(list(delta.dirty_pages))
+
+
+class _Prepared:
+    """Everything a version-2 writer needs, validated, before a byte is written."""
+
+    def __init__(self, delta: DeltaLike, zstd_level: Optional[int]) -> None:
+        total_size = _int_field("total_size", delta.total_size, _U64_MAX)
+        base_size = getattr(delta, "base_size", None)
+        base_size = total_size if base_size is None else _int_field("base_size", base_size, _U64_MAX)
+        alg_id = _algorithm_id(delta.digest_algorithm)
+        digest = b"" if delta.digest is None else bytes(delta.digest)
+        if len(digest) > 255:
+            raise ValueError(f"digest of {len(digest)} bytes does not fit the 1-byte digest length field")
+        bound = getattr(delta, "header_digest", None)
+        # A delta without a header digest (built by hand) is written with zeros there: the
+        # reader takes it, and apply refuses it (its header is not under its digest).
+        # Written at the digest's length (the layout has one length for both): a tampered
+        # digest length is then refused by the reader, as the faithful writer promises.
+        bound = bytes(len(digest)) if bound is None else bytes(bound)[: len(digest)].ljust(len(digest), b"\0")
+        compression = getattr(delta, "compression", "none")
+        comp_id = _compression_id(compression)
+        self.batch = batch = _batch_of(delta)
+        count = len(batch)
+        if count > _U32_MAX:
+            raise ValueError(f"{count} pages do not fit the 4-byte page count")
+        if count:
+            indices, lengths = batch.indices, batch.stored_lengths()
+            if int(indices.min()) < 0 or int(indices.max()) > _U32_MAX:
+                k = int(np.flatnonzero((indices < 0) | (indices > _U32_MAX))[0])
+                raise ValueError(f"page {k}: index {int(indices[k])} does not fit the 4-byte index field")
+            if int(lengths.max()) > _U16_MAX:
+                k = int(np.argmax(lengths > _U16_MAX))
+                raise ValueError(f"page {k}: {int(lengths[k])} stored bytes do not fit the 2-byte length field")
+            if int(batch.encodings.max()) > 255:  # pragma: no cover - uint8 array
+                raise ValueError("page encoding does not fit")
+        self.table = b"".join((
+            batch.indices.astype("<u4").tobytes(),
+            batch.stored_lengths().astype("<u2").tobytes(),
+            batch.checks.astype("<u4").tobytes(),
+            batch.encodings.astype(np.uint8).tobytes(),
+        ))
+        payload: Union[bytes, memoryview] = batch.payload
+        size = batch.payload_size
+        if len(payload) != size:
+            payload = memoryview(payload)[:size]
+        if comp_id:
+            cached = getattr(delta, "_zstd_payload", None)
+            frame = cached() if callable(cached) else None
+            payload = frame if frame is not None else zstd_payload(payload, ZSTD_LEVEL if zstd_level is None else zstd_level)
+        self.payload = payload
+        self.header = _HEADER.pack(
+            MAGIC,
+            VERSION,
+            alg_id,
+            _FLAG_KEYED if delta.keyed else 0,
+            len(digest),
+            comp_id,
+            _ZERO2,
+            _agent_bytes(delta.agent_id),
+            _int_field("sequence", delta.sequence, _U64_MAX),
+            _int_field("base_sequence", delta.base_sequence, _U64_MAX),
+            total_size,
+            base_size,
+            _int_field("timestamp", delta.timestamp, _U64_MAX),
+            _int_field("checksum", delta.checksum, _U32_MAX),
+            count,
+            len(payload),
+            size,
+        )
+        self.digests = digest + bound
+
+    def parts(self) -> List[Any]:
+        return [self.header, self.digests, self.payload, self.table]
+
+    @property
+    def size(self) -> int:
+        """Bytes the delta takes on the wire (trailer included)."""
+        return sum(len(p) for p in self.parts()) + TRAILER_SIZE
+
+    def write(self, fileobj: Any, chunk: int = _WRITE_CHUNK) -> int:
+        """Write the delta to ``fileobj`` (anything with ``write``) in pieces of at most
+        ``chunk`` bytes, hashing as it goes; returns the bytes written."""
+        hasher = _xxhash.xxh3_128()
+        written = 0
+        for part in self.parts():
+            view = part if isinstance(part, memoryview) else memoryview(part)
+            for start in range(0, view.nbytes, chunk):
+                piece = view[start : start + chunk]
+                hasher.update(piece)
+                fileobj.write(piece)
+                written += piece.nbytes
+        fileobj.write(hasher.digest())
+        return written + TRAILER_SIZE
+
+
+def _zstd_level_of(delta: DeltaLike) -> Optional[int]:
+    level = getattr(delta, "compression_level", None)
+    return None if level is None else int(level)
 
 
 def encode_delta(delta: DeltaLike) -> bytes:
     """Serialize ``delta`` (any object with the ``DeltaSnapshot`` attributes) to bytes.
 
-    The writer is faithful, not a validator: it writes whatever the delta holds as long as
-    the fixed-width fields can represent it, so a delta tampered with in memory (page out
-    of range, unsorted, wrong length, bad RLE, mismatched digest length) still serializes
-    and is then refused by :func:`decode_delta` on the receiving side, with a message
-    naming the field. Every delta made by ``DeltaSnapshot.create`` round-trips.
+    Writes version 2, or version 1 when ``delta.wire_version == 1`` (a delta read from a
+    version-1 input re-encodes to exactly its input). The writer is faithful, not a
+    validator: it writes whatever the delta holds as long as the fixed-width fields can
+    represent it, so a delta tampered with in memory (page out of range, unsorted, wrong
+    length, bad RLE/XZR data, mismatched digest length) still serializes and is then
+    refused by :func:`decode_delta` on the receiving side, with a message naming the field.
 
     Raises ``ValueError`` / ``TypeError`` naming the field only for what the format cannot
     represent: an agent id that is not 16 bytes, a negative integer or one wider than its
-    field, an unknown digest algorithm, a digest over 255 bytes, page data that is not a
-    buffer or is 4 GiB or more.
+    field (a page index over 2**32 - 1, stored page data over 65,535 bytes), an unknown
+    digest algorithm or compression, a digest over 255 bytes, page data that is not a buffer.
     """
-    agent_id = delta.agent_id
-    if hasattr(agent_id, "bytes") and not isinstance(agent_id, (bytes, bytearray, memoryview)):
-        agent_id = agent_id.bytes  # a uuid.UUID
-    agent_id = bytes(agent_id)
-    if len(agent_id) != 16:
-        raise ValueError(f"agent_id must be 16 bytes, got {len(agent_id)}")
-    sequence = _int_field("sequence", delta.sequence, _U64_MAX)
-    base_sequence = _int_field("base_sequence", delta.base_sequence, _U64_MAX)
-    total_size = _int_field("total_size", delta.total_size, _U64_MAX)
-    timestamp = _int_field("timestamp", delta.timestamp, _U64_MAX)
-    checksum = _int_field("checksum", delta.checksum, _U32_MAX)
-
-    algorithm = delta.digest_algorithm
-    if algorithm not in _ALG_IDS:
-        raise ValueError(f"digest_algorithm {algorithm!r} is not one of {sorted(k for k in _ALG_IDS if k)}")
-    alg_id = _ALG_IDS[algorithm]
-    digest = b"" if delta.digest is None else bytes(delta.digest)
-    if len(digest) > 255:
-        raise ValueError(f"digest of {len(digest)} bytes does not fit the 1-byte digest length field")
-    flags = _FLAG_KEYED if delta.keyed else 0
-
-    pages = list(delta.dirty_pages)
-    table = bytearray(len(pages) * PAGE_ENTRY_SIZE)
-    payloads: List[memoryview] = []
-    for position, page in enumerate(pages):
-        try:
-            raw_index, raw_data, compressed = page.index, page.data, page.compressed
-        except AttributeError:
-            raise TypeError(f"page {position}: {type(page).__name__} is not a dirty page") from None
-        index = _int_field(f"page {position}: index", raw_index, _U64_MAX)
-        stored = as_bytes_view(raw_data, f"page {position}: data")
-        if stored.nbytes > _U32_MAX:
-            raise ValueError(f"page {position}: {stored.nbytes} bytes of data do not fit the 4-byte length field")
-        encoding = _ENC_RLE if compressed else _ENC_RAW
-        _ENTRY.pack_into(table, position * PAGE_ENTRY_SIZE, index, stored.nbytes, encoding, _ZERO3, _page_check(stored))
-        payloads.append(stored)
-
-    header = _HEADER.pack(
-        MAGIC,
-        VERSION,
-        alg_id,
-        flags,
-        len(digest),
-        _ZERO3,
-        agent_id,
-        sequence,
-        base_sequence,
-        total_size,
-        timestamp,
-        checksum,
-        _ZERO4,
-        len(pages),
-    )
-    parts: List[Any] = [header, digest, table, *payloads]
+    version = getattr(delta, "wire_version", VERSION)
+    if version == 1:
+        return _encode_v1(delta)
+    if version != VERSION:
+        raise ValueError(f"wire_version {version!r} cannot be written (this writer knows 1 and {VERSION})")
+    parts = _Prepared(delta, _zstd_level_of(delta)).parts()
     # Hash part by part, then join once: a single copy of the payload in memory.
     hasher = _xxhash.xxh3_128()
     for part in parts:
@@ -237,46 +426,194 @@ def encode_delta(delta: DeltaLike) -> bytes:
     return b"".join(parts)
 
 
+def prepare_delta(delta: DeltaLike) -> "_Prepared":
+    """Everything :func:`write_delta` writes, validated, without writing it: ``.size`` (the
+    bytes on the wire, e.g. to reserve them) and ``.write(fileobj)``. Version 2 only."""
+    if getattr(delta, "wire_version", VERSION) != VERSION:
+        raise ValueError("prepare_delta writes version 2 only (encode_delta writes version 1)")
+    return _Prepared(delta, _zstd_level_of(delta))
+
+
+def write_delta(delta: DeltaLike, fileobj: IO[bytes], *, chunk: int = _WRITE_CHUNK) -> int:
+    """Write ``delta`` to the binary file object ``fileobj`` (the bytes of
+    :func:`encode_delta`) in pieces of at most ``chunk`` bytes; returns the bytes written.
+
+    The payload is written from the delta's own buffer, view by view: beyond the delta's
+    pages, only the page table (11 bytes a page) and, for a zstd payload, its frame are
+    held, never the whole serialized delta. ``fileobj`` only needs ``write`` (a file, a
+    pipe, a socket file). A failing ``write`` propagates; what was written is then a
+    prefix that any reader refuses (the trailer is missing or wrong).
+    """
+    if getattr(delta, "wire_version", VERSION) == 1:
+        data = _encode_v1(delta)
+        fileobj.write(data)
+        return len(data)
+    return _Prepared(delta, _zstd_level_of(delta)).write(fileobj, chunk)
+
+
 # --------------------------------------------------------------------------------------
 # decoding
 
 
-def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Dict[str, Any]:
+def decode_delta(
+    data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE, allow_legacy_keyed: bool = False
+) -> Dict[str, Any]:
     """Parse and fully validate a serialized delta; return the ``DeltaSnapshot`` keyword fields.
 
-    ``data`` is any C-contiguous buffer (it is read in place; page payloads are copied
-    out). ``max_total_size`` bounds the declared state size (default 64 GiB). Raises
-    :class:`CorruptDataError` naming the field for any malformed, truncated, extended or
-    tampered input, and ``TypeError`` only when ``data`` is not a buffer at all.
+    ``data`` is any C-contiguous buffer, read in place. A read-only buffer (``bytes``, a
+    read-only memoryview, an ``mmap`` opened for reading) is held zero-copy: the returned
+    pages are views into it; a writable one is copied, so later writes to it cannot change
+    the delta. ``max_total_size`` bounds the declared state and base sizes (default 64 GiB).
+    A keyed version-1 delta is refused unless ``allow_legacy_keyed`` (its header fields are
+    not under its MAC: see docs/FORMAT.md). Raises :class:`CorruptDataError` naming the
+    field for any malformed, truncated, extended or tampered input, and ``TypeError`` only
+    when ``data`` is not a buffer at all.
     """
     view = as_bytes_view(data, "delta")
     if max_total_size < 0:
         raise ValueError("max_total_size must be >= 0")
     size = view.nbytes
-
-    # --- header ------------------------------------------------------------------------
     if size < len(MAGIC) or view[: len(MAGIC)] != MAGIC:
         raise CorruptDataError("bad magic: not a cellmigrate delta")
+    if size < len(MAGIC) + 2:
+        raise CorruptDataError(f"truncated: {size} bytes, a delta has at least {HEADER_SIZE_V1 + TRAILER_SIZE}")
+    (version,) = struct.unpack_from("<H", view, len(MAGIC))
+    if version == 1:
+        return _decode_v1(view, max_total_size, allow_legacy_keyed)
+    if version != VERSION:
+        raise CorruptDataError(
+            f"unsupported version {version} (this reader knows versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; a newer cellmigrate wrote it)"
+            if version > VERSION
+            else f"unsupported version {version} (this reader knows versions {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    return _decode_v2(view, max_total_size)
+
+
+def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
+    size = view.nbytes
     if size < HEADER_SIZE + TRAILER_SIZE:
-        raise CorruptDataError(f"truncated: {size} bytes, a delta has at least {HEADER_SIZE + TRAILER_SIZE}")
+        raise CorruptDataError(f"truncated: {size} bytes, a version-2 delta has at least {HEADER_SIZE + TRAILER_SIZE}")
     (
         _magic,
-        version,
+        _version,
         alg_id,
         flags,
         digest_length,
-        reserved_a,
+        comp_id,
+        reserved,
         agent_id,
         sequence,
         base_sequence,
         total_size,
+        base_size,
         timestamp,
         checksum,
-        reserved_b,
         page_count,
+        payload_wire,
+        payload_size,
     ) = _HEADER.unpack_from(view, 0)
-    if version != VERSION:
-        raise CorruptDataError(f"unsupported version {version} (this reader knows version {VERSION})")
+    keyed = _check_algorithm(alg_id, flags, digest_length)
+    if comp_id not in _COMPRESSION_NAMES:
+        raise CorruptDataError(f"unknown payload compression id {comp_id}")
+    if reserved != _ZERO2:
+        raise CorruptDataError("reserved header bytes are not zero")
+    if total_size > max_total_size:
+        raise CorruptDataError(f"total_size {total_size} exceeds the maximum of {max_total_size} bytes")
+    if base_size > max_total_size:
+        raise CorruptDataError(f"base_size {base_size} exceeds the maximum of {max_total_size} bytes")
+    max_pages = _max_pages(total_size)
+    if page_count > max_pages:
+        raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
+    # Every page stores at most 3 x its length (RLE's bound; XZR's too), zero pages nothing.
+    if payload_size > 3 * PAGE_SIZE * page_count:
+        raise CorruptDataError(f"payload size {payload_size} is impossible for {page_count} pages")
+    if comp_id == 0 and payload_wire != payload_size:
+        raise CorruptDataError(f"payload sizes differ ({payload_wire} stored, {payload_size} decoded) without compression")
+
+    # --- lengths, all against the bytes actually present, before any allocation --------
+    body_end = size - TRAILER_SIZE
+    payload_start = HEADER_SIZE + 2 * digest_length
+    table_start = payload_start + payload_wire
+    needed = table_start + PAGE_ENTRY_SIZE * page_count
+    if needed > body_end:
+        raise CorruptDataError(
+            f"truncated: {page_count} pages with a {payload_wire}-byte payload need {needed + TRAILER_SIZE} bytes, "
+            f"{size} present"
+        )
+    if needed < body_end:
+        raise CorruptDataError(f"{body_end - needed} trailing bytes after the page table")
+
+    # Zero-copy only for input nobody can write through (what is checked stays so).
+    held = view if view.readonly else memoryview(bytes(view))
+    digest = bytes(held[HEADER_SIZE : HEADER_SIZE + digest_length])
+    bound = bytes(held[HEADER_SIZE + digest_length : payload_start])
+
+    # --- page table: four columns, read by numpy --------------------------------------------
+    n = page_count
+    indices = np.frombuffer(held, dtype="<u4", count=n, offset=table_start).astype(np.int64)
+    lengths = np.frombuffer(held, dtype="<u2", count=n, offset=table_start + 4 * n)
+    checks = np.frombuffer(held, dtype="<u4", count=n, offset=table_start + 6 * n).astype(np.uint32)
+    encodings = np.frombuffer(held, dtype=np.uint8, count=n, offset=table_start + 10 * n).copy()
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if int(offsets[-1]) != payload_size:
+        raise CorruptDataError(f"page table declares {int(offsets[-1])} payload bytes, the header {payload_size}")
+
+    # --- payload and pages: one kernel call checks every page ---------------------------------
+    stored = held[payload_start:table_start]
+    if comp_id == COMPRESSIONS["zstd"]:
+        stored = memoryview(_unzstd(stored, payload_size))
+    batch = PageBatch(indices, encodings, offsets, stored, checks)
+    # XZR needs its base, which only a strong digest proves: not in a checksum-only delta.
+    allowed = ALLOW_ALL if alg_id != _ALG_NONE else ALLOW_ALL & ~(1 << PageEncoding.XZR)
+    batch.check(total_size, allowed)
+
+    # --- whole-payload check -------------------------------------------------------------
+    if _xxhash.xxh3_128_digest(view[:body_end]) != bytes(view[body_end:]):
+        raise CorruptDataError("whole-payload check mismatch (the delta was corrupted or truncated)")
+
+    return {
+        "agent_id": bytes(agent_id),
+        "sequence": sequence,
+        "base_sequence": base_sequence,
+        "dirty_pages": batch,
+        "total_size": total_size,
+        "timestamp": timestamp,
+        "checksum": checksum,
+        "digest_algorithm": _ALG_NAMES[alg_id],
+        "digest": digest if alg_id != _ALG_NONE else None,
+        "keyed": keyed,
+        "base_size": base_size,
+        "header_digest": bound if alg_id != _ALG_NONE else None,
+        "compression": _COMPRESSION_NAMES[comp_id],
+        "wire_version": 2,
+    }
+
+
+def _unzstd(stored: memoryview, size: int) -> bytes:
+    """The zstd payload decoded: exactly one frame, recording its content size, of exactly
+    ``size`` bytes (zstd itself refuses a frame whose output differs from the size it
+    records, so nothing over ``size`` is ever produced)."""
+    try:
+        declared = _zstd.frame_content_size(stored)
+        if declared != size:
+            raise CorruptDataError(f"payload: zstd frame declares {declared} bytes, the header {size}")
+        frame = _zstd.ZstdDecompressor().decompressobj()
+        out = frame.decompress(stored)
+    except _zstd.ZstdError as exc:
+        raise CorruptDataError(f"payload: corrupt zstd frame: {exc}") from None
+    if not frame.eof:
+        raise CorruptDataError("payload: zstd frame truncated")
+    if frame.unused_data:
+        raise CorruptDataError(f"payload: {len(frame.unused_data)} bytes after the zstd frame")
+    if len(out) != size:
+        raise CorruptDataError(f"payload: zstd frame decoded to {len(out)} bytes, the header says {size}")
+    return bytes(out)
+
+
+def _check_algorithm(alg_id: int, flags: int, digest_length: int) -> bool:
+    """Validate the digest algorithm, flags and digest length; return ``keyed``."""
     if alg_id not in _ALG_NAMES:
         raise CorruptDataError(f"unknown digest algorithm id {alg_id}")
     if flags & ~_KNOWN_FLAGS:
@@ -289,6 +626,88 @@ def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SI
             f"digest length {digest_length} does not match digest algorithm {_ALG_NAMES[alg_id]!r} "
             f"({_DIGEST_LENGTHS[alg_id]} bytes)"
         )
+    return keyed
+
+
+# --------------------------------------------------------------------------------------
+# version 1 (read, and written for deltas read from version 1)
+
+
+def _encode_v1(delta: DeltaLike) -> bytes:
+    """Serialize ``delta`` in version 1 (raw and RLE pages, no base size, no header digest)."""
+    agent_id = _agent_bytes(delta.agent_id)
+    sequence = _int_field("sequence", delta.sequence, _U64_MAX)
+    base_sequence = _int_field("base_sequence", delta.base_sequence, _U64_MAX)
+    total_size = _int_field("total_size", delta.total_size, _U64_MAX)
+    timestamp = _int_field("timestamp", delta.timestamp, _U64_MAX)
+    checksum = _int_field("checksum", delta.checksum, _U32_MAX)
+    base_size = getattr(delta, "base_size", None)
+    if base_size is not None and base_size != total_size:
+        raise ValueError(f"version 1 cannot hold a base_size ({base_size}) other than total_size ({total_size})")
+    if getattr(delta, "compression", "none") != "none":
+        raise ValueError("version 1 has no payload compression")
+
+    alg_id = _algorithm_id(delta.digest_algorithm)
+    digest = b"" if delta.digest is None else bytes(delta.digest)
+    if len(digest) > 255:
+        raise ValueError(f"digest of {len(digest)} bytes does not fit the 1-byte digest length field")
+    flags = _FLAG_KEYED if delta.keyed else 0
+
+    pages = list(delta.dirty_pages)
+    table = bytearray(len(pages) * PAGE_ENTRY_SIZE_V1)
+    payloads: List[memoryview] = []
+    for position, page in enumerate(pages):
+        try:
+            raw_index, raw_data, compressed = page.index, page.data, page.compressed
+        except AttributeError:
+            raise TypeError(f"page {position}: {type(page).__name__} is not a dirty page") from None
+        encoding = getattr(page, "encoding", None)
+        if encoding is not None and int(encoding) > _ENC_RLE:
+            raise ValueError(f"page {position}: version 1 has no {PageEncoding(int(encoding)).label} pages")
+        index = _int_field(f"page {position}: index", raw_index, _U64_MAX)
+        stored = as_bytes_view(raw_data, f"page {position}: data")
+        if stored.nbytes > _U32_MAX:
+            raise ValueError(f"page {position}: {stored.nbytes} bytes of data do not fit the 4-byte length field")
+        entry_encoding = _ENC_RLE if compressed else _ENC_RAW
+        _ENTRY_V1.pack_into(
+            table, position * PAGE_ENTRY_SIZE_V1, index, stored.nbytes, entry_encoding, _ZERO3, _page_check(stored)
+        )
+        payloads.append(stored)
+
+    header = _HEADER_V1.pack(
+        MAGIC, 1, alg_id, flags, len(digest), _ZERO3, agent_id, sequence, base_sequence, total_size, timestamp,
+        checksum, _ZERO4, len(pages),
+    )
+    parts: List[Any] = [header, digest, table, *payloads]
+    hasher = _xxhash.xxh3_128()
+    for part in parts:
+        hasher.update(part)
+    parts.append(hasher.digest())
+    return b"".join(parts)
+
+
+def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) -> Dict[str, Any]:
+    """Parse and fully validate a version-1 delta (docs/FORMAT.md, "Version 1")."""
+    size = view.nbytes
+    if size < HEADER_SIZE_V1 + TRAILER_SIZE:
+        raise CorruptDataError(f"truncated: {size} bytes, a delta has at least {HEADER_SIZE_V1 + TRAILER_SIZE}")
+    (
+        _magic,
+        _version,
+        alg_id,
+        flags,
+        digest_length,
+        reserved_a,
+        agent_id,
+        sequence,
+        base_sequence,
+        total_size,
+        timestamp,
+        checksum,
+        reserved_b,
+        page_count,
+    ) = _HEADER_V1.unpack_from(view, 0)
+    keyed = _check_algorithm(alg_id, flags, digest_length)
     if reserved_a != _ZERO3 or reserved_b != _ZERO4:
         raise CorruptDataError("reserved header bytes are not zero")
     if total_size > max_total_size:
@@ -299,19 +718,19 @@ def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SI
 
     # --- lengths, all against the bytes actually present, before any allocation --------
     body_end = size - TRAILER_SIZE
-    offset = HEADER_SIZE
-    if offset + digest_length + page_count * PAGE_ENTRY_SIZE > body_end:
+    offset = HEADER_SIZE_V1
+    if offset + digest_length + page_count * PAGE_ENTRY_SIZE_V1 > body_end:
         raise CorruptDataError(
-            f"truncated: page count {page_count} needs a {page_count * PAGE_ENTRY_SIZE}-byte page table "
+            f"truncated: page count {page_count} needs a {page_count * PAGE_ENTRY_SIZE_V1}-byte page table "
             f"after the {digest_length}-byte digest, only {body_end - offset} bytes before the trailer"
         )
     digest = bytes(view[offset : offset + digest_length])
     offset += digest_length
-    table_end = offset + page_count * PAGE_ENTRY_SIZE
+    table_end = offset + page_count * PAGE_ENTRY_SIZE_V1
     # The table is read twice, lazily, never materialized: a list of entry tuples would
     # cost ~8x the table's bytes before the first entry is even validated.
     table = view[offset:table_end]
-    payload_length = sum(entry[1] for entry in _ENTRY.iter_unpack(table))
+    payload_length = sum(entry[1] for entry in _ENTRY_V1.iter_unpack(table))
     present = body_end - table_end
     if payload_length > present:
         raise CorruptDataError(f"truncated: page payloads declare {payload_length} bytes, {present} present before the trailer")
@@ -319,12 +738,10 @@ def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SI
         raise CorruptDataError(f"{present - payload_length} trailing bytes after the page payloads")
 
     # --- pages ---------------------------------------------------------------------------
-    from .delta import DirtyPage  # lazy: delta.py imports this module
-
     pages: List[Any] = []
     previous = -1
     offset = table_end
-    for position, (index, stored_length, encoding, reserved, check) in enumerate(_ENTRY.iter_unpack(table)):
+    for position, (index, stored_length, encoding, reserved, check) in enumerate(_ENTRY_V1.iter_unpack(table)):
         where = f"page {position}"
         if index * PAGE_SIZE >= total_size:
             raise CorruptDataError(f"{where}: index {index} out of range for total_size {total_size}")
@@ -363,6 +780,13 @@ def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SI
     # --- whole-payload check -----------------------------------------------------------------
     if _xxhash.xxh3_128_digest(view[:body_end]) != bytes(view[body_end:]):
         raise CorruptDataError("whole-payload check mismatch (the delta was corrupted or truncated)")
+    # Checked last, like every field above: a corrupt input is reported as corrupt first.
+    if keyed and not allow_legacy_keyed:
+        raise CorruptDataError(
+            "keyed version-1 delta refused: its header (agent id, sequences, timestamp, sizes) is not under "
+            "its MAC, so it could be replayed to another agent or round; re-create it with this version, or "
+            "pass allow_legacy_keyed=True to accept it knowingly"
+        )
 
     return {
         "agent_id": bytes(agent_id),
@@ -375,4 +799,5 @@ def decode_delta(data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SI
         "digest_algorithm": _ALG_NAMES[alg_id],
         "digest": digest if alg_id != _ALG_NONE else None,
         "keyed": keyed,
+        "wire_version": 1,
     }
