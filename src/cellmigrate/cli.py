@@ -715,14 +715,14 @@ def _result_map(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot
     """
     import tempfile
 
-    from .journal import as_same_size, apply_into, verify_on
+    from .journal import apply_into, verify_on
 
     total = int(delta.total_size)
     if base.size >= total:
         result = stack.enter_context(StateFile(base.path, private=True, fd=os.dup(base.fd), length=total))
         bar = _progress(args, total, "apply")
         try:
-            verify_on(result, as_same_size(delta), key=key, progress=_bar_callback(bar))
+            verify_on(result, delta, key=key, progress=_bar_callback(bar))
         finally:
             if bar is not None:
                 bar.close()

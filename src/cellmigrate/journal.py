@@ -89,7 +89,6 @@ __all__ = [
     "verify_on",
     "check_base_size",
     "expected_base_size",
-    "as_same_size",
 ]
 
 MAGIC = b"CMJRNL\r\n"
@@ -428,24 +427,6 @@ def _undo(fd: int, jpath: Path) -> None:
         _remove_journal(jpath)
 
 
-def as_same_size(delta: "DeltaSnapshot") -> "DeltaSnapshot":
-    """``delta`` as a same-size delta (``base_size`` dropped), for a base of ``total_size``.
-
-    A resizing delta (``create(..., resize=True)``) means: the base grown with zeros or
-    cut to ``total_size``, then the pages. A file cannot be resized before the delta is
-    verified through the library's checks, so the file is presented already resized (a
-    map of ``total_size`` bytes: zero-extended, or its first ``total_size`` bytes) and
-    the delta without its ``base_size``: the result, and every check on it (checksum,
-    digest or MAC of the new state), is the same. ``base_size`` itself was checked by
-    the wire decoder and is checked against the file by the callers.
-    """
-    if getattr(delta, "base_size", None) is None:
-        return delta
-    import dataclasses
-
-    return dataclasses.replace(delta, base_size=None)
-
-
 def expected_base_size(delta: "DeltaSnapshot") -> int:
     """The size a base must have for ``delta``: ``base_size``, else ``total_size``."""
     base_size = getattr(delta, "base_size", None)
@@ -501,7 +482,6 @@ def apply_in_place(
         recovered = _recover_locked(fd, path, jpath) if os.path.lexists(jpath) else None
         old_size = os.fstat(fd).st_size
         check_base_size(old_size, delta)
-        plain = as_same_size(delta)
         total = int(delta.total_size)
         indices = sorted({int(page.index) for page in delta.dirty_pages})
         old_runs = _runs(indices, min(old_size, total))
@@ -510,7 +490,7 @@ def apply_in_place(
             # reserve, journal and write (and cut, for a shrinking delta).
             with StateFile(path, private=True, fd=os.dup(fd), length=total) as result:
                 hook_pause("mapped")
-                verify_on(result, plain, key=key, progress=progress)
+                verify_on(result, delta, key=key, progress=progress)
                 _reserve_runs(fd, old_runs)
                 saved = _write_journal(jpath, fd, old_runs + _tail_runs(total, old_size), old_size, total)
                 _write_window(fd, jpath, result, old_runs, total)
@@ -519,7 +499,7 @@ def apply_in_place(
             saved = _write_journal(jpath, fd, old_runs, old_size, total)
             try:
                 reserve(fd, old_size, total - old_size)  # grows BASE (journaled: undone on failure)
-                apply_into(fd, plain, key=key, progress=progress, name=path)
+                apply_into(fd, delta, key=key, progress=progress, name=path)
                 os.fsync(fd)
             except BaseException:
                 _undo(fd, jpath)
@@ -545,7 +525,8 @@ def verify_on(
     :class:`StateChangedError` is raised instead, the refusal chained to it.
     """
     try:
-        delta.apply(result.buffer, key=key, progress=progress)
+        # The file was resized to total_size first (a resizing delta: see DeltaSnapshot.apply).
+        delta.apply(result.buffer, key=key, progress=progress, resized=result.size == int(delta.total_size))
     except Exception:
         result.check()
         raise
@@ -564,14 +545,14 @@ def apply_into(
 
     For a fresh copy of BASE (``apply -o``, ``--safe-replace``): the delta is verified on
     a private map of the file, then its pages are written with ``pwrite``. No journal:
-    the caller renames the file into place only when this returned. A resizing delta is
-    applied as its same-size equivalent (the caller copied BASE zero-extended or cut to
-    ``total_size``, after :func:`check_base_size`). Returns the number of pages written.
+    the caller renames the file into place only when this returned. For a resizing delta
+    the caller copied BASE zero-extended or cut to ``total_size`` (after
+    :func:`check_base_size`). Returns the number of pages written.
     Raises like :func:`apply_in_place`.
     """
     indices = sorted({int(page.index) for page in delta.dirty_pages})
     with StateFile(name, private=True, fd=os.dup(fd)) as result:
-        verify_on(result, as_same_size(delta), key=key, progress=progress)
+        verify_on(result, delta, key=key, progress=progress)
         _write_pages(fd, result, _runs(indices, int(delta.total_size)))
     return len(indices)
 
