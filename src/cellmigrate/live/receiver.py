@@ -163,6 +163,9 @@ class LiveReceiver:
                 elif msg is Msg.ROUND_END:
                     round_no = decode_u32(body, "ROUND_END")
                     conn.send(Msg.ROUND_DIGEST, encode_round_digest(round_no, session.end_round(round_no)))
+                    # Make the round durable while the sender scans the next one, so the
+                    # final commit (inside the agent's pause) has only its last round to sync.
+                    session.store.flush()
                 elif msg is Msg.COMMIT:
                     digest, extra = decode_commit(body)
                     session.commit(digest, extra)  # raises (and abandons) on a mismatch

@@ -152,7 +152,7 @@ class ReceiverSession:
             # page are final for the round. Hash them now, while the next chunk arrives, so
             # the round's (and the final proof's) digest has little left to do.
             with self.store.view() as view:
-                self._leaves.hash_dirty(view, int(idx[-1]) * PAGE_SIZE // LEAF_SIZE)
+                self._leaves.hash_before(view, int(idx[-1]) * PAGE_SIZE // LEAF_SIZE)
         self.committed_seq = chunk.seq
         self._round_seen = chunk.round
         self.bytes_received += chunk.raw_len
