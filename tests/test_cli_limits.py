@@ -203,3 +203,34 @@ def test_a_delta_with_a_digest_is_not_called_checksum_only(
     code, out, err = run_cli(capsys, "apply", str(old), str(delta), "-o", str(tmp_path / "o.bin"), *keyargs)
     assert code == 0, err
     assert "not verified" not in out and "result verified (checksum + " in out
+
+
+def test_readers_refuse_from_the_header_before_decoding(tmp_path: Path) -> None:
+    """The size bound is the wire reader's own, checked before any page is decoded: a
+    delta declaring too large a state is refused with DeclaredSizeError (a CorruptDataError
+    naming the field), even when its pages are garbage."""
+    from cellmigrate import CorruptDataError, DeclaredSizeError, InputTooLargeError
+
+    blob = bytearray(_forged_big_delta(tmp_path).read_bytes())
+    with pytest.raises(DeclaredSizeError, match="total_size .* exceeds the maximum") as info:
+        DeltaSnapshot.deserialize(bytes(blob))
+    err = info.value
+    assert isinstance(err, CorruptDataError) and isinstance(err, InputTooLargeError)
+    assert (err.field, err.size, err.limit) == ("total_size", BIG, wire.DEFAULT_MAX_TOTAL_SIZE)
+    blob[-40] ^= 0xFF  # corrupt the body: the size refusal still comes first
+    with pytest.raises(DeclaredSizeError):
+        DeltaSnapshot.deserialize(bytes(blob))
+
+
+def test_readers_bound_the_base_size_of_a_resizing_delta(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = bytes(range(256)) * (2 * PAGE_SIZE // 256)  # 8 KiB shrinking to 4 KiB
+    delta = DeltaSnapshot.create(bytes(16), old, old[:PAGE_SIZE], 0, 1, resize=True)
+    assert (delta.base_size, delta.total_size) == (2 * PAGE_SIZE, PAGE_SIZE)
+    path = tmp_path / "shrink.cmd"
+    path.write_bytes(delta.serialize())
+    code, _, err = run_cli(capsys, "inspect", str(path), "--max-size", str(PAGE_SIZE))
+    assert code == 2 and f"is for a base of {2 * PAGE_SIZE} bytes" in err and "--max-size" in err
+    code, _, err = run_cli(capsys, "inspect", str(path), "--max-size", str(2 * PAGE_SIZE))
+    assert code == 0, err

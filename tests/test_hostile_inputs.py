@@ -325,3 +325,28 @@ def test_adaptive_compress_of_a_real_input_over_lz4s_limit(compress: Callable[[A
     assert method in (CompressionMethod.ZSTD_DEFAULT, CompressionMethod.ZSTD_HIGH)
     assert zstandard.frame_content_size(payload) == n
     assert len(payload) < 1 << 20
+
+
+# --------------------------------------------------------------------------------------
+# errors cross process boundaries intact (multiprocessing, Ray)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        cm.InvalidStateError("x"),
+        cm.CorruptDataError("y"),
+        cm.InputTooLargeError("too big", size=5, limit=4),
+        cm.DeclaredSizeError("declared", field="total_size", size=5, limit=4),
+        cm.AuditStoreError("locked"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_errors_pickle_round_trip(error: cm.CellError) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error) and copy.args == error.args
+    assert copy.__dict__ == error.__dict__

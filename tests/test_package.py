@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import cellmigrate
+import pytest
 
 SPEC_NAMES = """
 CellError InvalidStateError CorruptDataError MigrationFailedError ExecutionFailedError Agent Policy PAGE_SIZE
@@ -72,19 +73,57 @@ def test_pure_python_is_an_explicit_opt_in() -> None:
     assert proc.stdout.split() == ["reference", str(97 * 1 + 98 * 2 + 99 * 3)]
 
 
-def test_every_module_docstring_example_runs() -> None:
-    """Docstring examples are documentation: each module's must hold for the current code
-    (only some modules had a doctest run, so a changed default went stale unnoticed)."""
+#: Optional integrations whose dependency is not in the ``test`` extra: their docstring
+#: examples run in the marker run that installs it (``-m ray`` installs ``cellmigrate[ray]``).
+_MARKER_RUN_PACKAGES = {"ray": pytest.mark.ray}
+
+
+def _doctest_failures(names: "list[str]") -> "list[str]":
     import doctest
     import importlib
-    import pkgutil
 
     failed = []
-    for info in pkgutil.iter_modules(cellmigrate.__path__):
-        if info.name == "__main__":
-            continue
-        module = importlib.import_module(f"cellmigrate.{info.name}")
+    for name in names:
+        module = importlib.import_module(name)
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=False)
         if result.failed:
-            failed.append(info.name)
-    assert failed == []
+            failed.append(name)
+    return failed
+
+
+def _modules(package: str) -> "list[str]":
+    """Every module below ``package`` (subpackages too), without importing anything."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and spec.submodule_search_locations is not None
+    names = []
+    for info in pkgutil.iter_modules(spec.submodule_search_locations):
+        if info.name == "__main__":
+            continue
+        name = f"{package}.{info.name}"
+        names.append(name)
+        if info.ispkg and info.name not in _MARKER_RUN_PACKAGES:
+            names += _modules(name)
+    return names
+
+
+def test_every_module_docstring_example_runs() -> None:
+    """Docstring examples are documentation: each module's must hold for the current code
+    (only some modules had a doctest run, so a changed default went stale unnoticed).
+    Subpackages are walked too; the Ray integration's run under its own marker."""
+    names = [
+        name
+        for name in _modules("cellmigrate")
+        if name.split(".")[1] not in _MARKER_RUN_PACKAGES
+    ]
+    assert "cellmigrate.live.driver" in names and "cellmigrate.wasm" in names
+    assert _doctest_failures(names) == []
+
+
+@pytest.mark.ray
+def test_ray_integration_docstring_examples_run() -> None:
+    names = ["cellmigrate.ray"] + _modules("cellmigrate.ray")
+    assert "cellmigrate.ray.actor" in names
+    assert _doctest_failures(names) == []

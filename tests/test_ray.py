@@ -406,6 +406,42 @@ def test_target_node_killed_mid_migration(cluster: SimpleNamespace, agents: Any,
     ray.kill(again.actor)
 
 
+def test_fleet_audit_store_lost_mid_migration(cluster: SimpleNamespace, agents: Any, tmp_path: Path) -> None:
+    """The audit store dies while rounds run: the migration fails, the source runs on, alone."""
+    from cellmigrate.ray import AgentProgress, FleetAudit, migrate_many
+
+    ray = cluster.ray
+    fleet = FleetAudit(tmp_path / "lost.db", node_id=cluster.head)
+    size, seed = 4 * MiB, 41
+    source = agents.SlowWriter.options(scheduling_strategy=_on(cluster.a)).remote(size, seed)
+    source.run.remote(1000.0)
+    _wait_steps(ray, source, 50)
+    sending = threading.Event()
+
+    def on_progress(p: AgentProgress) -> None:
+        if p.phase == "sending" and p.wire_bytes > 0:
+            sending.set()
+
+    out: List[Any] = []
+    mover = threading.Thread(
+        target=lambda: out.extend(
+            migrate_many([(source, cluster.b)], audit=fleet, on_progress=on_progress, chunk_bytes=256 * 1024, timeout=30)
+        )
+    )
+    mover.start()
+    assert sending.wait(60)
+    ray.kill(fleet.actor, no_restart=True)
+    mover.join(120)
+    assert not mover.is_alive()
+    (result,) = out
+    assert not result.ok and result.actor is source
+    assert "audit store unavailable" in (result.error or ""), result.error
+    n = ray.get(source.step_count.remote())
+    assert _wait_steps(ray, source, n + 100) >= n + 100  # not left paused
+    _assert_replays(agents, size, seed, ray.get(source.stop.remote()))
+    ray.kill(source)
+
+
 def test_bad_target_node_is_refused_and_source_untouched(cluster: SimpleNamespace, agents: Any, fleet: Any) -> None:
     from cellmigrate import InvalidStateError
     from cellmigrate.ray import migrate

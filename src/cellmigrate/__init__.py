@@ -14,6 +14,7 @@ from .errors import (
     AuditStoreError,
     CellError,
     CorruptDataError,
+    DeclaredSizeError,
     ExecutionFailedError,
     InputTooLargeError,
     InvalidStateError,
@@ -105,6 +106,7 @@ __all__ = [
     "StateChangedError",
     "JournalError",
     "InputTooLargeError",
+    "DeclaredSizeError",
     "AuditStoreError",
     # types of arguments
     "BufferLike",

@@ -58,7 +58,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DIFFERENT", "EXIT_ERROR"]
 
 PROG = "cellmigrate"
-_U64 = (1 << 64) - 1
 
 EXIT_OK = 0
 #: Verification failed, the states differ, or a delta was refused for this base.
@@ -488,34 +487,36 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Tuple["DeltaSnap
     ``max_size`` bytes (``--max-size``), naming the option.
     """
     from .delta import DeltaSnapshot
-    from .errors import CorruptDataError
+    from .errors import CorruptDataError, DeclaredSizeError
 
     with _delta_input(path, max_size) as f:
         if f.size == 0:
             raise CliError(f"cannot decode delta {path!r}: the file is empty")
         try:
-            # Decoded without the reader's size bound, checked right after: the declared
-            # size is never allocated while decoding (work and memory are bounded by the
-            # file), and the refusal can then name --max-size instead of a wire field.
-            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=_U64)
+            # The reader refuses a declared size over the limit from the header, before
+            # decoding anything (a zstd payload is sized by the declared pages).
+            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=max_size)
+        except DeclaredSizeError as exc:
+            what = "state" if exc.field == "total_size" else "base"
+            raise _too_large(f"delta {path!r} is for a {what} of", exc.size, max_size) from None
         except CorruptDataError as exc:
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
         size = f.size
-    _check_max_size(f"delta {path!r} is for a state of", int(delta.total_size), max_size)
-    # A delta between states of different sizes also declares its base's size.
-    base_size = getattr(delta, "base_size", None)
-    if base_size is not None:
-        _check_max_size(f"delta {path!r} is for a base of", int(base_size), max_size)
     return delta, size
 
 
+def _too_large(what: str, size: int, max_size: int) -> CliError:
+    """The refusal of ``size`` over ``--max-size`` (exit 2), the same words on both sides."""
+    return CliError(
+        f"{what} {size} bytes ({format_size(size)}), over --max-size {max_size} bytes "
+        f"({format_size(max_size)}); pass a larger --max-size to 'diff', 'inspect' and 'apply' alike"
+    )
+
+
 def _check_max_size(what: str, size: int, max_size: int) -> None:
-    """Refuse ``size`` over ``--max-size`` (exit 2), the same message on both sides."""
+    """Refuse ``size`` over ``--max-size``."""
     if size > max_size:
-        raise CliError(
-            f"{what} {size} bytes ({format_size(size)}), over --max-size {max_size} bytes "
-            f"({format_size(max_size)}); pass a larger --max-size to 'diff', 'inspect' and 'apply' alike"
-        )
+        raise _too_large(what, size, max_size)
 
 
 #: "Checksum only": the weak checksum ignores trailing zeros and is easy to forge, so a

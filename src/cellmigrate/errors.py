@@ -8,7 +8,7 @@ the raw text is kept in ``.message`` so callers can match it without the prefix.
 from __future__ import annotations
 
 import sqlite3
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = [
     "CellError",
@@ -20,8 +20,16 @@ __all__ = [
     "StateChangedError",
     "JournalError",
     "InputTooLargeError",
+    "DeclaredSizeError",
     "AuditStoreError",
 ]
+
+
+def _rebuild(cls: "type[CellError]", args: Tuple[Any, ...], state: Dict[str, Any]) -> "CellError":
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class CellError(Exception):
@@ -32,6 +40,12 @@ class CellError(Exception):
     def __init__(self, message: str = "") -> None:
         self.message = message
         super().__init__(f"{self.prefix}{message}")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # Pickled (multiprocessing, Ray) as its args and attributes, rebuilt without
+        # calling __init__ again: that would prefix the message twice, and some
+        # subclasses take required keyword-only fields.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidStateError(CellError):
@@ -92,6 +106,20 @@ class InputTooLargeError(CellError, ValueError):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class DeclaredSizeError(CorruptDataError, InputTooLargeError):
+    """Serialized input declares a size over the reader's limit (e.g. a delta's
+    ``total_size`` over ``max_total_size``), refused before anything is decoded.
+
+    A :class:`CorruptDataError` (what a reader raises for input it refuses) and an
+    :class:`InputTooLargeError`: ``field`` names the header field, ``size`` is the
+    declared size and ``limit`` the reader's bound, both in bytes.
+    """
+
+    def __init__(self, message: str, *, field: str, size: int, limit: int) -> None:
+        super().__init__(message, size=size, limit=limit)
+        self.field = field
 
 
 class AuditStoreError(CellError, sqlite3.OperationalError):

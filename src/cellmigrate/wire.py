@@ -43,7 +43,7 @@ from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageEncoding, zstd_payload
 from ._types import BufferLike
 from .checksum import DIGEST_SIZES, PAGE_SIZE
 from .compression import simple_decompress
-from .errors import CorruptDataError
+from .errors import CorruptDataError, DeclaredSizeError
 
 
 class PageLike(Protocol):
@@ -519,9 +519,15 @@ def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
     if reserved != _ZERO2:
         raise CorruptDataError("reserved header bytes are not zero")
     if total_size > max_total_size:
-        raise CorruptDataError(f"total_size {total_size} exceeds the maximum of {max_total_size} bytes")
+        raise DeclaredSizeError(
+            f"total_size {total_size} exceeds the maximum of {max_total_size} bytes",
+            field="total_size", size=total_size, limit=max_total_size,
+        )
     if base_size > max_total_size:
-        raise CorruptDataError(f"base_size {base_size} exceeds the maximum of {max_total_size} bytes")
+        raise DeclaredSizeError(
+            f"base_size {base_size} exceeds the maximum of {max_total_size} bytes",
+            field="base_size", size=base_size, limit=max_total_size,
+        )
     max_pages = _max_pages(total_size)
     if page_count > max_pages:
         raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
@@ -711,7 +717,10 @@ def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) 
     if reserved_a != _ZERO3 or reserved_b != _ZERO4:
         raise CorruptDataError("reserved header bytes are not zero")
     if total_size > max_total_size:
-        raise CorruptDataError(f"total_size {total_size} exceeds the maximum of {max_total_size} bytes")
+        raise DeclaredSizeError(
+            f"total_size {total_size} exceeds the maximum of {max_total_size} bytes",
+            field="total_size", size=total_size, limit=max_total_size,
+        )
     max_pages = _max_pages(total_size)
     if page_count > max_pages:
         raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
