@@ -74,6 +74,8 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   pages given as separate buffers (``pages[k]`` is page ``indices[k]`` of the new state,
   1..``page_size`` bytes); a count mismatch or a page of another length raises
   ``ValueError``, a negative index ``IndexError``.
+* ``join_buffers(parts) -> bytes``: ``b"".join(parts)`` (the compiled one advises the
+  output onto huge pages and copies without the GIL).
 * ``stored_checks(payload, offsets) -> ndarray[uint32]``: ``checksum`` of each
   ``payload[offsets[k]:offsets[k + 1]]``; offsets outside the payload raise ``ValueError``.
 * ``check_pages(payload, offsets, encodings, indices, total_size, page_size, allowed,
@@ -441,6 +443,10 @@ def stored_checks(payload: BufferLike, offsets: IndexLike) -> "np.ndarray[Any, n
         if a < 0 or b < a or b > len(src):
             raise ValueError(f"offsets {a}..{b} do not fit a payload of {len(src)} bytes")
     return np.asarray([checksum(src[a:b]) for a, b in zip(off, off[1:])], dtype=np.uint32)
+
+
+def join_buffers(parts: Sequence[BufferLike]) -> bytes:
+    return b"".join(bytes(_view(p).cast("B")) for p in parts)
 
 
 PAGE_OK = 0
