@@ -438,7 +438,8 @@ class StateFile:
     stays open (``fd``) so that :meth:`check` can tell whether it was truncated or
     changed while it was read, and so that its lock (shared for readers, exclusive when
     ``writable``) lasts as long as the map. ``fd=`` adopts an already open descriptor
-    (a spooled stream) instead of opening ``path``. Opening a file with a pending undo
+    (a spooled stream) instead of opening ``path``; ``length`` maps only the first
+    ``length`` bytes. Opening a file with a pending undo
     journal rolls it back first (``recovered`` then holds the report; see
     :mod:`cellmigrate.journal`), or raises :class:`JournalError` naming
     ``cellmigrate recover`` when this process cannot.
@@ -460,6 +461,7 @@ class StateFile:
         sequential: Optional[bool] = None,
         private: bool = False,
         fd: Optional[int] = None,
+        length: Optional[int] = None,
     ) -> None:
         self.path = Path(path)
         self.writable = writable
@@ -482,10 +484,10 @@ class StateFile:
             if owned_checks:
                 lock_file(fd, exclusive=writable, what=self.path)
             st = os.fstat(fd)
-            size = st.st_size
+            size = st.st_size if length is None else min(length, st.st_size)
             if size > 0:
                 access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY if private else mmap.ACCESS_READ
-                self._map = mmap.mmap(fd, 0, access=access)
+                self._map = mmap.mmap(fd, size, access=access)
                 self._slot = _guard(self._map)
                 if sequential and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
                     # Reads of a cold file through a map fault page by page; telling the
