@@ -267,6 +267,30 @@ def scatter_pages(target: BufferLike, indices: IndexLike, pages: Sequence[Buffer
         view[i * page_size : i * page_size + size] = _view(page).cast("B")
 
 
+def overlay_checksum(
+    base: BufferLike, offset: int, n: int, pages: Sequence[BufferLike], starts: IndexLike, out: BufferLike
+) -> int:
+    """``out[:n]`` = ``base`` (zeros past its end, cut at ``n``) with ``pages[k]`` at byte
+    ``starts[k]``; returns ``checksum(out[:n], offset)``. Checks everything before writing."""
+    at = _index_list(starts)
+    target = _view(out).cast("B")
+    if n < 0 or target.nbytes < n:
+        raise ValueError(f"out holds {target.nbytes} bytes, the chunk needs {n}")
+    if len(pages) != len(at):
+        raise ValueError(f"{len(pages)} pages but {len(at)} starts")
+    views = [_view(p).cast("B") for p in pages]
+    for start, page in zip(at, views):
+        if start < 0 or start + page.nbytes > n:
+            raise ValueError(f"a page of {page.nbytes} bytes at {start} does not fit a chunk of {n} bytes")
+    src = _view(base).cast("B")[:n]
+    chunk = bytearray(n)
+    chunk[: src.nbytes] = src
+    for start, page in zip(at, views):
+        chunk[start : start + page.nbytes] = page
+    target[:n] = chunk
+    return checksum(chunk, offset)
+
+
 # --------------------------------------------------------------------------------------
 # page encodings (zero pages, XOR + zero-run)
 
