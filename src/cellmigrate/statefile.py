@@ -878,8 +878,17 @@ def open_output(name: str, *, inputs: Iterable[Union[StrPath, int]] = (), force:
                 raise OSError(errno.EINVAL, f"is the same file as the input {source!r}; refusing to overwrite an input")
 
     if name == STREAM:
-        with contextlib.suppress(OSError, ValueError):
-            refuse_if_input(os.fstat(sys.stdout.fileno()))
+        try:
+            fileno = sys.stdout.fileno()
+            st_out: Optional[os.stat_result] = os.fstat(fileno)
+            terminal = os.isatty(fileno)
+        except (OSError, ValueError):  # no real stdout (embedded): written as is
+            st_out, terminal = None, False
+        if st_out is not None:
+            refuse_if_input(st_out)
+        if terminal:
+            # As zstd does: binary data on a terminal is never what was meant.
+            raise OSError(errno.EINVAL, "stdout is a terminal; redirect or pipe it to write binary data")
         return Output(name=name, path=None, stream=True, exists=True)
     target = Path(os.path.realpath(name))
     try:
