@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON file into issue 4's goal table (ratios within one run).
+"""Turn a pytest-benchmark JSON file into the goal table of issues 4 and 12 (ratios within one run).
 
     pytest benches/ --benchmark-only --bench-large --benchmark-json=bench.json
     python benches/goals.py bench.json [--size 1GiB]      # the goal table
@@ -20,13 +20,23 @@ GOALS: List[Tuple[str, str, str, str, Optional[float]]] = [
     ("DeltaSnapshot.create vs the straightforward create", "delta create", "DeltaSnapshot.create digest=None",
      "straightforward create (naive loops)", 1.5),
     ("DeltaSnapshot.create (default digest) vs the straightforward create", "delta create",
-     "DeltaSnapshot.create (default xxh3_128 digest)", "straightforward create (naive loops)", 1.5),
+     "DeltaSnapshot.create (default xxh3_128_tree digest)", "straightforward create (naive loops)", 1.5),
+    # issue 12: the peer is a page-by-page memcmp + memcpy loop in C at -O2 (not the crate's byte loops).
+    ("create (default digest, 1% dirty) vs the compiled C create", "delta create",
+     "DeltaSnapshot.create (default xxh3_128_tree digest)",
+     "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", 2.0),
+    ("create (default digest, 10% dirty) vs the compiled C create", "delta create 10% dirty",
+     "DeltaSnapshot.create (default xxh3_128_tree digest)",
+     "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", 2.0),
     ("apply, checksum-only, vs simple_checksum", "delta apply", "DeltaSnapshot.apply checksum-only (digest=None)",
      "simple_checksum (same state)", 0.75),
-    ("apply, default digest, vs simple_checksum", "delta apply", "DeltaSnapshot.apply default (xxh3_128 verified)",
+    # issue 12: 0.8x with the default (tree) digest, both threads busy in both.
+    ("apply, default digest (xxh3_128_tree), vs simple_checksum", "delta apply",
+     "DeltaSnapshot.apply default (xxh3_128_tree verified)", "simple_checksum (same state)", 0.8),
+    ("apply, plain xxh3_128 digest, vs simple_checksum", "delta apply", "DeltaSnapshot.apply xxh3_128 verified",
      "simple_checksum (same state)", 0.5),
-    ("apply, opt-in xxh3_128_tree digest, vs simple_checksum", "delta apply", "DeltaSnapshot.apply xxh3_128_tree verified",
-     "simple_checksum (same state)", 0.5),
+    ("apply verified (10% dirty) vs numpy scatter + one XXH3-128", "delta apply 10% dirty",
+     "DeltaSnapshot.apply default (xxh3_128_tree verified)", "numpy scatter + one XXH3-128 of the result", 1.0),
     ("simple_compress random vs the straightforward loop", "compress random", "simple_compress",
      "straightforward loop (_naive_rle_compress)", 3.0),
     ("simple_compress zeros vs the straightforward loop", "compress zeros", "simple_compress",

@@ -1,23 +1,32 @@
-"""Delta create and apply (1% dirty pages, RLE pages), next to the straightforward create.
+"""Delta create and apply (1% and 10% dirty pages), next to their peers.
 
-Written against the SPEC API (``cellmigrate.DeltaSnapshot``). The goals of issue 4 are
-ratios within one run: create vs the straightforward create; apply vs simple_checksum.
+Written against the SPEC API (``cellmigrate.DeltaSnapshot``). The goals are ratios within
+one run: create vs the straightforward creates (the crate's loops, and a page-by-page
+compare-and-copy loop in C compiled at -O2 by this file); verified apply vs
+simple_checksum, and at 10% dirty vs a numpy scatter of the same pages followed by one
+XXH3-128 of the result (issue 12).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
-from typing import Any, Callable, Dict, List
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import pytest
+import xxhash
 
 import cellmigrate
 from cellmigrate import _kernels, simple_checksum
 
-from conftest import States
+from conftest import MiB, States
 
 DeltaSnapshot = getattr(cellmigrate, "DeltaSnapshot", None)
 pytestmark = pytest.mark.skipif(DeltaSnapshot is None, reason="cellmigrate.DeltaSnapshot not landed yet")
@@ -39,12 +48,66 @@ def straightforward_create(old: bytes, new: bytes) -> Any:
     return checksum, pages
 
 
+C_CREATE = r"""
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+/* The straightforward create: page by page, compare, copy each dirty page out. */
+size_t compiled_create(const uint8_t *old, const uint8_t *new_, size_t n, size_t page,
+                       int64_t *idx, uint8_t *out) {
+    size_t count = 0;
+    for (size_t start = 0, k = 0; start < n; start += page, k++) {
+        size_t len = n - start < page ? n - start : page;
+        if (memcmp(old + start, new_ + start, len) != 0) {
+            memcpy(out + count * page, new_ + start, len);
+            idx[count++] = (int64_t)k;
+        }
+    }
+    return count;
+}
+"""
+
+_compiled: Dict[str, Any] = {}
+
+
+def compiled_create_fn() -> Optional[Any]:
+    """``compiled_create`` from C_CREATE built with ``cc -O2`` (once per session), or None."""
+    if "fn" not in _compiled:
+        _compiled["fn"] = None
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc:
+            tmp = Path(tempfile.mkdtemp(prefix="cm-bench-"))
+            (tmp / "create.c").write_text(C_CREATE)
+            built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp / "create.so"), str(tmp / "create.c")],
+                                   capture_output=True, text=True)
+            if built.returncode == 0:
+                fn = ctypes.CDLL(str(tmp / "create.so")).compiled_create
+                fn.restype = ctypes.c_size_t
+                fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_size_t] * 2 + [ctypes.c_void_p] * 2
+                _compiled["fn"] = fn
+    return _compiled["fn"]
+
+
+def compiled_create(s: States) -> Callable[[], Any]:
+    """The C loop over (old, new), into buffers sized for every page (made once, outside timing)."""
+    fn = compiled_create_fn()
+    if fn is None:
+        pytest.skip("no C compiler (cc) for the compiled create peer")
+    old, new = s.np("old"), s.np("new")
+    npages = -(-s.size // 4096)
+    idx = np.empty(npages, dtype=np.int64)
+    out = np.empty(npages * 4096, dtype=np.uint8)
+    return lambda: fn(old.ctypes.data, new.ctypes.data, s.size, 4096, idx.ctypes.data, out.ctypes.data)
+
+
 CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {
     "DeltaSnapshot.create digest=None": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest=None),
-    "DeltaSnapshot.create (default xxh3_128 digest)": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1),
-    "DeltaSnapshot.create (xxh3_128_tree digest)":
-        lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest="xxh3_128_tree"),
+    "DeltaSnapshot.create (default xxh3_128_tree digest)":
+        lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1),
+    "DeltaSnapshot.create (xxh3_128 digest)":
+        lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest="xxh3_128"),
     "straightforward create (naive loops)": lambda s: lambda: straightforward_create(s.old, s.new),
+    "straightforward compiled create (C memcmp+memcpy loop, cc -O2)": compiled_create,
     "simple_checksum (new state)": lambda s: lambda: simple_checksum(s.new),
 }
 
@@ -56,8 +119,8 @@ def test_create(states: States, measure: Any, peer: str) -> None:
 
 APPLY_DIGESTS = {
     "checksum-only (digest=None)": None,
-    "default (xxh3_128 verified)": "xxh3_128",
-    "xxh3_128_tree verified": "xxh3_128_tree",
+    "default (xxh3_128_tree verified)": "xxh3_128_tree",
+    "xxh3_128 verified": "xxh3_128",
 }
 
 
@@ -74,6 +137,83 @@ def test_apply(states: States, measure: Any, variant: str) -> None:
 
 def test_apply_anchor(states: States, measure: Any) -> None:
     measure("delta apply", "simple_checksum (same state)", lambda: simple_checksum(states.new), states.size, ours=True)
+
+
+# --- 10% dirty (issue 12): apply vs numpy scatter + one XXH3-128, create vs the C loop ---
+
+DIRTY10 = 0.10
+
+
+class Dirty10:
+    """``old`` random, ``new`` with 10% of its pages changed (64 bytes each), the delta
+    between them, and the dirty pages as one (pages, 4096) array for the numpy peer."""
+
+    def __init__(self, size: int) -> None:
+        rng = np.random.default_rng(size + 10)
+        self.size = size
+        self.old_np = rng.integers(0, 256, size, dtype=np.uint8)
+        new = self.old_np.copy()
+        npages = size // 4096
+        self.dirty = np.sort(rng.choice(npages, int(npages * DIRTY10), replace=False))
+        rows = new.reshape(-1, 4096)
+        rows[self.dirty, 100:164] ^= 0x5A
+        self.new_np = new
+        self.pages = rows[self.dirty].copy()
+        self.delta = DeltaSnapshot.create(AGENT, self.old_np, self.new_np, 0, 1)
+
+
+_dirty10: Dict[int, Dirty10] = {}
+
+
+@pytest.fixture
+def dirty10(size: int) -> Dirty10:
+    if size < 64 * MiB:
+        pytest.skip("the 10% dirty rows run at 64 MiB and 1 GiB only")
+    if size not in _dirty10:
+        _dirty10.clear()
+        _dirty10[size] = Dirty10(size)
+    return _dirty10[size]
+
+
+def test_apply_10pct(dirty10: Dirty10, measure: Any) -> None:
+    d = dirty10
+    base = bytearray(d.old_np.tobytes())
+    d.delta.apply(base)
+    assert base == d.new_np.tobytes()
+    measure("delta apply 10% dirty", "DeltaSnapshot.apply default (xxh3_128_tree verified)",
+            lambda: d.delta.apply(base), d.size, ours=True)
+    del base
+
+
+def test_apply_10pct_numpy_peer(dirty10: Dirty10, measure: Any) -> None:
+    d = dirty10
+    target = d.old_np.copy()
+    rows = target.reshape(-1, 4096)
+
+    def scatter_and_hash() -> bytes:
+        rows[d.dirty] = d.pages
+        return xxhash.xxh3_128_digest(target)
+
+    assert scatter_and_hash() == xxhash.xxh3_128_digest(d.new_np)
+    measure("delta apply 10% dirty", "numpy scatter + one XXH3-128 of the result", scatter_and_hash, d.size)
+
+
+def test_apply_10pct_checksum_anchor(dirty10: Dirty10, measure: Any) -> None:
+    measure("delta apply 10% dirty", "simple_checksum (same state)", lambda: simple_checksum(dirty10.new_np), dirty10.size)
+
+
+@pytest.mark.parametrize("peer", ["DeltaSnapshot.create (default xxh3_128_tree digest)",
+                                  "straightforward compiled create (C memcmp+memcpy loop, cc -O2)"])
+def test_create_10pct(dirty10: Dirty10, measure: Any, peer: str) -> None:
+    d = dirty10
+    if peer.startswith("DeltaSnapshot"):
+        fn: Callable[[], Any] = lambda: DeltaSnapshot.create(AGENT, d.old_np, d.new_np, 0, 1)  # noqa: E731
+    else:
+        shim = States.__new__(States)  # the C peer reads .size/.np(); reuse it on these arrays
+        shim.size = d.size
+        shim.old, shim.new = d.old_np, d.new_np  # type: ignore[assignment]
+        fn = compiled_create(shim)
+    measure("delta create 10% dirty", peer, fn, d.size, ours=peer.startswith("DeltaSnapshot"))
 
 
 MEMORY_CHILD = textwrap.dedent(

@@ -398,6 +398,7 @@ def _naive_rle_compress(const uint8_t[::1] data):
 # --- page encodings (zero pages, XOR + zero-run) -------------------------------------------
 
 include "_encodings.pxi"
+include "_passes.pxi"
 
 
 # --- SIGBUS guard for mapped files (see cm_guard.h) ------------------------------------

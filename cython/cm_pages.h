@@ -17,8 +17,9 @@
  *
  * The encoder never materializes X: it scans new and base side by side. Equal runs
  * (z) are found 32 bytes at a time with AVX2 (cmpeq + movemask) or 8 at a time with
- * word XORs; inside a literal the next equal byte is found the same way (random data
- * has one in 256), so both dense and sparse pages cost one pass at vector speed. An
+ * word XORs; a literal's end (3 equal bytes) is found 64 positions at a time from the
+ * equality masks (m & m >> 1 & m >> 2), so a dense page costs one pass at vector speed
+ * however many isolated equal bytes it has (random data: one in 256). An
  * output limit (the size of the best encoding found so far) stops it as soon as it
  * cannot win, so an incompressible page costs at most one scan.
  *
@@ -99,6 +100,44 @@ static size_t cm_ne_run_scalar(const uint8_t *a, const uint8_t *b, size_t n) {
 }
 
 #if CM_X86
+/* Bit j set when a[i + j] == b[i + j], for j in 0..63; positions at or past L read as equal. */
+static inline CM_AVX2 uint64_t cm_eqmask64_avx2(const uint8_t *a, const uint8_t *b, size_t i, size_t L) {
+    if (i + 64 <= L) {
+        uint32_t lo = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(
+            _mm256_loadu_si256((const __m256i *)(a + i)), _mm256_loadu_si256((const __m256i *)(b + i))));
+        uint32_t hi = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(
+            _mm256_loadu_si256((const __m256i *)(a + i + 32)), _mm256_loadu_si256((const __m256i *)(b + i + 32))));
+        return (uint64_t)lo | (uint64_t)hi << 32;
+    }
+    uint64_t m = ~(uint64_t)0;
+    for (size_t j = 0; i + j < L && j < 64; j++)
+        if (a[i + j] != b[i + j])
+            m &= ~((uint64_t)1 << j);
+    return m;
+}
+
+/* cm_lit_end_scalar, 64 positions at a time: "3 equal bytes from here" is m & m>>1 & m>>2
+   (with the next block's first two bits shifted in), so a dense literal costs two vector
+   compares per 64 bytes whatever its equal bytes. */
+static CM_AVX2 size_t cm_lit_end_avx2(const uint8_t *nw, const uint8_t *base, size_t s, size_t L) {
+    size_t e = s + 1;
+    if (e >= L)
+        return L;
+    uint64_t m0 = cm_eqmask64_avx2(nw, base, e, L);
+    for (;;) {
+        uint64_t m1 = e + 64 < L ? cm_eqmask64_avx2(nw, base, e + 64, L) : ~(uint64_t)0;
+        uint64_t f = m0 & ((m0 >> 1) | (m1 << 63)) & ((m0 >> 2) | (m1 << 62));
+        if (f) {
+            size_t at = e + (size_t)__builtin_ctzll(f);
+            return at < L ? at : L;
+        }
+        e += 64;
+        if (e >= L)
+            return L;
+        m0 = m1;
+    }
+}
+
 static CM_AVX2 size_t cm_eq_run_avx2(const uint8_t *a, const uint8_t *b, size_t n) {
     size_t k = 0;
     while (k + 32 <= n) {
@@ -112,35 +151,41 @@ static CM_AVX2 size_t cm_eq_run_avx2(const uint8_t *a, const uint8_t *b, size_t 
     return k + cm_eq_run_scalar(a + k, b + k, n - k);
 }
 
-static CM_AVX2 size_t cm_ne_run_avx2(const uint8_t *a, const uint8_t *b, size_t n) {
-    size_t k = 0;
-    while (k + 32 <= n) {
-        __m256i va = _mm256_loadu_si256((const __m256i *)(a + k));
-        __m256i vb = _mm256_loadu_si256((const __m256i *)(b + k));
-        uint32_t eq = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(va, vb));
-        if (eq)
-            return k + (size_t)__builtin_ctz(eq);
-        k += 32;
-    }
-    return k + cm_ne_run_scalar(a + k, b + k, n - k);
-}
 #endif
 
 typedef size_t (*cm_run_fn)(const uint8_t *, const uint8_t *, size_t);
 
+/* End of the literal that starts at s (a differing byte) in pages of L bytes: the first
+   e > s where 3 bytes are equal (bytes past L count as equal, so an equal run reaching
+   the end of the page ends it too), or L. */
+typedef size_t (*cm_lit_fn)(const uint8_t *, const uint8_t *, size_t, size_t);
+
+static size_t cm_lit_end_scalar(const uint8_t *nw, const uint8_t *base, size_t s, size_t L) {
+    size_t e = s + 1;
+    for (;;) {
+        e += cm_ne_run_scalar(nw + e, base + e, L - e);
+        if (e >= L)
+            return L;
+        size_t g = cm_eq_run_scalar(nw + e, base + e, L - e < 3 ? L - e : 3);
+        if (g >= 3 || e + g >= L)
+            return e;
+        e += g; /* a short gap: stays in the literal */
+    }
+}
+
 typedef struct {
     cm_run_fn eq_run;
-    cm_run_fn ne_run;
+    cm_lit_fn lit_end;
 } cm_page_ops;
 
 /* The run finders for the active dispatch path: AVX2 from the "avx2" path up (the
    AVX-512 paths too: at page granularity 32-byte compares already run at L1 speed). */
 static cm_page_ops cm_page_ops_active(void) {
-    cm_page_ops ops = {cm_eq_run_scalar, cm_ne_run_scalar};
+    cm_page_ops ops = {cm_eq_run_scalar, cm_lit_end_scalar};
 #if CM_X86
     if (cm_active - cm_paths >= 2) {
         ops.eq_run = cm_eq_run_avx2;
-        ops.ne_run = cm_ne_run_avx2;
+        ops.lit_end = cm_lit_end_avx2;
     }
 #endif
     return ops;
@@ -198,18 +243,7 @@ static size_t cm_xzr_encode(const uint8_t *nw, const uint8_t *base, size_t L, ui
             break; /* the rest equals the base: implicit */
         /* The literal: from s to the first equal byte that starts a gap of >= 3 equal
            bytes or runs to the end of the page. */
-        size_t e = s + 1;
-        for (;;) {
-            e += ops.ne_run(nw + e, base + e, L - e);
-            if (e >= L) {
-                e = L;
-                break;
-            }
-            size_t g = ops.eq_run(nw + e, base + e, L - e < 3 ? L - e : 3);
-            if (g >= 3 || e + g >= L)
-                break;
-            e += g; /* a short gap: stays in the literal */
-        }
+        size_t e = ops.lit_end(nw, base, s, L);
         size_t k = e - s;
         size_t need = cm_varint_size(s - pos) + cm_varint_size(k) + k;
         if (o + need >= limit)

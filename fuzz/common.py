@@ -59,19 +59,34 @@ __all__ = [
 def reseal(blob: bytes) -> bytes:
     """Recompute every locatable page check and the whole-payload check (attacker model).
 
-    Lets the fuzzer reach the validations behind the XXH3 checks (indices, lengths, RLE
-    streams) and ``apply``'s digest verification with structurally mutated deltas.
+    Lets the fuzzer reach the validations behind the checks (indices, lengths, RLE/XZR
+    streams) and ``apply``'s digest and header-digest verification with structurally
+    mutated deltas. Version 2 (page checks: weighted checksums in the table after the
+    payload) and version 1 (XXH3-64 in 24-byte entries before the payloads).
     """
     data = bytearray(blob)
-    if len(data) >= wire.HEADER_SIZE + wire.TRAILER_SIZE:
+    if len(data) >= wire.HEADER_SIZE + wire.TRAILER_SIZE and data[8:10] == b"\x02\x00" and data[13] == 0:
+        count, stored = struct.unpack_from("<IQ", data, 76)
+        payload = wire.HEADER_SIZE + 2 * data[12]
+        table = payload + stored
+        if table + wire.PAGE_ENTRY_SIZE * count <= len(data) - wire.TRAILER_SIZE:
+            offset = payload
+            for k in range(count):
+                (length,) = struct.unpack_from("<H", data, table + 4 * count + 2 * k)
+                if offset + length > table:
+                    break
+                check = simple_checksum(bytes(data[offset : offset + length]))
+                struct.pack_into("<I", data, table + 6 * count + 4 * k, check)
+                offset += length
+    elif len(data) >= wire.HEADER_SIZE_V1 + wire.TRAILER_SIZE:
         digest_length = data[12]
         (count,) = struct.unpack_from("<Q", data, 72)
-        table = wire.HEADER_SIZE + digest_length
+        table = wire.HEADER_SIZE_V1 + digest_length
         body_end = len(data) - wire.TRAILER_SIZE
-        if 0 <= body_end - table and count <= (body_end - table) // wire.PAGE_ENTRY_SIZE:
-            offset = table + count * wire.PAGE_ENTRY_SIZE
+        if 0 <= body_end - table and count <= (body_end - table) // wire.PAGE_ENTRY_SIZE_V1:
+            offset = table + count * wire.PAGE_ENTRY_SIZE_V1
             for k in range(count):
-                entry = table + k * wire.PAGE_ENTRY_SIZE
+                entry = table + k * wire.PAGE_ENTRY_SIZE_V1
                 (length,) = struct.unpack_from("<I", data, entry + 8)
                 if offset + length > body_end:
                     break
@@ -98,9 +113,12 @@ def check_apply(delta: DeltaSnapshot, base: bytes, key: Optional[bytes]) -> bool
         assert bytes(target) == base, "InvalidStateError but the base was modified"
         return False
     expected = bytearray(base) + bytes(max(0, delta.total_size - len(base)))
+    del expected[delta.total_size :]
     for page in delta.dirty_pages:
-        raw = page.get_data()
-        expected[page.index * PAGE_SIZE : page.index * PAGE_SIZE + len(raw)] = raw
+        start = page.index * PAGE_SIZE
+        length = min(PAGE_SIZE, delta.total_size - start)
+        raw = page.get_data(base=base[start : start + length], length=length)  # XZR pages: over the base
+        expected[start : start + len(raw)] = raw
     assert len(target) == delta.total_size, "apply left the wrong size"
     assert target == expected, "apply wrote something other than the delta's pages"
     assert simple_checksum(target) == delta.checksum, "apply accepted a checksum mismatch"

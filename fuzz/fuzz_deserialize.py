@@ -1,6 +1,7 @@
 """atheris harness: ``DeltaSnapshot.deserialize`` on hostile bytes (then ``apply``).
 
-Input: one mode byte, then the candidate delta. Mode bit 0 set: the harness first
+Input: one mode byte, then the candidate delta. Mode bit 1 set: keyed version-1 deltas
+are accepted (``allow_legacy_keyed``). Mode bit 0 set: the harness first
 recomputes every page check and the whole-payload check (``reseal``), as an attacker
 could, so mutations reach the validations behind those checks and ``apply``'s digest.
 
@@ -42,7 +43,7 @@ def TestOneInput(data: bytes) -> None:
     if mode & 1:
         blob = reseal(blob)
     try:
-        delta = DeltaSnapshot.deserialize(blob)
+        delta = DeltaSnapshot.deserialize(blob, allow_legacy_keyed=bool(mode & 2))
     except CorruptDataError:
         return
     assert delta.serialize() == blob, "decoded delta does not re-encode to its input"
@@ -56,8 +57,8 @@ def TestOneInput(data: bytes) -> None:
 def seeds() -> List[Tuple[str, bytes]]:
     out = []
     for name, blob in delta_seeds():
-        out.append((f"{name}-raw", b"\x00" + blob))
-        out.append((f"{name}-resealed", b"\x01" + blob))
+        out.append((f"{name}-raw", b"\x02" + blob))
+        out.append((f"{name}-resealed", b"\x03" + blob))
     return out
 
 

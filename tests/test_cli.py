@@ -22,7 +22,7 @@ from cellmigrate import PAGE_SIZE, digest, dirty_pages, simple_checksum
 from cellmigrate.cli import chunked_checksum, chunked_first_difference, main
 from cellmigrate.statefile import StateFile, format_size, parse_size
 
-COMMANDS = ["checksum", "diff", "apply", "verify", "inspect", "demo", "bench"]
+COMMANDS = ["checksum", "diff", "apply", "recover", "verify", "inspect", "demo", "bench"]
 
 
 def run(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:

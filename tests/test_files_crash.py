@@ -115,7 +115,7 @@ def _in_place_loop(tmp_path: Path, size: int, trials: int, delay: float, seed: i
 
 
 def test_in_place_apply_survives_sigkill(tmp_path: Path) -> None:
-    _in_place_loop(tmp_path, 32 * MiB, trials=4, delay=0.001, seed=1)
+    _in_place_loop(tmp_path, 32 * MiB, trials=3, delay=0.001, seed=1)
 
 
 @pytest.mark.large

@@ -224,7 +224,15 @@ def test_delta_from_a_named_fifo_is_streamed(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- never clobber
 
 
-def test_inputs_are_never_overwritten(tmp_path: Path) -> None:
+def _main(argv: List[str], capsys: pytest.CaptureFixture[str]) -> Tuple[int, str]:
+    """The CLI in process (these refusals need no child process): code and stderr."""
+    from cellmigrate.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_inputs_are_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old_path, new_path, delta, old, new = _setup(tmp_path)
     hard = tmp_path / "hard.bin"
     os.link(old_path, hard)
@@ -237,24 +245,43 @@ def test_inputs_are_never_overwritten(tmp_path: Path) -> None:
         ["apply", str(delta), str(delta)],
     ]
     for argv in cases:
-        line = one_line_error(run(*argv), 2)
-        assert "input" in line or "same file" in line, line
+        code, err = _main(argv, capsys)
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1, (argv, err)
+        assert "input" in lines[0] or "same file" in lines[0], lines[0]
     assert old_path.read_bytes() == old and new_path.read_bytes() == new
     assert DeltaSnapshot.deserialize(delta.read_bytes()).dirty_page_count() > 0
 
 
-def test_existing_output_needs_force(tmp_path: Path) -> None:
+def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old_path, new_path, delta, old, new = _setup(tmp_path)
     out = tmp_path / "out.bin"
     out.write_bytes(b"keep me")
     for argv in (["diff", str(old_path), str(new_path), "-o", str(out)],
                  ["apply", str(old_path), str(delta), "-o", str(out)]):
-        assert "--force" in one_line_error(run(*argv), 2)
+        code, err = _main(argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "--force" in err, err
         assert out.read_bytes() == b"keep me"
     out.chmod(0o640)
-    proc = run("apply", str(old_path), str(delta), "-o", str(out), "--force")
-    assert proc.returncode == 0, proc.stderr
+    code, err = _main(["-q", "apply", str(old_path), str(delta), "-o", str(out), "--force"], capsys)
+    assert code == 0, err
     assert out.read_bytes() == new
     assert stat.S_IMODE(out.stat().st_mode) == 0o640  # the replaced file keeps its mode
-    proc = run("diff", str(old_path), str(new_path), "-o", str(tmp_path), "-f")
-    assert "directory" in one_line_error(proc, 2)
+    code, err = _main(["diff", str(old_path), str(new_path), "-o", str(tmp_path), "-f"], capsys)
+    assert code == 2 and "directory" in err
+
+
+def test_binary_to_a_terminal_is_refused(tmp_path: Path) -> None:
+    """``-o -`` on a terminal: refused, as zstd does (never binary garbage on a tty)."""
+    from files_support import cli_args
+
+    old_path, new_path, _, _, _ = _setup(tmp_path)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(cli_args("diff", str(old_path), str(new_path), "-o", "-"), stdout=slave,
+                              stderr=subprocess.PIPE, env=cli_env(), timeout=60, cwd=tmp_path)
+    finally:
+        os.close(slave)
+        os.close(master)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, b"", proc.stderr.decode())
+    assert "terminal" in one_line_error(done, 2)

@@ -27,6 +27,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from ._tree import LEAF_SIZE
+from ._types import BufferLike
 from .checksum import PAGE_SIZE, Hasher
 from .progress import ProgressEventKind, byte_progress
 
@@ -84,6 +85,12 @@ def byte_reporter(
 #: just read from memory is still in this core's cache when the hasher reads it again,
 #: big enough that the Python loop costs nothing next to the kernels.
 _CHUNK = 1 << 20
+#: From this many pages in a 1 MiB chunk on, the chunk is laid out in a scratch buffer
+#: and hashed in one call instead of one call per clean run and page (see
+#: ``Overlay.check_chunk``): one extra pass over a cached MiB against two hasher calls
+#: per page. Measured on a 1 GiB apply at 10% dirty (26 pages a chunk; busy 2-vCPU VM,
+#: best of 3): threshold 4: 344 ms, 8: 339, 16: 236, 64 (runs): 357, never: 407.
+_SCRATCH_PAGES = 16
 #: Progress is reported about this often (bytes).
 _REPORT = 16 << 20
 #: With a strong digest the hasher is sequential. On big states the calling thread
@@ -271,7 +278,7 @@ def _state_pages_checksum(view: memoryview, indices: npt.NDArray[np.int64]) -> i
     return int(kernels.state_pages_checksum(view, indices, PAGE_SIZE)) if len(indices) else 0
 
 
-def _pages_checksum(pages: Sequence[bytes], indices: npt.NDArray[np.int64]) -> int:
+def _pages_checksum(pages: Sequence[BufferLike], indices: npt.NDArray[np.int64]) -> int:
     """Sum of each page's checksum positioned at ``index * PAGE_SIZE``."""
     return int(kernels.pages_checksum(pages, indices, PAGE_SIZE)) if len(indices) else 0
 
@@ -317,6 +324,42 @@ class Overlay:
             return 0
         return int(kernels.checksum(self.view[lo : min(hi, self.size)], lo))
 
+    def base_view(self, lo: int, hi: int) -> memoryview:
+        """The base's own bytes of ``[lo, hi)`` (short or empty past the end of a short base)."""
+        return self.view[min(lo, self.size) : min(hi, self.size)]
+
+    def check_chunk(
+        self,
+        hasher: Optional[Hasher],
+        lo: int,
+        hi: int,
+        indices: npt.NDArray[np.int64],
+        pages: Sequence[BufferLike],
+        scratch: Optional["_Scratch"],
+        base_sum: Optional[int] = None,
+    ) -> int:
+        """Checksum of bytes ``[lo, hi)`` with ``pages`` (at ``indices``, the pages that
+        start in the chunk, ascending) over the base; feeds ``hasher`` those bytes in order.
+
+        With many pages and a ``scratch`` (this thread's buffer, ``hi - lo`` bytes at most), the chunk
+        is laid out once in the scratch by a kernel (which checksums it) and hashed in
+        one call: one call per clean run would cost more than the hashing. Otherwise the
+        checksum is the base's (``base_sum`` when the caller has it) adjusted for the
+        pages, and the hasher gets the clean runs as views of the base.
+        """
+        if hasher is not None and scratch is not None and len(indices) >= _SCRATCH_PAGES:
+            n = hi - lo
+            starts = indices * PAGE_SIZE - lo
+            buf = scratch.get(n)
+            checksum = int(kernels.overlay_checksum(self.base_view(lo, hi), lo, n, pages, starts, buf))
+            hasher.update(memoryview(buf)[:n])
+            return checksum
+        if base_sum is None:
+            base_sum = self.base_checksum(lo, hi)
+        if hasher is not None:
+            self.hash_span(hasher, lo, hi, (indices * PAGE_SIZE).tolist() if len(indices) else [], pages)
+        return (base_sum + self.adjustment(indices, pages)) & _MASK32
+
     def base_chunk(self, lo: int, hi: int) -> memoryview:
         """The base's bytes ``[lo, hi)`` as one buffer: a view, shared zeros, or (for the
         one chunk that straddles the end of a short base) a padded copy."""
@@ -328,7 +371,7 @@ class Overlay:
         padded[: self.size - lo] = self.view[lo:]
         return memoryview(padded)
 
-    def adjustment(self, indices: npt.NDArray[np.int64], pages: Sequence[bytes]) -> int:
+    def adjustment(self, indices: npt.NDArray[np.int64], pages: Sequence[BufferLike]) -> int:
         """The pages' checksums minus the base bytes they cover (``indices`` ascending)."""
         if not len(indices):
             return 0
@@ -336,7 +379,7 @@ class Overlay:
         covered = indices if self.size == self.total else indices[indices * PAGE_SIZE < self.size]
         return (_pages_checksum(pages, indices) - _state_pages_checksum(self.view, covered)) & _MASK32
 
-    def hash_span(self, hasher: Hasher, lo: int, hi: int, starts: Sequence[int], pages: Sequence[bytes]) -> None:
+    def hash_span(self, hasher: Hasher, lo: int, hi: int, starts: Sequence[int], pages: Sequence[BufferLike]) -> None:
         """Feed bytes ``[lo, hi)`` to ``hasher``: base runs, zeros, pages, in order.
 
         ``starts`` are the byte offsets of ``pages``, the pages that start in
@@ -349,7 +392,7 @@ class Overlay:
             if k < kb and starts[k] == pos:
                 page = pages[k]
                 hasher.update(page)
-                pos += len(page)
+                pos += len(cast(bytes, page))  # bytes or a 1-D byte view
                 k += 1
                 continue
             stop = starts[k] if k < kb else hi
@@ -361,6 +404,21 @@ class Overlay:
                 end = min(stop, pos + _REPORT)
                 hasher.update(_zeros(end - pos))
                 pos = end
+
+
+class _Scratch:
+    """One thread's scratch buffer for :meth:`Overlay.check_chunk`, allocated on first use
+    (a pass whose chunks all have few pages allocates nothing)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf: Optional[bytearray] = None
+
+    def get(self, n: int) -> bytearray:
+        if self._buf is None or len(self._buf) < n:
+            self._buf = bytearray(n)
+        return self._buf
 
 
 def _zeros(n: int) -> memoryview:
@@ -403,7 +461,7 @@ _NO_PAGES: _Chunk = (np.empty(0, dtype=np.int64), [], 0)
 
 def _scan_chunk(base: Overlay, new: memoryview, lo: int, hi: int) -> _Chunk:
     """Dirty pages of ``new[lo:hi]`` (``lo`` page-aligned) against the base, copied, and
-    the positioned checksum of the base with the copies over it."""
+    the positioned checksum of the base's bytes of the chunk (not yet adjusted)."""
     chunk = new[lo:hi]
     # One pass over both: the kernel compares each block of the base with the new state
     # and checksums the *base* (which no one writes) while the block is in registers.
@@ -415,12 +473,15 @@ def _scan_chunk(base: Overlay, new: memoryview, lo: int, hi: int) -> _Chunk:
     pages: List[bytes] = kernels.gather_pages(chunk, idx, PAGE_SIZE)
     if lo:
         idx = idx + lo // PAGE_SIZE
-    return idx, pages, (int(base_sum) + base.adjustment(idx, pages)) & _MASK32
+    return idx, pages, int(base_sum)
 
 
-def _hash_chunk(base: Overlay, hasher: Hasher, lo: int, hi: int, found: _Chunk) -> None:
-    idx, pages, _ = found
-    base.hash_span(hasher, lo, hi, (idx * PAGE_SIZE).tolist() if len(idx) else [], pages)
+def _check_scanned(
+    base: Overlay, hasher: Optional[Hasher], lo: int, hi: int, found: _Chunk, scratch: Optional[_Scratch]
+) -> _Chunk:
+    """The scanned chunk with its checksum of "base + copies" (the hasher fed those bytes)."""
+    idx, pages, base_sum = found
+    return idx, pages, base.check_chunk(hasher, lo, hi, idx, pages, scratch, base_sum)
 
 
 def _scan_alone(
@@ -429,13 +490,11 @@ def _scan_alone(
     """``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if asked) right
     after the comparison read it, from cache."""
     step = _CHUNK if hasher is not None else _REPORT
+    scratch = _Scratch() if hasher is not None else None
     found: List[_Chunk] = []
     for a in range(lo, hi, step):
         b = min(a + step, hi)
-        part = _scan_chunk(base, new, a, b)
-        found.append(part)
-        if hasher is not None:
-            _hash_chunk(base, hasher, a, b, part)
+        found.append(_check_scanned(base, hasher, a, b, _scan_chunk(base, new, a, b), scratch))
         if progress is not None:
             progress(b, new.nbytes)
     return found
@@ -458,17 +517,19 @@ def _scan_claimed(
         for k in range(count):
             a, b = k * step, min((k + 1) * step, n)
             if claims.lead_at(k):
-                found[k] = _scan_chunk(base, new, a, b)
+                found[k] = _check_scanned(base, None, a, b, _scan_chunk(base, new, a, b), None)
             else:
                 claims.wait_done(k)
-            _hash_chunk(base, hasher, a, b, found[k])
+            idx, pages, _ = found[k]
+            base.hash_span(hasher, a, b, (idx * PAGE_SIZE).tolist() if len(idx) else [], pages)
             if progress is not None and b - reported >= _REPORT:
                 reported = b
                 progress(b, n)
 
     def helper(claims: _Claims) -> None:
         while (k := claims.helper_claim()) is not None:
-            found[k] = _scan_chunk(base, new, k * step, min((k + 1) * step, n))
+            a, b = k * step, min((k + 1) * step, n)
+            found[k] = _check_scanned(base, None, a, b, _scan_chunk(base, new, a, b), None)
             claims.helper_done(k)
 
     _with_helper(lead, helper, count)
@@ -521,7 +582,7 @@ class Result(Overlay):
     zeros. ``indices`` are sorted; ``pages`` their decoded bytes.
     """
 
-    def __init__(self, view: memoryview, total: int, indices: List[int], pages: List[bytes]) -> None:
+    def __init__(self, view: memoryview, total: int, indices: Any, pages: Sequence[BufferLike]) -> None:
         super().__init__(view, total)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.starts = self.indices * PAGE_SIZE
@@ -546,15 +607,15 @@ class Result(Overlay):
         """Checksum of ``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if
         asked) right after the checksum read it, from cache."""
         step = _CHUNK if hasher is not None else _REPORT
+        scratch = _Scratch() if hasher is not None else None
         checksum = 0
         for a in range(lo, hi, step):
             b = min(a + step, hi)
-            checksum += self.base_checksum(a, b)
-            if hasher is not None:
-                self.hash_range(hasher, a, b)
+            ka, kb = self._pages_in(a, b)
+            checksum += self.check_chunk(hasher, a, b, self.indices[ka:kb], self.pages[ka:kb], scratch)
             if progress is not None:
                 progress(b, self.total)
-        return (checksum + self.pages_adjustment(lo, hi)) & _MASK32
+        return checksum & _MASK32
 
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
         """Checksum of the result with a helper thread (see :class:`_Claims`)."""

@@ -74,6 +74,8 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   pages given as separate buffers (``pages[k]`` is page ``indices[k]`` of the new state,
   1..``page_size`` bytes); a count mismatch or a page of another length raises
   ``ValueError``, a negative index ``IndexError``.
+* ``join_buffers(parts) -> bytes``: ``b"".join(parts)`` (the compiled one advises the
+  output onto huge pages and copies without the GIL).
 * ``stored_checks(payload, offsets) -> ndarray[uint32]``: ``checksum`` of each
   ``payload[offsets[k]:offsets[k + 1]]``; offsets outside the payload raise ``ValueError``.
 * ``check_pages(payload, offsets, encodings, indices, total_size, page_size, allowed,
@@ -265,6 +267,30 @@ def scatter_pages(target: BufferLike, indices: IndexLike, pages: Sequence[Buffer
         view[i * page_size : i * page_size + size] = _view(page).cast("B")
 
 
+def overlay_checksum(
+    base: BufferLike, offset: int, n: int, pages: Sequence[BufferLike], starts: IndexLike, out: BufferLike
+) -> int:
+    """``out[:n]`` = ``base`` (zeros past its end, cut at ``n``) with ``pages[k]`` at byte
+    ``starts[k]``; returns ``checksum(out[:n], offset)``. Checks everything before writing."""
+    at = _index_list(starts)
+    target = _view(out).cast("B")
+    if n < 0 or target.nbytes < n:
+        raise ValueError(f"out holds {target.nbytes} bytes, the chunk needs {n}")
+    if len(pages) != len(at):
+        raise ValueError(f"{len(pages)} pages but {len(at)} starts")
+    views = [_view(p).cast("B") for p in pages]
+    for start, page in zip(at, views):
+        if start < 0 or start + page.nbytes > n:
+            raise ValueError(f"a page of {page.nbytes} bytes at {start} does not fit a chunk of {n} bytes")
+    src = _view(base).cast("B")[:n]
+    chunk = bytearray(n)
+    chunk[: src.nbytes] = src
+    for start, page in zip(at, views):
+        chunk[start : start + page.nbytes] = page
+    target[:n] = chunk
+    return checksum(chunk, offset)
+
+
 # --------------------------------------------------------------------------------------
 # page encodings (zero pages, XOR + zero-run)
 
@@ -441,6 +467,10 @@ def stored_checks(payload: BufferLike, offsets: IndexLike) -> "np.ndarray[Any, n
         if a < 0 or b < a or b > len(src):
             raise ValueError(f"offsets {a}..{b} do not fit a payload of {len(src)} bytes")
     return np.asarray([checksum(src[a:b]) for a, b in zip(off, off[1:])], dtype=np.uint32)
+
+
+def join_buffers(parts: Sequence[BufferLike]) -> bytes:
+    return b"".join(bytes(_view(p).cast("B")) for p in parts)
 
 
 PAGE_OK = 0

@@ -659,7 +659,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        _recheck_pages(args.new, new, delta)
+        _recheck_pages(args.new, old, new, delta)
         # Streamed from the delta's own pages: the serialized delta is never built in memory.
         prepared = prepare_delta(delta)
     elapsed = time.perf_counter() - started
@@ -695,16 +695,20 @@ class _FdSink:
         write_all(self.fd, data)
 
 
-def _recheck_pages(name: str, new: StateFile, delta: "DeltaSnapshot") -> None:
+def _recheck_pages(name: str, old: StateFile, new: StateFile, delta: "DeltaSnapshot") -> None:
     """Compare each page the delta copied with the file now (SPEC: no state that never was).
 
     A writer may change NEW during the scan within one timestamp tick, so on top of the
     size/mtime/ctime check, the copied pages must still be what the file holds.
     """
     hook_pause("scanned")
+    total = int(delta.total_size)
     for page in delta.dirty_pages:
-        data = page.get_data()
-        if new.pread(len(data), int(page.index) * 4096) != data:
+        offset = int(page.index) * 4096
+        length = min(4096, total - offset)
+        # A page stored XORed with the base page decodes against OLD's page.
+        data = page.get_data(base=old.pread(length, offset), length=length)
+        if new.pread(len(data), offset) != data:
             raise CliError(f"{name!r} changed while it was read (page {page.index} differs from the copy "
                            "taken during the scan); nothing was written", EXIT_DIFFERENT)
 
@@ -721,8 +725,8 @@ def _result_map(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot
     from .journal import apply_into, verify_on
 
     total = int(delta.total_size)
-    if base.size == total:
-        result = stack.enter_context(StateFile(base.path, private=True, fd=os.dup(base.fd)))
+    if base.size >= total:
+        result = stack.enter_context(StateFile(base.path, private=True, fd=os.dup(base.fd), length=total))
         bar = _progress(args, total, "apply")
         try:
             verify_on(result, delta, key=key, progress=_bar_callback(bar))
@@ -734,14 +738,14 @@ def _result_map(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot
     from .statefile import reserve
 
     reserve(spool.fileno(), 0, total)
-    copy_range(base.fd, spool.fileno(), base.size, what=base.path)
+    copy_range(base.fd, spool.fileno(), min(base.size, total), what=base.path)
     apply_into(spool.fileno(), delta, key=key, name=base.path)
     return stack.enter_context(StateFile(base.path, fd=os.dup(spool.fileno())))
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .errors import InvalidStateError
-    from .journal import apply_in_place, apply_into
+    from .journal import apply_in_place, apply_into, check_base_size
 
     key = _read_key(args.key_file)
     base_path = Path(args.base)
@@ -771,7 +775,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     try:
         if output is None and not args.safe_replace:
             # In place, under the undo journal (docs/CLI.md): old or new after any crash.
-            _refuse_longer(args, base_st.st_size, total)
             bar = _progress(args, total, "apply")
             try:
                 report = apply_in_place(base_path, delta, key=key, progress=_bar_callback(bar))
@@ -785,7 +788,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             # BASE is checked (not truncated, not changed) explicitly before the result is
             # committed: after --safe-replace renames over it, its old inode has changed.
             with _open_state(args.base) as base:
-                _refuse_longer(args, base.size, total)
+                check_base_size(base.size, delta)
                 if output.stream:
                     with contextlib.ExitStack() as stack:
                         result = _result_map(args, base, delta, key, stack)
@@ -797,7 +800,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                     with output.open(size=total) as fd:
                         bar = _progress(args, base.size, "copy")
                         try:
-                            copy_range(base.fd, fd, base.size, what=args.base,
+                            # BASE zero-extended (the tail is already reserved as zeros) or,
+                            # for a delta that shrinks the state, cut to its new size.
+                            copy_range(base.fd, fd, min(base.size, total), what=args.base,
                                        on_chunk=None if bar is None else bar.update)
                         finally:
                             if bar is not None:
@@ -840,14 +845,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
                    f"{delta.sequence}); {checked}", file=report_to)
     return EXIT_OK
-
-
-def _refuse_longer(args: argparse.Namespace, base_size: int, total: int) -> None:
-    if base_size > total:
-        # Refuse here with the library's rule, before copying anything.
-        raise CliError(
-            f"refused: {args.base!r} is {base_size} bytes but the delta is for a {total}-byte state; "
-            f"{args.base!r} left unchanged", EXIT_DIFFERENT)
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:

@@ -431,6 +431,7 @@ class DeltaSnapshot:
         key: Optional[bytes] = None,
         progress: Optional[Callable[..., Any]] = None,
         max_size: int = DEFAULT_MAX_GROW_SIZE,
+        resized: bool = False,
     ) -> None:
         """Write the delta's pages into ``base``, after verifying everything.
 
@@ -454,6 +455,11 @@ class DeltaSnapshot:
         the base runs out of memory, the base is shrunk back to its old length and
         :class:`InvalidStateError` is raised (never a raw ``MemoryError``).
 
+        ``resized=True`` says the caller already resized ``base`` to ``total_size`` (grown
+        with zeros or cut), as a file is before it is mapped: ``base`` must then have
+        ``total_size`` bytes, whatever ``base_size`` is (it is still checked under the
+        header digest). ``cellmigrate.journal`` applies resizing deltas to files this way.
+
         ``progress`` is an event callback (RESTORING events, percent 0..100) or a
         callable taking ``(bytes_done, bytes_total)``; 100% is reported only once the
         pages are written.
@@ -464,7 +470,11 @@ class DeltaSnapshot:
         report = byte_reporter(progress, self.agent_id, ProgressEventKind.RESTORING)
         view = as_writable_view(base, "base")
         size, total = view.nbytes, self.total_size
-        base_size = total if self.base_size is None else self.base_size
+        base_size = total if self.base_size is None or resized else self.base_size
+        if resized and size != total:
+            raise InvalidStateError(
+                f"Base state was to be resized to the delta's {total} bytes, but has {size} bytes"
+            )
         if size > base_size:
             what = "state" if base_size == total else "base"
             raise InvalidStateError(

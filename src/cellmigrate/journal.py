@@ -87,6 +87,8 @@ __all__ = [
     "apply_in_place",
     "apply_into",
     "verify_on",
+    "check_base_size",
+    "expected_base_size",
 ]
 
 MAGIC = b"CMJRNL\r\n"
@@ -425,6 +427,33 @@ def _undo(fd: int, jpath: Path) -> None:
         _remove_journal(jpath)
 
 
+def expected_base_size(delta: "DeltaSnapshot") -> int:
+    """The size a base must have for ``delta``: ``base_size``, else ``total_size``."""
+    base_size = getattr(delta, "base_size", None)
+    return int(delta.total_size) if base_size is None else int(base_size)
+
+
+def check_base_size(size: int, delta: "DeltaSnapshot") -> None:
+    """The library's rule for a base's size (shorter: zero-extended; longer: refused).
+
+    Raises :class:`~cellmigrate.errors.InvalidStateError` in ``DeltaSnapshot.apply``'s
+    words for a base longer than the delta's base.
+    """
+    from .errors import InvalidStateError
+
+    expected = expected_base_size(delta)
+    if size > expected:
+        what = "state" if expected == int(delta.total_size) else "base"
+        raise InvalidStateError(
+            f"Base state is larger than the delta's {what}: base has {size} bytes, delta expects {expected}"
+        )
+
+
+def _tail_runs(start: int, end: int) -> List[Tuple[int, int]]:
+    """``[start, end)`` in journal-record-sized runs (the part a shrinking delta cuts)."""
+    return [(pos, min(MAX_RUN, end - pos)) for pos in range(start, end, MAX_RUN)]
+
+
 def apply_in_place(
     base: StrPath,
     delta: "DeltaSnapshot",
@@ -439,9 +468,10 @@ def apply_in_place(
     :class:`~cellmigrate.errors.InvalidStateError` and leaves BASE byte for byte
     unchanged. A BASE shorter than the delta's state is grown with zeros (the library's
     rule); as growing must happen before the result can be checked, it is done under the
-    journal and undone when the delta is refused. A pending journal is rolled back first
-    (``recovered``). A full disk raises ``OSError(ENOSPC)`` with BASE unchanged; a
-    signal that raises (SIGINT, or SIGTERM/SIGHUP under
+    journal and undone when the delta is refused. A delta that shrinks the state cuts
+    BASE to ``total_size`` (the cut bytes are journaled too). A pending journal is rolled
+    back first (``recovered``). A full disk raises ``OSError(ENOSPC)`` with BASE
+    unchanged; a signal that raises (SIGINT, or SIGTERM/SIGHUP under
     :func:`~cellmigrate.statefile.signals_raise`) rolls back before propagating.
     """
     path = Path(os.path.realpath(base))
@@ -451,18 +481,19 @@ def apply_in_place(
         lock_file(fd, exclusive=True, what=base)
         recovered = _recover_locked(fd, path, jpath) if os.path.lexists(jpath) else None
         old_size = os.fstat(fd).st_size
+        check_base_size(old_size, delta)
         total = int(delta.total_size)
         indices = sorted({int(page.index) for page in delta.dirty_pages})
         old_runs = _runs(indices, min(old_size, total))
         if old_size >= total:
             # Verify first (a refused delta never touches BASE, not even its mtime), then
-            # reserve, journal and write.
-            with StateFile(path, private=True, fd=os.dup(fd)) as result:
+            # reserve, journal and write (and cut, for a shrinking delta).
+            with StateFile(path, private=True, fd=os.dup(fd), length=total) as result:
                 hook_pause("mapped")
                 verify_on(result, delta, key=key, progress=progress)
                 _reserve_runs(fd, old_runs)
-                saved = _write_journal(jpath, fd, old_runs, old_size, total)
-                _write_window(fd, jpath, result, old_runs)
+                saved = _write_journal(jpath, fd, old_runs + _tail_runs(total, old_size), old_size, total)
+                _write_window(fd, jpath, result, old_runs, total)
         else:
             _reserve_runs(fd, old_runs)
             saved = _write_journal(jpath, fd, old_runs, old_size, total)
@@ -494,7 +525,8 @@ def verify_on(
     :class:`StateChangedError` is raised instead, the refusal chained to it.
     """
     try:
-        delta.apply(result.buffer, key=key, progress=progress)
+        # The file was resized to total_size first (a resizing delta: see DeltaSnapshot.apply).
+        delta.apply(result.buffer, key=key, progress=progress, resized=result.size == int(delta.total_size))
     except Exception:
         result.check()
         raise
@@ -509,12 +541,14 @@ def apply_into(
     progress: Optional[Callable[..., Any]] = None,
     name: StrPath = "output",
 ) -> int:
-    """Apply ``delta`` to the file open as ``fd`` (read-write, already the delta's size).
+    """Apply ``delta`` to the file open as ``fd`` (read-write, already ``total_size`` long).
 
     For a fresh copy of BASE (``apply -o``, ``--safe-replace``): the delta is verified on
     a private map of the file, then its pages are written with ``pwrite``. No journal:
-    the caller renames the file into place only when this returned. Returns the number
-    of pages written. Raises like :func:`apply_in_place`.
+    the caller renames the file into place only when this returned. For a resizing delta
+    the caller copied BASE zero-extended or cut to ``total_size`` (after
+    :func:`check_base_size`). Returns the number of pages written.
+    Raises like :func:`apply_in_place`.
     """
     indices = sorted({int(page.index) for page in delta.dirty_pages})
     with StateFile(name, private=True, fd=os.dup(fd)) as result:
@@ -541,10 +575,12 @@ def _write_pages(fd: int, result: StateFile, runs: Sequence[Tuple[int, int]]) ->
             hook_delay()
 
 
-def _write_window(fd: int, jpath: Path, result: StateFile, runs: Sequence[Tuple[int, int]]) -> None:
-    """Pages, fsync, journal removal; any failure or signal in between rolls back."""
+def _write_window(fd: int, jpath: Path, result: StateFile, runs: Sequence[Tuple[int, int]], total: int) -> None:
+    """Pages, cut to ``total``, fsync, journal removal; a failure or signal rolls back."""
     try:
         _write_pages(fd, result, runs)
+        if os.fstat(fd).st_size > total:
+            os.ftruncate(fd, total)  # a shrinking delta (the cut bytes are in the journal)
         os.fsync(fd)
     except BaseException:
         _undo(fd, jpath)

@@ -438,7 +438,8 @@ class StateFile:
     stays open (``fd``) so that :meth:`check` can tell whether it was truncated or
     changed while it was read, and so that its lock (shared for readers, exclusive when
     ``writable``) lasts as long as the map. ``fd=`` adopts an already open descriptor
-    (a spooled stream) instead of opening ``path``. Opening a file with a pending undo
+    (a spooled stream) instead of opening ``path``; ``length`` maps only the first
+    ``length`` bytes. Opening a file with a pending undo
     journal rolls it back first (``recovered`` then holds the report; see
     :mod:`cellmigrate.journal`), or raises :class:`JournalError` naming
     ``cellmigrate recover`` when this process cannot.
@@ -460,6 +461,7 @@ class StateFile:
         sequential: Optional[bool] = None,
         private: bool = False,
         fd: Optional[int] = None,
+        length: Optional[int] = None,
     ) -> None:
         self.path = Path(path)
         self.writable = writable
@@ -482,10 +484,10 @@ class StateFile:
             if owned_checks:
                 lock_file(fd, exclusive=writable, what=self.path)
             st = os.fstat(fd)
-            size = st.st_size
+            size = st.st_size if length is None else min(length, st.st_size)
             if size > 0:
                 access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY if private else mmap.ACCESS_READ
-                self._map = mmap.mmap(fd, 0, access=access)
+                self._map = mmap.mmap(fd, size, access=access)
                 self._slot = _guard(self._map)
                 if sequential and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
                     # Reads of a cold file through a map fault page by page; telling the
@@ -876,8 +878,17 @@ def open_output(name: str, *, inputs: Iterable[Union[StrPath, int]] = (), force:
                 raise OSError(errno.EINVAL, f"is the same file as the input {source!r}; refusing to overwrite an input")
 
     if name == STREAM:
-        with contextlib.suppress(OSError, ValueError):
-            refuse_if_input(os.fstat(sys.stdout.fileno()))
+        try:
+            fileno = sys.stdout.fileno()
+            st_out: Optional[os.stat_result] = os.fstat(fileno)
+            terminal = os.isatty(fileno)
+        except (OSError, ValueError):  # no real stdout (embedded): written as is
+            st_out, terminal = None, False
+        if st_out is not None:
+            refuse_if_input(st_out)
+        if terminal:
+            # As zstd does: binary data on a terminal is never what was meant.
+            raise OSError(errno.EINVAL, "stdout is a terminal; redirect or pipe it to write binary data")
         return Output(name=name, path=None, stream=True, exists=True)
     target = Path(os.path.realpath(name))
     try:

@@ -38,6 +38,7 @@ import numpy as np
 import xxhash as _xxhash
 import zstandard as _zstd
 
+from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageEncoding, zstd_payload
 from ._types import BufferLike
@@ -423,7 +424,7 @@ def encode_delta(delta: DeltaLike) -> bytes:
     for part in parts:
         hasher.update(part)
     parts.append(hasher.digest())
-    return b"".join(parts)
+    return bytes(kernels.join_buffers(parts))
 
 
 def prepare_delta(delta: DeltaLike) -> "_Prepared":

@@ -1,0 +1,186 @@
+"""How deltas hold, choose, ship and stream their pages (``cellmigrate._pages``, wire v2).
+
+Page choice per ``compress``, the public ``dirty_pages`` view over the batch (SPEC §4: a
+changed list is what apply and serialize use), zstd payloads, the streaming writer, the
+zero-copy reader, and the per-chunk batch API the live stream uses.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import random
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+
+from cellmigrate import PAGE_SIZE, CorruptDataError, InvalidStateError
+from cellmigrate._pages import ALLOW_ALL, ALLOW_CRATE, PageBatch, PageEncoding, encode_batch, parse_compress
+from cellmigrate.delta import DeltaSnapshot, DirtyPage
+from cellmigrate.wire import prepare_delta
+
+AGENT = bytes(range(16))
+
+
+def _states(seed: int = 1) -> Tuple[bytes, bytes]:
+    rng = random.Random(seed)
+    old = rng.randbytes(8 * PAGE_SIZE + 300)
+    new = bytearray(old)
+    new[0:PAGE_SIZE] = bytes(PAGE_SIZE)  # zero
+    new[PAGE_SIZE + 1000 : PAGE_SIZE + 1064] = rng.randbytes(64)  # XZR
+    new[2 * PAGE_SIZE : 3 * PAGE_SIZE] = b"\x05" * PAGE_SIZE  # RLE
+    new[3 * PAGE_SIZE : 4 * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)  # raw
+    new[-5] ^= 1  # short last page: XZR
+    return old, bytes(new)
+
+
+@pytest.mark.parametrize("compress, counts", [
+    ("auto", {"zero": 1, "xzr": 2, "rle": 1, "raw": 1}),
+    ("xor", {"zero": 1, "xzr": 2, "rle": 1, "raw": 1}),
+    ("rle", {"zero": 0, "xzr": 0, "rle": 2, "raw": 3}),
+    ("none", {"zero": 0, "xzr": 0, "rle": 0, "raw": 5}),
+    ("zstd:5", {"zero": 1, "xzr": 2, "rle": 1, "raw": 1}),
+])
+def test_create_chooses_encodings_per_compress(compress: str, counts: dict) -> None:
+    old, new = _states()
+    delta = DeltaSnapshot.create(AGENT, old, new, 1, 2, compress=compress)
+    assert {k: n for k, (n, _) in delta.encoding_counts().items()} == counts
+    if compress == "auto":  # zstd only when it is strictly smaller
+        pages_only = DeltaSnapshot.create(AGENT, old, new, 1, 2, compress="xor")
+        assert (delta.compression == "zstd") == (len(delta.serialize()) < len(pages_only.serialize()))
+    else:
+        assert delta.compression == ("zstd" if compress.startswith("zstd") else "none")
+    back = DeltaSnapshot.deserialize(delta.serialize())
+    assert back == delta and back.compression == delta.compression
+    target = bytearray(old)
+    back.apply(target)
+    assert target == new
+    # The public list shows the crate's pages (each decodes without a base).
+    assert all(p.get_data() == new[p.index * PAGE_SIZE : (p.index + 1) * PAGE_SIZE] for p in delta.dirty_pages)
+
+
+def test_compress_choices_and_checksum_only() -> None:
+    assert parse_compress("auto", digest=False) == (ALLOW_CRATE, None, False)
+    assert parse_compress("auto", digest=True)[0] == ALLOW_ALL
+    for bad in ("zstd:0", "zstd:23", "zstd:x", "lz5", "rle:3", ""):
+        with pytest.raises(ValueError):
+            parse_compress(bad, digest=True)
+    with pytest.raises(ValueError, match="strong digest"):
+        parse_compress("xor", digest=False)
+    old, new = _states()
+    crate = DeltaSnapshot.create(AGENT, old, new, 1, 2, digest=None)
+    assert crate.encoding_counts()["xzr"][0] == 0 and crate.encoding_counts()["zero"][0] == 0
+
+
+def test_xzr_in_a_checksum_only_delta_is_refused_by_the_reader() -> None:
+    old, new = _states()
+    delta = DeltaSnapshot.create(AGENT, old, new, 1, 2, compress="xor")
+    delta.digest_algorithm, delta.digest, delta.header_digest = None, None, None
+    with pytest.raises(CorruptDataError, match="unknown encoding 3"):
+        DeltaSnapshot.deserialize(delta.serialize())
+
+
+def test_auto_zstd_only_when_it_wins() -> None:
+    counters = np.arange(64 * PAGE_SIZE // 8, dtype="<i8")
+    bumped = counters.copy()
+    bumped[::5] += 1
+    low = DeltaSnapshot.create(AGENT, counters.tobytes(), bumped.tobytes(), 1, 2)
+    assert low.compression == "zstd"
+    plain = DeltaSnapshot.create(AGENT, counters.tobytes(), bumped.tobytes(), 1, 2, compress="xor")
+    assert len(low.serialize()) < len(plain.serialize())
+    rng = np.random.default_rng(3)
+    old = rng.bytes(64 * PAGE_SIZE)
+    noisy = DeltaSnapshot.create(AGENT, old, rng.bytes(64 * PAGE_SIZE), 1, 2)
+    assert noisy.compression == "none"
+
+
+def test_changed_page_list_is_what_apply_and_serialize_use() -> None:
+    old, new = _states()
+    delta = DeltaSnapshot.create(AGENT, old, new, 1, 2)
+    pages = delta.dirty_pages
+    page = pages[3]  # the raw page
+    forged = bytearray(page.get_data())
+    forged[7] ^= 0x40
+    pages[3] = DirtyPage(page.index, bytes(forged))
+    target = bytearray(old)
+    with pytest.raises(InvalidStateError, match="mismatch"):
+        delta.apply(target)
+    assert target == old
+    with pytest.raises(InvalidStateError):
+        DeltaSnapshot.deserialize(delta.serialize()).apply(bytearray(old))
+    pages[3] = page  # the original object back: the batch is used again
+    DeltaSnapshot.deserialize(delta.serialize()).apply(target)
+    assert target == new
+
+
+def test_write_to_streams_the_same_bytes(tmp_path: Path) -> None:
+    old, new = _states()
+    for compress in ("auto", "zstd", "rle"):
+        delta = DeltaSnapshot.create(AGENT, old, new, 1, 2, compress=compress)
+        blob = delta.serialize()
+        sink = io.BytesIO()
+        assert delta.write_to(sink) == len(blob) == prepare_delta(delta).size
+        assert sink.getvalue() == blob
+
+
+def test_deserialize_from_a_map_is_zero_copy(tmp_path: Path) -> None:
+    old, new = _states()
+    path = tmp_path / "d.cmdelta"
+    path.write_bytes(DeltaSnapshot.create(AGENT, old, new, 1, 2, compress="xor").serialize())
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        delta = DeltaSnapshot.deserialize(mapped)
+        batch = delta._page_batch()
+        assert isinstance(batch.payload, memoryview) and batch.payload.obj is mapped
+        target = bytearray(old)
+        delta.apply(target)
+        assert target == new
+        del batch, delta
+    # A writable input is copied: later writes cannot change the delta.
+    data = bytearray(path.read_bytes())
+    delta = DeltaSnapshot.deserialize(data)
+    data[:] = bytes(len(data))
+    target = bytearray(old)
+    delta.apply(target)
+    assert target == new
+
+
+def test_batches_for_streams_round_trip_and_refuse_damage() -> None:
+    old, new = _states()
+    indices = [0, 1, 2, 3, 8]
+    batch = encode_batch(old, new, indices)
+    assert [PageEncoding(e).label for e in batch.encodings] == ["zero", "xzr", "rle", "raw", "xzr"]
+    framed = batch.pack()
+    back = PageBatch.unpack(framed)
+    back.check(len(new))
+    decoded = back.decode(old, len(new))
+    for k, view in enumerate(decoded.views()):
+        i = indices[k]
+        assert bytes(view) == new[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+    target = bytearray(old)
+    decoded.write_into(target)
+    assert target == new
+    with pytest.raises(CorruptDataError):
+        PageBatch.unpack(framed[:-1])
+    damaged = bytearray(framed)
+    damaged[-1] ^= 1  # a payload byte: the page check refuses it
+    with pytest.raises(CorruptDataError, match="page check mismatch"):
+        PageBatch.unpack(bytes(damaged)).check(len(new))
+
+
+def test_large_batches_split_over_threads_match_one_call() -> None:
+    rng = np.random.default_rng(4)
+    size = 24 << 20
+    old = np.frombuffer(rng.bytes(size), dtype=np.uint8)
+    new = old.copy()
+    pages = np.arange(0, size // PAGE_SIZE, 2)
+    new.reshape(-1, PAGE_SIZE)[pages, 100] ^= 1
+    whole = encode_batch(old, new, pages)
+    from cellmigrate._backend import kernels
+
+    enc, off, chk, payload = kernels.encode_pages(old, new, pages, PAGE_SIZE, ALLOW_ALL)
+    assert whole.payload == payload and np.array_equal(whole.offsets, off) and np.array_equal(whole.checks, chk)
+    out = whole.decode(old, size)
+    assert np.array_equal(out.buffer.reshape(-1, PAGE_SIZE), new.reshape(-1, PAGE_SIZE)[pages])
