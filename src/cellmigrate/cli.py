@@ -365,10 +365,16 @@ def _read_key(path: Optional[str]) -> Optional[bytes]:
     """Read a 32-byte key: 32 raw bytes, or 64 hex digits (a trailing newline allowed)."""
     if path is None:
         return None
+    # Read a bounded amount: a key file may be a pipe (<(...)) or, by mistake, a device
+    # or a huge file (--key-file /dev/zero used to read until the OOM killer came).
+    limit = 4 * KEY_SIZE  # 64 hex digits, with room for whitespace
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
     except OSError as exc:
         raise CliError(f"cannot read key file {path!r}: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise CliError(f"key file {path!r} holds more than {limit} bytes: not a {KEY_SIZE}-byte key")
     if len(raw) == KEY_SIZE:
         return raw
     text = raw.strip()
