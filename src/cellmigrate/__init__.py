@@ -19,6 +19,7 @@ from .errors import (
     InputTooLargeError,
     InvalidStateError,
     JournalError,
+    LegacyKeyedError,
     MigrationFailedError,
     StateChangedError,
     TruncatedInputError,
@@ -107,6 +108,7 @@ __all__ = [
     "JournalError",
     "InputTooLargeError",
     "DeclaredSizeError",
+    "LegacyKeyedError",
     "AuditStoreError",
     # types of arguments
     "BufferLike",

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -126,6 +127,26 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+#: Largest value of a u64 wire-format field (sequence numbers).
+_U64_MAX = (1 << 64) - 1
+
+
+def _u64_arg(text: str) -> int:
+    """An integer option stored in a u64 field of the wire format: 0 .. 2**64-1."""
+    value = _nonneg_int(text)
+    if value > _U64_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= {_U64_MAX} (a u64 of the wire format), got {value}")
+    return value
+
+
+def _add_allow_legacy_keyed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-legacy-keyed", action="store_true",
+                   help="accept a keyed version-1 delta (refused by default). DANGEROUS: the v1 header "
+                        "(agent id, sequences, timestamp, sizes) is not under the MAC, so such a delta "
+                        "can be replayed to another agent or round undetected; use only for a delta you "
+                        "know the origin of, and re-create it with this version")
+
+
 def _add_max_size(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--max-size", type=_size_arg, default=DEFAULT_MAX_SIZE, metavar="SIZE",
                    help=f"{role}; the same limit on the writing and the reading side "
@@ -191,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="32-byte key: authenticate the delta with keyed BLAKE3 (a MAC)")
     p.add_argument("--agent-id", type=_uuid_arg, default=uuid.UUID(int=0), metavar="UUID",
                    help="agent id recorded in the delta (default: the nil UUID)")
-    p.add_argument("--base-sequence", type=_nonneg_int, default=0, metavar="N",
+    p.add_argument("--base-sequence", type=_u64_arg, default=0, metavar="N",
                    help="sequence number of OLD (default: %(default)s)")
-    p.add_argument("--sequence", type=_nonneg_int, default=None, metavar="N",
+    p.add_argument("--sequence", type=_u64_arg, default=None, metavar="N",
                    help="sequence number of NEW (default: base sequence + 1)")
     p.add_argument("--compress", default="auto", metavar="{auto,none,rle,xor,zstd[:LEVEL]}",
                    help="page encodings: 'auto' (default: zero pages, XOR with OLD, RLE, each page the "
@@ -223,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "leave BASE half-written (costs one full copy)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_max_size(p, "refuse a delta for a state larger than this")
+    _add_allow_legacy_keyed(p)
     p.set_defaults(handler=_cmd_apply)
 
     p = add("recover", "roll back the journal of an interrupted in-place apply",
@@ -249,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", action="store_true", help="also list every page")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     _add_max_size(p, "refuse a delta for a state larger than this")
+    _add_allow_legacy_keyed(p)
     p.set_defaults(handler=_cmd_inspect)
 
     p = add("demo", "run an end-to-end migration of a synthetic agent",
@@ -284,10 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 
 
+# Line breaks (\n \r \v \f, NEL, U+2028/9), tabs and every other C0/C1 control character
+# (the ESC of terminal escape sequences included): what a file name may smuggle into a line.
+_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def _one_line(text: str) -> str:
+    """``text`` safe to print as one terminal line: each run of control characters
+    (newlines, tabs, escapes) becomes one space, so a file name holding them cannot split
+    or forge a line. Used for every error, note and result line."""
+    return _NOT_ONE_LINE.sub(" ", text)
+
+
 def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) -> None:
-    """Print a result line unless --quiet."""
+    """Print a result line (made one line, see :func:`_one_line`) unless --quiet."""
     if not args.quiet:
-        print(text, file=file or sys.stdout)
+        print(_one_line(text), file=file or sys.stdout)
 
 
 def _print_json(obj: Any, file: Optional[IO[str]] = None) -> None:
@@ -309,7 +344,7 @@ def _open_state(path: str, *, private: bool = False) -> StateFile:
     except JournalError as exc:
         raise CliError(str(exc)) from None
     if f.recovered is not None:
-        print(f"{PROG}: note: {f.recovered.describe()}", file=sys.stderr)
+        print(_one_line(f"{PROG}: note: {f.recovered.describe()}"), file=sys.stderr)
     hook_pause("opened")
     return f
 
@@ -473,9 +508,20 @@ def _delta_input(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Iterator[StateF
         with _reading(path) as f:
             yield f
         return
+    from .errors import CorruptDataError, DeclaredSizeError
+    from .wire import wire_length_bound
+
     name = "stdin" if path == STREAM else path
     try:
-        spooled = spool_stream(stream, limit=_max_delta_bytes(max_size), what=name)
+        # The header is checked as soon as it arrives and bounds the spool: a foreign,
+        # endless (/dev/zero) or oversized stream is refused from its first bytes.
+        spooled = spool_stream(stream, limit=_max_delta_bytes(max_size), what=name,
+                               bound=lambda head: wire_length_bound(head, max_total_size=max_size))
+    except DeclaredSizeError as exc:
+        what = "state" if exc.field == "total_size" else "base"
+        raise _too_large(f"delta {path!r} is for a {what} of", exc.size, max_size) from None
+    except CorruptDataError as exc:
+        raise CliError(f"cannot decode delta {path!r}: {exc}") from None
     except ValueError as exc:
         raise CliError(f"cannot read delta from {name}: {exc}") from None
     except OSError as exc:
@@ -486,14 +532,15 @@ def _delta_input(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Iterator[StateF
         yield spooled
 
 
-def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Tuple["DeltaSnapshot", int]:
+def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
+                allow_legacy_keyed: bool = False) -> Tuple["DeltaSnapshot", int]:
     """Read and decode a delta (file or stream); return it and its size on the wire.
 
     Unreadable, truncated or corrupt -> CliError (exit 2); so is a delta for a state over
     ``max_size`` bytes (``--max-size``), naming the option.
     """
     from .delta import DeltaSnapshot
-    from .errors import CorruptDataError, DeclaredSizeError
+    from .errors import CorruptDataError, DeclaredSizeError, LegacyKeyedError
 
     with _delta_input(path, max_size) as f:
         if f.size == 0:
@@ -501,10 +548,17 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Tuple["DeltaSnap
         try:
             # The reader refuses a declared size over the limit from the header, before
             # decoding anything (a zstd payload is sized by the declared pages).
-            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=max_size)
+            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=max_size,
+                                              allow_legacy_keyed=allow_legacy_keyed)
         except DeclaredSizeError as exc:
             what = "state" if exc.field == "total_size" else "base"
             raise _too_large(f"delta {path!r} is for a {what} of", exc.size, max_size) from None
+        except LegacyKeyedError:
+            raise CliError(
+                f"keyed version-1 delta {path!r} refused: its header (agent id, sequences, timestamp, sizes) "
+                f"is not under its MAC, so it could be replayed to another agent or round; re-create it with "
+                f"this version, or pass --allow-legacy-keyed to accept it knowingly"
+            ) from None
         except CorruptDataError as exc:
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
         size = f.size
@@ -636,6 +690,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         algorithm = args.digest
         if key is not None and algorithm != "blake3":
             raise CliError(f"--key-file needs the blake3 digest ({algorithm} is not a MAC)")
+    if args.sequence is None and args.base_sequence >= _U64_MAX:
+        # Checked before any I/O: the default sequence (base + 1) would not fit its u64 field.
+        raise CliError(f"--base-sequence {args.base_sequence} leaves no room for the default --sequence "
+                       f"(base + 1 > {_U64_MAX}); pass --sequence explicitly")
     sequence = args.base_sequence + 1 if args.sequence is None else args.sequence
     output = _resolve_output(args.output, [args.old, args.new], args.force)
 
@@ -763,7 +821,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.output is not None:
         output = _resolve_output(args.output, [args.base, args.delta] + ([0] if args.delta == STREAM else []),
                                  args.force)
-    delta, _ = _load_delta(args.delta, args.max_size)
+    delta, _ = _load_delta(args.delta, args.max_size, args.allow_legacy_keyed)
     if getattr(delta, "keyed", False) and key is None:
         raise CliError(f"{args.delta!r} is authenticated (keyed BLAKE3): pass its key with --key-file")
 
@@ -826,7 +884,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         raise _os_error(dest_name, exc) from None
     elapsed = time.perf_counter() - started
     if recovered is not None:
-        print(f"{PROG}: note: {recovered.describe()}", file=sys.stderr)
+        print(_one_line(f"{PROG}: note: {recovered.describe()}"), file=sys.stderr)
 
     dest = args.output if args.output is not None else args.base
     report_to = sys.stderr if args.output == STREAM else sys.stdout
@@ -886,7 +944,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    delta, wire_size = _load_delta(args.delta, args.max_size)
+    delta, wire_size = _load_delta(args.delta, args.max_size, args.allow_legacy_keyed)
     info = _delta_summary(delta, wire_size)
     pages: List[Dict[str, Any]] = [
         {"index": int(p.index), "compressed": bool(p.compressed), "encoding": p.encoding.label,
@@ -921,7 +979,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.pages:
         lines.append("  pages (index, stored bytes, encoding):")
         lines += [f"    {p['index']:>10}  {p['stored_size']:>5}  {p['encoding']}" for p in pages]
-    _out(args, "\n".join(lines))
+    for line in lines:  # each line made safe on its own (a DELTA name may hold a newline)
+        _out(args, line)
     return EXIT_OK
 
 
@@ -993,8 +1052,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _error(prefix: str, message: str, stream: Optional[IO[str]] = None) -> None:
     # One line, whatever the message holds.
-    line = " ".join(message.split())
-    print(f"{prefix}: error: {line}", file=stream or sys.stderr)
+    print(_one_line(f"{prefix}: error: {message.strip()}"), file=stream or sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ __all__ = [
     "JournalError",
     "InputTooLargeError",
     "DeclaredSizeError",
+    "LegacyKeyedError",
     "AuditStoreError",
 ]
 
@@ -120,6 +121,16 @@ class DeclaredSizeError(CorruptDataError, InputTooLargeError):
     def __init__(self, message: str, *, field: str, size: int, limit: int) -> None:
         super().__init__(message, size=size, limit=limit)
         self.field = field
+
+
+class LegacyKeyedError(CorruptDataError):
+    """A keyed version-1 delta, refused unless the reader opts in.
+
+    Its header fields (agent id, sequences, timestamp, sizes) are not under its MAC, so it
+    could be replayed to another agent or round. Raised only after every other check
+    passed (the delta is intact); ``DeltaSnapshot.deserialize(allow_legacy_keyed=True)``
+    (CLI: ``--allow-legacy-keyed``) accepts it.
+    """
 
 
 class AuditStoreError(CellError, sqlite3.OperationalError):

@@ -113,10 +113,17 @@ _UNITS = {
     "t": 1 << 40,
     "ti": 1 << 40,
     "tib": 1 << 40,
+    "p": 1 << 50,
+    "pi": 1 << 50,
+    "pib": 1 << 50,
     "kb": 10**3,
     "mb": 10**6,
     "gb": 10**9,
     "tb": 10**12,
+    "pb": 10**15,
+    # What format_size prints below 1 KiB ("1 byte", "512 bytes").
+    "byte": 1,
+    "bytes": 1,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
@@ -124,9 +131,12 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 def parse_size(text: str) -> int:
     """Parse a byte count: plain bytes (``"4096"``) or with a unit (``"256MiB"``, ``"1GiB"``).
 
-    Units are case-insensitive: ``KiB MiB GiB TiB`` (and ``K M G T``) are binary, ``kB MB GB
-    TB`` are decimal, ``B`` is bytes. A fraction is accepted when it names a whole number of
-    bytes (``"1.5KiB"`` is 1536). Anything else raises :class:`ValueError` with the reason.
+    Units are case-insensitive: ``KiB MiB GiB TiB PiB`` (and ``K M G T P``) are binary, ``kB
+    MB GB TB PB`` are decimal, ``B`` (``byte``, ``bytes``) is bytes: every text
+    :func:`format_size` prints parses back. A fraction is accepted when it names a whole
+    number of bytes (``"1.5KiB"`` is 1536), or has one decimal (the precision
+    :func:`format_size` prints): rounded to the nearest byte, so ``"1.1 KiB"`` is 1126.
+    Anything else raises :class:`ValueError` with the reason.
 
     >>> parse_size("64 mib")
     67108864
@@ -138,7 +148,9 @@ def parse_size(text: str) -> int:
         raise ValueError(f"invalid size {text!r}: expected bytes or a number with a unit, e.g. 256MiB, 1GiB, 4096")
     number, unit = match.group(1), match.group(2).lower()
     if unit not in _UNITS:
-        raise ValueError(f"invalid size {text!r}: unknown unit {match.group(2)!r} (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)")
+        raise ValueError(
+            f"invalid size {text!r}: unknown unit {match.group(2)!r} (use B, KiB, MiB, GiB, TiB, PiB, kB, MB, GB, TB, PB)"
+        )
     multiplier = _UNITS[unit]
     # Exact rational arithmetic: "0.1GiB" must not pick up float rounding.
     if "." in number:
@@ -148,7 +160,9 @@ def parse_size(text: str) -> int:
         total = numerator * multiplier
         value: int = total // scale
         if total % scale:
-            raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+            if len(frac) != 1 or multiplier == 1:
+                raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+            value = (2 * total + scale) // (2 * scale)  # format_size's one decimal: nearest byte
         return value
     return int(number) * multiplier
 
@@ -928,29 +942,56 @@ def open_input_stream(name: str) -> Optional[int]:
     raise OSError(errno.EINVAL, f"is {file_kind(st.st_mode)}, not a file or a stream")
 
 
-def spool_stream(fd: int, *, limit: int, what: str = "input") -> StateFile:
+def spool_stream(
+    fd: int,
+    *,
+    limit: int,
+    what: str = "input",
+    bound: Optional[Callable[[bytes], Optional[int]]] = None,
+) -> StateFile:
     """Read a stream to its end into an unnamed temporary file and map it.
 
     The copy lives in ``$TMPDIR`` (unlinked at once: nothing is left behind whatever
     happens) and is at most ``limit`` bytes: a longer stream raises ``ValueError``
     naming the limit. Reads in 1 MiB blocks, so memory stays bounded.
+
+    ``bound``, if given, is called with the bytes received so far until it returns the
+    most bytes the input can have (None: it needs more); it may raise to refuse the input
+    from its first bytes (a foreign or oversized stream is never spooled). A stream
+    longer than that bound raises ``ValueError`` too.
     """
     spool = tempfile.TemporaryFile()
     try:
         total = 0
+        head = b""
+        judged = bound is None
+        too_long = f"{what} is larger than the limit of {limit} bytes ({format_size(limit)})"
         while True:
             block = os.read(fd, 1 << 20)
+            if not judged:
+                assert bound is not None
+                head += block[: _SPOOL_HEAD - len(head)]
+                declared = bound(head)
+                # Ended before the header did: the decoder reports the truncation.
+                judged = declared is not None or not block or len(head) >= _SPOOL_HEAD
+                if declared is not None and declared < limit:
+                    limit = declared
+                    too_long = f"{what} is longer than the {limit} bytes its header declares"
             if not block:
                 break
             total += len(block)
             if total > limit:
-                raise ValueError(f"{what} is larger than the limit of {limit} bytes ({format_size(limit)})")
+                raise ValueError(too_long)
             spool.write(block)
         spool.flush()
         dup = os.dup(spool.fileno())
     finally:
         spool.close()
     return StateFile(what, fd=dup)
+
+
+#: Most leading bytes of a stream :func:`spool_stream` hands to its ``bound`` callback.
+_SPOOL_HEAD = 4096
 
 
 # --------------------------------------------------------------------------------------

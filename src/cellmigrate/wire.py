@@ -44,7 +44,7 @@ from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageEncoding, zstd_payload
 from ._types import BufferLike
 from .checksum import DIGEST_SIZES, PAGE_SIZE
 from .compression import simple_decompress
-from .errors import CorruptDataError, DeclaredSizeError
+from .errors import CorruptDataError, DeclaredSizeError, LegacyKeyedError
 
 
 class PageLike(Protocol):
@@ -105,6 +105,7 @@ __all__ = [
     "prepare_delta",
     "decode_delta",
     "header_digest",
+    "wire_length_bound",
 ]
 
 #: PNG-style signature: the high byte catches 7-bit channels, CR LF / LF catch newline
@@ -640,6 +641,61 @@ def _check_algorithm(alg_id: int, flags: int, digest_length: int) -> bool:
     return keyed
 
 
+def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Optional[int]:
+    """The most bytes a delta starting with ``prefix`` can have, from its header alone.
+
+    For a reader of a stream (stdin, a pipe) that must not spool an endless or foreign
+    input before noticing what it is: call with the bytes received so far. Returns None
+    while ``prefix`` is shorter than the header it needs (at most :data:`HEADER_SIZE`
+    bytes); then checks the magic, the version, the digest fields and the declared sizes
+    against ``max_total_size`` (raising :class:`CorruptDataError`, or
+    :class:`DeclaredSizeError` for a size over the limit, exactly as :func:`decode_delta`
+    would) and returns the exact length of a version-2 delta (header + digests + payload
+    + page table + trailer), or a sound upper bound for version 1 (whose payload length
+    is the sum of its page table: every page at most 3x its length, RLE's bound).
+    """
+    view = as_bytes_view(prefix, "delta")
+    size = view.nbytes
+    if view[: min(size, len(MAGIC))] != MAGIC[: min(size, len(MAGIC))]:
+        raise CorruptDataError("bad magic: not a cellmigrate delta")
+    if size < len(MAGIC) + 2:
+        return None
+    (version,) = struct.unpack_from("<H", view, len(MAGIC))
+    if version not in READABLE_VERSIONS:
+        raise CorruptDataError(
+            f"unsupported version {version} (this reader knows versions {', '.join(map(str, READABLE_VERSIONS))}"
+            + ("; a newer cellmigrate wrote it)" if version > VERSION else ")")
+        )
+    if version == 1:
+        if size < HEADER_SIZE_V1:
+            return None
+        fields = _HEADER_V1.unpack_from(view, 0)
+        alg_id, flags, digest_length, total_size, page_count = fields[2], fields[3], fields[4], fields[9], fields[13]
+        base_size = 0
+    else:
+        if size < HEADER_SIZE:
+            return None
+        fields = _HEADER.unpack_from(view, 0)
+        alg_id, flags, digest_length = fields[2], fields[3], fields[4]
+        total_size, base_size, page_count, payload_wire = fields[10], fields[11], fields[14], fields[15]
+    _check_algorithm(alg_id, flags, digest_length)
+    for name, value in (("total_size", total_size), ("base_size", base_size)):
+        if value > max_total_size:
+            raise DeclaredSizeError(
+                f"{name} {value} exceeds the maximum of {max_total_size} bytes",
+                field=name, size=value, limit=max_total_size,
+            )
+    max_pages = _max_pages(total_size)
+    if page_count > max_pages:
+        raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
+    if version == 1:
+        entry = PAGE_ENTRY_SIZE_V1 + _RLE_MAX_EXPANSION * PAGE_SIZE
+        return int(HEADER_SIZE_V1 + digest_length + page_count * entry + TRAILER_SIZE)
+    # The stored (possibly zstd) payload length is declared as is: the caller's own cap
+    # (the largest delta for its --max-size) still bounds an absurd one.
+    return int(HEADER_SIZE + 2 * digest_length + payload_wire + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE)
+
+
 # --------------------------------------------------------------------------------------
 # version 1 (read, and written for deltas read from version 1)
 
@@ -796,7 +852,7 @@ def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) 
         raise CorruptDataError("whole-payload check mismatch (the delta was corrupted or truncated)")
     # Checked last, like every field above: a corrupt input is reported as corrupt first.
     if keyed and not allow_legacy_keyed:
-        raise CorruptDataError(
+        raise LegacyKeyedError(
             "keyed version-1 delta refused: its header (agent id, sequences, timestamp, sizes) is not under "
             "its MAC, so it could be replayed to another agent or round; re-create it with this version, or "
             "pass allow_legacy_keyed=True to accept it knowingly"

@@ -22,6 +22,7 @@ from typing import Any, Callable, List, Optional
 
 from .._buffers import as_bytes_view
 from .._types import BufferLike
+from ..cli import _one_line  # result lines stay one line whatever a file name holds
 from ..errors import CellError
 from ..progress import MigrationProgressEvent, ProgressEventKind
 from ..statefile import StateFile
@@ -236,7 +237,7 @@ def _staging_path(path: str) -> str:
 
 def _say(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
+        print(_one_line(text), file=sys.stderr, flush=True)
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
@@ -317,8 +318,8 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
             "audit": [e.to_dict() for e in validator.audit_log],
         }, indent=2), file=out, flush=True)
     elif not args.quiet:
-        print(f"received {args.state_file}: {size} bytes in {s.committed_seq} chunks "
-              f"({s.bytes_received} page bytes), proven equal to the sender's state", file=out, flush=True)
+        print(_one_line(f"received {args.state_file}: {size} bytes in {s.committed_seq} chunks "
+                        f"({s.bytes_received} page bytes), proven equal to the sender's state"), file=out, flush=True)
 
 
 # -- send --------------------------------------------------------------------------------
@@ -401,8 +402,8 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         out["reconnects"] = channel.reconnects
         print(json.dumps(out, indent=2), flush=True)
     elif not args.quiet:
-        print(f"sent {args.state_file}: {summary.state_size} bytes in {len(summary.rounds)} rounds, "
-              f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
-              f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
-              f"(xxh3_128_tree {summary.digest.hex()})", flush=True)
+        print(_one_line(f"sent {args.state_file}: {summary.state_size} bytes in {len(summary.rounds)} rounds, "
+                        f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
+                        f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
+                        f"(xxh3_128_tree {summary.digest.hex()})"), flush=True)
     return 0
