@@ -278,3 +278,25 @@ def test_a_failing_audit_sink_cannot_leave_the_source_paused(tmp_path, failure: 
     # nothing after the pause reached the log, and nothing half-written either
     assert [e.event_type for e in validator.audit_log][-1] == AuditEventType.TRANSFER_STARTED
     sink.close()
+
+
+def test_an_interrupt_during_the_commit_leaves_the_source_paused() -> None:
+    """Ctrl-C (not an Exception) while waiting for the commit's answer: the target may run
+    the agent already, so the source is not resumed and the audit log says why."""
+
+    class Interrupted(InProcessChannel):
+        def commit(self, digest: bytes, extra: bytes) -> None:
+            super().commit(digest, extra)  # the target adopted and resumed...
+            raise KeyboardInterrupt  # ...and the answer never came back
+
+    target = BufferTarget()
+    resumed: List[int] = []
+    validator = MigrationValidator()
+    state = bytearray(range(256)) * 64
+    channel = Interrupted(ReceiverSession(MemoryStore(), target))
+    with pytest.raises(KeyboardInterrupt):
+        LiveMigration(BufferSource(state, resume=lambda: resumed.append(1)), channel, validator=validator).run()
+    assert target.resumed and target.state == state
+    assert resumed == []
+    last = validator.audit_log.entries()[-2]
+    assert last.event_type == AuditEventType.ROLLBACK_COMPLETED and "outcome of the commit is unknown" in last.details
