@@ -234,3 +234,27 @@ def test_readers_bound_the_base_size_of_a_resizing_delta(
     assert code == 2 and f"is for a base of {2 * PAGE_SIZE} bytes" in err and "--max-size" in err
     code, _, err = run_cli(capsys, "inspect", str(path), "--max-size", str(2 * PAGE_SIZE))
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------------------
+# key files are read with a bound
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["checksum", "diff", "apply"])
+def test_key_file_reads_are_bounded(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """--key-file /dev/zero used to read until the OOM killer ended the process."""
+    old, new, _ = pair(tmp_path)
+    argv = {
+        "checksum": ["checksum", str(old), "-a", "blake3"],
+        "diff": ["diff", str(old), str(new), "-o", str(tmp_path / "d.cmd")],
+        "apply": ["apply", str(old), str(tmp_path / "d.cmd"), "-o", str(tmp_path / "o.bin")],
+    }[command]
+    if command == "apply":
+        assert run_cli(capsys, "diff", str(old), str(new), "-o", str(tmp_path / "d.cmd"))[0] == 0
+    code, out, err = run_cli(capsys, *argv, "--key-file", "/dev/zero")
+    assert code == 2 and "holds more than 128 bytes: not a 32-byte key" in err, err
+    big = tmp_path / "big.key"
+    big.write_bytes(bytes(1 << 20))
+    code, out, err = run_cli(capsys, *argv, "--key-file", str(big))
+    assert code == 2 and "holds more than 128 bytes" in err

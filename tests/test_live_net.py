@@ -58,6 +58,21 @@ def test_send_receive_over_tcp(tmp_path: Path, keyed: bool) -> None:
     assert not list(tmp_path.glob(".dst.bin.cmlive-staging"))
 
 
+def test_receive_writes_through_a_symlinked_state_file(tmp_path: Path) -> None:
+    src, real = _files(tmp_path)
+    (tmp_path / "data").mkdir()
+    real = real.rename(tmp_path / "data" / "real.bin")
+    link = tmp_path / "dst.bin"
+    link.symlink_to(real)
+    rx = Receiver(link)
+    sent = send(str(src), rx.address)
+    got = rx.wait()
+    assert sent.returncode == 0 and got.returncode == 0, (sent.stderr, got.stderr)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real.bin"]  # no staging left
+
+
 def test_tls(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     src, dst = _files(tmp_path, 2 * MIB)

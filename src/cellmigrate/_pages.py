@@ -287,7 +287,7 @@ class PageBatch:
     convention (a new batch is made rather than one changed).
     """
 
-    __slots__ = ("indices", "encodings", "offsets", "payload", "_checks")
+    __slots__ = ("indices", "encodings", "offsets", "payload", "_checks", "frame")
 
     def __init__(
         self, indices: _I64, encodings: _U8, offsets: _I64, payload: BufferLike, checks: Optional[_U32] = None
@@ -297,6 +297,9 @@ class PageBatch:
         self.offsets = offsets
         self.payload: Union[bytes, memoryview] = payload if isinstance(payload, bytes) else as_bytes_view(payload)
         self._checks = checks
+        #: The payload as one zstd frame, when one was made (by ``create``) or read (by the
+        #: wire reader) for exactly these pages: serializing writes it again.
+        self.frame: Optional[BufferLike] = None
 
     @property
     def checks(self) -> _U32:
@@ -606,6 +609,9 @@ def encode_batch(base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_
 COMPRESS_CHOICES = ("auto", "none", "rle", "xor", "zstd", "zstd:LEVEL")
 #: zstd level when none is named.
 ZSTD_LEVEL = 3
+#: zstd level ``auto`` tries: on XOR pages level 1 was both faster and smaller than 3
+#: (512 MiB heap workload: 0.35 s / 4,790,633 bytes vs 0.47 s / 4,859,332 bytes).
+AUTO_ZSTD_LEVEL = 1
 #: ``auto`` tries zstd on the whole payload up to this size; above it, on a sample first.
 _ZSTD_TRY_WHOLE = 1 << 20
 #: The sample: this many windows of this size, spread evenly over the payload.
@@ -629,7 +635,7 @@ def parse_compress(text: str, *, digest: bool) -> Tuple[int, Optional[int], bool
         raise TypeError(f"compress must be a str, not {type(text).__name__}")
     choice, _, level_text = text.partition(":")
     if choice == "auto" and not level_text:
-        return (ALLOW_ALL, ZSTD_LEVEL, True) if digest else (ALLOW_CRATE, None, False)
+        return (ALLOW_ALL, AUTO_ZSTD_LEVEL, True) if digest else (ALLOW_CRATE, None, False)
     if choice == "none" and not level_text:
         return ALLOW_RAW, None, False
     if choice == "rle" and not level_text:

@@ -315,8 +315,7 @@ class DeltaSnapshot:
             compression_level=level,
         )
         delta._seal(key)
-        if payload is not None:
-            delta.__dict__["_zstd_payload"] = (batch, payload)
+        batch.frame = payload  # serialize writes this frame (chosen here, under the header digest)
         return delta, found
 
     def _seal(self, key: Optional[bytes]) -> None:
@@ -343,13 +342,6 @@ class DeltaSnapshot:
         handed out and changed) one made from the list's current pages; what cannot be a
         page raises ``error`` (``None``: ``TypeError``/``ValueError``)."""
         return cast(PageStore, self.__dict__["_store"]).batch(error)
-
-    def _zstd_payload(self) -> Optional[bytes]:
-        """The payload's zstd frame ``create`` made while choosing it, if still current."""
-        cached = self.__dict__.get("_zstd_payload")
-        if cached is not None and cached[0] is cast(PageStore, self.__dict__["_store"]).current_batch():
-            return cast(bytes, cached[1])
-        return None
 
     # -- apply -------------------------------------------------------------------------
 

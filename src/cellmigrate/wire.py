@@ -344,9 +344,10 @@ class _Prepared:
         if len(payload) != size:
             payload = memoryview(payload)[:size]
         if comp_id:
-            cached = getattr(delta, "_zstd_payload", None)
-            frame = cached() if callable(cached) else None
-            payload = frame if frame is not None else zstd_payload(payload, ZSTD_LEVEL if zstd_level is None else zstd_level)
+            # The frame create chose or the reader read, for these very pages; else make one.
+            frame = batch.frame
+            level = ZSTD_LEVEL if zstd_level is None else zstd_level
+            payload = as_bytes_view(frame) if frame is not None else zstd_payload(payload, level)
         self.payload = payload
         self.header = _HEADER.pack(
             MAGIC,
@@ -569,9 +570,12 @@ def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
 
     # --- payload and pages: one kernel call checks every page ---------------------------------
     stored = held[payload_start:table_start]
+    frame = None
     if comp_id == COMPRESSIONS["zstd"]:
+        frame = stored  # kept: re-encoding writes this frame again (zstd frames do not say their level)
         stored = memoryview(_unzstd(stored, payload_size))
     batch = PageBatch(indices, encodings, offsets, stored, checks)
+    batch.frame = frame  # re-encoding writes this frame again (a zstd frame does not say its level)
     # XZR needs its base, which only a strong digest proves: not in a checksum-only delta.
     allowed = ALLOW_ALL if alg_id != _ALG_NONE else ALLOW_ALL & ~(1 << PageEncoding.XZR)
     batch.check(total_size, allowed)

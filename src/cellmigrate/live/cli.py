@@ -244,6 +244,9 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
     key = _key(args)
     tls = _server_tls(args)
+    # A symlinked STATE_FILE: stage beside, and rename over, the file it names (the link
+    # stays), as the other commands do (statefile.open_output).
+    args.state_file = os.path.realpath(args.state_file)
     staging = _staging_path(args.state_file)
     caps = None
     if args.arch:
