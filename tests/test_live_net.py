@@ -43,6 +43,8 @@ def test_send_receive_over_tcp(tmp_path: Path, keyed: bool) -> None:
         (tmp_path / "key").write_bytes(os.urandom(32))
         key_args = ["--key-file", str(tmp_path / "key")]
     rx = Receiver(dst, "--json", *key_args)
+    # Listening without a key is said to be unauthenticated, on the line naming the address.
+    assert ("unauthenticated" in rx.err_lines[-1]) is not keyed
     sent = send(str(src), rx.address, "--json", *key_args)
     got = rx.wait()
     assert sent.returncode == 0, sent.stderr
