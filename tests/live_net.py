@@ -6,6 +6,7 @@ import os
 import re
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -134,3 +135,92 @@ def self_signed(tmp: Path) -> tuple:
         check=True, capture_output=True, timeout=60,
     )
     return cert, key
+
+
+class DoneDroppingProxy:
+    """Forwards 127.0.0.1 connections to ``target`` (an unkeyed stream-protocol receiver)
+    but never delivers the receiver's DONE frame: it closes both sides instead, so the
+    sender cannot learn that the commit succeeded. Reconnections after that never reach
+    the receiver: with ``after="refuse"`` the proxy stops listening (connection refused),
+    with ``"eof"`` it accepts and closes at once, with ``"silent"`` it accepts and says
+    nothing until :meth:`close`."""
+
+    _HEADER = struct.Struct("<IB")  # frame length, frame type (transport._HEADER)
+    _DONE = 12  # protocol.Msg.DONE
+
+    def __init__(self, target: str, after: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.after = after
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.dropped_done = threading.Event()
+        self.connections = 0
+        self._held: List[socket.socket] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            if self.dropped_done.is_set():  # a reconnection: the receiver is never reached
+                if self.after == "silent":
+                    self._held.append(client)
+                else:
+                    client.close()
+                continue
+            server = socket.create_connection(self.target, timeout=10)
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        pending = b""  # server -> client bytes not yet forwarded (whole frames only)
+        deadline = time.monotonic() + 120  # bounded whatever happens
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([client, server], [], [], 0.5)
+                for s in ready:
+                    data = s.recv(1 << 16)
+                    if not data:
+                        return
+                    if s is client:
+                        server.sendall(data)
+                        continue
+                    pending += data
+                    while len(pending) >= self._HEADER.size:
+                        length, kind = self._HEADER.unpack_from(pending)
+                        if kind == self._DONE:
+                            if self.after == "refuse":
+                                self.listener.close()
+                            self.dropped_done.set()
+                            return
+                        end = self._HEADER.size + length
+                        if len(pending) < end:
+                            break
+                        client.sendall(pending[:end])
+                        pending = pending[end:]
+        except OSError:
+            return
+        finally:
+            for s in (client, server):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+        self._thread.join(5)
+        for s in self._held:
+            s.close()

@@ -590,3 +590,35 @@ def test_docstring_examples_run() -> None:
     for module in (statefile, demo):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("old_pages, new_pages", [(5, 9), (9, 5), (3, 3)])
+@pytest.mark.parametrize("mode", ["in_place", "output"])
+def test_diff_resize_then_apply_gives_new(tmp_path: Path, old_pages: int, new_pages: int, mode: str) -> None:
+    """``diff --resize`` (a growing or shrinking state, e.g. WebAssembly memory.grow), then
+    ``apply`` in place or to ``-o``: the result is NEW byte for byte, the last page short too."""
+    rng = np.random.default_rng(old_pages * 31 + new_pages)
+    old = rng.integers(0, 256, old_pages * PAGE_SIZE - 100, dtype=np.uint8)
+    new = np.zeros(new_pages * PAGE_SIZE + 7, dtype=np.uint8)
+    keep = min(old.size, new.size)
+    new[:keep] = old[:keep]
+    new[PAGE_SIZE + 5 : PAGE_SIZE + 69] = rng.integers(0, 256, 64, dtype=np.uint8)
+    new[-3:] = 9  # a page past OLD's end when growing
+    old_path, new_path, delta = tmp_path / "old.bin", tmp_path / "new.bin", tmp_path / "d.cmd"
+    old.tofile(old_path)
+    new.tofile(new_path)
+    if old.size != new.size:
+        refused = run("diff", str(old_path), str(new_path), "-o", str(delta))
+        assert "--resize" in assert_one_line_error(refused, 2) and not delta.exists()
+    made = run("diff", "--resize", str(old_path), str(new_path), "-o", str(delta))
+    assert made.returncode == 0, made.stderr
+    if mode == "in_place":
+        applied = run("apply", str(old_path), str(delta))
+        result = old_path
+    else:
+        result = tmp_path / "out.bin"
+        applied = run("apply", str(old_path), str(delta), "-o", str(result))
+        assert old_path.read_bytes() == old.tobytes()
+    assert applied.returncode == 0, applied.stderr
+    assert result.read_bytes() == new.tobytes()
+    assert run("verify", str(result), str(new_path)).returncode == 0

@@ -64,3 +64,18 @@ def test_stores_resize_zero_filled(kind: str, tmp_path) -> None:  # type: ignore
     if isinstance(store, FileStore):
         store.close()
         assert (tmp_path / "stage").read_bytes() == b"\0\0\0\0\0\x07"
+
+
+def test_memory_store_array_is_the_staged_array_itself() -> None:
+    store = MemoryStore(b"\x01\x02\x03")
+    store.resize(8192)
+    store.view()[4096:4100] = b"abcd"
+    array = store.array
+    assert array.dtype == np.uint8 and array.shape == (8192,)
+    assert bytes(array[:3]) == b"\x01\x02\x03" and bytes(array[4096:4100]) == b"abcd"
+    array[0] = 9  # not a copy: writes show through the store's own view
+    assert store.view()[0] == 9 and store.array is array
+    with pytest.raises(AttributeError):
+        store.array = np.zeros(1, dtype=np.uint8)  # type: ignore[misc]
+    store.resize(4096)  # a new array; the old one is left as it was
+    assert store.array is not array and store.array.nbytes == 4096 and array.nbytes == 8192

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from typing import Callable, List, Optional
@@ -12,6 +13,7 @@ import pytest
 from cellmigrate import (
     AgentRequirements,
     AuditEventType,
+    AuditStoreError,
     CollectingCallback,
     CorruptDataError,
     MigrationFailedError,
@@ -21,6 +23,7 @@ from cellmigrate import (
     ProgressEventKind,
     digest,
 )
+from cellmigrate.audit_store import SqliteAuditSink
 from cellmigrate.live import (
     BufferSource,
     BufferTarget,
@@ -228,3 +231,75 @@ def test_empty_state() -> None:
     target = BufferTarget()
     summary = LiveMigration(BufferSource(bytearray()), _channel(target)).run()
     assert target.state == bytearray() and summary.state_size == 0 and summary.transfer_ratio == 0.0
+
+
+class _GoneSink(SqliteAuditSink):
+    """A sink whose far end went away (a remote audit service): append raises."""
+
+    gone = False
+
+    def append(self, entry):  # type: ignore[no-untyped-def]
+        if self.gone:
+            raise ConnectionResetError("audit service gone")
+        return super().append(entry)
+
+
+@pytest.mark.parametrize("failure", ["sqlite_locked", "sink_gone"])
+def test_a_failing_audit_sink_cannot_leave_the_source_paused(tmp_path, failure: str) -> None:  # type: ignore[no-untyped-def]
+    """The target refuses the commit while the source is paused, and from the pause on
+    every audit write fails (the SQLite file locked by another process's writer, or a
+    remote sink gone): the source still resumes, and the target's refusal is the error."""
+    path = tmp_path / "audit.db"
+    sink = (_GoneSink if failure == "sink_gone" else SqliteAuditSink)(path, timeout=0.05)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    events: List[str] = []
+
+    def pause() -> None:
+        events.append("pause")
+        if failure == "sink_gone":
+            sink.gone = True  # type: ignore[attr-defined]
+        else:
+            blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+
+    def refuse(view: memoryview, extra: bytes) -> None:
+        raise RuntimeError("no room")
+
+    state = bytearray(range(256)) * 64
+    source = BufferSource(state, pause=pause, resume=lambda: events.append("resume"))
+    validator = MigrationValidator(sink=sink)
+    try:
+        with pytest.raises(MigrationFailedError, match="could not adopt the state: no room") as info:
+            LiveMigration(source, _channel(BufferTarget(on_adopt=refuse)), validator=validator).run()
+    finally:
+        if failure == "sqlite_locked":
+            blocker.execute("ROLLBACK")
+        blocker.close()
+    assert events == ["pause", "resume"]
+    notes = getattr(info.value, "__notes__", [])
+    assert notes and all("the audit log failed too" in n for n in notes)
+    assert (AuditStoreError if failure == "sqlite_locked" else ConnectionResetError).__name__ in notes[0]
+    # nothing after the pause reached the log, and nothing half-written either
+    assert [e.event_type for e in validator.audit_log][-1] == AuditEventType.TRANSFER_STARTED
+    sink.close()
+
+
+def test_an_interrupt_during_the_commit_leaves_the_source_paused() -> None:
+    """Ctrl-C (not an Exception) while waiting for the commit's answer: the target may run
+    the agent already, so the source is not resumed and the audit log says why."""
+
+    class Interrupted(InProcessChannel):
+        def commit(self, digest: bytes, extra: bytes) -> None:
+            super().commit(digest, extra)  # the target adopted and resumed...
+            raise KeyboardInterrupt  # ...and the answer never came back
+
+    target = BufferTarget()
+    resumed: List[int] = []
+    validator = MigrationValidator()
+    state = bytearray(range(256)) * 64
+    channel = Interrupted(ReceiverSession(MemoryStore(), target))
+    with pytest.raises(KeyboardInterrupt):
+        LiveMigration(BufferSource(state, resume=lambda: resumed.append(1)), channel, validator=validator).run()
+    assert target.resumed and target.state == state
+    assert resumed == []
+    last = validator.audit_log.entries()[-2]
+    assert last.event_type == AuditEventType.ROLLBACK_COMPLETED and "outcome of the commit is unknown" in last.details

@@ -43,6 +43,8 @@ def test_send_receive_over_tcp(tmp_path: Path, keyed: bool) -> None:
         (tmp_path / "key").write_bytes(os.urandom(32))
         key_args = ["--key-file", str(tmp_path / "key")]
     rx = Receiver(dst, "--json", *key_args)
+    # Listening without a key is said to be unauthenticated, on the line naming the address.
+    assert ("unauthenticated" in rx.err_lines[-1]) is not keyed
     sent = send(str(src), rx.address, "--json", *key_args)
     got = rx.wait()
     assert sent.returncode == 0, sent.stderr
@@ -265,3 +267,66 @@ def test_receive_over_stdio_pipes(tmp_path: Path) -> None:
             rx.communicate()
     assert rx.returncode == 0, err
     assert dst.read_bytes() == src.read_bytes() and b"proven equal" in err
+
+
+@pytest.mark.parametrize("after", ["refuse", "eof", "silent"])
+def test_lost_commit_reply_leaves_the_source_paused(tmp_path: Path, after: str) -> None:
+    """The receiver completes (and exits) but its DONE never arrives; reconnecting is then
+    refused, closed at once, or unanswered. The sender cannot know whether the target runs
+    the agent, so the source must stay paused (no split brain) and say why."""
+    from cellmigrate.errors import CellError
+    from cellmigrate.live import BufferSource, LiveMigration
+    from cellmigrate.live.sender import StreamChannel
+    from cellmigrate.live.errors import OutcomeUnknownError
+    from cellmigrate.live.transport import connect
+    from cellmigrate.validation import MigrationValidator
+    from live_net import DoneDroppingProxy
+
+    state = bytearray(np.random.default_rng(3).integers(0, 256, MIB, dtype=np.uint8).tobytes())
+    dst = tmp_path / "dst.bin"
+    rx = Receiver(dst)
+    proxy = DoneDroppingProxy(rx.address, after)
+    calls: list = []
+    source = BufferSource(state, pause=lambda: calls.append("pause"), resume=lambda: calls.append("resume"))
+    channel = StreamChannel(lambda: connect(proxy.address, timeout=5), timeout=1.0, retries=2, retry_delay=0.05)
+    validator = MigrationValidator()
+    try:
+        with pytest.raises(CellError) as info:
+            LiveMigration(source, channel, max_rounds=0, validator=validator).run()
+        got = rx.wait()
+    finally:
+        proxy.close()
+        rx.kill()
+    assert isinstance(info.value, OutcomeUnknownError), repr(info.value)
+    assert proxy.dropped_done.is_set()
+    assert proxy.connections == (1 if after == "refuse" else 3)  # the first + 2 retries
+    assert calls == ["pause"]  # never resumed: the target runs the agent
+    assert got.returncode == 0, got.stderr
+    assert dst.read_bytes() == state  # the receiver completed
+    last = validator.audit_log.entries()[-2:]
+    assert [e.event_type.name for e in last] == ["ROLLBACK_COMPLETED", "MIGRATION_FAILED"]
+    assert not last[0].success and "outcome of the commit is unknown" in last[0].details
+    assert not last[1].success
+
+
+def test_a_refused_connection_is_a_connection_lost_error() -> None:
+    """Before the COMMIT a transport OSError that outlasts the retries is the channel's
+    ConnectionLostError (a CellError, classified TARGET_UNREACHABLE), never a bare OSError."""
+    from cellmigrate.live import Offer
+    from cellmigrate.live.errors import ConnectionLostError, error_type
+    from cellmigrate.live.sender import StreamChannel
+    from cellmigrate.live.transport import connect
+    from cellmigrate.recovery import MigrationErrorType
+    from cellmigrate.validation import AgentRequirements
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    offer = Offer(b"m" * 16, b"a" * 16, AgentRequirements(state_size=4096), 4096)
+    for retries in (0, 2):
+        channel = StreamChannel(lambda: connect(address, timeout=5), retries=retries, retry_delay=0.01)
+        with pytest.raises(ConnectionLostError, match="refused") as info:
+            channel.open(offer, lambda chunk: None)
+        assert isinstance(info.value.__cause__, ConnectionRefusedError)
+        assert error_type(info.value) is MigrationErrorType.TARGET_UNREACHABLE
+        assert channel.reconnects == retries

@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence number of OLD (default: %(default)s)")
     p.add_argument("--sequence", type=_u64_arg, default=None, metavar="N",
                    help="sequence number of NEW (default: base sequence + 1)")
+    p.add_argument("--resize", action="store_true",
+                   help="let OLD and NEW differ in size (e.g. a WebAssembly memory.grow): pages past OLD's "
+                        "end are diffed against zeros, and apply grows or cuts the base to NEW's size")
     p.add_argument("--compress", default="auto", metavar="{auto,none,rle,xor,zstd[:LEVEL]}",
                    help="page encodings: 'auto' (default: zero pages, XOR with OLD, RLE, each page the "
                         "smallest; zstd over the page data when it wins), 'xor' (the same, never zstd), "
@@ -702,14 +705,15 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         # Readers bound the sizes a delta declares by their --max-size: refuse here what they would.
         _check_max_size(f"OLD {args.old!r} is", old.size, args.max_size)
         _check_max_size(f"NEW {args.new!r} is", new.size, args.max_size)
-        if old.size != new.size:
+        if old.size != new.size and not args.resize:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
-                           f"{args.new!r} is {new.size} bytes")
+                           f"{args.new!r} is {new.size} bytes (--resize writes a delta that resizes the state)")
         bar = _progress(args, new.size, "diff")
         try:
             delta = DeltaSnapshot.create(args.agent_id.bytes, old.buffer, new.buffer,
                                          args.base_sequence, sequence, digest=algorithm, key=key,
-                                         progress=_bar_callback(bar), compress=args.compress)
+                                         progress=_bar_callback(bar), compress=args.compress,
+                                         resize=args.resize)
         except InvalidStateError as exc:
             raise CliError(str(exc)) from None
         except ValueError as exc:  # a --compress the delta cannot use
@@ -765,7 +769,9 @@ def _recheck_pages(name: str, old: StateFile, new: StateFile, delta: "DeltaSnaps
         offset = int(page.index) * 4096
         length = min(4096, total - offset)
         # A page stored XORed with the base page decodes against OLD's page.
-        data = page.get_data(base=old.pread(length, offset), length=length)
+        # Past OLD's end (a growing delta) the base page is zeros.
+        base = old.pread(max(0, min(length, old.size - offset)), offset) if offset < old.size else b""
+        data = page.get_data(base=base.ljust(length, b"\0"), length=length)
         if new.pread(len(data), offset) != data:
             raise CliError(f"{name!r} changed while it was read (page {page.index} differs from the copy "
                            "taken during the scan); nothing was written", EXIT_DIFFERENT)

@@ -203,6 +203,15 @@ class MemoryStore:
             else np.frombuffer(as_bytes_view(initial, "initial"), dtype=np.uint8).copy()
         )
 
+    @property
+    def array(self) -> "np.ndarray[Any, np.dtype[np.uint8]]":
+        """The staged state itself (1-D uint8, ``size()`` bytes; not a copy).
+
+        A target may adopt it as it is once the session committed (zero-copy); a later
+        :meth:`resize` replaces it with a new array, leaving this one stale.
+        """
+        return self._buf
+
     def size(self) -> int:
         """Bytes staged."""
         return int(self._buf.nbytes)

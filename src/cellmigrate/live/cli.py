@@ -262,7 +262,10 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             raise CliError(f"cannot listen on {args.listen}: {exc}") from None
         bound = listener.getsockname()
         shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
-        _say(args, f"cellmigrate receive: listening on {shown}")
+        # Without a key any peer that reaches the port may replace STATE_FILE (and trigger
+        # --resume-cmd): say so where the user looks, on the line that names the address.
+        warning = "" if key is not None else " (no --key-file: unauthenticated, any peer that reaches it can replace the state)"
+        _say(args, f"cellmigrate receive: listening on {shown}{warning}")
     try:
         while True:
             validator = MigrationValidator()

@@ -339,7 +339,7 @@ class LiveMigration:
         self._tracker = MigrationProgressTracker(aid, size, self.progress)
         self._tracker.report_started()
         log.log_start(mid, aid)
-        paused = False
+        paused = committing = False
         try:
             requirements = self.requirements or AgentRequirements(state_size=size)
             committed = self.channel.open(Offer(mid, aid, requirements, size), self._on_commit)
@@ -362,12 +362,13 @@ class LiveMigration:
             extra = bytes(self.source.extra())
             if len(extra) > MAX_EXTRA_BYTES:
                 raise MigrationFailedError(f"agent extra is {len(extra)} bytes; the limit is {MAX_EXTRA_BYTES}")
+            committing = True
             self.channel.commit(digest, extra)
             downtime = time.monotonic() - t_pause
             stats = RoundStats(**{**asdict(stats), "actual_downtime_s": downtime})
             self._report(stats)
         except BaseException as exc:
-            self._fail(exc, paused)
+            self._fail(exc, paused, committing)
             if isinstance(exc, CellError) or not isinstance(exc, Exception):
                 raise
             raise MigrationFailedError(f"live migration failed: {exc}") from exc
@@ -401,26 +402,64 @@ class LiveMigration:
             resent_chunks=int(getattr(self.channel, "resent_chunks", 0)),
         )
 
-    def _fail(self, exc: BaseException, paused: bool) -> None:
-        """Resume the source (unless the outcome is unknown), tell the target, log it all."""
+    def _fail(self, exc: BaseException, paused: bool, committing: bool = False) -> None:
+        """Resume the source (unless the outcome is unknown), tell the target, log it all.
+
+        The source resumes first: no later step (an audit sink that is full, locked or
+        gone, a channel or progress callback that raises) can leave it paused. Each step is
+        guarded; their own errors are attached to ``exc`` as notes, ``exc`` stays the one
+        raised. An interrupt (not an ``Exception``) during the commit leaves the outcome
+        unknown too, so the source stays paused then.
+        """
         mid, aid = self.migration_id, self.agent_id
         log = self.validator.audit_log
         message = str(exc) or type(exc).__name__
-        unknown = isinstance(exc, OutcomeUnknownError)
-        if not unknown:
-            self.channel.abort(message)
-        self.channel.close()
+        unknown = isinstance(exc, OutcomeUnknownError) or (committing and not isinstance(exc, Exception))
+
+        def guarded(what: str, step: Callable[..., Any], *args: Any) -> None:
+            try:
+                step(*args)
+            except Exception as step_exc:  # the original failure stays the one raised
+                _add_note(exc, f"cellmigrate: {what} failed too: {type(step_exc).__name__}: {step_exc}")
+
+        resume_error: Optional[Exception] = None
         if paused and not unknown:
-            log.log_rollback(mid, aid, True, True, f"Resuming the source agent: {message}")
             try:
                 self.source.resume()
-                log.log_rollback(mid, aid, False, True, "Source agent resumed; target state unchanged")
-            except Exception as resume_exc:  # the original failure stays the one raised
-                log.log_rollback(mid, aid, False, False, f"Source agent did not resume: {resume_exc}")
+            except Exception as resume_exc:
+                resume_error = resume_exc
+        if not unknown:
+            guarded("aborting the receiver", self.channel.abort, message)
+        guarded("closing the channel", self.channel.close)
+        if paused and not unknown:
+            guarded("the audit log", log.log_rollback, mid, aid, True, True, f"Resuming the source agent: {message}")
+            if resume_error is None:
+                guarded("the audit log", log.log_rollback, mid, aid, False, True, "Source agent resumed; target state unchanged")
+            else:
+                guarded("the audit log", log.log_rollback, mid, aid, False, False, f"Source agent did not resume: {resume_error}")
         elif unknown:
-            log.log_rollback(mid, aid, False, False, "Source agent left paused: the target may have resumed it")
-        log.log_completion(mid, aid, False, f"Live migration failed: {message}")
+            guarded(
+                "the audit log", log.log_rollback, mid, aid, False, False,
+                "Source agent left paused: the outcome of the commit is unknown (the target may have resumed it)",
+            )
+        guarded("the audit log", log.log_completion, mid, aid, False, f"Live migration failed: {message}")
         if self._tracker is not None:
-            self._tracker.report_failed(message)
+            guarded("the progress callback", self._tracker.report_failed, message)
         if self.recovery is not None:
-            self.recovery.record_failure(MigrationError(error_type(exc), message, aid))
+            guarded("the recovery manager", self.recovery.record_failure, MigrationError(error_type(exc), message, aid))
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.11+; before, the same ``__notes__`` list, not printed)."""
+    try:
+        add = getattr(exc, "add_note", None)
+        if add is not None:
+            add(note)
+        else:
+            notes = getattr(exc, "__notes__", None)
+            if not isinstance(notes, list):
+                notes = []
+                setattr(exc, "__notes__", notes)
+            notes.append(note)
+    except Exception:  # an exception type that takes no attributes: the note is lost, not the error
+        pass

@@ -52,6 +52,9 @@ def error_type(exc: BaseException) -> MigrationErrorType:
     if isinstance(exc, PeerTimeoutError):
         return MigrationErrorType.TIMEOUT
     if isinstance(exc, ConnectionLostError):
+        cause = exc.__cause__  # the retries ran out on an OS error: connection refused, no route, ...
+        if isinstance(cause, OSError) and not isinstance(cause, CellError):
+            return MigrationErrorType.TARGET_UNREACHABLE
         return MigrationErrorType.NETWORK_TRANSIENT
     if isinstance(exc, AuthenticationError):
         return MigrationErrorType.NETWORK_PERMANENT

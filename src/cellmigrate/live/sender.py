@@ -9,8 +9,10 @@ only the chunks after it: committed data is never sent twice.
 
 The final COMMIT is the one step whose outcome can be lost with the connection: the
 channel then reconnects and asks; a receiver that completed says so, one that did not
-gets the COMMIT again; if it cannot be reached at all :class:`OutcomeUnknownError` tells
-the driver to keep the source paused.
+gets the COMMIT again; if it cannot be reached at all (refused, timed out, closed, any
+error) :class:`OutcomeUnknownError` tells the driver to keep the source paused. Before
+the COMMIT, a transport failure that outlasts the retries is a :class:`ConnectionLostError`
+(never a bare ``OSError``).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class StreamChannel:
         while True:
             attempt += 1
             if attempt > self.retries:
-                raise cause
+                raise _lost(cause)
             time.sleep(min(self.retry_delay * (2 ** (attempt - 1)), self.max_retry_delay))
             self.reconnects += 1
             if self.on_reconnect is not None:
@@ -233,6 +235,9 @@ class StreamChannel:
         except _RETRYABLE as exc:
             self._reconnect(exc)
             return 0
+        except OSError as exc:  # not retryable (no route, TLS verification, ...)
+            self._drop()
+            raise _lost(exc)  # chained to exc
 
     def send_chunk(self, chunk: Chunk) -> None:
         """Send ``chunk``; block while more than ``window_bytes`` are unacknowledged."""
@@ -270,13 +275,18 @@ class StreamChannel:
         """COMMIT and wait for DONE; after a cut, ask the receiver what became of it.
 
         Only an explicit refusal of the COMMIT (the receiver's digest differs, or it could
-        not adopt) is a plain failure; anything else that leaves the outcome open raises
-        :class:`OutcomeUnknownError`.
+        not adopt) is a plain failure; once the COMMIT frame was (even partly) sent,
+        anything else that leaves the outcome open - a timeout, a closed or refused
+        reconnection, any ``OSError`` or other exception - raises
+        :class:`OutcomeUnknownError`: the target may already run the agent.
         """
         refused: List[CellError] = []
+        sent = False
 
         def finish() -> None:
+            nonlocal sent
             assert self._conn is not None
+            sent = True  # from here on the receiver may have it, whatever happens next
             self._conn.send(Msg.COMMIT, digest, extra)
             msg, body = self._conn.recv(Msg.DONE)
             if msg is Msg.ERROR:
@@ -286,9 +296,12 @@ class StreamChannel:
             self._retrying(finish)
         except _AlreadyCompleted:
             return  # the receiver completed; only its DONE was lost
-        except CellError as exc:
+        except Exception as exc:  # not only CellError: a refused reconnect is an OSError
+            if not sent:
+                raise _lost(exc)  # chained to exc
             raise OutcomeUnknownError(
-                f"commit sent but its outcome is unknown ({exc}); the source agent stays paused"
+                f"commit sent but its outcome is unknown ({exc or type(exc).__name__}); "
+                "the source agent stays paused"
             ) from exc
         finally:
             self._drop()
@@ -314,6 +327,15 @@ class _AlreadyCompleted(CellError):
 
     def __init__(self) -> None:
         super().__init__("the receiver already completed this migration")
+
+
+def _lost(exc: BaseException) -> BaseException:
+    """``exc`` as a :class:`CellError`: a transport ``OSError`` becomes ConnectionLostError."""
+    if isinstance(exc, CellError) or not isinstance(exc, OSError):
+        return exc
+    lost = ConnectionLostError(f"connection lost: {exc or type(exc).__name__}")
+    lost.__cause__ = exc
+    return lost
 
 
 def _refusal(reason: str) -> CellError:

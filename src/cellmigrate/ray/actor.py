@@ -490,18 +490,10 @@ class _Sender:
 # --------------------------------------------------------------------------------------
 
 
-class _Store(MemoryStore):
-    """The staging area; its array is handed to ``cellmigrate_adopt`` as it is."""
-
-    @property
-    def array(self) -> U8Array:
-        return self._buf
-
-
 class _Adopter:
     """:class:`~cellmigrate.live.agent.TargetAgent` over the actor's protocol methods."""
 
-    def __init__(self, actor: MigratableActor, store: _Store, agent_id: Callable[[], bytes]) -> None:
+    def __init__(self, actor: MigratableActor, store: MemoryStore, agent_id: Callable[[], bytes]) -> None:
         self._actor = actor
         self._store = store
         self._agent_id = agent_id
@@ -525,7 +517,7 @@ class _Receiver:
 
     def __init__(self, actor: MigratableActor, options: Dict[str, Any]) -> None:
         self.timeout = float(options["timeout"])
-        self.store = _Store()
+        self.store = MemoryStore()
         self.session = ReceiverSession(
             self.store,
             _Adopter(actor, self.store, self._offered_agent),
