@@ -493,6 +493,14 @@ def decode_delta(
     return _decode_v2(view, max_total_size)
 
 
+def _check_declared(field: str, size: int, limit: int) -> None:
+    """Refuse a size the header declares above the reader's limit, from the header alone."""
+    if size > limit:
+        raise DeclaredSizeError(
+            f"{field} {size} exceeds the maximum of {limit} bytes", field=field, size=size, limit=limit
+        )
+
+
 def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
     size = view.nbytes
     if size < HEADER_SIZE + TRAILER_SIZE:
@@ -521,16 +529,8 @@ def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
         raise CorruptDataError(f"unknown payload compression id {comp_id}")
     if reserved != _ZERO2:
         raise CorruptDataError("reserved header bytes are not zero")
-    if total_size > max_total_size:
-        raise DeclaredSizeError(
-            f"total_size {total_size} exceeds the maximum of {max_total_size} bytes",
-            field="total_size", size=total_size, limit=max_total_size,
-        )
-    if base_size > max_total_size:
-        raise DeclaredSizeError(
-            f"base_size {base_size} exceeds the maximum of {max_total_size} bytes",
-            field="base_size", size=base_size, limit=max_total_size,
-        )
+    _check_declared("total_size", total_size, max_total_size)
+    _check_declared("base_size", base_size, max_total_size)
     max_pages = _max_pages(total_size)
     if page_count > max_pages:
         raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
@@ -777,11 +777,7 @@ def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) 
     keyed = _check_algorithm(alg_id, flags, digest_length)
     if reserved_a != _ZERO3 or reserved_b != _ZERO4:
         raise CorruptDataError("reserved header bytes are not zero")
-    if total_size > max_total_size:
-        raise DeclaredSizeError(
-            f"total_size {total_size} exceeds the maximum of {max_total_size} bytes",
-            field="total_size", size=total_size, limit=max_total_size,
-        )
+    _check_declared("total_size", total_size, max_total_size)
     max_pages = _max_pages(total_size)
     if page_count > max_pages:
         raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
