@@ -679,12 +679,8 @@ def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_T
         alg_id, flags, digest_length = fields[2], fields[3], fields[4]
         total_size, base_size, page_count, payload_wire = fields[10], fields[11], fields[14], fields[15]
     _check_algorithm(alg_id, flags, digest_length)
-    for name, value in (("total_size", total_size), ("base_size", base_size)):
-        if value > max_total_size:
-            raise DeclaredSizeError(
-                f"{name} {value} exceeds the maximum of {max_total_size} bytes",
-                field=name, size=value, limit=max_total_size,
-            )
+    _check_declared("total_size", total_size, max_total_size)
+    _check_declared("base_size", base_size, max_total_size)
     max_pages = _max_pages(total_size)
     if page_count > max_pages:
         raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
