@@ -316,18 +316,27 @@ def lock_file(fd: int, *, exclusive: bool, what: StrPath, wait: Optional[float] 
             raise
 
 
+#: What a file system answers when it cannot sync a directory at all (some network and
+#: FUSE file systems): nothing more can be done there, so it is not an error.
+_DIR_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+
+
 def fsync_dir(directory: StrPath) -> None:
-    """Make a create, rename or unlink durable by syncing its directory (best effort)."""
+    """Make a create, rename or unlink durable by syncing its directory.
+
+    The undo journal's safety rests on this (the journal's directory entry must be on disk
+    before the first page write), so a real failure (``EIO``, ``ENOSPC``, a directory that
+    cannot be opened) raises ``OSError``; only a file system that does not support
+    directory sync at all (``EINVAL``/``ENOTSUP``) is let through.
+    """
     if os.name != "posix":
         return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _DIR_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
