@@ -53,20 +53,23 @@ def send(*args: str, timeout: float = 120) -> "subprocess.CompletedProcess[str]"
     return subprocess.run([*CLI, "send", *args], capture_output=True, text=True, timeout=timeout, env=_ENV)
 
 
-class _LoopbackProxy:
-    """A listener on 127.0.0.1 whose accept loop hands each client to :meth:`_accepted`
-    (in a thread of its own until :meth:`close`)."""
+class CuttingProxy:
+    """Forwards 127.0.0.1 connections to ``target``; the first ``cuts`` connections are cut
+    (both sides closed) once ``cut_after[i]`` bytes went from client to server."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, cut_after: Sequence[int]) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
+        self.cut_after = list(cut_after)
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.forwarded = 0  # client -> server bytes, all connections
         self.connections = 0
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         self.listener.settimeout(0.2)
@@ -77,46 +80,14 @@ class _LoopbackProxy:
                 continue
             except OSError:
                 return
+            limit = self.cut_after[self.connections] if self.connections < len(self.cut_after) else None
             self.connections += 1
-            self._accepted(client)
-
-    def _accepted(self, client: socket.socket) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def _close_both(socks: Sequence[socket.socket]) -> None:
-        for s in socks:
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                server = socket.create_connection(self.target, timeout=10)
             except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self.listener.close()
-        self._thread.join(5)
-
-
-class CuttingProxy(_LoopbackProxy):
-    """Forwards 127.0.0.1 connections to ``target``; the first ``cuts`` connections are cut
-    (both sides closed) once ``cut_after[i]`` bytes went from client to server."""
-
-    def __init__(self, target: str, cut_after: Sequence[int]) -> None:
-        super().__init__(target)
-        self.cut_after = list(cut_after)
-        self.forwarded = 0  # client -> server bytes, all connections
-        self._thread.start()
-
-    def _accepted(self, client: socket.socket) -> None:
-        k = self.connections - 1
-        limit = self.cut_after[k] if k < len(self.cut_after) else None
-        try:
-            server = socket.create_connection(self.target, timeout=10)
-        except OSError:
-            client.close()
-            return
-        threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
 
     def _pump(self, client: socket.socket, server: socket.socket, limit: Optional[int]) -> None:
         sent = 0
@@ -142,7 +113,17 @@ class CuttingProxy(_LoopbackProxy):
         except OSError:
             return
         finally:
-            self._close_both(socks)
+            for s in socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+        self._thread.join(5)
 
 
 def self_signed(tmp: Path) -> tuple:
@@ -156,7 +137,7 @@ def self_signed(tmp: Path) -> tuple:
     return cert, key
 
 
-class DoneDroppingProxy(_LoopbackProxy):
+class DoneDroppingProxy:
     """Forwards 127.0.0.1 connections to ``target`` (an unkeyed stream-protocol receiver)
     but never delivers the receiver's DONE frame: it closes both sides instead, so the
     sender cannot learn that the commit succeeded. Reconnections after that never reach
@@ -168,21 +149,38 @@ class DoneDroppingProxy(_LoopbackProxy):
     _DONE = 12  # protocol.Msg.DONE
 
     def __init__(self, target: str, after: str) -> None:
-        super().__init__(target)
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
         self.after = after
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.dropped_done = threading.Event()
+        self.connections = 0
         self._held: List[socket.socket] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
-    def _accepted(self, client: socket.socket) -> None:
-        if self.dropped_done.is_set():  # a reconnection: the receiver is never reached
-            if self.after == "silent":
-                self._held.append(client)
-            else:
-                client.close()
-            return
-        server = socket.create_connection(self.target, timeout=10)
-        threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            if self.dropped_done.is_set():  # a reconnection: the receiver is never reached
+                if self.after == "silent":
+                    self._held.append(client)
+                else:
+                    client.close()
+                continue
+            server = socket.create_connection(self.target, timeout=10)
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         pending = b""  # server -> client bytes not yet forwarded (whole frames only)
@@ -213,9 +211,16 @@ class DoneDroppingProxy(_LoopbackProxy):
         except OSError:
             return
         finally:
-            self._close_both((client, server))
+            for s in (client, server):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
 
     def close(self) -> None:
-        super().close()
+        self._stop = True
+        self.listener.close()
+        self._thread.join(5)
         for s in self._held:
             s.close()
