@@ -121,6 +121,61 @@ cdef int64_t[::1] _indices(indices) except *:
     return np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
 
 
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS, PyBUF_FORMAT
+from libc.stdlib cimport malloc as _malloc, free as _free, calloc as _calloc
+
+
+cdef class _PageBuffers:
+    """The byte buffers of a list of pages, held (pointers and lengths) until released.
+
+    One ``PyObject_GetBuffer`` per page: a typed memoryview per page costs a microsecond
+    or more, which at tens of thousands of pages was most of a kernel's time. The pages
+    must be 1-D C-contiguous unsigned-byte buffers, as the typed memoryviews required
+    (``ValueError`` otherwise; ``TypeError`` for an object without the buffer protocol).
+    """
+
+    cdef Py_buffer* bufs
+    cdef const uint8_t** ptrs
+    cdef size_t* lens
+    cdef Py_ssize_t count
+    cdef Py_ssize_t held
+    cdef size_t total
+
+    def __cinit__(self, pages):
+        cdef Py_ssize_t n = len(pages), k
+        cdef Py_buffer* b
+        self.count = n
+        self.bufs = <Py_buffer*>_calloc(n + 1, sizeof(Py_buffer))
+        self.ptrs = <const uint8_t**>_malloc((n + 1) * sizeof(uint8_t*))
+        self.lens = <size_t*>_malloc((n + 1) * sizeof(size_t))
+        if self.bufs == NULL or self.ptrs == NULL or self.lens == NULL:
+            raise MemoryError()
+        for k in range(n):
+            b = &self.bufs[k]
+            try:
+                PyObject_GetBuffer(pages[k], b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+            except BufferError as exc:
+                raise ValueError(f"page {k} is not a C-contiguous buffer: {exc}") from None
+            self.held += 1
+            if b.ndim > 1 or (b.format != NULL and b.format[0] != 0 and not (
+                    (b.format[0] == b'B' and b.format[1] == 0) or
+                    (b.format[0] in (b'=', b'<', b'>', b'@') and b.format[1] == b'B' and b.format[2] == 0))):
+                raise ValueError(f"page {k} must be a 1-D buffer of unsigned bytes (format 'B', "
+                                 f"got {(<bytes>b.format).decode() if b.format != NULL else 'B'!r}, ndim {b.ndim})")
+            self.ptrs[k] = <const uint8_t*>b.buf
+            self.lens[k] = <size_t>b.len
+            self.total += <size_t>b.len
+
+    def __dealloc__(self):
+        cdef Py_ssize_t k
+        if self.bufs != NULL:
+            for k in range(self.held):
+                PyBuffer_Release(&self.bufs[k])
+        _free(self.bufs)
+        _free(self.ptrs)
+        _free(self.lens)
+
+
 def state_pages_checksum(const uint8_t[::1] state, indices, Py_ssize_t page_size):
     """Sum of the positioned checksums of ``state``'s pages at ``indices`` (mod 2**32)."""
     cdef size_t n = state.shape[0]
@@ -147,20 +202,21 @@ def state_pages_checksum(const uint8_t[::1] state, indices, Py_ssize_t page_size
 def pages_checksum(pages, indices, Py_ssize_t page_size):
     """Sum of ``checksum(pages[k], offset=indices[k] * page_size)`` (mod 2**32)."""
     cdef int64_t[::1] idx = _indices(indices)
-    cdef const uint8_t[::1] page
     cdef uint32_t total = 0
-    cdef Py_ssize_t k = 0
+    cdef Py_ssize_t k
     if page_size <= 0:
         raise ValueError("page_size must be positive")
     if len(pages) != idx.shape[0]:
         raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
-    for data in pages:
+    cdef _PageBuffers held = _PageBuffers(pages)
+    for k in range(held.count):
         if idx[k] < 0:
             raise IndexError(f"page index {idx[k]} is negative")
-        page = data
-        if page.shape[0]:
-            total += cm_checksum(&page[0], page.shape[0], <uint64_t>idx[k] * <uint64_t>page_size)
-        k += 1
+    cdef PyThreadState* ts = _release(held.total)
+    for k in range(held.count):
+        if held.lens[k]:
+            total += cm_checksum(held.ptrs[k], held.lens[k], <uint64_t>idx[k] * <uint64_t>page_size)
+    _reacquire(ts)
     return total
 
 
@@ -314,26 +370,24 @@ def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size):
     """Write ``pages[k]`` at ``indices[k] * page_size``; everything is checked before any write."""
     cdef size_t n = target.shape[0]
     cdef int64_t[::1] idx = _indices(indices)
-    cdef list views = []
-    cdef const uint8_t[::1] page
     cdef Py_ssize_t k
     cdef size_t start
     if page_size <= 0:
         raise ValueError("page_size must be positive")
     if len(pages) != idx.shape[0]:
         raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
-    for k, data in enumerate(pages):
-        page = data
-        if <size_t>page.shape[0] > <size_t>page_size:
-            raise ValueError(f"page {idx[k]} has {page.shape[0]} bytes, more than page_size {page_size}")
-        if idx[k] < 0 or <uint64_t>idx[k] * <uint64_t>page_size + page.shape[0] > n:
+    cdef _PageBuffers held = _PageBuffers(pages)
+    for k in range(held.count):
+        if held.lens[k] > <size_t>page_size:
+            raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, more than page_size {page_size}")
+        if idx[k] < 0 or <uint64_t>idx[k] * <uint64_t>page_size + held.lens[k] > n:
             raise IndexError(f"page {idx[k]} does not fit a target of {n} bytes")
-        views.append(page)
-    for k in range(idx.shape[0]):
-        page = views[k]
-        start = <size_t>idx[k] * page_size
-        if page.shape[0]:
-            memcpy(&target[start], &page[0], page.shape[0])
+    cdef uint8_t* pt = &target[0] if n else NULL
+    cdef PyThreadState* ts = _release(held.total)
+    for k in range(held.count):
+        if held.lens[k]:
+            memcpy(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
+    _reacquire(ts)
 
 
 # --- straightforward loops (benchmark baselines only) ------------------------------------
@@ -399,6 +453,7 @@ def _naive_rle_compress(const uint8_t[::1] data):
 
 include "_encodings.pxi"
 include "_passes.pxi"
+include "_leaves.pxi"
 
 
 # --- SIGBUS guard for mapped files (see cm_guard.h) ------------------------------------
