@@ -125,6 +125,79 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIG
 from libc.stdlib cimport malloc as _malloc, free as _free, calloc as _calloc
 
 
+cdef class PageRows:
+    """Pages held back to back in a few buffers, as a read-only sequence of page views.
+
+    ``segments`` is a list of ``(buffer, count)``: the rows of each buffer are
+    ``buffer[k * page : (k + 1) * page]`` for ``k < count``, in order, the segments one
+    after the other; the very last row may be ``last`` bytes long (a state's short last
+    page). Slicing gives another ``PageRows`` and the list-of-pages kernels read the rows
+    straight from the buffers, so tens of thousands of pages cost no Python object each;
+    an item is a ``memoryview`` of its row.
+    """
+
+    cdef list segs  # [(buffer, first row, count)]
+    cdef Py_ssize_t count, page, last
+
+    def __cinit__(self, segments, Py_ssize_t page, Py_ssize_t last=-1):
+        cdef Py_ssize_t total = 0, n, first
+        if page <= 0:
+            raise ValueError("page must be positive")
+        if last < 0:
+            last = page
+        self.segs = []
+        for seg in segments:
+            if len(seg) == 2:
+                base, n = seg
+                first = 0
+            else:
+                base, first, n = seg
+            if n < 0 or first < 0 or memoryview(base).nbytes < (first + n) * page - (page - last):
+                raise ValueError(f"{n} rows of {page} bytes from row {first} do not fit the buffer")
+            if n:
+                self.segs.append((base, first, n))
+                total += n
+        if last > page or (total and last <= 0):
+            raise ValueError(f"the last row has {last} bytes, rows have {page}")
+        self.count = total
+        self.page = page
+        self.last = last
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, key):
+        cdef Py_ssize_t k, a, b, step, first, n, lo, hi
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.count)
+            if step != 1:
+                raise ValueError("PageRows slices take step 1")
+            out = []
+            lo = 0
+            for base, first, n in self.segs:
+                hi = lo + n
+                if hi > a and lo < b:
+                    out.append((base, first + max(a, lo) - lo, min(b, hi) - max(a, lo)))
+                lo = hi
+            return PageRows(out, self.page, self.last if b == self.count and b > a else self.page)
+        k = key
+        if k < 0:
+            k += self.count
+        if k < 0 or k >= self.count:
+            raise IndexError("page row out of range")
+        lo = 0
+        for base, first, n in self.segs:
+            if k < lo + n:
+                a = (first + k - lo) * self.page
+                return memoryview(base)[a : a + (self.last if k == self.count - 1 else self.page)]
+            lo += n
+        raise IndexError("page row out of range")
+
+    def __iter__(self):
+        for k in range(self.count):
+            yield self[k]
+
+
 cdef class _PageBuffers:
     """The byte buffers of a list of pages, held (pointers and lengths) until released.
 
@@ -144,12 +217,30 @@ cdef class _PageBuffers:
     def __cinit__(self, pages):
         cdef Py_ssize_t n = len(pages), k
         cdef Py_buffer* b
+        cdef PageRows rows
+        cdef const uint8_t* start
+        cdef Py_ssize_t j
         self.count = n
         self.bufs = <Py_buffer*>_calloc(n + 1, sizeof(Py_buffer))
         self.ptrs = <const uint8_t**>_malloc((n + 1) * sizeof(uint8_t*))
         self.lens = <size_t*>_malloc((n + 1) * sizeof(size_t))
         if self.bufs == NULL or self.ptrs == NULL or self.lens == NULL:
             raise MemoryError()
+        if isinstance(pages, PageRows):
+            # One buffer per segment (checked to hold its rows when the rows were made).
+            rows = <PageRows>pages
+            k = 0
+            for base, first, count in rows.segs:
+                b = &self.bufs[self.held]
+                PyObject_GetBuffer(base, b, PyBUF_C_CONTIGUOUS)
+                self.held += 1
+                start = <const uint8_t*>b.buf + <Py_ssize_t>first * rows.page
+                for j in range(<Py_ssize_t>count):
+                    self.ptrs[k] = start + j * rows.page
+                    self.lens[k] = <size_t>(rows.last if k == n - 1 else rows.page)
+                    self.total += self.lens[k]
+                    k += 1
+            return
         for k in range(n):
             b = &self.bufs[k]
             try:

@@ -206,3 +206,29 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
             PyBuffer_Release(&outbuf)
         free(scratch)
     return total
+
+
+cdef extern from "cm_leaves.h" nogil:
+    void cm_page_digests64(const uint8_t* data, size_t n, size_t page, uint64_t* out)
+
+
+def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out):
+    """XXH3-64 of each ``page``-byte page of ``data`` (the last may be short) into ``out``.
+
+    A per-page fingerprint table: comparing a state's page digests with the table of what
+    was sent finds the pages written since, reading the state once (not state + shadow).
+    ``out`` needs one slot per page; ``ValueError`` otherwise or when XXH3 is not bound.
+    """
+    cdef size_t n = data.shape[0]
+    if page <= 0:
+        raise ValueError("page must be positive")
+    cdef size_t npages = (n + <size_t>page - 1) // <size_t>page
+    if <size_t>out.shape[0] < npages:
+        raise ValueError(f"out holds {out.shape[0]} digests, {npages} pages need one each")
+    if not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
+    if n == 0:
+        return
+    cdef PyThreadState* ts = _release(n)
+    cm_page_digests64(&data[0], n, <size_t>page, &out[0])
+    _reacquire(ts)

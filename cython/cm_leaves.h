@@ -235,4 +235,10 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
     return sum;
 }
 
+/* XXH3-64 of each page of data (the last may be short). */
+static void cm_page_digests64(const uint8_t *data, size_t n, size_t page, uint64_t *out) {
+    for (size_t s = 0, k = 0; s < n; s += page, k++)
+        out[k] = cm_xxh3.one64(data + s, n - s < page ? n - s : page);
+}
+
 #endif /* CM_LEAVES_H */

@@ -285,3 +285,17 @@ def test_concurrent_fused_passes_in_threads() -> None:
     for t in threads:
         t.join(120)
     assert got == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=5 * PAGE + 17), st.sampled_from([1, 64, PAGE, 3 * PAGE]))
+def test_page_digests64_matches_reference(data: bytes, page: int) -> None:
+    n = -(-len(data) // page)
+    want = np.zeros(n, dtype=np.uint64)
+    _reference.page_digests64(data, page, want)
+    got = np.zeros(n, dtype=np.uint64)
+    _kernels.page_digests64(data, page, got)
+    assert got.tolist() == want.tolist()
+    if n:
+        with pytest.raises(ValueError):
+            _kernels.page_digests64(data, page, np.zeros(n - 1, dtype=np.uint64))

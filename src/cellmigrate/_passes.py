@@ -34,6 +34,7 @@ from .progress import ProgressEventKind, byte_progress
 
 __all__ = [
     "Overlay",
+    "scatter",
     "ProgressCallback",
     "Result",
     "Scan",
@@ -572,16 +573,10 @@ def _scan_fused(
     _join(hasher, sinks, spans)
     if progress is not None:
         progress(n, n)
-    pages: List[memoryview] = []
-    found: List[npt.NDArray[np.int64]] = []
-    for arena, _ in parts:
-        if len(arena):
-            view = memoryview(arena)
-            pages.extend([view[k : k + PAGE_SIZE] for k in range(0, view.nbytes, PAGE_SIZE)])
-            found.append(arena.indices)
-    indices = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-    if pages and n % PAGE_SIZE and int(indices[-1]) == n // PAGE_SIZE:
-        pages[-1] = pages[-1][: n % PAGE_SIZE]  # the state's short last page
+    held = [arena for arena, _ in parts if len(arena)]
+    indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
+    last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
+    pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
     checksum = sum(c for _, c in parts) & _MASK32
     return Scan(indices, cast(List[bytes], pages), checksum)
 
@@ -620,6 +615,21 @@ def scan(
     pages = [page for _, chunk_pages, _ in chunks for page in chunk_pages]
     checksum = sum(c for _, _, c in chunks) & _MASK32
     return Scan(indices.astype(np.int64, copy=False), pages, checksum)
+
+
+def scatter(target: memoryview, indices: npt.NDArray[np.int64], pages: Sequence[BufferLike]) -> None:
+    """Write ``pages[k]`` at page ``indices[k]`` of ``target`` (``kernels.scatter_pages``),
+    split over the pool when there are many: the pages are independent, and one core
+    writing scattered pages waits on memory more than it copies. The kernel checks each
+    part before writing it; callers pass pages already checked to fit (an apply's)."""
+    count = len(indices)
+    threads = max_threads()
+    if threads <= 1 or count * PAGE_SIZE < PARALLEL_MIN_BYTES:
+        kernels.scatter_pages(target, indices, pages, PAGE_SIZE)
+        return
+    step = -(-count // threads)
+    run_spans(lambda a, b: kernels.scatter_pages(target, indices[a:b], pages[a:b], PAGE_SIZE),
+              [(a, min(a + step, count)) for a in range(0, count, step)])
 
 
 # --------------------------------------------------------------------------------------

@@ -98,6 +98,10 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   ``new[lo:hi]`` against ``old`` (page numbers and copies), the checksum of ``old[lo:hi]``
   with the copies over it, and that span's leaf digests.
 
+* ``page_digests64(data, page, out) -> None``: ``out[k]`` = XXH3-64 (the ``xxhash``
+  package's, as an unsigned int) of page ``k`` of ``data`` (the last may be short);
+  ``out`` too short raises ``ValueError``.
+
 Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dispatch()``,
 ``_set_dispatch(name)`` (code-path selection for tests), ``NOGIL_MIN_BYTES``, and the
 ``_naive_*`` straightforward loops used as benchmark baselines.
@@ -346,6 +350,20 @@ def scan_leaves_reference(
     out = bytearray(16 * -(-(hi - lo) // leaf))
     total = overlay_leaves(a, lo, hi, copies, [i * page for i in indices.tolist()], leaf, out)
     return indices.astype(np.int64), copies, total, bytes(out)
+
+
+def page_digests64(data: BufferLike, page: int, out: Any) -> None:
+    """XXH3-64 of each page of ``data`` into ``out`` (uint64 slots)."""
+    import xxhash
+
+    src = _view(data).cast("B")
+    if page <= 0:
+        raise ValueError("page must be positive")
+    npages = -(-src.nbytes // page)
+    if len(out) < npages:
+        raise ValueError(f"out holds {len(out)} digests, {npages} pages need one each")
+    for k in range(npages):
+        out[k] = xxhash.xxh3_64_intdigest(bytes(src[k * page : (k + 1) * page]))
 
 
 # --------------------------------------------------------------------------------------
