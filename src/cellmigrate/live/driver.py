@@ -392,7 +392,7 @@ class LiveMigration:
                 True,
                 [
                     f"Size verified: {final_size} bytes",
-                    f"Target proved the page root {proof.hex()} (xxh3_128_tree of 4 KiB pages)",
+                    f"Target proved the digest (xxh3_128_tree of 4 KiB pages) {proof.hex()}",
                     f"State digest (xxh3_128_tree): {digest.hex()}",
                 ],
                 True,
