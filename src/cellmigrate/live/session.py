@@ -3,7 +3,9 @@
 A :class:`ReceiverSession` stages rounds into a :class:`~cellmigrate.live.agent.StateStore`:
 each chunk is decoded and its digest checked *before* anything is written, then written
 whole and acknowledged (its sequence number becomes the committed point a resumed
-connection continues from). At the end of a round it reports the ``xxh3_128_tree``
+connection continues from). A raw chunk for pages still zero in the staging (round 0)
+may instead be received in place (:meth:`ReceiverSession.apply_direct`): if it then
+fails, its pages are zero-filled again, so a chunk that fails still changes nothing. At the end of a round it reports the ``xxh3_128_tree``
 digest of the staged state, re-hashing only the 1 MiB leaves the round touched. The
 target agent adopts the staged state only when the sender's commit carries the same
 digest; until then the target's own state is never touched, so a failure at any point
