@@ -50,13 +50,13 @@ def test_demo_subprocess_small_state() -> None:
     assert "both nodes prove they hold it (keyed BLAKE3) and every frame carries a MAC" in third
     assert "Pre-copy round 0 while the agent runs" in third
     assert "Final round: the agent is paused" in third
-    assert "node B proved the xxh3_128_tree digest, adopted the memory and globals and resumed" in third
+    assert "node B proved the state equal (xxh3_128_tree of 4 KiB pages), adopted the memory and globals and resumed" in third
     total = demo_mod.WASM_TOTAL_STEPS
     assert f"Node B runs on to {total} iterations; a reference instance runs {total} without migrating" in third
     assert "identical byte for byte" in third and "} equal" in third
     assert "live wasm  MIGRATION_COMPLETED    ok   Live migration completed" in trail
     node_b = out[out.index("Audit trail of node B, live migration"):]
-    assert "Digest verified (xxh3_128_tree)" in node_b and "FAIL" not in node_b
+    assert "Digest verified (xxh3_128_tree of 4 KiB pages)" in node_b and "FAIL" not in node_b
     assert "Result: every step behaved as expected" in out
     assert "finished exactly as if it had never moved" in out
 

@@ -452,7 +452,7 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
                  else f"Pre-copy round {stats.round} while the agent runs")
         more = []
         if stats.final:
-            more.append(f"node B proved the {DEFAULT_DIGEST} digest, adopted the memory and globals and resumed; "
+            more.append("node B proved the state equal (xxh3_128_tree of 4 KiB pages), adopted the memory and globals and resumed; "
                         f"downtime {1e3 * (stats.actual_downtime_s or 0.0):.1f} ms")
         step(title, f"{stats.dirty_pages} pages ({format_size(stats.dirty_bytes)}) of a "
                     f"{format_size(stats.state_size)} memory, {format_size(stats.wire_bytes)} on the wire, "

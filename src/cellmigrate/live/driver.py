@@ -9,13 +9,18 @@
    fit ``downtime_limit`` (0.3 s, QEMU's default), or after ``max_rounds``, or once
    rounds stop shrinking;
 3. ``pause()``, the final round (plus the agent's ``extra`` blob), and the commit: the
-   target checks that its staged state has the source's ``xxh3_128_tree`` digest, adopts
-   it and resumes. Both sides keep the leaf table of the committed state, so this proof
-   re-hashes only the leaves the last rounds touched.
+   target checks that its staged state has the source's page root (``xxh3_128_tree``
+   with 4 KiB leaves, :mod:`cellmigrate.live.leaves`), adopts it and resumes.
 
-The sender keeps a *shadow* of what the receiver has committed and advances it only on
-acknowledgement, with the pages as they were copied (never re-read). After every round
-the receiver's digest of its staged state must equal the shadow's.
+Both sides keep a :class:`~cellmigrate.live.leaves.PageTable`, the XXH3-128 digest of
+every page the receiver has committed. The sender's advances only on acknowledgement,
+with the digests of the pages as they were copied (never re-read); a round finds its
+dirty pages by hashing the live state once and comparing with the table, and ends with
+both sides' roots compared. In the final round the sender's root is the paused state's
+as scanned and the receiver hashes only the pages it just staged, so the pause costs one
+read of the state, the dirty pages' transfer and a few milliseconds. Once the target
+runs, the summary's ``digest`` (the state's ``xxh3_128_tree``, what ``cellmigrate
+checksum`` prints) is computed from the paused source, outside the pause.
 
 On any failure before the commit the source agent resumes, the receiver discards what
 it staged (the target's own state was never touched), and both audit logs say why.
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -34,7 +38,9 @@ import numpy.typing as npt
 
 from .._buffers import as_bytes_view
 from .._ids import IdLike, to_id
+from .._tree import tree_digest
 from ..audit import AuditEntry, AuditEventType
+from ..checksum import PAGE_SIZE
 from ..errors import CellError, CorruptDataError, MigrationFailedError
 from ..progress import MigrationProgressTracker, ProgressCallback
 from ..recovery import MigrationError, MigrationRecoveryManager
@@ -42,8 +48,8 @@ from ..validation import AgentRequirements, MigrationValidator, VerificationResu
 from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
-from .leaves import LeafTable
-from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks, write_pages
+from .leaves import PAGE_DIGEST_SIZE, PageTable, page_digests, page_root
+from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
 from .session import Offer
 
 __all__ = ["DEFAULT_DOWNTIME_LIMIT", "DEFAULT_MAX_ROUNDS", "RoundStats", "LiveMigrationSummary", "LiveMigration"]
@@ -86,7 +92,11 @@ class RoundStats:
 
 @dataclass(frozen=True)
 class LiveMigrationSummary:
-    """What a completed live migration did (``to_dict`` gives the ``--json`` form)."""
+    """What a completed live migration did (``to_dict`` gives the ``--json`` form).
+
+    ``digest`` is the final state's ``xxh3_128_tree``; ``proof`` the page root the target
+    checked before it resumed (see :mod:`cellmigrate.live.leaves`).
+    """
 
     migration_id: bytes
     agent_id: bytes
@@ -100,6 +110,7 @@ class LiveMigrationSummary:
     digest: bytes
     extra_bytes: int = 0
     resent_chunks: int = 0
+    proof: bytes = b""
 
     @property
     def transfer_ratio(self) -> float:
@@ -112,6 +123,7 @@ class LiveMigrationSummary:
         out["migration_id"] = str(uuid.UUID(bytes=self.migration_id))
         out["agent_id"] = str(uuid.UUID(bytes=self.agent_id))
         out["digest"] = self.digest.hex()
+        out["proof"] = self.proof.hex()
         out["transfer_ratio"] = self.transfer_ratio
         out["rounds"] = [asdict(r) for r in self.rounds]
         return out
@@ -181,8 +193,8 @@ class LiveMigration:
         self.on_round = on_round
         self.threads = threads
         self.rounds: List[RoundStats] = []
-        self._shadow: U8Array = np.zeros(0, dtype=np.uint8)
-        self._leaves = LeafTable()
+        # What the receiver holds, page by page (its staging starts zero-filled).
+        self._table = PageTable(zero_filled=True)
         self._next_seq = 1
         self._page_bytes = 0
         self._wire_bytes = 0
@@ -190,46 +202,49 @@ class LiveMigration:
         self._final = False
         self._pool = BufferPool(self.chunk_bytes)
 
-    # -- the shadow advances only on acknowledgement ---------------------------------
+    # -- the page table advances only on acknowledgement ------------------------------
 
     def _on_commit(self, chunk: Chunk) -> None:
         pages = chunk.pages
         if pages is None:
             raise MigrationFailedError(f"chunk {chunk.seq} acknowledged twice")
-        if len(chunk.indices):
-            # In the final round the paused state *is* what the receiver now holds: its
-            # leaves are hashed from the state (touched when sent), the shadow is done with.
-            if not self._final:
-                write_pages(self._shadow, chunk.indices, pages, chunk.size)
-                self._leaves.touch_pages(chunk.indices)
+        # In the final round the proof is the paused state's root as scanned: the table is
+        # done with. Before, the receiver now holds these copies: record their digests.
+        if len(chunk.indices) and not self._final:
+            self._table.set(chunk.indices, page_digests(pages, self.threads))
         chunk.pages = None  # the copy is no longer needed: its buffer serves the next chunk
         if not self._final:
             self._pool.give(pages)
 
-    def _resize_shadow(self, size: int) -> None:
-        old = self._shadow
-        if size == old.nbytes:
-            return
-        # A new zero-filled array (calloc: untouched pages cost nothing) keeps the old bytes.
-        new: U8Array = np.zeros(size, dtype=np.uint8)
-        keep = min(size, old.nbytes)
-        new[:keep] = old[:keep]
-        self._shadow = new
-        self._leaves.resize(size)
-
     # -- one round -------------------------------------------------------------------
 
-    def _round(self, round_no: int, final: bool, previous_scan: Optional[float]) -> Tuple[RoundStats, bytes, float]:
+    def _round(
+        self, round_no: int, final: bool, previous_scan: Optional[float]
+    ) -> Tuple[RoundStats, bytes, float, U8Array]:
         t0 = time.monotonic()
         state = _state_array(self.source.state())
         size = state.nbytes
-        self._resize_shadow(size)
+        table = self._table
+        table.resize(size, zero_filled=True)  # the receiver grows its staging with zeros
         self._final = final
+        # The final round keeps the paused state's page digests as scanned: their root is
+        # the proof (the receiver's table, after the round, must have the same).
+        scanned = np.empty((len(table) if final else 0, PAGE_DIGEST_SIZE), dtype=np.uint8)
+        threads = self.threads
+
+        def find(lo: int, hi: int) -> "npt.NDArray[np.int64]":
+            # One read of the region: its page digests, compared with what the receiver holds.
+            first = lo // PAGE_SIZE
+            digests = page_digests(state[lo:hi], threads)
+            if final:
+                scanned[first : first + len(digests)] = digests
+            return table.differing(first, digests) + first
+
         pages = page_bytes = wire = chunks = 0
         send_s = 0.0
         for chunk in scan_chunks(
             state,
-            self._shadow,
+            None,
             round_no=round_no,
             first_seq=self._next_seq,
             chunk_bytes=self.chunk_bytes,
@@ -237,10 +252,9 @@ class LiveMigration:
             threads=self.threads,
             stable=final,
             pool=self._pool,
+            find=find,
         ):
             self._next_seq = chunk.seq + 1
-            if final:
-                self._leaves.touch_pages(chunk.indices)  # hashed from the paused state below
             pages += len(chunk.indices)
             page_bytes += chunk.raw_len
             wire += chunk.wire_len
@@ -253,16 +267,8 @@ class LiveMigration:
             if self._tracker is not None:
                 self._tracker.update_transfer_progress(self._wire_bytes)
         t_sent = time.monotonic()
-        if final:
-            # The paused state is what the receiver will hold: hash its touched leaves
-            # while the receiver hashes its own (the proof costs one of the two, not both).
-            with ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-proof") as helper:
-                proof = helper.submit(self._leaves.refresh, as_bytes_view(state), self.threads)
-                theirs = self.channel.end_round(round_no)
-                ours = proof.result()
-        else:
-            theirs = self.channel.end_round(round_no)
-            ours = self._leaves.refresh(as_bytes_view(self._shadow), self.threads)
+        theirs = self.channel.end_round(round_no)  # every chunk acknowledged: the table is complete
+        ours = page_root(scanned, size) if final else table.root()
         if theirs != ours:
             raise CorruptDataError(
                 f"after round {round_no} the receiver's digest {theirs.hex()} differs from the sender's {ours.hex()}"
@@ -295,7 +301,7 @@ class LiveMigration:
             expected_downtime_s=expected,
             final=final,
         )
-        return stats, ours, t0
+        return stats, ours, t0, state
 
     def _report(self, stats: RoundStats) -> None:
         self.rounds.append(stats)
@@ -351,19 +357,19 @@ class LiveMigration:
             # max_rounds=0: stop-and-copy (a source that is not running: one round, paused).
             reason: Optional[str] = "stop_and_copy" if self.max_rounds == 0 else None
             while reason is None:
-                stats, _, previous = self._round(round_no, False, previous)
+                stats, _, previous, _ = self._round(round_no, False, previous)
                 self._report(stats)
                 reason = self._stop_reason(stats)
                 round_no += 1
             self.source.pause()
             paused = True
             t_pause = time.monotonic()
-            stats, digest, _ = self._round(round_no, True, previous)
+            stats, proof, _, final_state = self._round(round_no, True, previous)
             extra = bytes(self.source.extra())
             if len(extra) > MAX_EXTRA_BYTES:
                 raise MigrationFailedError(f"agent extra is {len(extra)} bytes; the limit is {MAX_EXTRA_BYTES}")
             committing = True
-            self.channel.commit(digest, extra)
+            self.channel.commit(proof, extra)
             downtime = time.monotonic() - t_pause
             stats = RoundStats(**{**asdict(stats), "actual_downtime_s": downtime})
             self._report(stats)
@@ -373,11 +379,23 @@ class LiveMigration:
                 raise
             raise MigrationFailedError(f"live migration failed: {exc}") from exc
         final_size = stats.state_size
+        # The target runs; the source stays paused for good (never resumed after success),
+        # so its state is still the one proven: its tree digest costs no downtime here.
+        digest = tree_digest(as_bytes_view(final_state), self.threads)
         log.log_verification(
             mid,
             aid,
             VerificationResult(
-                True, True, True, True, [f"Size verified: {final_size} bytes", "Target proved the digest (xxh3_128_tree)"], True
+                True,
+                True,
+                True,
+                True,
+                [
+                    f"Size verified: {final_size} bytes",
+                    f"Target proved the digest (xxh3_128_tree of 4 KiB pages) {proof.hex()}",
+                    f"State digest (xxh3_128_tree): {digest.hex()}",
+                ],
+                True,
             ),
         )
         self._audit(
@@ -400,6 +418,7 @@ class LiveMigration:
             digest=digest,
             extra_bytes=len(extra),
             resent_chunks=int(getattr(self.channel, "resent_chunks", 0)),
+            proof=proof,
         )
 
     def _fail(self, exc: BaseException, paused: bool, committing: bool = False) -> None:

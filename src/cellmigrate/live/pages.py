@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 import lz4.block as _lz4_block
 import numpy as np
@@ -204,7 +204,7 @@ class BufferPool:
 
 def scan_chunks(
     state: U8Array,
-    shadow: U8Array,
+    shadow: Optional[U8Array],
     *,
     round_no: int,
     first_seq: int,
@@ -213,10 +213,13 @@ def scan_chunks(
     threads: Optional[int] = None,
     stable: bool = False,
     pool: Optional["BufferPool"] = None,
+    find: Optional[Callable[[int, int], I64Array]] = None,
 ) -> Iterator[Chunk]:
     """Yield the chunks of one round: ``state``'s pages that differ from ``shadow``.
 
-    Both are flat ``uint8`` arrays of the round's size. Every round yields at least one
+    Both are flat ``uint8`` arrays of the round's size; instead of a shadow, ``find(lo,
+    hi)`` may name the dirty pages of each region ``[lo, hi)`` of the state (ascending
+    page numbers of the whole state; the driver compares page digests). Every round yields at least one
     chunk (possibly empty) so the receiver learns the round's size. Pages are copied out
     of ``state`` when their chunk is built, digested and encoded from that copy; with
     ``stable`` (the agent is paused: nothing writes the state) a run of consecutive pages
@@ -244,7 +247,12 @@ def scan_chunks(
     emitted = False
     for lo in range(0, size, _SCAN_BYTES):
         hi = min(lo + _SCAN_BYTES, size)
-        found = dirty_pages(shadow[lo:hi], state[lo:hi], PAGE_SIZE, threads=threads) + lo // PAGE_SIZE
+        if find is not None:
+            found = find(lo, hi)
+        elif shadow is not None:
+            found = dirty_pages(shadow[lo:hi], state[lo:hi], PAGE_SIZE, threads=threads) + lo // PAGE_SIZE
+        else:
+            raise ValueError("scan_chunks needs a shadow or a find function")
         while len(found):
             take = found[: per_chunk - count]
             found = found[len(take) :]

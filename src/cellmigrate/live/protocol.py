@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 MAGIC = b"CMLV"
-VERSION = 1
+VERSION = 2
 MAC_SIZE = 32
 NONCE_SIZE = 32
 #: Bound on every frame but a chunk (and a commit, which may carry the agent's extra).

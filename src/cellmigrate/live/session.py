@@ -3,10 +3,11 @@
 A :class:`ReceiverSession` stages rounds into a :class:`~cellmigrate.live.agent.StateStore`:
 each chunk is decoded and its digest checked *before* anything is written, then written
 whole and acknowledged (its sequence number becomes the committed point a resumed
-connection continues from). At the end of a round it reports the ``xxh3_128_tree``
-digest of the staged state, re-hashing only the 1 MiB leaves the round touched. The
-target agent adopts the staged state only when the sender's commit carries the same
-digest; until then the target's own state is never touched, so a failure at any point
+connection continues from). Each page written is hashed back from the staged state
+into the session's :class:`~cellmigrate.live.leaves.PageTable`, so at the end of a round
+its page root (``xxh3_128_tree`` with 4 KiB leaves) is ready with nothing left to hash.
+The target agent adopts the staged state only when the sender's commit carries the same
+root; until then the target's own state is never touched, so a failure at any point
 leaves it unchanged. Every step is written to the validator's audit log.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -26,9 +27,8 @@ from ..errors import CorruptDataError, InvalidStateError, MigrationFailedError
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities, VerificationResult
 from .errors import RefusedError
 from .agent import MAX_EXTRA_BYTES, StateStore, TargetAgent
-from .._tree import LEAF_SIZE
-from .leaves import LeafTable
-from .pages import MAX_CHUNK_BYTES, Chunk, decode_pages, pages_digest, pages_len, write_pages
+from .leaves import PageTable, page_digests_at
+from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Chunk, decode_pages, pages_digest, pages_len, write_pages
 
 __all__ = ["Offer", "ReceiverSession"]
 
@@ -70,7 +70,8 @@ class ReceiverSession:
         self.completed = False
         self.failed = False
         self.bytes_received = 0
-        self._leaves = LeafTable()
+        self._pages = PageTable()
+        self._scratch: Optional["np.ndarray[Any, np.dtype[np.uint8]]"] = None
         self._round_seen = -1
         self._started = 0.0
 
@@ -102,7 +103,7 @@ class ReceiverSession:
         self.bytes_received = 0
         self._started = time.monotonic()
         self.store.resize(0)  # the staging area starts zero-filled: round 0 skips zero pages
-        self._leaves = LeafTable()
+        self._pages = PageTable()
         self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration staging started: {offer.state_size} bytes announced")
         return 0
 
@@ -139,20 +140,20 @@ class ReceiverSession:
                 self.store.resize(chunk.size)
             except (MemoryError, ValueError, OSError) as exc:
                 raise InvalidStateError(f"cannot stage a state of {chunk.size} bytes: {exc}") from None
-            self._leaves.resize(chunk.size)
+            self._pages.resize(chunk.size)  # added pages are hashed from the staging too
         if len(idx):
             write_run = getattr(self.store, "write_run", None)
             if write_run is not None and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
                 write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
             else:
-                with self.store.view() as view:
-                    write_pages(np.frombuffer(view, dtype=np.uint8), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
-            self._leaves.touch_pages(idx)
-            # Pages of a round come in ascending order: the leaves before this chunk's last
-            # page are final for the round. Hash them now, while the next chunk arrives, so
-            # the round's (and the final proof's) digest has little left to do.
-            with self.store.view() as view:
-                self._leaves.hash_before(view, int(idx[-1]) * PAGE_SIZE // LEAF_SIZE)
+                write_pages(self._staged(), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
+            # Hash the pages back from the staging (what the proof is about), and the pages
+            # before this chunk's last one still unknown since a resize (pages of a round
+            # come in ascending order: none of those is written later in the round), so the
+            # round's root has nothing left to hash.
+            state, scratch = self._staged(), self._scratch_buffer()
+            self._pages.set(idx, page_digests_at(state, idx, chunk.size, scratch))
+            self._pages.refresh(state, int(idx[-1]), scratch)
         self.committed_seq = chunk.seq
         self._round_seen = chunk.round
         self.bytes_received += chunk.raw_len
@@ -163,10 +164,8 @@ class ReceiverSession:
         self._need_open()
         if round_no != self._round_seen:
             raise CorruptDataError(f"end of round {round_no}, but the last chunk was of round {self._round_seen}")
-        with self.store.view() as view:
-            root = self._leaves.refresh(view)
         self.committed_round = round_no
-        return root
+        return self._root()
 
     def commit(self, digest: bytes, extra: bytes) -> None:
         """The sender's final digest: adopt and resume the target when it matches ours.
@@ -177,16 +176,18 @@ class ReceiverSession:
         offer = self._need_open()
         if len(extra) > MAX_EXTRA_BYTES:
             raise CorruptDataError(f"agent extra of {len(extra)} bytes exceeds {MAX_EXTRA_BYTES}")
-        with self.store.view() as view:
-            ours = self._leaves.refresh(view)
-            size = view.nbytes
+        ours = self._root()
+        size = self.store.size()
         ok = ours == digest
         result = VerificationResult(
             passed=ok,
             checksum_valid=ok,
             size_valid=True,
             agent_responsive=True,
-            details=[f"Size verified: {size} bytes", "Digest verified (xxh3_128_tree)" if ok else "Digest mismatch"],
+            details=[
+                f"Size verified: {size} bytes",
+                "Digest verified (xxh3_128_tree of 4 KiB pages)" if ok else "Digest mismatch (xxh3_128_tree of 4 KiB pages)",
+            ],
             content_valid=ok,
         )
         self.validator.audit_log.log_verification(offer.migration_id, offer.agent_id, result)
@@ -220,6 +221,21 @@ class ReceiverSession:
         log.log_completion(offer.migration_id, offer.agent_id, False, f"Live migration failed: {reason}")
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _staged(self) -> "np.ndarray[Any, np.dtype[np.uint8]]":
+        """The staged state as a flat uint8 array over the store's view. Hold it only
+        within one call: a FileStore cannot resize while a view of its mapping lives."""
+        return np.frombuffer(self.store.view(), dtype=np.uint8)
+
+    def _scratch_buffer(self) -> "np.ndarray[Any, np.dtype[np.uint8]]":
+        if self._scratch is None:
+            self._scratch = np.empty(DEFAULT_CHUNK_BYTES, dtype=np.uint8)
+        return self._scratch
+
+    def _root(self) -> bytes:
+        """The page root of the staged state (hashing the pages still unknown first)."""
+        self._pages.refresh(self._staged(), None, self._scratch_buffer())
+        return self._pages.root()
 
     def _size_limit(self) -> int:
         """Largest state a chunk may announce: ``max_state_size`` when set, else the
