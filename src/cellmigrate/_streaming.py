@@ -38,7 +38,7 @@ import xxhash
 from ._backend import kernels
 from ._pages import ALLOW_ALL, ALLOW_RAW, DecodedPages, PageBatch, PageEncoding, encode_batch, zstd_frame_pieces, zstd_sample_rejects
 from ._parallel import max_threads, run_spans
-from ._passes import Overlay, Result, _scan_alone
+from ._passes import Overlay, Result, _fused, _scan_alone, _scan_span_fused
 from ._tree import LEAF_SIZE
 from .checksum import DIGEST_SIZES, PAGE_SIZE, Hasher
 from .errors import InvalidStateError, StateChangedError
@@ -165,6 +165,27 @@ def _scan_windows(
     n = new.nbytes
     base = Overlay(old, n)
     windows = _windows(n, window)
+    if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None):
+        # The fused leaf kernel (compare, copy, checksum and leaf hash in one read), per
+        # leaf-aligned span of each window, as ``_passes.scan`` runs it on a whole state.
+        for lo, hi in windows:
+            spans = _spans(lo, hi, LEAF_SIZE)
+            sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
+            arenas = run_spans(lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], None), spans)
+            if hasher is not None and len(spans) > 1:
+                hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
+            held = [arena for arena, _ in arenas if len(arena)]
+            if held:
+                indices = np.concatenate([a.indices for a in held]).astype(np.int64, copy=False)
+                last = n - int(indices[-1]) * PAGE_SIZE if int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
+                pages: Any = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
+            else:
+                indices, pages = np.empty(0, dtype=np.int64), []
+            yield indices, pages, sum(c for _, c in arenas) & _MASK32
+            del held, pages, arenas
+            if progress is not None:
+                progress(hi, n)
+        return
 
     def scan_alone(lo: int, hi: int, sink: Optional[Hasher]) -> List[Tuple[_I64, List[bytes], int]]:
         return _scan_alone(base, new, lo, hi, sink, None)
@@ -510,6 +531,8 @@ def _check_window(result: Result, lo: int, hi: int, hasher: Optional[Hasher]) ->
     the threads as ``Result.checks`` does for a whole state (leaf-aligned spans with
     forks of a tree hasher; a sequential hasher on this thread beside the checksum on
     another)."""
+    if hasher is not None and hasher.splittable and result.size == result.total and _fused(True):
+        return _check_window_fused(result, lo, hi, hasher)
     if hasher is None or hasher.splittable:
         spans = _spans(lo, hi, PAGE_SIZE if hasher is None else LEAF_SIZE)
         sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
@@ -526,3 +549,23 @@ def _check_window(result: Result, lo: int, hi: int, hasher: Optional[Hasher]) ->
         return result.checksum_alone(lo, hi, None, None)
 
     return run_spans(work, [(0, 0), (1, 0)])[1] & _MASK32
+
+
+def _check_window_fused(result: Result, lo: int, hi: int, hasher: Hasher) -> int:
+    """:func:`_check_window` by the fused leaf kernel (``Result.fused`` on one window): one
+    GIL-free call per thread, each leaf checksummed and hashed while in cache."""
+    spans = _spans(lo, hi, LEAF_SIZE)
+    sinks = {a: (hasher if len(spans) == 1 else hasher.fork()) for a, _ in spans}
+
+    def run(a: int, b: int) -> int:
+        ka, kb = result._pages_in(a, b)
+        out = bytearray(16 * -(-(b - a) // LEAF_SIZE))
+        checksum = int(kernels.overlay_leaves(result.view, a, b, result.pages[ka:kb], result.starts[ka:kb],
+                                              LEAF_SIZE, out))
+        sinks[a].add_leaves(out, b - a)
+        return checksum
+
+    parts = run_spans(run, spans)
+    if len(spans) > 1:
+        hasher.join([sinks[a] for a, _ in spans])
+    return sum(parts) & _MASK32
