@@ -332,6 +332,30 @@ static int cm_xzr_decode(const uint8_t *src, size_t n, uint8_t *out, size_t L, s
 /* Smallest RLE stream of L bytes: every output byte stands for at most 127/3 input bytes. */
 static inline size_t cm_rle_min_size(size_t L) { return (3 * L + 126) / 127; }
 
+/* Whether p[0..L) has at least `limit` maximal runs of equal bytes. The crate's RLE
+   writes at least one byte per run (a literal byte, or a 3-byte token), so this bounds
+   its output from below without running it: pages of small scattered changes (int64
+   counters, floats) have thousands of runs, and RLE-compressing them only to throw the
+   result away cost as much as their XZR encoding. Counts 8 byte pairs at a time. */
+static int cm_runs_at_least(const uint8_t *p, size_t L, size_t limit) {
+    if (L == 0)
+        return limit == 0;
+    size_t runs = 1, i = 0;
+    for (; i + 9 <= L; i += 8) {
+        uint64_t t = cm_load64(p + i) ^ cm_load64(p + i + 1); /* byte j: p[i+j] vs p[i+j+1] */
+        t |= t >> 4;
+        t |= t >> 2;
+        t |= t >> 1;
+        t &= 0x0101010101010101ULL;
+        runs += (size_t)((t * 0x0101010101010101ULL) >> 56);
+        if (runs >= limit)
+            return 1;
+    }
+    for (; i + 1 < L; i++)
+        runs += p[i] != p[i + 1];
+    return runs >= limit;
+}
+
 /* The base page at byte `start`, L bytes long: a pointer into base when it is whole,
    else `scratch` filled with the part present and zeros. */
 static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, size_t start, size_t L,
@@ -379,8 +403,10 @@ static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, c
                 xzr = cm_xzr_encode(np, bp, L, xzr_buf, L, ops);
             }
             /* RLE (tried first, so it wins a tie) cannot be smaller than its smallest
-               possible output: skip it when XZR is already below that. */
-            if ((allowed & CM_ALLOW(CM_ENC_RLE)) && (xzr == SIZE_MAX || xzr >= cm_rle_min_size(L))) {
+               possible output, nor than one byte a run: skip it when XZR (or RAW) is
+               already below that. */
+            if ((allowed & CM_ALLOW(CM_ENC_RLE)) && (xzr == SIZE_MAX || xzr >= cm_rle_min_size(L)) &&
+                !cm_runs_at_least(np, L, xzr == SIZE_MAX ? L : xzr + 1)) {
                 size_t r = cm_active->rle_compress(np, L, rle_buf);
                 if (r < best_size) {
                     best = CM_ENC_RLE;
