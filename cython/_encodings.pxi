@@ -171,36 +171,17 @@ def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_siz
     cdef int64_t[::1] idx = _indices(indices)
     cdef size_t count = idx.shape[0], nold = old.shape[0]
     cdef Py_ssize_t k
-    cdef size_t total = 0
-    cdef const uint8_t[::1] view
     if page_size <= 0:
         raise ValueError("page_size must be positive")
     if len(pages) != <Py_ssize_t>count:
         raise ValueError(f"{len(pages)} pages but {count} indices")
-    cdef list views = []
+    cdef _PageBuffers held = _PageBuffers(pages)
     for k in range(<Py_ssize_t>count):
-        view = pages[k]
         if idx[k] < 0:
             raise IndexError(f"page index {idx[k]} is negative")
-        if view.shape[0] == 0 or <size_t>view.shape[0] > <size_t>page_size:
-            raise ValueError(f"page {idx[k]} has {view.shape[0]} bytes, not 1..{page_size}")
-        views.append(view)
-    cdef const uint8_t** ptrs = <const uint8_t**>malloc((count + 1) * sizeof(uint8_t*))
-    cdef size_t* lens = <size_t*>malloc((count + 1) * sizeof(size_t))
-    if ptrs == NULL or lens == NULL:
-        free(ptrs)
-        free(lens)
-        raise MemoryError()
-    try:
-        for k in range(<Py_ssize_t>count):
-            view = views[k]
-            ptrs[k] = &view[0]
-            lens[k] = view.shape[0]
-            total += lens[k]
-        return _encode(&old[0] if nold else NULL, nold, ptrs, lens, idx, count, total, page_size, allowed)
-    finally:
-        free(ptrs)
-        free(lens)
+        if held.lens[k] == 0 or held.lens[k] > <size_t>page_size:
+            raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, not 1..{page_size}")
+    return _encode(&old[0] if nold else NULL, nold, held.ptrs, held.lens, idx, count, held.total, page_size, allowed)
 
 
 def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_t total_size,

@@ -121,6 +121,152 @@ cdef int64_t[::1] _indices(indices) except *:
     return np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
 
 
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS, PyBUF_FORMAT
+from libc.stdlib cimport malloc as _malloc, free as _free, calloc as _calloc
+
+
+cdef class PageRows:
+    """Pages held back to back in a few buffers, as a read-only sequence of page views.
+
+    ``segments`` is a list of ``(buffer, count)``: the rows of each buffer are
+    ``buffer[k * page : (k + 1) * page]`` for ``k < count``, in order, the segments one
+    after the other; the very last row may be ``last`` bytes long (a state's short last
+    page). Slicing gives another ``PageRows`` and the list-of-pages kernels read the rows
+    straight from the buffers, so tens of thousands of pages cost no Python object each;
+    an item is a ``memoryview`` of its row.
+    """
+
+    cdef list segs  # [(buffer, first row, count)]
+    cdef Py_ssize_t count, page, last
+
+    def __cinit__(self, segments, Py_ssize_t page, Py_ssize_t last=-1):
+        cdef Py_ssize_t total = 0, n, first
+        if page <= 0:
+            raise ValueError("page must be positive")
+        if last < 0:
+            last = page
+        self.segs = []
+        for seg in segments:
+            if len(seg) == 2:
+                base, n = seg
+                first = 0
+            else:
+                base, first, n = seg
+            if n < 0 or first < 0 or memoryview(base).nbytes < (first + n) * page - (page - last):
+                raise ValueError(f"{n} rows of {page} bytes from row {first} do not fit the buffer")
+            if n:
+                self.segs.append((base, first, n))
+                total += n
+        if last > page or (total and last <= 0):
+            raise ValueError(f"the last row has {last} bytes, rows have {page}")
+        self.count = total
+        self.page = page
+        self.last = last
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, key):
+        cdef Py_ssize_t k, a, b, step, first, n, lo, hi
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.count)
+            if step != 1:
+                raise ValueError("PageRows slices take step 1")
+            out = []
+            lo = 0
+            for base, first, n in self.segs:
+                hi = lo + n
+                if hi > a and lo < b:
+                    out.append((base, first + max(a, lo) - lo, min(b, hi) - max(a, lo)))
+                lo = hi
+            return PageRows(out, self.page, self.last if b == self.count and b > a else self.page)
+        k = key
+        if k < 0:
+            k += self.count
+        if k < 0 or k >= self.count:
+            raise IndexError("page row out of range")
+        lo = 0
+        for base, first, n in self.segs:
+            if k < lo + n:
+                a = (first + k - lo) * self.page
+                return memoryview(base)[a : a + (self.last if k == self.count - 1 else self.page)]
+            lo += n
+        raise IndexError("page row out of range")
+
+    def __iter__(self):
+        for k in range(self.count):
+            yield self[k]
+
+
+cdef class _PageBuffers:
+    """The byte buffers of a list of pages, held (pointers and lengths) until released.
+
+    One ``PyObject_GetBuffer`` per page: a typed memoryview per page costs a microsecond
+    or more, which at tens of thousands of pages was most of a kernel's time. The pages
+    must be 1-D C-contiguous unsigned-byte buffers, as the typed memoryviews required
+    (``ValueError`` otherwise; ``TypeError`` for an object without the buffer protocol).
+    """
+
+    cdef Py_buffer* bufs
+    cdef const uint8_t** ptrs
+    cdef size_t* lens
+    cdef Py_ssize_t count
+    cdef Py_ssize_t held
+    cdef size_t total
+
+    def __cinit__(self, pages):
+        cdef Py_ssize_t n = len(pages), k
+        cdef Py_buffer* b
+        cdef PageRows rows
+        cdef const uint8_t* start
+        cdef Py_ssize_t j
+        self.count = n
+        self.bufs = <Py_buffer*>_calloc(n + 1, sizeof(Py_buffer))
+        self.ptrs = <const uint8_t**>_malloc((n + 1) * sizeof(uint8_t*))
+        self.lens = <size_t*>_malloc((n + 1) * sizeof(size_t))
+        if self.bufs == NULL or self.ptrs == NULL or self.lens == NULL:
+            raise MemoryError()
+        if isinstance(pages, PageRows):
+            # One buffer per segment (checked to hold its rows when the rows were made).
+            rows = <PageRows>pages
+            k = 0
+            for base, first, count in rows.segs:
+                b = &self.bufs[self.held]
+                PyObject_GetBuffer(base, b, PyBUF_C_CONTIGUOUS)
+                self.held += 1
+                start = <const uint8_t*>b.buf + <Py_ssize_t>first * rows.page
+                for j in range(<Py_ssize_t>count):
+                    self.ptrs[k] = start + j * rows.page
+                    self.lens[k] = <size_t>(rows.last if k == n - 1 else rows.page)
+                    self.total += self.lens[k]
+                    k += 1
+            return
+        for k in range(n):
+            b = &self.bufs[k]
+            try:
+                PyObject_GetBuffer(pages[k], b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+            except BufferError as exc:
+                raise ValueError(f"page {k} is not a C-contiguous buffer: {exc}") from None
+            self.held += 1
+            if b.ndim > 1 or (b.format != NULL and b.format[0] != 0 and not (
+                    (b.format[0] == b'B' and b.format[1] == 0) or
+                    (b.format[0] in (b'=', b'<', b'>', b'@') and b.format[1] == b'B' and b.format[2] == 0))):
+                raise ValueError(f"page {k} must be a 1-D buffer of unsigned bytes (format 'B', "
+                                 f"got {(<bytes>b.format).decode() if b.format != NULL else 'B'!r}, ndim {b.ndim})")
+            self.ptrs[k] = <const uint8_t*>b.buf
+            self.lens[k] = <size_t>b.len
+            self.total += <size_t>b.len
+
+    def __dealloc__(self):
+        cdef Py_ssize_t k
+        if self.bufs != NULL:
+            for k in range(self.held):
+                PyBuffer_Release(&self.bufs[k])
+        _free(self.bufs)
+        _free(self.ptrs)
+        _free(self.lens)
+
+
 def state_pages_checksum(const uint8_t[::1] state, indices, Py_ssize_t page_size):
     """Sum of the positioned checksums of ``state``'s pages at ``indices`` (mod 2**32)."""
     cdef size_t n = state.shape[0]
@@ -147,20 +293,21 @@ def state_pages_checksum(const uint8_t[::1] state, indices, Py_ssize_t page_size
 def pages_checksum(pages, indices, Py_ssize_t page_size):
     """Sum of ``checksum(pages[k], offset=indices[k] * page_size)`` (mod 2**32)."""
     cdef int64_t[::1] idx = _indices(indices)
-    cdef const uint8_t[::1] page
     cdef uint32_t total = 0
-    cdef Py_ssize_t k = 0
+    cdef Py_ssize_t k
     if page_size <= 0:
         raise ValueError("page_size must be positive")
     if len(pages) != idx.shape[0]:
         raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
-    for data in pages:
+    cdef _PageBuffers held = _PageBuffers(pages)
+    for k in range(held.count):
         if idx[k] < 0:
             raise IndexError(f"page index {idx[k]} is negative")
-        page = data
-        if page.shape[0]:
-            total += cm_checksum(&page[0], page.shape[0], <uint64_t>idx[k] * <uint64_t>page_size)
-        k += 1
+    cdef PyThreadState* ts = _release(held.total)
+    for k in range(held.count):
+        if held.lens[k]:
+            total += cm_checksum(held.ptrs[k], held.lens[k], <uint64_t>idx[k] * <uint64_t>page_size)
+    _reacquire(ts)
     return total
 
 
@@ -314,26 +461,24 @@ def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size):
     """Write ``pages[k]`` at ``indices[k] * page_size``; everything is checked before any write."""
     cdef size_t n = target.shape[0]
     cdef int64_t[::1] idx = _indices(indices)
-    cdef list views = []
-    cdef const uint8_t[::1] page
     cdef Py_ssize_t k
     cdef size_t start
     if page_size <= 0:
         raise ValueError("page_size must be positive")
     if len(pages) != idx.shape[0]:
         raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
-    for k, data in enumerate(pages):
-        page = data
-        if <size_t>page.shape[0] > <size_t>page_size:
-            raise ValueError(f"page {idx[k]} has {page.shape[0]} bytes, more than page_size {page_size}")
-        if idx[k] < 0 or <uint64_t>idx[k] * <uint64_t>page_size + page.shape[0] > n:
+    cdef _PageBuffers held = _PageBuffers(pages)
+    for k in range(held.count):
+        if held.lens[k] > <size_t>page_size:
+            raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, more than page_size {page_size}")
+        if idx[k] < 0 or <uint64_t>idx[k] * <uint64_t>page_size + held.lens[k] > n:
             raise IndexError(f"page {idx[k]} does not fit a target of {n} bytes")
-        views.append(page)
-    for k in range(idx.shape[0]):
-        page = views[k]
-        start = <size_t>idx[k] * page_size
-        if page.shape[0]:
-            memcpy(&target[start], &page[0], page.shape[0])
+    cdef uint8_t* pt = &target[0] if n else NULL
+    cdef PyThreadState* ts = _release(held.total)
+    for k in range(held.count):
+        if held.lens[k]:
+            memcpy(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
+    _reacquire(ts)
 
 
 # --- straightforward loops (benchmark baselines only) ------------------------------------
@@ -399,6 +544,7 @@ def _naive_rle_compress(const uint8_t[::1] data):
 
 include "_encodings.pxi"
 include "_passes.pxi"
+include "_leaves.pxi"
 
 
 # --- SIGBUS guard for mapped files (see cm_guard.h) ------------------------------------

@@ -28,25 +28,14 @@ def overlay_checksum(const uint8_t[::1] base, uint64_t offset, Py_ssize_t n, pag
         raise ValueError(f"out holds {out.shape[0]} bytes, the chunk needs {n}")
     if len(pages) != count:
         raise ValueError(f"{len(pages)} pages but {count} starts")
-    cdef list views = []
-    cdef const uint8_t[::1] page
+    cdef _PageBuffers held = _PageBuffers(pages)
     for k in range(count):
-        page = pages[k]
-        if at[k] < 0 or at[k] + page.shape[0] > n:
-            raise ValueError(f"a page of {page.shape[0]} bytes at {at[k]} does not fit a chunk of {n} bytes")
-        views.append(page)
+        if at[k] < 0 or at[k] + <int64_t>held.lens[k] > n:
+            raise ValueError(f"a page of {held.lens[k]} bytes at {at[k]} does not fit a chunk of {n} bytes")
     if n == 0:
         return 0
-    cdef const uint8_t** src = <const uint8_t**>malloc(max(count, 1) * sizeof(uint8_t*))
-    cdef size_t* lens = <size_t*>malloc(max(count, 1) * sizeof(size_t))
-    if src == NULL or lens == NULL:
-        free(src)
-        free(lens)
-        raise MemoryError()
-    for k in range(count):
-        page = views[k]
-        lens[k] = page.shape[0]
-        src[k] = &page[0] if page.shape[0] else NULL
+    cdef const uint8_t* const* src = held.ptrs
+    cdef size_t* lens = held.lens
     cdef uint8_t* dst = &out[0]
     cdef const uint8_t* pb = &base[0] if nb else NULL
     cdef const int64_t* pa = &at[0] if count else NULL
@@ -62,6 +51,4 @@ def overlay_checksum(const uint8_t[::1] base, uint64_t offset, Py_ssize_t n, pag
             memcpy(dst + pa[k], src[k], lens[k])
     total = cm_checksum(dst, <size_t>n, offset)
     _reacquire(ts)
-    free(src)
-    free(lens)
     return total

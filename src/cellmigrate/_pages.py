@@ -559,6 +559,12 @@ class DecodedPages:
         kernels.scatter_pages(target, self.indices, self.views(), PAGE_SIZE)
 
 
+def _is_page_rows(obj: Any) -> bool:
+    """Whether ``obj`` is the compiled kernels' ``PageRows`` (a create pass's page copies)."""
+    rows = getattr(kernels, "PageRows", None)
+    return rows is not None and isinstance(obj, rows)
+
+
 def encode_batch(base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_ALL) -> PageBatch:
     """Encode pages ``indices`` (ascending) of the new state against the same pages of
     ``base`` (any length: zeros past its end), each as the smallest encoding in ``allowed``.
@@ -570,7 +576,7 @@ def encode_batch(base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_
     """
     base_view = as_bytes_view(base, "base")
     idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
-    if isinstance(new, (list, tuple)):
+    if isinstance(new, (list, tuple)) or _is_page_rows(new):
         pages: Any = new
 
         def encode(lo: int, hi: int) -> Tuple[_U8, _I64, _U32, bytes]:

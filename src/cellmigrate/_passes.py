@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ._backend import kernels
+from . import _xxh3
+from ._backend import PURE_PYTHON, kernels
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from ._tree import LEAF_SIZE
 from ._types import BufferLike
@@ -33,6 +34,7 @@ from .progress import ProgressEventKind, byte_progress
 
 __all__ = [
     "Overlay",
+    "scatter",
     "ProgressCallback",
     "Result",
     "Scan",
@@ -421,6 +423,11 @@ class _Scratch:
         return self._buf
 
 
+def _fused(hashing: bool) -> bool:
+    """Whether the fused leaf kernels run (compiled kernels; XXH3 bound when ``hashing``)."""
+    return not PURE_PYTHON and (not hashing or _xxh3.available())
+
+
 def _zeros(n: int) -> memoryview:
     """``n`` zero bytes (a view of a shared buffer when it is big enough)."""
     if n <= _REPORT:
@@ -536,6 +543,44 @@ def _scan_claimed(
     return found
 
 
+def _scan_span_fused(
+    old: memoryview, new: memoryview, lo: int, hi: int, sink: Optional[Hasher], report: Optional[ProgressCallback]
+) -> Tuple[Any, int]:
+    """``[lo, hi)`` (leaf-aligned) by the fused kernel: the ``PageArena`` of copies and the
+    checksum; ``sink`` gets the leaf digests."""
+    arena = kernels.PageArena(PAGE_SIZE)
+    checksum = 0
+    total = new.nbytes
+    for a in range(lo, hi, _REPORT):
+        b = min(a + _REPORT, hi)
+        out = bytearray(16 * -(-(b - a) // LEAF_SIZE)) if sink is not None else None
+        checksum += kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out)
+        if sink is not None:
+            sink.add_leaves(cast(bytearray, out), b - a)
+        if report is not None:
+            report(b, total)
+    return arena, checksum
+
+
+def _scan_fused(
+    old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
+) -> Scan:
+    """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher)."""
+    n = new.nbytes
+    spans = _plan(n, LEAF_SIZE)
+    sinks, reports = _sinks(hasher, spans), span_reporters(progress, spans)
+    parts = run_spans(lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], reports[a]), spans)
+    _join(hasher, sinks, spans)
+    if progress is not None:
+        progress(n, n)
+    held = [arena for arena, _ in parts if len(arena)]
+    indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
+    last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
+    pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
+    checksum = sum(c for _, c in parts) & _MASK32
+    return Scan(indices, cast(List[bytes], pages), checksum)
+
+
 def scan(
     old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
 ) -> Scan:
@@ -549,6 +594,8 @@ def scan(
     it was compared is simply not in this round).
     """
     n = new.nbytes
+    if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None):
+        return _scan_fused(old, new, hasher, progress)
     base = Overlay(old, n)
     if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
         chunks = _scan_claimed(base, new, hasher, progress)
@@ -568,6 +615,21 @@ def scan(
     pages = [page for _, chunk_pages, _ in chunks for page in chunk_pages]
     checksum = sum(c for _, _, c in chunks) & _MASK32
     return Scan(indices.astype(np.int64, copy=False), pages, checksum)
+
+
+def scatter(target: memoryview, indices: npt.NDArray[np.int64], pages: Sequence[BufferLike]) -> None:
+    """Write ``pages[k]`` at page ``indices[k]`` of ``target`` (``kernels.scatter_pages``),
+    split over the pool when there are many: the pages are independent, and one core
+    writing scattered pages waits on memory more than it copies. The kernel checks each
+    part before writing it; callers pass pages already checked to fit (an apply's)."""
+    count = len(indices)
+    threads = max_threads()
+    if threads <= 1 or count * PAGE_SIZE < PARALLEL_MIN_BYTES:
+        kernels.scatter_pages(target, indices, pages, PAGE_SIZE)
+        return
+    step = -(-count // threads)
+    run_spans(lambda a, b: kernels.scatter_pages(target, indices[a:b], pages[a:b], PAGE_SIZE),
+              [(a, min(a + step, count)) for a in range(0, count, step)])
 
 
 # --------------------------------------------------------------------------------------
@@ -617,6 +679,31 @@ class Result(Overlay):
                 progress(b, self.total)
         return checksum & _MASK32
 
+    def fused(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
+        """Checksum and tree digest of the result by the fused leaf kernel: one GIL-free
+        call per thread and 16 MiB (for progress), each leaf hashed and checksummed while
+        in cache (the base covers the whole result)."""
+        total = self.total
+        spans = _plan(total, LEAF_SIZE)
+        sinks, reports = _sinks(hasher, spans), span_reporters(progress, spans)
+
+        def run(lo: int, hi: int) -> int:
+            sink, report = cast(Hasher, sinks[lo]), reports[lo]
+            checksum = 0
+            for a in range(lo, hi, _REPORT):
+                b = min(a + _REPORT, hi)
+                ka, kb = self._pages_in(a, b)
+                out = bytearray(16 * -(-(b - a) // LEAF_SIZE))
+                checksum += kernels.overlay_leaves(self.view, a, b, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out)
+                sink.add_leaves(out, b - a)
+                if report is not None:
+                    report(b, total)
+            return checksum
+
+        parts = run_spans(run, spans)
+        _join(hasher, sinks, spans)
+        return sum(parts) & _MASK32
+
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
         """Checksum of the result with a helper thread (see :class:`_Claims`)."""
         total, step = self.total, _HELP_CHUNK
@@ -651,6 +738,8 @@ class Result(Overlay):
     def checks(self, hasher: Optional[Hasher], progress: Optional[ProgressCallback]) -> int:
         """Checksum of the whole result; ``hasher`` (if any) sees every byte, in order."""
         total = self.total
+        if hasher is not None and hasher.splittable and self.size == total and _fused(True):
+            return self.fused(hasher, progress)
         if hasher is not None and not hasher.splittable and total >= PARALLEL_MIN_BYTES and _paired():
             return self.claimed(hasher, progress)
         # Independent spans, as in create's scan: each thread checksums its span and

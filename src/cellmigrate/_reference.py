@@ -87,6 +87,21 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   first failure (``PAGE_*`` below) with the page's position and a detail; ``out`` may then
   hold partial pages but nothing outside the first ``n * page_size`` bytes is written.
 
+* ``overlay_leaves(base, lo, hi, pages, starts, leaf, out=None) -> int``: the checksum
+  of bytes ``[lo, hi)`` of ``base`` with ``pages[k]`` laid at absolute byte ``starts[k]``
+  (``lo`` a multiple of ``leaf``, ``hi <= len(base)``, pages ascending, inside the span,
+  not overlapping, none across a leaf boundary: ``ValueError`` otherwise); with ``out``,
+  each leaf's XXH3-128 (canonical 16 bytes, the ``xxhash`` package's) of those bytes,
+  in order.
+* ``scan_leaves_reference(old, new, lo, hi, leaf, page) -> (indices, pages, checksum, leaves)``:
+  what the compiled ``scan_leaves`` computes into its ``PageArena``: the dirty pages of
+  ``new[lo:hi]`` against ``old`` (page numbers and copies), the checksum of ``old[lo:hi]``
+  with the copies over it, and that span's leaf digests.
+
+* ``page_digests64(data, page, out) -> None``: ``out[k]`` = XXH3-64 (the ``xxhash``
+  package's, as an unsigned int) of page ``k`` of ``data`` (the last may be short);
+  ``out`` too short raises ``ValueError``.
+
 Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dispatch()``,
 ``_set_dispatch(name)`` (code-path selection for tests), ``NOGIL_MIN_BYTES``, and the
 ``_naive_*`` straightforward loops used as benchmark baselines.
@@ -289,6 +304,66 @@ def overlay_checksum(
         chunk[start : start + page.nbytes] = page
     target[:n] = chunk
     return checksum(chunk, offset)
+
+
+def overlay_leaves(
+    base: BufferLike, lo: int, hi: int, pages: Sequence[BufferLike], starts: IndexLike, leaf: int,
+    out: Optional[BufferLike] = None,
+) -> int:
+    """Checksum (and, with ``out``, leaf digests) of ``base[lo:hi]`` with the pages over it."""
+    import xxhash
+
+    src = _view(base).cast("B")
+    at = _index_list(starts)
+    if leaf <= 0 or lo % leaf or lo > hi or hi > src.nbytes:
+        raise ValueError(f"span [{lo}, {hi}) must start on a leaf and fit a base of {src.nbytes} bytes")
+    if len(pages) != len(at):
+        raise ValueError(f"{len(pages)} pages but {len(at)} starts")
+    laid = bytearray(src[lo:hi])
+    pos = lo
+    for start, page in zip(at, pages):
+        data = _view(page).cast("B")
+        n = data.nbytes
+        if start < pos or start + n > hi or (n and start // leaf != (start + n - 1) // leaf):
+            raise ValueError(f"a page of {n} bytes at {start} overlaps another, leaves [{lo}, {hi}) or crosses a leaf")
+        laid[start - lo : start - lo + n] = data
+        pos = start + n
+    if out is not None:
+        digests = b"".join(xxhash.xxh3_128_digest(bytes(laid[i : i + leaf])) for i in range(0, len(laid), leaf))
+        target = _view(out).cast("B")
+        if target.nbytes < len(digests):
+            raise ValueError(f"out holds {target.nbytes} bytes, the leaf digests need {len(digests)}")
+        target[: len(digests)] = digests
+    return checksum(laid, lo)
+
+
+def scan_leaves_reference(
+    old: BufferLike, new: BufferLike, lo: int, hi: int, leaf: int, page: int
+) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", List[bytes], int, bytes]:
+    """The fused create pass over ``[lo, hi)``: dirty page numbers, copies, checksum, leaf digests."""
+    a, b = _view(old).cast("B"), _view(new).cast("B")
+    if leaf <= 0 or page <= 0 or leaf % page or lo % leaf or lo > hi or hi > min(a.nbytes, b.nbytes):
+        raise ValueError(f"span [{lo}, {hi}) must start on a leaf of whole pages and fit both states")
+    rel = dirty_pages(a[lo:hi], b[lo:hi], page)
+    indices = rel + lo // page
+    copies = [bytes(b[i * page : min((i + 1) * page, hi)]) for i in indices.tolist()]
+    out = bytearray(16 * -(-(hi - lo) // leaf))
+    total = overlay_leaves(a, lo, hi, copies, [i * page for i in indices.tolist()], leaf, out)
+    return indices.astype(np.int64), copies, total, bytes(out)
+
+
+def page_digests64(data: BufferLike, page: int, out: Any) -> None:
+    """XXH3-64 of each page of ``data`` into ``out`` (uint64 slots)."""
+    import xxhash
+
+    src = _view(data).cast("B")
+    if page <= 0:
+        raise ValueError("page must be positive")
+    npages = -(-src.nbytes // page)
+    if len(out) < npages:
+        raise ValueError(f"out holds {len(out)} digests, {npages} pages need one each")
+    for k in range(npages):
+        out[k] = xxhash.xxh3_64_intdigest(bytes(src[k * page : (k + 1) * page]))
 
 
 # --------------------------------------------------------------------------------------

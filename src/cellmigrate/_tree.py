@@ -62,6 +62,8 @@ class TreeStream:
         n = view.nbytes
         if n == 0:
             return  # (cast refuses an empty view with a zero in a multi-dimensional shape)
+        if self._fill == 0 and self._length % LEAF_SIZE:
+            raise ValueError("a short last leaf was already added: nothing may follow it")
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")  # leaves are cut in bytes, not in items
         pos = 0
@@ -81,6 +83,22 @@ class TreeStream:
                 self._fill = 0
         self._length += n
 
+    def add_leaves(self, digests: Union[bytes, bytearray, memoryview], nbytes: int) -> None:
+        """Take the digests of the next leaves, hashed elsewhere, for ``nbytes`` bytes of input.
+
+        The stream must be at a leaf boundary; ``digests`` holds one 16-byte digest per
+        ``LEAF_SIZE`` of ``nbytes``, the last one for a shorter leaf when ``nbytes`` is not a
+        multiple of it (the end of the state: nothing may follow such a leaf).
+        Raises ``ValueError`` otherwise."""
+        count = -(-nbytes // LEAF_SIZE)
+        raw = bytes(digests)
+        if self._fill or len(raw) != count * _LEAF_DIGEST or nbytes < 0:
+            raise ValueError(f"{len(raw)} digest bytes for {nbytes} bytes at fill {self._fill}")
+        if self._length % LEAF_SIZE:
+            raise ValueError("a short last leaf was already added: nothing may follow it")
+        self._leaves.extend(raw[i : i + _LEAF_DIGEST] for i in range(0, len(raw), _LEAF_DIGEST))
+        self._length += nbytes
+
     def leaves(self) -> List[bytes]:
         """The leaf digests so far, the unfinished last leaf included (nothing is consumed)."""
         if self._fill:
@@ -94,7 +112,7 @@ class TreeStream:
         multiples of ``LEAF_SIZE``); otherwise the leaves would not be the state's.
         """
         for span in spans:
-            if self._fill:
+            if self._fill or self._length % LEAF_SIZE:
                 raise ValueError("a tree stream can only be joined at a leaf boundary")
             self._leaves.extend(span._leaves)
             self._length += span._length

@@ -7,7 +7,7 @@ keyed, the MAC that authenticates a delta.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, cast
 
 import blake3 as _blake3
 import xxhash as _xxhash
@@ -174,6 +174,13 @@ class Hasher:
     def join(self, spans: Sequence["Hasher"]) -> None:
         """Take the spans' leaves, in order, as if this hasher had seen their bytes."""
         self._h.join([span._h for span in spans])
+
+    def add_leaves(self, digests: BufferLike, nbytes: int) -> None:
+        """Take leaf digests hashed elsewhere (the fused kernels) for the next ``nbytes`` bytes
+        (``xxh3_128_tree`` only, at a leaf boundary; see ``TreeStream.add_leaves``)."""
+        if not isinstance(self._h, TreeStream):
+            raise ValueError(f"{self.algorithm} has no leaves: only xxh3_128_tree takes leaf digests")
+        self._h.add_leaves(cast(bytes, digests), nbytes)
 
     def leaves(self) -> List[bytes]:
         """The per-leaf digest table so far (``xxh3_128_tree`` only; see ``_tree``)."""

@@ -26,7 +26,7 @@ from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
 from ._pages import ALLOW_ALL, ALLOW_CRATE, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
-from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan
+from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan, scatter
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
 from .errors import CorruptDataError, InvalidStateError
@@ -514,7 +514,7 @@ class DeltaSnapshot:
             else:
                 _shrink(cast(bytearray, base), total)
             view = as_writable_view(base, "base")
-        kernels.scatter_pages(view, indices, pages, PAGE_SIZE)
+        scatter(view, np.asarray(indices, dtype=np.int64), pages)
         if report is not None:
             report(total, total)
 

@@ -1,0 +1,234 @@
+# Included from _kernels.pyx (shares its imports, the GIL helpers and the SIMD kernels).
+#
+# The fused leaf kernels of the delta passes (cm_leaves.h): with the xxh3_128_tree digest
+# a pass cuts the state into 1 MiB leaves, and one GIL-free call per span compares,
+# copies, checksums and hashes each leaf while it is in this core's cache. Before these,
+# the Python layer made a hasher call per clean run and per page and one `bytes` per
+# copied page, which at 10% dirty pages cost more than reading the GiB.
+#
+# XXH3 comes from the xxhash package's own extension module (see cm_leaves.h and
+# cellmigrate._xxh3, which binds it after checking it on test vectors).
+
+from libc.stdint cimport uintptr_t
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ND, PyBUF_STRIDES
+
+cdef extern from "cm_leaves.h" nogil:
+    void cm_xxh3_bind(uintptr_t one128, uintptr_t one64, uintptr_t create, uintptr_t free_,
+                      uintptr_t reset128, uintptr_t update128, uintptr_t digest128)
+    int cm_xxh3_is_bound()
+    void* cm_xxh3_state_new()
+    void cm_xxh3_state_free(void* state)
+    uint32_t cm_overlay_leaves(const uint8_t* base, uint64_t lo, uint64_t hi, size_t leaf,
+                               const uint8_t* const* pages, const size_t* lens, const int64_t* starts,
+                               size_t count, void* state, uint8_t* out)
+    ctypedef struct cm_arena:
+        uint8_t* data
+        int64_t* idx
+        size_t cap
+        size_t used
+        size_t page
+    uint32_t cm_scan_leaves(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
+                            cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
+
+
+def _xxh3_bind(uintptr_t one128, uintptr_t one64, uintptr_t create, uintptr_t free_,
+               uintptr_t reset128, uintptr_t update128, uintptr_t digest128):
+    """Bind the xxHash library's functions by address (``cellmigrate._xxh3`` only; any 0 unbinds)."""
+    cm_xxh3_bind(one128, one64, create, free_, reset128, update128, digest128)
+
+
+def _xxh3_bound():
+    """Whether the leaf kernels can hash (the xxHash functions are bound)."""
+    return bool(cm_xxh3_is_bound())
+
+
+cdef inline uint8_t* _leaf_out(out, Py_buffer* buf, Py_ssize_t need) except? NULL:
+    """A writable pointer to ``need`` bytes of ``out`` (buf must be released by the caller)."""
+    PyObject_GetBuffer(out, buf, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    if buf.len < need:
+        PyBuffer_Release(buf)
+        raise ValueError(f"out holds {buf.len} bytes, the leaf digests need {need}")
+    return <uint8_t*>buf.buf
+
+
+def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, starts, Py_ssize_t leaf, out=None):
+    """Checksum of bytes ``[lo, hi)`` of ``base`` with ``pages`` laid over it, and with
+    ``out`` each 1-leaf XXH3-128 digest of those bytes (canonical, 16 bytes a leaf, in order).
+
+    ``lo`` is a multiple of ``leaf``; ``hi <= len(base)``; ``pages[k]`` (any C-contiguous
+    buffer) goes at absolute byte ``starts[k]``; starts ascending, pages inside
+    ``[lo, hi)``, not overlapping and none across a leaf boundary. ``ValueError`` before
+    any work otherwise, or when ``out`` is given but XXH3 is not bound.
+    """
+    cdef int64_t[::1] at = _indices(starts)
+    cdef Py_ssize_t count = at.shape[0], k
+    cdef uint64_t nleaves, pos
+    if leaf <= 0 or lo % <uint64_t>leaf or lo > hi or hi > <uint64_t>base.shape[0]:
+        raise ValueError(f"span [{lo}, {hi}) must start on a leaf and fit a base of {base.shape[0]} bytes")
+    if len(pages) != count:
+        raise ValueError(f"{len(pages)} pages but {count} starts")
+    if out is not None and not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: leaf digests need cellmigrate._xxh3")
+    nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
+    cdef _PageBuffers held = _PageBuffers(pages)
+    cdef Py_buffer outbuf
+    cdef uint8_t* po = NULL
+    cdef void* state = NULL
+    cdef uint32_t total = 0
+    cdef PyThreadState* ts
+    pos = lo
+    for k in range(count):
+        if at[k] < <int64_t>pos or <uint64_t>at[k] + held.lens[k] > hi or (held.lens[k] and
+                <uint64_t>at[k] // <uint64_t>leaf != (<uint64_t>at[k] + held.lens[k] - 1) // <uint64_t>leaf):
+            raise ValueError(f"a page of {held.lens[k]} bytes at {at[k]} overlaps another, leaves [{lo}, {hi}) "
+                             f"or crosses a leaf")
+        pos = <uint64_t>at[k] + held.lens[k]
+    if out is not None:
+        po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * nleaves))
+    try:
+        if po != NULL:
+            state = cm_xxh3_state_new()
+            if state == NULL:
+                raise MemoryError()
+        if hi > lo:
+            ts = _release(<size_t>(hi - lo))
+            total = cm_overlay_leaves(&base[0], lo, hi, <size_t>leaf, held.ptrs, held.lens,
+                                      &at[0] if count else NULL, <size_t>count, state, po)
+            _reacquire(ts)
+    finally:
+        cm_xxh3_state_free(state)
+        if po != NULL:
+            PyBuffer_Release(&outbuf)
+    return total
+
+
+cdef class PageArena:
+    """The page copies of a create pass: one growing buffer, slot ``k`` holding page
+    ``indices[k]`` (``page`` bytes a slot; the state's last page may use part of its slot).
+
+    Exposes the used slots as a read-only 1-D byte buffer (``memoryview(arena)``): the
+    delta's pages are views of it, so no page is a Python object of its own.
+    """
+
+    cdef cm_arena ar
+    cdef Py_ssize_t exports
+
+    def __cinit__(self, Py_ssize_t page):
+        if page <= 0:
+            raise ValueError("page must be positive")
+        self.ar.page = <size_t>page
+
+    def __dealloc__(self):
+        free(self.ar.data)
+        free(self.ar.idx)
+
+    def __len__(self):
+        """Pages held."""
+        return self.ar.used
+
+    @property
+    def indices(self):
+        """The page numbers, int64, in slot order (a copy)."""
+        out = np.empty(self.ar.used, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        if self.ar.used:
+            memcpy(&o[0], self.ar.idx, self.ar.used * sizeof(int64_t))
+        return out
+
+    def __getbuffer__(self, Py_buffer* buf, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a PageArena is read-only")
+        buf.buf = self.ar.data
+        buf.obj = self
+        buf.len = <Py_ssize_t>(self.ar.used * self.ar.page)
+        buf.readonly = 1
+        buf.itemsize = 1
+        if flags & PyBUF_FORMAT:
+            buf.format = b"B"
+        else:
+            buf.format = NULL
+        buf.ndim = 1
+        buf.shape = &buf.len if flags & PyBUF_ND else NULL
+        buf.strides = &buf.itemsize if (flags & PyBUF_STRIDES) == PyBUF_STRIDES else NULL
+        buf.suboffsets = NULL
+        buf.internal = NULL
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* buf):
+        self.exports -= 1
+
+
+def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uint64_t hi, Py_ssize_t leaf,
+                PageArena arena, out=None):
+    """The create pass over the leaves of ``[lo, hi)``; returns the checksum.
+
+    Pages of ``new`` that differ from ``old`` are copied into ``arena`` with their page
+    numbers; the checksum is the positioned checksum of ``old`` with those copies over it
+    (never a second read of ``new``) and, with ``out``, each leaf's XXH3-128 of those
+    bytes goes to ``out`` (16 bytes a leaf, from the leaf at ``lo``). ``lo`` is a multiple
+    of ``leaf``, ``leaf`` of the arena's page; both states hold ``hi`` bytes at least
+    (``ValueError`` otherwise); ``MemoryError`` when the copies do not fit in memory.
+    """
+    cdef size_t page = arena.ar.page
+    if leaf <= 0 or <size_t>leaf % page or lo % <uint64_t>leaf or lo > hi:
+        raise ValueError(f"span [{lo}, {hi}) must start on a leaf of whole pages")
+    if hi > <uint64_t>old.shape[0] or hi > <uint64_t>new.shape[0]:
+        raise ValueError(f"span [{lo}, {hi}) does not fit states of {old.shape[0]} and {new.shape[0]} bytes")
+    if arena.exports:
+        raise BufferError("the arena's pages are exported: it cannot grow")
+    if out is not None and not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: leaf digests need cellmigrate._xxh3")
+    cdef uint64_t nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
+    cdef Py_buffer outbuf
+    cdef uint8_t* po = NULL
+    cdef int64_t* scratch = <int64_t*>malloc((<size_t>leaf // page + 1) * sizeof(int64_t))
+    cdef void* state = NULL
+    cdef uint32_t total = 0
+    cdef int failed = 0
+    cdef PyThreadState* ts
+    if scratch == NULL:
+        raise MemoryError()
+    try:
+        if out is not None:
+            po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * nleaves))
+            state = cm_xxh3_state_new()
+            if state == NULL:
+                raise MemoryError()
+        if hi > lo:
+            ts = _release(<size_t>(hi - lo))
+            total = cm_scan_leaves(&old[0], &new[0], lo, hi, <size_t>leaf, &arena.ar, scratch, state, po, &failed)
+            _reacquire(ts)
+        if failed:
+            raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
+    finally:
+        cm_xxh3_state_free(state)
+        if po != NULL:
+            PyBuffer_Release(&outbuf)
+        free(scratch)
+    return total
+
+
+cdef extern from "cm_leaves.h" nogil:
+    void cm_page_digests64(const uint8_t* data, size_t n, size_t page, uint64_t* out)
+
+
+def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out):
+    """XXH3-64 of each ``page``-byte page of ``data`` (the last may be short) into ``out``.
+
+    A per-page fingerprint table: comparing a state's page digests with the table of what
+    was sent finds the pages written since, reading the state once (not state + shadow).
+    ``out`` needs one slot per page; ``ValueError`` otherwise or when XXH3 is not bound.
+    """
+    cdef size_t n = data.shape[0]
+    if page <= 0:
+        raise ValueError("page must be positive")
+    cdef size_t npages = (n + <size_t>page - 1) // <size_t>page
+    if <size_t>out.shape[0] < npages:
+        raise ValueError(f"out holds {out.shape[0]} digests, {npages} pages need one each")
+    if not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
+    if n == 0:
+        return
+    cdef PyThreadState* ts = _release(n)
+    cm_page_digests64(&data[0], n, <size_t>page, &out[0])
+    _reacquire(ts)

@@ -1,0 +1,301 @@
+"""The fused leaf kernels (cython/cm_leaves.h) against the reference, and the delta passes
+with and without them.
+
+``overlay_leaves`` and ``scan_leaves`` compare, copy, checksum and hash (XXH3-128 per
+leaf, from the xxhash package's own exported functions) in one GIL-free call; the
+reference computes the same from first principles. Every SIMD dispatch path is checked,
+and whole deltas made and applied by the fused path equal those of the Python path
+(``cellmigrate._xxh3.unbind()``), byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellmigrate import DeltaSnapshot, _kernels, _reference, _xxh3, digest
+from cellmigrate._tree import LEAF_SIZE
+
+PAGE = 4096
+PATHS = _kernels._dispatch_paths()
+
+
+@pytest.fixture(autouse=True)
+def bound() -> Iterator[None]:
+    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
+    yield
+    _xxh3.bind()
+
+
+def _states(draw: st.DrawFn, leaf: int) -> Tuple[np.ndarray, np.ndarray, int, int]:
+    nleaves = draw(st.integers(1, 4))
+    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    npages = -(-size // PAGE)
+    for page in draw(st.lists(st.integers(0, npages - 1), max_size=12)):
+        at = page * PAGE + draw(st.integers(0, PAGE - 1))
+        if at < size:
+            new[at] ^= draw(st.integers(1, 255))
+    lo = draw(st.integers(0, nleaves - 1)) * leaf
+    hi = draw(st.integers(lo, size))
+    return old, new, lo, hi
+
+
+@st.composite
+def scan_cases(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, int, int, int]:
+    leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 4 * PAGE, 16 * PAGE]))
+    old, new, lo, hi = _states(draw, leaf)
+    return old, new, lo, hi, leaf
+
+
+@settings(max_examples=150, deadline=None)
+@given(scan_cases())
+def test_scan_leaves_matches_reference_on_every_path(case: Tuple[np.ndarray, np.ndarray, int, int, int]) -> None:
+    old, new, lo, hi, leaf = case
+    indices, copies, checksum, leaves = _reference.scan_leaves_reference(old, new, lo, hi, leaf, PAGE)
+    before = _kernels._dispatch()
+    try:
+        for path in PATHS:
+            _kernels._set_dispatch(path)
+            for hashing in (True, False):
+                arena = _kernels.PageArena(PAGE)
+                out = bytearray(16 * -(-(hi - lo) // leaf)) if hashing else None
+                got = _kernels.scan_leaves(old, new, lo, hi, leaf, arena, out)
+                assert got == checksum, path
+                assert arena.indices.tolist() == indices.tolist(), path
+                held = bytes(memoryview(arena))
+                for k, page in enumerate(copies):
+                    assert held[k * PAGE : k * PAGE + len(page)] == page, (path, k)
+                if hashing:
+                    assert bytes(out) == leaves, path
+    finally:
+        _kernels._set_dispatch(before)
+
+
+@st.composite
+def overlay_cases(draw: st.DrawFn) -> Tuple[np.ndarray, int, int, List[bytes], List[int], int]:
+    leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 8 * PAGE]))
+    old, _, lo, hi = _states(draw, leaf)
+    first, last = -(-lo // PAGE), hi // PAGE  # whole pages inside [lo, hi)
+    chosen = sorted(set(draw(st.lists(st.integers(first, max(first, last - 1)), max_size=10)))) if last > first else []
+    rng = np.random.default_rng(draw(st.integers(0, 1000)))
+    pages = [rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes() for _ in chosen]
+    starts = [i * PAGE for i in chosen]
+    if hi % PAGE and hi > lo and hi - hi % PAGE >= lo and (hi // PAGE) not in chosen and draw(st.booleans()):
+        pages.append(bytes(hi % PAGE))  # the short last page of a state
+        starts.append(hi - hi % PAGE)
+    return old, lo, hi, pages, starts, leaf
+
+
+@settings(max_examples=150, deadline=None)
+@given(overlay_cases())
+def test_overlay_leaves_matches_reference_on_every_path(case: Tuple[np.ndarray, int, int, List[bytes], List[int], int]) -> None:
+    base, lo, hi, pages, starts, leaf = case
+    want = bytearray(16 * -(-(hi - lo) // leaf))
+    checksum = _reference.overlay_leaves(base, lo, hi, pages, starts, leaf, want)
+    before = _kernels._dispatch()
+    try:
+        for path in PATHS:
+            _kernels._set_dispatch(path)
+            out = bytearray(len(want))
+            assert _kernels.overlay_leaves(base, lo, hi, pages, starts, leaf, out) == checksum, path
+            assert out == want, path
+            assert _kernels.overlay_leaves(base, lo, hi, pages, starts, leaf) == checksum, path
+    finally:
+        _kernels._set_dispatch(before)
+
+
+@pytest.mark.parametrize("impl", [_kernels, _reference], ids=["compiled", "reference"])
+def test_overlay_leaves_refuses_bad_layouts(impl: object) -> None:
+    base = bytes(4 * PAGE)
+    page = bytes(PAGE)
+    fn = getattr(impl, "overlay_leaves")
+    with pytest.raises(ValueError):
+        fn(base, PAGE, 4 * PAGE, [], [], 2 * PAGE)  # lo not on a leaf
+    with pytest.raises(ValueError):
+        fn(base, 0, 5 * PAGE, [], [], PAGE)  # past the base
+    with pytest.raises(ValueError):
+        fn(base, 0, 4 * PAGE, [page, page], [PAGE, PAGE], 4 * PAGE)  # overlapping
+    with pytest.raises(ValueError):
+        fn(base, 0, 4 * PAGE, [page], [PAGE // 2], PAGE)  # across a leaf
+    with pytest.raises(ValueError):
+        fn(base, 0, 2 * PAGE, [page], [2 * PAGE], 4 * PAGE)  # outside the span
+    with pytest.raises(ValueError):
+        fn(base, 0, 4 * PAGE, [page], [], 4 * PAGE)  # count mismatch
+
+
+def test_scan_leaves_refuses_bad_spans() -> None:
+    a = bytes(4 * PAGE)
+    with pytest.raises(ValueError):
+        _kernels.scan_leaves(a, a, PAGE, 4 * PAGE, 2 * PAGE, _kernels.PageArena(PAGE))
+    with pytest.raises(ValueError):
+        _kernels.scan_leaves(a, a[:PAGE], 0, 2 * PAGE, PAGE, _kernels.PageArena(PAGE))
+    with pytest.raises(ValueError):
+        _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE + 1, _kernels.PageArena(PAGE))
+    with pytest.raises(ValueError):
+        _kernels.PageArena(0)
+
+
+def test_page_arena_is_read_only_and_cannot_grow_while_exported() -> None:
+    old = bytes(4 * PAGE)
+    new = bytearray(old)
+    new[PAGE + 5] = 1
+    arena = _kernels.PageArena(PAGE)
+    _kernels.scan_leaves(old, bytes(new), 0, 2 * PAGE, PAGE, arena)
+    assert len(arena) == 1 and arena.indices.tolist() == [1]
+    view = memoryview(arena)
+    assert view.readonly and view.nbytes == PAGE and bytes(view) == bytes(new[PAGE : 2 * PAGE])
+    with pytest.raises(BufferError):
+        _kernels.scan_leaves(old, bytes(new), 2 * PAGE, 4 * PAGE, PAGE, arena)
+    view.release()
+    _kernels.scan_leaves(old, bytes(new), 2 * PAGE, 4 * PAGE, PAGE, arena)
+    assert len(arena) == 1
+    with pytest.raises(ValueError, match="read-only"):
+        np.frombuffer(arena, dtype=np.uint8)[0] = 1
+
+
+def _pair(size: int, dirty_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, 256, size, dtype=np.uint8)
+    old[: size // 4] = 0
+    new = old.copy()
+    npages = -(-size // PAGE)
+    for page in rng.choice(npages, max(1, int(npages * dirty_fraction)), replace=False):
+        at = min(int(page) * PAGE + int(rng.integers(0, PAGE)), size - 1)
+        new[at] ^= 0x5A
+    return old, new
+
+
+@pytest.mark.parametrize("size", [5 * LEAF_SIZE + 1234, 24 * LEAF_SIZE, 3 * PAGE + 7])
+@pytest.mark.parametrize("dirty", [0.0, 0.01, 0.3, 1.0])
+def test_fused_and_python_passes_make_the_same_delta(size: int, dirty: float) -> None:
+    old, new = _pair(size, dirty, size + int(dirty * 100))
+    events: List[Tuple[int, int]] = []
+    fused = DeltaSnapshot.create(bytes(16), old, new, 1, 2, progress=lambda d, t: events.append((d, t)))
+    assert events and events[-1] == (size, size) and all(a[0] <= b[0] for a, b in zip(events, events[1:]))
+    _xxh3.unbind()
+    try:
+        plain = DeltaSnapshot.create(bytes(16), old, new, 1, 2)
+        plain.timestamp = fused.timestamp
+        plain._seal(None)
+        assert fused.serialize() == plain.serialize()
+        assert fused.digest == digest(new) and fused.checksum == plain.checksum
+        base = bytearray(old.tobytes())
+        fused.apply(base)  # verified by the Python path
+        assert base == new.tobytes()
+    finally:
+        _xxh3.bind()
+    base = bytearray(old.tobytes())
+    plain.apply(base)  # verified by the fused path
+    assert base == new.tobytes()
+    none = DeltaSnapshot.create(bytes(16), old, new, 1, 2, digest=None)
+    assert none.checksum == fused.checksum and [p.index for p in none.dirty_pages] == [p.index for p in fused.dirty_pages]
+
+
+def test_fused_apply_refuses_a_tampered_page_and_leaves_the_base() -> None:
+    old, new = _pair(6 * LEAF_SIZE, 0.05, 7)
+    delta = DeltaSnapshot.create(bytes(16), old, new, 1, 2)
+    pages = delta.dirty_pages
+    data = bytearray(pages[3].get_data())
+    data[10] ^= 1
+    pages[3].data = bytes(data)
+    pages[3].compressed = False
+    base = bytearray(old.tobytes())
+    from cellmigrate import InvalidStateError
+
+    with pytest.raises(InvalidStateError):
+        delta.apply(base)
+    assert base == old.tobytes()
+
+
+def test_create_copies_pages_once_while_a_writer_runs() -> None:
+    """The fused scan describes old + the copies it made, whatever the writer does."""
+    size = 8 * LEAF_SIZE
+    old, _ = _pair(size, 0.0, 3)
+    live = old.copy()
+    stop = threading.Event()
+
+    def writer() -> None:
+        rng = np.random.default_rng(5)
+        while not stop.is_set():
+            live[rng.integers(0, size, 64)] = rng.integers(0, 256, 64, dtype=np.uint8)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        deltas = [DeltaSnapshot.create(bytes(16), old, live, 0, 1) for _ in range(8)]
+    finally:
+        stop.set()
+        thread.join()
+    for delta in deltas:
+        base = bytearray(old.tobytes())
+        delta.apply(base)  # the delta's own checks hold: it describes one state exactly
+        assert delta.digest == digest(bytes(base))
+
+
+def test_without_the_binding_the_python_path_gives_the_same_digests() -> None:
+    code = (
+        "import numpy as np, cellmigrate; from cellmigrate import _xxh3;"
+        "a=np.arange(3<<20, dtype=np.uint8); b=a.copy(); b[5]=9;"
+        "d=cellmigrate.DeltaSnapshot.create(bytes(16), a, b, 0, 1);"
+        "print(_xxh3.available(), d.digest.hex(), cellmigrate.digest(b).hex())"
+    )
+    env = dict(os.environ, CELLMIGRATE_XXH3_PYTHON="1")
+    forced = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    normal = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0 and normal.returncode == 0, forced.stderr + normal.stderr
+    f, n = forced.stdout.split(), normal.stdout.split()
+    assert f[0] == "False" and n[0] == "True"
+    assert f[1] == f[2] == n[1] == n[2]
+
+
+def test_bound_functions_are_xxhash_s() -> None:
+    data = np.random.default_rng(1).integers(0, 256, 3 * LEAF_SIZE + 99, dtype=np.uint8)
+    out = bytearray(16 * 4)
+    _kernels.overlay_leaves(data, 0, data.nbytes, [], [], LEAF_SIZE, out)
+    assert [bytes(out[i : i + 16]) for i in range(0, 64, 16)] == [
+        xxhash.xxh3_128_digest(data[i : i + LEAF_SIZE].tobytes()) for i in range(0, data.nbytes, LEAF_SIZE)
+    ]
+
+
+def test_concurrent_fused_passes_in_threads() -> None:
+    """Each call has its own XXH3 state: threads hashing at once get their own digests."""
+    pairs = [_pair(4 * LEAF_SIZE + 100 * i, 0.1, i) for i in range(4)]
+    want = [DeltaSnapshot.create(bytes(16), o, n, 0, 1).digest for o, n in pairs]
+    got: List[bytes] = [b""] * len(pairs)
+
+    def run(k: int) -> None:
+        for _ in range(5):
+            got[k] = DeltaSnapshot.create(bytes(16), *pairs[k], 0, 1).digest
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(pairs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=5 * PAGE + 17), st.sampled_from([1, 64, PAGE, 3 * PAGE]))
+def test_page_digests64_matches_reference(data: bytes, page: int) -> None:
+    n = -(-len(data) // page)
+    want = np.zeros(n, dtype=np.uint64)
+    _reference.page_digests64(data, page, want)
+    got = np.zeros(n, dtype=np.uint64)
+    _kernels.page_digests64(data, page, got)
+    assert got.tolist() == want.tolist()
+    if n:
+        with pytest.raises(ValueError):
+            _kernels.page_digests64(data, page, np.zeros(n - 1, dtype=np.uint64))
