@@ -232,3 +232,31 @@ def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out):
     cdef PyThreadState* ts = _release(n)
     cm_page_digests64(&data[0], n, <size_t>page, &out[0])
     _reacquire(ts)
+
+
+cdef extern from "cm_leaves.h" nogil:
+    void cm_page_digests128(const uint8_t* data, size_t n, size_t page, uint8_t* out)
+
+
+def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out):
+    """XXH3-128 (canonical, 16 bytes) of each ``page``-byte page of ``data`` (the last may
+    be short) into the writable buffer ``out`` (16 bytes a page, in order): the live
+    migration's per-page proof table. ``ValueError`` when ``out`` is too small or XXH3
+    is not bound.
+    """
+    cdef size_t n = data.shape[0]
+    if page <= 0:
+        raise ValueError("page must be positive")
+    cdef size_t npages = (n + <size_t>page - 1) // <size_t>page
+    if not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
+    cdef Py_buffer outbuf
+    cdef uint8_t* po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * npages))
+    cdef PyThreadState* ts
+    try:
+        if n:
+            ts = _release(n)
+            cm_page_digests128(&data[0], n, <size_t>page, po)
+            _reacquire(ts)
+    finally:
+        PyBuffer_Release(&outbuf)

@@ -258,10 +258,82 @@ static size_t cm_xzr_encode(const uint8_t *nw, const uint8_t *base, size_t L, ui
     return o < limit ? o : SIZE_MAX;
 }
 
+#if CM_X86
+/* cm_xzr_encode for pages of up to 4096 bytes from one equality bitmap of the page (bit j
+   of eq[w]: byte 64w + j equal; bytes past L count as equal), built with two AVX2
+   compares per 64 bytes. Each literal then costs two bit scans instead of vector
+   compares from its start and end: a page of int64 counters has hundreds of literals.
+   Same stream as cm_xzr_encode: a literal starts at the next unequal byte s and ends at
+   the first e > s where bytes e, e+1, e+2 are all equal ("g3"), or at L. */
+#define CM_XZR_MASK_MAX 4096
+static CM_AVX2 size_t cm_xzr_encode_mask_avx2(const uint8_t *nw, const uint8_t *base, size_t L, uint8_t *dst,
+                                              size_t limit) {
+    uint64_t eq[CM_XZR_MASK_MAX / 64 + 1], g3[CM_XZR_MASK_MAX / 64];
+    size_t W = (L + 63) / 64;
+    for (size_t w = 0; w < W; w++)
+        eq[w] = cm_eqmask64_avx2(nw, base, 64 * w, L);
+    eq[W] = ~(uint64_t)0;
+    for (size_t w = 0; w < W; w++)
+        g3[w] = eq[w] & ((eq[w] >> 1) | (eq[w + 1] << 63)) & ((eq[w] >> 2) | (eq[w + 1] << 62));
+    size_t pos = 0, o = 0;
+    while (pos < L) {
+        /* s: the next unequal byte at or after pos. */
+        size_t w = pos / 64;
+        uint64_t ne = ~eq[w] & (~(uint64_t)0 << (pos % 64));
+        while (!ne && ++w < W)
+            ne = ~eq[w];
+        if (!ne)
+            break; /* the rest equals the base: implicit */
+        size_t s = 64 * w + (size_t)__builtin_ctzll(ne);
+        if (s >= L)
+            break;
+        /* e: the first g3 position after s (positions past L are all equal, so one exists). */
+        size_t e = s + 1, we = e / 64;
+        if (we >= W) {
+            e = L;
+        } else {
+            uint64_t f = g3[we] & (~(uint64_t)0 << (e % 64));
+            while (!f && ++we < W)
+                f = g3[we];
+            e = f ? 64 * we + (size_t)__builtin_ctzll(f) : L;
+            if (e > L)
+                e = L;
+        }
+        size_t k = e - s;
+        size_t need = cm_varint_size(s - pos) + cm_varint_size(k) + k;
+        if (o + need >= limit)
+            return SIZE_MAX;
+        o = cm_put_varint(dst, o, s - pos);
+        o = cm_put_varint(dst, o, k);
+        size_t j = 0;
+        for (; j + 8 <= k; j += 8) {
+            uint64_t x = cm_load64(nw + s + j) ^ cm_load64(base + s + j);
+            memcpy(dst + o + j, &x, 8);
+        }
+        for (; j < k; j++)
+            dst[o + j] = nw[s + j] ^ base[s + j];
+        o += k;
+        pos = e;
+    }
+    return o < limit ? o : SIZE_MAX;
+}
+#endif
+
+/* XZR of one page with the active dispatch path's run finders (the bitmap encoder from
+   the "avx2" path up). */
+static size_t cm_xzr_encode_with(const uint8_t *nw, const uint8_t *base, size_t L, uint8_t *dst, size_t limit,
+                                 cm_page_ops ops) {
+#if CM_X86
+    if (cm_active - cm_paths >= 2 && L <= CM_XZR_MASK_MAX)
+        return cm_xzr_encode_mask_avx2(nw, base, L, dst, limit);
+#endif
+    return cm_xzr_encode(nw, base, L, dst, limit, ops);
+}
+
 /* cm_xzr_encode with the active dispatch path's run finders. */
 static size_t cm_xzr_encode_entry(const uint8_t *nw, const uint8_t *base, size_t L, uint8_t *dst,
                                   size_t limit) {
-    return cm_xzr_encode(nw, base, L, dst, limit, cm_page_ops_active());
+    return cm_xzr_encode_with(nw, base, L, dst, limit, cm_page_ops_active());
 }
 
 /* One varint at src[*i..n): CM_XZR_OK and *v, or an error. Canonical only (no
@@ -332,6 +404,30 @@ static int cm_xzr_decode(const uint8_t *src, size_t n, uint8_t *out, size_t L, s
 /* Smallest RLE stream of L bytes: every output byte stands for at most 127/3 input bytes. */
 static inline size_t cm_rle_min_size(size_t L) { return (3 * L + 126) / 127; }
 
+/* Whether p[0..L) has at least `limit` maximal runs of equal bytes. The crate's RLE
+   writes at least one byte per run (a literal byte, or a 3-byte token), so this bounds
+   its output from below without running it: pages of small scattered changes (int64
+   counters, floats) have thousands of runs, and RLE-compressing them only to throw the
+   result away cost as much as their XZR encoding. Counts 8 byte pairs at a time. */
+static int cm_runs_at_least(const uint8_t *p, size_t L, size_t limit) {
+    if (L == 0)
+        return limit == 0;
+    size_t runs = 1, i = 0;
+    for (; i + 9 <= L; i += 8) {
+        uint64_t t = cm_load64(p + i) ^ cm_load64(p + i + 1); /* byte j: p[i+j] vs p[i+j+1] */
+        t |= t >> 4;
+        t |= t >> 2;
+        t |= t >> 1;
+        t &= 0x0101010101010101ULL;
+        runs += (size_t)((t * 0x0101010101010101ULL) >> 56);
+        if (runs >= limit)
+            return 1;
+    }
+    for (; i + 1 < L; i++)
+        runs += p[i] != p[i + 1];
+    return runs >= limit;
+}
+
 /* The base page at byte `start`, L bytes long: a pointer into base when it is whole,
    else `scratch` filled with the part present and zeros. */
 static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, size_t start, size_t L,
@@ -376,11 +472,13 @@ static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, c
             size_t xzr = SIZE_MAX;
             if (allowed & CM_ALLOW(CM_ENC_XZR)) {
                 const uint8_t *bp = cm_base_page(base, nbase, start, L, base_buf);
-                xzr = cm_xzr_encode(np, bp, L, xzr_buf, L, ops);
+                xzr = cm_xzr_encode_with(np, bp, L, xzr_buf, L, ops);
             }
             /* RLE (tried first, so it wins a tie) cannot be smaller than its smallest
-               possible output: skip it when XZR is already below that. */
-            if ((allowed & CM_ALLOW(CM_ENC_RLE)) && (xzr == SIZE_MAX || xzr >= cm_rle_min_size(L))) {
+               possible output, nor than one byte a run: skip it when XZR (or RAW) is
+               already below that. */
+            if ((allowed & CM_ALLOW(CM_ENC_RLE)) && (xzr == SIZE_MAX || xzr >= cm_rle_min_size(L)) &&
+                !cm_runs_at_least(np, L, xzr == SIZE_MAX ? L : xzr + 1)) {
                 size_t r = cm_active->rle_compress(np, L, rle_buf);
                 if (r < best_size) {
                     best = CM_ENC_RLE;

@@ -414,3 +414,20 @@ def test_portable_page_encodings_compile_alone(tmp_path: Path) -> None:
     )
     fields = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout.split()
     assert fields == ["67", "0", "0"]
+
+
+@SETTINGS
+@given(st.integers(0, 2**32), st.sampled_from([8, 7, 5, 4, 3, 2, 1]), st.sampled_from([PAGE, PAGE - 1, 4000, 65]))
+def test_xzr_many_short_literals_match_reference(seed: int, stride: int, length: int) -> None:
+    """Pages of counters (a small change every ``stride`` bytes): hundreds of literals a
+    page, gaps just under, at and over the 3-byte rule, on every dispatch path."""
+    rng = random.Random(seed)
+    base = rng.randbytes(length)
+    new = bytearray(base)
+    for at in range(rng.randrange(stride), length, stride):
+        new[at] ^= rng.randrange(1, 256)
+        if rng.random() < 0.3 and at + 1 < length:
+            new[at + 1] ^= rng.randrange(1, 256)
+    want = _reference.xzr_encode(bytes(new), base)
+    for path in _each_path():
+        assert _kernels.xzr_encode(bytes(new), base) == want, path

@@ -299,3 +299,17 @@ def test_page_digests64_matches_reference(data: bytes, page: int) -> None:
     if n:
         with pytest.raises(ValueError):
             _kernels.page_digests64(data, page, np.zeros(n - 1, dtype=np.uint64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=5 * PAGE + 17), st.sampled_from([1, 64, PAGE, 3 * PAGE]))
+def test_page_digests128_matches_reference(data: bytes, page: int) -> None:
+    n = -(-len(data) // page)
+    want = bytearray(16 * n)
+    _reference.page_digests128(data, page, want)
+    got = np.zeros((n, 16), dtype=np.uint8)
+    _kernels.page_digests128(data, page, got)
+    assert got.tobytes() == bytes(want)
+    if n:
+        with pytest.raises(ValueError):
+            _kernels.page_digests128(data, page, bytearray(16 * n - 1))

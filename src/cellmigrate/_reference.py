@@ -102,6 +102,9 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   package's, as an unsigned int) of page ``k`` of ``data`` (the last may be short);
   ``out`` too short raises ``ValueError``.
 
+* ``page_digests128(data, page, out) -> None``: XXH3-128 (canonical 16 bytes) of each
+  page of ``data`` into ``out`` (16 bytes a page); ``out`` too short raises ``ValueError``.
+
 Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dispatch()``,
 ``_set_dispatch(name)`` (code-path selection for tests), ``NOGIL_MIN_BYTES``, and the
 ``_naive_*`` straightforward loops used as benchmark baselines.
@@ -364,6 +367,20 @@ def page_digests64(data: BufferLike, page: int, out: Any) -> None:
         raise ValueError(f"out holds {len(out)} digests, {npages} pages need one each")
     for k in range(npages):
         out[k] = xxhash.xxh3_64_intdigest(bytes(src[k * page : (k + 1) * page]))
+
+
+def page_digests128(data: BufferLike, page: int, out: BufferLike) -> None:
+    """XXH3-128 of each page of ``data`` into ``out`` (16 bytes a page)."""
+    import xxhash
+
+    src = _view(data).cast("B")
+    if page <= 0:
+        raise ValueError("page must be positive")
+    digests = b"".join(xxhash.xxh3_128_digest(bytes(src[i : i + page])) for i in range(0, src.nbytes, page))
+    target = _view(out).cast("B")
+    if target.nbytes < len(digests):
+        raise ValueError(f"out holds {target.nbytes} bytes, {len(digests) // 16} pages need 16 each")
+    target[: len(digests)] = digests
 
 
 # --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import hmac
 import json
 import struct
 from dataclasses import asdict
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import blake3 as _blake3
 import numpy as np
@@ -60,6 +60,12 @@ __all__ = [
     "decode_u32",
     "decode_u64",
     "encode_chunk_header",
+    "ChunkHead",
+    "CHUNK_HEAD_SIZE",
+    "decode_chunk_head",
+    "decode_chunk_runs",
+    "check_payload_len",
+    "chunk_of",
     "decode_chunk",
     "chunk_parts",
     "FrameMac",
@@ -173,14 +179,20 @@ class FrameMac:
         self._direction = direction
         self._counter = 0
 
-    def next(self, msg: int, parts: Sequence[Union[bytes, bytearray, memoryview]], length: int) -> bytes:
-        """The MAC of the next frame (advances the counter)."""
+    def start(self, msg: int, length: int) -> Any:
+        """A keyed-BLAKE3 hasher of the next frame, to feed its body to piece by piece
+        (advances the counter); its ``digest()`` is the frame's MAC."""
         h = _blake3.blake3(key=self._key)
         h.update(self._direction + struct.pack("<QBI", self._counter, msg, length))
+        self._counter += 1
+        return h
+
+    def next(self, msg: int, parts: Sequence[Union[bytes, bytearray, memoryview]], length: int) -> bytes:
+        """The MAC of the next frame (advances the counter)."""
+        h = self.start(msg, length)
         for part in parts:
             h.update(part)
-        self._counter += 1
-        return h.digest()
+        return bytes(h.digest())
 
 
 # -- handshake messages ---------------------------------------------------------------------
@@ -336,6 +348,78 @@ def encode_chunk_header(chunk: Chunk) -> bytes:
     return head + runs.tobytes()
 
 
+class ChunkHead(NamedTuple):
+    """A CHUNK body's fixed header, checked (what the index runs and payload must match)."""
+
+    seq: int
+    round: int
+    size: int
+    encoding: Encoding
+    pages: int
+    runs: int
+    raw_len: int
+    digest: bytes
+
+    @property
+    def runs_len(self) -> int:
+        """Bytes of index runs that follow the header."""
+        return self.runs * _RUN.itemsize
+
+
+#: Bytes of a CHUNK body before its index runs.
+CHUNK_HEAD_SIZE = _CHUNK.size
+
+
+def decode_chunk_head(head: memoryview) -> ChunkHead:
+    """The first :data:`CHUNK_HEAD_SIZE` bytes of a CHUNK body: counts checked against
+    each other and the limits, the encoding known (``ProtocolError`` else)."""
+    _need(head, _CHUNK.size, "CHUNK")
+    seq, round_no, size, encoding, pages, nruns, raw_len, digest = _CHUNK.unpack_from(head)
+    if encoding not in (Encoding.RAW, Encoding.LZ4):
+        raise ProtocolError(f"CHUNK has unknown encoding {encoding}")
+    if pages > _MAX_RUNS or nruns > pages or raw_len > MAX_CHUNK_BYTES:
+        raise ProtocolError(f"CHUNK declares {pages} pages in {nruns} runs, {raw_len} bytes: over the limits")
+    if (pages == 0) != (nruns == 0):
+        raise ProtocolError("CHUNK page count and run count disagree")
+    return ChunkHead(int(seq), int(round_no), int(size), Encoding(encoding), int(pages), int(nruns), int(raw_len), bytes(digest))
+
+
+def decode_chunk_runs(head: ChunkHead, runs_bytes: memoryview) -> npt.NDArray[np.int64]:
+    """The page indices of the ``head.runs_len`` bytes of index runs after ``head``:
+    runs ascending and disjoint, adding up to ``head.pages`` (``ProtocolError`` else)."""
+    _exact(runs_bytes, head.runs_len, "CHUNK runs")
+    nruns, pages = head.runs, head.pages
+    if not nruns:
+        return np.zeros(0, dtype=np.int64)
+    runs = np.frombuffer(runs_bytes, dtype=_RUN, count=nruns)
+    counts = runs["count"].astype(np.int64)
+    starts = runs["start"]
+    if int(counts.min()) < 1 or int(counts.sum()) != pages:
+        raise ProtocolError("CHUNK runs do not add up to its page count")
+    if int(starts.max()) >= 1 << 52:
+        raise ProtocolError("CHUNK page index out of range")
+    s = starts.astype(np.int64)
+    if nruns > 1 and not bool(np.all(s[1:] > s[:-1] + counts[:-1])):
+        raise ProtocolError("CHUNK runs are not ascending and disjoint")
+    if nruns == 1:  # one run (round 0 of dense data): no expansion arithmetic
+        return np.arange(int(s[0]), int(s[0]) + pages, dtype=np.int64)
+    # Expand the runs: page k of run r is starts[r] + k.
+    offsets = np.repeat(s - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+    indices: npt.NDArray[np.int64] = offsets + np.arange(pages, dtype=np.int64)
+    return indices
+
+
+def check_payload_len(head: ChunkHead, payload_len: int) -> None:
+    """A RAW payload is exactly ``raw_len`` bytes (an LZ4 one is checked when decoded)."""
+    if head.encoding == Encoding.RAW and payload_len != head.raw_len:
+        raise ProtocolError(f"CHUNK payload is {payload_len} bytes, its header says {head.raw_len}")
+
+
+def chunk_of(head: ChunkHead, indices: npt.NDArray[np.int64], payload: Union[bytes, memoryview]) -> Chunk:
+    """The :class:`Chunk` a decoded header, its indices and its payload make."""
+    return Chunk(head.seq, head.round, head.size, indices, head.encoding, payload, head.raw_len, head.digest)
+
+
 def decode_chunk(body: memoryview) -> Chunk:
     """A CHUNK body as a :class:`Chunk` (its payload a view into ``body``).
 
@@ -343,36 +427,13 @@ def decode_chunk(body: memoryview) -> Chunk:
     body's length, runs ascending and non-overlapping, the page total, the encoding.
     The receiver session then checks the indices against the state and the digest.
     """
-    _need(body, _CHUNK.size, "CHUNK")
-    seq, round_no, size, encoding, pages, nruns, raw_len, digest = _CHUNK.unpack_from(body)
-    if encoding not in (Encoding.RAW, Encoding.LZ4):
-        raise ProtocolError(f"CHUNK has unknown encoding {encoding}")
-    if pages > _MAX_RUNS or nruns > pages or raw_len > MAX_CHUNK_BYTES:
-        raise ProtocolError(f"CHUNK declares {pages} pages in {nruns} runs, {raw_len} bytes: over the limits")
-    if (pages == 0) != (nruns == 0):
-        raise ProtocolError("CHUNK page count and run count disagree")
-    end = _CHUNK.size + nruns * _RUN.itemsize
+    head = decode_chunk_head(body)
+    end = _CHUNK.size + head.runs_len
     _need(body, end, "CHUNK")
-    runs = np.frombuffer(body, dtype=_RUN, count=nruns, offset=_CHUNK.size)
-    counts = runs["count"].astype(np.int64)
-    starts = runs["start"]
-    if nruns:
-        if int(counts.min()) < 1 or int(counts.sum()) != pages:
-            raise ProtocolError("CHUNK runs do not add up to its page count")
-        if int(starts.max()) >= 1 << 52:
-            raise ProtocolError("CHUNK page index out of range")
-        s = starts.astype(np.int64)
-        if nruns > 1 and not bool(np.all(s[1:] > s[:-1] + counts[:-1])):
-            raise ProtocolError("CHUNK runs are not ascending and disjoint")
-        # Expand the runs: page k of run r is starts[r] + k.
-        offsets = np.repeat(s - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-        indices: npt.NDArray[np.int64] = offsets + np.arange(pages, dtype=np.int64)
-    else:
-        indices = np.zeros(0, dtype=np.int64)
+    indices = decode_chunk_runs(head, body[_CHUNK.size : end])
     payload = body[end:]
-    if encoding == Encoding.RAW and payload.nbytes != raw_len:
-        raise ProtocolError(f"CHUNK payload is {payload.nbytes} bytes, its header says {raw_len}")
-    return Chunk(int(seq), int(round_no), int(size), indices, Encoding(encoding), payload, int(raw_len), bytes(digest))
+    check_payload_len(head, payload.nbytes)
+    return chunk_of(head, indices, payload)
 
 
 def chunk_parts(chunk: Chunk) -> List[Union[bytes, memoryview]]:

@@ -14,7 +14,9 @@ import os
 import socket
 import ssl
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, Optional
+from typing import Callable, List, Optional
+
+import xxhash as _xxhash
 
 from ..errors import CellError
 from ..validation import MigrationValidator, NodeCapabilities
@@ -27,7 +29,11 @@ from .protocol import (
     VERSION,
     Handshake,
     Msg,
-    decode_chunk,
+    CHUNK_HEAD_SIZE,
+    check_payload_len,
+    chunk_of,
+    decode_chunk_head,
+    decode_chunk_runs,
     decode_commit,
     decode_hello,
     decode_offer,
@@ -39,7 +45,8 @@ from .protocol import (
     encode_round_digest,
 )
 from .session import ReceiverSession
-from .transport import DEFAULT_TIMEOUT, Connection, Stream, accept
+from .pages import Chunk
+from .transport import DEFAULT_TIMEOUT, Connection, FrameReader, Stream, accept
 
 __all__ = ["DEFAULT_RESUME_TIMEOUT", "LiveReceiver"]
 
@@ -139,15 +146,18 @@ class LiveReceiver:
         # A chunk is verified and written on a helper thread while the next frame arrives
         # (both mostly outside the GIL: socket reads, LZ4, pwrite/memcpy). Its ACK goes out
         # as soon as it is done, or once the next frame is in: order is kept either way.
+        # A raw chunk bound for pages still zero in the staging (round 0) skips all that:
+        # it is read from the socket straight into the staging (see _receive_direct).
         pending: Optional["Future[bool]"] = None
-        pending_seq = 0
+        pending_chunk: Optional[Chunk] = None
 
         def settle() -> None:
-            nonlocal pending
-            if pending is not None:
-                job, pending = pending, None
+            nonlocal pending, pending_chunk
+            if pending is not None and pending_chunk is not None:
+                job, seq = pending, pending_chunk.seq
+                pending = pending_chunk = None
                 job.result()  # re-raises the chunk's error (nothing of it was written)
-                conn.send(Msg.ACK, pending_seq.to_bytes(8, "little"))
+                conn.send(Msg.ACK, seq.to_bytes(8, "little"))
 
         with ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-rx") as worker:
             while True:
@@ -155,12 +165,25 @@ class LiveReceiver:
                     wait([pending], timeout=0.002)
                 if pending is not None and pending.done():
                     settle()
-                msg, body = conn.recv(Msg.CHUNK, Msg.ROUND_END, Msg.COMMIT, Msg.ABORT)
-                settle()
+                msg, length = conn.recv_header(Msg.CHUNK, Msg.ROUND_END, Msg.COMMIT, Msg.ABORT)
                 if msg is Msg.CHUNK:
-                    chunk = decode_chunk(body)
-                    pending, pending_seq = worker.submit(session.apply_chunk, chunk), chunk.seq
-                elif msg is Msg.ROUND_END:
+                    reader = conn.reader(msg, length)
+                    head = decode_chunk_head(reader.read(CHUNK_HEAD_SIZE))
+                    chunk = chunk_of(head, decode_chunk_runs(head, reader.read(head.runs_len)), b"")
+                    check_payload_len(head, reader.remaining)
+                    if session.can_apply_direct(chunk, pending_chunk):
+                        settle()  # the staging must hold every chunk before this one
+                        if _receive_direct(session, chunk, reader):
+                            conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
+                            continue
+                    chunk.payload = reader.read(reader.remaining)
+                    reader.finish()
+                    settle()
+                    pending, pending_chunk = worker.submit(session.apply_chunk, chunk), chunk
+                    continue
+                body = conn.recv_body(msg, length)
+                settle()
+                if msg is Msg.ROUND_END:
                     round_no = decode_u32(body, "ROUND_END")
                     conn.send(Msg.ROUND_DIGEST, encode_round_digest(round_no, session.end_round(round_no)))
                     # Make the round durable while the sender scans the next one, so the
@@ -225,6 +248,27 @@ class LiveReceiver:
             self.serve(listener, tls=tls, idle_timeout=seconds)
         finally:
             self.answer_only = False
+
+
+# Pieces a chunk's pages are read in: each is hashed right after it lands, from cache.
+_PIECE = 1 << 20
+
+
+def _receive_direct(session: ReceiverSession, chunk: Chunk, reader: FrameReader) -> bool:
+    """Read ``chunk``'s pages from ``reader`` straight into the staging and commit them
+    (:meth:`ReceiverSession.apply_direct`); False when the session wants the copy path."""
+
+    def fill(views: List[memoryview]) -> bytes:
+        hasher = _xxhash.xxh3_128()
+        for view in views:
+            for lo in range(0, view.nbytes, _PIECE):
+                piece = view[lo : lo + _PIECE]
+                reader.read_into(piece)
+                hasher.update(piece)
+        reader.finish()  # the MAC, before anything counts as received
+        return bytes(hasher.digest())
+
+    return session.apply_direct(chunk, fill) is not None
 
 
 def _raise_if_error(msg: Msg, body: memoryview) -> None:

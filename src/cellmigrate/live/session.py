@@ -3,7 +3,10 @@
 A :class:`ReceiverSession` stages rounds into a :class:`~cellmigrate.live.agent.StateStore`:
 each chunk is decoded and its digest checked *before* anything is written, then written
 whole and acknowledged (its sequence number becomes the committed point a resumed
-connection continues from). Each page written is hashed back from the staged state
+connection continues from). A raw chunk for pages still zero in the staging (round 0)
+may instead be received in place (:meth:`ReceiverSession.apply_direct`): if it then
+fails, its pages are zero-filled again, so a chunk that fails still changes nothing.
+Each page written is hashed back from the staged state
 into the session's :class:`~cellmigrate.live.leaves.PageTable`, so at the end of a round
 its page root (``xxh3_128_tree`` with 4 KiB leaves) is ready with nothing left to hash.
 The target agent adopts the staged state only when the sender's commit carries the same
@@ -16,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
@@ -28,7 +31,7 @@ from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .errors import RefusedError
 from .agent import MAX_EXTRA_BYTES, StateStore, TargetAgent
 from .leaves import PageTable, page_digests_at
-from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Chunk, decode_pages, pages_digest, pages_len, write_pages
+from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Chunk, Encoding, decode_pages, pages_digest, pages_len, write_pages
 
 __all__ = ["Offer", "ReceiverSession"]
 
@@ -74,6 +77,9 @@ class ReceiverSession:
         self._scratch: Optional["np.ndarray[Any, np.dtype[np.uint8]]"] = None
         self._round_seen = -1
         self._started = 0.0
+        # Every staged page from this index on is zero (never written since begin): a
+        # chunk there can be received in place and undone by zero-filling it.
+        self._zero_from = 0
 
     # -- handshake -------------------------------------------------------------------
 
@@ -103,6 +109,7 @@ class ReceiverSession:
         self.bytes_received = 0
         self._started = time.monotonic()
         self.store.resize(0)  # the staging area starts zero-filled: round 0 skips zero pages
+        self._zero_from = 0
         self._pages = PageTable()
         self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration staging started: {offer.state_size} bytes announced")
         return 0
@@ -114,6 +121,85 @@ class ReceiverSession:
 
         Raises ``CorruptDataError`` (digest, bounds, order) with the staged state as it was.
         """
+        if not self._check(chunk):
+            return False
+        idx = chunk.indices
+        raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len)
+        if pages_digest(raw) != chunk.digest:
+            raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
+        # Verified: now (and only now) change the staged state.
+        if chunk.size != self.store.size():
+            self._resize_store(chunk.size)
+        if len(idx):
+            write_run = getattr(self.store, "write_run", None)
+            if write_run is not None and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
+                write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
+            else:
+                write_pages(self._staged(), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
+        self._commit(chunk)
+        return True
+
+    def can_apply_direct(self, chunk: Chunk, after: Optional[Chunk] = None) -> bool:
+        """Whether :meth:`apply_direct` would write ``chunk``'s pages straight into the
+        staging (once ``after``, a chunk still being applied, is committed).
+
+        That is for a raw chunk all of whose pages are still zero in the staging (round 0
+        of a new migration, say): a chunk that fails is then undone by zero-filling what
+        it wrote. Stores that write through ``write_run`` (a file) take the copy path."""
+        idx = chunk.indices
+        if chunk.encoding != Encoding.RAW or not len(idx) or getattr(self.store, "write_run", None) is not None:
+            return False
+        frontier = self._zero_from
+        if after is not None and len(after.indices):
+            frontier = max(frontier, int(after.indices[-1]) + 1)
+        return int(idx[0]) >= frontier
+
+    def apply_direct(self, chunk: Chunk, fill: Callable[[List[memoryview]], bytes]) -> Optional[bool]:
+        """:meth:`apply_chunk` with the pages written straight into the staging area.
+
+        ``chunk`` has no payload yet: ``fill(views)`` writes its raw pages into ``views``
+        (the staging's byte ranges of each run of pages, in order: e.g. reading them from
+        the socket) and returns the XXH3-128 of what it wrote. Returns None (nothing done)
+        when the chunk cannot go this way (see :meth:`can_apply_direct`, or a resend):
+        apply it with :meth:`apply_chunk`. Whatever ``fill`` raises, and a digest
+        mismatch (``CorruptDataError``), leave the staged state exactly as it was: the
+        pages written are zero-filled again, a size grown for them is shrunk back.
+        """
+        if not self.can_apply_direct(chunk) or not self._check(chunk):
+            return None
+        old_size = self.store.size()
+        if chunk.size > old_size:
+            self._resize_store(chunk.size)
+        idx = chunk.indices
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        firsts = idx[np.concatenate(([0], breaks))].tolist()
+        lasts = idx[np.concatenate((breaks - 1, [len(idx) - 1]))].tolist()
+        # No ``with``: a traceback keeping the fill's frames (and these views) alive must
+        # not turn a failure into a BufferError; a store without write_run keeps no mapping.
+        view = self.store.view()
+        ranges = [view[a * PAGE_SIZE : min((b + 1) * PAGE_SIZE, chunk.size)] for a, b in zip(firsts, lasts)]
+        try:
+            try:
+                got = fill(ranges)
+                if got != chunk.digest:
+                    raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
+            except BaseException:
+                for r in ranges:  # they were all zero: the staging is as it was
+                    np.frombuffer(r, dtype=np.uint8).fill(0)
+                raise
+            finally:
+                del ranges, view
+        except BaseException:
+            if self.store.size() != old_size:
+                self._resize_store(old_size)
+            raise
+        if chunk.size < old_size:
+            self._resize_store(chunk.size)
+        self._commit(chunk)
+        return True
+
+    def _check(self, chunk: Chunk) -> bool:
+        """A chunk's place and bounds (``CorruptDataError``); False when already committed."""
         self._need_open()
         if chunk.seq <= self.committed_seq:
             return False
@@ -131,22 +217,23 @@ class ReceiverSession:
                 raise CorruptDataError("chunk page indices are not ascending within the state")
         if chunk.raw_len != pages_len(idx, chunk.size) or chunk.raw_len > MAX_CHUNK_BYTES:
             raise CorruptDataError(f"chunk declares {chunk.raw_len} bytes for {len(idx)} pages")
-        raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len)
-        if pages_digest(raw) != chunk.digest:
-            raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
-        # Verified: now (and only now) change the staged state.
-        if chunk.size != self.store.size():
-            try:
-                self.store.resize(chunk.size)
-            except (MemoryError, ValueError, OSError) as exc:
-                raise InvalidStateError(f"cannot stage a state of {chunk.size} bytes: {exc}") from None
+        return True
+
+    def _resize_store(self, size: int) -> None:
+        try:
+            self.store.resize(size)
+        except (MemoryError, ValueError, OSError) as exc:
+            raise InvalidStateError(f"cannot stage a state of {size} bytes: {exc}") from None
+        # Pages past the end are gone; added ones are zero (a shrunk last page is not).
+        self._zero_from = min(self._zero_from, -(-size // PAGE_SIZE))
+
+    def _commit(self, chunk: Chunk) -> None:
+        """The verified chunk is in the staging: advance the committed point and the page table."""
+        idx = chunk.indices
+        if self._pages.size != chunk.size:
             self._pages.resize(chunk.size)  # added pages are hashed from the staging too
         if len(idx):
-            write_run = getattr(self.store, "write_run", None)
-            if write_run is not None and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
-                write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
-            else:
-                write_pages(self._staged(), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
+            self._zero_from = max(self._zero_from, int(idx[-1]) + 1)
             # Hash the pages back from the staging (what the proof is about), and the pages
             # before this chunk's last one still unknown since a resize (pages of a round
             # come in ascending order: none of those is written later in the round), so the
@@ -157,7 +244,6 @@ class ReceiverSession:
         self.committed_seq = chunk.seq
         self._round_seen = chunk.round
         self.bytes_received += chunk.raw_len
-        return True
 
     def end_round(self, round_no: int) -> bytes:
         """The round is fully committed: return the staged state's digest (and flush it)."""

@@ -31,6 +31,7 @@ __all__ = [
     "SocketStream",
     "PipeStream",
     "Connection",
+    "FrameReader",
     "parse_address",
     "connect",
     "listen",
@@ -200,6 +201,13 @@ class Connection:
     def recv(self, *expect: Msg) -> Tuple[Msg, memoryview]:
         """The next frame: ``(type, body)``. With ``expect``, any other type but ERROR is a
         ``ProtocolError`` (an ERROR frame is returned for the caller to raise)."""
+        msg, length = self.recv_header(*expect)
+        return msg, self.recv_body(msg, length)
+
+    def recv_header(self, *expect: Msg) -> Tuple[Msg, int]:
+        """The next frame's type and body length, both checked (type known and expected as
+        in :meth:`recv`, length within its type's bound); read its body next, with
+        :meth:`recv_body` or a :meth:`reader`, before anything else."""
         header = memoryview(bytearray(_HEADER.size))
         self._read_exact(header, time.monotonic() + self.timeout, "a frame header")
         length, kind = _HEADER.unpack(header)
@@ -210,18 +218,22 @@ class Connection:
             raise ProtocolError(f"unexpected {msg.name} frame (expected {' or '.join(m.name for m in expect)})")
         if length > body_limit(msg):
             raise ProtocolError(f"{msg.name} frame declares {length} bytes, over its limit of {body_limit(msg)}")
+        return msg, int(length)
+
+    def recv_body(self, msg: Msg, length: int) -> memoryview:
+        """The body of the frame :meth:`recv_header` announced, its MAC checked."""
+        reader = self.reader(msg, length)
+        body = reader.read(length)
+        reader.finish()
+        return body
+
+    def reader(self, msg: Msg, length: int) -> "FrameReader":
+        """Read the body of the frame :meth:`recv_header` announced piece by piece."""
         total = length + (MAC_SIZE if self._in_mac is not None else 0)
         self._turn = (self._turn + 1) % len(self._bufs)
         if total > len(self._bufs[self._turn]):
             self._bufs[self._turn] = bytearray(total)
-        view = memoryview(self._bufs[self._turn])[:total]
-        self._read_exact(view, time.monotonic() + self.timeout + total / _MIN_RATE, f"a {msg.name} frame")
-        body = view[:length]
-        if self._in_mac is not None:
-            expected = self._in_mac.next(kind, [body], length)
-            if not _equal(expected, view[length:]):
-                raise AuthenticationError(f"{msg.name} frame failed its MAC check (tampered, or not from the key holder)")
-        return msg, body
+        return FrameReader(self, msg, length, memoryview(self._bufs[self._turn])[:total])
 
     def readable(self) -> bool:
         """Whether a frame has (started to) arrive."""
@@ -235,6 +247,58 @@ class Connection:
             self.stream.close()
         except OSError:
             pass
+
+
+class FrameReader:
+    """The body of one frame, read in pieces: into the connection's reused buffer
+    (:meth:`read`) or straight into the caller's memory (:meth:`read_into`, e.g. a chunk's
+    pages into the staging area, with no copy in between); :meth:`finish` then checks the
+    frame's MAC over everything read. The whole body shares one deadline (the timeout
+    plus its length at 1 MB/s), as a frame read at once does.
+    """
+
+    def __init__(self, conn: Connection, msg: Msg, length: int, buffer: memoryview) -> None:
+        self.conn = conn
+        self.msg = msg
+        self.length = length
+        #: Bytes of the body not read yet.
+        self.remaining = length
+        self._buf = buffer
+        self._pos = 0
+        self._deadline = time.monotonic() + conn.timeout + buffer.nbytes / _MIN_RATE
+        self._mac = conn._in_mac.start(int(msg), length) if conn._in_mac is not None else None
+
+    def _take(self, n: int) -> None:
+        if n > self.remaining:
+            raise ProtocolError(f"{self.msg.name} frame is {self.length} bytes, too short for what it declares")
+        self.remaining -= n
+
+    def read(self, n: int) -> memoryview:
+        """The next ``n`` bytes of the body (a view into the reused buffer)."""
+        self._take(n)
+        view = self._buf[self._pos : self._pos + n]
+        self.conn._read_exact(view, self._deadline, f"a {self.msg.name} frame")
+        self._pos += n
+        if self._mac is not None:
+            self._mac.update(view)
+        return view
+
+    def read_into(self, view: memoryview) -> None:
+        """The next ``view.nbytes`` bytes of the body, written into ``view``."""
+        self._take(view.nbytes)
+        self.conn._read_exact(view, self._deadline, f"a {self.msg.name} frame")
+        if self._mac is not None:
+            self._mac.update(view)
+
+    def finish(self) -> None:
+        """After the whole body: check the frame's MAC (``AuthenticationError``)."""
+        if self.remaining:
+            raise ProtocolError(f"{self.msg.name} frame has {self.remaining} bytes nobody read")
+        if self._mac is not None:
+            mac = self._buf[self._buf.nbytes - MAC_SIZE :]
+            self.conn._read_exact(mac, self._deadline, f"the MAC of a {self.msg.name} frame")
+            if not _equal(bytes(self._mac.digest()), mac):
+                raise AuthenticationError(f"{self.msg.name} frame failed its MAC check (tampered, or not from the key holder)")
 
 
 def _equal(a: bytes, b: memoryview) -> bool:
