@@ -489,8 +489,10 @@ def apply_in_place(
 ) -> ApplyReport:
     """Apply ``delta`` to the file BASE in place, crash-safely (see the module doc).
 
-    The delta is verified in full (page table, checksum, digest or MAC) on a private
-    copy-on-write map of BASE before anything is written, so a refused delta raises
+    The delta is verified in full (page table, checksum, digest or MAC) on a read-only
+    map of BASE, one window of the state at a time (``cellmigrate._streaming``: memory
+    bounded whatever the delta's size), before anything is written; the windows are then
+    decoded again and written, each checked to be what was verified. A refused delta raises
     :class:`~cellmigrate.errors.InvalidStateError` and leaves BASE byte for byte
     unchanged. A BASE shorter than the delta's state is grown with zeros (the library's
     rule); as growing must happen before the result can be checked, it is done under the
@@ -574,7 +576,8 @@ def apply_into(
     """Apply ``delta`` to the file open as ``fd`` (read-write, already ``total_size`` long).
 
     For a fresh copy of BASE (``apply -o``, ``--safe-replace``): the delta is verified on
-    a private map of the file, then its pages are written with ``pwrite``. No journal:
+    a read-only map of the file window by window, then its pages are written with
+    ``pwrite`` (:func:`apply_in_place`'s two passes). No journal:
     the caller renames the file into place only when this returned. For a resizing delta
     the caller copied BASE zero-extended or cut to ``total_size`` (after
     :func:`check_base_size`). Returns the number of pages written.
