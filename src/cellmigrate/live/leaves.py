@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash as _xxhash
 
+from .._backend import kernels
 from .._buffers import as_bytes_view
 from .._parallel import plan, run_spans
 from ..checksum import PAGE_SIZE
@@ -55,16 +56,28 @@ def _python_page_digests(view: memoryview, out: Digests) -> None:
     out[:] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, PAGE_DIGEST_SIZE)
 
 
-def _kernel() -> Optional[Callable[..., Any]]:
-    """The compiled GIL-free per-page XXH3-128 kernel, when this build has one."""
+def _kernel() -> Optional[Callable[[memoryview, Digests], Any]]:
+    """A compiled, GIL-free way to fill ``out`` with the page digests of ``view``, or None.
+
+    Asked on every call: the kernels hash with the ``xxhash`` package's own XXH3 functions
+    only once ``cellmigrate._xxh3`` has bound them and checked them on test vectors (and
+    tests unbind them to exercise the Python path). ``page_digests128`` is the dedicated
+    kernel; the leaf kernel with 4 KiB leaves gives the same digests (plus a checksum,
+    unused) where that is missing.
+    """
     try:
-        from .. import _kernels
-    except ImportError:  # pragma: no cover - pure-Python install
+        from .. import _xxh3  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:  # a build whose kernels cannot hash: the Python path
         return None
-    return getattr(_kernels, "page_digests128", None)
-
-
-_KERNEL = _kernel()
+    if not _xxh3.available():
+        return None
+    pages = getattr(kernels, "page_digests128", None)
+    if pages is not None:
+        return lambda view, out: pages(view, PAGE_SIZE, out)
+    leaves = getattr(kernels, "overlay_leaves", None)
+    if leaves is not None:
+        return lambda view, out: leaves(view, 0, view.nbytes, [], [], PAGE_SIZE, out)
+    return None
 
 
 def page_digests(data: Union[bytes, memoryview, U8Array], threads: Optional[int] = None) -> Digests:
@@ -78,13 +91,13 @@ def page_digests(data: Union[bytes, memoryview, U8Array], threads: Optional[int]
     out: Digests = np.empty((-(-n // PAGE_SIZE), PAGE_DIGEST_SIZE), dtype=np.uint8)
     if n == 0:
         return out
-    kernel = _KERNEL
+    kernel = _kernel()
     if kernel is None:
         _python_page_digests(view, out)
         return out
 
     def span(lo: int, hi: int) -> None:
-        kernel(view[lo:hi], PAGE_SIZE, out[lo // PAGE_SIZE : -(-hi // PAGE_SIZE)])
+        kernel(view[lo:hi], out[lo // PAGE_SIZE : -(-hi // PAGE_SIZE)])
 
     run_spans(span, plan(n, threads, PAGE_SIZE))
     return out
