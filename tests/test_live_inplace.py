@@ -165,3 +165,21 @@ def test_cuts_in_the_middle_of_in_place_chunks(cuts: List[int], keyed: bool) -> 
     assert not broken and len(threads) >= 1
     assert target.state is not None and bytes(target.state) == state.tobytes()
     assert digest(bytes(target.state)) == digest(state)
+
+
+def test_prefault_touches_only_zero_pages_and_changes_nothing() -> None:
+    data = np.random.default_rng(3).integers(1, 256, SIZE, dtype=np.uint8)
+    session = _session()
+    session.prefault(1 << 20)  # nothing staged yet: nothing to touch
+    assert session.store.size() == 0
+    chunk = _chunk(1, [0, 1, 2], data)
+    assert session.apply_direct(chunk, _fill_with(data[: 3 * PAGE_SIZE].tobytes()))
+    before = bytes(session.store.view())
+    session.prefault(10 * PAGE_SIZE)
+    session.prefault(1 << 30)  # past the end: bounded by the staging
+    assert bytes(session.store.view()) == before
+    # The next chunk still goes in place after its pages were faulted in.
+    nxt = _chunk(2, [3, 4], data)
+    assert session.can_apply_direct(nxt)
+    assert session.apply_direct(nxt, _fill_with(data[3 * PAGE_SIZE : 5 * PAGE_SIZE].tobytes()))
+    assert bytes(session.store.view())[: 5 * PAGE_SIZE] == data[: 5 * PAGE_SIZE].tobytes()

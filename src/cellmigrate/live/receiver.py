@@ -150,6 +150,7 @@ class LiveReceiver:
         # it is read from the socket straight into the staging (see _receive_direct).
         pending: Optional["Future[bool]"] = None
         pending_chunk: Optional[Chunk] = None
+        prefaulting: Optional["Future[None]"] = None
 
         def settle() -> None:
             nonlocal pending, pending_chunk
@@ -173,8 +174,12 @@ class LiveReceiver:
                     check_payload_len(head, reader.remaining)
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one
+                        if prefaulting is not None:
+                            prefaulting.result()
+                            prefaulting = None
                         if _receive_direct(session, chunk, reader):
                             conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
+                            prefaulting = worker.submit(session.prefault, _PREFAULT)
                             continue
                     chunk.payload = reader.read(reader.remaining)
                     reader.finish()
@@ -252,6 +257,8 @@ class LiveReceiver:
 
 # Pieces a chunk's pages are read in: each is hashed right after it lands, from cache.
 _PIECE = 1 << 20
+# Bytes of the staging past the last in-place chunk a helper thread faults in ahead.
+_PREFAULT = 32 << 20
 
 
 def _receive_direct(session: ReceiverSession, chunk: Chunk, reader: FrameReader) -> bool:

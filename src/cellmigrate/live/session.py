@@ -80,6 +80,7 @@ class ReceiverSession:
         # Every staged page from this index on is zero (never written since begin): a
         # chunk there can be received in place and undone by zero-filling it.
         self._zero_from = 0
+        self._prefaulted = 0
 
     # -- handshake -------------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class ReceiverSession:
         self._started = time.monotonic()
         self.store.resize(0)  # the staging area starts zero-filled: round 0 skips zero pages
         self._zero_from = 0
+        self._prefaulted = 0
         self._pages = PageTable()
         self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration staging started: {offer.state_size} bytes announced")
         return 0
@@ -197,6 +199,19 @@ class ReceiverSession:
             self._resize_store(chunk.size)
         self._commit(chunk)
         return True
+
+    def prefault(self, nbytes: int) -> None:
+        """Touch the staging's still-zero pages just past the last committed one (up to
+        ``nbytes`` of them), so the next in-place chunks land in memory the kernel has
+        already mapped: run on a helper thread while the socket is read, this takes the
+        first-touch page faults (and the kernel's page zeroing) off the receiving thread.
+        Writes only zeros to pages that hold zeros: the staged state does not change."""
+        view = self.store.view()
+        lo = max(self._zero_from, self._prefaulted) * PAGE_SIZE
+        hi = min(view.nbytes, self._zero_from * PAGE_SIZE + nbytes)
+        if hi > lo:
+            np.frombuffer(view, dtype=np.uint8)[lo:hi:PAGE_SIZE] = 0
+            self._prefaulted = -(-hi // PAGE_SIZE)
 
     def _check(self, chunk: Chunk) -> bool:
         """A chunk's place and bounds (``CorruptDataError``); False when already committed."""
