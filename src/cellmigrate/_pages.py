@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -627,6 +627,8 @@ _ZSTD_SAMPLE_WINDOW = 64 << 10
 _ZSTD_SAMPLE_GAIN = 0.9
 #: From this payload size up, zstd compresses with every thread of the pool.
 _ZSTD_THREADS_MIN = 8 << 20
+#: Input bytes of one multi-threaded zstd job (zstd's memory grows with it).
+_ZSTD_JOB = 512 << 10
 
 
 def parse_compress(text: str, *, digest: bool) -> Tuple[int, Optional[int], bool]:
@@ -663,13 +665,62 @@ def parse_compress(text: str, *, digest: bool) -> Tuple[int, Optional[int], bool
     raise ValueError(f"compress {text!r} is not one of {', '.join(COMPRESS_CHOICES)}")
 
 
-def zstd_payload(payload: BufferLike, level: int) -> bytes:
-    """One zstd frame of ``payload`` (content size recorded), multi-threaded when big."""
+#: zstd is fed a payload in pieces of this many bytes, from memory and from a file alike:
+#: its output depends on how the input is split, so one split gives one frame whichever
+#: path made it (``DeltaSnapshot.serialize`` and the CLI's streaming writer agree).
+ZSTD_FEED = 1 << 20
+
+
+def zstd_frame_pieces(payload: BufferLike, level: int, emit: Callable[[bytes], object]) -> int:
+    """Compress ``payload`` into one zstd frame (content size recorded, multi-threaded
+    when big), handing the frame to ``emit`` piece by piece; returns the frame's length.
+
+    Holds no more than zstd's own buffers: the payload may be a memory-mapped file of
+    any size and ``emit`` may write to another file.
+    """
     import zstandard
 
     view = as_bytes_view(payload, "payload")
-    threads = max_threads() if view.nbytes >= _ZSTD_THREADS_MIN and max_threads() > 1 else 0
-    return bytes(zstandard.ZstdCompressor(level=level, threads=threads).compress(view))
+    size = view.nbytes
+    threads = max_threads() if size >= _ZSTD_THREADS_MIN and max_threads() > 1 else 0
+    # Jobs of 512 KiB: zstd's default (4 windows, 8 MiB at level 3) kept 123 MiB of buffers
+    # for 2 threads on 256 MiB, 1 MiB jobs 15 MiB, 512 KiB jobs 8 MiB, as fast (random pages).
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=size, threads=threads, job_size=_ZSTD_JOB if threads else 0
+    )
+    frame = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
+    written = 0
+    for start in range(0, size, ZSTD_FEED):
+        piece = frame.compress(view[start : start + ZSTD_FEED])
+        if piece:
+            emit(piece)
+            written += len(piece)
+    tail = frame.flush()
+    emit(tail)
+    return written + len(tail)
+
+
+def zstd_payload(payload: BufferLike, level: int) -> bytes:
+    """One zstd frame of ``payload`` (content size recorded), multi-threaded when big."""
+    pieces: List[bytes] = []
+    zstd_frame_pieces(payload, level, pieces.append)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def zstd_sample_rejects(payload: BufferLike, level: int) -> bool:
+    """``auto``'s first look: True when a payload over 1 MiB does not shrink to 90% on a
+    1 MiB sample (16 windows of 64 KiB spread evenly over it): then it goes uncompressed
+    and an incompressible payload costs a millisecond, not a pass. An empty payload is
+    rejected; up to 1 MiB the whole payload is tried instead (False)."""
+    view = as_bytes_view(payload, "payload")
+    size = view.nbytes
+    if size == 0:
+        return True
+    if size <= _ZSTD_TRY_WHOLE:
+        return False
+    step = size // _ZSTD_SAMPLE_WINDOWS
+    sample = b"".join(view[k * step : k * step + _ZSTD_SAMPLE_WINDOW] for k in range(_ZSTD_SAMPLE_WINDOWS))
+    return len(zstd_payload(sample, level)) > _ZSTD_SAMPLE_GAIN * len(sample)
 
 
 def choose_compression(batch: PageBatch, level: Optional[int], auto: bool) -> Tuple[str, Optional[bytes]]:
@@ -681,15 +732,8 @@ def choose_compression(batch: PageBatch, level: Optional[int], auto: bool) -> Tu
         return "none", None
     size = batch.payload_size
     view = memoryview(batch.payload)[:size] if not isinstance(batch.payload, bytes) or len(batch.payload) != size else batch.payload
-    if auto:
-        if size == 0:
-            return "none", None
-        if size > _ZSTD_TRY_WHOLE:
-            step = size // _ZSTD_SAMPLE_WINDOWS
-            mv = memoryview(view)
-            sample = b"".join(mv[k * step : k * step + _ZSTD_SAMPLE_WINDOW] for k in range(_ZSTD_SAMPLE_WINDOWS))
-            if len(zstd_payload(sample, level)) > _ZSTD_SAMPLE_GAIN * len(sample):
-                return "none", None
+    if auto and zstd_sample_rejects(view, level):
+        return "none", None
     frame = zstd_payload(view, level)
     if auto and len(frame) >= size:
         return "none", None

@@ -30,7 +30,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union, cast
 
 from .errors import JournalError, StateChangedError, TruncatedInputError
 from .statefile import (
@@ -53,6 +53,7 @@ from .wire import DEFAULT_MAX_TOTAL_SIZE
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tqdm import tqdm as Tqdm
 
+    from ._pages import DecodedPages
     from ._types import Buffer
     from .delta import DeltaSnapshot
 
@@ -544,6 +545,7 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
     """
     from .delta import DeltaSnapshot
     from .errors import CorruptDataError, DeclaredSizeError, LegacyKeyedError
+    from .wire import decode_delta
 
     with _delta_input(path, max_size) as f:
         if f.size == 0:
@@ -551,8 +553,14 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
         try:
             # The reader refuses a declared size over the limit from the header, before
             # decoding anything (a zstd payload is sized by the declared pages).
-            delta = DeltaSnapshot.deserialize(f.buffer, max_total_size=max_size,
-                                              allow_legacy_keyed=allow_legacy_keyed)
+            # Read in place from the map (the pages are views of it; a zstd payload is
+            # decoded into an unnamed temporary file): memory stays bounded (docs/CLI.md).
+            fields = decode_delta(f.buffer, max_total_size=max_size, allow_legacy_keyed=allow_legacy_keyed,
+                                  spool_zstd=True)
+            try:
+                delta = DeltaSnapshot(**fields)
+            except (TypeError, ValueError) as exc:  # as DeltaSnapshot.deserialize words it
+                raise CorruptDataError(f"delta fields are inconsistent: {exc}") from None
         except DeclaredSizeError as exc:
             what = "state" if exc.field == "total_size" else "base"
             raise _too_large(f"delta {path!r} is for a {what} of", exc.size, max_size) from None
@@ -676,10 +684,11 @@ def _cmd_checksum(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ._pages import parse_compress
+    from ._streaming import create_file
     from .checksum import DEFAULT_DIGEST
-    from .delta import DeltaSnapshot
-    from .errors import InvalidStateError
-    from .wire import prepare_delta
 
     key = _read_key(args.key_file)
     algorithm: Optional[str]
@@ -698,6 +707,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         raise CliError(f"--base-sequence {args.base_sequence} leaves no room for the default --sequence "
                        f"(base + 1 > {_U64_MAX}); pass --sequence explicitly")
     sequence = args.base_sequence + 1 if args.sequence is None else args.sequence
+    try:
+        plan = parse_compress(args.compress, digest=algorithm is not None)
+    except ValueError as exc:  # a --compress the delta cannot use
+        raise CliError(f"--compress {args.compress}: {exc}") from None
     output = _resolve_output(args.output, [args.old, args.new], args.force)
 
     started = time.perf_counter()
@@ -708,31 +721,31 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if old.size != new.size and not args.resize:
             raise CliError(f"OLD and NEW must be the same size: {args.old!r} is {old.size} bytes, "
                            f"{args.new!r} is {new.size} bytes (--resize writes a delta that resizes the state)")
-        bar = _progress(args, new.size, "diff")
         try:
-            delta = DeltaSnapshot.create(args.agent_id.bytes, old.buffer, new.buffer,
-                                         args.base_sequence, sequence, digest=algorithm, key=key,
-                                         progress=_bar_callback(bar), compress=args.compress,
-                                         resize=args.resize)
-        except InvalidStateError as exc:
-            raise CliError(str(exc)) from None
-        except ValueError as exc:  # a --compress the delta cannot use
-            raise CliError(f"--compress {args.compress}: {exc}") from None
-        finally:
-            if bar is not None:
-                bar.close()
-        _recheck_pages(args.new, old, new, delta)
-        # Streamed from the delta's own pages: the serialized delta is never built in memory.
-        prepared = prepare_delta(delta)
+            with contextlib.ExitStack() as stack:
+                # The delta is written window by window (bounded memory, docs/CLI.md): into the
+                # output's own temporary file, or for a stream into an unnamed spool first.
+                if output.stream:
+                    fd = stack.enter_context(tempfile.TemporaryFile()).fileno()
+                else:
+                    fd = stack.enter_context(output.open())
+                bar = stack.enter_context(_closing_bar(_progress(args, new.size, "diff")))
+                with memoryview(old.buffer) as old_view, memoryview(new.buffer) as new_view:
+                    delta = create_file(fd, args.agent_id.bytes, old_view, new_view, args.base_sequence, sequence,
+                                        algorithm=algorithm, key=key, plan=plan, progress=_bar_callback(bar),
+                                        recheck=_recheck_pages(args.new, new))
+                # Nothing becomes visible before both inputs are known unchanged.
+                _check_read(old)
+                _check_read(new)
+                if output.stream:
+                    with output.open() as out_fd:
+                        _send_file(fd, out_fd, delta.wire_size)
+        except OSError as exc:
+            raise _os_error(args.output, exc) from None
     elapsed = time.perf_counter() - started
-    try:
-        with output.open(size=prepared.size) as fd:
-            prepared.write(_FdSink(fd))
-    except OSError as exc:
-        raise _os_error(args.output, exc) from None
-    wire_size = prepared.size
+    wire_size = delta.wire_size
 
-    info = _delta_summary(delta, wire_size)
+    info = _delta_summary(cast("DeltaSnapshot", delta), wire_size)
     # With '-o -' stdout carries the delta: the summary goes to stderr.
     report = sys.stderr if args.output == STREAM else sys.stdout
     if args.json:
@@ -742,69 +755,99 @@ def _cmd_diff(args: argparse.Namespace) -> int:
             f"{'<stdout>' if args.output == STREAM else args.output}: {info['dirty_pages']} of {info['total_pages']} pages changed "
             f"({_pct(info['dirty_fraction'])}); {format_size(wire_size)} on the wire "
             f"({_pct(info['wire_fraction'])} of {format_size(info['total_size'])}); "
-            f"digest: {_digest_label(delta)}"
+            f"digest: {_digest_label(cast('DeltaSnapshot', delta))}"
         ), file=report)
     return EXIT_OK
 
 
-class _FdSink:
-    """``write`` to a file descriptor, all of it (what the streaming delta writer needs)."""
+@contextlib.contextmanager
+def _closing_bar(bar: Optional["Tqdm[Any]"]) -> Iterator[Optional["Tqdm[Any]"]]:
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
 
-    def write(self, data: Union[bytes, memoryview]) -> None:
-        write_all(self.fd, data)
+def _send_file(src_fd: int, dst_fd: int, length: int) -> None:
+    """Copy ``length`` bytes from the start of the file ``src_fd`` to the stream ``dst_fd``
+    in the kernel (``sendfile``), or through a map where it cannot."""
+    pos = 0
+    try:
+        while pos < length:
+            sent = os.sendfile(dst_fd, src_fd, pos, min(CHUNK, length - pos))
+            if sent <= 0:
+                raise TruncatedInputError(f"spooled delta ended early ({pos} of {length} bytes)")
+            pos += sent
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or pos:
+            raise
+    with StateFile("spool", fd=os.dup(src_fd), length=length) as spool, memoryview(spool.buffer) as view:
+        for start in range(0, view.nbytes, CHUNK):
+            write_all(dst_fd, view[start:start + CHUNK])
 
 
-def _recheck_pages(name: str, old: StateFile, new: StateFile, delta: "DeltaSnapshot") -> None:
-    """Compare each page the delta copied with the file now (SPEC: no state that never was).
+def _recheck_pages(name: str, new: StateFile) -> Callable[["DecodedPages"], None]:
+    """A check of each page the delta copied against NEW as it is after the scan (SPEC: no
+    state that never was), for ``create_file``'s ``recheck``: window by window, the pages
+    as they were copied (decoded from the delta being written) against NEW's bytes now.
 
     A writer may change NEW during the scan within one timestamp tick, so on top of the
     size/mtime/ctime check, the copied pages must still be what the file holds.
     """
+    import numpy as np
+
     hook_pause("scanned")
-    total = int(delta.total_size)
-    for page in delta.dirty_pages:
-        offset = int(page.index) * 4096
-        length = min(4096, total - offset)
-        # A page stored XORed with the base page decodes against OLD's page.
-        # Past OLD's end (a growing delta) the base page is zeros.
-        base = old.pread(max(0, min(length, old.size - offset)), offset) if offset < old.size else b""
-        data = page.get_data(base=base.ljust(length, b"\0"), length=length)
-        if new.pread(len(data), offset) != data:
-            raise CliError(f"{name!r} changed while it was read (page {page.index} differs from the copy "
+    whole = np.frombuffer(new.buffer, dtype=np.uint8) if new.size else np.empty(0, dtype=np.uint8)
+    total = new.size
+
+    def check(decoded: "DecodedPages") -> None:
+        idx = decoded.indices
+        if not len(idx):
+            return
+        # Compared as 8-byte words: a window's pages in a few numpy calls.
+        copied = decoded.buffer.view(np.uint64).reshape(-1, 512)
+        full = len(idx) - (1 if int(idx[-1]) * 4096 + 4096 > total else 0)
+        now = whole[: (total // 4096) * 4096].view(np.uint64).reshape(-1, 512)[idx[:full]]
+        bad = np.flatnonzero((copied[:full] != now).any(axis=1))
+        if not len(bad) and full < len(idx):
+            tail = int(idx[-1]) * 4096
+            if not np.array_equal(decoded.buffer[-4096:][: total - tail], whole[tail:]):
+                bad = np.array([len(idx) - 1])
+        if len(bad):
+            raise CliError(f"{name!r} changed while it was read (page {int(idx[int(bad[0])])} differs from the copy "
                            "taken during the scan); nothing was written", EXIT_DIFFERENT)
 
+    return check
 
-def _result_map(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot", key: Optional[bytes],
-                stack: contextlib.ExitStack) -> StateFile:
-    """The verified result as a private map, for a stream output (nothing is written).
 
-    Same size: a copy-on-write map of BASE with the pages applied in memory. A growing
-    base: a copy in an unnamed temporary file (``$TMPDIR``), zero-extended first.
+def _apply_to_stream(args: argparse.Namespace, base: StateFile, delta: "DeltaSnapshot", key: Optional[bytes],
+                     output: Output) -> None:
+    """Verify the delta on BASE's map, then write the result to the stream ``output`` front
+    to back (BASE's bytes with the pages over it, window by window: nothing is held).
+
+    A growing delta's tail past BASE is zeros with pages over it; a shrinking one is cut.
     """
-    import tempfile
+    from ._passes import before_end
+    from ._streaming import WindowedApply
+    from .checksum import check_key
 
-    from .journal import apply_into, verify_on
-
-    total = int(delta.total_size)
-    if base.size >= total:
-        result = stack.enter_context(StateFile(base.path, private=True, fd=os.dup(base.fd), length=total))
-        bar = _progress(args, total, "apply")
+    plan = WindowedApply(delta)
+    with memoryview(base.buffer) as view:
+        bar = _progress(args, int(delta.total_size), "apply")
         try:
-            verify_on(result, delta, key=key, progress=_bar_callback(bar))
+            plan.verify(view, check_key(key), before_end(_bar_callback(bar)))
+        except Exception:
+            _check_read(base)  # a file changed while read explains a refusal
+            raise
         finally:
             if bar is not None:
                 bar.close()
-        return result
-    spool = stack.enter_context(tempfile.TemporaryFile())
-    from .statefile import reserve
-
-    reserve(spool.fileno(), 0, total)
-    copy_range(base.fd, spool.fileno(), min(base.size, total), what=base.path)
-    apply_into(spool.fileno(), delta, key=key, name=base.path)
-    return stack.enter_context(StateFile(base.path, fd=os.dup(spool.fileno())))
+        _check_read(base)
+        with output.open() as fd:
+            plan.write_stream(fd, view)
+    _check_read(base)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -854,12 +897,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             with _open_state(args.base) as base:
                 check_base_size(base.size, delta)
                 if output.stream:
-                    with contextlib.ExitStack() as stack:
-                        result = _result_map(args, base, delta, key, stack)
-                        _check_read(base)
-                        with output.open() as fd, memoryview(result.buffer) as view:
-                            for pos in range(0, view.nbytes, CHUNK):
-                                write_all(fd, view[pos:pos + CHUNK])
+                    _apply_to_stream(args, base, delta, key, output)
                 else:
                     with output.open(size=total) as fd:
                         bar = _progress(args, base.size, "copy")

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import xxhash
 
@@ -70,6 +71,7 @@ from .statefile import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ._streaming import WindowedApply
     from .delta import DeltaSnapshot
 
 __all__ = [
@@ -376,7 +378,31 @@ def _runs(indices: Sequence[int], limit: int) -> List[Tuple[int, int]]:
     return runs
 
 
-def _write_journal(jpath: Path, fd: int, runs: Sequence[Tuple[int, int]], old_size: int, new_size: int) -> int:
+def _run_arrays(indices: Any, limit: int) -> Tuple[Any, Any]:
+    """:func:`_runs` as two int64 arrays (offsets, lengths), without a Python object per
+    page or run: the same runs (consecutive pages, at most :data:`MAX_RUN` bytes each)."""
+    import numpy as np
+
+    idx = np.unique(np.asarray(indices, dtype=np.int64))
+    idx = idx[(idx >= 0) & (idx < -(-limit // _PAGE))]
+    if not len(idx):
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    group = np.concatenate(([0], np.flatnonzero(np.diff(idx) != 1) + 1))
+    sizes = np.diff(np.concatenate((group, [len(idx)])))
+    position = np.arange(len(idx)) - np.repeat(group, sizes)
+    starts = np.flatnonzero(position % (MAX_RUN // _PAGE) == 0)
+    ends = np.concatenate((starts[1:], [len(idx)]))
+    offsets = idx[starts] * _PAGE
+    return offsets, np.minimum((idx[ends - 1] + 1) * _PAGE, limit) - offsets
+
+
+def _pairs(offsets: Any, lengths: Any) -> Iterator[Tuple[int, int]]:
+    """``(offset, length)`` of run arrays, one at a time."""
+    for k in range(len(offsets)):
+        yield int(offsets[k]), int(lengths[k])
+
+
+def _write_journal(jpath: Path, fd: int, runs: Iterable[Tuple[int, int]], old_size: int, new_size: int) -> int:
     """Write and fsync the journal of ``runs`` (their bytes read from BASE now)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -463,8 +489,10 @@ def apply_in_place(
 ) -> ApplyReport:
     """Apply ``delta`` to the file BASE in place, crash-safely (see the module doc).
 
-    The delta is verified in full (page table, checksum, digest or MAC) on a private
-    copy-on-write map of BASE before anything is written, so a refused delta raises
+    The delta is verified in full (page table, checksum, digest or MAC) on a read-only
+    map of BASE, one window of the state at a time (``cellmigrate._streaming``: memory
+    bounded whatever the delta's size), before anything is written; the windows are then
+    decoded again and written, each checked to be what was verified. A refused delta raises
     :class:`~cellmigrate.errors.InvalidStateError` and leaves BASE byte for byte
     unchanged. A BASE shorter than the delta's state is grown with zeros (the library's
     rule); as growing must happen before the result can be checked, it is done under the
@@ -483,30 +511,34 @@ def apply_in_place(
         old_size = os.fstat(fd).st_size
         check_base_size(old_size, delta)
         total = int(delta.total_size)
-        indices = sorted({int(page.index) for page in delta.dirty_pages})
-        old_runs = _runs(indices, min(old_size, total))
+        plan = _windowed(delta)
+        report = _reporter(progress, delta)
+        offsets, lengths = _run_arrays(plan.indices, min(old_size, total))
         if old_size >= total:
             # Verify first (a refused delta never touches BASE, not even its mtime), then
             # reserve, journal and write (and cut, for a shrinking delta).
-            with StateFile(path, private=True, fd=os.dup(fd), length=total) as result:
+            with StateFile(path, fd=os.dup(fd), length=total) as result, _view(result) as view:
                 hook_pause("mapped")
-                verify_on(result, delta, key=key, progress=progress)
-                _reserve_runs(fd, old_runs)
-                saved = _write_journal(jpath, fd, old_runs + _tail_runs(total, old_size), old_size, total)
-                _write_window(fd, jpath, result, old_runs, total)
+                _verify(result, plan, view, key, report)
+                _reserve_runs(fd, _pairs(offsets, lengths))
+                runs = itertools.chain(_pairs(offsets, lengths), _tail_runs(total, old_size))
+                saved = _write_journal(jpath, fd, runs, old_size, total)
+                _write_window(fd, jpath, plan, view, total)
+            if report is not None:
+                report(total, total)
         else:
-            _reserve_runs(fd, old_runs)
-            saved = _write_journal(jpath, fd, old_runs, old_size, total)
+            _reserve_runs(fd, _pairs(offsets, lengths))
+            saved = _write_journal(jpath, fd, _pairs(offsets, lengths), old_size, total)
             try:
                 reserve(fd, old_size, total - old_size)  # grows BASE (journaled: undone on failure)
-                apply_into(fd, delta, key=key, progress=progress, name=path)
+                apply_into(fd, delta, key=key, progress=report, name=path)
                 os.fsync(fd)
             except BaseException:
                 _undo(fd, jpath)
                 raise
             with _signals_deferred():
                 _remove_journal(jpath)
-        return ApplyReport(len(indices), saved, old_size, total, recovered)
+        return ApplyReport(len(plan.indices), saved, old_size, total, recovered)
     finally:
         os.close(fd)
 
@@ -544,20 +576,65 @@ def apply_into(
     """Apply ``delta`` to the file open as ``fd`` (read-write, already ``total_size`` long).
 
     For a fresh copy of BASE (``apply -o``, ``--safe-replace``): the delta is verified on
-    a private map of the file, then its pages are written with ``pwrite``. No journal:
+    a read-only map of the file window by window, then its pages are written with
+    ``pwrite`` (:func:`apply_in_place`'s two passes). No journal:
     the caller renames the file into place only when this returned. For a resizing delta
     the caller copied BASE zero-extended or cut to ``total_size`` (after
     :func:`check_base_size`). Returns the number of pages written.
     Raises like :func:`apply_in_place`.
     """
-    indices = sorted({int(page.index) for page in delta.dirty_pages})
-    with StateFile(name, private=True, fd=os.dup(fd)) as result:
-        verify_on(result, delta, key=key, progress=progress)
-        _write_pages(fd, result, _runs(indices, int(delta.total_size)))
-    return len(indices)
+    plan = _windowed(delta)
+    report = _reporter(progress, delta)
+    with StateFile(name, fd=os.dup(fd)) as result, _view(result) as view:
+        _verify(result, plan, view, key, report)
+        written = plan.write_into(fd, view, write=_write_at)
+    if report is not None:
+        report(int(delta.total_size), int(delta.total_size))
+    return written
 
 
-def _reserve_runs(fd: int, runs: Sequence[Tuple[int, int]]) -> None:
+def _windowed(delta: "DeltaSnapshot") -> "WindowedApply":
+    from ._streaming import WindowedApply
+
+    return WindowedApply(delta)
+
+
+def _view(result: StateFile) -> memoryview:
+    """A byte view of the map (a context manager: released before the map is closed)."""
+    return memoryview(result.buffer)
+
+
+def _reporter(progress: Optional[Callable[..., Any]], delta: "DeltaSnapshot") -> Optional[Callable[[int, int], None]]:
+    """``progress`` as a ``(done, total)`` reporter (RESTORING events for an event callback)."""
+    from ._passes import byte_reporter
+    from .progress import ProgressEventKind
+
+    return byte_reporter(progress, bytes(delta.agent_id), ProgressEventKind.RESTORING)
+
+
+def _verify(
+    result: StateFile, plan: "WindowedApply", view: memoryview, key: Optional[bytes],
+    report: Optional[Callable[[int, int], None]],
+) -> None:
+    """``plan.verify`` on the map of BASE (or of its copy); a file truncated or written while
+    it was read explains any refusal of the delta, so that is raised instead (the refusal
+    chained to it), as :func:`verify_on` does."""
+    from ._passes import before_end
+    from .checksum import check_key
+
+    try:
+        plan.verify(view, check_key(key), before_end(report))
+    except Exception:
+        result.check()
+        raise
+    result.check()
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    write_all(fd, data, offset)  # looked up at each call (tests replace it)
+
+
+def _reserve_runs(fd: int, runs: Iterable[Tuple[int, int]]) -> None:
     """Allocate the blocks of every run (holes of a sparse BASE) before the journal.
 
     Content is unchanged, so a full disk here needs no rollback: ENOSPC is raised with
@@ -567,18 +644,10 @@ def _reserve_runs(fd: int, runs: Sequence[Tuple[int, int]]) -> None:
         reserve(fd, offset, length)
 
 
-def _write_pages(fd: int, result: StateFile, runs: Sequence[Tuple[int, int]]) -> None:
-    """``pwrite`` each run of the verified result (a private map) into BASE."""
-    with memoryview(result.buffer) as view:
-        for offset, length in runs:
-            write_all(fd, view[offset:offset + length], offset)
-            hook_delay()
-
-
-def _write_window(fd: int, jpath: Path, result: StateFile, runs: Sequence[Tuple[int, int]], total: int) -> None:
+def _write_window(fd: int, jpath: Path, plan: "WindowedApply", view: memoryview, total: int) -> None:
     """Pages, cut to ``total``, fsync, journal removal; a failure or signal rolls back."""
     try:
-        _write_pages(fd, result, runs)
+        plan.write_into(fd, view, write=_write_at)
         if os.fstat(fd).st_size > total:
             os.ftruncate(fd, total)  # a shrinking delta (the cut bytes are in the journal)
         os.fsync(fd)

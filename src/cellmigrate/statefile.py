@@ -380,13 +380,17 @@ def write_all(fd: int, data: Union[bytes, bytearray, memoryview], offset: Option
 
 #: Bytes copied between two progress reports (and test delays) in the copy helpers.
 COPY_CHUNK = 64 << 20
+#: Bytes read into memory per step where the kernel cannot copy (``copy_file_range``).
+_PREAD_CHUNK = 4 << 20
 
 
 def copy_range(
     src_fd: int, dst_fd: int, length: int, *, what: StrPath = "input",
     on_chunk: Optional[Callable[[int], object]] = None, chunk: Optional[int] = None,
+    src_offset: int = 0, dst_offset: int = 0,
 ) -> None:
-    """Copy the first ``length`` bytes of ``src_fd`` to the start of ``dst_fd``.
+    """Copy the first ``length`` bytes of ``src_fd`` to the start of ``dst_fd`` (or the
+    ``length`` bytes at ``src_offset`` to ``dst_offset``).
 
     In the kernel (``copy_file_range``, which can share extents on copy-on-write file
     systems) where it exists, else by ``pread``/``pwrite``. A source shorter than
@@ -400,14 +404,15 @@ def copy_range(
         done = 0
         if kernel_copy:
             try:
-                done = os.copy_file_range(src_fd, dst_fd, want, pos, pos)
+                done = os.copy_file_range(src_fd, dst_fd, want, src_offset + pos, dst_offset + pos)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
                     raise
                 kernel_copy = False  # not between these file systems: read and write
         if not kernel_copy:
-            block = os.pread(src_fd, want, pos)
-            write_all(dst_fd, block, pos)
+            # At most 4 MiB in memory at a time (the CLI's memory bound holds without a kernel copy).
+            block = os.pread(src_fd, min(want, _PREAD_CHUNK), src_offset + pos)
+            write_all(dst_fd, block, dst_offset + pos)
             done = len(block)
         if done <= 0:
             raise TruncatedInputError(

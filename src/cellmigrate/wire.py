@@ -30,6 +30,7 @@ cannot represent.
 from __future__ import annotations
 
 import operator
+import os
 import struct
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
@@ -105,6 +106,8 @@ __all__ = [
     "prepare_delta",
     "decode_delta",
     "header_digest",
+    "pack_header",
+    "pack_table",
     "wire_length_bound",
 ]
 
@@ -287,6 +290,68 @@ def header_digest(
     return bytes(_xxhash.xxh3_128_digest(binding))
 
 
+def pack_header(
+    *,
+    algorithm: Optional[str],
+    keyed: bool,
+    digest_length: int,
+    compression: str,
+    agent_id: Any,
+    sequence: int,
+    base_sequence: int,
+    total_size: int,
+    base_size: int,
+    timestamp: int,
+    checksum: int,
+    page_count: int,
+    payload_wire: int,
+    payload_size: int,
+) -> bytes:
+    """The 96-byte version-2 header (docs/FORMAT.md, "Header"); ``ValueError`` /
+    ``TypeError`` naming a field its width cannot hold. The state digest and the header
+    digest (``digest_length`` bytes each) follow it."""
+    return _HEADER.pack(
+        MAGIC,
+        VERSION,
+        _algorithm_id(algorithm),
+        _FLAG_KEYED if keyed else 0,
+        _int_field("digest length", digest_length, 255),
+        _compression_id(compression),
+        _ZERO2,
+        _agent_bytes(agent_id),
+        _int_field("sequence", sequence, _U64_MAX),
+        _int_field("base_sequence", base_sequence, _U64_MAX),
+        _int_field("total_size", total_size, _U64_MAX),
+        _int_field("base_size", base_size, _U64_MAX),
+        _int_field("timestamp", timestamp, _U64_MAX),
+        _int_field("checksum", checksum, _U32_MAX),
+        _int_field("page count", page_count, _U32_MAX),
+        _int_field("payload size", payload_wire, _U64_MAX),
+        _int_field("payload size", payload_size, _U64_MAX),
+    )
+
+
+def pack_table(indices: Any, lengths: Any, checks: Any, encodings: Any) -> bytes:
+    """The version-2 page table: four columns of N entries (u32 indices, u16 stored
+    lengths, u32 page checks, u8 encodings); ``ValueError`` for an index or a stored
+    length its column cannot hold."""
+    indices = np.asarray(indices)
+    lengths = np.asarray(lengths)
+    if len(indices):
+        if int(indices.min()) < 0 or int(indices.max()) > _U32_MAX:
+            k = int(np.flatnonzero((indices < 0) | (indices > _U32_MAX))[0])
+            raise ValueError(f"page {k}: index {int(indices[k])} does not fit the 4-byte index field")
+        if int(lengths.max()) > _U16_MAX:
+            k = int(np.argmax(lengths > _U16_MAX))
+            raise ValueError(f"page {k}: {int(lengths[k])} stored bytes do not fit the 2-byte length field")
+    return b"".join((
+        indices.astype("<u4").tobytes(),
+        lengths.astype("<u2").tobytes(),
+        np.asarray(checks).astype("<u4").tobytes(),
+        np.asarray(encodings).astype(np.uint8).tobytes(),
+    ))
+
+
 # --------------------------------------------------------------------------------------
 # encoding (version 2)
 
@@ -308,7 +373,7 @@ class _Prepared:
         total_size = _int_field("total_size", delta.total_size, _U64_MAX)
         base_size = getattr(delta, "base_size", None)
         base_size = total_size if base_size is None else _int_field("base_size", base_size, _U64_MAX)
-        alg_id = _algorithm_id(delta.digest_algorithm)
+        _algorithm_id(delta.digest_algorithm)  # an unknown algorithm is refused before anything else
         digest = b"" if delta.digest is None else bytes(delta.digest)
         if len(digest) > 255:
             raise ValueError(f"digest of {len(digest)} bytes does not fit the 1-byte digest length field")
@@ -324,22 +389,9 @@ class _Prepared:
         count = len(batch)
         if count > _U32_MAX:
             raise ValueError(f"{count} pages do not fit the 4-byte page count")
-        if count:
-            indices, lengths = batch.indices, batch.stored_lengths()
-            if int(indices.min()) < 0 or int(indices.max()) > _U32_MAX:
-                k = int(np.flatnonzero((indices < 0) | (indices > _U32_MAX))[0])
-                raise ValueError(f"page {k}: index {int(indices[k])} does not fit the 4-byte index field")
-            if int(lengths.max()) > _U16_MAX:
-                k = int(np.argmax(lengths > _U16_MAX))
-                raise ValueError(f"page {k}: {int(lengths[k])} stored bytes do not fit the 2-byte length field")
-            if int(batch.encodings.max()) > 255:  # pragma: no cover - uint8 array
-                raise ValueError("page encoding does not fit")
-        self.table = b"".join((
-            batch.indices.astype("<u4").tobytes(),
-            batch.stored_lengths().astype("<u2").tobytes(),
-            batch.checks.astype("<u4").tobytes(),
-            batch.encodings.astype(np.uint8).tobytes(),
-        ))
+        if count and int(batch.encodings.max()) > 255:  # pragma: no cover - uint8 array
+            raise ValueError("page encoding does not fit")
+        self.table = pack_table(batch.indices, batch.stored_lengths(), batch.checks, batch.encodings)
         payload: Union[bytes, memoryview] = batch.payload
         size = batch.payload_size
         if len(payload) != size:
@@ -350,24 +402,21 @@ class _Prepared:
             level = ZSTD_LEVEL if zstd_level is None else zstd_level
             payload = as_bytes_view(frame) if frame is not None else zstd_payload(payload, level)
         self.payload = payload
-        self.header = _HEADER.pack(
-            MAGIC,
-            VERSION,
-            alg_id,
-            _FLAG_KEYED if delta.keyed else 0,
-            len(digest),
-            comp_id,
-            _ZERO2,
-            _agent_bytes(delta.agent_id),
-            _int_field("sequence", delta.sequence, _U64_MAX),
-            _int_field("base_sequence", delta.base_sequence, _U64_MAX),
-            total_size,
-            base_size,
-            _int_field("timestamp", delta.timestamp, _U64_MAX),
-            _int_field("checksum", delta.checksum, _U32_MAX),
-            count,
-            len(payload),
-            size,
+        self.header = pack_header(
+            algorithm=delta.digest_algorithm,
+            keyed=delta.keyed,
+            digest_length=len(digest),
+            compression=compression,
+            agent_id=delta.agent_id,
+            sequence=delta.sequence,
+            base_sequence=delta.base_sequence,
+            total_size=total_size,
+            base_size=base_size,
+            timestamp=delta.timestamp,
+            checksum=delta.checksum,
+            page_count=count,
+            payload_wire=len(payload),
+            payload_size=size,
         )
         self.digests = digest + bound
 
@@ -459,7 +508,11 @@ def write_delta(delta: DeltaLike, fileobj: IO[bytes], *, chunk: int = _WRITE_CHU
 
 
 def decode_delta(
-    data: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE, allow_legacy_keyed: bool = False
+    data: BufferLike,
+    *,
+    max_total_size: int = DEFAULT_MAX_TOTAL_SIZE,
+    allow_legacy_keyed: bool = False,
+    spool_zstd: bool = False,
 ) -> Dict[str, Any]:
     """Parse and fully validate a serialized delta; return the ``DeltaSnapshot`` keyword fields.
 
@@ -471,6 +524,10 @@ def decode_delta(
     not under its MAC: see docs/FORMAT.md). Raises :class:`CorruptDataError` naming the
     field for any malformed, truncated, extended or tampered input, and ``TypeError`` only
     when ``data`` is not a buffer at all.
+
+    ``spool_zstd=True`` decodes a zstd payload into an unnamed temporary file
+    (``$TMPDIR``) mapped read-only instead of memory, so a memory-mapped delta of any
+    size is read in bounded memory (the CLI's ``apply`` and ``inspect``).
     """
     view = as_bytes_view(data, "delta")
     if max_total_size < 0:
@@ -490,7 +547,7 @@ def decode_delta(
             if version > VERSION
             else f"unsupported version {version} (this reader knows versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
-    return _decode_v2(view, max_total_size)
+    return _decode_v2(view, max_total_size, spool_zstd)
 
 
 def _check_declared(field: str, size: int, limit: int) -> None:
@@ -501,7 +558,7 @@ def _check_declared(field: str, size: int, limit: int) -> None:
         )
 
 
-def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
+def _decode_v2(view: memoryview, max_total_size: int, spool_zstd: bool = False) -> Dict[str, Any]:
     size = view.nbytes
     if size < HEADER_SIZE + TRAILER_SIZE:
         raise CorruptDataError(f"truncated: {size} bytes, a version-2 delta has at least {HEADER_SIZE + TRAILER_SIZE}")
@@ -574,7 +631,7 @@ def _decode_v2(view: memoryview, max_total_size: int) -> Dict[str, Any]:
     frame = None
     if comp_id == COMPRESSIONS["zstd"]:
         frame = stored  # kept: re-encoding writes this frame again (zstd frames do not say their level)
-        stored = memoryview(_unzstd(stored, payload_size))
+        stored = _unzstd_to_file(stored, payload_size) if spool_zstd else memoryview(_unzstd(stored, payload_size))
     batch = PageBatch(indices, encodings, offsets, stored, checks)
     batch.frame = frame  # re-encoding writes this frame again (a zstd frame does not say its level)
     # XZR needs its base, which only a strong digest proves: not in a checksum-only delta.
@@ -622,6 +679,60 @@ def _unzstd(stored: memoryview, size: int) -> bytes:
     if len(out) != size:
         raise CorruptDataError(f"payload: zstd frame decoded to {len(out)} bytes, the header says {size}")
     return bytes(out)
+
+
+#: Bytes of a zstd frame fed to the decoder per step when it decodes into a file: the
+#: output of one step is what these bytes decode to (a payload of encoded pages rarely
+#: compresses 100x, so a few MiB at most; zstd's own content-size check bounds the rest).
+_UNZSTD_FEED = 32 << 10
+
+
+def _unzstd_to_file(stored: memoryview, size: int) -> memoryview:
+    """:func:`_unzstd` into an unnamed temporary file, mapped read-only: the same checks
+    (one frame, its declared content size equal to ``size``, nothing after it, never more
+    than ``size`` bytes kept), in bounded memory. The file is gone once the map is."""
+    import mmap
+    import tempfile
+
+    if size == 0:
+        return memoryview(_unzstd(stored, size))
+    try:
+        declared = _zstd.frame_content_size(stored)
+    except _zstd.ZstdError as exc:
+        raise CorruptDataError(f"payload: corrupt zstd frame: {exc}") from None
+    if declared != size:
+        raise CorruptDataError(f"payload: zstd frame declares {declared} bytes, the header {size}")
+    with tempfile.TemporaryFile() as spool:
+        fd = spool.fileno()
+        frame = _zstd.ZstdDecompressor().decompressobj()
+        written = consumed = 0
+        try:
+            while consumed < stored.nbytes and not frame.eof:
+                piece = stored[consumed : consumed + _UNZSTD_FEED]
+                out = frame.decompress(piece)
+                consumed += piece.nbytes
+                if written + len(out) > size:
+                    raise CorruptDataError(f"payload: zstd frame decoded past the {size} bytes the header says")
+                _write_all_at(fd, out, written)
+                written += len(out)
+        except _zstd.ZstdError as exc:
+            raise CorruptDataError(f"payload: corrupt zstd frame: {exc}") from None
+        if not frame.eof:
+            raise CorruptDataError("payload: zstd frame truncated")
+        extra = len(frame.unused_data) + stored.nbytes - consumed
+        if extra:
+            raise CorruptDataError(f"payload: {extra} bytes after the zstd frame")
+        if written != size:
+            raise CorruptDataError(f"payload: zstd frame decoded to {written} bytes, the header says {size}")
+        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    return memoryview(mapping)
+
+
+def _write_all_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _check_algorithm(alg_id: int, flags: int, digest_length: int) -> bool:
