@@ -48,7 +48,7 @@ from ..validation import AgentRequirements, MigrationValidator, VerificationResu
 from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
-from .leaves import PAGE_DIGEST_SIZE, PageTable, page_digests, page_root
+from .leaves import PageTable, page_digests, page_root
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
 from .session import Offer
 
@@ -228,17 +228,20 @@ class LiveMigration:
         table = self._table
         table.resize(size, zero_filled=True)  # the receiver grows its staging with zeros
         self._final = final
-        # The final round keeps the paused state's page digests as scanned: their root is
-        # the proof (the receiver's table, after the round, must have the same).
-        scanned = np.empty((len(table) if final else 0, PAGE_DIGEST_SIZE), dtype=np.uint8)
         threads = self.threads
+        # The final round hashes the paused state's pages in one call (one read of the
+        # state, split over the threads once, not per region) and keeps them: their root
+        # is the proof (the receiver's table, after the round, must have the same).
+        scanned = page_digests(state, threads) if final else None
 
         def find(lo: int, hi: int) -> "npt.NDArray[np.int64]":
-            # One read of the region: its page digests, compared with what the receiver holds.
+            # The region's page digests (while the agent runs: read now, one region at a
+            # time, so dirty pages are copied soon after), compared with what the receiver holds.
             first = lo // PAGE_SIZE
-            digests = page_digests(state[lo:hi], threads)
-            if final:
-                scanned[first : first + len(digests)] = digests
+            if scanned is not None:
+                digests = scanned[first : -(-hi // PAGE_SIZE)]
+            else:
+                digests = page_digests(state[lo:hi], threads)
             return table.differing(first, digests) + first
 
         pages = page_bytes = wire = chunks = 0
@@ -270,7 +273,7 @@ class LiveMigration:
                 self._tracker.update_transfer_progress(self._wire_bytes)
         t_sent = time.monotonic()
         theirs = self.channel.end_round(round_no)  # every chunk acknowledged: the table is complete
-        ours = page_root(scanned, size) if final else table.root()
+        ours = page_root(scanned, size) if scanned is not None else table.root()
         if theirs != ours:
             raise CorruptDataError(
                 f"after round {round_no} the receiver's digest {theirs.hex()} differs from the sender's {ours.hex()}"
