@@ -543,15 +543,18 @@ class DecodedPages:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def views(self) -> List[memoryview]:
-        """One read-only view per page, of its exact length."""
-        mv = memoryview(self.buffer.data).toreadonly()  # type: ignore[arg-type,unused-ignore]
+    def views(self) -> Sequence[memoryview]:
+        """One read-only view per page, of its exact length (with the compiled kernels, the
+        rows of the decoded buffer: no Python object per page until one is indexed)."""
         n = len(self.indices)
+        last = min(PAGE_SIZE, self.total_size - int(self.indices[-1]) * PAGE_SIZE) if n else PAGE_SIZE
+        rows = getattr(kernels, "PageRows", None)
+        if rows is not None:
+            return cast(Sequence[memoryview], rows([(self.buffer, n)] if n else [], PAGE_SIZE, last))
+        mv = memoryview(self.buffer.data).toreadonly()  # type: ignore[arg-type,unused-ignore]
         views = [mv[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in range(n)]
-        if n:
-            last = self.total_size - int(self.indices[-1]) * PAGE_SIZE
-            if last < PAGE_SIZE:
-                views[-1] = views[-1][:last]
+        if n and last < PAGE_SIZE:
+            views[-1] = views[-1][:last]
         return views
 
     def write_into(self, target: BufferLike) -> None:
