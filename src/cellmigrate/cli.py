@@ -364,8 +364,9 @@ def _check_read(f: StateFile) -> None:
 
 
 @contextlib.contextmanager
-def _reading(path: str, *, private: bool = False) -> Iterator[StateFile]:
-    """Open a state file for reading; on leaving, check it was not truncated or changed.
+def _reading(path: str, *, private: bool = False, check_after: bool = True) -> Iterator[StateFile]:
+    """Open a state file for reading; on leaving, check it was not truncated or changed
+    (``check_after=False``: only when leaving with an error; the caller checks it itself).
 
     A truncated or changed input also explains any failure of the work done on it (a
     truncated map reads zeros, which may fail to decode), so it is reported instead.
@@ -379,7 +380,8 @@ def _reading(path: str, *, private: bool = False) -> Iterator[StateFile]:
         except BaseException:
             _check_read(f)
             raise
-        _check_read(f)
+        if check_after:
+            _check_read(f)
     finally:
         f.close()
 
@@ -502,14 +504,15 @@ def _max_delta_bytes(max_size: int) -> int:
 
 
 @contextlib.contextmanager
-def _delta_input(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Iterator[StateFile]:
-    """A delta file mapped, or a stream (``-``, a FIFO, ``<(...)``) spooled then mapped."""
+def _delta_input(path: str, max_size: int = DEFAULT_MAX_SIZE, check_after: bool = True) -> Iterator[StateFile]:
+    """A delta file mapped, or a stream (``-``, a FIFO, ``<(...)``) spooled then mapped
+    (``check_after``: as :func:`_reading`'s)."""
     try:
         stream = open_input_stream(path)
     except OSError as exc:
         raise CliError(f"cannot open {path!r}: {exc.strerror or exc}") from None
     if stream is None:
-        with _reading(path) as f:
+        with _reading(path, check_after=check_after) as f:
             yield f
         return
     from .errors import CorruptDataError, DeclaredSizeError
@@ -538,8 +541,19 @@ def _delta_input(path: str, max_size: int = DEFAULT_MAX_SIZE) -> Iterator[StateF
 
 def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
                 allow_legacy_keyed: bool = False) -> Tuple["DeltaSnapshot", int]:
-    """Read and decode a delta (file or stream); return it and its size on the wire.
+    """Read and decode a delta (file or stream); return it and its size on the wire
+    (:func:`_opened_delta`, for a caller done with the file once it is decoded)."""
+    with _opened_delta(path, max_size, allow_legacy_keyed) as (delta, size):
+        return delta, size
 
+
+@contextlib.contextmanager
+def _opened_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
+                  allow_legacy_keyed: bool = False) -> Iterator[Tuple["DeltaSnapshot", int]]:
+    """Read and decode a delta (file or stream); yield it and its size on the wire.
+
+    The delta's pages are views of the mapped file, which stays open (under the SIGBUS
+    guard, and checked for truncation or change on leaving) while the caller uses them.
     Unreadable, truncated or corrupt -> CliError (exit 2); so is a delta for a state over
     ``max_size`` bytes (``--max-size``), naming the option.
     """
@@ -547,7 +561,9 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
     from .errors import CorruptDataError, DeclaredSizeError, LegacyKeyedError
     from .wire import decode_delta
 
-    with _delta_input(path, max_size) as f:
+    # Checked (not truncated, not changed) once decoded, and again only to explain a failure:
+    # the work done with a delta that decoded and verified stands.
+    with _delta_input(path, max_size, check_after=False) as f:
         if f.size == 0:
             raise CliError(f"cannot decode delta {path!r}: the file is empty")
         try:
@@ -572,8 +588,8 @@ def _load_delta(path: str, max_size: int = DEFAULT_MAX_SIZE,
             ) from None
         except CorruptDataError as exc:
             raise CliError(f"cannot decode delta {path!r}: {exc}") from None
-        size = f.size
-    return delta, size
+        _check_read(f)
+        yield delta, f.size
 
 
 def _too_large(what: str, size: int, max_size: int) -> CliError:
@@ -870,83 +886,84 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.output is not None:
         output = _resolve_output(args.output, [args.base, args.delta] + ([0] if args.delta == STREAM else []),
                                  args.force)
-    delta, _ = _load_delta(args.delta, args.max_size, args.allow_legacy_keyed)
-    if getattr(delta, "keyed", False) and key is None:
-        raise CliError(f"{args.delta!r} is authenticated (keyed BLAKE3): pass its key with --key-file")
+    # The delta file stays mapped (its pages are views of it) until the apply is done.
+    with _opened_delta(args.delta, args.max_size, args.allow_legacy_keyed) as (delta, _):
+        if getattr(delta, "keyed", False) and key is None:
+            raise CliError(f"{args.delta!r} is authenticated (keyed BLAKE3): pass its key with --key-file")
 
-    total = int(delta.total_size)
-    dest_name = args.output if args.output is not None else args.base
-    where = f"{args.base!r} left unchanged" + ("" if args.output is None else f", {args.output!r} not written")
-    started = time.perf_counter()
-    recovered = None
-    try:
-        if output is None and not args.safe_replace:
-            # In place, under the undo journal (docs/CLI.md): old or new after any crash.
-            bar = _progress(args, total, "apply")
-            try:
-                report = apply_in_place(base_path, delta, key=key, progress=_bar_callback(bar))
-            finally:
-                if bar is not None:
-                    bar.close()
-            recovered = report.recovered
-        else:
-            if output is None:  # --safe-replace: a fresh copy renamed over BASE
-                output = Output(name=args.base, path=Path(os.path.realpath(base_path)), stream=False, exists=True)
-            # BASE is checked (not truncated, not changed) explicitly before the result is
-            # committed: after --safe-replace renames over it, its old inode has changed.
-            with _open_state(args.base) as base:
-                check_base_size(base.size, delta)
-                if output.stream:
-                    _apply_to_stream(args, base, delta, key, output)
-                else:
-                    with output.open(size=total) as fd:
-                        bar = _progress(args, base.size, "copy")
-                        try:
-                            # BASE zero-extended (the tail is already reserved as zeros) or,
-                            # for a delta that shrinks the state, cut to its new size.
-                            copy_range(base.fd, fd, min(base.size, total), what=args.base,
-                                       on_chunk=None if bar is None else bar.update)
-                        finally:
-                            if bar is not None:
-                                bar.close()
-                        bar = _progress(args, total, "apply")
-                        try:
-                            apply_into(fd, delta, key=key, progress=_bar_callback(bar), name=dest_name)
-                        finally:
-                            if bar is not None:
-                                bar.close()
-                        _check_read(base)
-    except InvalidStateError as exc:
-        raise CliError(f"refused: {exc.message or exc}; {where}", EXIT_DIFFERENT) from None
-    except TruncatedInputError as exc:
-        raise CliError(f"{exc}; {where}") from None
-    except StateChangedError as exc:
-        raise CliError(f"{exc}; {where}", EXIT_DIFFERENT) from None
-    except JournalError as exc:
-        raise CliError(str(exc)) from None
-    except OSError as exc:
-        raise _os_error(dest_name, exc) from None
-    elapsed = time.perf_counter() - started
-    if recovered is not None:
-        print(_one_line(f"{PROG}: note: {recovered.describe()}"), file=sys.stderr)
+        total = int(delta.total_size)
+        dest_name = args.output if args.output is not None else args.base
+        where = f"{args.base!r} left unchanged" + ("" if args.output is None else f", {args.output!r} not written")
+        started = time.perf_counter()
+        recovered = None
+        try:
+            if output is None and not args.safe_replace:
+                # In place, under the undo journal (docs/CLI.md): old or new after any crash.
+                bar = _progress(args, total, "apply")
+                try:
+                    report = apply_in_place(base_path, delta, key=key, progress=_bar_callback(bar))
+                finally:
+                    if bar is not None:
+                        bar.close()
+                recovered = report.recovered
+            else:
+                if output is None:  # --safe-replace: a fresh copy renamed over BASE
+                    output = Output(name=args.base, path=Path(os.path.realpath(base_path)), stream=False, exists=True)
+                # BASE is checked (not truncated, not changed) explicitly before the result is
+                # committed: after --safe-replace renames over it, its old inode has changed.
+                with _open_state(args.base) as base:
+                    check_base_size(base.size, delta)
+                    if output.stream:
+                        _apply_to_stream(args, base, delta, key, output)
+                    else:
+                        with output.open(size=total) as fd:
+                            bar = _progress(args, base.size, "copy")
+                            try:
+                                # BASE zero-extended (the tail is already reserved as zeros) or,
+                                # for a delta that shrinks the state, cut to its new size.
+                                copy_range(base.fd, fd, min(base.size, total), what=args.base,
+                                           on_chunk=None if bar is None else bar.update)
+                            finally:
+                                if bar is not None:
+                                    bar.close()
+                            bar = _progress(args, total, "apply")
+                            try:
+                                apply_into(fd, delta, key=key, progress=_bar_callback(bar), name=dest_name)
+                            finally:
+                                if bar is not None:
+                                    bar.close()
+                            _check_read(base)
+        except InvalidStateError as exc:
+            raise CliError(f"refused: {exc.message or exc}; {where}", EXIT_DIFFERENT) from None
+        except TruncatedInputError as exc:
+            raise CliError(f"{exc}; {where}") from None
+        except StateChangedError as exc:
+            raise CliError(f"{exc}; {where}", EXIT_DIFFERENT) from None
+        except JournalError as exc:
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            raise _os_error(dest_name, exc) from None
+        elapsed = time.perf_counter() - started
+        if recovered is not None:
+            print(_one_line(f"{PROG}: note: {recovered.describe()}"), file=sys.stderr)
 
-    dest = args.output if args.output is not None else args.base
-    report_to = sys.stderr if args.output == STREAM else sys.stdout
-    if args.json:
-        _print_json({"base": args.base, "delta": args.delta, "output": dest, "in_place": args.output is None,
-                     "pages_written": delta.dirty_page_count(), "total_size": total,
-                     "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
-                     "integrity": _integrity(delta),
-                     "seconds": elapsed}, file=report_to)
-    else:
-        if getattr(delta, "digest_algorithm", None) is None:
-            checked = (f"{CHECKSUM_ONLY}: the delta has no strong digest, only its weak checksum was "
-                       f"checked before writing")
+        dest = args.output if args.output is not None else args.base
+        report_to = sys.stderr if args.output == STREAM else sys.stdout
+        if args.json:
+            _print_json({"base": args.base, "delta": args.delta, "output": dest, "in_place": args.output is None,
+                         "pages_written": delta.dirty_page_count(), "total_size": total,
+                         "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
+                         "integrity": _integrity(delta),
+                         "seconds": elapsed}, file=report_to)
         else:
-            checked = f"result verified (checksum + {_digest_label(delta)}) before writing"
-        _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
-                   f"{delta.sequence}); {checked}", file=report_to)
-    return EXIT_OK
+            if getattr(delta, "digest_algorithm", None) is None:
+                checked = (f"{CHECKSUM_ONLY}: the delta has no strong digest, only its weak checksum was "
+                           f"checked before writing")
+            else:
+                checked = f"result verified (checksum + {_digest_label(delta)}) before writing"
+            _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
+                       f"{delta.sequence}); {checked}", file=report_to)
+        return EXIT_OK
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
