@@ -197,6 +197,11 @@ cdef class PageRows:
         for k in range(self.count):
             yield self[k]
 
+    def __reduce__(self):
+        # Pickled (a delta sent to another process, deepcopy) as one bytes of its rows.
+        joined = b"".join([bytes(row) for row in self])
+        return (PageRows, ([(joined, self.count)] if self.count else [], self.page, self.last))
+
 
 cdef class _PageBuffers:
     """The byte buffers of a list of pages, held (pointers and lengths) until released.

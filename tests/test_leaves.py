@@ -313,3 +313,19 @@ def test_page_digests128_matches_reference(data: bytes, page: int) -> None:
     if n:
         with pytest.raises(ValueError):
             _kernels.page_digests128(data, page, bytearray(16 * n - 1))
+
+
+def test_created_deltas_pickle_and_deepcopy() -> None:
+    """A delta's pages are rows of the scan's arenas: pickling (another process, Ray) and
+    deepcopy give an equal delta that applies the same."""
+    import copy
+    import pickle
+
+    old, new = _pair(3 * LEAF_SIZE + 1000, 0.2, 9)  # a short last page, dirty pages in both threads' spans
+    new[-1] ^= 1
+    delta = DeltaSnapshot.create(bytes(16), old, new, 0, 1)
+    for twin in (pickle.loads(pickle.dumps(delta)), copy.deepcopy(delta)):
+        assert twin == delta and twin.serialize() == delta.serialize()
+        base = bytearray(old.tobytes())
+        twin.apply(base)
+        assert base == new.tobytes()

@@ -14,7 +14,6 @@ from typing import List, Optional
 
 import numpy as np
 import pytest
-import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from cellmigrate.checksum import PAGE_SIZE
 from cellmigrate.errors import CorruptDataError
 from cellmigrate.live import BufferSource, BufferTarget, LiveMigration, MemoryStore, ReceiverSession
 from cellmigrate.live.errors import ConnectionLostError
+from cellmigrate.live.leaves import page_digests
 from cellmigrate.live.pages import Chunk, Encoding, pages_digest
 from cellmigrate.live.protocol import derive_key
 from cellmigrate.live.receiver import LiveReceiver
@@ -56,7 +56,9 @@ def _fill_with(raw: bytes, fail_after: Optional[int] = None, digest_of: Optional
                 raise ConnectionLostError("cut in the middle of the payload")
             view[:] = raw[pos : pos + n]
             pos += n
-        return xxhash.xxh3_128_digest(digest_of if digest_of is not None else raw)
+        if digest_of is not None:  # digests of other bytes than those written
+            return page_digests(digest_of)
+        return np.concatenate([page_digests(view) for view in views])  # hashed back from the staging
 
     return fill
 
@@ -165,3 +167,33 @@ def test_cuts_in_the_middle_of_in_place_chunks(cuts: List[int], keyed: bool) -> 
     assert not broken and len(threads) >= 1
     assert target.state is not None and bytes(target.state) == state.tobytes()
     assert digest(bytes(target.state)) == digest(state)
+
+
+def test_prefault_touches_only_zero_pages_and_changes_nothing() -> None:
+    data = np.random.default_rng(3).integers(1, 256, SIZE, dtype=np.uint8)
+    session = _session()
+    session.prefault(1 << 20)  # nothing staged yet: nothing to touch
+    assert session.store.size() == 0
+    chunk = _chunk(1, [0, 1, 2], data)
+    assert session.apply_direct(chunk, _fill_with(data[: 3 * PAGE_SIZE].tobytes()))
+    before = bytes(session.store.view())
+    session.prefault(10 * PAGE_SIZE)
+    session.prefault(1 << 30)  # past the end: bounded by the staging
+    assert bytes(session.store.view()) == before
+    # The next chunk still goes in place after its pages were faulted in.
+    nxt = _chunk(2, [3, 4], data)
+    assert session.can_apply_direct(nxt)
+    assert session.apply_direct(nxt, _fill_with(data[3 * PAGE_SIZE : 5 * PAGE_SIZE].tobytes()))
+    assert bytes(session.store.view())[: 5 * PAGE_SIZE] == data[: 5 * PAGE_SIZE].tobytes()
+
+
+def test_chunk_digest_is_the_page_root_of_the_raw_pages() -> None:
+    import xxhash
+
+    raw = np.random.default_rng(4).integers(0, 256, 3 * PAGE_SIZE + 77, dtype=np.uint8).tobytes()
+    pages = [raw[a : a + PAGE_SIZE] for a in range(0, len(raw), PAGE_SIZE)]
+    expected = xxhash.xxh3_128_digest(b"".join(xxhash.xxh3_128_digest(p) for p in pages) + len(raw).to_bytes(8, "little"))
+    assert pages_digest(raw) == expected
+    damaged = bytearray(raw)
+    damaged[-1] ^= 1
+    assert pages_digest(bytes(damaged)) != expected

@@ -30,6 +30,11 @@ from ._types import BufferLike, IndexLike
 
 # --- kernels: checksums, comparison, compression ------------------------------------
 from ._backend import kernels as _kernels_impl
+from . import _xxh3
+
+# Bind the fused kernels to the xxhash package's XXH3 once, here (0.3 ms): every kernel
+# caller, whatever module it reaches the kernels from, then finds them ready.
+_xxh3.bind()
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, PAGE_SIZE, digest, simple_checksum
 from .compare import dirty_pages, first_difference
 from .compression import (

@@ -211,7 +211,8 @@ class LiveMigration:
         # In the final round the proof is the paused state's root as scanned: the table is
         # done with. Before, the receiver now holds these copies: record their digests.
         if len(chunk.indices) and not self._final:
-            self._table.set(chunk.indices, page_digests(pages, self.threads))
+            digests = chunk.digests if chunk.digests is not None else page_digests(pages, self.threads)
+            self._table.set(chunk.indices, digests)
         chunk.pages = None  # the copy is no longer needed: its buffer serves the next chunk
         if not self._final:
             self._pool.give(pages)
@@ -256,6 +257,7 @@ class LiveMigration:
             stable=final,
             pool=self._pool,
             find=find,
+            known=scanned if final else None,  # chunk digests from the scan: no second hashing pass
         ):
             self._next_seq = chunk.seq + 1
             pages += len(chunk.indices)

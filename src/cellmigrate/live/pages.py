@@ -38,6 +38,7 @@ __all__ = [
     "encode_pages",
     "decode_pages",
     "pages_digest",
+    "chunk_digest",
     "write_pages",
 ]
 
@@ -72,8 +73,9 @@ class Chunk:
     ``seq`` counts chunks over the whole migration from 1; ``size`` is the state's length
     in this round (the receiver resizes to it before writing); ``indices`` are ascending
     page numbers; ``payload`` is the pages' bytes (the last page of the state may be
-    short) encoded with ``encoding``; ``digest`` is XXH3-128 of the raw page bytes as the
-    sender copied them. ``pages`` keeps the raw copy on the sender until acknowledged.
+    short) encoded with ``encoding``; ``digest`` is the page root of the raw page bytes as
+    the sender copied them (:func:`pages_digest`). ``pages`` keeps the raw copy on the
+    sender until acknowledged, ``digests`` its page digests.
     """
 
     seq: int
@@ -85,6 +87,8 @@ class Chunk:
     raw_len: int
     digest: bytes
     pages: Optional[U8Array] = field(default=None, repr=False, compare=False)
+    #: The ``(pages, 16)`` XXH3-128 digests of ``pages`` (sender side, when known).
+    digests: Optional["npt.NDArray[np.uint8]"] = field(default=None, repr=False, compare=False)
 
     @property
     def wire_len(self) -> int:
@@ -148,9 +152,24 @@ def write_pages(state: U8Array, indices: I64Array, pages: U8Array, size: int) ->
         state[full * PAGE_SIZE : size] = pages[body * PAGE_SIZE :]
 
 
-def pages_digest(pages: Union[bytes, memoryview, U8Array]) -> bytes:
-    """XXH3-128 of raw page bytes (what a chunk's ``digest`` is)."""
-    return _xxhash.xxh3_128_digest(as_bytes_view(pages, "pages"))
+def pages_digest(pages: Union[bytes, memoryview, U8Array], threads: Optional[int] = None) -> bytes:
+    """A chunk's ``digest``: the page root of its raw page bytes (each 4 KiB page's
+    XXH3-128, the last page possibly short, then the length: ``xxh3_128_tree`` with 4 KiB
+    leaves, see :func:`chunk_digest`). Both sides keep these page digests anyway (the
+    receiver's page table, the sender's scan), so a chunk is verified without hashing
+    its pages a second time."""
+    from .leaves import page_digests  # leaves imports this module
+
+    view = as_bytes_view(pages, "pages")
+    return chunk_digest(page_digests(view, threads), view.nbytes)
+
+
+def chunk_digest(digests: "npt.NDArray[np.uint8]", raw_len: int) -> bytes:
+    """A chunk's ``digest`` from the ``(pages, 16)`` XXH3-128 digests of its pages, in
+    order, and its ``raw_len``: ``XXH3-128(d_0 || ... || d_{n-1} || u64le(raw_len))``."""
+    from .leaves import page_root
+
+    return bytes(page_root(digests, raw_len))
 
 
 def encode_pages(pages: U8Array, compress: bool = True) -> "tuple[Encoding, Union[bytes, memoryview]]":
@@ -214,6 +233,7 @@ def scan_chunks(
     stable: bool = False,
     pool: Optional["BufferPool"] = None,
     find: Optional[Callable[[int, int], I64Array]] = None,
+    known: Optional["npt.NDArray[np.uint8]"] = None,
 ) -> Iterator[Chunk]:
     """Yield the chunks of one round: ``state``'s pages that differ from ``shadow``.
 
@@ -224,7 +244,10 @@ def scan_chunks(
     of ``state`` when their chunk is built, digested and encoded from that copy; with
     ``stable`` (the agent is paused: nothing writes the state) a run of consecutive pages
     is sent from the state itself, uncopied. Copies go into buffers from ``pool`` (give
-    them back with :meth:`BufferPool.give` once acknowledged).
+    them back with :meth:`BufferPool.give` once acknowledged). Each chunk's ``digests``
+    are its pages' XXH3-128 digests: hashed from the copy, or with ``stable`` taken from
+    ``known`` (the ``(pages, 16)`` digests of the whole paused state, as its scan hashed
+    them) so a stop-and-copy reads the state once for hashing, not twice.
     """
     size = state.nbytes
     per_chunk = max(1, chunk_bytes // PAGE_SIZE)
@@ -240,7 +263,15 @@ def scan_chunks(
         else:
             pages = copy_pages(state, indices, size, pool.take() if pool is not None else None)
         encoding, payload = encode_pages(pages, compress)
-        chunk = Chunk(seq, round_no, size, indices, encoding, payload, pages.nbytes, pages_digest(pages), pages)
+        if stable and known is not None:
+            digests = known[indices]
+        else:
+            from .leaves import page_digests  # leaves imports this module
+
+            digests = page_digests(pages, threads)
+        chunk = Chunk(
+            seq, round_no, size, indices, encoding, payload, pages.nbytes, chunk_digest(digests, pages.nbytes), pages, digests
+        )
         seq += 1
         return chunk
 

@@ -16,7 +16,7 @@ import ssl
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, List, Optional
 
-import xxhash as _xxhash
+import numpy as np
 
 from ..errors import CellError
 from ..validation import MigrationValidator, NodeCapabilities
@@ -45,6 +45,7 @@ from .protocol import (
     encode_round_digest,
 )
 from .session import ReceiverSession
+from .leaves import PAGE_DIGEST_SIZE, Digests, page_digests
 from .pages import Chunk
 from .transport import DEFAULT_TIMEOUT, Connection, FrameReader, Stream, accept
 
@@ -150,6 +151,7 @@ class LiveReceiver:
         # it is read from the socket straight into the staging (see _receive_direct).
         pending: Optional["Future[bool]"] = None
         pending_chunk: Optional[Chunk] = None
+        prefaulting: Optional["Future[None]"] = None
 
         def settle() -> None:
             nonlocal pending, pending_chunk
@@ -173,8 +175,12 @@ class LiveReceiver:
                     check_payload_len(head, reader.remaining)
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one
+                        if prefaulting is not None:
+                            prefaulting.result()
+                            prefaulting = None
                         if _receive_direct(session, chunk, reader):
                             conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
+                            prefaulting = worker.submit(session.prefault, _PREFAULT)
                             continue
                     chunk.payload = reader.read(reader.remaining)
                     reader.finish()
@@ -252,21 +258,26 @@ class LiveReceiver:
 
 # Pieces a chunk's pages are read in: each is hashed right after it lands, from cache.
 _PIECE = 1 << 20
+# Bytes of the staging past the last in-place chunk a helper thread faults in ahead.
+_PREFAULT = 32 << 20
 
 
 def _receive_direct(session: ReceiverSession, chunk: Chunk, reader: FrameReader) -> bool:
     """Read ``chunk``'s pages from ``reader`` straight into the staging and commit them
     (:meth:`ReceiverSession.apply_direct`); False when the session wants the copy path."""
 
-    def fill(views: List[memoryview]) -> bytes:
-        hasher = _xxhash.xxh3_128()
+    def fill(views: List[memoryview]) -> Digests:
+        out: Digests = np.empty((len(chunk.indices), PAGE_DIGEST_SIZE), dtype=np.uint8)
+        k = 0
         for view in views:
             for lo in range(0, view.nbytes, _PIECE):
                 piece = view[lo : lo + _PIECE]
                 reader.read_into(piece)
-                hasher.update(piece)
+                got = page_digests(piece, 1)  # from the cache, right after the piece landed
+                out[k : k + len(got)] = got
+                k += len(got)
         reader.finish()  # the MAC, before anything counts as received
-        return bytes(hasher.digest())
+        return out
 
     return session.apply_direct(chunk, fill) is not None
 

@@ -30,8 +30,18 @@ from ..errors import CorruptDataError, InvalidStateError, MigrationFailedError
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities, VerificationResult
 from .errors import RefusedError
 from .agent import MAX_EXTRA_BYTES, StateStore, TargetAgent
-from .leaves import PageTable, page_digests_at
-from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Chunk, Encoding, decode_pages, pages_digest, pages_len, write_pages
+from .leaves import PAGE_DIGEST_SIZE, Digests, PageTable, page_digests_at
+from .pages import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    Chunk,
+    Encoding,
+    chunk_digest,
+    decode_pages,
+    pages_digest,
+    pages_len,
+    write_pages,
+)
 
 __all__ = ["Offer", "ReceiverSession"]
 
@@ -80,6 +90,7 @@ class ReceiverSession:
         # Every staged page from this index on is zero (never written since begin): a
         # chunk there can be received in place and undone by zero-filling it.
         self._zero_from = 0
+        self._prefaulted = 0
 
     # -- handshake -------------------------------------------------------------------
 
@@ -110,6 +121,7 @@ class ReceiverSession:
         self._started = time.monotonic()
         self.store.resize(0)  # the staging area starts zero-filled: round 0 skips zero pages
         self._zero_from = 0
+        self._prefaulted = 0
         self._pages = PageTable()
         self._audit(AuditEventType.TRANSFER_STARTED, f"Live migration staging started: {offer.state_size} bytes announced")
         return 0
@@ -154,12 +166,15 @@ class ReceiverSession:
             frontier = max(frontier, int(after.indices[-1]) + 1)
         return int(idx[0]) >= frontier
 
-    def apply_direct(self, chunk: Chunk, fill: Callable[[List[memoryview]], bytes]) -> Optional[bool]:
+    def apply_direct(self, chunk: Chunk, fill: Callable[[List[memoryview]], Digests]) -> Optional[bool]:
         """:meth:`apply_chunk` with the pages written straight into the staging area.
 
         ``chunk`` has no payload yet: ``fill(views)`` writes its raw pages into ``views``
         (the staging's byte ranges of each run of pages, in order: e.g. reading them from
-        the socket) and returns the XXH3-128 of what it wrote. Returns None (nothing done)
+        the socket) and returns the ``(pages, 16)`` XXH3-128 digests of the pages as they
+        now are in ``views`` (hashed back from the staging, e.g. right after each piece
+        landed): they check the chunk's digest and go into the page table, so its pages
+        are hashed once. Returns None (nothing done)
         when the chunk cannot go this way (see :meth:`can_apply_direct`, or a resend):
         apply it with :meth:`apply_chunk`. Whatever ``fill`` raises, and a digest
         mismatch (``CorruptDataError``), leave the staged state exactly as it was: the
@@ -180,8 +195,8 @@ class ReceiverSession:
         ranges = [view[a * PAGE_SIZE : min((b + 1) * PAGE_SIZE, chunk.size)] for a, b in zip(firsts, lasts)]
         try:
             try:
-                got = fill(ranges)
-                if got != chunk.digest:
+                digests = fill(ranges)
+                if digests.shape != (len(idx), PAGE_DIGEST_SIZE) or chunk_digest(digests, chunk.raw_len) != chunk.digest:
                     raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
             except BaseException:
                 for r in ranges:  # they were all zero: the staging is as it was
@@ -195,8 +210,21 @@ class ReceiverSession:
             raise
         if chunk.size < old_size:
             self._resize_store(chunk.size)
-        self._commit(chunk)
+        self._commit(chunk, digests)
         return True
+
+    def prefault(self, nbytes: int) -> None:
+        """Touch the staging's still-zero pages just past the last committed one (up to
+        ``nbytes`` of them), so the next in-place chunks land in memory the kernel has
+        already mapped: run on a helper thread while the socket is read, this takes the
+        first-touch page faults (and the kernel's page zeroing) off the receiving thread.
+        Writes only zeros to pages that hold zeros: the staged state does not change."""
+        view = self.store.view()
+        lo = max(self._zero_from, self._prefaulted) * PAGE_SIZE
+        hi = min(view.nbytes, self._zero_from * PAGE_SIZE + nbytes)
+        if hi > lo:
+            np.frombuffer(view, dtype=np.uint8)[lo:hi:PAGE_SIZE] = 0
+            self._prefaulted = -(-hi // PAGE_SIZE)
 
     def _check(self, chunk: Chunk) -> bool:
         """A chunk's place and bounds (``CorruptDataError``); False when already committed."""
@@ -227,8 +255,9 @@ class ReceiverSession:
         # Pages past the end are gone; added ones are zero (a shrunk last page is not).
         self._zero_from = min(self._zero_from, -(-size // PAGE_SIZE))
 
-    def _commit(self, chunk: Chunk) -> None:
-        """The verified chunk is in the staging: advance the committed point and the page table."""
+    def _commit(self, chunk: Chunk, digests: Optional[Digests] = None) -> None:
+        """The verified chunk is in the staging: advance the committed point and the page
+        table (``digests``: its pages' digests as hashed from the staging, when known)."""
         idx = chunk.indices
         if self._pages.size != chunk.size:
             self._pages.resize(chunk.size)  # added pages are hashed from the staging too
@@ -239,7 +268,7 @@ class ReceiverSession:
             # come in ascending order: none of those is written later in the round), so the
             # round's root has nothing left to hash.
             state, scratch = self._staged(), self._scratch_buffer()
-            self._pages.set(idx, page_digests_at(state, idx, chunk.size, scratch))
+            self._pages.set(idx, digests if digests is not None else page_digests_at(state, idx, chunk.size, scratch))
             self._pages.refresh(state, int(idx[-1]), scratch)
         self.committed_seq = chunk.seq
         self._round_seen = chunk.round
