@@ -133,7 +133,7 @@ cdef class PageRows:
     after the other; the very last row may be ``last`` bytes long (a state's short last
     page). Slicing gives another ``PageRows`` and the list-of-pages kernels read the rows
     straight from the buffers, so tens of thousands of pages cost no Python object each;
-    an item is a ``memoryview`` of its row.
+    an item is a read-only ``memoryview`` of its row.
     """
 
     cdef list segs  # [(buffer, first row, count)]
@@ -189,7 +189,7 @@ cdef class PageRows:
         for base, first, n in self.segs:
             if k < lo + n:
                 a = (first + k - lo) * self.page
-                return memoryview(base)[a : a + (self.last if k == self.count - 1 else self.page)]
+                return memoryview(base).toreadonly()[a : a + (self.last if k == self.count - 1 else self.page)]
             lo += n
         raise IndexError("page row out of range")
 

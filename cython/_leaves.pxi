@@ -27,6 +27,7 @@ cdef extern from "cm_leaves.h" nogil:
         size_t cap
         size_t used
         size_t page
+    void cm_arena_free(cm_arena* ar)
     uint32_t cm_scan_leaves(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                             cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
 
@@ -119,8 +120,7 @@ cdef class PageArena:
         self.ar.page = <size_t>page
 
     def __dealloc__(self):
-        free(self.ar.data)
-        free(self.ar.idx)
+        cm_arena_free(&self.ar)
 
     def __len__(self):
         """Pages held."""

@@ -100,6 +100,68 @@ def test_streamed_zstd_payload_over_the_threading_threshold_matches() -> None:
         assert _streamed(old, new, "xxh3_128_tree", None, compress, made.timestamp, 4 << 20) == made.serialize()
 
 
+@pytest.mark.parametrize("compress", ["auto", "zstd"])
+def test_diff_summary_is_what_inspect_reads_back(tmp_path: Path, compress: str) -> None:
+    """``diff --json`` reports from the streaming writer's own tally (no delta object):
+    every field must be what ``inspect --json`` reads from the file it wrote."""
+    import json
+
+    rng = np.random.default_rng(9)
+    old, new = _states(rng, (6 << 20) + 50, (6 << 20) + 50, 0.3, True)
+    new = bytearray(new)
+    new[PAGE : 3 * PAGE] = bytes(2 * PAGE)  # zero pages
+    new[5 * PAGE : 6 * PAGE] = rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes()  # a raw page
+    (tmp_path / "old.bin").write_bytes(old)
+    (tmp_path / "new.bin").write_bytes(bytes(new))
+    cli = [sys.executable, "-m", "cellmigrate"]
+    made = subprocess.run(cli + ["diff", str(tmp_path / "old.bin"), str(tmp_path / "new.bin"), "-o",
+                                 str(tmp_path / "d.cmd"), "--compress", compress, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    read = subprocess.run(cli + ["inspect", str(tmp_path / "d.cmd"), "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert read.returncode == 0, read.stderr
+    said, found = json.loads(made.stdout), json.loads(read.stdout)
+    for field in found:
+        if field != "file":
+            assert said[field] == found[field], field
+    assert found["encodings"]["zero"]["pages"] >= 2 and found["encodings"]["xzr"]["pages"] > 0
+    assert found["payload_compression"] == ("zstd" if compress == "zstd" else found["payload_compression"])
+
+
+@pytest.mark.parametrize("extra", [[], ["--compress", "zstd"], ["--digest", "xxh3_128"], ["--digest", "none"],
+                                   ["--key-file", "KEY"]], ids=["default", "zstd", "xxh3", "checksum-only", "keyed"])
+def test_cli_diff_writes_the_bytes_of_serialize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                extra: List[str]) -> None:
+    """End to end: the file ``cellmigrate diff`` writes is ``DeltaSnapshot.create(...).serialize()``
+    of the same states, with the timestamp the CLI wrote (read from its header)."""
+    import struct
+
+    import cellmigrate.delta as delta_module
+
+    rng = np.random.default_rng(13)
+    old, new = _states(rng, (9 << 20) + 77, (9 << 20) + 77, 0.2, True)
+    (tmp_path / "old.bin").write_bytes(old)
+    (tmp_path / "new.bin").write_bytes(new)
+    (tmp_path / "key").write_bytes(KEY)
+    extra = [str(tmp_path / "key") if e == "KEY" else e for e in extra]
+    out = tmp_path / "d.cmd"
+    proc = subprocess.run([sys.executable, "-m", "cellmigrate", "diff", str(tmp_path / "old.bin"),
+                           str(tmp_path / "new.bin"), "-o", str(out), "--base-sequence", "4", *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    written = out.read_bytes()
+    (timestamp,) = struct.unpack_from("<Q", written, 64)
+    monkeypatch.setattr(delta_module, "_now", lambda: timestamp)
+    digest: Optional[str] = "xxh3_128_tree"
+    if extra and extra[0] == "--digest":
+        digest = None if extra[1] == "none" else extra[1]
+    key = KEY if extra and extra[0] == "--key-file" else None
+    made = DeltaSnapshot.create(bytes(16), old, new, 4, 5, digest=digest, key=key,
+                                compress=extra[1] if extra and extra[0] == "--compress" else "auto")
+    assert written == made.serialize()
+
+
 # ------------------------------------------------------------------ the windowed apply
 
 

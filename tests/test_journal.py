@@ -322,7 +322,10 @@ def test_cli_applies_resizing_deltas_in_every_mode(tmp_path: Path, monkeypatch: 
     short_state = other[: 23 * PAGE_SIZE + 5]
     old, new = (short_state, long_state) if change == "grow" else (long_state, short_state)
     delta = DeltaSnapshot.create(bytes(16), old, new, 0, 1, resize=True)
-    monkeypatch.setattr(cli, "_load_delta", lambda path, max_size=0, allow_legacy_keyed=False: (delta, 100))
+    import contextlib
+
+    monkeypatch.setattr(cli, "_opened_delta",
+                        lambda path, max_size=0, allow_legacy_keyed=False: contextlib.nullcontext((delta, 100)))
     base = tmp_path / "base.bin"
     base.write_bytes(old)
     out = tmp_path / "out.bin"

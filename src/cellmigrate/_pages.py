@@ -543,15 +543,18 @@ class DecodedPages:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def views(self) -> List[memoryview]:
-        """One read-only view per page, of its exact length."""
-        mv = memoryview(self.buffer.data).toreadonly()  # type: ignore[arg-type,unused-ignore]
+    def views(self) -> Sequence[memoryview]:
+        """One read-only view per page, of its exact length (with the compiled kernels, the
+        rows of the decoded buffer: no Python object per page until one is indexed)."""
         n = len(self.indices)
+        last = min(PAGE_SIZE, self.total_size - int(self.indices[-1]) * PAGE_SIZE) if n else PAGE_SIZE
+        rows = getattr(kernels, "PageRows", None)
+        if rows is not None:
+            return cast(Sequence[memoryview], rows([(self.buffer, n)] if n else [], PAGE_SIZE, last))
+        mv = memoryview(self.buffer.data).toreadonly()  # type: ignore[arg-type,unused-ignore]
         views = [mv[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in range(n)]
-        if n:
-            last = self.total_size - int(self.indices[-1]) * PAGE_SIZE
-            if last < PAGE_SIZE:
-                views[-1] = views[-1][:last]
+        if n and last < PAGE_SIZE:
+            views[-1] = views[-1][:last]
         return views
 
     def write_into(self, target: BufferLike) -> None:
@@ -629,6 +632,8 @@ _ZSTD_SAMPLE_GAIN = 0.9
 _ZSTD_THREADS_MIN = 8 << 20
 #: Input bytes of one multi-threaded zstd job (zstd's memory grows with it).
 _ZSTD_JOB = 512 << 10
+#: Most zstd worker threads.
+_ZSTD_MAX_THREADS = 4
 
 
 def parse_compress(text: str, *, digest: bool) -> Tuple[int, Optional[int], bool]:
@@ -682,7 +687,9 @@ def zstd_frame_pieces(payload: BufferLike, level: int, emit: Callable[[bytes], o
 
     view = as_bytes_view(payload, "payload")
     size = view.nbytes
-    threads = max_threads() if size >= _ZSTD_THREADS_MIN and max_threads() > 1 else 0
+    # At most 4 workers: zstd's buffers grow with each (the CLI's memory bound holds on
+    # any machine), and its multi-threaded frame does not depend on how many there are.
+    threads = min(max_threads(), _ZSTD_MAX_THREADS) if size >= _ZSTD_THREADS_MIN and max_threads() > 1 else 0
     # Jobs of 512 KiB: zstd's default (4 windows, 8 MiB at level 3) kept 123 MiB of buffers
     # for 2 threads on 256 MiB, 1 MiB jobs 15 MiB, 512 KiB jobs 8 MiB, as fast (random pages).
     params = zstandard.ZstdCompressionParameters.from_level(

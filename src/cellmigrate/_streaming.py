@@ -121,7 +121,6 @@ class _Table:
         self.lengths: List[npt.NDArray[Any]] = []
         self.checks: List[npt.NDArray[Any]] = []
         self.encodings: List[npt.NDArray[Any]] = []
-        self.counts = {e.label: [0, 0] for e in PageEncoding}
 
     def add(self, batch: PageBatch) -> None:
         lengths = batch.stored_lengths()
@@ -131,9 +130,6 @@ class _Table:
         self.lengths.append(lengths.astype("<u2"))
         self.checks.append(np.asarray(batch.checks).astype("<u4"))
         self.encodings.append(np.asarray(batch.encodings, dtype=np.uint8))
-        for label, (n, size) in batch.counts().items():
-            self.counts[label][0] += n
-            self.counts[label][1] += size
 
     def columns(self) -> Tuple[_I64, npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
         def cat(parts: List[Any], dtype: Any) -> Any:
@@ -323,9 +319,15 @@ def create_file(
         agent_id=agent_id, sequence=sequence, base_sequence=base_sequence, total_size=new.nbytes,
         base_size=old.nbytes, timestamp=timestamp, checksum=checksum, digest_algorithm=algorithm,
         digest=value, keyed=key is not None, compression=compression, wire_size=body_end + 16,
-        count=len(indices), stored=payload_size,
-        counts={label: (n, size) for label, (n, size) in table.counts.items()},
+        count=len(indices), stored=payload_size, counts=_counts(lengths, encodings),
     )
+
+
+def _counts(lengths: npt.NDArray[Any], encodings: npt.NDArray[Any]) -> Dict[str, Tuple[int, int]]:
+    """``{encoding label: (pages, stored bytes)}`` of the whole table (``PageBatch.counts``)."""
+    pages = np.bincount(encodings, minlength=len(PageEncoding))
+    stored = np.bincount(encodings, weights=lengths.astype(np.float64), minlength=len(PageEncoding))
+    return {e.label: (int(pages[e]), int(stored[e])) for e in PageEncoding}
 
 
 def _recheck(
