@@ -632,6 +632,8 @@ _ZSTD_SAMPLE_GAIN = 0.9
 _ZSTD_THREADS_MIN = 8 << 20
 #: Input bytes of one multi-threaded zstd job (zstd's memory grows with it).
 _ZSTD_JOB = 512 << 10
+#: Most zstd worker threads.
+_ZSTD_MAX_THREADS = 4
 
 
 def parse_compress(text: str, *, digest: bool) -> Tuple[int, Optional[int], bool]:
@@ -685,7 +687,9 @@ def zstd_frame_pieces(payload: BufferLike, level: int, emit: Callable[[bytes], o
 
     view = as_bytes_view(payload, "payload")
     size = view.nbytes
-    threads = max_threads() if size >= _ZSTD_THREADS_MIN and max_threads() > 1 else 0
+    # At most 4 workers: zstd's buffers grow with each (the CLI's memory bound holds on
+    # any machine), and its multi-threaded frame does not depend on how many there are.
+    threads = min(max_threads(), _ZSTD_MAX_THREADS) if size >= _ZSTD_THREADS_MIN and max_threads() > 1 else 0
     # Jobs of 512 KiB: zstd's default (4 windows, 8 MiB at level 3) kept 123 MiB of buffers
     # for 2 threads on 256 MiB, 1 MiB jobs 15 MiB, 512 KiB jobs 8 MiB, as fast (random pages).
     params = zstandard.ZstdCompressionParameters.from_level(
