@@ -8,6 +8,7 @@ half-way leaves the staged state exactly as the last committed chunk left it.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import uuid
 from typing import List, Optional
@@ -169,7 +170,7 @@ def test_cuts_in_the_middle_of_in_place_chunks(cuts: List[int], keyed: bool) -> 
     assert digest(bytes(target.state)) == digest(state)
 
 
-def test_prefault_touches_only_zero_pages_and_changes_nothing() -> None:
+def test_prefault_maps_pages_ahead_and_changes_nothing() -> None:
     data = np.random.default_rng(3).integers(1, 256, SIZE, dtype=np.uint8)
     session = _session()
     session.prefault(1 << 20)  # nothing staged yet: nothing to touch
@@ -180,6 +181,8 @@ def test_prefault_touches_only_zero_pages_and_changes_nothing() -> None:
     session.prefault(10 * PAGE_SIZE)
     session.prefault(1 << 30)  # past the end: bounded by the staging
     assert bytes(session.store.view()) == before
+    if sys.platform.startswith("linux"):  # MADV_POPULATE_WRITE (Linux 5.14+) mapped them
+        assert session.can_prefault and session._prefaulted == -(-SIZE // PAGE_SIZE)
     # The next chunk still goes in place after its pages were faulted in.
     nxt = _chunk(2, [3, 4], data)
     assert session.can_apply_direct(nxt)
@@ -197,3 +200,15 @@ def test_chunk_digest_is_the_page_root_of_the_raw_pages() -> None:
     damaged = bytearray(raw)
     damaged[-1] ^= 1
     assert pages_digest(bytes(damaged)) != expected
+
+
+def test_stop_and_copy_hashes_the_summary_digest_of_the_state_it_sent() -> None:
+    from cellmigrate.live import InProcessChannel
+
+    state = np.random.default_rng(6).integers(0, 256, (3 << 20) + 5, dtype=np.uint8)
+    # The same buffer each call (its digest is hashed while the round streams), and a new
+    # one each call (the early digest is of another buffer: hashed again from the sent one).
+    for source in (BufferSource(state), BufferSource(lambda: bytearray(state.tobytes()))):
+        target = BufferTarget()
+        summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target)), max_rounds=0).run()
+        assert summary.digest == digest(state) and target.state == bytearray(state.tobytes())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -351,6 +352,9 @@ class LiveMigration:
         self._tracker.report_started()
         log.log_start(mid, aid)
         paused = committing = False
+        helper: Optional[ThreadPoolExecutor] = None
+        early: "Optional[Future[bytes]]" = None
+        early_state: Optional[memoryview] = None
         try:
             requirements = self.requirements or AgentRequirements(state_size=size)
             committed = self.channel.open(Offer(mid, aid, requirements, size), self._on_commit)
@@ -369,6 +373,13 @@ class LiveMigration:
             self.source.pause()
             paused = True
             t_pause = time.monotonic()
+            if self.max_rounds == 0:
+                # Stop-and-copy: the state no longer changes, and the one round is the whole
+                # transfer: hash the summary's tree digest meanwhile (the sender mostly waits
+                # for acknowledgements then), not after it.
+                early_state = as_bytes_view(self.source.state(), "agent state")
+                helper = ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-digest")
+                early = helper.submit(tree_digest, early_state, self.threads)
             stats, proof, _, final_state = self._round(round_no, True, previous)
             extra = bytes(self.source.extra())
             if len(extra) > MAX_EXTRA_BYTES:
@@ -379,6 +390,8 @@ class LiveMigration:
             stats = RoundStats(**{**asdict(stats), "actual_downtime_s": downtime})
             self._report(stats)
         except BaseException as exc:
+            if helper is not None:
+                helper.shutdown(wait=False)  # its hash of a state that may change again is moot
             self._fail(exc, paused, committing)
             if isinstance(exc, CellError) or not isinstance(exc, Exception):
                 raise
@@ -386,7 +399,13 @@ class LiveMigration:
         final_size = stats.state_size
         # The target runs; the source stays paused for good (never resumed after success),
         # so its state is still the one proven: its tree digest costs no downtime here.
-        digest = tree_digest(as_bytes_view(final_state), self.threads)
+        final_view = as_bytes_view(final_state)
+        if early is not None and early_state is not None and _same_buffer(early_state, final_view):
+            digest = early.result()
+        else:
+            digest = tree_digest(final_view, self.threads)
+        if helper is not None:
+            helper.shutdown(wait=False)
         log.log_verification(
             mid,
             aid,
@@ -471,6 +490,15 @@ class LiveMigration:
             guarded("the progress callback", self._tracker.report_failed, message)
         if self.recovery is not None:
             guarded("the recovery manager", self.recovery.record_failure, MigrationError(error_type(exc), message, aid))
+
+
+def _same_buffer(a: memoryview, b: memoryview) -> bool:
+    """Whether two flat byte views are the same memory (same start, same length)."""
+    if a.nbytes != b.nbytes:
+        return False
+    if not a.nbytes:
+        return True
+    return bool(np.frombuffer(a, dtype=np.uint8).ctypes.data == np.frombuffer(b, dtype=np.uint8).ctypes.data)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

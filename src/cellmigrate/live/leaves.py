@@ -231,8 +231,9 @@ class PageTable:
         k = len(digests)
         mine = self._digests[first : first + k].view(np.uint64)
         theirs = np.ascontiguousarray(digests).view(np.uint64)
-        changed = (mine != theirs).any(axis=1) | self._stale[first : first + k]
-        return np.flatnonzero(changed).astype(np.int64, copy=False)
+        # Two bools a page, viewed as one uint16 (numpy's any(axis=1) is 15x slower).
+        changed = (mine != theirs).view(np.uint16).reshape(-1) != 0
+        return np.flatnonzero(changed | self._stale[first : first + k]).astype(np.int64, copy=False)
 
     def refresh(
         self, state: U8Array, below: Optional[int] = None, scratch: Optional[U8Array] = None, threads: Optional[int] = None

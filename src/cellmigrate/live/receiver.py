@@ -176,11 +176,12 @@ class LiveReceiver:
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one
                         if prefaulting is not None:
-                            prefaulting.result()
+                            prefaulting.result()  # faulting the same pages from two threads only contends
                             prefaulting = None
                         if _receive_direct(session, chunk, reader):
                             conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
-                            prefaulting = worker.submit(session.prefault, _PREFAULT)
+                            if session.can_prefault:
+                                prefaulting = worker.submit(session.prefault, _PREFAULT)
                             continue
                     chunk.payload = reader.read(reader.remaining)
                     reader.finish()

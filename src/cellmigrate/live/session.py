@@ -16,6 +16,9 @@ leaves it unchanged. Every step is written to the validator's audit log.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -91,6 +94,7 @@ class ReceiverSession:
         # chunk there can be received in place and undone by zero-filling it.
         self._zero_from = 0
         self._prefaulted = 0
+        self._can_prefault = sys.platform.startswith("linux")
 
     # -- handshake -------------------------------------------------------------------
 
@@ -213,18 +217,29 @@ class ReceiverSession:
         self._commit(chunk, digests)
         return True
 
+    @property
+    def can_prefault(self) -> bool:
+        """Whether :meth:`prefault` does anything here (Linux 5.14+; in-place stores)."""
+        return self._can_prefault and getattr(self.store, "write_run", None) is None
+
     def prefault(self, nbytes: int) -> None:
-        """Touch the staging's still-zero pages just past the last committed one (up to
-        ``nbytes`` of them), so the next in-place chunks land in memory the kernel has
-        already mapped: run on a helper thread while the socket is read, this takes the
-        first-touch page faults (and the kernel's page zeroing) off the receiving thread.
-        Writes only zeros to pages that hold zeros: the staged state does not change."""
+        """Have the kernel map the staging's pages just past the last committed one (up
+        to ``nbytes`` of them) before the next in-place chunks land there: run on a helper
+        thread while the socket is read, this takes the first-touch page faults (and the
+        kernel's zeroing of fresh pages) off the receiving thread. It uses
+        ``madvise(MADV_POPULATE_WRITE)``, which maps pages without touching their bytes,
+        so it may run while chunks are read into the same pages. Best effort: where the
+        system cannot, it does nothing from then on."""
+        if not self._can_prefault:
+            return
         view = self.store.view()
         lo = max(self._zero_from, self._prefaulted) * PAGE_SIZE
         hi = min(view.nbytes, self._zero_from * PAGE_SIZE + nbytes)
         if hi > lo:
-            np.frombuffer(view, dtype=np.uint8)[lo:hi:PAGE_SIZE] = 0
-            self._prefaulted = -(-hi // PAGE_SIZE)
+            if _populate(np.frombuffer(view, dtype=np.uint8), lo, hi):
+                self._prefaulted = -(-hi // PAGE_SIZE)
+            else:
+                self._can_prefault = False
 
     def _check(self, chunk: Chunk) -> bool:
         """A chunk's place and bounds (``CorruptDataError``); False when already committed."""
@@ -385,3 +400,29 @@ def _anything(req: AgentRequirements) -> NodeCapabilities:
         version=req.version,
         min_compatible_version=req.version,
     )
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without writing them
+_libc: List[Any] = []
+
+
+def _populate(array: "np.ndarray[Any, np.dtype[np.uint8]]", lo: int, hi: int) -> bool:
+    """``madvise(MADV_POPULATE_WRITE)`` over the whole pages of ``array[lo:hi]`` (the GIL
+    is released during the call); False when the system does not support it."""
+    if not _libc:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            _libc.append(libc)
+        except (OSError, AttributeError):
+            _libc.append(None)
+    libc = _libc[0]
+    if libc is None:
+        return False
+    base = int(array.ctypes.data)
+    start = -(-(base + lo) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the range
+    end = (base + hi) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start:
+        return True
+    return int(libc.madvise(start, end - start, _MADV_POPULATE_WRITE)) == 0
