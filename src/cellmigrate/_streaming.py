@@ -28,8 +28,9 @@ from __future__ import annotations
 import hmac
 import os
 import tempfile
+import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -59,13 +60,39 @@ _Found = Tuple[_I64, List[bytes], int]
 
 
 def _spans(lo: int, hi: int, align: int) -> List[Tuple[int, int]]:
-    """``[lo, hi)`` cut into ``align``-aligned spans, one per thread."""
-    threads = max_threads()
-    n = hi - lo
-    if threads <= 1 or n < 2 * align:
+    """``[lo, hi)`` cut into pieces for the threads to claim: 1 MiB leaves (or ``align``
+    multiples near that size), so a thread whose core is busy elsewhere takes fewer of a
+    window's pieces instead of the window waiting for its fixed half."""
+    if max_threads() <= 1 or hi - lo < 2 * align:
         return [(lo, hi)]
-    step = -(-(-(-n // threads)) // align) * align
+    step = max(align, LEAF_SIZE // align * align)
     return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+
+
+T = TypeVar("T")
+
+
+def _claimed(spans: List[Tuple[int, int]], fn: Callable[[int, int], T]) -> List[T]:
+    """``[fn(lo, hi) for each span]``, the spans claimed one at a time by the pool's threads
+    (the calling thread among them); the results in span order."""
+    threads = min(max_threads(), len(spans))
+    if threads <= 1:
+        return [fn(lo, hi) for lo, hi in spans]
+    results: List[Any] = [None] * len(spans)
+    lock = threading.Lock()
+    claimed = [0]
+
+    def worker(_who: int, _unused: int) -> None:
+        while True:
+            with lock:
+                k = claimed[0]
+                if k >= len(spans):
+                    return
+                claimed[0] = k + 1
+            results[k] = fn(*spans[k])
+
+    run_spans(worker, [(who, 0) for who in range(threads)])
+    return results
 
 
 def _windows(total: int, window: int) -> List[Tuple[int, int]]:
@@ -197,7 +224,7 @@ def _scan_windows(
         for lo, hi in windows:
             spans = _spans(lo, hi, LEAF_SIZE)
             sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-            arenas = run_spans(lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], None), spans)
+            arenas = _claimed(spans, lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], None))
             if hasher is not None and len(spans) > 1:
                 hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
             held = [arena for arena, _ in arenas if len(arena)]
@@ -220,7 +247,7 @@ def _scan_windows(
         for lo, hi in windows:
             spans = _spans(lo, hi, PAGE_SIZE if hasher is None else LEAF_SIZE)
             sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-            parts = run_spans(lambda a, b: scan_alone(a, b, sinks[a]), spans)
+            parts = _claimed(spans, lambda a, b: scan_alone(a, b, sinks[a]))
             if hasher is not None and len(spans) > 1:
                 hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
             yield _flatten([c for part in parts for c in part])
@@ -545,7 +572,7 @@ def _check_window(result: Result, lo: int, hi: int, hasher: Optional[Hasher]) ->
     if hasher is None or hasher.splittable:
         spans = _spans(lo, hi, PAGE_SIZE if hasher is None else LEAF_SIZE)
         sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-        parts = run_spans(lambda a, b: result.checksum_alone(a, b, sinks[a], None), spans)
+        parts = _claimed(spans, lambda a, b: result.checksum_alone(a, b, sinks[a], None))
         if hasher is not None and len(spans) > 1:
             hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
         return sum(parts) & _MASK32
@@ -574,7 +601,7 @@ def _check_window_fused(result: Result, lo: int, hi: int, hasher: Hasher) -> int
         sinks[a].add_leaves(out, b - a)
         return checksum
 
-    parts = run_spans(run, spans)
+    parts = _claimed(spans, run)
     if len(spans) > 1:
         hasher.join([sinks[a] for a, _ in spans])
     return sum(parts) & _MASK32
