@@ -543,14 +543,53 @@ def _scan_claimed(
     return found
 
 
+#: Work unit of the fused passes (16 MiB, whole leaves): threads claim these one at a
+#: time, so a thread whose core is busy elsewhere takes fewer, instead of the whole pass
+#: waiting for its fixed half (a static split ran at half speed with the other core loaded).
+_FUSED_CHUNK = _REPORT
+
+
+def _claimed_chunks(total: int, work: Callable[[int, int, int], None], progress: Optional[ProgressCallback]) -> None:
+    """Run ``work(k, lo, hi)`` for every ``_FUSED_CHUNK`` chunk ``k`` of ``[0, total)``, the
+    chunks claimed one by one by every thread of the pool (the calling thread too, which
+    alone reports progress). A failure stops the others after their current chunk."""
+    count = -(-total // _FUSED_CHUNK)
+    threads = min(max_threads(), count) if total >= PARALLEL_MIN_BYTES else 1
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0, "failed": False}
+
+    def worker(who: int, _unused: int) -> None:
+        while True:
+            with lock:
+                k = state["next"]
+                if k >= count or state["failed"]:
+                    return
+                state["next"] = k + 1
+            lo = k * _FUSED_CHUNK
+            hi = min(lo + _FUSED_CHUNK, total)
+            try:
+                work(k, lo, hi)
+            except BaseException:
+                state["failed"] = True
+                raise
+            with lock:
+                state["done"] += hi - lo
+                done = state["done"]
+            if who == 0 and progress is not None:
+                progress(done, total)
+
+    run_spans(worker, [(who, 0) for who in range(max(threads, 1))])
+    if progress is not None:
+        progress(total, total)  # the calling thread may have claimed no chunk: report the end
+
+
 def _scan_span_fused(
     old: memoryview, new: memoryview, lo: int, hi: int, sink: Optional[Hasher], report: Optional[ProgressCallback]
 ) -> Tuple[Any, int]:
-    """``[lo, hi)`` (leaf-aligned) by the fused kernel: the ``PageArena`` of copies and the
-    checksum; ``sink`` gets the leaf digests."""
+    """``[lo, hi)`` (leaf-aligned) by the fused kernel on this thread: the ``PageArena`` of
+    copies and the checksum; ``sink`` gets the leaf digests (the CLI's windowed diff)."""
     arena = kernels.PageArena(PAGE_SIZE)
     checksum = 0
-    total = new.nbytes
     for a in range(lo, hi, _REPORT):
         b = min(a + _REPORT, hi)
         out = bytearray(16 * -(-(b - a) // LEAF_SIZE)) if sink is not None else None
@@ -558,27 +597,38 @@ def _scan_span_fused(
         if sink is not None:
             sink.add_leaves(cast(bytearray, out), b - a)
         if report is not None:
-            report(b, total)
+            report(b, new.nbytes)
     return arena, checksum
 
 
 def _scan_fused(
     old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
 ) -> Scan:
-    """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher)."""
+    """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher):
+    each 16 MiB chunk compared, copied into its own page arena, checksummed and (with a
+    tree hasher) hashed leaf by leaf, on whichever thread claims it."""
     n = new.nbytes
-    spans = _plan(n, LEAF_SIZE)
-    sinks, reports = _sinks(hasher, spans), span_reporters(progress, spans)
-    parts = run_spans(lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], reports[a]), spans)
-    _join(hasher, sinks, spans)
+    count = -(-n // _FUSED_CHUNK)
+    arenas: List[Any] = [None] * count
+    sums = [0] * count
+    leaves = bytearray(16 * -(-n // LEAF_SIZE)) if hasher is not None else None
+
+    def work(k: int, lo: int, hi: int) -> None:
+        arena = kernels.PageArena(PAGE_SIZE)
+        out = None if leaves is None else memoryview(leaves)[16 * (lo // LEAF_SIZE) : 16 * -(-hi // LEAF_SIZE)]
+        sums[k] = kernels.scan_leaves(old, new, lo, hi, LEAF_SIZE, arena, out)
+        arenas[k] = arena
+
+    _claimed_chunks(n, work, progress)
+    if hasher is not None:
+        hasher.add_leaves(cast(bytearray, leaves), n)
     if progress is not None:
         progress(n, n)
-    held = [arena for arena, _ in parts if len(arena)]
+    held = [a for a in arenas if a is not None and len(a)]
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
     pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
-    checksum = sum(c for _, c in parts) & _MASK32
-    return Scan(indices, cast(List[bytes], pages), checksum)
+    return Scan(indices, cast(List[bytes], pages), sum(sums) & _MASK32)
 
 
 def scan(
@@ -681,28 +731,20 @@ class Result(Overlay):
 
     def fused(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
         """Checksum and tree digest of the result by the fused leaf kernel: one GIL-free
-        call per thread and 16 MiB (for progress), each leaf hashed and checksummed while
-        in cache (the base covers the whole result)."""
+        call per 16 MiB chunk, on whichever thread claims it, each leaf hashed and
+        checksummed while in cache (the base covers the whole result)."""
         total = self.total
-        spans = _plan(total, LEAF_SIZE)
-        sinks, reports = _sinks(hasher, spans), span_reporters(progress, spans)
+        sums = [0] * -(-total // _FUSED_CHUNK)
+        leaves = bytearray(16 * -(-total // LEAF_SIZE))
 
-        def run(lo: int, hi: int) -> int:
-            sink, report = cast(Hasher, sinks[lo]), reports[lo]
-            checksum = 0
-            for a in range(lo, hi, _REPORT):
-                b = min(a + _REPORT, hi)
-                ka, kb = self._pages_in(a, b)
-                out = bytearray(16 * -(-(b - a) // LEAF_SIZE))
-                checksum += kernels.overlay_leaves(self.view, a, b, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out)
-                sink.add_leaves(out, b - a)
-                if report is not None:
-                    report(b, total)
-            return checksum
+        def work(k: int, lo: int, hi: int) -> None:
+            ka, kb = self._pages_in(lo, hi)
+            out = memoryview(leaves)[16 * (lo // LEAF_SIZE) : 16 * -(-hi // LEAF_SIZE)]
+            sums[k] = kernels.overlay_leaves(self.view, lo, hi, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out)
 
-        parts = run_spans(run, spans)
-        _join(hasher, sinks, spans)
-        return sum(parts) & _MASK32
+        _claimed_chunks(total, work, progress)
+        hasher.add_leaves(leaves, total)
+        return sum(sums) & _MASK32
 
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
         """Checksum of the result with a helper thread (see :class:`_Claims`)."""
