@@ -28,6 +28,8 @@ cdef extern from "cm_leaves.h" nogil:
         size_t used
         size_t page
     void cm_arena_free(cm_arena* ar)
+    void cm_arena_trim(cm_arena* ar)
+    int cm_arena_reserve(cm_arena* ar, size_t more)
     uint32_t cm_scan_leaves(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                             cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
 
@@ -106,6 +108,8 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
 cdef class PageArena:
     """The page copies of a create pass: one growing buffer, slot ``k`` holding page
     ``indices[k]`` (``page`` bytes a slot; the state's last page may use part of its slot).
+    ``reserve`` slots are mapped up front (address space only: pages are faulted in as
+    copies land, on huge pages where the kernel allows); :meth:`trim` returns the rest.
 
     Exposes the used slots as a read-only 1-D byte buffer (``memoryview(arena)``): the
     delta's pages are views of it, so no page is a Python object of its own.
@@ -114,10 +118,18 @@ cdef class PageArena:
     cdef cm_arena ar
     cdef Py_ssize_t exports
 
-    def __cinit__(self, Py_ssize_t page):
-        if page <= 0:
-            raise ValueError("page must be positive")
+    def __cinit__(self, Py_ssize_t page, Py_ssize_t reserve=0):
+        if page <= 0 or reserve < 0:
+            raise ValueError("page must be positive, reserve non-negative")
         self.ar.page = <size_t>page
+        if reserve and cm_arena_reserve(&self.ar, <size_t>reserve) != 0:
+            raise MemoryError(f"cannot reserve {reserve} pages")
+
+    def trim(self):
+        """Give back the reserved slots past the used ones (after a pass filled what it would)."""
+        if self.exports:
+            raise BufferError("the arena's pages are exported: it cannot shrink")
+        cm_arena_trim(&self.ar)
 
     def __dealloc__(self):
         cm_arena_free(&self.ar)

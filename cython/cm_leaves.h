@@ -159,7 +159,19 @@ typedef struct {
     size_t cap;  /* slots */
     size_t used;
     size_t page;
+    int advised; /* huge pages asked for the current mapping */
 } cm_arena;
+
+/* Once an arena holds 1 MiB of copies it is filling up: ask for huge pages on the rest,
+   so its faults come 512 times fewer (a VM pays dearly for each; measured 16 MiB of
+   copies in 3.8 ms instead of 5.5-25). A sparse arena keeps 4 KiB pages: a huge page
+   zeroed for a few copies would cost more than it saves. */
+static void cm_arena_filling(cm_arena *ar) {
+    if (!ar->advised && ar->used * ar->page >= ((size_t)1 << 20)) {
+        cm_advise_huge(ar->data, ar->cap * ar->page);
+        ar->advised = 1;
+    }
+}
 
 /* The arena's bytes: on Linux whole pages from mmap, grown with mremap (page-aligned
    rows, never copied: malloc's 16-byte header left every 4 KiB row straddling two
@@ -167,8 +179,14 @@ typedef struct {
 #if defined(__linux__)
 #include <sys/mman.h>
 static uint8_t *cm_arena_bytes(uint8_t *old, size_t old_bytes, size_t bytes) {
-    void *p = old ? mremap(old, old_bytes, bytes, MREMAP_MAYMOVE)
-                  : mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p;
+    if (bytes == 0) {
+        if (old)
+            munmap(old, old_bytes);
+        return NULL;
+    }
+    p = old ? mremap(old, old_bytes, bytes, MREMAP_MAYMOVE)
+            : mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     return p == MAP_FAILED ? NULL : (uint8_t *)p;
 }
 static void cm_arena_free(cm_arena *ar) {
@@ -191,6 +209,17 @@ static void cm_arena_free(cm_arena *ar) {
 }
 #endif
 
+/* Give back the slots past the used ones (the reservation a pass made for its worst case). */
+static void cm_arena_trim(cm_arena *ar) {
+    if (ar->cap == ar->used)
+        return;
+    uint8_t *data = cm_arena_bytes(ar->data, ar->cap * ar->page, ar->used * ar->page);
+    if (data || ar->used == 0) {
+        ar->data = data;
+        ar->cap = ar->used;
+    }
+}
+
 /* Room for `more` slots; 0, or -1 when memory runs out (the arena is unchanged). */
 static int cm_arena_reserve(cm_arena *ar, size_t more) {
     if (ar->cap - ar->used >= more)
@@ -208,6 +237,7 @@ static int cm_arena_reserve(cm_arena *ar, size_t more) {
         return -1;
     ar->data = data;
     ar->cap = cap;
+    ar->advised = 0; /* a grown mapping: the new part has no advice yet */
     return 0;
 }
 
@@ -258,6 +288,7 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
             if (out && pos < c + n)
                 cm_xxh3.update128(state, old + pos, (size_t)(c + n - pos));
             sum += base_sum;
+            cm_arena_filling(ar);
         }
         if (out)
             cm_xxh128_canonical(cm_xxh3.digest128(state), out + 16 * i);

@@ -230,6 +230,26 @@ static inline size_t cm_put_varint(uint8_t *dst, size_t o, size_t v) {
     return o;
 }
 
+/* Append the pair for the literal new[s..e) after the equal run from pos: varint(s - pos),
+   varint(e - s), then the XORed bytes. Returns the new output size, or SIZE_MAX when
+   the stream would reach `limit` bytes. */
+static inline size_t cm_xzr_pair(const uint8_t *nw, const uint8_t *base, size_t pos, size_t s, size_t e,
+                                 uint8_t *dst, size_t o, size_t limit) {
+    size_t k = e - s;
+    if (o + cm_varint_size(s - pos) + cm_varint_size(k) + k >= limit)
+        return SIZE_MAX;
+    o = cm_put_varint(dst, o, s - pos);
+    o = cm_put_varint(dst, o, k);
+    size_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+        uint64_t x = cm_load64(nw + s + j) ^ cm_load64(base + s + j);
+        memcpy(dst + o + j, &x, 8);
+    }
+    for (; j < k; j++)
+        dst[o + j] = nw[s + j] ^ base[s + j];
+    return o + k;
+}
+
 /* XZR of new[0..L) against base[0..L) into dst; returns the stream size, or SIZE_MAX as
    soon as it would reach `limit` bytes (so it never writes `limit` bytes or more). dst
    needs min(limit, L + 16) bytes. Both pages are L bytes (the caller zero-extends a
@@ -244,15 +264,9 @@ static size_t cm_xzr_encode(const uint8_t *nw, const uint8_t *base, size_t L, ui
         /* The literal: from s to the first equal byte that starts a gap of >= 3 equal
            bytes or runs to the end of the page. */
         size_t e = ops.lit_end(nw, base, s, L);
-        size_t k = e - s;
-        size_t need = cm_varint_size(s - pos) + cm_varint_size(k) + k;
-        if (o + need >= limit)
+        o = cm_xzr_pair(nw, base, pos, s, e, dst, o, limit);
+        if (o == SIZE_MAX)
             return SIZE_MAX;
-        o = cm_put_varint(dst, o, s - pos);
-        o = cm_put_varint(dst, o, k);
-        for (size_t j = 0; j < k; j++)
-            dst[o + j] = nw[s + j] ^ base[s + j];
-        o += k;
         pos = e;
     }
     return o < limit ? o : SIZE_MAX;
@@ -299,20 +313,9 @@ static CM_AVX2 size_t cm_xzr_encode_mask_avx2(const uint8_t *nw, const uint8_t *
             if (e > L)
                 e = L;
         }
-        size_t k = e - s;
-        size_t need = cm_varint_size(s - pos) + cm_varint_size(k) + k;
-        if (o + need >= limit)
+        o = cm_xzr_pair(nw, base, pos, s, e, dst, o, limit);
+        if (o == SIZE_MAX)
             return SIZE_MAX;
-        o = cm_put_varint(dst, o, s - pos);
-        o = cm_put_varint(dst, o, k);
-        size_t j = 0;
-        for (; j + 8 <= k; j += 8) {
-            uint64_t x = cm_load64(nw + s + j) ^ cm_load64(base + s + j);
-            memcpy(dst + o + j, &x, 8);
-        }
-        for (; j < k; j++)
-            dst[o + j] = nw[s + j] ^ base[s + j];
-        o += k;
         pos = e;
     }
     return o < limit ? o : SIZE_MAX;

@@ -614,9 +614,12 @@ def _scan_fused(
     leaves = bytearray(16 * -(-n // LEAF_SIZE)) if hasher is not None else None
 
     def work(k: int, lo: int, hi: int) -> None:
-        arena = kernels.PageArena(PAGE_SIZE)
+        # Room for every page of the chunk up front (address space: one mapping, no
+        # growth), the unused part given back right after.
+        arena = kernels.PageArena(PAGE_SIZE, -(-(hi - lo) // PAGE_SIZE))
         out = None if leaves is None else memoryview(leaves)[16 * (lo // LEAF_SIZE) : 16 * -(-hi // LEAF_SIZE)]
         sums[k] = kernels.scan_leaves(old, new, lo, hi, LEAF_SIZE, arena, out)
+        arena.trim()
         arenas[k] = arena
 
     _claimed_chunks(n, work, progress)

@@ -28,8 +28,9 @@ from __future__ import annotations
 import hmac
 import os
 import tempfile
+import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -59,13 +60,39 @@ _Found = Tuple[_I64, List[bytes], int]
 
 
 def _spans(lo: int, hi: int, align: int) -> List[Tuple[int, int]]:
-    """``[lo, hi)`` cut into ``align``-aligned spans, one per thread."""
-    threads = max_threads()
-    n = hi - lo
-    if threads <= 1 or n < 2 * align:
+    """``[lo, hi)`` cut into pieces for the threads to claim: 1 MiB leaves (or ``align``
+    multiples near that size), so a thread whose core is busy elsewhere takes fewer of a
+    window's pieces instead of the window waiting for its fixed half."""
+    if max_threads() <= 1 or hi - lo < 2 * align:
         return [(lo, hi)]
-    step = -(-(-(-n // threads)) // align) * align
+    step = max(align, LEAF_SIZE // align * align)
     return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+
+
+T = TypeVar("T")
+
+
+def _claimed(spans: List[Tuple[int, int]], fn: Callable[[int, int], T]) -> List[T]:
+    """``[fn(lo, hi) for each span]``, the spans claimed one at a time by the pool's threads
+    (the calling thread among them); the results in span order."""
+    threads = min(max_threads(), len(spans))
+    if threads <= 1:
+        return [fn(lo, hi) for lo, hi in spans]
+    results: List[Any] = [None] * len(spans)
+    lock = threading.Lock()
+    claimed = [0]
+
+    def worker(_who: int, _unused: int) -> None:
+        while True:
+            with lock:
+                k = claimed[0]
+                if k >= len(spans):
+                    return
+                claimed[0] = k + 1
+            results[k] = fn(*spans[k])
+
+    run_spans(worker, [(who, 0) for who in range(threads)])
+    return results
 
 
 def _windows(total: int, window: int) -> List[Tuple[int, int]]:
@@ -113,30 +140,60 @@ class StreamedDelta:
 
 
 class _Table:
-    """The page table's columns, window after window (11 bytes a page, plus the int64
-    indices: 19 bytes a dirty page in all)."""
+    """The page table's four columns, window after window, as the file stores them (11
+    bytes a dirty page: u32 indices, u16 stored lengths, u32 page checks, u8 encodings),
+    with where each window's payload starts; written to the file column by column, never
+    joined in memory."""
 
     def __init__(self) -> None:
-        self.indices: List[_I64] = []
-        self.lengths: List[npt.NDArray[Any]] = []
-        self.checks: List[npt.NDArray[Any]] = []
-        self.encodings: List[npt.NDArray[Any]] = []
+        self.columns: Tuple[List[Any], List[Any], List[Any], List[Any]] = ([], [], [], [])
+        self.starts: List[int] = []  # payload offset of each window's first page
+        self.count = 0
+        self.pages = np.zeros(len(PageEncoding), dtype=np.int64)
+        self.stored = np.zeros(len(PageEncoding), dtype=np.int64)
 
-    def add(self, batch: PageBatch) -> None:
-        lengths = batch.stored_lengths()
-        if len(lengths) and int(lengths.max()) > 0xFFFF:  # pragma: no cover - pages are <= 3 x 4096 bytes
+    def add(self, batch: PageBatch, start: int) -> None:
+        """Take a window's encoded pages, whose payload starts at ``start``. ``ValueError``
+        for an index the 4-byte column cannot hold (a state over 16 TiB)."""
+        indices, lengths = batch.indices, batch.stored_lengths()
+        if int(indices[-1]) > 0xFFFFFFFF:
+            k = self.count + int(np.argmax(indices > 0xFFFFFFFF))
+            raise ValueError(f"page {k}: index {int(indices[k - self.count])} does not fit the 4-byte index field")
+        if int(lengths.max()) > 0xFFFF:  # pragma: no cover - pages are <= 3 x 4096 bytes
             raise ValueError("stored page data does not fit the 2-byte length field")
-        self.indices.append(batch.indices)
-        self.lengths.append(lengths.astype("<u2"))
-        self.checks.append(np.asarray(batch.checks).astype("<u4"))
-        self.encodings.append(np.asarray(batch.encodings, dtype=np.uint8))
+        encodings = np.asarray(batch.encodings, dtype=np.uint8)
+        for column, values in zip(self.columns, (indices.astype("<u4"), lengths.astype("<u2"),
+                                                 np.asarray(batch.checks).astype("<u4"), encodings)):
+            column.append(values)
+        self.starts.append(start)
+        self.count += len(indices)
+        self.pages += np.bincount(encodings, minlength=len(PageEncoding))
+        self.stored += np.bincount(encodings, weights=lengths, minlength=len(PageEncoding)).astype(np.int64)
 
-    def columns(self) -> Tuple[_I64, npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
-        def cat(parts: List[Any], dtype: Any) -> Any:
-            return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    def windows(self) -> Iterator[Tuple[_I64, Any, _I64, Any]]:
+        """``(indices, encodings, payload offsets, checks)`` of each window's pages."""
+        for indices, lengths, checks, encodings, start in zip(*self.columns, self.starts):
+            offsets = np.empty(len(lengths) + 1, dtype=np.int64)
+            offsets[0] = start
+            np.cumsum(lengths, out=offsets[1:])
+            offsets[1:] += start
+            yield indices.astype(np.int64), encodings, offsets, checks
 
-        return (cat(self.indices, np.int64), cat(self.lengths, "<u2"), cat(self.checks, "<u4"),
-                cat(self.encodings, np.uint8))
+    def write(self, fd: int, offset: int) -> int:
+        """Write the table at ``offset`` in ``fd``; return its size."""
+        for column in self.columns:
+            for values in column:
+                write_all(fd, memoryview(values).cast("B"), offset)
+                offset += values.nbytes
+        return PAGE_ENTRY_BYTES * self.count
+
+    def counts(self) -> Dict[str, Tuple[int, int]]:
+        """``{encoding label: (pages, stored bytes)}`` (``PageBatch.counts``)."""
+        return {e.label: (int(self.pages[e]), int(self.stored[e])) for e in PageEncoding}
+
+
+#: Bytes of one page-table entry (its four columns).
+PAGE_ENTRY_BYTES = 11
 
 
 def _flatten(chunks: Sequence[Tuple[_I64, List[bytes], int]]) -> _Found:
@@ -167,7 +224,7 @@ def _scan_windows(
         for lo, hi in windows:
             spans = _spans(lo, hi, LEAF_SIZE)
             sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-            arenas = run_spans(lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], None), spans)
+            arenas = _claimed(spans, lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], None))
             if hasher is not None and len(spans) > 1:
                 hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
             held = [arena for arena, _ in arenas if len(arena)]
@@ -190,7 +247,7 @@ def _scan_windows(
         for lo, hi in windows:
             spans = _spans(lo, hi, PAGE_SIZE if hasher is None else LEAF_SIZE)
             sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-            parts = run_spans(lambda a, b: scan_alone(a, b, sinks[a]), spans)
+            parts = _claimed(spans, lambda a, b: scan_alone(a, b, sinks[a]))
             if hasher is not None and len(spans) > 1:
                 hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
             yield _flatten([c for part in parts for c in part])
@@ -267,28 +324,28 @@ def create_file(
         del pages
         size = batch.payload_size
         write_all(fd, memoryview(batch.payload)[:size], pos)
+        table.add(batch, pos - payload_start)
         pos += size
-        table.add(batch)
         del batch
     checksum &= _MASK32
     value = None if hasher is None else hasher.digest()
     if timestamp is None:
         timestamp = int(time.time())
-    indices, lengths, checks, encodings = table.columns()
     payload_size = pos - payload_start
-    offsets = np.zeros(len(indices) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
 
     with StateFile("delta", fd=os.dup(fd), length=pos) as written:
         payload = memoryview(written.buffer)[payload_start:pos] if pos > payload_start else memoryview(b"")
         try:
             if recheck is not None:
-                _recheck(payload, indices, encodings, offsets, checks, old, new.nbytes, window, recheck)
+                for indices, encodings, offsets, checks in table.windows():
+                    batch = PageBatch(indices, encodings, offsets, payload, checks)
+                    recheck(batch.decode(old, new.nbytes, ALLOW_ALL))
+                    del batch
             compression, wire_payload = _compress(fd, payload, payload_start, level, auto)
         finally:
             payload.release()
 
-    from .wire import header_digest, pack_header, pack_table
+    from .wire import header_digest, pack_header
 
     bound = b""
     if algorithm is not None and value is not None:
@@ -300,13 +357,11 @@ def create_file(
     header = pack_header(
         algorithm=algorithm, keyed=key is not None, digest_length=digest_length, compression=compression,
         agent_id=agent_id, sequence=sequence, base_sequence=base_sequence, total_size=new.nbytes,
-        base_size=old.nbytes, timestamp=timestamp, checksum=checksum, page_count=len(indices),
+        base_size=old.nbytes, timestamp=timestamp, checksum=checksum, page_count=table.count,
         payload_wire=wire_payload, payload_size=payload_size,
     )
-    page_table = pack_table(indices, lengths, checks, encodings)
-    body_end = payload_start + wire_payload + len(page_table)
+    body_end = payload_start + wire_payload + table.write(fd, payload_start + wire_payload)
     write_all(fd, header + (value or b"") + bound, 0)
-    write_all(fd, page_table, payload_start + wire_payload)
     os.ftruncate(fd, body_end)
     hasher_all = xxhash.xxh3_128()
     with StateFile("delta", fd=os.dup(fd), length=body_end) as written:
@@ -319,29 +374,8 @@ def create_file(
         agent_id=agent_id, sequence=sequence, base_sequence=base_sequence, total_size=new.nbytes,
         base_size=old.nbytes, timestamp=timestamp, checksum=checksum, digest_algorithm=algorithm,
         digest=value, keyed=key is not None, compression=compression, wire_size=body_end + 16,
-        count=len(indices), stored=payload_size, counts=_counts(lengths, encodings),
+        count=table.count, stored=payload_size, counts=table.counts(),
     )
-
-
-def _counts(lengths: npt.NDArray[Any], encodings: npt.NDArray[Any]) -> Dict[str, Tuple[int, int]]:
-    """``{encoding label: (pages, stored bytes)}`` of the whole table (``PageBatch.counts``)."""
-    pages = np.bincount(encodings, minlength=len(PageEncoding))
-    stored = np.bincount(encodings, weights=lengths.astype(np.float64), minlength=len(PageEncoding))
-    return {e.label: (int(pages[e]), int(stored[e])) for e in PageEncoding}
-
-
-def _recheck(
-    payload: memoryview, indices: _I64, encodings: Any, offsets: _I64, checks: Any, old: memoryview,
-    total: int, window: int, recheck: Callable[[DecodedPages], None],
-) -> None:
-    """Decode the written pages window by window and hand them to ``recheck``."""
-    per_window = window // PAGE_SIZE
-    bounds = np.searchsorted(indices, np.arange(0, -(-total // PAGE_SIZE) + per_window, per_window))
-    for ka, kb in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        if ka == kb:
-            continue
-        batch = PageBatch(indices[ka:kb], encodings[ka:kb], offsets[ka : kb + 1], payload, checks[ka:kb])
-        recheck(batch.decode(old, total, ALLOW_ALL))
 
 
 def _compress(fd: int, payload: memoryview, payload_start: int, level: Optional[int], auto: bool) -> Tuple[str, int]:
@@ -538,7 +572,7 @@ def _check_window(result: Result, lo: int, hi: int, hasher: Optional[Hasher]) ->
     if hasher is None or hasher.splittable:
         spans = _spans(lo, hi, PAGE_SIZE if hasher is None else LEAF_SIZE)
         sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-        parts = run_spans(lambda a, b: result.checksum_alone(a, b, sinks[a], None), spans)
+        parts = _claimed(spans, lambda a, b: result.checksum_alone(a, b, sinks[a], None))
         if hasher is not None and len(spans) > 1:
             hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
         return sum(parts) & _MASK32
@@ -567,7 +601,7 @@ def _check_window_fused(result: Result, lo: int, hi: int, hasher: Hasher) -> int
         sinks[a].add_leaves(out, b - a)
         return checksum
 
-    parts = run_spans(run, spans)
+    parts = _claimed(spans, run)
     if len(spans) > 1:
         hasher.join([sinks[a] for a, _ in spans])
     return sum(parts) & _MASK32

@@ -2,7 +2,7 @@
 
 A :class:`Channel` opens a migration (handshake), sends a round's chunks, reports which
 chunks the receiver committed (in order, through the ``on_commit`` callback given to
-:meth:`Channel.open`, so the sender's shadow advances only on acknowledgement), closes a
+:meth:`Channel.open`, so the sender's page table advances only on acknowledgement), closes a
 round with the receiver's digest of its staged state, and commits. The stream protocol
 (:mod:`cellmigrate.live.sender`) is one implementation; :class:`InProcessChannel`, which
 hands chunks straight to a :class:`~cellmigrate.live.session.ReceiverSession`, is

@@ -7,7 +7,7 @@ store as a ``uint8`` array; the target actor's ``_cellmigrate_chunk`` receives t
 reference (nested in a list, so Ray does not resolve it before the call is ordered),
 fetches the pages — Ray's object manager copies them from the source node's store to the
 target node's, without pickling — verifies the chunk's digest and commits it. The reply
-is the acknowledgement that advances the sender's shadow; the object is released then.
+is the acknowledgement that advances the sender's page table; the object is released then.
 
 Flow control: at most ``max_bytes_in_flight`` bytes of payload are in the object store
 unacknowledged (at least one chunk, whatever its size). Every wait has ``timeout``.
