@@ -105,7 +105,8 @@ class StreamChannel:
         self._pending: Deque[Chunk] = collections.deque()
         self._pending_bytes = 0
         self._next_unsent = 1
-        #: Reconnections made, and chunks sent again after one (never committed ones).
+        #: Reconnections made, and chunks sent again after one (never committed ones; a
+        #: resend that a new cut interrupted counts too).
         self.reconnects = 0
         self.resent_chunks = 0
         self.bytes_sent = 0
@@ -175,8 +176,8 @@ class StreamChannel:
                     )
                 self._acknowledged_up_to(committed)
                 for chunk in list(self._pending):
+                    self.resent_chunks += 1  # counted when it starts: a resend cut short sent bytes too
                     self._send_chunk_frame(chunk)
-                    self.resent_chunks += 1
                 return
             except _RETRYABLE as exc:
                 cause = exc
