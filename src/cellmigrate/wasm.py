@@ -684,13 +684,17 @@ class WasmAgent:
     def pause(self) -> None:
         """Stop stepping: returns once no step is running, and none starts until :meth:`resume`.
 
-        A no-op when not running (or already paused). Raises ``ExecutionFailedError`` when the
-        runner stopped on a trap (the memory is then mid-step, not a state to migrate).
+        A no-op when not running (or already paused). With several threads pausing and
+        resuming at once the latest call wins: a :meth:`resume` from another thread while
+        this one waits for the step in flight ends the wait (waiting on would never end:
+        the runner, resumed, starts its next step before a waiter can see the last one
+        finish). Raises ``ExecutionFailedError`` when the runner stopped on a trap (the
+        memory is then mid-step, not a state to migrate).
         """
         with self._cond:
             self._paused = True
             self._cond.notify_all()
-            while self._in_step:
+            while self._in_step and self._paused:
                 self._cond.wait()
             error = self._error
         if error is not None:
