@@ -700,10 +700,20 @@ def test_connection_cuts_many_trials(tmp_path: Path) -> None:
     outcome, sent = _cut_trial(tmp_path / "uncut", 1 << 40)
     assert outcome == "completed (no cut: the offset was past the end)"
     outcomes = []
+    offset = 0
     for trial in range(20):
-        (tmp_path / str(trial)).mkdir()
-        outcomes.append(_cut_trial(tmp_path / str(trial), rng.randrange(1, sent))[0])
+        offset = rng.randrange(1, sent)
+        # A running agent's migration varies in size (its rounds follow the agent's pace):
+        # an offset past the end of this run is drawn again inside the size it had, at most
+        # twice, so (nearly) every trial really cuts.
+        for attempt in range(3):
+            where = tmp_path / f"{trial}-{attempt}"
+            where.mkdir()
+            outcome, forwarded = _cut_trial(where, offset)
+            if "after a cut" in outcome or not outcome.startswith("completed"):
+                break
+            offset = rng.randrange(1, max(2, forwarded))
+        outcomes.append(outcome)
     print(f"seed {seed}, {sent} bytes uncut: {outcomes}")
     assert all(o.startswith("completed") for o in outcomes), outcomes
-    # Runs vary a little in size: nearly every offset falls inside its migration.
-    assert sum("after a cut" in o for o in outcomes) >= 15, outcomes
+    assert sum("after a cut" in o for o in outcomes) >= 18, outcomes
