@@ -83,10 +83,10 @@ static inline void cm_xxh128_canonical(cm_xxh128_t h, uint8_t *out) {
 
 /* One leaf [a, b) of "base with pages over it": its XXH3-128 (canonical, into out) and
  * its positioned checksum. pages[k0..k1) start inside the leaf (absolute byte offsets in
- * starts, ascending, not overlapping); base covers the whole leaf. A clean leaf is hashed
- * in one call straight from the base; otherwise the clean runs and the pages are fed to
- * the streaming state in order (nothing is assembled). The hash reads the bytes first
- * (from memory), the checksum right after (from cache). */
+ * starts, ascending, not overlapping); base covers the whole leaf. A clean leaf is fed to
+ * the streaming state straight from the base in CM_LEAF_BLOCK blocks; otherwise its clean
+ * runs and pages are, in order (nothing is assembled). Each piece is hashed first (read
+ * from memory), then checksummed (from cache). */
 static uint32_t cm_overlay_leaf(const uint8_t *base, uint64_t a, uint64_t b, const uint8_t *const *pages,
                                 const size_t *lens, const int64_t *starts, size_t k0, size_t k1,
                                 void *state, uint8_t *out) {
@@ -244,7 +244,7 @@ static int cm_arena_reserve(cm_arena *ar, size_t more) {
 /* The create pass over leaves of [lo, hi) (lo leaf-aligned, both states cover it): the
  * pages of new that differ from old are copied into the arena, with their page numbers;
  * the checksum of "old with the copies over it" is returned and, when out is not NULL,
- * each leaf's XXH3-128 of those bytes (16 bytes a leaf). Returns -1 in *failed when
+ * each leaf's XXH3-128 of those bytes (16 bytes a leaf). Sets *failed (and stops) when
  * memory for the copies runs out.
  *
  * The copies are what the delta describes: the checksum and digests cover old + copies
