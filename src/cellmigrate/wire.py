@@ -239,6 +239,22 @@ def _compression_id(name: Any) -> int:
 # the header digest (version 2): every header field under the digest / MAC
 
 
+def _identity_fields(
+    agent_id: Any, sequence: int, base_sequence: int, total_size: int, base_size: int, timestamp: int, checksum: int
+) -> Tuple[Any, ...]:
+    """The delta's identity fields, checked for their widths, in the order both the header
+    and the header digest's binding carry them (agent id .. checksum)."""
+    return (
+        _agent_bytes(agent_id),
+        _int_field("sequence", sequence, _U64_MAX),
+        _int_field("base_sequence", base_sequence, _U64_MAX),
+        _int_field("total_size", total_size, _U64_MAX),
+        _int_field("base_size", base_size, _U64_MAX),
+        _int_field("timestamp", timestamp, _U64_MAX),
+        _int_field("checksum", checksum, _U32_MAX),
+    )
+
+
 def header_digest(
     *,
     algorithm: Optional[str],
@@ -271,13 +287,7 @@ def header_digest(
         alg_id,
         _FLAG_KEYED if keyed else 0,
         _compression_id(compression),
-        _agent_bytes(agent_id),
-        _int_field("sequence", sequence, _U64_MAX),
-        _int_field("base_sequence", base_sequence, _U64_MAX),
-        _int_field("total_size", total_size, _U64_MAX),
-        _int_field("base_size", base_size, _U64_MAX),
-        _int_field("timestamp", timestamp, _U64_MAX),
-        _int_field("checksum", checksum, _U32_MAX),
+        *_identity_fields(agent_id, sequence, base_sequence, total_size, base_size, timestamp, checksum),
     ) + bytes(state_digest)
     if algorithm == "blake3":
         if keyed:
@@ -318,13 +328,7 @@ def pack_header(
         _int_field("digest length", digest_length, 255),
         _compression_id(compression),
         _ZERO2,
-        _agent_bytes(agent_id),
-        _int_field("sequence", sequence, _U64_MAX),
-        _int_field("base_sequence", base_sequence, _U64_MAX),
-        _int_field("total_size", total_size, _U64_MAX),
-        _int_field("base_size", base_size, _U64_MAX),
-        _int_field("timestamp", timestamp, _U64_MAX),
-        _int_field("checksum", checksum, _U32_MAX),
+        *_identity_fields(agent_id, sequence, base_sequence, total_size, base_size, timestamp, checksum),
         _int_field("page count", page_count, _U32_MAX),
         _int_field("payload size", payload_wire, _U64_MAX),
         _int_field("payload size", payload_size, _U64_MAX),
