@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import cellmigrate._passes as passes
 from cellmigrate import PAGE_SIZE, DeltaSnapshot, digest, simple_checksum
 from cellmigrate import _kernels, _reference
+from cellmigrate.checksum import Hasher
 
 AGENT = bytes(16)
 
@@ -75,3 +76,34 @@ def test_scratch_and_run_paths_agree(monkeypatch: pytest.MonkeyPatch, threshold:
         base = bytearray(old.tobytes())
         delta.apply(base)
         assert base == new.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    pages_total=st.integers(1, 700),  # up to ~2.7 MiB: several 1 MiB steps
+    tail=st.integers(0, PAGE_SIZE - 1),
+    density=st.sampled_from([0.0, 0.002, 0.05, 0.5, 1.0]),
+    base_short=st.integers(0, 3 * PAGE_SIZE),
+    first=st.integers(0, 300),
+    algorithm=st.sampled_from(["xxh3_128", "blake3"]),
+)
+def test_hash_span_feeds_the_overlaid_bytes(
+    seed: int, pages_total: int, tail: int, density: float, base_short: int, first: int, algorithm: str
+) -> None:
+    """``Overlay.hash_span`` feeds the hasher exactly the base with the pages over it (zeros
+    past a short base), whether a 1 MiB step goes page by page or through the scratch."""
+    rng = np.random.default_rng(seed)
+    total = pages_total * PAGE_SIZE - (tail if pages_total > 1 else 0)
+    base = rng.integers(0, 256, max(0, total - base_short), dtype=np.uint8).tobytes()
+    npages = -(-total // PAGE_SIZE)
+    lo_page = min(first, npages - 1)
+    lo = lo_page * PAGE_SIZE
+    chosen = [int(i) for i in np.flatnonzero(rng.random(npages) < density) if i >= lo_page]
+    pages = [rng.integers(0, 256, min(PAGE_SIZE, total - i * PAGE_SIZE), dtype=np.uint8).tobytes() for i in chosen]
+    expected = bytearray(base) + bytearray(total - len(base))
+    for i, page in zip(chosen, pages):
+        expected[i * PAGE_SIZE : i * PAGE_SIZE + len(page)] = page
+    hasher = Hasher(algorithm)
+    passes.Overlay(memoryview(base), total).hash_span(hasher, lo, total, [i * PAGE_SIZE for i in chosen], pages)
+    assert hasher.digest() == digest(bytes(expected[lo:]), algorithm)
