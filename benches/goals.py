@@ -32,13 +32,13 @@ GOALS: List[Tuple[str, str, str, str, Optional[float]]] = [
     # runs near this floor on a machine where one core saturates memory.
     ("create (default digest, 1% dirty) vs reading both states once", "delta create",
      "DeltaSnapshot.create (default xxh3_128_tree digest)",
-     "memory floor: read both states once (simple_checksum of each)", None),
+     "memory floor: read both states once (XXH3-64 of each, one thread)", None),
     ("compiled C create (1% dirty) vs reading both states once", "delta create",
      "straightforward compiled create (C memcmp+memcpy loop, cc -O2)",
-     "memory floor: read both states once (simple_checksum of each)", None),
+     "memory floor: read both states once (XXH3-64 of each, one thread)", None),
     ("create (default digest, 10% dirty) vs reading both states once", "delta create 10% dirty",
      "DeltaSnapshot.create (default xxh3_128_tree digest)",
-     "memory floor: read both states once (simple_checksum of each)", None),
+     "memory floor: read both states once (XXH3-64 of each, one thread)", None),
     ("apply, checksum-only, vs simple_checksum", "delta apply", "DeltaSnapshot.apply checksum-only (digest=None)",
      "simple_checksum (same state)", 0.75),
     # issue 12: 0.8x with the default (tree) digest, both threads busy in both.

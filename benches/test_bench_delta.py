@@ -100,7 +100,7 @@ def compiled_create(s: States) -> Callable[[], Any]:
     return lambda: fn(old.ctypes.data, new.ctypes.data, s.size, 4096, idx.ctypes.data, out.ctypes.data)
 
 
-READ_BOTH = "memory floor: read both states once (simple_checksum of each)"
+READ_BOTH = "memory floor: read both states once (XXH3-64 of each, one thread)"
 
 CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {
     "DeltaSnapshot.create digest=None": lambda s: lambda: DeltaSnapshot.create(AGENT, s.old, s.new, 0, 1, digest=None),
@@ -111,8 +111,9 @@ CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {
     "straightforward create (naive loops)": lambda s: lambda: straightforward_create(s.old, s.new),
     "straightforward compiled create (C memcmp+memcpy loop, cc -O2)": compiled_create,
     "simple_checksum (new state)": lambda s: lambda: simple_checksum(s.new),
-    # The floor of any create: both states read once (2 threads), no compare, no copy.
-    READ_BOTH: lambda s: lambda: (simple_checksum(s.old), simple_checksum(s.new)),
+    # The floor of any create: both states read once by the fastest reader we have (XXH3
+    # runs at this VM's memory bandwidth on one core), no compare, no copy.
+    READ_BOTH: lambda s: lambda: (xxhash.xxh3_64_digest(s.old), xxhash.xxh3_64_digest(s.new)),
 }
 
 
@@ -215,7 +216,7 @@ def test_create_10pct(dirty10: Dirty10, measure: Any, peer: str) -> None:
     if peer.startswith("DeltaSnapshot"):
         fn: Callable[[], Any] = lambda: DeltaSnapshot.create(AGENT, d.old_np, d.new_np, 0, 1)  # noqa: E731
     elif peer == READ_BOTH:
-        fn = lambda: (simple_checksum(d.old_np), simple_checksum(d.new_np))  # noqa: E731
+        fn = lambda: (xxhash.xxh3_64_digest(d.old_np), xxhash.xxh3_64_digest(d.new_np))  # noqa: E731
     else:
         shim = States.__new__(States)  # the C peer reads .size/.np(); reuse it on these arrays
         shim.size = d.size

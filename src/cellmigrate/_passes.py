@@ -569,14 +569,14 @@ def _claimed_chunks(total: int, work: Callable[[int, int, int], None], progress:
             hi = min(lo + _FUSED_CHUNK, total)
             try:
                 work(k, lo, hi)
+                with lock:
+                    state["done"] += hi - lo
+                    done = state["done"]
+                if who == 0 and progress is not None:
+                    progress(done, total)
             except BaseException:
-                state["failed"] = True
+                state["failed"] = True  # a failed kernel or progress callback: the others stop
                 raise
-            with lock:
-                state["done"] += hi - lo
-                done = state["done"]
-            if who == 0 and progress is not None:
-                progress(done, total)
 
     run_spans(worker, [(who, 0) for who in range(max(threads, 1))])
     if progress is not None:
@@ -625,8 +625,6 @@ def _scan_fused(
     _claimed_chunks(n, work, progress)
     if hasher is not None:
         hasher.add_leaves(cast(bytearray, leaves), n)
-    if progress is not None:
-        progress(n, n)
     held = [a for a in arenas if a is not None and len(a)]
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
