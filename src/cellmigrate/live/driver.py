@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
+import xxhash as _xxhash
 
 from .._buffers import as_bytes_view
 from .._ids import IdLike, to_id
-from .._tree import tree_digest
+from .._parallel import plan, run_spans
+from .._tree import LEAF_SIZE, tree_digest
+from .._tree import root as tree_root
 from ..audit import AuditEntry, AuditEventType
 from ..checksum import PAGE_SIZE
 from ..errors import CellError, CorruptDataError, MigrationFailedError
@@ -49,7 +51,8 @@ from ..validation import AgentRequirements, MigrationValidator, VerificationResu
 from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
-from .leaves import PageTable, page_digests, page_root
+from .leaves import PAGE_DIGEST_SIZE, Digests, PageTable, page_digests, page_root
+from .leaves import _kernel as _page_kernel
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
 from .session import Offer
 
@@ -202,6 +205,8 @@ class LiveMigration:
         self._tracker: Optional[MigrationProgressTracker] = None
         self._final = False
         self._pool = BufferPool(self.chunk_bytes)
+        # Stop-and-copy: the summary's tree digest, hashed with the final scan.
+        self._tree: Optional[bytes] = None
 
     # -- the page table advances only on acknowledgement ------------------------------
 
@@ -233,7 +238,13 @@ class LiveMigration:
         # The final round hashes the paused state's pages in one call (one read of the
         # state, split over the threads once, not per region) and keeps them: their root
         # is the proof (the receiver's table, after the round, must have the same).
-        scanned = page_digests(state, threads) if final else None
+        scanned: Optional[Digests] = None
+        if final and self.max_rounds == 0:
+            # Stop-and-copy: the summary's tree digest of this same paused state, its leaves
+            # hashed from cache right after their pages (one read of the state, not two).
+            scanned, self._tree = _pages_and_tree(state, threads)
+        elif final:
+            scanned = page_digests(state, threads)
 
         def find(lo: int, hi: int) -> "npt.NDArray[np.int64]":
             # The region's page digests (while the agent runs: read now, one region at a
@@ -352,9 +363,6 @@ class LiveMigration:
         self._tracker.report_started()
         log.log_start(mid, aid)
         paused = committing = False
-        helper: Optional[ThreadPoolExecutor] = None
-        early: "Optional[Future[bytes]]" = None
-        early_state: Optional[memoryview] = None
         try:
             requirements = self.requirements or AgentRequirements(state_size=size)
             committed = self.channel.open(Offer(mid, aid, requirements, size), self._on_commit)
@@ -373,13 +381,6 @@ class LiveMigration:
             self.source.pause()
             paused = True
             t_pause = time.monotonic()
-            if self.max_rounds == 0:
-                # Stop-and-copy: the state no longer changes, and the one round is the whole
-                # transfer: hash the summary's tree digest meanwhile (the sender mostly waits
-                # for acknowledgements then), not after it.
-                early_state = as_bytes_view(self.source.state(), "agent state")
-                helper = ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-digest")
-                early = helper.submit(tree_digest, early_state, self.threads)
             stats, proof, _, final_state = self._round(round_no, True, previous)
             extra = bytes(self.source.extra())
             if len(extra) > MAX_EXTRA_BYTES:
@@ -390,8 +391,6 @@ class LiveMigration:
             stats = RoundStats(**{**asdict(stats), "actual_downtime_s": downtime})
             self._report(stats)
         except BaseException as exc:
-            if helper is not None:
-                helper.shutdown(wait=False)  # its hash of a state that may change again is moot
             self._fail(exc, paused, committing)
             if isinstance(exc, CellError) or not isinstance(exc, Exception):
                 raise
@@ -399,13 +398,7 @@ class LiveMigration:
         final_size = stats.state_size
         # The target runs; the source stays paused for good (never resumed after success),
         # so its state is still the one proven: its tree digest costs no downtime here.
-        final_view = as_bytes_view(final_state)
-        if early is not None and early_state is not None and _same_buffer(early_state, final_view):
-            digest = early.result()
-        else:
-            digest = tree_digest(final_view, self.threads)
-        if helper is not None:
-            helper.shutdown(wait=False)
+        digest = self._tree if self._tree is not None else tree_digest(as_bytes_view(final_state), self.threads)
         log.log_verification(
             mid,
             aid,
@@ -492,13 +485,28 @@ class LiveMigration:
             guarded("the recovery manager", self.recovery.record_failure, MigrationError(error_type(exc), message, aid))
 
 
-def _same_buffer(a: memoryview, b: memoryview) -> bool:
-    """Whether two flat byte views are the same memory (same start, same length)."""
-    if a.nbytes != b.nbytes:
-        return False
-    if not a.nbytes:
-        return True
-    return bool(np.frombuffer(a, dtype=np.uint8).ctypes.data == np.frombuffer(b, dtype=np.uint8).ctypes.data)
+def _pages_and_tree(state: U8Array, threads: Optional[int]) -> Tuple[Digests, Optional[bytes]]:
+    """The page digests of ``state`` and its ``xxh3_128_tree``, one 1 MiB leaf at a time:
+    its pages hashed by the page kernel, then the leaf itself while it is still in cache.
+    Without the compiled kernel: the page digests, and None (hash the tree separately)."""
+    kernel = _page_kernel()
+    n = state.nbytes
+    if kernel is None or n == 0:
+        return page_digests(state, threads), None
+    view = as_bytes_view(state)
+    out: Digests = np.empty((-(-n // PAGE_SIZE), PAGE_DIGEST_SIZE), dtype=np.uint8)
+    leaves: List[bytes] = [b""] * -(-n // LEAF_SIZE)
+
+    def span(lo: int, hi: int) -> None:
+        for a in range(lo, hi, LEAF_SIZE):
+            leaf = view[a : min(a + LEAF_SIZE, hi)]
+            kernel(leaf, out[a // PAGE_SIZE : -(-(a + leaf.nbytes) // PAGE_SIZE)])
+            h = _xxhash.xxh3_128()  # streaming: hashes without the GIL
+            h.update(leaf)
+            leaves[a // LEAF_SIZE] = h.digest()
+
+    run_spans(span, plan(n, threads, LEAF_SIZE))
+    return out, tree_root(leaves, n)
 
 
 def _add_note(exc: BaseException, note: str) -> None:
