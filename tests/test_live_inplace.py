@@ -205,10 +205,11 @@ def test_chunk_digest_is_the_page_root_of_the_raw_pages() -> None:
 def test_stop_and_copy_hashes_the_summary_digest_of_the_state_it_sent() -> None:
     from cellmigrate.live import InProcessChannel
 
-    state = np.random.default_rng(6).integers(0, 256, (3 << 20) + 5, dtype=np.uint8)
-    # The same buffer each call (its digest is hashed while the round streams), and a new
-    # one each call (the early digest is of another buffer: hashed again from the sent one).
-    for source in (BufferSource(state), BufferSource(lambda: bytearray(state.tobytes()))):
-        target = BufferTarget()
-        summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target)), max_rounds=0).run()
-        assert summary.digest == digest(state) and target.state == bytearray(state.tobytes())
+    # The tree's leaves are hashed region by region (32 MiB) as the round reaches them:
+    # one region, and several with a short last leaf; the same buffer each call and a new one.
+    for size in ((3 << 20) + 5, (70 << 20) + 5):
+        state = np.random.default_rng(6).integers(0, 256, size, dtype=np.uint8)
+        for source in (BufferSource(state), BufferSource(lambda: bytearray(state.tobytes()))):
+            target = BufferTarget()
+            summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target)), max_rounds=0).run()
+            assert summary.digest == digest(state) and target.state == bytearray(state.tobytes())

@@ -176,10 +176,10 @@ def test_kernel_and_python_paths_agree_end_to_end() -> None:
     try:
         for bound in (True, False):
             if bound:
-                assert _xxh3.bind() and leaves._kernel() is not None
+                assert _xxh3.bind() and leaves.page_kernel() is not None
             else:
                 _xxh3.unbind()
-                assert leaves._kernel() is None
+                assert leaves.page_kernel() is None
             target = BufferTarget()
             summary = LiveMigration(BufferSource(state), InProcessChannel(ReceiverSession(MemoryStore(), target))).run()
             assert target.state is not None and bytes(target.state) == state.tobytes()

@@ -128,3 +128,32 @@ def test_a_tampered_frame_fails_its_mac() -> None:
 def test_chunk_digest_covers_the_pages() -> None:
     pages = np.zeros(4096, dtype=np.uint8)
     assert pages_digest(pages) != pages_digest(np.ones(4096, dtype=np.uint8))
+
+
+def test_socket_reads_keep_their_timeouts_within_the_slack() -> None:
+    """A socket's timeout is set only when the asked one moved by more than 5 %: a silent
+    peer is still reported about when asked (never later than 5 % past it), and a longer
+    timeout asked afterwards is honoured (not cut short by the shorter one set before)."""
+    import time
+
+    a, b = socket.socketpair()
+    stream = SocketStream(a)
+    view = memoryview(bytearray(8))
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            stream.recv_into(view, 0.3)
+        assert 0.28 <= time.monotonic() - start < 0.3 * 1.05 + 0.2
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            stream.recv_into(view, 0.29)  # within 5 %: the 0.3 s set before is kept
+        assert time.monotonic() - start < 0.3 * 1.05 + 0.2
+        timer = threading.Timer(0.6, lambda: b.sendall(b"late"))
+        timer.start()
+        start = time.monotonic()
+        assert stream.recv_into(view, 2.0) == 4 and bytes(view[:4]) == b"late"  # not cut at 0.3 s
+        assert time.monotonic() - start >= 0.55
+        timer.join()
+    finally:
+        a.close()
+        b.close()

@@ -51,8 +51,7 @@ from ..validation import AgentRequirements, MigrationValidator, VerificationResu
 from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
-from .leaves import PAGE_DIGEST_SIZE, Digests, PageTable, page_digests, page_root
-from .leaves import _kernel as _page_kernel
+from .leaves import PAGE_DIGEST_SIZE, Digests, PageTable, page_digests, page_kernel, page_root
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
 from .session import Offer
 
@@ -235,25 +234,18 @@ class LiveMigration:
         table.resize(size, zero_filled=True)  # the receiver grows its staging with zeros
         self._final = final
         threads = self.threads
-        # The final round hashes the paused state's pages in one call (one read of the
-        # state, split over the threads once, not per region) and keeps them: their root
-        # is the proof (the receiver's table, after the round, must have the same).
-        scanned: Optional[Digests] = None
-        if final and self.max_rounds == 0:
-            # Stop-and-copy: the summary's tree digest of this same paused state, its leaves
-            # hashed from cache right after their pages (one read of the state, not two).
-            scanned, self._tree = _pages_and_tree(state, threads)
-        elif final:
-            scanned = page_digests(state, threads)
+        # The final round hashes the paused state region by region as the round reaches
+        # it (so the first chunks leave at once instead of after a whole-state pass) and
+        # keeps the page digests: their root is the proof (the receiver's table, after the
+        # round, must have the same). A stop-and-copy hashes the summary's tree digest
+        # leaves with them, from cache: one read of the state for both.
+        paused = _PausedScan(state, threads, tree=self.max_rounds == 0) if final else None
 
         def find(lo: int, hi: int) -> "npt.NDArray[np.int64]":
             # The region's page digests (while the agent runs: read now, one region at a
             # time, so dirty pages are copied soon after), compared with what the receiver holds.
             first = lo // PAGE_SIZE
-            if scanned is not None:
-                digests = scanned[first : -(-hi // PAGE_SIZE)]
-            else:
-                digests = page_digests(state[lo:hi], threads)
+            digests = paused.region(lo, hi) if paused is not None else page_digests(state[lo:hi], threads)
             return table.differing(first, digests) + first
 
         pages = page_bytes = wire = chunks = 0
@@ -269,7 +261,7 @@ class LiveMigration:
             stable=final,
             pool=self._pool,
             find=find,
-            known=scanned if final else None,  # chunk digests from the scan: no second hashing pass
+            known=paused.digests if paused is not None else None,  # chunk digests from the scan: no second hashing pass
         ):
             self._next_seq = chunk.seq + 1
             pages += len(chunk.indices)
@@ -285,7 +277,9 @@ class LiveMigration:
                 self._tracker.update_transfer_progress(self._wire_bytes)
         t_sent = time.monotonic()
         theirs = self.channel.end_round(round_no)  # every chunk acknowledged: the table is complete
-        ours = page_root(scanned, size) if scanned is not None else table.root()
+        ours = page_root(paused.digests, size) if paused is not None else table.root()
+        if paused is not None and paused.tree:
+            self._tree = paused.tree_digest()
         if theirs != ours:
             raise CorruptDataError(
                 f"after round {round_no} the receiver's digest {theirs.hex()} differs from the sender's {ours.hex()}"
@@ -485,28 +479,45 @@ class LiveMigration:
             guarded("the recovery manager", self.recovery.record_failure, MigrationError(error_type(exc), message, aid))
 
 
-def _pages_and_tree(state: U8Array, threads: Optional[int]) -> Tuple[Digests, Optional[bytes]]:
-    """The page digests of ``state`` and its ``xxh3_128_tree``, one 1 MiB leaf at a time:
-    its pages hashed by the page kernel, then the leaf itself while it is still in cache.
-    Without the compiled kernel: the page digests, and None (hash the tree separately)."""
-    kernel = _page_kernel()
-    n = state.nbytes
-    if kernel is None or n == 0:
-        return page_digests(state, threads), None
-    view = as_bytes_view(state)
-    out: Digests = np.empty((-(-n // PAGE_SIZE), PAGE_DIGEST_SIZE), dtype=np.uint8)
-    leaves: List[bytes] = [b""] * -(-n // LEAF_SIZE)
+class _PausedScan:
+    """The final round's page digests of the paused ``state``, hashed region by region
+    (:meth:`region`, in order, as the round reaches it) into ``digests`` (``(pages, 16)``
+    uint8); with ``tree``, also the ``xxh3_128_tree`` leaves, each 1 MiB leaf hashed right
+    after its pages, from cache (:meth:`tree_digest` once every region was hashed).
+    Without the compiled page kernel the tree is left to the caller (``tree`` is False)."""
 
-    def span(lo: int, hi: int) -> None:
-        for a in range(lo, hi, LEAF_SIZE):
-            leaf = view[a : min(a + LEAF_SIZE, hi)]
-            kernel(leaf, out[a // PAGE_SIZE : -(-(a + leaf.nbytes) // PAGE_SIZE)])
-            h = _xxhash.xxh3_128()  # streaming: hashes without the GIL
-            h.update(leaf)
-            leaves[a // LEAF_SIZE] = h.digest()
+    def __init__(self, state: U8Array, threads: Optional[int], *, tree: bool) -> None:
+        n = state.nbytes
+        self.view = as_bytes_view(state)
+        self.threads = threads
+        self.digests: Digests = np.empty((-(-n // PAGE_SIZE), PAGE_DIGEST_SIZE), dtype=np.uint8)
+        self._kernel = page_kernel()
+        self.tree = tree and self._kernel is not None and n > 0
+        self._leaves: List[bytes] = [b""] * -(-n // LEAF_SIZE)
 
-    run_spans(span, plan(n, threads, LEAF_SIZE))
-    return out, tree_root(leaves, n)
+    def region(self, lo: int, hi: int) -> Digests:
+        """Hash ``[lo, hi)`` (``lo`` leaf-aligned) and return its pages' digests."""
+        out = self.digests[lo // PAGE_SIZE : -(-hi // PAGE_SIZE)]
+        kernel = self._kernel
+        if not self.tree or kernel is None:
+            out[:] = page_digests(self.view[lo:hi], self.threads)
+            return out
+        view, digests, leaves = self.view, self.digests, self._leaves
+
+        def span(a: int, b: int) -> None:
+            for x in range(lo + a, lo + b, LEAF_SIZE):
+                leaf = view[x : min(x + LEAF_SIZE, hi)]
+                kernel(leaf, digests[x // PAGE_SIZE : -(-(x + leaf.nbytes) // PAGE_SIZE)])
+                h = _xxhash.xxh3_128()  # streaming: hashes without the GIL
+                h.update(leaf)
+                leaves[x // LEAF_SIZE] = h.digest()
+
+        run_spans(span, plan(hi - lo, 1, LEAF_SIZE))
+        return out
+
+    def tree_digest(self) -> bytes:
+        """The state's ``xxh3_128_tree`` from the leaves the regions hashed."""
+        return tree_root(self._leaves, self.view.nbytes)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

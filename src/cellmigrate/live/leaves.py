@@ -36,7 +36,7 @@ from .._parallel import plan, run_spans
 from ..checksum import PAGE_SIZE
 from .pages import copy_pages
 
-__all__ = ["PAGE_DIGEST_SIZE", "PageTable", "page_digests", "page_digests_at", "page_root"]
+__all__ = ["PAGE_DIGEST_SIZE", "PageTable", "page_digests", "page_digests_at", "page_kernel", "page_root"]
 
 #: Bytes of one page digest (XXH3-128, canonical form).
 PAGE_DIGEST_SIZE = 16
@@ -56,7 +56,7 @@ def _python_page_digests(view: memoryview, out: Digests) -> None:
     out[:] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, PAGE_DIGEST_SIZE)
 
 
-def _kernel() -> Optional[Callable[[memoryview, Digests], Any]]:
+def page_kernel() -> Optional[Callable[[memoryview, Digests], Any]]:
     """A compiled, GIL-free way to fill ``out`` with the page digests of ``view``, or None.
 
     Asked on every call: the kernels hash with the ``xxhash`` package's own XXH3 functions
@@ -91,7 +91,7 @@ def page_digests(data: Union[bytes, memoryview, U8Array], threads: Optional[int]
     out: Digests = np.empty((-(-n // PAGE_SIZE), PAGE_DIGEST_SIZE), dtype=np.uint8)
     if n == 0:
         return out
-    kernel = _kernel()
+    kernel = page_kernel()
     if kernel is None:
         _python_page_digests(view, out)
         return out

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from ..checksum import PAGE_SIZE
 from ..errors import CellError
 from ..validation import MigrationValidator, NodeCapabilities
 from .agent import StateStore, TargetAgent
@@ -45,7 +46,7 @@ from .protocol import (
     encode_round_digest,
 )
 from .session import ReceiverSession
-from .leaves import PAGE_DIGEST_SIZE, Digests, page_digests
+from .leaves import PAGE_DIGEST_SIZE, Digests, page_digests, page_kernel
 from .pages import Chunk
 from .transport import DEFAULT_TIMEOUT, Connection, FrameReader, Stream, accept
 
@@ -175,12 +176,12 @@ class LiveReceiver:
                     check_payload_len(head, reader.remaining)
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one
-                        if prefaulting is not None:
-                            prefaulting.result()  # faulting the same pages from two threads only contends
-                            prefaulting = None
                         if _receive_direct(session, chunk, reader):
                             conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
-                            if session.can_prefault:
+                            # The helper keeps faulting in ahead; this thread never waits for
+                            # it (where it falls behind, the socket read faults the pages in
+                            # itself and the helper's call skips them).
+                            if session.can_prefault and (prefaulting is None or prefaulting.done()):
                                 prefaulting = worker.submit(session.prefault, _PREFAULT)
                             continue
                     chunk.payload = reader.read(reader.remaining)
@@ -267,6 +268,8 @@ def _receive_direct(session: ReceiverSession, chunk: Chunk, reader: FrameReader)
     """Read ``chunk``'s pages from ``reader`` straight into the staging and commit them
     (:meth:`ReceiverSession.apply_direct`); False when the session wants the copy path."""
 
+    kernel = page_kernel()  # looked up once a chunk: a piece costs a socket read and one kernel call
+
     def fill(views: List[memoryview]) -> Digests:
         out: Digests = np.empty((len(chunk.indices), PAGE_DIGEST_SIZE), dtype=np.uint8)
         k = 0
@@ -274,9 +277,13 @@ def _receive_direct(session: ReceiverSession, chunk: Chunk, reader: FrameReader)
             for lo in range(0, view.nbytes, _PIECE):
                 piece = view[lo : lo + _PIECE]
                 reader.read_into(piece)
-                got = page_digests(piece, 1)  # from the cache, right after the piece landed
-                out[k : k + len(got)] = got
-                k += len(got)
+                # Hashed from the cache, right after the piece landed.
+                n = -(-piece.nbytes // PAGE_SIZE)
+                if kernel is not None:
+                    kernel(piece, out[k : k + n])
+                else:
+                    out[k : k + n] = page_digests(piece, 1)
+                k += n
         reader.finish()  # the MAC, before anything counts as received
         return out
 

@@ -45,6 +45,7 @@ _MIN_RATE = 1 << 20
 _HEADER = struct.Struct("<IB")
 _KNOWN = frozenset(int(m) for m in Msg)
 _SMALL = 64 << 10  # frames up to this size are sent as one buffer
+_TIMEOUT_SLACK = 0.05
 
 Part = Union[bytes, bytearray, memoryview]
 
@@ -73,13 +74,24 @@ class SocketStream:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._timeout = -1.0
+
+    def _settimeout(self, timeout: float) -> None:
+        # A frame's reads share one deadline, so each asks for a slightly shorter timeout
+        # than the last; setting it is a system call (ioctl), one per read of a GiB
+        # transfer. The set value is kept while it is within _TIMEOUT_SLACK of the asked
+        # one: a stall is reported at most that fraction early or late.
+        timeout = max(timeout, 1e-3)
+        if abs(self._timeout - timeout) > _TIMEOUT_SLACK * timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
     def recv_into(self, view: memoryview, timeout: float) -> int:
-        self.sock.settimeout(max(timeout, 1e-3))
+        self._settimeout(timeout)
         return self.sock.recv_into(view)
 
     def sendall(self, data: Part, timeout: float) -> None:
-        self.sock.settimeout(max(timeout, 1e-3))
+        self._settimeout(timeout)
         self.sock.sendall(data)
 
     def readable(self, timeout: float) -> bool:
