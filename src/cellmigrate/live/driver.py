@@ -512,7 +512,7 @@ class _PausedScan:
                 h.update(leaf)
                 leaves[x // LEAF_SIZE] = h.digest()
 
-        run_spans(span, plan(hi - lo, 1, LEAF_SIZE))
+        run_spans(span, plan(hi - lo, self.threads, LEAF_SIZE))
         return out
 
     def tree_digest(self) -> bytes:
