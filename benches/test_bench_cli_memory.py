@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import pytest
 
-PAGE = 4096
+# The state-file pair and the RssAnon sampler are the test's (tests/test_cli_memory.py).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from memory_support import peak_rss_anon, write_pair  # noqa: E402
+
 ROWS: List[Tuple[str, str, float, float, float]] = []
 
 PEER = textwrap.dedent(
@@ -60,45 +62,18 @@ def _peak(cmd: List[str]) -> Tuple[float, int]:
     err: List[bytes] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
     reader.start()
-    peak = 0
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-                        break
-        except OSError:
-            break
-        time.sleep(0.001)
+    peak = peak_rss_anon(proc)
     proc.wait()
     reader.join()
     assert proc.returncode == 0, b"".join(err).decode(errors="replace")
     return time.perf_counter() - started, peak
 
 
-def _pair(directory: Path, size: int, frac: float) -> Tuple[Path, Path, int]:
-    rng = np.random.default_rng(11)
-    old_path, new_path = directory / "old.bin", directory / "new.bin"
-    pages = size // PAGE
-    dirty = np.zeros(pages, dtype=bool)
-    dirty[rng.choice(pages, int(pages * frac), replace=False)] = True
-    step = (16 << 20) // PAGE
-    with open(old_path, "wb") as fo, open(new_path, "wb") as fn:
-        for p in range(0, pages, step):
-            block = rng.integers(0, 256, (min(step, pages - p), PAGE), dtype=np.uint8)
-            fo.write(block.tobytes())
-            mask = dirty[p : p + len(block)]
-            block[mask] = rng.integers(0, 256, (int(mask.sum()), PAGE), dtype=np.uint8)
-            fn.write(block.tobytes())
-    return old_path, new_path, int(dirty.sum())
-
-
 @pytest.mark.parametrize("frac", [0.1, 1.0], ids=["10pct", "100pct"])
 def test_cli_memory(size: int, frac: float, tmp_path: Path, benchmark: Any) -> None:
     if size < 64 << 20:
         pytest.skip("memory is only meaningful on large states")
-    old, new, dirty = _pair(tmp_path, size, frac)
+    old, new, dirty = write_pair(tmp_path, size, frac)
     delta, out, peer_delta = tmp_path / "d.cmd", tmp_path / "out.bin", tmp_path / "peer.cmd"
     cli = [sys.executable, "-m", "cellmigrate"]
     figures: Dict[str, Tuple[float, int]] = {}

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
@@ -33,8 +32,8 @@ from cellmigrate import journal as jr
 from cellmigrate._pages import parse_compress
 from cellmigrate._streaming import WindowedApply, create_file
 from cellmigrate.errors import InvalidStateError, StateChangedError
+from memory_support import PAGE, peak_rss_anon, write_pair
 
-PAGE = 4096
 #: The goal: 64 MiB of anonymous memory plus one page table (16 bytes a dirty page).
 BOUND_BASE = 64 << 20
 BOUND_PER_PAGE = 16
@@ -222,41 +221,10 @@ def _peak_anon(args: List[str], *, stdout: Any = subprocess.DEVNULL, stdin: Any 
     err: List[bytes] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
     reader.start()
-    peak = 0
-    path = f"/proc/{proc.pid}/status"
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-                        break
-        except OSError:
-            break
-        time.sleep(0.001)
+    peak = peak_rss_anon(proc, seconds=600)
     proc.wait(timeout=60)
     reader.join(timeout=60)
     return proc.returncode, peak, b"".join(err).decode(errors="replace")
-
-
-def _write_pair(tmp_path: Path, size: int, frac: float) -> Tuple[Path, Path, int]:
-    """OLD random, NEW with ``frac`` of its pages rewritten whole (random): written in
-    16 MiB pieces, so the test itself never holds a state."""
-    rng = np.random.default_rng(11)
-    old_path, new_path = tmp_path / "old.bin", tmp_path / "new.bin"
-    pages = size // PAGE
-    dirty = np.zeros(pages, dtype=bool)
-    dirty[rng.choice(pages, int(pages * frac), replace=False)] = True
-    step = (16 << 20) // PAGE
-    with open(old_path, "wb") as fo, open(new_path, "wb") as fn:
-        for p in range(0, pages, step):
-            block = rng.integers(0, 256, (min(step, pages - p), PAGE), dtype=np.uint8)
-            fo.write(block.tobytes())
-            mask = dirty[p : p + len(block)]
-            block[mask] = rng.integers(0, 256, (int(mask.sum()), PAGE), dtype=np.uint8)
-            fn.write(block.tobytes())
-    return old_path, new_path, int(dirty.sum())
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -270,7 +238,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _check_cli_memory(tmp_path: Path, size: int, frac: float, compress: str = "auto") -> List[Tuple[str, int]]:
-    old, new, dirty = _write_pair(tmp_path, size, frac)
+    old, new, dirty = write_pair(tmp_path, size, frac)
     bound = BOUND_BASE + BOUND_PER_PAGE * dirty
     delta, out, base, piped = (tmp_path / n for n in ("d.cmd", "out.bin", "base.bin", "piped.bin"))
     peaks: List[Tuple[str, int]] = []
