@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 CLI = [sys.executable, "-m", "cellmigrate"]
 _ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -53,19 +53,29 @@ def send(*args: str, timeout: float = 120) -> "subprocess.CompletedProcess[str]"
     return subprocess.run([*CLI, "send", *args], capture_output=True, text=True, timeout=timeout, env=_ENV)
 
 
-class CuttingProxy:
-    """Forwards 127.0.0.1 connections to ``target``; the first ``cuts`` connections are cut
-    (both sides closed) once ``cut_after[i]`` bytes went from client to server."""
+#: What a relay does with a piece read from one side: ``(data, other side) -> end the connection?``
+Forward = Callable[[bytes, socket.socket], bool]
 
-    def __init__(self, target: str, cut_after: Sequence[int]) -> None:
+
+def _send_on(data: bytes, to: socket.socket) -> bool:
+    """The plain :data:`Forward`: pass the piece on, keep the connection."""
+    to.sendall(data)
+    return False
+
+
+class _Proxy:
+    """Listens on 127.0.0.1 (``address``), counts the connections it accepts
+    (``connections``) and hands each to :meth:`_accepted` on its accept thread, until
+    :meth:`close`. Subclasses set their own attributes before calling ``__init__``: the
+    accept thread starts there."""
+
+    def __init__(self, target: str) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
-        self.cut_after = list(cut_after)
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.forwarded = 0  # client -> server bytes, all connections
         self.connections = 0
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -80,50 +90,79 @@ class CuttingProxy:
                 continue
             except OSError:
                 return
-            limit = self.cut_after[self.connections] if self.connections < len(self.cut_after) else None
             self.connections += 1
-            try:
-                server = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
+            self._accepted(client, self.connections - 1)
 
-    def _pump(self, client: socket.socket, server: socket.socket, limit: Optional[int]) -> None:
-        sent = 0
-        socks = [client, server]
-        deadline = time.monotonic() + 300  # bounded: no endless loop whatever happens
+    def _accepted(self, client: socket.socket, index: int) -> None:
+        """Connection number ``index`` (from 0) was accepted: relay it, hold it or close it."""
+        raise NotImplementedError
+
+    def _relay(self, client: socket.socket, up: Forward, down: Forward = _send_on, seconds: float = 300) -> None:
+        """Connect to ``target`` and relay between it and ``client`` on a thread of its own:
+        what the client sends goes through ``up``, what the server sends through ``down``.
+        The client is closed if the target cannot be reached."""
         try:
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select(socks, [], [], 0.5)
-                for s in ready:
-                    data = s.recv(1 << 16)
-                    if not data:
-                        return
-                    if s is client:
-                        if limit is not None and sent + len(data) >= limit:
-                            server.sendall(data[: limit - sent])
-                            self.forwarded += limit - sent
-                            return  # cut
-                        sent += len(data)
-                        self.forwarded += len(data)
-                        server.sendall(data)
-                    else:
-                        client.sendall(data)
+            server = socket.create_connection(self.target, timeout=10)
         except OSError:
+            client.close()
             return
-        finally:
-            for s in socks:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+        threading.Thread(target=_pump, args=(client, server, up, down, seconds), daemon=True).start()
 
     def close(self) -> None:
         self._stop = True
         self.listener.close()
         self._thread.join(5)
+
+
+def _pump(client: socket.socket, server: socket.socket, up: Forward, down: Forward, seconds: float) -> None:
+    """Relay until either side closes, a :data:`Forward` ends the connection, an error, or
+    ``seconds`` (bounded: no endless loop whatever happens); then close both sides."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([client, server], [], [], 0.5)
+            for s in ready:
+                data = s.recv(1 << 16)
+                if not data:
+                    return
+                if up(data, server) if s is client else down(data, client):
+                    return
+    except OSError:
+        return
+    finally:
+        for s in (client, server):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+class CuttingProxy(_Proxy):
+    """Forwards 127.0.0.1 connections to ``target``; the first ``cuts`` connections are cut
+    (both sides closed) once ``cut_after[i]`` bytes went from client to server."""
+
+    def __init__(self, target: str, cut_after: Sequence[int]) -> None:
+        self.cut_after = list(cut_after)
+        self.forwarded = 0  # client -> server bytes, all connections
+        super().__init__(target)
+
+    def _accepted(self, client: socket.socket, index: int) -> None:
+        limit = self.cut_after[index] if index < len(self.cut_after) else None
+        sent = 0
+
+        def up(data: bytes, server: socket.socket) -> bool:
+            nonlocal sent
+            if limit is not None and sent + len(data) >= limit:
+                server.sendall(data[: limit - sent])
+                self.forwarded += limit - sent
+                return True  # cut
+            sent += len(data)
+            self.forwarded += len(data)
+            server.sendall(data)
+            return False
+
+        self._relay(client, up)
 
 
 def self_signed(tmp: Path) -> tuple:
@@ -137,7 +176,7 @@ def self_signed(tmp: Path) -> tuple:
     return cert, key
 
 
-class DoneDroppingProxy:
+class DoneDroppingProxy(_Proxy):
     """Forwards 127.0.0.1 connections to ``target`` (an unkeyed stream-protocol receiver)
     but never delivers the receiver's DONE frame: it closes both sides instead, so the
     sender cannot learn that the commit succeeded. Reconnections after that never reach
@@ -149,78 +188,40 @@ class DoneDroppingProxy:
     _DONE = 12  # protocol.Msg.DONE
 
     def __init__(self, target: str, after: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
         self.after = after
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.dropped_done = threading.Event()
-        self.connections = 0
         self._held: List[socket.socket] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(target)
 
-    def _serve(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self._stop:
-            try:
-                client, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            if self.dropped_done.is_set():  # a reconnection: the receiver is never reached
-                if self.after == "silent":
-                    self._held.append(client)
-                else:
-                    client.close()
-                continue
-            server = socket.create_connection(self.target, timeout=10)
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-
-    def _pump(self, client: socket.socket, server: socket.socket) -> None:
-        pending = b""  # server -> client bytes not yet forwarded (whole frames only)
-        deadline = time.monotonic() + 120  # bounded whatever happens
-        try:
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([client, server], [], [], 0.5)
-                for s in ready:
-                    data = s.recv(1 << 16)
-                    if not data:
-                        return
-                    if s is client:
-                        server.sendall(data)
-                        continue
-                    pending += data
-                    while len(pending) >= self._HEADER.size:
-                        length, kind = self._HEADER.unpack_from(pending)
-                        if kind == self._DONE:
-                            if self.after == "refuse":
-                                self.listener.close()
-                            self.dropped_done.set()
-                            return
-                        end = self._HEADER.size + length
-                        if len(pending) < end:
-                            break
-                        client.sendall(pending[:end])
-                        pending = pending[end:]
-        except OSError:
+    def _accepted(self, client: socket.socket, index: int) -> None:
+        if self.dropped_done.is_set():  # a reconnection: the receiver is never reached
+            if self.after == "silent":
+                self._held.append(client)
+            else:
+                client.close()
             return
-        finally:
-            for s in (client, server):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+        pending = b""  # server -> client bytes not yet forwarded (whole frames only)
+
+        def down(data: bytes, client: socket.socket) -> bool:
+            nonlocal pending
+            pending += data
+            while len(pending) >= self._HEADER.size:
+                length, kind = self._HEADER.unpack_from(pending)
+                if kind == self._DONE:
+                    if self.after == "refuse":
+                        self.listener.close()
+                    self.dropped_done.set()
+                    return True
+                end = self._HEADER.size + length
+                if len(pending) < end:
+                    break
+                client.sendall(pending[:end])
+                pending = pending[end:]
+            return False
+
+        self._relay(client, _send_on, down, seconds=120)
 
     def close(self) -> None:
-        self._stop = True
-        self.listener.close()
-        self._thread.join(5)
+        super().close()
         for s in self._held:
             s.close()
