@@ -597,12 +597,22 @@ def _scan_claimed(
 _FUSED_CHUNK = _REPORT
 
 
-def _claimed_chunks(total: int, work: Callable[[int, int, int], None], progress: Optional[ProgressCallback]) -> None:
-    """Run ``work(k, lo, hi)`` for every ``_FUSED_CHUNK`` chunk ``k`` of ``[0, total)``, the
-    chunks claimed one by one by every thread of the pool (the calling thread too, which
-    alone reports progress). A failure stops the others after their current chunk."""
-    count = -(-total // _FUSED_CHUNK)
-    threads = min(max_threads(), count) if total >= PARALLEL_MIN_BYTES else 1
+def _fused_chunks(total: int) -> List[Tuple[int, int]]:
+    """``[0, total)`` cut into ``_FUSED_CHUNK`` chunks (a state under 16 MiB is one chunk,
+    so it runs on one thread: not worth a hand-off)."""
+    return [(lo, min(lo + _FUSED_CHUNK, total)) for lo in range(0, total, _FUSED_CHUNK)]
+
+
+def _claimed_chunks(
+    spans: Sequence[Tuple[int, int]], work: Callable[[int, int, int], None], progress: Optional[ProgressCallback]
+) -> None:
+    """Run ``work(k, lo, hi)`` for every span ``k`` (contiguous, ascending), the spans
+    claimed one by one by the pool's threads (the calling thread too, which alone reports
+    progress: bytes done of all the spans' bytes). A failure stops the others after their
+    current span."""
+    count = len(spans)
+    total = spans[-1][1] - spans[0][0] if count else 0
+    threads = min(max_threads(), count)
     lock = threading.Lock()
     state = {"next": 0, "done": 0, "failed": False}
 
@@ -613,8 +623,7 @@ def _claimed_chunks(total: int, work: Callable[[int, int, int], None], progress:
                 if k >= count or state["failed"]:
                     return
                 state["next"] = k + 1
-            lo = k * _FUSED_CHUNK
-            hi = min(lo + _FUSED_CHUNK, total)
+            lo, hi = spans[k]
             try:
                 work(k, lo, hi)
                 with lock:
@@ -631,48 +640,40 @@ def _claimed_chunks(total: int, work: Callable[[int, int, int], None], progress:
         progress(total, total)  # the calling thread may have claimed no chunk: report the end
 
 
-def _scan_span_fused(
-    old: memoryview, new: memoryview, lo: int, hi: int, sink: Optional[Hasher], report: Optional[ProgressCallback]
-) -> Tuple[Any, int]:
-    """``[lo, hi)`` (leaf-aligned) by the fused kernel on this thread: the ``PageArena`` of
-    copies and the checksum; ``sink`` gets the leaf digests (the CLI's windowed diff)."""
-    arena = kernels.PageArena(PAGE_SIZE)
-    checksum = 0
-    for a in range(lo, hi, _REPORT):
-        b = min(a + _REPORT, hi)
-        out = bytearray(16 * -(-(b - a) // LEAF_SIZE)) if sink is not None else None
-        checksum += kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out)
-        if sink is not None:
-            sink.add_leaves(cast(bytearray, out), b - a)
-        if report is not None:
-            report(b, new.nbytes)
-    return arena, checksum
-
-
 def _scan_fused(
-    old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
+    old: memoryview,
+    new: memoryview,
+    hasher: Optional[Hasher],
+    progress: Optional[ProgressCallback],
+    spans: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> Scan:
     """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher):
-    each 16 MiB chunk compared, copied into its own page arena, checksummed and (with a
-    tree hasher) hashed leaf by leaf, on whichever thread claims it."""
-    n = new.nbytes
-    count = -(-n // _FUSED_CHUNK)
-    arenas: List[Any] = [None] * count
-    sums = [0] * count
-    leaves = bytearray(16 * -(-n // LEAF_SIZE)) if hasher is not None else None
+    each chunk compared, copied into its own page arena, checksummed and (with a tree
+    hasher) hashed leaf by leaf, in one GIL-free call on whichever thread claims it.
 
-    def work(k: int, lo: int, hi: int) -> None:
+    ``spans``: the chunks, contiguous and leaf-aligned, of the part of the state to scan
+    (the CLI's windowed diff passes one window's); by default the whole state in 16 MiB
+    chunks. The hasher takes that part's leaves; the page indices are the state's.
+    """
+    n = new.nbytes
+    chunks = _fused_chunks(n) if spans is None else spans
+    lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
+    arenas: List[Any] = [None] * len(chunks)
+    sums = [0] * len(chunks)
+    leaves = bytearray(16 * -(-(hi - lo) // LEAF_SIZE)) if hasher is not None else None
+
+    def work(k: int, a: int, b: int) -> None:
         # Room for every page of the chunk up front (address space: one mapping, no
         # growth), the unused part given back right after.
-        arena = kernels.PageArena(PAGE_SIZE, -(-(hi - lo) // PAGE_SIZE))
-        out = None if leaves is None else memoryview(leaves)[16 * (lo // LEAF_SIZE) : 16 * -(-hi // LEAF_SIZE)]
-        sums[k] = kernels.scan_leaves(old, new, lo, hi, LEAF_SIZE, arena, out)
+        arena = kernels.PageArena(PAGE_SIZE, -(-(b - a) // PAGE_SIZE))
+        out = None if leaves is None else memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
+        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out)
         arena.trim()
         arenas[k] = arena
 
-    _claimed_chunks(n, work, progress)
+    _claimed_chunks(chunks, work, progress)
     if hasher is not None:
-        hasher.add_leaves(cast(bytearray, leaves), n)
+        hasher.add_leaves(cast(bytearray, leaves), hi - lo)
     held = [a for a in arenas if a is not None and len(a)]
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
@@ -778,21 +779,29 @@ class Result(Overlay):
                 progress(b, self.total)
         return checksum & _MASK32
 
-    def fused(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
+    def fused(
+        self, hasher: Hasher, progress: Optional[ProgressCallback], spans: Optional[Sequence[Tuple[int, int]]] = None
+    ) -> int:
         """Checksum and tree digest of the result by the fused leaf kernel: one GIL-free
-        call per 16 MiB chunk, on whichever thread claims it, each leaf hashed and
-        checksummed while in cache (the base covers the whole result)."""
-        total = self.total
-        sums = [0] * -(-total // _FUSED_CHUNK)
-        leaves = bytearray(16 * -(-total // LEAF_SIZE))
+        call per chunk, on whichever thread claims it, each leaf hashed and checksummed
+        while in cache (the base covers the whole result).
 
-        def work(k: int, lo: int, hi: int) -> None:
-            ka, kb = self._pages_in(lo, hi)
-            out = memoryview(leaves)[16 * (lo // LEAF_SIZE) : 16 * -(-hi // LEAF_SIZE)]
-            sums[k] = kernels.overlay_leaves(self.view, lo, hi, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out)
+        ``spans``: the chunks, contiguous and leaf-aligned, of the part of the result to
+        check (the CLI's windowed apply passes one window's); by default the whole result
+        in 16 MiB chunks. Returns that part's positioned checksum; the hasher takes its
+        leaves."""
+        chunks = _fused_chunks(self.total) if spans is None else spans
+        lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
+        sums = [0] * len(chunks)
+        leaves = bytearray(16 * -(-(hi - lo) // LEAF_SIZE))
 
-        _claimed_chunks(total, work, progress)
-        hasher.add_leaves(leaves, total)
+        def work(k: int, a: int, b: int) -> None:
+            ka, kb = self._pages_in(a, b)
+            out = memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
+            sums[k] = kernels.overlay_leaves(self.view, a, b, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out)
+
+        _claimed_chunks(chunks, work, progress)
+        hasher.add_leaves(leaves, hi - lo)
         return sum(sums) & _MASK32
 
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:

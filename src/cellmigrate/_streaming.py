@@ -39,7 +39,7 @@ import xxhash
 from ._backend import kernels
 from ._pages import ALLOW_ALL, ALLOW_RAW, DecodedPages, PageBatch, PageEncoding, encode_batch, zstd_frame_pieces, zstd_sample_rejects
 from ._parallel import max_threads, run_spans
-from ._passes import Overlay, Result, _fused, _scan_alone, _scan_span_fused
+from ._passes import Overlay, Result, _fused, _scan_alone, _scan_fused
 from ._tree import LEAF_SIZE
 from .checksum import DIGEST_SIZES, PAGE_SIZE, Hasher
 from .errors import InvalidStateError, StateChangedError
@@ -219,23 +219,12 @@ def _scan_windows(
     base = Overlay(old, n)
     windows = _windows(n, window)
     if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None):
-        # The fused leaf kernel (compare, copy, checksum and leaf hash in one read), per
-        # leaf-aligned span of each window, as ``_passes.scan`` runs it on a whole state.
+        # The fused leaf kernel (compare, copy, checksum and leaf hash in one read):
+        # ``_passes.scan``'s own pass, on each window cut in leaf-aligned spans.
         for lo, hi in windows:
-            spans = _spans(lo, hi, LEAF_SIZE)
-            sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
-            arenas = _claimed(spans, lambda a, b: _scan_span_fused(old, new, a, b, sinks[a], None))
-            if hasher is not None and len(spans) > 1:
-                hasher.join([cast(Hasher, sinks[a]) for a, _ in spans])
-            held = [arena for arena, _ in arenas if len(arena)]
-            if held:
-                indices = np.concatenate([a.indices for a in held]).astype(np.int64, copy=False)
-                last = n - int(indices[-1]) * PAGE_SIZE if int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
-                pages: Any = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
-            else:
-                indices, pages = np.empty(0, dtype=np.int64), []
-            yield indices, pages, sum(c for _, c in arenas) & _MASK32
-            del held, pages, arenas
+            found = _scan_fused(old, new, hasher, None, _spans(lo, hi, LEAF_SIZE))
+            yield found.indices, found.pages, found.checksum
+            del found
             if progress is not None:
                 progress(hi, n)
         return
@@ -568,7 +557,7 @@ def _check_window(result: Result, lo: int, hi: int, hasher: Optional[Hasher]) ->
     forks of a tree hasher; a sequential hasher on this thread beside the checksum on
     another)."""
     if hasher is not None and hasher.splittable and result.size == result.total and _fused(True):
-        return _check_window_fused(result, lo, hi, hasher)
+        return result.fused(hasher, None, _spans(lo, hi, LEAF_SIZE))
     if hasher is None or hasher.splittable:
         spans = _spans(lo, hi, PAGE_SIZE if hasher is None else LEAF_SIZE)
         sinks = {a: (hasher if hasher is None or len(spans) == 1 else hasher.fork()) for a, _ in spans}
@@ -586,22 +575,3 @@ def _check_window(result: Result, lo: int, hi: int, hasher: Optional[Hasher]) ->
 
     return run_spans(work, [(0, 0), (1, 0)])[1] & _MASK32
 
-
-def _check_window_fused(result: Result, lo: int, hi: int, hasher: Hasher) -> int:
-    """:func:`_check_window` by the fused leaf kernel (``Result.fused`` on one window): one
-    GIL-free call per thread, each leaf checksummed and hashed while in cache."""
-    spans = _spans(lo, hi, LEAF_SIZE)
-    sinks = {a: (hasher if len(spans) == 1 else hasher.fork()) for a, _ in spans}
-
-    def run(a: int, b: int) -> int:
-        ka, kb = result._pages_in(a, b)
-        out = bytearray(16 * -(-(b - a) // LEAF_SIZE))
-        checksum = int(kernels.overlay_leaves(result.view, a, b, result.pages[ka:kb], result.starts[ka:kb],
-                                              LEAF_SIZE, out))
-        sinks[a].add_leaves(out, b - a)
-        return checksum
-
-    parts = _claimed(spans, run)
-    if len(spans) > 1:
-        hasher.join([sinks[a] for a, _ in spans])
-    return sum(parts) & _MASK32
