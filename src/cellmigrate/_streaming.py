@@ -28,7 +28,6 @@ from __future__ import annotations
 import hmac
 import os
 import tempfile
-import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, cast
 
@@ -39,7 +38,7 @@ import xxhash
 from ._backend import kernels
 from ._pages import ALLOW_ALL, ALLOW_RAW, DecodedPages, PageBatch, PageEncoding, encode_batch, zstd_frame_pieces, zstd_sample_rejects
 from ._parallel import max_threads, run_spans
-from ._passes import Overlay, Result, _fused, _scan_alone, _scan_fused
+from ._passes import Overlay, Result, _claimed_chunks, _fused, _scan_alone, _scan_fused
 from ._tree import LEAF_SIZE
 from .checksum import DIGEST_SIZES, PAGE_SIZE, Hasher
 from .errors import InvalidStateError, StateChangedError
@@ -74,24 +73,13 @@ T = TypeVar("T")
 
 def _claimed(spans: List[Tuple[int, int]], fn: Callable[[int, int], T]) -> List[T]:
     """``[fn(lo, hi) for each span]``, the spans claimed one at a time by the pool's threads
-    (the calling thread among them); the results in span order."""
-    threads = min(max_threads(), len(spans))
-    if threads <= 1:
-        return [fn(lo, hi) for lo, hi in spans]
+    (the calling thread among them: ``_passes._claimed_chunks``); the results in span order."""
     results: List[Any] = [None] * len(spans)
-    lock = threading.Lock()
-    claimed = [0]
 
-    def worker(_who: int, _unused: int) -> None:
-        while True:
-            with lock:
-                k = claimed[0]
-                if k >= len(spans):
-                    return
-                claimed[0] = k + 1
-            results[k] = fn(*spans[k])
+    def work(k: int, lo: int, hi: int) -> None:
+        results[k] = fn(lo, hi)
 
-    run_spans(worker, [(who, 0) for who in range(threads)])
+    _claimed_chunks(spans, work, None)
     return results
 
 
