@@ -6,7 +6,7 @@ from typing import Any, List
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import cellmigrate._passes as passes
@@ -79,6 +79,8 @@ def test_scratch_and_run_paths_agree(monkeypatch: pytest.MonkeyPatch, threshold:
 
 
 @settings(max_examples=40, deadline=None)
+@example(seed=0, pages_total=600, tail=0, density=1.0, base_short=0, first=0, within=2048, algorithm="xxh3_128")
+@example(seed=1, pages_total=700, tail=5, density=0.05, base_short=0, first=1, within=1, algorithm="xxh3_128")
 @given(
     seed=st.integers(0, 2**32 - 1),
     pages_total=st.integers(1, 700),  # up to ~2.7 MiB: several 1 MiB steps
@@ -86,20 +88,22 @@ def test_scratch_and_run_paths_agree(monkeypatch: pytest.MonkeyPatch, threshold:
     density=st.sampled_from([0.0, 0.002, 0.05, 0.5, 1.0]),
     base_short=st.integers(0, 3 * PAGE_SIZE),
     first=st.integers(0, 300),
+    within=st.sampled_from([0, 0, 1, 2048, 4095]),
     algorithm=st.sampled_from(["xxh3_128", "blake3"]),
 )
 def test_hash_span_feeds_the_overlaid_bytes(
-    seed: int, pages_total: int, tail: int, density: float, base_short: int, first: int, algorithm: str
+    seed: int, pages_total: int, tail: int, density: float, base_short: int, first: int, within: int, algorithm: str
 ) -> None:
     """``Overlay.hash_span`` feeds the hasher exactly the base with the pages over it (zeros
-    past a short base), whether a 1 MiB step goes page by page or through the scratch."""
+    past a short base), whether a 1 MiB step goes page by page or through the scratch, and
+    from any start (``within`` bytes into a page: the pages are those starting after it)."""
     rng = np.random.default_rng(seed)
     total = pages_total * PAGE_SIZE - (tail if pages_total > 1 else 0)
     base = rng.integers(0, 256, max(0, total - base_short), dtype=np.uint8).tobytes()
     npages = -(-total // PAGE_SIZE)
     lo_page = min(first, npages - 1)
-    lo = lo_page * PAGE_SIZE
-    chosen = [int(i) for i in np.flatnonzero(rng.random(npages) < density) if i >= lo_page]
+    lo = min(lo_page * PAGE_SIZE + within, total - 1)
+    chosen = [int(i) for i in np.flatnonzero(rng.random(npages) < density) if i * PAGE_SIZE >= lo]
     pages = [rng.integers(0, 256, min(PAGE_SIZE, total - i * PAGE_SIZE), dtype=np.uint8).tobytes() for i in chosen]
     expected = bytearray(base) + bytearray(total - len(base))
     for i, page in zip(chosen, pages):

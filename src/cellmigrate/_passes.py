@@ -411,15 +411,16 @@ class Overlay:
         scratch = _thread_scratch()
         at = np.asarray(starts, dtype=np.int64)
         k = 0
-        for a in range(lo, hi, _CHUNK):
-            b = min(a + _CHUNK, hi)
-            # A page starting in this step may run past b only at the end of the state.
+        a = lo
+        while a < hi:
+            # Steps end on absolute 1 MiB boundaries, which no page crosses (whatever lo is).
+            b = min((a // _CHUNK + 1) * _CHUNK, hi)
             end = bisect.bisect_left(starts, b, k)
             if end - k >= _SCRATCH_PAGES:
                 self._hash_laid_out(hasher, a, b, at[k:end], pages[k:end], scratch)
             else:
                 self._hash_runs(hasher, a, b, starts[k:end], pages[k:end])
-            k = end
+            k, a = end, b
 
     def _hash_runs(self, hasher: Hasher, lo: int, hi: int, starts: Sequence[int], pages: Sequence[BufferLike]) -> None:
         """:meth:`hash_span`'s bytes as one hasher call per clean run, zero run and page."""
@@ -445,8 +446,9 @@ class Overlay:
 
 
 class _Scratch:
-    """One thread's scratch buffer for :meth:`Overlay.check_chunk`, allocated on first use
-    (a pass whose chunks all have few pages allocates nothing)."""
+    """A scratch buffer for laying a chunk out (:meth:`Overlay.check_chunk`, one per pass
+    and thread; :meth:`Overlay.hash_span`, one per thread), allocated on first use (a pass
+    whose chunks all have few pages allocates nothing)."""
 
     __slots__ = ("_buf",)
 

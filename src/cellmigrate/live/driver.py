@@ -35,13 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
-import xxhash as _xxhash
 
 from .._buffers import as_bytes_view
 from .._ids import IdLike, to_id
-from .._parallel import plan, run_spans
-from .._tree import LEAF_SIZE, tree_digest
-from .._tree import root as tree_root
+from .._tree import tree_digest
 from ..audit import AuditEntry, AuditEventType
 from ..checksum import PAGE_SIZE
 from ..errors import CellError, CorruptDataError, MigrationFailedError
@@ -51,8 +48,9 @@ from ..validation import AgentRequirements, MigrationValidator, VerificationResu
 from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
-from .leaves import PAGE_DIGEST_SIZE, Digests, PageTable, page_digests, page_kernel, page_root
+from .leaves import PageTable, page_digests, page_root
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
+from .paused import PausedScan
 from .session import Offer
 
 __all__ = ["DEFAULT_DOWNTIME_LIMIT", "DEFAULT_MAX_ROUNDS", "RoundStats", "LiveMigrationSummary", "LiveMigration"]
@@ -229,17 +227,29 @@ class LiveMigration:
     ) -> Tuple[RoundStats, bytes, float, U8Array]:
         t0 = time.monotonic()
         state = _state_array(self.source.state())
-        size = state.nbytes
-        table = self._table
-        table.resize(size, zero_filled=True)  # the receiver grows its staging with zeros
+        self._table.resize(state.nbytes, zero_filled=True)  # the receiver grows its staging with zeros
         self._final = final
-        threads = self.threads
-        # The final round hashes the paused state region by region as the round reaches
-        # it (so the first chunks leave at once instead of after a whole-state pass) and
-        # keeps the page digests: their root is the proof (the receiver's table, after the
-        # round, must have the same). A stop-and-copy hashes the summary's tree digest
-        # leaves with them, from cache: one read of the state for both.
-        paused = _PausedScan(state, threads, tree=self.max_rounds == 0) if final else None
+        # The final round hashes the paused state as it streams (see PausedScan): its page
+        # digests are the proof, and a stop-and-copy hashes the summary's tree digest with
+        # them, on a helper thread ahead of the sending one (it sends nearly every page).
+        paused = PausedScan(state, self.threads, tree=self.max_rounds == 0, ahead=self.max_rounds == 0) if final else None
+        try:
+            return self._stream_round(round_no, final, previous_scan, t0, state, paused)
+        finally:
+            if paused is not None:
+                paused.close()  # before the source may resume (and change or move the state)
+
+    def _stream_round(
+        self,
+        round_no: int,
+        final: bool,
+        previous_scan: Optional[float],
+        t0: float,
+        state: U8Array,
+        paused: Optional[PausedScan],
+    ) -> Tuple[RoundStats, bytes, float, U8Array]:
+        size = state.nbytes
+        table, threads = self._table, self.threads
 
         def find(lo: int, hi: int) -> "npt.NDArray[np.int64]":
             # The region's page digests (while the agent runs: read now, one region at a
@@ -477,47 +487,6 @@ class LiveMigration:
             guarded("the progress callback", self._tracker.report_failed, message)
         if self.recovery is not None:
             guarded("the recovery manager", self.recovery.record_failure, MigrationError(error_type(exc), message, aid))
-
-
-class _PausedScan:
-    """The final round's page digests of the paused ``state``, hashed region by region
-    (:meth:`region`, in order, as the round reaches it) into ``digests`` (``(pages, 16)``
-    uint8); with ``tree``, also the ``xxh3_128_tree`` leaves, each 1 MiB leaf hashed right
-    after its pages, from cache (:meth:`tree_digest` once every region was hashed).
-    Without the compiled page kernel the tree is left to the caller (``tree`` is False)."""
-
-    def __init__(self, state: U8Array, threads: Optional[int], *, tree: bool) -> None:
-        n = state.nbytes
-        self.view = as_bytes_view(state)
-        self.threads = threads
-        self.digests: Digests = np.empty((-(-n // PAGE_SIZE), PAGE_DIGEST_SIZE), dtype=np.uint8)
-        self._kernel = page_kernel()
-        self.tree = tree and self._kernel is not None and n > 0
-        self._leaves: List[bytes] = [b""] * -(-n // LEAF_SIZE)
-
-    def region(self, lo: int, hi: int) -> Digests:
-        """Hash ``[lo, hi)`` (``lo`` leaf-aligned) and return its pages' digests."""
-        out = self.digests[lo // PAGE_SIZE : -(-hi // PAGE_SIZE)]
-        kernel = self._kernel
-        if not self.tree or kernel is None:
-            out[:] = page_digests(self.view[lo:hi], self.threads)
-            return out
-        view, digests, leaves = self.view, self.digests, self._leaves
-
-        def span(a: int, b: int) -> None:
-            for x in range(lo + a, lo + b, LEAF_SIZE):
-                leaf = view[x : min(x + LEAF_SIZE, hi)]
-                kernel(leaf, digests[x // PAGE_SIZE : -(-(x + leaf.nbytes) // PAGE_SIZE)])
-                h = _xxhash.xxh3_128()  # streaming: hashes without the GIL
-                h.update(leaf)
-                leaves[x // LEAF_SIZE] = h.digest()
-
-        run_spans(span, plan(hi - lo, self.threads, LEAF_SIZE))
-        return out
-
-    def tree_digest(self) -> bytes:
-        """The state's ``xxh3_128_tree`` from the leaves the regions hashed."""
-        return tree_root(self._leaves, self.view.nbytes)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

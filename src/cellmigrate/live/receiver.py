@@ -162,6 +162,15 @@ class LiveReceiver:
                 job.result()  # re-raises the chunk's error (nothing of it was written)
                 conn.send(Msg.ACK, seq.to_bytes(8, "little"))
 
+        def prefaulted() -> None:
+            # The prefault holds a view of the store: it must be done before the store is
+            # resized (a view is valid until then) or the session ends. It is best effort,
+            # but an exception in it is a bug: raised here.
+            nonlocal prefaulting
+            job, prefaulting = prefaulting, None
+            if job is not None:
+                job.result()
+
         with ThreadPoolExecutor(1, thread_name_prefix="cellmigrate-rx") as worker:
             while True:
                 while pending is not None and not pending.done() and not conn.readable():
@@ -176,12 +185,15 @@ class LiveReceiver:
                     check_payload_len(head, reader.remaining)
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one
+                        if chunk.size != session.store.size():
+                            prefaulted()  # the chunk resizes the store
                         if _receive_direct(session, chunk, reader):
                             conn.send(Msg.ACK, chunk.seq.to_bytes(8, "little"))
-                            # The helper keeps faulting in ahead; this thread never waits for
-                            # it (where it falls behind, the socket read faults the pages in
-                            # itself and the helper's call skips them).
+                            # The helper keeps faulting in ahead; this thread does not wait
+                            # for it (where it falls behind, the socket read faults the pages
+                            # in itself and the helper's call skips them).
                             if session.can_prefault and (prefaulting is None or prefaulting.done()):
+                                prefaulted()
                                 prefaulting = worker.submit(session.prefault, _PREFAULT)
                             continue
                     chunk.payload = reader.read(reader.remaining)
@@ -191,6 +203,7 @@ class LiveReceiver:
                     continue
                 body = conn.recv_body(msg, length)
                 settle()
+                prefaulted()
                 if msg is Msg.ROUND_END:
                     round_no = decode_u32(body, "ROUND_END")
                     conn.send(Msg.ROUND_DIGEST, encode_round_digest(round_no, session.end_round(round_no)))

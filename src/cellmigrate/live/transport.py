@@ -79,10 +79,11 @@ class SocketStream:
     def _settimeout(self, timeout: float) -> None:
         # A frame's reads share one deadline, so each asks for a slightly shorter timeout
         # than the last; setting it is a system call (ioctl), one per read of a GiB
-        # transfer. The set value is kept while it is within _TIMEOUT_SLACK of the asked
-        # one: a stall is reported at most that fraction early or late.
+        # transfer. The set value is kept while it is no shorter than the asked one and
+        # at most _TIMEOUT_SLACK longer: a stall is never reported early, at most that
+        # fraction late.
         timeout = max(timeout, 1e-3)
-        if abs(self._timeout - timeout) > _TIMEOUT_SLACK * timeout:
+        if not timeout <= self._timeout <= (1 + _TIMEOUT_SLACK) * timeout:
             self.sock.settimeout(timeout)
             self._timeout = timeout
 
