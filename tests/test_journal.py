@@ -36,16 +36,25 @@ def _dirty_runs(old: bytes, new: bytes) -> List[Tuple[int, int]]:
     return jr._runs(pages, len(new))
 
 
-def _half_written(base: Path, old: bytes, new: bytes) -> None:
-    """What a kill in the write window leaves: a complete journal, some pages new."""
+def _journal(base: Path, old: bytes, new: bytes, halfway: bool = False) -> Path:
+    """Write the journal of the change OLD -> NEW beside BASE (holding OLD); with
+    ``halfway``, then half of the new pages into BASE. Returns the journal's path."""
     runs = _dirty_runs(old, new)
+    jpath = jr.journal_path(base)
     fd = os.open(base, os.O_RDWR)
     try:
-        jr._write_journal(jr.journal_path(base), fd, runs, len(old), len(new))
-        for offset, length in runs[: len(runs) // 2]:
-            os.pwrite(fd, new[offset:offset + length], offset)
+        jr._write_journal(jpath, fd, runs, len(old), len(new))
+        if halfway:
+            for offset, length in runs[: len(runs) // 2]:
+                os.pwrite(fd, new[offset:offset + length], offset)
     finally:
         os.close(fd)
+    return jpath
+
+
+def _half_written(base: Path, old: bytes, new: bytes) -> None:
+    """What a kill in the write window leaves: a complete journal, some pages new."""
+    _journal(base, old, new, halfway=True)
     data = base.read_bytes()
     assert data != old and data != new
 
@@ -81,12 +90,7 @@ def test_rollback_restores_the_old_size_of_a_grown_base(tmp_path: Path) -> None:
 def test_torn_journal_at_every_length_is_discarded(tmp_path: Path) -> None:
     """Killed while writing the journal: BASE was never touched, the journal just goes."""
     base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
-    jpath = jr.journal_path(base)
-    fd = os.open(base, os.O_RDWR)
-    try:
-        jr._write_journal(jpath, fd, _dirty_runs(old, new), len(old), len(new))
-    finally:
-        os.close(fd)
+    jpath = _journal(base, old, new)
     whole = jpath.read_bytes()
     cuts = sorted(set(range(0, jr.HEADER_SIZE + 40)) | set(range(jr.HEADER_SIZE, len(whole), 97)))
     for cut in cuts:
@@ -103,12 +107,7 @@ def test_torn_journal_at_every_length_is_discarded(tmp_path: Path) -> None:
 @pytest.mark.parametrize("where", ["header", "body"])
 def test_damaged_journal_is_not_applied(tmp_path: Path, where: str) -> None:
     base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
-    jpath = jr.journal_path(base)
-    fd = os.open(base, os.O_RDWR)
-    try:
-        jr._write_journal(jpath, fd, _dirty_runs(old, new), len(old), len(new))
-    finally:
-        os.close(fd)
+    jpath = _journal(base, old, new)
     data = bytearray(jpath.read_bytes())
     data[20 if where == "header" else len(data) - 5] ^= 0x01
     jpath.write_bytes(bytes(data))
@@ -122,12 +121,7 @@ def test_unknown_version_and_other_file_are_refused_and_kept(tmp_path: Path) -> 
     import xxhash
 
     base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
-    jpath = jr.journal_path(base)
-    fd = os.open(base, os.O_RDWR)
-    try:
-        jr._write_journal(jpath, fd, _dirty_runs(old, new), len(old), len(new))
-    finally:
-        os.close(fd)
+    jpath = _journal(base, old, new)
     good = jpath.read_bytes()
     fields = bytearray(good[:80])
     struct.pack_into("<I", fields, 8, 2)  # version 2, correctly sealed
