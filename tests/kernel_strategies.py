@@ -1,4 +1,5 @@
-"""Hypothesis strategies for kernel inputs (shared by the kernel test modules).
+"""Hypothesis strategies for kernel inputs (shared by the kernel test modules), and
+:func:`each_path` to run a check on every SIMD path the compiled kernels dispatch to.
 
 Byte streams up to ~20 KiB: arbitrary bytes, streams of runs (rich in 0xFF and in runs
 near the 127-byte marker limit), lengths around page boundaries, and buffers sliced at
@@ -8,13 +9,29 @@ every start alignment 0-63 out of a larger buffer.
 from __future__ import annotations
 
 import random
-from typing import Tuple
+from typing import Iterator, List, Tuple
 
 from hypothesis import strategies as st
+
+from cellmigrate import _kernels
 
 MAX_LEN = 20 * 1024
 RUN_LENGTHS = (1, 2, 3, 4, 5, 126, 127, 128, 129, 130, 131, 254, 255, 256, 381)
 PAGE_EDGES = (0, 1, 63, 64, 65, 127, 128, 4095, 4096, 4097, 8191, 8192, 8193, 12288, 16385)
+#: The compiled kernels' dispatch paths on this CPU, "scalar" first.
+PATHS: List[str] = _kernels._dispatch_paths()
+
+
+def each_path() -> Iterator[str]:
+    """Switch the compiled kernels to each of :data:`PATHS` in turn (yielding its name);
+    the path chosen before is restored after, also when the caller fails or stops early."""
+    before = _kernels._dispatch()
+    try:
+        for name in PATHS:
+            _kernels._set_dispatch(name)
+            yield name
+    finally:
+        _kernels._set_dispatch(before)
 
 
 def _runs(rng: random.Random, n: int) -> bytes:

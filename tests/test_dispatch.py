@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 
 from cellmigrate import _kernels, _reference
 
-from kernel_strategies import RUN_LENGTHS, aligned, offsets, old_new
-
-PATHS: List[str] = _kernels._dispatch_paths()
+from kernel_strategies import PATHS, RUN_LENGTHS, aligned, each_path, offsets, old_new
 
 
 def _cpu_flags() -> Set[str]:
@@ -35,16 +33,6 @@ def restore_dispatch() -> Iterator[None]:
     before = _kernels._dispatch()
     yield
     _kernels._set_dispatch(before)
-
-
-def _each_path() -> Iterator[str]:
-    before = _kernels._dispatch()
-    try:
-        for name in PATHS:
-            _kernels._set_dispatch(name)
-            yield name
-    finally:
-        _kernels._set_dispatch(before)
 
 
 def test_paths_cover_what_the_cpu_has() -> None:
@@ -103,7 +91,7 @@ def test_every_path_on_edge_lengths(pattern: int) -> None:
     cases = [EDGE_PATTERNS[pattern](n) for n in range(0, 300)]
     cases += [EDGE_PATTERNS[pattern](n) for n in RUN_LENGTHS + (4095, 4096, 4097, 8193)]
     expected = [(_reference.checksum(c, 7), _reference.rle_compress(c)) for c in cases]
-    for name in _each_path():
+    for name in each_path():
         for data, (checksum, packed) in zip(cases, expected):
             assert _kernels.checksum(data, 7) == checksum, (name, len(data))
             assert _kernels.rle_compress(data) == packed, (name, len(data))
@@ -114,7 +102,7 @@ def test_every_path_on_edge_lengths(pattern: int) -> None:
 def test_every_path_checksum(view_raw: Tuple[memoryview, bytes], offset: int) -> None:
     view, raw = view_raw
     expected = _reference.checksum(raw, offset)
-    for name in _each_path():
+    for name in each_path():
         assert _kernels.checksum(view, offset) == expected, name
 
 
@@ -123,7 +111,7 @@ def test_every_path_checksum(view_raw: Tuple[memoryview, bytes], offset: int) ->
 def test_every_path_rle(view_raw: Tuple[memoryview, bytes]) -> None:
     view, raw = view_raw
     expected = _reference.rle_compress(raw)
-    for name in _each_path():
+    for name in each_path():
         packed = _kernels.rle_compress(view)
         assert packed == expected, name
         assert _kernels.rle_decompress(packed) == raw, name
@@ -135,7 +123,7 @@ def test_every_path_dirty_pages_checksum(case: Tuple[bytes, bytes, int], offset:
     old, new, page_size = case
     pages = _reference.dirty_pages(old, new, page_size).tolist()
     checksum = _reference.checksum(new, offset)
-    for name in _each_path():
+    for name in each_path():
         got_pages, got_checksum = _kernels.dirty_pages_checksum(old, new, page_size, offset)
         assert (got_pages.tolist(), got_checksum) == (pages, checksum), name
         assert _kernels.dirty_pages(old, new, page_size).tolist() == pages, name
@@ -150,7 +138,7 @@ def test_every_path_page_checksums(pages: List[Tuple[int, bytes]], data: st.Data
     expected_state = _reference.state_pages_checksum(state, idx, 4096)
     blobs = [b for _, b in pages]
     expected_pages = _reference.pages_checksum(blobs, [i for i, _ in pages], 4096)
-    for name in _each_path():
+    for name in each_path():
         assert _kernels.state_pages_checksum(state, idx, 4096) == expected_state, name
         assert _kernels.pages_checksum(blobs, [i for i, _ in pages], 4096) == expected_pages, name
 

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -25,21 +25,12 @@ from hypothesis import strategies as st
 from cellmigrate import CorruptDataError
 from cellmigrate import _kernels, _reference
 
+from kernel_strategies import each_path
+
 PAGE = 4096
 ALL = 0xF  # raw, RLE, zero, XZR
 CRATE = 0x3  # raw, RLE: what a checksum-only (crate-compatible) delta may use
-PATHS = _kernels._dispatch_paths()
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _each_path() -> Iterator[str]:
-    before = _kernels._dispatch()
-    try:
-        for name in PATHS:
-            _kernels._set_dispatch(name)
-            yield name
-    finally:
-        _kernels._set_dispatch(before)
 
 
 def _edit_page(rng: random.Random, page: bytes, style: str) -> bytes:
@@ -145,7 +136,7 @@ def test_xzr_single_page_matches_reference(data: st.DataObject) -> None:
     new = _edit_page(rng, base, data.draw(st.sampled_from(STYLES)))
     base_given = base[: data.draw(st.integers(0, length))] if data.draw(st.booleans()) else base
     want = _reference.xzr_encode(new, base_given)
-    for path in _each_path():
+    for path in each_path():
         assert _kernels.xzr_encode(new, base_given) == want, path
     assert _kernels.xzr_decode(want, base_given, length) == new
     assert _reference.xzr_decode(want, base_given, length) == new
@@ -219,7 +210,7 @@ def test_encode_pages_matches_reference_on_every_path(case: Tuple[bytes, bytes, 
     expected = _reference_best(old, new, indices, allowed)
     assert want_enc.tolist() == [e for e, _ in expected]
     assert want_payload == b"".join(s for _, s in expected)
-    for path in _each_path():
+    for path in each_path():
         enc, off, chk, payload = _kernels.encode_pages(old, new, indices, PAGE, allowed)
         assert enc.dtype == np.uint8 and off.dtype == np.int64 and chk.dtype == np.uint32, path
         assert enc.tolist() == want_enc.tolist(), path
@@ -429,5 +420,5 @@ def test_xzr_many_short_literals_match_reference(seed: int, stride: int, length:
         if rng.random() < 0.3 and at + 1 < length:
             new[at + 1] ^= rng.randrange(1, 256)
     want = _reference.xzr_encode(bytes(new), base)
-    for path in _each_path():
+    for path in each_path():
         assert _kernels.xzr_encode(bytes(new), base) == want, path
