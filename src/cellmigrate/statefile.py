@@ -631,6 +631,15 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _replacing_mode(dest: Path) -> int:
+    """Permissions for the file that replaces ``dest``: ``dest``'s own, or a new file's
+    (:func:`_default_mode`) when there is no ``dest`` yet."""
+    try:
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except FileNotFoundError:
+        return _default_mode()
+
+
 _TEMP_RE_TEMPLATE = r"^\.{name}\.cellmigrate-(\d+)\.tmp$"
 
 
@@ -744,11 +753,7 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp
-        try:
-            mode = stat.S_IMODE(os.stat(dest).st_mode)
-        except FileNotFoundError:
-            mode = _default_mode()
-        os.chmod(tmp, mode)
+        os.chmod(tmp, _replacing_mode(dest))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
@@ -850,11 +855,7 @@ class Output:
             if size:
                 reserve(fd, 0, size)
             yield fd
-            try:
-                mode = stat.S_IMODE(os.stat(dest).st_mode)
-            except FileNotFoundError:
-                mode = _default_mode()
-            os.fchmod(fd, mode)
+            os.fchmod(fd, _replacing_mode(dest))
             os.fsync(fd)
             if named is None:
                 # Give the unnamed file a (deterministic) name, then rename it into place:
