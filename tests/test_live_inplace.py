@@ -35,8 +35,8 @@ from cellmigrate.validation import AgentRequirements
 SIZE = 40 * PAGE_SIZE + 100
 
 
-def _session() -> ReceiverSession:
-    session = ReceiverSession(MemoryStore(), BufferTarget())
+def _session(prefault: Optional[bool] = None) -> ReceiverSession:
+    session = ReceiverSession(MemoryStore(), BufferTarget(), prefault=prefault)
     session.begin(Offer(bytes(16), bytes(16), AgentRequirements(state_size=SIZE), SIZE))
     return session
 
@@ -172,7 +172,7 @@ def test_cuts_in_the_middle_of_in_place_chunks(cuts: List[int], keyed: bool) -> 
 
 def test_prefault_maps_pages_ahead_and_changes_nothing() -> None:
     data = np.random.default_rng(3).integers(1, 256, SIZE, dtype=np.uint8)
-    session = _session()
+    session = _session(prefault=True)
     session.prefault(1 << 20)  # nothing staged yet: nothing to touch
     assert session.store.size() == 0
     chunk = _chunk(1, [0, 1, 2], data)
@@ -213,3 +213,13 @@ def test_stop_and_copy_hashes_the_summary_digest_of_the_state_it_sent() -> None:
             target = BufferTarget()
             summary = LiveMigration(source, InProcessChannel(ReceiverSession(MemoryStore(), target)), max_rounds=0).run()
             assert summary.digest == digest(state) and target.state == bytearray(state.tobytes())
+
+
+def test_prefault_is_off_when_asked_and_decided_by_the_cpus_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellmigrate.live import session as session_module
+
+    assert not _session(prefault=False).can_prefault
+    for cpus, expected in ((2, False), (4, True)):
+        monkeypatch.setattr(session_module.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert session_module.prefault_pays() is expected
+        assert _session().can_prefault is (expected and sys.platform.startswith("linux"))

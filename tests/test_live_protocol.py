@@ -211,7 +211,7 @@ def test_a_state_that_grows_waits_for_the_prefault_before_resizing(monkeypatch: 
     current = [small]
     a, b = socket.socketpair()
     target = BufferTarget()
-    receiver = LiveReceiver(_RemappingStore(), target)
+    receiver = LiveReceiver(_RemappingStore(), target, prefault=True)
     errors: List[BaseException] = []
 
     def serve() -> None:

@@ -63,7 +63,8 @@ class LiveReceiver:
     the shared secret); with it, senders must prove they hold it and every frame is
     MAC-checked; without it, keyed senders are still served (they detect the missing
     proof and refuse on their side). ``capabilities`` are checked against each offer's
-    requirements (refused with the check's reason).
+    requirements (refused with the check's reason). ``prefault``: see
+    :class:`~cellmigrate.live.session.ReceiverSession`.
     """
 
     def __init__(
@@ -76,13 +77,15 @@ class LiveReceiver:
         validator: Optional[MigrationValidator] = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_state_size: int = 0,
+        prefault: Optional[bool] = None,
     ) -> None:
         if key is not None and len(key) != 32:
             raise ValueError("key must be the 32-byte protocol key (see protocol.derive_key)")
         self.key = key
         self.timeout = timeout
         self.session = ReceiverSession(
-            store, target, capabilities=capabilities, validator=validator, max_state_size=max_state_size
+            store, target, capabilities=capabilities, validator=validator, max_state_size=max_state_size,
+            prefault=prefault,
         )
         #: The last error that ended a connection (None after a clean one).
         self.last_error: Optional[CellError] = None
