@@ -293,18 +293,32 @@ def test_longer_base_is_refused(tmp_path: Path) -> None:
     assert longer.read_bytes() == old + b"\x00" * 10
 
 
-def test_short_base_is_grown_with_zeros(tmp_path: Path) -> None:
-    """A base shorter than the delta's state is zero-extended (the bytearray rule)."""
+def test_short_base_is_refused_by_a_v2_delta_and_grown_by_a_v1_one(tmp_path: Path) -> None:
+    """A version-2 delta records its base's size: a shorter BASE is refused up front (exit
+    1) naming both sizes, not with a checksum mismatch. A version-1 delta records none: a
+    shorter BASE is zero-extended (the bytearray rule), as before."""
+    from cellmigrate import DeltaSnapshot
+
     size = 6 * PAGE_SIZE
     old = bytes(range(256)) * (3 * PAGE_SIZE // 256) + bytes(3 * PAGE_SIZE)
     new = bytearray(old)
     new[4 * PAGE_SIZE + 1] = 9
     (tmp_path / "old").write_bytes(old)
     (tmp_path / "new").write_bytes(new)
-    delta = diff(tmp_path, tmp_path / "old", tmp_path / "new")
     short = tmp_path / "short"
     short.write_bytes(old[: 3 * PAGE_SIZE + 10])
     out = tmp_path / "out"
+    v2 = diff(tmp_path, tmp_path / "old", tmp_path / "new")
+    for extra in (["-o", str(out)], [], ["--safe-replace"]):
+        line = assert_one_line_error(run("apply", str(short), str(v2), *extra), 1)
+        assert f"is {3 * PAGE_SIZE + 10} bytes" in line and f"base of {size} bytes" in line, line
+        assert "checksum" not in line and "left unchanged" in line
+        assert short.read_bytes() == old[: 3 * PAGE_SIZE + 10] and not out.exists()
+
+    v1 = DeltaSnapshot.create(bytes(16), old, bytes(new), 0, 1, compress="rle")
+    v1.wire_version = 1
+    delta = tmp_path / "v1.cmd"
+    delta.write_bytes(v1.serialize())
     assert run("apply", str(short), str(delta), "-o", str(out)).returncode == 0
     assert out.read_bytes() == bytes(new) and len(new) == size
     assert short.read_bytes() == old[: 3 * PAGE_SIZE + 10]

@@ -185,13 +185,16 @@ def test_checksum_only_delta_is_called_not_verified_everywhere(
 
 
 @pytest.mark.parametrize(
-    "extra, integrity",
-    [((), "verified (xxh3_128_tree digest)"), (("--digest", "blake3"), "verified (blake3 digest)"),
-     (("--key-file", "KEY"), "authenticated (blake3 MAC)")],
+    "extra, integrity, checked",
+    [((), "xxh3_128_tree digest (checked by apply)", "verified (xxh3_128_tree digest)"),
+     (("--digest", "blake3"), "blake3 digest (checked by apply)", "verified (blake3 digest)"),
+     (("--key-file", "KEY"), "blake3 MAC (checked by apply)", "authenticated (blake3 MAC)")],
 )
 def test_a_delta_with_a_digest_is_not_called_checksum_only(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: Tuple[str, ...], integrity: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: Tuple[str, ...], integrity: str, checked: str
 ) -> None:
+    """inspect says what the delta carries (it checks no digest: no base, no key); apply,
+    which checked it, says verified / authenticated."""
     key = tmp_path / "key"
     key.write_bytes(bytes(range(32)))
     extra = tuple(str(key) if e == "KEY" else e for e in extra)
@@ -203,6 +206,9 @@ def test_a_delta_with_a_digest_is_not_called_checksum_only(
     code, out, err = run_cli(capsys, "apply", str(old), str(delta), "-o", str(tmp_path / "o.bin"), *keyargs)
     assert code == 0, err
     assert "not verified" not in out and "result verified (checksum + " in out
+    code, out, err = run_cli(capsys, "apply", "--json", str(old), str(delta), "-o", str(tmp_path / "o2.bin"), *keyargs)
+    assert code == 0, err
+    assert json.loads(out)["integrity"] == checked
 
 
 def test_readers_refuse_from_the_header_before_decoding(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union, cast
 
+from ._jsontext import json_text
 from .errors import JournalError, StateChangedError, TruncatedInputError
 from .statefile import (
     STREAM,
@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_verify)
 
     p = add("inspect", "show a delta's header, pages, sizes and ratios",
-            "Decode DELTA (checking every structural and integrity field of the wire format) and "
-            "show what it contains.")
+            "Decode DELTA (checking its structure and the XXH3-128 hash of its payload, which catches "
+            "damage in transit) and show what it contains. The digest or MAC of the result it carries "
+            "needs the base (and the key): 'apply' checks it, 'inspect' does not.")
     p.add_argument("delta", metavar="DELTA", help="delta file ('-' for stdin)")
     p.add_argument("--pages", action="store_true", help="also list every page")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -329,8 +330,10 @@ def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) ->
         print(_one_line(text), file=file or sys.stdout)
 
 
-def _print_json(obj: Any, file: Optional[IO[str]] = None) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False), file=file or sys.stdout)
+def _print_json(obj: Any, file: Optional[IO[str]] = None, flush: bool = False) -> None:
+    """Print ``obj`` as standard JSON (:func:`~cellmigrate._jsontext.json_text`: a
+    non-finite float is ``null``), the one way every ``--json`` output is written."""
+    print(json_text(obj), file=file or sys.stdout, flush=flush)
 
 
 def _open_state(path: str, *, private: bool = False) -> StateFile:
@@ -611,14 +614,19 @@ def _check_max_size(what: str, size: int, max_size: int) -> None:
 CHECKSUM_ONLY = "checksum only, not verified"
 
 
-def _integrity(delta: "DeltaSnapshot") -> str:
-    """How a delta's result is checked, in words (the JSON ``integrity`` field)."""
+def _integrity(delta: "DeltaSnapshot", checked: bool = False) -> str:
+    """How a delta's result is checked, in words (the JSON ``integrity`` field).
+
+    ``checked``: the result was verified against it here ('apply'). Otherwise ('diff',
+    'inspect': no base, no key) it says only what the delta carries, and who checks it.
+    """
     algorithm = getattr(delta, "digest_algorithm", None)
     if algorithm is None:
         return CHECKSUM_ONLY
-    if getattr(delta, "keyed", False):
-        return f"authenticated ({algorithm} MAC)"
-    return f"verified ({algorithm} digest)"
+    keyed = getattr(delta, "keyed", False)
+    if checked:
+        return f"authenticated ({algorithm} MAC)" if keyed else f"verified ({algorithm} digest)"
+    return f"{algorithm} {'MAC' if keyed else 'digest'} (checked by apply)"
 
 
 def _digest_label(delta: "DeltaSnapshot") -> str:
@@ -894,6 +902,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         total = int(delta.total_size)
         dest_name = args.output if args.output is not None else args.base
         where = f"{args.base!r} left unchanged" + ("" if args.output is None else f", {args.output!r} not written")
+        _check_recorded_base_size(args.base, base_st.st_size, delta, where)
         started = time.perf_counter()
         recovered = None
         try:
@@ -953,7 +962,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             _print_json({"base": args.base, "delta": args.delta, "output": dest, "in_place": args.output is None,
                          "pages_written": delta.dirty_page_count(), "total_size": total,
                          "verified": ["checksum"] + ([_digest_label(delta)] if getattr(delta, "digest_algorithm", None) else []),
-                         "integrity": _integrity(delta),
+                         "integrity": _integrity(delta, checked=True),
                          "seconds": elapsed}, file=report_to)
         else:
             if getattr(delta, "digest_algorithm", None) is None:
@@ -964,6 +973,23 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
                        f"{delta.sequence}); {checked}", file=report_to)
         return EXIT_OK
+
+
+def _check_recorded_base_size(name: str, size: int, delta: "DeltaSnapshot", where: str) -> None:
+    """Refuse (exit 1, before any work) a BASE whose size is not the base size a version-2
+    delta records: the result could only fail its checksum, which explains nothing.
+
+    A version-1 delta records no base size: a shorter BASE is still zero-extended (the
+    library's rule for a short ``bytearray``), a longer one refused by the apply.
+    """
+    from .journal import expected_base_size
+
+    if int(getattr(delta, "wire_version", 2)) < 2:
+        return
+    expected = expected_base_size(delta)
+    if size != expected:
+        raise CliError(f"refused: {name!r} is {size} bytes ({format_size(size)}), but the delta was made against a "
+                       f"base of {expected} bytes ({format_size(expected)}); {where}", EXIT_DIFFERENT)
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
@@ -1019,7 +1045,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(obj)
         return EXIT_OK
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["timestamp"]))
-    digest_text = f"none ({CHECKSUM_ONLY})" if info["digest"] is None else f"{_digest_label(delta)} {info['digest']}"
+    digest_text = (f"none ({CHECKSUM_ONLY})" if info["digest"] is None
+                   else f"{_digest_label(delta)} {info['digest']} (of the result; checked by apply)")
     rows = [
         ("agent", info["agent_id"]),
         ("sequence", f"{info['sequence']} (base {info['base_sequence']})"),

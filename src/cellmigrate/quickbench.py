@@ -18,7 +18,6 @@ Peers, each doing the closest equivalent job on the same bytes:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -27,6 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, List, Optional
 
 import numpy as np
+
+from ._jsontext import json_text
 
 __all__ = ["BenchRow", "measure", "make_states", "run_bench", "collect_rows"]
 
@@ -209,7 +210,7 @@ def run_bench(size: int = 64 << 20, *, as_json: bool = False, quiet: bool = Fals
     if not quiet and not as_json and sys.stderr.isatty():
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     if as_json:
-        print(json.dumps([{**asdict(r), "gbps": r.gbps} for r in rows], indent=2))
+        print(json_text([{**asdict(r), "gbps": r.gbps} for r in rows]))
     elif not quiet:
         print(format_table(rows, size))
     return 0

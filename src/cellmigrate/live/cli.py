@@ -11,7 +11,6 @@ writing it, paused by ``--pause-cmd`` for the final round). Registered by
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import ssl
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any, Callable, List, Optional
 
 from .._buffers import as_bytes_view
 from .._types import BufferLike
-from ..cli import _one_line  # result lines stay one line whatever a file name holds
+from ..cli import _one_line, _print_json  # one-line results whatever a file name holds; standard JSON
 from ..errors import CellError
 from ..progress import MigrationProgressEvent, ProgressEventKind
 from ..statefile import StateFile
@@ -257,8 +256,12 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     listener = None
     if args.listen:
         try:
+            # unix:PATH: a stale socket file is replaced, and PATH is removed when the
+            # listener is closed below, on any exit (errors and signals included).
             listener = listen(args.listen)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+        except ValueError as exc:
             raise CliError(f"cannot listen on {args.listen}: {exc}") from None
         bound = listener.getsockname()
         shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
@@ -311,7 +314,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
     size = os.stat(args.state_file).st_size
     out = sys.stderr if args.stdio else sys.stdout  # with --stdio, stdout is the protocol's
     if args.json:
-        print(json.dumps({
+        _print_json({
             "state_file": args.state_file,
             "migration_id": str(uuid.UUID(bytes=s.offer.migration_id)),
             "agent_id": str(uuid.UUID(bytes=s.offer.agent_id)),
@@ -319,7 +322,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
             "chunks": s.committed_seq,
             "page_bytes": s.bytes_received,
             "audit": [e.to_dict() for e in validator.audit_log],
-        }, indent=2), file=out, flush=True)
+        }, file=out, flush=True)
     elif not args.quiet:
         print(_one_line(f"received {args.state_file}: {size} bytes in {s.committed_seq} chunks "
                         f"({s.bytes_received} page bytes), proven equal to the sender's state"), file=out, flush=True)
@@ -403,7 +406,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     if args.json:
         out: Any = summary.to_dict()
         out["reconnects"] = channel.reconnects
-        print(json.dumps(out, indent=2), flush=True)
+        _print_json(out, flush=True)
     elif not args.quiet:
         print(_one_line(f"sent {args.state_file}: {summary.state_size} bytes in {len(summary.rounds)} rounds, "
                         f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "

@@ -13,11 +13,13 @@ its body is read. Addresses are ``HOST:PORT`` or ``unix:PATH``.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import select
 import socket
 import ssl
+import stat
 import struct
 import time
 from typing import List, Optional, Protocol, Tuple, Union
@@ -37,6 +39,7 @@ __all__ = [
     "parse_address",
     "connect",
     "listen",
+    "UnixListener",
     "accept",
 ]
 
@@ -370,14 +373,83 @@ def connect(
     return SocketStream(sock)
 
 
-def listen(address: str, backlog: int = 4) -> socket.socket:
-    """A listening socket on ``address`` (port 0 picks a free one: see ``getsockname``)."""
-    family, sockaddr = parse_address(address)
-    sock = socket.socket(family, socket.SOCK_STREAM)
+class UnixListener(socket.socket):
+    """A listening Unix socket that removes its path when it is closed.
+
+    A Unix socket's path outlives the socket: left behind, the next bind on it fails with
+    "Address already in use". :meth:`close` (also on ``with`` exit, so on any error or
+    signal its owner turns into an exception) removes the path, only if it is still the
+    socket this listener bound (same device and inode: a path another process re-bound
+    since is left alone).
+    """
+
+    _bound: Optional[Tuple[str, int, int]] = None
+
+    def _bind_path(self, path: str) -> None:
+        """Bind to ``path``; a stale socket file there is removed first (see :func:`listen`)."""
+        try:
+            self.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            _remove_stale_socket(path)
+            self.bind(path)
+        st = os.stat(path)
+        self._bound = (os.path.abspath(path), st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        bound, self._bound = self._bound, None
+        if bound is not None:
+            path, dev, ino = bound
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
+            except OSError:
+                pass  # already gone
+        super().close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove ``path`` if it is a stale Unix socket (one nobody accepts on: a connection is
+    refused), left by a listener that was killed; raise ``OSError`` (EADDRINUSE) naming why
+    not for a live socket or anything that is not a socket, which are never removed."""
     try:
-        if family != socket.AF_UNIX:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return  # gone meanwhile: the caller binds again
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EADDRINUSE, f"{path!r} exists and is not a socket (not removed)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: its listener is gone
+        return
+    except OSError:
+        pass  # a full backlog or a timeout: someone may still be listening
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path!r} is in use: another process listens on it")
+
+
+def listen(address: str, backlog: int = 4) -> socket.socket:
+    """A listening socket on ``address`` (port 0 picks a free one: see ``getsockname``).
+
+    ``unix:PATH`` gives a :class:`UnixListener`: a stale socket file at ``PATH`` (its
+    listener was killed: a connection is refused) is replaced, and ``PATH`` is removed
+    when the listener is closed. A live socket, or a ``PATH`` that is not a socket, is
+    refused (``OSError``, EADDRINUSE) and left as it is.
+    """
+    family, sockaddr = parse_address(address)
+    sock = UnixListener(family, socket.SOCK_STREAM) if family == socket.AF_UNIX else socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if isinstance(sock, UnixListener):
+            sock._bind_path(str(sockaddr))
+        else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
+            sock.bind(sockaddr)
         sock.listen(backlog)
     except BaseException:
         sock.close()
