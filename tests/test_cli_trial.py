@@ -12,8 +12,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 
 from cellmigrate import PAGE_SIZE
+from cellmigrate.cli import _QUIET_HELP
 from live_net import CLI, Receiver, send
 from test_cli import assert_one_line_error, diff, make_pair, run
 
@@ -192,3 +194,96 @@ def test_resize_delta_still_applies(tmp_path: Path) -> None:
     # The grown state is not the base of that delta: refused, naming both sizes.
     line = assert_one_line_error(run("apply", str(tmp_path / "new"), str(delta), "-o", str(tmp_path / "o2")), 1)
     assert f"is {len(new)} bytes" in line and f"base of {len(old)} bytes" in line
+
+
+# --------------------------------------------------------------------------- help texts
+
+
+def _help(*cmd: str) -> str:
+    proc = run(*cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())
+
+
+def test_receive_max_state_size_takes_units(tmp_path: Path) -> None:
+    from cellmigrate.cli import build_parser
+
+    args = build_parser().parse_args(["receive", "--listen", "127.0.0.1:0", "x", "--max-state-size", "1MiB"])
+    assert args.max_state_size == 1 << 20
+    text = _help("receive")
+    assert "no limit" not in text and "twice the offered size" in text
+    protocol = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    assert "twice the offered" in " ".join(protocol.split())
+
+
+def test_chunk_size_help_says_bytes() -> None:
+    text = _help("send")
+    assert "--chunk-size SIZE bytes of pages per chunk" in text and "4KiB..64MiB" in text
+
+
+def test_quiet_help_says_what_it_does_in_each_command() -> None:
+    from cellmigrate.cli import build_parser
+
+    commands = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert sorted(_QUIET_HELP) == commands
+    for name in ("checksum", "verify", "send"):
+        text = _help(name)
+        assert "the value for 'checksum'" not in text and " ".join(_QUIET_HELP[name].split()) in text
+
+
+def test_demo_help_mentions_the_live_webassembly_part() -> None:
+    assert "WebAssembly agent migrated live" in _help("demo")
+
+
+def test_top_level_exit_codes_match_the_readme() -> None:
+    readme = " ".join(README.read_text().split())
+    sentence = re.search(r"Exit codes: .*? a full disk\.", readme)
+    assert sentence is not None and "1 states differ, delta refused" in sentence.group(0)
+    assert sentence.group(0) in _help()
+
+
+# --------------------------------------------------------------------------- wording
+
+
+def test_plural_in_result_lines(tmp_path: Path) -> None:
+    from cellmigrate.statefile import plural
+
+    assert [plural(n, "round") for n in (0, 1, 2)] == ["0 rounds", "1 round", "2 rounds"]
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
+    src.write_bytes(os.urandom(PAGE_SIZE))
+    rx = Receiver(dst)
+    sent = send(str(src), rx.address)
+    got = rx.wait()
+    assert sent.returncode == 0 and got.returncode == 0
+    assert " in 1 round," in sent.stdout and " in 1 chunk " in got.stdout
+    assert not re.search(r"\b1 (rounds|chunks|pages)\b", sent.stdout + sent.stderr + got.stdout)
+
+
+def test_unreachable_receiver_says_cannot_connect(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(PAGE_SIZE))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    line = assert_one_line_error(send(str(src), address, "--retries", "0"), 2)
+    assert f"cannot connect to {address}" in line and "connection lost" not in line
+
+
+def test_bad_address_is_a_usage_error_before_the_file_is_opened(tmp_path: Path) -> None:
+    line = assert_one_line_error(send(str(tmp_path / "missing.bin"), "127.0.0.1"), 2)
+    assert "HOST:PORT" in line and "missing.bin" not in line and "Migration failed" not in line
+
+
+def test_failed_pause_command_message(tmp_path: Path) -> None:
+    from cellmigrate.errors import CellError
+    from cellmigrate.live.cli import FileSource
+
+    (tmp_path / "s").write_bytes(bytes(PAGE_SIZE))
+    for cmd, tail in (("false", "(exit 1)"), ("echo it broke >&2; exit 3", "(exit 3): it broke")):
+        source = FileSource(str(tmp_path / "s"), pause_cmd=cmd)
+        try:
+            with pytest.raises(CellError) as info:
+                source.pause()
+            assert str(info.value).endswith(tail), str(info.value)
+        finally:
+            source.close()

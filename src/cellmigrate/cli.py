@@ -43,6 +43,7 @@ from .statefile import (
     open_input_stream,
     open_output,
     parse_size,
+    plural,
     signals_raise,
     spool_stream,
     hook_pause,
@@ -154,15 +155,29 @@ def _add_max_size(p: argparse.ArgumentParser, role: str) -> None:
                         f"(default: {format_size(DEFAULT_MAX_SIZE).replace(' ', '')}, the library reader's default)")
 
 
+#: What -q/--quiet does in each command (its help there).
+_QUIET_HELP = {
+    "checksum": "print nothing but errors and the value (or the --json object)",
+    "diff": "print no summary line (errors, and the --json object if asked, still are)",
+    "apply": "print no result line (errors, and the --json object if asked, still are)",
+    "recover": "print no result line, only errors",
+    "verify": "print nothing but errors: the exit code says identical (0) or not (1)",
+    "inspect": "print nothing but errors (and the --json object if asked): a check that DELTA decodes",
+    "demo": "print nothing but errors: the exit code says whether every step behaved",
+    "bench": "print no table (the --json list, if asked, still is)",
+    "receive": "print no 'listening on' line, notes or result line (errors, and the --json object if asked, still are)",
+    "send": "print no progress, per-round lines, notes or summary line (errors, and the --json object if asked, "
+            "still are)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for documentation and tests)."""
     from . import __version__
 
-    # Options every command accepts, before or after the command name. The sub-parser
-    # copies default to SUPPRESS so they never overwrite a value given before the command.
-    common = _Parser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="print nothing but errors (and the value for 'checksum')")
+    # -q/--quiet is accepted before or after the command name. The sub-parser's copy
+    # defaults to SUPPRESS so it never overwrites a value given before the command; its
+    # help says what it silences in that command (_QUIET_HELP).
 
     parser = _Parser(
         prog=PROG,
@@ -172,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
             "atomically, and prove the result byte for byte."
         ),
         epilog=(
-            "Exit codes: 0 success, 1 verification failed or states differ, 2 usage error or "
-            "unreadable/corrupt input. Start with: cellmigrate demo"
+            # The README's sentence, word for word (tests/test_cli_trial.py checks it).
+            "Exit codes: 0 success, 1 states differ, delta refused or a state changed while read, 2 usage "
+            "error, corrupt or truncated input, or a full disk. Start with: cellmigrate demo"
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -183,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=description, parents=[common])
+        p = sub.add_parser(name, help=help_text, description=description)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=_QUIET_HELP[name])
+        return p
 
     p = add("checksum", "print the checksum or digest of a state file",
             "Print the checksum of FILE: 'simple' is the Rust crate's weighted sum (decimal u32), "
@@ -283,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Migrate a synthetic agent state end to end, step by step: compatibility check, "
             "rollback point, incremental delta, transfer, atomic apply, byte-for-byte "
             "verification; then a migration whose delta is corrupted in transit, refused, and "
-            "rolled back. Prints sizes, timings, GB/s and the audit trail.")
+            "rolled back; then a running WebAssembly agent migrated live over TCP on 127.0.0.1 "
+            "(pre-copy rounds while it runs, a paused final round, resumed on the target; needs "
+            "wasmtime, cellmigrate[wasm], and is skipped with a note without it). "
+            "Prints sizes, timings, GB/s and the audit trail.")
     p.add_argument("--size", type=_size_arg, default=256 << 20, metavar="SIZE",
                    help="state size, e.g. 64MiB, 1GiB or bytes (default: 256MiB)")
     p.add_argument("--seed", type=_nonneg_int, default=2024, metavar="N",
@@ -776,7 +797,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         _print_json({"output": args.output, "seconds": elapsed, **info}, file=report)
     else:
         _out(args, (
-            f"{'<stdout>' if args.output == STREAM else args.output}: {info['dirty_pages']} of {info['total_pages']} pages changed "
+            f"{'<stdout>' if args.output == STREAM else args.output}: {info['dirty_pages']} of {plural(info['total_pages'], 'page')} changed "
             f"({_pct(info['dirty_fraction'])}); {format_size(wire_size)} on the wire "
             f"({_pct(info['wire_fraction'])} of {format_size(info['total_size'])}); "
             f"digest: {_digest_label(cast('DeltaSnapshot', delta))}"
@@ -970,7 +991,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                            f"checked before writing")
             else:
                 checked = f"result verified (checksum + {_digest_label(delta)}) before writing"
-            _out(args, f"{dest}: applied {delta.dirty_page_count()} pages (sequence {delta.base_sequence} -> "
+            _out(args, f"{dest}: applied {plural(delta.dirty_page_count(), 'page')} (sequence {delta.base_sequence} -> "
                        f"{delta.sequence}); {checked}", file=report_to)
         return EXIT_OK
 
@@ -1051,13 +1072,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("agent", info["agent_id"]),
         ("sequence", f"{info['sequence']} (base {info['base_sequence']})"),
         ("created", f"{when} ({info['timestamp']})"),
-        ("state size", f"{format_size(info['total_size'])} ({info['total_size']} bytes, {info['total_pages']} pages)"),
+        ("state size", f"{format_size(info['total_size'])} ({plural(info['total_size'], 'byte')}, {plural(info['total_pages'], 'page')})"),
         ("checksum", f"{info['checksum']} (simple, of the result)"),
         ("digest", digest_text),
         ("dirty pages", f"{info['dirty_pages']} ({_pct(info['dirty_fraction'])} of the state); "
                         f"{info['rle_pages']} RLE-compressed, {info['raw_pages']} raw, "
                         f"{info['encodings']['zero']['pages']} zero, {info['encodings']['xzr']['pages']} XOR (xzr)"),
-        ("encodings", ", ".join(f"{name} {e['pages']} pages / {e['bytes']} bytes" for name, e in info["encodings"].items())),
+        ("encodings", ", ".join(f"{name} {plural(e['pages'], 'page')} / {plural(e['bytes'], 'byte')}" for name, e in info["encodings"].items())),
         ("page data", f"{format_size(info['uncompressed_size'])} -> {format_size(info['compressed_size'])} "
                       f"(ratio {info['compression_ratio']:.3f}); payload compression: {info['payload_compression']}; "
                       f"wire format v{info['wire_version']}"),

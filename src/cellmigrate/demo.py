@@ -62,7 +62,7 @@ from . import (
     simple_checksum,
 )
 from .delta import DeltaSnapshot, DirtyPage
-from .statefile import format_size
+from .statefile import format_size, plural
 
 __all__ = ["run_demo", "synthetic_state", "mutate_pages", "DEFAULT_SIZE"]
 
@@ -454,7 +454,7 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
         if stats.final:
             more.append("node B proved the state equal (xxh3_128_tree of 4 KiB pages), adopted the memory and globals and resumed; "
                         f"downtime {1e3 * (stats.actual_downtime_s or 0.0):.1f} ms")
-        step(title, f"{stats.dirty_pages} pages ({format_size(stats.dirty_bytes)}) of a "
+        step(title, f"{plural(stats.dirty_pages, 'page')} ({format_size(stats.dirty_bytes)}) of a "
                     f"{format_size(stats.state_size)} memory, {format_size(stats.wire_bytes)} on the wire, "
                     f"in {1e3 * stats.duration_s:.1f} ms", *more)
 
@@ -482,7 +482,7 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
         listener.close()
     expect(not served, f"node B failed: {served[0] if served else ''}")
     step("The migration completes",
-         f"{len(summary.rounds)} rounds, {format_size(summary.wire_bytes)} on the wire for a "
+         f"{plural(len(summary.rounds), 'round')}, {format_size(summary.wire_bytes)} on the wire for a "
          f"{format_size(summary.state_size)} memory ({summary.transfer_ratio:.2f}x the memory), stopped on "
          f"{summary.stop_reason}; node A stays paused (stopped), node B runs the agent from iteration {target.adopted_at}")
     expect(target.adopted_at == paused_at,

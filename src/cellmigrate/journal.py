@@ -64,6 +64,7 @@ from .statefile import (
     identity,
     lock_file,
     open_regular,
+    plural,
     reserve,
     hook_delay,
     hook_pause,
@@ -227,7 +228,7 @@ class Recovery:
             return (f"{self.base}: removed an incomplete journal {self.journal.name} ({self.reason}); "
                     "the interrupted apply had not modified the file")
         return (f"{self.base}: rolled back an interrupted apply from {self.journal.name}: restored "
-                f"{self.bytes_restored} bytes in {self.records} regions, size {self.old_size} bytes; "
+                f"{plural(self.bytes_restored, 'byte')} in {plural(self.records, 'region')}, size {self.old_size} bytes; "
                 "the file is the state it was before that apply")
 
 

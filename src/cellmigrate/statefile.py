@@ -73,6 +73,7 @@ __all__ = [
     "SignalInterrupt",
     "parse_size",
     "format_size",
+    "plural",
     "atomic_replace",
     "copy_to_temp",
     "write_bytes_atomic",
@@ -184,6 +185,16 @@ def format_size(n: int) -> str:
     if text.endswith(".0"):
         text = text[:-2]
     return f"{text} {unit}"
+
+
+def plural(n: int, noun: str, nouns: Optional[str] = None) -> str:
+    """``n`` and the noun agreeing with it, for result lines: ``'1 round'``, ``'3 rounds'``,
+    ``'0 entries'`` (``nouns``: the plural, when it is not ``noun + 's'``).
+
+    >>> plural(1, "chunk"), plural(2, "chunk"), plural(0, "entry", "entries")
+    ('1 chunk', '2 chunks', '0 entries')
+    """
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
 
 
 # --------------------------------------------------------------------------------------

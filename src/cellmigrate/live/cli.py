@@ -24,7 +24,7 @@ from .._types import BufferLike
 from ..cli import _one_line, _print_json  # one-line results whatever a file name holds; standard JSON
 from ..errors import CellError
 from ..progress import MigrationProgressEvent, ProgressEventKind
-from ..statefile import StateFile
+from ..statefile import StateFile, plural
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
@@ -33,7 +33,7 @@ from .protocol import derive_key
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
 from .sender import StreamChannel
-from .transport import DEFAULT_TIMEOUT, PipeStream, SocketStream, connect, listen
+from .transport import DEFAULT_TIMEOUT, PipeStream, SocketStream, connect, listen, parse_address
 
 __all__ = ["add_commands", "FileSource", "FileTarget"]
 
@@ -74,7 +74,8 @@ class FileSource:
             return
         done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
-            raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode}): {done.stderr.strip()[:200]}")
+            detail = done.stderr.strip()[:200]
+            raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
 
     def pause(self) -> None:
         self._run(self.pause_cmd, "pause")
@@ -191,8 +192,10 @@ def add_commands(add: AddParser) -> None:
                    help="how long a dropped sender may take to reconnect (default: %(default)g)")
     p.add_argument("--linger", type=float, default=2.0, metavar="SECONDS",
                    help="after a migration, answer a sender reconnecting to learn its outcome (default: %(default)g)")
-    p.add_argument("--max-state-size", type=int, default=0, metavar="BYTES",
-                   help="refuse states larger than this (default: no limit)")
+    p.add_argument("--max-state-size", type=_size, default=0, metavar="SIZE",
+                   help="refuse an offered state larger than this, and any round that grows the state past it "
+                        "(default: any offered size; a round may grow the state to twice the offered size, or "
+                        "the offered size + 1GiB if that is more)")
     p.add_argument("--arch", action="append", default=None, metavar="NAME",
                    help="architectures this node runs (repeatable); an agent requiring another is refused")
     p.add_argument("--resume-cmd", metavar="CMD", help="shell command run once the new state file is in place")
@@ -217,7 +220,8 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("--max-rounds", type=int, default=DEFAULT_MAX_ROUNDS, metavar="N",
                    help="pre-copy rounds at most with --live (default: %(default)s)")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
-                   help="pages per chunk, the unit committed and resent after a cut (default: 8MiB)")
+                   help=f"bytes of pages per chunk, the unit committed and resent after a cut "
+                        f"(4KiB..{MAX_CHUNK_BYTES >> 20}MiB; default: {DEFAULT_CHUNK_BYTES >> 20}MiB)")
     p.add_argument("--retries", type=int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
     p.add_argument("--agent-id", metavar="UUID", help="agent id (default: random)")
     p.add_argument("--arch", metavar="NAME", help="architecture the agent requires (the receiver checks it)")
@@ -324,7 +328,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
             "audit": [e.to_dict() for e in validator.audit_log],
         }, file=out, flush=True)
     elif not args.quiet:
-        print(_one_line(f"received {args.state_file}: {size} bytes in {s.committed_seq} chunks "
+        print(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
                         f"({s.bytes_received} page bytes), proven equal to the sender's state"), file=out, flush=True)
 
 
@@ -336,6 +340,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
     if (args.pause_cmd or args.max_rounds != DEFAULT_MAX_ROUNDS) and not args.live:
         raise CliError("--pause-cmd and --max-rounds need --live")
+    try:
+        parse_address(args.address)  # a usage error, before the state file is opened
+    except ValueError as exc:
+        raise CliError(f"bad receiver address: {exc}") from None
     _key(args)  # bad key or TLS files are reported before the state file is opened
     _client_tls(args)
     try:
@@ -361,8 +369,13 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     except ValueError:
         raise CliError(f"invalid --agent-id {args.agent_id!r}") from None
 
+    connected = False
+
     def open_stream() -> SocketStream:
-        return connect(args.address, timeout=args.timeout, tls=tls, server_hostname=args.tls_server_name)
+        nonlocal connected
+        stream = connect(args.address, timeout=args.timeout, tls=tls, server_hostname=args.tls_server_name)
+        connected = True
+        return stream
 
     bar = None if args.json else _progress(args, size, "send")
     rounds: List[RoundStats] = []
@@ -377,7 +390,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         rounds.append(stats)
         if not args.quiet and not args.json:
             tag = "final" if stats.final else f"round {stats.round}"
-            print(f"  {tag}: {stats.dirty_pages} pages, {stats.wire_bytes} bytes sent in {stats.duration_s:.3f} s"
+            print(f"  {tag}: {plural(stats.dirty_pages, 'page')}, {plural(stats.wire_bytes, 'byte')} sent in {stats.duration_s:.3f} s"
                   + (f", downtime {stats.actual_downtime_s:.3f} s" if stats.actual_downtime_s is not None else ""),
                   file=sys.stderr, flush=True)
 
@@ -397,6 +410,9 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     try:
         summary = migration.run()
     except CellError as exc:
+        cause = exc.__cause__
+        if not connected and isinstance(cause, OSError):  # never reached: "connection lost" would mislead
+            raise CliError(f"cannot connect to {args.address}: {cause.strerror or cause}") from None
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot reach {args.address}: {exc.strerror or exc}") from None
@@ -408,7 +424,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         out["reconnects"] = channel.reconnects
         _print_json(out, flush=True)
     elif not args.quiet:
-        print(_one_line(f"sent {args.state_file}: {summary.state_size} bytes in {len(summary.rounds)} rounds, "
+        print(_one_line(f"sent {args.state_file}: {plural(summary.state_size, 'byte')} in {plural(len(summary.rounds), 'round')}, "
                         f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
                         f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
                         f"(xxh3_128_tree {summary.digest.hex()})"), flush=True)
