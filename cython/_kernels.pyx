@@ -69,6 +69,8 @@ cdef extern from "cm_simd.h" nogil:
     size_t cm_rle_compress(const uint8_t* src, size_t n, uint8_t* dst)
     int cm_rle_decoded_size(const uint8_t* src, size_t n, int64_t max_output, size_t* size, size_t* where)
     void cm_rle_decode(const uint8_t* src, size_t n, uint8_t* dst, size_t size)
+    void cm_copy_stream(uint8_t* dst, const uint8_t* src, size_t n)
+    void cm_stream_fence()
     void cm_dispatch_init()
     int cm_dispatch_select(const char* name)
     int cm_path_supported(int k)
@@ -462,6 +464,12 @@ def gather_pages(const uint8_t[::1] state, indices, Py_ssize_t page_size):
     return out
 
 
+# From this many bytes of pages on, scatter_pages writes with streaming stores (see
+# cm_copy_stream): below it the pages may well be read again soon, from cache.
+cdef enum:
+    _SCATTER_STREAM_BYTES = 4 * 1024 * 1024
+
+
 def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size):
     """Write ``pages[k]`` at ``indices[k] * page_size``; everything is checked before any write."""
     cdef size_t n = target.shape[0]
@@ -480,9 +488,16 @@ def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size):
             raise IndexError(f"page {idx[k]} does not fit a target of {n} bytes")
     cdef uint8_t* pt = &target[0] if n else NULL
     cdef PyThreadState* ts = _release(held.total)
-    for k in range(held.count):
-        if held.lens[k]:
-            memcpy(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
+    if held.total >= _SCATTER_STREAM_BYTES:
+        # More than the caches hold: streaming stores skip reading each target line first.
+        for k in range(held.count):
+            if held.lens[k]:
+                cm_copy_stream(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
+        cm_stream_fence()
+    else:
+        for k in range(held.count):
+            if held.lens[k]:
+                memcpy(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
     _reacquire(ts)
 
 
