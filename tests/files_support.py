@@ -75,8 +75,8 @@ def make_states(size: int, dirty_fraction: float = 0.05, seed: int = 7) -> Tuple
     return old.tobytes(), new.tobytes()
 
 
-def write_delta(path: Path, old: bytes, new: bytes) -> Path:
-    delta = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+def write_delta(path: Path, old: bytes, new: bytes, resize: bool = False) -> Path:
+    delta = DeltaSnapshot.create(AGENT, old, new, 0, 1, resize=resize)
     path.write_bytes(delta.serialize())
     return path
 

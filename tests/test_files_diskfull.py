@@ -172,7 +172,8 @@ def test_disk_full_is_one_line_exit_2_and_changes_nothing(tmp_path: Path, kind: 
     (tmp_path / "short.bin").write_bytes(short)
     grown_new = bytearray(short + bytes(32 * MiB - len(short)))
     grown_new[20 * MiB:21 * MiB] = new[:MiB]
-    write_delta(tmp_path / "grow.cmd", short + bytes(32 * MiB - len(short)), bytes(grown_new))
+    # A resizing delta (it records the 1 MiB base; a version-2 delta for the full size refuses a short base).
+    write_delta(tmp_path / "grow.cmd", short, bytes(grown_new), resize=True)
 
     results = _run_in_fs(tmp_path, kind)
     print(f"\ndisk full on {kind}:", [(r["name"], r["code"], r["stderr"].strip()[-90:]) for r in results])

@@ -46,10 +46,11 @@ def test_symlinked_base_stays_a_link_and_its_target_is_updated(tmp_path: Path, m
     real.parent.mkdir()
     grow = mode.endswith("-grow")
     if grow:
-        # A short base, zero-extended by apply: make the delta for OLD's prefix + zeros.
+        # A short base, grown by apply: a resizing delta (it records the short base's size;
+        # a version-2 delta for the full size refuses a short base).
         short = old[: 100 * 4096]
         real.write_bytes(short)
-        d = DeltaSnapshot.create(bytes(16), short + bytes(len(new) - len(short)), new, 0, 1)
+        d = DeltaSnapshot.create(bytes(16), short, new, 0, 1, resize=True)
         delta.write_bytes(d.serialize())
     else:
         real.write_bytes(old)

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import sys
 import time
 import traceback
@@ -923,7 +924,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         total = int(delta.total_size)
         dest_name = args.output if args.output is not None else args.base
         where = f"{args.base!r} left unchanged" + ("" if args.output is None else f", {args.output!r} not written")
-        _check_recorded_base_size(args.base, base_st.st_size, delta, where)
+        if stat.S_ISREG(base_st.st_mode):  # anything else is refused as a state file below
+            _check_recorded_base_size(args.base, base_st.st_size, delta, where)
         started = time.perf_counter()
         recovered = None
         try:
