@@ -319,6 +319,7 @@ def test_short_base_is_refused_by_a_v2_delta_and_grown_by_a_v1_one(tmp_path: Pat
     v1.wire_version = 1
     delta = tmp_path / "v1.cmd"
     delta.write_bytes(v1.serialize())
+    assert json.loads(run("inspect", str(delta), "--json").stdout)["base_size"] is None  # v1 records none
     assert run("apply", str(short), str(delta), "-o", str(out)).returncode == 0
     assert out.read_bytes() == bytes(new) and len(new) == size
     assert short.read_bytes() == old[: 3 * PAGE_SIZE + 10]

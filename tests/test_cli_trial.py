@@ -191,6 +191,9 @@ def test_resize_delta_still_applies(tmp_path: Path) -> None:
     delta = diff(tmp_path, tmp_path / "old", tmp_path / "new", "--resize")
     assert run("apply", str(tmp_path / "old"), str(delta), "-o", str(tmp_path / "out")).returncode == 0
     assert (tmp_path / "out").read_bytes() == new
+    info = json.loads(run("inspect", str(delta), "--json").stdout)
+    assert (info["base_size"], info["total_size"]) == (len(old), len(new))
+    assert f"base size    12 KiB ({len(old)} bytes; apply refuses" in run("inspect", str(delta)).stdout
     # The grown state is not the base of that delta: refused, naming both sizes.
     line = assert_one_line_error(run("apply", str(tmp_path / "new"), str(delta), "-o", str(tmp_path / "o2")), 1)
     assert f"is {len(new)} bytes" in line and f"base of {len(old)} bytes" in line

@@ -662,6 +662,8 @@ def _digest_label(delta: "DeltaSnapshot") -> str:
 
 def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
     """The facts 'inspect', 'diff --json' and 'apply --json' report about a delta."""
+    from .journal import expected_base_size
+
     total = int(delta.total_size)
     pages_total = (total + 4095) // 4096
     count = delta.dirty_page_count()
@@ -674,6 +676,8 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
         "timestamp": int(delta.timestamp),
         "total_size": total,
         "total_pages": pages_total,
+        # The size a BASE must have ('apply' refuses another); version 1 records none.
+        "base_size": expected_base_size(delta) if int(getattr(delta, "wire_version", 2)) >= 2 else None,
         "checksum": int(delta.checksum),
         "digest_algorithm": getattr(delta, "digest_algorithm", None),
         "digest": None if digest_value is None else bytes(digest_value).hex(),
@@ -1075,6 +1079,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("sequence", f"{info['sequence']} (base {info['base_sequence']})"),
         ("created", f"{when} ({info['timestamp']})"),
         ("state size", f"{format_size(info['total_size'])} ({plural(info['total_size'], 'byte')}, {plural(info['total_pages'], 'page')})"),
+        ("base size", "not recorded (wire format v1: a shorter BASE is zero-extended)" if info["base_size"] is None
+                      else f"{format_size(info['base_size'])} ({plural(info['base_size'], 'byte')}; apply refuses a BASE "
+                           f"of another size)"),
         ("checksum", f"{info['checksum']} (simple, of the result)"),
         ("digest", digest_text),
         ("dirty pages", f"{info['dirty_pages']} ({_pct(info['dirty_fraction'])} of the state); "
