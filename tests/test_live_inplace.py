@@ -223,3 +223,22 @@ def test_prefault_is_off_when_asked_and_decided_by_the_cpus_by_default(monkeypat
         monkeypatch.setattr(session_module.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
         assert session_module.prefault_pays() is expected
         assert _session().can_prefault is (expected and sys.platform.startswith("linux"))
+
+
+def test_a_chunk_may_not_grow_the_state_past_the_growth_bound_whatever_the_capabilities() -> None:
+    """Without an explicit ``max_state_size`` a sender may grow the offered state at most 2x
+    or by 1 GiB, even when the node's capabilities allow any size (2**62: the CLI's
+    ``--arch`` without ``--max-state-size``); an explicit limit is the limit."""
+    from cellmigrate.validation import NodeCapabilities
+
+    caps = NodeCapabilities.new()
+    caps.max_state_size = 1 << 62
+    for explicit, allowed in ((0, SIZE + (1 << 30)), (1 << 40, 1 << 40)):
+        session = ReceiverSession(MemoryStore(), BufferTarget(), capabilities=caps, max_state_size=explicit)
+        req = AgentRequirements(state_size=SIZE, version=caps.version)
+        session.begin(Offer(uuid.uuid4().bytes, bytes(16), req, SIZE))
+        assert session._size_limit() == allowed
+        grown = Chunk(1, 0, allowed + PAGE_SIZE, np.zeros(0, dtype=np.int64), Encoding.RAW, b"", 0, pages_digest(b""))
+        with pytest.raises(CorruptDataError, match="over the limit"):
+            session.apply_chunk(grown)
+        assert session.store.size() == 0

@@ -84,6 +84,7 @@ class ReceiverSession:
         self.capabilities = capabilities
         self.validator = validator if validator is not None else MigrationValidator()
         self.max_state_size = max_state_size or (capabilities.max_state_size if capabilities else 0)
+        self._explicit_max = max_state_size
         self.offer: Optional[Offer] = None
         self.committed_seq = 0
         self.committed_round = -1
@@ -372,13 +373,17 @@ class ReceiverSession:
         return self._pages.root()
 
     def _size_limit(self) -> int:
-        """Largest state a chunk may announce: ``max_state_size`` when set, else the
-        offered size grown at most 2x or by 1 GiB (WebAssembly memory grows; a hostile
-        sender must not make the receiver allocate without bound)."""
-        if self.max_state_size:
-            return self.max_state_size
+        """Largest state a chunk may announce: the ``max_state_size`` given to this
+        session, else the offered size grown at most 2x or by 1 GiB (WebAssembly memory
+        grows; a hostile sender must not make the receiver allocate without bound), and
+        never past the capabilities' ``max_state_size``: that is the node's limit on an
+        offer, which may well mean "no limit" (the CLI's ``--arch`` without
+        ``--max-state-size`` passes 2**62), not a size to let a sender grow to."""
+        if self._explicit_max:
+            return self._explicit_max
         announced = self.offer.state_size if self.offer is not None else 0
-        return max(2 * announced, announced + (1 << 30))
+        growth = max(2 * announced, announced + (1 << 30))
+        return min(growth, self.max_state_size) if self.max_state_size else growth
 
     def _need_open(self) -> Offer:
         if self.offer is None:
