@@ -1,6 +1,7 @@
 """The final round's hashing of the paused state (``cellmigrate.live.paused``): the page
-digests and tree digest are the same inline and on the helper thread ahead of the
-sending one, and the helper stops when asked and hands its failures to the caller."""
+digests are the same inline (a pre-copy's final round) and on the helper thread ahead of
+the sending one (a stop-and-copy, with the tree digest), and the helper stops when asked
+and hands its failures to the caller."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ def _scan_all(scan: PausedScan, n: int) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(size=st.integers(0, 8 * LEAF_SIZE + 5000), ahead=st.booleans(), tree=st.booleans(), seed=st.integers(0, 99))
-def test_digests_and_tree_match_the_whole_state_hashes(size: int, ahead: bool, tree: bool, seed: int) -> None:
+@given(size=st.integers(0, 8 * LEAF_SIZE + 5000), tree=st.booleans(), seed=st.integers(0, 99))
+def test_digests_and_tree_match_the_whole_state_hashes(size: int, tree: bool, seed: int) -> None:
     state = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
-    scan = PausedScan(state, 2, tree=tree, ahead=ahead)
+    scan = PausedScan(state, 2, tree=tree)
     try:
         _scan_all(scan, size)
     finally:
@@ -54,7 +55,7 @@ def test_close_stops_the_helper_before_the_end(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(paused_module, "page_kernel", lambda: slow_kernel)
     state = np.zeros(64 * LEAF_SIZE, dtype=np.uint8)
-    scan = PausedScan(state, 1, tree=True, ahead=True)
+    scan = PausedScan(state, 1, tree=True)
     helper = scan._helper
     assert helper is not None and started.wait(10)
     scan.close()
@@ -77,7 +78,7 @@ def test_a_helper_failure_is_raised_by_region(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(paused_module, "page_kernel", lambda: failing_kernel)
     state = np.ones(4 * LEAF_SIZE, dtype=np.uint8)
-    scan = PausedScan(state, 1, tree=True, ahead=True)
+    scan = PausedScan(state, 1, tree=True)
     try:
         assert scan.region(0, LEAF_SIZE).shape == (LEAF_SIZE // 4096, 16)
         with pytest.raises(MemoryError, match="no memory"):

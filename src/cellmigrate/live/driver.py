@@ -232,7 +232,7 @@ class LiveMigration:
         # The final round hashes the paused state as it streams (see PausedScan): its page
         # digests are the proof, and a stop-and-copy hashes the summary's tree digest with
         # them, on a helper thread ahead of the sending one (it sends nearly every page).
-        paused = PausedScan(state, self.threads, tree=self.max_rounds == 0, ahead=self.max_rounds == 0) if final else None
+        paused = PausedScan(state, self.threads, tree=self.max_rounds == 0) if final else None
         try:
             return self._stream_round(round_no, final, previous_scan, t0, state, paused)
         finally:

@@ -9,22 +9,22 @@ same). A stop-and-copy also hashes the ``xxh3_128_tree`` leaves, each 1 MiB leaf
 after its pages, from cache.
 
 A stop-and-copy sends nearly every page, so hashing a region on the sending thread
-stops the stream while the receiver drains what is buffered. With ``ahead``, a helper
-thread hashes the whole state in order instead, and the sending thread waits only for
-a region the helper has not reached yet: hashing and sending overlap.
+would stop the stream while the receiver drains what is buffered: there a helper thread
+hashes the whole state in order, and the sending thread waits only for a region the
+helper has not reached yet, so hashing and sending overlap. A pre-copy's final round
+sends few pages; it hashes each region inline, on the pool's threads.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import numpy.typing as npt
 import xxhash as _xxhash
 
 from .._buffers import as_bytes_view
-from .._parallel import plan, run_spans
 from .._tree import LEAF_SIZE
 from .._tree import root as tree_root
 from ..checksum import PAGE_SIZE
@@ -40,16 +40,17 @@ class PausedScan:
     XXH3-128 of each 4 KiB page, the last one possibly short), filled as :meth:`region`
     is called for consecutive regions from the start.
 
-    With ``tree``, the ``xxh3_128_tree`` leaves too (:meth:`tree_digest` once every region
-    was asked for); without the compiled page kernel the tree is left to the caller
-    (:attr:`tree` is then False). ``threads``: the pool threads a region is hashed with
-    (inline). With ``ahead`` (compiled kernel only), one helper thread hashes the whole
-    state from the start instead; call :meth:`close` before the state may change or go
-    away (the source resumes; ``memory.grow`` may move it): it stops the helper after its
-    current leaf and waits for it. A failure of the helper is raised by :meth:`region`.
+    With ``tree`` (a stop-and-copy), one helper thread hashes the whole state from the
+    start, the ``xxh3_128_tree`` leaves too (:meth:`tree_digest` once every region was
+    asked for); without the compiled page kernel the tree is left to the caller
+    (:attr:`tree` is then False) and regions are hashed inline. Call :meth:`close` before
+    the state may change or go away (the source resumes; ``memory.grow`` may move it): it
+    stops the helper after its current leaf and waits for it. A failure of the helper is
+    raised by :meth:`region`. Without ``tree``, each region is hashed inline on up to
+    ``threads`` pool threads.
     """
 
-    def __init__(self, state: U8Array, threads: Optional[int], *, tree: bool, ahead: bool = False) -> None:
+    def __init__(self, state: U8Array, threads: Optional[int], *, tree: bool) -> None:
         n = state.nbytes
         self.view = as_bytes_view(state)
         self.threads = threads
@@ -62,20 +63,12 @@ class PausedScan:
         self._stop = False
         self._progress = threading.Condition()
         self._helper: Optional[threading.Thread] = None
-        if ahead and self._kernel is not None and n > 0:
+        if self.tree:
             self._helper = threading.Thread(target=self._hash_all, name="cellmigrate-paused-scan", daemon=True)
             self._helper.start()
 
-    def _hash_leaf(self, kernel: Callable[[memoryview, Digests], Any], x: int, y: int) -> None:
-        """Pages of ``[x, y)`` (at most one leaf), then (tree) the leaf itself, from cache."""
-        leaf = self.view[x:y]
-        kernel(leaf, self.digests[x // PAGE_SIZE : -(-y // PAGE_SIZE)])
-        if self.tree:
-            h = _xxhash.xxh3_128()  # streaming: hashes without the GIL
-            h.update(leaf)
-            self._leaves[x // LEAF_SIZE] = h.digest()
-
     def _hash_all(self) -> None:
+        """The helper: each leaf's pages, then the leaf itself from cache, in order."""
         kernel = self._kernel
         assert kernel is not None
         n = self.view.nbytes
@@ -84,7 +77,11 @@ class PausedScan:
                 if self._stop:
                     return
                 y = min(x + LEAF_SIZE, n)
-                self._hash_leaf(kernel, x, y)
+                leaf = self.view[x:y]
+                kernel(leaf, self.digests[x // PAGE_SIZE : -(-y // PAGE_SIZE)])
+                h = _xxhash.xxh3_128()  # streaming: hashes without the GIL
+                h.update(leaf)
+                self._leaves[x // LEAF_SIZE] = h.digest()
                 with self._progress:
                     self._done = y
                     self._progress.notify_all()
@@ -103,16 +100,7 @@ class PausedScan:
                 if self._done < hi and self._error is not None:
                     raise self._error
             return out
-        kernel = self._kernel
-        if not self.tree or kernel is None:
-            out[:] = page_digests(self.view[lo:hi], self.threads)
-            return out
-
-        def span(a: int, b: int) -> None:
-            for x in range(lo + a, lo + b, LEAF_SIZE):
-                self._hash_leaf(kernel, x, min(x + LEAF_SIZE, hi))
-
-        run_spans(span, plan(hi - lo, self.threads, LEAF_SIZE))
+        out[:] = page_digests(self.view[lo:hi], self.threads)
         return out
 
     def tree_digest(self) -> bytes:
