@@ -337,20 +337,19 @@ class Overlay:
         hi: int,
         indices: npt.NDArray[np.int64],
         pages: Sequence[BufferLike],
-        scratch: Optional["_Scratch"],
         base_sum: Optional[int] = None,
     ) -> int:
         """Checksum of bytes ``[lo, hi)`` with ``pages`` (at ``indices``, the pages that
         start in the chunk, ascending) over the base; feeds ``hasher`` those bytes in order.
 
-        With many pages and a ``scratch`` (this thread's buffer, ``hi - lo`` bytes at most), the chunk
-        is laid out once in the scratch by a kernel (which checksums it) and hashed in
-        one call: one call per clean run would cost more than the hashing. Otherwise the
+        With a hasher and many pages (``hi - lo`` at most 1 MiB), the chunk is laid out once
+        in this thread's scratch buffer by a kernel (which checksums it) and hashed in one
+        call: one call per clean run would cost more than the hashing. Otherwise the
         checksum is the base's (``base_sum`` when the caller has it) adjusted for the
         pages, and the hasher gets the clean runs as views of the base.
         """
-        if hasher is not None and scratch is not None and len(indices) >= _SCRATCH_PAGES:
-            return self._hash_laid_out(hasher, lo, hi, indices * PAGE_SIZE, pages, scratch)
+        if hasher is not None and len(indices) >= _SCRATCH_PAGES:
+            return self._hash_laid_out(hasher, lo, hi, indices * PAGE_SIZE, pages, _thread_scratch())
         if base_sum is None:
             base_sum = self.base_checksum(lo, hi)
         if hasher is not None:
@@ -446,9 +445,9 @@ class Overlay:
 
 
 class _Scratch:
-    """A scratch buffer for laying a chunk out (:meth:`Overlay.check_chunk`, one per pass
-    and thread; :meth:`Overlay.hash_span`, one per thread), allocated on first use (a pass
-    whose chunks all have few pages allocates nothing)."""
+    """A thread's scratch buffer for laying a chunk out (:meth:`Overlay.check_chunk`,
+    :meth:`Overlay.hash_span`), allocated on first use (a thread whose chunks all have few
+    pages allocates nothing)."""
 
     __slots__ = ("_buf",)
 
@@ -465,8 +464,8 @@ _SCRATCHES = threading.local()
 
 
 def _thread_scratch() -> "_Scratch":
-    """This thread's :class:`_Scratch` for :meth:`Overlay.hash_span` (kept between passes:
-    a fresh MiB per step would cost its page faults every time)."""
+    """This thread's :class:`_Scratch` (kept between passes: a fresh MiB per pass or step
+    would cost its page faults every time)."""
     scratch: Optional[_Scratch] = getattr(_SCRATCHES, "scratch", None)
     if scratch is None:
         scratch = _SCRATCHES.scratch = _Scratch()
@@ -533,12 +532,10 @@ def _scan_chunk(base: Overlay, new: memoryview, lo: int, hi: int) -> _Chunk:
     return idx, pages, int(base_sum)
 
 
-def _check_scanned(
-    base: Overlay, hasher: Optional[Hasher], lo: int, hi: int, found: _Chunk, scratch: Optional[_Scratch]
-) -> _Chunk:
+def _check_scanned(base: Overlay, hasher: Optional[Hasher], lo: int, hi: int, found: _Chunk) -> _Chunk:
     """The scanned chunk with its checksum of "base + copies" (the hasher fed those bytes)."""
     idx, pages, base_sum = found
-    return idx, pages, base.check_chunk(hasher, lo, hi, idx, pages, scratch, base_sum)
+    return idx, pages, base.check_chunk(hasher, lo, hi, idx, pages, base_sum)
 
 
 def _scan_alone(
@@ -547,11 +544,10 @@ def _scan_alone(
     """``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if asked) right
     after the comparison read it, from cache."""
     step = _CHUNK if hasher is not None else _REPORT
-    scratch = _Scratch() if hasher is not None else None
     found: List[_Chunk] = []
     for a in range(lo, hi, step):
         b = min(a + step, hi)
-        found.append(_check_scanned(base, hasher, a, b, _scan_chunk(base, new, a, b), scratch))
+        found.append(_check_scanned(base, hasher, a, b, _scan_chunk(base, new, a, b)))
         if progress is not None:
             progress(b, new.nbytes)
     return found
@@ -574,7 +570,7 @@ def _scan_claimed(
         for k in range(count):
             a, b = k * step, min((k + 1) * step, n)
             if claims.lead_at(k):
-                found[k] = _check_scanned(base, None, a, b, _scan_chunk(base, new, a, b), None)
+                found[k] = _check_scanned(base, None, a, b, _scan_chunk(base, new, a, b))
             else:
                 claims.wait_done(k)
             idx, pages, _ = found[k]
@@ -586,7 +582,7 @@ def _scan_claimed(
     def helper(claims: _Claims) -> None:
         while (k := claims.helper_claim()) is not None:
             a, b = k * step, min((k + 1) * step, n)
-            found[k] = _check_scanned(base, None, a, b, _scan_chunk(base, new, a, b), None)
+            found[k] = _check_scanned(base, None, a, b, _scan_chunk(base, new, a, b))
             claims.helper_done(k)
 
     _with_helper(lead, helper, count)
@@ -771,12 +767,11 @@ class Result(Overlay):
         """Checksum of ``[lo, hi)`` on one thread, chunk by chunk; each chunk is hashed (if
         asked) right after the checksum read it, from cache."""
         step = _CHUNK if hasher is not None else _REPORT
-        scratch = _Scratch() if hasher is not None else None
         checksum = 0
         for a in range(lo, hi, step):
             b = min(a + step, hi)
             ka, kb = self._pages_in(a, b)
-            checksum += self.check_chunk(hasher, a, b, self.indices[ka:kb], self.pages[ka:kb], scratch)
+            checksum += self.check_chunk(hasher, a, b, self.indices[ka:kb], self.pages[ka:kb])
             if progress is not None:
                 progress(b, self.total)
         return checksum & _MASK32
