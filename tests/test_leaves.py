@@ -116,6 +116,51 @@ def test_overlay_leaves_matches_reference_on_every_path(case: Tuple[np.ndarray, 
         _kernels._set_dispatch(before)
 
 
+BLOCK = 256 * 1024  # CM_LEAF_BLOCK: the kernel's unit inside a leaf (cython/cm_leaves.h)
+
+
+@st.composite
+def block_cases(draw: st.DrawFn) -> Tuple[np.ndarray, int, int, List[bytes], List[int]]:
+    """Real 1 MiB leaves (each four kernel blocks), with pages of any size near block
+    edges, straddling them, and blocks crowded enough to take the kernel's dense path."""
+    size = draw(st.integers(1, 3 * LEAF_SIZE))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    base = rng.integers(0, 256, size, dtype=np.uint8)
+    lo = draw(st.integers(0, (size - 1) // LEAF_SIZE)) * LEAF_SIZE
+    hi = draw(st.integers(lo, size))
+    wanted = []
+    for _ in range(draw(st.integers(0, 12))):
+        edge = draw(st.integers(lo // BLOCK, hi // BLOCK + 1)) * BLOCK
+        at = edge + draw(st.integers(-2 * PAGE, 2 * PAGE)) if draw(st.booleans()) else draw(st.integers(lo, max(lo, hi - 1)))
+        wanted.append((at, draw(st.sampled_from([1, 100, PAGE, 3 * PAGE, 16 * PAGE]))))
+    if draw(st.booleans()):  # a crowded block: consecutive pages over most of it
+        first = draw(st.integers(lo // BLOCK, max(lo // BLOCK, hi // BLOCK))) * BLOCK
+        wanted += [(first + k * PAGE, PAGE) for k in range(draw(st.integers(1, BLOCK // PAGE)))]
+    pages, starts, pos = [], [], lo
+    for at, n in sorted(wanted):
+        n = min(n, hi - at, LEAF_SIZE - at % LEAF_SIZE) if at < hi else 0
+        if at < pos or n <= 0:
+            continue
+        pages.append(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        starts.append(at)
+        pos = at + n
+    return base, lo, hi, pages, starts
+
+
+@settings(max_examples=60, deadline=None)
+@given(block_cases())
+def test_overlay_leaves_blocks_match_reference(case: Tuple[np.ndarray, int, int, List[bytes], List[int]]) -> None:
+    # The kernel reads a block with few pages in order and swaps the pages' checksums in,
+    # and one with many piece by piece: both must give the reference's leaves and sum.
+    base, lo, hi, pages, starts = case
+    want = bytearray(16 * -(-(hi - lo) // LEAF_SIZE))
+    checksum = _reference.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE, want)
+    out = bytearray(len(want))
+    assert _kernels.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE, out) == checksum
+    assert out == want
+    assert _kernels.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE) == checksum
+
+
 @pytest.mark.parametrize("impl", [_kernels, _reference], ids=["compiled", "reference"])
 def test_overlay_leaves_refuses_bad_layouts(impl: object) -> None:
     base = bytes(4 * PAGE)
