@@ -23,13 +23,9 @@ import numpy as np
 import pytest
 import xxhash
 
-import cellmigrate
-from cellmigrate import _kernels, simple_checksum
+from cellmigrate import DeltaSnapshot, _kernels, simple_checksum
 
 from conftest import MiB, States
-
-DeltaSnapshot = getattr(cellmigrate, "DeltaSnapshot", None)
-pytestmark = pytest.mark.skipif(DeltaSnapshot is None, reason="cellmigrate.DeltaSnapshot not landed yet")
 
 AGENT = bytes(range(16))
 
@@ -129,14 +125,29 @@ APPLY_DIGESTS = {
 }
 
 
+def there_and_back(forward: Any, backward: Any, base: Any) -> Callable[[], None]:
+    """Each call applies the next of old -> new, new -> old, ... to ``base``: every round
+    is a real apply (re-applying a delta to its own result would find nothing to write)."""
+    turn = [0]
+
+    def step() -> None:
+        (backward if turn[0] % 2 else forward).apply(base)
+        turn[0] += 1
+
+    return step
+
+
 @pytest.mark.parametrize("variant", list(APPLY_DIGESTS))
 def test_apply(states: States, measure: Any, variant: str) -> None:
     digest = APPLY_DIGESTS[variant]
-    delta = DeltaSnapshot.create(AGENT, states.old, states.new, 0, 1, digest=digest)
+    forward = DeltaSnapshot.create(AGENT, states.old, states.new, 0, 1, digest=digest)
+    backward = DeltaSnapshot.create(AGENT, states.new, states.old, 0, 1, digest=digest)
     base = bytearray(states.old)
-    delta.apply(base)  # afterwards base == new; applying again re-verifies and rewrites
+    forward.apply(base)
     assert base == states.new
-    measure("delta apply", f"DeltaSnapshot.apply {variant}", lambda: delta.apply(base), states.size)
+    backward.apply(base)
+    assert base == states.old
+    measure("delta apply", f"DeltaSnapshot.apply {variant}", there_and_back(forward, backward, base), states.size)
     del base
 
 
@@ -164,7 +175,9 @@ class Dirty10:
         rows[self.dirty, 100:164] ^= 0x5A
         self.new_np = new
         self.pages = rows[self.dirty].copy()
+        self.old_pages = self.old_np.reshape(-1, 4096)[self.dirty].copy()
         self.delta = DeltaSnapshot.create(AGENT, self.old_np, self.new_np, 0, 1)
+        self.back = DeltaSnapshot.create(AGENT, self.new_np, self.old_np, 0, 1)
 
 
 _dirty10: Dict[int, Dirty10] = {}
@@ -187,8 +200,10 @@ def test_apply_10pct(dirty10: Dirty10, measure: Any) -> None:
     base = d.old_np.copy()
     d.delta.apply(base)
     assert np.array_equal(base, d.new_np)
+    d.back.apply(base)
+    assert np.array_equal(base, d.old_np)
     measure("delta apply 10% dirty", "DeltaSnapshot.apply default (xxh3_128_tree verified)",
-            lambda: d.delta.apply(base), d.size, ours=True)
+            there_and_back(d.delta, d.back, base), d.size, ours=True)
     del base
 
 
@@ -196,12 +211,15 @@ def test_apply_10pct_numpy_peer(dirty10: Dirty10, measure: Any) -> None:
     d = dirty10
     target = d.old_np.copy()
     rows = target.reshape(-1, 4096)
+    turn = [0]
 
-    def scatter_and_hash() -> bytes:
-        rows[d.dirty] = d.pages
+    def scatter_and_hash() -> bytes:  # there and back, as ours
+        rows[d.dirty] = d.old_pages if turn[0] % 2 else d.pages
+        turn[0] += 1
         return xxhash.xxh3_128_digest(target)
 
     assert scatter_and_hash() == xxhash.xxh3_128_digest(d.new_np)
+    assert scatter_and_hash() == xxhash.xxh3_128_digest(d.old_np)
     measure("delta apply 10% dirty", "numpy scatter + one XXH3-128 of the result", scatter_and_hash, d.size)
 
 

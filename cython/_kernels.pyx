@@ -60,6 +60,10 @@ cdef inline void _reacquire(PyThreadState* ts) noexcept:
         PyEval_RestoreThread(ts)
 
 
+cdef extern from "cm_leaves.h" nogil:
+    uint64_t CM_ALL_LINES
+
+
 cdef extern from "cm_simd.h" nogil:
     uint32_t cm_checksum(const uint8_t* p, size_t n, uint64_t offset)
     size_t cm_dirty_pages_checksum(const uint8_t* old, const uint8_t* new_, size_t n, size_t page,
@@ -71,6 +75,7 @@ cdef extern from "cm_simd.h" nogil:
     void cm_rle_decode(const uint8_t* src, size_t n, uint8_t* dst, size_t size)
     void cm_copy_stream(uint8_t* dst, const uint8_t* src, size_t n)
     void cm_stream_fence()
+    int cm_ctz64(uint64_t x)
     void cm_dispatch_init()
     int cm_dispatch_select(const char* name)
     int cm_path_supported(int k)
@@ -470,34 +475,55 @@ cdef enum:
     _SCATTER_STREAM_BYTES = 4 * 1024 * 1024
 
 
-def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size):
-    """Write ``pages[k]`` at ``indices[k] * page_size``; everything is checked before any write."""
+def scatter_pages(uint8_t[::1] target, indices, pages, Py_ssize_t page_size, const uint64_t[::1] changed=None):
+    """Write ``pages[k]`` at ``indices[k] * page_size``; everything is checked before any write.
+
+    ``changed`` (uint64, one per page; from ``overlay_leaves``): write only the 64-byte
+    lines of page ``k`` whose bit is set (every bit set: the whole page). The caller
+    vouches that the other lines already hold the page's bytes.
+    """
     cdef size_t n = target.shape[0]
     cdef int64_t[::1] idx = _indices(indices)
     cdef Py_ssize_t k
-    cdef size_t start
+    cdef size_t start, whole = 0, o, w
+    cdef uint64_t m
     if page_size <= 0:
         raise ValueError("page_size must be positive")
     if len(pages) != idx.shape[0]:
         raise ValueError(f"{len(pages)} pages but {idx.shape[0]} indices")
+    if changed is not None and changed.shape[0] != idx.shape[0]:
+        raise ValueError(f"{changed.shape[0]} line masks but {idx.shape[0]} pages")
     cdef _PageBuffers held = _PageBuffers(pages)
     for k in range(held.count):
         if held.lens[k] > <size_t>page_size:
             raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, more than page_size {page_size}")
         if idx[k] < 0 or <uint64_t>idx[k] * <uint64_t>page_size + held.lens[k] > n:
             raise IndexError(f"page {idx[k]} does not fit a target of {n} bytes")
+        if changed is None or changed[k] == CM_ALL_LINES:
+            whole += held.lens[k]
     cdef uint8_t* pt = &target[0] if n else NULL
+    cdef const uint64_t* pm = &changed[0] if changed is not None and held.count else NULL
     cdef PyThreadState* ts = _release(held.total)
-    if held.total >= _SCATTER_STREAM_BYTES:
-        # More than the caches hold: streaming stores skip reading each target line first.
-        for k in range(held.count):
-            if held.lens[k]:
-                cm_copy_stream(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
+    for k in range(held.count):
+        start = <size_t>idx[k] * page_size
+        if pm == NULL or pm[k] == CM_ALL_LINES:
+            if held.lens[k] == 0:
+                continue
+            if whole >= _SCATTER_STREAM_BYTES:
+                # More than the caches hold: streaming stores skip reading each target line first.
+                cm_copy_stream(pt + start, held.ptrs[k], held.lens[k])
+            else:
+                memcpy(pt + start, held.ptrs[k], held.lens[k])
+            continue
+        m = pm[k]
+        while m:
+            o = 64 * <size_t>cm_ctz64(m)
+            m &= m - 1
+            if o < held.lens[k]:
+                w = held.lens[k] - o if held.lens[k] - o < 64 else 64
+                memcpy(pt + start + o, held.ptrs[k] + o, w)
+    if whole >= _SCATTER_STREAM_BYTES:
         cm_stream_fence()
-    else:
-        for k in range(held.count):
-            if held.lens[k]:
-                memcpy(pt + <size_t>idx[k] * page_size, held.ptrs[k], held.lens[k])
     _reacquire(ts)
 
 

@@ -20,7 +20,7 @@ cdef extern from "cm_leaves.h" nogil:
     void cm_xxh3_state_free(void* state)
     uint32_t cm_overlay_leaves(const uint8_t* base, uint64_t lo, uint64_t hi, size_t leaf,
                                const uint8_t* const* pages, const size_t* lens, const int64_t* starts,
-                               size_t count, void* state, uint8_t* out)
+                               size_t count, void* state, uint8_t* out, uint64_t* changed)
     ctypedef struct cm_arena:
         uint8_t* data
         int64_t* idx
@@ -54,7 +54,8 @@ cdef inline uint8_t* _leaf_out(out, Py_buffer* buf, Py_ssize_t need) except? NUL
     return <uint8_t*>buf.buf
 
 
-def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, starts, Py_ssize_t leaf, out=None):
+def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, starts, Py_ssize_t leaf, out=None,
+                   uint64_t[::1] changed=None):
     """Checksum of bytes ``[lo, hi)`` of ``base`` with ``pages`` laid over it, and with
     ``out`` each 1-leaf XXH3-128 digest of those bytes (canonical, 16 bytes a leaf, in order).
 
@@ -62,6 +63,10 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
     buffer) goes at absolute byte ``starts[k]``; starts ascending, pages inside
     ``[lo, hi)``, not overlapping and none across a leaf boundary. ``ValueError`` before
     any work otherwise, or when ``out`` is given but XXH3 is not bound.
+
+    ``changed`` (uint64, one per page) receives each page's line mask: bit ``j`` set when
+    64-byte line ``j`` of the page may differ from the base under it (all bits when the
+    kernel did not compare them: see ``scatter_pages``).
     """
     cdef int64_t[::1] at = _indices(starts)
     cdef Py_ssize_t count = at.shape[0], k
@@ -72,6 +77,8 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
         raise ValueError(f"{len(pages)} pages but {count} starts")
     if out is not None and not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: leaf digests need cellmigrate._xxh3")
+    if changed is not None and changed.shape[0] < count:
+        raise ValueError(f"changed holds {changed.shape[0]} masks, there are {count} pages")
     nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
     cdef _PageBuffers held = _PageBuffers(pages)
     cdef Py_buffer outbuf
@@ -93,10 +100,13 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
             state = cm_xxh3_state_new()
             if state == NULL:
                 raise MemoryError()
+        if hi <= lo and changed is not None:
+            changed[:count] = 0  # only zero-length pages fit an empty span
         if hi > lo:
             ts = _release(<size_t>(hi - lo))
             total = cm_overlay_leaves(&base[0], lo, hi, <size_t>leaf, held.ptrs, held.lens,
-                                      &at[0] if count else NULL, <size_t>count, state, po)
+                                      &at[0] if count else NULL, <size_t>count, state, po,
+                                      &changed[0] if changed is not None and count else NULL)
             _reacquire(ts)
     finally:
         cm_xxh3_state_free(state)

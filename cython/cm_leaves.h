@@ -86,22 +86,71 @@ static inline void cm_xxh128_canonical(cm_xxh128_t h, uint8_t *out) {
 
 /* The piece of "base with pages over it" that starts at *q: page *i when it starts
  * there (zero-length pages are passed over), else the base up to the next page or
- * `limit`. Advances *q past the piece and *i past its page; returns the piece's bytes. */
+ * `limit`. Advances *q past the piece and *i past its page; returns the piece's bytes,
+ * and in *page its page's index (SIZE_MAX for a run of the base). */
 static inline const uint8_t *cm_overlay_piece(const uint8_t *base, const uint8_t *const *pages,
                                               const size_t *lens, const int64_t *starts, size_t k1,
-                                              uint64_t *q, size_t *i, uint64_t limit, size_t *len) {
+                                              uint64_t *q, size_t *i, uint64_t limit, size_t *len,
+                                              size_t *page) {
     while (*i < k1 && (uint64_t)starts[*i] == *q && lens[*i] == 0)
         (*i)++;
     if (*i < k1 && (uint64_t)starts[*i] == *q) {
         *len = lens[*i];
         *q += lens[*i];
+        *page = *i;
         return pages[(*i)++];
     }
     uint64_t e = *i < k1 && (uint64_t)starts[*i] < limit ? (uint64_t)starts[*i] : limit;
     const uint8_t *p = base + *q;
     *len = (size_t)(e - *q);
     *q = e;
+    *page = SIZE_MAX;
     return p;
+}
+
+/* Bit j set when 64-byte line j of a[0..n) differs from b's (n <= 4096); a longer page
+   gets every bit. The AVX2 path compares a line in two instructions a half. */
+#define CM_ALL_LINES (~(uint64_t)0)
+static uint64_t cm_line_mask_scalar(const uint8_t *a, const uint8_t *b, size_t n) {
+    if (n > 64 * 64)
+        return CM_ALL_LINES;
+    uint64_t m = 0;
+    for (size_t j = 0, o = 0; o < n; j++, o += 64) {
+        size_t w = n - o < 64 ? n - o : 64;
+        uint64_t x = 0;
+        if (w == 64) {
+            for (size_t k = 0; k < 64; k += 8)
+                x |= cm_load64(a + o + k) ^ cm_load64(b + o + k);
+        } else {
+            x = memcmp(a + o, b + o, w) != 0;
+        }
+        m |= (uint64_t)(x != 0) << j;
+    }
+    return m;
+}
+
+#if CM_X86
+static CM_AVX2 uint64_t cm_line_mask_avx2(const uint8_t *a, const uint8_t *b, size_t n) {
+    if (n != 64 * 64)
+        return cm_line_mask_scalar(a, b, n);
+    uint64_t m = 0;
+    for (size_t j = 0; j < 64; j++) {
+        __m256i x0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + 64 * j)),
+                                      _mm256_loadu_si256((const __m256i *)(b + 64 * j)));
+        __m256i x1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + 64 * j + 32)),
+                                      _mm256_loadu_si256((const __m256i *)(b + 64 * j + 32)));
+        m |= (uint64_t)!_mm256_testz_si256(_mm256_or_si256(x0, x1), _mm256_or_si256(x0, x1)) << j;
+    }
+    return m;
+}
+#endif
+
+static uint64_t cm_line_mask(const uint8_t *a, const uint8_t *b, size_t n) {
+#if CM_X86
+    if (cm_active - cm_paths >= 2)
+        return cm_line_mask_avx2(a, b, n);
+#endif
+    return cm_line_mask_scalar(a, b, n);
 }
 
 /* One leaf [a, b) of "base with pages over it": its XXH3-128 (canonical, into out) and
@@ -118,7 +167,7 @@ static inline const uint8_t *cm_overlay_piece(const uint8_t *base, const uint8_t
  *   under the pages would add their bytes to the read). */
 static uint32_t cm_overlay_leaf(const uint8_t *base, uint64_t a, uint64_t b, const uint8_t *const *pages,
                                 const size_t *lens, const int64_t *starts, size_t k0, size_t k1,
-                                void *state, uint8_t *out) {
+                                void *state, uint8_t *out, uint64_t *changed) {
     uint32_t sum = 0;
     if (k0 == k1 && !out)
         return cm_checksum(base + a, (size_t)(b - a), a);
@@ -129,7 +178,7 @@ static uint32_t cm_overlay_leaf(const uint8_t *base, uint64_t a, uint64_t b, con
     while (p < b) {
         uint64_t limit = b - p < CM_LEAF_BLOCK ? b : p + CM_LEAF_BLOCK;
         uint64_t q = p;
-        size_t i = j, len;
+        size_t i = j, len, page;
         size_t i_end = j, covered = 0;
         while (i_end < k1 && (uint64_t)starts[i_end] < limit)
             covered += lens[i_end++];
@@ -151,12 +200,14 @@ static uint32_t cm_overlay_leaf(const uint8_t *base, uint64_t a, uint64_t b, con
             sum += cm_checksum(base + p, (size_t)(end - p), p);
             while (q < end) {
                 uint64_t at = q;
-                int is_page = i < k1 && (uint64_t)starts[i] == q;
-                const uint8_t *piece = cm_overlay_piece(base, pages, lens, starts, k1, &q, &i, end, &len);
+                const uint8_t *piece = cm_overlay_piece(base, pages, lens, starts, k1, &q, &i, end, &len, &page);
                 if (len && out)
                     cm_xxh3.update128(state, piece, len);
-                if (len && is_page)
+                if (len && page != SIZE_MAX) {
                     sum += cm_checksum(piece, len, at) - cm_checksum(base + at, len, at);
+                    if (changed) /* both in cache now: the lines a scatter must write */
+                        changed[page] = cm_line_mask(piece, base + at, len);
+                }
             }
         } else {
             /* Mostly pages: reading the base under them would add their bytes to the
@@ -164,11 +215,13 @@ static uint32_t cm_overlay_leaf(const uint8_t *base, uint64_t a, uint64_t b, con
                cache). */
             while (q < end) {
                 uint64_t at = q;
-                const uint8_t *piece = cm_overlay_piece(base, pages, lens, starts, k1, &q, &i, end, &len);
+                const uint8_t *piece = cm_overlay_piece(base, pages, lens, starts, k1, &q, &i, end, &len, &page);
                 if (len && out)
                     cm_xxh3.update128(state, piece, len);
                 if (len)
                     sum += cm_checksum(piece, len, at);
+                if (page != SIZE_MAX && changed)
+                    changed[page] = CM_ALL_LINES;
             }
         }
         p = q;
@@ -181,18 +234,24 @@ static uint32_t cm_overlay_leaf(const uint8_t *base, uint64_t a, uint64_t b, con
 
 /* Leaves of [lo, hi) (lo leaf-aligned, hi <= the base's end) of "base with pages over it":
  * digests into out (16 bytes per leaf; NULL: checksum only) and the checksum, returned.
- * pages[0..count) start in [lo, hi), ascending. state: an XXH3 state, or NULL when out is. */
+ * pages[0..count) start in [lo, hi), ascending. state: an XXH3 state, or NULL when out is.
+ * changed (NULL: not wanted) gets a line mask per page: bit j set when 64-byte line j of
+ * page k may differ from the base under it (every bit when not compared: a page of
+ * more than 4096 bytes, or in a block mostly covered by pages), so a scatter that
+ * follows need only write those lines. */
 static uint32_t cm_overlay_leaves(const uint8_t *base, uint64_t lo, uint64_t hi, size_t leaf,
                                   const uint8_t *const *pages, const size_t *lens, const int64_t *starts,
-                                  size_t count, void *state, uint8_t *out) {
+                                  size_t count, void *state, uint8_t *out, uint64_t *changed) {
     uint32_t sum = 0;
     size_t k = 0;
+    if (changed) /* zero-length pages are never visited: they change no line */
+        memset(changed, 0, count * sizeof(uint64_t));
     for (uint64_t a = lo, i = 0; a < hi; a += leaf, i++) {
         uint64_t b = hi - a < leaf ? hi : a + leaf;
         size_t k1 = k;
         while (k1 < count && (uint64_t)starts[k1] < b)
             k1++;
-        sum += cm_overlay_leaf(base, a, b, pages, lens, starts, k, k1, state, out ? out + 16 * i : NULL);
+        sum += cm_overlay_leaf(base, a, b, pages, lens, starts, k, k1, state, out ? out + 16 * i : NULL, changed);
         k = k1;
     }
     return sum;

@@ -753,6 +753,9 @@ static void cm_copy_stream(uint8_t *dst, const uint8_t *src, size_t n) {
     memcpy(dst, src, n);
 }
 
+/* Index of the lowest set bit of x (x != 0). */
+static inline int cm_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+
 /* Order the streaming stores of cm_copy_stream before whatever follows. */
 static void cm_stream_fence(void) {
 #if CM_X86

@@ -242,6 +242,41 @@ def test_big_scatters_stream_the_same_bytes_on_every_path(misalign: int) -> None
         assert target == want
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_scatter_writes_only_the_lines_a_mask_names(data: st.DataObject) -> None:
+    """With line masks (from overlay_leaves) scatter_pages writes the 64-byte lines whose
+    bit is set and nothing else (every bit: the whole page, also past 64 lines or
+    streamed), on every dispatch path, as the reference does."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    npages = data.draw(st.integers(1, 24))
+    big = data.draw(st.booleans())  # enough whole pages to take the streaming stores
+    count = 1100 if big else npages
+    size = count * 4096 - data.draw(st.integers(0, 4095))
+    base = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    idx = np.sort(rng.choice(count, data.draw(st.integers(0, min(count, 20))) if not big else 1050,
+                             replace=False)).astype(np.int64)
+    pages = [rng.integers(0, 256, min(4096, size - int(i) * 4096), dtype=np.uint8).tobytes() for i in idx]
+    choices = st.sampled_from([0, _reference.LINES_ALL, 1, 1 << 63, 0b1011])
+    masks = np.array([data.draw(choices) if k < 20 else _reference.LINES_ALL for k in range(len(idx))]
+                     + [], dtype=np.uint64) if len(idx) else np.zeros(0, dtype=np.uint64)
+    if len(idx) and data.draw(st.booleans()):
+        masks[:] = rng.integers(0, 2**63, len(idx), dtype=np.uint64) << np.uint64(1)
+    want = bytearray(base)
+    _reference.scatter_pages(want, idx, pages, 4096, masks.tolist())
+    for k, i in enumerate(idx.tolist()):  # what the reference did, line by line
+        for j in range(64):
+            line = slice(i * 4096 + 64 * j, min(i * 4096 + 64 * j + 64, i * 4096 + len(pages[k])))
+            src = pages[k][64 * j : 64 * j + 64] if int(masks[k]) >> j & 1 else base[line]
+            assert want[line] == src
+    for _ in each_path():
+        target = bytearray(base)
+        _kernels.scatter_pages(target, idx, pages, 4096, masks)
+        assert target == want
+    with pytest.raises(ValueError):
+        _kernels.scatter_pages(bytearray(base), idx, pages, 4096, np.zeros(len(idx) + 1, dtype=np.uint64))
+
+
 def test_page_helper_errors_and_atomicity(impl: ModuleType) -> None:
     state = bytes(range(256)) * 40  # 10240 bytes: pages 0, 1, 2 (short)
     with pytest.raises(IndexError):

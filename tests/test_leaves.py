@@ -109,8 +109,12 @@ def test_overlay_leaves_matches_reference_on_every_path(case: Tuple[np.ndarray, 
         for path in PATHS:
             _kernels._set_dispatch(path)
             out = bytearray(len(want))
-            assert _kernels.overlay_leaves(base, lo, hi, pages, starts, leaf, out) == checksum, path
+            masks = np.zeros(len(pages), dtype=np.uint64)
+            assert _kernels.overlay_leaves(base, lo, hi, pages, starts, leaf, out, masks) == checksum, path
             assert out == want, path
+            exact = np.zeros(len(pages), dtype=np.uint64)
+            _reference.overlay_leaves(base, lo, hi, pages, starts, leaf, None, exact)
+            assert np.array_equal(masks & exact, exact), path
             assert _kernels.overlay_leaves(base, lo, hi, pages, starts, leaf) == checksum, path
     finally:
         _kernels._set_dispatch(before)
@@ -152,13 +156,24 @@ def block_cases(draw: st.DrawFn) -> Tuple[np.ndarray, int, int, List[bytes], Lis
 def test_overlay_leaves_blocks_match_reference(case: Tuple[np.ndarray, int, int, List[bytes], List[int]]) -> None:
     # The kernel reads a block with few pages in order and swaps the pages' checksums in,
     # and one with many piece by piece: both must give the reference's leaves and sum.
+    # Its line masks name at least every line that differs (more where it did not
+    # compare), so a scatter by them writes the same result.
     base, lo, hi, pages, starts = case
     want = bytearray(16 * -(-(hi - lo) // LEAF_SIZE))
-    checksum = _reference.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE, want)
+    exact = np.zeros(len(pages), dtype=np.uint64)
+    checksum = _reference.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE, want, exact)
     out = bytearray(len(want))
-    assert _kernels.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE, out) == checksum
+    masks = np.full(len(pages), 12345, dtype=np.uint64)
+    assert _kernels.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE, out, masks) == checksum
     assert out == want
+    assert np.array_equal(masks & exact, exact)
     assert _kernels.overlay_leaves(base, lo, hi, pages, starts, LEAF_SIZE) == checksum
+    whole = [k for k, (s, p) in enumerate(zip(starts, pages)) if s % PAGE == 0 and len(p) <= PAGE]
+    full, by_lines = bytearray(base.tobytes()), bytearray(base.tobytes())
+    indices = np.array([starts[k] // PAGE for k in whole], dtype=np.int64)
+    _kernels.scatter_pages(full, indices, [pages[k] for k in whole], PAGE)
+    _kernels.scatter_pages(by_lines, indices, [pages[k] for k in whole], PAGE, masks[whole])
+    assert by_lines == full
 
 
 @pytest.mark.parametrize("impl", [_kernels, _reference], ids=["compiled", "reference"])

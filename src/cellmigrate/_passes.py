@@ -715,18 +715,23 @@ def scan(
     return Scan(indices.astype(np.int64, copy=False), pages, checksum)
 
 
-def scatter(target: memoryview, indices: npt.NDArray[np.int64], pages: Sequence[BufferLike]) -> None:
+def scatter(
+    target: memoryview, indices: npt.NDArray[np.int64], pages: Sequence[BufferLike],
+    changed: Optional[npt.NDArray[np.uint64]] = None,
+) -> None:
     """Write ``pages[k]`` at page ``indices[k]`` of ``target`` (``kernels.scatter_pages``),
     split over the pool when there are many: the pages are independent, and one core
     writing scattered pages waits on memory more than it copies. The kernel checks each
-    part before writing it; callers pass pages already checked to fit (an apply's)."""
+    part before writing it; callers pass pages already checked to fit (an apply's).
+    ``changed``: the line masks of :attr:`Result.changed` (only those lines are written)."""
     count = len(indices)
     threads = max_threads()
     if threads <= 1 or count * PAGE_SIZE < PARALLEL_MIN_BYTES:
-        kernels.scatter_pages(target, indices, pages, PAGE_SIZE)
+        kernels.scatter_pages(target, indices, pages, PAGE_SIZE, changed)
         return
     step = -(-count // threads)
-    run_spans(lambda a, b: kernels.scatter_pages(target, indices[a:b], pages[a:b], PAGE_SIZE),
+    run_spans(lambda a, b: kernels.scatter_pages(target, indices[a:b], pages[a:b], PAGE_SIZE,
+                                                 None if changed is None else changed[a:b]),
               [(a, min(a + step, count)) for a in range(0, count, step)])
 
 
@@ -748,6 +753,10 @@ class Result(Overlay):
         self.starts = self.indices * PAGE_SIZE
         self.start_list: List[int] = self.starts.tolist()  # plain ints for the Python loop
         self.pages = pages
+        #: After :meth:`checks` on the fused path over the whole result, each page's line
+        #: mask (``kernels.overlay_leaves``): the 64-byte lines that differ from the base,
+        #: all that a scatter of the pages must write. None otherwise.
+        self.changed: Optional[npt.NDArray[np.uint64]] = None
 
     def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:
         """Index range of the pages starting in ``[lo, hi)``."""
@@ -791,14 +800,17 @@ class Result(Overlay):
         lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
         sums = [0] * len(chunks)
         leaves = bytearray(16 * -(-(hi - lo) // LEAF_SIZE))
+        changed = np.zeros(len(self.start_list), dtype=np.uint64) if spans is None else None
 
         def work(k: int, a: int, b: int) -> None:
             ka, kb = self._pages_in(a, b)
             out = memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-            sums[k] = kernels.overlay_leaves(self.view, a, b, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out)
+            sums[k] = kernels.overlay_leaves(self.view, a, b, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out,
+                                             None if changed is None else changed[ka:kb])
 
         _claimed_chunks(chunks, work, progress)
         hasher.add_leaves(leaves, hi - lo)
+        self.changed = changed
         return sum(sums) & _MASK32
 
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:

@@ -46,10 +46,13 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
 * ``gather_pages(state, indices, page_size) -> list[bytes]``: copies of the named pages
   (the last page of the state may be short); all indices are checked first, one outside
   the state raises ``IndexError``.
-* ``scatter_pages(target, indices, pages, page_size) -> None``: writes ``pages[k]`` at
-  ``indices[k] * page_size`` into the writable ``target``. Everything is checked before
-  the first write: a count mismatch or a page longer than ``page_size`` raises
-  ``ValueError``, a page that does not fit (or a negative index) ``IndexError``.
+* ``scatter_pages(target, indices, pages, page_size, changed=None) -> None``: writes
+  ``pages[k]`` at ``indices[k] * page_size`` into the writable ``target``. Everything is
+  checked before the first write: a count mismatch (of pages, indices or line masks) or
+  a page longer than ``page_size`` raises ``ValueError``, a page that does not fit (or a
+  negative index) ``IndexError``. With ``changed`` (one uint64 line mask a page), only
+  the 64-byte lines of page ``k`` whose bit is set are written; ``LINES_ALL`` (every
+  bit) writes the whole page, however long.
 
 * ``xzr_encode(new_page, base_page) -> bytes``: the XOR + zero-run ("XZR") stream of
   ``new_page`` against ``base_page`` (zero-extended, or cut, to ``len(new_page)``), per
@@ -87,12 +90,15 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   first failure (``PAGE_*`` below) with the page's position and a detail; ``out`` may then
   hold partial pages but nothing outside the first ``n * page_size`` bytes is written.
 
-* ``overlay_leaves(base, lo, hi, pages, starts, leaf, out=None) -> int``: the checksum
-  of bytes ``[lo, hi)`` of ``base`` with ``pages[k]`` laid at absolute byte ``starts[k]``
-  (``lo`` a multiple of ``leaf``, ``hi <= len(base)``, pages ascending, inside the span,
-  not overlapping, none across a leaf boundary: ``ValueError`` otherwise); with ``out``,
-  each leaf's XXH3-128 (canonical 16 bytes, the ``xxhash`` package's) of those bytes,
-  in order.
+* ``overlay_leaves(base, lo, hi, pages, starts, leaf, out=None, changed=None) -> int``:
+  the checksum of bytes ``[lo, hi)`` of ``base`` with ``pages[k]`` laid at absolute byte
+  ``starts[k]`` (``lo`` a multiple of ``leaf``, ``hi <= len(base)``, pages ascending,
+  inside the span, not overlapping, none across a leaf boundary: ``ValueError``
+  otherwise); with ``out``, each leaf's XXH3-128 (canonical 16 bytes, the ``xxhash``
+  package's) of those bytes, in order. ``changed`` (uint64, one a page) receives each
+  page's line mask: bit ``j`` set when bytes ``[64j, 64j + 64)`` of the page differ from
+  the base under it; a page over 4096 bytes gets ``LINES_ALL``. (The compiled kernel
+  may set more bits: it compares only pages in blocks that pages cover sparsely.)
 * ``scan_leaves_reference(old, new, lo, hi, leaf, page) -> (indices, pages, checksum, leaves)``:
   what the compiled ``scan_leaves`` computes into its ``PageArena``: the dirty pages of
   ``new[lo:hi]`` against ``old`` (page numbers and copies), the checksum of ``old[lo:hi]``
@@ -272,17 +278,43 @@ def gather_pages(state: BufferLike, indices: IndexLike, page_size: int) -> List[
     return [bytes(view[i * page_size : (i + 1) * page_size]) for i in idx]
 
 
-def scatter_pages(target: BufferLike, indices: IndexLike, pages: Sequence[BufferLike], page_size: int) -> None:
+#: A line mask with every bit set: the whole page (``scatter_pages``, ``overlay_leaves``).
+LINES_ALL = (1 << 64) - 1
+
+
+def line_mask(page: BufferLike, base: BufferLike) -> int:
+    """Bit ``j`` set when 64-byte line ``j`` of ``page`` differs from ``base``'s (same
+    lengths); ``LINES_ALL`` for a page over 4096 bytes."""
+    a, b = bytes(_view(page).cast("B")), bytes(_view(base).cast("B"))
+    if len(a) > 64 * 64:
+        return LINES_ALL
+    return sum(1 << j for j in range(-(-len(a) // 64)) if a[64 * j : 64 * j + 64] != b[64 * j : 64 * j + 64])
+
+
+def scatter_pages(
+    target: BufferLike, indices: IndexLike, pages: Sequence[BufferLike], page_size: int,
+    changed: Optional[Sequence[int]] = None,
+) -> None:
     view = _view(target).cast("B")
     idx = _paired_indices(pages, indices, page_size)
     sizes = [_view(p).nbytes for p in pages]
+    masks = None if changed is None else [int(m) for m in changed]
+    if masks is not None and len(masks) != len(idx):
+        raise ValueError(f"{len(masks)} line masks but {len(idx)} pages")
     for i, size in zip(idx, sizes):
         if size > page_size:
             raise ValueError(f"page {i} has {size} bytes, more than page_size {page_size}")
         if i < 0 or i * page_size + size > view.nbytes:
             raise IndexError(f"page {i} does not fit a target of {view.nbytes} bytes")
-    for i, page, size in zip(idx, pages, sizes):
-        view[i * page_size : i * page_size + size] = _view(page).cast("B")
+    for k, (i, page, size) in enumerate(zip(idx, pages, sizes)):
+        data = _view(page).cast("B")
+        if masks is None or masks[k] == LINES_ALL:
+            view[i * page_size : i * page_size + size] = data
+            continue
+        for j in range(64):
+            if masks[k] >> j & 1 and 64 * j < size:
+                end = min(64 * j + 64, size)
+                view[i * page_size + 64 * j : i * page_size + end] = data[64 * j : end]
 
 
 def overlay_checksum(
@@ -311,9 +343,10 @@ def overlay_checksum(
 
 def overlay_leaves(
     base: BufferLike, lo: int, hi: int, pages: Sequence[BufferLike], starts: IndexLike, leaf: int,
-    out: Optional[BufferLike] = None,
+    out: Optional[BufferLike] = None, changed: Any = None,
 ) -> int:
-    """Checksum (and, with ``out``, leaf digests) of ``base[lo:hi]`` with the pages over it."""
+    """Checksum (and, with ``out``, leaf digests; with ``changed``, each page's exact
+    line mask) of ``base[lo:hi]`` with the pages over it."""
     import xxhash
 
     src = _view(base).cast("B")
@@ -331,6 +364,12 @@ def overlay_leaves(
             raise ValueError(f"a page of {n} bytes at {start} overlaps another, leaves [{lo}, {hi}) or crosses a leaf")
         laid[start - lo : start - lo + n] = data
         pos = start + n
+    if changed is not None:
+        if len(changed) < len(at):
+            raise ValueError(f"changed holds {len(changed)} masks, there are {len(at)} pages")
+        for k, (start, page) in enumerate(zip(at, pages)):
+            n = _view(page).nbytes
+            changed[k] = line_mask(page, src[start : start + n])
     if out is not None:
         digests = b"".join(xxhash.xxh3_128_digest(bytes(laid[i : i + leaf])) for i in range(0, len(laid), leaf))
         target = _view(out).cast("B")

@@ -493,6 +493,7 @@ class DeltaSnapshot:
         result = Result(view, total, cast(Any, indices), cast(Any, pages))
         checksum = result.checks(hasher, before_end(report))
         value = None if hasher is None else hasher.digest()
+        changed = result.changed  # the lines that differ from the base (or None: every line)
         del result  # drops its views of the base, so a bytearray can grow
         if checksum != self.checksum:
             raise InvalidStateError(
@@ -514,7 +515,7 @@ class DeltaSnapshot:
             else:
                 _shrink(cast(bytearray, base), total)
             view = as_writable_view(base, "base")
-        scatter(view, np.asarray(indices, dtype=np.int64), pages)
+        scatter(view, np.asarray(indices, dtype=np.int64), pages, changed if size == total else None)
         if report is not None:
             report(total, total)
 
