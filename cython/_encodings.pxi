@@ -11,7 +11,8 @@ cdef extern from "cm_pages.h" nogil:
     int cm_xzr_decode(const uint8_t* src, size_t n, uint8_t* out, size_t L, size_t* where)
     size_t cm_encode_pages(const uint8_t* const* pages, const size_t* lens, const uint8_t* base, size_t nbase,
                            const int64_t* idx, size_t count, size_t page, unsigned allowed,
-                           uint8_t* enc, int64_t* off, uint32_t* chk, uint8_t* dst, uint8_t* scratch)
+                           const uint16_t* xzr_hint, uint8_t* enc, int64_t* off, uint32_t* chk, uint8_t* dst,
+                           uint8_t* scratch)
     void cm_advise_huge(void* p, size_t n)
     int cm_check_pages(const uint8_t* src, size_t nsrc, const int64_t* off, const uint8_t* enc,
                        const uint32_t* chk, const int64_t* idx, size_t count, uint64_t total, size_t page,
@@ -97,7 +98,8 @@ def xzr_decode(const uint8_t[::1] stream, const uint8_t[::1] base_page, Py_ssize
 
 
 cdef object _encode(const uint8_t* base, size_t nbase, const uint8_t** ptrs, size_t* lens, int64_t[::1] idx,
-                    size_t count, size_t total, Py_ssize_t page_size, unsigned allowed):
+                    size_t count, size_t total, Py_ssize_t page_size, unsigned allowed,
+                    const uint16_t* xzr_hint=NULL):
     """Run cm_encode_pages over prepared page pointers (frees nothing: the caller owns them)."""
     encs = np.empty(count, dtype=np.uint8)
     offs = np.empty(count + 1, dtype=np.int64)
@@ -118,7 +120,7 @@ cdef object _encode(const uint8_t* base, size_t nbase, const uint8_t** ptrs, siz
     cdef PyThreadState* ts = _release(total)
     cm_advise_huge(<void*>dst, total)
     o = cm_encode_pages(ptrs, lens, base, nbase, &idx[0] if count else NULL, count, page_size, allowed | 1u,
-                        &enc[0] if count else NULL, &off[0], &chk[0] if count else NULL, dst, scratch)
+                        xzr_hint, &enc[0] if count else NULL, &off[0], &chk[0] if count else NULL, dst, scratch)
     _reacquire(ts)
     free(scratch)
     if _PyBytes_Resize(&raw, o) < 0:
@@ -164,10 +166,15 @@ def encode_pages(const uint8_t[::1] old, const uint8_t[::1] new, indices, Py_ssi
         free(lens)
 
 
-def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_size, unsigned allowed):
+def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_size, unsigned allowed,
+                     const uint16_t[::1] xzr_hints=None):
     """``encode_pages`` for pages given as separate buffers: ``pages[k]`` holds page
     ``indices[k]`` of the new state (at most ``page_size`` bytes; only a state's last page
-    is short), encoded against the same bytes of ``old``."""
+    is short), encoded against the same bytes of ``old``.
+
+    ``xzr_hints`` (uint16, one a page: ``PageArena.xzr_hints``): a page whose hint is
+    ``XZR_HINT_NO_WIN`` is not tried as XZR (the create pass found it no smaller).
+    """
     cdef int64_t[::1] idx = _indices(indices)
     cdef size_t count = idx.shape[0], nold = old.shape[0]
     cdef Py_ssize_t k
@@ -175,13 +182,16 @@ def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_siz
         raise ValueError("page_size must be positive")
     if len(pages) != <Py_ssize_t>count:
         raise ValueError(f"{len(pages)} pages but {count} indices")
+    if xzr_hints is not None and <size_t>xzr_hints.shape[0] != count:
+        raise ValueError(f"{xzr_hints.shape[0]} XZR hints but {count} pages")
     cdef _PageBuffers held = _PageBuffers(pages)
     for k in range(<Py_ssize_t>count):
         if idx[k] < 0:
             raise IndexError(f"page index {idx[k]} is negative")
         if held.lens[k] == 0 or held.lens[k] > <size_t>page_size:
             raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, not 1..{page_size}")
-    return _encode(&old[0] if nold else NULL, nold, held.ptrs, held.lens, idx, count, held.total, page_size, allowed)
+    return _encode(&old[0] if nold else NULL, nold, held.ptrs, held.lens, idx, count, held.total, page_size, allowed,
+                   &xzr_hints[0] if xzr_hints is not None and count else NULL)
 
 
 def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_t total_size,

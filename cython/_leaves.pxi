@@ -27,6 +27,10 @@ cdef extern from "cm_leaves.h" nogil:
         size_t cap
         size_t used
         size_t page
+        uint16_t* xzr
+    int CM_XZR_HINT_UNKNOWN
+    int CM_XZR_HINT_NO_WIN
+    int cm_arena_want_xzr(cm_arena* ar)
     void cm_arena_free(cm_arena* ar)
     void cm_arena_trim(cm_arena* ar)
     int cm_arena_reserve(cm_arena* ar, size_t more)
@@ -157,6 +161,20 @@ cdef class PageArena:
             memcpy(&o[0], self.ar.idx, self.ar.used * sizeof(int64_t))
         return out
 
+    @property
+    def xzr_hints(self):
+        """Each copy's XZR hint (uint16, slot order, a copy; ``None`` unless a pass was
+        asked for them): the size of the page's XZR stream against its base when that
+        is smaller than the page, ``XZR_HINT_NO_WIN`` when it is not, ``XZR_HINT_UNKNOWN``
+        when not taken (see ``scan_leaves``)."""
+        if self.ar.xzr == NULL:
+            return None
+        out = np.empty(self.ar.used, dtype=np.uint16)
+        cdef uint16_t[::1] o = out
+        if self.ar.used:
+            memcpy(&o[0], self.ar.xzr, self.ar.used * sizeof(uint16_t))
+        return out
+
     def __getbuffer__(self, Py_buffer* buf, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("a PageArena is read-only")
@@ -181,7 +199,7 @@ cdef class PageArena:
 
 
 def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uint64_t hi, Py_ssize_t leaf,
-                PageArena arena, out=None):
+                PageArena arena, out=None, bint xzr_hints=False):
     """The create pass over the leaves of ``[lo, hi)``; returns the checksum.
 
     Pages of ``new`` that differ from ``old`` are copied into ``arena`` with their page
@@ -190,6 +208,9 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     bytes goes to ``out`` (16 bytes a leaf, from the leaf at ``lo``). ``lo`` is a multiple
     of ``leaf``, ``leaf`` of the arena's page; both states hold ``hi`` bytes at least
     (``ValueError`` otherwise); ``MemoryError`` when the copies do not fit in memory.
+
+    ``xzr_hints``: also take each copy's XZR hint (``PageArena.xzr_hints``) while the copy
+    and its old page are in cache, for ``encode_page_list``.
     """
     cdef size_t page = arena.ar.page
     if leaf <= 0 or <size_t>leaf % page or lo % <uint64_t>leaf or lo > hi:
@@ -209,6 +230,9 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     cdef int failed = 0
     cdef PyThreadState* ts
     if scratch == NULL:
+        raise MemoryError()
+    if xzr_hints and cm_arena_want_xzr(&arena.ar) != 0:
+        free(scratch)
         raise MemoryError()
     try:
         if out is not None:
@@ -282,3 +306,9 @@ def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out):
             _reacquire(ts)
     finally:
         PyBuffer_Release(&outbuf)
+
+
+#: ``PageArena.xzr_hints`` values: the page's XZR stream is not smaller than the page
+#: (an encoder need not try it), and no hint taken.
+XZR_HINT_NO_WIN = CM_XZR_HINT_NO_WIN
+XZR_HINT_UNKNOWN = CM_XZR_HINT_UNKNOWN

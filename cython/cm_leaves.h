@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "cm_simd.h"
+#include "cm_pages.h"
 
 #ifndef CM_LEAF_BLOCK
 #define CM_LEAF_BLOCK (256 * 1024)
@@ -265,7 +266,16 @@ typedef struct {
     size_t used;
     size_t page;
     int advised; /* huge pages asked for the current mapping */
+    uint16_t *xzr; /* with cm_arena_want_xzr: slot k's XZR hint (CM_XZR_HINT_*), else NULL */
 } cm_arena;
+
+/* The XZR hint of a page copy, taken by the create pass while the copy and its base page
+   are both in cache: the size of the page's XZR stream against its base when that is
+   smaller than the page, else CM_XZR_HINT_NO_WIN (XZR cannot be chosen: an encoder need
+   not read the base page again to find out), or CM_XZR_HINT_UNKNOWN (not taken). */
+#define CM_XZR_HINT_UNKNOWN 0xFFFF
+#define CM_XZR_HINT_NO_WIN 0xFFFE
+#define CM_XZR_HINT_PAGE_MAX 4096
 
 /* Once an arena holds 1 MiB of copies it is filling up: ask for huge pages on the rest,
    so its faults come 512 times fewer (a VM pays dearly for each; measured 16 MiB of
@@ -298,8 +308,10 @@ static void cm_arena_free(cm_arena *ar) {
     if (ar->data)
         munmap(ar->data, ar->cap * ar->page);
     free(ar->idx);
+    free(ar->xzr);
     ar->data = NULL;
     ar->idx = NULL;
+    ar->xzr = NULL;
 }
 #else
 static uint8_t *cm_arena_bytes(uint8_t *old, size_t old_bytes, size_t bytes) {
@@ -309,8 +321,10 @@ static uint8_t *cm_arena_bytes(uint8_t *old, size_t old_bytes, size_t bytes) {
 static void cm_arena_free(cm_arena *ar) {
     free(ar->data);
     free(ar->idx);
+    free(ar->xzr);
     ar->data = NULL;
     ar->idx = NULL;
+    ar->xzr = NULL;
 }
 #endif
 
@@ -326,6 +340,20 @@ static void cm_arena_trim(cm_arena *ar) {
 }
 
 /* Room for `more` slots; 0, or -1 when memory runs out (the arena is unchanged). */
+/* From now on, take each copy's XZR hint (pages of at most 4096 bytes: the others, and
+   the copies already held, are CM_XZR_HINT_UNKNOWN). Returns -1 when out of memory. */
+static int cm_arena_want_xzr(cm_arena *ar) {
+    if (ar->xzr)
+        return 0;
+    uint16_t *xzr = (uint16_t *)malloc((ar->cap ? ar->cap : 1) * sizeof(uint16_t));
+    if (!xzr)
+        return -1;
+    for (size_t k = 0; k < ar->used; k++)
+        xzr[k] = CM_XZR_HINT_UNKNOWN;
+    ar->xzr = xzr;
+    return 0;
+}
+
 static int cm_arena_reserve(cm_arena *ar, size_t more) {
     if (ar->cap - ar->used >= more)
         return 0;
@@ -337,6 +365,12 @@ static int cm_arena_reserve(cm_arena *ar, size_t more) {
     if (!idx)
         return -1;
     ar->idx = idx;
+    if (ar->xzr) {
+        uint16_t *xzr = (uint16_t *)realloc(ar->xzr, cap * sizeof(uint16_t));
+        if (!xzr)
+            return -1;
+        ar->xzr = xzr;
+    }
     uint8_t *data = cm_arena_bytes(ar->data, ar->cap * ar->page, cap * ar->page);
     if (!data)
         return -1;
@@ -382,6 +416,17 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
                 memcpy(copy, new_ + s, len);
                 /* The copy replaces old's page: take old's bytes out, put the copy's in. */
                 base_sum += cm_checksum(copy, len, s) - cm_checksum(old + s, len, s);
+                if (ar->xzr) {
+                    /* Both pages are in cache now; later, the old page would be read
+                       from memory again (a jump per page: ~0.4 us) just to learn that a
+                       rewritten page does not XZR-encode smaller. */
+                    uint16_t hint = CM_XZR_HINT_UNKNOWN;
+                    if (len <= CM_XZR_HINT_PAGE_MAX) {
+                        size_t x = cm_xzr_encode_entry(copy, old + s, len, NULL, len); /* size only */
+                        hint = x == SIZE_MAX ? CM_XZR_HINT_NO_WIN : (uint16_t)x;
+                    }
+                    ar->xzr[ar->used] = hint;
+                }
                 ar->idx[ar->used++] = (int64_t)(s / page);
                 if (out) {
                     if (s > pos)

@@ -232,12 +232,15 @@ static inline size_t cm_put_varint(uint8_t *dst, size_t o, size_t v) {
 
 /* Append the pair for the literal new[s..e) after the equal run from pos: varint(s - pos),
    varint(e - s), then the XORed bytes. Returns the new output size, or SIZE_MAX when
-   the stream would reach `limit` bytes. */
+   the stream would reach `limit` bytes. dst NULL: only the size (nothing written). */
 static inline size_t cm_xzr_pair(const uint8_t *nw, const uint8_t *base, size_t pos, size_t s, size_t e,
                                  uint8_t *dst, size_t o, size_t limit) {
     size_t k = e - s;
-    if (o + cm_varint_size(s - pos) + cm_varint_size(k) + k >= limit)
+    size_t end = o + cm_varint_size(s - pos) + cm_varint_size(k) + k;
+    if (end >= limit)
         return SIZE_MAX;
+    if (!dst)
+        return end;
     o = cm_put_varint(dst, o, s - pos);
     o = cm_put_varint(dst, o, k);
     size_t j = 0;
@@ -252,8 +255,8 @@ static inline size_t cm_xzr_pair(const uint8_t *nw, const uint8_t *base, size_t 
 
 /* XZR of new[0..L) against base[0..L) into dst; returns the stream size, or SIZE_MAX as
    soon as it would reach `limit` bytes (so it never writes `limit` bytes or more). dst
-   needs min(limit, L + 16) bytes. Both pages are L bytes (the caller zero-extends a
-   short base). */
+   needs min(limit, L + 16) bytes (NULL: the size only). Both pages are L bytes (the
+   caller zero-extends a short base). */
 static size_t cm_xzr_encode(const uint8_t *nw, const uint8_t *base, size_t L, uint8_t *dst,
                             size_t limit, cm_page_ops ops) {
     size_t pos = 0, o = 0;
@@ -451,10 +454,12 @@ static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, siz
    bytes: the per-page check of the wire format) and the stored bytes back to back into dst, which
    needs room for the sum of the pages' lengths (RAW bounds every choice). scratch needs
    3 * page + page + page + 32 bytes. Indices must be >= 0 (checked by the caller).
-   Returns the payload size. */
+   xzr_hint (NULL: none) says, per page, 0xFFFE when XZR is known not to be smaller
+   than the page (it is not tried then); any other value, try it. Returns the payload size. */
 static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, const uint8_t *base,
                               size_t nbase, const int64_t *idx, size_t count, size_t page, unsigned allowed,
-                              uint8_t *enc, int64_t *off, uint32_t *chk, uint8_t *dst, uint8_t *scratch) {
+                              const uint16_t *xzr_hint, uint8_t *enc, int64_t *off, uint32_t *chk, uint8_t *dst,
+                              uint8_t *scratch) {
     cm_page_ops ops = cm_page_ops_active();
     uint8_t *rle_buf = scratch;                  /* 3 * page */
     uint8_t *xzr_buf = scratch + 3 * page;       /* page + 16 */
@@ -473,7 +478,9 @@ static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, c
             best_size = 0;
         } else {
             size_t xzr = SIZE_MAX;
-            if (allowed & CM_ALLOW(CM_ENC_XZR)) {
+            /* 0xFFFE (CM_XZR_HINT_NO_WIN of cm_leaves.h): the create pass found that
+               XZR does not beat the raw page, with the base page in cache. */
+            if ((allowed & CM_ALLOW(CM_ENC_XZR)) && !(xzr_hint && xzr_hint[k] == 0xFFFE)) {
                 const uint8_t *bp = cm_base_page(base, nbase, start, L, base_buf);
                 xzr = cm_xzr_encode_with(np, bp, L, xzr_buf, L, ops);
             }

@@ -120,6 +120,68 @@ def test_overlay_leaves_matches_reference_on_every_path(case: Tuple[np.ndarray, 
         _kernels._set_dispatch(before)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_scan_xzr_hints_match_the_reference_and_leave_the_encoding_as_it_was(data: st.DataObject) -> None:
+    """The create pass's XZR hints (taken while a copy and its old page are in cache) are
+    the reference's on every dispatch path, and encoding with them gives the same batch
+    as encoding without: they only spare the encoder re-reading old pages that XZR does
+    not shrink."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    size = data.draw(st.integers(1, 40 * PAGE))
+    old = rng.integers(0, 256, size, dtype=np.uint8) if data.draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    for page in data.draw(st.lists(st.integers(0, (size - 1) // PAGE), max_size=20)):
+        at, end = page * PAGE, min(size, (page + 1) * PAGE)
+        kind = data.draw(st.sampled_from(["edit", "rewrite", "zero", "half"]))
+        if kind == "edit":
+            new[at + data.draw(st.integers(0, end - at - 1))] ^= data.draw(st.integers(1, 255))
+        elif kind == "rewrite":
+            new[at:end] = rng.integers(0, 256, end - at, dtype=np.uint8)
+        elif kind == "zero":
+            new[at:end] = 0
+        else:
+            new[at : (at + end) // 2 + 1] ^= 0x5A
+    leaf = 4 * PAGE
+    hi = size
+    allowed = sum(1 << e for e in (_kernels.ENC_RAW, _kernels.ENC_RLE, _kernels.ENC_ZERO, _kernels.ENC_XZR))
+    before = _kernels._dispatch()
+    try:
+        for path in PATHS:
+            _kernels._set_dispatch(path)
+            arena, plain = _kernels.PageArena(PAGE), _kernels.PageArena(PAGE)
+            _kernels.scan_leaves(old, new, 0, hi, leaf, arena, None, True)
+            _kernels.scan_leaves(old, new, 0, hi, leaf, plain)
+            assert plain.xzr_hints is None
+            hints, idx = arena.xzr_hints, arena.indices
+            copies = [bytes(new[i * PAGE : (i + 1) * PAGE]) for i in idx.tolist()]
+            want = [_reference.xzr_hint(c, old[i * PAGE : i * PAGE + len(c)]) for i, c in zip(idx.tolist(), copies)]
+            assert hints.tolist() == want, path
+            with_hints = _kernels.encode_page_list(old, copies, idx, PAGE, allowed, hints)
+            without = _kernels.encode_page_list(old, copies, idx, PAGE, allowed)
+            ref = _reference.encode_page_list(old, copies, idx, PAGE, allowed, hints)
+            for got in (without, ref):  # encodings, offsets, checks, payload
+                assert [a.tolist() for a in got[:3]] == [a.tolist() for a in with_hints[:3]], path
+                assert bytes(got[3]) == bytes(with_hints[3]), path
+    finally:
+        _kernels._set_dispatch(before)
+
+
+def test_a_no_win_hint_keeps_xzr_untried() -> None:
+    # A page XZR would shrink to a few bytes, hinted NO_WIN, is stored raw by both the
+    # kernel and the reference; a hint count that does not match the pages is refused.
+    old = bytes(PAGE)
+    page = b"\x01" + bytes(PAGE - 1)
+    allowed = 1 << _kernels.ENC_XZR
+    for impl in (_kernels, _reference):
+        enc, _, _, payload = impl.encode_page_list(old, [page], [0], PAGE, allowed, np.array([impl.XZR_HINT_NO_WIN], dtype=np.uint16))
+        assert list(enc) == [_kernels.ENC_RAW] and bytes(payload) == page
+        enc, _, _, payload = impl.encode_page_list(old, [page], [0], PAGE, allowed, np.array([impl.XZR_HINT_UNKNOWN], dtype=np.uint16))
+        assert list(enc) == [_kernels.ENC_XZR] and len(payload) < 8
+        with pytest.raises(ValueError):
+            impl.encode_page_list(old, [page], [0], PAGE, allowed, np.zeros(2, dtype=np.uint16))
+
+
 BLOCK = 256 * 1024  # CM_LEAF_BLOCK: the kernel's unit inside a leaf (cython/cm_leaves.h)
 
 

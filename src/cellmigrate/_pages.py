@@ -252,6 +252,7 @@ class DirtyPage:
 _I64 = npt.NDArray[np.int64]
 _U8 = npt.NDArray[np.uint8]
 _U32 = npt.NDArray[np.uint32]
+_U16 = npt.NDArray[np.uint16]
 
 # Batch check codes (cm_pages.h / _reference.check_pages).
 _PAGE_INDEX_RANGE = 1
@@ -568,14 +569,18 @@ def _is_page_rows(obj: Any) -> bool:
     return rows is not None and isinstance(obj, rows)
 
 
-def encode_batch(base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_ALL) -> PageBatch:
+def encode_batch(
+    base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_ALL, xzr_hints: Optional[_U16] = None
+) -> PageBatch:
     """Encode pages ``indices`` (ascending) of the new state against the same pages of
     ``base`` (any length: zeros past its end), each as the smallest encoding in ``allowed``.
 
     ``new`` is the new state (a buffer) or the pages themselves (a list of buffers,
-    ``new[k]`` being page ``indices[k]``: what a scan copied). One kernel call per thread
-    (big batches are split over the pool); raises ``IndexError`` for an index outside the
-    state and ``ValueError`` for a page of an impossible length.
+    ``new[k]`` being page ``indices[k]``: what a scan copied; ``xzr_hints`` then the
+    scan's :attr:`~cellmigrate._passes.Scan.xzr_hints`, which spare re-reading the base
+    pages of pages that XZR cannot shrink). One kernel call per thread (big batches are
+    split over the pool); raises ``IndexError`` for an index outside the state and
+    ``ValueError`` for a page of an impossible length.
     """
     base_view = as_bytes_view(base, "base")
     idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
@@ -585,7 +590,8 @@ def encode_batch(base: BufferLike, new: Any, indices: Any, allowed: int = ALLOW_
         def encode(lo: int, hi: int) -> Tuple[_U8, _I64, _U32, bytes]:
             return cast(
                 Tuple[_U8, _I64, _U32, bytes],
-                kernels.encode_page_list(base_view, pages[lo:hi], idx[lo:hi], PAGE_SIZE, allowed),
+                kernels.encode_page_list(base_view, pages[lo:hi], idx[lo:hi], PAGE_SIZE, allowed,
+                                         None if xzr_hints is None else xzr_hints[lo:hi]),
             )
     else:
         new_view = as_bytes_view(new, "new")

@@ -500,15 +500,19 @@ class Scan:
             the delta describes, whatever a writer did to the live state meanwhile.
         leaves: that state's ``xxh3_128_tree`` leaf digests when the pass hashed it with
             the tree digest (set by the caller from ``Hasher.leaves()``), else ``None``.
+        xzr_hints: when asked of the fused pass, each page's XZR hint (uint16,
+            ``kernels.PageArena.xzr_hints``) for :func:`~cellmigrate._pages.encode_batch`,
+            else ``None``.
     """
 
-    __slots__ = ("indices", "pages", "checksum", "leaves")
+    __slots__ = ("indices", "pages", "checksum", "leaves", "xzr_hints")
 
     def __init__(self, indices: npt.NDArray[np.int64], pages: List[bytes], checksum: int) -> None:
         self.indices = indices
         self.pages = pages
         self.checksum = checksum
         self.leaves: Optional[List[bytes]] = None
+        self.xzr_hints: Optional[npt.NDArray[np.uint16]] = None
 
 
 _Chunk = Tuple[npt.NDArray[np.int64], List[bytes], int]
@@ -644,6 +648,7 @@ def _scan_fused(
     hasher: Optional[Hasher],
     progress: Optional[ProgressCallback],
     spans: Optional[Sequence[Tuple[int, int]]] = None,
+    xzr_hints: bool = False,
 ) -> Scan:
     """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher):
     each chunk compared, copied into its own page arena, checksummed and (with a tree
@@ -652,6 +657,7 @@ def _scan_fused(
     ``spans``: the chunks, contiguous and leaf-aligned, of the part of the state to scan
     (the CLI's windowed diff passes one window's); by default the whole state in 16 MiB
     chunks. The hasher takes that part's leaves; the page indices are the state's.
+    ``xzr_hints``: record each copy's XZR hint (:attr:`Scan.xzr_hints`).
     """
     n = new.nbytes
     chunks = _fused_chunks(n) if spans is None else spans
@@ -665,7 +671,7 @@ def _scan_fused(
         # growth), the unused part given back right after.
         arena = kernels.PageArena(PAGE_SIZE, -(-(b - a) // PAGE_SIZE))
         out = None if leaves is None else memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out)
+        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints)
         arena.trim()
         arenas[k] = arena
 
@@ -676,11 +682,15 @@ def _scan_fused(
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
     pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
-    return Scan(indices, cast(List[bytes], pages), sum(sums) & _MASK32)
+    found = Scan(indices, cast(List[bytes], pages), sum(sums) & _MASK32)
+    if xzr_hints:
+        found.xzr_hints = np.concatenate([a.xzr_hints for a in held]) if held else np.empty(0, dtype=np.uint16)
+    return found
 
 
 def scan(
-    old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback]
+    old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback],
+    xzr_hints: bool = False,
 ) -> Scan:
     """The dirty pages of ``new`` against ``old``, copied, and the checks of what was copied.
 
@@ -689,11 +699,12 @@ def scan(
     scan found it; the checksum and ``hasher`` (fed every byte in order) cover ``old``
     with those copies over it, not a second read of ``new``: if another thread writes
     ``new`` meanwhile, the result still describes one state exactly (a page written after
-    it was compared is simply not in this round).
+    it was compared is simply not in this round). ``xzr_hints``: have the fused pass
+    record :attr:`Scan.xzr_hints` (for deltas that may use XZR pages).
     """
     n = new.nbytes
     if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None):
-        return _scan_fused(old, new, hasher, progress)
+        return _scan_fused(old, new, hasher, progress, xzr_hints=xzr_hints)
     base = Overlay(old, n)
     if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
         chunks = _scan_claimed(base, new, hasher, progress)

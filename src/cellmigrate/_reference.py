@@ -73,10 +73,12 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   ``encodings`` is uint8[n], ``offsets`` int64[n + 1] into the ``payload`` bytes,
   ``checks`` uint32[n] the ``checksum`` of each page's stored bytes (the wire format's
   per-page check). An index outside ``new`` raises ``IndexError``.
-* ``encode_page_list(old, pages, indices, page_size, allowed)``: ``encode_pages`` for
-  pages given as separate buffers (``pages[k]`` is page ``indices[k]`` of the new state,
-  1..``page_size`` bytes); a count mismatch or a page of another length raises
-  ``ValueError``, a negative index ``IndexError``.
+* ``encode_page_list(old, pages, indices, page_size, allowed, xzr_hints=None)``:
+  ``encode_pages`` for pages given as separate buffers (``pages[k]`` is page
+  ``indices[k]`` of the new state, 1..``page_size`` bytes); a count mismatch or a page of
+  another length raises ``ValueError``, a negative index ``IndexError``. A page whose
+  ``xzr_hints[k]`` is ``XZR_HINT_NO_WIN`` is not tried as XZR (``xzr_hint``: what a
+  create pass records while the page and its base are in cache).
 * ``join_buffers(parts) -> bytes``: ``b"".join(parts)`` (the compiled one advises the
   output onto huge pages and copies without the GIL).
 * ``stored_checks(payload, offsets) -> ndarray[uint32]``: ``checksum`` of each
@@ -540,19 +542,39 @@ def xzr_decode(stream: BufferLike, base_page: BufferLike, length: int) -> bytes:
     return bytes(out)
 
 
+#: ``PageArena.xzr_hints`` values (see ``xzr_hint``).
+XZR_HINT_NO_WIN = 0xFFFE
+XZR_HINT_UNKNOWN = 0xFFFF
+
+
+def xzr_hint(page: BufferLike, base: BufferLike) -> int:
+    """The XZR hint a create pass takes for a copied page (1..4096 bytes) and the same
+    bytes of its base: the XZR stream's size when it is smaller than the page, else
+    ``XZR_HINT_NO_WIN``; a longer page gets ``XZR_HINT_UNKNOWN``."""
+    data = bytes(_view(page).cast("B"))
+    if len(data) > 4096:
+        return XZR_HINT_UNKNOWN
+    size = len(xzr_encode(data, bytes(_view(base).cast("B"))))
+    return size if size < len(data) else XZR_HINT_NO_WIN
+
+
 def encode_page_list(
-    old: BufferLike, pages: Sequence[BufferLike], indices: IndexLike, page_size: int, allowed: int
+    old: BufferLike, pages: Sequence[BufferLike], indices: IndexLike, page_size: int, allowed: int,
+    xzr_hints: Optional[Sequence[int]] = None,
 ) -> Tuple[
     "np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", "np.ndarray[Any, np.dtype[np.uint32]]", bytes
 ]:
     idx = _paired_indices(pages, indices, page_size)
+    hints = None if xzr_hints is None else [int(h) for h in xzr_hints]
+    if hints is not None and len(hints) != len(idx):
+        raise ValueError(f"{len(hints)} XZR hints but {len(idx)} pages")
     old_raw = bytes(_view(old).cast("B"))
     allowed |= 1 << ENC_RAW
     encodings: List[int] = []
     offsets = [0]
     checks: List[int] = []
     payload = bytearray()
-    for i, data in zip(idx, pages):
+    for k, (i, data) in enumerate(zip(idx, pages)):
         if i < 0:
             raise IndexError(f"page index {i} is negative")
         page = bytes(_view(data).cast("B"))
@@ -563,7 +585,7 @@ def encode_page_list(
             candidates.append((ENC_RLE, rle_compress(page)))
         if allowed & (1 << ENC_ZERO) and not any(page):
             candidates.append((ENC_ZERO, b""))
-        if allowed & (1 << ENC_XZR):
+        if allowed & (1 << ENC_XZR) and not (hints is not None and hints[k] == XZR_HINT_NO_WIN):
             candidates.append((ENC_XZR, xzr_encode(page, old_raw[i * page_size : i * page_size + len(page)])))
         best = candidates[0]
         for candidate in candidates[1:]:

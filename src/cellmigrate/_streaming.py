@@ -55,7 +55,8 @@ _MASK32 = 0xFFFFFFFF
 _I64 = npt.NDArray[np.int64]
 #: What a window's scan found: dirty page indices, the pages as copied, the checksum of
 #: "base + copies" over the window (positioned).
-_Found = Tuple[_I64, List[bytes], int]
+#: A window's scan: dirty page numbers, their copies, the checksum, the XZR hints (or None).
+_Found = Tuple[_I64, List[bytes], int, Optional[npt.NDArray[np.uint16]]]
 
 
 def _spans(lo: int, hi: int, align: int) -> List[Tuple[int, int]]:
@@ -188,12 +189,12 @@ def _flatten(chunks: Sequence[Tuple[_I64, List[bytes], int]]) -> _Found:
     found = [idx for idx, _, _ in chunks if len(idx)]
     indices = np.concatenate(found).astype(np.int64, copy=False) if found else np.empty(0, dtype=np.int64)
     pages = [page for _, chunk_pages, _ in chunks for page in chunk_pages]
-    return indices, pages, sum(c for _, _, c in chunks) & _MASK32
+    return indices, pages, sum(c for _, _, c in chunks) & _MASK32, None
 
 
 def _scan_windows(
     old: memoryview, new: memoryview, hasher: Optional[Hasher], window: int,
-    progress: Optional[Callable[[int, int], None]],
+    progress: Optional[Callable[[int, int], None]], xzr_hints: bool = False,
 ) -> Iterator[_Found]:
     """Each window's dirty pages (copied), in order, with the checksum of "base + copies";
     ``hasher`` is fed every byte of that state in order.
@@ -201,7 +202,8 @@ def _scan_windows(
     Tree digest (or none): each window is cut into leaf-aligned spans scanned and hashed
     on every thread (forks of the hasher joined in order), as ``_passes.scan`` does for
     a whole state. A sequential digest: the calling thread hashes window k while a pool
-    thread scans window k + 1.
+    thread scans window k + 1. ``xzr_hints``: the fused pass records them (see
+    ``_passes.scan``); the other passes yield None.
     """
     n = new.nbytes
     base = Overlay(old, n)
@@ -210,8 +212,8 @@ def _scan_windows(
         # The fused leaf kernel (compare, copy, checksum and leaf hash in one read):
         # ``_passes.scan``'s own pass, on each window cut in leaf-aligned spans.
         for lo, hi in windows:
-            found = _scan_fused(old, new, hasher, None, _spans(lo, hi, LEAF_SIZE))
-            yield found.indices, found.pages, found.checksum
+            found = _scan_fused(old, new, hasher, None, _spans(lo, hi, LEAF_SIZE), xzr_hints)
+            yield found.indices, found.pages, found.checksum, found.xzr_hints
             del found
             if progress is not None:
                 progress(hi, n)
@@ -233,7 +235,7 @@ def _scan_windows(
         return
 
     def hash_window(lo: int, hi: int, found: _Found) -> None:
-        idx, pages, _ = found
+        idx, pages, _, _ = found
         base.hash_span(hasher, lo, hi, (idx * PAGE_SIZE).tolist() if len(idx) else [], pages)
 
     previous: Optional[Tuple[int, int, _Found]] = None
@@ -293,11 +295,12 @@ def create_file(
     table = _Table()
     checksum = 0
     pos = payload_start
-    for indices, pages, part in _scan_windows(old, new, hasher, window, progress):
+    xzr = bool(allowed & 1 << PageEncoding.XZR)
+    for indices, pages, part, hints in _scan_windows(old, new, hasher, window, progress, xzr):
         checksum += part
         if not len(indices):
             continue
-        batch = encode_batch(old, pages, indices, allowed)
+        batch = encode_batch(old, pages, indices, allowed, hints)
         del pages
         size = batch.payload_size
         write_all(fd, memoryview(batch.payload)[:size], pos)

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
-from ._pages import ALLOW_ALL, ALLOW_CRATE, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
+from ._pages import ALLOW_ALL, ALLOW_CRATE, DirtyPage, PageBatch, PageEncoding, PageStore, choose_compression, encode_batch, parse_compress
 from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan, scatter
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
@@ -291,10 +291,10 @@ class DeltaSnapshot:
                 f"new state has {new.nbytes} bytes; resize=True makes a delta between them)"
             )
         hasher = None if algorithm is None else Hasher(algorithm, key)
-        found = scan(old, new, hasher, progress)
         allowed, level, auto = plan
+        found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & 1 << PageEncoding.XZR))
         # Encoded from the pages as the scan copied them (never a second read of new).
-        batch = encode_batch(old, found.pages, found.indices, allowed)
+        batch = encode_batch(old, found.pages, found.indices, allowed, found.xzr_hints)
         compression, payload = choose_compression(batch, level, auto)
         value = None if hasher is None else hasher.digest()
         if hasher is not None and hasher.splittable:
