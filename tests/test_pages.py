@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cellmigrate import PAGE_SIZE, CorruptDataError, InvalidStateError
-from cellmigrate._pages import ALLOW_ALL, ALLOW_CRATE, PageBatch, PageEncoding, encode_batch, parse_compress
+from cellmigrate._pages import ALLOW_ALL, ALLOW_CRATE, PageBatch, PageEncoding, encode_batch, parse_compress, zstd_sample_rejects
 from cellmigrate.delta import DeltaSnapshot, DirtyPage
 from cellmigrate.wire import prepare_delta
 
@@ -95,6 +95,25 @@ def test_auto_zstd_only_when_it_wins() -> None:
     old = rng.bytes(64 * PAGE_SIZE)
     noisy = DeltaSnapshot.create(AGENT, old, rng.bytes(64 * PAGE_SIZE), 1, 2)
     assert noisy.compression == "none"
+
+
+def test_zstd_sample_looks_at_a_quarter_first_then_at_all_of_it() -> None:
+    # Payloads over 1 MiB: 16 windows of 64 KiB; windows 0, 4, 8, 12 first, and only if
+    # they shrink at all the other twelve (the decision is on all sixteen).
+    rng = np.random.default_rng(8)
+    window, step = 64 << 10, (4 << 20) // 16
+    random = rng.bytes(4 << 20)
+    assert zstd_sample_rejects(random, 1)
+    assert not zstd_sample_rejects(bytes(4 << 20), 1)
+    assert zstd_sample_rejects(b"", 1) and not zstd_sample_rejects(bytes(1 << 20), 1)
+    mixed = bytearray(random)  # the first look's windows compress, the others do not:
+    for k in range(0, 16, 4):
+        mixed[k * step : k * step + window] = bytes(window)
+    assert not zstd_sample_rejects(bytes(mixed), 1)  # a quarter shrinks to nothing: 75% < 90%
+    mostly = bytearray(4 << 20)  # the first look's windows random, the others zeros
+    for k in range(0, 16, 4):
+        mostly[k * step : k * step + window] = rng.bytes(window)
+    assert zstd_sample_rejects(bytes(mostly), 1)  # the first look found nothing: no second
 
 
 def test_changed_page_list_is_what_apply_and_serialize_use() -> None:
