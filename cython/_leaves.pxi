@@ -68,9 +68,10 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
     ``[lo, hi)``, not overlapping and none across a leaf boundary. ``ValueError`` before
     any work otherwise, or when ``out`` is given but XXH3 is not bound.
 
-    ``changed`` (uint64, one per page) receives each page's line mask: bit ``j`` set when
-    64-byte line ``j`` of the page may differ from the base under it (all bits when the
-    kernel did not compare them: see ``scatter_pages``).
+    ``changed`` (uint64, at least one per page) receives each page's line mask: bit ``j``
+    set for every 64-byte line ``j`` of the page that differs from the base under it, and
+    maybe for others (all bits where the kernel did not compare: a page over 4096 bytes,
+    a block mostly covered by pages); see ``scatter_pages``.
     """
     cdef int64_t[::1] at = _indices(starts)
     cdef Py_ssize_t count = at.shape[0], k

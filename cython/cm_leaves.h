@@ -269,13 +269,6 @@ typedef struct {
     uint16_t *xzr; /* with cm_arena_want_xzr: slot k's XZR hint (CM_XZR_HINT_*), else NULL */
 } cm_arena;
 
-/* The XZR hint of a page copy, taken by the create pass while the copy and its base page
-   are both in cache: the size of the page's XZR stream against its base when that is
-   smaller than the page, else CM_XZR_HINT_NO_WIN (XZR cannot be chosen: an encoder need
-   not read the base page again to find out), or CM_XZR_HINT_UNKNOWN (not taken). */
-#define CM_XZR_HINT_UNKNOWN 0xFFFF
-#define CM_XZR_HINT_NO_WIN 0xFFFE
-#define CM_XZR_HINT_PAGE_MAX 4096
 
 /* Once an arena holds 1 MiB of copies it is filling up: ask for huge pages on the rest,
    so its faults come 512 times fewer (a VM pays dearly for each; measured 16 MiB of
@@ -339,7 +332,6 @@ static void cm_arena_trim(cm_arena *ar) {
     }
 }
 
-/* Room for `more` slots; 0, or -1 when memory runs out (the arena is unchanged). */
 /* From now on, take each copy's XZR hint (pages of at most 4096 bytes: the others, and
    the copies already held, are CM_XZR_HINT_UNKNOWN). Returns -1 when out of memory. */
 static int cm_arena_want_xzr(cm_arena *ar) {
@@ -354,6 +346,7 @@ static int cm_arena_want_xzr(cm_arena *ar) {
     return 0;
 }
 
+/* Room for `more` slots; 0, or -1 when memory runs out (the arena is unchanged). */
 static int cm_arena_reserve(cm_arena *ar, size_t more) {
     if (ar->cap - ar->used >= more)
         return 0;

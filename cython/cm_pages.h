@@ -421,6 +421,15 @@ static int cm_xzr_decode(const uint8_t *src, size_t n, uint8_t *out, size_t L, s
 /* batches                                                                               */
 /* ------------------------------------------------------------------------------------ */
 
+/* The XZR hint of a page copy, taken by the create pass (cm_leaves.h) while the copy and
+   its base page are both in cache: the size of the page's XZR stream against its base
+   when that is smaller than the page, else CM_XZR_HINT_NO_WIN (XZR cannot be chosen: the
+   encoder need not read the base page again to find out), or CM_XZR_HINT_UNKNOWN (not
+   taken: pages over CM_XZR_HINT_PAGE_MAX bytes, copies made without hints). */
+#define CM_XZR_HINT_UNKNOWN 0xFFFF
+#define CM_XZR_HINT_NO_WIN 0xFFFE
+#define CM_XZR_HINT_PAGE_MAX 4096
+
 /* Smallest RLE stream of L bytes: every output byte stands for at most 127/3 input bytes. */
 static inline size_t cm_rle_min_size(size_t L) { return (3 * L + 126) / 127; }
 
@@ -468,8 +477,9 @@ static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, siz
    bytes: the per-page check of the wire format) and the stored bytes back to back into dst, which
    needs room for the sum of the pages' lengths (RAW bounds every choice). scratch needs
    3 * page + page + page + 32 bytes. Indices must be >= 0 (checked by the caller).
-   xzr_hint (NULL: none) says, per page, 0xFFFE when XZR is known not to be smaller
-   than the page (it is not tried then); any other value, try it. Returns the payload size. */
+   xzr_hint (NULL: none) says, per page, CM_XZR_HINT_NO_WIN when XZR is known not to be
+   smaller than the page (it is not tried then); any other value, try it. Returns the
+   payload size. */
 static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, const uint8_t *base,
                               size_t nbase, const int64_t *idx, size_t count, size_t page, unsigned allowed,
                               const uint16_t *xzr_hint, uint8_t *enc, int64_t *off, uint32_t *chk, uint8_t *dst,
@@ -492,9 +502,9 @@ static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, c
             best_size = 0;
         } else {
             size_t xzr = SIZE_MAX;
-            /* 0xFFFE (CM_XZR_HINT_NO_WIN of cm_leaves.h): the create pass found that
-               XZR does not beat the raw page, with the base page in cache. */
-            if ((allowed & CM_ALLOW(CM_ENC_XZR)) && !(xzr_hint && xzr_hint[k] == 0xFFFE)) {
+            /* The create pass found that XZR does not beat the raw page (with the base
+               page in cache): not tried, so the base page is not read again. */
+            if ((allowed & CM_ALLOW(CM_ENC_XZR)) && !(xzr_hint && xzr_hint[k] == CM_XZR_HINT_NO_WIN)) {
                 const uint8_t *bp = cm_base_page(base, nbase, start, L, base_buf);
                 xzr = cm_xzr_encode_with(np, bp, L, xzr_buf, L, ops);
             }

@@ -167,6 +167,56 @@ def test_scan_xzr_hints_match_the_reference_and_leave_the_encoding_as_it_was(dat
         _kernels._set_dispatch(before)
 
 
+def test_line_masks_name_exactly_the_changed_lines_of_sparse_pages() -> None:
+    # A leaf with a few pages (sparse blocks): each mask is exactly its page's changed
+    # lines (none, one, the last, all); a block crowded with pages is not compared: every bit.
+    rng = np.random.default_rng(21)
+    base = rng.integers(0, 256, LEAF_SIZE, dtype=np.uint8)
+    rows = base.reshape(-1, PAGE)
+
+    def edited(row: int, lines: List[int]) -> bytes:
+        page = rows[row].copy()
+        for j in lines:
+            page[64 * j + 7] ^= 0xFF
+        return page.tobytes()
+
+    edits = {3: [], 10: [0], 70: [63], 130: list(range(64)), 200: [5, 6, 40]}
+    pages = [edited(r, lines) for r, lines in edits.items()]
+    starts = [r * PAGE for r in edits]
+    masks = np.zeros(len(pages), dtype=np.uint64)
+    _kernels.overlay_leaves(base, 0, LEAF_SIZE, pages, starts, LEAF_SIZE, bytearray(16), masks)
+    assert masks.tolist() == [sum(1 << j for j in lines) for lines in edits.values()]
+    crowded = list(range(64, 128))  # the second 256 KiB block, every page of it
+    dense = [edited(r, [1]) for r in crowded]
+    masks = np.zeros(len(dense), dtype=np.uint64)
+    _kernels.overlay_leaves(base, 0, LEAF_SIZE, dense, [r * PAGE for r in crowded], LEAF_SIZE, None, masks)
+    assert set(masks.tolist()) == {_reference.LINES_ALL}
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.3, 1.0])
+def test_create_with_and_without_xzr_hints_makes_the_same_batch(fraction: float) -> None:
+    # The hints of every chunk's arena, joined in order, line up with the pages.
+    from cellmigrate._pages import ALLOW_ALL, encode_batch
+    from cellmigrate._passes import scan
+
+    rng = np.random.default_rng(int(fraction * 100))
+    old = rng.integers(0, 256, 40 << 20, dtype=np.uint8)  # several 16 MiB chunks
+    new = old.copy()
+    rows = new.reshape(-1, PAGE)
+    chosen = rng.choice(len(rows), int(len(rows) * fraction), replace=False)
+    rows[chosen[::2], 100:164] ^= 0x5A  # half shrink with XZR, half are rewritten
+    rows[chosen[1::2]] = rng.integers(0, 256, (len(chosen[1::2]), PAGE), dtype=np.uint8)
+    hinted = scan(memoryview(old), memoryview(new), None, None, xzr_hints=True)
+    plain = scan(memoryview(old), memoryview(new), None, None)
+    assert plain.xzr_hints is None and hinted.xzr_hints is not None
+    assert len(hinted.xzr_hints) == len(hinted.indices) == len(chosen)
+    a = encode_batch(old, hinted.pages, hinted.indices, ALLOW_ALL, hinted.xzr_hints)
+    b = encode_batch(old, plain.pages, plain.indices, ALLOW_ALL)
+    assert a.encodings.tolist() == b.encodings.tolist() and a.offsets.tolist() == b.offsets.tolist()
+    assert bytes(a.payload) == bytes(b.payload)
+    assert (hinted.xzr_hints == _kernels.XZR_HINT_NO_WIN).sum() == len(chosen[1::2])
+
+
 def test_a_no_win_hint_keeps_xzr_untried() -> None:
     # A page XZR would shrink to a few bytes, hinted NO_WIN, is stored raw by both the
     # kernel and the reference; a hint count that does not match the pages is refused.

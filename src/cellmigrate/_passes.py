@@ -765,8 +765,9 @@ class Result(Overlay):
         self.start_list: List[int] = self.starts.tolist()  # plain ints for the Python loop
         self.pages = pages
         #: After :meth:`checks` on the fused path over the whole result, each page's line
-        #: mask (``kernels.overlay_leaves``): the 64-byte lines that differ from the base,
-        #: all that a scatter of the pages must write. None otherwise.
+        #: mask (``kernels.overlay_leaves``): every 64-byte line that differs from the base
+        #: (and maybe others), all that a scatter of the pages must write while the base
+        #: stays as it was checked. None otherwise.
         self.changed: Optional[npt.NDArray[np.uint64]] = None
 
     def _pages_in(self, lo: int, hi: int) -> Tuple[int, int]:

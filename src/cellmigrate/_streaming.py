@@ -54,8 +54,7 @@ _MASK32 = 0xFFFFFFFF
 
 _I64 = npt.NDArray[np.int64]
 #: What a window's scan found: dirty page indices, the pages as copied, the checksum of
-#: "base + copies" over the window (positioned).
-#: A window's scan: dirty page numbers, their copies, the checksum, the XZR hints (or None).
+#: "base + copies" over the window (positioned), the pages' XZR hints (or None).
 _Found = Tuple[_I64, List[bytes], int, Optional[npt.NDArray[np.uint16]]]
 
 

@@ -437,6 +437,9 @@ class DeltaSnapshot:
         MAC: pass ``key`` for a keyed delta) are verified; any failure raises
         :class:`InvalidStateError` saying which check failed, and ``base`` is left
         byte-for-byte unchanged (and not resized). A read-only buffer raises ``TypeError``.
+        Nothing else may write ``base`` during the call: what is written is what was
+        verified, and a page's 64-byte lines that already hold the delta's bytes are not
+        rewritten.
 
         ``max_size`` (bytes, default :data:`DEFAULT_MAX_GROW_SIZE` = 1 GiB) bounds the
         size a short ``bytearray`` base may be grown to: a delta whose ``total_size`` is
