@@ -258,22 +258,25 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         caps.architectures = list(args.arch)
         caps.max_state_size = args.max_state_size or (1 << 62)
     listener = None
-    if args.listen:
-        try:
-            # unix:PATH: a stale socket file is replaced, and PATH is removed when the
-            # listener is closed below, on any exit (errors and signals included).
-            listener = listen(args.listen)
-        except OSError as exc:
-            raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise CliError(f"cannot listen on {args.listen}: {exc}") from None
-        bound = listener.getsockname()
-        shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
-        # Without a key any peer that reaches the port may replace STATE_FILE (and trigger
-        # --resume-cmd): say so where the user looks, on the line that names the address.
-        warning = "" if key is not None else " (no --key-file: unauthenticated, any peer that reaches it can replace the state)"
-        _say(args, f"cellmigrate receive: listening on {shown}{warning}")
+    # The listener is closed (and a unix:PATH removed) on any exit from here on: a signal
+    # may arrive right after the "listening on" line, before anything was received.
     try:
+        if args.listen:
+            try:
+                # unix:PATH: a stale socket file is replaced, and PATH is removed when the
+                # listener is closed below, on any exit (errors and signals included).
+                listener = listen(args.listen)
+            except OSError as exc:
+                raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+            except ValueError as exc:
+                raise CliError(f"cannot listen on {args.listen}: {exc}") from None
+            bound = listener.getsockname()
+            shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
+            # Without a key any peer that reaches the port may replace STATE_FILE (and
+            # trigger --resume-cmd): say so where the user looks, on the line that names
+            # the address.
+            warning = "" if key is not None else " (no --key-file: unauthenticated, any peer that reaches it can replace the state)"
+            _say(args, f"cellmigrate receive: listening on {shown}{warning}")
         while True:
             validator = MigrationValidator()
             store = FileStore(staging)
