@@ -161,10 +161,11 @@ DIRTY10 = 0.10
 
 
 class Dirty10:
-    """``old`` random, ``new`` with 10% of its pages changed (64 bytes each), the delta
-    between them, and the dirty pages as one (pages, 4096) array for the numpy peer."""
+    """``old`` random, ``new`` with 10% of its pages changed (64 bytes each, or with
+    ``rewrite`` every byte), the deltas there and back, and the dirty pages as one
+    (pages, 4096) array for the numpy peer."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, rewrite: bool = False) -> None:
         rng = np.random.default_rng(size + 10)
         self.size = size
         self.old_np = rng.integers(0, 256, size, dtype=np.uint8)
@@ -172,25 +173,38 @@ class Dirty10:
         npages = size // 4096
         self.dirty = np.sort(rng.choice(npages, int(npages * DIRTY10), replace=False))
         rows = new.reshape(-1, 4096)
-        rows[self.dirty, 100:164] ^= 0x5A
+        if rewrite:
+            rows[self.dirty] = rng.integers(0, 256, (len(self.dirty), 4096), dtype=np.uint8)
+        else:
+            rows[self.dirty, 100:164] ^= 0x5A
         self.new_np = new
         self.pages = rows[self.dirty].copy()
         self.old_pages = self.old_np.reshape(-1, 4096)[self.dirty].copy()
         self.delta = DeltaSnapshot.create(AGENT, self.old_np, self.new_np, 0, 1)
         self.back = DeltaSnapshot.create(AGENT, self.new_np, self.old_np, 0, 1)
+        self.rewritten = rewrite
 
 
-_dirty10: Dict[int, Dirty10] = {}
+_dirty10: Dict[Any, Dirty10] = {}
+#: The 10% apply rows: pages with 64 bytes changed (the issue's first workload: apply
+#: writes only their changed lines), and pages rewritten whole.
+KINDS = {"64 bytes a page": False, "rewritten": True}
 
 
-@pytest.fixture
-def dirty10(size: int) -> Dirty10:
+@pytest.fixture(params=list(KINDS))
+def dirty10(size: int, request: pytest.FixtureRequest) -> Dirty10:
     if size < 64 * MiB:
         pytest.skip("the 10% dirty rows run at 64 MiB and 1 GiB only")
-    if size not in _dirty10:
-        _dirty10.clear()
-        _dirty10[size] = Dirty10(size)
-    return _dirty10[size]
+    key = (size, request.param)
+    if key not in _dirty10:
+        for other in [k for k in _dirty10 if k[0] != size]:
+            del _dirty10[other]  # both kinds of one size are kept: the tests alternate them
+        _dirty10[key] = Dirty10(size, KINDS[request.param])
+    return _dirty10[key]
+
+
+def _group10(d: Dirty10, what: str = "apply") -> str:
+    return f"delta {what} 10% " + ("rewritten" if d.rewritten else "dirty")
 
 
 def test_apply_10pct(dirty10: Dirty10, measure: Any) -> None:
@@ -202,7 +216,7 @@ def test_apply_10pct(dirty10: Dirty10, measure: Any) -> None:
     assert np.array_equal(base, d.new_np)
     d.back.apply(base)
     assert np.array_equal(base, d.old_np)
-    measure("delta apply 10% dirty", "DeltaSnapshot.apply default (xxh3_128_tree verified)",
+    measure(_group10(d), "DeltaSnapshot.apply default (xxh3_128_tree verified)",
             there_and_back(d.delta, d.back, base), d.size, ours=True)
     del base
 
@@ -220,11 +234,11 @@ def test_apply_10pct_numpy_peer(dirty10: Dirty10, measure: Any) -> None:
 
     assert scatter_and_hash() == xxhash.xxh3_128_digest(d.new_np)
     assert scatter_and_hash() == xxhash.xxh3_128_digest(d.old_np)
-    measure("delta apply 10% dirty", "numpy scatter + one XXH3-128 of the result", scatter_and_hash, d.size)
+    measure(_group10(d), "numpy scatter + one XXH3-128 of the result", scatter_and_hash, d.size)
 
 
 def test_apply_10pct_checksum_anchor(dirty10: Dirty10, measure: Any) -> None:
-    measure("delta apply 10% dirty", "simple_checksum (same state)", lambda: simple_checksum(dirty10.new_np), dirty10.size)
+    measure(_group10(dirty10), "simple_checksum (same state)", lambda: simple_checksum(dirty10.new_np), dirty10.size)
 
 
 @pytest.mark.parametrize("peer", ["DeltaSnapshot.create (default xxh3_128_tree digest)",
@@ -240,7 +254,7 @@ def test_create_10pct(dirty10: Dirty10, measure: Any, peer: str) -> None:
         shim.size = d.size
         shim.old, shim.new = d.old_np, d.new_np  # type: ignore[assignment]
         fn = compiled_create(shim)
-    measure("delta create 10% dirty", peer, fn, d.size, ours=peer.startswith("DeltaSnapshot"))
+    measure(_group10(d, "create"), peer, fn, d.size, ours=peer.startswith("DeltaSnapshot"))
 
 
 MEMORY_CHILD = textwrap.dedent(

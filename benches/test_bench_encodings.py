@@ -175,8 +175,19 @@ def workload(name: str, make: Callable[[], Tuple[np.ndarray, np.ndarray]]) -> Di
 
 
 def cost(fraction: float) -> Dict[str, Any]:
+    """create + serialize with ``auto`` against the crate's raw/RLE pages (``rle``), on
+    pages rewritten with random bytes (nothing for the new encodings to win). The two
+    take turns round by round (a neighbour's load hits both), 2 * ROUNDS + 1 rounds each."""
     old, new = random_replaced(int(SCALE * (1 << 30)), fraction)
-    auto, crate = ours(old, new, "auto"), ours(old, new, "rle")
+    times: Dict[str, List[float]] = {"auto": [], "rle": []}
+    for k in range(2 * ROUNDS + 1):
+        for mode in ("auto", "rle") if k % 2 == 0 else ("rle", "auto"):
+            t = time.perf_counter()
+            DeltaSnapshot.create(AGENT, old, new, 0, 1, compress=mode).serialize()
+            times[mode].append(time.perf_counter() - t)
+    auto, crate = ours(old, new, "auto"), ours(old, new, "rle")  # sizes, encodings, round trip
+    for row, mode in ((auto, "auto"), (crate, "rle")):
+        row["min_s"], row["median_s"] = min(times[mode]), statistics.median(times[mode])
     return {
         "workload": f"random {fraction:.0%} replaced",
         "auto": auto,
