@@ -27,12 +27,17 @@ def _interrupted_while_importing(signum: int, frame: Optional[FrameType]) -> Non
 
 def main() -> int:
     """Run ``cellmigrate.cli.main`` with SIGINT handled quietly while it is imported
-    (``cli.main`` handles it from its first line on)."""
-    previous = signal.signal(signal.SIGINT, _interrupted_while_importing)
+    (``cli.main`` handles it from its first line on). A SIGINT that is ignored (a
+    background job of a non-interactive shell) or handled otherwise is left as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    quiet = previous is signal.default_int_handler
+    if quiet:
+        signal.signal(signal.SIGINT, _interrupted_while_importing)
     from cellmigrate.cli import main as cli_main
 
     try:
-        signal.signal(signal.SIGINT, previous)
+        if quiet:
+            signal.signal(signal.SIGINT, previous)
         return cli_main()
     except KeyboardInterrupt:  # between the two lines above
         sys.stderr.write("cellmigrate: error: interrupted\n")

@@ -25,13 +25,20 @@ def test_the_console_script_is_the_quiet_entry_point() -> None:
     assert "_cellmigrate_console" in Path(SCRIPT).read_text()
 
 
+def _receiver(tmp_path: Path, sigint: "signal.Handlers") -> "subprocess.Popen[str]":
+    # A receiver waits forever for a sender. Its SIGINT disposition is set explicitly:
+    # a test run started in the background of a non-interactive shell ignores SIGINT,
+    # and children inherit that.
+    assert SCRIPT is not None
+    return subprocess.Popen([SCRIPT, "receive", "--listen", "127.0.0.1:0", str(tmp_path / "state.bin")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
+
 @pytest.mark.parametrize("delay", [0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.6, 1.0])
 def test_ctrl_c_while_importing_or_waiting_prints_one_line(tmp_path: Path, delay: float) -> None:
-    # A receiver waits forever for a sender: every delay lands in the package import or
-    # in the wait, and both must end the same way.
-    assert SCRIPT is not None
-    proc = subprocess.Popen([SCRIPT, "receive", "--listen", "127.0.0.1:0", str(tmp_path / "state.bin")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Every delay lands in the package import or in the wait: both end the same way.
+    proc = _receiver(tmp_path, signal.SIG_DFL)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -39,3 +46,19 @@ def test_ctrl_c_while_importing_or_waiting_prints_one_line(tmp_path: Path, delay
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(lines) == 1 and "interrupted" in lines[0], err
     assert not (tmp_path / "state.bin").exists()
+
+
+@pytest.mark.parametrize("delay", [0.08, 0.2, 0.6])
+def test_an_ignored_sigint_stays_ignored(tmp_path: Path, delay: float) -> None:
+    # nohup / a background job: SIGINT is ignored before, during and after the import.
+    proc = _receiver(tmp_path, signal.SIG_IGN)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "listening on" in err, err
