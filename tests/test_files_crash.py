@@ -202,9 +202,12 @@ def test_catchable_signals_clean_up(tmp_path: Path, mode: str, signum: int) -> N
     extra = {"-o": ["-o", str(s.out)], "--safe-replace": ["--safe-replace"], "in-place": []}[mode]
     # Named temporary files, so that a leftover would be visible.
     env = dict(s.env, CELLMIGRATE_TEST_NO_O_TMPFILE="1")
+    # SIGINT at its default in the child: a suite started as a background job of a
+    # non-interactive shell ignores SIGINT, and a child inherits that.
     proc = subprocess.Popen(
         [*__import__("files_support").cli_args("apply", str(s.base), str(s.delta), *extra)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(env))
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(env),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if mode == "in-place":
         ready = _wait_until(s.journal.exists, proc)
     else:
