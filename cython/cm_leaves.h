@@ -110,7 +110,7 @@ static inline const uint8_t *cm_overlay_piece(const uint8_t *base, const uint8_t
 }
 
 /* Bit j set when 64-byte line j of a[0..n) differs from b's (n <= 4096); a longer page
-   gets every bit. The AVX2 path compares a line in two instructions a half. */
+   gets every bit. The AVX2 path tests a line with two 32-byte XORs and one VPTEST. */
 #define CM_ALL_LINES (~(uint64_t)0)
 static uint64_t cm_line_mask_scalar(const uint8_t *a, const uint8_t *b, size_t n) {
     if (n > 64 * 64)

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from cellmigrate import PAGE_SIZE, CorruptDataError, InvalidStateError
-from cellmigrate._pages import ALLOW_ALL, ALLOW_CRATE, PageBatch, PageEncoding, encode_batch, parse_compress, zstd_sample_rejects
+from cellmigrate._pages import (
+    ALLOW_ALL, ALLOW_CRATE, PageBatch, PageEncoding, _zstd_job_size, encode_batch, parse_compress, zstd_payload,
+    zstd_sample_rejects,
+)
 from cellmigrate.delta import DeltaSnapshot, DirtyPage
 from cellmigrate.wire import prepare_delta
 
@@ -114,6 +117,23 @@ def test_zstd_sample_looks_at_a_quarter_first_then_at_all_of_it() -> None:
     for k in range(0, 16, 4):
         mostly[k * step : k * step + window] = rng.bytes(window)
     assert zstd_sample_rejects(bytes(mostly), 1)  # the first look found nothing: no second
+
+
+@pytest.mark.parametrize("size", [8 << 20, 16 << 20, (16 << 20) + 4096, 3 * 528384, 1 << 30])
+def test_zstd_jobs_never_divide_the_payload(size: int) -> None:
+    # A payload of whole jobs compressed to two different frames (an empty last block or
+    # not, as zstd's workers allowed): the job size is chosen so that the last job is short.
+    job = _zstd_job_size(size)
+    assert job >= 512 << 10 and size % job != 0
+
+
+def test_big_zstd_payloads_compress_to_one_frame_every_time() -> None:
+    import zstandard
+
+    payload = np.random.default_rng(5).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()  # 32 jobs of 512 KiB
+    frames = {zstd_payload(payload, 3) for _ in range(6)}  # multi-threaded (over 8 MiB)
+    assert len(frames) == 1
+    assert zstandard.ZstdDecompressor().decompress(frames.pop()) == payload
 
 
 def test_changed_page_list_is_what_apply_and_serialize_use() -> None:
