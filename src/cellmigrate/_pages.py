@@ -51,6 +51,7 @@ __all__ = [
     "ALLOW_RAW",
     "ALLOW_CRATE",
     "ALLOW_ALL",
+    "ALLOW_XZR",
     "DirtyPage",
     "PageBatch",
     "DecodedPages",
@@ -78,7 +79,10 @@ class PageEncoding(enum.IntEnum):
 ALLOW_RAW = 1 << PageEncoding.RAW
 #: What a checksum-only delta uses: the crate's encodings, byte-compatible with it.
 ALLOW_CRATE = ALLOW_RAW | 1 << PageEncoding.RLE
-ALLOW_ALL = ALLOW_CRATE | 1 << PageEncoding.ZERO | 1 << PageEncoding.XZR
+#: XZR pages: only where the base is proven (a strong digest), and what the create
+#: pass takes XZR hints for.
+ALLOW_XZR = 1 << PageEncoding.XZR
+ALLOW_ALL = ALLOW_CRATE | 1 << PageEncoding.ZERO | ALLOW_XZR
 
 #: Below this many pages' bytes a batch is encoded or decoded on the calling thread only.
 _SPLIT_MIN_BYTES = 8 << 20

@@ -36,7 +36,7 @@ import numpy.typing as npt
 import xxhash
 
 from ._backend import kernels
-from ._pages import ALLOW_ALL, ALLOW_RAW, DecodedPages, PageBatch, PageEncoding, encode_batch, zstd_frame_pieces, zstd_sample_rejects
+from ._pages import ALLOW_ALL, ALLOW_RAW, ALLOW_XZR, DecodedPages, PageBatch, PageEncoding, encode_batch, zstd_frame_pieces, zstd_sample_rejects
 from ._parallel import max_threads, run_spans
 from ._passes import Overlay, Result, _claimed_chunks, _fused, _scan_alone, _scan_fused
 from ._tree import LEAF_SIZE
@@ -294,7 +294,7 @@ def create_file(
     table = _Table()
     checksum = 0
     pos = payload_start
-    xzr = bool(allowed & 1 << PageEncoding.XZR)
+    xzr = bool(allowed & ALLOW_XZR)
     for indices, pages, part, hints in _scan_windows(old, new, hasher, window, progress, xzr):
         checksum += part
         if not len(indices):

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view, as_writable_view
 from ._ids import IdLike, to_id
-from ._pages import ALLOW_ALL, ALLOW_CRATE, DirtyPage, PageBatch, PageEncoding, PageStore, choose_compression, encode_batch, parse_compress
+from ._pages import ALLOW_ALL, ALLOW_CRATE, ALLOW_XZR, DirtyPage, PageBatch, PageStore, choose_compression, encode_batch, parse_compress
 from ._passes import ProgressCallback, Result, Scan, before_end, byte_reporter, scan, scatter
 from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, DIGEST_ALGORITHMS, DIGEST_SIZES, PAGE_SIZE, Hasher, check_key
@@ -292,7 +292,7 @@ class DeltaSnapshot:
             )
         hasher = None if algorithm is None else Hasher(algorithm, key)
         allowed, level, auto = plan
-        found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & 1 << PageEncoding.XZR))
+        found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & ALLOW_XZR))
         # Encoded from the pages as the scan copied them (never a second read of new).
         batch = encode_batch(old, found.pages, found.indices, allowed, found.xzr_hints)
         compression, payload = choose_compression(batch, level, auto)

@@ -41,7 +41,7 @@ import zstandard as _zstd
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
-from ._pages import ALLOW_ALL, DirtyPage, PageBatch, PageEncoding, zstd_payload
+from ._pages import ALLOW_ALL, ALLOW_XZR, DirtyPage, PageBatch, PageEncoding, zstd_payload
 from ._types import BufferLike
 from .checksum import DIGEST_SIZES, PAGE_SIZE
 from .compression import simple_decompress
@@ -640,7 +640,7 @@ def _decode_v2(view: memoryview, max_total_size: int, spool_zstd: bool = False) 
     batch = PageBatch(indices, encodings, offsets, stored, checks)
     batch.frame = frame  # re-encoding writes this frame again (a zstd frame does not say its level)
     # XZR needs its base, which only a strong digest proves: not in a checksum-only delta.
-    allowed = ALLOW_ALL if alg_id != _ALG_NONE else ALLOW_ALL & ~(1 << PageEncoding.XZR)
+    allowed = ALLOW_ALL if alg_id != _ALG_NONE else ALLOW_ALL & ~ALLOW_XZR
     batch.check(total_size, allowed)
 
     # --- whole-payload check -------------------------------------------------------------
