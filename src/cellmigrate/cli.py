@@ -660,10 +660,16 @@ def _digest_label(delta: "DeltaSnapshot") -> str:
     return str(algorithm)
 
 
-def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
-    """The facts 'inspect', 'diff --json' and 'apply --json' report about a delta."""
+def _recorded_base_size(delta: "DeltaSnapshot") -> Optional[int]:
+    """The size a BASE must have for ``delta`` ('apply' refuses another), or None for a
+    version-1 delta, which records none."""
     from .journal import expected_base_size
 
+    return expected_base_size(delta) if int(getattr(delta, "wire_version", 2)) >= 2 else None
+
+
+def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
+    """The facts 'inspect', 'diff --json' and 'apply --json' report about a delta."""
     total = int(delta.total_size)
     pages_total = (total + 4095) // 4096
     count = delta.dirty_page_count()
@@ -676,8 +682,7 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
         "timestamp": int(delta.timestamp),
         "total_size": total,
         "total_pages": pages_total,
-        # The size a BASE must have ('apply' refuses another); version 1 records none.
-        "base_size": expected_base_size(delta) if int(getattr(delta, "wire_version", 2)) >= 2 else None,
+        "base_size": _recorded_base_size(delta),
         "checksum": int(delta.checksum),
         "digest_algorithm": getattr(delta, "digest_algorithm", None),
         "digest": None if digest_value is None else bytes(digest_value).hex(),
@@ -1009,12 +1014,8 @@ def _check_recorded_base_size(name: str, size: int, delta: "DeltaSnapshot", wher
     A version-1 delta records no base size: a shorter BASE is still zero-extended (the
     library's rule for a short ``bytearray``), a longer one refused by the apply.
     """
-    from .journal import expected_base_size
-
-    if int(getattr(delta, "wire_version", 2)) < 2:
-        return
-    expected = expected_base_size(delta)
-    if size != expected:
+    expected = _recorded_base_size(delta)
+    if expected is not None and size != expected:
         raise CliError(f"refused: {name!r} is {size} bytes ({format_size(size)}), but the delta was made against a "
                        f"base of {expected} bytes ({format_size(expected)}); {where}", EXIT_DIFFERENT)
 
