@@ -110,7 +110,9 @@ static inline const uint8_t *cm_overlay_piece(const uint8_t *base, const uint8_t
 }
 
 /* Bit j set when 64-byte line j of a[0..n) differs from b's (n <= 4096); a longer page
-   gets every bit. The AVX2 path tests a line with two 32-byte XORs and one VPTEST. */
+   gets every bit. The AVX2 path tests a line with two 32-byte XORs and one VPTEST. Not
+   read off XZR's equality bitmap (cm_pages.h): a line needs only "any byte differs", and
+   folding the bitmap cost 3.5 ms against 1 ms for 26,214 pages on one thread. */
 #define CM_ALL_LINES (~(uint64_t)0)
 static uint64_t cm_line_mask_scalar(const uint8_t *a, const uint8_t *b, size_t n) {
     if (n > 64 * 64)

@@ -18,9 +18,12 @@ from typing import Optional
 
 __all__ = ["main"]
 
+#: What ``cli.main`` says of a Ctrl-C before a command runs.
+_INTERRUPTED = "cellmigrate: error: interrupted\n"
+
 
 def _interrupted_while_importing(signum: int, frame: Optional[FrameType]) -> None:
-    sys.stderr.write("cellmigrate: error: interrupted\n")
+    sys.stderr.write(_INTERRUPTED)
     sys.stderr.flush()
     os._exit(128 + signum)
 
@@ -40,5 +43,5 @@ def main() -> int:
             signal.signal(signal.SIGINT, previous)
         return cli_main()
     except KeyboardInterrupt:  # between the two lines above
-        sys.stderr.write("cellmigrate: error: interrupted\n")
+        sys.stderr.write(_INTERRUPTED)
         return 128 + signal.SIGINT

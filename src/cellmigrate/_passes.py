@@ -812,7 +812,7 @@ class Result(Overlay):
         lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
         sums = [0] * len(chunks)
         leaves = bytearray(16 * -(-(hi - lo) // LEAF_SIZE))
-        changed = np.zeros(len(self.start_list), dtype=np.uint64) if spans is None else None
+        changed = np.empty(len(self.start_list), dtype=np.uint64) if spans is None else None  # the kernel fills each
 
         def work(k: int, a: int, b: int) -> None:
             ka, kb = self._pages_in(a, b)
