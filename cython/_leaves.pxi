@@ -36,6 +36,9 @@ cdef extern from "cm_leaves.h" nogil:
     int cm_arena_reserve(cm_arena* ar, size_t more)
     uint32_t cm_scan_leaves(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                             cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
+    uint32_t cm_scan_leaves_fp(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
+                               const uint64_t* fp_old, uint64_t* fp_new, uint8_t* tmp, cm_arena* ar,
+                               void* state, uint8_t* out, int* failed)
 
 
 def _xxh3_bind(uintptr_t one128, uintptr_t one64, uintptr_t create, uintptr_t free_,
@@ -200,7 +203,8 @@ cdef class PageArena:
 
 
 def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uint64_t hi, Py_ssize_t leaf,
-                PageArena arena, out=None, bint xzr_hints=False):
+                PageArena arena, out=None, bint xzr_hints=False, const uint64_t[::1] fingerprints=None,
+                uint64_t[::1] new_fingerprints=None):
     """The create pass over the leaves of ``[lo, hi)``; returns the checksum.
 
     Pages of ``new`` that differ from ``old`` are copied into ``arena`` with their page
@@ -212,6 +216,13 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
 
     ``xzr_hints``: also take each copy's XZR hint (``PageArena.xzr_hints``) while the copy
     and its old page are in cache, for ``encode_page_list``.
+
+    ``fingerprints`` and ``new_fingerprints`` (uint64, one per page, indexed by page
+    number, covering ``[lo, hi)``; given together): the XXH3-64 of each page of ``old``
+    in, each page of ``new`` as read out. Then ``new`` is read once, and ``old`` only under
+    the pages whose XXH3-64 differs from the table (for their XZR hints); the checksum and
+    leaves cover the bytes read from ``new``, which equal "old with the copies over it"
+    wherever the table describes ``old``.
     """
     cdef size_t page = arena.ar.page
     if leaf <= 0 or <size_t>leaf % page or lo % <uint64_t>leaf or lo > hi:
@@ -220,9 +231,17 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
         raise ValueError(f"span [{lo}, {hi}) does not fit states of {old.shape[0]} and {new.shape[0]} bytes")
     if arena.exports:
         raise BufferError("the arena's pages are exported: it cannot grow")
-    if out is not None and not cm_xxh3_is_bound():
-        raise ValueError("XXH3 is not bound: leaf digests need cellmigrate._xxh3")
+    if (out is not None or fingerprints is not None) and not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: leaf digests and fingerprints need cellmigrate._xxh3")
+    cdef uint64_t need = (hi + page - 1) // page
+    if (fingerprints is None) != (new_fingerprints is None):
+        raise ValueError("fingerprints and new_fingerprints go together")
+    if fingerprints is not None and <uint64_t>min(fingerprints.shape[0], new_fingerprints.shape[0]) < need:
+        raise ValueError(f"fingerprint tables of {fingerprints.shape[0]} and {new_fingerprints.shape[0]} pages; "
+                         f"[{lo}, {hi}) needs {need}")
     cdef uint64_t nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
+    cdef uint8_t* tmp = NULL
+    cdef uint8_t* tmp_raw = NULL
     cdef Py_buffer outbuf
     cdef uint8_t* po = NULL
     cdef int64_t* scratch = <int64_t*>malloc((<size_t>leaf // page + 1) * sizeof(int64_t))
@@ -232,8 +251,16 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     cdef PyThreadState* ts
     if scratch == NULL:
         raise MemoryError()
+    if fingerprints is not None:
+        # 64-byte aligned: a row straddling cache lines hashes markedly slower.
+        tmp_raw = <uint8_t*>malloc(page + 64)
+        tmp = <uint8_t*>((<uintptr_t>tmp_raw + 63) & ~(<uintptr_t>63))
+        if tmp_raw == NULL:
+            free(scratch)
+            raise MemoryError()
     if xzr_hints and cm_arena_want_xzr(&arena.ar) != 0:
         free(scratch)
+        free(tmp_raw)
         raise MemoryError()
     try:
         if out is not None:
@@ -243,7 +270,11 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
                 raise MemoryError()
         if hi > lo:
             ts = _release(<size_t>(hi - lo))
-            total = cm_scan_leaves(&old[0], &new[0], lo, hi, <size_t>leaf, &arena.ar, scratch, state, po, &failed)
+            if fingerprints is None:
+                total = cm_scan_leaves(&old[0], &new[0], lo, hi, <size_t>leaf, &arena.ar, scratch, state, po, &failed)
+            else:
+                total = cm_scan_leaves_fp(&old[0], &new[0], lo, hi, <size_t>leaf, &fingerprints[0],
+                                          &new_fingerprints[0], tmp, &arena.ar, state, po, &failed)
             _reacquire(ts)
         if failed:
             raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
@@ -252,6 +283,7 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
         if po != NULL:
             PyBuffer_Release(&outbuf)
         free(scratch)
+        free(tmp_raw)
     return total
 
 

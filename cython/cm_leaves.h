@@ -441,6 +441,62 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
     return sum;
 }
 
+/* The create pass over leaves of [lo, hi) given fp_old, the XXH3-64 of each page of old
+ * (indexed by page number): new is read once, a page at a time into tmp (page bytes,
+ * 64-byte aligned), and each page whose XXH3-64 differs from fp_old's is copied into the
+ * arena; old is read only under those pages (for their XZR hints). fp_new gets each
+ * page's XXH3-64 as read. Returns the checksum of the bytes read; with out, each leaf's
+ * XXH3-128 of them. As in cm_scan_leaves, the checks cover one copy of new, never a
+ * second read that a writer could change; they equal "old with the copies over it"
+ * wherever fp_old describes old (where it does not, apply refuses the delta).
+ *
+ * A page at a time because the copy then stays in L1 for the three passes over it: on
+ * 1 GiB at 1% dirty, two threads, 22.5 GB/s against 17.5 with 16 KiB and 16.5 with
+ * 64 KiB copies; software prefetch of the next copy made it slower (15.5). */
+static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint64_t lo, uint64_t hi, size_t leaf,
+                                  const uint64_t *fp_old, uint64_t *fp_new, uint8_t *tmp, cm_arena *ar,
+                                  void *state, uint8_t *out, int *failed) {
+    uint32_t sum = 0;
+    size_t page = ar->page;
+    *failed = 0;
+    for (uint64_t a = lo, i = 0; a < hi; a += leaf, i++) {
+        uint64_t b = hi - a < leaf ? hi : a + leaf;
+        if (out)
+            cm_xxh3.reset128(state);
+        for (uint64_t s = a; s < b; s += page) {
+            size_t len = b - s < page ? (size_t)(b - s) : page;
+            uint64_t k = s / page;
+            memcpy(tmp, new_ + s, len);
+            sum += cm_checksum(tmp, len, s);
+            if (out)
+                cm_xxh3.update128(state, tmp, len);
+            uint64_t h = cm_xxh3.one64(tmp, len);
+            fp_new[k] = h;
+            if (h == fp_old[k])
+                continue;
+            if (cm_arena_reserve(ar, 1) != 0) {
+                *failed = 1;
+                return 0;
+            }
+            uint8_t *copy = ar->data + ar->used * page;
+            memcpy(copy, tmp, len);
+            if (ar->xzr) {
+                uint16_t hint = CM_XZR_HINT_UNKNOWN;
+                if (len <= CM_XZR_HINT_PAGE_MAX) {
+                    size_t x = cm_xzr_encode_entry(copy, old + s, len, NULL, len); /* size only */
+                    hint = x == SIZE_MAX ? CM_XZR_HINT_NO_WIN : (uint16_t)x;
+                }
+                ar->xzr[ar->used] = hint;
+            }
+            ar->idx[ar->used++] = (int64_t)k;
+            cm_arena_filling(ar);
+        }
+        if (out)
+            cm_xxh128_canonical(cm_xxh3.digest128(state), out + 16 * i);
+    }
+    return sum;
+}
+
 /* XXH3-64 of each page of data (the last may be short). */
 static void cm_page_digests64(const uint8_t *data, size_t n, size_t page, uint64_t *out) {
     for (size_t s = 0, k = 0; s < n; s += page, k++)

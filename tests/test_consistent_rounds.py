@@ -22,6 +22,7 @@ from cellmigrate import (
     DirtyPageTracker,
     IncrementalMigrator,
     InvalidStateError,
+    PageFingerprints,
     digest,
     simple_checksum,
 )
@@ -133,6 +134,31 @@ def test_create_during_writes_applies_on_its_base(
         if raced == ROUNDS_RACED:
             break
     assert raced == ROUNDS_RACED, f"only {raced} of {ROUNDS_TRIED} rounds had a write inside: the test proves too little"
+
+
+def test_fingerprinted_rounds_during_writes_apply_and_keep_the_table_exact(
+    live_state: "np.ndarray[Any, np.dtype[np.uint8]]", writer: Writer
+) -> None:
+    """Rounds that read the live state alone (the base's page fingerprints): each delta
+    made during writes applies on the receiver's state, and the advanced table is exactly
+    that state's, whatever the writer changed while the round read."""
+    receiver = bytearray(live_state.tobytes())
+    table = PageFingerprints.of(receiver)
+    writer.start()
+    raced = 0
+    for round_ in range(ROUNDS_TRIED):
+        before = writer.writes
+        delta = DeltaSnapshot.create(AGENT, bytes(receiver), live_state, round_, round_ + 1, fingerprints=table)
+        raced += writer.writes > before
+        delta.apply(receiver)  # raises InvalidStateError on a checksum/digest mismatch
+        assert table == PageFingerprints.of(receiver)
+        if raced == ROUNDS_RACED:
+            break
+    assert raced == ROUNDS_RACED, f"only {raced} of {ROUNDS_TRIED} rounds had a write inside: the test proves too little"
+    writer.pause()
+    delta = DeltaSnapshot.create(AGENT, bytes(receiver), live_state, 99, 100, fingerprints=table)
+    delta.apply(receiver)
+    assert receiver == live_state.tobytes()
 
 
 def test_tracker_rounds_during_writes_converge_after_pause(

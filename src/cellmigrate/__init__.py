@@ -56,6 +56,7 @@ from .agent import Agent, Policy
 
 # --- delta and incremental migration (delta.py, tracker.py) ---------------------------
 from .delta import DeltaSnapshot, DirtyPage
+from .fingerprints import PageFingerprints
 from .tracker import DirtyPageTracker, IncrementalMigrator, MigrationStats
 
 # --- validation (validation.py) -----------------------------------------------------
@@ -143,6 +144,7 @@ __all__ = [
     # delta and incremental migration
     "DirtyPage",
     "DeltaSnapshot",
+    "PageFingerprints",
     "DirtyPageTracker",
     "IncrementalMigrator",
     "MigrationStats",

@@ -503,9 +503,12 @@ class Scan:
         xzr_hints: when asked of the fused pass, each page's XZR hint (uint16,
             ``kernels.PageArena.xzr_hints``) for :func:`~cellmigrate._pages.encode_batch`,
             else ``None``.
+        fingerprints: when the pass was given the base's page fingerprints and read the
+            new state alone, the XXH3-64 of each page as read (uint64, one a page), else
+            ``None``.
     """
 
-    __slots__ = ("indices", "pages", "checksum", "leaves", "xzr_hints")
+    __slots__ = ("indices", "pages", "checksum", "leaves", "xzr_hints", "fingerprints")
 
     def __init__(self, indices: npt.NDArray[np.int64], pages: List[bytes], checksum: int) -> None:
         self.indices = indices
@@ -513,6 +516,7 @@ class Scan:
         self.checksum = checksum
         self.leaves: Optional[List[bytes]] = None
         self.xzr_hints: Optional[npt.NDArray[np.uint16]] = None
+        self.fingerprints: Optional[npt.NDArray[np.uint64]] = None
 
 
 _Chunk = Tuple[npt.NDArray[np.int64], List[bytes], int]
@@ -649,6 +653,7 @@ def _scan_fused(
     progress: Optional[ProgressCallback],
     spans: Optional[Sequence[Tuple[int, int]]] = None,
     xzr_hints: bool = False,
+    fingerprints: Optional[npt.NDArray[np.uint64]] = None,
 ) -> Scan:
     """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher):
     each chunk compared, copied into its own page arena, checksummed and (with a tree
@@ -658,9 +663,12 @@ def _scan_fused(
     (the CLI's windowed diff passes one window's); by default the whole state in 16 MiB
     chunks. The hasher takes that part's leaves; the page indices are the state's.
     ``xzr_hints``: record each copy's XZR hint (:attr:`Scan.xzr_hints`).
+    ``fingerprints``: the base's page fingerprints (XXH3-64 a page): read ``new`` alone
+    and find the dirty pages by them (:attr:`Scan.fingerprints` gets ``new``'s as read).
     """
     n = new.nbytes
     chunks = _fused_chunks(n) if spans is None else spans
+    table = None if fingerprints is None else np.empty(-(-n // PAGE_SIZE), dtype=np.uint64)
     lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
     arenas: List[Any] = [None] * len(chunks)
     sums = [0] * len(chunks)
@@ -671,7 +679,7 @@ def _scan_fused(
         # growth), the unused part given back right after.
         arena = kernels.PageArena(PAGE_SIZE, -(-(b - a) // PAGE_SIZE))
         out = None if leaves is None else memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints)
+        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints, fingerprints, table)
         arena.trim()
         arenas[k] = arena
 
@@ -685,12 +693,13 @@ def _scan_fused(
     found = Scan(indices, cast(List[bytes], pages), sum(sums) & _MASK32)
     if xzr_hints:
         found.xzr_hints = np.concatenate([a.xzr_hints for a in held]) if held else np.empty(0, dtype=np.uint16)
+    found.fingerprints = table
     return found
 
 
 def scan(
     old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback],
-    xzr_hints: bool = False,
+    xzr_hints: bool = False, fingerprints: Optional[npt.NDArray[np.uint64]] = None,
 ) -> Scan:
     """The dirty pages of ``new`` against ``old``, copied, and the checks of what was copied.
 
@@ -700,11 +709,13 @@ def scan(
     with those copies over it, not a second read of ``new``: if another thread writes
     ``new`` meanwhile, the result still describes one state exactly (a page written after
     it was compared is simply not in this round). ``xzr_hints``: have the fused pass
-    record :attr:`Scan.xzr_hints` (for deltas that may use XZR pages).
+    record :attr:`Scan.xzr_hints` (for deltas that may use XZR pages). ``fingerprints``:
+    the XXH3-64 of each page of ``old`` (one a page of ``new``): the fused pass then reads
+    ``new`` alone (:attr:`Scan.fingerprints`); the other passes compare as usual.
     """
     n = new.nbytes
-    if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None):
-        return _scan_fused(old, new, hasher, progress, xzr_hints=xzr_hints)
+    if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None or fingerprints is not None):
+        return _scan_fused(old, new, hasher, progress, xzr_hints=xzr_hints, fingerprints=fingerprints)
     base = Overlay(old, n)
     if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
         chunks = _scan_claimed(base, new, hasher, progress)

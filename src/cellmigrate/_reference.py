@@ -105,6 +105,11 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   what the compiled ``scan_leaves`` computes into its ``PageArena``: the dirty pages of
   ``new[lo:hi]`` against ``old`` (page numbers and copies), the checksum of ``old[lo:hi]``
   with the copies over it, and that span's leaf digests.
+* ``scan_leaves_fp_reference(new, lo, hi, leaf, page, fingerprints) -> (indices, pages,
+  checksum, leaves, read)``: what the compiled ``scan_leaves`` computes when given the
+  base's page fingerprints: ``read[k]`` is page ``k``'s XXH3-64 for each page of
+  ``[lo, hi)``; the pages whose ``read`` differs from ``fingerprints`` (numbers and
+  copies); the checksum and leaf digests of ``new[lo:hi]`` itself.
 
 * ``page_digests64(data, page, out) -> None``: ``out[k]`` = XXH3-64 (the ``xxhash``
   package's, as an unsigned int) of page ``k`` of ``data`` (the last may be short);
@@ -120,7 +125,7 @@ Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dis
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -394,6 +399,25 @@ def scan_leaves_reference(
     out = bytearray(16 * -(-(hi - lo) // leaf))
     total = overlay_leaves(a, lo, hi, copies, [i * page for i in indices.tolist()], leaf, out)
     return indices.astype(np.int64), copies, total, bytes(out)
+
+
+def scan_leaves_fp_reference(
+    new: BufferLike, lo: int, hi: int, leaf: int, page: int, fingerprints: Any
+) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", List[bytes], int, bytes, Dict[int, int]]:
+    """The create pass over ``[lo, hi)`` that reads ``new`` alone, given the base's page
+    fingerprints: dirty page numbers, copies, checksum, leaf digests, each page's XXH3-64."""
+    import xxhash
+
+    b = _view(new).cast("B")
+    if leaf <= 0 or page <= 0 or leaf % page or lo % leaf or lo > hi or hi > b.nbytes:
+        raise ValueError(f"span [{lo}, {hi}) must start on a leaf of whole pages and fit the state")
+    read = {k: xxhash.xxh3_64_intdigest(bytes(b[k * page : min((k + 1) * page, hi)]))
+            for k in range(lo // page, -(-hi // page))}
+    dirty = [k for k, h in read.items() if h != int(fingerprints[k])]
+    copies = [bytes(b[k * page : min((k + 1) * page, hi)]) for k in dirty]
+    out = bytearray(16 * -(-(hi - lo) // leaf))
+    total = overlay_leaves(b, lo, hi, [], [], leaf, out)
+    return np.array(dirty, dtype=np.int64), copies, total, bytes(out), read
 
 
 def page_digests64(data: BufferLike, page: int, out: Any) -> None:

@@ -1,0 +1,130 @@
+"""Page fingerprints: what lets a pre-copy round read the live state alone.
+
+A create compares the new state with its base page by page, so it reads both: 2 GiB of
+memory for a 1 GiB state. Given the XXH3-64 of each page of the base (8 bytes a 4 KiB
+page, 2 MiB for 1 GiB), it reads only the new state, hashes each page as it goes and
+reads the base only under the pages whose hash changed (to encode them against it). The
+table it then holds describes the state the delta describes: the next round's base.
+
+Trust, and what a wrong table costs: a page whose XXH3-64 equals the table's entry is
+taken as unchanged. A table that does not describe the base (the base written after it
+was taken), or an XXH3-64 collision (about 2**-64 a changed page), leaves a changed page
+out of the delta; the delta's checksum and digest still cover the new state as read, so
+``DeltaSnapshot.apply`` refuses it on its base (``InvalidStateError``) and never writes a
+wrong state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import xxhash as _xxhash
+import numpy.typing as npt
+
+from ._backend import kernels
+from ._buffers import as_bytes_view
+from ._parallel import plan, run_spans
+from ._types import BufferLike
+from .checksum import PAGE_SIZE
+from .errors import InvalidStateError
+
+__all__ = ["PageFingerprints"]
+
+U64Array = npt.NDArray[np.uint64]
+
+
+def _page_count(size: int) -> int:
+    return -(-size // PAGE_SIZE)
+
+
+class PageFingerprints:
+    """The XXH3-64 of each 4 KiB page of a state (the last page may be short).
+
+    Take one with :meth:`of` from a state as a receiver has it, pass it to
+    :meth:`DeltaSnapshot.create` with that state as ``old_state``: create then reads the new
+    state once instead of both states, and on success updates the table in place to the
+    state the delta describes, ready for the next round (see the module's notes on what a
+    table that does not describe the base costs: a delta that apply refuses, never a
+    wrong state).
+
+    Attributes:
+        size: bytes of the state the table describes.
+        values: uint64 array, shape ``(ceil(size / 4096),)``: page ``k``'s XXH3-64
+            (the ``xxhash`` package's ``xxh3_64_intdigest`` of the page's bytes). Read-only.
+    """
+
+    __slots__ = ("_size", "_values")
+
+    def __init__(self, size: int, values: Any) -> None:
+        """A table from its parts: ``values`` (one uint64 a page of ``size`` bytes) is copied.
+
+        Raises ``ValueError`` when ``size`` is negative or ``values`` has the wrong length."""
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        table = np.array(values, dtype=np.uint64).reshape(-1)
+        if len(table) != _page_count(int(size)):
+            raise ValueError(f"a state of {size} bytes has {_page_count(int(size))} pages, not {len(table)}")
+        self._size = int(size)
+        self._set(table)
+
+    @classmethod
+    def of(cls, state: BufferLike, *, threads: Optional[int] = None) -> "PageFingerprints":
+        """Fingerprint every page of ``state`` (any C-contiguous buffer; read once, split
+        over up to ``threads`` threads, default the CPU count)."""
+        view = as_bytes_view(state, "state")
+        table = np.empty(_page_count(view.nbytes), dtype=np.uint64)
+        spans = plan(view.nbytes, threads, PAGE_SIZE)
+        run_spans(lambda a, b: kernels.page_digests64(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :]), spans)
+        made = cls.__new__(cls)
+        made._size = view.nbytes
+        made._set(table)
+        return made
+
+    def _set(self, table: U64Array) -> None:
+        table.flags.writeable = False
+        self._values = table
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def values(self) -> U64Array:
+        return self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PageFingerprints):
+            return NotImplemented
+        return self._size == other._size and bool(np.array_equal(self._values, other._values))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: create updates it in place
+
+    def copy(self) -> "PageFingerprints":
+        return PageFingerprints(self._size, self._values)
+
+    def __repr__(self) -> str:
+        return f"PageFingerprints(size={self._size}, pages={len(self._values)})"
+
+    def _advance(self, indices: npt.NDArray[np.int64], pages: Any, read: Optional[U64Array]) -> None:
+        """Describe the state a create described: ``read`` when its pass hashed every page
+        (the single-read pass), else this table with each copied page's XXH3-64 over it."""
+        if read is None:
+            read = self._values.copy()
+            for k, page in zip(indices.tolist(), pages):
+                read[k] = _xxhash.xxh3_64_intdigest(page)
+        self._set(read)
+
+    def check_covers(self, old: memoryview, new: memoryview) -> None:
+        """``InvalidStateError`` unless the table, ``old`` and ``new`` have one size."""
+        if not (self._size == old.nbytes == new.nbytes):
+            raise InvalidStateError(
+                f"page fingerprints describe a state of {self._size} bytes; the states have "
+                f"{old.nbytes} and {new.nbytes} bytes (fingerprints need equal sizes)"
+            )
+

@@ -1,0 +1,246 @@
+"""Page fingerprints: the create pass that reads the new state alone.
+
+Given the XXH3-64 of each page of the base, ``scan_leaves`` reads ``new`` once and reads
+``old`` only under the pages whose hash changed. Checked here: the kernel against the
+pure-Python reference on every dispatch path (accurate, stale and arbitrary tables);
+``DeltaSnapshot.create(fingerprints=)`` gives the delta a plain create gives, on every
+digest and encoding; the table then describes the delta's state; a table that does not
+describe the base gives a delta that ``apply`` refuses (the base untouched); bad input.
+Races with a writer are in ``test_consistent_rounds``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellmigrate import DeltaSnapshot, InvalidStateError, PageFingerprints, _kernels, _reference, _xxh3
+
+PAGE = 4096
+PATHS = _kernels._dispatch_paths()
+AGENT = bytes(range(16))
+
+
+@pytest.fixture(autouse=True)
+def bound() -> Iterator[None]:
+    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
+    yield
+    _xxh3.bind()
+
+
+def _table(data: np.ndarray) -> np.ndarray:
+    n = -(-len(data) // PAGE)
+    return np.array([xxhash.xxh3_64_intdigest(data[k * PAGE : (k + 1) * PAGE].tobytes()) for k in range(n)],
+                    dtype=np.uint64)
+
+
+@st.composite
+def fp_cases(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+    leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 4 * PAGE, 16 * PAGE]))
+    nleaves = draw(st.integers(1, 4))
+    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    npages = -(-size // PAGE)
+    for page in draw(st.lists(st.integers(0, npages - 1), max_size=12)):
+        at = page * PAGE + draw(st.integers(0, PAGE - 1))
+        if at < size:
+            new[at] ^= draw(st.integers(1, 255))
+    table = _table(old)
+    # A table that does not describe old: entries replaced by anything (a page then reads
+    # as dirty, or, where old changed under a kept entry, as clean).
+    for page in draw(st.lists(st.integers(0, npages - 1), max_size=4)):
+        table[page] = draw(st.integers(0, 2**64 - 1))
+    lo = draw(st.integers(0, nleaves - 1)) * leaf
+    hi = draw(st.integers(lo, size))
+    return old, new, table, lo, hi, leaf
+
+
+@settings(max_examples=150, deadline=None)
+@given(fp_cases())
+def test_scan_leaves_with_fingerprints_matches_reference_on_every_path(
+    case: Tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]
+) -> None:
+    old, new, table, lo, hi, leaf = case
+    indices, copies, checksum, leaves, read = _reference.scan_leaves_fp_reference(new, lo, hi, leaf, PAGE, table)
+    before = _kernels._dispatch()
+    try:
+        for path in PATHS:
+            _kernels._set_dispatch(path)
+            for hashing in (True, False):
+                arena = _kernels.PageArena(PAGE)
+                out = bytearray(16 * -(-(hi - lo) // leaf)) if hashing else None
+                got_read = np.full(len(table), 7, dtype=np.uint64)
+                got = _kernels.scan_leaves(old, new, lo, hi, leaf, arena, out, True, table, got_read)
+                assert got == checksum, path
+                assert arena.indices.tolist() == indices.tolist(), path
+                held = bytes(memoryview(arena))
+                for k, page in enumerate(copies):
+                    assert held[k * PAGE : k * PAGE + len(page)] == page, (path, k)
+                want_hints = [_reference.xzr_hint(c, old[i * PAGE : i * PAGE + len(c)])
+                              for i, c in zip(indices.tolist(), copies)]
+                assert arena.xzr_hints.tolist() == want_hints, path
+                for k in range(len(table)):  # pages outside [lo, hi) are left alone
+                    assert int(got_read[k]) == read.get(k, 7), (path, k)
+                if hashing:
+                    assert bytes(out) == leaves, path
+    finally:
+        _kernels._set_dispatch(before)
+
+
+def test_scan_leaves_refuses_bad_fingerprint_tables() -> None:
+    a = np.zeros(4 * PAGE, dtype=np.uint8)
+    good = np.zeros(4, dtype=np.uint64)
+    with pytest.raises(ValueError, match="go together"):
+        _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good)
+    with pytest.raises(ValueError, match="needs 4"):
+        _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good[:3], good.copy())
+    with pytest.raises(ValueError, match="needs 4"):
+        _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good, good[:3].copy())
+
+
+def _states(size: int, dirty: int, seed: int = 3) -> Tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, 256, size, dtype=np.uint8)
+    old[: size // 3] = 0  # zero pages, so every encoding shows up
+    new = old.copy()
+    for page in rng.choice(-(-size // PAGE), dirty, replace=False).tolist():
+        at = page * PAGE
+        kind = page % 4
+        if kind == 0:
+            new[at : at + 64] = rng.integers(0, 256, 64, dtype=np.uint8)[: len(new[at : at + 64])]
+        elif kind == 1:
+            new[at : at + PAGE] = rng.integers(0, 256, len(new[at : at + PAGE]), dtype=np.uint8)
+        elif kind == 2:
+            new[at : at + PAGE] = 0
+        else:
+            new[at] ^= 1
+    return old, new
+
+
+# A checksum-only delta allows no XZR pages, so neither "xor" nor "zstd" (its XZR pages).
+_CASES = [(a, c) for a in ("xxh3_128_tree", "xxh3_128", "blake3") for c in ("auto", "none", "rle", "xor", "zstd")]
+_CASES += [(None, c) for c in ("auto", "none", "rle")]
+
+
+@pytest.mark.parametrize(("algorithm", "compress"), _CASES)
+def test_create_with_fingerprints_is_the_plain_create(algorithm: Optional[str], compress: str) -> None:
+    """The same delta, byte for byte, with or without the table (sizes straddling the
+    16 MiB unit the threads claim, a short last page); the table then describes the new
+    state, ready for the next round."""
+    old, new = _states((17 << 20) + 1000, 300)
+    table = PageFingerprints.of(old)
+    with_table = DeltaSnapshot.create(AGENT, old, new, 4, 5, digest=algorithm, compress=compress, fingerprints=table)
+    plain = DeltaSnapshot.create(AGENT, old, new, 4, 5, digest=algorithm, compress=compress)
+    with_table.timestamp = plain.timestamp
+    with_table._seal(None)
+    assert with_table.serialize() == plain.serialize()
+    assert table == PageFingerprints.of(new)
+    target = bytearray(old.tobytes())
+    with_table.apply(target)
+    assert target == new.tobytes()
+
+
+def test_rounds_chain_on_the_advanced_table() -> None:
+    """Round after round, only the table and the previous state: each delta applies on
+    the receiver's state, and the table keeps describing it."""
+    rng = np.random.default_rng(5)
+    state = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    receiver = bytearray(state.tobytes())
+    table = PageFingerprints.of(receiver)
+    for round_ in range(5):
+        sent = np.frombuffer(bytes(receiver), dtype=np.uint8)
+        for page in rng.choice(len(state) // PAGE, 20, replace=False).tolist():
+            state[page * PAGE + int(rng.integers(0, PAGE))] ^= 0xFF
+        delta = DeltaSnapshot.create(AGENT, sent, state, round_, round_ + 1, fingerprints=table)
+        assert delta.dirty_page_count() == 20
+        delta.apply(receiver)
+        assert receiver == state.tobytes()
+        assert table == PageFingerprints.of(receiver)
+
+
+def test_a_table_that_does_not_describe_the_base_gives_a_delta_apply_refuses() -> None:
+    """The base changed after its table was taken, back to what the new state holds: the
+    table says the page is clean, the delta leaves it out, and apply refuses the delta on
+    that base without writing it."""
+    taken = np.random.default_rng(9).integers(0, 256, 1 << 20, dtype=np.uint8)
+    table = PageFingerprints.of(taken)
+    base = taken.copy()
+    base[5 * PAGE + 10] ^= 1  # written after the table
+    new = taken.copy()
+    new[9 * PAGE] ^= 1
+    delta = DeltaSnapshot.create(AGENT, base, new, 1, 2, fingerprints=table)
+    assert [p.index for p in delta.dirty_pages] == [9]  # page 5 looked clean
+    target = bytearray(base.tobytes())
+    with pytest.raises(InvalidStateError):
+        delta.apply(target)
+    assert target == base.tobytes()
+
+
+def test_fingerprints_refuse_bad_input_and_a_failed_create_leaves_the_table() -> None:
+    old = np.zeros(3 * PAGE, dtype=np.uint8)
+    table = PageFingerprints.of(old)
+    with pytest.raises(InvalidStateError, match="fingerprints"):
+        DeltaSnapshot.create(AGENT, old, np.zeros(4 * PAGE, dtype=np.uint8), 1, 2, resize=True, fingerprints=table)
+    with pytest.raises(InvalidStateError, match="fingerprints"):
+        DeltaSnapshot.create(AGENT, old[:PAGE], old[:PAGE], 1, 2, fingerprints=table)
+    with pytest.raises(TypeError, match="PageFingerprints"):
+        DeltaSnapshot.create(AGENT, old, old, 1, 2, fingerprints=table.values)  # type: ignore[arg-type]
+    new = old.copy()
+    new[PAGE] = 1
+    kept = table.copy()
+
+    def stop(done: int, total: int) -> None:
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        DeltaSnapshot.create(AGENT, old, new, 1, 2, fingerprints=table, progress=stop)
+    assert table == kept
+    with pytest.raises(ValueError, match="pages"):
+        PageFingerprints(3 * PAGE, np.zeros(2, dtype=np.uint64))
+    with pytest.raises(ValueError, match=">= 0"):
+        PageFingerprints(-1, [])
+    with pytest.raises(ValueError):
+        table.values[0] = 1  # read-only: create swaps in a new table, never edits in place
+
+
+def test_page_fingerprints_of_any_buffer() -> None:
+    data = np.random.default_rng(1).integers(0, 256, 5 * PAGE + 17, dtype=np.uint8)
+    table = PageFingerprints.of(memoryview(data.tobytes()))
+    assert table.size == len(data) and len(table) == 6
+    assert table.values.tolist() == _table(data).tolist()
+    assert table == PageFingerprints(len(data), _table(data))
+    assert table != PageFingerprints.of(data[:-1])
+    assert len(PageFingerprints.of(b"")) == 0
+    assert PageFingerprints.of(data, threads=1) == table
+    assert "pages=6" in repr(table)
+
+
+def test_pure_python_create_with_fingerprints() -> None:
+    """Without the compiled kernels create compares both states and advances the table
+    from the pages it found: the same delta and table."""
+    code = (
+        "import numpy as np, cellmigrate as cm\n"
+        "rng = np.random.default_rng(2)\n"
+        "old = rng.integers(0, 256, 40 * 4096 + 5, dtype=np.uint8); new = old.copy()\n"
+        "new[[3, 4096 * 7 + 1, len(new) - 1]] ^= 1\n"
+        "t = cm.PageFingerprints.of(old)\n"
+        "d = cm.DeltaSnapshot.create(bytes(16), old, new, 1, 2, fingerprints=t)\n"
+        "assert [p.index for p in d.dirty_pages] == [0, 7, 40]\n"
+        "assert t == cm.PageFingerprints.of(new)\n"
+        "b = bytearray(old.tobytes()); d.apply(b); assert b == new.tobytes()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CELLMIGRATE_PURE_PYTHON="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
