@@ -28,8 +28,18 @@ GOALS: List[Tuple[str, str, str, str, Optional[float]]] = [
     ("create (default digest, 10% dirty) vs the compiled C create", "delta create 10% dirty",
      "DeltaSnapshot.create (default xxh3_128_tree digest)",
      "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", 2.0),
-    # What bounds the two rows above: any create reads both states; the C loop already
-    # runs near this floor on a machine where one core saturates memory.
+    # The same create given the base's page fingerprints: it reads the new state alone.
+    ("create with the base's page fingerprints (1% dirty) vs the compiled C create", "delta create",
+     "DeltaSnapshot.create (default digest) given the base's page fingerprints (reads new only)",
+     "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", None),
+    ("create with the base's page fingerprints (10% dirty) vs the compiled C create", "delta create 10% dirty",
+     "DeltaSnapshot.create (default digest) given the base's page fingerprints (reads new only)",
+     "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", None),
+    ("create with the base's page fingerprints (1% dirty) vs create comparing both states", "delta create",
+     "DeltaSnapshot.create (default digest) given the base's page fingerprints (reads new only)",
+     "DeltaSnapshot.create (default xxh3_128_tree digest)", None),
+    # What bounds a create that compares the two states: it reads both; the C loop
+    # already runs near this floor on a machine where one core saturates memory.
     ("create (default digest, 1% dirty) vs reading both states once", "delta create",
      "DeltaSnapshot.create (default xxh3_128_tree digest)",
      "memory floor: read both states once (XXH3-64 of each, one thread)", None),
