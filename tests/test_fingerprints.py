@@ -22,7 +22,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cellmigrate import DeltaSnapshot, InvalidStateError, PageFingerprints, _kernels, _reference, _xxh3
+from cellmigrate import DeltaSnapshot, DirtyPageTracker, InvalidStateError, PageFingerprints, _kernels, _reference, _xxh3
 
 PAGE = 4096
 PATHS = _kernels._dispatch_paths()
@@ -244,3 +244,53 @@ def test_pure_python_create_with_fingerprints() -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128_tree", None, "blake3"])
+def test_tracker_keeps_its_table_with_the_committed_state(algorithm: Optional[str]) -> None:
+    """The tracker diffs by the committed state's fingerprints (default digest or none):
+    through commits, a pending delta replaced or discarded, an acknowledged one and a
+    resize, every delta applies on the receiver's copy and the table (when kept) is the
+    committed state's."""
+    rng = np.random.default_rng(12)
+    state = rng.integers(0, 256, (2 << 20) + 300, dtype=np.uint8)
+    tracker = DirtyPageTracker(AGENT, len(state))
+    tracker.initialize(state)
+    receiver = bytearray(state.tobytes())
+
+    def edit(count: int) -> None:
+        for page in rng.choice(-(-len(state) // PAGE), count, replace=False).tolist():
+            state[min(page * PAGE + int(rng.integers(0, PAGE)), len(state) - 1)] ^= 0x81
+
+    def check_table() -> None:
+        table = tracker._fingerprints
+        if algorithm == "blake3":
+            assert table is None  # a sequential digest compares both states
+        else:
+            assert table == PageFingerprints.of(tracker.committed_state())
+
+    for round_ in range(3):
+        edit(15)
+        tracker.create_delta(state, digest=algorithm).apply(receiver)
+        assert receiver == state.tobytes()
+        check_table()
+    edit(5)
+    lost = tracker.create_delta(state, digest=algorithm, commit=False)
+    edit(5)
+    sent = tracker.create_delta(state, digest=algorithm, commit=False)  # replaces the lost one
+    assert lost.base_sequence == sent.base_sequence
+    check_table()  # nothing committed: the table still describes the committed state
+    sent.apply(receiver)
+    tracker.acknowledge(sent.sequence)
+    check_table()
+    edit(5)
+    tracker.create_delta(state, digest=algorithm, commit=False)
+    tracker.discard()
+    grown = np.concatenate([state, rng.integers(0, 256, 5000, dtype=np.uint8)])
+    tracker.create_delta(grown, digest=algorithm, resize=True).apply(receiver)
+    assert receiver == grown.tobytes()
+    assert tracker._fingerprints is None  # a resize drops the table: taken again when next needed
+    grown[7] ^= 1
+    tracker.create_delta(grown, digest=algorithm).apply(receiver)
+    assert receiver == grown.tobytes()
+    check_table()

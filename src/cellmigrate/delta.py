@@ -223,9 +223,10 @@ class DeltaSnapshot:
         exactly and applies to its base; a page written after it was read is not in it.
 
         ``fingerprints`` (:class:`~cellmigrate.PageFingerprints` of ``old_state``, of the
-        states' one size; ``InvalidStateError`` otherwise): create then reads
-        ``new_state`` once and ``old_state`` only under the pages whose fingerprint changed
-        (half the memory traffic of comparing both), and on success updates the table to
+        states' one size; ``InvalidStateError`` otherwise): with the default digest or
+        none, create then reads ``new_state`` once and ``old_state`` only under the pages
+        whose fingerprint changed (half the memory traffic of comparing both; with a
+        sequential digest it compares both as usual); on success it updates the table to
         the state the delta describes, the next round's base. A page whose fingerprint
         matches is taken as unchanged: where the table does not describe ``old_state``,
         :meth:`apply` refuses the delta on it (the checks cover the new state as read),

@@ -25,11 +25,12 @@ import numpy.typing as npt
 from ._backend import kernels
 from ._buffers import as_bytes_view
 from ._parallel import plan, run_spans
+from ._passes import _fused
 from ._types import BufferLike
 from .checksum import PAGE_SIZE
 from .errors import InvalidStateError
 
-__all__ = ["PageFingerprints"]
+__all__ = ["PageFingerprints", "reads_new_alone"]
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -128,3 +129,10 @@ class PageFingerprints:
                 f"{old.nbytes} and {new.nbytes} bytes (fingerprints need equal sizes)"
             )
 
+
+def reads_new_alone(algorithm: Optional[str], key: Optional[bytes] = None) -> bool:
+    """Whether ``DeltaSnapshot.create`` given a table reads the new state alone for this
+    digest: the tree digest (the default) or none, with the compiled kernels. With a
+    sequential digest (``xxh3_128``, BLAKE3, a key) it compares both states and updates
+    the table page by page from the copies (in Python: worth it only for few pages)."""
+    return key is None and algorithm in (None, "xxh3_128_tree") and _fused(True)

@@ -25,6 +25,7 @@ from ._types import BufferLike
 from .checksum import DEFAULT_DIGEST, PAGE_SIZE
 from .delta import DeltaSnapshot
 from .errors import InvalidStateError
+from .fingerprints import PageFingerprints, reads_new_alone
 from .progress import ProgressEventKind
 
 __all__ = ["DirtyPageTracker", "IncrementalMigrator", "MigrationStats"]
@@ -134,9 +135,11 @@ class MigrationStats:
 class DirtyPageTracker:
     """Tracks one agent's state between deltas (the crate's ``DirtyPageTracker``).
 
-    The bitmap of marked pages is advisory: :meth:`create_delta` always compares the
-    whole state against the committed one (at memory speed), so a missed mark can never
-    produce a wrong delta. The committed state is what the deltas carried (the pages as
+    The bitmap of marked pages is advisory: :meth:`create_delta` always checks every
+    page of the state against the committed one, so a missed mark can never produce a
+    wrong delta. With the default digest (or none) it checks by the committed state's
+    page fingerprints (:class:`~cellmigrate.PageFingerprints`, taken at the first delta
+    and kept up to date), reading the live state alone. The committed state is what the deltas carried (the pages as
     copied when they were read), not the live state, so rounds made while the agent
     writes stay consistent; with ``create_delta(..., commit=False)`` it advances only
     when :meth:`commit` or :meth:`acknowledge` says the receiver has the delta.
@@ -164,6 +167,10 @@ class DirtyPageTracker:
         self._last: Optional[bytearray] = None
         self._sequence = 0
         self._pending: Optional[Tuple[DeltaSnapshot, Scan]] = None
+        # Page fingerprints of the committed state (None: not taken yet), and the pending
+        # delta's advanced copy of them (None: the pending delta was made without).
+        self._fingerprints: Optional[PageFingerprints] = None
+        self._pending_fingerprints: Optional[PageFingerprints] = None
         # xxh3_128_tree leaf table of the committed state (None: not computed yet).
         self._leaves: Optional[LeafTable] = None
         self._lock = threading.RLock()
@@ -203,6 +210,7 @@ class DirtyPageTracker:
             self._sequence = 1
             self._pending = None
             self._leaves = None
+            self._fingerprints = None
 
     def mark_dirty(self, page_index: int) -> None:
         """Mark one page; an index outside the state is ignored."""
@@ -276,11 +284,18 @@ class DirtyPageTracker:
         view = as_bytes_view(current, "current")
         report = byte_reporter(progress, self._agent_id, ProgressEventKind.CAPTURING_STATE)
         with self._lock:
+            table = None
+            if self._last is not None and len(self._last) == view.nbytes and reads_new_alone(digest, key):
+                if self._fingerprints is None:  # one read of the committed state, once
+                    self._fingerprints = PageFingerprints.of(self._last)
+                table = self._fingerprints.copy()  # advanced by create; adopted on commit
             # Before initialize: None = zeros of the new length, never allocated.
             delta, found = DeltaSnapshot._create_checked(
-                self._agent_id, self._last, view, self._sequence, self._sequence + 1, digest, key, report, resize=resize
+                self._agent_id, self._last, view, self._sequence, self._sequence + 1, digest, key, report,
+                resize=resize, fingerprints=table,
             )
             self._pending = (delta, found)
+            self._pending_fingerprints = table
             if commit:
                 self._advance()
             return delta
@@ -365,6 +380,8 @@ class DirtyPageTracker:
         elif self._leaves is not None:
             self._leaves.resize(total)
             self._leaves.touch_pages(found.indices, PAGE_SIZE)
+        # The table advanced with the delta, or none (taken again when next needed).
+        self._fingerprints = self._pending_fingerprints
         if total != self._state_size:
             self._state_size = total
             self._bitmap = np.zeros(-(-total // PAGE_SIZE), dtype=np.bool_)
