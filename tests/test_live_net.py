@@ -330,3 +330,41 @@ def test_a_refused_connection_is_a_connection_lost_error() -> None:
         assert isinstance(info.value.__cause__, ConnectionRefusedError)
         assert error_type(info.value) is MigrationErrorType.TARGET_UNREACHABLE
         assert channel.reconnects == retries
+
+
+HOT_WRITER = WRITER.replace("for p in rng.integers(0, pages, burst):", "for p in rng.integers(0, 16, burst):")
+
+
+@pytest.mark.parametrize("cache", ["64MiB", "0"])
+def test_live_file_hot_pages_go_as_xzr_pages(tmp_path: Path, cache: str) -> None:
+    """A writer rewriting 64 bytes of the same 16 pages: after their first resend the
+    delta rounds carry them as XZR pages over the sender's page cache (``--page-cache``),
+    a few dozen bytes a page instead of 4 KiB; ``--page-cache 0`` sends them whole."""
+    src, dst = _files(tmp_path, 16 * MIB)
+    writer = subprocess.Popen([sys.executable, "-c", HOT_WRITER, str(src), str(16 * MIB)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+    rx = Receiver(dst)
+    try:
+        sent = send(str(src), rx.address, "--live", "--json", "--pause-cmd", f"kill -STOP {writer.pid}",
+                    "--resume-cmd", f"kill -CONT {writer.pid}", "--page-cache", cache, "--downtime-limit", "0.0001",
+                    "--max-rounds", "4", timeout=300)
+        assert sent.returncode == 0, sent.stderr
+        assert rx.wait(timeout=120).returncode == 0
+        assert dst.read_bytes() == src.read_bytes()
+        later = json.loads(sent.stdout)["rounds"][2:]  # round 1 sends the hot pages whole first
+        dirty, wire = sum(r["dirty_bytes"] for r in later), sum(r["wire_bytes"] for r in later)
+        assert dirty > 0
+        if cache == "0":
+            assert wire >= dirty * 0.9
+        else:
+            assert wire < dirty / 10
+    finally:
+        writer.kill()
+        writer.wait()
+        rx.kill()
+
+
+def test_page_cache_option_is_checked(tmp_path: Path) -> None:
+    src, _ = _files(tmp_path, MIB)
+    sent = send(str(src), "127.0.0.1:9", "--page-cache", "lots", "--retries", "0")
+    assert sent.returncode == 2 and len(sent.stderr.strip().splitlines()) == 1 and "Traceback" not in sent.stderr

@@ -29,8 +29,9 @@ from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
 from .errors import ConnectionLostError
-from .protocol import derive_key
+from .page_cache import DEFAULT_PAGE_CACHE_BYTES
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from .protocol import derive_key
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
 from .sender import StreamChannel
 from .transport import DEFAULT_TIMEOUT, PipeStream, SocketStream, connect, listen, parse_address
@@ -222,6 +223,9 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help=f"bytes of pages per chunk, the unit committed and resent after a cut "
                         f"(4KiB..{MAX_CHUNK_BYTES >> 20}MiB; default: {DEFAULT_CHUNK_BYTES >> 20}MiB)")
+    p.add_argument("--page-cache", type=_size, default=DEFAULT_PAGE_CACHE_BYTES, metavar="SIZE",
+                   help="pages sent in delta rounds kept to send them again as XZR pages (QEMU's XBZRLE "
+                        f"cache; 0: none; default: {DEFAULT_PAGE_CACHE_BYTES >> 20}MiB)")
     p.add_argument("--retries", type=int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
     p.add_argument("--agent-id", metavar="UUID", help="agent id (default: random)")
     p.add_argument("--arch", metavar="NAME", help="architecture the agent requires (the receiver checks it)")
@@ -408,7 +412,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         source, channel, agent_id=agent_id,
         requirements=AgentRequirements(architecture=args.arch, state_size=size),
         downtime_limit=args.downtime_limit, max_rounds=args.max_rounds if args.live else 0, chunk_bytes=args.chunk_size,
-        validator=validator, progress=on_event, on_round=on_round,
+        page_cache_bytes=args.page_cache, validator=validator, progress=on_event, on_round=on_round,
     )
     try:
         summary = migration.run()

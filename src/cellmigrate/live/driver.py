@@ -49,6 +49,7 @@ from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
 from .leaves import PageTable, page_digests, page_root
+from .page_cache import DEFAULT_PAGE_CACHE_BYTES, PageCache
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
 from .paused import PausedScan
 from .session import Offer
@@ -149,7 +150,10 @@ class LiveMigration:
     (True, True, 'downtime')
 
     ``max_rounds`` bounds the pre-copy rounds (0: pause first and copy once, for a
-    source that is not running). ``progress`` receives the migration's progress events (TRANSFER_PROGRESS per chunk,
+    source that is not running). ``compress`` sends chunks as LZ4 when that pays and, with
+    a ``page_cache_bytes`` cache (QEMU's XBZRLE cache; 64 MiB by default, 0: none), pages
+    dirtied again as XZR pages over the copy sent before (:mod:`~cellmigrate.live.page_cache`).
+    ``progress`` receives the migration's progress events (TRANSFER_PROGRESS per chunk,
     VALIDATING per round with its figures, then COMPLETED or FAILED); ``on_round`` gets
     each :class:`RoundStats` as it completes. ``validator`` supplies the audit log
     (a fresh in-memory one by default), ``recovery`` records the failure for a retry policy.
@@ -167,6 +171,7 @@ class LiveMigration:
         max_rounds: int = DEFAULT_MAX_ROUNDS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         compress: bool = True,
+        page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES,
         validator: Optional[MigrationValidator] = None,
         recovery: Optional[MigrationRecoveryManager] = None,
         progress: Optional[ProgressCallback] = None,
@@ -179,6 +184,8 @@ class LiveMigration:
             raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
         if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 4096..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        if page_cache_bytes < 0:
+            raise ValueError(f"page_cache_bytes must be >= 0, got {page_cache_bytes}")
         self.source = source
         self.channel = channel
         self.agent_id = to_id(agent_id, "agent_id") if agent_id is not None else uuid.uuid4().bytes
@@ -202,6 +209,10 @@ class LiveMigration:
         self._tracker: Optional[MigrationProgressTracker] = None
         self._final = False
         self._pool = BufferPool(self.chunk_bytes)
+        # The last copy sent of pages dirtied in delta rounds (XZR bases), and the state
+        # size they were sent at: a resize may move or zero the receiver's pages.
+        self._cache = PageCache(page_cache_bytes) if compress and page_cache_bytes >= PAGE_SIZE else None
+        self._cache_size = -1
         # Stop-and-copy: the summary's tree digest, hashed with the final scan.
         self._tree: Optional[bytes] = None
 
@@ -250,6 +261,9 @@ class LiveMigration:
     ) -> Tuple[RoundStats, bytes, float, U8Array]:
         size = state.nbytes
         table, threads = self._table, self.threads
+        if self._cache is not None and size != self._cache_size:
+            self._cache.clear()
+            self._cache_size = size
 
         def find(lo: int, hi: int) -> "npt.NDArray[np.int64]":
             # The region's page digests (while the agent runs: read now, one region at a
@@ -272,6 +286,7 @@ class LiveMigration:
             pool=self._pool,
             find=find,
             known=paused.digests if paused is not None else None,  # chunk digests from the scan: no second hashing pass
+            cache=self._cache,
         ):
             self._next_seq = chunk.seq + 1
             pages += len(chunk.indices)

@@ -22,10 +22,13 @@ import numpy as np
 import numpy.typing as npt
 import xxhash as _xxhash
 
+from .._backend import kernels
 from .._buffers import as_bytes_view
+from .._pages import ALLOW_ALL, PageBatch, encode_batch
 from ..checksum import PAGE_SIZE
 from ..compare import dirty_pages
 from ..errors import CorruptDataError
+from .page_cache import PageCache
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -37,6 +40,7 @@ __all__ = [
     "copy_pages",
     "encode_pages",
     "decode_pages",
+    "base_pages",
     "pages_digest",
     "chunk_digest",
     "write_pages",
@@ -60,10 +64,13 @@ I64Array = npt.NDArray[np.int64]
 
 
 class Encoding(enum.IntEnum):
-    """How a chunk's page bytes travel."""
+    """How a chunk's page bytes travel: as they are, as one LZ4 block, or page by page in
+    the delta encodings (``PAGES``: raw, RLE, zero, or XZR over the receiver's page; the
+    sender uses it for chunks with pages in its :class:`~cellmigrate.live.page_cache.PageCache`)."""
 
     RAW = 0
     LZ4 = 1
+    PAGES = 2
 
 
 @dataclass
@@ -172,20 +179,57 @@ def chunk_digest(digests: "npt.NDArray[np.uint8]", raw_len: int) -> bytes:
     return bytes(page_root(digests, raw_len))
 
 
-def encode_pages(pages: U8Array, compress: bool = True) -> "tuple[Encoding, Union[bytes, memoryview]]":
-    """LZ4 when a probe of the chunk shows it pays, else the raw bytes (not copied)."""
+def encode_pages(
+    pages: U8Array,
+    compress: bool = True,
+    *,
+    indices: Optional[I64Array] = None,
+    cache: Optional[PageCache] = None,
+) -> "tuple[Encoding, Union[bytes, memoryview]]":
+    """The smallest of: the raw bytes (not copied); one LZ4 block, when a probe of the
+    chunk shows it pays; and, when ``cache`` holds some of the pages at ``indices``, the
+    ``PAGES`` form (XZR over the cached copies, the other pages raw, RLE or zero)."""
     raw = as_bytes_view(pages, "pages")
+    best: "tuple[Encoding, Union[bytes, memoryview]]" = (Encoding.RAW, raw)
     if compress and raw.nbytes >= 512:
         probe = raw[:_PROBE_BYTES]
         if len(_lz4_block.compress(probe, store_size=False)) < _MIN_GAIN * probe.nbytes:
             packed = _lz4_block.compress(raw, store_size=False)
             if len(packed) < raw.nbytes:
-                return Encoding.LZ4, packed
-    return Encoding.RAW, raw
+                best = (Encoding.LZ4, packed)
+    if cache is not None and indices is not None and len(indices):
+        paged = _encode_paged(raw, indices, cache)
+        if paged is not None and len(paged) < len(best[1]):
+            best = (Encoding.PAGES, paged)
+    return best
 
 
-def decode_pages(encoding: int, payload: Union[bytes, memoryview], raw_len: int) -> Union[bytes, memoryview]:
-    """The raw page bytes of a chunk, exactly ``raw_len`` of them (``CorruptDataError`` else)."""
+def _encode_paged(raw: memoryview, indices: I64Array, cache: PageCache) -> Optional[bytes]:
+    """The ``PAGES`` payload of a chunk (``u8 encodings[n] | u32le stored lengths[n] |
+    stored pages``), or None when no page is cached (XZR cannot apply)."""
+    hit, base = cache.lookup(indices)
+    if not hit.any():
+        return None
+    n = len(indices)
+    # A page not cached may not go XZR: the receiver's copy of it is unknown here.
+    hints = np.where(hit, kernels.XZR_HINT_UNKNOWN, kernels.XZR_HINT_NO_WIN).astype(np.uint16)
+    rows = [raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in range(n)]
+    # Local page numbers over `base`, laid out like the chunk: the stored bytes are the
+    # same as for the state's page numbers over the receiver's pages.
+    batch = encode_batch(base, rows, np.arange(n, dtype=np.int64), ALLOW_ALL, hints)
+    payload = batch.payload if isinstance(batch.payload, bytes) else bytes(batch.payload)
+    return b"".join((batch.encodings.astype(np.uint8).tobytes(), batch.stored_lengths().astype("<u4").tobytes(), payload))
+
+
+def decode_pages(
+    encoding: int, payload: Union[bytes, memoryview], raw_len: int, *, base: Optional[U8Array] = None
+) -> Union[bytes, memoryview]:
+    """The raw page bytes of a chunk, exactly ``raw_len`` of them (``CorruptDataError`` else).
+
+    A ``PAGES`` chunk needs ``base``: the receiver's copies of the chunk's pages laid out
+    as the chunk (page k at ``k * 4096``, zeros where it holds none; see
+    :func:`base_pages`), what its XZR pages XOR into. Its table and every page are
+    checked as strictly as a delta's before anything is decoded."""
     if encoding == Encoding.RAW:
         data: Union[bytes, memoryview] = payload
     elif encoding == Encoding.LZ4:
@@ -195,11 +239,51 @@ def decode_pages(encoding: int, payload: Union[bytes, memoryview], raw_len: int)
             data = _lz4_block.decompress(payload, uncompressed_size=raw_len)
         except _lz4_block.LZ4BlockError as exc:
             raise CorruptDataError(f"corrupt LZ4 chunk: {exc}") from None
+    elif encoding == Encoding.PAGES:
+        if base is None:
+            raise ValueError("a PAGES chunk decodes over the receiver's copies of its pages")
+        data = _decode_paged(as_bytes_view(payload, "payload"), raw_len, base)
     else:
         raise CorruptDataError(f"unknown chunk encoding {encoding}")
     if len(data) != raw_len:
         raise CorruptDataError(f"chunk decodes to {len(data)} bytes, expected {raw_len}")
     return data
+
+
+def _decode_paged(payload: memoryview, raw_len: int, base: U8Array) -> memoryview:
+    n = -(-raw_len // PAGE_SIZE)
+    table = 5 * n
+    if payload.nbytes < table:
+        raise CorruptDataError(f"PAGES chunk of {n} pages has {payload.nbytes} bytes, under its {table}-byte table")
+    encodings = np.frombuffer(payload, dtype=np.uint8, count=n)
+    lengths = np.frombuffer(payload, dtype="<u4", count=n, offset=n).astype(np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if int(offsets[-1]) != payload.nbytes - table:
+        raise CorruptDataError(
+            f"PAGES chunk table declares {int(offsets[-1])} bytes of pages, the chunk holds {payload.nbytes - table}"
+        )
+    # Local page numbers over `base` (laid out like the chunk), as the sender encoded them.
+    batch = PageBatch(np.arange(n, dtype=np.int64), encodings, offsets, payload[table:])
+    decoded = batch.decode(base, raw_len, ALLOW_ALL, error=CorruptDataError)
+    return as_bytes_view(decoded.buffer, "pages")[:raw_len]
+
+
+def base_pages(state: U8Array, indices: I64Array) -> U8Array:
+    """``state``'s pages at ``indices`` (ascending) as a ``PAGES`` chunk's base: page k at
+    ``k * 4096``, whole pages, zeros past the end of ``state`` (a copy: it holds no view)."""
+    n = len(indices)
+    rows = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+    have = state.nbytes
+    full = have // PAGE_SIZE
+    inside = indices < full
+    if inside.any():
+        rows[inside] = state[: full * PAGE_SIZE].reshape(-1, PAGE_SIZE)[indices[inside]]
+    if have % PAGE_SIZE:
+        at = np.flatnonzero(indices == full)
+        if len(at):
+            rows[int(at[0]), : have % PAGE_SIZE] = state[full * PAGE_SIZE :]
+    return rows.reshape(-1)
 
 
 class BufferPool:
@@ -234,6 +318,7 @@ def scan_chunks(
     pool: Optional["BufferPool"] = None,
     find: Optional[Callable[[int, int], I64Array]] = None,
     known: Optional["npt.NDArray[np.uint8]"] = None,
+    cache: Optional[PageCache] = None,
 ) -> Iterator[Chunk]:
     """Yield the chunks of one round: ``state``'s pages that differ from ``shadow``.
 
@@ -247,7 +332,9 @@ def scan_chunks(
     them back with :meth:`BufferPool.give` once acknowledged). Each chunk's ``digests``
     are its pages' XXH3-128 digests: hashed from the copy, or with ``stable`` taken from
     ``known`` (the ``(pages, 16)`` digests of the whole paused state, as its scan hashed
-    them) so a stop-and-copy reads the state once for hashing, not twice.
+    them) so a stop-and-copy reads the state once for hashing, not twice. With ``cache``
+    a chunk holding cached pages may go as ``PAGES`` (XZR over the cached copies), and
+    the pages a delta round (``round_no`` >= 1, not ``stable``) sends enter the cache.
     """
     size = state.nbytes
     per_chunk = max(1, chunk_bytes // PAGE_SIZE)
@@ -262,7 +349,9 @@ def scan_chunks(
             pages = state[lo : lo + pages_len(indices, size)]
         else:
             pages = copy_pages(state, indices, size, pool.take() if pool is not None else None)
-        encoding, payload = encode_pages(pages, compress)
+        encoding, payload = encode_pages(pages, compress, indices=indices, cache=cache)
+        if cache is not None and round_no >= 1 and not stable:
+            cache.store(indices, pages, size)
         if stable and known is not None:
             digests = known[indices]
         else:

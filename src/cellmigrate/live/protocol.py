@@ -36,6 +36,7 @@ from .session import Offer
 __all__ = [
     "MAGIC",
     "VERSION",
+    "SUPPORTED_VERSIONS",
     "MAC_SIZE",
     "NONCE_SIZE",
     "MAX_CONTROL_BODY",
@@ -74,7 +75,10 @@ __all__ = [
 ]
 
 MAGIC = b"CMLV"
-VERSION = 2
+#: This side's protocol version: 3 added the PAGES chunk encoding (XZR pages).
+VERSION = 3
+#: The versions a receiver serves (a version-2 sender never sends PAGES chunks).
+SUPPORTED_VERSIONS = (2, 3)
 MAC_SIZE = 32
 NONCE_SIZE = 32
 #: Bound on every frame but a chunk (and a commit, which may carry the agent's extra).
@@ -216,9 +220,10 @@ def decode_hello(body: memoryview) -> Tuple[int, bool, bytes]:
     return int(version), bool(flags & _FLAG_KEYED), bytes(nonce)
 
 
-def encode_challenge(keyed: bool, nonce: bytes) -> bytes:
-    """The CHALLENGE body without its proof (the proof is appended when keyed)."""
-    return _CHALLENGE.pack(VERSION, _FLAG_KEYED if keyed else 0, nonce)
+def encode_challenge(keyed: bool, nonce: bytes, version: int = VERSION) -> bytes:
+    """The CHALLENGE body without its proof (the proof is appended when keyed);
+    ``version``: the one this connection speaks (the sender's, when supported)."""
+    return _CHALLENGE.pack(version, _FLAG_KEYED if keyed else 0, nonce)
 
 
 def decode_challenge(body: memoryview) -> Tuple[int, bool, bytes, bytes]:
@@ -375,7 +380,7 @@ def decode_chunk_head(head: memoryview) -> ChunkHead:
     each other and the limits, the encoding known (``ProtocolError`` else)."""
     _need(head, _CHUNK.size, "CHUNK")
     seq, round_no, size, encoding, pages, nruns, raw_len, digest = _CHUNK.unpack_from(head)
-    if encoding not in (Encoding.RAW, Encoding.LZ4):
+    if encoding not in (Encoding.RAW, Encoding.LZ4, Encoding.PAGES):
         raise ProtocolError(f"CHUNK has unknown encoding {encoding}")
     if pages > _MAX_RUNS or nruns > pages or raw_len > MAX_CHUNK_BYTES:
         raise ProtocolError(f"CHUNK declares {pages} pages in {nruns} runs, {raw_len} bytes: over the limits")
@@ -409,10 +414,16 @@ def decode_chunk_runs(head: ChunkHead, runs_bytes: memoryview) -> npt.NDArray[np
     return indices
 
 
-def check_payload_len(head: ChunkHead, payload_len: int) -> None:
-    """A RAW payload is exactly ``raw_len`` bytes (an LZ4 one is checked when decoded)."""
+def check_payload_len(head: ChunkHead, payload_len: int, version: int = VERSION) -> None:
+    """A RAW payload is exactly ``raw_len`` bytes (an LZ4 or PAGES one is checked when
+    decoded); PAGES comes in version 3 on, with its table of 5 bytes a page."""
     if head.encoding == Encoding.RAW and payload_len != head.raw_len:
         raise ProtocolError(f"CHUNK payload is {payload_len} bytes, its header says {head.raw_len}")
+    if head.encoding == Encoding.PAGES:
+        if version < 3:
+            raise ProtocolError(f"CHUNK encoding PAGES is not part of protocol version {version}")
+        if payload_len < 5 * head.pages:
+            raise ProtocolError(f"PAGES CHUNK of {head.pages} pages has {payload_len} bytes, under its table")
 
 
 def chunk_of(head: ChunkHead, indices: npt.NDArray[np.int64], payload: Union[bytes, memoryview]) -> Chunk:

@@ -27,7 +27,7 @@ from .protocol import (
     ACCEPT_COMPLETED,
     ACCEPT_CONTINUE,
     NONCE_SIZE,
-    VERSION,
+    SUPPORTED_VERSIONS,
     Handshake,
     Msg,
     CHUNK_HEAD_SIZE,
@@ -118,13 +118,14 @@ class LiveReceiver:
         _, body = conn.recv(Msg.HELLO)
         version, keyed, _nonce = decode_hello(body)
         hello = bytes(body)
-        if version != VERSION:
-            conn.send(Msg.REFUSE, encode_reason(f"protocol version {version} not supported (this receiver speaks {VERSION})"))
+        if version not in SUPPORTED_VERSIONS:
+            speaks = " and ".join(str(v) for v in SUPPORTED_VERSIONS)
+            conn.send(Msg.REFUSE, encode_reason(f"protocol version {version} not supported (this receiver speaks {speaks})"))
             raise RefusedError(f"sender speaks protocol version {version}")
         if self.key is not None and not keyed:
             conn.send(Msg.REFUSE, encode_reason("this receiver requires a shared key (--key-file)"))
             raise AuthenticationError("sender offered no key; this receiver requires one")
-        challenge = encode_challenge(self.key is not None, os.urandom(NONCE_SIZE))
+        challenge = encode_challenge(self.key is not None, os.urandom(NONCE_SIZE), version)
         handshake = Handshake(self.key, hello + challenge) if self.key is not None else None
         conn.send(Msg.CHALLENGE, challenge, handshake.receiver_proof() if handshake else b"")
         msg, body = conn.recv(Msg.AUTH)
@@ -185,7 +186,7 @@ class LiveReceiver:
                     reader = conn.reader(msg, length)
                     head = decode_chunk_head(reader.read(CHUNK_HEAD_SIZE))
                     chunk = chunk_of(head, decode_chunk_runs(head, reader.read(head.runs_len)), b"")
-                    check_payload_len(head, reader.remaining)
+                    check_payload_len(head, reader.remaining, version)
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one
                         if chunk.size != session.store.size():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from typing import List, Union
+from typing import Any, Callable, List, Optional, Union
 
 from .._types import BufferLike
 from .agent import BufferSource, BufferTarget, MemoryStore
@@ -59,8 +59,17 @@ class RecordingStream(SocketStream):
         super().sendall(data, timeout)
 
 
-def record_sender_stream(state: BufferLike, *, chunk_bytes: int = 4096, migration_id: bytes = bytes(16)) -> bytes:
-    """The bytes an unkeyed sender writes to migrate ``state`` (stop-and-copy, one round)."""
+def record_sender_stream(
+    state: BufferLike,
+    *,
+    chunk_bytes: int = 4096,
+    migration_id: bytes = bytes(16),
+    max_rounds: int = 0,
+    on_round: Optional[Callable[[Any], None]] = None,
+) -> bytes:
+    """The bytes an unkeyed sender writes to migrate ``state``: by default stop-and-copy
+    (one round); with ``max_rounds`` that many pre-copy rounds first, ``on_round`` called
+    after each (it may change ``state``, e.g. to have pages re-sent as XZR pages)."""
     a, b = socket.socketpair()
     receiver = LiveReceiver(MemoryStore(), BufferTarget(), timeout=10)
     thread = threading.Thread(target=receiver.handle, args=(SocketStream(a),), daemon=True)
@@ -68,8 +77,8 @@ def record_sender_stream(state: BufferLike, *, chunk_bytes: int = 4096, migratio
     recorder = RecordingStream(b)
     channel = StreamChannel(lambda: recorder, retries=0, timeout=10)
     LiveMigration(
-        BufferSource(state), channel, migration_id=migration_id, agent_id=uuid.UUID(int=1), max_rounds=0,
-        chunk_bytes=chunk_bytes,
+        BufferSource(state), channel, migration_id=migration_id, agent_id=uuid.UUID(int=1), max_rounds=max_rounds,
+        chunk_bytes=chunk_bytes, on_round=on_round, downtime_limit=1e-9,
     ).run()
     thread.join(10)
     return b"".join(recorder.sent)

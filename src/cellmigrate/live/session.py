@@ -40,6 +40,7 @@ from .pages import (
     MAX_CHUNK_BYTES,
     Chunk,
     Encoding,
+    base_pages,
     chunk_digest,
     decode_pages,
     pages_digest,
@@ -145,7 +146,10 @@ class ReceiverSession:
         if not self._check(chunk):
             return False
         idx = chunk.indices
-        raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len)
+        # XZR pages XOR into the pages staged so far (copied out: no view of the store
+        # may outlive this call, or a FileStore could not resize).
+        base = base_pages(self._staged(), idx) if chunk.encoding == Encoding.PAGES else None
+        raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
         if pages_digest(raw) != chunk.digest:
             raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
         # Verified: now (and only now) change the staged state.

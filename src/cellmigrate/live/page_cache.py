@@ -1,0 +1,110 @@
+"""The sender's cache of pages it sent in delta rounds: what XZR pages are encoded against.
+
+An XZR page (XOR with the page the receiver holds, zero runs encoded: ``docs/FORMAT.md``)
+costs about 70 bytes for a 4 KiB page with 64 changed bytes, but needs the receiver's
+copy of the page on the sender, which keeps no shadow of the state (its page table holds
+digests). QEMU's answer is the XBZRLE cache (``migration/xbzrle.c``, ``page_cache.c``):
+the last copy sent of recently dirtied pages, bounded in size; a page dirtied again while
+still cached goes XOR-encoded, any other page whole. The same here, with the same default
+size (64 MiB): pages enter when sent in a delta round (round 0's whole state would only
+churn it) and leave first in, first out.
+
+Why a cached copy is what the receiver holds: the receiver applies chunks strictly in
+sequence, each atomically, and a chunk cut off by a dropped connection is resent as it was
+(same payload); so when a chunk reaches the receiver, every page holds the copy sent in
+the last earlier chunk that carried it, which is the copy cached when that chunk was
+built. Whatever else happens, the chunk's digest covers the decoded pages: an XZR page
+over a wrong base fails it (``CorruptDataError``), it never stages a wrong page.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+from ..checksum import PAGE_SIZE
+
+__all__ = ["DEFAULT_PAGE_CACHE_BYTES", "PageCache"]
+
+#: QEMU's default XBZRLE cache size (``xbzrle-cache-size``).
+DEFAULT_PAGE_CACHE_BYTES = 64 << 20
+
+U8Array = npt.NDArray[np.uint8]
+I64Array = npt.NDArray[np.int64]
+
+
+class PageCache:
+    """Up to ``capacity_bytes // 4096`` whole pages by page number, first in, first out.
+
+    Only whole pages are kept (a state's short last page never is). Not thread-safe: one
+    sender thread builds the chunks.
+    """
+
+    def __init__(self, capacity_bytes: int = DEFAULT_PAGE_CACHE_BYTES) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.capacity = int(capacity_bytes) // PAGE_SIZE
+        self._data = np.empty((self.capacity, PAGE_SIZE), dtype=np.uint8)  # touched only when filled
+        self._page_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> page number
+        self._slot_of = np.full(0, -1, dtype=np.int64)  # page number -> slot
+        self._next = 0  # the slot the next new page takes (oldest first)
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self._page_of >= 0))
+
+    def clear(self) -> None:
+        """Forget every page (a state that changed size: the receiver's pages moved or were zeroed)."""
+        self._page_of[:] = -1
+        self._slot_of = np.full(0, -1, dtype=np.int64)
+        self._next = 0
+
+    def _slots(self, indices: I64Array) -> I64Array:
+        slots = np.full(len(indices), -1, dtype=np.int64)
+        inside = indices < len(self._slot_of)
+        slots[inside] = self._slot_of[indices[inside]]
+        return slots
+
+    def lookup(self, indices: I64Array) -> Tuple["npt.NDArray[np.bool_]", U8Array]:
+        """``(hit, base)``: whether each page is cached, and ``len(indices)`` pages of
+        bytes (flat), the cached copy of each hit and zeros elsewhere."""
+        slots = self._slots(indices)
+        hit = slots >= 0
+        base = np.zeros((len(indices), PAGE_SIZE), dtype=np.uint8)
+        if hit.any():
+            base[hit] = self._data[slots[hit]]
+        return hit, base.reshape(-1)
+
+    def store(self, indices: I64Array, pages: U8Array, size: int) -> None:
+        """Remember ``pages`` (flat, page k being page ``indices[k]`` of a ``size``-byte
+        state, ascending and distinct) as sent: cached pages are updated, new ones take
+        the oldest slots."""
+        if not self.capacity or not len(indices):
+            return
+        whole = int(np.searchsorted(indices, size // PAGE_SIZE))  # the short last page is not kept
+        if whole == 0:
+            return
+        indices = indices[:whole]
+        rows = pages[: whole * PAGE_SIZE].reshape(whole, PAGE_SIZE)
+        top = int(indices[-1]) + 1
+        if top > len(self._slot_of):
+            grown = np.full(max(top, 2 * len(self._slot_of)), -1, dtype=np.int64)
+            grown[: len(self._slot_of)] = self._slot_of
+            self._slot_of = grown
+        slots = self._slots(indices)
+        hit = slots >= 0
+        if hit.any():
+            self._data[slots[hit]] = rows[hit]
+        fresh = np.flatnonzero(~hit)
+        if len(fresh) > self.capacity:  # more new pages than slots: the last ones stay
+            fresh = fresh[-self.capacity :]
+        if not len(fresh):
+            return
+        taken = (self._next + np.arange(len(fresh))) % self.capacity
+        self._next = int((self._next + len(fresh)) % self.capacity)
+        evicted = self._page_of[taken]
+        self._slot_of[evicted[evicted >= 0]] = -1
+        self._page_of[taken] = indices[fresh]
+        self._slot_of[indices[fresh]] = taken
+        self._data[taken] = rows[fresh]
