@@ -53,21 +53,22 @@ def test_cache_keeps_whole_pages_first_in_first_out() -> None:
     state = np.arange(10 * PAGE + 7, dtype=np.uint64).astype(np.uint8)
     idx = np.array([1, 4], dtype=np.int64)
     cache.store(idx, _pages(state, idx), state.nbytes)
-    hit, base = cache.lookup(np.array([0, 1, 4, 99], dtype=np.int64))
-    assert hit.tolist() == [False, True, True, False]
-    assert bytes(base[PAGE : 2 * PAGE]) == bytes(state[PAGE : 2 * PAGE]) and not base[:PAGE].any()
+    asked = np.array([0, 1, 4, 99], dtype=np.int64)
+    assert cache.hits(asked).tolist() == [False, True, True, False]
+    base = cache.lookup(asked)
+    assert bytes(base[PAGE : 3 * PAGE]) == bytes(state[PAGE : 2 * PAGE]) + bytes(state[4 * PAGE : 5 * PAGE])
     changed = state.copy()
     changed[PAGE] ^= 1
     cache.store(np.array([1], dtype=np.int64), changed[PAGE : 2 * PAGE], state.nbytes)  # updated in place
-    assert len(cache) == 2 and cache.lookup(np.array([1], dtype=np.int64))[1][0] == changed[PAGE]
+    assert len(cache) == 2 and cache.lookup(np.array([1], dtype=np.int64))[0] == changed[PAGE]
     more = np.array([6, 7, 10], dtype=np.int64)  # 10 is the short last page: never kept
     cache.store(more, _pages(state, more), state.nbytes)
-    assert cache.lookup(np.array([1, 4, 6, 7, 10], dtype=np.int64))[0].tolist() == [False, True, True, True, False]
+    assert cache.hits(np.array([1, 4, 6, 7, 10], dtype=np.int64)).tolist() == [False, True, True, True, False]
     big = np.arange(0, 10, dtype=np.int64)  # 7 new pages for 3 slots: the last three new ones stay
     cache.store(big, _pages(state, big), state.nbytes)
-    assert np.flatnonzero(cache.lookup(big)[0]).tolist() == [5, 8, 9]
+    assert np.flatnonzero(cache.hits(big)).tolist() == [5, 8, 9]
     cache.clear()
-    assert len(cache) == 0 and not cache.lookup(big)[0].any()
+    assert len(cache) == 0 and not cache.hits(big).any()
     none = PageCache(0)
     none.store(idx, _pages(state, idx), state.nbytes)
     assert len(none) == 0
@@ -109,10 +110,11 @@ def test_pages_chunks_decode_over_the_receivers_pages(data: st.DataObject) -> No
     encoding, payload = encode_pages(pages, True, indices=idx, cache=cache)
     assert len(payload) <= pages.nbytes
     receiver = old.copy()  # the receiver holds old's pages (the cached ones among them)
-    got = decode_pages(encoding, payload, pages.nbytes, base=base_pages(receiver, idx))
+    base = base_pages(receiver, idx, payload) if encoding == Encoding.PAGES else None
+    got = decode_pages(encoding, payload, pages.nbytes, base=base)
     assert bytes(got) == pages.tobytes()
     if encoding == Encoding.PAGES:
-        assert cache.lookup(idx)[0].any()
+        assert cache.hits(idx).any()
 
 
 def test_a_page_with_64_changed_bytes_costs_about_70_bytes() -> None:
@@ -165,6 +167,17 @@ def test_pages_decoder_on_mutated_payloads() -> None:
         except CorruptDataError:
             continue
         assert len(got) == new.nbytes  # decodable damage is the digest's to catch
+
+
+def test_base_pages_takes_the_xzr_pages_only_with_zeros_past_the_end() -> None:
+    state = np.arange(2 * PAGE + 100, dtype=np.uint64).astype(np.uint8) | 1  # no zero byte
+    idx = np.array([0, 1, 2, 5], dtype=np.int64)
+    table = bytes([3, 0, 3, 3]) + bytes(16)  # XZR, raw, XZR (the short last page), XZR (past the end)
+    base = base_pages(state, idx, table).reshape(4, PAGE)
+    assert bytes(base[0]) == bytes(state[:PAGE])
+    assert bytes(base[2, :100]) == bytes(state[2 * PAGE :]) and not base[2, 100:].any()
+    assert not base[3].any()
+    assert base_pages(state, idx, b"\3").shape == (4 * PAGE,)  # a table cut short: the decoder refuses it
 
 
 # -- protocol and receiver ---------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "ALLOW_CRATE",
     "ALLOW_ALL",
     "ALLOW_XZR",
+    "ALLOW_ZERO",
     "DirtyPage",
     "PageBatch",
     "DecodedPages",
@@ -82,7 +83,8 @@ ALLOW_CRATE = ALLOW_RAW | 1 << PageEncoding.RLE
 #: XZR pages: only where the base is proven (a strong digest), and what the create
 #: pass takes XZR hints for.
 ALLOW_XZR = 1 << PageEncoding.XZR
-ALLOW_ALL = ALLOW_CRATE | 1 << PageEncoding.ZERO | ALLOW_XZR
+ALLOW_ZERO = 1 << PageEncoding.ZERO
+ALLOW_ALL = ALLOW_CRATE | ALLOW_ZERO | ALLOW_XZR
 
 #: Below this many pages' bytes a batch is encoded or decoded on the calling thread only.
 _SPLIT_MIN_BYTES = 8 << 20

@@ -19,7 +19,7 @@ over a wrong base fails it (``CorruptDataError``), it never stages a wrong page.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -66,15 +66,20 @@ class PageCache:
         slots[inside] = self._slot_of[indices[inside]]
         return slots
 
-    def lookup(self, indices: I64Array) -> Tuple["npt.NDArray[np.bool_]", U8Array]:
-        """``(hit, base)``: whether each page is cached, and ``len(indices)`` pages of
-        bytes (flat), the cached copy of each hit and zeros elsewhere."""
-        slots = self._slots(indices)
-        hit = slots >= 0
-        base = np.zeros((len(indices), PAGE_SIZE), dtype=np.uint8)
+    def hits(self, indices: I64Array) -> "npt.NDArray[np.bool_]":
+        """Whether each page at ``indices`` is cached."""
+        return self._slots(indices) >= 0
+
+    def lookup(self, indices: I64Array, hit: Optional["npt.NDArray[np.bool_]"] = None) -> U8Array:
+        """``len(indices)`` pages of bytes (flat): the cached copy of each page where
+        ``hit`` (default: :meth:`hits`), and whatever was in memory elsewhere (never
+        zeroed: a fresh 8 MiB would cost a chunk thousands of page faults in a VM)."""
+        if hit is None:
+            hit = self.hits(indices)
+        base = np.empty((len(indices), PAGE_SIZE), dtype=np.uint8)
         if hit.any():
-            base[hit] = self._data[slots[hit]]
-        return hit, base.reshape(-1)
+            base[hit] = self._data[self._slots(indices[hit])]
+        return base.reshape(-1)
 
     def store(self, indices: I64Array, pages: U8Array, size: int) -> None:
         """Remember ``pages`` (flat, page k being page ``indices[k]`` of a ``size``-byte

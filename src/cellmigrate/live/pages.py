@@ -24,7 +24,7 @@ import xxhash as _xxhash
 
 from .._backend import kernels
 from .._buffers import as_bytes_view
-from .._pages import ALLOW_ALL, PageBatch, encode_batch
+from .._pages import ALLOW_ALL, ALLOW_RAW, ALLOW_XZR, ALLOW_ZERO, PageBatch, PageEncoding, encode_batch
 from ..checksum import PAGE_SIZE
 from ..compare import dirty_pages
 from ..errors import CorruptDataError
@@ -179,16 +179,23 @@ def chunk_digest(digests: "npt.NDArray[np.uint8]", raw_len: int) -> bytes:
     return bytes(page_root(digests, raw_len))
 
 
+#: Pages of a PAGES chunk: raw, zero or XZR (RLE is left to LZ4, which the whole chunk
+#: may get instead: trying it cost 1.1 us a random page, as much as the rest together).
+_PAGES_ALLOWED = ALLOW_RAW | ALLOW_ZERO | ALLOW_XZR
+
+
 def encode_pages(
     pages: U8Array,
     compress: bool = True,
     *,
     indices: Optional[I64Array] = None,
     cache: Optional[PageCache] = None,
+    min_hits: float = 0.0,
 ) -> "tuple[Encoding, Union[bytes, memoryview]]":
     """The smallest of: the raw bytes (not copied); one LZ4 block, when a probe of the
-    chunk shows it pays; and, when ``cache`` holds some of the pages at ``indices``, the
-    ``PAGES`` form (XZR over the cached copies, the other pages raw, RLE or zero)."""
+    chunk shows it pays; and, when ``cache`` holds more than ``min_hits`` (a fraction)
+    of the pages at ``indices``, the ``PAGES`` form (XZR over the cached copies, the other
+    pages raw or zero)."""
     raw = as_bytes_view(pages, "pages")
     best: "tuple[Encoding, Union[bytes, memoryview]]" = (Encoding.RAW, raw)
     if compress and raw.nbytes >= 512:
@@ -198,25 +205,27 @@ def encode_pages(
             if len(packed) < raw.nbytes:
                 best = (Encoding.LZ4, packed)
     if cache is not None and indices is not None and len(indices):
-        paged = _encode_paged(raw, indices, cache)
+        paged = _encode_paged(raw, indices, cache, min_hits)
         if paged is not None and len(paged) < len(best[1]):
             best = (Encoding.PAGES, paged)
     return best
 
 
-def _encode_paged(raw: memoryview, indices: I64Array, cache: PageCache) -> Optional[bytes]:
+def _encode_paged(raw: memoryview, indices: I64Array, cache: PageCache, min_hits: float) -> Optional[bytes]:
     """The ``PAGES`` payload of a chunk (``u8 encodings[n] | u32le stored lengths[n] |
-    stored pages``), or None when no page is cached (XZR cannot apply)."""
-    hit, base = cache.lookup(indices)
-    if not hit.any():
+    stored pages``), or None when no more than ``min_hits`` of its pages are cached."""
+    hit = cache.hits(indices)
+    hits = int(np.count_nonzero(hit))
+    if not hits or hits <= min_hits * len(indices):
         return None
+    base = cache.lookup(indices, hit)  # only cached pages' rows are filled, and only they are read
     n = len(indices)
     # A page not cached may not go XZR: the receiver's copy of it is unknown here.
     hints = np.where(hit, kernels.XZR_HINT_UNKNOWN, kernels.XZR_HINT_NO_WIN).astype(np.uint16)
     rows = [raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in range(n)]
     # Local page numbers over `base`, laid out like the chunk: the stored bytes are the
     # same as for the state's page numbers over the receiver's pages.
-    batch = encode_batch(base, rows, np.arange(n, dtype=np.int64), ALLOW_ALL, hints)
+    batch = encode_batch(base, rows, np.arange(n, dtype=np.int64), _PAGES_ALLOWED, hints)
     payload = batch.payload if isinstance(batch.payload, bytes) else bytes(batch.payload)
     return b"".join((batch.encodings.astype(np.uint8).tobytes(), batch.stored_lengths().astype("<u4").tobytes(), payload))
 
@@ -226,9 +235,8 @@ def decode_pages(
 ) -> Union[bytes, memoryview]:
     """The raw page bytes of a chunk, exactly ``raw_len`` of them (``CorruptDataError`` else).
 
-    A ``PAGES`` chunk needs ``base``: the receiver's copies of the chunk's pages laid out
-    as the chunk (page k at ``k * 4096``, zeros where it holds none; see
-    :func:`base_pages`), what its XZR pages XOR into. Its table and every page are
+    A ``PAGES`` chunk needs ``base``: the receiver's copies of the chunk's XZR pages laid
+    out as the chunk (page k at ``k * 4096``; see :func:`base_pages`), what they XOR into. Its table and every page are
     checked as strictly as a delta's before anything is decoded."""
     if encoding == Encoding.RAW:
         data: Union[bytes, memoryview] = payload
@@ -269,20 +277,31 @@ def _decode_paged(payload: memoryview, raw_len: int, base: U8Array) -> memoryvie
     return as_bytes_view(decoded.buffer, "pages")[:raw_len]
 
 
-def base_pages(state: U8Array, indices: I64Array) -> U8Array:
-    """``state``'s pages at ``indices`` (ascending) as a ``PAGES`` chunk's base: page k at
-    ``k * 4096``, whole pages, zeros past the end of ``state`` (a copy: it holds no view)."""
+def base_pages(state: U8Array, indices: I64Array, payload: Union[bytes, memoryview]) -> U8Array:
+    """The base a ``PAGES`` chunk's ``payload`` decodes over: for each of its XZR pages, the
+    page of ``state`` at its index (zeros past the end of ``state``), at ``k * 4096`` for
+    the chunk's k-th page; other rows are left as they were in memory (never read). A copy:
+    it holds no view of ``state``. A table too short for the pages reads as no XZR page
+    (the decoder refuses it)."""
     n = len(indices)
-    rows = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+    rows = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+    if len(payload) < n:
+        return rows.reshape(-1)
+    xzr = np.frombuffer(payload, dtype=np.uint8, count=n) == PageEncoding.XZR
+    if not xzr.any():
+        return rows.reshape(-1)
+    wanted = indices[xzr]
     have = state.nbytes
     full = have // PAGE_SIZE
-    inside = indices < full
+    inside = wanted < full
+    picked = np.zeros((len(wanted), PAGE_SIZE), dtype=np.uint8)
     if inside.any():
-        rows[inside] = state[: full * PAGE_SIZE].reshape(-1, PAGE_SIZE)[indices[inside]]
+        picked[inside] = state[: full * PAGE_SIZE].reshape(-1, PAGE_SIZE)[wanted[inside]]
     if have % PAGE_SIZE:
-        at = np.flatnonzero(indices == full)
+        at = np.flatnonzero(wanted == full)
         if len(at):
-            rows[int(at[0]), : have % PAGE_SIZE] = state[full * PAGE_SIZE :]
+            picked[int(at[0]), : have % PAGE_SIZE] = state[full * PAGE_SIZE :]
+    rows[xzr] = picked
     return rows.reshape(-1)
 
 
@@ -319,6 +338,7 @@ def scan_chunks(
     find: Optional[Callable[[int, int], I64Array]] = None,
     known: Optional["npt.NDArray[np.uint8]"] = None,
     cache: Optional[PageCache] = None,
+    cache_min_hits: float = 0.0,
 ) -> Iterator[Chunk]:
     """Yield the chunks of one round: ``state``'s pages that differ from ``shadow``.
 
@@ -333,7 +353,8 @@ def scan_chunks(
     are its pages' XXH3-128 digests: hashed from the copy, or with ``stable`` taken from
     ``known`` (the ``(pages, 16)`` digests of the whole paused state, as its scan hashed
     them) so a stop-and-copy reads the state once for hashing, not twice. With ``cache``
-    a chunk holding cached pages may go as ``PAGES`` (XZR over the cached copies), and
+    a chunk holding cached pages (more than ``cache_min_hits`` of them, a fraction) may
+    go as ``PAGES`` (XZR over the cached copies), and
     the pages a delta round (``round_no`` >= 1, not ``stable``) sends enter the cache.
     """
     size = state.nbytes
@@ -349,7 +370,7 @@ def scan_chunks(
             pages = state[lo : lo + pages_len(indices, size)]
         else:
             pages = copy_pages(state, indices, size, pool.take() if pool is not None else None)
-        encoding, payload = encode_pages(pages, compress, indices=indices, cache=cache)
+        encoding, payload = encode_pages(pages, compress, indices=indices, cache=cache, min_hits=cache_min_hits)
         if cache is not None and round_no >= 1 and not stable:
             cache.store(indices, pages, size)
         if stable and known is not None:

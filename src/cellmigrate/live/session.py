@@ -148,7 +148,7 @@ class ReceiverSession:
         idx = chunk.indices
         # XZR pages XOR into the pages staged so far (copied out: no view of the store
         # may outlive this call, or a FileStore could not resize).
-        base = base_pages(self._staged(), idx) if chunk.encoding == Encoding.PAGES else None
+        base = base_pages(self._staged(), idx, chunk.payload) if chunk.encoding == Encoding.PAGES else None
         raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
         if pages_digest(raw) != chunk.digest:
             raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
