@@ -9,8 +9,9 @@ every start alignment 0-63 out of a larger buffer.
 from __future__ import annotations
 
 import random
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
+import numpy as np
 from hypothesis import strategies as st
 
 from cellmigrate import _kernels
@@ -104,3 +105,37 @@ def old_new(draw: st.DrawFn) -> Tuple[bytes, bytes, int]:
             new[i] ^= draw(st.integers(1, 255))
     page_size = draw(st.sampled_from((1, 7, 16, 32, 48, 64, 100, 128, 4096, 4096, 4096, 8192)))
     return old, bytes(new), page_size
+
+
+def leaf_states(draw: st.DrawFn, leaf: int, page: int = 4096) -> Tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", int, int]:
+    """``(old, new, lo, hi)``: a state of 1-4 leaves of ``leaf`` bytes (the last one
+    partly), random or zero, a copy with up to 12 single bytes changed, and a span
+    ``[lo, hi)`` starting on a leaf (the fused leaf passes' input)."""
+    nleaves = draw(st.integers(1, 4))
+    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    npages = -(-size // page)
+    for index in draw(st.lists(st.integers(0, npages - 1), max_size=12)):
+        at = index * page + draw(st.integers(0, page - 1))
+        if at < size:
+            new[at] ^= draw(st.integers(1, 255))
+    lo = draw(st.integers(0, nleaves - 1)) * leaf
+    hi = draw(st.integers(lo, size))
+    return old, new, lo, hi
+
+
+def edit_page(draw: st.DrawFn, rng: "np.random.Generator", new: "np.ndarray[Any, Any]", at: int, end: int,
+              kinds: Tuple[str, ...] = ("edit", "rewrite", "zero", "half")) -> None:
+    """Change ``new[at:end]`` (one page) as drawn from ``kinds``: one byte ("edit"), every
+    byte ("rewrite"), all zero ("zero"), its first half and a byte ("half"), or not ("none")."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "edit":
+        new[at + draw(st.integers(0, end - at - 1))] ^= draw(st.integers(1, 255))
+    elif kind == "rewrite":
+        new[at:end] = rng.integers(0, 256, end - at, dtype=np.uint8)
+    elif kind == "zero":
+        new[at:end] = 0
+    elif kind == "half":
+        new[at : (at + end) // 2 + 1] ^= 0x5A

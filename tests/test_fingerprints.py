@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from cellmigrate import DeltaSnapshot, DirtyPageTracker, InvalidStateError, PageFingerprints, _kernels, _reference, _xxh3
 
+from kernel_strategies import each_path, leaf_states
+
 PAGE = 4096
-PATHS = _kernels._dispatch_paths()
 AGENT = bytes(range(16))
 
 
@@ -45,23 +46,13 @@ def _table(data: np.ndarray) -> np.ndarray:
 @st.composite
 def fp_cases(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
     leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 4 * PAGE, 16 * PAGE]))
-    nleaves = draw(st.integers(1, 4))
-    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
-    new = old.copy()
-    npages = -(-size // PAGE)
-    for page in draw(st.lists(st.integers(0, npages - 1), max_size=12)):
-        at = page * PAGE + draw(st.integers(0, PAGE - 1))
-        if at < size:
-            new[at] ^= draw(st.integers(1, 255))
+    old, new, lo, hi = leaf_states(draw, leaf)
     table = _table(old)
+    npages = len(table)
     # A table that does not describe old: entries replaced by anything (a page then reads
     # as dirty, or, where old changed under a kept entry, as clean).
     for page in draw(st.lists(st.integers(0, npages - 1), max_size=4)):
         table[page] = draw(st.integers(0, 2**64 - 1))
-    lo = draw(st.integers(0, nleaves - 1)) * leaf
-    hi = draw(st.integers(lo, size))
     return old, new, table, lo, hi, leaf
 
 
@@ -72,29 +63,24 @@ def test_scan_leaves_with_fingerprints_matches_reference_on_every_path(
 ) -> None:
     old, new, table, lo, hi, leaf = case
     indices, copies, checksum, leaves, read = _reference.scan_leaves_fp_reference(new, lo, hi, leaf, PAGE, table)
-    before = _kernels._dispatch()
-    try:
-        for path in PATHS:
-            _kernels._set_dispatch(path)
-            for hashing in (True, False):
-                arena = _kernels.PageArena(PAGE)
-                out = bytearray(16 * -(-(hi - lo) // leaf)) if hashing else None
-                got_read = np.full(len(table), 7, dtype=np.uint64)
-                got = _kernels.scan_leaves(old, new, lo, hi, leaf, arena, out, True, table, got_read)
-                assert got == checksum, path
-                assert arena.indices.tolist() == indices.tolist(), path
-                held = bytes(memoryview(arena))
-                for k, page in enumerate(copies):
-                    assert held[k * PAGE : k * PAGE + len(page)] == page, (path, k)
-                want_hints = [_reference.xzr_hint(c, old[i * PAGE : i * PAGE + len(c)])
-                              for i, c in zip(indices.tolist(), copies)]
-                assert arena.xzr_hints.tolist() == want_hints, path
-                for k in range(len(table)):  # pages outside [lo, hi) are left alone
-                    assert int(got_read[k]) == read.get(k, 7), (path, k)
-                if hashing:
-                    assert bytes(out) == leaves, path
-    finally:
-        _kernels._set_dispatch(before)
+    for path in each_path():
+        for hashing in (True, False):
+            arena = _kernels.PageArena(PAGE)
+            out = bytearray(16 * -(-(hi - lo) // leaf)) if hashing else None
+            got_read = np.full(len(table), 7, dtype=np.uint64)
+            got = _kernels.scan_leaves(old, new, lo, hi, leaf, arena, out, True, table, got_read)
+            assert got == checksum, path
+            assert arena.indices.tolist() == indices.tolist(), path
+            held = bytes(memoryview(arena))
+            for k, page in enumerate(copies):
+                assert held[k * PAGE : k * PAGE + len(page)] == page, (path, k)
+            want_hints = [_reference.xzr_hint(c, old[i * PAGE : i * PAGE + len(c)])
+                          for i, c in zip(indices.tolist(), copies)]
+            assert arena.xzr_hints.tolist() == want_hints, path
+            for k in range(len(table)):  # pages outside [lo, hi) are left alone
+                assert int(got_read[k]) == read.get(k, 7), (path, k)
+            if hashing:
+                assert bytes(out) == leaves, path
 
 
 def test_scan_leaves_refuses_bad_fingerprint_tables() -> None:
@@ -225,9 +211,11 @@ def test_page_fingerprints_of_any_buffer() -> None:
     assert "pages=6" in repr(table)
 
 
-def test_pure_python_create_with_fingerprints() -> None:
-    """Without the compiled kernels create compares both states and advances the table
-    from the pages it found: the same delta and table."""
+@pytest.mark.parametrize("env", [{"CELLMIGRATE_PURE_PYTHON": "1"}, {"CELLMIGRATE_XXH3_PYTHON": "1"}])
+def test_create_with_fingerprints_without_the_compiled_pass(env: Dict[str, str]) -> None:
+    """Without the compiled kernels, or with XXH3 left unbound, tables are taken in Python
+    and create compares both states and advances the table from the pages it found: the
+    same delta and table."""
     code = (
         "import numpy as np, cellmigrate as cm\n"
         "rng = np.random.default_rng(2)\n"
@@ -240,8 +228,8 @@ def test_pure_python_create_with_fingerprints() -> None:
         "b = bytearray(old.tobytes()); d.apply(b); assert b == new.tobytes()\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, CELLMIGRATE_PURE_PYTHON="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 

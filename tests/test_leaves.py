@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from cellmigrate import DeltaSnapshot, _kernels, _reference, _xxh3, digest
 from cellmigrate._tree import LEAF_SIZE
 
+from kernel_strategies import edit_page, leaf_states
+
 PAGE = 4096
 PATHS = _kernels._dispatch_paths()
 
@@ -36,26 +38,10 @@ def bound() -> Iterator[None]:
     _xxh3.bind()
 
 
-def _states(draw: st.DrawFn, leaf: int) -> Tuple[np.ndarray, np.ndarray, int, int]:
-    nleaves = draw(st.integers(1, 4))
-    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
-    new = old.copy()
-    npages = -(-size // PAGE)
-    for page in draw(st.lists(st.integers(0, npages - 1), max_size=12)):
-        at = page * PAGE + draw(st.integers(0, PAGE - 1))
-        if at < size:
-            new[at] ^= draw(st.integers(1, 255))
-    lo = draw(st.integers(0, nleaves - 1)) * leaf
-    hi = draw(st.integers(lo, size))
-    return old, new, lo, hi
-
-
 @st.composite
 def scan_cases(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, int, int, int]:
     leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 4 * PAGE, 16 * PAGE]))
-    old, new, lo, hi = _states(draw, leaf)
+    old, new, lo, hi = leaf_states(draw, leaf)
     return old, new, lo, hi, leaf
 
 
@@ -86,7 +72,7 @@ def test_scan_leaves_matches_reference_on_every_path(case: Tuple[np.ndarray, np.
 @st.composite
 def overlay_cases(draw: st.DrawFn) -> Tuple[np.ndarray, int, int, List[bytes], List[int], int]:
     leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 8 * PAGE]))
-    old, _, lo, hi = _states(draw, leaf)
+    old, _, lo, hi = leaf_states(draw, leaf)
     first, last = -(-lo // PAGE), hi // PAGE  # whole pages inside [lo, hi)
     chosen = sorted(set(draw(st.lists(st.integers(first, max(first, last - 1)), max_size=10)))) if last > first else []
     rng = np.random.default_rng(draw(st.integers(0, 1000)))
@@ -132,16 +118,7 @@ def test_scan_xzr_hints_match_the_reference_and_leave_the_encoding_as_it_was(dat
     old = rng.integers(0, 256, size, dtype=np.uint8) if data.draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
     new = old.copy()
     for page in data.draw(st.lists(st.integers(0, (size - 1) // PAGE), max_size=20)):
-        at, end = page * PAGE, min(size, (page + 1) * PAGE)
-        kind = data.draw(st.sampled_from(["edit", "rewrite", "zero", "half"]))
-        if kind == "edit":
-            new[at + data.draw(st.integers(0, end - at - 1))] ^= data.draw(st.integers(1, 255))
-        elif kind == "rewrite":
-            new[at:end] = rng.integers(0, 256, end - at, dtype=np.uint8)
-        elif kind == "zero":
-            new[at:end] = 0
-        else:
-            new[at : (at + end) // 2 + 1] ^= 0x5A
+        edit_page(data.draw, rng, new, page * PAGE, min(size, (page + 1) * PAGE))
     leaf = 4 * PAGE
     hi = size
     allowed = sum(1 << e for e in (_kernels.ENC_RAW, _kernels.ENC_RLE, _kernels.ENC_ZERO, _kernels.ENC_XZR))

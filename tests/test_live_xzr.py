@@ -37,6 +37,8 @@ from cellmigrate.live.replay import BytesStream, record_sender_stream
 from cellmigrate.live.sender import StreamChannel
 from cellmigrate.live.transport import SocketStream
 
+from kernel_strategies import edit_page
+
 PAGE = 4096
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -93,14 +95,7 @@ def test_pages_chunks_decode_over_the_receivers_pages(data: st.DataObject) -> No
     chosen = sorted(set(data.draw(st.lists(st.integers(0, npages - 1), min_size=1, max_size=npages))))
     idx = np.array(chosen, dtype=np.int64)
     for page in chosen:
-        at, end = page * PAGE, min(size, (page + 1) * PAGE)
-        kind = data.draw(st.sampled_from(["edit", "rewrite", "zero", "none"]))
-        if kind == "edit":
-            new[at + data.draw(st.integers(0, end - at - 1))] ^= data.draw(st.integers(1, 255))
-        elif kind == "rewrite":
-            new[at:end] = rng.integers(0, 256, end - at, dtype=np.uint8)
-        elif kind == "zero":
-            new[at:end] = 0
+        edit_page(data.draw, rng, new, page * PAGE, min(size, (page + 1) * PAGE), ("edit", "rewrite", "zero", "none"))
     cache = PageCache(64 * PAGE)
     cached = np.array(sorted(set(data.draw(st.lists(st.sampled_from(chosen), max_size=len(chosen))))), dtype=np.int64)
     if len(cached):

@@ -22,7 +22,8 @@ import numpy as np
 import xxhash as _xxhash
 import numpy.typing as npt
 
-from ._backend import kernels
+from . import _reference, _xxh3
+from ._backend import PURE_PYTHON, kernels
 from ._buffers import as_bytes_view
 from ._parallel import plan, run_spans
 from ._passes import _fused
@@ -78,7 +79,10 @@ class PageFingerprints:
         view = as_bytes_view(state, "state")
         table = np.empty(_page_count(view.nbytes), dtype=np.uint64)
         spans = plan(view.nbytes, threads, PAGE_SIZE)
-        run_spans(lambda a, b: kernels.page_digests64(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :]), spans)
+        # The compiled kernel hashes with the xxhash package's own library when it is bound
+        # (cellmigrate._xxh3); else each page goes through the package's Python API.
+        hash_pages = kernels.page_digests64 if PURE_PYTHON or _xxh3.available() else _reference.page_digests64
+        run_spans(lambda a, b: hash_pages(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :]), spans)
         made = cls.__new__(cls)
         made._size = view.nbytes
         made._set(table)
