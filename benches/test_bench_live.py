@@ -237,3 +237,59 @@ def test_precopy_dirtying_64mib_per_second(live_server: str, live_size: int, rec
                  ("rounds", len(summary.rounds)), ("transfer_ratio", summary.transfer_ratio)):
         record_property(k, v)
     assert summary.rounds[-1].final and summary.digest  # proven; the figures are the result
+
+
+class HotWriter(Writer):
+    """Dirties ``rate`` bytes/s of pages: 64-byte writes into the same ``hot`` pages (a hot heap)."""
+
+    def __init__(self, state: "np.ndarray[Any, Any]", rate: float, hot: int) -> None:
+        self.hot = hot
+        super().__init__(state, rate)
+
+    def run(self) -> None:
+        rng = np.random.default_rng(1)
+        pages = self.state.nbytes // 4096
+        rows = self.state[: pages * 4096].reshape(pages, 4096)
+        hot = np.sort(rng.choice(pages, self.hot, replace=False))
+        burst = 256
+        while not self.quit:
+            if self.paused.is_set():
+                self.idle.set()
+                time.sleep(0.001)
+                continue
+            self.idle.clear()
+            at = int(rng.integers(0, 4096 - 64))
+            rows[hot[rng.integers(0, self.hot, burst)], at : at + 64] = rng.integers(0, 256, (burst, 64), dtype=np.uint8)
+            time.sleep(burst * 4096 / self.rate)
+
+
+@pytest.mark.parametrize("cache", ["page cache 64 MiB (XZR pages)", "no page cache"])
+def test_precopy_hot_pages_wire_bytes(live_server: str, live_size: int, cache: str, record_property: Any) -> None:
+    """Pre-copy of an agent rewriting 64 bytes of the same 1,024 pages (4 MiB) at 64 MiB/s:
+    the delta rounds' wire bytes with the sender's page cache (pages dirtied again go as
+    XZR pages) and without it, side by side (issue 12 §5)."""
+    state = np.random.default_rng(3).integers(0, 256, live_size, dtype=np.uint8)
+    writer = HotWriter(state, 64 * MiB, 1024)
+    try:
+        summary = LiveMigration(
+            BufferSource(state, pause=writer.pause, resume=writer.resume),
+            StreamChannel(lambda: connect(live_server)),
+            page_cache_bytes=64 * MiB if cache.startswith("page cache") else 0,
+        ).run()
+    finally:
+        writer.quit = True
+        writer.thread.join(5)
+    later = summary.rounds[1:]
+    dirty = sum(r.dirty_bytes for r in later)
+    wire = sum(r.wire_bytes for r in later)
+    print(f"\nhot pages, {_label(live_size)}, {cache}: {len(summary.rounds)} rounds, delta rounds {dirty / MiB:.1f} MiB "
+          f"of pages as {wire / MiB:.2f} MiB on the wire ({wire / max(dirty, 1):.3f}), downtime "
+          f"{summary.downtime_s * 1e3:.1f} ms, total {summary.duration_s:.2f} s")
+    for r in summary.rounds:
+        print(f"  round {r.round}{' final' if r.final else ''}: {r.dirty_pages} pages, {r.wire_bytes / MiB:.2f} MiB, "
+              f"{r.duration_s * 1e3:.0f} ms (scan {r.scan_s * 1e3:.1f}, send {r.send_s * 1e3:.1f}, verify "
+              f"{r.verify_s * 1e3:.1f}), bw {r.bandwidth / MiB:.0f} MiB/s")
+    for k, v in (("delta_page_bytes", dirty), ("delta_wire_bytes", wire), ("downtime_s", summary.downtime_s),
+                 ("rounds", len(summary.rounds))):
+        record_property(k, v)
+    assert summary.rounds[-1].final and summary.digest

@@ -135,11 +135,13 @@ def arena_pool(limit=None):
     mapped never exceeds the most in use at once. Linux only (elsewhere nothing is kept).
     """
     global _arena_pool_cap
+    cdef size_t cap = <size_t>_arena_pool_cap
     if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+        if not 0 <= limit < 2**63:
+            raise ValueError(f"limit must be 0 .. 2**63 - 1 bytes, got {limit}")
+        cap = <size_t>limit
         _arena_pool_cap = int(limit)
-    return int(cm_pool_limit(<size_t>_arena_pool_cap)), _arena_pool_cap
+    return int(cm_pool_limit(cap)), _arena_pool_cap
 
 
 cdef class PageArena:

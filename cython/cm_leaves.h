@@ -360,6 +360,10 @@ static uint8_t *cm_arena_bytes(uint8_t *old, size_t old_bytes, size_t bytes) {
         size_t kept = 0;
         void *k = cm_pool_take(&kept);
         if (k) {
+#if defined(MADV_NOHUGEPAGE)
+            /* A new arena starts sparse: no huge pages until it fills (cm_arena_filling). */
+            (void)madvise(k, kept, MADV_NOHUGEPAGE);
+#endif
             p = kept == bytes ? k : mremap(k, kept, bytes, MREMAP_MAYMOVE);
             if (p != MAP_FAILED)
                 return (uint8_t *)p;
@@ -547,9 +551,9 @@ static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint6
             sum += cm_checksum(tmp, len, s);
             if (out)
                 cm_xxh3.update128(state, tmp, len);
-            uint64_t h = cm_xxh3.one64(tmp, len);
-            fp_new[k] = h;
-            if (h == fp_old[k])
+            uint64_t h = cm_xxh3.one64(tmp, len), was = fp_old[k];
+            fp_new[k] = h; /* after reading fp_old[k]: the two tables may be one array */
+            if (h == was)
                 continue;
             if (cm_arena_reserve(ar, 1) != 0) {
                 *failed = 1;

@@ -40,8 +40,10 @@ def test_kept_arenas_are_reused_and_bounded(pool: None) -> None:
     assert _kernels.arena_pool()[0] == kept
     assert _kernels.arena_pool(1 << 20) == (0, 1 << 20)  # a lower limit frees what no longer fits
     assert _kernels.arena_pool(0) == (0, 0)
-    with pytest.raises(ValueError):
-        _kernels.arena_pool(-1)
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError):
+            _kernels.arena_pool(bad)
+    assert _kernels.arena_pool() == (0, 0)  # a refused limit changes nothing
 
 
 def test_reused_arenas_never_show_earlier_bytes(pool: None) -> None:

@@ -22,7 +22,16 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cellmigrate import DeltaSnapshot, DirtyPageTracker, InvalidStateError, PageFingerprints, _kernels, _reference, _xxh3
+from cellmigrate import (
+    DeltaSnapshot,
+    DirtyPageTracker,
+    InvalidStateError,
+    PageFingerprints,
+    _kernels,
+    _reference,
+    _xxh3,
+    simple_checksum,
+)
 
 from kernel_strategies import each_path, leaf_states
 
@@ -92,6 +101,19 @@ def test_scan_leaves_refuses_bad_fingerprint_tables() -> None:
         _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good[:3], good.copy())
     with pytest.raises(ValueError, match="needs 4"):
         _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good, good[:3].copy())
+
+
+def test_one_array_as_both_tables_still_finds_the_changed_pages() -> None:
+    """The kernel reads a page's old entry before it writes the new one: the same array
+    may serve as both tables (updated in place)."""
+    old = np.random.default_rng(2).integers(0, 256, 6 * PAGE, dtype=np.uint8)
+    new = old.copy()
+    new[[PAGE + 1, 5 * PAGE]] ^= 1
+    table = _table(old)
+    arena = _kernels.PageArena(PAGE)
+    _kernels.scan_leaves(old, new, 0, new.nbytes, 2 * PAGE, arena, None, False, table, table)
+    assert arena.indices.tolist() == [1, 5]
+    assert table.tolist() == _table(new).tolist()
 
 
 def _states(size: int, dirty: int, seed: int = 3) -> Tuple[np.ndarray, np.ndarray]:
@@ -170,6 +192,23 @@ def test_a_table_that_does_not_describe_the_base_gives_a_delta_apply_refuses() -
     with pytest.raises(InvalidStateError):
         delta.apply(target)
     assert target == base.tobytes()
+
+
+def test_a_checksum_only_delta_never_trusts_a_table() -> None:
+    """The crate's checksum misses +1, -2, +1 on three bytes in a row: had create trusted a
+    table taken before such an edit of the base, apply would accept the delta and leave
+    the edited page. Without a digest create compares both states instead."""
+    taken = np.random.default_rng(3).integers(10, 240, 4 * PAGE, dtype=np.uint8)
+    table = PageFingerprints.of(taken)
+    base = taken.copy()
+    base[PAGE + 10 : PAGE + 13] += np.array([1, 254, 1], dtype=np.uint8)  # +1, -2, +1
+    assert simple_checksum(base) == simple_checksum(taken)
+    delta = DeltaSnapshot.create(AGENT, base, taken, 1, 2, digest=None, fingerprints=table)
+    assert [p.index for p in delta.dirty_pages] == [1]  # found by comparing, not by the table
+    target = bytearray(base.tobytes())
+    delta.apply(target)
+    assert target == taken.tobytes()
+    assert table == PageFingerprints.of(taken)
 
 
 def test_fingerprints_refuse_bad_input_and_a_failed_create_leaves_the_table() -> None:
@@ -252,8 +291,8 @@ def test_tracker_keeps_its_table_with_the_committed_state(algorithm: Optional[st
 
     def check_table() -> None:
         table = tracker._fingerprints
-        if algorithm == "blake3":
-            assert table is None  # a sequential digest compares both states
+        if algorithm != "xxh3_128_tree":
+            assert table is None  # a sequential digest, or none, compares both states
         else:
             assert table == PageFingerprints.of(tracker.committed_state())
 

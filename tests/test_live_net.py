@@ -368,3 +368,9 @@ def test_page_cache_option_is_checked(tmp_path: Path) -> None:
     src, _ = _files(tmp_path, MIB)
     sent = send(str(src), "127.0.0.1:9", "--page-cache", "lots", "--retries", "0")
     assert sent.returncode == 2 and len(sent.stderr.strip().splitlines()) == 1 and "Traceback" not in sent.stderr
+
+
+def test_page_cache_sizes_under_a_page_are_refused(tmp_path: Path) -> None:
+    src, _ = _files(tmp_path, MIB)
+    sent = send(str(src), "127.0.0.1:9", "--page-cache", "100", "--retries", "0")
+    assert sent.returncode == 2 and "--page-cache must be 0" in sent.stderr and len(sent.stderr.strip().splitlines()) == 1

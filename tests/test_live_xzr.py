@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, List
+import uuid
+from typing import Any, List, Tuple
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ from cellmigrate.live.sender import StreamChannel
 from cellmigrate.live.transport import SocketStream
 
 from kernel_strategies import edit_page
+from test_live_inplace import CutStream
 
 PAGE = 4096
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,12 +59,16 @@ def test_cache_keeps_whole_pages_first_in_first_out() -> None:
     cache.store(idx, _pages(state, idx), state.nbytes)
     asked = np.array([0, 1, 4, 99], dtype=np.int64)
     assert cache.hits(asked).tolist() == [False, True, True, False]
-    base = cache.lookup(asked)
-    assert bytes(base[PAGE : 3 * PAGE]) == bytes(state[PAGE : 2 * PAGE]) + bytes(state[4 * PAGE : 5 * PAGE])
+    def cached(page: int) -> bytes:
+        slot = int(cache.slots(np.array([page], dtype=np.int64))[0])
+        assert slot >= 0
+        return bytes(cache.data[slot * PAGE : (slot + 1) * PAGE])
+
+    assert cached(1) == bytes(state[PAGE : 2 * PAGE]) and cached(4) == bytes(state[4 * PAGE : 5 * PAGE])
     changed = state.copy()
     changed[PAGE] ^= 1
     cache.store(np.array([1], dtype=np.int64), changed[PAGE : 2 * PAGE], state.nbytes)  # updated in place
-    assert len(cache) == 2 and cache.lookup(np.array([1], dtype=np.int64))[0] == changed[PAGE]
+    assert len(cache) == 2 and cached(1) == bytes(changed[PAGE : 2 * PAGE])
     more = np.array([6, 7, 10], dtype=np.int64)  # 10 is the short last page: never kept
     cache.store(more, _pages(state, more), state.nbytes)
     assert cache.hits(np.array([1, 4, 6, 7, 10], dtype=np.int64)).tolist() == [False, True, True, True, False]
@@ -367,3 +373,110 @@ def test_the_golden_version_3_stream_still_replays() -> None:
     rx = LiveReceiver(MemoryStore(), target, timeout=5)
     assert rx.handle(BytesStream(golden)), rx.last_error
     assert target.state is not None and bytes(target.state) == fixtures.final_state()
+
+
+def test_pages_chunks_resent_after_cuts_arrive_equal() -> None:
+    """Connections cut inside the rounds that carry PAGES chunks: the chunks not yet
+    committed are resent as they were (their XZR pages over the same cached copies), and
+    the receiver, which applies them in order, ends byte-equal."""
+    def migrate(cuts: List[int]) -> Tuple[bool, int, List[Tuple[int, int, int]]]:
+        rng = np.random.default_rng(9)
+        state = rng.integers(0, 256, (1 << 20) + 333, dtype=np.uint8)
+        hot = np.sort(rng.choice(255, 100, replace=False))
+        left = [3]
+
+        def touch(stats: Any) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                for page in hot.tolist():
+                    at = page * PAGE + int(rng.integers(0, PAGE - 64))
+                    state[at : at + 64] = rng.integers(0, 256, 64, dtype=np.uint8)
+
+        target = BufferTarget()
+        receiver = LiveReceiver(MemoryStore(), target, timeout=10)
+        pending, threads = list(cuts), []
+        sent: List[Tuple[int, int, int]] = []
+
+        def connect() -> SocketStream:
+            a, b = socket.socketpair()
+            cut = pending.pop(0) if pending else None
+            thread = threading.Thread(target=receiver.handle, args=(CutStream(a, cut),), daemon=True)
+            thread.start()
+            threads.append(thread)
+            return SocketStream(b)
+
+        channel = StreamChannel(connect, retries=len(cuts) + 1, retry_delay=0.001, timeout=10)
+        send = channel.send_chunk
+
+        def record(chunk: Chunk) -> None:
+            sent.append((chunk.round, int(chunk.encoding), chunk.wire_len))
+            send(chunk)
+
+        channel.send_chunk = record  # type: ignore[method-assign]
+        LiveMigration(BufferSource(state), channel, max_rounds=3, downtime_limit=1e-9, chunk_bytes=64 << 10,
+                      migration_id=uuid.uuid4(), on_round=touch).run()
+        for thread in threads:
+            thread.join(10)
+        return target.state is not None and bytes(target.state) == state.tobytes(), channel.resent_chunks, sent
+
+    ok, _, sent = migrate([])
+    assert ok and any(e == Encoding.PAGES for _, e, _ in sent)
+    # Cut points inside the PAGES rounds: past the bytes of rounds 0 and 1 (frame heads
+    # and the handshake add a little; the spread covers it).
+    before = sum(w for r, _, w in sent if r < 2)
+    total = sum(w for _, _, w in sent)
+    resent = 0
+    for cut in range(before, total + 4000, max(1, (total + 4000 - before) // 8)):
+        ok, again, _ = migrate([cut])
+        assert ok, cut
+        resent += again
+    assert resent > 0  # some cut did land before a chunk was committed
+
+
+def test_a_resize_empties_the_page_cache() -> None:
+    """The state grows between rounds: the receiver's pages past the old end are zeros,
+    and the cached copies are dropped, so the round after the resize sends no PAGES
+    chunk; later rounds use the cache again, and the target ends byte-equal."""
+    rng = np.random.default_rng(4)
+    holder = [rng.integers(0, 256, 64 * PAGE + 100, dtype=np.uint8)]
+    hot = list(range(0, 60, 3))
+    step = [0]
+
+    def touch(stats: Any) -> None:
+        step[0] += 1
+        state = holder[0]
+        if step[0] == 2:  # after round 1: grow (hot pages changed as well)
+            state = np.concatenate([state, rng.integers(0, 256, 5 * PAGE, dtype=np.uint8)])
+            holder[0] = state
+        if step[0] <= 4:
+            for page in hot:
+                state[page * PAGE + 8 * step[0]] ^= 0x33
+
+    target = BufferTarget()
+    chunks: List[Chunk] = []
+    channel = InProcessChannel(ReceiverSession(MemoryStore(), target))
+    send = channel.send_chunk
+
+    def record(chunk: Chunk) -> None:
+        chunks.append(chunk)
+        send(chunk)
+
+    channel.send_chunk = record  # type: ignore[method-assign]
+    LiveMigration(BufferSource(lambda: holder[0]), channel, on_round=touch, max_rounds=5, downtime_limit=1e-9).run()
+    assert target.state is not None and bytes(target.state) == holder[0].tobytes()
+    by_round = {r: {c.encoding for c in chunks if c.round == r} for r in range(6)}
+    assert Encoding.PAGES not in by_round[2]  # the first round at the new size
+    assert Encoding.PAGES in by_round[3] | by_round[4]
+
+
+def test_page_cache_settings_are_checked() -> None:
+    for bad in (-1, 1, 4095, (64 << 30) + 1):
+        with pytest.raises(ValueError, match="page_cache_bytes"):
+            LiveMigration(BufferSource(bytearray(8)), InProcessChannel(ReceiverSession(MemoryStore(), BufferTarget())),
+                          page_cache_bytes=bad)
+
+
+def test_base_pages_of_a_state_under_one_page() -> None:
+    state = np.arange(1, 101, dtype=np.uint8)
+    base = base_pages(state, np.array([0, 1], dtype=np.int64), bytes([3, 3]) + bytes(8)).reshape(2, PAGE)
+    assert bytes(base[0, :100]) == state.tobytes() and not base[0, 100:].any() and not base[1].any()

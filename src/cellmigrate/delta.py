@@ -223,14 +223,15 @@ class DeltaSnapshot:
         exactly and applies to its base; a page written after it was read is not in it.
 
         ``fingerprints`` (:class:`~cellmigrate.PageFingerprints` of ``old_state``, of the
-        states' one size; ``InvalidStateError`` otherwise): with the default digest or
-        none, create then reads ``new_state`` once and ``old_state`` only under the pages
-        whose fingerprint changed (half the memory traffic of comparing both; with a
-        sequential digest it compares both as usual); on success it updates the table to
-        the state the delta describes, the next round's base. A page whose fingerprint
-        matches is taken as unchanged: where the table does not describe ``old_state``,
-        :meth:`apply` refuses the delta on it (the checks cover the new state as read),
-        never writing a wrong state.
+        states' one size; ``InvalidStateError`` otherwise): with the default digest,
+        create then reads ``new_state`` once and ``old_state`` only under the pages whose
+        fingerprint changed (half the memory traffic of comparing both); on success it
+        updates the table to the state the delta describes, the next round's base. A page
+        whose fingerprint matches is taken as unchanged: where the table does not describe
+        ``old_state``, :meth:`apply` refuses the delta on it (the digest covers the new
+        state as read), never writing a wrong state. Other digests read both states as
+        usual (and update the table); a checksum-only delta never trusts the table, its
+        32-bit checksum being too weak to catch a page left out.
 
         ``progress`` is an event callback (like :class:`~cellmigrate.CollectingCallback`;
         it receives CAPTURING_STATE events, percent 0..100) or a callable taking
@@ -312,8 +313,10 @@ class DeltaSnapshot:
             fingerprints.check_covers(old, new)
         hasher = None if algorithm is None else Hasher(algorithm, key)
         allowed, level, auto = plan
+        # Only a digest proves what a table left out: without one, both states are compared.
+        trusted = fingerprints is not None and algorithm is not None
         found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & ALLOW_XZR),
-                     fingerprints=None if fingerprints is None else fingerprints.values)
+                     fingerprints=fingerprints.values if trusted and fingerprints is not None else None)
         # Encoded from the pages as the scan copied them (never a second read of new).
         batch = encode_batch(old, found.pages, found.indices, allowed, found.xzr_hints)
         compression, payload = choose_compression(batch, level, auto)

@@ -9,9 +9,11 @@ table it then holds describes the state the delta describes: the next round's ba
 Trust, and what a wrong table costs: a page whose XXH3-64 equals the table's entry is
 taken as unchanged. A table that does not describe the base (the base written after it
 was taken), or an XXH3-64 collision (about 2**-64 a changed page), leaves a changed page
-out of the delta; the delta's checksum and digest still cover the new state as read, so
+out of the delta; the delta's digest still covers the new state as read, so
 ``DeltaSnapshot.apply`` refuses it on its base (``InvalidStateError``) and never writes a
-wrong state.
+wrong state. That takes a digest: a checksum-only delta (``digest=None``) never trusts a
+table (create compares both states, then updates the table), since the crate's 32-bit
+checksum misses some edits (+1, -2, +1 on three bytes in a row, say).
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ class PageFingerprints:
 
 def reads_new_alone(algorithm: Optional[str], key: Optional[bytes] = None) -> bool:
     """Whether ``DeltaSnapshot.create`` given a table reads the new state alone for this
-    digest: the tree digest (the default) or none, with the compiled kernels. With a
-    sequential digest (``xxh3_128``, BLAKE3, a key) it compares both states and updates
-    the table page by page from the copies (in Python: worth it only for few pages)."""
-    return key is None and algorithm in (None, "xxh3_128_tree") and _fused(True)
+    digest: the tree digest (the default) with the compiled kernels. With a sequential
+    digest (``xxh3_128``, BLAKE3, a key) or none it compares both states and updates the
+    table page by page from the copies (in Python: worth it only for few pages). Without a
+    digest the table is never trusted: the crate's 32-bit checksum alone could not refuse
+    a delta that a table not describing the base left a page out of."""
+    return key is None and algorithm == "xxh3_128_tree" and _fused(True)

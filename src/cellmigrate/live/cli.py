@@ -29,7 +29,7 @@ from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
 from .errors import ConnectionLostError
-from .page_cache import DEFAULT_PAGE_CACHE_BYTES
+from .page_cache import DEFAULT_PAGE_CACHE_BYTES, MAX_PAGE_CACHE_BYTES
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .protocol import derive_key
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
@@ -225,7 +225,7 @@ def add_commands(add: AddParser) -> None:
                         f"(4KiB..{MAX_CHUNK_BYTES >> 20}MiB; default: {DEFAULT_CHUNK_BYTES >> 20}MiB)")
     p.add_argument("--page-cache", type=_size, default=DEFAULT_PAGE_CACHE_BYTES, metavar="SIZE",
                    help="pages sent in delta rounds kept to send them again as XZR pages (QEMU's XBZRLE "
-                        f"cache; 0: none; default: {DEFAULT_PAGE_CACHE_BYTES >> 20}MiB)")
+                        f"cache; 0: none, else 4KiB..64GiB; default: {DEFAULT_PAGE_CACHE_BYTES >> 20}MiB)")
     p.add_argument("--retries", type=int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
     p.add_argument("--agent-id", metavar="UUID", help="agent id (default: random)")
     p.add_argument("--arch", metavar="NAME", help="architecture the agent requires (the receiver checks it)")
@@ -403,6 +403,8 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
 
     if not 4096 <= args.chunk_size <= MAX_CHUNK_BYTES:
         raise CliError(f"--chunk-size must be between 4KiB and {MAX_CHUNK_BYTES >> 20}MiB")
+    if args.page_cache and not 4096 <= args.page_cache <= MAX_PAGE_CACHE_BYTES:
+        raise CliError(f"--page-cache must be 0 (none) or between 4KiB and {MAX_PAGE_CACHE_BYTES >> 30}GiB")
     channel = StreamChannel(
         open_stream, key=key, timeout=args.timeout, retries=args.retries, window_bytes=3 * args.chunk_size,
         on_reconnect=lambda attempt, cause: _say(args, f"cellmigrate send: reconnecting ({attempt}): {cause}"),

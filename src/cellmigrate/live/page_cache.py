@@ -19,17 +19,18 @@ over a wrong base fails it (``CorruptDataError``), it never stages a wrong page.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
 
 from ..checksum import PAGE_SIZE
 
-__all__ = ["DEFAULT_PAGE_CACHE_BYTES", "PageCache"]
+__all__ = ["DEFAULT_PAGE_CACHE_BYTES", "MAX_PAGE_CACHE_BYTES", "PageCache"]
 
 #: QEMU's default XBZRLE cache size (``xbzrle-cache-size``).
 DEFAULT_PAGE_CACHE_BYTES = 64 << 20
+#: The largest cache a migration takes (the sender reserves it up front).
+MAX_PAGE_CACHE_BYTES = 64 << 30
 
 U8Array = npt.NDArray[np.uint8]
 I64Array = npt.NDArray[np.int64]
@@ -60,7 +61,8 @@ class PageCache:
         self._slot_of = np.full(0, -1, dtype=np.int64)
         self._next = 0
 
-    def _slots(self, indices: I64Array) -> I64Array:
+    def slots(self, indices: I64Array) -> I64Array:
+        """The slot of each page at ``indices`` in :attr:`data`, -1 where it is not cached."""
         slots = np.full(len(indices), -1, dtype=np.int64)
         inside = indices < len(self._slot_of)
         slots[inside] = self._slot_of[indices[inside]]
@@ -68,18 +70,13 @@ class PageCache:
 
     def hits(self, indices: I64Array) -> "npt.NDArray[np.bool_]":
         """Whether each page at ``indices`` is cached."""
-        return self._slots(indices) >= 0
+        return self.slots(indices) >= 0
 
-    def lookup(self, indices: I64Array, hit: Optional["npt.NDArray[np.bool_]"] = None) -> U8Array:
-        """``len(indices)`` pages of bytes (flat): the cached copy of each page where
-        ``hit`` (default: :meth:`hits`), and whatever was in memory elsewhere (never
-        zeroed: a fresh 8 MiB would cost a chunk thousands of page faults in a VM)."""
-        if hit is None:
-            hit = self.hits(indices)
-        base = np.empty((len(indices), PAGE_SIZE), dtype=np.uint8)
-        if hit.any():
-            base[hit] = self._data[self._slots(indices[hit])]
-        return base.reshape(-1)
+    @property
+    def data(self) -> U8Array:
+        """The cached pages, flat: slot ``k`` at ``k * 4096`` (read it, never keep it:
+        :meth:`store` reuses slots). XZR pages encode against it in place, no copy."""
+        return self._data.reshape(-1)
 
     def store(self, indices: I64Array, pages: U8Array, size: int) -> None:
         """Remember ``pages`` (flat, page k being page ``indices[k]`` of a ``size``-byte
@@ -97,7 +94,7 @@ class PageCache:
             grown = np.full(max(top, 2 * len(self._slot_of)), -1, dtype=np.int64)
             grown[: len(self._slot_of)] = self._slot_of
             self._slot_of = grown
-        slots = self._slots(indices)
+        slots = self.slots(indices)
         hit = slots >= 0
         if hit.any():
             self._data[slots[hit]] = rows[hit]
@@ -112,4 +109,6 @@ class PageCache:
         self._slot_of[evicted[evicted >= 0]] = -1
         self._page_of[taken] = indices[fresh]
         self._slot_of[indices[fresh]] = taken
-        self._data[taken] = rows[fresh]
+        # Rows straight from the chunk when all are new (no temporary copy: fresh memory
+        # costs a VM a page fault a page).
+        self._data[taken] = rows if len(fresh) == whole else rows[fresh]

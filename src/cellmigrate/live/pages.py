@@ -214,18 +214,17 @@ def encode_pages(
 def _encode_paged(raw: memoryview, indices: I64Array, cache: PageCache, min_hits: float) -> Optional[bytes]:
     """The ``PAGES`` payload of a chunk (``u8 encodings[n] | u32le stored lengths[n] |
     stored pages``), or None when no more than ``min_hits`` of its pages are cached."""
-    hit = cache.hits(indices)
+    slots = cache.slots(indices)
+    hit = slots >= 0
     hits = int(np.count_nonzero(hit))
     if not hits or hits <= min_hits * len(indices):
         return None
-    base = cache.lookup(indices, hit)  # only cached pages' rows are filled, and only they are read
     n = len(indices)
-    # A page not cached may not go XZR: the receiver's copy of it is unknown here.
+    # Encoded over the cache itself: page k's base is its slot (a page not cached may not
+    # go XZR, its receiver's copy being unknown: its "slot" 0 is never read).
     hints = np.where(hit, kernels.XZR_HINT_UNKNOWN, kernels.XZR_HINT_NO_WIN).astype(np.uint16)
     rows = [raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in range(n)]
-    # Local page numbers over `base`, laid out like the chunk: the stored bytes are the
-    # same as for the state's page numbers over the receiver's pages.
-    batch = encode_batch(base, rows, np.arange(n, dtype=np.int64), _PAGES_ALLOWED, hints)
+    batch = encode_batch(cache.data, rows, np.where(hit, slots, 0), _PAGES_ALLOWED, hints)
     payload = batch.payload if isinstance(batch.payload, bytes) else bytes(batch.payload)
     return b"".join((batch.encodings.astype(np.uint8).tobytes(), batch.stored_lengths().astype("<u4").tobytes(), payload))
 
@@ -236,8 +235,9 @@ def decode_pages(
     """The raw page bytes of a chunk, exactly ``raw_len`` of them (``CorruptDataError`` else).
 
     A ``PAGES`` chunk needs ``base``: the receiver's copies of the chunk's XZR pages laid
-    out as the chunk (page k at ``k * 4096``; see :func:`base_pages`), what they XOR into. Its table and every page are
-    checked as strictly as a delta's before anything is decoded."""
+    out as the chunk (page k at ``k * 4096``; see :func:`base_pages`), what they XOR into.
+    Its table and every page are checked as strictly as a delta's pages as they are
+    decoded, into new memory (the receiver stages nothing before the chunk's digest matched)."""
     if encoding == Encoding.RAW:
         data: Union[bytes, memoryview] = payload
     elif encoding == Encoding.LZ4:
@@ -277,32 +277,40 @@ def _decode_paged(payload: memoryview, raw_len: int, base: U8Array) -> memoryvie
     return as_bytes_view(decoded.buffer, "pages")[:raw_len]
 
 
-def base_pages(state: U8Array, indices: I64Array, payload: Union[bytes, memoryview]) -> U8Array:
+def base_pages(
+    state: U8Array, indices: I64Array, payload: Union[bytes, memoryview], out: Optional[U8Array] = None
+) -> U8Array:
     """The base a ``PAGES`` chunk's ``payload`` decodes over: for each of its XZR pages, the
     page of ``state`` at its index (zeros past the end of ``state``), at ``k * 4096`` for
-    the chunk's k-th page; other rows are left as they were in memory (never read). A copy:
-    it holds no view of ``state``. A table too short for the pages reads as no XZR page
-    (the decoder refuses it)."""
+    the chunk's k-th page; other rows hold anything (they are never read).
+
+    Built in ``out`` when it holds the chunk's pages (a receiver reuses one: fresh memory
+    costs a VM a page fault a page), else in a new array; either way a copy that holds no
+    view of ``state``. A table too short for the pages reads as no XZR page (the
+    decoder refuses it)."""
     n = len(indices)
-    rows = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+    need = n * PAGE_SIZE
+    flat = out[:need] if out is not None and out.nbytes >= need else np.empty(need, dtype=np.uint8)
     if len(payload) < n:
-        return rows.reshape(-1)
+        return flat
     xzr = np.frombuffer(payload, dtype=np.uint8, count=n) == PageEncoding.XZR
     if not xzr.any():
-        return rows.reshape(-1)
-    wanted = indices[xzr]
+        return flat
     have = state.nbytes
     full = have // PAGE_SIZE
-    inside = wanted < full
-    picked = np.zeros((len(wanted), PAGE_SIZE), dtype=np.uint8)
-    if inside.any():
-        picked[inside] = state[: full * PAGE_SIZE].reshape(-1, PAGE_SIZE)[wanted[inside]]
-    if have % PAGE_SIZE:
-        at = np.flatnonzero(wanted == full)
-        if len(at):
-            picked[int(at[0]), : have % PAGE_SIZE] = state[full * PAGE_SIZE :]
-    rows[xzr] = picked
-    return rows.reshape(-1)
+    inside = indices < full
+    # Every row in one take (a row of a page that is not XZR is copied for nothing, but
+    # no temporary is made: fresh memory costs a VM a page fault a page); one 4 KiB item
+    # a page and mode="clip" (indices checked): a memcpy a page, unbuffered.
+    if full:
+        np.take(_rows(state, full), np.where(inside, indices, 0), out=_rows(flat, n), mode="clip")
+    rows = flat.reshape(n, PAGE_SIZE)
+    for k in np.flatnonzero(xzr & ~inside).tolist():  # the short last page, or past the end
+        start = int(indices[k]) * PAGE_SIZE
+        tail = state[start:have] if start < have else state[:0]
+        rows[k, : tail.nbytes] = tail
+        rows[k, tail.nbytes :] = 0
+    return flat
 
 
 class BufferPool:

@@ -146,9 +146,12 @@ class ReceiverSession:
         if not self._check(chunk):
             return False
         idx = chunk.indices
-        # XZR pages XOR into the pages staged so far (copied out: no view of the store
-        # may outlive this call, or a FileStore could not resize).
-        base = base_pages(self._staged(), idx, chunk.payload) if chunk.encoding == Encoding.PAGES else None
+        # XZR pages XOR into the pages staged so far, copied out (no view of the store may
+        # outlive this call, or a FileStore could not resize) into the scratch buffer, warm
+        # from every delta chunk's commit (a chunk over 8 MiB of pages gets its own).
+        base = None
+        if chunk.encoding == Encoding.PAGES:
+            base = base_pages(self._staged(), idx, chunk.payload, self._scratch_buffer())
         raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
         if pages_digest(raw) != chunk.digest:
             raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")

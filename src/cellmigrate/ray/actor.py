@@ -70,6 +70,7 @@ from ..live.agent import MAX_EXTRA_BYTES, MemoryStore
 from ..live.channel import Channel
 from ..live.driver import LiveMigration, RoundStats
 from ..live.errors import OutcomeUnknownError, PeerTimeoutError
+from ..live.page_cache import DEFAULT_PAGE_CACHE_BYTES
 from ..live.pages import Chunk, Encoding
 from ..live.session import Offer, ReceiverSession
 from ..progress import MigrationProgressEvent, ProgressEventKind
@@ -442,6 +443,7 @@ class _Sender:
                 max_rounds=int(opts["max_rounds"]),
                 chunk_bytes=int(opts["chunk_bytes"]),
                 compress=bool(opts["compress"]),
+                page_cache_bytes=int(opts.get("page_cache_bytes", DEFAULT_PAGE_CACHE_BYTES)),
                 validator=MigrationValidator(_audit_log(opts)),
                 progress=self._progress,
                 on_round=self._on_round,

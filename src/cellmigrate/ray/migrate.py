@@ -37,6 +37,7 @@ from ..audit import AuditEntry, AuditEventType, MigrationAuditLog
 from ..checksum import PAGE_SIZE
 from ..errors import CellError, InvalidStateError, MigrationFailedError
 from ..live.driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS
+from ..live.page_cache import DEFAULT_PAGE_CACHE_BYTES
 from ..live.pages import DEFAULT_CHUNK_BYTES
 from ..validation import AgentRequirements, NodeCapabilities
 from .actor import REPLICA_KWARG
@@ -360,6 +361,7 @@ class _Run:
         self.downtime_limit: float = kw["downtime_limit"]
         self.max_rounds: int = kw["max_rounds"]
         self.compress: bool = kw["compress"]
+        self.page_cache_bytes: int = kw["page_cache_bytes"]
         self.requirements: Optional[AgentRequirements] = kw["requirements"]
         self.capabilities: Optional[NodeCapabilities] = kw["capabilities"]
         self.fleet: FleetAudit = kw["fleet"]
@@ -376,6 +378,7 @@ class _Run:
             "downtime_limit": self.downtime_limit,
             "max_rounds": self.max_rounds,
             "compress": self.compress,
+            "page_cache_bytes": self.page_cache_bytes,
             "requirements": self.requirements,
             "audit_sink": sink,
             "target_options": {"timeout": self.timeout, "audit_sink": sink, "capabilities": self.capabilities},
@@ -398,6 +401,7 @@ def migrate_many(
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compress: bool = True,
+    page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES,
     requirements: Optional[AgentRequirements] = None,
     capabilities: Optional[NodeCapabilities] = None,
     timeout: float = DEFAULT_TIMEOUT,
@@ -415,8 +419,8 @@ def migrate_many(
     (:func:`default_audit` when ``None``). ``actor_class``/``args``/``kwargs``/
     ``actor_options`` override how the new actors are built (default: the source's class,
     found by name, with the source's constructor arguments and the class's options).
-    ``downtime_limit``, ``max_rounds``, ``chunk_bytes``, ``compress``, ``requirements``:
-    the live driver's settings; ``capabilities``: what the target nodes offer (checked
+    ``downtime_limit``, ``max_rounds``, ``chunk_bytes``, ``compress``, ``page_cache_bytes``
+    (the sender's XZR page cache; 0: none), ``requirements``: the live driver's settings; ``capabilities``: what the target nodes offer (checked
     against ``requirements``). ``timeout`` bounds every step (seconds).
 
     Raises ``ValueError`` for bad settings; everything else is reported per agent.
@@ -442,6 +446,7 @@ def migrate_many(
         downtime_limit=downtime_limit,
         max_rounds=max_rounds,
         compress=compress,
+        page_cache_bytes=page_cache_bytes,
         requirements=requirements,
         capabilities=capabilities,
         fleet=audit if audit is not None else default_audit(),
