@@ -161,19 +161,23 @@ class Writer:
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
+    BURST = 256  # pages per burst
+
     def run(self) -> None:
         rng = np.random.default_rng(1)
         pages = self.state.nbytes // 4096
         rows = self.state[: pages * 4096].reshape(pages, 4096)
-        burst = 256  # pages per burst
         while not self.quit:
             if self.paused.is_set():
                 self.idle.set()
                 time.sleep(0.001)
                 continue
             self.idle.clear()
-            rows[rng.integers(0, pages, burst), :64] = rng.integers(0, 256, (burst, 64), dtype=np.uint8)
-            time.sleep(burst * 4096 / self.rate)
+            self.burst(rng, rows)
+            time.sleep(self.BURST * 4096 / self.rate)
+
+    def burst(self, rng: "np.random.Generator", rows: "np.ndarray[Any, Any]") -> None:
+        rows[rng.integers(0, len(rows), self.BURST), :64] = rng.integers(0, 256, (self.BURST, 64), dtype=np.uint8)
 
     def pause(self) -> None:
         self.paused.set()
@@ -243,24 +247,13 @@ class HotWriter(Writer):
     """Dirties ``rate`` bytes/s of pages: 64-byte writes into the same ``hot`` pages (a hot heap)."""
 
     def __init__(self, state: "np.ndarray[Any, Any]", rate: float, hot: int) -> None:
-        self.hot = hot
+        self.hot = np.sort(np.random.default_rng(1).choice(state.nbytes // 4096, hot, replace=False))
         super().__init__(state, rate)
 
-    def run(self) -> None:
-        rng = np.random.default_rng(1)
-        pages = self.state.nbytes // 4096
-        rows = self.state[: pages * 4096].reshape(pages, 4096)
-        hot = np.sort(rng.choice(pages, self.hot, replace=False))
-        burst = 256
-        while not self.quit:
-            if self.paused.is_set():
-                self.idle.set()
-                time.sleep(0.001)
-                continue
-            self.idle.clear()
-            at = int(rng.integers(0, 4096 - 64))
-            rows[hot[rng.integers(0, self.hot, burst)], at : at + 64] = rng.integers(0, 256, (burst, 64), dtype=np.uint8)
-            time.sleep(burst * 4096 / self.rate)
+    def burst(self, rng: "np.random.Generator", rows: "np.ndarray[Any, Any]") -> None:
+        at = int(rng.integers(0, 4096 - 64))
+        picked = self.hot[rng.integers(0, len(self.hot), self.BURST)]
+        rows[picked, at : at + 64] = rng.integers(0, 256, (self.BURST, 64), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("cache", ["page cache 64 MiB (XZR pages)", "no page cache"])

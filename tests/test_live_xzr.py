@@ -248,18 +248,24 @@ class HotPages:
             self.state[at : at + 64] = self.rng.integers(0, 256, 64, dtype=np.uint8)
 
 
+def _recorded(channel: Any) -> List[Chunk]:
+    """The chunks ``channel`` is given to send, in order (its ``send_chunk`` wrapped)."""
+    chunks: List[Chunk] = []
+    send = channel.send_chunk
+
+    def record(chunk: Chunk) -> None:
+        chunks.append(chunk)
+        send(chunk)
+
+    channel.send_chunk = record
+    return chunks
+
+
 def _migrate(page_cache_bytes: int) -> Any:
     state = np.random.default_rng(1).integers(0, 256, 8 << 20, dtype=np.uint8)
     target = BufferTarget()
-    chunks: List[Chunk] = []
     channel = InProcessChannel(ReceiverSession(MemoryStore(), target))
-    sent = channel.send_chunk
-
-    def send(chunk: Chunk) -> None:
-        chunks.append(chunk)
-        sent(chunk)
-
-    channel.send_chunk = send  # type: ignore[method-assign]
+    chunks = _recorded(channel)
     summary = LiveMigration(
         BufferSource(state), channel, on_round=HotPages(state, 3), max_rounds=3, downtime_limit=1e-9,
         page_cache_bytes=page_cache_bytes,
@@ -395,8 +401,6 @@ def test_pages_chunks_resent_after_cuts_arrive_equal() -> None:
         target = BufferTarget()
         receiver = LiveReceiver(MemoryStore(), target, timeout=10)
         pending, threads = list(cuts), []
-        sent: List[Tuple[int, int, int]] = []
-
         def connect() -> SocketStream:
             a, b = socket.socketpair()
             cut = pending.pop(0) if pending else None
@@ -406,17 +410,12 @@ def test_pages_chunks_resent_after_cuts_arrive_equal() -> None:
             return SocketStream(b)
 
         channel = StreamChannel(connect, retries=len(cuts) + 1, retry_delay=0.001, timeout=10)
-        send = channel.send_chunk
-
-        def record(chunk: Chunk) -> None:
-            sent.append((chunk.round, int(chunk.encoding), chunk.wire_len))
-            send(chunk)
-
-        channel.send_chunk = record  # type: ignore[method-assign]
+        chunks = _recorded(channel)
         LiveMigration(BufferSource(state), channel, max_rounds=3, downtime_limit=1e-9, chunk_bytes=64 << 10,
                       migration_id=uuid.uuid4(), on_round=touch).run()
         for thread in threads:
             thread.join(10)
+        sent = [(c.round, int(c.encoding), c.wire_len) for c in chunks]
         return target.state is not None and bytes(target.state) == state.tobytes(), channel.resent_chunks, sent
 
     ok, _, sent = migrate([])
@@ -453,15 +452,8 @@ def test_a_resize_empties_the_page_cache() -> None:
                 state[page * PAGE + 8 * step[0]] ^= 0x33
 
     target = BufferTarget()
-    chunks: List[Chunk] = []
     channel = InProcessChannel(ReceiverSession(MemoryStore(), target))
-    send = channel.send_chunk
-
-    def record(chunk: Chunk) -> None:
-        chunks.append(chunk)
-        send(chunk)
-
-    channel.send_chunk = record  # type: ignore[method-assign]
+    chunks = _recorded(channel)
     LiveMigration(BufferSource(lambda: holder[0]), channel, on_round=touch, max_rounds=5, downtime_limit=1e-9).run()
     assert target.state is not None and bytes(target.state) == holder[0].tobytes()
     by_round = {r: {c.encoding for c in chunks if c.round == r} for r in range(6)}
