@@ -310,7 +310,7 @@ class DeltaSnapshot:
                 f"new state has {new.nbytes} bytes; resize=True makes a delta between them)"
             )
         if fingerprints is not None:
-            fingerprints.check_covers(old, new)
+            fingerprints._check_covers(old, new)
         hasher = None if algorithm is None else Hasher(algorithm, key)
         allowed, level, auto = plan
         # Only a digest proves what a table left out: without one, both states are compared.

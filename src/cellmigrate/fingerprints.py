@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-import xxhash as _xxhash
 import numpy.typing as npt
+import xxhash as _xxhash
 
 from . import _reference, _xxh3
 from ._backend import PURE_PYTHON, kernels
@@ -46,11 +46,11 @@ class PageFingerprints:
     """The XXH3-64 of each 4 KiB page of a state (the last page may be short).
 
     Take one with :meth:`of` from a state as a receiver has it, pass it to
-    :meth:`DeltaSnapshot.create` with that state as ``old_state``: create then reads the new
-    state once instead of both states, and on success updates the table in place to the
-    state the delta describes, ready for the next round (see the module's notes on what a
-    table that does not describe the base costs: a delta that apply refuses, never a
-    wrong state).
+    :meth:`DeltaSnapshot.create` with that state as ``old_state``: with the default digest,
+    create then reads the new state once instead of both states; on success it updates the
+    table in place to the state the delta describes, ready for the next round (see the
+    module's notes on what a table that does not describe the base costs: a delta that
+    apply refuses, never a wrong state).
 
     Attributes:
         size: bytes of the state the table describes.
@@ -96,10 +96,12 @@ class PageFingerprints:
 
     @property
     def size(self) -> int:
+        """Bytes of the state the table describes."""
         return self._size
 
     @property
     def values(self) -> U64Array:
+        """The XXH3-64 of each page (read-only uint64 array, one a page)."""
         return self._values
 
     def __len__(self) -> int:
@@ -113,6 +115,7 @@ class PageFingerprints:
     __hash__ = None  # type: ignore[assignment]  # mutable: create updates it in place
 
     def copy(self) -> "PageFingerprints":
+        """An independent table with the same values (create advances the one it is given)."""
         return PageFingerprints(self._size, self._values)
 
     def __repr__(self) -> str:
@@ -127,7 +130,7 @@ class PageFingerprints:
                 read[k] = _xxhash.xxh3_64_intdigest(page)
         self._set(read)
 
-    def check_covers(self, old: memoryview, new: memoryview) -> None:
+    def _check_covers(self, old: memoryview, new: memoryview) -> None:
         """``InvalidStateError`` unless the table, ``old`` and ``new`` have one size."""
         if not (self._size == old.nbytes == new.nbytes):
             raise InvalidStateError(

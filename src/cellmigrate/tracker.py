@@ -137,12 +137,13 @@ class DirtyPageTracker:
 
     The bitmap of marked pages is advisory: :meth:`create_delta` always checks every
     page of the state against the committed one, so a missed mark can never produce a
-    wrong delta. With the default digest (or none) it checks by the committed state's
-    page fingerprints (:class:`~cellmigrate.PageFingerprints`, taken at the first delta
-    and kept up to date), reading the live state alone. The committed state is what the deltas carried (the pages as
-    copied when they were read), not the live state, so rounds made while the agent
-    writes stay consistent; with ``create_delta(..., commit=False)`` it advances only
-    when :meth:`commit` or :meth:`acknowledge` says the receiver has the delta.
+    wrong delta. With the default digest it checks by the committed state's page
+    fingerprints (:class:`~cellmigrate.PageFingerprints`, taken at the first delta and
+    kept up to date), reading the live state alone. The committed state is what the
+    deltas carried (the pages as copied when they were read), not the live state, so
+    rounds made while the agent writes stay consistent; with ``create_delta(...,
+    commit=False)`` it advances only when :meth:`commit` or :meth:`acknowledge` says the
+    receiver has the delta.
 
     >>> tracker = DirtyPageTracker(bytes(16), 3 * 4096)
     >>> tracker.initialize(bytes(3 * 4096))

@@ -19,7 +19,6 @@ over a wrong base fails it (``CorruptDataError``), it never stages a wrong page.
 
 from __future__ import annotations
 
-
 import numpy as np
 import numpy.typing as npt
 

@@ -360,10 +360,10 @@ def scan_chunks(
     them back with :meth:`BufferPool.give` once acknowledged). Each chunk's ``digests``
     are its pages' XXH3-128 digests: hashed from the copy, or with ``stable`` taken from
     ``known`` (the ``(pages, 16)`` digests of the whole paused state, as its scan hashed
-    them) so a stop-and-copy reads the state once for hashing, not twice. With ``cache``
-    a chunk holding cached pages (more than ``cache_min_hits`` of them, a fraction) may
-    go as ``PAGES`` (XZR over the cached copies), and
-    the pages a delta round (``round_no`` >= 1, not ``stable``) sends enter the cache.
+    them) so a stop-and-copy reads the state once for hashing, not twice. With ``cache``,
+    a chunk holding cached pages (more than ``cache_min_hits`` of them, a fraction) may go
+    as ``PAGES`` (XZR over the cached copies), and the pages a delta round (``round_no``
+    >= 1, not ``stable``) sends enter the cache.
     """
     size = state.nbytes
     per_chunk = max(1, chunk_bytes // PAGE_SIZE)
