@@ -232,6 +232,12 @@ def test_fingerprints_refuse_bad_input_and_a_failed_create_leaves_the_table() ->
     assert table == kept
     with pytest.raises(ValueError, match="pages"):
         PageFingerprints(3 * PAGE, np.zeros(2, dtype=np.uint64))
+    for bad, error in (([1.5, 2.7], TypeError), ([[1], [2]], ValueError), (["ab", "cd"], TypeError),
+                       ([-1, 2], ValueError), ([2**64, 1], ValueError), (np.array([[1], [2]]), ValueError),
+                       (np.array([1.0, 2.0]), TypeError), (np.array([-1, 2]), ValueError)):
+        with pytest.raises(error, match="values"):
+            PageFingerprints(2 * PAGE, bad)
+    assert PageFingerprints(2 * PAGE, [2**64 - 1, 0]).values.tolist() == [2**64 - 1, 0]
     with pytest.raises(ValueError, match=">= 0"):
         PageFingerprints(-1, [])
     with pytest.raises(ValueError):

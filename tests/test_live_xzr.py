@@ -82,6 +82,19 @@ def test_cache_keeps_whole_pages_first_in_first_out() -> None:
     assert len(none) == 0
     with pytest.raises(ValueError):
         PageCache(-1)
+    with pytest.raises(TypeError):
+        PageCache(4096.0)  # type: ignore[arg-type]
+
+
+def test_the_cache_reserves_no_more_than_the_state_and_only_when_used() -> None:
+    big = PageCache(1 << 30)
+    assert big.capacity == 0 and big.data.nbytes == 0  # nothing reserved before pages come
+    state = np.ones(5 * PAGE + 10, dtype=np.uint8)
+    idx = np.array([0, 2], dtype=np.int64)
+    big.store(idx, _pages(state, idx), state.nbytes)
+    assert big.capacity == 5 and big.data.nbytes == 5 * PAGE  # the state's whole pages, not 1 GiB
+    big.clear()
+    assert big.capacity == 0 and big.data.nbytes == 0 and not big.hits(idx).any()
 
 
 # -- encoding and decoding ----------------------------------------------------------------------
@@ -462,10 +475,13 @@ def test_a_resize_empties_the_page_cache() -> None:
 
 
 def test_page_cache_settings_are_checked() -> None:
+    channel = InProcessChannel(ReceiverSession(MemoryStore(), BufferTarget()))
     for bad in (-1, 1, 4095, (64 << 30) + 1):
         with pytest.raises(ValueError, match="page_cache_bytes"):
-            LiveMigration(BufferSource(bytearray(8)), InProcessChannel(ReceiverSession(MemoryStore(), BufferTarget())),
-                          page_cache_bytes=bad)
+            LiveMigration(BufferSource(bytearray(8)), channel, page_cache_bytes=bad)
+    for wrong in (4096.0, "64MiB", None, True):
+        with pytest.raises(TypeError, match="page_cache_bytes"):
+            LiveMigration(BufferSource(bytearray(8)), channel, page_cache_bytes=wrong)  # type: ignore[arg-type]
 
 
 def test_base_pages_of_a_state_under_one_page() -> None:

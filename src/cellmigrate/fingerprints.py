@@ -42,6 +42,27 @@ def _page_count(size: int) -> int:
     return -(-size // PAGE_SIZE)
 
 
+def _table_of(values: Any) -> U64Array:
+    """``values`` as a new uint64 array: a 1-D integer array, or a sequence of ints (not
+    through numpy's inference, which makes floats of ints past 2**63)."""
+    if not isinstance(values, np.ndarray):
+        items = list(values)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+            if any(isinstance(v, (list, tuple, np.ndarray)) for v in items):
+                raise ValueError("values must be 1-D, one a page")
+            raise TypeError("values must be integers in 0 .. 2**64 - 1")
+        if any(not 0 <= int(v) < 2**64 for v in items):
+            raise ValueError("values must be integers in 0 .. 2**64 - 1")
+        return np.array([int(v) for v in items], dtype=np.uint64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, one a page; got {values.ndim} dimensions")
+    if len(values) and values.dtype.kind not in "iu":
+        raise TypeError(f"values must be integers in 0 .. 2**64 - 1, not {values.dtype}")
+    if values.dtype.kind == "i" and len(values) and int(values.min()) < 0:
+        raise ValueError("values must be integers in 0 .. 2**64 - 1 (a negative one was given)")
+    return values.astype(np.uint64)
+
+
 class PageFingerprints:
     """The XXH3-64 of each 4 KiB page of a state (the last page may be short).
 
@@ -50,7 +71,11 @@ class PageFingerprints:
     create then reads the new state once instead of both states; on success it updates the
     table in place to the state the delta describes, ready for the next round (see the
     module's notes on what a table that does not describe the base costs: a delta that
-    apply refuses, never a wrong state).
+    apply refuses, never a wrong state). Give create a :meth:`copy` when the delta may
+    have to be made again (a send that failed): the table it advanced describes a state
+    the receiver may never get. With another digest, create compares both states and
+    refreshes only the entries of the pages the delta carries: a table that did not
+    describe ``old_state`` stays wrong for the others.
 
     Attributes:
         size: bytes of the state the table describes.
@@ -61,14 +86,16 @@ class PageFingerprints:
     __slots__ = ("_size", "_values")
 
     def __init__(self, size: int, values: Any) -> None:
-        """A table from its parts: ``values`` (one uint64 a page of ``size`` bytes) is copied.
+        """A table from its parts: ``values`` (one integer in 0 .. 2**64 - 1 a page of
+        ``size`` bytes, a sequence or 1-D array) is copied.
 
-        Raises ``ValueError`` when ``size`` is negative or ``values`` has the wrong length."""
+        Raises ``TypeError`` for values that are not integers, ``ValueError`` when ``size``
+        is negative or ``values`` is not 1-D, out of range or of the wrong length."""
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
             raise TypeError(f"size must be an int, not {type(size).__name__}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
-        table = np.array(values, dtype=np.uint64).reshape(-1)
+        table = _table_of(values)
         if len(table) != _page_count(int(size)):
             raise ValueError(f"a state of {size} bytes has {_page_count(int(size))} pages, not {len(table)}")
         self._size = int(size)

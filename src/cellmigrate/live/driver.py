@@ -160,8 +160,10 @@ class LiveMigration:
 
     ``max_rounds`` bounds the pre-copy rounds (0: pause first and copy once, for a
     source that is not running). ``compress`` sends chunks as LZ4 when that pays and, with
-    a ``page_cache_bytes`` cache (QEMU's XBZRLE cache; 64 MiB by default, 0: none), pages
-    dirtied again as XZR pages over the copy sent before (:mod:`~cellmigrate.live.page_cache`).
+    a ``page_cache_bytes`` cache (QEMU's XBZRLE cache; 64 MiB by default, never more than
+    the state, reserved at the first delta round; 0: none), pages dirtied again as XZR
+    pages over the copy sent before (:mod:`~cellmigrate.live.page_cache`);
+    ``compress=False`` sends every page raw (no LZ4, no XZR pages).
     ``progress`` receives the migration's progress events (TRANSFER_PROGRESS per chunk,
     VALIDATING per round with its figures, then COMPLETED or FAILED); ``on_round`` gets
     each :class:`RoundStats` as it completes. ``validator`` supplies the audit log
@@ -193,6 +195,8 @@ class LiveMigration:
             raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
         if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 4096..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        if isinstance(page_cache_bytes, bool) or not isinstance(page_cache_bytes, int):
+            raise TypeError(f"page_cache_bytes must be an int, not {type(page_cache_bytes).__name__}")
         if page_cache_bytes != 0 and not PAGE_SIZE <= page_cache_bytes <= MAX_PAGE_CACHE_BYTES:
             raise ValueError(f"page_cache_bytes must be 0 (none) or 4 KiB .. 64 GiB, got {page_cache_bytes}")
         self.source = source

@@ -38,16 +38,20 @@ I64Array = npt.NDArray[np.int64]
 class PageCache:
     """Up to ``capacity_bytes // 4096`` whole pages by page number, first in, first out.
 
-    Only whole pages are kept (a state's short last page never is). Not thread-safe: one
-    sender thread builds the chunks.
+    Only whole pages are kept (a state's short last page never is). The memory is reserved
+    at the first :meth:`store`, for no more pages than the state has (a migration without
+    delta rounds reserves none). Not thread-safe: one sender thread builds the chunks.
     """
 
     def __init__(self, capacity_bytes: int = DEFAULT_PAGE_CACHE_BYTES) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
+            raise TypeError(f"capacity_bytes must be an int, not {type(capacity_bytes).__name__}")
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
-        self.capacity = int(capacity_bytes) // PAGE_SIZE
-        self._data = np.empty((self.capacity, PAGE_SIZE), dtype=np.uint8)  # touched only when filled
-        self._page_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> page number
+        self.limit = capacity_bytes // PAGE_SIZE
+        self.capacity = 0  # slots, set when the first pages come: the limit or the state's pages
+        self._data = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        self._page_of = np.full(0, -1, dtype=np.int64)  # slot -> page number
         self._slot_of = np.full(0, -1, dtype=np.int64)  # page number -> slot
         self._next = 0  # the slot the next new page takes (oldest first)
 
@@ -55,10 +59,23 @@ class PageCache:
         return int(np.count_nonzero(self._page_of >= 0))
 
     def clear(self) -> None:
-        """Forget every page (a state that changed size: the receiver's pages moved or were zeroed)."""
-        self._page_of[:] = -1
+        """Forget every page and give the memory back (a state that changed size: the
+        receiver's pages moved or were zeroed)."""
+        self.capacity = 0
+        self._data = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        self._page_of = np.full(0, -1, dtype=np.int64)
         self._slot_of = np.full(0, -1, dtype=np.int64)
         self._next = 0
+
+    def _reserve(self, size: int) -> None:
+        """Slots for the cache's limit or the whole pages of a ``size``-byte state, fewer."""
+        slots = min(self.limit, size // PAGE_SIZE)
+        try:
+            self._data = np.empty((slots, PAGE_SIZE), dtype=np.uint8)  # touched only when filled
+        except MemoryError:
+            raise MemoryError(f"cannot reserve a page cache of {slots * PAGE_SIZE} bytes (page_cache_bytes)") from None
+        self._page_of = np.full(slots, -1, dtype=np.int64)
+        self.capacity = slots
 
     def slots(self, indices: I64Array) -> I64Array:
         """The slot of each page at ``indices`` in :attr:`data`, -1 where it is not cached."""
@@ -81,6 +98,8 @@ class PageCache:
         """Remember ``pages`` (flat, page k being page ``indices[k]`` of a ``size``-byte
         state, ascending and distinct) as sent: cached pages are updated, new ones take
         the oldest slots."""
+        if not self.capacity:
+            self._reserve(size)
         if not self.capacity or not len(indices):
             return
         whole = int(np.searchsorted(indices, size // PAGE_SIZE))  # the short last page is not kept
