@@ -304,8 +304,17 @@ static CM_AVX2 size_t cm_xzr_encode_mask_avx2(const uint8_t *nw, const uint8_t *
         for (size_t w = 0; w < W; w++)
             eq[w] = cm_eqmask64_avx2(nw, base, 64 * w, L);
     eq[W] = ~(uint64_t)0;
-    for (size_t w = 0; w < W; w++)
+    uint64_t any_g3 = 0;
+    for (size_t w = 0; w < W; w++) {
         g3[w] = eq[w] & ((eq[w] >> 1) | (eq[w + 1] << 63)) & ((eq[w] >> 2) | (eq[w + 1] << 62));
+        any_g3 |= g3[w];
+    }
+    /* No 3 equal bytes in a row (past L counts as equal): the first unequal byte is at
+       most the third and the one literal runs to L, so the stream is at least
+       1 + 1 + (L - 2) = L bytes. A rewritten page (the 100%-dirty create sizes each one)
+       ends here instead of scanning the bitmap for a gap that is not there. */
+    if (!any_g3 && limit <= L)
+        return SIZE_MAX;
     size_t pos = 0, o = 0;
     while (pos < L) {
         /* s: the next unequal byte at or after pos. */

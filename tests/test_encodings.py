@@ -422,3 +422,33 @@ def test_xzr_many_short_literals_match_reference(seed: int, stride: int, length:
     want = _reference.xzr_encode(bytes(new), base)
     for path in each_path():
         assert _kernels.xzr_encode(bytes(new), base) == want, path
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 62, 63, 64, 65, 127, 128, 4094, 4095, 4096])
+def test_xzr_without_three_equal_bytes_in_a_row_matches_reference(length: int) -> None:
+    """Pages with no three equal bytes in a row but up to three equal at either end (the
+    bitmap encoder's early "cannot win" exit): the same choice, sizes and hints as the
+    reference on every path, at the lengths around its words and the page."""
+    rng = np.random.default_rng(length)
+    for lead in range(4):
+        for trail in range(4):
+            if lead + trail >= length:
+                continue  # the page would equal its base: not dirty
+            base = rng.integers(0, 256, length, dtype=np.uint8)
+            new = base ^ rng.integers(1, 256, length, dtype=np.uint8)  # every byte differs ...
+            new[:lead] = base[:lead]  # ... but these
+            if trail:
+                new[length - trail :] = base[length - trail :]
+            if length > 8:  # and a lone equal byte and an equal pair inside
+                new[length // 2] = base[length // 2]
+                new[length // 3 : length // 3 + 2] = base[length // 3 : length // 3 + 2]
+            old_state, new_state = base.tobytes(), new.tobytes()
+            want = _reference.encode_pages(old_state, new_state, [0], PAGE, ALL)
+            hint = _reference.xzr_hint(new_state, old_state)
+            for path in each_path():
+                got = _kernels.encode_pages(old_state, new_state, [0], PAGE, ALL)
+                assert got[0].tolist() == want[0].tolist() and got[3] == want[3], (path, lead, trail)
+                assert _kernels.xzr_encode(new, base) == _reference.xzr_encode(new_state, old_state), (path, lead, trail)
+                arena = _kernels.PageArena(PAGE)
+                _kernels.scan_leaves(base, new, 0, length, PAGE, arena, None, True)
+                assert arena.xzr_hints.tolist() == [hint], (path, lead, trail)
