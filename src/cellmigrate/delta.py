@@ -314,9 +314,8 @@ class DeltaSnapshot:
         hasher = None if algorithm is None else Hasher(algorithm, key)
         allowed, level, auto = plan
         # Only a digest proves what a table left out: without one, both states are compared.
-        trusted = fingerprints is not None and algorithm is not None
-        found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & ALLOW_XZR),
-                     fingerprints=fingerprints.values if trusted and fingerprints is not None else None)
+        table = fingerprints.values if fingerprints is not None and algorithm is not None else None
+        found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & ALLOW_XZR), fingerprints=table)
         # Encoded from the pages as the scan copied them (never a second read of new).
         batch = encode_batch(old, found.pages, found.indices, allowed, found.xzr_hints)
         compression, payload = choose_compression(batch, level, auto)

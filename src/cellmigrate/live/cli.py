@@ -29,7 +29,7 @@ from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
 from .errors import ConnectionLostError
-from .page_cache import DEFAULT_PAGE_CACHE_BYTES, MAX_PAGE_CACHE_BYTES
+from .page_cache import DEFAULT_PAGE_CACHE_BYTES, MAX_PAGE_CACHE_BYTES, page_cache_size_ok
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .protocol import derive_key
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
@@ -403,7 +403,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
 
     if not 4096 <= args.chunk_size <= MAX_CHUNK_BYTES:
         raise CliError(f"--chunk-size must be between 4KiB and {MAX_CHUNK_BYTES >> 20}MiB")
-    if args.page_cache and not 4096 <= args.page_cache <= MAX_PAGE_CACHE_BYTES:
+    if not page_cache_size_ok(args.page_cache):
         raise CliError(f"--page-cache must be 0 (none) or between 4KiB and {MAX_PAGE_CACHE_BYTES >> 30}GiB")
     channel = StreamChannel(
         open_stream, key=key, timeout=args.timeout, retries=args.retries, window_bytes=3 * args.chunk_size,

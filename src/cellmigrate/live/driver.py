@@ -49,7 +49,7 @@ from .agent import MAX_EXTRA_BYTES, SourceAgent
 from .channel import Channel
 from .errors import OutcomeUnknownError, error_type
 from .leaves import PageTable, page_digests, page_root
-from .page_cache import DEFAULT_PAGE_CACHE_BYTES, MAX_PAGE_CACHE_BYTES, PageCache
+from .page_cache import DEFAULT_PAGE_CACHE_BYTES, PageCache, page_cache_size_ok
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BufferPool, Chunk, scan_chunks
 from .paused import PausedScan
 from .session import Offer
@@ -197,7 +197,7 @@ class LiveMigration:
             raise ValueError(f"chunk_bytes must be in 4096..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         if isinstance(page_cache_bytes, bool) or not isinstance(page_cache_bytes, int):
             raise TypeError(f"page_cache_bytes must be an int, not {type(page_cache_bytes).__name__}")
-        if page_cache_bytes != 0 and not PAGE_SIZE <= page_cache_bytes <= MAX_PAGE_CACHE_BYTES:
+        if not page_cache_size_ok(page_cache_bytes):
             raise ValueError(f"page_cache_bytes must be 0 (none) or 4 KiB .. 64 GiB, got {page_cache_bytes}")
         self.source = source
         self.channel = channel
@@ -224,7 +224,7 @@ class LiveMigration:
         self._pool = BufferPool(self.chunk_bytes)
         # The last copy sent of pages dirtied in delta rounds (XZR bases), and the state
         # size they were sent at: a resize may move or zero the receiver's pages.
-        self._cache = PageCache(page_cache_bytes) if compress and page_cache_bytes >= PAGE_SIZE else None
+        self._cache = PageCache(page_cache_bytes) if compress and page_cache_bytes else None
         self._cache_size = -1
         # The link's rate in wire bytes/s, as the last round with enough bytes measured it
         # (0: not known yet): it sets how many cached pages make a PAGES chunk worth it.

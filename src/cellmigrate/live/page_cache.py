@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from ..checksum import PAGE_SIZE
 
-__all__ = ["DEFAULT_PAGE_CACHE_BYTES", "MAX_PAGE_CACHE_BYTES", "PageCache"]
+__all__ = ["DEFAULT_PAGE_CACHE_BYTES", "MAX_PAGE_CACHE_BYTES", "PageCache", "page_cache_size_ok"]
 
 #: QEMU's default XBZRLE cache size (``xbzrle-cache-size``).
 DEFAULT_PAGE_CACHE_BYTES = 64 << 20
@@ -33,6 +33,11 @@ MAX_PAGE_CACHE_BYTES = 64 << 30
 
 U8Array = npt.NDArray[np.uint8]
 I64Array = npt.NDArray[np.int64]
+
+
+def page_cache_size_ok(nbytes: int) -> bool:
+    """Whether ``nbytes`` is a page cache size a migration takes: 0 (none) or 4 KiB .. 64 GiB."""
+    return nbytes == 0 or PAGE_SIZE <= nbytes <= MAX_PAGE_CACHE_BYTES
 
 
 class PageCache:

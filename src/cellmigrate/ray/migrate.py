@@ -420,8 +420,9 @@ def migrate_many(
     ``actor_options`` override how the new actors are built (default: the source's class,
     found by name, with the source's constructor arguments and the class's options).
     ``downtime_limit``, ``max_rounds``, ``chunk_bytes``, ``compress``, ``page_cache_bytes``
-    (the sender's XZR page cache; 0: none), ``requirements``: the live driver's settings; ``capabilities``: what the target nodes offer (checked
-    against ``requirements``). ``timeout`` bounds every step (seconds).
+    (the sender's XZR page cache; 0: none), ``requirements``: the live driver's settings;
+    ``capabilities``: what the target nodes offer (checked against ``requirements``).
+    ``timeout`` bounds every step (seconds).
 
     Raises ``ValueError`` for bad settings; everything else is reported per agent.
     """
