@@ -101,10 +101,19 @@ FINGERPRINTED = "DeltaSnapshot.create (default digest) given the base's page fin
 
 
 def fingerprinted_create(old: Any, new: Any) -> Callable[[], Any]:
-    """Create with the base's table (taken once, outside timing); each call works on a
-    fresh copy of it (2 MiB for 1 GiB, timed) since create advances the table it is given."""
+    """Create with the base's table (taken once, outside timing), as pre-copy rounds use
+    it: each create advances the table to the state its delta describes, so the calls
+    alternate old -> new and new -> old (the same pages differ either way), each on a
+    table that describes its base."""
     table = PageFingerprints.of(old)
-    return lambda: DeltaSnapshot.create(AGENT, old, new, 0, 1, fingerprints=table.copy())
+    turn = [0]
+
+    def create() -> Any:
+        turn[0] ^= 1
+        base, state = (old, new) if turn[0] else (new, old)
+        return DeltaSnapshot.create(AGENT, base, state, 0, 1, fingerprints=table)
+
+    return create
 
 
 CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {

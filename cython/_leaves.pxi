@@ -39,7 +39,7 @@ cdef extern from "cm_leaves.h" nogil:
                             cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
     uint32_t cm_scan_leaves_fp(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                                const uint64_t* fp_old, uint64_t* fp_new, uint8_t* tmp, cm_arena* ar,
-                               void* state, uint8_t* out, int* failed)
+                               void* state, uint8_t* out, int changes_only, int* failed)
 
 
 def _xxh3_bind(uintptr_t one128, uintptr_t one64, uintptr_t create, uintptr_t free_,
@@ -225,7 +225,7 @@ cdef class PageArena:
 
 def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uint64_t hi, Py_ssize_t leaf,
                 PageArena arena, out=None, bint xzr_hints=False, const uint64_t[::1] fingerprints=None,
-                uint64_t[::1] new_fingerprints=None):
+                uint64_t[::1] new_fingerprints=None, bint checksum_changes=False):
     """The create pass over the leaves of ``[lo, hi)``; returns the checksum.
 
     Pages of ``new`` that differ from ``old`` are copied into ``arena`` with their page
@@ -243,7 +243,9 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     in, each page of ``new`` as read out. Then ``new`` is read once, and ``old`` only under
     the pages whose XXH3-64 differs from the table (for their XZR hints); the checksum and
     leaves cover the bytes read from ``new``, which equal "old with the copies over it"
-    wherever the table describes ``old``.
+    wherever the table describes ``old``. ``checksum_changes`` (with the tables): return
+    only what the copies change in ``old[lo:hi]``'s checksum (mod 2**32), for a caller
+    that knows that checksum; the clean pages are then not checksummed at all.
     """
     cdef size_t page = arena.ar.page
     if leaf <= 0 or <size_t>leaf % page or lo % <uint64_t>leaf or lo > hi:
@@ -295,7 +297,8 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
                 total = cm_scan_leaves(&old[0], &new[0], lo, hi, <size_t>leaf, &arena.ar, scratch, state, po, &failed)
             else:
                 total = cm_scan_leaves_fp(&old[0], &new[0], lo, hi, <size_t>leaf, &fingerprints[0],
-                                          &new_fingerprints[0], tmp, &arena.ar, state, po, &failed)
+                                          &new_fingerprints[0], tmp, &arena.ar, state, po, checksum_changes,
+                                          &failed)
             _reacquire(ts)
         if failed:
             raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
@@ -309,11 +312,12 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
 
 
 cdef extern from "cm_leaves.h" nogil:
-    void cm_page_digests64(const uint8_t* data, size_t n, size_t page, uint64_t* out)
+    uint32_t cm_page_digests64(const uint8_t* data, size_t n, size_t page, uint64_t offset, uint64_t* out)
 
 
-def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out):
-    """XXH3-64 of each ``page``-byte page of ``data`` (the last may be short) into ``out``.
+def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, uint64_t offset=0):
+    """XXH3-64 of each ``page``-byte page of ``data`` (the last may be short) into ``out``;
+    returns ``data``'s positioned checksum as if it began at byte ``offset`` of its state.
 
     A per-page fingerprint table: comparing a state's page digests with the table of what
     was sent finds the pages written since, reading the state once (not state + shadow).
@@ -328,10 +332,11 @@ def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out):
     if not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
     if n == 0:
-        return
+        return 0
     cdef PyThreadState* ts = _release(n)
-    cm_page_digests64(&data[0], n, <size_t>page, &out[0])
+    cdef uint32_t total = cm_page_digests64(&data[0], n, <size_t>page, offset, &out[0])
     _reacquire(ts)
+    return total
 
 
 cdef extern from "cm_leaves.h" nogil:

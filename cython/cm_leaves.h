@@ -531,12 +531,17 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
  * second read that a writer could change; they equal "old with the copies over it"
  * wherever fp_old describes old (where it does not, apply refuses the delta).
  *
+ * With changes_only (the caller knows old's checksum) the return is instead what the
+ * copies change in old's checksum: the sum over them of checksum(copy) - checksum(old's
+ * page), read while both are in cache for the hint. The clean pages then cost no
+ * checksum at all: on 1 GiB at 1% dirty, two threads, 43 -> 38 ms a create.
+ *
  * A page at a time because the copy then stays in L1 for the three passes over it: on
  * 1 GiB at 1% dirty, two threads, 22.5 GB/s against 17.5 with 16 KiB and 16.5 with
  * 64 KiB copies; software prefetch of the next copy made it slower (15.5). */
 static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint64_t lo, uint64_t hi, size_t leaf,
                                   const uint64_t *fp_old, uint64_t *fp_new, uint8_t *tmp, cm_arena *ar,
-                                  void *state, uint8_t *out, int *failed) {
+                                  void *state, uint8_t *out, int changes_only, int *failed) {
     uint32_t sum = 0;
     size_t page = ar->page;
     *failed = 0;
@@ -548,7 +553,8 @@ static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint6
             size_t len = b - s < page ? (size_t)(b - s) : page;
             uint64_t k = s / page;
             memcpy(tmp, new_ + s, len);
-            sum += cm_checksum(tmp, len, s);
+            if (!changes_only)
+                sum += cm_checksum(tmp, len, s);
             if (out)
                 cm_xxh3.update128(state, tmp, len);
             uint64_t h = cm_xxh3.one64(tmp, len), was = fp_old[k];
@@ -570,6 +576,8 @@ static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint6
                 }
                 ar->xzr[ar->used] = hint;
             }
+            if (changes_only)
+                sum += cm_checksum(copy, len, s) - cm_checksum(old + s, len, s);
             ar->idx[ar->used++] = (int64_t)k;
             cm_arena_filling(ar);
         }
@@ -579,10 +587,16 @@ static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint6
     return sum;
 }
 
-/* XXH3-64 of each page of data (the last may be short). */
-static void cm_page_digests64(const uint8_t *data, size_t n, size_t page, uint64_t *out) {
-    for (size_t s = 0, k = 0; s < n; s += page, k++)
-        out[k] = cm_xxh3.one64(data + s, n - s < page ? n - s : page);
+/* XXH3-64 of each page of data (the last may be short); returns data's checksum as if
+ * it started at byte offset of its state (each page summed while in cache). */
+static uint32_t cm_page_digests64(const uint8_t *data, size_t n, size_t page, uint64_t offset, uint64_t *out) {
+    uint32_t sum = 0;
+    for (size_t s = 0, k = 0; s < n; s += page, k++) {
+        size_t len = n - s < page ? n - s : page;
+        out[k] = cm_xxh3.one64(data + s, len);
+        sum += cm_checksum(data + s, len, offset + s);
+    }
+    return sum;
 }
 
 /* XXH3-128 (canonical) of each page of data (the last may be short), 16 bytes a page. */

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -90,6 +90,26 @@ def test_scan_leaves_with_fingerprints_matches_reference_on_every_path(
                 assert int(got_read[k]) == read.get(k, 7), (path, k)
             if hashing:
                 assert bytes(out) == leaves, path
+            # Given old's checksum, the kernel sums only what the copies change in it.
+            _, _, change, _, _ = _reference.scan_leaves_fp_reference(new, lo, hi, leaf, PAGE, table, changes_of=old)
+            arena = _kernels.PageArena(PAGE)
+            got_read = np.full(len(table), 7, dtype=np.uint64)
+            assert _kernels.scan_leaves(old, new, lo, hi, leaf, arena, None, False, table, got_read, True) == change
+            assert arena.indices.tolist() == indices.tolist(), path
+            assert all(int(got_read[k]) == read.get(k, 7) for k in range(len(table))), path
+            # old's checksum plus the change is that of old with the copies over it (new's,
+            # where the table describes old).
+            patched = _overlay(old, indices, copies)[lo:hi]
+            assert (simple_checksum(old[lo:hi], offset=lo) + change) & 0xFFFFFFFF == \
+                simple_checksum(patched, offset=lo), path
+
+
+def _overlay(old: np.ndarray, indices: np.ndarray, copies: List[bytes]) -> bytes:
+    """old with the copies over it, at their pages."""
+    out = bytearray(old.tobytes())
+    for k, c in zip(indices.tolist(), copies):
+        out[k * PAGE : k * PAGE + len(c)] = c
+    return bytes(out)
 
 
 def test_scan_leaves_refuses_bad_fingerprint_tables() -> None:
@@ -242,6 +262,51 @@ def test_fingerprints_refuse_bad_input_and_a_failed_create_leaves_the_table() ->
         PageFingerprints(-1, [])
     with pytest.raises(ValueError):
         table.values[0] = 1  # read-only: create swaps in a new table, never edits in place
+
+
+def test_the_table_keeps_its_state_checksum_through_rounds() -> None:
+    """``of`` takes the state's checksum with its pages; create advances it with the table
+    (the delta's checksum is the new state's though the clean pages were never summed);
+    a copy keeps it; a table made from parts may go without one (create then sums every
+    page) and refuses one that is not a u32."""
+    rng = np.random.default_rng(21)
+    old = rng.integers(0, 256, (20 << 20) + 77, dtype=np.uint8)
+    table = PageFingerprints.of(old)
+    assert table.checksum == simple_checksum(old)
+    assert PageFingerprints.of(old, threads=1).checksum == table.checksum
+    assert table.copy().checksum == table.checksum
+    state = old.copy()
+    for round_ in range(3):
+        for page in rng.choice(-(-len(state) // PAGE), 50, replace=False).tolist():
+            state[min(page * PAGE + int(rng.integers(0, PAGE)), len(state) - 1)] += 1
+        delta = DeltaSnapshot.create(AGENT, old, state, round_, round_ + 1, fingerprints=table)
+        assert delta.checksum == simple_checksum(state) == table.checksum
+        old = state.copy()
+    parts = PageFingerprints(len(old), table.values)
+    assert parts.checksum is None and parts == table  # equal: same pages
+    state[PAGE] ^= 1
+    delta = DeltaSnapshot.create(AGENT, old, state, 3, 4, fingerprints=parts)
+    assert delta.checksum == simple_checksum(state) == parts.checksum
+    assert PageFingerprints(0, [], 2**32 - 1).checksum == 2**32 - 1
+    for bad, error in ((2**32, ValueError), (-1, ValueError), (1.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="checksum"):
+            PageFingerprints(0, [], bad)  # type: ignore[arg-type]
+
+
+def test_a_table_with_a_wrong_checksum_gives_a_delta_apply_refuses() -> None:
+    """Create adds the copies' change to the table's checksum: a wrong one (a table from
+    parts) makes a delta whose checksum is not its state's, which apply refuses whole."""
+    base = np.random.default_rng(4).integers(0, 256, 1 << 20, dtype=np.uint8)
+    taken = PageFingerprints.of(base)
+    table = PageFingerprints(taken.size, taken.values, (taken.checksum or 0) ^ 1)
+    new = base.copy()
+    new[3 * PAGE] ^= 1
+    delta = DeltaSnapshot.create(AGENT, base, new, 1, 2, fingerprints=table)
+    assert delta.checksum != simple_checksum(new)
+    target = bytearray(base.tobytes())
+    with pytest.raises(InvalidStateError, match="hecksum"):
+        delta.apply(target)
+    assert target == base.tobytes()
 
 
 def test_page_fingerprints_of_any_buffer() -> None:

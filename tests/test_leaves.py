@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from cellmigrate import DeltaSnapshot, _kernels, _reference, _xxh3, digest
 from cellmigrate._tree import LEAF_SIZE
 
-from kernel_strategies import edit_page, leaf_states
+from kernel_strategies import each_path, edit_page, leaf_states
 
 PAGE = 4096
 PATHS = _kernels._dispatch_paths()
@@ -437,14 +437,16 @@ def test_concurrent_fused_passes_in_threads() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.binary(max_size=5 * PAGE + 17), st.sampled_from([1, 64, PAGE, 3 * PAGE]))
-def test_page_digests64_matches_reference(data: bytes, page: int) -> None:
+@given(st.binary(max_size=5 * PAGE + 17), st.sampled_from([1, 64, PAGE, 3 * PAGE]), st.integers(0, 2**40))
+def test_page_digests64_matches_reference(data: bytes, page: int, offset: int) -> None:
     n = -(-len(data) // page)
     want = np.zeros(n, dtype=np.uint64)
-    _reference.page_digests64(data, page, want)
-    got = np.zeros(n, dtype=np.uint64)
-    _kernels.page_digests64(data, page, got)
-    assert got.tolist() == want.tolist()
+    want_sum = _reference.page_digests64(data, page, want, offset)
+    assert want_sum == _reference.checksum(data, offset)
+    for path in each_path():
+        got = np.zeros(n, dtype=np.uint64)
+        assert _kernels.page_digests64(data, page, got, offset) == want_sum, path
+        assert got.tolist() == want.tolist(), path
     if n:
         with pytest.raises(ValueError):
             _kernels.page_digests64(data, page, np.zeros(n - 1, dtype=np.uint64))

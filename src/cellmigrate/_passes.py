@@ -654,6 +654,7 @@ def _scan_fused(
     spans: Optional[Sequence[Tuple[int, int]]] = None,
     xzr_hints: bool = False,
     fingerprints: Optional[npt.NDArray[np.uint64]] = None,
+    base_checksum: Optional[int] = None,
 ) -> Scan:
     """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher):
     each chunk compared, copied into its own page arena, checksummed and (with a tree
@@ -665,8 +666,12 @@ def _scan_fused(
     ``xzr_hints``: record each copy's XZR hint (:attr:`Scan.xzr_hints`).
     ``fingerprints``: the base's page fingerprints (XXH3-64 a page): read ``new`` alone
     and find the dirty pages by them (:attr:`Scan.fingerprints` gets ``new``'s as read).
+    ``base_checksum`` (with ``fingerprints``): ``old``'s checksum; the kernel then sums
+    only what the copies change in it instead of checksumming every page read.
     """
     n = new.nbytes
+    start = base_checksum if fingerprints is not None else None  # known: sum only the changes
+    changes = start is not None
     chunks = _fused_chunks(n) if spans is None else spans
     table = None if fingerprints is None else np.empty(-(-n // PAGE_SIZE), dtype=np.uint64)
     lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
@@ -679,7 +684,7 @@ def _scan_fused(
         # growth), the unused part given back right after.
         arena = kernels.PageArena(PAGE_SIZE, -(-(b - a) // PAGE_SIZE))
         out = None if leaves is None else memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints, fingerprints, table)
+        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints, fingerprints, table, changes)
         arena.trim()
         arenas[k] = arena
 
@@ -690,7 +695,7 @@ def _scan_fused(
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
     pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
-    found = Scan(indices, cast(List[bytes], pages), sum(sums) & _MASK32)
+    found = Scan(indices, cast(List[bytes], pages), (sum(sums) + (start or 0)) & _MASK32)
     if xzr_hints:
         found.xzr_hints = np.concatenate([a.xzr_hints for a in held]) if held else np.empty(0, dtype=np.uint16)
     found.fingerprints = table
@@ -700,6 +705,7 @@ def _scan_fused(
 def scan(
     old: memoryview, new: memoryview, hasher: Optional[Hasher], progress: Optional[ProgressCallback],
     xzr_hints: bool = False, fingerprints: Optional[npt.NDArray[np.uint64]] = None,
+    base_checksum: Optional[int] = None,
 ) -> Scan:
     """The dirty pages of ``new`` against ``old``, copied, and the checks of what was copied.
 
@@ -712,10 +718,13 @@ def scan(
     record :attr:`Scan.xzr_hints` (for deltas that may use XZR pages). ``fingerprints``:
     the XXH3-64 of each page of ``old`` (one a page of ``new``): the fused pass then reads
     ``new`` alone (:attr:`Scan.fingerprints`); the other passes compare as usual.
+    ``base_checksum``: ``old``'s checksum, if known (the fused pass with ``fingerprints``
+    then checksums only the copies and ``old`` under them).
     """
     n = new.nbytes
     if old.nbytes >= n and (hasher is None or hasher.splittable) and _fused(hasher is not None or fingerprints is not None):
-        return _scan_fused(old, new, hasher, progress, xzr_hints=xzr_hints, fingerprints=fingerprints)
+        return _scan_fused(old, new, hasher, progress, xzr_hints=xzr_hints, fingerprints=fingerprints,
+                           base_checksum=base_checksum)
     base = Overlay(old, n)
     if hasher is not None and not hasher.splittable and n >= PARALLEL_MIN_BYTES and _paired():
         chunks = _scan_claimed(base, new, hasher, progress)

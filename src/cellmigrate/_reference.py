@@ -105,15 +105,17 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   what the compiled ``scan_leaves`` computes into its ``PageArena``: the dirty pages of
   ``new[lo:hi]`` against ``old`` (page numbers and copies), the checksum of ``old[lo:hi]``
   with the copies over it, and that span's leaf digests.
-* ``scan_leaves_fp_reference(new, lo, hi, leaf, page, fingerprints) -> (indices, pages,
-  checksum, leaves, read)``: what the compiled ``scan_leaves`` computes when given the
-  base's page fingerprints: ``read[k]`` is page ``k``'s XXH3-64 for each page of
-  ``[lo, hi)``; the pages whose ``read`` differs from ``fingerprints`` (numbers and
-  copies); the checksum and leaf digests of ``new[lo:hi]`` itself.
+* ``scan_leaves_fp_reference(new, lo, hi, leaf, page, fingerprints, changes_of=None) ->
+  (indices, pages, checksum, leaves, read)``: what the compiled ``scan_leaves`` computes
+  when given the base's page fingerprints: ``read[k]`` is page ``k``'s XXH3-64 for each
+  page of ``[lo, hi)``; the pages whose ``read`` differs from ``fingerprints`` (numbers
+  and copies); the checksum and leaf digests of ``new[lo:hi]`` itself. With
+  ``changes_of`` (the base; ``checksum_changes=True``) the checksum is instead the sum
+  over the copies of their positioned checksum minus that of the base's page, mod 2**32.
 
-* ``page_digests64(data, page, out) -> None``: ``out[k]`` = XXH3-64 (the ``xxhash``
-  package's, as an unsigned int) of page ``k`` of ``data`` (the last may be short);
-  ``out`` too short raises ``ValueError``.
+* ``page_digests64(data, page, out, offset=0) -> int``: ``out[k]`` = XXH3-64 (the
+  ``xxhash`` package's, as an unsigned int) of page ``k`` of ``data`` (the last may be
+  short); returns ``checksum(data, offset)``; ``out`` too short raises ``ValueError``.
 
 * ``page_digests128(data, page, out) -> None``: XXH3-128 (canonical 16 bytes) of each
   page of ``data`` into ``out`` (16 bytes a page); ``out`` too short raises ``ValueError``.
@@ -402,10 +404,11 @@ def scan_leaves_reference(
 
 
 def scan_leaves_fp_reference(
-    new: BufferLike, lo: int, hi: int, leaf: int, page: int, fingerprints: Any
+    new: BufferLike, lo: int, hi: int, leaf: int, page: int, fingerprints: Any, changes_of: Optional[BufferLike] = None
 ) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", List[bytes], int, bytes, Dict[int, int]]:
     """The create pass over ``[lo, hi)`` that reads ``new`` alone, given the base's page
-    fingerprints: dirty page numbers, copies, checksum, leaf digests, each page's XXH3-64."""
+    fingerprints: dirty page numbers, copies, checksum (with ``changes_of``, the base: what
+    the copies change in its checksum), leaf digests, each page's XXH3-64."""
     import xxhash
 
     b = _view(new).cast("B")
@@ -417,11 +420,16 @@ def scan_leaves_fp_reference(
     copies = [bytes(b[k * page : min((k + 1) * page, hi)]) for k in dirty]
     out = bytearray(16 * -(-(hi - lo) // leaf))
     total = overlay_leaves(b, lo, hi, [], [], leaf, out)
+    if changes_of is not None:
+        base = _view(changes_of).cast("B")
+        total = sum(checksum(c, k * page) - checksum(base[k * page : k * page + len(c)], k * page)
+                    for k, c in zip(dirty, copies)) & _MASK32
     return np.array(dirty, dtype=np.int64), copies, total, bytes(out), read
 
 
-def page_digests64(data: BufferLike, page: int, out: Any) -> None:
-    """XXH3-64 of each page of ``data`` into ``out`` (uint64 slots)."""
+def page_digests64(data: BufferLike, page: int, out: Any, offset: int = 0) -> int:
+    """XXH3-64 of each page of ``data`` into ``out`` (uint64 slots); ``data``'s checksum
+    as if it began at byte ``offset``."""
     import xxhash
 
     src = _view(data).cast("B")
@@ -432,6 +440,7 @@ def page_digests64(data: BufferLike, page: int, out: Any) -> None:
         raise ValueError(f"out holds {len(out)} digests, {npages} pages need one each")
     for k in range(npages):
         out[k] = xxhash.xxh3_64_intdigest(bytes(src[k * page : (k + 1) * page]))
+    return checksum(src, offset)
 
 
 def page_digests128(data: BufferLike, page: int, out: BufferLike) -> None:

@@ -11,7 +11,9 @@ taken as unchanged. A table that does not describe the base (the base written af
 was taken), or an XXH3-64 collision (about 2**-64 a changed page), leaves a changed page
 out of the delta; the delta's digest still covers the new state as read, so
 ``DeltaSnapshot.apply`` refuses it on its base (``InvalidStateError``) and never writes a
-wrong state. That takes a digest: a checksum-only delta (``digest=None``) never trusts a
+wrong state. The table also keeps the base's checksum (SPEC's ``simple_checksum``), so
+create checksums only the pages it copies, not every page it reads: a wrong checksum in
+a table made from parts gives a delta that apply refuses in the same way. That takes a digest: a checksum-only delta (``digest=None``) never trusts a
 table (create compares both states, then updates the table), since the crate's 32-bit
 checksum misses some edits (+1, -2, +1 on three bytes in a row, say).
 """
@@ -36,6 +38,8 @@ from .errors import InvalidStateError
 __all__ = ["PageFingerprints", "reads_new_alone"]
 
 U64Array = npt.NDArray[np.uint64]
+
+_MASK32 = 0xFFFFFFFF
 
 
 def _page_count(size: int) -> int:
@@ -81,39 +85,50 @@ class PageFingerprints:
         size: bytes of the state the table describes.
         values: uint64 array, shape ``(ceil(size / 4096),)``: page ``k``'s XXH3-64
             (the ``xxhash`` package's ``xxh3_64_intdigest`` of the page's bytes). Read-only.
+        checksum: that state's ``simple_checksum`` (u32), or ``None`` when not known (a
+            table made from its parts without one: create then checksums every page).
     """
 
-    __slots__ = ("_size", "_values")
+    __slots__ = ("_size", "_values", "_checksum")
 
-    def __init__(self, size: int, values: Any) -> None:
+    def __init__(self, size: int, values: Any, checksum: Optional[int] = None) -> None:
         """A table from its parts: ``values`` (one integer in 0 .. 2**64 - 1 a page of
-        ``size`` bytes, a sequence or 1-D array) is copied.
+        ``size`` bytes, a sequence or 1-D array) is copied; ``checksum``: the state's
+        ``simple_checksum``, if known.
 
-        Raises ``TypeError`` for values that are not integers, ``ValueError`` when ``size``
-        is negative or ``values`` is not 1-D, out of range or of the wrong length."""
+        Raises ``TypeError`` for values or a checksum that are not integers, ``ValueError``
+        when ``size`` is negative, ``checksum`` is outside 0 .. 2**32 - 1, or ``values`` is
+        not 1-D, out of range or of the wrong length."""
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
             raise TypeError(f"size must be an int, not {type(size).__name__}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
+        if checksum is not None:
+            if isinstance(checksum, bool) or not isinstance(checksum, (int, np.integer)):
+                raise TypeError(f"checksum must be an int or None, not {type(checksum).__name__}")
+            if not 0 <= checksum <= _MASK32:
+                raise ValueError(f"checksum must be in 0 .. 2**32 - 1, got {checksum}")
         table = _table_of(values)
         if len(table) != _page_count(int(size)):
             raise ValueError(f"a state of {size} bytes has {_page_count(int(size))} pages, not {len(table)}")
         self._size = int(size)
+        self._checksum = None if checksum is None else int(checksum)
         self._set(table)
 
     @classmethod
     def of(cls, state: BufferLike, *, threads: Optional[int] = None) -> "PageFingerprints":
         """Fingerprint every page of ``state`` (any C-contiguous buffer; read once, split
-        over up to ``threads`` threads, default the CPU count)."""
+        over up to ``threads`` threads, default the CPU count) and take its checksum."""
         view = as_bytes_view(state, "state")
         table = np.empty(_page_count(view.nbytes), dtype=np.uint64)
         spans = plan(view.nbytes, threads, PAGE_SIZE)
         # The compiled kernel hashes with the xxhash package's own library when it is bound
         # (cellmigrate._xxh3); else each page goes through the package's Python API.
         hash_pages = kernels.page_digests64 if PURE_PYTHON or _xxh3.available() else _reference.page_digests64
-        run_spans(lambda a, b: hash_pages(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :]), spans)
+        sums = run_spans(lambda a, b: hash_pages(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :], a), spans)
         made = cls.__new__(cls)
         made._size = view.nbytes
+        made._checksum = sum(sums) & _MASK32
         made._set(table)
         return made
 
@@ -131,6 +146,11 @@ class PageFingerprints:
         """The XXH3-64 of each page (read-only uint64 array, one a page)."""
         return self._values
 
+    @property
+    def checksum(self) -> Optional[int]:
+        """The state's ``simple_checksum`` (u32), or ``None`` when not known."""
+        return self._checksum
+
     def __len__(self) -> int:
         return len(self._values)
 
@@ -143,19 +163,21 @@ class PageFingerprints:
 
     def copy(self) -> "PageFingerprints":
         """An independent table with the same values (create advances the one it is given)."""
-        return PageFingerprints(self._size, self._values)
+        return PageFingerprints(self._size, self._values, self._checksum)
 
     def __repr__(self) -> str:
         return f"PageFingerprints(size={self._size}, pages={len(self._values)})"
 
-    def _advance(self, indices: npt.NDArray[np.int64], pages: Any, read: Optional[U64Array]) -> None:
-        """Describe the state a create described: ``read`` when its pass hashed every page
-        (the single-read pass), else this table with each copied page's XXH3-64 over it."""
+    def _advance(self, indices: npt.NDArray[np.int64], pages: Any, read: Optional[U64Array], checksum: int) -> None:
+        """Describe the state a create described (its ``checksum``): ``read`` when its pass
+        hashed every page (the single-read pass), else this table with each copied page's
+        XXH3-64 over it."""
         if read is None:
             read = self._values.copy()
             for k, page in zip(indices.tolist(), pages):
                 read[k] = _xxhash.xxh3_64_intdigest(page)
         self._set(read)
+        self._checksum = checksum
 
     def _check_covers(self, old: memoryview, new: memoryview) -> None:
         """``InvalidStateError`` unless the table, ``old`` and ``new`` have one size."""
