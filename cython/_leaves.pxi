@@ -35,6 +35,8 @@ cdef extern from "cm_leaves.h" nogil:
     void cm_arena_trim(cm_arena* ar)
     int cm_arena_reserve(cm_arena* ar, size_t more)
     size_t cm_pool_limit(size_t cap)
+    int cm_pool_fork_safe()
+    void cm_pool_hold(unsigned ms)
     uint32_t cm_scan_leaves(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                             cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
     uint32_t cm_scan_leaves_fp(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
@@ -125,6 +127,15 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
 
 
 _arena_pool_cap = 256 << 20
+if not cm_pool_fork_safe():
+    raise ImportError("cellmigrate._kernels: pthread_atfork failed (the arena pool would not be fork-safe)")
+
+
+def _hold_arena_pool(unsigned ms):
+    """Tests only: hold the arena pool's lock for ``ms`` milliseconds, GIL released (a
+    thread in the middle of taking or keeping an arena, as a fork may find it)."""
+    with nogil:
+        cm_pool_hold(ms)
 
 
 def arena_pool(limit=None):

@@ -289,6 +289,7 @@ static void cm_arena_filling(cm_arena *ar) {
 #if defined(__linux__)
 #include <pthread.h>
 #include <sys/mman.h>
+#include <time.h>
 
 /* Mappings of freed arenas, kept for the next ones. Fresh memory is expensive where the
  * host backs a VM's pages lazily and takes freed ones back (a Firecracker VM here: 2.8 us
@@ -306,6 +307,27 @@ static struct {
     size_t total;
     size_t cap;
 } cm_pool = {PTHREAD_MUTEX_INITIALIZER, {0}, {0}, 0, 0, (size_t)256 << 20};
+
+/* fork() copies the lock as it is: held by a thread the child does not have, it would
+ * stop the child's first arena for ever. The handlers take it around fork, so the child
+ * starts with it free (registered once, by cm_pool_fork_safe, at import). */
+static void cm_pool_prefork(void) { pthread_mutex_lock(&cm_pool.lock); }
+static void cm_pool_postfork(void) { pthread_mutex_unlock(&cm_pool.lock); }
+
+static int cm_pool_fork_safe(void) {
+    static int registered = 0;
+    if (!registered && pthread_atfork(cm_pool_prefork, cm_pool_postfork, cm_pool_postfork) == 0)
+        registered = 1;
+    return registered;
+}
+
+/* Tests only: hold the pool's lock for ms milliseconds (as a thread busy in it would). */
+static void cm_pool_hold(unsigned ms) {
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+    pthread_mutex_lock(&cm_pool.lock);
+    nanosleep(&ts, NULL);
+    pthread_mutex_unlock(&cm_pool.lock);
+}
 
 /* Keep (p, bytes) if it fits under the cap, else unmap it. */
 static void cm_pool_put(void *p, size_t bytes) {
@@ -389,6 +411,8 @@ static size_t cm_pool_limit(size_t cap) {
     (void)cap;
     return 0;
 }
+static int cm_pool_fork_safe(void) { return 1; }
+static void cm_pool_hold(unsigned ms) { (void)ms; }
 static uint8_t *cm_arena_bytes(uint8_t *old, size_t old_bytes, size_t bytes) {
     (void)old_bytes;
     return (uint8_t *)realloc(old, bytes);

@@ -117,3 +117,40 @@ def test_pool_limit_from_the_environment() -> None:
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, CELLMIGRATE_ARENA_POOL_MIB="lots"))
     assert bad.returncode != 0 and "CELLMIGRATE_ARENA_POOL_MIB" in bad.stderr
+
+
+FORKED = r"""
+import os, sys, threading, time
+import numpy as np
+from cellmigrate import DeltaSnapshot, _kernels
+old = np.zeros(4 << 20, dtype=np.uint8); new = old.copy(); new[::4096] = 1
+holder = threading.Thread(target=_kernels._hold_arena_pool, args=(1500,))
+holder.start()
+time.sleep(0.3)  # the holder is inside the pool's lock now
+pid = os.fork()
+if pid == 0:  # the child's first arena takes the pool's lock
+    d = DeltaSnapshot.create(bytes(16), old, new, 1, 2)
+    b = bytearray(old.tobytes()); d.apply(b)
+    os._exit(0 if b == new.tobytes() else 3)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status)); break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9); os.waitpid(pid, 0); print("child stuck")
+holder.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),
+                    reason="fork() and kept arenas: Linux")
+def test_a_fork_while_another_thread_holds_the_pool_leaves_the_child_a_free_pool() -> None:
+    """fork() while a thread is inside the pool's lock (held 1.5 s on purpose): the fork
+    waits for it, and the child's first create and apply run (before, the child copied a
+    held lock and stopped for ever at its first arena)."""
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", FORKED], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "child 0"
