@@ -37,11 +37,12 @@ cdef extern from "cm_leaves.h" nogil:
     size_t cm_pool_limit(size_t cap)
     int cm_pool_fork_safe()
     void cm_pool_hold(unsigned ms)
+    int cm_pool_busy()
     uint32_t cm_scan_leaves(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                             cm_arena* ar, int64_t* scratch_idx, void* state, uint8_t* out, int* failed)
     uint32_t cm_scan_leaves_fp(const uint8_t* old, const uint8_t* new_, uint64_t lo, uint64_t hi, size_t leaf,
                                const uint64_t* fp_old, uint64_t* fp_new, uint8_t* tmp, cm_arena* ar,
-                               void* state, uint8_t* out, int changes_only, int* failed)
+                               void* state, uint8_t* out, int changes_only, int* stale, int* failed)
 
 
 def _xxh3_bind(uintptr_t one128, uintptr_t one64, uintptr_t create, uintptr_t free_,
@@ -133,9 +134,15 @@ if not cm_pool_fork_safe():
 
 def _hold_arena_pool(unsigned ms):
     """Tests only: hold the arena pool's lock for ``ms`` milliseconds, GIL released (a
-    thread in the middle of taking or keeping an arena, as a fork may find it)."""
+    thread in the middle of taking or keeping an arena, as a fork may find it). Linux
+    only: elsewhere there is no pool, and this returns at once."""
     with nogil:
         cm_pool_hold(ms)
+
+
+def _arena_pool_busy():
+    """Tests only: whether some thread holds the arena pool's lock right now."""
+    return bool(cm_pool_busy())
 
 
 def arena_pool(limit=None):
@@ -255,8 +262,10 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     the pages whose XXH3-64 differs from the table (for their XZR hints); the checksum and
     leaves cover the bytes read from ``new``, which equal "old with the copies over it"
     wherever the table describes ``old``. ``checksum_changes`` (with the tables): return
-    only what the copies change in ``old[lo:hi]``'s checksum (mod 2**32), for a caller
-    that knows that checksum; the clean pages are then not checksummed at all.
+    ``(change, stale)`` instead: what the copies change in ``old[lo:hi]``'s checksum (mod
+    2**32), for a caller that knows that checksum (the clean pages are then not
+    checksummed at all), and whether ``old`` under some copy is not what the table says
+    (then the table's checksum is not ``old``'s: take ``old``'s own).
     """
     cdef size_t page = arena.ar.page
     if leaf <= 0 or <size_t>leaf % page or lo % <uint64_t>leaf or lo > hi:
@@ -270,6 +279,8 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     cdef uint64_t need = (hi + page - 1) // page
     if (fingerprints is None) != (new_fingerprints is None):
         raise ValueError("fingerprints and new_fingerprints go together")
+    if checksum_changes and fingerprints is None:
+        raise ValueError("checksum_changes needs the fingerprint tables")
     if fingerprints is not None and <uint64_t>min(fingerprints.shape[0], new_fingerprints.shape[0]) < need:
         raise ValueError(f"fingerprint tables of {fingerprints.shape[0]} and {new_fingerprints.shape[0]} pages; "
                          f"[{lo}, {hi}) needs {need}")
@@ -282,6 +293,7 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     cdef void* state = NULL
     cdef uint32_t total = 0
     cdef int failed = 0
+    cdef int stale = 0
     cdef PyThreadState* ts
     if scratch == NULL:
         raise MemoryError()
@@ -309,7 +321,7 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
             else:
                 total = cm_scan_leaves_fp(&old[0], &new[0], lo, hi, <size_t>leaf, &fingerprints[0],
                                           &new_fingerprints[0], tmp, &arena.ar, state, po, checksum_changes,
-                                          &failed)
+                                          &stale, &failed)
             _reacquire(ts)
         if failed:
             raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
@@ -319,7 +331,7 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
             PyBuffer_Release(&outbuf)
         free(scratch)
         free(tmp_raw)
-    return total
+    return (total, bool(stale)) if checksum_changes else total
 
 
 cdef extern from "cm_leaves.h" nogil:

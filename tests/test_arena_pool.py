@@ -126,7 +126,10 @@ from cellmigrate import DeltaSnapshot, _kernels
 old = np.zeros(4 << 20, dtype=np.uint8); new = old.copy(); new[::4096] = 1
 holder = threading.Thread(target=_kernels._hold_arena_pool, args=(1500,))
 holder.start()
-time.sleep(0.3)  # the holder is inside the pool's lock now
+wait = time.monotonic() + 30
+while not _kernels._arena_pool_busy():  # until the holder is inside the pool's lock
+    assert time.monotonic() < wait, "the holder never took the lock"
+    time.sleep(0.001)
 pid = os.fork()
 if pid == 0:  # the child's first arena takes the pool's lock
     d = DeltaSnapshot.create(bytes(16), old, new, 1, 2)
@@ -141,6 +144,7 @@ while time.monotonic() < deadline:
 else:
     os.kill(pid, 9); os.waitpid(pid, 0); print("child stuck")
 holder.join()
+assert not _kernels._arena_pool_busy()
 """
 
 

@@ -90,18 +90,28 @@ def test_scan_leaves_with_fingerprints_matches_reference_on_every_path(
                 assert int(got_read[k]) == read.get(k, 7), (path, k)
             if hashing:
                 assert bytes(out) == leaves, path
-            # Given old's checksum, the kernel sums only what the copies change in it.
-            _, _, change, _, _ = _reference.scan_leaves_fp_reference(new, lo, hi, leaf, PAGE, table, changes_of=old)
+            # Given old's checksum, the kernel sums only what the copies change in it, and
+            # says whether old under a copy is not what the table says.
+            _, _, (change, stale), _, _ = _reference.scan_leaves_fp_reference(new, lo, hi, leaf, PAGE, table,
+                                                                               changes_of=old)
             arena = _kernels.PageArena(PAGE)
+            out = bytearray(16 * -(-(hi - lo) // leaf)) if hashing else None
             got_read = np.full(len(table), 7, dtype=np.uint64)
-            assert _kernels.scan_leaves(old, new, lo, hi, leaf, arena, None, False, table, got_read, True) == change
+            assert _kernels.scan_leaves(old, new, lo, hi, leaf, arena, out, True, table, got_read, True) == \
+                (change, stale), path
             assert arena.indices.tolist() == indices.tolist(), path
+            assert arena.xzr_hints.tolist() == want_hints, path
             assert all(int(got_read[k]) == read.get(k, 7) for k in range(len(table))), path
+            if hashing:
+                assert bytes(out) == leaves, path
             # old's checksum plus the change is that of old with the copies over it (new's,
             # where the table describes old).
             patched = _overlay(old, indices, copies)[lo:hi]
             assert (simple_checksum(old[lo:hi], offset=lo) + change) & 0xFFFFFFFF == \
                 simple_checksum(patched, offset=lo), path
+            under = [xxhash.xxh3_64_intdigest(old[k * PAGE : k * PAGE + len(c)].tobytes())
+                     for k, c in zip(indices.tolist(), copies)]
+            assert stale == any(h != int(table[k]) for k, h in zip(indices.tolist(), under)), path
 
 
 def _overlay(old: np.ndarray, indices: np.ndarray, copies: List[bytes]) -> bytes:
@@ -121,6 +131,8 @@ def test_scan_leaves_refuses_bad_fingerprint_tables() -> None:
         _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good[:3], good.copy())
     with pytest.raises(ValueError, match="needs 4"):
         _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, good, good[:3].copy())
+    with pytest.raises(ValueError, match="checksum_changes needs"):
+        _kernels.scan_leaves(a, a, 0, 4 * PAGE, PAGE, _kernels.PageArena(PAGE), None, False, None, None, True)
 
 
 def test_one_array_as_both_tables_still_finds_the_changed_pages() -> None:
@@ -279,11 +291,14 @@ def test_the_table_keeps_its_state_checksum_through_rounds() -> None:
     for round_ in range(3):
         for page in rng.choice(-(-len(state) // PAGE), 50, replace=False).tolist():
             state[min(page * PAGE + int(rng.integers(0, PAGE)), len(state) - 1)] += 1
+        state[-1] += 1  # the short last page, every round
         delta = DeltaSnapshot.create(AGENT, old, state, round_, round_ + 1, fingerprints=table)
         assert delta.checksum == simple_checksum(state) == table.checksum
+        assert table == PageFingerprints.of(state)
         old = state.copy()
     parts = PageFingerprints(len(old), table.values)
-    assert parts.checksum is None and parts == table  # equal: same pages
+    assert parts.checksum is None and parts != table and parts.values.tolist() == table.values.tolist()
+    assert "checksum=None" in repr(parts)
     state[PAGE] ^= 1
     delta = DeltaSnapshot.create(AGENT, old, state, 3, 4, fingerprints=parts)
     assert delta.checksum == simple_checksum(state) == parts.checksum
@@ -291,6 +306,33 @@ def test_the_table_keeps_its_state_checksum_through_rounds() -> None:
     for bad, error in ((2**32, ValueError), (-1, ValueError), (1.0, TypeError), (True, TypeError)):
         with pytest.raises(error, match="checksum"):
             PageFingerprints(0, [], bad)  # type: ignore[arg-type]
+
+
+def test_a_base_written_under_a_copied_page_still_gives_a_delta_that_applies() -> None:
+    """The base was written after its table was taken, on a page the new state changes
+    too: the page is copied whole, so the delta is right for that base, and its checksum
+    must be the base's own (not the table's plus the change). The advanced table's
+    checksum is then unknown; the next create sums every page and sets it again."""
+    rng = np.random.default_rng(8)
+    taken = rng.integers(0, 256, (3 << 20) + 5, dtype=np.uint8)
+    table = PageFingerprints.of(taken)
+    base = taken.copy()
+    base[7 * PAGE + 3] ^= 0x40  # written after the table
+    new = base.copy()
+    new[7 * PAGE : 8 * PAGE] = rng.integers(0, 256, PAGE, dtype=np.uint8)
+    new[-2] ^= 1
+    delta = DeltaSnapshot.create(AGENT, base, new, 1, 2, fingerprints=table)
+    assert delta.checksum == simple_checksum(new)
+    target = bytearray(base.tobytes())
+    delta.apply(target)
+    assert target == new.tobytes()
+    assert table.checksum is None and table.values.tolist() == PageFingerprints.of(new).values.tolist()
+    later = new.copy()
+    later[PAGE] ^= 1
+    delta = DeltaSnapshot.create(AGENT, new, later, 2, 3, fingerprints=table)
+    delta.apply(target)
+    assert target == later.tobytes()
+    assert table == PageFingerprints.of(later)  # the checksum known again
 
 
 def test_a_table_with_a_wrong_checksum_gives_a_delta_apply_refuses() -> None:
@@ -314,7 +356,8 @@ def test_page_fingerprints_of_any_buffer() -> None:
     table = PageFingerprints.of(memoryview(data.tobytes()))
     assert table.size == len(data) and len(table) == 6
     assert table.values.tolist() == _table(data).tolist()
-    assert table == PageFingerprints(len(data), _table(data))
+    assert table == PageFingerprints(len(data), _table(data), simple_checksum(data))
+    assert table != PageFingerprints(len(data), _table(data))  # a checksum unknown
     assert table != PageFingerprints.of(data[:-1])
     assert len(PageFingerprints.of(b"")) == 0
     assert PageFingerprints.of(data, threads=1) == table

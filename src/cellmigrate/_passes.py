@@ -29,7 +29,7 @@ from ._backend import PURE_PYTHON, kernels
 from ._parallel import PARALLEL_MIN_BYTES, max_threads, run_spans
 from ._tree import LEAF_SIZE
 from ._types import BufferLike
-from .checksum import PAGE_SIZE, Hasher
+from .checksum import PAGE_SIZE, Hasher, simple_checksum
 from .progress import ProgressEventKind, byte_progress
 
 __all__ = [
@@ -506,9 +506,12 @@ class Scan:
         fingerprints: when the pass was given the base's page fingerprints and read the
             new state alone, the XXH3-64 of each page as read (uint64, one a page), else
             ``None``.
+        table_checksum: the checksum of the state the advanced table describes (the
+            pages as read): :attr:`checksum`, or ``None`` when not known (the base was
+            not what its table said under a copied page).
     """
 
-    __slots__ = ("indices", "pages", "checksum", "leaves", "xzr_hints", "fingerprints")
+    __slots__ = ("indices", "pages", "checksum", "leaves", "xzr_hints", "fingerprints", "table_checksum")
 
     def __init__(self, indices: npt.NDArray[np.int64], pages: List[bytes], checksum: int) -> None:
         self.indices = indices
@@ -517,6 +520,7 @@ class Scan:
         self.leaves: Optional[List[bytes]] = None
         self.xzr_hints: Optional[npt.NDArray[np.uint16]] = None
         self.fingerprints: Optional[npt.NDArray[np.uint64]] = None
+        self.table_checksum: Optional[int] = checksum
 
 
 _Chunk = Tuple[npt.NDArray[np.int64], List[bytes], int]
@@ -666,13 +670,19 @@ def _scan_fused(
     ``xzr_hints``: record each copy's XZR hint (:attr:`Scan.xzr_hints`).
     ``fingerprints``: the base's page fingerprints (XXH3-64 a page): read ``new`` alone
     and find the dirty pages by them (:attr:`Scan.fingerprints` gets ``new``'s as read).
-    ``base_checksum`` (with ``fingerprints``): ``old``'s checksum; the kernel then sums
-    only what the copies change in it instead of checksumming every page read.
+    ``base_checksum`` (with ``fingerprints``, whole state only): ``old``'s checksum by
+    its table; the kernel then sums only what the copies change in it instead of
+    checksumming every page read. Where ``old`` under a copy is not what the table says
+    (written after the table was taken), ``old``'s own checksum is taken instead (one
+    more read of it) and :attr:`Scan.table_checksum` is ``None``.
     """
     n = new.nbytes
     start = base_checksum if fingerprints is not None else None  # known: sum only the changes
     changes = start is not None
+    if changes and spans is not None:
+        raise ValueError("base_checksum is the whole state's: it cannot go with spans")
     chunks = _fused_chunks(n) if spans is None else spans
+    stale = [False] * len(chunks)
     table = None if fingerprints is None else np.empty(-(-n // PAGE_SIZE), dtype=np.uint64)
     lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
     arenas: List[Any] = [None] * len(chunks)
@@ -684,7 +694,8 @@ def _scan_fused(
         # growth), the unused part given back right after.
         arena = kernels.PageArena(PAGE_SIZE, -(-(b - a) // PAGE_SIZE))
         out = None if leaves is None else memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-        sums[k] = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints, fingerprints, table, changes)
+        got = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints, fingerprints, table, changes)
+        sums[k], stale[k] = got if changes else (got, False)
         arena.trim()
         arenas[k] = arena
 
@@ -695,7 +706,11 @@ def _scan_fused(
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
     pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
+    if any(stale):
+        start = simple_checksum(old[:n])  # the table's checksum is not old's
     found = Scan(indices, cast(List[bytes], pages), (sum(sums) + (start or 0)) & _MASK32)
+    if any(stale):
+        found.table_checksum = None
     if xzr_hints:
         found.xzr_hints = np.concatenate([a.xzr_hints for a in held]) if held else np.empty(0, dtype=np.uint16)
     found.fingerprints = table

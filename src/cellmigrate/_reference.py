@@ -110,8 +110,10 @@ Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
   when given the base's page fingerprints: ``read[k]`` is page ``k``'s XXH3-64 for each
   page of ``[lo, hi)``; the pages whose ``read`` differs from ``fingerprints`` (numbers
   and copies); the checksum and leaf digests of ``new[lo:hi]`` itself. With
-  ``changes_of`` (the base; ``checksum_changes=True``) the checksum is instead the sum
-  over the copies of their positioned checksum minus that of the base's page, mod 2**32.
+  ``changes_of`` (the base; ``checksum_changes=True``) the checksum is instead
+  ``(change, stale)``: the sum over the copies of their positioned checksum minus that of
+  the base's page, mod 2**32, and whether the XXH3-64 of the base's page under some copy
+  differs from ``fingerprints``.
 
 * ``page_digests64(data, page, out, offset=0) -> int``: ``out[k]`` = XXH3-64 (the
   ``xxhash`` package's, as an unsigned int) of page ``k`` of ``data`` (the last may be
@@ -405,10 +407,11 @@ def scan_leaves_reference(
 
 def scan_leaves_fp_reference(
     new: BufferLike, lo: int, hi: int, leaf: int, page: int, fingerprints: Any, changes_of: Optional[BufferLike] = None
-) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", List[bytes], int, bytes, Dict[int, int]]:
+) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", List[bytes], Any, bytes, Dict[int, int]]:
     """The create pass over ``[lo, hi)`` that reads ``new`` alone, given the base's page
     fingerprints: dirty page numbers, copies, checksum (with ``changes_of``, the base: what
-    the copies change in its checksum), leaf digests, each page's XXH3-64."""
+    the copies change in its checksum, and whether it is stale under one), leaf digests,
+    each page's XXH3-64."""
     import xxhash
 
     b = _view(new).cast("B")
@@ -420,11 +423,14 @@ def scan_leaves_fp_reference(
     copies = [bytes(b[k * page : min((k + 1) * page, hi)]) for k in dirty]
     out = bytearray(16 * -(-(hi - lo) // leaf))
     total = overlay_leaves(b, lo, hi, [], [], leaf, out)
+    result: Any = total
     if changes_of is not None:
         base = _view(changes_of).cast("B")
-        total = sum(checksum(c, k * page) - checksum(base[k * page : k * page + len(c)], k * page)
-                    for k, c in zip(dirty, copies)) & _MASK32
-    return np.array(dirty, dtype=np.int64), copies, total, bytes(out), read
+        under = [bytes(base[k * page : k * page + len(c)]) for k, c in zip(dirty, copies)]
+        change = sum(checksum(c, k * page) - checksum(u, k * page) for k, c, u in zip(dirty, copies, under))
+        stale = any(xxhash.xxh3_64_intdigest(u) != int(fingerprints[k]) for k, u in zip(dirty, under))
+        result = (change & _MASK32, stale)
+    return np.array(dirty, dtype=np.int64), copies, result, bytes(out), read
 
 
 def page_digests64(data: BufferLike, page: int, out: Any, offset: int = 0) -> int:

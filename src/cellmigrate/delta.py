@@ -316,7 +316,7 @@ class DeltaSnapshot:
         # Only a digest proves what a table left out: without one, both states are compared.
         table = fingerprints.values if fingerprints is not None and algorithm is not None else None
         found = scan(old, new, hasher, progress, xzr_hints=bool(allowed & ALLOW_XZR), fingerprints=table,
-                     base_checksum=None if table is None or fingerprints is None else fingerprints.checksum)
+                     base_checksum=None if fingerprints is None else fingerprints.checksum)
         # Encoded from the pages as the scan copied them (never a second read of new).
         batch = encode_batch(old, found.pages, found.indices, allowed, found.xzr_hints)
         compression, payload = choose_compression(batch, level, auto)
@@ -341,7 +341,7 @@ class DeltaSnapshot:
         delta._seal(key)
         batch.frame = payload  # serialize writes this frame (chosen here, under the header digest)
         if fingerprints is not None:  # last: a create that failed leaves the table as it was
-            fingerprints._advance(found.indices, found.pages, found.fingerprints, found.checksum)
+            fingerprints._advance(found.indices, found.pages, found.fingerprints, found.table_checksum)
         return delta, found
 
     def _seal(self, key: Optional[bytes]) -> None:

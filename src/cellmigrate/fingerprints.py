@@ -11,11 +11,17 @@ taken as unchanged. A table that does not describe the base (the base written af
 was taken), or an XXH3-64 collision (about 2**-64 a changed page), leaves a changed page
 out of the delta; the delta's digest still covers the new state as read, so
 ``DeltaSnapshot.apply`` refuses it on its base (``InvalidStateError``) and never writes a
-wrong state. The table also keeps the base's checksum (SPEC's ``simple_checksum``), so
-create checksums only the pages it copies, not every page it reads: a wrong checksum in
-a table made from parts gives a delta that apply refuses in the same way. That takes a digest: a checksum-only delta (``digest=None``) never trusts a
+wrong state. That takes a digest: a checksum-only delta (``digest=None``) never trusts a
 table (create compares both states, then updates the table), since the crate's 32-bit
 checksum misses some edits (+1, -2, +1 on three bytes in a row, say).
+
+The table also keeps its state's checksum (SPEC's ``simple_checksum``), so create sums
+only what the pages it copies change in it, not every page it reads. Where the base under
+a copied page is not what the table says (it was written after the table was taken),
+create reads the base once more for its own checksum, and the advanced table's checksum
+is unknown (``None``) until the next create, which sums every page. A wrong checksum in
+a table made from its parts gives deltas that apply refuses, as wrong pages do; take a
+new table with :meth:`PageFingerprints.of` then.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ class PageFingerprints:
         values: uint64 array, shape ``(ceil(size / 4096),)``: page ``k``'s XXH3-64
             (the ``xxhash`` package's ``xxh3_64_intdigest`` of the page's bytes). Read-only.
         checksum: that state's ``simple_checksum`` (u32), or ``None`` when not known (a
-            table made from its parts without one: create then checksums every page).
+            table made from its parts without one, or advanced over a base that was not
+            what it said): create then checksums every page, and sets it.
     """
 
     __slots__ = ("_size", "_values", "_checksum")
@@ -155,9 +162,11 @@ class PageFingerprints:
         return len(self._values)
 
     def __eq__(self, other: object) -> bool:
+        """Same size, checksum (or both unknown) and page values."""
         if not isinstance(other, PageFingerprints):
             return NotImplemented
-        return self._size == other._size and bool(np.array_equal(self._values, other._values))
+        return (self._size == other._size and self._checksum == other._checksum
+                and bool(np.array_equal(self._values, other._values)))
 
     __hash__ = None  # type: ignore[assignment]  # mutable: create updates it in place
 
@@ -166,12 +175,14 @@ class PageFingerprints:
         return PageFingerprints(self._size, self._values, self._checksum)
 
     def __repr__(self) -> str:
-        return f"PageFingerprints(size={self._size}, pages={len(self._values)})"
+        return f"PageFingerprints(size={self._size}, pages={len(self._values)}, checksum={self._checksum})"
 
-    def _advance(self, indices: npt.NDArray[np.int64], pages: Any, read: Optional[U64Array], checksum: int) -> None:
-        """Describe the state a create described (its ``checksum``): ``read`` when its pass
-        hashed every page (the single-read pass), else this table with each copied page's
-        XXH3-64 over it."""
+    def _advance(
+        self, indices: npt.NDArray[np.int64], pages: Any, read: Optional[U64Array], checksum: Optional[int]
+    ) -> None:
+        """Describe the state a create described (its ``checksum``, if known): ``read`` when
+        its pass hashed every page (the single-read pass), else this table with each
+        copied page's XXH3-64 over it."""
         if read is None:
             read = self._values.copy()
             for k, page in zip(indices.tolist(), pages):
