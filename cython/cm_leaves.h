@@ -562,10 +562,10 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
  * 64-byte aligned), and each page whose XXH3-64 differs from fp_old's is copied into the
  * arena; old is read only under those pages (for their XZR hints and, with changes_only,
  * checksums). fp_new gets each page's XXH3-64 as read. Returns the checksum of the bytes
- * read; with out, each leaf's
- * XXH3-128 of them. As in cm_scan_leaves, the checks cover one copy of new, never a
- * second read that a writer could change; they equal "old with the copies over it"
- * wherever fp_old describes old (where it does not, apply refuses the delta).
+ * read; with out, each leaf's XXH3-128 of them. As in cm_scan_leaves, the checks cover
+ * one copy of new, never a second read that a writer could change; they equal "old with
+ * the copies over it" wherever fp_old describes old (where it does not, apply refuses
+ * the delta).
  *
  * With changes_only (the caller knows old's checksum) the return is instead what the
  * copies change in old's checksum: the sum over them of checksum(copy) - checksum(old's
