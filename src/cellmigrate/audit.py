@@ -32,6 +32,7 @@ from typing import (
     Union,
 )
 
+from ._forksafe import guard
 from ._ids import IdLike, to_id, to_optional_id
 from .errors import CorruptDataError
 
@@ -272,6 +273,7 @@ class MigrationAuditLog:
             raise TypeError(f"sink must be an AuditSink or a database path, not {type(sink).__name__}")
         self._capacity = capacity
         self._lock = threading.RLock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
         self._sink: Optional[AuditSink] = sink
         # deque(maxlen) drops the oldest entry on append: the ring's eviction order.
         self._entries: Deque[AuditEntry] = deque(maxlen=capacity)

@@ -55,6 +55,7 @@ from typing import (
     runtime_checkable,
 )
 
+from ._forksafe import guard
 from .audit import AuditEntry, AuditEventType
 from .errors import AuditStoreError, CorruptDataError
 from .statefile import write_bytes_atomic
@@ -211,6 +212,7 @@ class SqliteAuditSink:
         self._path = os.fspath(path)
         self._timeout = float(timeout)
         self._lock = threading.Lock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
         self._conn: Optional[sqlite3.Connection] = None
         try:
             # isolation_level=None: autocommit, so a single INSERT is committed when

@@ -7,6 +7,7 @@ keyed, the MAC that authenticates a delta.
 
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional, Sequence, cast
 
 import blake3 as _blake3
@@ -42,6 +43,19 @@ KEY_SIZE = 32
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+
+# BLAKE3's threads: the blake3 package's rayon pool, whose threads do not survive fork():
+# a forked child that hashed on it waited for ever (once the parent had hashed 128 KiB or
+# more). A child hashes on its own thread instead.
+_blake3_threads: List[int] = [_blake3.blake3.AUTO]
+
+
+def _blake3_one_thread_after_fork() -> None:
+    _blake3_threads[0] = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_blake3_one_thread_after_fork)
 _FLAT = (bytes, bytearray)
 
 
@@ -141,9 +155,9 @@ class Hasher:
         else:
             raw = check_key(key)
             if raw is not None:
-                self._h = _blake3.blake3(key=raw, max_threads=_blake3.blake3.AUTO)
+                self._h = _blake3.blake3(key=raw, max_threads=_blake3_threads[0])
             else:
-                self._h = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+                self._h = _blake3.blake3(max_threads=_blake3_threads[0])
 
     def update(self, data: BufferLike) -> None:
         """Feed the next bytes (any C-contiguous buffer; nothing is copied)."""

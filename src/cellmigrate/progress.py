@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
+from ._forksafe import guard
 from ._ids import IdLike, to_id
 
 __all__ = [
@@ -452,6 +453,7 @@ class MigrationProgressTracker:
         self._start = time.monotonic()
         # Re-entrant: a callback may read the tracker while an event is being emitted.
         self._lock = threading.RLock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     # -- read-only state -------------------------------------------------------------
 
@@ -543,6 +545,7 @@ class CollectingCallback:
     def __init__(self) -> None:
         self._events: List[MigrationProgressEvent] = []
         self._lock = threading.Lock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     def __call__(self, event: MigrationProgressEvent) -> None:
         with self._lock:
@@ -585,6 +588,7 @@ class MultiCallback:
     def __init__(self, *callbacks: ProgressCallback) -> None:
         self._callbacks: List[ProgressCallback] = []
         self._lock = threading.Lock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
         for cb in callbacks:
             self.add(cb)
 

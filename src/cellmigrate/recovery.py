@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union, overload
 
+from ._forksafe import guard
 from ._ids import IdLike, to_id, to_optional_id
 from .errors import InvalidStateError
 
@@ -224,6 +225,7 @@ class MigrationRecoveryManager:
         self._pending: Dict[bytes, MigrationError] = {}
         self._history: Dict[bytes, List[RecoveryAttempt]] = {}
         self._lock = threading.RLock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     @classmethod
     def with_defaults(cls) -> "MigrationRecoveryManager":

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
+from ._forksafe import guard
 from ._ids import IdLike, to_id
 from ._passes import Scan, byte_reporter
 from ._tree import LeafTable
@@ -70,6 +71,9 @@ class MigrationStats:
     avg_delta_ratio: float = 0.0
     total_time_us: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     def record_full(self, size: int, time_us: int) -> None:
         """A full-state migration of ``size`` bytes that took ``time_us``."""
@@ -125,6 +129,7 @@ class MigrationStats:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
 
 # --------------------------------------------------------------------------------------
@@ -175,6 +180,7 @@ class DirtyPageTracker:
         # xxh3_128_tree leaf table of the committed state (None: not computed yet).
         self._leaves: Optional[LeafTable] = None
         self._lock = threading.RLock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     @property
     def agent_id(self) -> bytes:
@@ -419,6 +425,7 @@ class IncrementalMigrator:
         self._trackers: Dict[bytes, DirtyPageTracker] = {}
         self._stats = MigrationStats()
         self._lock = threading.RLock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     def start_tracking(self, agent_id: IdLike, initial_state: BufferLike) -> None:
         """Track an agent from ``initial_state`` (sequence 1); restarts an existing tracker."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Un
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
+from ._forksafe import guard
 from ._ids import IdLike, to_id
 from ._types import BufferLike
 from .audit import AuditEntry, AuditEventType, MigrationAuditLog
@@ -541,6 +542,7 @@ class MigrationValidator:
         # Guards the rollback map so that the check-then-remove steps of a rollback are
         # atomic across threads; the audit log has its own lock.
         self._lock = threading.RLock()
+        guard(self, "_lock")  # taken around fork(): see _forksafe
 
     @property
     def audit_log(self) -> MigrationAuditLog:

@@ -47,6 +47,7 @@ import ctypes
 import math
 import os
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._buffers import as_bytes_view
+from ._forksafe import guard
 from ._types import BufferLike
 from .checksum import digest
 from .errors import CorruptDataError, ExecutionFailedError, InvalidStateError
@@ -217,6 +219,7 @@ def mutator_wat() -> str:
 _ModuleSource = Union[str, bytes, "os.PathLike[str]", None]
 
 _engine_lock = threading.Lock()
+guard(sys.modules[__name__], "_engine_lock")  # taken around fork(): see _forksafe
 _engine: Optional["wasmtime.Engine"] = None
 
 
@@ -399,6 +402,7 @@ class WasmAgent:
         self._max_pages: Optional[int] = memory.type(self._store).limits.max
         # Serializes every call into the store (wasmtime's Store is not thread-safe).
         self._store_lock = threading.Lock()
+        guard(self, "_store_lock")  # taken around fork(): see _forksafe
         # Guards the runner's flags below; the runner and pause() wait on it.
         self._cond = threading.Condition()
         self._paused = False
