@@ -228,6 +228,9 @@ def test_commit_and_acknowledge_refuse_what_is_not_pending() -> None:
         tracker.commit(first)
     with pytest.raises(InvalidStateError, match="not pending"):
         tracker.acknowledge(3)
+    for bad in ("2", 2.0, True, None):  # not a sequence number: refused, nothing committed
+        with pytest.raises(TypeError, match="sequence must be an int"):
+            tracker.acknowledge(bad)  # type: ignore[arg-type]
     assert tracker.sequence == 1 and tracker.committed_state() == bytes(2 * PAGE_SIZE)
     tracker.commit(second)
     assert tracker.sequence == 2 and tracker.committed_state() == new

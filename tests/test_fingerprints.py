@@ -11,7 +11,9 @@ Races with a writer are in ``test_consistent_rounds``.
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -272,6 +274,11 @@ def test_fingerprints_refuse_bad_input_and_a_failed_create_leaves_the_table() ->
     assert PageFingerprints(2 * PAGE, [2**64 - 1, 0]).values.tolist() == [2**64 - 1, 0]
     with pytest.raises(ValueError, match=">= 0"):
         PageFingerprints(-1, [])
+    for bad in (None, b"\x01", "1", 7):
+        with pytest.raises(TypeError, match="values must be"):
+            PageFingerprints(PAGE, bad)
+    with pytest.raises(InvalidStateError, match=f"describe a state of {3 * PAGE} bytes; both states have {PAGE}"):
+        DeltaSnapshot.create(AGENT, old[:PAGE], old[:PAGE], 1, 2, fingerprints=table)
     with pytest.raises(ValueError):
         table.values[0] = 1  # read-only: create swaps in a new table, never edits in place
 
@@ -349,6 +356,15 @@ def test_a_table_with_a_wrong_checksum_gives_a_delta_apply_refuses() -> None:
     with pytest.raises(InvalidStateError, match="hecksum"):
         delta.apply(target)
     assert target == base.tobytes()
+
+
+def test_a_pickled_or_copied_table_is_the_same_and_read_only() -> None:
+    table = PageFingerprints.of(np.arange(3 * PAGE + 5, dtype=np.uint8))
+    for other in (pickle.loads(pickle.dumps(table)), copy.deepcopy(table), copy.copy(table)):
+        assert other == table and other.checksum == table.checksum
+        assert not other.values.flags.writeable
+    without = pickle.loads(pickle.dumps(PageFingerprints(table.size, table.values)))
+    assert without.checksum is None and without.values.tolist() == table.values.tolist()
 
 
 def test_page_fingerprints_of_any_buffer() -> None:

@@ -624,7 +624,7 @@ def _claimed_chunks(
     total = spans[-1][1] - spans[0][0] if count else 0
     threads = min(max_threads(), count)
     lock = threading.Lock()
-    state = {"next": 0, "done": 0, "failed": False}
+    state = {"next": 0, "done": 0, "failed": False, "reported": -1}
 
     def worker(who: int, _unused: int) -> None:
         while True:
@@ -641,13 +641,14 @@ def _claimed_chunks(
                     done = state["done"]
                 if who == 0 and progress is not None:
                     progress(done, total)
+                    state["reported"] = done
             except BaseException:
                 state["failed"] = True  # a failed kernel or progress callback: the others stop
                 raise
 
     run_spans(worker, [(who, 0) for who in range(max(threads, 1))])
-    if progress is not None:
-        progress(total, total)  # the calling thread may have claimed no chunk: report the end
+    if progress is not None and state["reported"] != total:
+        progress(total, total)  # the calling thread may not have seen the end: report it once
 
 
 def _scan_fused(

@@ -26,7 +26,7 @@ new table with :meth:`PageFingerprints.of` then.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +56,8 @@ def _table_of(values: Any) -> U64Array:
     """``values`` as a new uint64 array: a 1-D integer array, or a sequence of ints (not
     through numpy's inference, which makes floats of ints past 2**63)."""
     if not isinstance(values, np.ndarray):
+        if isinstance(values, (bytes, bytearray, memoryview, str)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"values must be a sequence or 1-D array of integers, not {type(values).__name__}")
         items = list(values)
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
             if any(isinstance(v, (list, tuple, np.ndarray)) for v in items):
@@ -170,6 +172,11 @@ class PageFingerprints:
 
     __hash__ = None  # type: ignore[assignment]  # mutable: create updates it in place
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # Through the constructor: an unpickled (or deep-copied) table is checked and
+        # read-only like any other.
+        return (PageFingerprints, (self._size, self._values, self._checksum))
+
     def copy(self) -> "PageFingerprints":
         """An independent table with the same values (create advances the one it is given)."""
         return PageFingerprints(self._size, self._values, self._checksum)
@@ -193,10 +200,9 @@ class PageFingerprints:
     def _check_covers(self, old: memoryview, new: memoryview) -> None:
         """``InvalidStateError`` unless the table, ``old`` and ``new`` have one size."""
         if not (self._size == old.nbytes == new.nbytes):
-            raise InvalidStateError(
-                f"page fingerprints describe a state of {self._size} bytes; the states have "
-                f"{old.nbytes} and {new.nbytes} bytes (fingerprints need equal sizes)"
-            )
+            states = (f"both states have {new.nbytes} bytes" if old.nbytes == new.nbytes
+                      else f"the states have {old.nbytes} and {new.nbytes} bytes (fingerprints need equal sizes)")
+            raise InvalidStateError(f"page fingerprints describe a state of {self._size} bytes; {states}")
 
 
 def reads_new_alone(algorithm: Optional[str], key: Optional[bytes] = None) -> bool:

@@ -323,9 +323,11 @@ class DirtyPageTracker:
     def acknowledge(self, sequence: int) -> None:
         """The receiver acknowledged ``sequence``: commit the pending delta of that sequence.
 
-        Raises ``InvalidStateError`` when no pending delta has that sequence (an
-        acknowledgement of an older, already committed sequence is refused too: it
-        would mean the two sides disagree)."""
+        Raises ``TypeError`` when ``sequence`` is not an int, ``InvalidStateError`` when
+        no pending delta has that sequence (an acknowledgement of an older, already
+        committed sequence is refused too: it would mean the two sides disagree)."""
+        if isinstance(sequence, bool) or not isinstance(sequence, (int, np.integer)):
+            raise TypeError(f"sequence must be an int, not {type(sequence).__name__}")
         with self._lock:
             if self._pending is None or self._pending[0].sequence != sequence:
                 raise InvalidStateError(
