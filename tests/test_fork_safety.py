@@ -2,8 +2,7 @@
 
 fork() copies only the calling thread: a lock another thread held is copied held, and a
 thread pool's threads are gone. Each case runs in its own interpreter (with a timeout),
-forks there, and fails if the child does not finish its work within 30 s. The arena
-pool's lock (compiled kernels) is tested in test_arena_pool.
+forks there, and fails if the child does not finish its work within 30 s.
 """
 
 from __future__ import annotations
@@ -149,5 +148,31 @@ def work():
     return stats.full_migrations == 1
 print(in_child(work))
 worker.join()
+""")
+    assert out == "0"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the compiled kernels keep arenas on Linux only")
+def test_a_fork_while_another_thread_holds_the_arena_pool() -> None:
+    """fork() while a thread is inside the compiled kernels' arena pool lock (held 1.5 s
+    on purpose): the fork waits for it (pthread_atfork), and the child's first create and
+    apply run (before, the child copied a held lock and stopped at its first arena)."""
+    out = _run(r"""
+import threading, numpy as np
+from cellmigrate import DeltaSnapshot, _kernels
+old = np.zeros(4 << 20, dtype=np.uint8); new = old.copy(); new[::4096] = 1
+holder = threading.Thread(target=_kernels._hold_arena_pool, args=(1500,))
+holder.start()
+wait = time.monotonic() + 30
+while not _kernels._arena_pool_busy():  # until the holder is inside the pool's lock
+    assert time.monotonic() < wait, "the holder never took the lock"
+    time.sleep(0.001)
+def work():  # the child's first arena takes the pool's lock
+    d = DeltaSnapshot.create(bytes(16), old, new, 1, 2)
+    b = bytearray(old.tobytes()); d.apply(b)
+    return b == new.tobytes()
+print(in_child(work))
+holder.join()
+assert not _kernels._arena_pool_busy()
 """)
     assert out == "0"

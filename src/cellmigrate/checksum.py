@@ -56,6 +56,7 @@ def _blake3_one_thread_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_blake3_one_thread_after_fork)
+
 _FLAT = (bytes, bytearray)
 
 
