@@ -490,6 +490,27 @@ static int cm_arena_reserve(cm_arena *ar, size_t more) {
     return 0;
 }
 
+/* Copy page k (len bytes of src, the rest of its slot zeroed: a kept mapping holds
+ * earlier bytes) into the next slot, reserved by the caller; returns the copy. With XZR
+ * hints, the copy's hint is taken against base_page (old's page under it) now, while
+ * both are in cache: later, the old page would be read from memory again (a jump per
+ * page: ~0.4 us) just to learn that a rewritten page does not XZR-encode smaller. */
+static uint8_t *cm_arena_add(cm_arena *ar, const uint8_t *src, size_t len, const uint8_t *base_page, int64_t k) {
+    uint8_t *copy = ar->data + ar->used * ar->page;
+    memcpy(copy, src, len);
+    memset(copy + len, 0, ar->page - len);
+    if (ar->xzr) {
+        uint16_t hint = CM_XZR_HINT_UNKNOWN;
+        if (len <= CM_XZR_HINT_PAGE_MAX) {
+            size_t x = cm_xzr_encode_entry(copy, base_page, len, NULL, len); /* size only */
+            hint = x == SIZE_MAX ? CM_XZR_HINT_NO_WIN : (uint16_t)x;
+        }
+        ar->xzr[ar->used] = hint;
+    }
+    ar->idx[ar->used++] = k;
+    return copy;
+}
+
 /* The create pass over leaves of [lo, hi) (lo leaf-aligned, both states cover it): the
  * pages of new that differ from old are copied into the arena, with their page numbers;
  * the checksum of "old with the copies over it" is returned and, when out is not NULL,
@@ -522,23 +543,9 @@ static uint32_t cm_scan_leaves(const uint8_t *old, const uint8_t *new_, uint64_t
             for (size_t j = 0; j < dirty; j++) {
                 uint64_t s = c + (uint64_t)scratch_idx[j] * page;
                 size_t len = c + n - s < page ? (size_t)(c + n - s) : page;
-                uint8_t *copy = ar->data + ar->used * page;
-                memcpy(copy, new_ + s, len);
-                memset(copy + len, 0, page - len); /* a kept mapping holds earlier bytes */
+                uint8_t *copy = cm_arena_add(ar, new_ + s, len, old + s, (int64_t)(s / page));
                 /* The copy replaces old's page: take old's bytes out, put the copy's in. */
                 base_sum += cm_checksum(copy, len, s) - cm_checksum(old + s, len, s);
-                if (ar->xzr) {
-                    /* Both pages are in cache now; later, the old page would be read
-                       from memory again (a jump per page: ~0.4 us) just to learn that a
-                       rewritten page does not XZR-encode smaller. */
-                    uint16_t hint = CM_XZR_HINT_UNKNOWN;
-                    if (len <= CM_XZR_HINT_PAGE_MAX) {
-                        size_t x = cm_xzr_encode_entry(copy, old + s, len, NULL, len); /* size only */
-                        hint = x == SIZE_MAX ? CM_XZR_HINT_NO_WIN : (uint16_t)x;
-                    }
-                    ar->xzr[ar->used] = hint;
-                }
-                ar->idx[ar->used++] = (int64_t)(s / page);
                 if (out) {
                     if (s > pos)
                         cm_xxh3.update128(state, old + pos, (size_t)(s - pos));
@@ -604,23 +611,12 @@ static uint32_t cm_scan_leaves_fp(const uint8_t *old, const uint8_t *new_, uint6
                 *failed = 1;
                 return 0;
             }
-            uint8_t *copy = ar->data + ar->used * page;
-            memcpy(copy, tmp, len);
-            memset(copy + len, 0, page - len); /* a kept mapping holds earlier bytes */
-            if (ar->xzr) {
-                uint16_t hint = CM_XZR_HINT_UNKNOWN;
-                if (len <= CM_XZR_HINT_PAGE_MAX) {
-                    size_t x = cm_xzr_encode_entry(copy, old + s, len, NULL, len); /* size only */
-                    hint = x == SIZE_MAX ? CM_XZR_HINT_NO_WIN : (uint16_t)x;
-                }
-                ar->xzr[ar->used] = hint;
-            }
+            uint8_t *copy = cm_arena_add(ar, tmp, len, old + s, (int64_t)k);
             if (changes_only) {
                 sum += cm_checksum(copy, len, s) - cm_checksum(old + s, len, s);
                 if (cm_xxh3.one64(old + s, len) != was)
                     *stale = 1;
             }
-            ar->idx[ar->used++] = (int64_t)k;
             cm_arena_filling(ar);
         }
         if (out)
