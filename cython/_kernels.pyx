@@ -10,8 +10,12 @@ Python buffers into pointers and lengths (typed ``const uint8_t[::1]`` memoryvie
 read-only buffers work and nothing is copied), validates arguments, and releases the GIL
 around the C call -- but only from ``NOGIL_MIN_BYTES`` up: for a 4 KiB page, dropping
 and re-taking the GIL would cost more than the work (python-xxhash does the same).
-Threads are not started here; ``cellmigrate._parallel`` splits big buffers over a pool
-and the positioned checksum makes the partial results add up.
+The simple kernels run on the calling thread; ``cellmigrate._parallel`` splits big
+buffers over a pool and the positioned checksum makes the partial results add up. The
+whole-state passes of ``_leaves.pxi`` (create, apply's check, the tree digest's leaves,
+page fingerprints) instead start their own threads inside one GIL-free call
+(``cm_claims.h``): a return to Python waits a switch interval for the GIL whenever
+another thread runs Python, so they return once per pass, not once per chunk.
 
 The contract is documented in ``cellmigrate._reference``, which is the test oracle for
 this module. The ``_naive_*`` functions are the straightforward loops of each algorithm,

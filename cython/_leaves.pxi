@@ -65,6 +65,88 @@ cdef inline uint8_t* _leaf_out(out, Py_buffer* buf, Py_ssize_t need) except? NUL
     return <uint8_t*>buf.buf
 
 
+cdef extern from "cm_jobs.h" nogil:
+    ctypedef struct cm_claims:
+        int stop
+        int nomem
+    int CM_MAX_THREADS
+    ctypedef struct cm_overlay_job:
+        cm_claims claims
+        const uint8_t* base
+        size_t leaf
+        const uint64_t* spans
+        uint64_t lo
+        const uint8_t* const* pages
+        const size_t* lens
+        const int64_t* starts
+        const size_t* first
+        uint32_t* sums
+        uint8_t* out
+        uint64_t* changed
+    int cm_overlay_job_run(cm_overlay_job* j, size_t count, int threads)
+    ctypedef struct cm_scan_job:
+        cm_claims claims
+        const uint8_t* old
+        const uint8_t* new_
+        size_t leaf
+        const uint64_t* spans
+        uint64_t lo
+        cm_arena** arenas
+        uint32_t* sums
+        uint8_t* stale
+        const uint64_t* fp_old
+        uint64_t* fp_new
+        uint8_t* out
+        int changes_only
+        int nomem_chunk
+    int cm_scan_job_run(cm_scan_job* j, size_t count, int threads)
+    ctypedef struct cm_tree_job:
+        cm_claims claims
+        const uint8_t* data
+        size_t n
+        size_t leaf
+        size_t per
+        uint8_t* out
+    int cm_tree_job_run(cm_tree_job* j, int threads)
+    ctypedef struct cm_fp_job:
+        cm_claims claims
+        const uint8_t* data
+        size_t n
+        size_t page
+        size_t chunk
+        uint64_t offset
+        uint64_t* out
+        uint32_t* sums
+    int cm_fp_job_run(cm_fp_job* j, int threads)
+
+
+#: The most threads one kernel call starts (more gain nothing on a memory-bound pass).
+MAX_THREADS = CM_MAX_THREADS
+
+
+cdef int _threads(int threads) except -1:
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads if threads < CM_MAX_THREADS else CM_MAX_THREADS
+
+
+cdef object _chunk_spans(spans, uint64_t leaf, uint64_t limit):
+    """``spans`` as a C-contiguous (count, 2) uint64 array of ``(lo, hi)`` byte ranges,
+    checked: each starts on a leaf (a multiple of ``leaf``), none before the end of the
+    one before, none past ``limit``; ``ValueError`` otherwise."""
+    try:
+        arr = np.ascontiguousarray(spans, dtype=np.uint64).reshape(-1, 2)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ValueError(f"spans must be (lo, hi) pairs of byte offsets: {exc}") from None
+    cdef const uint64_t[:, ::1] s = arr
+    cdef Py_ssize_t k
+    for k in range(s.shape[0]):
+        if s[k, 0] % leaf or s[k, 0] > s[k, 1] or s[k, 1] > limit or (k and s[k, 0] < s[k - 1, 1]):
+            raise ValueError(f"span [{s[k, 0]}, {s[k, 1]}) must start on a leaf of {leaf} bytes, not before "
+                             f"the span before it, and end within {limit} bytes")
+    return arr
+
+
 def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, starts, Py_ssize_t leaf, out=None,
                    uint64_t[::1] changed=None):
     """Checksum of bytes ``[lo, hi)`` of ``base`` with ``pages`` laid over it, and with
@@ -80,51 +162,90 @@ def overlay_leaves(const uint8_t[::1] base, uint64_t lo, uint64_t hi, pages, sta
     maybe for others (all bits where the kernel did not compare: a page over 4096 bytes,
     a block mostly covered by pages); see ``scatter_pages``.
     """
-    cdef int64_t[::1] at = _indices(starts)
-    cdef Py_ssize_t count = at.shape[0], k
-    cdef uint64_t nleaves, pos
     if leaf <= 0 or lo % <uint64_t>leaf or lo > hi or hi > <uint64_t>base.shape[0]:
         raise ValueError(f"span [{lo}, {hi}) must start on a leaf and fit a base of {base.shape[0]} bytes")
+    return overlay_leaves_chunks(base, [(lo, hi)], pages, starts, leaf, out, changed)
+
+
+def overlay_leaves_chunks(const uint8_t[::1] base, spans, pages, starts, Py_ssize_t leaf, out=None,
+                          uint64_t[::1] changed=None, int threads=1):
+    """:func:`overlay_leaves` over several chunks in one call, on up to ``threads`` threads
+    that claim the chunks one at a time; returns the checksum of all of them (mod 2**32).
+
+    ``spans``: the chunks' ``(lo, hi)`` byte ranges, each starting on a leaf, ascending,
+    not overlapping, within ``base``; ``out`` holds the digests of the leaves from the
+    first chunk's start to the last one's end (16 bytes a leaf; a gap between chunks
+    leaves its slots unwritten); every page lies inside one chunk. ``ValueError`` before
+    any work otherwise.
+    """
+    if leaf <= 0:
+        raise ValueError("leaf must be positive")
+    cdef int nthreads = _threads(threads)
+    arr = _chunk_spans(spans, <uint64_t>leaf, <uint64_t>base.shape[0])
+    cdef const uint64_t[:, ::1] s = arr
+    cdef Py_ssize_t nchunks = s.shape[0]
+    cdef int64_t[::1] at = _indices(starts)
+    cdef Py_ssize_t count = at.shape[0], k, c
     if len(pages) != count:
         raise ValueError(f"{len(pages)} pages but {count} starts")
     if out is not None and not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: leaf digests need cellmigrate._xxh3")
     if changed is not None and changed.shape[0] < count:
         raise ValueError(f"changed holds {changed.shape[0]} masks, there are {count} pages")
-    nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
+    cdef uint64_t lo = s[0, 0] if nchunks else 0
+    cdef uint64_t hi = s[nchunks - 1, 1] if nchunks else 0
+    cdef uint64_t nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
     cdef _PageBuffers held = _PageBuffers(pages)
-    cdef Py_buffer outbuf
-    cdef uint8_t* po = NULL
-    cdef void* state = NULL
-    cdef uint32_t total = 0
-    cdef PyThreadState* ts
-    pos = lo
+    firsts = np.zeros(nchunks + 1, dtype=np.uintp)
+    cdef size_t[::1] first = firsts
+    cdef uint64_t pos = lo
+    c = 0
     for k in range(count):
-        if at[k] < <int64_t>pos or <uint64_t>at[k] + held.lens[k] > hi or (held.lens[k] and
-                <uint64_t>at[k] // <uint64_t>leaf != (<uint64_t>at[k] + held.lens[k] - 1) // <uint64_t>leaf):
-            raise ValueError(f"a page of {held.lens[k]} bytes at {at[k]} overlaps another, leaves [{lo}, {hi}) "
+        # Page k belongs to the last chunk starting at or before it (chunks and pages
+        # ascend); it must fit in that chunk, after the page before, within one leaf.
+        while c + 1 < nchunks and <uint64_t>at[k] >= s[c + 1, 0]:
+            c += 1
+            first[c] = <size_t>k
+            pos = s[c, 0]
+        if (nchunks == 0 or at[k] < <int64_t>pos or <uint64_t>at[k] + held.lens[k] > s[c, 1] or (held.lens[k] and
+                <uint64_t>at[k] // <uint64_t>leaf != (<uint64_t>at[k] + held.lens[k] - 1) // <uint64_t>leaf)):
+            raise ValueError(f"a page of {held.lens[k]} bytes at {at[k]} overlaps another, lies outside the chunks "
                              f"or crosses a leaf")
         pos = <uint64_t>at[k] + held.lens[k]
+    for c in range(c + 1, nchunks + 1):
+        first[c] = <size_t>count
+    cdef Py_buffer outbuf
+    cdef uint8_t* po = NULL
+    cdef uint32_t[::1] sums = np.zeros(max(nchunks, 1), dtype=np.uint32)
+    cdef cm_overlay_job job
+    memset(&job, 0, sizeof(job))
+    cdef PyThreadState* ts
     if out is not None:
         po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * nleaves))
     try:
-        if po != NULL:
-            state = cm_xxh3_state_new()
-            if state == NULL:
-                raise MemoryError()
-        if hi <= lo and changed is not None:
-            changed[:count] = 0  # only zero-length pages fit an empty span
+        job.base = &base[0] if base.shape[0] else NULL
+        job.leaf = <size_t>leaf
+        job.spans = &s[0, 0] if nchunks else NULL
+        job.lo = lo
+        job.pages = held.ptrs
+        job.lens = held.lens
+        job.starts = &at[0] if count else NULL
+        job.first = &first[0]
+        job.sums = &sums[0]
+        job.out = po
+        job.changed = &changed[0] if changed is not None and count else NULL
+        if changed is not None:
+            changed[:count] = 0  # zero-length pages of empty chunks are not visited
         if hi > lo:
             ts = _release(<size_t>(hi - lo))
-            total = cm_overlay_leaves(&base[0], lo, hi, <size_t>leaf, held.ptrs, held.lens,
-                                      &at[0] if count else NULL, <size_t>count, state, po,
-                                      &changed[0] if changed is not None and count else NULL)
+            cm_overlay_job_run(&job, <size_t>nchunks, nthreads)
             _reacquire(ts)
+            if job.claims.nomem:
+                raise MemoryError()
     finally:
-        cm_xxh3_state_free(state)
         if po != NULL:
             PyBuffer_Release(&outbuf)
-    return total
+    return int(np.asarray(sums)[:nchunks].sum(dtype=np.uint64) & 0xFFFFFFFF)
 
 
 _arena_pool_cap = 256 << 20
@@ -267,88 +388,125 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     checksummed at all), and whether ``old`` under some copy is not what the table says
     (then the table's checksum is not ``old``'s: take ``old``'s own).
     """
-    cdef size_t page = arena.ar.page
-    if leaf <= 0 or <size_t>leaf % page or lo % <uint64_t>leaf or lo > hi:
+    if leaf <= 0 or <size_t>leaf % arena.ar.page or lo % <uint64_t>leaf or lo > hi:
         raise ValueError(f"span [{lo}, {hi}) must start on a leaf of whole pages")
     if hi > <uint64_t>old.shape[0] or hi > <uint64_t>new.shape[0]:
         raise ValueError(f"span [{lo}, {hi}) does not fit states of {old.shape[0]} and {new.shape[0]} bytes")
-    if arena.exports:
-        raise BufferError("the arena's pages are exported: it cannot grow")
+    got = scan_leaves_chunks(old, new, [(lo, hi)], leaf, [arena], out, xzr_hints, fingerprints, new_fingerprints,
+                             checksum_changes)
+    return got if checksum_changes else got[0]
+
+
+def scan_leaves_chunks(const uint8_t[::1] old, const uint8_t[::1] new, spans, Py_ssize_t leaf, arenas, out=None,
+                       bint xzr_hints=False, const uint64_t[::1] fingerprints=None,
+                       uint64_t[::1] new_fingerprints=None, bint checksum_changes=False, int threads=1):
+    """:func:`scan_leaves` over several chunks in one call, on up to ``threads`` threads
+    that claim the chunks one at a time (one return to Python for the whole pass).
+
+    ``spans``: the chunks' ``(lo, hi)`` byte ranges, each starting on a leaf, ascending,
+    not overlapping, within both states; ``arenas``: one :class:`PageArena` a chunk (all
+    of one page size dividing ``leaf``; a chunk's copies go to its own); ``out`` holds
+    the digests of the leaves from the first chunk's start to the last one's end.
+    Returns ``(checksum, stale)``: the checksum of all chunks (mod 2**32; with
+    ``checksum_changes``, what the copies change in old's) and whether ``old`` under
+    some copy is not what the fingerprint table says (always False without it).
+    ``ValueError`` before any work on a bad argument; ``MemoryError`` when the copies do
+    not fit in memory (the arenas then hold part of them).
+    """
+    if leaf <= 0:
+        raise ValueError("leaf must be positive")
+    cdef int nthreads = _threads(threads)
+    arr = _chunk_spans(spans, <uint64_t>leaf, <uint64_t>min(old.shape[0], new.shape[0]))
+    cdef const uint64_t[:, ::1] s = arr
+    cdef Py_ssize_t nchunks = s.shape[0], k
+    if len(arenas) != nchunks:
+        raise ValueError(f"{len(arenas)} arenas for {nchunks} chunks")
+    cdef size_t page = 0
+    cdef PageArena arena
+    for arena in arenas:  # (a non-PageArena raises TypeError here)
+        if page == 0:
+            page = arena.ar.page
+        if arena.ar.page != page or <size_t>leaf % page:
+            raise ValueError(f"arenas of {arena.ar.page}-byte pages: each must have pages of {page} bytes, "
+                             f"a divisor of the {leaf}-byte leaf")
+        if arena.exports:
+            raise BufferError("the arena's pages are exported: it cannot grow")
     if (out is not None or fingerprints is not None) and not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: leaf digests and fingerprints need cellmigrate._xxh3")
-    cdef uint64_t need = (hi + page - 1) // page
     if (fingerprints is None) != (new_fingerprints is None):
         raise ValueError("fingerprints and new_fingerprints go together")
     if checksum_changes and fingerprints is None:
         raise ValueError("checksum_changes needs the fingerprint tables")
+    cdef uint64_t lo = s[0, 0] if nchunks else 0
+    cdef uint64_t hi = s[nchunks - 1, 1] if nchunks else 0
+    cdef uint64_t need = (hi + page - 1) // page if page else 0
     if fingerprints is not None and <uint64_t>min(fingerprints.shape[0], new_fingerprints.shape[0]) < need:
         raise ValueError(f"fingerprint tables of {fingerprints.shape[0]} and {new_fingerprints.shape[0]} pages; "
                          f"[{lo}, {hi}) needs {need}")
     cdef uint64_t nleaves = (hi - lo + <uint64_t>leaf - 1) // <uint64_t>leaf
-    cdef uint8_t* tmp = NULL
-    cdef uint8_t* tmp_raw = NULL
+    for arena in arenas:
+        if xzr_hints and cm_arena_want_xzr(&arena.ar) != 0:
+            raise MemoryError()
+    ptrs = np.zeros(max(nchunks, 1), dtype=np.uintp)
+    cdef size_t[::1] pa = ptrs
+    for k in range(nchunks):
+        pa[k] = <size_t>&(<PageArena>arenas[k]).ar
+    cdef uint32_t[::1] sums = np.zeros(max(nchunks, 1), dtype=np.uint32)
+    cdef uint8_t[::1] stale = np.zeros(max(nchunks, 1), dtype=np.uint8)
     cdef Py_buffer outbuf
     cdef uint8_t* po = NULL
-    cdef int64_t* scratch = <int64_t*>malloc((<size_t>leaf // page + 1) * sizeof(int64_t))
-    cdef void* state = NULL
-    cdef uint32_t total = 0
-    cdef int failed = 0
-    cdef int stale = 0
+    cdef cm_scan_job job
+    memset(&job, 0, sizeof(job))
     cdef PyThreadState* ts
-    if scratch == NULL:
-        raise MemoryError()
-    if fingerprints is not None:
-        # 64-byte aligned: a row straddling cache lines hashes markedly slower.
-        tmp_raw = <uint8_t*>malloc(page + 64)
-        tmp = <uint8_t*>((<uintptr_t>tmp_raw + 63) & ~(<uintptr_t>63))
-        if tmp_raw == NULL:
-            free(scratch)
-            raise MemoryError()
-    if xzr_hints and cm_arena_want_xzr(&arena.ar) != 0:
-        free(scratch)
-        free(tmp_raw)
-        raise MemoryError()
+    if out is not None:
+        po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * nleaves))
     try:
-        if out is not None:
-            po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * nleaves))
-            state = cm_xxh3_state_new()
-            if state == NULL:
-                raise MemoryError()
+        job.old = &old[0] if old.shape[0] else NULL
+        job.new_ = &new[0] if new.shape[0] else NULL
+        job.leaf = <size_t>leaf
+        job.spans = &s[0, 0] if nchunks else NULL
+        job.lo = lo
+        job.arenas = <cm_arena**>&pa[0]
+        job.sums = &sums[0]
+        job.stale = &stale[0]
+        job.fp_old = &fingerprints[0] if fingerprints is not None and fingerprints.shape[0] else NULL
+        job.fp_new = &new_fingerprints[0] if new_fingerprints is not None and new_fingerprints.shape[0] else NULL
+        job.out = po
+        job.changes_only = checksum_changes
         if hi > lo:
             ts = _release(<size_t>(hi - lo))
-            if fingerprints is None:
-                total = cm_scan_leaves(&old[0], &new[0], lo, hi, <size_t>leaf, &arena.ar, scratch, state, po, &failed)
-            else:
-                total = cm_scan_leaves_fp(&old[0], &new[0], lo, hi, <size_t>leaf, &fingerprints[0],
-                                          &new_fingerprints[0], tmp, &arena.ar, state, po, checksum_changes,
-                                          &stale, &failed)
+            cm_scan_job_run(&job, <size_t>nchunks, nthreads)
             _reacquire(ts)
-        if failed:
-            raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
+            if job.claims.nomem or job.nomem_chunk:
+                raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
     finally:
-        cm_xxh3_state_free(state)
         if po != NULL:
             PyBuffer_Release(&outbuf)
-        free(scratch)
-        free(tmp_raw)
-    return (total, bool(stale)) if checksum_changes else total
+    total = int(np.asarray(sums)[:nchunks].sum(dtype=np.uint64) & 0xFFFFFFFF)
+    return total, bool(np.asarray(stale)[:nchunks].any())
 
 
-cdef extern from "cm_leaves.h" nogil:
-    uint32_t cm_page_digests64(const uint8_t* data, size_t n, size_t page, uint64_t offset, uint64_t* out)
+# Bytes a thread claims at a time in the whole-buffer hashing kernels: big enough that
+# claiming costs nothing, small enough that a thread whose core is busy elsewhere takes
+# fewer of them instead of the call waiting for its fixed half.
+cdef enum:
+    _CLAIM_BYTES = 8 << 20
 
 
-def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, uint64_t offset=0):
+def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, uint64_t offset=0,
+                   int threads=1):
     """XXH3-64 of each ``page``-byte page of ``data`` (the last may be short) into ``out``;
     returns ``data``'s positioned checksum as if it began at byte ``offset`` of its state.
 
     A per-page fingerprint table: comparing a state's page digests with the table of what
     was sent finds the pages written since, reading the state once (not state + shadow).
     ``out`` needs one slot per page; ``ValueError`` otherwise or when XXH3 is not bound.
+    Runs on up to ``threads`` threads, in one GIL-free call.
     """
     cdef size_t n = data.shape[0]
     if page <= 0:
         raise ValueError("page must be positive")
+    cdef int nthreads = _threads(threads)
     cdef size_t npages = (n + <size_t>page - 1) // <size_t>page
     if <size_t>out.shape[0] < npages:
         raise ValueError(f"out holds {out.shape[0]} digests, {npages} pages need one each")
@@ -356,35 +514,54 @@ def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, 
         raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
     if n == 0:
         return 0
+    cdef cm_fp_job job
+    memset(&job, 0, sizeof(job))
+    job.data = &data[0]
+    job.n = n
+    job.page = <size_t>page
+    job.chunk = (<size_t>_CLAIM_BYTES // <size_t>page) * <size_t>page
+    if job.chunk == 0:
+        job.chunk = <size_t>page
+    job.offset = offset
+    job.out = &out[0]
+    cdef uint32_t[::1] sums = np.zeros((n + job.chunk - 1) // job.chunk, dtype=np.uint32)
+    job.sums = &sums[0]
     cdef PyThreadState* ts = _release(n)
-    cdef uint32_t total = cm_page_digests64(&data[0], n, <size_t>page, offset, &out[0])
+    cm_fp_job_run(&job, nthreads)
     _reacquire(ts)
-    return total
+    return int(np.asarray(sums).sum(dtype=np.uint64) & 0xFFFFFFFF)
 
 
-cdef extern from "cm_leaves.h" nogil:
-    void cm_page_digests128(const uint8_t* data, size_t n, size_t page, uint8_t* out)
-
-
-def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out):
-    """XXH3-128 (canonical, 16 bytes) of each ``page``-byte page of ``data`` (the last may
-    be short) into the writable buffer ``out`` (16 bytes a page, in order): the live
-    migration's per-page proof table. ``ValueError`` when ``out`` is too small or XXH3
-    is not bound.
+def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out, int threads=1):
+    """XXH3-128 (canonical, 16 bytes) of each ``page``-byte piece of ``data`` (the last
+    may be short) into the writable buffer ``out`` (16 bytes a piece, in order), on up to
+    ``threads`` threads in one GIL-free call: with 4 KiB pages the live migration's
+    per-page proof table, with 1 MiB pieces the leaves of ``xxh3_128_tree``.
+    ``ValueError`` when ``out`` is too small or XXH3 is not bound.
     """
     cdef size_t n = data.shape[0]
     if page <= 0:
         raise ValueError("page must be positive")
+    cdef int nthreads = _threads(threads)
     cdef size_t npages = (n + <size_t>page - 1) // <size_t>page
     if not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
     cdef Py_buffer outbuf
     cdef uint8_t* po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * npages))
+    cdef cm_tree_job job
+    memset(&job, 0, sizeof(job))
     cdef PyThreadState* ts
     try:
         if n:
+            job.data = &data[0]
+            job.n = n
+            job.leaf = <size_t>page
+            job.per = <size_t>_CLAIM_BYTES // <size_t>page
+            if job.per == 0:
+                job.per = 1
+            job.out = po
             ts = _release(n)
-            cm_page_digests128(&data[0], n, <size_t>page, po)
+            cm_tree_job_run(&job, nthreads)
             _reacquire(ts)
     finally:
         PyBuffer_Release(&outbuf)

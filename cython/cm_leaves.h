@@ -637,10 +637,4 @@ static uint32_t cm_page_digests64(const uint8_t *data, size_t n, size_t page, ui
     return sum;
 }
 
-/* XXH3-128 (canonical) of each page of data (the last may be short), 16 bytes a page. */
-static void cm_page_digests128(const uint8_t *data, size_t n, size_t page, uint8_t *out) {
-    for (size_t s = 0, k = 0; s < n; s += page, k++)
-        cm_xxh128_canonical(cm_xxh3.one128(data + s, n - s < page ? n - s : page), out + 16 * k);
-}
-
 #endif /* CM_LEAVES_H */

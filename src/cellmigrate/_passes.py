@@ -651,6 +651,43 @@ def _claimed_chunks(
         progress(total, total)  # the calling thread may not have seen the end: report it once
 
 
+#: With a progress callback the fused passes call their kernel for about this many bytes
+#: of chunks at a time and report between the calls; without one, a single call runs the
+#: whole pass. Each return from a GIL-free call must take the GIL back, which waits a
+#: switch interval (5 ms) whenever another thread is running Python: one call per pass
+#: pays that once, not once per chunk.
+_REPORT_GROUP = 128 << 20
+
+
+def _run_groups(chunks: Sequence[Tuple[int, int]], call: Callable[[int, int], None],
+                progress: Optional[ProgressCallback]) -> None:
+    """``call(a, b)`` for groups ``chunks[a:b]`` covering all chunks: one group without
+    ``progress``; else groups of about ``_REPORT_GROUP`` bytes, reporting the bytes done
+    (of all the chunks' bytes) after each, the end once."""
+    count = len(chunks)
+    if progress is None:
+        if count:
+            call(0, count)
+        return
+    origin = chunks[0][0] if count else 0
+    total = chunks[-1][1] - origin if count else 0
+    a = 0
+    while a < count:
+        b = a + 1
+        while b < count and chunks[b][1] - chunks[a][0] <= _REPORT_GROUP:
+            b += 1
+        call(a, b)
+        a = b
+        if a < count:
+            progress(chunks[a - 1][1] - origin, total)
+    progress(total, total)
+
+
+def _kernel_threads(count: int) -> int:
+    """Threads for a fused kernel call over ``count`` chunks (at least one)."""
+    return max(1, min(max_threads(), count))
+
+
 def _scan_fused(
     old: memoryview,
     new: memoryview,
@@ -663,7 +700,8 @@ def _scan_fused(
 ) -> Scan:
     """:func:`scan` by the fused leaf kernel (``old`` covers ``new``; no or a tree hasher):
     each chunk compared, copied into its own page arena, checksummed and (with a tree
-    hasher) hashed leaf by leaf, in one GIL-free call on whichever thread claims it.
+    hasher) hashed leaf by leaf by whichever of the kernel's threads claims it, the
+    whole pass in one GIL-free call (one per ``_REPORT_GROUP`` with ``progress``).
 
     ``spans``: the chunks, contiguous and leaf-aligned, of the part of the state to scan
     (the CLI's windowed diff passes one window's); by default the whole state in 16 MiB
@@ -683,34 +721,32 @@ def _scan_fused(
     if changes and spans is not None:
         raise ValueError("base_checksum is the whole state's: it cannot go with spans")
     chunks = _fused_chunks(n) if spans is None else spans
-    stale = [False] * len(chunks)
     table = None if fingerprints is None else np.empty(-(-n // PAGE_SIZE), dtype=np.uint64)
     lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
-    arenas: List[Any] = [None] * len(chunks)
-    sums = [0] * len(chunks)
+    arenas = [kernels.PageArena(PAGE_SIZE) for _ in chunks]  # each reserved and trimmed by the kernel
+    bounds = np.array(chunks, dtype=np.uint64).reshape(-1, 2)
+    threads = _kernel_threads(len(chunks))
     leaves = bytearray(16 * -(-(hi - lo) // LEAF_SIZE)) if hasher is not None else None
+    got = {"sum": 0, "stale": False}
 
-    def work(k: int, a: int, b: int) -> None:
-        # Room for every page of the chunk up front (address space: one mapping, no
-        # growth), the unused part given back right after.
-        arena = kernels.PageArena(PAGE_SIZE, -(-(b - a) // PAGE_SIZE))
-        out = None if leaves is None else memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-        got = kernels.scan_leaves(old, new, a, b, LEAF_SIZE, arena, out, xzr_hints, fingerprints, table, changes)
-        sums[k], stale[k] = got if changes else (got, False)
-        arena.trim()
-        arenas[k] = arena
+    def call(a: int, b: int) -> None:
+        out = None if leaves is None else memoryview(leaves)[16 * ((chunks[a][0] - lo) // LEAF_SIZE) :]
+        total, stale = kernels.scan_leaves_chunks(old, new, bounds[a:b], LEAF_SIZE, arenas[a:b], out, xzr_hints,
+                                                  fingerprints, table, changes, threads)
+        got["sum"] += total
+        got["stale"] = got["stale"] or stale
 
-    _claimed_chunks(chunks, work, progress)
+    _run_groups(chunks, call, progress)
     if hasher is not None:
         hasher.add_leaves(cast(bytearray, leaves), hi - lo)
-    held = [a for a in arenas if a is not None and len(a)]
+    held = [a for a in arenas if len(a)]
     indices = np.concatenate([a.indices for a in held]) if held else np.empty(0, dtype=np.int64)
     last = n - int(indices[-1]) * PAGE_SIZE if len(indices) and int(indices[-1]) == (n - 1) // PAGE_SIZE else PAGE_SIZE
     pages = kernels.PageRows([(a, len(a)) for a in held], PAGE_SIZE, last)
-    if any(stale):
+    if got["stale"]:
         start = simple_checksum(old[:n])  # the table's checksum is not old's
-    found = Scan(indices, cast(List[bytes], pages), (sum(sums) + (start or 0)) & _MASK32)
-    if any(stale):
+    found = Scan(indices, cast(List[bytes], pages), (int(got["sum"]) + (start or 0)) & _MASK32)
+    if got["stale"]:
         found.table_checksum = None
     if xzr_hints:
         found.xzr_hints = np.concatenate([a.xzr_hints for a in held]) if held else np.empty(0, dtype=np.uint16)
@@ -837,7 +873,8 @@ class Result(Overlay):
         self, hasher: Hasher, progress: Optional[ProgressCallback], spans: Optional[Sequence[Tuple[int, int]]] = None
     ) -> int:
         """Checksum and tree digest of the result by the fused leaf kernel: one GIL-free
-        call per chunk, on whichever thread claims it, each leaf hashed and checksummed
+        call for all chunks (one per ``_REPORT_GROUP`` with ``progress``), each chunk on
+        whichever of its threads claims it, each leaf hashed and checksummed
         while in cache (the base covers the whole result).
 
         ``spans``: the chunks, contiguous and leaf-aligned, of the part of the result to
@@ -846,20 +883,23 @@ class Result(Overlay):
         leaves."""
         chunks = _fused_chunks(self.total) if spans is None else spans
         lo, hi = (chunks[0][0], chunks[-1][1]) if chunks else (0, 0)
-        sums = [0] * len(chunks)
+        bounds = np.array(chunks, dtype=np.uint64).reshape(-1, 2)
+        threads = _kernel_threads(len(chunks))
         leaves = bytearray(16 * -(-(hi - lo) // LEAF_SIZE))
         changed = np.empty(len(self.start_list), dtype=np.uint64) if spans is None else None  # the kernel fills each
+        sums = [0]
 
-        def work(k: int, a: int, b: int) -> None:
-            ka, kb = self._pages_in(a, b)
-            out = memoryview(leaves)[16 * ((a - lo) // LEAF_SIZE) : 16 * -(-(b - lo) // LEAF_SIZE)]
-            sums[k] = kernels.overlay_leaves(self.view, a, b, self.pages[ka:kb], self.starts[ka:kb], LEAF_SIZE, out,
-                                             None if changed is None else changed[ka:kb])
+        def call(a: int, b: int) -> None:
+            ka, kb = self._pages_in(chunks[a][0], chunks[b - 1][1])
+            out = memoryview(leaves)[16 * ((chunks[a][0] - lo) // LEAF_SIZE) :]
+            sums[0] += kernels.overlay_leaves_chunks(self.view, bounds[a:b], self.pages[ka:kb], self.starts[ka:kb],
+                                                     LEAF_SIZE, out, None if changed is None else changed[ka:kb],
+                                                     threads)
 
-        _claimed_chunks(chunks, work, progress)
+        _run_groups(chunks, call, progress)
         hasher.add_leaves(leaves, hi - lo)
         self.changed = changed
-        return sum(sums) & _MASK32
+        return sums[0] & _MASK32
 
     def claimed(self, hasher: Hasher, progress: Optional[ProgressCallback]) -> int:
         """Checksum of the result with a helper thread (see :class:`_Claims`)."""

@@ -131,13 +131,16 @@ class PageFingerprints:
         view = as_bytes_view(state, "state")
         table = np.empty(_page_count(view.nbytes), dtype=np.uint64)
         spans = plan(view.nbytes, threads, PAGE_SIZE)
-        # The compiled kernel hashes with the xxhash package's own library when it is bound
-        # (cellmigrate._xxh3); else each page goes through the package's Python API.
-        hash_pages = kernels.page_digests64 if PURE_PYTHON or _xxh3.available() else _reference.page_digests64
-        sums = run_spans(lambda a, b: hash_pages(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :], a), spans)
+        if not PURE_PYTHON and _xxh3.available():
+            # The compiled kernel hashes with the xxhash package's own library, on its own
+            # threads, in one GIL-free call.
+            checksum = kernels.page_digests64(view, PAGE_SIZE, table, 0, len(spans))
+        else:  # each page through the xxhash package's Python API
+            checksum = sum(run_spans(
+                lambda a, b: _reference.page_digests64(view[a:b], PAGE_SIZE, table[a // PAGE_SIZE :], a), spans))
         made = cls.__new__(cls)
         made._size = view.nbytes
-        made._checksum = sum(sums) & _MASK32
+        made._checksum = checksum & _MASK32
         made._set(table)
         return made
 

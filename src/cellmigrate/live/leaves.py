@@ -32,7 +32,7 @@ import xxhash as _xxhash
 
 from .._backend import kernels
 from .._buffers import as_bytes_view
-from .._parallel import plan, run_spans
+from .._parallel import plan
 from ..checksum import PAGE_SIZE
 from .pages import copy_pages
 
@@ -56,14 +56,13 @@ def _python_page_digests(view: memoryview, out: Digests) -> None:
     out[:] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, PAGE_DIGEST_SIZE)
 
 
-def page_kernel() -> Optional[Callable[[memoryview, Digests], Any]]:
-    """A compiled, GIL-free way to fill ``out`` with the page digests of ``view``, or None.
+def page_kernel() -> Optional[Callable[..., Any]]:
+    """A compiled, GIL-free ``kernel(view, out, threads=1)`` that fills ``out`` with the
+    page digests of ``view`` on up to ``threads`` threads (``page_digests128``), or None.
 
     Asked on every call: the kernels hash with the ``xxhash`` package's own XXH3 functions
     only once ``cellmigrate._xxh3`` has bound them and checked them on test vectors (and
-    tests unbind them to exercise the Python path). ``page_digests128`` is the dedicated
-    kernel; the leaf kernel with 4 KiB leaves gives the same digests (plus a checksum,
-    unused) where that is missing.
+    tests unbind them to exercise the Python path).
     """
     try:
         from .. import _xxh3  # type: ignore[attr-defined, unused-ignore]
@@ -71,13 +70,7 @@ def page_kernel() -> Optional[Callable[[memoryview, Digests], Any]]:
         return None
     if not _xxh3.available():
         return None
-    pages = getattr(kernels, "page_digests128", None)
-    if pages is not None:
-        return lambda view, out: pages(view, PAGE_SIZE, out)
-    leaves = getattr(kernels, "overlay_leaves", None)
-    if leaves is not None:
-        return lambda view, out: leaves(view, 0, view.nbytes, [], [], PAGE_SIZE, out)
-    return None
+    return lambda view, out, threads=1: kernels.page_digests128(view, PAGE_SIZE, out, threads)
 
 
 def page_digests(data: Union[bytes, memoryview, U8Array], threads: Optional[int] = None) -> Digests:
@@ -96,10 +89,7 @@ def page_digests(data: Union[bytes, memoryview, U8Array], threads: Optional[int]
         _python_page_digests(view, out)
         return out
 
-    def span(lo: int, hi: int) -> None:
-        kernel(view[lo:hi], out[lo // PAGE_SIZE : -(-hi // PAGE_SIZE)])
-
-    run_spans(span, plan(n, threads, PAGE_SIZE))
+    kernel(view, out, len(plan(n, threads, PAGE_SIZE)))  # one GIL-free call on the kernel's threads
     return out
 
 

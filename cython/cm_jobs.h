@@ -1,0 +1,203 @@
+/* The whole-state passes as claimed chunks (cm_claims.h): one GIL-free call each.
+ *
+ * Each job describes its pass over chunks (spans of a state: 2 uint64 a chunk, lo and
+ * hi, ascending and not overlapping) and each chunk writes only its own results (its
+ * arena, its sum, its leaves' or pages' digests), so threads never share an output.
+ */
+#ifndef CM_JOBS_H
+#define CM_JOBS_H
+
+#include "cm_claims.h"
+#include "cm_leaves.h"
+
+/* ---- create: cm_scan_leaves / cm_scan_leaves_fp over chunks, an arena each ---- */
+
+typedef struct {
+    cm_claims claims; /* first: the job is its claims */
+    const uint8_t *old, *new_;
+    size_t leaf;
+    const uint64_t *spans;
+    uint64_t lo;       /* out's first leaf starts here */
+    cm_arena **arenas; /* one per chunk, reserved by the worker that claims it */
+    uint32_t *sums;    /* one per chunk */
+    uint8_t *stale;    /* one per chunk (fingerprinted changes only) */
+    const uint64_t *fp_old;
+    uint64_t *fp_new; /* both NULL: compare old and new */
+    uint8_t *out;     /* leaf digests, or NULL */
+    int changes_only;
+    int nomem_chunk; /* a chunk's copies did not fit in memory (atomic) */
+} cm_scan_job;
+
+typedef struct {
+    int64_t *scratch_idx;
+    uint8_t *tmp_raw, *tmp;
+    void *state;
+} cm_scan_scratch;
+
+static void cm_scan_scratch_free(void *p) {
+    cm_scan_scratch *s = (cm_scan_scratch *)p;
+    if (!s)
+        return;
+    free(s->scratch_idx);
+    free(s->tmp_raw);
+    cm_xxh3_state_free(s->state);
+    free(s);
+}
+
+static void *cm_scan_scratch_new(cm_claims *c) {
+    cm_scan_job *j = (cm_scan_job *)c;
+    size_t page = j->arenas[0]->page;
+    cm_scan_scratch *s = (cm_scan_scratch *)calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->scratch_idx = (int64_t *)malloc((j->leaf / page + 1) * sizeof(int64_t));
+    if (j->fp_old) {
+        /* 64-byte aligned: a row straddling cache lines hashes markedly slower. */
+        s->tmp_raw = (uint8_t *)malloc(page + 64);
+        s->tmp = (uint8_t *)(((uintptr_t)s->tmp_raw + 63) & ~(uintptr_t)63);
+    }
+    if (j->out)
+        s->state = cm_xxh3_state_new();
+    if (!s->scratch_idx || (j->fp_old && !s->tmp_raw) || (j->out && !s->state)) {
+        cm_scan_scratch_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+static int cm_scan_chunk(cm_claims *c, size_t k, void *p) {
+    cm_scan_job *j = (cm_scan_job *)c;
+    cm_scan_scratch *s = (cm_scan_scratch *)p;
+    uint64_t a = j->spans[2 * k], b = j->spans[2 * k + 1];
+    cm_arena *ar = j->arenas[k];
+    uint8_t *out = j->out ? j->out + 16 * ((a - j->lo) / j->leaf) : NULL;
+    int failed = 0, stale = 0;
+    /* Room for every page of the chunk up front (address space: one mapping, no growth),
+       the unused part given back right after. */
+    if (cm_arena_reserve(ar, (size_t)((b - a + ar->page - 1) / ar->page)) != 0)
+        failed = 1;
+    else if (j->fp_old)
+        j->sums[k] = cm_scan_leaves_fp(j->old, j->new_, a, b, j->leaf, j->fp_old, j->fp_new, s->tmp, ar, s->state,
+                                       out, j->changes_only, &stale, &failed);
+    else
+        j->sums[k] = cm_scan_leaves(j->old, j->new_, a, b, j->leaf, ar, s->scratch_idx, s->state, out, &failed);
+    j->stale[k] = (uint8_t)stale;
+    cm_arena_trim(ar);
+    if (failed)
+        __atomic_store_n(&j->nomem_chunk, 1, __ATOMIC_RELAXED);
+    return failed;
+}
+
+static int cm_scan_job_run(cm_scan_job *j, size_t count, int threads) {
+    j->claims.count = count;
+    j->claims.run = cm_scan_chunk;
+    j->claims.scratch_new = cm_scan_scratch_new;
+    j->claims.scratch_free = cm_scan_scratch_free;
+    j->nomem_chunk = 0;
+    return cm_claims_run(&j->claims, threads);
+}
+
+/* ---- apply's check: cm_overlay_leaves over chunks ---- */
+
+typedef struct {
+    cm_claims claims;
+    const uint8_t *base;
+    size_t leaf;
+    const uint64_t *spans;
+    uint64_t lo;
+    const uint8_t *const *pages; /* all of them, ascending starts */
+    const size_t *lens;
+    const int64_t *starts;
+    const size_t *first; /* chunk k's pages are first[k] .. first[k + 1] - 1 */
+    uint32_t *sums;
+    uint8_t *out;
+    uint64_t *changed; /* one line mask a page, or NULL */
+} cm_overlay_job;
+
+static void *cm_xxh3_scratch_new(cm_claims *c) {
+    (void)c;
+    return cm_xxh3_state_new();
+}
+
+static void cm_xxh3_scratch_free(void *state) { cm_xxh3_state_free(state); }
+
+static int cm_overlay_chunk(cm_claims *c, size_t k, void *state) {
+    cm_overlay_job *j = (cm_overlay_job *)c;
+    uint64_t a = j->spans[2 * k], b = j->spans[2 * k + 1];
+    size_t p = j->first[k], n = j->first[k + 1] - p;
+    j->sums[k] = cm_overlay_leaves(j->base, a, b, j->leaf, j->pages + p, j->lens + p, j->starts + p, n, state,
+                                   j->out ? j->out + 16 * ((a - j->lo) / j->leaf) : NULL,
+                                   j->changed ? j->changed + p : NULL);
+    return 0;
+}
+
+static int cm_overlay_job_run(cm_overlay_job *j, size_t count, int threads) {
+    j->claims.count = count;
+    j->claims.run = cm_overlay_chunk;
+    j->claims.scratch_new = j->out ? cm_xxh3_scratch_new : NULL; /* no digests: no state */
+    j->claims.scratch_free = j->out ? cm_xxh3_scratch_free : NULL;
+    return cm_claims_run(&j->claims, threads);
+}
+
+/* ---- XXH3-128 of each piece of a flat buffer: 4 KiB pages, or xxh3_128_tree's leaves ---- */
+
+typedef struct {
+    cm_claims claims;
+    const uint8_t *data;
+    size_t n;
+    size_t leaf;
+    size_t per; /* leaves a chunk */
+    uint8_t *out;
+} cm_tree_job;
+
+static int cm_tree_chunk(cm_claims *c, size_t k, void *unused) {
+    cm_tree_job *j = (cm_tree_job *)c;
+    (void)unused;
+    size_t i = k * j->per, end = i + j->per;
+    for (; i < end && i * j->leaf < j->n; i++) {
+        size_t s = i * j->leaf, len = j->n - s < j->leaf ? j->n - s : j->leaf;
+        cm_xxh128_canonical(cm_xxh3.one128(j->data + s, len), j->out + 16 * i);
+    }
+    return 0;
+}
+
+static int cm_tree_job_run(cm_tree_job *j, int threads) {
+    size_t leaves = (j->n + j->leaf - 1) / j->leaf;
+    j->claims.count = (leaves + j->per - 1) / j->per;
+    j->claims.run = cm_tree_chunk;
+    j->claims.scratch_new = NULL;
+    j->claims.scratch_free = NULL;
+    return cm_claims_run(&j->claims, threads);
+}
+
+/* ---- page fingerprints (XXH3-64 a page) and the checksum ---- */
+
+typedef struct {
+    cm_claims claims;
+    const uint8_t *data;
+    size_t n;
+    size_t page;
+    size_t chunk; /* bytes a chunk, whole pages */
+    uint64_t offset;
+    uint64_t *out;
+    uint32_t *sums;
+} cm_fp_job;
+
+static int cm_fp_chunk(cm_claims *c, size_t k, void *unused) {
+    cm_fp_job *j = (cm_fp_job *)c;
+    (void)unused;
+    size_t s = k * j->chunk, len = j->n - s < j->chunk ? j->n - s : j->chunk;
+    j->sums[k] = cm_page_digests64(j->data + s, len, j->page, j->offset + s, j->out + s / j->page);
+    return 0;
+}
+
+/* sums needs one slot per chunk: (n + chunk - 1) / chunk. */
+static int cm_fp_job_run(cm_fp_job *j, int threads) {
+    j->claims.count = (j->n + j->chunk - 1) / j->chunk;
+    j->claims.run = cm_fp_chunk;
+    j->claims.scratch_new = NULL;
+    j->claims.scratch_free = NULL;
+    return cm_claims_run(&j->claims, threads);
+}
+
+#endif /* CM_JOBS_H */

@@ -1,0 +1,249 @@
+"""The whole-state kernels that run their own threads (cython/cm_claims.h, cm_jobs.h).
+
+``scan_leaves_chunks``, ``overlay_leaves_chunks``, ``page_digests64`` and
+``page_digests128`` take a list of chunks (or cut their input into claims) and a thread
+count, and run every chunk inside one GIL-free call, threads claiming chunks from one
+counter. Whatever the cut and the thread count, the result must be the reference's for
+each chunk (their sums added, their leaves in order, each chunk's copies in its own
+arena), on every SIMD dispatch path. The passes built on them (create, apply's check,
+``xxh3_128_tree``, ``PageFingerprints.of``) are checked end to end against the Python
+path, with and without progress (which cuts a pass into several calls).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Tuple
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellmigrate import DeltaSnapshot, PageFingerprints, _kernels, _passes, _reference, _xxh3, digest
+
+from kernel_strategies import each_path
+
+PAGE = 4096
+MiB = 1 << 20
+AGENT = bytes(range(16))
+
+
+@pytest.fixture(autouse=True)
+def bound() -> Iterator[None]:
+    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
+    yield
+    _xxh3.bind()
+
+
+@st.composite
+def chunked_states(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, int, List[Tuple[int, int]], int]:
+    """``(old, new, leaf, spans, threads)``: a state of 1-12 leaves (the last partly), a
+    copy with pages edited, the span ``[lo, hi)`` cut at drawn leaf boundaries into
+    contiguous chunks (some empty), and a thread count."""
+    leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 4 * PAGE]))
+    nleaves = draw(st.integers(1, 12))
+    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
+    new = old.copy()
+    npages = -(-size // PAGE)
+    for index in draw(st.lists(st.integers(0, npages - 1), max_size=20)):
+        at = index * PAGE
+        end = min(at + PAGE, size)
+        if draw(st.booleans()):
+            new[at + draw(st.integers(0, end - at - 1))] ^= draw(st.integers(1, 255))
+        else:
+            new[at:end] = rng.integers(0, 256, end - at, dtype=np.uint8)
+    first = draw(st.integers(0, nleaves - 1))
+    hi = draw(st.integers(first * leaf, size))
+    cuts = sorted(set(draw(st.lists(st.integers(first, max(first, (hi - 1) // leaf)), max_size=6))))
+    bounds = [first * leaf] + [c * leaf for c in cuts if first * leaf <= c * leaf <= hi] + [hi]
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    return old, new, leaf, spans, draw(st.sampled_from([1, 2, 3, 8]))
+
+
+@settings(max_examples=120, deadline=None)
+@given(chunked_states(), st.booleans())
+def test_scan_leaves_chunks_is_the_reference_per_chunk(
+    case: Tuple[np.ndarray, np.ndarray, int, List[Tuple[int, int]], int], hashing: bool
+) -> None:
+    old, new, leaf, spans, threads = case
+    want = [_reference.scan_leaves_reference(old, new, a, b, leaf, PAGE) for a, b in spans]
+    lo, hi = spans[0][0], spans[-1][1]
+    for path in each_path():
+        arenas = [_kernels.PageArena(PAGE) for _ in spans]
+        out = bytearray(16 * -(-(hi - lo) // leaf)) if hashing else None
+        total, stale = _kernels.scan_leaves_chunks(old, new, spans, leaf, arenas, out, True, threads=threads)
+        assert total == sum(w[2] for w in want) & 0xFFFFFFFF and stale is False, path
+        for arena, (indices, copies, _, _) in zip(arenas, want):
+            assert arena.indices.tolist() == indices.tolist(), path
+            held = bytes(memoryview(arena))
+            assert [held[k * PAGE : k * PAGE + len(c)] for k, c in enumerate(copies)] == copies, path
+            hints = arena.xzr_hints
+            assert hints is not None and len(hints) == len(copies)
+        if hashing:
+            assert bytes(out) == b"".join(w[3] for w in want), path
+
+
+@settings(max_examples=80, deadline=None)
+@given(chunked_states(), st.booleans())
+def test_fingerprinted_scan_chunks_is_the_reference_per_chunk(
+    case: Tuple[np.ndarray, np.ndarray, int, List[Tuple[int, int]], int], changes: bool
+) -> None:
+    old, new, leaf, spans, threads = case
+    table = np.zeros(-(-old.size // PAGE), dtype=np.uint64)
+    _reference.page_digests64(old, PAGE, table)
+    if len(table) > 1:
+        table[1] ^= 1  # a page the table gets wrong: old under its copy is "stale"
+    want = [_reference.scan_leaves_fp_reference(new, a, b, leaf, PAGE, table, old if changes else None)
+            for a, b in spans]
+    lo, hi = spans[0][0], spans[-1][1]
+    for path in each_path():
+        arenas = [_kernels.PageArena(PAGE) for _ in spans]
+        out = bytearray(16 * -(-(hi - lo) // leaf))
+        read = np.zeros_like(table)
+        total, stale = _kernels.scan_leaves_chunks(old, new, spans, leaf, arenas, out, False, table, read, changes,
+                                                   threads)
+        if changes:
+            assert total == sum(w[2][0] for w in want) & 0xFFFFFFFF, path
+            assert stale == any(w[2][1] for w in want), path
+        else:
+            assert total == sum(w[2] for w in want) & 0xFFFFFFFF and stale is False, path
+        for arena, w in zip(arenas, want):
+            assert arena.indices.tolist() == w[0].tolist(), path
+        assert bytes(out) == b"".join(w[3] for w in want), path
+        for w in want:
+            for k, h in w[4].items():
+                assert int(read[k]) == h, (path, k)
+
+
+@settings(max_examples=80, deadline=None)
+@given(chunked_states())
+def test_overlay_leaves_chunks_is_the_reference_per_chunk(
+    case: Tuple[np.ndarray, np.ndarray, int, List[Tuple[int, int]], int]
+) -> None:
+    old, new, leaf, spans, threads = case
+    lo, hi = spans[0][0], spans[-1][1]
+    indices = _reference.dirty_pages(old[lo:hi], new[lo:hi], PAGE) + lo // PAGE
+    starts = [int(i) * PAGE for i in indices]
+    pages = [new[s : min(s + PAGE, hi)].tobytes() for s in starts]
+    want_out = bytearray(16 * -(-(hi - lo) // leaf))
+    want_changed = np.zeros(len(pages), dtype=np.uint64)
+    want = _reference.overlay_leaves(old, lo, hi, pages, starts, leaf, want_out, want_changed)
+    for path in each_path():
+        out = bytearray(len(want_out))
+        changed = np.zeros(len(pages), dtype=np.uint64)
+        got = _kernels.overlay_leaves_chunks(old, spans, pages, starts, leaf, out, changed, threads)
+        assert got == want and bytes(out) == bytes(want_out), path
+        # The kernel may set more bits than the lines that differ, never fewer.
+        assert np.all((changed & want_changed) == want_changed), path
+
+
+def test_chunked_kernels_refuse_bad_chunks_before_any_work() -> None:
+    a = np.zeros(8 * PAGE, dtype=np.uint8)
+    two = [_kernels.PageArena(PAGE), _kernels.PageArena(PAGE)]
+    for spans in ([(PAGE, 2 * PAGE), (2 * PAGE, 4 * PAGE)],  # not on a 2-page leaf
+                  [(0, 4 * PAGE), (2 * PAGE, 6 * PAGE)],  # overlapping
+                  [(0, 4 * PAGE), (4 * PAGE, 9 * PAGE)],  # past the end
+                  [(4 * PAGE, 2 * PAGE), (4 * PAGE, 6 * PAGE)],  # backwards
+                  [(0, 1, 2)]):  # not pairs
+        with pytest.raises(ValueError):
+            _kernels.scan_leaves_chunks(a, a, spans, 2 * PAGE, two)
+        with pytest.raises(ValueError):
+            _kernels.overlay_leaves_chunks(a, spans, [], [], 2 * PAGE)
+    ok = [(0, 4 * PAGE), (4 * PAGE, 8 * PAGE)]
+    with pytest.raises(ValueError, match="2 arenas for 1 chunks"):
+        _kernels.scan_leaves_chunks(a, a, ok[:1], 2 * PAGE, two)
+    with pytest.raises(ValueError, match="pages of"):
+        _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, [_kernels.PageArena(PAGE), _kernels.PageArena(2 * PAGE)])
+    with pytest.raises(TypeError):
+        _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, [_kernels.PageArena(PAGE), object()])
+    with pytest.raises(ValueError, match="threads"):
+        _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, two, threads=0)
+    with pytest.raises(ValueError, match="outside the chunks"):  # a page between chunks
+        _kernels.overlay_leaves_chunks(a, [(0, 2 * PAGE), (4 * PAGE, 8 * PAGE)], [bytes(PAGE)], [2 * PAGE], PAGE)
+    with pytest.raises(ValueError, match="outside the chunks"):  # a page across two chunks' border
+        _kernels.overlay_leaves_chunks(a, ok, [bytes(2 * PAGE)], [3 * PAGE], 4 * PAGE)
+    view = memoryview(two[0])
+    with pytest.raises(BufferError):
+        _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, two)
+    view.release()
+    for fn in (_kernels.page_digests64, _kernels.page_digests128):
+        with pytest.raises(ValueError, match="threads"):
+            fn(a, PAGE, np.zeros(8, dtype=np.uint64) if fn is _kernels.page_digests64 else bytearray(128), threads=-1)
+
+
+@pytest.mark.parametrize("size", [0, 1, PAGE + 3, 20 * MiB + 12345])
+def test_page_digests_on_threads_equal_one_thread_and_the_reference(size: int) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    npages = -(-size // PAGE)
+    one = np.zeros(npages, dtype=np.uint64)
+    sum_one = _kernels.page_digests64(data, PAGE, one, 77)
+    digests_one = bytearray(16 * npages)
+    _kernels.page_digests128(data, PAGE, digests_one)
+    leaves_one = bytearray(16 * -(-size // MiB))
+    _kernels.page_digests128(data, MiB, leaves_one)
+    for threads in (2, 3, 64, 1000):
+        many = np.zeros(npages, dtype=np.uint64)
+        assert _kernels.page_digests64(data, PAGE, many, 77, threads) == sum_one
+        assert np.array_equal(many, one)
+        digests = bytearray(16 * npages)
+        _kernels.page_digests128(data, PAGE, digests, threads)
+        assert digests == digests_one
+        leaves = bytearray(len(leaves_one))
+        _kernels.page_digests128(data, MiB, leaves, threads)
+        assert leaves == leaves_one
+    # The reference, on a sample of pages (every page in Python would be slow at 20 MiB).
+    for k in sorted({0, npages // 2, npages - 1}) if npages else []:
+        page = data[k * PAGE : (k + 1) * PAGE].tobytes()
+        assert int(one[k]) == xxhash.xxh3_64_intdigest(page)
+        assert bytes(digests_one[16 * k : 16 * k + 16]) == xxhash.xxh3_128_digest(page)
+    if size:
+        assert sum_one == _reference.checksum(data, 77)
+        assert bytes(leaves_one[-16:]) == xxhash.xxh3_128_digest(data[(size - 1) // MiB * MiB :].tobytes())
+
+
+def _states(size: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, 256, size, dtype=np.uint8)
+    new = old.copy()
+    pages = rng.choice(-(-size // PAGE), size // PAGE // 20, replace=False)
+    for k in pages:
+        new[k * PAGE + int(rng.integers(0, min(PAGE, size - k * PAGE)))] ^= 0xA5
+    new[-1] ^= 1  # the short last page
+    return old, new
+
+
+@pytest.mark.parametrize("group", [None, 16 << 20, 32 << 20])
+def test_passes_on_the_kernel_threads_equal_the_python_path(monkeypatch: pytest.MonkeyPatch, group: Any) -> None:
+    """Create and apply of a 40 MiB state (three 16 MiB chunks) by the claimed kernels,
+    in one call or (with progress) in groups of chunks, give the Python path's delta,
+    bytes, progress and result."""
+    old, new = _states(40 * MiB + 1000, 5)
+    if group is not None:
+        monkeypatch.setattr(_passes, "_REPORT_GROUP", group)
+    made: List[Tuple[int, int]] = []
+    applied: List[Tuple[int, int]] = []
+    watch = group is not None
+    fused = DeltaSnapshot.create(AGENT, old, new, 0, 1, progress=(lambda d, t: made.append((d, t))) if watch else None)
+    table = PageFingerprints.of(old)
+    fingerprinted = DeltaSnapshot.create(AGENT, old, new, 0, 1, fingerprints=table)
+    assert table == PageFingerprints.of(new)  # advanced to the delta's state
+    target = old.copy()
+    fused.apply(target, progress=(lambda d, t: applied.append((d, t))) if watch else None)
+    assert np.array_equal(target, new)
+    for seen in (made, applied) if watch else ():
+        dones = [d for d, _ in seen]
+        assert len(dones) >= 2 and dones == sorted(dones) and seen[-1] == (new.nbytes, new.nbytes), seen
+        assert all(t == new.nbytes for _, t in seen)
+    _xxh3.unbind()
+    try:
+        python = DeltaSnapshot.create(AGENT, old, new, 0, 1)
+        assert digest(new) == python.digest
+    finally:
+        _xxh3.bind()
+    for other in (python, fingerprinted):
+        other.timestamp = fused.timestamp
+        other._seal(None)
+        assert other.serialize() == fused.serialize()
