@@ -9,6 +9,7 @@ Environment switches (all off by default, so a wheel is baseline and portable):
 * ``CELLMIGRATE_SANITIZE=address,undefined`` builds with those sanitizers.
 """
 
+import glob
 import os
 import sys
 
@@ -35,6 +36,9 @@ link_args = []
 if sys.platform != "win32":
     compile_args += ["-O0", "-g"] if DEBUG else ["-O3"]
     compile_args += ["-fno-strict-aliasing"]
+    # POSIX threads: the whole-state passes start their own (cm_claims.h).
+    compile_args.append("-pthread")
+    link_args.append("-pthread")
     if MARCH:
         compile_args.append(f"-march={MARCH}")
     if SANITIZE:
@@ -48,6 +52,8 @@ extensions = [
         "cellmigrate._kernels",
         sources=["cython/_kernels.pyx"],
         include_dirs=["cython"],
+        # Rebuild when a C header changes, not only the .pyx/.pxi Cython tracks.
+        depends=sorted(glob.glob("cython/*.h")),
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     ),
