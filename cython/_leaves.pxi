@@ -67,8 +67,7 @@ cdef inline uint8_t* _leaf_out(out, Py_buffer* buf, Py_ssize_t need) except? NUL
 
 cdef extern from "cm_jobs.h" nogil:
     ctypedef struct cm_claims:
-        int stop
-        int nomem
+        size_t done
     int CM_MAX_THREADS
     ctypedef struct cm_overlay_job:
         cm_claims claims
@@ -135,7 +134,10 @@ cdef object _chunk_spans(spans, uint64_t leaf, uint64_t limit):
     checked: each starts on a leaf (a multiple of ``leaf``), none before the end of the
     one before, none past ``limit``; ``ValueError`` otherwise."""
     try:
-        arr = np.ascontiguousarray(spans, dtype=np.uint64).reshape(-1, 2)
+        given = np.asarray(spans)
+        if given.size and (given.dtype.kind not in "iu" or (given.dtype.kind == "i" and given.min() < 0)):
+            raise TypeError(f"{given.dtype} values")
+        arr = np.ascontiguousarray(given, dtype=np.uint64).reshape(-1, 2)
     except (OverflowError, TypeError, ValueError) as exc:
         raise ValueError(f"spans must be (lo, hi) pairs of byte offsets: {exc}") from None
     cdef const uint64_t[:, ::1] s = arr
@@ -240,8 +242,8 @@ def overlay_leaves_chunks(const uint8_t[::1] base, spans, pages, starts, Py_ssiz
             ts = _release(<size_t>(hi - lo))
             cm_overlay_job_run(&job, <size_t>nchunks, nthreads)
             _reacquire(ts)
-            if job.claims.nomem:
-                raise MemoryError()
+            if job.claims.done < <size_t>nchunks:
+                raise MemoryError()  # no thread could make its scratch
     finally:
         if po != NULL:
             PyBuffer_Release(&outbuf)
@@ -295,6 +297,7 @@ cdef class PageArena:
 
     cdef cm_arena ar
     cdef Py_ssize_t exports
+    cdef bint busy  # a scan_leaves_chunks call is filling it (GIL released)
 
     def __cinit__(self, Py_ssize_t page, Py_ssize_t reserve=0):
         if page <= 0 or reserve < 0:
@@ -305,8 +308,8 @@ cdef class PageArena:
 
     def trim(self):
         """Give back the reserved slots past the used ones (after a pass filled what it would)."""
-        if self.exports:
-            raise BufferError("the arena's pages are exported: it cannot shrink")
+        if self.exports or self.busy:
+            raise BufferError("the arena's pages are exported or being filled: it cannot shrink")
         cm_arena_trim(&self.ar)
 
     def __dealloc__(self):
@@ -342,6 +345,8 @@ cdef class PageArena:
     def __getbuffer__(self, Py_buffer* buf, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("a PageArena is read-only")
+        if self.busy:
+            raise BufferError("the arena is being filled by a scan")
         buf.buf = self.ar.data
         buf.obj = self
         buf.len = <Py_ssize_t>(self.ar.used * self.ar.page)
@@ -387,6 +392,9 @@ def scan_leaves(const uint8_t[::1] old, const uint8_t[::1] new, uint64_t lo, uin
     2**32), for a caller that knows that checksum (the clean pages are then not
     checksummed at all), and whether ``old`` under some copy is not what the table says
     (then the table's checksum is not ``old``'s: take ``old``'s own).
+
+    The arena gets room for every page of the span before the pass (one mapping, no
+    growth while copying) and gives back what it did not use after it.
     """
     if leaf <= 0 or <size_t>leaf % arena.ar.page or lo % <uint64_t>leaf or lo > hi:
         raise ValueError(f"span [{lo}, {hi}) must start on a leaf of whole pages")
@@ -419,8 +427,11 @@ def scan_leaves_chunks(const uint8_t[::1] old, const uint8_t[::1] new, spans, Py
     arr = _chunk_spans(spans, <uint64_t>leaf, <uint64_t>min(old.shape[0], new.shape[0]))
     cdef const uint64_t[:, ::1] s = arr
     cdef Py_ssize_t nchunks = s.shape[0], k
+    arenas = tuple(arenas)  # held for the call, whatever the caller does with its list
     if len(arenas) != nchunks:
         raise ValueError(f"{len(arenas)} arenas for {nchunks} chunks")
+    if len({id(a) for a in arenas}) != nchunks:
+        raise ValueError("each chunk needs an arena of its own (threads fill them at once)")
     cdef size_t page = 0
     cdef PageArena arena
     for arena in arenas:  # (a non-PageArena raises TypeError here)
@@ -429,8 +440,8 @@ def scan_leaves_chunks(const uint8_t[::1] old, const uint8_t[::1] new, spans, Py
         if arena.ar.page != page or <size_t>leaf % page:
             raise ValueError(f"arenas of {arena.ar.page}-byte pages: each must have pages of {page} bytes, "
                              f"a divisor of the {leaf}-byte leaf")
-        if arena.exports:
-            raise BufferError("the arena's pages are exported: it cannot grow")
+        if arena.exports or arena.busy:
+            raise BufferError("the arena's pages are exported or being filled: it cannot grow")
     if (out is not None or fingerprints is not None) and not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: leaf digests and fingerprints need cellmigrate._xxh3")
     if (fingerprints is None) != (new_fingerprints is None):
@@ -460,6 +471,8 @@ def scan_leaves_chunks(const uint8_t[::1] old, const uint8_t[::1] new, spans, Py
     cdef PyThreadState* ts
     if out is not None:
         po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * nleaves))
+    for arena in arenas:
+        arena.busy = True
     try:
         job.old = &old[0] if old.shape[0] else NULL
         job.new_ = &new[0] if new.shape[0] else NULL
@@ -477,9 +490,11 @@ def scan_leaves_chunks(const uint8_t[::1] old, const uint8_t[::1] new, spans, Py
             ts = _release(<size_t>(hi - lo))
             cm_scan_job_run(&job, <size_t>nchunks, nthreads)
             _reacquire(ts)
-            if job.claims.nomem or job.nomem_chunk:
+            if job.nomem_chunk or job.claims.done < <size_t>nchunks:
                 raise MemoryError(f"out of memory copying the dirty pages of [{lo}, {hi})")
     finally:
+        for arena in arenas:
+            arena.busy = False
         if po != NULL:
             PyBuffer_Release(&outbuf)
     total = int(np.asarray(sums)[:nchunks].sum(dtype=np.uint64) & 0xFFFFFFFF)

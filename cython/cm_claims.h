@@ -24,6 +24,19 @@
 #include <pthread.h>
 #include <signal.h>
 #define CM_HAVE_PTHREADS 1
+/* Relaxed atomics: claims only need each chunk taken once; thread join orders results. */
+#define CM_LOAD(p) __atomic_load_n(p, __ATOMIC_RELAXED)
+#define CM_STORE(p, v) __atomic_store_n(p, v, __ATOMIC_RELAXED)
+#define CM_FETCH_ADD(p, v) __atomic_fetch_add(p, v, __ATOMIC_RELAXED)
+#else /* one thread (MSVC, say): plain accesses */
+#define CM_LOAD(p) (*(p))
+#define CM_STORE(p, v) (*(p) = (v))
+static size_t cm_fetch_add(size_t *p, size_t v) {
+    size_t was = *p;
+    *p += v;
+    return was;
+}
+#define CM_FETCH_ADD(p, v) cm_fetch_add(p, v)
 #endif
 
 /* More threads than this gain nothing on a memory-bound pass. */
@@ -36,12 +49,12 @@ struct cm_claims {
     /* Run chunk k with this thread's scratch; nonzero stops every thread after its chunk. */
     int (*run)(cm_claims *c, size_t k, void *scratch);
     /* Optional: a thread's scratch, made by the thread itself (NULL: out of memory, the
-       thread runs nothing and sets stop) and freed when it is done. */
+       thread runs nothing) and freed when it is done. */
     void *(*scratch_new)(cm_claims *c);
     void (*scratch_free)(void *scratch);
     size_t next; /* the next chunk to claim (atomic) */
-    int stop;    /* a chunk failed (atomic) */
-    int nomem;   /* a thread's scratch could not be made (atomic) */
+    size_t done; /* chunks run to the end without failing (atomic) */
+    int stop;    /* a chunk failed, or a thread could not make its scratch (atomic) */
 };
 
 static void *cm_claims_worker(void *arg) {
@@ -49,20 +62,18 @@ static void *cm_claims_worker(void *arg) {
     void *scratch = NULL;
     if (c->scratch_new) {
         scratch = c->scratch_new(c);
-        if (!scratch) {
-            __atomic_store_n(&c->nomem, 1, __ATOMIC_RELAXED);
-            __atomic_store_n(&c->stop, 1, __ATOMIC_RELAXED);
+        if (!scratch) /* the other threads carry on; done tells whether all chunks ran */
             return NULL;
-        }
     }
-    while (!__atomic_load_n(&c->stop, __ATOMIC_RELAXED)) {
-        size_t k = __atomic_fetch_add(&c->next, 1, __ATOMIC_RELAXED);
+    while (!CM_LOAD(&c->stop)) {
+        size_t k = CM_FETCH_ADD(&c->next, 1);
         if (k >= c->count)
             break;
         if (c->run(c, k, scratch) != 0) {
-            __atomic_store_n(&c->stop, 1, __ATOMIC_RELAXED);
+            CM_STORE(&c->stop, 1);
             break;
         }
+        CM_FETCH_ADD(&c->done, 1);
     }
     if (c->scratch_free)
         c->scratch_free(scratch);
@@ -70,12 +81,13 @@ static void *cm_claims_worker(void *arg) {
 }
 
 /* Run every chunk on up to `threads` threads (the caller's among them); returns the
- * threads that ran (0 when there is no chunk). The results are the caller's to read once this returns (thread join
- * orders their writes before it). c->stop / c->nomem tell whether all chunks ran. */
+ * threads used: those started, plus the caller (0 when there is no chunk). The results
+ * are the caller's to read once this returns (thread join orders their writes before it);
+ * all chunks ran when c->done == c->count. */
 static int cm_claims_run(cm_claims *c, int threads) {
     c->next = 0;
+    c->done = 0;
     c->stop = 0;
-    c->nomem = 0;
     if (c->count == 0)
         return 0;
     if ((size_t)threads > c->count)
@@ -94,10 +106,25 @@ static int cm_claims_run(cm_claims *c, int threads) {
         sigdelset(&async, SIGSEGV);
         sigdelset(&async, SIGFPE);
         sigdelset(&async, SIGILL);
+        sigdelset(&async, SIGTRAP);
+#ifdef SIGSYS
+        sigdelset(&async, SIGSYS);
+#endif
+        /* An explicit stack: the default is RLIMIT_STACK (8 MiB of address space a thread)
+           with glibc but 128 KiB with musl; the chunk functions need little either way. */
+        pthread_attr_t attr;
+        int have_attr = pthread_attr_init(&attr) == 0;
+        if (have_attr && pthread_attr_setstacksize(&attr, (size_t)1 << 20) != 0) {
+            pthread_attr_destroy(&attr);
+            have_attr = 0;
+        }
         pthread_sigmask(SIG_SETMASK, &async, &saved); /* the workers inherit this mask */
-        while (started < threads - 1 && pthread_create(&ids[started], NULL, cm_claims_worker, c) == 0)
+        while (started < threads - 1 &&
+               pthread_create(&ids[started], have_attr ? &attr : NULL, cm_claims_worker, c) == 0)
             started++;
         pthread_sigmask(SIG_SETMASK, &saved, NULL);
+        if (have_attr)
+            pthread_attr_destroy(&attr);
     }
 #endif
     cm_claims_worker(c);

@@ -84,7 +84,7 @@ static int cm_scan_chunk(cm_claims *c, size_t k, void *p) {
     j->stale[k] = (uint8_t)stale;
     cm_arena_trim(ar);
     if (failed)
-        __atomic_store_n(&j->nomem_chunk, 1, __ATOMIC_RELAXED);
+        CM_STORE(&j->nomem_chunk, 1);
     return failed;
 }
 

@@ -161,6 +161,13 @@ def test_chunked_kernels_refuse_bad_chunks_before_any_work() -> None:
         _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, [_kernels.PageArena(PAGE), object()])
     with pytest.raises(ValueError, match="threads"):
         _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, two, threads=0)
+    with pytest.raises(ValueError, match="arena of its own"):  # two threads would fill one arena at once
+        _kernels.scan_leaves_chunks(a, a, ok, 2 * PAGE, [two[0], two[0]], threads=2)
+    for bad in ([(0.0, 4096.5)], [(-4096, 4096)], [("0", "4096")]):
+        with pytest.raises(ValueError, match="pairs of byte offsets"):
+            _kernels.scan_leaves_chunks(a, a, bad, PAGE, two[:1])
+        with pytest.raises(ValueError, match="pairs of byte offsets"):
+            _kernels.overlay_leaves_chunks(a, bad, [], [], PAGE)
     with pytest.raises(ValueError, match="outside the chunks"):  # a page between chunks
         _kernels.overlay_leaves_chunks(a, [(0, 2 * PAGE), (4 * PAGE, 8 * PAGE)], [bytes(PAGE)], [2 * PAGE], PAGE)
     with pytest.raises(ValueError, match="outside the chunks"):  # a page across two chunks' border

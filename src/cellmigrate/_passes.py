@@ -3,11 +3,13 @@
 ``DeltaSnapshot.create`` compares two states page by page, checksums the new one and
 hashes it; ``apply`` checksums and hashes the would-be result (base + the delta's pages)
 without writing it. Each pass reads every byte once, in cache-sized chunks, fusing the
-kernels while a chunk is in cache, and spreads over the shared thread pool:
+kernels while a chunk is in cache, and spreads over every core:
 
-* with a tree digest (``xxh3_128_tree``, the default) or none, the state is cut into
-  leaf-aligned spans, one per thread; each thread scans/checksums its span and hashes
-  its own leaves, and the leaf tables join in order (:func:`scan`, :meth:`Result.checks`);
+* with a tree digest (``xxh3_128_tree``, the default) or none, the fused leaf kernels
+  compare, copy, checksum and hash 16 MiB chunks on threads of their own, inside one
+  GIL-free call for the whole pass (:func:`_scan_fused`, :meth:`Result.fused`); without
+  them (Python path) the state is cut into leaf-aligned spans, one per thread of the
+  shared pool, and the leaf tables join in order (:func:`scan`, :meth:`Result.checks`);
 * with a sequential digest (plain XXH3-128, BLAKE3) the calling thread hashes in order
   while a helper thread checks chunks just ahead of it (:class:`_Claims`).
 
