@@ -23,7 +23,7 @@ kept only as baselines for ``benches/``.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memmove
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.bytes cimport _PyBytes_Resize
 from cpython.object cimport PyObject
@@ -115,13 +115,17 @@ def _set_dispatch(str name):
 
 # --- checksums --------------------------------------------------------------------------
 
-def checksum(const uint8_t[::1] data, uint64_t offset=0):
-    """Weighted sum of ``data[i] * (offset + i + 1)`` modulo 2**32."""
+def checksum(const uint8_t[::1] data, uint64_t offset=0, int threads=1):
+    """Weighted sum of ``data[i] * (offset + i + 1)`` modulo 2**32 (on up to ``threads``
+    threads in one GIL-free call)."""
+    _threads(threads)
     cdef size_t n = data.shape[0]
     cdef uint32_t result
     if n == 0:
         return 0
     cdef const uint8_t* p = &data[0]
+    if threads != 1:
+        return _pair_pass(CM_PAIR_CHECKSUM, p, NULL, n, 0, offset, threads, NULL)
     cdef PyThreadState* ts = _release(n)
     result = cm_checksum(p, n, offset)
     _reacquire(ts)
@@ -329,8 +333,11 @@ def pages_checksum(pages, indices, Py_ssize_t page_size):
 
 # --- comparison -------------------------------------------------------------------------
 
-def first_difference(const uint8_t[::1] a, const uint8_t[::1] b):
-    """Index of the first differing byte of two equal-length buffers, or None."""
+def first_difference(const uint8_t[::1] a, const uint8_t[::1] b, int threads=1):
+    """Index of the first differing byte of two equal-length buffers, or None (on up to
+    ``threads`` threads in one GIL-free call; none reads past the 8 MiB chunk where the
+    first difference is, or past the chunks other threads had claimed by then)."""
+    _threads(threads)
     cdef size_t n = a.shape[0]
     cdef int64_t k
     if <size_t>b.shape[0] != n:
@@ -339,6 +346,8 @@ def first_difference(const uint8_t[::1] a, const uint8_t[::1] b):
         return None
     cdef const uint8_t* pa = &a[0]
     cdef const uint8_t* pb = &b[0]
+    if threads != 1:
+        return _pair_pass(CM_PAIR_FIRST_DIFFERENCE, pa, pb, n, 0, 0, threads, NULL)
     cdef PyThreadState* ts = _release(n)
     k = cm_first_difference(pa, pb, n)
     _reacquire(ts)
@@ -360,8 +369,10 @@ cdef object _trim(object out, size_t count, size_t npages):
     return out[:count]
 
 
-def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size):
-    """Indices (int64 array) of the pages where ``old`` and ``new`` differ."""
+def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size, int threads=1):
+    """Indices (int64 array) of the pages where ``old`` and ``new`` differ (on up to
+    ``threads`` threads in one GIL-free call)."""
+    _threads(threads)
     cdef size_t n = old.shape[0]
     if <size_t>new.shape[0] != n:
         raise ValueError("dirty_pages needs buffers of equal length")
@@ -374,6 +385,8 @@ def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_
     cdef const uint8_t* po = &old[0]
     cdef const uint8_t* pn = &new[0]
     cdef int64_t* pi = &idx[0]
+    if threads != 1:
+        return _trim(out, _pair_pass(CM_PAIR_DIRTY, po, pn, n, <size_t>page_size, 0, threads, pi), npages)
     cdef PyThreadState* ts = _release(n)
     count = cm_dirty_pages(po, pn, n, page_size, pi)
     _reacquire(ts)
@@ -381,8 +394,10 @@ def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_
 
 
 def dirty_pages_checksum(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_size,
-                         uint64_t offset=0):
-    """``(dirty_pages(old, new, page_size), checksum(new, offset))`` in one pass over ``new``."""
+                         uint64_t offset=0, int threads=1):
+    """``(dirty_pages(old, new, page_size), checksum(new, offset))`` in one pass over ``new``
+    (on up to ``threads`` threads in one GIL-free call)."""
+    _threads(threads)
     cdef size_t n = old.shape[0]
     if <size_t>new.shape[0] != n:
         raise ValueError("dirty_pages_checksum needs buffers of equal length")
@@ -396,6 +411,9 @@ def dirty_pages_checksum(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssiz
     cdef const uint8_t* po = &old[0]
     cdef const uint8_t* pn = &new[0]
     cdef int64_t* pi = &idx[0]
+    if threads != 1:
+        count, total = _pair_pass(CM_PAIR_DIRTY_CHECKSUM, po, pn, n, <size_t>page_size, offset, threads, pi)
+        return _trim(out, count, npages), total
     cdef PyThreadState* ts = _release(n)
     count = cm_dirty_pages_checksum(po, pn, n, page_size, offset, pi, &total)
     _reacquire(ts)

@@ -501,11 +501,21 @@ def scan_leaves_chunks(const uint8_t[::1] old, const uint8_t[::1] new, spans, Py
     return total, bool(np.asarray(stale)[:nchunks].any())
 
 
-# Bytes a thread claims at a time in the whole-buffer hashing kernels: big enough that
-# claiming costs nothing, small enough that a thread whose core is busy elsewhere takes
-# fewer of them instead of the call waiting for its fixed half.
-cdef enum:
-    _CLAIM_BYTES = 8 << 20
+# Bytes a thread claims at a time in the whole-buffer kernels: big enough that claiming
+# costs nothing, small enough that a thread whose core is busy elsewhere takes fewer of
+# them instead of the call waiting for its fixed half.
+cdef size_t _claim_bytes = 8 << 20
+
+
+def _set_claim_bytes(size_t n):
+    """Tests only: the bytes a thread claims at a time (at least one page is taken);
+    returns the previous value. Small claims run the many-chunk paths on small inputs."""
+    global _claim_bytes
+    if n == 0:
+        raise ValueError("claims must be at least one byte")
+    previous = _claim_bytes
+    _claim_bytes = n
+    return previous
 
 
 def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, uint64_t offset=0,
@@ -534,7 +544,7 @@ def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, 
     job.data = &data[0]
     job.n = n
     job.page = <size_t>page
-    job.chunk = (<size_t>_CLAIM_BYTES // <size_t>page) * <size_t>page
+    job.chunk = (_claim_bytes // <size_t>page) * <size_t>page
     if job.chunk == 0:
         job.chunk = <size_t>page
     job.offset = offset
@@ -571,7 +581,7 @@ def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out, int threads=1
             job.data = &data[0]
             job.n = n
             job.leaf = <size_t>page
-            job.per = <size_t>_CLAIM_BYTES // <size_t>page
+            job.per = _claim_bytes // <size_t>page
             if job.per == 0:
                 job.per = 1
             job.out = po
@@ -586,3 +596,67 @@ def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out, int threads=1
 #: (an encoder need not try it), and no hint taken.
 XZR_HINT_NO_WIN = CM_XZR_HINT_NO_WIN
 XZR_HINT_UNKNOWN = CM_XZR_HINT_UNKNOWN
+
+
+cdef extern from "cm_jobs.h" nogil:
+    int CM_PAIR_CHECKSUM
+    int CM_PAIR_FIRST_DIFFERENCE
+    int CM_PAIR_DIRTY
+    int CM_PAIR_DIRTY_CHECKSUM
+    ctypedef struct cm_pair_job:
+        cm_claims claims
+        int kind
+        const uint8_t* a
+        const uint8_t* b
+        size_t n
+        size_t page
+        size_t chunk
+        uint64_t offset
+        uint32_t* sums
+        int64_t* idx
+        size_t* counts
+    int cm_pair_job_run(cm_pair_job* j, int threads)
+
+
+cdef object _pair_pass(int kind, const uint8_t* a, const uint8_t* b, size_t n, size_t page, uint64_t offset,
+                       int threads, int64_t* idx):
+    """One of the simple kernels over ``[0, n)`` (``n > 0``) on up to ``threads`` threads
+    claiming 8 MiB chunks, in one GIL-free call. Returns the checksum (mod 2**32) for
+    CM_PAIR_CHECKSUM, the first difference or None, the number of dirty pages (their
+    numbers packed at the front of ``idx``, ascending), or ``(count, checksum)``."""
+    cdef int nthreads = _threads(threads)
+    cdef cm_pair_job job
+    memset(&job, 0, sizeof(job))
+    job.kind = kind
+    job.a = a
+    job.b = b
+    job.n = n
+    job.page = page if page else 1
+    job.chunk = (_claim_bytes // job.page) * job.page
+    if job.chunk == 0:
+        job.chunk = job.page
+    job.offset = offset
+    job.idx = idx
+    cdef Py_ssize_t nchunks = <Py_ssize_t>((n + job.chunk - 1) // job.chunk), k
+    cdef uint32_t[::1] sums = np.zeros(nchunks, dtype=np.uint32)
+    counts_arr = np.full(nchunks, np.iinfo(np.uintp).max, dtype=np.uintp)
+    cdef size_t[::1] counts = counts_arr
+    job.sums = &sums[0]
+    job.counts = &counts[0]
+    cdef PyThreadState* ts = _release(n)
+    cm_pair_job_run(&job, nthreads)
+    _reacquire(ts)
+    if kind == CM_PAIR_FIRST_DIFFERENCE:
+        for k in range(nchunks):
+            if counts[k] != <size_t>-1:
+                return int(<size_t>k * job.chunk + counts[k])
+        return None
+    total = int(np.asarray(sums).sum(dtype=np.uint64) & 0xFFFFFFFF)
+    if kind == CM_PAIR_CHECKSUM:
+        return total
+    cdef size_t packed = 0, per = job.chunk // job.page
+    for k in range(nchunks):  # each chunk's pages after the ones before
+        if counts[k] and packed != <size_t>k * per:
+            memmove(idx + packed, idx + <size_t>k * per, counts[k] * sizeof(int64_t))
+        packed += counts[k]
+    return packed if kind == CM_PAIR_DIRTY else (packed, total)

@@ -200,4 +200,56 @@ static int cm_fp_job_run(cm_fp_job *j, int threads) {
     return cm_claims_run(&j->claims, threads);
 }
 
+/* ---- the simple whole-buffer kernels: checksum, first difference, dirty pages ---- */
+
+enum { CM_PAIR_CHECKSUM, CM_PAIR_FIRST_DIFFERENCE, CM_PAIR_DIRTY, CM_PAIR_DIRTY_CHECKSUM };
+
+typedef struct {
+    cm_claims claims;
+    int kind;
+    const uint8_t *a, *b; /* b: unused by the checksum (of a); the dirty pages' new */
+    size_t n;
+    size_t page;  /* the dirty kinds' page (chunk is a multiple of it) */
+    size_t chunk; /* bytes a claim */
+    uint64_t offset;
+    uint32_t *sums;  /* a chunk: the checksum kinds' sum */
+    int64_t *idx;    /* dirty kinds: chunk k's page numbers from idx + k * chunk / page */
+    size_t *counts;  /* a chunk: dirty pages found; first difference: its offset, or SIZE_MAX */
+} cm_pair_job;
+
+static int cm_pair_chunk(cm_claims *c, size_t k, void *unused) {
+    cm_pair_job *j = (cm_pair_job *)c;
+    (void)unused;
+    size_t s = k * j->chunk, len = j->n - s < j->chunk ? j->n - s : j->chunk;
+    if (j->kind == CM_PAIR_CHECKSUM) {
+        j->sums[k] = cm_checksum(j->a + s, len, j->offset + s);
+        return 0;
+    }
+    if (j->kind == CM_PAIR_FIRST_DIFFERENCE) {
+        int64_t at = cm_first_difference(j->a + s, j->b + s, len);
+        j->counts[k] = at < 0 ? SIZE_MAX : (size_t)at;
+        return at >= 0; /* found: no thread claims a later chunk (earlier ones are all claimed) */
+    }
+    size_t first = s / j->page, m;
+    int64_t *out = j->idx + first;
+    if (j->kind == CM_PAIR_DIRTY)
+        m = cm_dirty_pages(j->a + s, j->b + s, len, j->page, out);
+    else
+        m = cm_dirty_pages_checksum(j->a + s, j->b + s, len, j->page, j->offset + s, out, &j->sums[k]);
+    for (size_t i = 0; i < m; i++)
+        out[i] += (int64_t)first;
+    j->counts[k] = m;
+    return 0;
+}
+
+/* counts (and sums) need (n + chunk - 1) / chunk slots, counts set to SIZE_MAX for the
+   first difference (a chunk not run stays so). */
+static int cm_pair_job_run(cm_pair_job *j, int threads) {
+    j->claims.count = (j->n + j->chunk - 1) / j->chunk;
+    j->claims.run = cm_pair_chunk;
+    j->claims.scratch_new = NULL;
+    j->claims.scratch_free = NULL;
+    return cm_claims_run(&j->claims, threads);
+}
+
 #endif /* CM_JOBS_H */

@@ -1,8 +1,9 @@
 """The whole-state kernels that run their own threads (cython/cm_claims.h, cm_jobs.h).
 
-``scan_leaves_chunks``, ``overlay_leaves_chunks``, ``page_digests64`` and
-``page_digests128`` take a list of chunks (or cut their input into claims) and a thread
-count, and run every chunk inside one GIL-free call, threads claiming chunks from one
+``scan_leaves_chunks``, ``overlay_leaves_chunks``, ``page_digests64``,
+``page_digests128`` and the simple kernels (``checksum``, ``first_difference``,
+``dirty_pages``, ``dirty_pages_checksum``) take a list of chunks (or cut their input into
+claims) and a thread count, and run every chunk inside one GIL-free call, threads claiming chunks from one
 counter. Whatever the cut and the thread count, the result must be the reference's for
 each chunk (their sums added, their leaves in order, each chunk's copies in its own
 arena), on every SIMD dispatch path. The passes built on them (create, apply's check,
@@ -179,6 +180,47 @@ def test_chunked_kernels_refuse_bad_chunks_before_any_work() -> None:
     for fn in (_kernels.page_digests64, _kernels.page_digests128):
         with pytest.raises(ValueError, match="threads"):
             fn(a, PAGE, np.zeros(8, dtype=np.uint64) if fn is _kernels.page_digests64 else bytearray(128), threads=-1)
+
+
+@st.composite
+def claimed_pairs(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, int, int, int]:
+    """``(old, new, page, claim, threads)``: a state up to 40 pages, a copy with some
+    bytes changed, a page size, the bytes a kernel thread claims at a time (small, so
+    there are many claims) and a thread count."""
+    size = draw(st.integers(0, 40 * PAGE))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    old = rng.integers(0, 256, size, dtype=np.uint8)
+    new = old.copy()
+    for at in draw(st.lists(st.integers(0, max(size - 1, 0)), max_size=8)) if size else []:
+        new[at] ^= draw(st.integers(1, 255))
+    page = draw(st.sampled_from([1, 100, PAGE, 3 * PAGE]))
+    return old, new, page, draw(st.sampled_from([1, 999, PAGE, 5 * PAGE + 7])), draw(st.sampled_from([2, 3, 8]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(claimed_pairs(), st.integers(0, 2**64 - 1))
+def test_simple_kernels_on_threads_are_the_reference(case: Tuple[np.ndarray, np.ndarray, int, int, int],
+                                                     offset: int) -> None:
+    old, new, page, claim, threads = case
+    before = _kernels._set_claim_bytes(claim)
+    try:
+        for path in each_path():
+            assert _kernels.checksum(new, offset, threads) == _reference.checksum(new, offset), path
+            assert _kernels.first_difference(old, new, threads) == _reference.first_difference(old, new), path
+            assert _kernels.first_difference(old, old, threads) is None
+            want = _reference.dirty_pages(old, new, page).tolist()
+            assert _kernels.dirty_pages(old, new, page, threads).tolist() == want, path
+            pages, total = _kernels.dirty_pages_checksum(old, new, page, offset, threads)
+            assert pages.tolist() == want and total == _reference.checksum(new, offset), path
+            table = np.zeros(-(-new.size // PAGE), dtype=np.uint64)
+            want_table = np.zeros_like(table)
+            assert _kernels.page_digests64(new, PAGE, table, offset, threads) == _reference.page_digests64(
+                new, PAGE, want_table, offset), path
+            assert np.array_equal(table, want_table), path
+    finally:
+        _kernels._set_claim_bytes(before)
+    with pytest.raises(ValueError, match="threads"):
+        _kernels.dirty_pages(old, new, page, 0)
 
 
 @pytest.mark.parametrize("size", [0, 1, PAGE + 3, 20 * MiB + 12345])

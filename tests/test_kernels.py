@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 from types import ModuleType
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -394,10 +394,14 @@ def test_public_comparisons_need_equal_sizes() -> None:
 
 
 @pytest.fixture
-def tiny_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the pool split small inputs, so the threaded paths run on test-sized states."""
+def tiny_split(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make calls split small inputs (the planned threads, and the kernels' claims of 1000
+    bytes), so the threaded paths run on test-sized states."""
     monkeypatch.setattr(_parallel, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(_parallel, "_MIN_SPAN", 1000)
+    before = _kernels._set_claim_bytes(1000)
+    yield
+    _kernels._set_claim_bytes(before)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

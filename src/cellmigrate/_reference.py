@@ -11,7 +11,11 @@ Buffers arrive as flat C-contiguous ``uint8`` buffers (the callers in ``checksum
 ``compare.py`` and ``compression.py`` pass :mod:`cellmigrate._buffers` views; the compiled
 kernels also accept any C-contiguous byte buffer, read-only ones included, and refuse
 strided ones with ``ValueError``). Sizes are 64-bit. Nothing is copied on input.
-Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``.
+Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``. The
+whole-buffer kernels (``checksum``, ``first_difference``, ``dirty_pages``,
+``dirty_pages_checksum``) take ``threads=1``: the compiled ones then split the call over
+that many threads of their own inside one GIL-free call, with the same result; the
+reference runs on the calling thread; below 1 is a ``ValueError`` in both.
 
 * ``checksum(data, offset=0) -> int``: sum of ``data[i] * (offset + i + 1)`` mod 2**32
   (weights wrap mod 2**32 too). Positioned form: ``checksum(x[a:b], a)`` is what the
@@ -155,7 +159,8 @@ def _view(data: BufferLike) -> memoryview:
     return memoryview(data)  # type: ignore[arg-type,unused-ignore]
 
 
-def checksum(data: BufferLike, offset: int = 0) -> int:
+def checksum(data: BufferLike, offset: int = 0, threads: int = 1) -> int:
+    _threads(threads)
     arr = _u8(data)
     total = 0
     for start in range(0, arr.size, _CHUNK):
@@ -166,6 +171,13 @@ def checksum(data: BufferLike, offset: int = 0) -> int:
         # Each product is < 2**40 and a chunk has 2**20 of them, so the uint64 sum is exact.
         total = (total + int((chunk * weights).sum())) & _MASK32
     return total
+
+
+def _threads(threads: int) -> None:
+    # The compiled kernels split a call over ``threads`` threads; the reference runs on
+    # the calling thread whatever the count, and checks it as they do.
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
 
 
 def _pages(n: int, page_size: int) -> int:
@@ -179,7 +191,8 @@ def _equal_length(x: "np.ndarray[Any, Any]", y: "np.ndarray[Any, Any]", what: st
         raise ValueError(f"{what} needs buffers of equal length")
 
 
-def first_difference(a: BufferLike, b: BufferLike) -> Optional[int]:
+def first_difference(a: BufferLike, b: BufferLike, threads: int = 1) -> Optional[int]:
+    _threads(threads)
     x = _u8(a)
     y = _u8(b)
     _equal_length(x, y, "first_difference")
@@ -187,7 +200,8 @@ def first_difference(a: BufferLike, b: BufferLike) -> Optional[int]:
     return int(diff[0]) if diff.size else None
 
 
-def dirty_pages(old: BufferLike, new: BufferLike, page_size: int) -> "np.ndarray[Any, np.dtype[np.int64]]":
+def dirty_pages(old: BufferLike, new: BufferLike, page_size: int, threads: int = 1) -> "np.ndarray[Any, np.dtype[np.int64]]":
+    _threads(threads)
     x = _u8(old)
     y = _u8(new)
     _equal_length(x, y, "dirty_pages")
@@ -198,8 +212,9 @@ def dirty_pages(old: BufferLike, new: BufferLike, page_size: int) -> "np.ndarray
 
 
 def dirty_pages_checksum(
-    old: BufferLike, new: BufferLike, page_size: int, offset: int = 0
+    old: BufferLike, new: BufferLike, page_size: int, offset: int = 0, threads: int = 1
 ) -> Tuple["np.ndarray[Any, np.dtype[np.int64]]", int]:
+    _threads(threads)
     x = _u8(old)
     y = _u8(new)
     _equal_length(x, y, "dirty_pages_checksum")

@@ -15,7 +15,7 @@ import xxhash as _xxhash
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
-from ._parallel import PARALLEL_MIN_BYTES, plan, run_spans
+from ._parallel import PARALLEL_MIN_BYTES, plan
 from ._tree import TreeStream
 from ._types import BufferLike, IndexLike
 
@@ -41,7 +41,6 @@ DEFAULT_DIGEST = "xxh3_128_tree"
 DIGEST_SIZES = {"xxh3_128_tree": 16, "xxh3_128": 16, "blake3": 32}
 KEY_SIZE = 32
 
-_MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 # BLAKE3's threads: the blake3 package's rayon pool, whose threads do not survive fork():
@@ -87,11 +86,8 @@ def simple_checksum(data: BufferLike, *, offset: int = 0, threads: Optional[int]
         return result
     offset = _check_offset(offset)
     view = as_bytes_view(data)
-    spans = plan(view.nbytes, threads)
-    if len(spans) == 1:
-        return int(kernels.checksum(view, offset))
-    parts = run_spans(lambda a, b: int(kernels.checksum(view[a:b], (offset + a) & _MASK64)), spans)
-    return sum(parts) & _MASK32
+    # One call whatever the split: the kernel runs its own threads (one GIL wait a call).
+    return int(kernels.checksum(view, offset, len(plan(view.nbytes, threads))))
 
 
 def state_pages_checksum(state: BufferLike, indices: IndexLike, page_size: int = PAGE_SIZE) -> int:

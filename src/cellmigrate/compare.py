@@ -1,31 +1,27 @@
 """Byte-for-byte comparison of two states: first difference and dirty pages.
 
-Large states are split over a small thread pool (see :mod:`cellmigrate._parallel`);
-``threads=1`` keeps a call on the calling thread.
+Large states are split over threads the kernel starts for the call, in one GIL-free call
+(``threads`` caps them, as in :mod:`cellmigrate._parallel`); ``threads=1`` keeps a call
+on the calling thread.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
-from ._parallel import PARALLEL_MIN_BYTES, plan, run_spans
+from ._parallel import PARALLEL_MIN_BYTES, plan
 from ._types import BufferLike
 from .checksum import PAGE_SIZE
 from .errors import InvalidStateError
 
 __all__ = ["first_difference", "dirty_pages", "dirty_pages_checksum"]
 
-_MASK32 = 0xFFFFFFFF
 _FLAT = (bytes, bytearray)
-
-# first_difference scans in rounds of this many bytes per thread, so an early
-# difference stops the scan instead of every thread reading its whole span.
-_ROUND_BYTES = 16 << 20
 
 
 def _same_length(a: memoryview, b: memoryview) -> None:
@@ -69,19 +65,10 @@ def first_difference(a: BufferLike, b: BufferLike, *, threads: Optional[int] = N
     va, vb = as_bytes_view(a, "a"), as_bytes_view(b, "b")
     _same_length(va, vb)
     n = va.nbytes
-    spans = plan(n, threads)
-    if len(spans) == 1:
-        found: Optional[int] = kernels.first_difference(va, vb)
-        return found
-    width = len(spans) * _ROUND_BYTES
-    for base in range(0, n, width):
-        end = min(base + width, n)
-        sub = [(base + s, base + e) for s, e in plan(end - base, threads)]
-        hits = run_spans(lambda s, e: kernels.first_difference(va[s:e], vb[s:e]), sub)
-        for (s, _), hit in zip(sub, hits):
-            if hit is not None:
-                return s + int(hit)
-    return None
+    # One call whatever the split: the kernel's threads claim 8 MiB chunks in order and
+    # stop claiming once one finds a difference.
+    found: Optional[int] = kernels.first_difference(va, vb, len(plan(n, threads)))
+    return found
 
 
 def dirty_pages(
@@ -101,12 +88,8 @@ def dirty_pages(
         return small
     vo, vn = as_bytes_view(old, "old"), as_bytes_view(new, "new")
     _same_length(vo, vn)
-    spans = plan(vo.nbytes, threads, page_size)
-    if len(spans) == 1:
-        result: npt.NDArray[np.int64] = kernels.dirty_pages(vo, vn, page_size)
-        return result
-    parts = run_spans(lambda s, e: kernels.dirty_pages(vo[s:e], vn[s:e], page_size) + s // page_size, spans)
-    return np.concatenate(parts).astype(np.int64, copy=False)
+    result: npt.NDArray[np.int64] = kernels.dirty_pages(vo, vn, page_size, len(plan(vo.nbytes, threads, page_size)))
+    return result
 
 
 def dirty_pages_checksum(
@@ -127,15 +110,5 @@ def dirty_pages_checksum(
         return pages, int(checksum)
     vo, vn = as_bytes_view(old, "old"), as_bytes_view(new, "new")
     _same_length(vo, vn)
-    spans = plan(vo.nbytes, threads, page_size)
-    if len(spans) == 1:
-        pages, checksum = kernels.dirty_pages_checksum(vo, vn, page_size, 0)
-        return pages, int(checksum)
-
-    def span(s: int, e: int) -> Tuple[npt.NDArray[np.int64], int]:
-        pages, checksum = kernels.dirty_pages_checksum(vo[s:e], vn[s:e], page_size, s)
-        return pages + s // page_size, int(checksum)
-
-    parts: List[Tuple[npt.NDArray[np.int64], int]] = run_spans(span, spans)
-    indices = np.concatenate([p for p, _ in parts]).astype(np.int64, copy=False)
-    return indices, sum(c for _, c in parts) & _MASK32
+    pages, checksum = kernels.dirty_pages_checksum(vo, vn, page_size, 0, len(plan(vo.nbytes, threads, page_size)))
+    return pages, int(checksum)
