@@ -135,4 +135,14 @@ static int cm_claims_run(cm_claims *c, int threads) {
     return started + 1;
 }
 
+/* cm_claims_run on `count` chunks of `run`, with optional per-thread scratch. */
+static int cm_claims_start(cm_claims *c, size_t count, int (*run)(cm_claims *, size_t, void *),
+                           void *(*scratch_new)(cm_claims *), void (*scratch_free)(void *), int threads) {
+    c->count = count;
+    c->run = run;
+    c->scratch_new = scratch_new;
+    c->scratch_free = scratch_free;
+    return cm_claims_run(c, threads);
+}
+
 #endif /* CM_CLAIMS_H */

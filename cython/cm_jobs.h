@@ -89,12 +89,8 @@ static int cm_scan_chunk(cm_claims *c, size_t k, void *p) {
 }
 
 static int cm_scan_job_run(cm_scan_job *j, size_t count, int threads) {
-    j->claims.count = count;
-    j->claims.run = cm_scan_chunk;
-    j->claims.scratch_new = cm_scan_scratch_new;
-    j->claims.scratch_free = cm_scan_scratch_free;
     j->nomem_chunk = 0;
-    return cm_claims_run(&j->claims, threads);
+    return cm_claims_start(&j->claims, count, cm_scan_chunk, cm_scan_scratch_new, cm_scan_scratch_free, threads);
 }
 
 /* ---- apply's check: cm_overlay_leaves over chunks ---- */
@@ -132,11 +128,8 @@ static int cm_overlay_chunk(cm_claims *c, size_t k, void *state) {
 }
 
 static int cm_overlay_job_run(cm_overlay_job *j, size_t count, int threads) {
-    j->claims.count = count;
-    j->claims.run = cm_overlay_chunk;
-    j->claims.scratch_new = j->out ? cm_xxh3_scratch_new : NULL; /* no digests: no state */
-    j->claims.scratch_free = j->out ? cm_xxh3_scratch_free : NULL;
-    return cm_claims_run(&j->claims, threads);
+    return cm_claims_start(&j->claims, count, cm_overlay_chunk, j->out ? cm_xxh3_scratch_new : NULL,
+                           j->out ? cm_xxh3_scratch_free : NULL, threads); /* no digests: no state */
 }
 
 /* ---- XXH3-128 of each piece of a flat buffer: 4 KiB pages, or xxh3_128_tree's leaves ---- */
@@ -163,11 +156,7 @@ static int cm_tree_chunk(cm_claims *c, size_t k, void *unused) {
 
 static int cm_tree_job_run(cm_tree_job *j, int threads) {
     size_t leaves = (j->n + j->leaf - 1) / j->leaf;
-    j->claims.count = (leaves + j->per - 1) / j->per;
-    j->claims.run = cm_tree_chunk;
-    j->claims.scratch_new = NULL;
-    j->claims.scratch_free = NULL;
-    return cm_claims_run(&j->claims, threads);
+    return cm_claims_start(&j->claims, (leaves + j->per - 1) / j->per, cm_tree_chunk, NULL, NULL, threads);
 }
 
 /* ---- page fingerprints (XXH3-64 a page) and the checksum ---- */
@@ -193,11 +182,7 @@ static int cm_fp_chunk(cm_claims *c, size_t k, void *unused) {
 
 /* sums needs one slot per chunk: (n + chunk - 1) / chunk. */
 static int cm_fp_job_run(cm_fp_job *j, int threads) {
-    j->claims.count = (j->n + j->chunk - 1) / j->chunk;
-    j->claims.run = cm_fp_chunk;
-    j->claims.scratch_new = NULL;
-    j->claims.scratch_free = NULL;
-    return cm_claims_run(&j->claims, threads);
+    return cm_claims_start(&j->claims, (j->n + j->chunk - 1) / j->chunk, cm_fp_chunk, NULL, NULL, threads);
 }
 
 /* ---- the simple whole-buffer kernels: checksum, first difference, dirty pages ---- */
@@ -245,11 +230,7 @@ static int cm_pair_chunk(cm_claims *c, size_t k, void *unused) {
 /* counts (and sums) need (n + chunk - 1) / chunk slots, counts set to SIZE_MAX for the
    first difference (a chunk not run stays so). */
 static int cm_pair_job_run(cm_pair_job *j, int threads) {
-    j->claims.count = (j->n + j->chunk - 1) / j->chunk;
-    j->claims.run = cm_pair_chunk;
-    j->claims.scratch_new = NULL;
-    j->claims.scratch_free = NULL;
-    return cm_claims_run(&j->claims, threads);
+    return cm_claims_start(&j->claims, (j->n + j->chunk - 1) / j->chunk, cm_pair_chunk, NULL, NULL, threads);
 }
 
 #endif /* CM_JOBS_H */

@@ -120,3 +120,14 @@ def impl(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
 def kind(request: pytest.FixtureRequest) -> str:
     """Each buffer kind name (use with ``buffer_kind``)."""
     return str(request.param)
+
+
+@pytest.fixture
+def xxh3_bound() -> Iterator[None]:
+    """The leaf kernels hash with the xxhash package's own XXH3 (bound before the test and
+    again after it, in case it unbound them to run the Python path)."""
+    from cellmigrate import _xxh3
+
+    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
+    yield
+    _xxh3.bind()

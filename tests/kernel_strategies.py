@@ -107,11 +107,12 @@ def old_new(draw: st.DrawFn) -> Tuple[bytes, bytes, int]:
     return old, bytes(new), page_size
 
 
-def leaf_states(draw: st.DrawFn, leaf: int, page: int = 4096) -> Tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", int, int]:
-    """``(old, new, lo, hi)``: a state of 1-4 leaves of ``leaf`` bytes (the last one
-    partly), random or zero, a copy with up to 12 single bytes changed, and a span
+def leaf_states(draw: st.DrawFn, leaf: int, page: int = 4096,
+                max_leaves: int = 4) -> Tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", int, int]:
+    """``(old, new, lo, hi)``: a state of 1 to ``max_leaves`` leaves of ``leaf`` bytes (the
+    last one partly), random or zero, a copy with up to 12 single bytes changed, and a span
     ``[lo, hi)`` starting on a leaf (the fused leaf passes' input)."""
-    nleaves = draw(st.integers(1, 4))
+    nleaves = draw(st.integers(1, max_leaves))
     size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)

@@ -13,7 +13,7 @@ path, with and without progress (which cuts a pass into several calls).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 import pytest
@@ -23,43 +23,28 @@ from hypothesis import strategies as st
 
 from cellmigrate import DeltaSnapshot, PageFingerprints, _kernels, _passes, _reference, _xxh3, digest
 
-from kernel_strategies import each_path
+from kernel_strategies import each_path, edit_page, leaf_states
 
 PAGE = 4096
 MiB = 1 << 20
 AGENT = bytes(range(16))
 
 
-@pytest.fixture(autouse=True)
-def bound() -> Iterator[None]:
-    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
-    yield
-    _xxh3.bind()
+pytestmark = pytest.mark.usefixtures("xxh3_bound")
 
 
 @st.composite
 def chunked_states(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, int, List[Tuple[int, int]], int]:
     """``(old, new, leaf, spans, threads)``: a state of 1-12 leaves (the last partly), a
-    copy with pages edited, the span ``[lo, hi)`` cut at drawn leaf boundaries into
-    contiguous chunks (some empty), and a thread count."""
+    copy with bytes and whole pages changed, the span ``[lo, hi)`` cut at drawn leaf
+    boundaries into contiguous chunks (some empty), and a thread count."""
     leaf = draw(st.sampled_from([PAGE, 2 * PAGE, 4 * PAGE]))
-    nleaves = draw(st.integers(1, 12))
-    size = draw(st.integers((nleaves - 1) * leaf + 1, nleaves * leaf))
+    old, new, lo, hi = leaf_states(draw, leaf, max_leaves=12)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    old = rng.integers(0, 256, size, dtype=np.uint8) if draw(st.booleans()) else np.zeros(size, dtype=np.uint8)
-    new = old.copy()
-    npages = -(-size // PAGE)
-    for index in draw(st.lists(st.integers(0, npages - 1), max_size=20)):
-        at = index * PAGE
-        end = min(at + PAGE, size)
-        if draw(st.booleans()):
-            new[at + draw(st.integers(0, end - at - 1))] ^= draw(st.integers(1, 255))
-        else:
-            new[at:end] = rng.integers(0, 256, end - at, dtype=np.uint8)
-    first = draw(st.integers(0, nleaves - 1))
-    hi = draw(st.integers(first * leaf, size))
-    cuts = sorted(set(draw(st.lists(st.integers(first, max(first, (hi - 1) // leaf)), max_size=6))))
-    bounds = [first * leaf] + [c * leaf for c in cuts if first * leaf <= c * leaf <= hi] + [hi]
+    for index in draw(st.lists(st.integers(0, (old.size - 1) // PAGE), max_size=8)):
+        edit_page(draw, rng, new, index * PAGE, min((index + 1) * PAGE, old.size), ("rewrite", "zero"))
+    cuts = draw(st.lists(st.integers(lo // leaf, max(lo // leaf, (hi - 1) // leaf)), max_size=6))
+    bounds = sorted([lo, hi] + [c * leaf for c in cuts if lo <= c * leaf <= hi])  # repeats: empty chunks
     spans = list(zip(bounds[:-1], bounds[1:]))
     return old, new, leaf, spans, draw(st.sampled_from([1, 2, 3, 8]))
 

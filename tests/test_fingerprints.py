@@ -16,7 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -41,11 +41,7 @@ PAGE = 4096
 AGENT = bytes(range(16))
 
 
-@pytest.fixture(autouse=True)
-def bound() -> Iterator[None]:
-    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
-    yield
-    _xxh3.bind()
+pytestmark = pytest.mark.usefixtures("xxh3_bound")
 
 
 def _table(data: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -31,11 +31,7 @@ PAGE = 4096
 PATHS = _kernels._dispatch_paths()
 
 
-@pytest.fixture(autouse=True)
-def bound() -> Iterator[None]:
-    assert _xxh3.bind(), "the xxhash package's XXH3 functions could not be bound on this platform"
-    yield
-    _xxh3.bind()
+pytestmark = pytest.mark.usefixtures("xxh3_bound")
 
 
 @st.composite
