@@ -10,12 +10,12 @@ Python buffers into pointers and lengths (typed ``const uint8_t[::1]`` memoryvie
 read-only buffers work and nothing is copied), validates arguments, and releases the GIL
 around the C call -- but only from ``NOGIL_MIN_BYTES`` up: for a 4 KiB page, dropping
 and re-taking the GIL would cost more than the work (python-xxhash does the same).
-The simple kernels run on the calling thread; ``cellmigrate._parallel`` splits big
-buffers over a pool and the positioned checksum makes the partial results add up. The
-whole-state passes of ``_leaves.pxi`` (create, apply's check, the tree digest's leaves,
-page fingerprints) instead start their own threads inside one GIL-free call
-(``cm_claims.h``): a return to Python waits a switch interval for the GIL whenever
-another thread runs Python, so they return once per pass, not once per chunk.
+Big calls start their own threads inside one GIL-free call (``cm_claims.h``, with a
+``threads`` argument: the checksum, the comparisons and the whole-state passes of
+``_leaves.pxi``), the threads claiming chunks from one counter (the positioned checksum
+makes the chunks' sums add up): a return to Python waits a switch interval for the GIL
+whenever another thread runs Python, so a call returns once, not once per chunk.
+``cellmigrate._parallel`` decides how many threads a call may use.
 
 The contract is documented in ``cellmigrate._reference``, which is the test oracle for
 this module. The ``_naive_*`` functions are the straightforward loops of each algorithm,
@@ -124,7 +124,7 @@ def checksum(const uint8_t[::1] data, uint64_t offset=0, int threads=1):
     if n == 0:
         return 0
     cdef const uint8_t* p = &data[0]
-    if threads != 1:
+    if threads != 1 and n > _claim_bytes:
         return _pair_pass(CM_PAIR_CHECKSUM, p, NULL, n, 0, offset, threads, NULL)
     cdef PyThreadState* ts = _release(n)
     result = cm_checksum(p, n, offset)
@@ -335,8 +335,8 @@ def pages_checksum(pages, indices, Py_ssize_t page_size):
 
 def first_difference(const uint8_t[::1] a, const uint8_t[::1] b, int threads=1):
     """Index of the first differing byte of two equal-length buffers, or None (on up to
-    ``threads`` threads in one GIL-free call; none reads past the 8 MiB chunk where the
-    first difference is, or past the chunks other threads had claimed by then)."""
+    ``threads`` threads in one GIL-free call; none reads past the claim (8 MiB) where
+    the first difference is, or past the claims other threads had taken by then)."""
     _threads(threads)
     cdef size_t n = a.shape[0]
     cdef int64_t k
@@ -346,7 +346,7 @@ def first_difference(const uint8_t[::1] a, const uint8_t[::1] b, int threads=1):
         return None
     cdef const uint8_t* pa = &a[0]
     cdef const uint8_t* pb = &b[0]
-    if threads != 1:
+    if threads != 1 and n > _claim_bytes:
         return _pair_pass(CM_PAIR_FIRST_DIFFERENCE, pa, pb, n, 0, 0, threads, NULL)
     cdef PyThreadState* ts = _release(n)
     k = cm_first_difference(pa, pb, n)
@@ -385,7 +385,7 @@ def dirty_pages(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssize_t page_
     cdef const uint8_t* po = &old[0]
     cdef const uint8_t* pn = &new[0]
     cdef int64_t* pi = &idx[0]
-    if threads != 1:
+    if threads != 1 and n > _claim_bytes:
         return _trim(out, _pair_pass(CM_PAIR_DIRTY, po, pn, n, <size_t>page_size, 0, threads, pi), npages)
     cdef PyThreadState* ts = _release(n)
     count = cm_dirty_pages(po, pn, n, page_size, pi)
@@ -411,7 +411,7 @@ def dirty_pages_checksum(const uint8_t[::1] old, const uint8_t[::1] new, Py_ssiz
     cdef const uint8_t* po = &old[0]
     cdef const uint8_t* pn = &new[0]
     cdef int64_t* pi = &idx[0]
-    if threads != 1:
+    if threads != 1 and n > _claim_bytes:
         count, total = _pair_pass(CM_PAIR_DIRTY_CHECKSUM, po, pn, n, <size_t>page_size, offset, threads, pi)
         return _trim(out, count, npages), total
     cdef PyThreadState* ts = _release(n)

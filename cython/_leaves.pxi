@@ -509,7 +509,8 @@ cdef size_t _claim_bytes = 8 << 20
 
 def _set_claim_bytes(size_t n):
     """Tests only: the bytes a thread claims at a time (at least one page is taken);
-    returns the previous value. Small claims run the many-chunk paths on small inputs."""
+    returns the previous value. Small claims run the many-chunk paths on small inputs.
+    Process-wide and not itself thread-safe (each call reads it once, with the GIL)."""
     global _claim_bytes
     if n == 0:
         raise ValueError("claims must be at least one byte")
@@ -621,7 +622,7 @@ cdef extern from "cm_jobs.h" nogil:
 cdef object _pair_pass(int kind, const uint8_t* a, const uint8_t* b, size_t n, size_t page, uint64_t offset,
                        int threads, int64_t* idx):
     """One of the simple kernels over ``[0, n)`` (``n > 0``) on up to ``threads`` threads
-    claiming 8 MiB chunks, in one GIL-free call. Returns the checksum (mod 2**32) for
+    claiming ``_claim_bytes`` (8 MiB) at a time, in one GIL-free call. Returns the checksum (mod 2**32) for
     CM_PAIR_CHECKSUM, the first difference or None, the number of dirty pages (their
     numbers packed at the front of ``idx``, ascending), or ``(count, checksum)``."""
     cdef int nthreads = _threads(threads)

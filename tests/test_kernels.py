@@ -399,6 +399,8 @@ def tiny_split(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     bytes), so the threaded paths run on test-sized states."""
     monkeypatch.setattr(_parallel, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(_parallel, "_MIN_SPAN", 1000)
+    monkeypatch.setattr(_parallel, "_CPUS", 4)  # threads whatever the machine has
+    monkeypatch.delenv("CELLMIGRATE_THREADS", raising=False)
     before = _kernels._set_claim_bytes(1000)
     yield
     _kernels._set_claim_bytes(before)
@@ -430,8 +432,16 @@ def test_plan_splits_on_page_boundaries(tiny_split: None) -> None:
 def test_threads_argument_and_env_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError):
         simple_checksum(b"x", threads=0)
+    for odd in (1.5, 1.0, True):  # only ints, whatever the size of the input
+        with pytest.raises(TypeError):
+            simple_checksum(b"x", threads=odd)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            dirty_pages(b"x", b"y", threads=odd)  # type: ignore[arg-type]
+    for kernel in (_kernels, _reference):
+        with pytest.raises(ValueError, match="threads"):
+            kernel.checksum(b"x", 0, 0)
     with pytest.raises(TypeError):
-        simple_checksum(b"x", threads=1.5)  # type: ignore[arg-type]
+        _reference.checksum(b"x", 0, 2.0)
     monkeypatch.setenv("CELLMIGRATE_THREADS", "1")
     assert _parallel.max_threads() == 1
     monkeypatch.setenv("CELLMIGRATE_THREADS", "64")

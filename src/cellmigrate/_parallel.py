@@ -1,12 +1,16 @@
-"""Splitting big buffers over a small thread pool of GIL-free kernel calls.
+"""How many threads a call uses, and a small pool for the work split in Python.
 
-The compiled kernels release the GIL for large inputs, so plain Python threads run them
-in parallel; results combine exactly (a positioned checksum of each span adds up to the
-whole checksum, dirty-page lists concatenate). Small inputs never touch the pool: handing
-work to a thread costs tens of microseconds, more than scanning a few MiB.
+The compiled kernels start their own threads inside one GIL-free call (``cm_claims.h``);
+for them :func:`plan` only counts the threads a call may use (``len(plan(...))``). The
+pool runs what is still split in Python (the Python paths of the delta passes, BLAKE3
+and plain XXH3-128 beside a helper thread): the compiled kernels release the GIL for
+large inputs, so plain Python threads run them in parallel, and results combine exactly
+(a positioned checksum of each span adds up to the whole checksum, dirty-page lists
+concatenate). Small inputs never split: handing work to a thread costs tens of
+microseconds, more than scanning a few MiB.
 
-The pool has ``os.cpu_count()`` workers by default; ``CELLMIGRATE_THREADS=<n>`` caps it
-for the whole process and a ``threads=`` argument caps a single call.
+By default a call may use ``os.cpu_count()`` threads; ``CELLMIGRATE_THREADS=<n>`` caps
+that for the whole process and a ``threads=`` argument caps a single call.
 """
 
 from __future__ import annotations
@@ -70,9 +74,7 @@ def plan(nbytes: int, threads: Optional[int], align: int = 1) -> List[Tuple[int,
     Span boundaries are multiples of ``align`` (a page size, so no page is split). A
     single span means "run on the calling thread".
     """
-    if (threads is None or threads == 1) and nbytes < PARALLEL_MIN_BYTES:
-        if threads is not None and isinstance(threads, bool):
-            raise TypeError("threads must be an int or None, not bool")
+    if (threads is None or (type(threads) is int and threads == 1)) and nbytes < PARALLEL_MIN_BYTES:
         return [(0, nbytes)]  # the common small call: no environment lookups
     wanted = _check_threads(threads)
     if wanted == 1 or nbytes < PARALLEL_MIN_BYTES:

@@ -13,9 +13,10 @@ kernels also accept any C-contiguous byte buffer, read-only ones included, and r
 strided ones with ``ValueError``). Sizes are 64-bit. Nothing is copied on input.
 Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``. The
 whole-buffer kernels (``checksum``, ``first_difference``, ``dirty_pages``,
-``dirty_pages_checksum``) take ``threads=1``: the compiled ones then split the call over
-that many threads of their own inside one GIL-free call, with the same result; the
-reference runs on the calling thread; below 1 is a ``ValueError`` in both.
+``dirty_pages_checksum``) take a last argument ``threads=1`` (an int): the compiled
+ones then split the call over that many threads of their own (at most ``MAX_THREADS``,
+64) inside one GIL-free call, with the same result; the reference runs on the calling
+thread; below 1 is a ``ValueError`` in both.
 
 * ``checksum(data, offset=0) -> int``: sum of ``data[i] * (offset + i + 1)`` mod 2**32
   (weights wrap mod 2**32 too). Positioned form: ``checksum(x[a:b], a)`` is what the
@@ -176,6 +177,8 @@ def checksum(data: BufferLike, offset: int = 0, threads: int = 1) -> int:
 def _threads(threads: int) -> None:
     # The compiled kernels split a call over ``threads`` threads; the reference runs on
     # the calling thread whatever the count, and checks it as they do.
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise TypeError(f"threads must be an int, not {type(threads).__name__}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
 
