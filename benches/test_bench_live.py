@@ -286,3 +286,57 @@ def test_precopy_hot_pages_wire_bytes(live_server: str, live_size: int, cache: s
                  ("rounds", len(summary.rounds))):
         record_property(k, v)
     assert summary.rounds[-1].final and summary.digest
+
+
+class BusyPythonAgent(Writer):
+    """A pure-Python agent: between its page writes (as :class:`Writer`'s, 16 MiB/s) it runs
+    Python bytecode without pause, so it holds the GIL whenever the sender gives it up, the
+    worst case for a sender in the same process. ``pause`` stops it, as a real agent's."""
+
+    def run(self) -> None:
+        rng = np.random.default_rng(1)
+        pages = self.state.nbytes // 4096
+        rows = self.state[: pages * 4096].reshape(pages, 4096)
+        next_burst = time.perf_counter()
+        count = 0
+        while not self.quit:
+            if self.paused.is_set():
+                self.idle.set()
+                time.sleep(0.001)
+                continue
+            self.idle.clear()
+            count += 1  # the agent's own work: pure Python, GIL held
+            if time.perf_counter() >= next_burst:
+                self.burst(rng, rows)
+                next_burst += self.BURST * 4096 / self.rate
+
+
+@pytest.mark.parametrize("agent", ["numpy writer (sleeps between writes)", "busy pure-Python agent"])
+def test_precopy_with_a_python_agent(live_server: str, live_size: int, agent: str, record_property: Any) -> None:
+    """Pre-copy while the agent runs Python in the sender's process: every return of the
+    sender from a GIL-free call (a kernel, a socket write) may wait the interpreter's
+    switch interval (5 ms) for the agent to give the GIL back. Round times, downtime and
+    total, the idle-between-writes agent beside the busy one."""
+    state = np.random.default_rng(3).integers(0, 256, live_size, dtype=np.uint8)
+    # Untimed, first: a VM's never-touched memory costs the receiver a host fault a page
+    # (up to 10 us here: seconds a GiB), which would swamp what this compares.
+    LiveMigration(BufferSource(state), StreamChannel(lambda: connect(live_server)), max_rounds=0).run()
+    writer = (BusyPythonAgent if agent.startswith("busy") else Writer)(state, 16 * MiB)
+    try:
+        t = time.perf_counter()
+        summary = LiveMigration(
+            BufferSource(state, pause=writer.pause, resume=writer.resume),
+            StreamChannel(lambda: connect(live_server)),
+        ).run()
+        total = time.perf_counter() - t
+    finally:
+        writer.quit = True
+        writer.thread.join(5)
+    first = summary.rounds[0]
+    print(f"\n{agent}, {_label(live_size)}: total {total * 1e3:.0f} ms, {len(summary.rounds)} rounds, downtime "
+          f"{summary.downtime_s * 1e3:.1f} ms; round 0 {first.duration_s * 1e3:.0f} ms (scan {first.scan_s * 1e3:.0f}, "
+          f"send {first.send_s * 1e3:.0f}, {first.chunks} chunks)")
+    for k, v in (("total_s", total), ("round0_s", first.duration_s), ("downtime_s", summary.downtime_s),
+                 ("rounds", len(summary.rounds))):
+        record_property(k, v)
+    assert summary.rounds[-1].final and summary.digest

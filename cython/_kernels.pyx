@@ -613,6 +613,7 @@ def _naive_rle_compress(const uint8_t[::1] data):
 include "_encodings.pxi"
 include "_passes.pxi"
 include "_leaves.pxi"
+include "_sendv.pxi"
 
 
 # --- SIGBUS guard for mapped files (see cm_guard.h) ------------------------------------

@@ -127,6 +127,19 @@ thread; below 1 is a ``ValueError`` in both.
 * ``page_digests128(data, page, out) -> None``: XXH3-128 (canonical 16 bytes) of each
   page of ``data`` into ``out`` (16 bytes a page); ``out`` too short raises ``ValueError``.
 
+* ``send_parts(fd, parts, skip=0, timeout=0.0) -> (written, error, readable)``: write
+  the buffers ``parts``, in order and without their first ``skip`` bytes, to the
+  non-blocking socket or pipe ``fd`` within ``timeout`` seconds: ``written`` bytes this
+  call; ``error`` 0 when all is written, else an errno value (``ETIMEDOUT``; the compiled
+  kernel also returns ``EINTR`` after a signal, to be called again with ``skip +
+  written``); ``readable``: the peer had something to read once all was written. A
+  negative timeout raises ``ValueError``.
+* ``recv_some(fd, buffer, timeout=0.0) -> (got, error)``: read what has arrived on ``fd``
+  (at least one byte, or 0 at the end of the stream) into the writable ``buffer``,
+  waiting up to ``timeout`` seconds: ``error`` 0, else an errno value (``ETIMEDOUT``; the
+  compiled kernel also returns ``EINTR``). A negative timeout or an empty buffer raises
+  ``ValueError``.
+
 Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dispatch()``,
 ``_set_dispatch(name)`` (code-path selection for tests), ``NOGIL_MIN_BYTES``, and the
 ``_naive_*`` straightforward loops used as benchmark baselines.
@@ -134,6 +147,10 @@ Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dis
 
 from __future__ import annotations
 
+import errno
+import os
+import select
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -769,3 +786,43 @@ def check_pages(
         if target is not None:
             target[k * page_size : k * page_size + length] = page
     return PAGE_OK, 0, 0
+
+
+def send_parts(fd: int, parts: Sequence[BufferLike], skip: int = 0, timeout: float = 0.0) -> Tuple[int, int, bool]:
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+    views = [_view(p).cast("B") for p in parts]
+    data = b"".join(bytes(v) for v in views)[skip:]
+    deadline = time.monotonic() + timeout
+    written = 0
+    while written < len(data):
+        try:
+            written += os.write(fd, data[written:])
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                return written, errno.ETIMEDOUT, False
+        except OSError as exc:
+            return written, exc.errno or errno.EIO, False
+    return written, 0, bool(select.select([fd], [], [], 0)[0])
+
+
+def recv_some(fd: int, buffer: Any, timeout: float = 0.0) -> Tuple[int, int]:
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+    view = memoryview(buffer).cast("B")
+    if view.nbytes == 0:
+        raise ValueError("the buffer is empty")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = os.read(fd, view.nbytes)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return 0, errno.ETIMEDOUT
+            continue
+        except OSError as exc:
+            return 0, exc.errno or errno.EIO
+        view[: len(data)] = data
+        return len(data), 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from .._types import BufferLike
 from .agent import BufferSource, BufferTarget, MemoryStore
@@ -57,6 +57,10 @@ class RecordingStream(SocketStream):
     def sendall(self, data: Union[bytes, bytearray, memoryview], timeout: float) -> None:
         self.sent.append(bytes(data))
         super().sendall(data, timeout)
+
+    def send_parts(self, parts: Sequence[Union[bytes, bytearray, memoryview]], timeout: float) -> Optional[bool]:
+        self.sent.extend(bytes(p) for p in parts)
+        return super().send_parts(parts, timeout)
 
 
 def record_sender_stream(

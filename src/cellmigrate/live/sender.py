@@ -221,9 +221,12 @@ class StreamChannel:
     def _send_chunk_frame(self, chunk: Chunk) -> None:
         assert self._conn is not None
         self._conn.send(Msg.CHUNK, *chunk_parts(chunk))
-        # Read whatever ACKs are already here so the window keeps moving.
-        while self._conn.readable() and self._pending and self._read_one() is None:
-            pass
+        # Read the ACKs already here so the window keeps moving: whether any came is what
+        # the send saw, and one read brings them all (no select() after the last one: each
+        # system call may wait 5 ms for the GIL while the agent runs Python).
+        if self._conn.readable():
+            while self._pending and self._read_one() is None and self._conn.buffered():
+                pass
 
     # -- the Channel interface ---------------------------------------------------------
 

@@ -22,10 +22,11 @@ import ssl
 import stat
 import struct
 import time
-from typing import List, Optional, Protocol, Tuple, Union
+from typing import List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._backend import kernels
 from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, ProtocolError
 from .protocol import MAC_SIZE, FrameMac, Msg, body_limit
 
@@ -93,12 +94,52 @@ class SocketStream:
             self._timeout = timeout
 
     def recv_into(self, view: memoryview, timeout: float) -> int:
-        self._settimeout(timeout)
-        return self.sock.recv_into(view)
+        self._settimeout(timeout)  # also makes the socket non-blocking, as cm_sendv.h needs
+        if isinstance(self.sock, ssl.SSLSocket):
+            return self.sock.recv_into(view)
+        # One GIL-free call (poll and recv): Python's recv_into takes the GIL back twice.
+        deadline = time.monotonic() + timeout
+        while True:
+            got, err = kernels.recv_some(self.sock.fileno(), view, max(deadline - time.monotonic(), 0.0))
+            if err == 0:
+                return int(got)
+            if err == errno.EINTR:
+                continue  # the signal's Python handler has run (and may have raised)
+            if err == errno.ETIMEDOUT:
+                raise TimeoutError
+            raise OSError(err, os.strerror(err))
 
     def sendall(self, data: Part, timeout: float) -> None:
         self._settimeout(timeout)
         self.sock.sendall(data)
+
+    def send_parts(self, parts: Sequence[Part], timeout: float) -> Optional[bool]:
+        """Write ``parts`` in order within ``timeout`` seconds; then whether the peer has
+        sent something (``None``: not known).
+
+        A plain socket takes them in one GIL-free call (``sendmsg``, see
+        ``cython/cm_sendv.h``): ``sendall`` takes the GIL back after each system call, and
+        each of those returns waits a switch interval while another thread runs Python.
+        TLS goes through ``ssl``'s own ``sendall``.
+        """
+        if isinstance(self.sock, ssl.SSLSocket):
+            deadline = time.monotonic() + timeout
+            for part in parts:
+                self.sendall(part, deadline - time.monotonic())
+            return None
+        self._settimeout(timeout)  # also makes the socket non-blocking, as cm_sendv.h needs
+        deadline = time.monotonic() + timeout
+        fd, skip = self.sock.fileno(), 0
+        while True:
+            written, err, readable = kernels.send_parts(fd, parts, skip, max(deadline - time.monotonic(), 0.0))
+            skip += written
+            if err == 0:
+                return bool(readable)
+            if err == errno.EINTR:
+                continue  # the signal's Python handler has run (and may have raised)
+            if err == errno.ETIMEDOUT:
+                raise TimeoutError
+            raise OSError(err, os.strerror(err))
 
     def readable(self, timeout: float) -> bool:
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
@@ -159,6 +200,14 @@ class Connection:
         self.timeout = float(timeout)
         self._bufs = [_buffer(_SMALL) for _ in range(max(1, buffers))]
         self._turn = 0
+        # Read-ahead for small reads (frame headers, ACKs): one system call brings every
+        # frame already here, not two per frame. Bodies of _SMALL bytes or more are read
+        # straight into their destination once the read-ahead is used up.
+        self._ahead = _buffer(_SMALL)
+        self._ahead_pos = self._ahead_end = 0
+        # Whether the peer had sent something when the last send finished (as the stream
+        # reported it), for the next readable(); None: ask the stream.
+        self._ready: Optional[bool] = None
         self._out_mac: Optional[FrameMac] = None
         self._in_mac: Optional[FrameMac] = None
         self.bytes_sent = 0
@@ -183,9 +232,13 @@ class Connection:
         if length <= _SMALL:
             out = [b"".join(out)]
         deadline = time.monotonic() + self.timeout + length / _MIN_RATE
+        send_parts = getattr(self.stream, "send_parts", None)
         try:
-            for part in out:
-                self.stream.sendall(part, deadline - time.monotonic())
+            if send_parts is not None:
+                self._ready = send_parts(out, deadline - time.monotonic())
+            else:
+                for part in out:
+                    self.stream.sendall(part, deadline - time.monotonic())
         except (TimeoutError, socket.timeout):
             raise PeerTimeoutError(f"peer took no data for {self.timeout:g} s (sending {msg.name})") from None
         except ssl.SSLError as exc:
@@ -197,14 +250,19 @@ class Connection:
     # -- receiving -------------------------------------------------------------------
 
     def _read_exact(self, view: memoryview, deadline: float, what: str) -> None:
-        got = 0
+        self._ready = None  # what a send saw is stale once anything is read
         n = view.nbytes
+        got = min(n, self._ahead_end - self._ahead_pos)
+        if got:
+            view[:got] = self._ahead[self._ahead_pos : self._ahead_pos + got]
+            self._ahead_pos += got
         while got < n:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeoutError(f"peer sent {got} of {n} bytes of {what} within the deadline ({self.timeout:g} s)")
+            small = n - got < _SMALL  # the read-ahead is empty here
             try:
-                k = self.stream.recv_into(view[got:], left)
+                k = self.stream.recv_into(self._ahead if small else view[got:], left)
             except (TimeoutError, socket.timeout):
                 raise PeerTimeoutError(f"peer sent nothing for {self.timeout:g} s (waiting for {what})") from None
             except ssl.SSLError as exc:
@@ -213,6 +271,11 @@ class Connection:
                 raise ConnectionLostError(f"connection lost: {exc}") from None
             if k == 0:
                 raise ConnectionLostError(f"peer closed the connection ({got} of {n} bytes of {what} received)")
+            if small:
+                take = min(k, n - got)
+                view[got : got + take] = self._ahead[:take]
+                self._ahead_pos, self._ahead_end = take, k
+                k = take
             got += k
         self.bytes_received += n
 
@@ -254,11 +317,21 @@ class Connection:
         return FrameReader(self, msg, length, self._bufs[self._turn][:total])
 
     def readable(self) -> bool:
-        """Whether a frame has (started to) arrive."""
+        """Whether a frame has (started to) arrive. Right after a send this is what the
+        stream saw when the send finished (no system call, so no wait for the GIL)."""
+        if self._ahead_end > self._ahead_pos:
+            return True
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            return ready
         try:
             return self.stream.readable(0)
         except (OSError, ValueError):
             return True  # let the next recv report the problem
+
+    def buffered(self) -> bool:
+        """Whether bytes of a frame were read ahead and wait to be received."""
+        return self._ahead_end > self._ahead_pos
 
     def close(self) -> None:
         try:
