@@ -117,6 +117,17 @@ cdef extern from "cm_jobs.h" nogil:
         uint64_t* out
         uint32_t* sums
     int cm_fp_job_run(cm_fp_job* j, int threads)
+    ctypedef struct cm_gather_job:
+        cm_claims claims
+        const uint8_t* state
+        size_t n
+        size_t page
+        const int64_t* idx
+        size_t count
+        size_t per
+        uint8_t* dst
+        uint8_t* out
+    int cm_gather_job_run(cm_gather_job* j, int threads)
 
 
 #: The most threads one kernel call starts (more gain nothing on a memory-bound pass).
@@ -591,6 +602,65 @@ def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out, int threads=1
             _reacquire(ts)
     finally:
         PyBuffer_Release(&outbuf)
+
+
+def gather_digests128(const uint8_t[::1] state, indices, Py_ssize_t page, dst, out, int threads=1):
+    """Copy ``state``'s pages at ``indices`` back to back into ``dst`` (page ``k`` at byte
+    ``k * page``; the state's short last page, if named, must come last) and write the
+    XXH3-128 (canonical, 16 bytes) of each copy into ``out``, in order, on up to
+    ``threads`` threads in one GIL-free call: a live chunk's pages and their digests in
+    one pass (each page hashed from its copy while in cache). ``dst`` must not overlap
+    ``state``. ``ValueError`` for an index out of range, a short page not last, ``dst`` or
+    ``out`` too small, or XXH3 not bound.
+    """
+    if page <= 0:
+        raise ValueError("page must be positive")
+    cdef int nthreads = _threads(threads)
+    cdef int64_t[::1] idx = _indices(indices)
+    cdef size_t n = state.shape[0], count = idx.shape[0], i, total = 0, start
+    if not cm_xxh3_is_bound():
+        raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
+    for i in range(count):
+        if idx[i] < 0 or <size_t>idx[i] >= (n + <size_t>page - 1) // <size_t>page:
+            raise ValueError(f"page {idx[i]} is outside a state of {n} bytes")
+        start = <size_t>idx[i] * <size_t>page
+        if n - start < <size_t>page and i != count - 1:
+            raise ValueError(f"the short last page {idx[i]} is not the last one named")
+        total += min(<size_t>page, n - start)
+    cdef Py_buffer dstbuf, outbuf
+    PyObject_GetBuffer(dst, &dstbuf, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    cdef Py_ssize_t held = dstbuf.len
+    if held < <Py_ssize_t>total:
+        PyBuffer_Release(&dstbuf)
+        raise ValueError(f"dst holds {held} bytes, the pages need {total}")
+    cdef uint8_t* pd = <uint8_t*>dstbuf.buf
+    cdef uint8_t* po
+    try:
+        po = _leaf_out(out, &outbuf, <Py_ssize_t>(16 * count))
+    except BaseException:
+        PyBuffer_Release(&dstbuf)
+        raise
+    cdef cm_gather_job job
+    memset(&job, 0, sizeof(job))
+    cdef PyThreadState* ts
+    try:
+        if count:
+            job.state = &state[0]
+            job.n = n
+            job.page = <size_t>page
+            job.idx = &idx[0]
+            job.count = count
+            job.per = _claim_bytes // <size_t>page
+            if job.per == 0:
+                job.per = 1
+            job.dst = pd
+            job.out = po
+            ts = _release(total)
+            cm_gather_job_run(&job, nthreads)
+            _reacquire(ts)
+    finally:
+        PyBuffer_Release(&outbuf)
+        PyBuffer_Release(&dstbuf)
 
 
 #: ``PageArena.xzr_hints`` values: the page's XZR stream is not smaller than the page

@@ -159,6 +159,39 @@ static int cm_tree_job_run(cm_tree_job *j, int threads) {
     return cm_claims_start(&j->claims, (leaves + j->per - 1) / j->per, cm_tree_chunk, NULL, NULL, threads);
 }
 
+/* ---- a live chunk's pages: gather them into one buffer, XXH3-128 each copy ---- */
+
+typedef struct {
+    cm_claims claims;
+    const uint8_t *state;
+    size_t n; /* the state's bytes */
+    size_t page;
+    const int64_t *idx; /* in range; only the last may be a short page */
+    size_t count;
+    size_t per;   /* pages a chunk */
+    uint8_t *dst; /* page k at dst + k * page */
+    uint8_t *out; /* 16 bytes a page */
+} cm_gather_job;
+
+static int cm_gather_chunk(cm_claims *c, size_t k, void *unused) {
+    cm_gather_job *j = (cm_gather_job *)c;
+    (void)unused;
+    size_t i = k * j->per, end = i + j->per < j->count ? i + j->per : j->count;
+    for (; i < end; i++) {
+        size_t s = (size_t)j->idx[i] * j->page, len = j->n - s < j->page ? j->n - s : j->page;
+        uint8_t *copy = j->dst + i * j->page;
+        memcpy(copy, j->state + s, len);
+        /* From the copy, still in L1: the digest is of what is sent, even if the agent
+           writes the page meanwhile. */
+        cm_xxh128_canonical(cm_xxh3.one128(copy, len), j->out + 16 * i);
+    }
+    return 0;
+}
+
+static int cm_gather_job_run(cm_gather_job *j, int threads) {
+    return cm_claims_start(&j->claims, (j->count + j->per - 1) / j->per, cm_gather_chunk, NULL, NULL, threads);
+}
+
 /* ---- page fingerprints (XXH3-64 a page) and the checksum ---- */
 
 typedef struct {

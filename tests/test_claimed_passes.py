@@ -281,3 +281,78 @@ def test_passes_on_the_kernel_threads_equal_the_python_path(monkeypatch: pytest.
         other.timestamp = fused.timestamp
         other._seal(None)
         assert other.serialize() == fused.serialize()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    size=st.integers(1, 40 * PAGE + 100),
+    picks=st.lists(st.integers(0, 10**6), max_size=60),
+    threads=st.sampled_from([1, 2, 3, 64]),
+    claim=st.sampled_from([PAGE, 3 * PAGE, 8 * MiB]),
+)
+def test_gather_digests128_equals_the_reference_and_copy_then_hash(
+    size: int, picks: List[int], threads: int, claim: int
+) -> None:
+    """A live chunk's pages copied and hashed in one pass: the copies back to back and the
+    XXH3-128 of each, whatever the thread count and the claims (a page each, three, or one
+    claim for all), the state's short last page included."""
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    npages = -(-size // PAGE)
+    idx = np.array(sorted({p % npages for p in picks}), dtype=np.int64)
+    total = sum(min(PAGE, size - int(k) * PAGE) for k in idx)
+    want_pages, want_digests = bytearray(total), bytearray(16 * len(idx))
+    _reference.gather_digests128(data, idx, PAGE, want_pages, want_digests)
+    assert bytes(want_pages) == b"".join(data[int(k) * PAGE : (int(k) + 1) * PAGE].tobytes() for k in idx)
+    assert bytes(want_digests) == b"".join(xxhash.xxh3_128_digest(want_pages[i * PAGE : (i + 1) * PAGE]) for i in range(len(idx)))
+    before = _kernels._set_claim_bytes(claim)
+    try:
+        for _ in each_path():
+            pages, digests = np.full(total + 7, 0xAA, np.uint8), np.zeros((len(idx), 16), np.uint8)
+            _kernels.gather_digests128(data, idx, PAGE, pages, digests, threads)
+            assert pages[:total].tobytes() == bytes(want_pages) and pages[total:].tolist() == [0xAA] * 7
+            assert digests.tobytes() == bytes(want_digests)
+    finally:
+        _kernels._set_claim_bytes(before)
+
+
+def test_gather_digests128_refuses_bad_input() -> None:
+    data = np.zeros(3 * PAGE + 10, np.uint8)  # 4 pages, the last 10 bytes long
+    out, dst = np.zeros((4, 16), np.uint8), np.zeros(4 * PAGE, np.uint8)
+    for fn in (_kernels.gather_digests128, _reference.gather_digests128):
+        for bad in ([4], [-1], [3, 0]):  # out of range, negative, the short page not last
+            with pytest.raises(ValueError):
+                fn(data, np.array(bad, np.int64), PAGE, dst, out)
+        with pytest.raises(ValueError):  # dst too small for two pages
+            fn(data, np.array([0, 1], np.int64), PAGE, dst[: PAGE + 1], out)
+        with pytest.raises(ValueError):  # out too small
+            fn(data, np.array([0, 1], np.int64), PAGE, dst, out[:1])
+        with pytest.raises(ValueError):
+            fn(data, np.array([0], np.int64), 0, dst, out)
+        with pytest.raises(ValueError):
+            fn(data, np.array([0], np.int64), PAGE, dst, out, 0)
+        fn(data, np.array([], np.int64), PAGE, dst, out)  # nothing to do
+    with pytest.raises((TypeError, BufferError)):  # read-only output
+        _kernels.gather_digests128(data, np.array([0], np.int64), PAGE, bytes(PAGE), out)
+
+
+def test_live_chunks_copied_and_hashed_in_one_pass_equal_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scan_chunks' chunks (pages, digests, chunk digest) are the same whether the pages are
+    gathered and hashed by the compiled kernel or copied and hashed in Python."""
+    from cellmigrate.live import leaves
+    from cellmigrate.live.pages import scan_chunks
+
+    state = np.random.default_rng(5).integers(0, 256, 3 * MiB + 1000, dtype=np.uint8)
+    shadow = state.copy()
+    rng = np.random.default_rng(6)
+    for k in rng.choice(-(-state.nbytes // PAGE), 200, replace=False):
+        shadow[int(k) * PAGE] ^= 1
+
+    def chunks() -> List[Tuple[Any, ...]]:
+        return [
+            (c.indices.tolist(), bytes(c.payload), bytes(c.digest), np.asarray(c.digests).tobytes())
+            for c in scan_chunks(state, shadow, round_no=1, first_seq=1, chunk_bytes=64 * PAGE, compress=False)
+        ]
+
+    fused = chunks()
+    monkeypatch.setattr(leaves, "page_kernel", lambda: None)
+    assert chunks() == fused and sum(len(c[0]) for c in fused) == 200

@@ -127,6 +127,12 @@ thread; below 1 is a ``ValueError`` in both.
 * ``page_digests128(data, page, out) -> None``: XXH3-128 (canonical 16 bytes) of each
   page of ``data`` into ``out`` (16 bytes a page); ``out`` too short raises ``ValueError``.
 
+* ``gather_digests128(state, indices, page, dst, out, threads=1) -> None``: the pages of
+  ``state`` at ``indices`` copied back to back into ``dst`` (page ``k`` at byte
+  ``k * page``; a short last page of the state may only be named last) and the XXH3-128
+  (canonical 16 bytes) of each copy into ``out``; an index out of range, a short page
+  not last, or ``dst``/``out`` too small raise ``ValueError``.
+
 * ``send_parts(fd, parts, skip=0, timeout=0.0) -> (written, error, readable)``: write
   the buffers ``parts``, in order and without their first ``skip`` bytes, to the
   non-blocking socket or pipe ``fd`` within ``timeout`` seconds: ``written`` bytes this
@@ -496,6 +502,36 @@ def page_digests128(data: BufferLike, page: int, out: BufferLike) -> None:
     if target.nbytes < len(digests):
         raise ValueError(f"out holds {target.nbytes} bytes, {len(digests) // 16} pages need 16 each")
     target[: len(digests)] = digests
+
+
+def gather_digests128(
+    state: BufferLike, indices: IndexLike, page: int, dst: BufferLike, out: BufferLike, threads: int = 1
+) -> None:
+    """Pages of ``state`` at ``indices`` back to back into ``dst``, the XXH3-128 of each into ``out``."""
+    import xxhash
+
+    _threads(threads)
+    if page <= 0:
+        raise ValueError("page must be positive")
+    src = _view(state).cast("B")
+    n = src.nbytes
+    idx = _index_list(indices)
+    total = 0
+    for i, k in enumerate(idx):
+        if k < 0 or k >= -(-n // page):
+            raise ValueError(f"page {k} is outside a state of {n} bytes")
+        if n - k * page < page and i != len(idx) - 1:
+            raise ValueError(f"the short last page {k} is not the last one named")
+        total += min(page, n - k * page)
+    target, digests = _view(dst).cast("B"), _view(out).cast("B")
+    if target.nbytes < total:
+        raise ValueError(f"dst holds {target.nbytes} bytes, the pages need {total}")
+    if digests.nbytes < 16 * len(idx):
+        raise ValueError(f"out holds {digests.nbytes} bytes, the leaf digests need {16 * len(idx)}")
+    for i, k in enumerate(idx):
+        copy = bytes(src[k * page : min((k + 1) * page, n)])
+        target[i * page : i * page + len(copy)] = copy
+        digests[16 * i : 16 * i + 16] = xxhash.xxh3_128_digest(copy)
 
 
 # --------------------------------------------------------------------------------------

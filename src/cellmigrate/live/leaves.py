@@ -34,9 +34,17 @@ from .._backend import kernels
 from .._buffers import as_bytes_view
 from .._parallel import plan
 from ..checksum import PAGE_SIZE
-from .pages import copy_pages
+from .pages import copy_pages, pages_len
 
-__all__ = ["PAGE_DIGEST_SIZE", "PageTable", "page_digests", "page_digests_at", "page_kernel", "page_root"]
+__all__ = [
+    "PAGE_DIGEST_SIZE",
+    "PageTable",
+    "page_digests",
+    "page_digests_at",
+    "page_kernel",
+    "page_root",
+    "pages_with_digests",
+]
 
 #: Bytes of one page digest (XXH3-128, canonical form).
 PAGE_DIGEST_SIZE = 16
@@ -113,6 +121,23 @@ def page_digests_at(
         part = indices[k : k + batch]
         out[k : k + len(part)] = page_digests(copy_pages(state, part, size, scratch), threads)
     return out
+
+
+def pages_with_digests(
+    state: U8Array, indices: I64Array, size: int, into: Optional[U8Array] = None, threads: Optional[int] = None
+) -> "tuple[U8Array, Digests]":
+    """:func:`~cellmigrate.live.pages.copy_pages` (``state``'s pages at ascending
+    ``indices`` back to back, into ``into`` when given) and the ``(pages, 16)`` digests of
+    the copies: with the compiled kernel in one pass, each page hashed from its copy while
+    in cache (``gather_digests128``), and one GIL-free call."""
+    if page_kernel() is None:
+        copied = copy_pages(state, indices, size, into)
+        return copied, page_digests(copied, threads)
+    length = pages_len(indices, size)
+    pages: U8Array = np.empty(length, dtype=np.uint8) if into is None else into[:length]
+    digests: Digests = np.empty((len(indices), PAGE_DIGEST_SIZE), dtype=np.uint8)
+    kernels.gather_digests128(state[:size], indices, PAGE_SIZE, pages, digests, len(plan(length, threads, PAGE_SIZE)))
+    return pages, digests
 
 
 def page_root(digests: Digests, size: int) -> bytes:

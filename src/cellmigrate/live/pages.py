@@ -373,20 +373,21 @@ def scan_chunks(
 
     def build(indices: I64Array) -> Chunk:
         nonlocal seq
+        from .leaves import page_digests, pages_with_digests  # leaves imports this module
+
+        digests: Optional["npt.NDArray[np.uint8]"] = None
         if stable and _run(indices):
             lo = int(indices[0]) * PAGE_SIZE
             pages = state[lo : lo + pages_len(indices, size)]
-        else:
+        elif stable and known is not None:
             pages = copy_pages(state, indices, size, pool.take() if pool is not None else None)
+        else:  # copied and hashed in one pass (one GIL-free call)
+            pages, digests = pages_with_digests(state, indices, size, pool.take() if pool is not None else None, threads)
         encoding, payload = encode_pages(pages, compress, indices=indices, cache=cache, min_hits=cache_min_hits)
         if cache is not None and round_no >= 1 and not stable:
             cache.store(indices, pages, size)
-        if stable and known is not None:
-            digests = known[indices]
-        else:
-            from .leaves import page_digests  # leaves imports this module
-
-            digests = page_digests(pages, threads)
+        if digests is None:
+            digests = known[indices] if stable and known is not None else page_digests(pages, threads)
         chunk = Chunk(
             seq, round_no, size, indices, encoding, payload, pages.nbytes, chunk_digest(digests, pages.nbytes), pages, digests
         )
