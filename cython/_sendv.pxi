@@ -10,8 +10,8 @@ cdef extern from "cm_sendv.h" nogil:
 
 
 def send_parts(int fd, parts, uint64_t skip=0, double timeout=0.0):
-    """Write ``parts`` (a sequence of C-contiguous buffers, in order) to the non-blocking
-    socket ``fd``, leaving out their first ``skip`` bytes, within ``timeout`` seconds;
+    """Write ``parts`` (a sequence of C-contiguous buffers, in order) to the socket ``fd``
+    (sockets only: ``sendmsg``), leaving out their first ``skip`` bytes, within ``timeout`` seconds;
     the GIL is released once for the whole write.
 
     Returns ``(written, error, readable)``: the bytes this call wrote; 0 when all is
@@ -21,7 +21,7 @@ def send_parts(int fd, parts, uint64_t skip=0, double timeout=0.0):
     Raises ``ValueError`` for a negative timeout, ``BufferError``/``TypeError`` for a part
     that is not a contiguous buffer.
     """
-    if timeout < 0:
+    if not timeout >= 0:  # NaN too: it would make poll() wait forever
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
     cdef list items = list(parts)
     cdef size_t n = len(items), got = 0, i
@@ -51,20 +51,24 @@ def send_parts(int fd, parts, uint64_t skip=0, double timeout=0.0):
     return written, err, bool(readable)
 
 
-def recv_some(int fd, uint8_t[::1] buffer, double timeout=0.0):
-    """Read what has arrived on the non-blocking socket ``fd`` into ``buffer`` (at least one
+def recv_some(int fd, buffer, double timeout=0.0):
+    """Read what has arrived on the socket ``fd`` into the writable ``buffer`` (at least one
     byte, or none at the end of the stream), waiting up to ``timeout`` seconds; the GIL is
     released once. Returns ``(got, error)``: bytes read (0: the peer closed) and 0, else an
     errno value (``ETIMEDOUT``, ``EINTR``: call again, ``ENOSYS`` without ``poll``).
     Raises ``ValueError`` for a negative timeout or an empty buffer."""
-    if timeout < 0:
+    if not timeout >= 0:  # NaN too
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
-    if buffer.shape[0] == 0:
-        raise ValueError("the buffer is empty")
+    cdef Py_buffer view
     cdef uint64_t got = 0
     cdef int err
-    cdef uint8_t* p = &buffer[0]
-    cdef size_t n = <size_t>buffer.shape[0]
-    with nogil:
-        err = cm_recv_some(fd, p, n, timeout, &got)
+    # Any writable C-contiguous buffer, whatever its item format (as socket.recv_into).
+    PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+    try:
+        if view.len == 0:
+            raise ValueError("the buffer is empty")
+        with nogil:
+            err = cm_recv_some(fd, <uint8_t*>view.buf, <size_t>view.len, timeout, &got)
+    finally:
+        PyBuffer_Release(&view)
     return got, err

@@ -11,7 +11,8 @@
  * zero timeout says whether the peer has sent something (an acknowledgement to read), so
  * the caller needs no select() of its own.
  *
- * The socket must be non-blocking (Python's are, once they have a timeout). On a signal
+ * Sockets only (sendmsg, recv); each call is MSG_DONTWAIT, so the socket's own blocking
+ * mode does not matter where the platform has that flag. On a signal
  * (EINTR) it returns what was written so far: the caller runs the signal's handler and
  * calls again for the rest, as PEP 475 has Python do.
  */
@@ -36,6 +37,11 @@ typedef struct {
 
 #ifndef MSG_NOSIGNAL /* macOS: SO_NOSIGPIPE instead; Python ignores SIGPIPE anyway */
 #define MSG_NOSIGNAL 0
+#endif
+/* Non-blocking whatever the socket's own mode (a blocking one would wait past the
+   deadline with the GIL released). */
+#ifndef MSG_DONTWAIT
+#define MSG_DONTWAIT 0
 #endif
 #define CM_SEND_MAX_IOV 64
 
@@ -84,7 +90,7 @@ static int cm_send_parts(int fd, const cm_part *parts, size_t n, uint64_t skip, 
         m.msg_control = NULL;
         m.msg_controllen = 0;
         m.msg_flags = 0;
-        ssize_t sent = sendmsg(fd, &m, MSG_NOSIGNAL);
+        ssize_t sent = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (sent >= 0) {
             size_t left = (size_t)sent;
             *written += left;
@@ -135,7 +141,7 @@ static int cm_recv_some(int fd, uint8_t *buf, size_t n, double timeout_s, uint64
     double deadline = cm_now() + timeout_s;
     *got = 0;
     for (;;) {
-        ssize_t k = recv(fd, buf, n, 0);
+        ssize_t k = recv(fd, buf, n, MSG_DONTWAIT);
         if (k >= 0) {
             *got = (uint64_t)k;
             return 0;

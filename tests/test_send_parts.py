@@ -6,10 +6,11 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import ssl
 import socket
 import threading
 import time
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -257,3 +258,86 @@ def test_socket_stream_maps_errors_like_python_sockets() -> None:
         assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("send_parts", IMPLS)
+@pytest.mark.parametrize("recv_some", RECV_IMPLS)
+def test_a_nan_timeout_is_refused(send_parts, recv_some, pair) -> None:  # type: ignore[no-untyped-def]
+    a, _ = pair
+    with pytest.raises(ValueError):
+        send_parts(a.fileno(), [b"x"], 0, float("nan"))
+    with pytest.raises(ValueError):
+        recv_some(a.fileno(), bytearray(4), float("nan"))
+
+
+@pytest.mark.parametrize("recv_some", RECV_IMPLS)
+def test_recv_some_takes_any_writable_buffer_and_ignores_blocking_mode(recv_some) -> None:  # type: ignore[no-untyped-def]
+    """Any item format, as socket.recv_into; and a socket someone set blocking still
+    times out (MSG_DONTWAIT) instead of waiting with the GIL released."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(True)
+        t = time.monotonic()
+        assert recv_some(a.fileno(), bytearray(4), 0.2) == (0, errno.ETIMEDOUT)
+        assert time.monotonic() - t < 5.0
+        b.sendall(bytes(range(1, 9)))
+        time.sleep(0.05)
+        signed = np.zeros(4, np.int8)
+        assert recv_some(a.fileno(), signed, 1.0) == (4, 0) and signed.tolist() == [1, 2, 3, 4]
+        words = memoryview(bytearray(4)).cast("i")
+        assert recv_some(a.fileno(), words, 1.0) == (4, 0) and bytes(words) == bytes([5, 6, 7, 8])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_frames_read_into_buffers_of_any_format() -> None:
+    """A store's view need not be of unsigned bytes: a body read into a signed-char view
+    works through the read-ahead (the first bytes) and straight reads (the rest)."""
+    a, b = socket.socketpair()
+    tx, rx = Connection(SocketStream(a), timeout=10), Connection(SocketStream(b), timeout=10)
+    try:
+        body = np.random.default_rng(3).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+        tx.send(Msg.CHUNK, body)
+        msg, length = rx.recv_header(Msg.CHUNK)
+        into = memoryview(bytearray(length)).cast("b")
+        reader = rx.reader(msg, length)
+        reader.read_into(into)
+        reader.finish()
+        assert bytes(into) == body
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_recording_stream_records_each_frame_once_over_tls(tmp_path: Any) -> None:
+    from cellmigrate.live.replay import RecordingStream
+
+    from live_net import self_signed
+
+    cert, key = self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(cert), str(key))
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    listener = socket.create_server(("127.0.0.1", 0))
+    got: List[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            rx = Connection(SocketStream(tls), timeout=10)
+            got.append(bytes(rx.recv(Msg.CHUNK)[1]))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        raw = socket.create_connection(listener.getsockname(), timeout=10)
+        stream = RecordingStream(client_ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        tx = Connection(stream, timeout=10)
+        tx.send(Msg.CHUNK, b"head", bytes(100_000))  # over _SMALL: sent as parts
+        t.join(10)
+        assert got == [b"head" + bytes(100_000)]
+        assert sum(len(p) for p in stream.sent) == 5 + 4 + 100_000  # header + body, once
+        tx.close()
+    finally:
+        listener.close()

@@ -134,17 +134,17 @@ thread; below 1 is a ``ValueError`` in both.
   not last, or ``dst``/``out`` too small raise ``ValueError``.
 
 * ``send_parts(fd, parts, skip=0, timeout=0.0) -> (written, error, readable)``: write
-  the buffers ``parts``, in order and without their first ``skip`` bytes, to the
-  non-blocking socket or pipe ``fd`` within ``timeout`` seconds: ``written`` bytes this
+  the buffers ``parts``, in order and without their first ``skip`` bytes, to the socket
+  ``fd`` (non-blocking) within ``timeout`` seconds: ``written`` bytes this
   call; ``error`` 0 when all is written, else an errno value (``ETIMEDOUT``; the compiled
   kernel also returns ``EINTR`` after a signal, to be called again with ``skip +
   written``); ``readable``: the peer had something to read once all was written. A
-  negative timeout raises ``ValueError``.
+  negative or NaN timeout raises ``ValueError``.
 * ``recv_some(fd, buffer, timeout=0.0) -> (got, error)``: read what has arrived on ``fd``
   (at least one byte, or 0 at the end of the stream) into the writable ``buffer``,
   waiting up to ``timeout`` seconds: ``error`` 0, else an errno value (``ETIMEDOUT``; the
-  compiled kernel also returns ``EINTR``). A negative timeout or an empty buffer raises
-  ``ValueError``.
+  compiled kernel also returns ``EINTR``). A negative or NaN timeout or an empty buffer
+  raises ``ValueError``.
 
 Compiled-only (private, not part of the contract): ``_dispatch_paths()``, ``_dispatch()``,
 ``_set_dispatch(name)`` (code-path selection for tests), ``NOGIL_MIN_BYTES``, and the
@@ -825,7 +825,7 @@ def check_pages(
 
 
 def send_parts(fd: int, parts: Sequence[BufferLike], skip: int = 0, timeout: float = 0.0) -> Tuple[int, int, bool]:
-    if timeout < 0:
+    if not timeout >= 0:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
     views = [_view(p).cast("B") for p in parts]
     data = b"".join(bytes(v) for v in views)[skip:]
@@ -844,19 +844,19 @@ def send_parts(fd: int, parts: Sequence[BufferLike], skip: int = 0, timeout: flo
 
 
 def recv_some(fd: int, buffer: Any, timeout: float = 0.0) -> Tuple[int, int]:
-    if timeout < 0:
+    if not timeout >= 0:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
     view = memoryview(buffer).cast("B")
     if view.nbytes == 0:
         raise ValueError("the buffer is empty")
     deadline = time.monotonic() + timeout
     while True:
+        # Wait first: a socket left in blocking mode would block os.read past the deadline.
+        if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
+            return 0, errno.ETIMEDOUT
         try:
             data = os.read(fd, view.nbytes)
         except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return 0, errno.ETIMEDOUT
             continue
         except OSError as exc:
             return 0, exc.errno or errno.EIO

@@ -52,6 +52,9 @@ _HEADER = struct.Struct("<IB")
 _KNOWN = frozenset(int(m) for m in Msg)
 _SMALL = 64 << 10  # frames up to this size are sent as one buffer
 _TIMEOUT_SLACK = 0.05
+# Plain sockets are read and written by the compiled kernels (one GIL release a call,
+# cython/cm_sendv.h); elsewhere (no sendmsg/poll) by Python's socket methods.
+_NATIVE_IO = os.name == "posix"
 
 Part = Union[bytes, bytearray, memoryview]
 
@@ -94,8 +97,8 @@ class SocketStream:
             self._timeout = timeout
 
     def recv_into(self, view: memoryview, timeout: float) -> int:
-        self._settimeout(timeout)  # also makes the socket non-blocking, as cm_sendv.h needs
-        if isinstance(self.sock, ssl.SSLSocket):
+        self._settimeout(timeout)
+        if not _NATIVE_IO or isinstance(self.sock, ssl.SSLSocket):
             return self.sock.recv_into(view)
         # One GIL-free call (poll and recv): Python's recv_into takes the GIL back twice.
         deadline = time.monotonic() + timeout
@@ -122,12 +125,13 @@ class SocketStream:
         each of those returns waits a switch interval while another thread runs Python.
         TLS goes through ``ssl``'s own ``sendall``.
         """
-        if isinstance(self.sock, ssl.SSLSocket):
+        if not _NATIVE_IO or isinstance(self.sock, ssl.SSLSocket):
             deadline = time.monotonic() + timeout
-            for part in parts:
-                self.sendall(part, deadline - time.monotonic())
+            for part in parts:  # not self.sendall: a subclass may count what that sends
+                self._settimeout(deadline - time.monotonic())
+                self.sock.sendall(part)
             return None
-        self._settimeout(timeout)  # also makes the socket non-blocking, as cm_sendv.h needs
+        self._settimeout(timeout)
         deadline = time.monotonic() + timeout
         fd, skip = self.sock.fileno(), 0
         while True:
@@ -251,6 +255,8 @@ class Connection:
 
     def _read_exact(self, view: memoryview, deadline: float, what: str) -> None:
         self._ready = None  # what a send saw is stale once anything is read
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")  # bytes, whatever the caller's item format (slices copy into it)
         n = view.nbytes
         got = min(n, self._ahead_end - self._ahead_pos)
         if got:
