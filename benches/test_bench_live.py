@@ -174,7 +174,10 @@ class Writer:
                 continue
             self.idle.clear()
             self.burst(rng, rows)
-            time.sleep(self.BURST * 4096 / self.rate)
+            self.until_next_burst()
+
+    def until_next_burst(self) -> None:
+        time.sleep(self.BURST * 4096 / self.rate)
 
     def burst(self, rng: "np.random.Generator", rows: "np.ndarray[Any, Any]") -> None:
         rows[rng.integers(0, len(rows), self.BURST), :64] = rng.integers(0, 256, (self.BURST, 64), dtype=np.uint8)
@@ -293,22 +296,11 @@ class BusyPythonAgent(Writer):
     Python bytecode without pause, so it holds the GIL whenever the sender gives it up, the
     worst case for a sender in the same process. ``pause`` stops it, as a real agent's."""
 
-    def run(self) -> None:
-        rng = np.random.default_rng(1)
-        pages = self.state.nbytes // 4096
-        rows = self.state[: pages * 4096].reshape(pages, 4096)
-        next_burst = time.perf_counter()
+    def until_next_burst(self) -> None:
+        due = time.perf_counter() + self.BURST * 4096 / self.rate
         count = 0
-        while not self.quit:
-            if self.paused.is_set():
-                self.idle.set()
-                time.sleep(0.001)
-                continue
-            self.idle.clear()
+        while time.perf_counter() < due and not self.paused.is_set() and not self.quit:
             count += 1  # the agent's own work: pure Python, GIL held
-            if time.perf_counter() >= next_burst:
-                self.burst(rng, rows)
-                next_burst += self.BURST * 4096 / self.rate
 
 
 @pytest.mark.parametrize("agent", ["numpy writer (sleeps between writes)", "busy pure-Python agent"])

@@ -51,6 +51,27 @@ static double cm_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* After a send or recv failed with errno: 0 once fd may be ready for `events` (or the
+ * deadline passed, which the caller's next try and this check then report), else the
+ * errno value to return (EINTR, ETIMEDOUT, or the call's own error). */
+static int cm_wait(int fd, short events, double deadline) {
+    if (errno == EINTR)
+        return EINTR;
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+        return errno;
+    double left_s = deadline - cm_now();
+    if (left_s <= 0)
+        return ETIMEDOUT;
+    struct pollfd p;
+    p.fd = fd;
+    p.events = events;
+    p.revents = 0;
+    double ms = left_s * 1e3 + 1.0; /* round up: never wake before the deadline */
+    if (poll(&p, 1, ms > (double)INT_MAX ? INT_MAX : (int)ms) < 0)
+        return errno == EINTR ? EINTR : errno;
+    return 0; /* ready, or timed out: the next try fails again and the deadline ends it */
+}
+
 /* Write parts[0..n) to fd, skipping their first `skip` bytes (already written), within
  * timeout_s seconds. Returns 0 once every byte is written, else an errno value: ETIMEDOUT
  * (the deadline passed), EINTR (a signal: call again), or the socket's error. *written:
@@ -107,22 +128,9 @@ static int cm_send_parts(int fd, const cm_part *parts, size_t n, uint64_t skip, 
             }
             continue;
         }
-        if (errno == EINTR)
-            return EINTR;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return errno;
-        double left_s = deadline - cm_now();
-        if (left_s <= 0)
-            return ETIMEDOUT;
-        struct pollfd p;
-        p.fd = fd;
-        p.events = POLLOUT;
-        p.revents = 0;
-        double ms = left_s * 1e3 + 1.0; /* round up: never wake before the deadline */
-        int r = poll(&p, 1, ms > (double)INT_MAX ? INT_MAX : (int)ms);
-        if (r < 0)
-            return errno == EINTR ? EINTR : errno;
-        /* r == 0: the loop's next send fails again and the deadline check ends it */
+        int rc = cm_wait(fd, POLLOUT, deadline);
+        if (rc)
+            return rc;
     }
     struct pollfd p;
     p.fd = fd;
@@ -146,20 +154,9 @@ static int cm_recv_some(int fd, uint8_t *buf, size_t n, double timeout_s, uint64
             *got = (uint64_t)k;
             return 0;
         }
-        if (errno == EINTR)
-            return EINTR;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return errno;
-        double left_s = deadline - cm_now();
-        if (left_s <= 0)
-            return ETIMEDOUT;
-        struct pollfd p;
-        p.fd = fd;
-        p.events = POLLIN;
-        p.revents = 0;
-        double ms = left_s * 1e3 + 1.0;
-        if (poll(&p, 1, ms > (double)INT_MAX ? INT_MAX : (int)ms) < 0)
-            return errno == EINTR ? EINTR : errno;
+        int rc = cm_wait(fd, POLLIN, deadline);
+        if (rc)
+            return rc;
     }
 }
 

@@ -106,11 +106,7 @@ class SocketStream:
             got, err = kernels.recv_some(self.sock.fileno(), view, max(deadline - time.monotonic(), 0.0))
             if err == 0:
                 return int(got)
-            if err == errno.EINTR:
-                continue  # the signal's Python handler has run (and may have raised)
-            if err == errno.ETIMEDOUT:
-                raise TimeoutError
-            raise OSError(err, os.strerror(err))
+            _raise_unless_interrupted(err)
 
     def sendall(self, data: Part, timeout: float) -> None:
         self._settimeout(timeout)
@@ -139,11 +135,7 @@ class SocketStream:
             skip += written
             if err == 0:
                 return bool(readable)
-            if err == errno.EINTR:
-                continue  # the signal's Python handler has run (and may have raised)
-            if err == errno.ETIMEDOUT:
-                raise TimeoutError
-            raise OSError(err, os.strerror(err))
+            _raise_unless_interrupted(err)
 
     def readable(self, timeout: float) -> bool:
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
@@ -156,6 +148,16 @@ class SocketStream:
         except OSError:
             pass
         self.sock.close()
+
+
+def _raise_unless_interrupted(err: int) -> None:
+    """A socket kernel's errno as Python's socket methods raise it; EINTR returns (the
+    signal's Python handler has run, and may have raised): the caller goes on."""
+    if err == errno.EINTR:
+        return
+    if err == errno.ETIMEDOUT:
+        raise TimeoutError
+    raise OSError(err, os.strerror(err))
 
 
 class PipeStream:
