@@ -296,10 +296,14 @@ class BusyPythonAgent(Writer):
     Python bytecode without pause, so it holds the GIL whenever the sender gives it up, the
     worst case for a sender in the same process. ``pause`` stops it, as a real agent's."""
 
+    _due = 0.0
+
     def until_next_burst(self) -> None:
-        due = time.perf_counter() + self.BURST * 4096 / self.rate
+        # On a fixed schedule: a burst the sender delayed (holding the GIL) is made up at
+        # once, so the agent keeps its rate.
+        self._due = (self._due or time.perf_counter()) + self.BURST * 4096 / self.rate
         count = 0
-        while time.perf_counter() < due and not self.paused.is_set() and not self.quit:
+        while time.perf_counter() < self._due and not self.paused.is_set() and not self.quit:
             count += 1  # the agent's own work: pure Python, GIL held
 
 

@@ -596,12 +596,18 @@ def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out, int threads=1
             job.per = _claim_bytes // <size_t>page
             if job.per == 0:
                 job.per = 1
+            if job.per > npages:  # no wrap in leaves + per - 1
+                job.per = npages
             job.out = po
             ts = _release(n)
             cm_tree_job_run(&job, nthreads)
             _reacquire(ts)
     finally:
         PyBuffer_Release(&outbuf)
+
+
+cdef inline bint _overlaps(const uint8_t* a, size_t na, const uint8_t* b, size_t nb) noexcept:
+    return na != 0 and nb != 0 and a < b + nb and b < a + na
 
 
 def gather_digests128(const uint8_t[::1] state, indices, Py_ssize_t page, dst, out, int threads=1):
@@ -616,7 +622,9 @@ def gather_digests128(const uint8_t[::1] state, indices, Py_ssize_t page, dst, o
     if page <= 0:
         raise ValueError("page must be positive")
     cdef int nthreads = _threads(threads)
-    cdef int64_t[::1] idx = _indices(indices)
+    # A private copy: the indices are checked here and read again without the GIL, when
+    # another thread could change the caller's array (8 bytes a page).
+    cdef int64_t[::1] idx = np.array(indices, dtype=np.int64, copy=True).reshape(-1)
     cdef size_t n = state.shape[0], count = idx.shape[0], i, total = 0, start
     if not cm_xxh3_is_bound():
         raise ValueError("XXH3 is not bound: page digests need cellmigrate._xxh3")
@@ -640,6 +648,11 @@ def gather_digests128(const uint8_t[::1] state, indices, Py_ssize_t page, dst, o
     except BaseException:
         PyBuffer_Release(&dstbuf)
         raise
+    cdef const uint8_t* ps = &state[0] if n else NULL
+    if total and (_overlaps(pd, total, ps, n) or _overlaps(po, 16 * count, ps, n) or _overlaps(pd, total, po, 16 * count)):
+        PyBuffer_Release(&outbuf)
+        PyBuffer_Release(&dstbuf)
+        raise ValueError("dst, out and state must not overlap")
     cdef cm_gather_job job
     memset(&job, 0, sizeof(job))
     cdef PyThreadState* ts
@@ -653,6 +666,8 @@ def gather_digests128(const uint8_t[::1] state, indices, Py_ssize_t page, dst, o
             job.per = _claim_bytes // <size_t>page
             if job.per == 0:
                 job.per = 1
+            if job.per > count:  # no wrap in count + per - 1
+                job.per = count
             job.dst = pd
             job.out = po
             ts = _release(total)

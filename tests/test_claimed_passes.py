@@ -333,6 +333,32 @@ def test_gather_digests128_refuses_bad_input() -> None:
         fn(data, np.array([], np.int64), PAGE, dst, out)  # nothing to do
     with pytest.raises((TypeError, BufferError)):  # read-only output
         _kernels.gather_digests128(data, np.array([0], np.int64), PAGE, bytes(PAGE), out)
+    whole = np.zeros(6 * PAGE, np.uint8)
+    for dst_, out_ in ((whole[PAGE:], out), (dst, whole[:64]), (whole[: 2 * PAGE], whole[PAGE : PAGE + 32])):
+        with pytest.raises(ValueError, match="overlap"):  # copies into the state, or into each other
+            _kernels.gather_digests128(whole, np.array([0, 1], np.int64), PAGE, dst_, out_)
+
+
+def test_gather_and_page_digests_with_a_claim_far_over_the_input() -> None:
+    """A claim of 2**63 bytes (pages a chunk near SIZE_MAX) must not wrap the chunk count."""
+    data = np.random.default_rng(9).integers(0, 256, 5 * PAGE + 3, dtype=np.uint8)
+    idx = np.arange(6, dtype=np.int64)
+    want_pages, want_digests = bytearray(data.nbytes), bytearray(16 * 6)
+    _reference.gather_digests128(data, idx, PAGE, want_pages, want_digests)
+    before = _kernels._set_claim_bytes(2**63)
+    try:
+        single, single_digests = bytearray(6), bytearray(16 * 6)
+        _kernels.gather_digests128(data, idx, 1, single, single_digests, 2)  # page 1: per ~ 2**63
+        assert single == data[:6].tobytes()
+        assert single_digests == b"".join(xxhash.xxh3_128_digest(bytes([b])) for b in data[:6])
+        pages, digests = bytearray(data.nbytes), bytearray(16 * 6)
+        _kernels.gather_digests128(data, idx, PAGE, pages, digests, 2)
+        assert pages == want_pages and digests == want_digests
+        leaves = bytearray(16 * data.nbytes)
+        _kernels.page_digests128(data, 1, leaves, 2)
+        assert bytes(leaves[-16:]) == xxhash.xxh3_128_digest(data[-1:].tobytes())
+    finally:
+        _kernels._set_claim_bytes(before)
 
 
 def test_live_chunks_copied_and_hashed_in_one_pass_equal_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
