@@ -530,6 +530,15 @@ def _set_claim_bytes(size_t n):
     return previous
 
 
+cdef inline size_t _units_a_claim(size_t unit, size_t units) noexcept:
+    """Units (pages, leaves; ``unit`` bytes each) a thread claims at a time: ``_claim_bytes``
+    worth, at least one, at most ``units`` (the whole input: no wrap in ``units + per - 1``)."""
+    cdef size_t per = _claim_bytes // unit
+    if per == 0:
+        per = 1
+    return per if per < units else (units if units else 1)
+
+
 def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, uint64_t offset=0,
                    int threads=1):
     """XXH3-64 of each ``page``-byte page of ``data`` (the last may be short) into ``out``;
@@ -556,9 +565,7 @@ def page_digests64(const uint8_t[::1] data, Py_ssize_t page, uint64_t[::1] out, 
     job.data = &data[0]
     job.n = n
     job.page = <size_t>page
-    job.chunk = (_claim_bytes // <size_t>page) * <size_t>page
-    if job.chunk == 0:
-        job.chunk = <size_t>page
+    job.chunk = _units_a_claim(<size_t>page, npages) * <size_t>page
     job.offset = offset
     job.out = &out[0]
     cdef uint32_t[::1] sums = np.zeros((n + job.chunk - 1) // job.chunk, dtype=np.uint32)
@@ -593,11 +600,7 @@ def page_digests128(const uint8_t[::1] data, Py_ssize_t page, out, int threads=1
             job.data = &data[0]
             job.n = n
             job.leaf = <size_t>page
-            job.per = _claim_bytes // <size_t>page
-            if job.per == 0:
-                job.per = 1
-            if job.per > npages:  # no wrap in leaves + per - 1
-                job.per = npages
+            job.per = _units_a_claim(<size_t>page, npages)
             job.out = po
             ts = _release(n)
             cm_tree_job_run(&job, nthreads)
@@ -663,11 +666,7 @@ def gather_digests128(const uint8_t[::1] state, indices, Py_ssize_t page, dst, o
             job.page = <size_t>page
             job.idx = &idx[0]
             job.count = count
-            job.per = _claim_bytes // <size_t>page
-            if job.per == 0:
-                job.per = 1
-            if job.per > count:  # no wrap in count + per - 1
-                job.per = count
+            job.per = _units_a_claim(<size_t>page, count)
             job.dst = pd
             job.out = po
             ts = _release(total)
@@ -718,9 +717,7 @@ cdef object _pair_pass(int kind, const uint8_t* a, const uint8_t* b, size_t n, s
     job.b = b
     job.n = n
     job.page = page if page else 1
-    job.chunk = (_claim_bytes // job.page) * job.page
-    if job.chunk == 0:
-        job.chunk = job.page
+    job.chunk = _units_a_claim(job.page, (n + job.page - 1) // job.page) * job.page
     job.offset = offset
     job.idx = idx
     cdef Py_ssize_t nchunks = <Py_ssize_t>((n + job.chunk - 1) // job.chunk), k
