@@ -615,20 +615,16 @@ def _fused_chunks(total: int) -> List[Tuple[int, int]]:
     return [(lo, min(lo + _FUSED_CHUNK, total)) for lo in range(0, total, _FUSED_CHUNK)]
 
 
-def _claimed_chunks(
-    spans: Sequence[Tuple[int, int]], work: Callable[[int, int, int], None], progress: Optional[ProgressCallback]
-) -> None:
-    """Run ``work(k, lo, hi)`` for every span ``k`` (contiguous, ascending), the spans
-    claimed one by one by the pool's threads (the calling thread too, which alone reports
-    progress: bytes done of all the spans' bytes). A failure stops the others after their
+def _claimed_chunks(spans: Sequence[Tuple[int, int]], work: Callable[[int, int, int], None]) -> None:
+    """Run ``work(k, lo, hi)`` for every span ``k``, the spans claimed one by one by the
+    pool's threads (the calling thread too). A failure stops the others after their
     current span."""
     count = len(spans)
-    total = spans[-1][1] - spans[0][0] if count else 0
     threads = min(max_threads(), count)
     lock = threading.Lock()
-    state = {"next": 0, "done": 0, "failed": False, "reported": -1}
+    state = {"next": 0, "failed": False}
 
-    def worker(who: int, _unused: int) -> None:
+    def worker(_who: int, _unused: int) -> None:
         while True:
             with lock:
                 k = state["next"]
@@ -638,19 +634,11 @@ def _claimed_chunks(
             lo, hi = spans[k]
             try:
                 work(k, lo, hi)
-                with lock:
-                    state["done"] += hi - lo
-                    done = state["done"]
-                if who == 0 and progress is not None:
-                    progress(done, total)
-                    state["reported"] = done
             except BaseException:
-                state["failed"] = True  # a failed kernel or progress callback: the others stop
+                state["failed"] = True  # a failed kernel: the others stop
                 raise
 
     run_spans(worker, [(who, 0) for who in range(max(threads, 1))])
-    if progress is not None and state["reported"] != total:
-        progress(total, total)  # the calling thread may not have seen the end: report it once
 
 
 #: With a progress callback the fused passes call their kernel for about this many bytes

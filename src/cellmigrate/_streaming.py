@@ -79,7 +79,7 @@ def _claimed(spans: List[Tuple[int, int]], fn: Callable[[int, int], T]) -> List[
     def work(k: int, lo: int, hi: int) -> None:
         results[k] = fn(lo, hi)
 
-    _claimed_chunks(spans, work, None)
+    _claimed_chunks(spans, work)
     return results
 
 
