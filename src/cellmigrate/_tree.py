@@ -25,7 +25,7 @@ import numpy.typing as npt
 import xxhash as _xxhash
 
 from . import _xxh3
-from ._backend import PURE_PYTHON, kernels
+from ._backend import kernels
 from ._parallel import plan, run_spans
 
 __all__ = ["LEAF_SIZE", "LeafTable", "TreeStream", "root", "tree_digest"]
@@ -127,7 +127,7 @@ class TreeStream:
         threads (this stream must be at a leaf boundary when the view is split)."""
         spans = plan(view.nbytes, threads, LEAF_SIZE) if self._fill == 0 else [(0, view.nbytes)]
         whole = view.nbytes // LEAF_SIZE * LEAF_SIZE if self._fill == 0 else 0
-        if whole and not PURE_PYTHON and _xxh3.available():
+        if whole and _xxh3.available():  # (never under CELLMIGRATE_PURE_PYTHON)
             # The whole leaves in one GIL-free call on the kernel's own threads (a call
             # per leaf would wait for the GIL after each while another thread runs Python).
             out = bytearray(16 * (whole // LEAF_SIZE))

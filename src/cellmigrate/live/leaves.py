@@ -107,7 +107,8 @@ def page_digests_at(
     """Digests of ``state``'s pages at ascending ``indices`` (``size``: the state's length).
 
     One run of consecutive pages is hashed in place; scattered pages are gathered first
-    (into ``scratch`` when given, a batch at a time) so each batch is one kernel call.
+    (into ``scratch`` when given, a batch at a time: :func:`pages_with_digests`) so each
+    batch is one kernel call.
     """
     n = len(indices)
     if n == 0:
@@ -119,7 +120,7 @@ def page_digests_at(
     batch = max(1, (scratch.nbytes if scratch is not None else 8 << 20) // PAGE_SIZE)
     for k in range(0, n, batch):
         part = indices[k : k + batch]
-        out[k : k + len(part)] = page_digests(copy_pages(state, part, size, scratch), threads)
+        out[k : k + len(part)] = pages_with_digests(state, part, size, scratch, threads)[1]
     return out
 
 
