@@ -133,12 +133,18 @@ def _replace_loop(tmp_path: Path, mode: str, size: int, trials: int, delay: floa
     extra = ["-o", str(s.out)] if mode == "-o" else ["--safe-replace"]
     target = s.out if mode == "-o" else s.base
 
-    s.reset()
-    started = time.monotonic()
-    proc = spawn("apply", str(s.base), str(s.delta), *extra, env=s.env)
-    assert proc.wait(60) == 0
-    duration = time.monotonic() - started
-    assert target.read_bytes() == s.new
+    # Calibrate on the faster of two runs: a first, cold one (a fresh venv's first start,
+    # files not yet cached) can take twice as long, and a kill timed from it then lands
+    # after the run has ended.
+    durations = []
+    for _ in range(2):
+        s.reset()
+        started = time.monotonic()
+        proc = spawn("apply", str(s.base), str(s.delta), *extra, env=s.env)
+        assert proc.wait(60) == 0
+        durations.append(time.monotonic() - started)
+        assert target.read_bytes() == s.new
+    duration = min(durations)
 
     outcomes: Counter[str] = collections.Counter()
     for trial in range(trials):
