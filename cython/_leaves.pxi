@@ -133,6 +133,24 @@ cdef extern from "cm_jobs.h" nogil:
 #: The most threads one kernel call starts (more gain nothing on a memory-bound pass).
 MAX_THREADS = CM_MAX_THREADS
 
+cdef extern from "cm_claims.h" nogil:
+    int cm_claims_init()
+    void cm_workers_stats(int* running, int* peak)
+
+if cm_claims_init() != 0:
+    raise ImportError("cellmigrate._kernels: pthread_atfork failed")
+
+
+def _workers_stats():
+    """``(running, peak)``: worker threads of kernel calls running now, and the most that
+    ran at once since the previous call (which restarts the peak from ``running``).
+
+    Calls share one budget: a call with ``threads=n`` starts only the workers left free
+    under ``n - 1`` by the calls already running (its own thread always works)."""
+    cdef int running = 0, peak = 0
+    cm_workers_stats(&running, &peak)
+    return running, peak
+
 
 cdef int _threads(int threads) except -1:
     if threads < 1:

@@ -42,6 +42,64 @@ static size_t cm_fetch_add(size_t *p, size_t v) {
 /* More threads than this gain nothing on a memory-bound pass. */
 #define CM_MAX_THREADS 64
 
+/* Workers of every call now running, and the most seen at once (tests read it).
+ *
+ * Why a budget: several Python threads, each in a pass (migrations of several agents at
+ * once), would otherwise each start threads - 1 workers, and the process would run
+ * calls x threads threads on `threads` cores (measured: two 256 MiB create + digest
+ * loops in two Python threads on the 2-vCPU VM, 307-417 ms with a worker each against
+ * 254-309 ms with none). A call takes the workers still free under its own `threads` - 1,
+ * maybe none; its calling thread always works, so every call makes progress.
+ * After fork() the child has no workers, whatever the parent's count was. */
+static int cm_workers_running = 0;
+static int cm_workers_peak = 0;
+
+#ifdef CM_HAVE_PTHREADS
+static int cm_workers_take(int want, int cap) {
+    int now = __atomic_load_n(&cm_workers_running, __ATOMIC_RELAXED);
+    for (;;) {
+        int take = cap - now < want ? cap - now : want;
+        if (take <= 0)
+            return 0;
+        if (__atomic_compare_exchange_n(&cm_workers_running, &now, now + take, 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+            int peak = __atomic_load_n(&cm_workers_peak, __ATOMIC_RELAXED);
+            while (peak < now + take &&
+                   !__atomic_compare_exchange_n(&cm_workers_peak, &peak, now + take, 1, __ATOMIC_RELAXED,
+                                                __ATOMIC_RELAXED)) {
+            }
+            return take;
+        }
+    }
+}
+
+static void cm_workers_give(int n) {
+    if (n > 0)
+        __atomic_fetch_sub(&cm_workers_running, n, __ATOMIC_RELAXED);
+}
+
+static void cm_workers_after_fork(void) {
+    cm_workers_running = 0;
+    cm_workers_peak = 0;
+}
+
+/* Once, at import (pthread_atfork handlers cannot be removed: register one only). */
+static int cm_claims_init(void) { return pthread_atfork(NULL, NULL, cm_workers_after_fork); }
+#else
+static int cm_claims_init(void) { return 0; }
+#endif
+
+/* Workers running now into *running, the most at once since the last call into *peak
+ * (which restarts from the running count). */
+static void cm_workers_stats(int *running, int *peak) {
+#ifdef CM_HAVE_PTHREADS
+    *running = __atomic_load_n(&cm_workers_running, __ATOMIC_RELAXED);
+    *peak = __atomic_exchange_n(&cm_workers_peak, *running, __ATOMIC_RELAXED);
+#else
+    *running = *peak = 0;
+#endif
+}
+
 typedef struct cm_claims cm_claims;
 
 struct cm_claims {
@@ -94,10 +152,12 @@ static int cm_claims_run(cm_claims *c, int threads) {
         threads = (int)c->count;
     if (threads > CM_MAX_THREADS)
         threads = CM_MAX_THREADS;
-    int started = 0;
+    int started = 0, granted = 0;
 #ifdef CM_HAVE_PTHREADS
     pthread_t ids[CM_MAX_THREADS];
-    if (threads > 1) {
+    if (threads > 1)
+        granted = cm_workers_take(threads - 1, threads - 1);
+    if (granted > 0) {
         sigset_t async, saved;
         sigfillset(&async);
         /* Faults stay deliverable: a blocked SIGBUS kills the process instead of reaching
@@ -119,18 +179,20 @@ static int cm_claims_run(cm_claims *c, int threads) {
             have_attr = 0;
         }
         pthread_sigmask(SIG_SETMASK, &async, &saved); /* the workers inherit this mask */
-        while (started < threads - 1 &&
+        while (started < granted &&
                pthread_create(&ids[started], have_attr ? &attr : NULL, cm_claims_worker, c) == 0)
             started++;
         pthread_sigmask(SIG_SETMASK, &saved, NULL);
         if (have_attr)
             pthread_attr_destroy(&attr);
+        cm_workers_give(granted - started); /* those that could not be started */
     }
 #endif
     cm_claims_worker(c);
 #ifdef CM_HAVE_PTHREADS
     for (int i = 0; i < started; i++)
         pthread_join(ids[i], NULL);
+    cm_workers_give(started);
 #endif
     return started + 1;
 }
