@@ -282,6 +282,21 @@ def test_jsonl_bad_lines_name_the_line() -> None:
         import_jsonl(io.StringIO(good + "\n\n" + json.dumps(bad) + "\n"))
 
 
+@pytest.mark.parametrize("bad", [b"[" * 5000 + b"]" * 5000, b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+                                 b'{"details": "\xff\xfe"}', b"\xc3"])
+def test_jsonl_lines_nested_too_deeply_or_not_utf8_are_corrupt_data(bad: bytes, tmp_path: Path) -> None:
+    good = json.dumps(entry(0).to_dict()).encode()
+    data = good + b"\n" + bad + b"\n" + good + b"\n"
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(data)
+    for source in (data, path, io.BytesIO(data)):
+        with pytest.raises(CorruptDataError, match="line 2: not JSON"):
+            import_jsonl(source)
+    # A text stream decodes ahead of its lines: the error names where it noticed.
+    with pytest.raises(CorruptDataError, match="not (JSON|UTF-8)"):
+        import_jsonl(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
 def test_log_export_and_import_through_sinks(tmp_path: Path) -> None:
     src = MigrationAuditLog.with_capacity(2, sink=SqliteAuditSink(tmp_path / "a.db"))
     for i in range(5):

@@ -93,6 +93,37 @@ def test_frame_decoder_on_random_bytes(blob: bytes) -> None:
     _replay(blob)
 
 
+def _frames(data: bytes) -> List[Any]:
+    """The unkeyed stream's frames as ``[type, body]`` (a frame: u32 body length, type, body)."""
+    frames, at = [], 0
+    while at < len(data):
+        n = int.from_bytes(data[at : at + 4], "little")
+        frames.append([data[at + 4], data[at + 5 : at + 5 + n]])
+        at += 5 + n
+    return frames
+
+
+@pytest.mark.parametrize("requirements", [b"[" * 3000 + b"]" * 3000, b'{"x":' * 2500 + b"1" + b"}" * 2500,
+                                          b'{"version": "\xff"}'])
+def test_an_offer_nested_too_deeply_or_not_utf8_is_a_protocol_error(requirements: bytes) -> None:
+    """JSON nested thousands deep fits the OFFER's 16 KiB and made json raise RecursionError,
+    which no CellError handler caught: one unauthenticated peer ended the receiver."""
+    from cellmigrate.live.protocol import decode_offer
+
+    frames = _frames(RECORDED)
+    offer = next(f for f in frames if f[0] == Msg.OFFER)
+    body = offer[1][:40] + requirements
+    with pytest.raises(ProtocolError, match="OFFER requirements are not valid"):
+        decode_offer(memoryview(body))
+    offer[1] = body
+    forged = b"".join(len(b).to_bytes(4, "little") + bytes([t]) + b for t, b in frames)
+    target = BufferTarget()
+    receiver = LiveReceiver(MemoryStore(), target, timeout=1)
+    assert receiver.handle(BytesStream(forged)) is False  # refused, not raised
+    assert isinstance(receiver.last_error, ProtocolError)
+    assert target.state is None
+
+
 def test_migration_over_a_pair_of_pipes() -> None:
     state = np.random.default_rng(9).integers(0, 256, 2 << 20, dtype=np.uint8)
     to_rx, from_tx = os.pipe()

@@ -1,4 +1,5 @@
-"""Standard JSON text for every ``--json`` output (the CLI, ``send``/``receive``, ``bench``).
+"""Standard JSON text for every ``--json`` output (the CLI, ``send``/``receive``, ``bench``),
+and one strict reader for JSON that comes from outside (a peer's OFFER, an audit export).
 
 Python's ``json`` writes ``Infinity``/``NaN`` for non-finite floats by default, which is
 not JSON (RFC 8259): strict parsers (``jq``, JavaScript's ``JSON.parse``, Go) reject the
@@ -12,7 +13,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["finite", "json_text"]
+__all__ = ["finite", "json_text", "parse_json"]
 
 
 def finite(obj: Any) -> Any:
@@ -31,3 +32,17 @@ def json_text(obj: Any, *, indent: int = 2) -> str:
     """``obj`` as standard JSON text (non-finite floats as ``null``; ``allow_nan=False``
     guarantees none slips through: ``ValueError`` rather than invalid output)."""
     return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
+def parse_json(text: "bytes | str") -> Any:
+    """The value of one JSON document (``bytes`` are UTF-8), or ``ValueError`` for
+    anything that is not one.
+
+    Why not plain ``json.loads``: input from outside can nest arrays thousands deep in a
+    few KiB, and the decoder then raises ``RecursionError``, which callers catching
+    ``ValueError`` let through (a receiver's peer could end the receiver with it); bytes
+    that are not UTF-8 raise ``UnicodeDecodeError`` (a ``ValueError`` already)."""
+    try:
+        return json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

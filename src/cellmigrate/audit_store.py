@@ -56,6 +56,7 @@ from typing import (
 )
 
 from ._forksafe import guard
+from ._jsontext import parse_json
 from .audit import AuditEntry, AuditEventType
 from .errors import AuditStoreError, CorruptDataError
 from .statefile import write_bytes_atomic
@@ -426,26 +427,34 @@ def export_jsonl(entries: Iterable[AuditEntry], destination: Union[PathLike, Any
 def import_jsonl(source: Union[PathLike, Any]) -> List[AuditEntry]:
     """Read entries written by :func:`export_jsonl` from a path or text file.
 
-    Blank lines are skipped; any malformed line raises :class:`CorruptDataError` naming
-    its line number.
+    Blank lines are skipped; any malformed line (not UTF-8, not JSON, nested too deeply,
+    not an entry) raises :class:`CorruptDataError` naming its line number.
     """
     if isinstance(source, (str, os.PathLike)):
-        with open(os.fspath(source), "r", encoding="utf-8") as fh:
+        with open(os.fspath(source), "rb") as fh:  # bytes: a line that is not UTF-8 is named
             return _parse_lines(fh)
     if isinstance(source, (bytes, bytearray)):
-        return _parse_lines(io.StringIO(bytes(source).decode("utf-8")))
+        return _parse_lines(io.BytesIO(bytes(source)))
     return _parse_lines(source)
 
 
 def _parse_lines(lines: Iterable[Any]) -> List[AuditEntry]:
     out: List[AuditEntry] = []
-    for number, line in enumerate(lines, start=1):
-        if isinstance(line, bytes):
-            line = line.decode("utf-8")
+    number = 0
+    rows = iter(lines)
+    while True:
+        number += 1
+        try:
+            line = next(rows)  # a text file decodes as it reads: it can fail here
+        except StopIteration:
+            break
+        except UnicodeDecodeError as exc:
+            # a text stream decodes ahead of the lines it hands out: the line is a bound
+            raise CorruptDataError(f"audit JSON Lines: not UTF-8 at or after line {number} ({exc})") from None
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            data = parse_json(line)
         except ValueError as exc:
             raise CorruptDataError(f"audit JSON Lines line {number}: not JSON ({exc})") from None
         try:

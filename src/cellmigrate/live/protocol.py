@@ -26,6 +26,7 @@ import blake3 as _blake3
 import numpy as np
 import numpy.typing as npt
 
+from .._jsontext import parse_json
 from ..checksum import PAGE_SIZE
 from ..validation import AgentRequirements
 from .agent import MAX_EXTRA_BYTES
@@ -259,7 +260,7 @@ def decode_offer(body: memoryview) -> Offer:
     if len(raw) > _MAX_REQUIREMENTS:
         raise ProtocolError(f"OFFER requirements of {len(raw)} bytes exceed {_MAX_REQUIREMENTS}")
     try:
-        fields: Dict[str, Any] = json.loads(raw.decode("utf-8"))
+        fields: Dict[str, Any] = parse_json(raw)
         if not isinstance(fields, dict):
             raise TypeError("requirements must be a JSON object")
         known = set(AgentRequirements.__dataclass_fields__)
