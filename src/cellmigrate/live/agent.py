@@ -260,7 +260,9 @@ class FileStore:
         return self._size
 
     def resize(self, size: int) -> None:
-        """Truncate or zero-extend the file and map it again."""
+        """Truncate or zero-extend the file and map it again. A growth that fails (no
+        space, or no address space to map it: ``OSError``, ``ValueError``) leaves the
+        file and the mapping at their old size."""
         if size < 0:
             raise InvalidStateError(f"state size must be non-negative, not {size}")
         if size == self._size:
@@ -268,9 +270,17 @@ class FileStore:
         if self._map is not None:
             self._map.close()
             self._map = None
-        os.ftruncate(self._fd, size)
-        self._size = size
-        self._remap()
+        old = self._size
+        try:
+            os.ftruncate(self._fd, size)
+            self._size = size
+            self._remap()
+        except BaseException:
+            if size > old:  # nothing of ours lay past the old end: cut back to it
+                os.ftruncate(self._fd, old)
+                self._size = old
+                self._remap()
+            raise
 
     def view(self) -> memoryview:
         """A writable view of the mapping (release it before ``resize``)."""

@@ -195,8 +195,8 @@ def add_commands(add: AddParser) -> None:
                    help="after a migration, answer a sender reconnecting to learn its outcome (default: %(default)g)")
     p.add_argument("--max-state-size", type=_size, default=0, metavar="SIZE",
                    help="refuse an offered state larger than this, and any round that grows the state past it "
-                        "(default: any offered size; a round may grow the state to twice the offered size, or "
-                        "the offered size + 1GiB if that is more)")
+                        "(default: offers up to 64GiB; a round may grow the state to twice the offered size, or "
+                        "the offered size + 1GiB if that is more, never past 64GiB)")
     p.add_argument("--arch", action="append", default=None, metavar="NAME",
                    help="architectures this node runs (repeatable); an agent requiring another is refused")
     p.add_argument("--resume-cmd", metavar="CMD", help="shell command run once the new state file is in place")

@@ -225,6 +225,13 @@ class PageTable:
                 stale[first:] = True
         self._digests, self._stale, self._size = digests, stale, size
 
+    def resized(self, size: int, *, zero_filled: bool = False) -> "PageTable":
+        """A new table, this one after :meth:`resize` (this one is left as it is)."""
+        table = PageTable()
+        table._digests, table._stale, table._size = self._digests, self._stale, self._size
+        table.resize(size, zero_filled=zero_filled)  # builds new arrays: ours are not written
+        return table
+
     def touch(self, pages: Union[I64Array, "list[int]"]) -> None:
         """Mark pages stale (indices past the end are ignored)."""
         idx = np.asarray(pages, dtype=np.int64)

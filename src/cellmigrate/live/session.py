@@ -32,6 +32,7 @@ from ..audit import AuditEntry, AuditEventType
 from ..checksum import PAGE_SIZE
 from ..errors import CorruptDataError, InvalidStateError, MigrationFailedError
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities, VerificationResult
+from ..wire import DEFAULT_MAX_TOTAL_SIZE
 from .errors import RefusedError
 from .agent import MAX_EXTRA_BYTES, StateStore, TargetAgent
 from .leaves import PAGE_DIGEST_SIZE, Digests, PageTable, page_digests_at
@@ -64,8 +65,12 @@ class ReceiverSession:
     """Stage, verify and commit one migration's rounds; adopt on a matching final digest.
 
     ``capabilities=None`` accepts any requirements (the check still runs and is logged
-    against an unlimited node). ``max_state_size`` bounds what a sender may make the
-    receiver allocate (0: the capabilities' ``max_state_size``, if any). ``prefault``:
+    against an unlimited node). ``max_state_size`` (bytes) bounds the offered state and
+    what a round may grow it to; 0 (the default) bounds offers by the capabilities'
+    ``max_state_size`` and :data:`~cellmigrate.wire.DEFAULT_MAX_TOTAL_SIZE` (64 GiB, the
+    bound every reader of deltas has by default), whichever is smaller, and a round's
+    growth by twice the offered size or the offered size + 1 GiB, never past that: a
+    sender cannot make the receiver allocate without bound. ``prefault``:
     whether :meth:`prefault` maps staging pages ahead of the data (see there); ``None``
     decides by the CPUs this process may use (:func:`prefault_pays`).
     """
@@ -84,7 +89,9 @@ class ReceiverSession:
         self.target = target
         self.capabilities = capabilities
         self.validator = validator if validator is not None else MigrationValidator()
-        self.max_state_size = max_state_size or (capabilities.max_state_size if capabilities else 0)
+        node = capabilities.max_state_size if capabilities is not None and capabilities.max_state_size else 0
+        # The offer's bound: a sender chooses the size it offers, so it is never the bound.
+        self.max_state_size = max_state_size or min(node or DEFAULT_MAX_TOTAL_SIZE, DEFAULT_MAX_TOTAL_SIZE)
         self._explicit_max = max_state_size
         self.offer: Optional[Offer] = None
         self.committed_seq = 0
@@ -116,7 +123,7 @@ class ReceiverSession:
             return self.committed_seq
         if self.offer is not None and not (self.completed or self.failed):
             raise RefusedError("another migration is in progress on this receiver")
-        if self.max_state_size and offer.state_size > self.max_state_size:
+        if offer.state_size > self.max_state_size:
             raise RefusedError(f"state of {offer.state_size} bytes exceeds this node's limit of {self.max_state_size}")
         caps = self.capabilities
         status = self.validator.validate_pre_migration(
@@ -155,17 +162,47 @@ class ReceiverSession:
         raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
         if pages_digest(raw) != chunk.digest:
             raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
+        table = self._table_for(chunk)
         # Verified: now (and only now) change the staged state.
-        if chunk.size != self.store.size():
-            self._resize_store(chunk.size)
-        if len(idx):
-            write_run = getattr(self.store, "write_run", None)
-            if write_run is not None and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
-                write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
-            else:
-                write_pages(self._staged(), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
-        self._commit(chunk)
+        old_size = self.store.size()
+        try:
+            if chunk.size != old_size:
+                self._resize_store(chunk.size)
+            if len(idx):
+                write_run = getattr(self.store, "write_run", None)
+                if write_run is not None and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
+                    write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
+                else:
+                    write_pages(self._staged(), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
+        except BaseException:
+            self._undo_writes(idx, old_size)
+            raise
+        self._commit(chunk, None, table)
         return True
+
+    def _table_for(self, chunk: Chunk) -> Optional[PageTable]:
+        """The page table at ``chunk``'s size (None: the size does not change), made
+        before the staging changes: a table too large for memory refuses the chunk with
+        nothing written (``InvalidStateError``). Pages a grown store adds are stale:
+        hashed from the staging, never taken for the zeros the store should hold (the
+        proof is about the staged bytes)."""
+        if chunk.size == self._pages.size:
+            return None
+        try:
+            return self._pages.resized(chunk.size)
+        except MemoryError:
+            raise InvalidStateError(f"cannot stage a state of {chunk.size} bytes: no memory for its page table") from None
+
+    def _undo_writes(self, idx: "np.ndarray[Any, np.dtype[np.int64]]", old_size: int) -> None:
+        """After a failed write (a full disk, say): the pages it may have reached are
+        hashed from the staging again (never assumed to hold what they held), and the
+        size is put back."""
+        self._pages.touch(idx)
+        if self.store.size() != old_size:
+            try:
+                self._resize_store(old_size)
+            except InvalidStateError:
+                pass  # the next chunk sets its own size; the table still says the old one
 
     def can_apply_direct(self, chunk: Chunk, after: Optional[Chunk] = None) -> bool:
         """Whether :meth:`apply_direct` would write ``chunk``'s pages straight into the
@@ -198,6 +235,7 @@ class ReceiverSession:
         """
         if not self.can_apply_direct(chunk) or not self._check(chunk):
             return None
+        table = self._table_for(chunk)
         old_size = self.store.size()
         if chunk.size > old_size:
             self._resize_store(chunk.size)
@@ -226,7 +264,7 @@ class ReceiverSession:
             raise
         if chunk.size < old_size:
             self._resize_store(chunk.size)
-        self._commit(chunk, digests)
+        self._commit(chunk, digests, table)
         return True
 
     @property
@@ -282,12 +320,13 @@ class ReceiverSession:
         # Pages past the end are gone; added ones are zero (a shrunk last page is not).
         self._zero_from = min(self._zero_from, -(-size // PAGE_SIZE))
 
-    def _commit(self, chunk: Chunk, digests: Optional[Digests] = None) -> None:
+    def _commit(self, chunk: Chunk, digests: Optional[Digests] = None, table: Optional[PageTable] = None) -> None:
         """The verified chunk is in the staging: advance the committed point and the page
-        table (``digests``: its pages' digests as hashed from the staging, when known)."""
+        table (``digests``: its pages' digests as hashed from the staging, when known;
+        ``table``: :meth:`_table_for`'s, when the size changed)."""
         idx = chunk.indices
-        if self._pages.size != chunk.size:
-            self._pages.resize(chunk.size)  # added pages are hashed from the staging too
+        if table is not None:
+            self._pages = table
         if len(idx):
             self._zero_from = max(self._zero_from, int(idx[-1]) + 1)
             # Hash the pages back from the staging (what the proof is about), and the pages
@@ -382,15 +421,11 @@ class ReceiverSession:
     def _size_limit(self) -> int:
         """Largest state a chunk may announce: the ``max_state_size`` given to this
         session, else the offered size grown at most 2x or by 1 GiB (WebAssembly memory
-        grows; a hostile sender must not make the receiver allocate without bound), and
-        never past the capabilities' ``max_state_size``: that is the node's limit on an
-        offer, which may well mean "no limit" (the CLI's ``--arch`` without
-        ``--max-state-size`` passes 2**62), not a size to let a sender grow to."""
+        grows), never past the bound on offers (see the class)."""
         if self._explicit_max:
             return self._explicit_max
         announced = self.offer.state_size if self.offer is not None else 0
-        growth = max(2 * announced, announced + (1 << 30))
-        return min(growth, self.max_state_size) if self.max_state_size else growth
+        return min(max(2 * announced, announced + (1 << 30)), self.max_state_size)
 
     def _need_open(self) -> Offer:
         if self.offer is None:
