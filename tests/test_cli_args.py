@@ -12,14 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cellmigrate import PAGE_SIZE, CorruptDataError, DeclaredSizeError
 from cellmigrate.cli import _one_line
 from cellmigrate.statefile import format_size, parse_size, spool_stream
-from cellmigrate.wire import HEADER_SIZE, HEADER_SIZE_V1, MAGIC, wire_length_bound
+from cellmigrate.wire import HEADER_SIZE, HEADER_SIZE_V1, MAGIC, decode_delta, wire_length_bound
 
 from test_cli import assert_one_line_error, diff, make_pair, run
 
@@ -75,6 +77,71 @@ def test_wire_length_bound_refuses_from_the_header() -> None:
     with pytest.raises(DeclaredSizeError) as info:
         wire_length_bound(blob[:HEADER_SIZE], max_total_size=PAGE_SIZE)
     assert info.value.field == "total_size"
+
+
+def _fixture(name: str) -> bytes:
+    return (FIXTURES / MANIFEST[name]["file"]).read_bytes()
+
+
+def _with(blob: bytes, fmt: str, offset: int, value: int) -> bytes:
+    out = bytearray(blob)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def _set_sizes(blob: bytes, stored: int, decoded: int) -> bytes:
+    """``blob`` with the header's payload sizes P (stored) and U (decoded) set."""
+    return _with(_with(blob, "<Q", 80, stored), "<Q", 88, decoded)
+
+
+# Headers decode_delta refuses by rules 2-3 (docs/FORMAT.md), whatever follows them.
+HEADER_REFUSALS = {
+    "no pages, a 1 TiB payload": lambda: _with(_set_sizes(_fixture("v2_encodings"), 1 << 40, 1 << 40), "<I", 76, 0),
+    "P != U uncompressed": lambda: _set_sizes(_fixture("v2_encodings"), 1 << 40, 4096),
+    "a zstd payload over zstd's bound": lambda: _with(_fixture("v2_zstd"), "<Q", 80, 1 << 40),
+    "unknown compression id": lambda: _with(_fixture("v2_encodings"), "<B", 13, 7),
+    "reserved bytes": lambda: _with(_fixture("v2_encodings"), "<B", 14, 1),
+    "v1 reserved bytes": lambda: _with(_fixture("xxh3_128"), "<B", 13, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_REFUSALS))
+def test_wire_length_bound_refuses_every_header_the_decoder_refuses(case: str) -> None:
+    """A stream reader must refuse from the header what decoding would: the CLI spooled
+    up to --max-size (64 GiB by default) to disk for a header declaring 0 pages and a
+    1 TiB payload before decode_delta refused it at once."""
+    blob = HEADER_REFUSALS[case]()
+    with pytest.raises(CorruptDataError) as decoded:
+        decode_delta(blob)
+    header = HEADER_SIZE if struct.unpack_from("<H", blob, 8)[0] == 2 else HEADER_SIZE_V1
+    with pytest.raises(CorruptDataError) as bounded:
+        wire_length_bound(blob[:header])
+    assert bounded.value.message == decoded.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(MANIFEST)), st.lists(st.tuples(st.integers(10, HEADER_SIZE - 1), st.integers(1, 255)),
+                                                    min_size=1, max_size=3))
+def test_wire_length_bound_and_the_decoder_agree_on_mutated_headers(name: str, flips: List[Tuple[int, int]]) -> None:
+    """Whatever a header says, a bound that refuses it refuses it with the decoder's own
+    error, and a delta the decoder accepts is never refused nor cut short by the bound."""
+    blob = bytearray(_fixture(name))
+    header = HEADER_SIZE if struct.unpack_from("<H", blob, 8)[0] == 2 else HEADER_SIZE_V1
+    for at, x in flips:
+        if at < header:
+            blob[at] ^= x
+    try:
+        bound = wire_length_bound(bytes(blob[:header]))
+    except CorruptDataError as exc:
+        with pytest.raises(CorruptDataError) as decoded:
+            decode_delta(bytes(blob))
+        assert decoded.value.message == exc.message
+        return
+    try:
+        decode_delta(bytes(blob))
+    except CorruptDataError:
+        return
+    assert bound is not None and bound >= len(blob)
 
 
 def test_spool_stops_at_the_declared_length(tmp_path: Path) -> None:

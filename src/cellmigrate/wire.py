@@ -562,28 +562,21 @@ def _check_declared(field: str, size: int, limit: int) -> None:
         )
 
 
-def _decode_v2(view: memoryview, max_total_size: int, spool_zstd: bool = False) -> Dict[str, Any]:
-    size = view.nbytes
-    if size < HEADER_SIZE + TRAILER_SIZE:
-        raise CorruptDataError(f"truncated: {size} bytes, a version-2 delta has at least {HEADER_SIZE + TRAILER_SIZE}")
+
+def _zstd_bound(n: int) -> int:
+    """The most bytes zstd stores ``n`` bytes in (ZSTD_COMPRESSBOUND of zstd.h)."""
+    return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < (128 << 10) else 0)
+
+
+def _checked_header(view: memoryview, max_total_size: int) -> Tuple[Any, ...]:
+    """Reader rules 2 and 3 on a version-2 header (``view`` holds at least its
+    :data:`HEADER_SIZE` bytes): its fields, after the magic and version, and ``keyed``.
+
+    One function for :func:`decode_delta` and :func:`wire_length_bound`: a stream
+    reader refuses from the header exactly what the decoder would."""
     (
-        _magic,
-        _version,
-        alg_id,
-        flags,
-        digest_length,
-        comp_id,
-        reserved,
-        agent_id,
-        sequence,
-        base_sequence,
-        total_size,
-        base_size,
-        timestamp,
-        checksum,
-        page_count,
-        payload_wire,
-        payload_size,
+        _magic, _version, alg_id, flags, digest_length, comp_id, reserved, agent_id, sequence, base_sequence,
+        total_size, base_size, timestamp, checksum, page_count, payload_wire, payload_size,
     ) = _HEADER.unpack_from(view, 0)
     keyed = _check_algorithm(alg_id, flags, digest_length)
     if comp_id not in _COMPRESSION_NAMES:
@@ -600,6 +593,20 @@ def _decode_v2(view: memoryview, max_total_size: int, spool_zstd: bool = False) 
         raise CorruptDataError(f"payload size {payload_size} is impossible for {page_count} pages")
     if comp_id == 0 and payload_wire != payload_size:
         raise CorruptDataError(f"payload sizes differ ({payload_wire} stored, {payload_size} decoded) without compression")
+    if comp_id != 0 and payload_wire > _zstd_bound(payload_size):
+        raise CorruptDataError(f"a zstd payload of {payload_wire} bytes is impossible for {payload_size} decoded bytes")
+    return (alg_id, flags, digest_length, comp_id, agent_id, sequence, base_sequence, total_size, base_size,
+            timestamp, checksum, page_count, payload_wire, payload_size, keyed)
+
+
+def _decode_v2(view: memoryview, max_total_size: int, spool_zstd: bool = False) -> Dict[str, Any]:
+    size = view.nbytes
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise CorruptDataError(f"truncated: {size} bytes, a version-2 delta has at least {HEADER_SIZE + TRAILER_SIZE}")
+    (
+        alg_id, flags, digest_length, comp_id, agent_id, sequence, base_sequence, total_size, base_size,
+        timestamp, checksum, page_count, payload_wire, payload_size, keyed,
+    ) = _checked_header(view, max_total_size)
 
     # --- lengths, all against the bytes actually present, before any allocation --------
     body_end = size - TRAILER_SIZE
@@ -763,10 +770,12 @@ def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_T
     For a reader of a stream (stdin, a pipe) that must not spool an endless or foreign
     input before noticing what it is: call with the bytes received so far. Returns None
     while ``prefix`` is shorter than the header it needs (at most :data:`HEADER_SIZE`
-    bytes); then checks the magic, the version, the digest fields and the declared sizes
-    against ``max_total_size`` (raising :class:`CorruptDataError`, or
-    :class:`DeclaredSizeError` for a size over the limit, exactly as :func:`decode_delta`
-    would) and returns the exact length of a version-2 delta (header + digests + payload
+    bytes); then checks the magic, the version and every rule on the header that
+    :func:`decode_delta` has (digest fields, compression id, reserved bytes, the declared
+    sizes against ``max_total_size`` and against each other: docs/FORMAT.md's reader rules
+    1-3), raising :class:`CorruptDataError`, or :class:`DeclaredSizeError` for a size over
+    the limit, exactly as :func:`decode_delta` would, and returns the exact length of a
+    version-2 delta (header + digests + payload
     + page table + trailer), or a sound upper bound for version 1 (whose payload length
     is the sum of its page table: every page at most 3x its length, RLE's bound).
     """
@@ -782,30 +791,18 @@ def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_T
             f"unsupported version {version} (this reader knows versions {', '.join(map(str, READABLE_VERSIONS))}"
             + ("; a newer cellmigrate wrote it)" if version > VERSION else ")")
         )
-    if version == 1:
-        if size < HEADER_SIZE_V1:
-            return None
-        fields = _HEADER_V1.unpack_from(view, 0)
-        alg_id, flags, digest_length, total_size, page_count = fields[2], fields[3], fields[4], fields[9], fields[13]
-        base_size = 0
-    else:
+    if version != 1:
         if size < HEADER_SIZE:
             return None
-        fields = _HEADER.unpack_from(view, 0)
-        alg_id, flags, digest_length = fields[2], fields[3], fields[4]
-        total_size, base_size, page_count, payload_wire = fields[10], fields[11], fields[14], fields[15]
-    _check_algorithm(alg_id, flags, digest_length)
-    _check_declared("total_size", total_size, max_total_size)
-    _check_declared("base_size", base_size, max_total_size)
-    max_pages = _max_pages(total_size)
-    if page_count > max_pages:
-        raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
-    if version == 1:
-        entry = PAGE_ENTRY_SIZE_V1 + _RLE_MAX_EXPANSION * PAGE_SIZE
-        return int(HEADER_SIZE_V1 + digest_length + page_count * entry + TRAILER_SIZE)
-    # The stored (possibly zstd) payload length is declared as is: the caller's own cap
-    # (the largest delta for its --max-size) still bounds an absurd one.
-    return int(HEADER_SIZE + 2 * digest_length + payload_wire + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE)
+        fields = _checked_header(view, max_total_size)  # rules 2 and 3, as decode_delta
+        digest_length, page_count, payload_wire = fields[2], fields[11], fields[12]
+        return int(HEADER_SIZE + 2 * digest_length + payload_wire + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE)
+    if size < HEADER_SIZE_V1:
+        return None
+    fields = _checked_header_v1(view, max_total_size)
+    digest_length, page_count = fields[2], fields[9]
+    entry = PAGE_ENTRY_SIZE_V1 + _RLE_MAX_EXPANSION * PAGE_SIZE
+    return int(HEADER_SIZE_V1 + digest_length + page_count * entry + TRAILER_SIZE)
 
 
 # --------------------------------------------------------------------------------------
@@ -865,26 +862,12 @@ def _encode_v1(delta: DeltaLike) -> bytes:
     return b"".join(parts)
 
 
-def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) -> Dict[str, Any]:
-    """Parse and fully validate a version-1 delta (docs/FORMAT.md, "Version 1")."""
-    size = view.nbytes
-    if size < HEADER_SIZE_V1 + TRAILER_SIZE:
-        raise CorruptDataError(f"truncated: {size} bytes, a delta has at least {HEADER_SIZE_V1 + TRAILER_SIZE}")
+def _checked_header_v1(view: memoryview, max_total_size: int) -> Tuple[Any, ...]:
+    """:func:`_checked_header` for a version-1 header (``view`` holds at least
+    :data:`HEADER_SIZE_V1` bytes)."""
     (
-        _magic,
-        _version,
-        alg_id,
-        flags,
-        digest_length,
-        reserved_a,
-        agent_id,
-        sequence,
-        base_sequence,
-        total_size,
-        timestamp,
-        checksum,
-        reserved_b,
-        page_count,
+        _magic, _version, alg_id, flags, digest_length, reserved_a, agent_id, sequence, base_sequence,
+        total_size, timestamp, checksum, reserved_b, page_count,
     ) = _HEADER_V1.unpack_from(view, 0)
     keyed = _check_algorithm(alg_id, flags, digest_length)
     if reserved_a != _ZERO3 or reserved_b != _ZERO4:
@@ -893,6 +876,19 @@ def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) 
     max_pages = _max_pages(total_size)
     if page_count > max_pages:
         raise CorruptDataError(f"page count {page_count} exceeds the {max_pages} pages of a {total_size}-byte state")
+    return (alg_id, flags, digest_length, agent_id, sequence, base_sequence, total_size, timestamp, checksum,
+            page_count, keyed)
+
+
+def _decode_v1(view: memoryview, max_total_size: int, allow_legacy_keyed: bool) -> Dict[str, Any]:
+    """Parse and fully validate a version-1 delta (docs/FORMAT.md, "Version 1")."""
+    size = view.nbytes
+    if size < HEADER_SIZE_V1 + TRAILER_SIZE:
+        raise CorruptDataError(f"truncated: {size} bytes, a delta has at least {HEADER_SIZE_V1 + TRAILER_SIZE}")
+    (
+        alg_id, flags, digest_length, agent_id, sequence, base_sequence, total_size, timestamp, checksum,
+        page_count, keyed,
+    ) = _checked_header_v1(view, max_total_size)
 
     # --- lengths, all against the bytes actually present, before any allocation --------
     body_end = size - TRAILER_SIZE
