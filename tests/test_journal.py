@@ -117,6 +117,41 @@ def test_damaged_journal_is_not_applied(tmp_path: Path, where: str) -> None:
     assert base.read_bytes() == old
 
 
+def _sealed_journal(base: Path, records: bytes, count: int) -> Path:
+    """A journal for BASE as it is now, sealed (header and body digests valid) around
+    ``records`` whatever they say."""
+    import xxhash
+
+    st = os.stat(base)
+    head = struct.pack("<8sIIQQQQQQ16s", jr.MAGIC, 1, jr.HEADER_SIZE, st.st_size, st.st_size, st.st_dev, st.st_ino,
+                       count, len(records), xxhash.xxh3_128_digest(records))
+    jpath = jr.journal_path(base)
+    jpath.write_bytes(head + xxhash.xxh3_128_digest(head) + records)
+    return jpath
+
+
+@pytest.mark.parametrize("bad", ["out of bounds", "past the body", "bytes after"])
+def test_a_sealed_journal_with_a_bad_record_writes_nothing(tmp_path: Path, bad: str) -> None:
+    """The record table is checked whole before the first record is written back: a bad
+    second record once left BASE half rolled back (its first record written) and refused."""
+    base, old, _, _ = _files(tmp_path, size=2 * PAGE_SIZE)
+    first = struct.pack("<QII", 0, 4, 0) + b"XXXX"
+    if bad == "out of bounds":
+        records, count = first + struct.pack("<QII", 100000, 4, 0) + b"YYYY", 2
+    elif bad == "past the body":
+        records, count = first + struct.pack("<QII", 8, 400, 0) + b"YYYY", 2
+    else:
+        records, count = first + b"trailing", 1
+    jpath = _sealed_journal(base, records, count)
+    info = jr.read_journal(jpath)
+    assert info is not None and info.valid  # sealed: only the records are wrong
+    with pytest.raises(JournalError):
+        jr.recover(base)
+    assert base.read_bytes() == old and jpath.exists()
+    assert main(["recover", str(base)]) == 2
+    assert base.read_bytes() == old
+
+
 def test_unknown_version_and_other_file_are_refused_and_kept(tmp_path: Path) -> None:
     import xxhash
 

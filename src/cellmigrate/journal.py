@@ -182,8 +182,11 @@ def read_journal(path: StrPath) -> Optional[JournalInfo]:
         os.close(fd)
 
 
-def _records(fd: int, info: JournalInfo) -> Iterator[Tuple[int, bytes]]:
-    """``(offset, original bytes)`` of each record of a checked journal."""
+def _record_table(fd: int, info: JournalInfo) -> List[Tuple[int, int, int]]:
+    """``(offset in BASE, length, position in the journal)`` of every record of a checked
+    journal, all of them checked before any is used: a table found bad half-way must
+    refuse the rollback before it has written a byte (JournalError)."""
+    table: List[Tuple[int, int, int]] = []
     pos, end = HEADER_SIZE, HEADER_SIZE + info.body_length
     for _ in range(info.records):
         head = os.pread(fd, _RECORD.size, pos)
@@ -193,13 +196,21 @@ def _records(fd: int, info: JournalInfo) -> Iterator[Tuple[int, bytes]]:
         pos += _RECORD.size
         if pos + length > end or offset + length > info.old_size:
             raise JournalError(f"{str(info.path)!r}: record at {offset} (+{length}) is out of bounds")
+        table.append((offset, length, pos))
+        pos += length
+    if pos != end:
+        raise JournalError(f"{str(info.path)!r}: {end - pos} bytes after the last record")
+    return table
+
+
+def _records(fd: int, info: JournalInfo) -> Iterator[Tuple[int, bytes]]:
+    """``(offset, original bytes)`` of each record of a checked journal (the whole record
+    table is checked before the first is yielded)."""
+    for offset, length, pos in _record_table(fd, info):
         data = os.pread(fd, length, pos)
         if len(data) != length:
             raise JournalError(f"{str(info.path)!r}: record data ends early")
-        pos += length
         yield offset, data
-    if pos != end:
-        raise JournalError(f"{str(info.path)!r}: {end - pos} bytes after the last record")
 
 
 # --------------------------------------------------------------------------------------
