@@ -377,3 +377,65 @@ def test_page_cache_sizes_under_a_page_are_refused(tmp_path: Path) -> None:
     src, _ = _files(tmp_path, MIB)
     sent = send(str(src), "127.0.0.1:9", "--page-cache", "100", "--retries", "0")
     assert sent.returncode == 2 and "--page-cache must be 0" in sent.stderr and len(sent.stderr.strip().splitlines()) == 1
+
+
+def _receive(*args: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "cellmigrate", "receive", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_receive_refuses_a_state_file_it_could_never_replace_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "adir").mkdir()
+    for target, reason in ((tmp_path / "missing" / "x.bin", "is not a directory"),
+                           (tmp_path / "adir", "is a directory, not a regular file")):
+        got = _receive("--listen", "127.0.0.1:0", str(target))
+        assert got.returncode == 2, got.stderr
+        assert reason in got.stderr and "listening" not in got.stderr and "Traceback" not in got.stderr
+        assert len(got.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir"]  # no staging file left
+
+
+def test_a_second_receive_on_the_same_state_file_is_refused(tmp_path: Path) -> None:
+    """Two receivers given one STATE_FILE staged into one file: each could prove what the
+    other wrote (found trying the CLI: a send reported 'proven equal' for a file that
+    held the other sender's state). The staging file is locked: the second is refused."""
+    src, dst = _files(tmp_path)
+    rx = Receiver(dst)
+    try:
+        second = _receive("--listen", "127.0.0.1:0", str(dst))
+        assert second.returncode == 2 and "another receiver is staging into it" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        sent = send(str(src), rx.address)
+        assert sent.returncode == 0, sent.stderr
+        assert rx.wait().returncode == 0
+        assert dst.read_bytes() == src.read_bytes()
+    finally:
+        rx.kill()
+    assert not list(tmp_path.glob(".*cmlive-staging"))
+
+
+def test_send_live_needs_a_pause_command(tmp_path: Path) -> None:
+    src, _ = _files(tmp_path, MIB)
+    sent = send("--live", str(src), "127.0.0.1:9", "--retries", "0")
+    assert sent.returncode == 2 and "--live needs --pause-cmd" in sent.stderr
+    assert len(sent.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_receive_resume_cmd_fails_the_migration(tmp_path: Path) -> None:
+    """The target's --resume-cmd failing was ignored: both sides said the migration
+    completed while the target agent never started. It now fails the migration: the
+    sender is told and runs its own --resume-cmd (its writer goes on)."""
+    src, dst = _files(tmp_path)
+    marker = tmp_path / "sender-resumed"
+    rx = Receiver(dst, "--resume-cmd", "echo no >&2; exit 3")
+    try:
+        sent = send("--live", "--pause-cmd", "true", "--resume-cmd", f"touch {marker}", str(src), rx.address,
+                    "--retries", "0")
+        assert sent.returncode != 0 and "could not resume" in sent.stderr, sent.stderr
+        assert "Traceback" not in sent.stderr
+        assert marker.exists()  # the source goes on
+        rx.proc.terminate()  # it waits for another sender; its stderr told the user
+        _, err = rx.proc.communicate(timeout=30)
+        assert "could not resume" in err, err
+    finally:
+        rx.kill()

@@ -234,19 +234,42 @@ class MemoryStore:
         """Nothing to do in memory."""
 
 
+def _lock_exclusive(fd: int, path: str) -> None:
+    """An exclusive, non-blocking ``flock`` on ``fd`` (InvalidStateError when another
+    holder has it; nothing where the platform has no ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks of this kind
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InvalidStateError(f"{path!r} is in use: another receiver is staging into it") from None
+
+
 class FileStore:
     """A :class:`StateStore` in a file, mapped into memory (created empty when missing).
 
     The file is the staging copy, not the target's state file: the CLI renames it over
-    the state file only after the final round is proven.
+    the state file only after the final round is proven. The store holds an exclusive
+    ``flock`` on the file while open: a second store on the same path (two receivers
+    given one state file would stage into one file, each proving what the other wrote)
+    raises :class:`~cellmigrate.InvalidStateError`; ``OSError`` when the file cannot be
+    opened.
     """
 
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         self._map: Optional[mmap.mmap] = None
-        self._size = os.fstat(self._fd).st_size
-        self._remap()
+        try:
+            _lock_exclusive(self._fd, self.path)
+            self._size = os.fstat(self._fd).st_size
+            self._remap()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
 
     def _remap(self) -> None:
         if self._map is not None:
@@ -301,9 +324,14 @@ class FileStore:
         os.fsync(self._fd)
 
     def close(self) -> None:
-        """Unmap and close the file (the file stays)."""
+        """Unmap and close the file (the file stays; the lock goes). Never raises for a
+        view still held (a traceback's frame, say): the mapping then goes with the last
+        view."""
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # dropped below: unmapped when the last view of it is released
             self._map = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
+import stat
 import subprocess
 import sys
 import uuid
@@ -70,19 +71,11 @@ class FileSource:
         for f in [*self._older, self._file]:
             f.close()
 
-    def _run(self, cmd: Optional[str], what: str) -> None:
-        if cmd is None:
-            return
-        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            detail = done.stderr.strip()[:200]
-            raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
-
     def pause(self) -> None:
-        self._run(self.pause_cmd, "pause")
+        _run_command(self.pause_cmd, "pause")
 
     def resume(self) -> None:
-        self._run(self.resume_cmd, "resume")
+        _run_command(self.resume_cmd, "resume")
 
     def extra(self) -> bytes:
         return b""
@@ -104,8 +97,21 @@ class FileTarget:
             os.close(dirfd)
 
     def resume(self) -> None:
-        if self.resume_cmd:
-            subprocess.run(self.resume_cmd, shell=True, stdin=subprocess.DEVNULL, check=False, timeout=60)
+        # A failure fails the migration (the sender resumes its writer), never silently.
+        _run_command(self.resume_cmd, "resume")
+
+
+def _run_command(cmd: Optional[str], what: str) -> None:
+    """Run a user's shell command (60 s at most); ``CellError`` when it fails."""
+    if not cmd:
+        return
+    try:
+        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise CellError(f"{what} command {cmd!r} did not finish within 60 s") from None
+    if done.returncode != 0:
+        detail = done.stderr.strip()[:200]
+        raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
 
 
 # -- argument helpers -----------------------------------------------------------------------
@@ -199,7 +205,9 @@ def add_commands(add: AddParser) -> None:
                         "the offered size + 1GiB if that is more, never past 64GiB)")
     p.add_argument("--arch", action="append", default=None, metavar="NAME",
                    help="architectures this node runs (repeatable); an agent requiring another is refused")
-    p.add_argument("--resume-cmd", metavar="CMD", help="shell command run once the new state file is in place")
+    p.add_argument("--resume-cmd", metavar="CMD",
+                   help="shell command run once the new state file is in place; if it fails, the migration fails "
+                        "(the sender resumes its writer)")
     _common(p)
     p.set_defaults(handler=_cmd_receive)
 
@@ -214,7 +222,8 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("state_file", metavar="STATE_FILE", help="state file to send")
     p.add_argument("address", metavar="HOST:PORT", help="the receiver (unix:PATH too)")
     p.add_argument("--live", action="store_true", help="pre-copy rounds while the file keeps changing")
-    p.add_argument("--pause-cmd", metavar="CMD", help="shell command that stops the writer (with --live)")
+    p.add_argument("--pause-cmd", metavar="CMD",
+                   help="shell command that stops the writer for the final round (required with --live)")
     p.add_argument("--resume-cmd", metavar="CMD", help="shell command that restarts the writer if the migration fails")
     p.add_argument("--downtime-limit", type=float, default=DEFAULT_DOWNTIME_LIMIT, metavar="SECONDS",
                    help="pause budget of the final round (default: %(default)g, QEMU's)")
@@ -255,7 +264,9 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     # A symlinked STATE_FILE: stage beside, and rename over, the file it names (the link
     # stays), as the other commands do (statefile.open_output).
     args.state_file = os.path.realpath(args.state_file)
+    _check_state_file(args.state_file)
     staging = _staging_path(args.state_file)
+    store: Optional[FileStore] = None
     caps = None
     if args.arch:
         caps = NodeCapabilities.new()
@@ -265,6 +276,9 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     # The listener is closed (and a unix:PATH removed) on any exit from here on: a signal
     # may arrive right after the "listening on" line, before anything was received.
     try:
+        # Staged into (and locked) before listening: a second receiver given the same
+        # STATE_FILE is refused here, not after it has taken a sender's pages.
+        store = _open_store(staging, args.state_file)
         if args.listen:
             try:
                 # unix:PATH: a stale socket file is replaced, and PATH is removed when the
@@ -283,7 +297,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             _say(args, f"cellmigrate receive: listening on {shown}{warning}")
         while True:
             validator = MigrationValidator()
-            store = FileStore(staging)
+            if store is None:
+                store = _open_store(staging, args.state_file)
             receiver = LiveReceiver(
                 store, FileTarget(store, args.state_file, args.resume_cmd), key=key, capabilities=caps,
                 validator=validator, timeout=args.timeout, max_state_size=args.max_state_size,
@@ -298,9 +313,10 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             except CellError as exc:
                 raise CliError(str(exc)) from None
             finally:
-                store.close()
                 if not receiver.session.completed:
-                    _unlink(staging)
+                    _unlink(staging)  # still locked: no other receiver has it yet
+                store.close()
+                store = None
             _report_received(args, receiver, validator)
             if listener is not None and args.linger > 0:
                 # A sender whose DONE was cut off reconnects to learn the outcome.
@@ -310,6 +326,43 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     finally:
         if listener is not None:
             listener.close()
+        if store is not None:  # never served: the empty staging file goes
+            _unlink(staging)
+            store.close()
+
+
+def _check_state_file(path: str) -> None:
+    """Refuse, before listening, a STATE_FILE that could never be replaced: one that is
+    not a regular file, or one in a directory that is missing or not writable."""
+    from ..cli import CliError
+    from ..statefile import file_kind
+
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot receive into {path!r}: {folder!r} is not a directory")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CliError(f"cannot receive into {path!r}: {exc.strerror or exc}") from None
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise CliError(f"cannot receive into {path!r}: is {file_kind(st.st_mode)}, not a regular file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"cannot receive into {path!r}: no permission to create files in {folder!r}")
+
+
+def _open_store(staging: str, state_file: str) -> FileStore:
+    from ..cli import CliError
+
+    try:
+        return FileStore(staging)
+    except OSError as exc:
+        raise CliError(f"cannot create the staging file {staging!r}: {exc.strerror or exc}") from None
+    except CellError:
+        raise CliError(f"cannot receive into {state_file!r}: another receiver is staging into it "
+                       f"({staging!r} is locked)") from None
 
 
 def _unlink(path: str) -> None:
@@ -347,6 +400,12 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
     if (args.pause_cmd or args.max_rounds != DEFAULT_MAX_ROUNDS) and not args.live:
         raise CliError("--pause-cmd and --max-rounds need --live")
+    if args.live and not args.pause_cmd:
+        # Without a pause the final round races the writer: the receiver would prove the
+        # pages as they were sent, a mix of moments, and the summary's digest would be of
+        # the file as it is after, neither a state the file ever had.
+        raise CliError("--live needs --pause-cmd, the command that stops the writer for the final round "
+                       "('--pause-cmd true' if the writer stops by itself)")
     try:
         parse_address(args.address)  # a usage error, before the state file is opened
     except ValueError as exc:

@@ -379,10 +379,14 @@ class ReceiverSession:
             self.store.flush()
             with self.store.view() as view:
                 self.target.adopt(view.toreadonly(), bytes(extra))
-            self.target.resume()
         except Exception as exc:
             self.abandon(f"target could not adopt the state: {exc}")
             raise MigrationFailedError(f"target could not adopt the state: {exc}") from exc
+        try:
+            self.target.resume()
+        except Exception as exc:
+            self.abandon(f"target adopted the state but could not resume: {exc}")
+            raise MigrationFailedError(f"target adopted the state but could not resume: {exc}") from exc
         self.completed = True
         secs = time.monotonic() - self._started
         self._audit(AuditEventType.TRANSFER_COMPLETED, f"Staged {self.bytes_received} bytes in {self.committed_seq} chunks")
