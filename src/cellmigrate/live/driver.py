@@ -106,7 +106,10 @@ class LiveMigrationSummary:
     """What a completed live migration did (``to_dict`` gives the ``--json`` form).
 
     ``digest`` is the final state's ``xxh3_128_tree``; ``proof`` the page root the target
-    checked before it resumed (see :mod:`cellmigrate.live.leaves`).
+    checked before it resumed (see :mod:`cellmigrate.live.leaves`). Outside a
+    stop-and-copy, ``digest`` is hashed from the source after the commit (no downtime for
+    it): it is the proven state's only when the source's ``pause()`` really stopped its
+    writes, as the :class:`~cellmigrate.live.SourceAgent` contract asks.
     """
 
     migration_id: bytes
