@@ -79,3 +79,31 @@ def test_memory_store_array_is_the_staged_array_itself() -> None:
         store.array = np.zeros(1, dtype=np.uint8)  # type: ignore[misc]
     store.resize(4096)  # a new array; the old one is left as it was
     assert store.array is not array and store.array.nbytes == 4096 and array.nbytes == 8192
+
+
+def test_a_file_source_at_rest_refuses_to_commit_a_file_written_meanwhile(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``send`` without ``--live``: a page written through a memory map (which may leave
+    the file's times alone for seconds) between the open and the COMMIT fails the
+    migration: the pages themselves are compared."""
+    import mmap
+
+    from cellmigrate.errors import StateChangedError
+    from cellmigrate.live.cli import FileSource
+    from cellmigrate.statefile import StateFile
+
+    monkeypatch.setattr(StateFile, "check", lambda self: None)  # as if size and times stayed
+
+    path = tmp_path / "state.bin"
+    path.write_bytes(bytes(range(256)) * 64 * 8)
+    quiet = FileSource(str(path), at_rest=True)
+    assert quiet.extra() == b""  # unchanged: nothing to say
+    quiet.close()
+    source = FileSource(str(path), at_rest=True)
+    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as m:
+        m[5000:5004] = b"new!"
+    with pytest.raises(StateChangedError, match="changed while it was read"):
+        source.extra()
+    source.close()
+    live = FileSource(str(path))  # --live: the writer is expected; pause() stops it
+    assert live.extra() == b""
+    live.close()

@@ -439,3 +439,25 @@ def test_a_failing_receive_resume_cmd_fails_the_migration(tmp_path: Path) -> Non
         assert "could not resume" in err, err
     finally:
         rx.kill()
+
+
+def test_a_file_written_during_a_plain_send_is_reported_as_changed(tmp_path: Path) -> None:
+    """``send`` without ``--live`` of a file another process writes: the receiver refused
+    the chunks ('damaged in transit'), the sender retried five times and ended on a
+    broken pipe. Now the receiver's refusal is read after the failed send (no retries)
+    and the sender reports the file changed (exit 1); the receiver keeps its state."""
+    src, dst = _files(tmp_path, 32 * MIB)
+    own = dst.read_bytes()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(256 * MIB)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+    rx = Receiver(dst)
+    try:
+        sent = send(str(src), rx.address, timeout=120)
+        assert sent.returncode == 1, sent.stderr
+        assert "changed while it was read" in sent.stderr and "--live" in sent.stderr
+        assert "reconnecting" not in sent.stderr and len(sent.stderr.strip().splitlines()) == 1
+        assert dst.read_bytes() == own
+    finally:
+        writer.kill()
+        writer.wait()
+        rx.kill()

@@ -23,7 +23,8 @@ from typing import Any, Callable, List, Optional
 from .._buffers import as_bytes_view
 from .._types import BufferLike
 from ..cli import _one_line, _print_json  # one-line results whatever a file name holds; standard JSON
-from ..errors import CellError
+from ..errors import CellError, StateChangedError
+from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
 from ..statefile import StateFile, plural
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
@@ -51,13 +52,23 @@ class FileSource:
     since the last round; the maps are guarded, so a page the writer truncated away
     while a round reads it reads as zeros instead of killing the sender with SIGBUS
     (the next round sees the new size, and the final round is read paused).
+
+    ``at_rest``: the file must not change while it is sent (``send`` without ``--live``):
+    :meth:`extra`, asked for after the final round and before the COMMIT, raises
+    :class:`~cellmigrate.errors.StateChangedError` when it did, so the receiver never
+    takes a state the file never had. Compared are the size and times and the pages
+    themselves (an XXH3-64 of each, taken at open: one more read of the file at each
+    end), since a write through a memory map may leave the times as they were.
     """
 
-    def __init__(self, path: str, pause_cmd: Optional[str] = None, resume_cmd: Optional[str] = None) -> None:
+    def __init__(self, path: str, pause_cmd: Optional[str] = None, resume_cmd: Optional[str] = None, *,
+                 at_rest: bool = False) -> None:
         self.path = path
         self.pause_cmd, self.resume_cmd = pause_cmd, resume_cmd
+        self.at_rest = at_rest
         self._file = StateFile(path, sequential=False)
         self._older: List[StateFile] = []
+        self._pages = PageFingerprints.of(self._file.buffer) if at_rest else None
 
     def state(self) -> BufferLike:
         if os.fstat(self._file.fd).st_size != self._file.size:
@@ -77,7 +88,19 @@ class FileSource:
     def resume(self) -> None:
         _run_command(self.resume_cmd, "resume")
 
+    def check(self) -> None:
+        """Raise ``StateChangedError`` (or ``TruncatedInputError``) if the file changed
+        since it was opened (size, times: see :meth:`StateFile.check`; with ``at_rest``
+        its pages too)."""
+        for f in [*self._older, self._file]:
+            f.check()
+        if self._pages is not None and PageFingerprints.of(self._file.buffer) != self._pages:
+            raise StateChangedError(f"{self.path!r} changed while it was read (another process wrote to it); "
+                                    "the result could describe a state that never existed")
+
     def extra(self) -> bytes:
+        if self.at_rest:
+            self.check()
         return b""
 
 
@@ -413,7 +436,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     _key(args)  # bad key or TLS files are reported before the state file is opened
     _client_tls(args)
     try:
-        source = FileSource(args.state_file, args.pause_cmd, args.resume_cmd)
+        source = FileSource(args.state_file, args.pause_cmd, args.resume_cmd, at_rest=not args.live)
     except OSError as exc:
         raise CliError(f"cannot open {args.state_file!r}: {exc.strerror or exc}") from None
     except CellError as exc:  # locked by a writer of ours, a pending journal, ...
@@ -425,7 +448,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace, source: FileSource) -> int:
-    from ..cli import CliError, _progress
+    from ..cli import EXIT_DIFFERENT, CliError, _progress
 
     key = _key(args)
     tls = _client_tls(args)
@@ -478,6 +501,15 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     try:
         summary = migration.run()
     except CellError as exc:
+        changed = exc if isinstance(exc, StateChangedError) else None
+        if changed is None and not args.live:
+            try:  # a file written while sent explains a refused chunk or digest
+                source.check()
+            except StateChangedError as found:
+                changed = found
+        if changed is not None:
+            raise CliError(f"{changed}; the receiver keeps its state (a file being written needs --live "
+                           "with --pause-cmd)", EXIT_DIFFERENT) from None
         cause = exc.__cause__
         if not connected and isinstance(cause, OSError):  # never reached: "connection lost" would mislead
             raise CliError(f"cannot connect to {args.address}: {cause.strerror or cause}") from None

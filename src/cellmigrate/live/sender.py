@@ -220,13 +220,35 @@ class StreamChannel:
 
     def _send_chunk_frame(self, chunk: Chunk) -> None:
         assert self._conn is not None
-        self._conn.send(Msg.CHUNK, *chunk_parts(chunk))
+        try:
+            self._conn.send(Msg.CHUNK, *chunk_parts(chunk))
+        except ConnectionLostError:
+            self._raise_refusal_sent()
+            raise
         # Read the ACKs already here so the window keeps moving: whether any came is what
         # the send saw, and one read brings them all (no select() after the last one: each
         # system call may wait 5 ms for the GIL while the agent runs Python).
         if self._conn.readable():
             while self._pending and self._read_one() is None and self._conn.buffered():
                 pass
+
+    def _raise_refusal_sent(self) -> None:
+        """After a send failed: a receiver that refuses a chunk sends ERROR and closes, and
+        the send fails first (a broken pipe). Raise that ERROR (not retryable: a resend is
+        refused alike) when it is among the frames already here; else return."""
+        conn = self._conn
+        assert conn is not None
+        for _ in range(1024):  # ACKs may come first; bounded, all already received
+            try:
+                if not conn.buffered() and not conn.stream.readable(0):
+                    return
+                msg, body = conn.recv(Msg.ACK, Msg.ROUND_DIGEST)
+            except CellError:
+                return  # no whole frame: the send's own error stands
+            except OSError:
+                return
+            if msg is Msg.ERROR:
+                raise _receiver_error(decode_reason(body))
 
     # -- the Channel interface ---------------------------------------------------------
 

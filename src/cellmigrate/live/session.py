@@ -161,7 +161,7 @@ class ReceiverSession:
             base = base_pages(self._staged(), idx, chunk.payload, self._scratch_buffer())
         raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
         if pages_digest(raw) != chunk.digest:
-            raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
+            raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: its pages are not what the sender hashed (damaged in transit, or changed at the source as they were sent)")
         table = self._table_for(chunk)
         # Verified: now (and only now) change the staged state.
         old_size = self.store.size()
@@ -251,7 +251,7 @@ class ReceiverSession:
             try:
                 digests = fill(ranges)
                 if digests.shape != (len(idx), PAGE_DIGEST_SIZE) or chunk_digest(digests, chunk.raw_len) != chunk.digest:
-                    raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: pages damaged in transit")
+                    raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: its pages are not what the sender hashed (damaged in transit, or changed at the source as they were sent)")
             except BaseException:
                 for r in ranges:  # they were all zero: the staging is as it was
                     np.frombuffer(r, dtype=np.uint8).fill(0)
