@@ -165,6 +165,30 @@ class CuttingProxy(_Proxy):
         self._relay(client, up)
 
 
+class FlippingProxy(_Proxy):
+    """Forwards 127.0.0.1 connections to ``target``; on the first connection the byte at
+    client -> server offset ``at`` is flipped (damage in transit that TCP missed)."""
+
+    def __init__(self, target: str, at: int) -> None:
+        self.at = at
+        super().__init__(target)
+
+    def _accepted(self, client: socket.socket, index: int) -> None:
+        sent = 0
+
+        def up(data: bytes, server: socket.socket) -> bool:
+            nonlocal sent
+            if index == 0 and sent <= self.at < sent + len(data):
+                piece = bytearray(data)
+                piece[self.at - sent] ^= 0x01
+                data = bytes(piece)
+            sent += len(data)
+            server.sendall(data)
+            return False
+
+        self._relay(client, up)
+
+
 def self_signed(tmp: Path) -> tuple:
     """A self-signed certificate for 127.0.0.1/localhost made with the openssl CLI: (cert, key)."""
     cert, key = tmp / "cert.pem", tmp / "key.pem"

@@ -454,10 +454,31 @@ def test_a_file_written_during_a_plain_send_is_reported_as_changed(tmp_path: Pat
     try:
         sent = send(str(src), rx.address, timeout=120)
         assert sent.returncode == 1, sent.stderr
-        assert "changed while it was read" in sent.stderr and "--live" in sent.stderr
+        assert "changed while" in sent.stderr and "--live" in sent.stderr
         assert "reconnecting" not in sent.stderr and len(sent.stderr.strip().splitlines()) == 1
         assert dst.read_bytes() == own
     finally:
         writer.kill()
         writer.wait()
+        rx.kill()
+
+
+def test_a_chunk_damaged_in_transit_is_sent_again(tmp_path: Path) -> None:
+    """A flipped payload byte fails the chunk's digest at the receiver, which refuses it
+    and closes; the sender's own copy still matches the digest it sent, so the damage was
+    in transit: it reconnects and resends (a source that changed would not be retried)."""
+    from live_net import FlippingProxy
+
+    src, dst = _files(tmp_path)
+    rx = Receiver(dst)
+    proxy = FlippingProxy(rx.address, at=200_000)  # inside the first chunk's raw pages
+    try:
+        sent = send(str(src), proxy.address, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert "reconnecting (1)" in sent.stderr and "digest mismatch" in sent.stderr
+        assert rx.wait().returncode == 0
+        assert dst.read_bytes() == src.read_bytes()
+        assert proxy.connections == 2
+    finally:
+        proxy.close()
         rx.kill()

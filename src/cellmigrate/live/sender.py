@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import time
 from typing import Callable, Deque, List, Optional, TypeVar
 
-from ..errors import CellError, MigrationFailedError
+from ..errors import CellError, MigrationFailedError, StateChangedError
 from ..recovery import RecoveryConfig
 from .channel import CommitCallback
 from .errors import (
@@ -33,7 +34,7 @@ from .errors import (
     ProtocolError,
     RefusedError,
 )
-from .pages import Chunk
+from .pages import Chunk, Encoding, pages_digest
 from .protocol import (
     ACCEPT_COMPLETED,
     NONCE_SIZE,
@@ -60,6 +61,8 @@ DEFAULT_WINDOW_BYTES = 24 << 20
 
 T = TypeVar("T")
 _RETRYABLE = (ConnectionLostError, PeerTimeoutError, ConnectionError, TimeoutError)
+#: The receiver's reason for a chunk that failed its digest (session.apply_chunk).
+_MISMATCH = re.compile(r"\bchunk (\d+) digest mismatch\b")
 
 
 class StreamChannel:
@@ -208,7 +211,7 @@ class StreamChannel:
         assert self._conn is not None
         msg, body = self._conn.recv(Msg.ACK, Msg.ROUND_DIGEST)
         if msg is Msg.ERROR:
-            raise _receiver_error(decode_reason(body))
+            raise self._refusal_of(decode_reason(body))
         if msg is Msg.ACK:
             seq = decode_u64(body, "ACK")
             if not self._pending or seq != self._pending[0].seq:
@@ -248,7 +251,25 @@ class StreamChannel:
             except OSError:
                 return
             if msg is Msg.ERROR:
-                raise _receiver_error(decode_reason(body))
+                raise self._refusal_of(decode_reason(body))
+
+    def _refusal_of(self, reason: str) -> CellError:
+        """The error for the receiver's ERROR ``reason``. A chunk that failed its digest
+        was damaged in transit (a resend may pass: retryable), unless its pages as this
+        sender holds them no longer hash to the digest sent: then the source changed
+        under them as they were sent (not paused, or a file written while sent), and a
+        resend would fail alike (``StateChangedError``)."""
+        found = _MISMATCH.search(reason)
+        if found is None:
+            return _receiver_error(reason)
+        seq = int(found.group(1))
+        chunk = next((c for c in self._pending if c.seq == seq), None)
+        raw = None if chunk is None else chunk.pages if chunk.pages is not None else (
+            chunk.payload if chunk.encoding == Encoding.RAW else None)
+        if chunk is not None and raw is not None and pages_digest(raw) != chunk.digest:
+            return StateChangedError(f"the source state changed while chunk {seq} was sent (its pages no longer "
+                                     "match the digest sent): it was not paused, or a file was written meanwhile")
+        return ConnectionLostError(f"receiver reported: {reason}")
 
     # -- the Channel interface ---------------------------------------------------------
 
