@@ -637,3 +637,27 @@ def test_diff_resize_then_apply_gives_new(tmp_path: Path, old_pages: int, new_pa
     assert applied.returncode == 0, applied.stderr
     assert result.read_bytes() == new.tobytes()
     assert run("verify", str(result), str(new_path)).returncode == 0
+
+
+@pytest.mark.parametrize("compress", ["auto", "rle"])
+def test_applying_a_delta_twice(tmp_path: Path, compress: str) -> None:
+    """An XOR delta (the default) is relative to OLD: applied to its own result it is
+    refused, nothing written, and the refusal says the base already is the result; an RLE
+    delta gives NEW again."""
+    old, new, _, new_bytes = make_pair(tmp_path)
+    delta = diff(tmp_path, old, new, "--compress", compress)
+    base = tmp_path / "base.bin"
+    base.write_bytes(old.read_bytes())
+    assert run("apply", str(base), str(delta)).returncode == 0
+    again = run("apply", str(base), str(delta))
+    if compress == "rle":
+        assert again.returncode == 0, again.stderr
+    else:
+        line = assert_one_line_error(again, 1)
+        assert "already is this delta's result" in line
+    assert base.read_bytes() == new_bytes
+    # Refused against some other state: no such note.
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(len(new_bytes)))
+    wrong = run("apply", str(other), str(delta))
+    assert wrong.returncode == 1 and "already is" not in wrong.stderr

@@ -975,7 +975,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                                     bar.close()
                             _check_read(base)
         except InvalidStateError as exc:
-            raise CliError(f"refused: {exc.message or exc}; {where}", EXIT_DIFFERENT) from None
+            hint = " (BASE already is this delta's result: was it applied before?)" if _is_result(
+                args.base, delta, key) else ""
+            raise CliError(f"refused: {exc.message or exc}; {where}{hint}", EXIT_DIFFERENT) from None
         except TruncatedInputError as exc:
             raise CliError(f"{exc}; {where}") from None
         except StateChangedError as exc:
@@ -1005,6 +1007,25 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             _out(args, f"{dest}: applied {plural(delta.dirty_page_count(), 'page')} (sequence {delta.base_sequence} -> "
                        f"{delta.sequence}); {checked}", file=report_to)
         return EXIT_OK
+
+
+def _is_result(path: str, delta: Any, key: Optional[bytes]) -> bool:
+    """Whether the file ``path`` already is ``delta``'s result (its size, checksum and
+    digest): a refusal for a delta applied twice then says so. An XOR delta is relative
+    to its base, so a second apply is refused rather than idempotent."""
+    from .checksum import digest, simple_checksum
+    from .errors import CellError
+
+    try:
+        with _open_state(path) as f:
+            if f.size != int(delta.total_size) or simple_checksum(f.buffer) != int(delta.checksum):
+                return False
+            algorithm = getattr(delta, "digest_algorithm", None)
+            if algorithm is None:
+                return True
+            return bool(digest(f.buffer, algorithm, key=key if getattr(delta, "keyed", False) else None) == delta.digest)
+    except (CellError, OSError, ValueError):
+        return False  # only a hint: the refusal stands as it is
 
 
 def _check_recorded_base_size(name: str, size: int, delta: "DeltaSnapshot", where: str) -> None:
