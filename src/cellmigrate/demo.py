@@ -402,7 +402,8 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
         from .wasm import WASM_PAGE_SIZE, WasmAgent
     except ImportError as exc:
         report.heading("Migration 3: a running WebAssembly agent, moved live (skipped)")
-        say(f"skipped: wasmtime is not available (pip install 'cellmigrate[wasm]'): {exc}")
+        hint = "" if "pip install" in str(exc) else "wasmtime is not available (pip install 'cellmigrate[wasm]'): "
+        say(f"skipped: {hint}{exc}")  # wasm.py's own error names the package once
         report.wasm_skipped = True
         return None
     from .live import LiveMigration, MemoryStore, RoundStats
@@ -538,7 +539,8 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
     report.say("  The first migration moved only the changed pages and proved the copy identical;")
     if report.wasm_skipped:
         report.say("  the damaged one was refused without touching node B, and the rollback restored node A.")
-        report.say("  (The live WebAssembly migration was skipped: pip install 'cellmigrate[wasm]'.)")
+        report.say("  (The live WebAssembly migration was skipped: pip install 'cellmigrate[wasm]', "
+                   "or '.[wasm]' from a checkout.)")
     else:
         report.say("  the damaged one was refused without touching node B, and the rollback restored node A;")
         report.say("  the running WebAssembly agent moved live and finished exactly as if it had never moved.")

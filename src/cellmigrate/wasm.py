@@ -67,7 +67,8 @@ try:
     import wasmtime
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "cellmigrate.wasm needs the wasmtime package: pip install 'cellmigrate[wasm]'"
+        "cellmigrate.wasm needs the wasmtime package: pip install 'cellmigrate[wasm]' "
+        "(from a checkout: pip install '.[wasm]')"
     ) from exc
 
 __all__ = [
