@@ -367,3 +367,25 @@ def test_cli_applies_resizing_deltas_in_every_mode(tmp_path: Path, monkeypatch: 
         assert written == new and base.read_bytes() == old
     else:
         assert base.read_bytes() == new
+
+
+def test_recover_on_a_read_only_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to roll back and no write access (a read-only file system): clean, not an
+    error; with a journal pending, the refusal names what to do."""
+    import errno
+
+    base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+    real = jr.open_regular
+
+    def read_only(path: object, flags: int = os.O_RDONLY) -> int:
+        if flags & os.O_RDWR:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, flags)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jr, "open_regular", read_only)
+    assert jr.recover(base).action == "clean"
+    assert main(["recover", str(base)]) == 0
+    _journal(base, old, new)
+    with pytest.raises(JournalError, match="recover"):
+        jr.recover(base)
+    assert base.read_bytes() == old

@@ -322,14 +322,23 @@ def _cannot_write(base: StrPath, jpath: Path, exc: OSError) -> JournalError:
     )
 
 
-def _open_for_writing(base: StrPath, path: Path, jpath: Path) -> int:
-    """Open BASE read-write; with a pending journal, a refusal names ``cellmigrate recover``."""
+def _open_for_writing(base: StrPath, path: Path, jpath: Path, *, nothing_to_recover_ok: bool = True) -> int:
+    """Open BASE read-write; with a pending journal, a refusal names ``cellmigrate recover``.
+    Without one, a refusal raises :class:`_NothingToRecover` when ``nothing_to_recover_ok``
+    (the file is clean as it is), else itself."""
     try:
         return open_regular(path, os.O_RDWR)
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and os.path.lexists(jpath):
-            raise _cannot_write(base, jpath, exc) from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if os.path.lexists(jpath):
+                raise _cannot_write(base, jpath, exc) from None
+            if nothing_to_recover_ok:
+                raise _NothingToRecover() from None
         raise
+
+
+class _NothingToRecover(Exception):
+    """BASE cannot be opened for writing and has no journal: it is clean as it is."""
 
 
 def recover(base: StrPath) -> Recovery:
@@ -341,7 +350,10 @@ def recover(base: StrPath) -> Recovery:
     """
     path = Path(os.path.realpath(base))
     jpath = journal_path(path)
-    fd = _open_for_writing(base, path, jpath)
+    try:
+        fd = _open_for_writing(base, path, jpath)
+    except _NothingToRecover:  # read-only (a read-only file system, say), and no journal
+        return Recovery(path, "clean", jpath)
     try:
         lock_file(fd, exclusive=True, what=base)
         try:
@@ -516,7 +528,7 @@ def apply_in_place(
     """
     path = Path(os.path.realpath(base))
     jpath = journal_path(path)
-    fd = _open_for_writing(base, path, jpath)
+    fd = _open_for_writing(base, path, jpath, nothing_to_recover_ok=False)
     try:
         lock_file(fd, exclusive=True, what=base)
         recovered = _recover_locked(fd, path, jpath) if os.path.lexists(jpath) else None
