@@ -175,6 +175,7 @@ class DirtyPage:
 
     @property
     def encoding(self) -> PageEncoding:
+        """The :class:`PageEncoding` of :attr:`data` (settable: a name, value or member)."""
         return self._encoding
 
     @encoding.setter
@@ -183,6 +184,7 @@ class DirtyPage:
 
     @property
     def compressed(self) -> bool:
+        """Whether :attr:`data` is anything but the raw page (the crate's flag: setting True on a raw page means RLE, False means raw)."""
         return self._encoding is not PageEncoding.RAW
 
     @compressed.setter

@@ -77,9 +77,13 @@ class AuditSink(Protocol):
     insertion order matching every given criterion (``None`` = any).
     """
 
-    def append(self, entry: AuditEntry) -> int: ...
+    def append(self, entry: AuditEntry) -> int:
+        """Store ``entry`` durably before returning; returns its sequence number."""
+        ...
 
-    def append_many(self, entries: Sequence[AuditEntry]) -> None: ...
+    def append_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Store ``entries`` in order, all durably (one transaction where the sink has them)."""
+        ...
 
     def query(
         self,
@@ -90,13 +94,22 @@ class AuditSink(Protocol):
         failures_only: bool = False,
         start: Optional[int] = None,
         end: Optional[int] = None,
-    ) -> List[AuditEntry]: ...
+    ) -> List[AuditEntry]:
+        """The entries matching every criterion given (``None``: any; ``start``/``end``:
+        Unix seconds, inclusive), in insertion order."""
+        ...
 
-    def recent(self, n: int) -> List[AuditEntry]: ...
+    def recent(self, n: int) -> List[AuditEntry]:
+        """The last ``n`` entries, oldest first."""
+        ...
 
-    def count(self) -> int: ...
+    def count(self) -> int:
+        """How many entries are stored."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the storage (further calls may raise ``AuditStoreError``)."""
+        ...
 
 
 _SCHEMA = """

@@ -630,6 +630,7 @@ class DeltaSnapshot:
 
 
 def _get_dirty_pages(self: DeltaSnapshot) -> List[DirtyPage]:
+    """The dirty pages as a list of :class:`DirtyPage` (index and stored bytes), ascending (SPEC §4's view; built when first asked for)."""
     return cast(PageStore, self.__dict__["_store"]).listed()
 
 

@@ -219,32 +219,39 @@ class MigrationProgressEvent(metaclass=_EventMeta):
 
     @staticmethod
     def started(agent_id: IdLike, total_bytes: int) -> "_Started":
+        """A STARTED event: the migration of ``agent_id`` began, ``total_bytes`` of state (>= 0, else ValueError)."""
         return _Started(agent_id, total_bytes)  # type: ignore[arg-type]
 
     @staticmethod
     def capturing_state(agent_id: IdLike, percent: int) -> "_CapturingState":
+        """A CAPTURING_STATE event: ``percent`` (0..100, else ValueError) of the state captured."""
         return _CapturingState(agent_id, percent)  # type: ignore[arg-type]
 
     @staticmethod
     def transfer_progress(
         agent_id: IdLike, transferred_bytes: int, total_bytes: int, percent: int
     ) -> "_TransferProgress":
+        """A TRANSFER_PROGRESS event: ``transferred_bytes`` of ``total_bytes`` sent, ``percent`` (0..100)."""
         return _TransferProgress(agent_id, transferred_bytes, total_bytes, percent)  # type: ignore[arg-type]
 
     @staticmethod
     def validating(agent_id: IdLike, step: str) -> "_Validating":
+        """A VALIDATING event: ``step`` names the check being run."""
         return _Validating(agent_id, step)  # type: ignore[arg-type]
 
     @staticmethod
     def restoring(agent_id: IdLike, percent: int) -> "_Restoring":
+        """A RESTORING event: ``percent`` (0..100, else ValueError) of the state restored."""
         return _Restoring(agent_id, percent)  # type: ignore[arg-type]
 
     @staticmethod
     def completed(agent_id: IdLike, duration_ms: int, bytes_transferred: int) -> "_Completed":
+        """A COMPLETED event (final): ``duration_ms`` milliseconds, ``bytes_transferred`` bytes."""
         return _Completed(agent_id, duration_ms, bytes_transferred)  # type: ignore[arg-type]
 
     @staticmethod
     def failed(agent_id: IdLike, error: str) -> "_Failed":
+        """A FAILED event (final): ``error`` says why."""
         return _Failed(agent_id, error)  # type: ignore[arg-type]
 
 
@@ -459,10 +466,12 @@ class MigrationProgressTracker:
 
     @property
     def agent_id(self) -> bytes:
+        """The 16-byte id of the agent being migrated."""
         return self._agent_id
 
     @property
     def total_bytes(self) -> int:
+        """The state's size in bytes, as given at creation."""
         return self._total_bytes
 
     @property
@@ -472,6 +481,7 @@ class MigrationProgressTracker:
 
     @property
     def phase(self) -> MigrationPhase:
+        """The phase the last reported event put the migration in."""
         return self._phase
 
     def elapsed_ms(self) -> int:
@@ -558,6 +568,7 @@ class CollectingCallback:
             return list(self._events)
 
     def event_count(self) -> int:
+        """How many events were collected (since the last :meth:`clear`)."""
         with self._lock:
             return len(self._events)
 
@@ -567,6 +578,7 @@ class CollectingCallback:
             return self._events[-1] if self._events else None
 
     def clear(self) -> None:
+        """Forget every collected event."""
         with self._lock:
             self._events.clear()
 
@@ -599,6 +611,7 @@ class MultiCallback:
             self._callbacks.append(callback)
 
     def callback_count(self) -> int:
+        """How many callbacks events are forwarded to."""
         with self._lock:
             return len(self._callbacks)
 

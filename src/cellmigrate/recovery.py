@@ -132,6 +132,7 @@ class MigrationError:
         return self
 
     def increment_retry(self) -> None:
+        """Count one more retry of this error (``retry_count``)."""
         self.retry_count += 1
 
     def age_secs(self) -> int:
@@ -229,6 +230,7 @@ class MigrationRecoveryManager:
 
     @classmethod
     def with_defaults(cls) -> "MigrationRecoveryManager":
+        """A manager with the default :class:`RecoveryConfig` (the crate's defaults)."""
         return cls(RecoveryConfig())
 
     # -- configuration ---------------------------------------------------------------
@@ -323,6 +325,7 @@ class MigrationRecoveryManager:
     # -- queries ---------------------------------------------------------------------
 
     def pending_count(self) -> int:
+        """How many agents have a pending error (recorded, not yet resolved)."""
         with self._lock:
             return len(self._pending)
 
