@@ -482,3 +482,31 @@ def test_a_chunk_damaged_in_transit_is_sent_again(tmp_path: Path) -> None:
     finally:
         proxy.close()
         rx.kill()
+
+
+def test_sending_to_something_else_says_so(tmp_path: Path) -> None:
+    """A server that is not a receiver (here one answering HTTP) gets a clear refusal."""
+    src, _ = _files(tmp_path, MIB)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer() -> None:
+        server.settimeout(30)
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        sent = send(str(src), f"127.0.0.1:{server.getsockname()[1]}", "--retries", "0")
+    finally:
+        thread.join(30)
+        server.close()
+    assert sent.returncode == 2 and "is not a cellmigrate receiver" in sent.stderr, sent.stderr
+    assert len(sent.stderr.strip().splitlines()) == 1

@@ -123,7 +123,10 @@ class StreamChannel:
         self._conn = conn
         hello = encode_hello(self.key is not None, os.urandom(NONCE_SIZE))
         conn.send(Msg.HELLO, hello)
-        msg, body = conn.recv(Msg.CHALLENGE, Msg.REFUSE)
+        try:
+            msg, body = conn.recv(Msg.CHALLENGE, Msg.REFUSE)
+        except ProtocolError as exc:  # its first reply is no frame of ours
+            raise ProtocolError(f"the peer is not a cellmigrate receiver (its reply: {exc})") from None
         if msg is Msg.REFUSE:
             raise _refusal(decode_reason(body))
         if msg is Msg.ERROR:
