@@ -510,3 +510,21 @@ def test_sending_to_something_else_says_so(tmp_path: Path) -> None:
         server.close()
     assert sent.returncode == 2 and "is not a cellmigrate receiver" in sent.stderr, sent.stderr
     assert len(sent.stderr.strip().splitlines()) == 1
+
+
+def test_send_through_a_command_to_receive_stdio(tmp_path: Path) -> None:
+    """``send FILE 'exec:ssh nodeB cellmigrate receive --stdio FILE'`` without the ssh: the
+    receiver is the command, the protocol its stdin/stdout, keyed end to end."""
+    import shlex
+
+    src, dst = _files(tmp_path)
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cellmigrate", "receive", "--stdio", str(dst),
+                                               "--key-file", str(key)])
+    sent = send(str(src), f"exec:{command}", "--key-file", str(key), timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    assert "proven equal" in sent.stdout
+    assert dst.read_bytes() == src.read_bytes()
+    refused = send(str(src), "exec:", "--retries", "0")
+    assert refused.returncode == 2 and "exec: needs a command" in refused.stderr

@@ -36,7 +36,7 @@ from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .protocol import derive_key
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
 from .sender import StreamChannel
-from .transport import DEFAULT_TIMEOUT, PipeStream, SocketStream, connect, listen, parse_address
+from .transport import DEFAULT_TIMEOUT, EXEC, PipeStream, Stream, connect, listen, parse_address
 
 __all__ = ["add_commands", "FileSource", "FileTarget"]
 
@@ -243,7 +243,9 @@ def add_commands(add: AddParser) -> None:
             "receiver committed. Example: cellmigrate send --live --pause-cmd 'kill -STOP 4242' "
             "--resume-cmd 'kill -CONT 4242' agent.bin 10.0.0.2:7070")
     p.add_argument("state_file", metavar="STATE_FILE", help="state file to send")
-    p.add_argument("address", metavar="HOST:PORT", help="the receiver (unix:PATH too)")
+    p.add_argument("address", metavar="HOST:PORT",
+                   help="the receiver (unix:PATH too; exec:COMMAND runs COMMAND, e.g. "
+                        "'ssh nodeB cellmigrate receive --stdio FILE', and speaks over its stdin/stdout)")
     p.add_argument("--live", action="store_true", help="pre-copy rounds while the file keeps changing")
     p.add_argument("--pause-cmd", metavar="CMD",
                    help="shell command that stops the writer for the final round (required with --live)")
@@ -430,7 +432,13 @@ def _cmd_send(args: argparse.Namespace) -> int:
         raise CliError("--live needs --pause-cmd, the command that stops the writer for the final round "
                        "('--pause-cmd true' if the writer stops by itself)")
     try:
-        parse_address(args.address)  # a usage error, before the state file is opened
+        if args.address.startswith(EXEC):
+            if not args.address[len(EXEC):].strip():
+                raise ValueError("exec: needs a command")
+            if args.tls_ca:
+                raise ValueError("TLS does not apply to an exec: address (the command carries the bytes: ssh, say)")
+        else:
+            parse_address(args.address)  # a usage error, before the state file is opened
     except ValueError as exc:
         raise CliError(f"bad receiver address: {exc}") from None
     _key(args)  # bad key or TLS files are reported before the state file is opened
@@ -460,7 +468,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
 
     connected = False
 
-    def open_stream() -> SocketStream:
+    def open_stream() -> Stream:
         nonlocal connected
         stream = connect(args.address, timeout=args.timeout, tls=tls, server_hostname=args.tls_server_name)
         connected = True
@@ -487,8 +495,10 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         raise CliError(f"--chunk-size must be between 4KiB and {MAX_CHUNK_BYTES >> 20}MiB")
     if not page_cache_size_ok(args.page_cache):
         raise CliError(f"--page-cache must be 0 (none) or between 4KiB and {MAX_PAGE_CACHE_BYTES >> 30}GiB")
+    # A command started again is a new receiver (nothing staged to resume): no retries.
+    retries = 0 if args.address.startswith(EXEC) else args.retries
     channel = StreamChannel(
-        open_stream, key=key, timeout=args.timeout, retries=args.retries, window_bytes=3 * args.chunk_size,
+        open_stream, key=key, timeout=args.timeout, retries=retries, window_bytes=3 * args.chunk_size,
         on_reconnect=lambda attempt, cause: _say(args, f"cellmigrate send: reconnecting ({attempt}): {cause}"),
     )
     validator = MigrationValidator()

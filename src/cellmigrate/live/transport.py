@@ -21,6 +21,7 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
 import time
 from typing import List, Optional, Protocol, Sequence, Tuple, Union
 
@@ -178,7 +179,10 @@ class PipeStream:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([], [self.write_fd], [], left)[1]:
                 raise TimeoutError
-            view = view[os.write(self.write_fd, view[: 1 << 20]) :]
+            try:
+                view = view[os.write(self.write_fd, view[: 1 << 20]) :]
+            except BlockingIOError:  # a non-blocking pipe filled up meanwhile: wait again
+                continue
 
     def readable(self, timeout: float) -> bool:
         return bool(select.select([self.read_fd], [], [], max(timeout, 0))[0])
@@ -190,6 +194,35 @@ class PipeStream:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class CommandStream(PipeStream):
+    """A command's standard input and output as a stream: ``send`` to
+    ``exec:ssh nodeB cellmigrate receive --stdio agent.bin`` runs the receiver through
+    ``ssh`` (its stderr is ours). :meth:`close` closes both pipes and waits for the
+    command (killed after ``wait`` seconds). ``OSError`` when it cannot be started."""
+
+    def __init__(self, command: str, *, wait: float = 10.0) -> None:
+        self.process = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self._wait = wait
+        # Writes must not block past their deadline: a full pipe returns what it took.
+        os.set_blocking(self.process.stdin.fileno(), False)
+        super().__init__(self.process.stdout.fileno(), self.process.stdin.fileno())
+
+    def close(self) -> None:
+        proc = self.process
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        try:
+            proc.wait(self._wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Connection:
@@ -414,6 +447,10 @@ def _equal(a: bytes, b: memoryview) -> bool:
 # -- addresses -----------------------------------------------------------------------------
 
 
+#: The address prefix of a command to speak the protocol with (see :func:`connect`).
+EXEC = "exec:"
+
+
 def parse_address(address: str) -> Tuple[int, Union[str, Tuple[str, int]]]:
     """``HOST:PORT`` (``[v6]:PORT`` too) or ``unix:PATH`` as ``(family, sockaddr)``."""
     if address.startswith("unix:"):
@@ -436,8 +473,13 @@ def parse_address(address: str) -> Tuple[int, Union[str, Tuple[str, int]]]:
 
 def connect(
     address: str, *, timeout: float = DEFAULT_TIMEOUT, tls: Optional[ssl.SSLContext] = None, server_hostname: Optional[str] = None
-) -> SocketStream:
-    """A stream connected to ``address`` (TLS-wrapped with ``tls``)."""
+) -> Stream:
+    """A stream connected to ``address`` (TLS-wrapped with ``tls``): ``HOST:PORT``,
+    ``unix:PATH``, or ``exec:COMMAND`` (a :class:`CommandStream`; TLS does not apply)."""
+    if address.startswith(EXEC):
+        if tls is not None:
+            raise ValueError("TLS does not apply to an exec: address (the command carries the bytes: ssh, say)")
+        return CommandStream(address[len(EXEC):])
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
