@@ -149,3 +149,28 @@ def test_a_file_store_growth_that_fails_leaves_the_file_and_mapping_as_they_were
         finally:
             store.close()
             os.unlink(path)
+
+
+def test_a_target_that_adopts_but_cannot_resume_fails_the_migration_honestly() -> None:
+    """The target's resume failing (the CLI's receive --resume-cmd) fails the migration:
+    the source resumes, and the audit trail says the target adopted the state, not that
+    it was left unchanged."""
+    from cellmigrate import MigrationFailedError
+    from cellmigrate.live import BufferSource, InProcessChannel, LiveMigration
+
+    class NoStart(BufferTarget):
+        def resume(self) -> None:
+            raise RuntimeError("the agent would not start")
+
+    state = np.random.default_rng(3).integers(0, 256, 64 * PAGE_SIZE, dtype=np.uint8)
+    target = NoStart()
+    session = ReceiverSession(MemoryStore(), target)
+    resumed: List[int] = []
+    with pytest.raises(MigrationFailedError, match="could not resume"):
+        LiveMigration(BufferSource(state, resume=lambda: resumed.append(1)), InProcessChannel(session),
+                      max_rounds=0).run()
+    assert resumed == [1]  # the source goes on
+    assert target.state is not None and bytes(target.state) == state.tobytes()  # it was adopted
+    details = [e.details for e in session.validator.audit_log]
+    assert any("could not resume" in d for d in details)
+    assert not any("target state unchanged" in d for d in details)

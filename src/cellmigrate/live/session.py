@@ -61,6 +61,13 @@ class Offer:
     state_size: int
 
 
+def _mismatch(seq: int) -> str:
+    # The sender matches "chunk N digest mismatch" to tell transit damage from a source
+    # that changed (sender._MISMATCH): keep the words.
+    return (f"chunk {seq} digest mismatch: its pages are not what the sender hashed "
+            "(damaged in transit, or changed at the source as they were sent)")
+
+
 class ReceiverSession:
     """Stage, verify and commit one migration's rounds; adopt on a matching final digest.
 
@@ -161,7 +168,7 @@ class ReceiverSession:
             base = base_pages(self._staged(), idx, chunk.payload, self._scratch_buffer())
         raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
         if pages_digest(raw) != chunk.digest:
-            raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: its pages are not what the sender hashed (damaged in transit, or changed at the source as they were sent)")
+            raise CorruptDataError(_mismatch(chunk.seq))
         table = self._table_for(chunk)
         # Verified: now (and only now) change the staged state.
         old_size = self.store.size()
@@ -251,7 +258,7 @@ class ReceiverSession:
             try:
                 digests = fill(ranges)
                 if digests.shape != (len(idx), PAGE_DIGEST_SIZE) or chunk_digest(digests, chunk.raw_len) != chunk.digest:
-                    raise CorruptDataError(f"chunk {chunk.seq} digest mismatch: its pages are not what the sender hashed (damaged in transit, or changed at the source as they were sent)")
+                    raise CorruptDataError(_mismatch(chunk.seq))
             except BaseException:
                 for r in ranges:  # they were all zero: the staging is as it was
                     np.frombuffer(r, dtype=np.uint8).fill(0)
@@ -385,8 +392,13 @@ class ReceiverSession:
         try:
             self.target.resume()
         except Exception as exc:
-            self.abandon(f"target adopted the state but could not resume: {exc}")
-            raise MigrationFailedError(f"target adopted the state but could not resume: {exc}") from exc
+            # Past the adopt nothing is discarded: the target holds the proven state but
+            # does not run it; the sender, told so, resumes its own agent.
+            reason = f"target adopted the state but could not resume: {exc}"
+            self.failed = True
+            self.validator.audit_log.log_completion(offer.migration_id, offer.agent_id, False,
+                                                    f"Live migration failed: {reason}")
+            raise MigrationFailedError(reason) from exc
         self.completed = True
         secs = time.monotonic() - self._started
         self._audit(AuditEventType.TRANSFER_COMPLETED, f"Staged {self.bytes_received} bytes in {self.committed_seq} chunks")
