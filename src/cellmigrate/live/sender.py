@@ -240,8 +240,9 @@ class StreamChannel:
 
     def _raise_refusal_sent(self) -> None:
         """After a send failed: a receiver that refuses a chunk sends ERROR and closes, and
-        the send fails first (a broken pipe). Raise that ERROR (not retryable: a resend is
-        refused alike) when it is among the frames already here; else return."""
+        the send fails first (a broken pipe). Raise that ERROR's error (:meth:`_refusal_of`:
+        its reason, not the broken pipe, decides whether a resend may pass) when it is among
+        the frames already here; else return, and the send's own error stands."""
         conn = self._conn
         assert conn is not None
         for _ in range(1024):  # ACKs may come first; bounded, all already received
