@@ -389,3 +389,28 @@ def test_recover_on_a_read_only_file_system(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(JournalError, match="recover"):
         jr.recover(base)
     assert base.read_bytes() == old
+
+
+def test_recover_that_cannot_look_for_a_journal_does_not_say_clean(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No write access to BASE and no way to tell whether a journal is there (a directory
+    that cannot be searched): an error, not 'clean'."""
+    import errno
+
+    base, _, _, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+
+    def no_access(path: object, flags: int = os.O_RDONLY) -> int:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    real_lstat = os.lstat
+    journal = jr.journal_path(base).name
+
+    def lstat(path: object, *a: object, **k: object) -> os.stat_result:
+        if str(path).endswith(journal):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_lstat(path, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jr, "open_regular", no_access)
+    monkeypatch.setattr(jr.os, "lstat", lstat)
+    with pytest.raises(PermissionError):
+        jr.recover(base)

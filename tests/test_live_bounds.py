@@ -115,7 +115,7 @@ def test_a_write_that_fails_half_way_leaves_its_pages_to_be_hashed_again(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(FileStore, "write_run", half_then_full)
-    with pytest.raises(OSError):
+    with pytest.raises(InvalidStateError, match="No space left"):  # the chunk fails, not the receiver
         session.apply_chunk(_chunk(2, 12 * PAGE_SIZE, [1, 2, 3], 2))  # grows, then the disk is full
     monkeypatch.undo()
     assert session.committed_seq == 1 and store.size() == 8 * PAGE_SIZE  # the size is put back
@@ -174,3 +174,31 @@ def test_a_target_that_adopts_but_cannot_resume_fails_the_migration_honestly() -
     details = [e.details for e in session.validator.audit_log]
     assert any("could not resume" in d for d in details)
     assert not any("target state unchanged" in d for d in details)
+
+
+def test_a_shrinking_chunk_whose_write_fails_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk that shrinks the state writes before it cuts: a failed write leaves the
+    pages past the new end as they were (they were cut, then grown back as zeros, while
+    the table still held their digests)."""
+    store = FileStore(tmp_path / "staging")
+    session = ReceiverSession(store, BufferTarget())
+    session.begin(_offer(8 * PAGE_SIZE))
+    assert session.apply_chunk(_chunk(1, 8 * PAGE_SIZE, list(range(8)), 1))
+    before = bytes(store.view())
+
+    def full(self: FileStore, offset: int, data: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileStore, "write_run", full)
+    with pytest.raises(InvalidStateError, match="cannot write chunk 2 into the staging"):
+        session.apply_chunk(_chunk(2, 4 * PAGE_SIZE + 100, [0, 1], 2))  # an OSError would end the receiver
+    monkeypatch.undo()
+    assert bytes(store.view()) == before and session.committed_seq == 1
+    staged = np.frombuffer(store.view(), dtype=np.uint8)
+    assert session.end_round(0) == page_root(page_digests(staged), 8 * PAGE_SIZE)
+    del staged
+    # The same chunk, written this time, shrinks the state after its pages landed.
+    assert session.apply_chunk(_chunk(2, 4 * PAGE_SIZE + 100, [0, 1], 2))
+    assert store.size() == 4 * PAGE_SIZE + 100
+    assert bytes(store.view()) == bytes([2]) * (2 * PAGE_SIZE) + before[2 * PAGE_SIZE : 4 * PAGE_SIZE + 100]
+    store.close()

@@ -424,7 +424,9 @@ def test_send_live_needs_a_pause_command(tmp_path: Path) -> None:
 def test_a_failing_receive_resume_cmd_fails_the_migration(tmp_path: Path) -> None:
     """The target's --resume-cmd failing was ignored: both sides said the migration
     completed while the target agent never started. It now fails the migration: the
-    sender is told and runs its own --resume-cmd (its writer goes on)."""
+    sender is told and runs its own --resume-cmd (its writer goes on), and the receiver,
+    whose staging file is STATE_FILE now, stops (serving on would stage the next offer
+    into STATE_FILE itself) and says what STATE_FILE holds."""
     src, dst = _files(tmp_path)
     marker = tmp_path / "sender-resumed"
     rx = Receiver(dst, "--resume-cmd", "echo no >&2; exit 3")
@@ -434,9 +436,29 @@ def test_a_failing_receive_resume_cmd_fails_the_migration(tmp_path: Path) -> Non
         assert sent.returncode != 0 and "could not resume" in sent.stderr, sent.stderr
         assert "Traceback" not in sent.stderr
         assert marker.exists()  # the source goes on
-        rx.proc.terminate()  # it waits for another sender; its stderr told the user
-        _, err = rx.proc.communicate(timeout=30)
-        assert "could not resume" in err, err
+        got = rx.wait(timeout=60)
+        assert got.returncode == 2, got.stderr
+        assert "holds the migrated state, proven, but" in got.stderr and "exit 3" in got.stderr
+        assert "no" in got.stderr  # the command's own stderr reached the user
+        assert dst.read_bytes() == src.read_bytes()
+        assert not list(tmp_path.glob(".*cmlive-staging"))
+    finally:
+        rx.kill()
+
+
+def test_a_receive_resume_cmd_that_starts_the_agent_in_the_background_returns_at_once(tmp_path: Path) -> None:
+    """The command's output is not piped: 'agent &' leaves no pipe open to wait on (with
+    a capture the receiver waited for the background agent and the sender timed out)."""
+    src, dst = _files(tmp_path)
+    marker = tmp_path / "agent-started"
+    rx = Receiver(dst, "--resume-cmd", f"(sleep 60 >/dev/null 2>&1) & touch {marker}")  # not holding our pipe
+    try:
+        started = time.monotonic()
+        sent = send(str(src), rx.address, "--timeout", "20")
+        assert sent.returncode == 0, sent.stderr
+        assert time.monotonic() - started < 20
+        assert rx.wait(timeout=60).returncode == 0
+        assert marker.exists() and dst.read_bytes() == src.read_bytes()
     finally:
         rx.kill()
 

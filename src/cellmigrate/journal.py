@@ -182,11 +182,10 @@ def read_journal(path: StrPath) -> Optional[JournalInfo]:
         os.close(fd)
 
 
-def _record_table(fd: int, info: JournalInfo) -> List[Tuple[int, int, int]]:
-    """``(offset in BASE, length, position in the journal)`` of every record of a checked
-    journal, all of them checked before any is used: a table found bad half-way must
-    refuse the rollback before it has written a byte (JournalError)."""
-    table: List[Tuple[int, int, int]] = []
+def _record_heads(fd: int, info: JournalInfo) -> Iterator[Tuple[int, int, int]]:
+    """``(offset in BASE, length, position in the journal)`` of each record of a checked
+    journal, each checked (JournalError); the walk ends checking that the records fill
+    the body exactly."""
     pos, end = HEADER_SIZE, HEADER_SIZE + info.body_length
     for _ in range(info.records):
         head = os.pread(fd, _RECORD.size, pos)
@@ -196,17 +195,20 @@ def _record_table(fd: int, info: JournalInfo) -> List[Tuple[int, int, int]]:
         pos += _RECORD.size
         if pos + length > end or offset + length > info.old_size:
             raise JournalError(f"{str(info.path)!r}: record at {offset} (+{length}) is out of bounds")
-        table.append((offset, length, pos))
+        yield offset, length, pos
         pos += length
     if pos != end:
         raise JournalError(f"{str(info.path)!r}: {end - pos} bytes after the last record")
-    return table
 
 
 def _records(fd: int, info: JournalInfo) -> Iterator[Tuple[int, bytes]]:
-    """``(offset, original bytes)`` of each record of a checked journal (the whole record
-    table is checked before the first is yielded)."""
-    for offset, length, pos in _record_table(fd, info):
+    """``(offset, original bytes)`` of each record of a checked journal. The whole record
+    table is walked and checked first (headers only: a journal of millions of scattered
+    pages costs no memory), then walked again to read: a table found bad half-way
+    refuses the rollback before it has written a byte."""
+    for _ in _record_heads(fd, info):
+        pass
+    for offset, length, pos in _record_heads(fd, info):
         data = os.pread(fd, length, pos)
         if len(data) != length:
             raise JournalError(f"{str(info.path)!r}: record data ends early")
@@ -330,10 +332,15 @@ def _open_for_writing(base: StrPath, path: Path, jpath: Path, *, nothing_to_reco
         return open_regular(path, os.O_RDWR)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            if os.path.lexists(jpath):
-                raise _cannot_write(base, jpath, exc) from None
-            if nothing_to_recover_ok:
-                raise _NothingToRecover() from None
+            try:
+                os.lstat(jpath)
+            except FileNotFoundError:  # looked, and there is none (not "could not look")
+                if nothing_to_recover_ok:
+                    raise _NothingToRecover() from None
+                raise exc from None
+            except OSError:
+                raise exc from None
+            raise _cannot_write(base, jpath, exc) from None
         raise
 
 

@@ -260,16 +260,28 @@ class FileStore:
 
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         self._map: Optional[mmap.mmap] = None
-        try:
-            _lock_exclusive(self._fd, self.path)
-            self._size = os.fstat(self._fd).st_size
-            self._remap()
-        except BaseException:
+        for attempt in range(3):
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                _lock_exclusive(self._fd, self.path)
+                # Locked, but is it still the file at the path? Another store may have
+                # renamed it away (a receiver adopting it) between our open and our lock.
+                try:
+                    current = os.stat(self.path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and os.path.samestat(current, os.fstat(self._fd)):
+                    self._size = os.fstat(self._fd).st_size
+                    self._remap()
+                    return
+            except BaseException:
+                os.close(self._fd)
+                self._fd = -1
+                raise
             os.close(self._fd)
             self._fd = -1
-            raise
+        raise InvalidStateError(f"{self.path!r} is in use: it kept being replaced while it was opened")
 
     def _remap(self) -> None:
         if self._map is not None:
@@ -323,10 +335,14 @@ class FileStore:
             self._map.flush()
         os.fsync(self._fd)
 
+    def stat(self) -> os.stat_result:
+        """``os.fstat`` of the store's file (which the path may no longer name)."""
+        return os.fstat(self._fd)
+
     def close(self) -> None:
-        """Unmap and close the file (the file stays; the lock goes). Never raises for a
-        view still held (a traceback's frame, say): the mapping then goes with the last
-        view."""
+        """Unmap and close the file (the file stays; the lock goes, or, while a view is
+        still held, with its last view). Never raises for a view still held (a
+        traceback's frame, say): the mapping then goes with the last view."""
         if self._map is not None:
             try:
                 self._map.close()

@@ -30,7 +30,7 @@ from ..statefile import StateFile, plural
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
-from .errors import ConnectionLostError
+from .errors import ConnectionLostError, OutcomeUnknownError
 from .page_cache import DEFAULT_PAGE_CACHE_BYTES, MAX_PAGE_CACHE_BYTES, page_cache_size_ok
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .protocol import derive_key
@@ -105,14 +105,21 @@ class FileSource:
 
 
 class FileTarget:
-    """A :class:`~cellmigrate.live.agent.TargetAgent` that renames the staged file into place."""
+    """A :class:`~cellmigrate.live.agent.TargetAgent` that renames the staged file into place.
 
-    def __init__(self, store: FileStore, path: str, resume_cmd: Optional[str] = None) -> None:
+    ``resume_cmd`` runs once the state file is in place (within ``timeout`` seconds: the
+    sender waits for the outcome); ``adopted`` tells whether the rename happened (the
+    staging file is then the state file: nothing more may be staged into it)."""
+
+    def __init__(self, store: FileStore, path: str, resume_cmd: Optional[str] = None, *, timeout: float = 30.0) -> None:
         self.store, self.path, self.resume_cmd = store, path, resume_cmd
+        self.timeout = timeout
+        self.adopted = False
 
     def adopt(self, state: memoryview, extra: bytes) -> None:
         # The session flushed the staged file; one atomic rename makes it the state file.
         os.replace(self.store.path, self.path)
+        self.adopted = True
         dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         try:
             os.fsync(dirfd)
@@ -121,20 +128,24 @@ class FileTarget:
 
     def resume(self) -> None:
         # A failure fails the migration (the sender resumes its writer), never silently.
-        _run_command(self.resume_cmd, "resume")
+        _run_command(self.resume_cmd, "resume", self.timeout)
 
 
-def _run_command(cmd: Optional[str], what: str) -> None:
-    """Run a user's shell command (60 s at most); ``CellError`` when it fails."""
+def _run_command(cmd: Optional[str], what: str, timeout: float = 60.0) -> None:
+    """Run a user's shell command (``timeout`` seconds at most); ``CellError`` when it
+    fails. Its output goes to our stderr, never through a pipe we would wait on: a
+    command that starts an agent in the background (``agent &``) returns at once, and
+    with ``--stdio`` our stdout is the protocol's."""
     if not cmd:
         return
     try:
-        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise CellError(f"{what} command {cmd!r} did not finish within 60 s") from None
+        raise CellError(f"{what} command {cmd!r} did not finish within {timeout:g} s") from None
+    except (OSError, ValueError) as exc:  # no shell, or no stderr to give it
+        raise CellError(f"{what} command {cmd!r} could not be run: {exc}") from None
     if done.returncode != 0:
-        detail = done.stderr.strip()[:200]
-        raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
+        raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})")
 
 
 # -- argument helpers -----------------------------------------------------------------------
@@ -324,22 +335,30 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             validator = MigrationValidator()
             if store is None:
                 store = _open_store(staging, args.state_file)
+            target = FileTarget(store, args.state_file, args.resume_cmd, timeout=args.timeout)
             receiver = LiveReceiver(
-                store, FileTarget(store, args.state_file, args.resume_cmd), key=key, capabilities=caps,
+                store, target, key=key, capabilities=caps,
                 validator=validator, timeout=args.timeout, max_state_size=args.max_state_size,
             )
+
+            def dropped(exc: CellError) -> None:
+                if target.adopted:  # the staging file is STATE_FILE now: serve nothing more with it
+                    raise exc
+                _say(args, f"cellmigrate receive: connection dropped: {exc}")
+
             try:
                 if listener is not None:
-                    receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=lambda e: _say(
-                        args, f"cellmigrate receive: connection dropped: {e}"))
+                    receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=dropped)
                 else:
                     if not receiver.handle(PipeStream(sys.stdin.fileno(), sys.stdout.fileno())):
                         raise receiver.last_error or ConnectionLostError("the sender closed the stream")
             except CellError as exc:
+                if target.adopted:
+                    raise CliError(f"{args.state_file!r} holds the migrated state, proven, but {exc}") from None
                 raise CliError(str(exc)) from None
             finally:
-                if not receiver.session.completed:
-                    _unlink(staging)  # still locked: no other receiver has it yet
+                if not target.adopted:
+                    _unlink_if(staging, store)  # still locked: no other receiver has it yet
                 store.close()
                 store = None
             _report_received(args, receiver, validator)
@@ -352,7 +371,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         if listener is not None:
             listener.close()
         if store is not None:  # never served: the empty staging file goes
-            _unlink(staging)
+            _unlink_if(staging, store)
             store.close()
 
 
@@ -390,9 +409,12 @@ def _open_store(staging: str, state_file: str) -> FileStore:
                        f"({staging!r} is locked)") from None
 
 
-def _unlink(path: str) -> None:
+def _unlink_if(path: str, store: FileStore) -> None:
+    """Remove ``path`` if it still names ``store``'s file (a path renamed away, then
+    taken by another receiver's new staging file, is not ours to remove)."""
     try:
-        os.unlink(path)
+        if os.path.samestat(os.stat(path), store.stat()):
+            os.unlink(path)
     except OSError:
         pass
 
@@ -512,11 +534,13 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         summary = migration.run()
     except CellError as exc:
         changed = exc if isinstance(exc, StateChangedError) else None
-        if changed is None and not args.live:
+        if changed is None and not args.live and connected and not isinstance(exc, OutcomeUnknownError):
             try:  # a file written while sent explains a refused chunk or digest
                 source.check()
             except StateChangedError as found:
                 changed = found
+            except CellError:
+                pass  # only an explanation: the migration's own error stands
         if changed is not None:
             raise CliError(f"{changed}; the receiver keeps its state (a file being written needs --live "
                            "with --pause-cmd)", EXIT_DIFFERENT) from None

@@ -170,10 +170,11 @@ class ReceiverSession:
         if pages_digest(raw) != chunk.digest:
             raise CorruptDataError(_mismatch(chunk.seq))
         table = self._table_for(chunk)
-        # Verified: now (and only now) change the staged state.
+        # Verified: now (and only now) change the staged state. Grown before the write,
+        # shrunk after it: a write that fails leaves every byte past the new end as it was.
         old_size = self.store.size()
         try:
-            if chunk.size != old_size:
+            if chunk.size > old_size:
                 self._resize_store(chunk.size)
             if len(idx):
                 write_run = getattr(self.store, "write_run", None)
@@ -181,9 +182,13 @@ class ReceiverSession:
                     write_run(int(idx[0]) * PAGE_SIZE, memoryview(raw))  # one run, e.g. FileStore's pwrite
                 else:
                     write_pages(self._staged(), idx, np.frombuffer(raw, dtype=np.uint8), chunk.size)
-        except BaseException:
+        except BaseException as exc:
             self._undo_writes(idx, old_size)
+            if isinstance(exc, OSError):  # a full disk, an I/O error: this chunk fails, the session goes on
+                raise InvalidStateError(f"cannot write chunk {chunk.seq} into the staging: {exc.strerror or exc}") from exc
             raise
+        if chunk.size < old_size:
+            self._resize_store(chunk.size)
         self._commit(chunk, None, table)
         return True
 
