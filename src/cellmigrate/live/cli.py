@@ -138,11 +138,16 @@ def _run_command(cmd: Optional[str], what: str, timeout: float = 60.0) -> None:
     with ``--stdio`` our stdout is the protocol's."""
     if not cmd:
         return
+    out: Any
     try:
-        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), timeout=timeout)
+        out = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # embedded, no real stderr
+        out = subprocess.DEVNULL
+    try:
+        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CellError(f"{what} command {cmd!r} did not finish within {timeout:g} s") from None
-    except (OSError, ValueError) as exc:  # no shell, or no stderr to give it
+    except OSError as exc:  # no shell
         raise CellError(f"{what} command {cmd!r} could not be run: {exc}") from None
     if done.returncode != 0:
         raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})")
