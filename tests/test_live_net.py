@@ -116,11 +116,17 @@ def test_authentication_failure(tmp_path: Path, sender_key: str) -> None:
         rx.kill()
 
 
+def _listening() -> socket.socket:
+    """A TCP socket listening on 127.0.0.1 (a free port) that is no receiver."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
 def test_a_stalled_receiver_times_out(tmp_path: Path) -> None:
     src, _ = _files(tmp_path, MIB)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(1)
+    silent = _listening()
     try:
         start = time.monotonic()
         sent = send(str(src), f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "1", "--retries", "0")
@@ -509,9 +515,7 @@ def test_a_chunk_damaged_in_transit_is_sent_again(tmp_path: Path) -> None:
 def test_sending_to_something_else_says_so(tmp_path: Path) -> None:
     """A server that is not a receiver (here one answering HTTP) gets a clear refusal."""
     src, _ = _files(tmp_path, MIB)
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = _listening()
 
     def answer() -> None:
         server.settimeout(30)
