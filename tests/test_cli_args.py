@@ -327,3 +327,31 @@ def test_result_lines_stay_one_line_with_newlines_in_names(tmp_path: Path) -> No
     assert out.read_bytes() == new.read_bytes()
     proc = run("verify", str(out), str(new))
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stdout
+
+
+def test_a_full_tmpdir_is_named_not_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full $TMPDIR while spooling stdin said 'cannot read delta from stdin: No space
+    left on device', as if stdin failed: the error names the spool."""
+    import errno
+
+    import cellmigrate.statefile as sf
+
+    class FullSpool:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(sf.tempfile, "TemporaryFile", FullSpool)
+    r, w = os.pipe()
+    os.write(w, b"x" * 100)
+    os.close(w)
+    try:
+        with pytest.raises(OSError, match=r"cannot spool it to a temporary file in .*\(\$TMPDIR\): No space left"):
+            spool_stream(r, limit=1 << 20, what="stdin")
+    finally:
+        os.close(r)

@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 from .errors import JournalError, StateChangedError, TruncatedInputError
 
@@ -1008,12 +1008,22 @@ def spool_stream(
             total += len(block)
             if total > limit:
                 raise ValueError(too_long)
-            spool.write(block)
-        spool.flush()
+            _spooled(spool.write, block)
+        _spooled(spool.flush)
         dup = os.dup(spool.fileno())
     finally:
         spool.close()
     return StateFile(what, fd=dup)
+
+
+def _spooled(write: Callable[..., Any], *args: Any) -> None:
+    """A write into the spool: a failure names the spool, not the stream (a full $TMPDIR
+    is no read error of stdin)."""
+    try:
+        write(*args)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot spool it to a temporary file in {tempfile.gettempdir()!r} "
+                                 f"($TMPDIR): {exc.strerror or exc}") from None
 
 
 #: Most leading bytes of a stream :func:`spool_stream` hands to its ``bound`` callback.
