@@ -93,7 +93,7 @@ def _read_port(child: "subprocess.Popen[str]") -> int:
 
 def _print_round(stats: RoundStats) -> None:
     what = "final round (agent paused)" if stats.final else f"round {stats.round}"
-    line = (f"  {what:<27} {stats.dirty_pages:>5} pages, {stats.wire_bytes / 1e6:6.2f} MB sent, "
+    line = (f"  {what:<27} {stats.dirty_pages:>5} pages, {stats.wire_bytes / 2**20:6.2f} MiB sent, "
             f"state {stats.state_size // WASM_PAGE_SIZE} wasm pages, {stats.duration_s * 1e3:6.1f} ms")
     if stats.actual_downtime_s is not None:
         line += f"; downtime {stats.actual_downtime_s * 1e3:.1f} ms"
@@ -128,7 +128,7 @@ def run_source() -> int:
             paused_at = source.steps
             source.stop()  # it stays paused after a migration; node B runs the agent now
             print(f"migrated at iteration {paused_at}: {len(summary.rounds)} rounds, "
-                  f"{summary.wire_bytes / 1e6:.2f} MB sent for a {summary.state_size / 1e6:.2f} MB memory, "
+                  f"{summary.wire_bytes / 2**20:.2f} MiB sent for a {summary.state_size / 2**20:.2f} MiB memory, "
                   f"downtime {summary.downtime_s * 1e3:.1f} ms, stopped on {summary.stop_reason}")
             child.wait(TIMEOUT)
             if child.returncode != 0:
