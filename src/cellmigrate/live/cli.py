@@ -16,6 +16,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -133,9 +134,10 @@ class FileTarget:
 
 def _run_command(cmd: Optional[str], what: str, timeout: float = 60.0) -> None:
     """Run a user's shell command (``timeout`` seconds at most); ``CellError`` when it
-    fails. Its output goes to our stderr, never through a pipe we would wait on: a
-    command that starts an agent in the background (``agent &``) returns at once, and
-    with ``--stdio`` our stdout is the protocol's."""
+    fails, ending with the start of what it wrote to stderr. Its output never goes
+    through a pipe we would wait on: a command that starts an agent in the background
+    (``agent &``) keeps a pipe open until the agent ends; a file does not. Its stdout
+    goes to our stderr (with ``--stdio`` our stdout is the protocol's)."""
     if not cmd:
         return
     out: Any
@@ -143,14 +145,17 @@ def _run_command(cmd: Optional[str], what: str, timeout: float = 60.0) -> None:
         out = sys.stderr.fileno()
     except (AttributeError, ValueError, OSError):  # embedded, no real stderr
         out = subprocess.DEVNULL
-    try:
-        done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise CellError(f"{what} command {cmd!r} did not finish within {timeout:g} s") from None
-    except OSError as exc:  # no shell
-        raise CellError(f"{what} command {cmd!r} could not be run: {exc}") from None
-    if done.returncode != 0:
-        raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})")
+    with tempfile.TemporaryFile() as err:
+        try:
+            done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CellError(f"{what} command {cmd!r} did not finish within {timeout:g} s") from None
+        except OSError as exc:  # no shell
+            raise CellError(f"{what} command {cmd!r} could not be run: {exc}") from None
+        if done.returncode != 0:
+            err.seek(0)
+            detail = err.read(200).decode("utf-8", "replace").strip()
+            raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
 
 
 # -- argument helpers -----------------------------------------------------------------------
