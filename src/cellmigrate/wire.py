@@ -562,7 +562,6 @@ def _check_declared(field: str, size: int, limit: int) -> None:
         )
 
 
-
 def _zstd_bound(n: int) -> int:
     """The most bytes zstd stores ``n`` bytes in (ZSTD_COMPRESSBOUND of zstd.h)."""
     return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < (128 << 10) else 0)

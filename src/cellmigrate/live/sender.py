@@ -341,7 +341,9 @@ class StreamChannel:
             self._conn.send(Msg.COMMIT, digest, extra)
             msg, body = self._conn.recv(Msg.DONE)
             if msg is Msg.ERROR:
-                refused.append(MigrationFailedError(f"the receiver refused the commit: {decode_reason(body)}"))
+                # Its own "Migration failed: " is ours to say, once.
+                reason = decode_reason(body).removeprefix(MigrationFailedError.prefix)
+                refused.append(MigrationFailedError(f"the receiver refused the commit: {reason}"))
 
         try:
             self._retrying(finish)
