@@ -57,10 +57,11 @@ static int cm_workers_running = 0;
 static int cm_workers_peak = 0;
 
 #ifdef CM_HAVE_PTHREADS
-static int cm_workers_take(int want, int cap) {
+/* Up to `want` workers, as long as no more than `want` run in all (0: none free). */
+static int cm_workers_take(int want) {
     int now = __atomic_load_n(&cm_workers_running, __ATOMIC_RELAXED);
     for (;;) {
-        int take = cap - now < want ? cap - now : want;
+        int take = want - now;
         if (take <= 0)
             return 0;
         if (__atomic_compare_exchange_n(&cm_workers_running, &now, now + take, 1, __ATOMIC_RELAXED,
@@ -158,7 +159,7 @@ static int cm_claims_run(cm_claims *c, int threads) {
 #ifdef CM_HAVE_PTHREADS
     pthread_t ids[CM_MAX_THREADS];
     if (threads > 1)
-        granted = cm_workers_take(threads - 1, threads - 1);
+        granted = cm_workers_take(threads - 1);
     if (granted > 0) {
         sigset_t async, saved;
         sigfillset(&async);
