@@ -81,6 +81,7 @@ __all__ = [
     "open_input_stream",
     "spool_stream",
     "file_kind",
+    "changed_while_read",
     "fsync_dir",
     "reserve",
     "copy_range",
@@ -578,10 +579,7 @@ class StateFile:
                 f"{str(self.path)!r}: {faults} page(s) could not be read through the memory map: {reason}"
             )
         if _signature(st) != self._stat:
-            raise StateChangedError(
-                f"{str(self.path)!r} changed while it was read (another process wrote to it); "
-                "the result could describe a state that never existed"
-            )
+            raise changed_while_read(self.path)
 
     def pread(self, length: int, offset: int) -> bytes:
         """``length`` bytes at ``offset`` read from the file now (not from the map)."""
@@ -1014,6 +1012,12 @@ def spool_stream(
     finally:
         spool.close()
     return StateFile(what, fd=dup)
+
+
+def changed_while_read(path: StrPath) -> StateChangedError:
+    """The error for a state file another process wrote to while it was read."""
+    return StateChangedError(f"{str(path)!r} changed while it was read (another process wrote to it); "
+                             "the result could describe a state that never existed")
 
 
 def _spooled(write: Callable[..., Any], *args: Any) -> None:

@@ -27,7 +27,7 @@ from ..cli import _one_line, _print_json  # one-line results whatever a file nam
 from ..errors import CellError, StateChangedError
 from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
-from ..statefile import StateFile, plural
+from ..statefile import StateFile, changed_while_read, plural
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
@@ -37,7 +37,7 @@ from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .protocol import derive_key
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
 from .sender import StreamChannel
-from .transport import DEFAULT_TIMEOUT, EXEC, PipeStream, Stream, connect, listen, parse_address
+from .transport import DEFAULT_TIMEOUT, EXEC, PipeStream, Stream, check_address, connect, listen
 
 __all__ = ["add_commands", "FileSource", "FileTarget"]
 
@@ -96,8 +96,7 @@ class FileSource:
         for f in [*self._older, self._file]:
             f.check()
         if self._pages is not None and PageFingerprints.of(self._file.buffer) != self._pages:
-            raise StateChangedError(f"{self.path!r} changed while it was read (another process wrote to it); "
-                                    "the result could describe a state that never existed")
+            raise changed_while_read(self.path)
 
     def extra(self) -> bytes:
         if self.at_rest:
@@ -464,13 +463,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         raise CliError("--live needs --pause-cmd, the command that stops the writer for the final round "
                        "('--pause-cmd true' if the writer stops by itself)")
     try:
-        if args.address.startswith(EXEC):
-            if not args.address[len(EXEC):].strip():
-                raise ValueError("exec: needs a command")
-            if args.tls_ca:
-                raise ValueError("TLS does not apply to an exec: address (the command carries the bytes: ssh, say)")
-        else:
-            parse_address(args.address)  # a usage error, before the state file is opened
+        check_address(args.address, tls=bool(args.tls_ca))  # a usage error, before the state file is opened
     except ValueError as exc:
         raise CliError(f"bad receiver address: {exc}") from None
     _key(args)  # bad key or TLS files are reported before the state file is opened

@@ -360,7 +360,7 @@ class Connection:
     def readable(self) -> bool:
         """Whether a frame has (started to) arrive. Right after a send this is what the
         stream saw when the send finished (no system call, so no wait for the GIL)."""
-        if self._ahead_end > self._ahead_pos:
+        if self.buffered():
             return True
         ready, self._ready = self._ready, None
         if ready is not None:
@@ -471,14 +471,26 @@ def parse_address(address: str) -> Tuple[int, Union[str, Tuple[str, int]]]:
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, number)
 
 
+def check_address(address: str, *, tls: bool = False) -> None:
+    """``ValueError`` unless :func:`connect` can take ``address`` (with TLS when ``tls``):
+    ``HOST:PORT``, ``unix:PATH``, or ``exec:COMMAND`` (a command, and no TLS)."""
+    if address.startswith(EXEC):
+        if not address[len(EXEC):].strip():
+            raise ValueError("exec: needs a command")
+        if tls:
+            raise ValueError("TLS does not apply to an exec: address (the command carries the bytes: ssh, say)")
+    else:
+        parse_address(address)
+
+
 def connect(
     address: str, *, timeout: float = DEFAULT_TIMEOUT, tls: Optional[ssl.SSLContext] = None, server_hostname: Optional[str] = None
 ) -> Stream:
     """A stream connected to ``address`` (TLS-wrapped with ``tls``): ``HOST:PORT``,
-    ``unix:PATH``, or ``exec:COMMAND`` (a :class:`CommandStream`; TLS does not apply)."""
+    ``unix:PATH``, or ``exec:COMMAND`` (a :class:`CommandStream`; TLS does not apply).
+    ``ValueError`` for an address :func:`check_address` refuses."""
+    check_address(address, tls=tls is not None)
     if address.startswith(EXEC):
-        if tls is not None:
-            raise ValueError("TLS does not apply to an exec: address (the command carries the bytes: ssh, say)")
         return CommandStream(address[len(EXEC):])
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
