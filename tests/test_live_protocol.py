@@ -16,8 +16,8 @@ from cellmigrate import CellError, digest
 from cellmigrate.live import BufferSource, BufferTarget, LiveMigration, MemoryStore, ProtocolError
 from cellmigrate.live.errors import AuthenticationError
 from cellmigrate.live.leaves import page_digests, page_root
-from cellmigrate.live.pages import Chunk, Encoding, pages_digest
-from cellmigrate.live.protocol import Msg, decode_chunk, derive_key, encode_chunk_header
+from cellmigrate.live.pages import Chunk, Encoding, pages_digest, placed_digest
+from cellmigrate.live.protocol import SENDER_VERSIONS, Msg, decode_chunk, derive_key, encode_chunk_header
 from cellmigrate.live.receiver import LiveReceiver
 from cellmigrate.live.replay import BytesStream, record_sender_stream
 from cellmigrate.live.sender import StreamChannel
@@ -34,9 +34,13 @@ def test_chunk_header_round_trip(pages: List[int], size: int, lz4: bool) -> None
     idx = np.array(sorted(pages), dtype=np.int64)
     payload = b"p" * 10
     chunk = Chunk(7, 3, size, idx, Encoding.LZ4 if lz4 else Encoding.RAW, payload, 10 if not lz4 else 4096, b"d" * 16)
-    got = decode_chunk(memoryview(encode_chunk_header(chunk) + payload))
-    assert (got.seq, got.round, got.size, got.encoding, got.raw_len, got.digest) == (7, 3, size, chunk.encoding, chunk.raw_len, b"d" * 16)
-    assert got.indices.tolist() == idx.tolist() and bytes(got.payload) == payload
+    for version in SENDER_VERSIONS:
+        got = decode_chunk(memoryview(encode_chunk_header(chunk, version) + payload), version)
+        assert (got.seq, got.round, got.size, got.encoding, got.raw_len) == (7, 3, size, chunk.encoding, chunk.raw_len)
+        assert got.indices.tolist() == idx.tolist() and bytes(got.payload) == payload
+        # Version 4 carries the page root bound to the placement; 3 the root itself.
+        assert got.placed == (version >= 4) and got.digest_for(b"d" * 16) == got.digest
+        assert got.digest == (placed_digest(b"d" * 16, 7, 3, size, idx) if version >= 4 else b"d" * 16)
 
 
 @SETTINGS

@@ -14,6 +14,7 @@ verifies and commits atomically and the most a dropped connection can cost.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Union
 
@@ -43,6 +44,7 @@ __all__ = [
     "base_pages",
     "pages_digest",
     "chunk_digest",
+    "placed_digest",
     "write_pages",
 ]
 
@@ -81,8 +83,10 @@ class Chunk:
     in this round (the receiver resizes to it before writing); ``indices`` are ascending
     page numbers; ``payload`` is the pages' bytes (the last page of the state may be
     short) encoded with ``encoding``; ``digest`` is the page root of the raw page bytes as
-    the sender copied them (:func:`pages_digest`). ``pages`` keeps the raw copy on the
-    sender until acknowledged, ``digests`` its page digests.
+    the sender copied them (:func:`pages_digest`), or, when ``placed`` (a chunk read off a
+    protocol-version-4 connection), that root bound to where the pages go
+    (:func:`placed_digest`). ``pages`` keeps the raw copy on the sender until
+    acknowledged, ``digests`` its page digests.
     """
 
     seq: int
@@ -96,6 +100,12 @@ class Chunk:
     pages: Optional[U8Array] = field(default=None, repr=False, compare=False)
     #: The ``(pages, 16)`` XXH3-128 digests of ``pages`` (sender side, when known).
     digests: Optional["npt.NDArray[np.uint8]"] = field(default=None, repr=False, compare=False)
+    #: ``digest`` covers the placement too (:func:`placed_digest`), not only the pages.
+    placed: bool = False
+
+    def digest_for(self, root: bytes) -> bytes:
+        """The digest this chunk must carry when its pages' page root is ``root``."""
+        return placed_digest(root, self.seq, self.round, self.size, self.indices) if self.placed else root
 
     @property
     def wire_len(self) -> int:
@@ -177,6 +187,22 @@ def chunk_digest(digests: "npt.NDArray[np.uint8]", raw_len: int) -> bytes:
     from .leaves import page_root
 
     return bytes(page_root(digests, raw_len))
+
+
+_PLACEMENT = struct.Struct("<QIQ")
+
+
+def placed_digest(root: bytes, seq: int, round_no: int, size: int, indices: I64Array) -> bytes:
+    """A version-4 chunk's ``digest``: its pages' page ``root`` (:func:`chunk_digest`)
+    bound to where they go, ``XXH3-128(root || u64le(seq) || u32le(round) ||
+    u64le(size) || u64le(i_0) || ... || u64le(i_{n-1}))`` over the page ``indices``, so a
+    chunk whose header or index runs changed in transit fails its own digest, before
+    anything is staged (docs/PROTOCOL.md, "CHUNK")."""
+    h = _xxhash.xxh3_128(root)
+    h.update(_PLACEMENT.pack(seq, round_no, size))
+    if len(indices):
+        h.update(np.ascontiguousarray(indices, dtype="<u8").tobytes())
+    return h.digest()
 
 
 #: Pages of a PAGES chunk: raw, zero or XZR (RLE is left to LZ4, which the whole chunk

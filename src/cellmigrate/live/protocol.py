@@ -18,9 +18,10 @@ from __future__ import annotations
 import enum
 import hmac
 import json
+import re
 import struct
 from dataclasses import asdict
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import blake3 as _blake3
 import numpy as np
@@ -31,13 +32,16 @@ from ..checksum import PAGE_SIZE
 from ..validation import AgentRequirements
 from .agent import MAX_EXTRA_BYTES
 from .errors import AuthenticationError, ProtocolError
-from .pages import MAX_CHUNK_BYTES, Chunk, Encoding
+from .pages import MAX_CHUNK_BYTES, Chunk, Encoding, placed_digest
 from .session import Offer
 
 __all__ = [
     "MAGIC",
     "VERSION",
     "SUPPORTED_VERSIONS",
+    "SENDER_VERSIONS",
+    "older_version_served",
+    "refuse_version",
     "MAC_SIZE",
     "NONCE_SIZE",
     "MAX_CONTROL_BODY",
@@ -76,10 +80,13 @@ __all__ = [
 ]
 
 MAGIC = b"CMLV"
-#: This side's protocol version: 3 added the PAGES chunk encoding (XZR pages).
-VERSION = 3
+#: This side's protocol version: 3 added the PAGES chunk encoding (XZR pages), 4 binds a
+#: chunk's digest to its placement (sequence, round, state size, page indices).
+VERSION = 4
 #: The versions a receiver serves (a version-2 sender never sends PAGES chunks).
-SUPPORTED_VERSIONS = (2, 3)
+SUPPORTED_VERSIONS = (2, 3, 4)
+#: The versions a sender speaks (the older when a receiver refuses the newer).
+SENDER_VERSIONS = (3, 4)
 MAC_SIZE = 32
 NONCE_SIZE = 32
 #: Bound on every frame but a chunk (and a commit, which may carry the agent's extra).
@@ -206,8 +213,8 @@ _HELLO = struct.Struct("<4sHB32s")
 _CHALLENGE = struct.Struct("<HB32s")
 
 
-def encode_hello(keyed: bool, nonce: bytes) -> bytes:
-    return _HELLO.pack(MAGIC, VERSION, _FLAG_KEYED if keyed else 0, nonce)
+def encode_hello(keyed: bool, nonce: bytes, version: int = VERSION) -> bytes:
+    return _HELLO.pack(MAGIC, version, _FLAG_KEYED if keyed else 0, nonce)
 
 
 def decode_hello(body: memoryview) -> Tuple[int, bool, bytes]:
@@ -290,6 +297,27 @@ def decode_reason(body: memoryview) -> str:
     return bytes(body[:_MAX_REASON]).decode("utf-8", "replace")
 
 
+def refuse_version(version: int) -> str:
+    """A receiver's REFUSE reason for a HELLO at ``version`` (:func:`older_version_served`
+    reads it: receivers of every release word it so)."""
+    speaks = " and ".join(str(v) for v in SUPPORTED_VERSIONS)
+    return f"protocol version {version} not supported (this receiver speaks {speaks})"
+
+
+_REFUSED_VERSION = re.compile(r"^protocol version (\d+) not supported \(this receiver speaks ((?:\d+)(?: and \d+)*)\)$")
+
+
+def older_version_served(reason: str, version: int) -> Optional[int]:
+    """The newest version under ``version`` that a sender speaks and the receiver whose
+    REFUSE ``reason`` (:func:`refuse_version`) turned ``version`` down serves, if any: a
+    version-3 receiver takes a version-4 sender's migration at version 3."""
+    match = _REFUSED_VERSION.match(reason)
+    if match is None or int(match.group(1)) != version:
+        return None
+    served = [v for v in map(int, match.group(2).split(" and ")) if v < version and v in SENDER_VERSIONS]
+    return max(served) if served else None
+
+
 # -- small fixed messages ------------------------------------------------------------------
 
 U64 = struct.Struct("<Q")
@@ -345,11 +373,16 @@ def _runs(indices: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
     return runs
 
 
-def encode_chunk_header(chunk: Chunk) -> bytes:
-    """Everything of a CHUNK body before its payload (header + index runs)."""
+def encode_chunk_header(chunk: Chunk, version: int = VERSION) -> bytes:
+    """Everything of a CHUNK body before its payload (header + index runs), for a
+    connection at ``version``: from 4 on the digest is bound to the chunk's placement
+    (:func:`~cellmigrate.live.pages.placed_digest`)."""
     runs = _runs(chunk.indices)
+    digest = chunk.digest
+    if version >= 4 and not chunk.placed:
+        digest = placed_digest(digest, chunk.seq, chunk.round, chunk.size, chunk.indices)
     head = _CHUNK.pack(
-        chunk.seq, chunk.round, chunk.size, int(chunk.encoding), len(chunk.indices), len(runs), chunk.raw_len, chunk.digest
+        chunk.seq, chunk.round, chunk.size, int(chunk.encoding), len(chunk.indices), len(runs), chunk.raw_len, digest
     )
     return head + runs.tobytes()
 
@@ -427,12 +460,17 @@ def check_payload_len(head: ChunkHead, payload_len: int, version: int = VERSION)
             raise ProtocolError(f"PAGES CHUNK of {head.pages} pages has {payload_len} bytes, under its table")
 
 
-def chunk_of(head: ChunkHead, indices: npt.NDArray[np.int64], payload: Union[bytes, memoryview]) -> Chunk:
-    """The :class:`Chunk` a decoded header, its indices and its payload make."""
-    return Chunk(head.seq, head.round, head.size, indices, head.encoding, payload, head.raw_len, head.digest)
+def chunk_of(
+    head: ChunkHead, indices: npt.NDArray[np.int64], payload: Union[bytes, memoryview], version: int = VERSION
+) -> Chunk:
+    """The :class:`Chunk` a decoded header, its indices and its payload make, read off a
+    connection at ``version`` (from 4 on its digest covers its placement: ``placed``)."""
+    return Chunk(
+        head.seq, head.round, head.size, indices, head.encoding, payload, head.raw_len, head.digest, placed=version >= 4
+    )
 
 
-def decode_chunk(body: memoryview) -> Chunk:
+def decode_chunk(body: memoryview, version: int = VERSION) -> Chunk:
     """A CHUNK body as a :class:`Chunk` (its payload a view into ``body``).
 
     Checks what can be checked without the state: counts against each other and the
@@ -444,11 +482,12 @@ def decode_chunk(body: memoryview) -> Chunk:
     _need(body, end, "CHUNK")
     indices = decode_chunk_runs(head, body[_CHUNK.size : end])
     payload = body[end:]
-    check_payload_len(head, payload.nbytes)
-    return chunk_of(head, indices, payload)
+    check_payload_len(head, payload.nbytes, version)
+    return chunk_of(head, indices, payload, version)
 
 
-def chunk_parts(chunk: Chunk) -> List[Union[bytes, memoryview]]:
-    """The pieces of a CHUNK body, in order (sent without joining them)."""
+def chunk_parts(chunk: Chunk, version: int = VERSION) -> List[Union[bytes, memoryview]]:
+    """The pieces of a CHUNK body for a connection at ``version``, in order (sent
+    without joining them)."""
     payload = chunk.payload if isinstance(chunk.payload, memoryview) else memoryview(chunk.payload)
-    return [encode_chunk_header(chunk), payload]
+    return [encode_chunk_header(chunk, version), payload]

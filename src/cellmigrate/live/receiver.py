@@ -44,6 +44,7 @@ from .protocol import (
     encode_challenge,
     encode_reason,
     encode_round_digest,
+    refuse_version,
 )
 from .session import ReceiverSession
 from .leaves import PAGE_DIGEST_SIZE, Digests, page_digests, page_kernel
@@ -119,8 +120,7 @@ class LiveReceiver:
         version, keyed, _nonce = decode_hello(body)
         hello = bytes(body)
         if version not in SUPPORTED_VERSIONS:
-            speaks = " and ".join(str(v) for v in SUPPORTED_VERSIONS)
-            conn.send(Msg.REFUSE, encode_reason(f"protocol version {version} not supported (this receiver speaks {speaks})"))
+            conn.send(Msg.REFUSE, encode_reason(refuse_version(version)))
             raise RefusedError(f"sender speaks protocol version {version}")
         if self.key is not None and not keyed:
             conn.send(Msg.REFUSE, encode_reason("this receiver requires a shared key (--key-file)"))
@@ -185,7 +185,7 @@ class LiveReceiver:
                 if msg is Msg.CHUNK:
                     reader = conn.reader(msg, length)
                     head = decode_chunk_head(reader.read(CHUNK_HEAD_SIZE))
-                    chunk = chunk_of(head, decode_chunk_runs(head, reader.read(head.runs_len)), b"")
+                    chunk = chunk_of(head, decode_chunk_runs(head, reader.read(head.runs_len)), b"", version)
                     check_payload_len(head, reader.remaining, version)
                     if session.can_apply_direct(chunk, pending_chunk):
                         settle()  # the staging must hold every chunk before this one

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 from .._types import BufferLike
 from .agent import BufferSource, BufferTarget, MemoryStore
 from .driver import LiveMigration
+from .protocol import VERSION
 from .receiver import LiveReceiver
 from .sender import StreamChannel
 from .transport import SocketStream
@@ -70,16 +71,18 @@ def record_sender_stream(
     migration_id: bytes = bytes(16),
     max_rounds: int = 0,
     on_round: Optional[Callable[[Any], None]] = None,
+    version: int = VERSION,
 ) -> bytes:
     """The bytes an unkeyed sender writes to migrate ``state``: by default stop-and-copy
     (one round); with ``max_rounds`` that many pre-copy rounds first, ``on_round`` called
-    after each (it may change ``state``, e.g. to have pages re-sent as XZR pages)."""
+    after each (it may change ``state``, e.g. to have pages re-sent as XZR pages).
+    ``version``: the protocol version it speaks (one of ``SENDER_VERSIONS``)."""
     a, b = socket.socketpair()
     receiver = LiveReceiver(MemoryStore(), BufferTarget(), timeout=10)
     thread = threading.Thread(target=receiver.handle, args=(SocketStream(a),), daemon=True)
     thread.start()
     recorder = RecordingStream(b)
-    channel = StreamChannel(lambda: recorder, retries=0, timeout=10)
+    channel = StreamChannel(lambda: recorder, retries=0, timeout=10, version=version)
     LiveMigration(
         BufferSource(state), channel, migration_id=migration_id, agent_id=uuid.UUID(int=1), max_rounds=max_rounds,
         chunk_bytes=chunk_bytes, on_round=on_round, downtime_limit=1e-9,

@@ -38,6 +38,7 @@ from .pages import Chunk, Encoding, pages_digest
 from .protocol import (
     ACCEPT_COMPLETED,
     NONCE_SIZE,
+    SENDER_VERSIONS,
     VERSION,
     Handshake,
     Msg,
@@ -50,6 +51,7 @@ from .protocol import (
     encode_hello,
     encode_offer,
     encode_reason,
+    older_version_served,
 )
 from .session import Offer
 from .transport import DEFAULT_TIMEOUT, Connection, Stream
@@ -73,6 +75,10 @@ class StreamChannel:
     32-byte protocol key; with it the receiver must prove it holds the key too.
     ``retry_delay`` (seconds) doubles per attempt up to ``max_retry_delay``; pass a
     ``recovery`` config to take ``max_retries`` and the delays from it instead.
+    ``version`` is the protocol version offered first (:data:`~.protocol.VERSION`); a
+    receiver that refuses it but serves an older one of
+    :data:`~.protocol.SENDER_VERSIONS` is connected to again at that one (a receiver
+    not yet upgraded), and :attr:`version` says which the migration speaks.
     """
 
     def __init__(
@@ -87,9 +93,12 @@ class StreamChannel:
         max_retry_delay: float = 5.0,
         recovery: Optional[RecoveryConfig] = None,
         on_reconnect: Optional[Callable[[int, BaseException], None]] = None,
+        version: int = VERSION,
     ) -> None:
         if key is not None and len(key) != 32:
             raise ValueError("key must be the 32-byte protocol key (see protocol.derive_key)")
+        if version not in SENDER_VERSIONS:
+            raise ValueError(f"a sender speaks protocol versions {SENDER_VERSIONS}, not {version!r}")
         if recovery is not None:
             retries = recovery.max_retries
             retry_delay = float(recovery.initial_retry_delay_secs)
@@ -102,6 +111,7 @@ class StreamChannel:
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
         self.on_reconnect = on_reconnect
+        self.version = version
         self._conn: Optional[Connection] = None
         self._offer: Optional[Offer] = None
         self._on_commit: CommitCallback = lambda chunk: None
@@ -121,19 +131,28 @@ class StreamChannel:
         assert self._offer is not None
         conn = Connection(self._connect(), timeout=self.timeout)
         self._conn = conn
-        hello = encode_hello(self.key is not None, os.urandom(NONCE_SIZE))
+        hello = encode_hello(self.key is not None, os.urandom(NONCE_SIZE), self.version)
         conn.send(Msg.HELLO, hello)
         try:
             msg, body = conn.recv(Msg.CHALLENGE, Msg.REFUSE)
         except ProtocolError as exc:  # its first reply is no frame of ours
             raise ProtocolError(f"the peer is not a cellmigrate receiver (its reply: {exc})") from None
         if msg is Msg.REFUSE:
-            raise _refusal(decode_reason(body))
+            reason = decode_reason(body)
+            older = older_version_served(reason, self.version)
+            if older is None:
+                raise _refusal(reason)
+            # A receiver of an earlier release: its REFUSE ended that connection; the
+            # next speaks its version (a forged REFUSE gains nothing: version 3 differs
+            # only in what an unkeyed chunk digest covers, and a keyed link MACs it all).
+            self._drop()
+            self.version = older
+            return self._handshake()
         if msg is Msg.ERROR:
             raise ConnectionLostError(f"receiver reported: {decode_reason(body)}")
         version, keyed, _nonce, proof = decode_challenge(body)
-        if version != VERSION:
-            raise RefusedError(f"receiver speaks protocol version {version}, this sender {VERSION}")
+        if version != self.version:
+            raise RefusedError(f"receiver speaks protocol version {version}, this sender {self.version}")
         if self.key is not None:
             if not keyed:
                 raise AuthenticationError("the receiver has no shared key; refusing to send unauthenticated")
@@ -227,7 +246,7 @@ class StreamChannel:
     def _send_chunk_frame(self, chunk: Chunk) -> None:
         assert self._conn is not None
         try:
-            self._conn.send(Msg.CHUNK, *chunk_parts(chunk))
+            self._conn.send(Msg.CHUNK, *chunk_parts(chunk, self.version))
         except ConnectionLostError:
             self._raise_refusal_sent()
             raise

@@ -167,7 +167,7 @@ class ReceiverSession:
         if chunk.encoding == Encoding.PAGES:
             base = base_pages(self._staged(), idx, chunk.payload, self._scratch_buffer())
         raw = decode_pages(chunk.encoding, chunk.payload, chunk.raw_len, base=base)
-        if pages_digest(raw) != chunk.digest:
+        if chunk.digest_for(pages_digest(raw)) != chunk.digest:
             raise CorruptDataError(_mismatch(chunk.seq))
         table = self._table_for(chunk)
         # Verified: now (and only now) change the staged state. Grown before the write,
@@ -262,7 +262,7 @@ class ReceiverSession:
         try:
             try:
                 digests = fill(ranges)
-                if digests.shape != (len(idx), PAGE_DIGEST_SIZE) or chunk_digest(digests, chunk.raw_len) != chunk.digest:
+                if digests.shape != (len(idx), PAGE_DIGEST_SIZE) or chunk.digest_for(chunk_digest(digests, chunk.raw_len)) != chunk.digest:
                     raise CorruptDataError(_mismatch(chunk.seq))
             except BaseException:
                 for r in ranges:  # they were all zero: the staging is as it was
