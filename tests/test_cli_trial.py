@@ -290,3 +290,27 @@ def test_failed_pause_command_message(tmp_path: Path) -> None:
             assert str(info.value).endswith(tail), str(info.value)
         finally:
             source.close()
+
+
+@pytest.mark.parametrize("command", ["apply", "diff"])
+def test_output_to_a_reader_that_goes_away_ends_quietly(tmp_path: Path, command: str) -> None:
+    """``-o - | head -c 10``: the reader closing the pipe is not an error of ours (as for
+    every Unix filter): exit 0 and not a word on stderr, whether the pipe broke in the
+    middle of the result or of the delta."""
+    old = os.urandom(8 << 20)
+    new = bytearray(old)
+    for page in range(0, len(new) // PAGE_SIZE, 2):  # half the pages rewritten: a 4 MiB delta
+        new[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = os.urandom(PAGE_SIZE)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(bytes(new))
+    assert run("diff", str(tmp_path / "old"), str(tmp_path / "new"), "-o", str(tmp_path / "d")).returncode == 0
+    args = (["apply", str(tmp_path / "old"), str(tmp_path / "d")] if command == "apply"
+            else ["diff", str(tmp_path / "old"), str(tmp_path / "new")])
+    proc = subprocess.Popen([*CLI, *args, "-o", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    head = proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away with most of the output unread
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0, err
+    assert len(head) == 10 and "error" not in err and "Broken pipe" not in err
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("old", "new", "d")]  # no temporary file left

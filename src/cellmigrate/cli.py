@@ -795,6 +795,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                 if output.stream:
                     with output.open() as out_fd:
                         _send_file(fd, out_fd, delta.wire_size)
+        except BrokenPipeError:
+            raise  # '-o - | head': the reader went away (main() ends quietly)
         except OSError as exc:
             raise _os_error(args.output, exc) from None
     elapsed = time.perf_counter() - started
@@ -984,6 +986,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             raise CliError(f"{exc}; {where}", EXIT_DIFFERENT) from None
         except JournalError as exc:
             raise CliError(str(exc)) from None
+        except BrokenPipeError:
+            raise  # '-o - | head': the reader went away (main() ends quietly)
         except OSError as exc:
             raise _os_error(dest_name, exc) from None
         elapsed = time.perf_counter() - started
