@@ -314,3 +314,26 @@ def test_output_to_a_reader_that_goes_away_ends_quietly(tmp_path: Path, command:
     assert proc.wait(60) == 0, err
     assert len(head) == 10 and "error" not in err and "Broken pipe" not in err
     assert not [p for p in tmp_path.iterdir() if p.name not in ("old", "new", "d")]  # no temporary file left
+
+
+def test_a_probe_and_a_stranger_are_named_as_such(tmp_path: Path) -> None:
+    """A connection closed without a byte (a port probe, a health check) and one that
+    speaks something else (HTTP) are each noted for what they are; a real migration
+    is served after them."""
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
+    src.write_bytes(os.urandom(2 * PAGE_SIZE + 1))
+    rx = Receiver(dst)
+    host, port = rx.address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port))).close()
+        with socket.create_connection((host, int(port))) as http:
+            http.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            http.recv(1024)  # the receiver's ERROR, then it closes
+        sent = send(str(src), rx.address)
+        got = rx.wait()
+    finally:
+        rx.kill()
+    assert sent.returncode == 0 and got.returncode == 0, (sent.stderr, got.stderr)
+    assert "connection dropped: peer closed the connection without sending anything" in got.stderr
+    assert "connection dropped: the peer is not a cellmigrate sender (unknown frame type 47)" in got.stderr  # "GET /": type is the 5th byte
+    assert "Migration failed" not in got.stderr and dst.read_bytes() == src.read_bytes()

@@ -353,7 +353,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             def dropped(exc: CellError) -> None:
                 if target.adopted:  # the staging file is STATE_FILE now: serve nothing more with it
                     raise exc
-                _say(args, f"cellmigrate receive: connection dropped: {exc}")
+                _say(args, f"cellmigrate receive: connection dropped: {exc.message or exc}")
 
             try:
                 if listener is not None:

@@ -22,7 +22,7 @@ from ..checksum import PAGE_SIZE
 from ..errors import CellError
 from ..validation import MigrationValidator, NodeCapabilities
 from .agent import StateStore, TargetAgent
-from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, RefusedError
+from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, ProtocolError, RefusedError
 from .protocol import (
     ACCEPT_COMPLETED,
     ACCEPT_CONTINUE,
@@ -116,7 +116,10 @@ class LiveReceiver:
         return False
 
     def _handle(self, conn: Connection) -> bool:
-        _, body = conn.recv(Msg.HELLO)
+        try:
+            _, body = conn.recv(Msg.HELLO)
+        except ProtocolError as exc:  # e.g. an HTTP request: say what it is not
+            raise ProtocolError(f"the peer is not a cellmigrate sender ({exc})") from None
         version, keyed, _nonce = decode_hello(body)
         hello = bytes(body)
         if version not in SUPPORTED_VERSIONS:

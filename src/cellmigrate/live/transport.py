@@ -311,6 +311,8 @@ class Connection:
             except OSError as exc:
                 raise ConnectionLostError(f"connection lost: {exc}") from None
             if k == 0:
+                if not (got or self.bytes_received or self._ahead_end):  # a port probe, a health check
+                    raise ConnectionLostError("peer closed the connection without sending anything")
                 raise ConnectionLostError(f"peer closed the connection ({got} of {n} bytes of {what} received)")
             if small:
                 take = min(k, n - got)
