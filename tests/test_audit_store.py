@@ -424,3 +424,94 @@ def test_log_refuses_a_non_sink() -> None:
         MigrationAuditLog(sink=42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="AuditSink"):
         MigrationAuditLog(sink=[])  # type: ignore[arg-type]
+
+
+# -- what an independent review found: fork, malformed rows and lines, range bounds ------------
+
+
+def test_a_forked_child_keeps_its_entries(tmp_path: Path) -> None:
+    """A log opened before ``fork()`` and written in the child: SQLite forbids using the
+    inherited connection, and the child's entries were lost when the parent closed its
+    own. The child now opens its own connection: every entry is in the file."""
+    import os
+
+    path = tmp_path / "audit.db"
+    log = MigrationAuditLog(sink=path)
+    log.log_start(M1, A1)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait for the parent to close, then write
+        code = 1
+        try:
+            os.close(write_end)
+            os.read(read_end, 1)
+            for i in range(5):
+                log.log_completion(M1, A1, True, f"child entry {i}")
+            code = 0 if log.sink is not None and log.sink.count() == 6 else 3
+        finally:
+            os._exit(code)
+    os.close(read_end)
+    log.close()
+    os.write(write_end, b"x")
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with SqliteAuditSink(path) as sink:
+        assert sink.count() == 6 and sink.integrity_check() == "ok"
+        assert [e.details for e in sink.recent(5)] == [f"child entry {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("column,value", [("timestamp", "abc"), ("timestamp", 1.5), ("details", b"\x00\x01"),
+                                          ("event_type", 7), ("migration_id", "sixteen chars!!!")])
+def test_a_row_of_the_wrong_type_is_corrupt_data(tmp_path: Path, column: str, value: object) -> None:
+    """SQLite's column affinity stores any type in any column: a row a foreign writer
+    stored with a wrong type is a ``CorruptDataError`` on reading, and a log opened on such
+    a file closes the sink it opened."""
+    path = tmp_path / "audit.db"
+    SqliteAuditSink(path).close()
+    row = {"migration_id": M1, "agent_id": A1, "event_type": "MIGRATION_STARTED", "timestamp": 1,
+           "source_node": None, "target_node": None, "details": "ok", "success": 1}
+    row[column] = value
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"INSERT INTO audit_entries ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                     list(row.values()))
+    conn.close()
+    with SqliteAuditSink(path) as sink:
+        with pytest.raises(CorruptDataError):
+            sink.recent(5)
+    closed: List[SqliteAuditSink] = []
+    real_close = SqliteAuditSink.close
+
+    def noting_close(self: SqliteAuditSink) -> None:
+        closed.append(self)
+        real_close(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SqliteAuditSink, "close", noting_close)
+        with pytest.raises(CorruptDataError):
+            MigrationAuditLog(sink=path)
+    assert len(closed) == 1
+
+
+@pytest.mark.parametrize("field,value", [("timestamp", 2**64), ("timestamp", -(2**63) - 1),
+                                         ("details", "\ud800 lone surrogate")])
+def test_an_entry_out_of_range_is_corrupt_data_naming_its_line(field: str, value: object) -> None:
+    good = entry(1).to_dict()
+    bad = dict(good, **{field: value})
+    text = json.dumps(good) + "\n" + json.dumps(bad) + "\n"
+    with pytest.raises(CorruptDataError, match="line 2"):
+        import_jsonl(io.StringIO(text))
+    with pytest.raises(CorruptDataError):
+        AuditEntry.from_dict(bad)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_range_past_64_bits_selects_to_the_edge(tmp_path: Path, durable: bool) -> None:
+    """With or without a sink the same answer: bounds past the 64-bit timestamps clamp."""
+    log = MigrationAuditLog(sink=tmp_path / "a.db" if durable else None)
+    log.log(entry(1, ts=5))
+    log.log(entry(2, ts=2**63 - 1))
+    assert names(log.get_entries_in_range(0, 2**64)) == names([entry(1), entry(2)])
+    assert names(log.get_entries_in_range(-(2**70), 5)) == names([entry(1)])
+    assert log.get_entries_in_range(2**63, 2**64) == []
+    log.close()

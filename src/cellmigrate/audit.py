@@ -204,7 +204,7 @@ class AuditEntry:
                 details=data["details"],
                 success=data["success"],
             )
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # ValueError: a timestamp past 64 bits, a lone surrogate
             raise CorruptDataError(f"malformed audit entry: {exc}") from None
 
 
@@ -267,7 +267,8 @@ class MigrationAuditLog:
         capacity = operator.index(capacity)
         if capacity < 1:
             raise ValueError(f"audit log capacity must be at least 1, got {capacity}")
-        if isinstance(sink, (str, os.PathLike)):
+        owned = isinstance(sink, (str, os.PathLike))
+        if owned:
             sink = SqliteAuditSink(sink)  # a path: the default durable sink
         elif sink is not None and not isinstance(sink, AuditSink):
             raise TypeError(f"sink must be an AuditSink or a database path, not {type(sink).__name__}")
@@ -279,7 +280,12 @@ class MigrationAuditLog:
         self._entries: Deque[AuditEntry] = deque(maxlen=capacity)
         if sink is not None:
             # Reopening a durable log: the ring shows the newest persisted entries.
-            self._entries.extend(sink.recent(capacity))
+            try:
+                self._entries.extend(sink.recent(capacity))
+            except BaseException:
+                if owned:  # a sink opened here is closed here (a corrupt database, say)
+                    sink.close()
+                raise
 
     @classmethod
     def with_capacity(
@@ -411,6 +417,8 @@ class MigrationAuditLog:
     def get_entries_in_range(self, start: int, end: int) -> List[AuditEntry]:
         """Entries with ``start <= timestamp <= end`` (empty when ``start > end``)."""
         start, end = operator.index(start), operator.index(end)
+        # Timestamps are 64-bit (as stored): a bound past that range selects as its edge.
+        start, end = max(start, -(2**63)), min(end, 2**63 - 1)
         if start > end:
             return []
         return self._select(start=start, end=end)

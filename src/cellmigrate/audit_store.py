@@ -143,6 +143,9 @@ _PAUSE_MAX = 0.025
 _SQLITE_BUSY = 5
 
 _T = TypeVar("_T")
+#: Connections a forked child inherited: never used nor closed there (nor collected,
+#: which would close them), as SQLite requires.
+_INHERITED: List[sqlite3.Connection] = []
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -184,18 +187,21 @@ def _row(entry: AuditEntry) -> Tuple[Any, ...]:
 def _entry(row: Sequence[Any]) -> AuditEntry:
     try:
         event = AuditEventType[row[2]]
-    except KeyError:
+    except (KeyError, TypeError):
         raise CorruptDataError(f"audit database holds an unknown event type {row[2]!r}") from None
-    return AuditEntry(
-        migration_id=row[0],
-        agent_id=row[1],
-        event_type=event,
-        timestamp=row[3],
-        source_node=row[4],
-        target_node=row[5],
-        details=row[6],
-        success=bool(row[7]),
-    )
+    try:
+        return AuditEntry(
+            migration_id=row[0],
+            agent_id=row[1],
+            event_type=event,
+            timestamp=row[3],
+            source_node=row[4],
+            target_node=row[5],
+            details=row[6],
+            success=bool(row[7]),
+        )
+    except (TypeError, ValueError) as exc:  # SQLite's column affinity stores any type
+        raise CorruptDataError(f"audit database holds a malformed entry: {exc}") from None
 
 
 class SqliteAuditSink:
@@ -227,7 +233,13 @@ class SqliteAuditSink:
         self._timeout = float(timeout)
         self._lock = threading.Lock()
         guard(self, "_lock")  # taken around fork(): see _forksafe
+        self._mode = mode
         self._conn: Optional[sqlite3.Connection] = None
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the connection and set the database up, for this process."""
+        self._pid = os.getpid()
         try:
             # isolation_level=None: autocommit, so a single INSERT is committed when
             # execute() returns; multi-row writes use explicit BEGIN/COMMIT.
@@ -241,7 +253,7 @@ class SqliteAuditSink:
                 ),
             )
             # Every step of the setup is idempotent, so a step refused as busy reruns it all.
-            self._retry("cannot open audit database", lambda: self._setup(mode))
+            self._retry("cannot open audit database", lambda: self._setup(self._mode))
         except sqlite3.OperationalError:
             self._discard()
             raise  # an AuditStoreError from _retry
@@ -307,6 +319,15 @@ class SqliteAuditSink:
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
             raise ValueError("the audit database is closed")
+        if self._pid != os.getpid() and self._path != ":memory:":
+            # A forked child: SQLite forbids using (even closing) a connection opened
+            # before fork() (https://www.sqlite.org/howtocorrupt.html, 2.6): its entries
+            # were silently lost. The inherited one is left alone, for good, and the
+            # child opens its own.
+            _INHERITED.append(self._conn)
+            self._conn = None
+            self._connect()
+            assert self._conn is not None
         return self._conn
 
     @property
