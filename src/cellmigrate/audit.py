@@ -267,9 +267,9 @@ class MigrationAuditLog:
         capacity = operator.index(capacity)
         if capacity < 1:
             raise ValueError(f"audit log capacity must be at least 1, got {capacity}")
-        owned = isinstance(sink, (str, os.PathLike))
-        if owned:
-            sink = SqliteAuditSink(sink)  # a path: the default durable sink
+        owned = False
+        if isinstance(sink, (str, os.PathLike)):
+            sink, owned = SqliteAuditSink(sink), True  # a path: the default durable sink
         elif sink is not None and not isinstance(sink, AuditSink):
             raise TypeError(f"sink must be an AuditSink or a database path, not {type(sink).__name__}")
         self._capacity = capacity
