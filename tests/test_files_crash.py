@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Counter, Dict, Tuple
+from typing import Callable, Counter, Dict, List, Tuple
 
 import pytest
 
@@ -249,3 +249,69 @@ def test_stale_named_temp_of_a_dead_process_is_removed(tmp_path: Path) -> None:
     assert not stale.exists()
     assert live.exists() and other.exists()
     assert remove_stale_temps(tmp_path / "other.bin") == [other]
+
+
+def test_a_temp_held_by_a_writer_whose_pid_means_nothing_here_stays(tmp_path: Path) -> None:
+    """A writer in another PID namespace sharing the directory: its PID may be dead (or
+    ours) here, but it holds its temporary file under flock, so the file stays; once the
+    lock is gone, it is stale. A name of an earlier release (no token) is still known."""
+    import fcntl
+
+    from cellmigrate.statefile import remove_stale_temps, temp_name
+
+    dest = tmp_path / "out.bin"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    held = tmp_path / temp_name(dest, pid=dead.pid)
+    old_style = tmp_path / f".out.bin.cellmigrate-{dead.pid}.tmp"
+    for p in (held, old_style):
+        p.write_bytes(b"x")
+    assert held.name != temp_name(dest, pid=dead.pid)  # a token of its own each time
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert remove_stale_temps(dest) == [old_style]
+        assert held.exists()
+    finally:
+        os.close(fd)
+    assert remove_stale_temps(dest) == [held]
+
+
+def test_threads_replacing_one_file_never_publish_a_half_written_one(tmp_path: Path) -> None:
+    """Two threads in ``atomic_replace`` on the same target, one failing half-way: each
+    writes a temporary file of its own, so the target ends as the complete one, and
+    nothing else is left (before, both used ``.NAME.cellmigrate-PID.tmp``: the second
+    unlinked the first's, and the first renamed the second's half-written file)."""
+    import threading
+
+    from cellmigrate.statefile import atomic_replace
+
+    dest = tmp_path / "point.bin"
+    a_written, b_written = threading.Event(), threading.Event()
+    errors: List[BaseException] = []
+
+    def a() -> None:
+        with atomic_replace(dest) as tmp:
+            tmp.write_bytes(b"A" * 100_000)
+            a_written.set()
+            assert b_written.wait(10)
+
+    def b() -> None:
+        assert a_written.wait(10)
+        try:
+            with atomic_replace(dest) as tmp:
+                with open(tmp, "wb") as fh:
+                    fh.write(b"B" * 1000)  # half of what it meant to write
+                    b_written.set()
+                    raise RuntimeError("cancelled")
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(errors) == 1
+    assert dest.read_bytes() == b"A" * 100_000
+    assert os.listdir(tmp_path) == ["point.bin"]

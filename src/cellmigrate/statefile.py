@@ -27,9 +27,9 @@ Output goes through :func:`open_output`: a regular file (a symlink is resolved, 
 link stays and its target is replaced) is written to an unnamed temporary file
 (``O_TMPFILE``) in the target's directory, fsynced, linked in and renamed over the target,
 so the target is either untouched or complete and a killed process leaves nothing behind.
-Where ``O_TMPFILE`` is not supported, the temporary file gets a deterministic name
-(``.NAME.cellmigrate-PID.tmp``) that the next run on the same target removes once PID is
-gone. A FIFO, character device or ``-`` (stdout) is written through as a stream, never
+Where ``O_TMPFILE`` is not supported, the temporary file gets a name of its own
+(``.NAME.cellmigrate-PID-TOKEN.tmp``, TOKEN random per file, held under ``flock`` while it
+is written) that the next run on the same target removes once no process holds it. A FIFO, character device or ``-`` (stdout) is written through as a stream, never
 replaced. Inputs are never overwritten (same device and inode) and an existing output
 only with ``force``.
 
@@ -50,6 +50,7 @@ import gc
 import mmap
 import os
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -649,19 +650,22 @@ def _replacing_mode(dest: Path) -> int:
         return _default_mode()
 
 
-_TEMP_RE_TEMPLATE = r"^\.{name}\.cellmigrate-(\d+)\.tmp$"
+# Earlier releases named them without the token.
+_TEMP_RE_TEMPLATE = r"^\.{name}\.cellmigrate-(\d+)(?:-[0-9a-f]+)?\.tmp$"
 
 
-def temp_name(dest: StrPath, pid: Optional[int] = None) -> str:
-    """The temporary name used beside ``dest``: ``.NAME.cellmigrate-PID.tmp``.
+def temp_name(dest: StrPath, pid: Optional[int] = None, token: Optional[str] = None) -> str:
+    """A temporary name beside ``dest``: ``.NAME.cellmigrate-PID-TOKEN.tmp``.
 
-    Deterministic per target and process, so a run killed with SIGKILL leaves a file
-    that the next run on the same target recognises (:func:`remove_stale_temps`).
+    TOKEN (random unless given) makes it unique per file, so two threads, or processes
+    of two PID namespaces sharing the directory, never write the same temporary file;
+    the pattern lets the next run on the same target recognise what a run killed with
+    SIGKILL left (:func:`remove_stale_temps`).
 
-    >>> temp_name("/data/state.bin", pid=42)
-    '.state.bin.cellmigrate-42.tmp'
+    >>> temp_name("/data/state.bin", pid=42, token="5eed")
+    '.state.bin.cellmigrate-42-5eed.tmp'
     """
-    return f".{Path(dest).name}.cellmigrate-{os.getpid() if pid is None else pid}.tmp"
+    return f".{Path(dest).name}.cellmigrate-{os.getpid() if pid is None else pid}-{token or secrets.token_hex(6)}.tmp"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -677,8 +681,10 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(dest: StrPath) -> List[Path]:
     """Remove temporary files of ``dest`` left by processes that no longer run.
 
-    Only names matching :func:`temp_name` for this target, whose PID is gone, are
-    removed (a live PID, even a recycled one, keeps its file). Returns what was removed.
+    Only names matching :func:`temp_name` for this target, whose PID is gone and which no
+    process holds locked, are removed: a live PID (even a recycled one) keeps its file,
+    and so does a writer whose PID means nothing here (another PID namespace sharing the
+    directory), which holds its file under ``flock``. Returns what was removed.
     """
     dest = Path(dest)
     directory = dest.parent if str(dest.parent) else Path(".")
@@ -693,7 +699,7 @@ def remove_stale_temps(dest: StrPath) -> List[Path]:
         if match is None:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or _pid_alive(pid) or _held(directory / name):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / name)
@@ -701,16 +707,41 @@ def remove_stale_temps(dest: StrPath) -> List[Path]:
     return removed
 
 
-def _named_temp(directory: Path, dest: Path) -> Tuple[int, Path]:
-    """Create ``temp_name(dest)`` in ``directory`` exclusively (replacing a stale one)."""
-    path = directory / temp_name(dest)
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+def _held(path: Path) -> bool:
+    """Whether a writer holds ``path`` under ``flock`` (an open file never blocks here)."""
     try:
-        return os.open(path, flags, 0o600), path
-    except FileExistsError:
-        # Left by a dead process that had our PID (we are the only one with it now).
-        os.unlink(path)
-        return os.open(path, flags, 0o600), path
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False  # gone already, or not ours to open: unlink decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock just taken
+    return False
+
+
+def _named_temp(directory: Path, dest: Path) -> Tuple[int, Path]:
+    """Create a fresh :func:`temp_name` of ``dest`` in ``directory``, exclusively, and
+    hold it under ``flock`` for as long as the descriptor is open."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = directory / temp_name(dest)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:  # 48 random bits: another token
+            continue
+        _lock_temp(fd)
+        return fd, path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(directory / temp_name(dest)))
+
+
+def _lock_temp(fd: int) -> None:
+    """Hold a temporary file under ``flock`` (:func:`remove_stale_temps` leaves it alone).
+    Where the file system refuses ``flock`` the PID check alone protects it."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _unnamed_temp(directory: Path) -> Optional[int]:
@@ -739,6 +770,18 @@ def _link_unnamed(fd: int, directory: Path, name: str) -> None:
         os.close(dir_fd)
 
 
+def _linked_name(fd: int, directory: Path, dest: Path) -> Path:
+    """Link the unnamed file ``fd`` into ``directory`` under a fresh :func:`temp_name`."""
+    for _ in range(100):
+        named = directory / temp_name(dest)
+        try:
+            _link_unnamed(fd, directory, named.name)
+        except FileExistsError:
+            continue
+        return named
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(directory / temp_name(dest)))
+
+
 @contextlib.contextmanager
 def atomic_replace(dest: StrPath) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success fsync it and rename it over ``dest``.
@@ -747,8 +790,11 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
     existing ``dest`` that is not a regular file (a device, a FIFO) raises ``OSError``. On
     any exception, including :class:`SignalInterrupt` and ``KeyboardInterrupt``, the
     temporary file is removed and ``dest`` is untouched; a SIGKILL leaves
-    ``.NAME.cellmigrate-PID.tmp``, which the next call on the same target removes. The
-    result keeps ``dest``'s permission bits when it exists, else gets the umask's default.
+    ``.NAME.cellmigrate-PID-TOKEN.tmp``, which the next call on the same target removes.
+    The temporary file is this call's own (:func:`temp_name`): calls from several
+    threads on one ``dest`` each replace it with a complete file, the last rename
+    winning. The result keeps ``dest``'s permission bits when it exists, else gets the
+    umask's default.
     """
     dest = Path(os.path.realpath(dest))
     directory = dest.parent
@@ -758,8 +804,7 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
             # Renaming over /dev/null or a FIFO would replace the device node itself.
             raise OSError(errno.EINVAL, f"{str(dest)!r} is {file_kind(mode)}; refusing to replace it")
     remove_stale_temps(dest)
-    fd, tmp = _named_temp(directory, dest)
-    os.close(fd)
+    fd, tmp = _named_temp(directory, dest)  # held open (and locked) until renamed or removed
     try:
         yield tmp
         os.chmod(tmp, _replacing_mode(dest))
@@ -771,6 +816,8 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        os.close(fd)
 
 
 def copy_to_temp(
@@ -860,6 +907,7 @@ class Output:
             fd, named = _named_temp(directory, dest)
         else:
             fd = unnamed
+            _lock_temp(fd)  # held once it has a name, below
         try:
             if size:
                 reserve(fd, 0, size)
@@ -867,12 +915,9 @@ class Output:
             os.fchmod(fd, _replacing_mode(dest))
             os.fsync(fd)
             if named is None:
-                # Give the unnamed file a (deterministic) name, then rename it into place:
+                # Give the unnamed file a name of its own, then rename it into place:
                 # rename is the atomic step that replaces an existing target.
-                named = directory / temp_name(dest)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(named)
-                _link_unnamed(fd, directory, named.name)
+                named = _linked_name(fd, directory, dest)
             os.replace(named, dest)
             named = None
             fsync_dir(directory)
