@@ -11,7 +11,7 @@ import fcntl
 import os
 import struct
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -117,13 +117,16 @@ def test_damaged_journal_is_not_applied(tmp_path: Path, where: str) -> None:
     assert base.read_bytes() == old
 
 
-def _sealed_journal(base: Path, records: bytes, count: int) -> Path:
+def _sealed_journal(base: Path, records: bytes, count: int, old_size: Optional[int] = None,
+                    new_size: Optional[int] = None) -> Path:
     """A journal for BASE as it is now, sealed (header and body digests valid) around
-    ``records`` whatever they say."""
+    ``records`` whatever they say (and the sizes, BASE's own unless given)."""
     import xxhash
 
     st = os.stat(base)
-    head = struct.pack("<8sIIQQQQQQ16s", jr.MAGIC, 1, jr.HEADER_SIZE, st.st_size, st.st_size, st.st_dev, st.st_ino,
+    old_size = st.st_size if old_size is None else old_size
+    new_size = st.st_size if new_size is None else new_size
+    head = struct.pack("<8sIIQQQQQQ16s", jr.MAGIC, 1, jr.HEADER_SIZE, old_size, new_size, st.st_dev, st.st_ino,
                        count, len(records), xxhash.xxh3_128_digest(records))
     jpath = jr.journal_path(base)
     jpath.write_bytes(head + xxhash.xxh3_128_digest(head) + records)
@@ -414,3 +417,60 @@ def test_recover_that_cannot_look_for_a_journal_does_not_say_clean(tmp_path: Pat
     monkeypatch.setattr(jr.os, "lstat", lstat)
     with pytest.raises(PermissionError):
         jr.recover(base)
+
+
+@pytest.mark.parametrize("sizes", [(2**64 - 1, None), (None, 2**64 - 1), (1, 2), (2**40, 2**41)])
+def test_a_journal_whose_sizes_do_not_fit_the_file_is_refused_and_kept(tmp_path: Path, sizes: tuple) -> None:
+    """An interrupted apply leaves BASE between its old and new sizes; a sealed journal
+    that says otherwise (crafted, or another file's) is not followed: its old size would
+    be set by ftruncate (a file grown to any size, or a raw OverflowError)."""
+    base, old, _, _ = _files(tmp_path, size=2 * PAGE_SIZE)
+    jpath = _sealed_journal(base, b"", 0, *sizes)
+    with pytest.raises(JournalError, match="does not describe this file"):
+        jr.recover(base)
+    assert base.read_bytes() == old and jpath.exists()
+    assert main(["recover", str(base)]) == 2
+
+
+def test_a_rollback_the_system_refuses_keeps_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error while rolling back (EFBIG, EIO, ...) is a JournalError naming the
+    cause, and the journal is kept for the next try."""
+    import errno
+
+    base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+    jpath = _journal(base, old, new, halfway=True)
+
+    def refuse(fd: int, size: int) -> None:
+        raise OSError(errno.EFBIG, "File too large")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(jr.os, "ftruncate", refuse)
+        with pytest.raises(JournalError, match=r"File too large\); the journal is kept"):
+            jr.recover(base)
+    assert jpath.exists()
+    assert jr.recover(base).action == "rolled back" and base.read_bytes() == old
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_journal_path_that_is_no_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """A FIFO at the journal's path once blocked every command on BASE for ever (opened
+    for reading under BASE's lock); a directory or symlink gave a raw OSError. Each is a
+    JournalError now, and what is there is left alone."""
+    import subprocess
+    import sys
+
+    base, old, _, _ = _files(tmp_path, size=2 * PAGE_SIZE)
+    jpath = jr.journal_path(base)
+    if kind == "fifo":
+        os.mkfifo(jpath)
+    elif kind == "directory":
+        jpath.mkdir()
+    else:
+        jpath.symlink_to(tmp_path / "elsewhere")
+        (tmp_path / "elsewhere").write_bytes(b"x")
+    code = ("import sys; from cellmigrate import journal, JournalError\n"
+            "try:\n    journal.recover(sys.argv[1])\nexcept JournalError as e:\n    print(e); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(base)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert {"fifo": "a FIFO", "directory": "a directory", "symlink": "a symlink"}[kind] in done.stdout
+    assert base.read_bytes() == old and os.path.lexists(jpath)

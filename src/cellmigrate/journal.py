@@ -48,6 +48,7 @@ import errno
 import itertools
 import os
 import signal
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ from .errors import JournalError, TruncatedInputError
 from .statefile import (
     StateFile,
     StrPath,
+    file_kind,
     fsync_dir,
     identity,
     lock_file,
@@ -145,7 +147,7 @@ def read_journal(path: StrPath) -> Optional[JournalInfo]:
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_journal(path)
     except FileNotFoundError:
         return None
     try:
@@ -180,6 +182,27 @@ def read_journal(path: StrPath) -> Optional[JournalInfo]:
         return JournalInfo(path, True, "", old_size, new_size, dev, ino, records, body_length)
     finally:
         os.close(fd)
+
+
+def _open_journal(path: Path) -> int:
+    """The journal opened for reading: a regular file, not followed through a symlink,
+    never waited on (a FIFO put there would block every later command on BASE while it
+    holds BASE's lock); anything else is a :class:`JournalError`."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        kind = "a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise JournalError(f"{str(path)!r} cannot be read as a journal ({kind}): remove it by hand if no "
+                           "apply of this file was interrupted") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise JournalError(f"{str(path)!r} is {file_kind(mode)}, not a journal: remove it by hand if no apply "
+                           "of this file was interrupted")
+    return fd
 
 
 def _record_heads(fd: int, info: JournalInfo) -> Iterator[Tuple[int, int, int]]:
@@ -284,7 +307,7 @@ def _remove_journal(jpath: Path) -> None:
 def _rollback(fd: int, info: JournalInfo) -> int:
     """Write the journal's original bytes back into BASE, restore its size, fsync."""
     restored = 0
-    jfd = os.open(info.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    jfd = _open_journal(info.path)
     try:
         for offset, data in _records(jfd, info):
             write_all(fd, data, offset)
@@ -305,13 +328,32 @@ def _recover_locked(fd: int, base: Path, jpath: Path) -> Recovery:
         if not info.valid:
             _remove_journal(jpath)
             return Recovery(base, "discarded", jpath, reason=info.reason)
-        if (info.dev, info.ino) != identity(os.fstat(fd)):
+        st = os.fstat(fd)
+        if (info.dev, info.ino) != identity(st):
             raise JournalError(
                 f"{str(jpath)!r} was written for another file than {str(base)!r} (device/inode differ: the file "
                 "was replaced since); it cannot be rolled back into this one. Remove the journal by hand "
                 "if this file is right"
             )
-        restored = _rollback(fd, info)
+        # An interrupted apply leaves BASE between its old and new sizes: a journal that
+        # says otherwise does not describe this file, and is not followed (its old size
+        # would be set by ftruncate: a file grown to any size, or an OverflowError).
+        low, high = sorted((info.old_size, info.new_size))
+        if high >= 2**63 or not low <= st.st_size <= high:
+            raise JournalError(
+                f"{str(jpath)!r} records an apply from {info.old_size} to {info.new_size} bytes, but "
+                f"{str(base)!r} has {st.st_size}: it does not describe this file. Remove the journal by hand "
+                "if this file is right"
+            )
+        try:
+            restored = _rollback(fd, info)
+        except OSError as exc:
+            if isinstance(exc, PermissionError):
+                raise  # recover() names who can
+            raise JournalError(
+                f"cannot roll {str(base)!r} back from {str(jpath)!r} ({exc.strerror or exc}); the journal is kept: "
+                "run 'cellmigrate recover' again once the cause is gone"
+            ) from None
         _remove_journal(jpath)
     return Recovery(base, "rolled back", jpath, restored, info.records, info.old_size, info.new_size)
 
