@@ -877,3 +877,49 @@ def test_keyed_spill_and_load(tmp_path: Path) -> None:
         RollbackInfo.load(path, key=OTHER_KEY)
     loaded.close()
     info.close()
+
+
+# -- closed points and paths that are no rollback file (an independent review's findings) ------
+
+
+def test_a_closed_mapped_point_says_so_instead_of_failing(tmp_path: Path) -> None:
+    """``len``, ``repr`` and ``==`` of a spilled point after ``close()`` read a released
+    view (a raw ValueError); now the length is kept, ``repr`` says closed, comparing is an
+    ``InvalidStateError``, and a validator's rollback of it fails in the audit trail."""
+    from cellmigrate import MigrationValidator
+
+    state = _state(30_000, seed=9)
+    info = RollbackInfo.capture(_agent(), state, spill_to=str(tmp_path / "p.cmrb"))
+    other = RollbackInfo.capture(_agent(), state)
+    info.close()
+    assert info.closed and len(info) == 30_000 and "<30000 bytes, closed>" in repr(info)
+    with pytest.raises(InvalidStateError, match="closed"):
+        _ = info == other
+    with pytest.raises(InvalidStateError, match="closed"):
+        _ = other == info
+
+    validator = MigrationValidator()
+    mid = uuid.uuid4().bytes
+    validator.capture_rollback_info(mid, _agent(), state, spill_to=str(tmp_path / "q.cmrb"))
+    validator._rollback_info[mid].close()  # closed by whatever held it meanwhile
+    with pytest.raises(InvalidStateError, match="closed"):
+        validator.execute_rollback(mid)
+    events = [(e.event_type.name, e.success) for e in validator.audit_log.get_migration_entries(mid)]
+    assert events[-2:] == [("ROLLBACK_STARTED", True), ("ROLLBACK_COMPLETED", False)]
+    assert not validator.has_rollback_info(mid)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_loading_a_path_that_is_no_file_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "point.cmrb"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    code = ("import sys; from cellmigrate import CorruptDataError; from cellmigrate.rollback import RollbackInfo\n"
+            "try:\n    RollbackInfo.load(sys.argv[1])\nexcept CorruptDataError as e:\n    print(e); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert ("a FIFO" if kind == "fifo" else "a directory") in done.stdout
+    with pytest.raises(FileNotFoundError):
+        RollbackInfo.load(tmp_path / "missing.cmrb")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hmac
 import json
 import mmap
@@ -45,7 +46,7 @@ from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressCallback, ProgressEventKind, byte_progress
-from .statefile import atomic_replace
+from .statefile import atomic_replace, open_regular
 
 __all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
 
@@ -257,6 +258,8 @@ class RollbackInfo:
         # The mapping behind a spilled/loaded state; released by close().
         self._mapping = _mapping
         self._closed = False
+        # The state's length once close() released a mapped state (len() and repr() say it).
+        self._released_len: Optional[int] = None
 
     # -- the crate's API -------------------------------------------------------------
 
@@ -521,7 +524,13 @@ class RollbackInfo:
         and the state stays a view into the mapping until :meth:`close`. As with any
         mapped file, it must not be truncated in place while mapped."""
         p = Path(path)
-        with open(p, "rb") as f:
+        try:
+            fd = open_regular(p, os.O_RDONLY)  # never a FIFO (it would block) nor a device
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise  # not found, no permission: the OSError says it
+            raise CorruptDataError(f"cannot load rollback point {str(p)!r}: it {exc.strerror}") from None
+        with open(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < _OVERHEAD:
                 raise CorruptDataError(f"Rollback file truncated: {size} bytes, at least {_OVERHEAD} needed")
@@ -635,12 +644,19 @@ class RollbackInfo:
         """True when the state lives in a memory-mapped file rather than RAM."""
         return self._mapping is not None
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called (a spilled or loaded point's state is
+        then unmapped: restoring or comparing it raises ``InvalidStateError``)."""
+        return self._closed
+
     def close(self) -> None:
         """Unmap a spilled/loaded state (the file stays). Idempotent; no-op for RAM points."""
         if self._closed:
             return
         self._closed = True
         if self._mapping is not None:
+            self._released_len = len(self.original_state)
             if isinstance(self.original_state, memoryview):
                 self.original_state.release()
             try:
@@ -664,11 +680,13 @@ class RollbackInfo:
     # -- value semantics -------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.original_state)
+        return self._released_len if self._released_len is not None else len(self.original_state)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RollbackInfo):
             return NotImplemented
+        if self._released_len is not None or other._released_len is not None:
+            raise InvalidStateError("Rollback point is closed: its state is unmapped and cannot be compared")
         return (
             self.agent_id == other.agent_id
             and self.original_checksum == other.original_checksum
@@ -691,7 +709,7 @@ class RollbackInfo:
         where = f", spill_path={str(self.spill_path)!r}" if self.spill_path is not None else ""
         return (
             f"RollbackInfo(agent_id={self.agent_id.hex()}, "
-            f"original_state=<{len(self.original_state)} bytes>, "
+            f"original_state=<{len(self)} bytes{', closed' if self._released_len is not None else ''}>, "
             f"original_checksum={self.original_checksum}, "
             f"original_policy_data={self.original_policy_data!r}, created_at={self.created_at}, "
             f"source_node={src}, digest_algorithm={self.digest_algorithm!r}, digest={dig}, "

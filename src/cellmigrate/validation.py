@@ -607,8 +607,9 @@ class MigrationValidator:
         """Hand back the rollback point of a migration, logging the rollback.
 
         Raises ``InvalidStateError`` when there is none ("No rollback info available for
-        migration") or it has expired ("Rollback info has expired"). The point is removed
-        in every case.
+        migration"), it has expired ("Rollback info has expired") or its holder closed it
+        ("Rollback point is closed"; the audit trail records the failed rollback). The
+        point is removed in every case.
         """
         mid = to_id(migration_id, "migration_id")
         with self._lock:
@@ -622,6 +623,9 @@ class MigrationValidator:
                 mid, aid, False, False, f"Rollback info expired: {info.age_secs()} seconds old"
             )
             raise InvalidStateError("Rollback info has expired")
+        if info.closed:  # its holder closed it: a spilled or loaded state is unmapped
+            self._audit_log.log_rollback(mid, aid, False, False, "Rollback failed: the rollback point was closed")
+            raise InvalidStateError("Rollback point is closed")
         self._audit_log.log_rollback(mid, aid, False, True, f"Rollback completed: restored {len(info)} bytes")
         return info
 
