@@ -505,3 +505,56 @@ def test_readme_ray_example_runs(cluster: SimpleNamespace, tmp_path: Path) -> No
     with MigrationAuditLog(sink=tmp_path / "fleet.db") as log:
         assert [e.event_type.name for e in log.get_failures()] == []
         assert len(log.get_entries_by_type(_type("MIGRATION_COMPLETED"))) == 3
+
+
+# -- errors across the actor boundary (no cluster needed) ----------------------------------------
+
+
+def test_remote_errors_keep_their_class_or_the_nearest_one_built_from_a_message() -> None:
+    """An actor's error is raised again by class name; classes that need more than a
+    message (``DeclaredSizeError``, ``InputTooLargeError``: a size and limit) come back as
+    their nearest base class that is, never as a TypeError from the rebuild."""
+    from cellmigrate import CellError, CorruptDataError, InputTooLargeError, StateChangedError
+    from cellmigrate.live.errors import ConnectionLostError
+    from cellmigrate.ray.channel import remote_error
+    from cellmigrate.ray.migrate import MigrationResult
+
+    with pytest.raises(TypeError):
+        InputTooLargeError("too big")  # type: ignore[call-arg]
+    declared = remote_error("DeclaredSizeError", "delta declares too much")
+    assert type(declared) is CorruptDataError and declared.message == "delta declares too much"
+    too_big = remote_error("InputTooLargeError", "state too large")
+    assert type(too_big) is CellError and too_big.message == "state too large"
+    assert type(remote_error("StateChangedError", "x")) is StateChangedError
+    assert type(remote_error("ConnectionLostError", "y")) is ConnectionLostError
+    assert type(remote_error("NoSuchError", "z")).__name__ == "MigrationFailedError"
+    failed = MigrationResult(index=0, ok=False, actor=None, source_node="a", target_node="b",
+                             error_type="DeclaredSizeError", error="over the limit")
+    with pytest.raises(CorruptDataError, match="over the limit"):
+        failed.raise_for_error()
+
+
+@pytest.mark.parametrize("error", ["unavailable", "died"])
+def test_a_commit_without_an_answer_kills_the_target(monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    """Ray's ActorUnavailableError says the call "may or may not have executed": the
+    target may have adopted the state and resumed the agent. Like a timeout, any commit
+    that got no answer kills the target, so the source (which resumes) is the only copy."""
+    import ray
+
+    from cellmigrate.live.errors import ConnectionLostError
+    from cellmigrate.ray import channel as ray_channel
+
+    killed: List[Any] = []
+    target = SimpleNamespace(_cellmigrate_commit=SimpleNamespace(remote=lambda digest, extra: "ref"))
+
+    def no_answer(ref: Any, timeout: float) -> None:
+        if error == "unavailable":
+            raise ray.exceptions.ActorUnavailableError("the actor is temporarily unavailable", None)
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(ray_channel.ray, "get", no_answer)
+    monkeypatch.setattr(ray_channel.ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart)))
+    channel = ray_channel.RayChannel(target)
+    with pytest.raises(ConnectionLostError, match="target actor killed"):
+        channel.commit(bytes(16), b"")
+    assert killed == [(target, True)]

@@ -36,7 +36,7 @@ from ..live.errors import ConnectionLostError, PeerTimeoutError
 from ..live.pages import Chunk
 from ..live.session import Offer
 
-__all__ = ["RayChannel", "DEFAULT_TIMEOUT", "DEFAULT_BYTES_IN_FLIGHT", "raise_from_ray", "error_class"]
+__all__ = ["RayChannel", "DEFAULT_TIMEOUT", "DEFAULT_BYTES_IN_FLIGHT", "raise_from_ray", "error_class", "remote_error"]
 
 #: Seconds any single step (a chunk's acknowledgement, a round's digest, the commit) may take.
 DEFAULT_TIMEOUT = 60.0
@@ -53,6 +53,19 @@ def error_class(name: str) -> Type[CellError]:
     return MigrationFailedError
 
 
+def remote_error(name: str, message: str) -> CellError:
+    """The error ``name`` (a class name, as an actor reported it) carrying ``message``:
+    of that class when it is built from a message alone, else of its nearest base class
+    that is (``InputTooLargeError`` needs its size and limit: a ``CorruptDataError``)."""
+    for cls in error_class(name).__mro__:
+        if isinstance(cls, type) and issubclass(cls, CellError):
+            try:
+                return cls(message)
+            except TypeError:
+                continue
+    return MigrationFailedError(message)
+
+
 def raise_from_ray(exc: BaseException, what: str) -> NoReturn:
     """Re-raise a Ray error from a call to the target as the live driver's error."""
     if isinstance(exc, ray.exceptions.GetTimeoutError):
@@ -60,7 +73,7 @@ def raise_from_ray(exc: BaseException, what: str) -> NoReturn:
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause
         if isinstance(cause, CellError):
-            raise error_class(type(cause).__name__)(cause.message) from None
+            raise remote_error(type(cause).__name__, cause.message) from None
         raise MigrationFailedError(f"{what}: the target actor failed: {cause!r}") from None
     if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.RayError)):
         raise ConnectionLostError(f"{what}: the target actor is gone ({type(exc).__name__}: {exc})") from None
@@ -151,10 +164,23 @@ class RayChannel:
         except ray.exceptions.GetTimeoutError:
             # The target may be adopting or running the agent: kill it, so that exactly
             # one copy of the agent runs (the source, which resumes on this error).
-            ray.kill(self.target, no_restart=True)
+            self._kill_target()
             raise PeerTimeoutError("commit: no answer from the target actor in time; target actor killed") from None
-        except ray.exceptions.RayError as exc:
+        except ray.exceptions.RayTaskError as exc:  # the target answered: a refusal
             raise_from_ray(exc, "commit")
+        except ray.exceptions.RayError as exc:
+            # No answer (ActorUnavailableError: "may or may not have executed"; a died
+            # actor): the outcome is unknown, so the target goes, as on a timeout.
+            self._kill_target()
+            raise ConnectionLostError(
+                f"commit: the target actor did not answer ({type(exc).__name__}: {exc}); target actor killed"
+            ) from None
+
+    def _kill_target(self) -> None:
+        try:
+            ray.kill(self.target, no_restart=True)
+        except Exception:  # already gone: nothing runs there
+            pass
 
     def abort(self, reason: str) -> None:
         """Tell the target to discard what it staged (best effort, never raises)."""

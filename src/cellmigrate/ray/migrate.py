@@ -42,7 +42,7 @@ from ..live.pages import DEFAULT_CHUNK_BYTES
 from ..validation import AgentRequirements, NodeCapabilities
 from .actor import REPLICA_KWARG
 from .audit import FleetAudit
-from .channel import DEFAULT_TIMEOUT, error_class
+from .channel import DEFAULT_TIMEOUT, remote_error
 
 __all__ = [
     "MigrationResult",
@@ -97,7 +97,7 @@ class MigrationResult:
     def raise_for_error(self) -> "MigrationResult":
         """Raise the failure as its cellmigrate error class; return ``self`` when ok."""
         if not self.ok:
-            raise error_class(self.error_type or "MigrationFailedError")(self.error or "migration failed")
+            raise remote_error(self.error_type or "MigrationFailedError", self.error or "migration failed")
         return self
 
 
