@@ -180,8 +180,9 @@ def test_closed_sink_and_bad_options(db: Path) -> None:
     sink.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         sink.count()
-    with pytest.raises(ValueError, match="synchronous"):
-        SqliteAuditSink(db, synchronous="SOMETIMES")
+    for bad in ("SOMETIMES", None, 2):
+        with pytest.raises(ValueError, match="synchronous"):
+            SqliteAuditSink(db, synchronous=bad)  # type: ignore[arg-type]
     with SqliteAuditSink(db, synchronous="normal") as fast:
         fast.append(entry(0))
         assert fast.count() == 1

@@ -224,7 +224,7 @@ class SqliteAuditSink:
     """
 
     def __init__(self, path: PathLike, *, synchronous: str = "FULL", timeout: float = 10.0) -> None:
-        mode = synchronous.upper()
+        mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in _SYNC_MODES:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
         if not timeout >= 0:
