@@ -392,13 +392,15 @@ def _receive(*args: str) -> "subprocess.CompletedProcess[str]":
 
 def test_receive_refuses_a_state_file_it_could_never_replace_before_listening(tmp_path: Path) -> None:
     (tmp_path / "adir").mkdir()
-    for target, reason in ((tmp_path / "missing" / "x.bin", "is not a directory"),
+    (tmp_path / "afile").write_bytes(b"x")
+    for target, reason in ((tmp_path / "missing" / "x.bin", "/missing' does not exist"),
+                           (tmp_path / "afile" / "x.bin", "/afile' is not a directory"),
                            (tmp_path / "adir", "is a directory, not a regular file")):
         got = _receive("--listen", "127.0.0.1:0", str(target))
         assert got.returncode == 2, got.stderr
         assert reason in got.stderr and "listening" not in got.stderr and "Traceback" not in got.stderr
         assert len(got.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir"]  # no staging file left
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]  # no staging file left
 
 
 def test_a_second_receive_on_the_same_state_file_is_refused(tmp_path: Path) -> None:

@@ -120,6 +120,32 @@ def _uuid_arg(text: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"invalid UUID {text!r}") from None
 
 
+#: The longest duration an option takes, in seconds (about 116 days): past it, the
+#: system's clocks and socket timeouts overflow (time_t, poll's milliseconds).
+_MAX_SECONDS = 10_000_000
+
+
+def _seconds(text: str, *, zero_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not (0 <= value <= _MAX_SECONDS) or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise argparse.ArgumentTypeError(f"must be a number of seconds {bound} and at most {_MAX_SECONDS}, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """A duration that must pass (a timeout, a budget): finite, > 0."""
+    return _seconds(text, zero_ok=False)
+
+
+def _nonneg_seconds(text: str) -> float:
+    """A duration that may be zero (a grace period): finite, >= 0."""
+    return _seconds(text, zero_ok=True)
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -318,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
             "few seconds; use the pytest-benchmark suite in benches/ for careful numbers.")
     p.add_argument("--size", type=_size_arg, default=64 << 20, metavar="SIZE",
                    help="state size (default: 64MiB)")
-    p.add_argument("--min-time", type=float, default=0.25, metavar="SECONDS",
+    p.add_argument("--min-time", type=_nonneg_seconds, default=0.25, metavar="SECONDS",
                    help="time spent repeating each row; the best run counts (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows")
     p.set_defaults(handler=_cmd_bench)

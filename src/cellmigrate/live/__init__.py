@@ -29,6 +29,7 @@ from .errors import (
     AuthenticationError,
     ConnectionLostError,
     OutcomeUnknownError,
+    AbortedError,
     PeerTimeoutError,
     ProtocolError,
     RefusedError,
@@ -61,4 +62,5 @@ __all__ = [
     "ConnectionLostError",
     "ProtocolError",
     "OutcomeUnknownError",
+    "AbortedError",
 ]

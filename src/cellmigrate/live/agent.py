@@ -65,7 +65,9 @@ class SourceAgent(Protocol):
         ...
 
     def resume(self) -> None:
-        """Let the agent run again (the migration failed or was abandoned; never after success)."""
+        """Let the agent run again (the migration failed or was abandoned; never after
+        success). Also called when :meth:`pause` raised (or was interrupted): it may
+        have stopped part of the agent, so resuming one that runs must be harmless."""
         ...
 
     def extra(self) -> bytes:
@@ -276,11 +278,11 @@ class FileStore:
                     self._remap()
                     return
             except BaseException:
-                os.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1
+                os.close(fd)
                 raise
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            os.close(fd)
         raise InvalidStateError(f"{self.path!r} is in use: it kept being replaced while it was opened")
 
     def _remap(self) -> None:
@@ -350,5 +352,8 @@ class FileStore:
                 pass  # dropped below: unmapped when the last view of it is released
             self._map = None
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            # Marked closed first: a signal handler's exception between the two steps
+            # (SIGTERM twice, as timeout(1) sends it) must not leave a second close() to
+            # close a descriptor number that may be another file's by then.
+            fd, self._fd = self._fd, -1
+            os.close(fd)

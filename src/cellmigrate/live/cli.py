@@ -19,11 +19,11 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from .._buffers import as_bytes_view
 from .._types import BufferLike
-from ..cli import _one_line, _print_json  # one-line results whatever a file name holds; standard JSON
+from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _print_json  # one-line results whatever a file name holds; standard JSON
 from ..errors import CellError, StateChangedError
 from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
@@ -31,13 +31,13 @@ from ..statefile import StateFile, changed_while_read, plural
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
-from .errors import ConnectionLostError, OutcomeUnknownError
+from .errors import AbortedError, ConnectionLostError, OutcomeUnknownError
 from .page_cache import DEFAULT_PAGE_CACHE_BYTES, MAX_PAGE_CACHE_BYTES, page_cache_size_ok
 from .pages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from .protocol import derive_key
 from .receiver import DEFAULT_RESUME_TIMEOUT, LiveReceiver
 from .sender import StreamChannel
-from .transport import DEFAULT_TIMEOUT, EXEC, PipeStream, Stream, check_address, connect, listen
+from .transport import DEFAULT_TIMEOUT, EXEC, PipeStream, Stream, check_address, connect, listen, stop_command
 
 __all__ = ["add_commands", "FileSource", "FileTarget"]
 
@@ -48,7 +48,11 @@ class FileSource:
     """A :class:`~cellmigrate.live.agent.SourceAgent` over a file (mapped read-only).
 
     ``pause_cmd``/``resume_cmd`` are shell commands run for ``pause()``/``resume()``
-    (e.g. ``kill -STOP 1234``); a command that fails raises ``CellError``. The file is
+    (e.g. ``kill -STOP 1234``); a command that fails, or runs longer than ``timeout``
+    seconds (it and all it started are then killed), raises ``CellError``. After the
+    pause command, the file must not change: :meth:`extra` (asked for before the COMMIT)
+    raises :class:`~cellmigrate.errors.StateChangedError` when its size, times or inode
+    did, as a writer the command did not stop changes them. The file is
     mapped again (a :class:`~cellmigrate.statefile.StateFile`) whenever its size changed
     since the last round; the maps are guarded, so a page the writer truncated away
     while a round reads it reads as zeros instead of killing the sender with SIGBUS
@@ -63,10 +67,12 @@ class FileSource:
     """
 
     def __init__(self, path: str, pause_cmd: Optional[str] = None, resume_cmd: Optional[str] = None, *,
-                 at_rest: bool = False) -> None:
+                 at_rest: bool = False, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = path
         self.pause_cmd, self.resume_cmd = pause_cmd, resume_cmd
         self.at_rest = at_rest
+        self.timeout = timeout
+        self._paused: Optional[Tuple[int, ...]] = None  # the file as the pause left it
         self._file = StateFile(path, sequential=False)
         self._older: List[StateFile] = []
         self._pages = PageFingerprints.of(self._file.buffer) if at_rest else None
@@ -84,10 +90,12 @@ class FileSource:
             f.close()
 
     def pause(self) -> None:
-        _run_command(self.pause_cmd, "pause")
+        _run_command(self.pause_cmd, "pause", self.timeout)
+        self._paused = _file_key(self.path)
 
     def resume(self) -> None:
-        _run_command(self.resume_cmd, "resume")
+        self._paused = None
+        _run_command(self.resume_cmd, "resume", self.timeout)
 
     def check(self) -> None:
         """Raise ``StateChangedError`` (or ``TruncatedInputError``) if the file changed
@@ -101,7 +109,16 @@ class FileSource:
     def extra(self) -> bytes:
         if self.at_rest:
             self.check()
+        elif self._paused is not None and _file_key(self.path) != self._paused:
+            raise StateChangedError(f"{self.path!r} was written after the pause command returned: it did not stop "
+                                    "the writer, and the final round would mix moments of the file")
         return b""
+
+
+def _file_key(path: str) -> Tuple[int, ...]:
+    """What a write to ``path`` changes: its inode, size and times (nanoseconds)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class FileTarget:
@@ -131,12 +148,15 @@ class FileTarget:
         _run_command(self.resume_cmd, "resume", self.timeout)
 
 
-def _run_command(cmd: Optional[str], what: str, timeout: float = 60.0) -> None:
+def _run_command(cmd: Optional[str], what: str, timeout: float) -> None:
     """Run a user's shell command (``timeout`` seconds at most); ``CellError`` when it
     fails, ending with the start of what it wrote to stderr. Its output never goes
     through a pipe we would wait on: a command that starts an agent in the background
     (``agent &``) keeps a pipe open until the agent ends; a file does not. Its stdout
-    goes to our stderr (with ``--stdio`` our stdout is the protocol's)."""
+    goes to our stderr (with ``--stdio`` our stdout is the protocol's). It runs in a
+    session of its own: when it runs out of time, or we are interrupted while it runs,
+    it and everything it started are killed (a pause command must not go on to stop the
+    writer after the migration gave up and resumed it)."""
     if not cmd:
         return
     out: Any
@@ -146,15 +166,23 @@ def _run_command(cmd: Optional[str], what: str, timeout: float = 60.0) -> None:
         out = subprocess.DEVNULL
     with tempfile.TemporaryFile() as err:
         try:
-            done = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise CellError(f"{what} command {cmd!r} did not finish within {timeout:g} s") from None
+            proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
         except OSError as exc:  # no shell
             raise CellError(f"{what} command {cmd!r} could not be run: {exc}") from None
-        if done.returncode != 0:
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_command(proc)
+            raise CellError(f"{what} command {cmd!r} did not finish within {timeout:g} s (--timeout): "
+                            "stopped it and all it started") from None
+        except BaseException:  # Ctrl-C, a signal
+            stop_command(proc)
+            raise
+        if code != 0:
             err.seek(0)
             detail = err.read(200).decode("utf-8", "replace").strip()
-            raise CellError(f"{what} command {cmd!r} failed (exit {done.returncode})" + (f": {detail}" if detail else ""))
+            raise CellError(f"{what} command {cmd!r} failed (exit {code})" + (f": {detail}" if detail else ""))
 
 
 # -- argument helpers -----------------------------------------------------------------------
@@ -219,8 +247,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="PEM",
                    help="CA certificates (send: verify the receiver, enables TLS; receive: require client certificates)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help="give up on a peer silent this long (default: %(default)g)")
+    p.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="give up on a peer silent this long, and on a --pause-cmd/--resume-cmd that runs "
+                        "longer (default: %(default)g)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -238,9 +267,9 @@ def add_commands(add: AddParser) -> None:
     where.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0: any free port; unix:PATH too)")
     where.add_argument("--stdio", action="store_true", help="speak the protocol on stdin/stdout (e.g. behind ssh)")
     p.add_argument("--keep-listening", action="store_true", help="serve migrations until interrupted")
-    p.add_argument("--resume-timeout", type=float, default=DEFAULT_RESUME_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--resume-timeout", type=_nonneg_seconds, default=DEFAULT_RESUME_TIMEOUT, metavar="SECONDS",
                    help="how long a dropped sender may take to reconnect (default: %(default)g)")
-    p.add_argument("--linger", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--linger", type=_nonneg_seconds, default=2.0, metavar="SECONDS",
                    help="after a migration, answer a sender reconnecting to learn its outcome (default: %(default)g)")
     p.add_argument("--max-state-size", type=_size, default=0, metavar="SIZE",
                    help="refuse an offered state larger than this, and any round that grows the state past it "
@@ -270,9 +299,9 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("--pause-cmd", metavar="CMD",
                    help="shell command that stops the writer for the final round (required with --live)")
     p.add_argument("--resume-cmd", metavar="CMD", help="shell command that restarts the writer if the migration fails")
-    p.add_argument("--downtime-limit", type=float, default=DEFAULT_DOWNTIME_LIMIT, metavar="SECONDS",
+    p.add_argument("--downtime-limit", type=_positive_seconds, default=DEFAULT_DOWNTIME_LIMIT, metavar="SECONDS",
                    help="pause budget of the final round (default: %(default)g, QEMU's)")
-    p.add_argument("--max-rounds", type=int, default=DEFAULT_MAX_ROUNDS, metavar="N",
+    p.add_argument("--max-rounds", type=_nonneg_int, default=DEFAULT_MAX_ROUNDS, metavar="N",
                    help="pre-copy rounds at most with --live (default: %(default)s)")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help=f"bytes of pages per chunk, the unit committed and resent after a cut "
@@ -280,7 +309,7 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("--page-cache", type=_size, default=DEFAULT_PAGE_CACHE_BYTES, metavar="SIZE",
                    help="pages sent in delta rounds kept to send them again as XZR pages (QEMU's XBZRLE "
                         f"cache; 0: none, else 4KiB..64GiB; default: {DEFAULT_PAGE_CACHE_BYTES >> 20}MiB)")
-    p.add_argument("--retries", type=int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
+    p.add_argument("--retries", type=_nonneg_int, default=5, metavar="N", help="reconnections to try after a cut (default: 5)")
     p.add_argument("--agent-id", metavar="UUID", help="agent id (default: random)")
     p.add_argument("--arch", metavar="NAME", help="architecture the agent requires (the receiver checks it)")
     p.add_argument("--tls-server-name", metavar="NAME", help="name to verify the receiver's certificate against")
@@ -363,7 +392,9 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                         raise receiver.last_error or ConnectionLostError("the sender closed the stream")
             except CellError as exc:
                 if target.adopted:
-                    raise CliError(f"{args.state_file!r} holds the migrated state, proven, but {exc}") from None
+                    raise CliError(f"{args.state_file!r} holds the migrated state, proven, but {exc.message or exc}") from None
+                if isinstance(exc, AbortedError):
+                    raise CliError(f"{exc.message}; {args.state_file!r} is unchanged") from None
                 raise CliError(str(exc)) from None
             finally:
                 if not target.adopted:
@@ -392,7 +423,8 @@ def _check_state_file(path: str) -> None:
 
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
-        raise CliError(f"cannot receive into {path!r}: {folder!r} is not a directory")
+        missing = not os.path.lexists(folder)
+        raise CliError(f"cannot receive into {path!r}: {folder!r} {'does not exist' if missing else 'is not a directory'}")
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -469,7 +501,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
     _key(args)  # bad key or TLS files are reported before the state file is opened
     _client_tls(args)
     try:
-        source = FileSource(args.state_file, args.pause_cmd, args.resume_cmd, at_rest=not args.live)
+        source = FileSource(args.state_file, args.pause_cmd, args.resume_cmd, at_rest=not args.live,
+                            timeout=args.timeout)
     except OSError as exc:
         raise CliError(f"cannot open {args.state_file!r}: {exc.strerror or exc}") from None
     except CellError as exc:  # locked by a writer of ours, a pending journal, ...
@@ -545,8 +578,9 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
             except CellError:
                 pass  # only an explanation: the migration's own error stands
         if changed is not None:
-            raise CliError(f"{changed}; the receiver keeps its state (a file being written needs --live "
-                           "with --pause-cmd)", EXIT_DIFFERENT) from None
+            hint = ("--pause-cmd must stop every writer of the file" if args.live
+                    else "a file being written needs --live with --pause-cmd")
+            raise CliError(f"{changed.message}; the receiver keeps its state ({hint})", EXIT_DIFFERENT) from None
         cause = exc.__cause__
         if not connected and isinstance(cause, OSError):  # never reached: "connection lost" would mislead
             raise CliError(f"cannot connect to {args.address}: {cause.strerror or cause}") from None

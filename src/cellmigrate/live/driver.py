@@ -419,9 +419,12 @@ class LiveMigration:
                 self._report(stats)
                 reason = self._stop_reason(stats)
                 round_no += 1
-            self.source.pause()
+            # Paused from the moment pause() starts: a pause that fails or is interrupted
+            # half-way (a command that stopped the writer, then failed) is resumed too;
+            # the downtime counts the pause's own time.
             paused = True
             t_pause = time.monotonic()
+            self.source.pause()
             stats, proof, _, final_state = self._round(round_no, True, previous)
             extra = bytes(self.source.extra())
             if len(extra) > MAX_EXTRA_BYTES:
@@ -490,7 +493,7 @@ class LiveMigration:
         """
         mid, aid = self.migration_id, self.agent_id
         log = self.validator.audit_log
-        message = str(exc) or type(exc).__name__
+        message = str(exc) or ("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
         unknown = isinstance(exc, OutcomeUnknownError) or (committing and not isinstance(exc, Exception))
 
         def guarded(what: str, step: Callable[..., Any], *args: Any) -> None:

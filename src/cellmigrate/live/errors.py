@@ -16,6 +16,7 @@ __all__ = [
     "ConnectionLostError",
     "ProtocolError",
     "OutcomeUnknownError",
+    "AbortedError",
     "error_type",
 ]
 
@@ -43,6 +44,11 @@ class ProtocolError(CorruptDataError):
 class OutcomeUnknownError(MigrationFailedError):
     """The commit was sent but its outcome could not be learned: the target may have
     resumed, so the source stays paused (resuming it could run the agent twice)."""
+
+
+class AbortedError(MigrationFailedError):
+    """The sender aborted the migration it offered (its reason follows): the receiver
+    discarded what it staged; the target's own state is unchanged."""
 
 
 def error_type(exc: BaseException) -> MigrationErrorType:

@@ -22,7 +22,7 @@ from ..checksum import PAGE_SIZE
 from ..errors import CellError
 from ..validation import MigrationValidator, NodeCapabilities
 from .agent import StateStore, TargetAgent
-from .errors import AuthenticationError, ConnectionLostError, PeerTimeoutError, ProtocolError, RefusedError
+from .errors import AbortedError, AuthenticationError, ConnectionLostError, PeerTimeoutError, ProtocolError, RefusedError
 from .protocol import (
     ACCEPT_COMPLETED,
     ACCEPT_CONTINUE,
@@ -106,8 +106,8 @@ class LiveReceiver:
         self.last_error = None
         try:
             return self._handle(conn)
-        except (ConnectionLostError, PeerTimeoutError) as exc:
-            self.last_error = exc  # resumable: the session keeps its committed point
+        except (ConnectionLostError, PeerTimeoutError, AbortedError) as exc:
+            self.last_error = exc  # resumable (the session keeps its committed point), or the sender's own end
         except CellError as exc:  # garbage, bad MAC, refused, a chunk that failed its checks
             self.last_error = exc
             _try_send(conn, Msg.ERROR, encode_reason(str(exc)))
@@ -131,12 +131,12 @@ class LiveReceiver:
         challenge = encode_challenge(self.key is not None, os.urandom(NONCE_SIZE), version)
         handshake = Handshake(self.key, hello + challenge) if self.key is not None else None
         conn.send(Msg.CHALLENGE, challenge, handshake.receiver_proof() if handshake else b"")
-        msg, body = conn.recv(Msg.AUTH)
+        msg, body = conn.recv(Msg.AUTH, Msg.ABORT)
         _raise_if_error(msg, body)
         if handshake is not None:
             Handshake.check(handshake.sender_proof(), body, "the sender")
             conn.enable_macs(handshake.session_key(), b"R", b"S")
-        msg, body = conn.recv(Msg.OFFER)
+        msg, body = conn.recv(Msg.OFFER, Msg.ABORT)
         _raise_if_error(msg, body)
         offer = decode_offer(body)
         session = self.session
@@ -224,8 +224,9 @@ class LiveReceiver:
                     _try_send(conn, Msg.DONE)
                     return True
                 elif msg is Msg.ABORT:
-                    session.abandon(f"sender aborted: {decode_reason(body)}")
-                    return False
+                    reason = decode_reason(body)
+                    session.abandon(f"sender aborted: {reason}")
+                    raise AbortedError(f"the sender aborted the migration: {reason}")
                 else:  # ERROR: the sender gives this connection up; the session may resume
                     raise ConnectionLostError(f"sender reported: {decode_reason(body)}")
 
@@ -243,9 +244,11 @@ class LiveReceiver:
 
         Returns the number of completed migrations once ``idle_timeout`` (None: wait
         forever) passes with no connection. Raises ``ConnectionLostError`` when a sender
-        that dropped mid-migration does not come back within ``resume_timeout`` (the
-        staged state is discarded; the target's own state is unchanged). ``on_drop`` is
-        told why each connection that did not complete a migration ended.
+        that dropped mid-migration does not come back within ``resume_timeout``, and
+        :class:`~cellmigrate.live.errors.AbortedError` when the sender aborts its
+        migration (unless ``keep_listening``); either way the staged state is discarded
+        and the target's own state is unchanged. ``on_drop`` is told why each connection
+        that did not complete a migration ended.
         """
         while True:
             waiting = self.in_progress
@@ -265,6 +268,8 @@ class LiveReceiver:
             if self.handle(stream):
                 if not keep_listening:
                     return self.completed
+            elif isinstance(self.last_error, AbortedError) and not keep_listening:
+                raise self.last_error  # the sender's end: nothing more will come
             elif on_drop is not None and self.last_error is not None:
                 on_drop(self.last_error)
 
@@ -313,6 +318,8 @@ def _receive_direct(session: ReceiverSession, chunk: Chunk, reader: FrameReader)
 def _raise_if_error(msg: Msg, body: memoryview) -> None:
     if msg is Msg.ERROR:
         raise ConnectionLostError(f"sender reported: {decode_reason(body)}")
+    if msg is Msg.ABORT:  # before its offer: e.g. this receiver failed to prove the key
+        raise ConnectionLostError(f"the sender gave up before offering a migration: {decode_reason(body)}")
 
 
 def _try_send(conn: Connection, msg: Msg, body: bytes = b"") -> None:

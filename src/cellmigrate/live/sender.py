@@ -112,6 +112,7 @@ class StreamChannel:
         self.max_retry_delay = max_retry_delay
         self.on_reconnect = on_reconnect
         self.version = version
+        self._accepted = False  # a receiver took the offer: it stages this migration
         self._conn: Optional[Connection] = None
         self._offer: Optional[Offer] = None
         self._on_commit: CommitCallback = lambda chunk: None
@@ -171,6 +172,7 @@ class StreamChannel:
         status, committed = decode_accept(body)
         if status == ACCEPT_COMPLETED:
             raise _AlreadyCompleted()
+        self._accepted = True
         return committed
 
     def _drop(self) -> None:
@@ -281,7 +283,9 @@ class StreamChannel:
         was damaged in transit (a resend may pass: retryable), unless its pages as this
         sender holds them no longer hash to the digest sent: then the source changed
         under them as they were sent (not paused, or a file written while sent), and a
-        resend would fail alike (``StateChangedError``)."""
+        resend would fail alike (``StateChangedError``). The receiver ends a connection
+        after its ERROR: it is dropped here (an ABORT then needs a new one)."""
+        self._drop()
         found = _MISMATCH.search(reason)
         if found is None:
             return _receiver_error(reason)
@@ -381,7 +385,15 @@ class StreamChannel:
             raise refused[0]
 
     def abort(self, reason: str) -> None:
-        """Best effort: tell the receiver to discard the migration."""
+        """Best effort: tell the receiver to discard the migration. When the connection
+        is gone (the receiver refused a chunk and closed it, say), one new connection
+        carries the ABORT, so a receiver staging the migration does not wait for a
+        reconnection that never comes."""
+        if self._conn is None and self._accepted and self._offer is not None:
+            try:
+                self._handshake()
+            except (CellError, OSError):
+                self._drop()
         if self._conn is not None:
             try:
                 self._conn.send(Msg.ABORT, encode_reason(reason))

@@ -17,6 +17,7 @@ import errno
 import hmac
 import os
 import select
+import signal
 import socket
 import ssl
 import stat
@@ -196,14 +197,26 @@ class PipeStream:
                     pass
 
 
+def stop_command(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGKILL a shell command started with ``start_new_session=True`` and everything it
+    started (its process group: the shell alone may not be the command), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
+    proc.wait()
+
+
 class CommandStream(PipeStream):
     """A command's standard input and output as a stream: ``send`` to
     ``exec:ssh nodeB cellmigrate receive --stdio agent.bin`` runs the receiver through
     ``ssh`` (its stderr is ours). :meth:`close` closes both pipes and waits for the
-    command (killed after ``wait`` seconds). ``OSError`` when it cannot be started."""
+    command (after ``wait`` seconds, it and all it started are killed: see
+    :func:`stop_command`). ``OSError`` when it cannot be started."""
 
     def __init__(self, command: str, *, wait: float = 10.0) -> None:
-        self.process = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        start_new_session=True)
         assert self.process.stdin is not None and self.process.stdout is not None
         self._wait = wait
         # Writes must not block past their deadline: a full pipe returns what it took.
@@ -221,8 +234,10 @@ class CommandStream(PipeStream):
         try:
             proc.wait(self._wait)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop_command(proc)
+        except BaseException:  # an interrupt: nothing may run on by itself
+            stop_command(proc)
+            raise
 
 
 class Connection:
