@@ -388,8 +388,9 @@ class StreamChannel:
         """Best effort: tell the receiver to discard the migration. When the connection
         is gone (the receiver refused a chunk and closed it, say), one new connection
         carries the ABORT, so a receiver staging the migration does not wait for a
-        reconnection that never comes."""
-        if self._conn is None and self._accepted and self._offer is not None:
+        reconnection that never comes (not with ``retries=0``: a pipe pair's, or a
+        command's, where a new connection is a new receiver)."""
+        if self._conn is None and self._accepted and self._offer is not None and self.retries > 0:
             try:
                 self._handshake()
             except (CellError, OSError):
