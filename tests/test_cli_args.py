@@ -355,3 +355,13 @@ def test_a_full_tmpdir_is_named_not_the_stream(monkeypatch: pytest.MonkeyPatch) 
             spool_stream(r, limit=1 << 20, what="stdin")
     finally:
         os.close(r)
+
+
+@pytest.mark.parametrize("argv", [["apply", "a", "b", "--bogus"], ["checksum", "f", "--nope", "x"],
+                                  ["verify", "a", "b", "c"], ["send", "f", "127.0.0.1:9", "--live-ish"]])
+def test_unknown_arguments_name_their_command(argv: List[str]) -> None:
+    """Reported by the command's own parser (CLI.md's ``cellmigrate COMMAND: error:``),
+    not the top level's, which named no command."""
+    line = assert_one_line_error(run(*argv), 2)
+    assert line.startswith(f"cellmigrate {argv[0]}: error: unrecognized arguments: ")
+    assert f"(see 'cellmigrate {argv[0]} --help')" in line

@@ -633,3 +633,19 @@ def test_progress_on_threads_is_monotonic_and_complete() -> None:
     done = subprocess.run([sys.executable, "-c", _PROGRESS_THREADS], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_first_delta_from_none_is_against_zeros() -> None:
+    """``old_state=None`` (documented now; the tracker's first delta) stands for zeros of
+    the new length: only the non-zero pages travel, and the delta applies to zeros."""
+    new = bytearray(5 * PAGE_SIZE + 7)
+    new[PAGE_SIZE + 3] = 1
+    new[-1] = 2
+    delta = DeltaSnapshot.create(bytes(16), None, new, 0, 1)
+    assert [p.index for p in delta.dirty_pages] == [1, 5]
+    base = bytearray(len(new))
+    delta.apply(base)
+    assert base == new
+    explicit = DeltaSnapshot.create(bytes(16), bytes(len(new)), new, 0, 1)
+    assert [(p.index, bytes(p.data)) for p in delta.dirty_pages] == [(p.index, bytes(p.data)) for p in explicit.dirty_pages]
+    assert (delta.checksum, delta.digest) == (explicit.checksum, explicit.digest)

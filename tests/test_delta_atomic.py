@@ -309,9 +309,11 @@ def test_short_bytearray_with_bad_delta_is_not_grown() -> None:
     delta = DeltaSnapshot.create(AGENT, sender_old, NEW, 0, 1)
     delta.checksum ^= 2
     base = bytearray(OLD[: 2 * PAGE_SIZE])
-    with pytest.raises(InvalidStateError, match="checksum"):
+    with pytest.raises(InvalidStateError, match="checksum") as refused:
         delta.apply(base)
     assert base == OLD[: 2 * PAGE_SIZE]
+    # The short base is named as the likely cause (a wrong base, zero-extended by the rule).
+    assert f"the base's {2 * PAGE_SIZE} bytes were zero-extended to {SIZE}" in str(refused.value)
 
 
 def test_short_bytearray_that_cannot_grow_is_unchanged() -> None:

@@ -474,3 +474,25 @@ def test_a_journal_path_that_is_no_file_is_refused_at_once(tmp_path: Path, kind:
     assert done.returncode == 3, done.stderr
     assert {"fifo": "a FIFO", "directory": "a directory", "symlink": "a symlink"}[kind] in done.stdout
     assert base.read_bytes() == old and os.path.lexists(jpath)
+
+
+def test_an_in_place_apply_in_a_directory_it_cannot_write_names_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """BASE is writable, its directory is not (the journal cannot be made there): the
+    error blamed BASE ("cannot write 'base.bin': Permission denied"); it names the
+    journal and the directory, and the way out. Nothing is changed."""
+    import errno
+
+    base, old, _, delta = _files(tmp_path)
+    real_open = os.open
+
+    def no_new_files(path: "os.PathLike[str] | str", flags: int, *args: int, **kw: int) -> int:
+        if flags & os.O_CREAT and str(path).endswith(jr.SUFFIX):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(jr.os, "open", no_new_files)
+    assert main(["apply", str(base), str(delta)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the undo journal" in err and str(tmp_path) in err and "-o OUT" in err
+    assert base.read_bytes() == old and not jr.journal_path(base).exists()

@@ -107,3 +107,17 @@ def test_a_file_source_at_rest_refuses_to_commit_a_file_written_meanwhile(tmp_pa
     live = FileSource(str(path))  # --live: the writer is expected; pause() stops it
     assert live.extra() == b""
     live.close()
+
+
+def test_a_buffer_source_refuses_a_non_buffer_at_once() -> None:
+    """A str, a strided array or an int failed only when run() read the state; now at
+    construction (a callable's buffers are still checked when read)."""
+    import numpy as np
+
+    from cellmigrate.live import BufferSource
+
+    for bad, kind in (("abc", TypeError), (np.zeros((4, 4))[:, ::2], ValueError), (5, TypeError)):
+        with pytest.raises(kind):
+            BufferSource(bad)  # type: ignore[arg-type]
+    assert bytes(BufferSource(bytearray(b"ok")).state()) == b"ok"
+    assert BufferSource(lambda: "checked later").state() == "checked later"

@@ -249,6 +249,14 @@ def test_module_from_path_and_binary(tmp_path: "pytest.TempPathFactory") -> None
     assert a.module_digest == b.module_digest
     with pytest.raises(InvalidStateError, match="cannot read"):
         WasmAgent(tmp_path / "missing.wasm")  # type: ignore[operator]
+    # A path given as a str is a path (it was compiled as WAT text: "expected '('"), for
+    # WAT and binary files alike; WAT text, comments first or not, stays text.
+    binary = tmp_path / "m.wasm"  # type: ignore[operator]
+    binary.write_bytes(wasmtime.wat2wasm(mutator_wat()))
+    assert WasmAgent(str(wat)).wasm_binary == WasmAgent(str(binary)).wasm_binary == a.wasm_binary
+    assert WasmAgent(";; a comment\n" + mutator_wat()).wasm_binary == a.wasm_binary
+    with pytest.raises(InvalidStateError, match="cannot read the wasm module"):
+        WasmAgent(str(tmp_path / "missing.wat"))  # type: ignore[operator]
 
 
 def test_option_checks() -> None:

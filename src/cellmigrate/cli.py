@@ -1034,7 +1034,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                            f"checked before writing")
             else:
                 checked = f"result verified (checksum + {_digest_label(delta)}) before writing"
-            _out(args, f"{dest}: applied {plural(delta.dirty_page_count(), 'page')} (sequence {delta.base_sequence} -> "
+            shown = "<stdout>" if args.output == STREAM else dest  # as diff names it
+            _out(args, f"{shown}: applied {plural(delta.dirty_page_count(), 'page')} (sequence {delta.base_sequence} -> "
                        f"{delta.sequence}); {checked}", file=report_to)
         return EXIT_OK
 
@@ -1183,7 +1184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's own parser: its name and its --help
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     if not hasattr(args, "quiet"):

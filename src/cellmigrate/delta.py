@@ -183,7 +183,7 @@ class DeltaSnapshot:
     def create(
         cls,
         agent_id: IdLike,
-        old_state: BufferLike,
+        old_state: Optional[BufferLike],
         new_state: BufferLike,
         base_sequence: int,
         sequence: int,
@@ -197,6 +197,8 @@ class DeltaSnapshot:
     ) -> "DeltaSnapshot":
         """Diff two states page by page (of equal lengths unless ``resize``).
 
+        ``old_state=None`` stands for zeros of ``new_state``'s length, never allocated (a
+        first delta, which carries every non-zero page; it applies to a zero-filled base).
         Both states are read in place (any C-contiguous buffer); only the dirty pages
         are copied, each in the smallest of the encodings ``compress`` allows (kept only
         when strictly smaller than the raw page): "auto" (the default) and "xor" allow
@@ -525,8 +527,10 @@ class DeltaSnapshot:
         changed = result.changed  # the lines that differ from the base (or None: every line)
         del result  # drops its views of the base, so a bytearray can grow
         if checksum != self.checksum:
+            grown = f" (the base's {size} bytes were zero-extended to {total}: is it this delta's base?)" if size < total else ""
             raise InvalidStateError(
                 f"Delta checksum mismatch: the result would have checksum {checksum}, the delta says {self.checksum}"
+                + grown
             )
         if self.digest is not None and value is not None:
             if not hmac.compare_digest(value, self.digest):

@@ -484,6 +484,14 @@ def _write_journal(jpath: Path, fd: int, runs: Iterable[Tuple[int, int]], old_si
         raise JournalError(
             f"{str(jpath)!r} appeared while applying (another process?): run 'cellmigrate recover'"
         ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # BASE itself may be writable: it is its directory that is not (say so).
+        raise JournalError(
+            f"cannot create the undo journal {str(jpath)!r} ({exc.strerror}): an in-place apply needs to write "
+            f"in {str(jpath.parent)!r}; write the result elsewhere with -o OUT"
+        ) from None
     try:
         write_all(jfd, bytes(HEADER_SIZE), 0)  # zeros: a torn journal has no valid header
         hasher = xxhash.xxh3_128()

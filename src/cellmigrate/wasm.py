@@ -52,6 +52,7 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -280,9 +281,13 @@ _ticker = _EpochTicker()
 
 
 def _module_binary(module: _ModuleSource) -> bytes:
-    """The module's binary from WAT text (str), a binary or WAT as bytes, or a file path."""
+    """The module's binary from WAT text (str), a binary or WAT as bytes, or a file path
+    (a ``PathLike``, or a ``str`` that is no WAT text: WAT starts with ``(`` or a
+    comment)."""
     if module is None:
         module = mutator_wat()
+    if isinstance(module, str) and not module.lstrip().startswith(("(", ";;")):
+        module = Path(module)
     if isinstance(module, os.PathLike):
         try:
             with open(module, "rb") as f:
@@ -320,7 +325,8 @@ def _kind(valtype: "wasmtime.ValType") -> Optional[str]:
 class WasmAgent:
     """One instance of a WebAssembly agent module, stepped in a background thread.
 
-    ``module``: WAT text (``str``), a module binary or WAT as ``bytes``, a path to either,
+    ``module``: WAT text (``str``), a module binary or WAT as ``bytes``, a path to either
+    (a ``PathLike``, or a ``str`` that is not WAT text, which starts with ``(`` or ``;;``),
     or ``None`` for the shipped :func:`mutator_wat`. ``batch``: iterations per ``step``
     call of the background runner (steps are the unit :meth:`pause` waits for, so keep
     them short). ``rate``: iterations per second the runner aims at (``None``: as fast as

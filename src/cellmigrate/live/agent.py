@@ -125,6 +125,10 @@ def _noop() -> None:
 class BufferSource:
     """A :class:`SourceAgent` over a buffer, or over a callable returning the current buffer.
 
+    A buffer is checked at once (``TypeError``/``ValueError`` for one that is not a
+    C-contiguous bytes-like object: ``as_bytes_view``'s rules); a callable's buffers when
+    the migration reads them.
+
     >>> state = bytearray(8192)
     >>> src = BufferSource(state)
     >>> bytes(src.state()) == bytes(state), src.extra()
@@ -139,6 +143,8 @@ class BufferSource:
         resume: Callable[[], None] = _noop,
         extra: Callable[[], bytes] = bytes,
     ) -> None:
+        if not callable(state):
+            as_bytes_view(state, "state").release()  # refused here, not at run()
         self._state = state
         self._pause, self._resume, self._extra = pause, resume, extra
 

@@ -557,7 +557,8 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     retries = 0 if args.address.startswith(EXEC) else args.retries
     channel = StreamChannel(
         open_stream, key=key, timeout=args.timeout, retries=retries, window_bytes=3 * args.chunk_size,
-        on_reconnect=lambda attempt, cause: _say(args, f"cellmigrate send: reconnecting ({attempt}): {cause}"),
+        on_reconnect=lambda attempt, cause: _say(
+            args, f"cellmigrate send: {'reconnecting' if connected else 'trying to connect again'} ({attempt}): {cause}"),
     )
     validator = MigrationValidator()
     migration = LiveMigration(
