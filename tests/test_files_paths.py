@@ -286,3 +286,42 @@ def test_binary_to_a_terminal_is_refused(tmp_path: Path) -> None:
         os.close(master)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, b"", proc.stderr.decode())
     assert "terminal" in one_line_error(done, 2)
+
+
+@pytest.mark.parametrize("how", ["apply -o", "apply --safe-replace", "receive"])
+def test_a_replaced_state_file_keeps_its_owner_and_mode(tmp_path: Path, how: str) -> None:
+    """Run as root, apply and receive turned a service's state file into root's (mode
+    kept, owner lost): the file replacing it now takes its owner, group and mode. (Not
+    root: the file is ours already, and its mode is what is checked.)"""
+    from files_support import make_states, write_delta
+
+    old, new = make_states(16 * 4096, dirty_fraction=0.3, seed=5)
+    target = tmp_path / "state.bin"
+    target.write_bytes(old)
+    os.chmod(target, 0o640)
+    owner = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(target, *owner)
+    cli = [sys.executable, "-m", "cellmigrate"]
+    if how == "receive":
+        from live_net import Receiver, send
+
+        src = tmp_path / "src.bin"
+        src.write_bytes(new)
+        rx = Receiver(target)
+        try:
+            assert send(str(src), rx.address).returncode == 0
+            assert rx.wait().returncode == 0
+        finally:
+            rx.kill()
+    else:
+        delta = write_delta(tmp_path / "d.cmd", old, new)
+        base = tmp_path / "base.bin"
+        base.write_bytes(old)
+        args = ["-o", str(target), "-f"] if how == "apply -o" else ["--safe-replace"]
+        base_or_target = str(base) if how == "apply -o" else str(target)
+        done = subprocess.run([*cli, "apply", base_or_target, str(delta), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+    st = target.stat()
+    assert target.read_bytes() == new
+    assert (st.st_uid, st.st_gid) == owner and stat.S_IMODE(st.st_mode) == 0o640

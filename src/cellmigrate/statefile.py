@@ -90,6 +90,7 @@ __all__ = [
     "signals_raise",
     "remove_stale_temps",
     "temp_name",
+    "take_over",
     "STREAM",
 ]
 
@@ -641,13 +642,25 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _replacing_mode(dest: Path) -> int:
-    """Permissions for the file that replaces ``dest``: ``dest``'s own, or a new file's
-    (:func:`_default_mode`) when there is no ``dest`` yet."""
+def take_over(fd: int, dest: StrPath) -> None:
+    """Give the file open as ``fd``, about to be renamed over ``dest``, ``dest``'s
+    permission bits and, where this process may change them (root; or a group it is
+    in), its owner and group, as ``rsync -o -g`` does: a state file that apply or
+    receive run as root replaces stays its service's, readable by it. With no ``dest``
+    yet: a new file's permissions under the umask (:func:`_default_mode`)."""
     try:
-        return stat.S_IMODE(os.stat(dest).st_mode)
+        st = os.stat(dest)
     except FileNotFoundError:
-        return _default_mode()
+        os.fchmod(fd, _default_mode())
+        return
+    mine = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (mine.st_uid, mine.st_gid):
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except PermissionError:  # not root: the group alone, where we are in it
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))  # after chown, which may clear set-id bits
 
 
 # Earlier releases named them without the token.
@@ -793,8 +806,8 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
     ``.NAME.cellmigrate-PID-TOKEN.tmp``, which the next call on the same target removes.
     The temporary file is this call's own (:func:`temp_name`): calls from several
     threads on one ``dest`` each replace it with a complete file, the last rename
-    winning. The result keeps ``dest``'s permission bits when it exists, else gets the
-    umask's default.
+    winning. The result keeps ``dest``'s permission bits, owner and group where it may
+    (:func:`take_over`), else gets the umask's default.
     """
     dest = Path(os.path.realpath(dest))
     directory = dest.parent
@@ -807,8 +820,8 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
     fd, tmp = _named_temp(directory, dest)  # held open (and locked) until renamed or removed
     try:
         yield tmp
-        os.chmod(tmp, _replacing_mode(dest))
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "rb+") as fh:  # the file at tmp now (the caller may have made it anew)
+            take_over(fh.fileno(), dest)
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         fsync_dir(directory)
@@ -912,7 +925,7 @@ class Output:
             if size:
                 reserve(fd, 0, size)
             yield fd
-            os.fchmod(fd, _replacing_mode(dest))
+            take_over(fd, dest)
             os.fsync(fd)
             if named is None:
                 # Give the unnamed file a name of its own, then rename it into place:

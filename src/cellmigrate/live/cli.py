@@ -27,7 +27,7 @@ from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _p
 from ..errors import CellError, StateChangedError
 from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
-from ..statefile import StateFile, changed_while_read, plural
+from ..statefile import StateFile, changed_while_read, plural, take_over
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
@@ -134,7 +134,12 @@ class FileTarget:
         self.adopted = False
 
     def adopt(self, state: memoryview, extra: bytes) -> None:
-        # The session flushed the staged file; one atomic rename makes it the state file.
+        # The session flushed the staged file; one atomic rename makes it the state file,
+        # with the old state file's permissions and owner (a receiver run as root keeps
+        # the agent's file the agent's).
+        with open(self.store.path, "rb") as staged:
+            if os.path.samestat(os.fstat(staged.fileno()), self.store.stat()):
+                take_over(staged.fileno(), self.path)
         os.replace(self.store.path, self.path)
         self.adopted = True
         dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
