@@ -462,6 +462,60 @@ def test_a_forked_child_keeps_its_entries(tmp_path: Path) -> None:
         assert [e.details for e in sink.recent(5)] == [f"child entry {i}" for i in range(5)]
 
 
+def test_a_forked_child_closing_an_unused_sink_leaves_the_inherited_connection_alone(tmp_path: Path) -> None:
+    """SQLite forbids even closing, in a child, a connection opened before fork(): the
+    child's close() sets it aside; the parent's connection goes on working."""
+    import os
+
+    from cellmigrate import audit_store
+
+    sink = SqliteAuditSink(tmp_path / "audit.db")
+    sink.append(entry(1))
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            before = len(audit_store._INHERITED)
+            sink.close()
+            code = 0 if len(audit_store._INHERITED) == before + 1 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    sink.append(entry(2))
+    assert sink.count() == 2 and sink.integrity_check() == "ok"
+    sink.close()
+
+
+def test_a_forked_child_that_changes_directory_keeps_the_same_database(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative path, reopened in a child after ``chdir`` (as daemons do), named a new
+    database there: the trail was split without an error."""
+    import os
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    log = MigrationAuditLog(sink="audit.db")
+    log.log_start(M1, A1)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(tmp_path / "b")
+            log.log_completion(M1, A1, True, "from the child")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert log.sink is not None and log.sink.path == str(tmp_path / "a" / "audit.db")
+    log.close()
+    assert not (tmp_path / "b" / "audit.db").exists()
+    with SqliteAuditSink(tmp_path / "a" / "audit.db") as sink:
+        assert [e.details for e in sink.recent(5)][-1] == "from the child" and sink.count() == 2
+
+
 @pytest.mark.parametrize("column,value", [("timestamp", "abc"), ("timestamp", 1.5), ("details", b"\x00\x01"),
                                           ("event_type", 7), ("migration_id", "sixteen chars!!!")])
 def test_a_row_of_the_wrong_type_is_corrupt_data(tmp_path: Path, column: str, value: object) -> None:

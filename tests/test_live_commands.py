@@ -271,3 +271,55 @@ def test_bad_durations_and_counts_are_usage_errors(tmp_path: Path, command: str,
     assert done.returncode == 2, done.stderr
     assert f"argument {option}: must be" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "listening" not in done.stderr and not (tmp_path / "dst.bin").exists()
+
+
+def test_a_zero_resume_timeout_gives_up_at_once() -> None:
+    """``--resume-timeout 0`` (valid: no grace) made the listener non-blocking and
+    accept() raised BlockingIOError ("unexpected error"); it now means: only a sender
+    already back is taken."""
+    import socket
+    import struct
+    import threading
+
+    from cellmigrate.live.errors import ConnectionLostError
+    from cellmigrate.live.replay import record_sender_stream
+
+    recorded = record_sender_stream(os.urandom(3 * 4096))
+    pos = 0
+    for _ in range(3):  # HELLO, AUTH, OFFER: a migration offered, then the sender drops
+        length = struct.unpack_from("<I", recorded, pos)[0]
+        pos += 5 + length
+    listener = listen("127.0.0.1:0")
+    receiver = LiveReceiver(MemoryStore(), BufferTarget(), timeout=10)
+    outcome: List[Any] = []
+
+    def serve() -> None:
+        try:
+            outcome.append(receiver.serve(listener, resume_timeout=0))
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with socket.create_connection(listener.getsockname()) as sock:
+        sock.sendall(recorded[:pos])
+        sock.settimeout(10)
+        got = b""
+        while len(got) < 5 + 67 - 32 + 5 + 9:  # CHALLENGE (unkeyed) and ACCEPT
+            piece = sock.recv(4096)
+            assert piece
+            got += piece
+    thread.join(20)
+    listener.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLostError)
+    assert "did not reconnect within 0 s" in str(outcome[0])
+
+
+def test_an_exec_receiver_that_never_answers_is_stopped_with_what_it_started(tmp_path: Path) -> None:
+    """``exec:COMMAND`` whose command never speaks: after the timeout, send ends and the
+    command and everything it started are gone (the shell's child ran on)."""
+    src = _state_file(tmp_path)
+    marker = "33.3331"
+    done = send(str(src), f"exec:sleep {marker}; true", "--timeout", "2", timeout=120)
+    assert done.returncode == 2 and "sent nothing for 2 s" in done.stderr, done.stderr
+    assert not _running_with(marker)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -253,42 +253,54 @@ def test_a_receiver_that_serves_no_version_of_ours_is_a_refusal(monkeypatch: pyt
 
 
 class _MovingFirstChunk(SocketStream):
-    """The sender's end of a connection that changes the round of the first CHUNK frame
-    it sends (0 to 1: damage TCP missed, leaving a chunk that still fits the state)."""
+    """The sender's end of a connection that changes one field of the first CHUNK frame
+    it sends (damage TCP missed): its round (0 to 1: the chunk still fits the state), its
+    sequence number (1 to 3: out of order), its state size (past any limit) or its first
+    page index (past the state)."""
 
-    def __init__(self, sock: socket.socket, damage: bool) -> None:
+    #: Offsets in the frame: 5 bytes of frame head, then seq u64, round u32, size u64, ...
+    FLIPS = {"round": (5 + 8, 0x01), "seq": (5 + 0, 0x02), "size": (5 + 12 + 5, 0x40),
+             "index": (5 + protocol.CHUNK_HEAD_SIZE + 3, 0x10)}
+
+    def __init__(self, sock: socket.socket, damage: Optional[str]) -> None:
         super().__init__(sock)
         self.damage = damage
 
     def send_parts(self, parts: Any, timeout: float) -> Any:
         if self.damage and bytes(parts[0][4:5]) == bytes([Msg.CHUNK]):
             frame = bytearray(b"".join(bytes(p) for p in parts))
-            assert struct.unpack_from("<I", frame, 5 + 8)[0] == 0  # the frame head, then seq
-            frame[5 + 8] ^= 1
+            at, bit = self.FLIPS[self.damage]
+            frame[at] ^= bit
             parts = [bytes(frame)]
-            self.damage = False
+            self.damage = None
         return super().send_parts(parts, timeout)
 
 
-@pytest.mark.parametrize("version", [3, 4])
-def test_a_chunk_moved_in_transit_is_resent_from_version_4(version: int) -> None:
-    """Over real sockets: at version 4 the receiver refuses the moved chunk (its digest),
-    the sender's own copy still matches, so it reconnects and resends, and the state
-    arrives equal; at version 3 the chunk is staged and the migration fails (here at the
-    next chunk, whose round then runs backwards)."""
+@pytest.mark.parametrize("version,field", [(3, "round"), (4, "round"), (4, "seq"), (4, "size"), (4, "index")])
+def test_a_chunk_moved_in_transit_is_resent_from_version_4(version: int, field: str) -> None:
+    """Over real sockets: at version 4 the receiver refuses the moved chunk (its digest,
+    or its placement checks, which then say so in the same words), the sender's own copy
+    still matches, so it reconnects and resends, and the state arrives equal; at version
+    3 a chunk moved within the state is staged and the migration fails (here at the next
+    chunk, whose round then runs backwards)."""
     from cellmigrate import CellError
 
     state = np.random.default_rng(5).integers(0, 256, 24 * PAGE, dtype=np.uint8)
     target = BufferTarget()
     receiver = LiveReceiver(MemoryStore(), target, timeout=10)
     threads: List[threading.Thread] = []
+    ends: List[Any] = []  # each connection's end, as the receiver saw it
+
+    def serve(stream: SocketStream) -> None:
+        receiver.handle(stream)
+        ends.append(receiver.last_error)
 
     def connect() -> SocketStream:
         a, b = socket.socketpair()
-        thread = threading.Thread(target=receiver.handle, args=(SocketStream(a),), daemon=True)
+        thread = threading.Thread(target=serve, args=(SocketStream(a),), daemon=True)
         thread.start()
         threads.append(thread)
-        return _MovingFirstChunk(b, damage=len(threads) == 1)
+        return _MovingFirstChunk(b, damage=field if len(threads) == 1 else None)
 
     channel = StreamChannel(connect, retries=2, retry_delay=0.01, timeout=10, version=version)
     migration = LiveMigration(BufferSource(state), channel, max_rounds=1, chunk_bytes=8 * PAGE)
@@ -296,6 +308,9 @@ def test_a_chunk_moved_in_transit_is_resent_from_version_4(version: int) -> None
         migration.run()
         assert target.state is not None and bytes(target.state) == state.tobytes()
         assert channel.reconnects == 1 and channel.resent_chunks >= 1
+        for thread in threads:
+            thread.join(10)
+        assert "digest mismatch" in str(ends[0]) and ends[-1] is None
     else:
         with pytest.raises(CellError):
             migration.run()

@@ -558,3 +558,25 @@ def test_a_commit_without_an_answer_kills_the_target(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConnectionLostError, match="target actor killed"):
         channel.commit(bytes(16), b"")
     assert killed == [(target, True)]
+
+
+def test_a_commit_whose_target_cannot_be_killed_leaves_the_outcome_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No answer, and the kill fails too (killing a dead actor is a no-op in Ray, so this
+    is something else): the target may run the agent, so the source must stay paused."""
+    import ray
+
+    from cellmigrate.live.errors import OutcomeUnknownError
+    from cellmigrate.ray import channel as ray_channel
+
+    target = SimpleNamespace(_cellmigrate_commit=SimpleNamespace(remote=lambda digest, extra: "ref"))
+
+    def no_answer(ref: Any, timeout: float) -> None:
+        raise ray.exceptions.ActorUnavailableError("the actor is temporarily unavailable", None)
+
+    def cannot_kill(actor: Any, no_restart: bool) -> None:
+        raise RuntimeError("GCS unreachable")
+
+    monkeypatch.setattr(ray_channel.ray, "get", no_answer)
+    monkeypatch.setattr(ray_channel.ray, "kill", cannot_kill)
+    with pytest.raises(OutcomeUnknownError, match="could not be killed.*stays paused"):
+        ray_channel.RayChannel(target).commit(bytes(16), b"")

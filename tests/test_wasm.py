@@ -389,6 +389,54 @@ def test_trap_stops_the_runner_and_is_reported() -> None:
         agent.pause()
     with pytest.raises(ExecutionFailedError):
         agent.run(1)
+    # resume() (what a migration does after a pause that failed) leaves it trapped: it
+    # restarted the runner from mid-step memory and wiped the trap.
+    agent.resume()
+    time.sleep(0.1)
+    assert agent.steps == 5 and isinstance(agent.error, ExecutionFailedError)
+    with pytest.raises(ExecutionFailedError, match="trapped"):
+        agent.wait(1)
+
+
+#: Traps once, at step 5 (counted before the check): run again, it would go on.
+TRAP_ONCE_WAT = """
+(module
+  (memory (export "memory") 1)
+  (global $steps (export "steps") (mut i64) (i64.const 0))
+  (func (export "step") (param $n i32) (result i64)
+    (global.set $steps (i64.add (global.get $steps) (i64.extend_i32_u (local.get $n))))
+    (if (i64.eq (global.get $steps) (i64.const 5)) (then unreachable))
+    (global.get $steps)))
+"""
+
+
+def test_a_migration_of_a_trapped_agent_leaves_it_trapped() -> None:
+    """The driver resumes a source whose pause() failed (it may have paused part of
+    it); a trapped WasmAgent's pause() fails, and it must not run on after that (its
+    resume() restarted the runner from mid-step memory and wiped the trap)."""
+    import socket
+
+    from cellmigrate.live import BufferTarget, LiveMigration, MemoryStore
+    from cellmigrate.live.receiver import LiveReceiver
+    from cellmigrate.live.sender import StreamChannel
+    from cellmigrate.live.transport import SocketStream
+
+    agent = WasmAgent(TRAP_ONCE_WAT, batch=1, rate=1000)
+    agent.start()
+    with pytest.raises(ExecutionFailedError):
+        agent.wait(30)
+    assert agent.steps == 4  # the trapping step's count is not taken
+    receiver = LiveReceiver(MemoryStore(), BufferTarget(), timeout=10)
+
+    def connect() -> SocketStream:
+        a, b = socket.socketpair()
+        threading.Thread(target=receiver.handle, args=(SocketStream(a),), daemon=True).start()
+        return SocketStream(b)
+
+    with pytest.raises(ExecutionFailedError, match="trapped"):
+        LiveMigration(agent, StreamChannel(connect, retries=0, timeout=10), max_rounds=0).run()
+    time.sleep(0.2)
+    assert agent.steps == 4 and isinstance(agent.error, ExecutionFailedError)
 
 
 #: step(n > 0) never returns.

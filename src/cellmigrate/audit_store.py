@@ -229,7 +229,10 @@ class SqliteAuditSink:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
         if not timeout >= 0:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-        self._path = os.fspath(path)
+        given = os.fspath(path)
+        # Absolute: a forked child that reconnects (after a chdir, as daemons do) must
+        # open this database, not a new one relative to its own directory.
+        self._path = given if given == ":memory:" else os.path.abspath(given)
         self._timeout = float(timeout)
         self._lock = threading.Lock()
         guard(self, "_lock")  # taken around fork(): see _forksafe
@@ -332,7 +335,7 @@ class SqliteAuditSink:
 
     @property
     def path(self) -> str:
-        """The database path given at construction."""
+        """The database path given at construction, made absolute (``":memory:"`` as is)."""
         return self._path
 
     # -- writing -------------------------------------------------------------------
@@ -423,10 +426,14 @@ class SqliteAuditSink:
     # -- lifetime ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the database (idempotent)."""
+        """Close the database (idempotent). In a forked child that never wrote, the
+        connection inherited from the parent is left alone, not closed (SQLite's rule)."""
         with self._lock:
             if self._conn is not None:
-                self._conn.close()
+                if self._pid != os.getpid() and self._path != ":memory:":
+                    _INHERITED.append(self._conn)
+                else:
+                    self._conn.close()
                 self._conn = None
 
     def __enter__(self) -> "SqliteAuditSink":

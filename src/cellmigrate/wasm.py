@@ -712,12 +712,19 @@ class WasmAgent:
             raise ExecutionFailedError(f"the wasm agent failed: {error}") from error
 
     def resume(self) -> None:
-        """Continue stepping after :meth:`pause`; starts the runner when it is not running."""
+        """Continue stepping after :meth:`pause`; starts the runner when it is not running,
+        unless it ended on a trap: the memory is then mid-step, no state to run on, and
+        the agent stays stopped (:meth:`pause` and :meth:`wait` keep reporting the trap;
+        :meth:`start` runs it again deliberately). A migration resumes its source after a
+        pause that failed, which is how a trapped agent's does."""
         with self._cond:
             alive = self._thread is not None and self._thread.is_alive()
             if alive:
                 self._paused = False
                 self._cond.notify_all()
+                return
+            if self._error is not None:
+                self._paused = False
                 return
         self.start()
 

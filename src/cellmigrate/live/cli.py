@@ -51,8 +51,9 @@ class FileSource:
     (e.g. ``kill -STOP 1234``); a command that fails, or runs longer than ``timeout``
     seconds (it and all it started are then killed), raises ``CellError``. After the
     pause command, the file must not change: :meth:`extra` (asked for before the COMMIT)
-    raises :class:`~cellmigrate.errors.StateChangedError` when its size, times or inode
-    did, as a writer the command did not stop changes them. The file is
+    raises :class:`~cellmigrate.errors.StateChangedError` when its size, modification
+    time or inode did, as a writer the command did not stop changes them with ``write(2)`` (best
+    effort: writes through a memory map may change none of them). The file is
     mapped again (a :class:`~cellmigrate.statefile.StateFile`) whenever its size changed
     since the last round; the maps are guarded, so a page the writer truncated away
     while a round reads it reads as zeros instead of killing the sender with SIGBUS
@@ -116,9 +117,10 @@ class FileSource:
 
 
 def _file_key(path: str) -> Tuple[int, ...]:
-    """What a write to ``path`` changes: its inode, size and times (nanoseconds)."""
+    """What a write to ``path`` changes: its inode, size and modification time (not the
+    change time, which a backup tool's hard link or chmod moves too)."""
     st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class FileTarget:
@@ -158,10 +160,11 @@ def _run_command(cmd: Optional[str], what: str, timeout: float) -> None:
     fails, ending with the start of what it wrote to stderr. Its output never goes
     through a pipe we would wait on: a command that starts an agent in the background
     (``agent &``) keeps a pipe open until the agent ends; a file does not. Its stdout
-    goes to our stderr (with ``--stdio`` our stdout is the protocol's). It runs in a
-    session of its own: when it runs out of time, or we are interrupted while it runs,
-    it and everything it started are killed (a pause command must not go on to stop the
-    writer after the migration gave up and resumed it)."""
+    goes to our stderr (with ``--stdio`` our stdout is the protocol's). When it runs out
+    of time, or we are interrupted while it runs, it and everything it started are
+    killed (:func:`~cellmigrate.live.transport.stop_command`: a pause command must not go
+    on to stop the writer after the migration gave up and resumed it); it keeps our
+    terminal, so it may prompt (``sudo``)."""
     if not cmd:
         return
     out: Any
@@ -171,8 +174,7 @@ def _run_command(cmd: Optional[str], what: str, timeout: float) -> None:
         out = subprocess.DEVNULL
     with tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         except OSError as exc:  # no shell
             raise CellError(f"{what} command {cmd!r} could not be run: {exc}") from None
         try:

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from ..checksum import PAGE_SIZE
-from ..errors import CellError
+from ..errors import CellError, MigrationFailedError
 from ..validation import MigrationValidator, NodeCapabilities
 from .agent import StateStore, TargetAgent
 from .errors import AbortedError, AuthenticationError, ConnectionLostError, PeerTimeoutError, ProtocolError, RefusedError
@@ -244,10 +244,12 @@ class LiveReceiver:
 
         Returns the number of completed migrations once ``idle_timeout`` (None: wait
         forever) passes with no connection. Raises ``ConnectionLostError`` when a sender
-        that dropped mid-migration does not come back within ``resume_timeout``, and
+        that dropped mid-migration does not come back within ``resume_timeout``,
         :class:`~cellmigrate.live.errors.AbortedError` when the sender aborts its
-        migration (unless ``keep_listening``); either way the staged state is discarded
-        and the target's own state is unchanged. ``on_drop`` is told why each connection
+        migration, and the refusal when this side refused it for good (a commit whose
+        proof failed, a target that could not adopt), these two unless
+        ``keep_listening``; in each case the staged state is discarded and the target's
+        own state is unchanged. ``on_drop`` is told why each connection
         that did not complete a migration ended.
         """
         while True:
@@ -268,8 +270,10 @@ class LiveReceiver:
             if self.handle(stream):
                 if not keep_listening:
                     return self.completed
-            elif isinstance(self.last_error, AbortedError) and not keep_listening:
-                raise self.last_error  # the sender's end: nothing more will come
+            elif not keep_listening and (isinstance(self.last_error, AbortedError) or self.session.failed):
+                # The sender aborted, or this side refused the migration for good (its
+                # commit, say): nothing more will come for it.
+                raise self.last_error or MigrationFailedError("the migration failed")
             elif on_drop is not None and self.last_error is not None:
                 on_drop(self.last_error)
 

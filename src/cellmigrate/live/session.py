@@ -304,9 +304,24 @@ class ReceiverSession:
                 self._can_prefault = False
 
     def _check(self, chunk: Chunk) -> bool:
-        """A chunk's place and bounds (``CorruptDataError``); False when already committed."""
+        """A chunk's place and bounds (``CorruptDataError``); False when already committed.
+
+        A version-4 chunk (``placed``) has its placement in its digest: one that does not
+        fit (out of order, out of bounds, a resend of a committed chunk, which version-4
+        senders never make) was changed in transit like one whose digest fails, and is
+        refused in the same words, so the sender sends it again."""
+        try:
+            return self._check_place(chunk)
+        except CorruptDataError as exc:
+            if not chunk.placed:
+                raise
+            raise CorruptDataError(f"{_mismatch(chunk.seq)}: {exc.message}") from None
+
+    def _check_place(self, chunk: Chunk) -> bool:
         self._need_open()
         if chunk.seq <= self.committed_seq:
+            if chunk.placed:
+                raise CorruptDataError(f"chunk {chunk.seq} was committed already")
             return False
         if chunk.seq != self.committed_seq + 1:
             raise CorruptDataError(f"chunk {chunk.seq} out of order: expected {self.committed_seq + 1}")

@@ -24,7 +24,7 @@ import stat
 import struct
 import subprocess
 import time
-from typing import List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -197,13 +197,53 @@ class PipeStream:
                     pass
 
 
-def stop_command(proc: "subprocess.Popen[bytes]") -> None:
-    """SIGKILL a shell command started with ``start_new_session=True`` and everything it
-    started (its process group: the shell alone may not be the command), then reap it."""
+def _descendants(pid: int) -> List[int]:
+    """The PIDs of ``pid``'s descendants, from ``/proc`` (none found without it)."""
+    children: Dict[int, List[int]] = {}
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(pids: Sequence[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_command(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGKILL a shell command and everything it started, then reap it.
+
+    The command stays in our process group and session (so it can prompt on our
+    terminal: ``ssh``'s password, ``sudo``), so its descendants are found in ``/proc``:
+    frozen with SIGSTOP until no new one appears (one may fork meanwhile), then killed,
+    the shell last (killed first, it would hand its children to init, out of sight)."""
+    if proc.poll() is None:
+        frozen: List[int] = []
+        for _ in range(8):
+            found = [p for p in _descendants(proc.pid) if p not in frozen]
+            if not found:
+                break
+            _signal_all(found, signal.SIGSTOP)
+            frozen.extend(found)
+        _signal_all([*frozen, proc.pid], signal.SIGKILL)
     proc.wait()
 
 
@@ -215,8 +255,7 @@ class CommandStream(PipeStream):
     :func:`stop_command`). ``OSError`` when it cannot be started."""
 
     def __init__(self, command: str, *, wait: float = 10.0) -> None:
-        self.process = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.process.stdin is not None and self.process.stdout is not None
         self._wait = wait
         # Writes must not block past their deadline: a full pipe returns what it took.
@@ -610,8 +649,11 @@ def listen(address: str, backlog: int = 4) -> socket.socket:
 
 
 def accept(listener: socket.socket, timeout: Optional[float], tls: Optional[ssl.SSLContext] = None) -> Optional[SocketStream]:
-    """The next connection (TLS handshake done), or None when ``timeout`` passed first."""
-    listener.settimeout(timeout)
+    """The next connection (TLS handshake done), or None when ``timeout`` passed first
+    (``timeout`` 0: only a connection already waiting)."""
+    # settimeout(0) would make the listener non-blocking: accept() then raises
+    # BlockingIOError, not a timeout. A tiny wait means the same: take what is there.
+    listener.settimeout(None if timeout is None else max(timeout, 1e-3))
     try:
         sock, _ = listener.accept()
     except socket.timeout:

@@ -32,7 +32,7 @@ from .. import errors as _core_errors
 from ..errors import CellError, MigrationFailedError
 from ..live import errors as _live_errors
 from ..live.channel import CommitCallback
-from ..live.errors import ConnectionLostError, PeerTimeoutError
+from ..live.errors import ConnectionLostError, OutcomeUnknownError, PeerTimeoutError
 from ..live.pages import Chunk
 from ..live.session import Offer
 
@@ -164,23 +164,28 @@ class RayChannel:
         except ray.exceptions.GetTimeoutError:
             # The target may be adopting or running the agent: kill it, so that exactly
             # one copy of the agent runs (the source, which resumes on this error).
-            self._kill_target()
+            self._kill_target("no answer from the target actor in time")
             raise PeerTimeoutError("commit: no answer from the target actor in time; target actor killed") from None
         except ray.exceptions.RayTaskError as exc:  # the target answered: a refusal
             raise_from_ray(exc, "commit")
         except ray.exceptions.RayError as exc:
             # No answer (ActorUnavailableError: "may or may not have executed"; a died
             # actor): the outcome is unknown, so the target goes, as on a timeout.
-            self._kill_target()
+            self._kill_target(f"the target actor did not answer ({type(exc).__name__}: {exc})")
             raise ConnectionLostError(
                 f"commit: the target actor did not answer ({type(exc).__name__}: {exc}); target actor killed"
             ) from None
 
-    def _kill_target(self) -> None:
+    def _kill_target(self, why: str) -> None:
+        """Kill the target after a commit without an answer; when even that fails, the
+        target may run the agent: ``OutcomeUnknownError`` (the source stays paused)."""
         try:
             ray.kill(self.target, no_restart=True)
-        except Exception:  # already gone: nothing runs there
-            pass
+        except Exception as exc:
+            raise OutcomeUnknownError(
+                f"commit: {why}, and the target actor could not be killed ({type(exc).__name__}: {exc}): "
+                "the source agent stays paused"
+            ) from None
 
     def abort(self, reason: str) -> None:
         """Tell the target to discard what it staged (best effort, never raises)."""
