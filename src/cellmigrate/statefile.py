@@ -29,7 +29,8 @@ link stays and its target is replaced) is written to an unnamed temporary file
 so the target is either untouched or complete and a killed process leaves nothing behind.
 Where ``O_TMPFILE`` is not supported, the temporary file gets a name of its own
 (``.NAME.cellmigrate-PID-TOKEN.tmp``, TOKEN random per file, held under ``flock`` while it
-is written) that the next run on the same target removes once no process holds it. A FIFO, character device or ``-`` (stdout) is written through as a stream, never
+is written) that the next run on the same target removes once no process holds it. A
+FIFO, character device or ``-`` (stdout) is written through as a stream, never
 replaced. Inputs are never overwritten (same device and inode) and an existing output
 only with ``force``.
 

@@ -52,8 +52,9 @@ class FileSource:
     seconds (it and all it started are then killed), raises ``CellError``. After the
     pause command, the file must not change: :meth:`extra` (asked for before the COMMIT)
     raises :class:`~cellmigrate.errors.StateChangedError` when its size, modification
-    time or inode did, as a writer the command did not stop changes them with ``write(2)`` (best
-    effort: writes through a memory map may change none of them). The file is
+    time or inode did, as a writer the command did not stop changes them with
+    ``write(2)`` (best effort: writes through a memory map may change none of them). The
+    file is
     mapped again (a :class:`~cellmigrate.statefile.StateFile`) whenever its size changed
     since the last round; the maps are guarded, so a page the writer truncated away
     while a round reads it reads as zeros instead of killing the sender with SIGBUS
