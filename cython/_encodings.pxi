@@ -9,15 +9,33 @@ cdef extern from "cm_pages.h" nogil:
     size_t cm_xzr_encode_active "cm_xzr_encode_entry"(const uint8_t* nw, const uint8_t* base, size_t L,
                                                        uint8_t* dst, size_t limit)
     int cm_xzr_decode(const uint8_t* src, size_t n, uint8_t* out, size_t L, size_t* where)
-    size_t cm_encode_pages(const uint8_t* const* pages, const size_t* lens, const uint8_t* base, size_t nbase,
-                           const int64_t* idx, size_t count, size_t page, unsigned allowed,
-                           const uint16_t* xzr_hint, uint8_t* enc, int64_t* off, uint32_t* chk, uint8_t* dst,
-                           uint8_t* scratch)
     void cm_advise_huge(void* p, size_t n)
     int cm_check_pages(const uint8_t* src, size_t nsrc, const int64_t* off, const uint8_t* enc,
                        const uint32_t* chk, const int64_t* idx, size_t count, uint64_t total, size_t page,
                        unsigned allowed, int64_t prev, const uint8_t* base, size_t nbase,
                        uint8_t* out, size_t* pos, int64_t* detail)
+
+cdef extern from "cm_jobs.h" nogil:
+    ctypedef struct cm_encode_job:
+        cm_claims claims
+        const uint8_t* const* pages
+        const size_t* lens
+        const uint8_t* base
+        size_t nbase
+        const int64_t* idx
+        size_t count
+        size_t page
+        size_t per
+        unsigned allowed
+        const uint16_t* xzr_hint
+        uint8_t* enc
+        int64_t* off
+        uint32_t* chk
+        uint8_t* dst
+        const size_t* room
+        size_t* used
+    int cm_encode_job_run(cm_encode_job* j, int threads)
+    size_t cm_encode_job_pack(cm_encode_job* j)
 
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -99,30 +117,58 @@ def xzr_decode(const uint8_t[::1] stream, const uint8_t[::1] base_page, Py_ssize
 
 cdef object _encode(const uint8_t* base, size_t nbase, const uint8_t** ptrs, size_t* lens, int64_t[::1] idx,
                     size_t count, size_t total, Py_ssize_t page_size, unsigned allowed,
-                    const uint16_t* xzr_hint=NULL):
-    """Run cm_encode_pages over prepared page pointers (frees nothing: the caller owns them)."""
+                    const uint16_t* xzr_hint=NULL, int threads=1):
+    """Run cm_encode_job over prepared page pointers (frees nothing: the caller owns them),
+    on up to ``threads`` threads, into one payload."""
     encs = np.empty(count, dtype=np.uint8)
     offs = np.empty(count + 1, dtype=np.int64)
     chks = np.empty(count, dtype=np.uint32)
     cdef uint8_t[::1] enc = encs
     cdef int64_t[::1] off = offs
     cdef uint32_t[::1] chk = chks
+    # One run a thread would leave a thread idle behind a slow run; 256 pages (1 MiB raw)
+    # a claim balances them. One thread: one run, nothing to pack.
+    cdef size_t per = count if threads <= 1 or count <= 256 else 256
+    cdef size_t runs = (count + per - 1) // per if count else 0
+    cdef size_t k, at = 0
+    cdef size_t[::1] room = np.empty(runs + 1, dtype=np.uintp)
+    cdef size_t[::1] used = np.empty(runs + 1, dtype=np.uintp)
+    for k in range(count):
+        if k % per == 0:
+            room[k // per] = at
+        at += lens[k]
     cdef PyObject* raw = _new_bytes(NULL, total)
     if raw == NULL:
         raise MemoryError()
-    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(<object>raw)
-    cdef uint8_t* scratch = <uint8_t*>malloc(5 * page_size + 64)
-    if scratch == NULL:
+    cdef cm_encode_job job
+    job.pages = ptrs
+    job.lens = lens
+    job.base = base
+    job.nbase = nbase
+    job.idx = &idx[0] if count else NULL
+    job.count = count
+    job.page = <size_t>page_size
+    job.per = per if per else 1
+    job.allowed = allowed | 1u
+    job.xzr_hint = xzr_hint
+    job.enc = &enc[0] if count else NULL
+    job.off = &off[0]
+    job.chk = &chk[0] if count else NULL
+    job.dst = <uint8_t*>PyBytes_AS_STRING(<object>raw)
+    job.room = &room[0]
+    job.used = &used[0]
+    cdef size_t o = 0
+    cdef PyThreadState* ts = _release(total)
+    cm_advise_huge(<void*>job.dst, total)
+    cm_encode_job_run(&job, threads if threads > 0 else 1)
+    if job.claims.done == runs:
+        o = cm_encode_job_pack(&job)
+    _reacquire(ts)
+    if job.claims.done < runs:  # no thread could make its scratch
         result = <object>raw
         Py_DECREF(result)
         raise MemoryError()
-    cdef size_t o
-    cdef PyThreadState* ts = _release(total)
-    cm_advise_huge(<void*>dst, total)
-    o = cm_encode_pages(ptrs, lens, base, nbase, &idx[0] if count else NULL, count, page_size, allowed | 1u,
-                        xzr_hint, &enc[0] if count else NULL, &off[0], &chk[0] if count else NULL, dst, scratch)
-    _reacquire(ts)
-    free(scratch)
+    off[0] = 0
     if _PyBytes_Resize(&raw, o) < 0:
         raise MemoryError()
     result = <object>raw
@@ -131,15 +177,16 @@ cdef object _encode(const uint8_t* base, size_t nbase, const uint8_t** ptrs, siz
 
 
 def encode_pages(const uint8_t[::1] old, const uint8_t[::1] new, indices, Py_ssize_t page_size,
-                 unsigned allowed):
+                 unsigned allowed, int threads=1):
     """Encode the pages ``indices`` of ``new`` against ``old`` (any length).
 
     Returns ``(encodings uint8[n], offsets int64[n + 1], checks uint32[n], payload bytes)``:
     page k is stored as ``payload[offsets[k]:offsets[k + 1]]`` (whose weighted checksum
     is ``checks[k]``) with encoding ``encodings[k]``, the smallest of the encodings in the
     bit mask ``allowed`` (``1 << ENC_*``; RAW is always allowed), ties to the earlier of
-    RAW, RLE, ZERO, XZR.
+    RAW, RLE, ZERO, XZR. ``threads``: at most this many threads encode runs of pages.
     """
+    cdef int nthreads = _threads(threads)
     cdef int64_t[::1] idx = _indices(indices)
     cdef size_t count = idx.shape[0], nnew = new.shape[0], nold = old.shape[0]
     cdef size_t npages = _page_count(nnew, page_size)
@@ -160,14 +207,15 @@ def encode_pages(const uint8_t[::1] old, const uint8_t[::1] new, indices, Py_ssi
             lens[k] = nnew - start if nnew - start < <size_t>page_size else page_size
             ptrs[k] = &new[start]
             total += lens[k]
-        return _encode(&old[0] if nold else NULL, nold, ptrs, lens, idx, count, total, page_size, allowed)
+        return _encode(&old[0] if nold else NULL, nold, ptrs, lens, idx, count, total, page_size, allowed, NULL,
+                       nthreads)
     finally:
         free(ptrs)
         free(lens)
 
 
 def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_size, unsigned allowed,
-                     const uint16_t[::1] xzr_hints=None):
+                     const uint16_t[::1] xzr_hints=None, int threads=1):
     """``encode_pages`` for pages given as separate buffers: ``pages[k]`` holds page
     ``indices[k]`` of the new state (at most ``page_size`` bytes; only a state's last page
     is short), encoded against the same bytes of ``old``.
@@ -175,6 +223,7 @@ def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_siz
     ``xzr_hints`` (uint16, one a page: ``PageArena.xzr_hints``): a page whose hint is
     ``XZR_HINT_NO_WIN`` is not tried as XZR (the create pass found it no smaller).
     """
+    cdef int nthreads = _threads(threads)
     cdef int64_t[::1] idx = _indices(indices)
     cdef size_t count = idx.shape[0], nold = old.shape[0]
     cdef Py_ssize_t k
@@ -191,7 +240,7 @@ def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_siz
         if held.lens[k] == 0 or held.lens[k] > <size_t>page_size:
             raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, not 1..{page_size}")
     return _encode(&old[0] if nold else NULL, nold, held.ptrs, held.lens, idx, count, held.total, page_size, allowed,
-                   &xzr_hints[0] if xzr_hints is not None and count else NULL)
+                   &xzr_hints[0] if xzr_hints is not None and count else NULL, nthreads)
 
 
 def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_t total_size,

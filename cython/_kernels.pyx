@@ -608,6 +608,14 @@ def _naive_rle_compress(const uint8_t[::1] data):
     return buf[:o]
 
 
+# --- threads inside one GIL-free call (cm_claims.h), shared by the passes below ---------------
+
+cdef extern from "cm_claims.h" nogil:
+    ctypedef struct cm_claims:
+        size_t done
+    int CM_MAX_THREADS
+
+
 # --- page encodings (zero pages, XOR + zero-run) -------------------------------------------
 
 include "_encodings.pxi"

@@ -66,9 +66,6 @@ cdef inline uint8_t* _leaf_out(out, Py_buffer* buf, Py_ssize_t need) except? NUL
 
 
 cdef extern from "cm_jobs.h" nogil:
-    ctypedef struct cm_claims:
-        size_t done
-    int CM_MAX_THREADS
     ctypedef struct cm_overlay_job:
         cm_claims claims
         const uint8_t* base

@@ -482,7 +482,8 @@ static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, siz
 /* Encode page k (pages[k], lens[k] <= page bytes: page idx[k] of the new state) against
    the same bytes of `base` (nbase bytes, zeros past its end). Each page gets the smallest allowed encoding, ties to the lower
    value in the order RAW, RLE, ZERO, XZR (a later one only when strictly smaller).
-   Writes enc[k], off[k+1] (off[0] = 0), chk[k] (the weighted checksum of the stored
+   Writes enc[k], off[k+1] (not off[0]: the caller's, so that batches encoded at once
+   into one offsets array do not write each other's entries), chk[k] (the weighted checksum of the stored
    bytes: the per-page check of the wire format) and the stored bytes back to back into dst, which
    needs room for the sum of the pages' lengths (RAW bounds every choice). scratch needs
    3 * page + page + page + 32 bytes. Indices must be >= 0 (checked by the caller).
@@ -498,7 +499,6 @@ static size_t cm_encode_pages(const uint8_t *const *pages, const size_t *lens, c
     uint8_t *xzr_buf = scratch + 3 * page;       /* page + 16 */
     uint8_t *base_buf = scratch + 4 * page + 16; /* page */
     size_t o = 0;
-    off[0] = 0;
     for (size_t k = 0; k < count; k++) {
         size_t start = (size_t)idx[k] * page;
         size_t L = lens[k];

@@ -232,6 +232,89 @@ def test_encode_pages_matches_reference_on_every_path(case: Tuple[bytes, bytes, 
         assert impl.check_pages(want_payload, want_off, want_enc, indices, len(new), PAGE, allowed) == (0, 0, 0)
 
 
+#: Page kinds of the threaded-encoder tests, each encoding best as a different choice.
+_KINDS = ("zero", "runs", "edit", "random", "same")
+
+
+def _kinds_state(kinds: List[str], seed: int, tail: int) -> Tuple[bytes, bytes]:
+    """``old``/``new`` where page k of ``new`` is of kind ``kinds[k]`` against ``old``;
+    ``tail`` > 0 cuts the last page to that many bytes (a state's short last page)."""
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, 256, len(kinds) * PAGE, dtype=np.uint8)
+    new = old.copy()
+    rows = new.reshape(-1, PAGE)
+    for k, kind in enumerate(kinds):
+        if kind == "zero":
+            rows[k] = 0
+        elif kind == "runs":
+            rows[k] = np.repeat(rng.integers(0, 256, 32, dtype=np.uint8), PAGE // 32)
+        elif kind == "edit":
+            at = int(rng.integers(0, PAGE - 64))
+            rows[k, at : at + 64] ^= rng.integers(1, 256, 64, dtype=np.uint8)
+        elif kind == "random":
+            rows[k] = rng.integers(0, 256, PAGE, dtype=np.uint8)
+    cut = len(new) - (PAGE - tail if tail else 0)
+    return old.tobytes(), new[:cut].tobytes()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kinds=st.lists(st.sampled_from(_KINDS), min_size=257, max_size=1100),
+    seed=st.integers(0, 2**32 - 1),
+    tail=st.integers(0, PAGE - 1),
+    threads=st.integers(2, 5),
+    allowed=st.sampled_from([ALL, CRATE, 0x1, 0x9]),
+    data=st.data(),
+)
+def test_threaded_encoders_match_one_thread(kinds: List[str], seed: int, tail: int, threads: int, allowed: int,
+                                            data: st.DataObject) -> None:
+    """Over 256 pages the encoders split the pages into runs encoded on several threads
+    into one payload, then packed: the same result as one thread's (the one-thread
+    kernels are checked against the reference above), on every SIMD path."""
+    old, new = _kinds_state(kinds, seed, tail)
+    npages = len(kinds)
+    keep = data.draw(st.lists(st.booleans(), min_size=npages, max_size=npages))
+    indices = [k for k in range(npages) if keep[k]]
+    hints = np.asarray(data.draw(st.lists(st.sampled_from([0, _kernels.XZR_HINT_NO_WIN, 7]),
+                                          min_size=len(indices), max_size=len(indices))), dtype=np.uint16)
+    for path in each_path():
+        want = _kernels.encode_pages(old, new, indices, PAGE, allowed)
+        got = _kernels.encode_pages(old, new, indices, PAGE, allowed, threads)
+        assert [a.tolist() for a in got[:3]] + [got[3]] == [a.tolist() for a in want[:3]] + [want[3]], path
+        pages = _pages_of(new, indices)
+        want = _kernels.encode_page_list(old, pages, indices, PAGE, allowed, hints)
+        got = _kernels.encode_page_list(old, pages, indices, PAGE, allowed, hints, threads)
+        assert [a.tolist() for a in got[:3]] + [got[3]] == [a.tolist() for a in want[:3]] + [want[3]], path
+
+
+def test_threaded_encoder_matches_the_reference_and_uses_threads() -> None:
+    """Against the pure-Python reference directly: 700 pages of mixed kinds (so runs
+    pack with gaps of every size), on three threads, then decoded back."""
+    kinds = [_KINDS[(k * 7 + k // 3) % len(_KINDS)] for k in range(700)]
+    old, new = _kinds_state(kinds, 12, 1000)
+    indices = [k for k in range(700) if kinds[k] != "same" or k % 2]
+    want = _reference.encode_pages(old, new, indices, PAGE, ALL)
+    _kernels._workers_stats()  # restart the peak
+    got = _kernels.encode_pages(old, new, indices, PAGE, ALL, 3)
+    assert _kernels._workers_stats()[1] >= 1  # a worker thread took runs
+    assert [a.tolist() for a in got[:3]] + [got[3]] == [a.tolist() for a in want[:3]] + [want[3]]
+    assert len(set(got[0].tolist())) == 4  # every encoding occurs
+    out = bytearray(len(indices) * PAGE)
+    assert _kernels.check_pages(got[3], got[1], got[0], indices, len(new), PAGE, ALL, base=old, out=out,
+                                checks=got[2]) == (0, 0, 0)
+    for k, page in enumerate(_pages_of(new, indices)):
+        assert bytes(out[k * PAGE : k * PAGE + len(page)]) == page
+
+
+@pytest.mark.parametrize("impl", [_kernels, _reference])
+@pytest.mark.parametrize("threads", [0, -1])
+def test_encoders_refuse_fewer_than_one_thread(impl: ModuleType, threads: int) -> None:
+    with pytest.raises(ValueError, match="threads"):
+        impl.encode_pages(bytes(PAGE), bytes(PAGE), [0], PAGE, ALL, threads)
+    with pytest.raises(ValueError, match="threads"):
+        impl.encode_page_list(bytes(PAGE), [bytes(PAGE)], [0], PAGE, ALL, None, threads)
+
+
 def test_encode_pages_chooses_zero_xzr_rle_raw() -> None:
     rng = random.Random(5)
     old = rng.randbytes(5 * PAGE)

@@ -586,42 +586,21 @@ def encode_batch(
     ``new`` is the new state (a buffer) or the pages themselves (a list of buffers,
     ``new[k]`` being page ``indices[k]``: what a scan copied; ``xzr_hints`` then the
     scan's :attr:`~cellmigrate._passes.Scan.xzr_hints`, which spare re-reading the base
-    pages of pages that XZR cannot shrink). One kernel call per thread (big batches are
-    split over the pool); raises ``IndexError`` for an index outside the state and
+    pages of pages that XZR cannot shrink). One kernel call (big batches on the kernel's
+    threads); raises ``IndexError`` for an index outside the state and
     ``ValueError`` for a page of an impossible length.
     """
     base_view = as_bytes_view(base, "base")
     idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+    # Big batches are encoded on the kernel's own threads, into one payload (no parts to
+    # join: fresh memory costs a VM a host fault a page).
+    threads = 1 if len(idx) * PAGE_SIZE < _SPLIT_MIN_BYTES else max_threads()
     if isinstance(new, (list, tuple)) or _is_page_rows(new):
-        pages: Any = new
-
-        def encode(lo: int, hi: int) -> Tuple[_U8, _I64, _U32, bytes]:
-            return cast(
-                Tuple[_U8, _I64, _U32, bytes],
-                kernels.encode_page_list(base_view, pages[lo:hi], idx[lo:hi], PAGE_SIZE, allowed,
-                                         None if xzr_hints is None else xzr_hints[lo:hi]),
-            )
+        enc, off, chk, payload = kernels.encode_page_list(base_view, new, idx, PAGE_SIZE, allowed, xzr_hints, threads)
     else:
-        new_view = as_bytes_view(new, "new")
-
-        def encode(lo: int, hi: int) -> Tuple[_U8, _I64, _U32, bytes]:
-            return cast(
-                Tuple[_U8, _I64, _U32, bytes], kernels.encode_pages(base_view, new_view, idx[lo:hi], PAGE_SIZE, allowed)
-            )
-
-    n = len(idx)
-    threads = max_threads()
-    if threads <= 1 or n * PAGE_SIZE < _SPLIT_MIN_BYTES:
-        enc, off, chk, payload = encode(0, n)
-        return PageBatch(idx, enc, off, payload, chk)
-    step = -(-n // threads)
-    parts = run_spans(encode, [(lo, min(lo + step, n)) for lo in range(0, n, step)])
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([np.diff(p[1]) for p in parts]), out=offsets[1:])
-    return PageBatch(
-        idx, np.concatenate([p[0] for p in parts]), offsets, b"".join(p[3] for p in parts),
-        np.concatenate([p[2] for p in parts]),
-    )
+        enc, off, chk, payload = kernels.encode_pages(base_view, as_bytes_view(new, "new"), idx, PAGE_SIZE, allowed,
+                                                      threads)
+    return PageBatch(idx, enc, off, payload, chk)
 
 
 # --------------------------------------------------------------------------------------

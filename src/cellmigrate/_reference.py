@@ -13,7 +13,8 @@ kernels also accept any C-contiguous byte buffer, read-only ones included, and r
 strided ones with ``ValueError``). Sizes are 64-bit. Nothing is copied on input.
 Checksums are ints in ``[0, 2**32)``; ``offset`` is an int in ``[0, 2**64)``. The
 whole-buffer kernels (``checksum``, ``first_difference``, ``dirty_pages``,
-``dirty_pages_checksum``) take a last argument ``threads=1`` (an int): the compiled
+``dirty_pages_checksum``) and the page encoders (``encode_pages``, ``encode_page_list``)
+take a last argument ``threads=1`` (an int): the compiled
 ones then split the call over that many threads of their own (at most ``MAX_THREADS``,
 64) inside one GIL-free call, with the same result; the reference runs on the calling
 thread; below 1 is a ``ValueError`` in both.
@@ -70,7 +71,7 @@ thread; below 1 is a ``ValueError`` in both.
   short, an overlong varint (over 5 bytes, or a non-canonical trailing zero group), a
   zero literal length, a pair running past the page, a literal cut short. Never writes
   outside the ``length``-byte page.
-* ``encode_pages(old, new, indices, page_size, allowed) -> (encodings, offsets, checks, payload)``:
+* ``encode_pages(old, new, indices, page_size, allowed, threads=1) -> (encodings, offsets, checks, payload)``:
   every page ``indices[k]`` of ``new`` (the last may be short) encoded against the same
   bytes of ``old`` (any length: zeros past its end), as the smallest encoding in the bit
   mask ``allowed`` (``1 << ENC_RAW | 1 << ENC_RLE | 1 << ENC_ZERO | 1 << ENC_XZR``; RAW
@@ -78,7 +79,7 @@ thread; below 1 is a ``ValueError`` in both.
   ``encodings`` is uint8[n], ``offsets`` int64[n + 1] into the ``payload`` bytes,
   ``checks`` uint32[n] the ``checksum`` of each page's stored bytes (the wire format's
   per-page check). An index outside ``new`` raises ``IndexError``.
-* ``encode_page_list(old, pages, indices, page_size, allowed, xzr_hints=None)``:
+* ``encode_page_list(old, pages, indices, page_size, allowed, xzr_hints=None, threads=1)``:
   ``encode_pages`` for pages given as separate buffers (``pages[k]`` is page
   ``indices[k]`` of the new state, 1..``page_size`` bytes); a count mismatch or a page of
   another length raises ``ValueError``, a negative index ``IndexError``. A page whose
@@ -670,10 +671,11 @@ def xzr_hint(page: BufferLike, base: BufferLike) -> int:
 
 def encode_page_list(
     old: BufferLike, pages: Sequence[BufferLike], indices: IndexLike, page_size: int, allowed: int,
-    xzr_hints: Optional[Sequence[int]] = None,
+    xzr_hints: Optional[Sequence[int]] = None, threads: int = 1,
 ) -> Tuple[
     "np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", "np.ndarray[Any, np.dtype[np.uint32]]", bytes
 ]:
+    _threads(threads)
     idx = _paired_indices(pages, indices, page_size)
     hints = None if xzr_hints is None else [int(h) for h in xzr_hints]
     if hints is not None and len(hints) != len(idx):
@@ -714,13 +716,13 @@ def encode_page_list(
 
 
 def encode_pages(
-    old: BufferLike, new: BufferLike, indices: IndexLike, page_size: int, allowed: int
+    old: BufferLike, new: BufferLike, indices: IndexLike, page_size: int, allowed: int, threads: int = 1
 ) -> Tuple[
     "np.ndarray[Any, np.dtype[np.uint8]]", "np.ndarray[Any, np.dtype[np.int64]]", "np.ndarray[Any, np.dtype[np.uint32]]", bytes
 ]:
     new_view, idx = _state_pages(new, indices, page_size)
     pages = [new_view[i * page_size : (i + 1) * page_size] for i in idx]
-    return encode_page_list(old, pages, idx, page_size, allowed)
+    return encode_page_list(old, pages, idx, page_size, allowed, threads=threads)
 
 
 def stored_checks(payload: BufferLike, offsets: IndexLike) -> "np.ndarray[Any, np.dtype[np.uint32]]":
