@@ -35,6 +35,27 @@ cdef extern from "cm_jobs.h" nogil:
         const size_t* room
         size_t* used
     int cm_encode_job_run(cm_encode_job* j, int threads)
+    ctypedef struct cm_check_job:
+        cm_claims claims
+        const uint8_t* src
+        size_t nsrc
+        const int64_t* off
+        const uint8_t* enc
+        const uint32_t* chk
+        const int64_t* idx
+        size_t count
+        uint64_t total
+        size_t page
+        size_t per
+        unsigned allowed
+        int64_t prev
+        const uint8_t* base
+        size_t nbase
+        uint8_t* out
+        int* rc
+        size_t* pos
+        int64_t* detail
+    int cm_check_job_run(cm_check_job* j, int threads)
     size_t cm_encode_job_pack(cm_encode_job* j)
 
 from libc.stdlib cimport malloc, free
@@ -244,14 +265,18 @@ def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_siz
 
 
 def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_t total_size,
-                Py_ssize_t page_size, unsigned allowed, int64_t previous=-1, base=None, out=None, checks=None):
+                Py_ssize_t page_size, unsigned allowed, int64_t previous=-1, base=None, out=None, checks=None,
+                int threads=1):
     """Check (and decode, when ``out`` is given) stored pages; see ``_reference.check_pages``.
 
     Returns ``(code, position, detail)``, ``code`` 0 when every page is valid. With
     ``out`` (a writable buffer of ``len(indices) * page_size`` bytes), decoded page k is
     written at ``out[k * page_size:]``; XZR pages XOR into the pages of ``base``. With
     ``checks`` (uint32[n]), each page's stored bytes must have that weighted checksum.
+    ``threads``: at most this many threads check runs of pages (the first failure by
+    position is reported, as with one).
     """
+    cdef int nthreads = _threads(threads)
     cdef int64_t[::1] idx = _indices(indices)
     cdef int64_t[::1] off = _offsets(offsets)
     cdef const uint8_t[::1] enc = _encs(encodings)
@@ -286,14 +311,40 @@ def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_
             po = &out_view[0]
     cdef size_t nsrc = payload.shape[0]
     cdef const uint8_t* ps = &payload[0] if nsrc else NULL
-    cdef size_t pos = 0
-    cdef int64_t detail = 0
-    cdef int rc
+    # 256 pages (1 MiB decoded) a claim; one thread: one run.
+    cdef size_t per = count if nthreads <= 1 or count <= 256 else 256
+    cdef size_t runs = (count + per - 1) // per if count else 0, k
+    if runs == 0:
+        return 0, 0, 0
+    cdef int[::1] rcs = np.zeros(runs, dtype=np.intc)
+    cdef size_t[::1] poss = np.zeros(runs, dtype=np.uintp)
+    cdef int64_t[::1] details = np.zeros(runs, dtype=np.int64)
+    cdef cm_check_job job
+    job.src = ps
+    job.nsrc = nsrc
+    job.off = &off[0]
+    job.enc = &enc[0]
+    job.chk = pc
+    job.idx = &idx[0]
+    job.count = count
+    job.total = total_size
+    job.page = <size_t>page_size
+    job.per = per
+    job.allowed = allowed | 1u
+    job.prev = previous
+    job.base = pb
+    job.nbase = nbase
+    job.out = po
+    job.rc = &rcs[0]
+    job.pos = &poss[0]
+    job.detail = &details[0]
     cdef PyThreadState* ts = _release(nsrc + (count * page_size if po != NULL else 0))
-    rc = cm_check_pages(ps, nsrc, &off[0], &enc[0] if count else NULL, pc, &idx[0] if count else NULL, count,
-                        total_size, page_size, allowed | 1u, previous, pb, nbase, po, &pos, &detail)
+    cm_check_job_run(&job, nthreads)
     _reacquire(ts)
-    return rc, pos, detail
+    for k in range(runs):  # every run before a failing one ran: the first failure is here
+        if rcs[k]:
+            return rcs[k], poss[k], details[k]
+    return 0, 0, 0
 
 
 def stored_checks(const uint8_t[::1] payload, offsets):

@@ -194,6 +194,49 @@ static size_t cm_encode_job_pack(cm_encode_job *j) {
     return at;
 }
 
+/* ---- check (and decode): cm_check_pages over runs of pages ---- */
+
+/* One GIL-free call for a big batch (was one a Python thread). Runs are claimed in
+ * order and a failing run stops new claims, so every run before it has run: the first
+ * failure by position is the one to report. */
+typedef struct {
+    cm_claims claims;
+    const uint8_t *src;
+    size_t nsrc;
+    const int64_t *off;
+    const uint8_t *enc;
+    const uint32_t *chk; /* or NULL */
+    const int64_t *idx;
+    size_t count;
+    uint64_t total;
+    size_t page;
+    size_t per; /* pages a run */
+    unsigned allowed;
+    int64_t prev; /* the index before the batch */
+    const uint8_t *base;
+    size_t nbase;
+    uint8_t *out; /* or NULL: check only */
+    int *rc;      /* a run: its result, position (in the batch) and detail */
+    size_t *pos;
+    int64_t *detail;
+} cm_check_job;
+
+static int cm_check_chunk(cm_claims *c, size_t k, void *unused) {
+    cm_check_job *j = (cm_check_job *)c;
+    (void)unused;
+    size_t p = k * j->per, n = j->count - p < j->per ? j->count - p : j->per, at = 0;
+    j->rc[k] = cm_check_pages(j->src, j->nsrc, j->off + p, j->enc + p, j->chk ? j->chk + p : NULL, j->idx + p, n,
+                              j->total, j->page, j->allowed, p ? j->idx[p - 1] : j->prev, j->base, j->nbase,
+                              j->out ? j->out + p * j->page : NULL, &at, &j->detail[k]);
+    j->pos[k] = p + at;
+    return j->rc[k] != 0;
+}
+
+/* rc, pos and detail need one slot a run: (count + per - 1) / per. */
+static int cm_check_job_run(cm_check_job *j, int threads) {
+    return cm_claims_start(&j->claims, (j->count + j->per - 1) / j->per, cm_check_chunk, NULL, NULL, threads);
+}
+
 /* ---- XXH3-128 of each piece of a flat buffer: 4 KiB pages, or xxh3_128_tree's leaves ---- */
 
 typedef struct {

@@ -306,6 +306,46 @@ def test_threaded_encoder_matches_the_reference_and_uses_threads() -> None:
         assert bytes(out[k * PAGE : k * PAGE + len(page)]) == page
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kinds=st.lists(st.sampled_from(_KINDS[:4]), min_size=257, max_size=1100),
+    seed=st.integers(0, 2**32 - 1),
+    threads=st.integers(2, 5),
+    damage=st.lists(st.tuples(st.sampled_from(["byte", "index", "encoding", "offset", "check"]),
+                              st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=3),
+    with_out=st.booleans(),
+)
+def test_threaded_check_reports_the_first_failure(kinds: List[str], seed: int, threads: int,
+                                                  damage: List[Tuple[str, float, int]], with_out: bool) -> None:
+    """Checked on several threads, a batch with any damage (none, or up to three spots
+    anywhere) gives the result of one thread: the first failure by position."""
+    old, new = _kinds_state(kinds, seed, 0)
+    indices = list(range(len(kinds)))
+    enc, off, chk, payload = _kernels.encode_pages(old, new, indices, PAGE, ALL, threads)
+    idx = np.asarray(indices, dtype=np.int64)
+    data = bytearray(payload)
+    for what, where, value in damage:
+        k = int(where * len(indices))
+        if what == "byte" and data:
+            data[int(where * len(data))] ^= value
+        elif what == "index":
+            idx[k] = (int(idx[k]) + value) % (len(kinds) + 2)
+        elif what == "encoding":
+            enc[k] = value % 6
+        elif what == "offset":
+            off[k + 1] = max(0, int(off[k + 1]) - value)
+        else:
+            chk[k] ^= value
+    results = []
+    for t in (1, threads):
+        out = bytearray(len(indices) * PAGE) if with_out else None
+        results.append((_kernels.check_pages(bytes(data), off, enc, idx, len(new), PAGE, ALL, -1, old, out, chk, t),
+                        out))
+    assert results[0][0] == results[1][0]
+    if results[0][0][0] == 0 and with_out:
+        assert results[0][1] == results[1][1] == new
+
+
 @pytest.mark.parametrize("impl", [_kernels, _reference])
 @pytest.mark.parametrize("threads", [0, -1])
 def test_encoders_refuse_fewer_than_one_thread(impl: ModuleType, threads: int) -> None:
@@ -313,6 +353,8 @@ def test_encoders_refuse_fewer_than_one_thread(impl: ModuleType, threads: int) -
         impl.encode_pages(bytes(PAGE), bytes(PAGE), [0], PAGE, ALL, threads)
     with pytest.raises(ValueError, match="threads"):
         impl.encode_page_list(bytes(PAGE), [bytes(PAGE)], [0], PAGE, ALL, None, threads)
+    with pytest.raises(ValueError, match="threads"):
+        impl.check_pages(b"", [0, 0], [2], [0], PAGE, PAGE, ALL, -1, None, None, None, threads)
 
 
 def test_encode_pages_chooses_zero_xzr_rle_raw() -> None:

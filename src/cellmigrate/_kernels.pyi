@@ -65,6 +65,7 @@ def check_pages(
     base: Optional[BufferLike] = None,
     out: Optional[BufferLike] = None,
     checks: Optional[IndexLike] = None,
+    threads: int = 1,
 ) -> Tuple[int, int, int]: ...
 
 # Private: code-path selection (tests) and straightforward baselines (benches).

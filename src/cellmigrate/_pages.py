@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from ._backend import kernels
 from ._buffers import as_bytes_view
-from ._parallel import max_threads, run_spans
+from ._parallel import max_threads
 from ._types import BufferLike
 from .checksum import PAGE_SIZE
 from .errors import CellError, CorruptDataError, InvalidStateError
@@ -456,28 +456,15 @@ class PageBatch:
         base: Optional[memoryview] = None,
         out: Optional[_U8] = None,
     ) -> None:
-        """Check (and decode into ``out``) every page, split over threads when big."""
+        """Check (and decode into ``out``) every page, on the kernel's threads when big."""
         n = len(self)
-        spans = [(0, n)]
-        threads = max_threads()
-        if threads > 1 and n * PAGE_SIZE >= _SPLIT_MIN_BYTES:
-            step = -(-n // threads)
-            spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-
-        checks = self._checks if wire else None
-
-        def run(lo: int, hi: int) -> Tuple[int, int, int]:
-            previous = -1 if lo == 0 else int(self.indices[lo - 1])
-            code, pos, detail = kernels.check_pages(
-                self.payload, self.offsets[lo : hi + 1], self.encodings[lo:hi], self.indices[lo:hi], total_size,
-                PAGE_SIZE, allowed, previous, base, None if out is None else out[lo * PAGE_SIZE : hi * PAGE_SIZE],
-                None if checks is None else checks[lo:hi],
-            )
-            return code, pos + lo, detail
-
-        for code, k, detail in run_spans(run, spans):
-            if code:
-                raise error(self._describe(code, k, detail, total_size, wire=wire))
+        threads = 1 if n * PAGE_SIZE < _SPLIT_MIN_BYTES else max_threads()
+        code, k, detail = kernels.check_pages(
+            self.payload, self.offsets, self.encodings, self.indices, total_size, PAGE_SIZE, allowed, -1, base, out,
+            self._checks if wire else None, threads,
+        )
+        if code:
+            raise error(self._describe(code, k, detail, total_size, wire=wire))
 
     def check(self, total_size: int, allowed: int = ALLOW_ALL, *, wire: bool = True) -> None:
         """Validate every page of a ``total_size``-byte state without decoding any:

@@ -90,13 +90,14 @@ thread; below 1 is a ``ValueError`` in both.
 * ``stored_checks(payload, offsets) -> ndarray[uint32]``: ``checksum`` of each
   ``payload[offsets[k]:offsets[k + 1]]``; offsets outside the payload raise ``ValueError``.
 * ``check_pages(payload, offsets, encodings, indices, total_size, page_size, allowed,
-  previous=-1, base=None, out=None, checks=None) -> (code, position, detail)``: validates
+  previous=-1, base=None, out=None, checks=None, threads=1) -> (code, position, detail)``: validates
   stored pages in order (with ``checks``, first that each page's stored bytes have that
   ``checksum``: ``PAGE_CHECK``, detail the one found) and, with ``out`` (``n * page_size`` writable bytes), decodes page k into
   ``out[k * page_size:]`` (its length: ``min(page_size, total_size - index * page_size)``;
   XZR pages over the same bytes of ``base``, zeros past its end). ``code`` is 0, or the
   first failure (``PAGE_*`` below) with the page's position and a detail; ``out`` may then
-  hold partial pages but nothing outside the first ``n * page_size`` bytes is written.
+  hold partial pages (on several threads, pages after the failing one too) but nothing
+  outside the first ``n * page_size`` bytes is written.
 
 * ``overlay_leaves(base, lo, hi, pages, starts, leaf, out=None, changed=None) -> int``:
   the checksum of bytes ``[lo, hi)`` of ``base`` with ``pages[k]`` laid at absolute byte
@@ -764,7 +765,9 @@ def check_pages(
     base: Optional[BufferLike] = None,
     out: Optional[BufferLike] = None,
     checks: Optional[IndexLike] = None,
+    threads: int = 1,
 ) -> Tuple[int, int, int]:
+    _threads(threads)
     src = bytes(_view(payload).cast("B"))
     off = _index_list(offsets)
     enc = [int(e) for e in np.asarray(encodings, dtype=np.uint8).reshape(-1)]
