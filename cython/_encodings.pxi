@@ -260,9 +260,14 @@ def encode_page_list(const uint8_t[::1] old, pages, indices, Py_ssize_t page_siz
     if xzr_hints is not None and <size_t>xzr_hints.shape[0] != count:
         raise ValueError(f"{xzr_hints.shape[0]} XZR hints but {count} pages")
     cdef _PageBuffers held = _PageBuffers(pages)
+    # No state to bound the indices by: a page must at least end within 2**63 bytes, or
+    # its byte offset wraps and XZR reads before ``old``.
+    cdef int64_t last = (INT64_MAX - page_size) // page_size
     for k in range(<Py_ssize_t>count):
         if idx[k] < 0:
             raise IndexError(f"page index {idx[k]} is negative")
+        if idx[k] > last:
+            raise IndexError(f"page index {idx[k]} of {page_size}-byte pages ends past 2**63 bytes")
         if held.lens[k] == 0 or held.lens[k] > <size_t>page_size:
             raise ValueError(f"page {idx[k]} has {held.lens[k]} bytes, not 1..{page_size}")
     return _encode(&old[0] if nold else NULL, nold, held.ptrs, held.lens, idx, count, held.total, page_size, allowed,
@@ -343,7 +348,9 @@ def check_pages(const uint8_t[::1] payload, offsets, encodings, indices, uint64_
     job.rc = &rcs[0]
     job.pos = &poss[0]
     job.detail = &details[0]
-    cdef PyThreadState* ts = _release(nsrc + (count * page_size if po != NULL else 0))
+    # The pages' decoded bytes, out or not: RLE and XZR pages are walked to their length
+    # either way, and a big batch runs on threads (a batch of zero pages is no payload).
+    cdef PyThreadState* ts = _release(nsrc + count * <size_t>page_size)
     cm_check_job_run(&job, nthreads)
     _reacquire(ts)
     for k in range(runs):  # every run before a failing one ran: the first failure is here

@@ -22,7 +22,7 @@ this module. The ``_naive_*`` functions are the straightforward loops of each al
 kept only as baselines for ``benches/``.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.string cimport memcmp, memcpy, memmove
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.bytes cimport _PyBytes_Resize

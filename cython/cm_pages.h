@@ -470,7 +470,7 @@ static int cm_runs_at_least(const uint8_t *p, size_t L, size_t limit) {
    else `scratch` filled with the part present and zeros. */
 static inline const uint8_t *cm_base_page(const uint8_t *base, size_t nbase, size_t start, size_t L,
                                           uint8_t *scratch) {
-    if (start + L <= nbase)
+    if (start <= nbase && L <= nbase - start) /* not start + L: it may wrap */
         return base + start;
     size_t have = start < nbase ? nbase - start : 0;
     if (have)

@@ -392,6 +392,13 @@ def test_encode_pages_argument_errors(impl: ModuleType) -> None:
         impl.encode_page_list(b"", [b"x"], [0, 1], PAGE, ALL)
     with pytest.raises(IndexError):
         impl.encode_page_list(b"", [b"x"], [-1], PAGE, ALL)
+    # A page past 2**63 bytes: its byte offset wrapped, and XZR read before the base.
+    old = bytes(range(256)) * 2 * PAGE
+    for page_size, index in [(PAGE, 2**52 - 1), (PAGE, 2**63 // PAGE), (3, (2**63 - 1) // 3), (1, 2**63 - 1)]:
+        with pytest.raises(IndexError, match="past 2\\*\\*63"):
+            impl.encode_page_list(old, [b"x"], [index], page_size, ALL)
+    last = (2**63 - 1 - PAGE) // PAGE  # the last page that fits: past the base, so zeros
+    assert impl.encode_page_list(old, [b"\0" * PAGE], [last], PAGE, ALL)[0].tolist() == [2]
     assert impl.encode_page_list(b"", [b"\0\0"], [3], PAGE, ALL)[0].tolist() == [2]
 
 

@@ -690,6 +690,8 @@ def encode_page_list(
     for k, (i, data) in enumerate(zip(idx, pages)):
         if i < 0:
             raise IndexError(f"page index {i} is negative")
+        if i > (2**63 - 1 - page_size) // page_size:
+            raise IndexError(f"page index {i} of {page_size}-byte pages ends past 2**63 bytes")
         page = bytes(_view(data).cast("B"))
         if not 0 < len(page) <= page_size:
             raise ValueError(f"page {i} has {len(page)} bytes, not 1..{page_size}")
