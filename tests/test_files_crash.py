@@ -124,6 +124,127 @@ def test_in_place_apply_survives_sigkill_many(tmp_path: Path) -> None:
     assert sum(outcomes.values()) == 30
 
 
+# --------------------------------------------------------------------------- a damaged journal
+
+
+def _journal_records(journal: bytes) -> List[Tuple[int, bytes]]:
+    """``(offset, original bytes)`` of each record of a journal body, which must end
+    exactly at the end of the file."""
+    import struct
+
+    from cellmigrate.journal import HEADER_SIZE
+
+    records, pos = [], HEADER_SIZE
+    while pos < len(journal):
+        offset, length, reserved = struct.unpack_from("<QII", journal, pos)
+        assert reserved == 0 and pos + 16 + length <= len(journal)
+        records.append((offset, journal[pos + 16:pos + 16 + length]))
+        pos += 16 + length
+    assert pos == len(journal)
+    return records
+
+
+def _killed_while_writing_base(tmp_path: Path) -> Tuple[Setup, bytes]:
+    """A SIGKILLed in-place apply that had written some of its pages into BASE: the
+    setup, and BASE's bytes (neither old nor new) beside a complete journal."""
+    s = Setup(tmp_path, 4 * MiB, delay=0.01)  # ~50 page runs, 10 ms each
+    s.reset()
+    proc = spawn("apply", str(s.base), str(s.delta), env=s.env)
+    assert _wait_until(lambda: s.base.read_bytes() != s.old, proc), "the child never wrote BASE"
+    proc.kill()
+    proc.wait(60)
+    at_kill = s.base.read_bytes()
+    assert _state(at_kill, s.old, s.new) == "mixed" and s.journal.exists()
+    return s, at_kill
+
+
+@pytest.mark.parametrize("damage", ["a body byte flipped", "the body one byte short"])
+def test_a_damaged_journal_of_an_apply_killed_in_base_is_refused_and_kept(tmp_path: Path, damage: str) -> None:
+    """The journal of an apply killed after it began writing BASE, damaged since: its
+    header is valid (written only after the body was synced), so the body was complete
+    and BASE may be partly written. ``recover`` (the function and the command), and any
+    command that opens BASE, refuse with one line, exit 2, and change nothing. (They
+    removed it as "incomplete" and said BASE was untouched, which it was not.)"""
+    from cellmigrate import JournalError
+    from cellmigrate import journal as jr
+
+    s, at_kill = _killed_while_writing_base(tmp_path)
+    intact = s.journal.read_bytes()
+    info = jr.read_journal(s.journal)
+    assert info is not None and info.valid
+    damaged = bytearray(intact)
+    if damage == "a body byte flipped":
+        damaged[jr.HEADER_SIZE + (len(intact) - jr.HEADER_SIZE) // 2] ^= 0x10
+    else:
+        del damaged[-1]
+    s.journal.write_bytes(bytes(damaged))
+    base = os.path.realpath(s.base)
+    with pytest.raises(JournalError) as caught:
+        jr.recover(s.base)
+    assert "is damaged" in str(caught.value) and "\n" not in str(caught.value)
+    assert s.journal.read_bytes() == bytes(damaged) and s.base.read_bytes() == at_kill
+    for argv in (["recover", str(s.base)], ["checksum", str(s.base)], ["apply", str(s.base), str(s.delta)]):
+        line = one_line_error(run(*argv), 2)
+        assert "is damaged" in line and s.journal.name in line and repr(base) in line, line
+        assert "may be partly written" in line and "the journal is kept" in line, line
+        assert s.journal.read_bytes() == bytes(damaged) and s.base.read_bytes() == at_kill, argv
+    # What was refused was a rollback the intact journal still does.
+    s.journal.write_bytes(intact)
+    done = run("recover", str(s.base))
+    assert done.returncode == 0 and b"rolled back" in done.stdout, done.stderr
+    assert s.base.read_bytes() == s.old and leftovers(tmp_path, ["base.bin", "d.cmd"]) == []
+
+
+def test_a_journal_killed_in_its_body_is_discarded(tmp_path: Path) -> None:
+    """Killed while writing the journal's body: its header is still the zero placeholder,
+    BASE was not touched, and ``recover`` removes the journal."""
+    from cellmigrate.journal import HEADER_SIZE
+
+    s = Setup(tmp_path, 4 * MiB, delay=0.01)
+    s.reset()
+    proc = spawn("apply", str(s.base), str(s.delta), env=s.env)
+
+    def body_begun() -> bool:
+        try:
+            return s.journal.stat().st_size > HEADER_SIZE + 2 * 4096
+        except FileNotFoundError:
+            return False
+
+    assert _wait_until(body_begun, proc), "the child finished first"
+    proc.kill()
+    proc.wait(60)
+    journal = s.journal.read_bytes()
+    assert journal[:HEADER_SIZE] == bytes(HEADER_SIZE) and s.base.read_bytes() == s.old
+    done = run("recover", str(s.base))
+    assert done.returncode == 0 and b"removed an incomplete journal" in done.stdout, (done.stdout, done.stderr)
+    assert s.base.read_bytes() == s.old and not s.journal.exists()
+
+
+def test_killed_between_the_body_sync_and_the_header(tmp_path: Path) -> None:
+    """The header is written only after the body's fsync: an apply killed at that point
+    (the ``journal body synced`` test hook) left a complete body, every record BASE's
+    original bytes, under the zero header, and BASE untouched; ``recover`` removes it."""
+    from cellmigrate.journal import HEADER_SIZE
+
+    s = Setup(tmp_path, 4 * MiB, delay=0)
+    s.reset()
+    flag = tmp_path / "pauses"
+    env = {"CELLMIGRATE_TEST_PAUSE_FILE": str(flag), "CELLMIGRATE_TEST_PAUSE_SECONDS": "1"}
+    proc = spawn("apply", str(s.base), str(s.delta), env=env)
+    reached = _wait_until(lambda: flag.exists() and "journal body synced" in flag.read_text().splitlines(), proc)
+    assert reached, "the child never paused between the journal's body and its header"
+    proc.kill()
+    proc.wait(60)
+    journal = s.journal.read_bytes()
+    assert journal[:HEADER_SIZE] == bytes(HEADER_SIZE)
+    records = _journal_records(journal)
+    assert records and all(data == s.old[offset:offset + len(data)] for offset, data in records)
+    assert s.base.read_bytes() == s.old
+    done = run("recover", str(s.base))
+    assert done.returncode == 0 and b"removed an incomplete journal" in done.stdout, (done.stdout, done.stderr)
+    assert s.base.read_bytes() == s.old and leftovers(tmp_path, ["base.bin", "d.cmd", "pauses"]) == []
+
+
 # --------------------------------------------------------------------------- -o and --safe-replace
 
 

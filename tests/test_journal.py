@@ -88,33 +88,118 @@ def test_rollback_restores_the_old_size_of_a_grown_base(tmp_path: Path) -> None:
 
 
 def test_torn_journal_at_every_length_is_discarded(tmp_path: Path) -> None:
-    """Killed while writing the journal: BASE was never touched, the journal just goes."""
+    """Killed while writing the journal: BASE was never touched, the journal just goes.
+    Torn means no valid header: the header is written only after the body was synced."""
     base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
     jpath = _journal(base, old, new)
     whole = jpath.read_bytes()
-    cuts = sorted(set(range(0, jr.HEADER_SIZE + 40)) | set(range(jr.HEADER_SIZE, len(whole), 97)))
-    for cut in cuts:
+    for cut in range(0, jr.HEADER_SIZE):
         jpath.write_bytes(whole[:cut])
         done = jr.recover(base)
         assert done.action == "discarded", cut
         assert base.read_bytes() == old
         assert not jpath.exists()
-    # Our own writer's torn state: a zero header (written first) over a complete body.
-    jpath.write_bytes(bytes(jr.HEADER_SIZE) + whole[jr.HEADER_SIZE:])
-    assert jr.recover(base).action == "discarded"
+    # Our own writer's torn states: the zero header (written first) over a body cut
+    # anywhere, or over the whole body (killed between the body's fsync and the header).
+    for cut in sorted(set(range(jr.HEADER_SIZE, len(whole), 97)) | {jr.HEADER_SIZE + 1, len(whole)}):
+        jpath.write_bytes(bytes(jr.HEADER_SIZE) + whole[jr.HEADER_SIZE:cut])
+        done = jr.recover(base)
+        assert done.action == "discarded" and "bad magic" in done.reason, cut
+        assert base.read_bytes() == old and not jpath.exists()
+
+
+def test_a_sealed_header_over_a_short_or_long_body_is_refused_and_kept(tmp_path: Path) -> None:
+    """A valid header proves the body was durable before BASE was touched: a body cut (or
+    grown) since is damage, not a tear. BASE may be partly written; nothing is removed or
+    written (this once discarded the journal as torn and left BASE half-written)."""
+    base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
+    jpath = _journal(base, old, new, halfway=True)
+    whole = jpath.read_bytes()
+    half = base.read_bytes()
+    cuts = sorted(set(range(jr.HEADER_SIZE, len(whole), 97)) | {len(whole) - 1})
+    for body in [whole[:cut] for cut in cuts] + [whole + b"\0"]:
+        jpath.write_bytes(body)
+        with pytest.raises(JournalError, match="is damaged.*may be partly written.*the journal is kept"):
+            jr.recover(base)
+        assert jpath.read_bytes() == body and base.read_bytes() == half
+    jpath.write_bytes(whole)
+    assert jr.recover(base).action == "rolled back" and base.read_bytes() == old
 
 
 @pytest.mark.parametrize("where", ["header", "body"])
-def test_damaged_journal_is_not_applied(tmp_path: Path, where: str) -> None:
+def test_damaged_journal_is_not_applied(tmp_path: Path, where: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad header: torn (the header is the last thing written), discarded. A valid
+    header over a bad body: damaged after it was complete, refused and kept, BASE as is."""
     base, old, new, _ = _files(tmp_path, size=8 * PAGE_SIZE)
-    jpath = _journal(base, old, new)
+    jpath = _journal(base, old, new, halfway=where == "body")  # a torn header: BASE not yet written
+    half = base.read_bytes()
     data = bytearray(jpath.read_bytes())
     data[20 if where == "header" else len(data) - 5] ^= 0x01
     jpath.write_bytes(bytes(data))
-    info = jr.read_journal(jpath)
-    assert info is not None and not info.valid and "digest" in info.reason
-    assert jr.recover(base).action == "discarded"
-    assert base.read_bytes() == old
+    if where == "header":
+        info = jr.read_journal(jpath)
+        assert info is not None and not info.valid and "header digest" in info.reason
+        assert jr.recover(base).action == "discarded"
+        assert not jpath.exists() and base.read_bytes() == old
+        return
+    with pytest.raises(JournalError, match="does not match the header's digest") as caught:
+        jr.read_journal(jpath)
+    message = str(caught.value)
+    assert "\n" not in message and str(jpath) in message and repr(str(base.resolve())) in message
+    assert "the journal is kept" in message and "from a copy" in message and "remove the journal" in message
+    with pytest.raises(JournalError, match="is damaged"):
+        jr.recover(base)
+    with pytest.raises(JournalError, match="is damaged"):
+        jr.recover_if_pending(base)
+    with pytest.raises(JournalError, match="is damaged"):
+        StateFile(base)
+    assert jpath.read_bytes() == bytes(data) and base.read_bytes() == half
+    for argv in (["recover", str(base)], ["checksum", str(base)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is damaged" in err[0] and "Traceback" not in err[0], err
+    assert jpath.read_bytes() == bytes(data) and base.read_bytes() == half
+
+
+def test_the_journal_header_is_written_only_after_the_body_is_synced(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's synchronous=FULL order, seen on the journal's descriptor during a real
+    apply: zero header and body, fsync, then the real header, fsync (then BASE's pages)."""
+    from cellmigrate import DeltaSnapshot
+
+    base, old, new, delta_path = _files(tmp_path)
+    delta = DeltaSnapshot.deserialize(delta_path.read_bytes())
+    events: List[Tuple[str, ...]] = []
+
+    def target(fd: int) -> str:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        return "journal" if name.endswith(jr.SUFFIX) else "base" if name == str(base.resolve()) else "other"
+
+    real_write, real_fsync = jr.write_all, os.fsync
+
+    def write_all(fd: int, data: object, offset: object = None) -> None:
+        head = bytes(memoryview(data)[:8])  # type: ignore[arg-type]
+        kind = "header" if offset == 0 and head == jr.MAGIC else "zeros" if offset == 0 else "data"
+        events.append(("write", target(fd), kind))
+        real_write(fd, data, offset)  # type: ignore[arg-type]
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", target(fd)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(jr, "write_all", write_all)
+    monkeypatch.setattr(jr.os, "fsync", fsync)
+    jr.apply_in_place(base, delta)
+    assert base.read_bytes() == new
+    journal = [e[0] + ":" + (e[2] if len(e) > 2 else "") for e in events if e[1] == "journal"]
+    body = journal.index("fsync:")
+    assert journal[0] == "write:zeros" and set(journal[1:body]) == {"write:data"} and body > 1
+    assert journal[body:] == ["fsync:", "write:header", "fsync:"], journal
+    # BASE is written only after the journal's second fsync.
+    first_base = next(i for i, e in enumerate(events) if e[1] == "base")
+    last_journal = max(i for i, e in enumerate(events) if e[1] == "journal")
+    assert first_base > last_journal
 
 
 def _sealed_journal(base: Path, records: bytes, count: int, old_size: Optional[int] = None,

@@ -3,15 +3,25 @@
 Writing a delta's pages into BASE takes many ``pwrite`` calls; a process killed among
 them would leave a mix of old and new pages. The cure is SQLite's rollback journal:
 before the first byte of BASE changes, the original bytes of every region about to be
-written go to ``BASE.cmjournal`` beside it, which is fsynced (and its directory) first.
-Then the pages are written, BASE is fsynced, and the journal is deleted (the deletion,
-made durable by syncing the directory, is the commit point). So at any instant:
+written go to ``BASE.cmjournal`` beside it. As with SQLite's ``synchronous=FULL``, the
+journal is written in two steps: a zero header and the body (the records), fsync; only
+then the real header (sizes, the body's XXH3-128, the header's own digest), fsync, and
+its directory. Then the pages are written, BASE is fsynced, and the journal is deleted
+(the deletion, made durable by syncing the directory, is the commit point). A valid
+header therefore proves that the whole body was durable before BASE was touched, even
+across a power loss. So at any instant:
 
 * no journal: BASE is old (nothing written yet) or new (committed);
-* a complete journal (its digests check): BASE may be anything between old and new,
-  and writing the journal's bytes back (and restoring the old size) makes it old;
-* an incomplete ("torn") journal: the process died while writing it, before it touched
-  BASE, so BASE is old and the journal is simply removed.
+* a complete journal (its header and body digests check): BASE may be anything between
+  old and new, and writing the journal's bytes back (and restoring the old size) makes
+  it old;
+* a journal without a valid header (short, bad magic, header digest mismatch: the zero
+  placeholder, or a header write cut by a power loss): the process died while writing
+  it, before it touched BASE, so BASE is old and the journal is simply removed;
+* a valid header over a body that does not match it (wrong length, digest mismatch):
+  the journal was damaged after it was complete, BASE may be partly written, and
+  nothing can make it old: :class:`JournalError`, the journal is kept and BASE is left
+  as it is (restore it from a copy, or remove the journal by hand if it is known good).
 
 Every command that opens a state file runs :func:`recover_if_pending` first (through
 :class:`~cellmigrate.statefile.StateFile`), and ``cellmigrate recover BASE`` runs
@@ -124,8 +134,10 @@ def journal_path(base: StrPath) -> Path:
 class JournalInfo:
     """What a journal file says, and whether it is complete (``valid``).
 
-    An invalid journal (``reason`` says why: short, bad magic, digest mismatch) was torn
-    while being written, before BASE was touched.
+    An invalid journal (``reason`` says why: short, bad magic, header digest mismatch)
+    has no valid header: it was torn while being written, before BASE was touched. (The
+    header is written and synced only after the body was: a journal whose header is
+    valid but whose body is not is damaged, and :func:`read_journal` raises instead.)
     """
 
     path: Path
@@ -142,8 +154,11 @@ class JournalInfo:
 def read_journal(path: StrPath) -> Optional[JournalInfo]:
     """Parse and check a journal file; ``None`` when there is none.
 
-    Reads the whole body once to check its digest. A journal of an unknown version
-    raises :class:`JournalError` (it is never discarded as torn).
+    Reads the whole body once to check its digest. A journal without a valid header is
+    torn (``valid`` False). A journal of an unknown version, or with a valid header over
+    a body that does not match it (wrong length, digest mismatch: damaged after it was
+    complete, so BASE may be partly written), raises :class:`JournalError` (it is never
+    discarded as torn).
     """
     path = Path(path)
     try:
@@ -167,21 +182,35 @@ def read_journal(path: StrPath) -> Optional[JournalInfo]:
                 f"{str(path)!r} is a version {version} journal; this cellmigrate reads version {VERSION}: "
                 "recover it with the cellmigrate that wrote it"
             )
+        # The header is only written once the body is durable (see _write_journal): past
+        # this point the journal was complete, and a body that does not match it is damage.
         if size != HEADER_SIZE + body_length:
-            return JournalInfo(path, False, f"body incomplete ({size - HEADER_SIZE} of {body_length} bytes)")
+            raise _damaged(path, f"its body has {size - HEADER_SIZE} bytes, its header says {body_length}")
         hasher = xxhash.xxh3_128()
         pos = HEADER_SIZE
         while pos < size:
             block = os.pread(fd, min(_READ_CHUNK, size - pos), pos)
             if not block:
-                return JournalInfo(path, False, "body shrank while read")
+                raise _damaged(path, f"its body shrank to {pos - HEADER_SIZE} bytes while read")
             hasher.update(block)
             pos += len(block)
         if hasher.digest() != body_digest:
-            return JournalInfo(path, False, "body digest mismatch")
+            raise _damaged(path, "its body does not match the header's digest")
         return JournalInfo(path, True, "", old_size, new_size, dev, ino, records, body_length)
     finally:
         os.close(fd)
+
+
+def _damaged(path: Path, what: str) -> JournalError:
+    """A journal with a valid header and a body that does not match it (kept, never
+    followed nor discarded): BASE may be partly written."""
+    name = path.name
+    base = path.with_name(name[: -len(SUFFIX)]) if name.endswith(SUFFIX) and len(name) > len(SUFFIX) else path
+    return JournalError(
+        f"{str(path)!r} is damaged ({what}): {str(base)!r} may be partly written by an interrupted apply "
+        "and cannot be rolled back from it; the journal is kept and the file left as it is. Restore the file "
+        "from a copy, or remove the journal by hand if the file is known good"
+    )
 
 
 def _open_journal(path: Path) -> int:
@@ -395,7 +424,8 @@ def recover(base: StrPath) -> Recovery:
 
     Takes BASE's exclusive lock (raises :class:`JournalError` while another cellmigrate
     process holds it). Raises :class:`JournalError` when the journal cannot be applied
-    (other file, unknown version, no permission).
+    (other file, unknown version, damaged body under a valid header, no permission); the
+    journal is then kept and BASE left as it is.
     """
     path = Path(os.path.realpath(base))
     jpath = journal_path(path)
@@ -476,7 +506,13 @@ def _pairs(offsets: Any, lengths: Any) -> Iterator[Tuple[int, int]]:
 
 
 def _write_journal(jpath: Path, fd: int, runs: Iterable[Tuple[int, int]], old_size: int, new_size: int) -> int:
-    """Write and fsync the journal of ``runs`` (their bytes read from BASE now)."""
+    """Write and fsync the journal of ``runs`` (their bytes read from BASE now).
+
+    Two steps, as SQLite's rollback journal with ``synchronous=FULL``: a zero header and
+    the body, fsync; then the real header, fsync. A valid header thus proves the body was
+    durable (a power loss may otherwise keep the header and lose part of the body), so
+    :func:`read_journal` treats a valid header over a bad body as damage, not a tear.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
         jfd = os.open(jpath, flags, 0o600)
@@ -493,7 +529,7 @@ def _write_journal(jpath: Path, fd: int, runs: Iterable[Tuple[int, int]], old_si
             f"in {str(jpath.parent)!r}; write the result elsewhere with -o OUT"
         ) from None
     try:
-        write_all(jfd, bytes(HEADER_SIZE), 0)  # zeros: a torn journal has no valid header
+        write_all(jfd, bytes(HEADER_SIZE), 0)  # zeros: a journal torn in its body has no valid header
         hasher = xxhash.xxh3_128()
         pos, count, saved = HEADER_SIZE, 0, 0
         for offset, length in runs:
@@ -510,6 +546,8 @@ def _write_journal(jpath: Path, fd: int, runs: Iterable[Tuple[int, int]], old_si
             count += 1
             saved += length
             hook_delay()
+        os.fsync(jfd)  # the body is durable before the header that vouches for it is written
+        hook_pause("journal body synced")
         st = os.fstat(fd)
         fields = _FIELDS.pack(MAGIC, VERSION, HEADER_SIZE, old_size, new_size, st.st_dev, st.st_ino,
                               count, pos - HEADER_SIZE, hasher.digest())
@@ -526,7 +564,8 @@ def _write_journal(jpath: Path, fd: int, runs: Iterable[Tuple[int, int]], old_si
 
 
 def _undo(fd: int, jpath: Path) -> None:
-    """Roll back our own journal after a failure or signal in the write window."""
+    """Roll back our own journal after a failure or signal in the write window (a
+    damaged one raises :class:`JournalError` from :func:`read_journal` and is kept)."""
     with _signals_deferred():
         info = read_journal(jpath)
         if info is not None and info.valid:
