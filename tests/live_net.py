@@ -206,7 +206,7 @@ class DoneDroppingProxy(_Proxy):
     sender cannot learn that the commit succeeded. Reconnections after that never reach
     the receiver: with ``after="refuse"`` the proxy stops listening (connection refused),
     with ``"eof"`` it accepts and closes at once, with ``"silent"`` it accepts and says
-    nothing until :meth:`close`."""
+    nothing until :meth:`close`; with ``"forward"`` it relays them to ``target``."""
 
     _HEADER = struct.Struct("<IB")  # frame length, frame type (transport._HEADER)
     _DONE = 12  # protocol.Msg.DONE
@@ -219,7 +219,9 @@ class DoneDroppingProxy(_Proxy):
 
     def _accepted(self, client: socket.socket, index: int) -> None:
         if self.dropped_done.is_set():  # a reconnection: the receiver is never reached
-            if self.after == "silent":
+            if self.after == "forward":
+                self._relay(client, _send_on, _send_on, seconds=120)
+            elif self.after == "silent":
                 self._held.append(client)
             else:
                 client.close()

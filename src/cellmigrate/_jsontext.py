@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Optional
 
 __all__ = ["finite", "json_text", "parse_json"]
 
@@ -28,7 +28,7 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def json_text(obj: Any, *, indent: int = 2) -> str:
+def json_text(obj: Any, *, indent: Optional[int] = 2) -> str:
     """``obj`` as standard JSON text (non-finite floats as ``null``; ``allow_nan=False``
     guarantees none slips through: ``ValueError`` rather than invalid output)."""
     return json.dumps(finite(obj), indent=indent, allow_nan=False)

@@ -11,6 +11,7 @@ writing it, paused by ``--pause-cmd`` for the final round). Registered by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import ssl
 import stat
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._buffers import as_bytes_view
 from .._types import BufferLike
@@ -27,7 +28,7 @@ from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _p
 from ..errors import CellError, StateChangedError
 from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
-from ..statefile import StateFile, changed_while_read, plural, take_over
+from ..statefile import SignalInterrupt, StateFile, changed_while_read, plural, take_over
 from ..validation import AgentRequirements, MigrationValidator, NodeCapabilities
 from .agent import FileStore
 from .driver import DEFAULT_DOWNTIME_LIMIT, DEFAULT_MAX_ROUNDS, LiveMigration, RoundStats
@@ -156,12 +157,17 @@ class FileTarget:
         _run_command(self.resume_cmd, "resume", self.timeout)
 
 
+#: What a pause or resume command that succeeded wrote to stderr is passed on, this much.
+_COMMAND_STDERR_SHOWN = 64 << 10
+
+
 def _run_command(cmd: Optional[str], what: str, timeout: float) -> None:
     """Run a user's shell command (``timeout`` seconds at most); ``CellError`` when it
     fails, ending with the start of what it wrote to stderr. Its output never goes
     through a pipe we would wait on: a command that starts an agent in the background
     (``agent &``) keeps a pipe open until the agent ends; a file does not. Its stdout
-    goes to our stderr (with ``--stdio`` our stdout is the protocol's). When it runs out
+    goes to our stderr (with ``--stdio`` our stdout is the protocol's); its stderr goes to
+    a file, copied to our stderr after it succeeds (64 KiB at most). When it runs out
     of time, or we are interrupted while it runs, it and everything it started are
     killed (:func:`~cellmigrate.live.transport.stop_command`: a pause command must not go
     on to stop the writer after the migration gave up and resumed it); it keeps our
@@ -187,13 +193,26 @@ def _run_command(cmd: Optional[str], what: str, timeout: float) -> None:
         except BaseException:  # Ctrl-C, a signal
             stop_command(proc)
             raise
+        err.seek(0)
         if code != 0:
-            err.seek(0)
             detail = err.read(200).decode("utf-8", "replace").strip()
             raise CellError(f"{what} command {cmd!r} failed (exit {code})" + (f": {detail}" if detail else ""))
+        if out is not subprocess.DEVNULL:  # its warnings are the user's, success or not
+            text = err.read(_COMMAND_STDERR_SHOWN)
+            if text:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.buffer.write(text if text.endswith(b"\n") else text + b"\n")
+                    sys.stderr.flush()
 
 
 # -- argument helpers -----------------------------------------------------------------------
+
+
+def _positive_size(text: str) -> int:
+    size = _size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
+    return size
 
 
 def _size(text: str) -> int:
@@ -274,20 +293,27 @@ def add_commands(add: AddParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0: any free port; unix:PATH too)")
     where.add_argument("--stdio", action="store_true", help="speak the protocol on stdin/stdout (e.g. behind ssh)")
-    p.add_argument("--keep-listening", action="store_true", help="serve migrations until interrupted")
+    p.add_argument("--keep-listening", action="store_true",
+                   help="serve migrations one after another until interrupted (Ctrl-C between migrations "
+                        "exits 0); a sender reconnecting to learn the outcome of an earlier one is answered "
+                        "meanwhile; --json prints one line (JSON Lines) a migration")
     p.add_argument("--resume-timeout", type=_nonneg_seconds, default=DEFAULT_RESUME_TIMEOUT, metavar="SECONDS",
                    help="how long a dropped sender may take to reconnect (default: %(default)g)")
     p.add_argument("--linger", type=_nonneg_seconds, default=2.0, metavar="SECONDS",
-                   help="after a migration, answer a sender reconnecting to learn its outcome (default: %(default)g)")
-    p.add_argument("--max-state-size", type=_size, default=0, metavar="SIZE",
-                   help="refuse an offered state larger than this, and any round that grows the state past it "
+                   help="after a migration, answer a sender reconnecting to learn its outcome, refusing new "
+                        "ones (default: %(default)g; not used with --keep-listening, which answers it while "
+                        "serving)")
+    p.add_argument("--max-state-size", type=_positive_size, default=None, metavar="SIZE",
+                   help="refuse an offered state larger than this (at least 1 byte), and any round that grows "
+                        "the state past it "
                         "(default: offers up to 64GiB; a round may grow the state to twice the offered size, or "
                         "the offered size + 1GiB if that is more, never past 64GiB)")
     p.add_argument("--arch", action="append", default=None, metavar="NAME",
                    help="architectures this node runs (repeatable); an agent requiring another is refused")
     p.add_argument("--resume-cmd", metavar="CMD",
-                   help="shell command run once the new state file is in place; if it fails, the migration fails "
-                        "(the sender resumes its writer)")
+                   help="shell command run once the new state file is in place; if it fails, the migration "
+                        "fails: the sender resumes its writer, receive exits 2, and STATE_FILE keeps the "
+                        "migrated (proven) state")
     _common(p)
     p.set_defaults(handler=_cmd_receive)
 
@@ -306,11 +332,12 @@ def add_commands(add: AddParser) -> None:
     p.add_argument("--live", action="store_true", help="pre-copy rounds while the file keeps changing")
     p.add_argument("--pause-cmd", metavar="CMD",
                    help="shell command that stops the writer for the final round (required with --live)")
-    p.add_argument("--resume-cmd", metavar="CMD", help="shell command that restarts the writer if the migration fails")
-    p.add_argument("--downtime-limit", type=_positive_seconds, default=DEFAULT_DOWNTIME_LIMIT, metavar="SECONDS",
-                   help="pause budget of the final round (default: %(default)g, QEMU's)")
-    p.add_argument("--max-rounds", type=_nonneg_int, default=DEFAULT_MAX_ROUNDS, metavar="N",
-                   help="pre-copy rounds at most with --live (default: %(default)s)")
+    p.add_argument("--resume-cmd", metavar="CMD",
+                   help="shell command that restarts the writer if the migration fails (with --live)")
+    p.add_argument("--downtime-limit", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help=f"pause budget of the final round with --live (default: {DEFAULT_DOWNTIME_LIMIT:g}, QEMU's)")
+    p.add_argument("--max-rounds", type=_nonneg_int, default=None, metavar="N",
+                   help=f"pre-copy rounds at most with --live (default: {DEFAULT_MAX_ROUNDS})")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help=f"bytes of pages per chunk, the unit committed and resent after a cut "
                         f"(4KiB..{MAX_CHUNK_BYTES >> 20}MiB; default: {DEFAULT_CHUNK_BYTES >> 20}MiB)")
@@ -328,9 +355,23 @@ def add_commands(add: AddParser) -> None:
 # -- receive -----------------------------------------------------------------------------
 
 
+#: Completed migrations a --keep-listening receiver still answers for (a sender whose
+#: DONE was lost reconnects within seconds).
+_FINISHED_KEPT = 64
+
+
 def _staging_path(path: str) -> str:
     p = Path(path)
     return str(p.with_name(f".{p.name}.cmlive-staging"))
+
+
+def _shown_address(bound: Any) -> str:
+    """A listener's ``getsockname()`` as ``send`` takes it: ``HOST:PORT``, ``[HOST]:PORT``
+    for IPv6, ``unix:PATH``."""
+    if isinstance(bound, tuple):
+        host, port = bound[0], bound[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"unix:{bound}"
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -354,7 +395,12 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         caps = NodeCapabilities.new()
         caps.architectures = list(args.arch)
         caps.max_state_size = args.max_state_size or (1 << 62)
+    max_state_size = args.max_state_size or 0  # 0: the library's default bound
     listener = None
+    # --keep-listening: the migrations completed here, for senders reconnecting to learn
+    # their outcome (the newest few: a sender retries within seconds).
+    finished: Dict[bytes, int] = {}
+    received = 0
     # The listener is closed (and a unix:PATH removed) on any exit from here on: a signal
     # may arrive right after the "listening on" line, before anything was received.
     try:
@@ -371,7 +417,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CliError(f"cannot listen on {args.listen}: {exc}") from None
             bound = listener.getsockname()
-            shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
+            shown = _shown_address(bound)
             # Without a key any peer that reaches the port may replace STATE_FILE (and
             # trigger --resume-cmd): say so where the user looks, on the line that names
             # the address.
@@ -384,7 +430,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             target = FileTarget(store, args.state_file, args.resume_cmd, timeout=args.timeout)
             receiver = LiveReceiver(
                 store, target, key=key, capabilities=caps,
-                validator=validator, timeout=args.timeout, max_state_size=args.max_state_size,
+                validator=validator, timeout=args.timeout, max_state_size=max_state_size,
+                finished=finished if args.keep_listening else None,
             )
 
             def dropped(exc: CellError) -> None:
@@ -394,13 +441,24 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
             try:
                 if listener is not None:
-                    receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=dropped)
+                    if args.keep_listening:
+                        try:  # Ctrl-C is how one stops it: between migrations, no failure
+                            receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=dropped)
+                        except (KeyboardInterrupt, SignalInterrupt):
+                            if receiver.in_progress or target.adopted:
+                                raise
+                            _say(args, f"cellmigrate receive: stopped after {plural(received, 'migration')}")
+                            return 0
+                    else:
+                        receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=dropped)
                 else:
                     if not receiver.handle(PipeStream(sys.stdin.fileno(), sys.stdout.fileno())):
                         raise receiver.last_error or ConnectionLostError("the sender closed the stream")
             except CellError as exc:
-                if target.adopted:
-                    raise CliError(f"{args.state_file!r} holds the migrated state, proven, but {exc.message or exc}") from None
+                if target.adopted:  # the resume command failed (its own words), or the connection after
+                    cause = exc.__cause__ if isinstance(exc.__cause__, CellError) else exc
+                    raise CliError(f"{args.state_file!r} holds the migrated state, proven, but the migration failed: "
+                                   f"{cause.message or cause} (the sender resumes its writer)") from None
                 if isinstance(exc, AbortedError):
                     raise CliError(f"{exc.message}; {args.state_file!r} is unchanged") from None
                 raise CliError(str(exc)) from None
@@ -410,11 +468,21 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                 store.close()
                 store = None
             _report_received(args, receiver, validator)
-            if listener is not None and args.linger > 0:
-                # A sender whose DONE was cut off reconnects to learn the outcome.
-                receiver.linger(listener, args.linger, tls)
+            received += 1
             if not args.keep_listening or listener is None:
+                if listener is not None and args.linger > 0:
+                    # A sender whose DONE was cut off reconnects to learn the outcome. The
+                    # migration is done: an interrupt now ends a successful receive.
+                    try:
+                        receiver.linger(listener, args.linger, tls)
+                    except (KeyboardInterrupt, SignalInterrupt):
+                        pass
                 return 0
+            done = receiver.finished_migration
+            if done is not None:
+                finished[done[0]] = done[1]
+                while len(finished) > _FINISHED_KEPT:
+                    del finished[next(iter(finished))]
     finally:
         if listener is not None:
             listener.close()
@@ -474,6 +542,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
     size = os.stat(args.state_file).st_size
     out = sys.stderr if args.stdio else sys.stdout  # with --stdio, stdout is the protocol's
     if args.json:
+        # --keep-listening: JSON Lines, one compact object a migration.
         _print_json({
             "state_file": args.state_file,
             "migration_id": str(uuid.UUID(bytes=s.offer.migration_id)),
@@ -482,7 +551,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
             "chunks": s.committed_seq,
             "page_bytes": s.bytes_received,
             "audit": [e.to_dict() for e in validator.audit_log],
-        }, file=out, flush=True)
+        }, file=out, flush=True, compact=args.keep_listening)
     elif not args.quiet:
         print(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
                         f"({s.bytes_received} page bytes), proven equal to the sender's state"), file=out, flush=True)
@@ -494,8 +563,16 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
 def _cmd_send(args: argparse.Namespace) -> int:
     from ..cli import CliError
 
-    if (args.pause_cmd or args.max_rounds != DEFAULT_MAX_ROUNDS) and not args.live:
-        raise CliError("--pause-cmd and --max-rounds need --live")
+    if not args.live:  # each option of the pre-copy rounds, named when given without them
+        given = [name for name, value in (("--pause-cmd", args.pause_cmd), ("--resume-cmd", args.resume_cmd),
+                                          ("--max-rounds", args.max_rounds), ("--downtime-limit", args.downtime_limit))
+                 if value is not None]
+        if given:
+            raise CliError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --live")
+    if args.max_rounds is None:
+        args.max_rounds = DEFAULT_MAX_ROUNDS
+    if args.downtime_limit is None:
+        args.downtime_limit = DEFAULT_DOWNTIME_LIMIT
     if args.live and not args.pause_cmd:
         # Without a pause the final round races the writer: the receiver would prove the
         # pages as they were sent, a mix of moments, and the summary's digest would be of
@@ -519,6 +596,13 @@ def _cmd_send(args: argparse.Namespace) -> int:
         return _send(args, source)
     finally:
         source.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """An error in words: an OS error's own text, without its '[Errno 111]'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 def _send(args: argparse.Namespace, source: FileSource) -> int:
@@ -566,7 +650,8 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     channel = StreamChannel(
         open_stream, key=key, timeout=args.timeout, retries=retries, window_bytes=3 * args.chunk_size,
         on_reconnect=lambda attempt, cause: _say(
-            args, f"cellmigrate send: {'reconnecting' if connected else 'trying to connect again'} ({attempt}): {cause}"),
+            args, f"cellmigrate send: {'reconnecting' if connected else 'trying to connect again'} ({attempt}): "
+                  f"{_reason(cause)}"),
     )
     validator = MigrationValidator()
     migration = LiveMigration(

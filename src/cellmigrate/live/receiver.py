@@ -14,7 +14,7 @@ import os
 import socket
 import ssl
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -65,7 +65,11 @@ class LiveReceiver:
     MAC-checked; without it, keyed senders are still served (they detect the missing
     proof and refuse on their side). ``capabilities`` are checked against each offer's
     requirements (refused with the check's reason). ``prefault``: see
-    :class:`~cellmigrate.live.session.ReceiverSession`.
+    :class:`~cellmigrate.live.session.ReceiverSession`. ``finished`` maps migrations
+    completed earlier on the same address (migration id, 16 bytes, to its committed
+    chunk count; see :attr:`finished_migration`) whose sender, reconnecting because its
+    DONE was lost, is told it completed, while new migrations are served: what
+    :meth:`linger` does for one, without refusing new senders meanwhile.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class LiveReceiver:
         timeout: float = DEFAULT_TIMEOUT,
         max_state_size: int = 0,
         prefault: Optional[bool] = None,
+        finished: Optional[Mapping[bytes, int]] = None,
     ) -> None:
         if key is not None and len(key) != 32:
             raise ValueError("key must be the 32-byte protocol key (see protocol.derive_key)")
@@ -93,6 +98,14 @@ class LiveReceiver:
         self.completed = 0
         #: Only tell reconnecting senders the outcome of the finished migration (see linger).
         self.answer_only = False
+        self._finished: Dict[bytes, int] = dict(finished or {})
+
+    @property
+    def finished_migration(self) -> Optional[Tuple[bytes, int]]:
+        """``(migration id, committed chunks)`` of the migration this receiver completed,
+        else None: an entry of the next receiver's ``finished``."""
+        s = self.session
+        return (s.offer.migration_id, s.committed_seq) if s.completed and s.offer is not None else None
 
     @property
     def in_progress(self) -> bool:
@@ -142,6 +155,9 @@ class LiveReceiver:
         session = self.session
         if session.completed and session.offer is not None and session.offer.migration_id == offer.migration_id:
             conn.send(Msg.ACCEPT, encode_accept(ACCEPT_COMPLETED, session.committed_seq))  # its DONE was lost
+            return False
+        if offer.migration_id in self._finished:  # completed by an earlier receiver here
+            conn.send(Msg.ACCEPT, encode_accept(ACCEPT_COMPLETED, self._finished[offer.migration_id]))
             return False
         if self.answer_only:
             conn.send(Msg.REFUSE, encode_reason("this receiver has finished its migration"))
