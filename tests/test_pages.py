@@ -68,7 +68,7 @@ def test_create_chooses_encodings_per_compress(compress: str, counts: dict) -> N
 def test_compress_choices_and_checksum_only() -> None:
     assert parse_compress("auto", digest=False) == (ALLOW_CRATE, None, False)
     assert parse_compress("auto", digest=True)[0] == ALLOW_ALL
-    for bad in ("zstd:0", "zstd:23", "zstd:x", "lz5", "rle:3", ""):
+    for bad in ("zstd:0", "zstd:23", "zstd:x", "zstd:", "auto:", "none:", "xor:", ":3", "lz5", "rle:3", ""):
         with pytest.raises(ValueError):
             parse_compress(bad, digest=True)
     with pytest.raises(ValueError, match="strong digest"):

@@ -432,6 +432,15 @@ def test_spill_empty_state(tmp_path: Path) -> None:
     info.close()
 
 
+def test_spill_into_a_missing_directory_names_the_path_given(tmp_path: Path) -> None:
+    # The error named the hidden temporary file beside it ('.x.cmrb.cellmigrate-...').
+    path = tmp_path / "nodir" / "x.cmrb"
+    with pytest.raises(FileNotFoundError) as info:
+        RollbackInfo.capture(_agent(), b"abc", spill_to=path)
+    assert info.value.filename == str(path)
+    assert not (tmp_path / "nodir").exists()
+
+
 def test_load_spilled_file(tmp_path: Path) -> None:
     path = tmp_path / "s.cmrb"
     state = _state(50_000, seed=3)

@@ -626,7 +626,9 @@ def parse_compress(text: str, *, digest: bool) -> Tuple[int, Optional[int], bool
     """
     if not isinstance(text, str):
         raise TypeError(f"compress must be a str, not {type(text).__name__}")
-    choice, _, level_text = text.partition(":")
+    choice, colon, level_text = text.partition(":")
+    if colon and (choice != "zstd" or not level_text):  # 'zstd:' and 'auto:' were taken as plain choices
+        raise ValueError(f"compress {text!r} is not one of {', '.join(COMPRESS_CHOICES)} (LEVEL: 1..22)")
     if choice == "auto" and not level_text:
         return (ALLOW_ALL, AUTO_ZSTD_LEVEL, True) if digest else (ALLOW_CRATE, None, False)
     if choice == "none" and not level_text:

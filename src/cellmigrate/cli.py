@@ -50,7 +50,7 @@ from .statefile import (
     hook_pause,
     write_all,
 )
-from .wire import DEFAULT_MAX_TOTAL_SIZE
+from .wire import DEFAULT_MAX_TOTAL_SIZE, payload_wire_size
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tqdm import tqdm as Tqdm
@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ._types import Buffer
     from .delta import DeltaSnapshot
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DIFFERENT", "EXIT_ERROR"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DIFFERENT", "EXIT_ERROR", "EXIT_BROKEN_PIPE"]
 
 PROG = "cellmigrate"
 
@@ -68,6 +68,9 @@ EXIT_OK = 0
 EXIT_DIFFERENT = 1
 #: Usage error, or input that cannot be read or decoded.
 EXIT_ERROR = 2
+#: The reader of stdout went away before the output was all written (no message): the
+#: status of a filter that SIGPIPE ended, 128 + 13.
+EXIT_BROKEN_PIPE = 141
 
 #: Work below this many bytes finishes well under a second on the kernels (several GB/s),
 #: so it gets no progress bar; the environment variable lowers it (for demos and tests).
@@ -253,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing DELTA (never an input)")
     p.add_argument("--digest", choices=DIGEST_CHOICES, default=None,
                    help="strong digest of NEW to record (default: xxh3_128_tree, or blake3 with --key-file; "
-                        "'none' gives a checksum-only delta, as the Rust crate writes)")
+                        "'none' gives a checksum-only delta, as the Rust crate writes: raw and RLE pages only, "
+                        "no XOR pages, which need a proven base)")
     p.add_argument("--key-file", metavar="F",
-                   help="32-byte key: authenticate the delta with keyed BLAKE3 (a MAC)")
+                   help="32-byte key (raw, or 64 hex digits): authenticate the delta with keyed BLAKE3 (a MAC)")
     p.add_argument("--agent-id", type=_uuid_arg, default=uuid.UUID(int=0), metavar="UUID",
                    help="agent id recorded in the delta (default: the nil UUID)")
     p.add_argument("--base-sequence", type=_u64_arg, default=0, metavar="N",
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the result here instead of updating BASE ('-' for stdout)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing OUT (never an input)")
-    p.add_argument("--key-file", metavar="F", help="32-byte key of an authenticated delta")
+    p.add_argument("--key-file", metavar="F", help="32-byte key (raw, or 64 hex digits) of an authenticated delta")
     p.add_argument("--safe-replace", action="store_true",
                    help="in place, but through a temporary copy renamed over BASE: a crash cannot "
                         "leave BASE half-written (costs one full copy)")
@@ -378,10 +382,11 @@ def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) ->
         print(_one_line(text), file=file or sys.stdout)
 
 
-def _print_json(obj: Any, file: Optional[IO[str]] = None, flush: bool = False) -> None:
+def _print_json(obj: Any, file: Optional[IO[str]] = None, flush: bool = False, compact: bool = False) -> None:
     """Print ``obj`` as standard JSON (:func:`~cellmigrate._jsontext.json_text`: a
-    non-finite float is ``null``), the one way every ``--json`` output is written."""
-    print(json_text(obj), file=file or sys.stdout, flush=flush)
+    non-finite float is ``null``), the one way every ``--json`` output is written;
+    ``compact``: on one line (a JSON Lines record)."""
+    print(json_text(obj, indent=None if compact else 2), file=file or sys.stdout, flush=flush)
 
 
 def _open_state(path: str, *, private: bool = False) -> StateFile:
@@ -701,6 +706,9 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
     count = delta.dirty_page_count()
     counts = delta.encoding_counts()
     digest_value = getattr(delta, "digest", None)
+    version = int(getattr(delta, "wire_version", 2))
+    payload_wire = (payload_wire_size(wire_size, 0 if digest_value is None else len(digest_value), count)
+                    if version >= 2 else int(delta.stored_size()))
     return {
         "agent_id": str(uuid.UUID(bytes=bytes(delta.agent_id))),
         "base_sequence": int(delta.base_sequence),
@@ -720,10 +728,13 @@ def _delta_summary(delta: "DeltaSnapshot", wire_size: int) -> Dict[str, Any]:
         "raw_pages": counts["raw"][0],
         "encodings": {name: {"pages": n, "bytes": size} for name, (n, size) in counts.items()},
         "payload_compression": str(getattr(delta, "compression", "none")),
-        "wire_version": int(getattr(delta, "wire_version", 2)),
+        "wire_version": version,
         "uncompressed_size": int(delta.uncompressed_size()),
         "compressed_size": int(delta.stored_size()),
         "compression_ratio": (delta.stored_size() / delta.uncompressed_size()) if count else 1.0,
+        # After the whole-payload compression (zstd): what the page data costs on the wire.
+        "payload_wire_size": payload_wire,
+        "payload_wire_ratio": (payload_wire / delta.uncompressed_size()) if count else 1.0,
         "wire_size": wire_size,
         "wire_fraction": (wire_size / total) if total else 0.0,
     }
@@ -822,7 +833,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                     with output.open() as out_fd:
                         _send_file(fd, out_fd, delta.wire_size)
         except BrokenPipeError:
-            raise  # '-o - | head': the reader went away (main() ends quietly)
+            raise  # '-o - | head': the reader went away (main() ends quietly, 141)
         except OSError as exc:
             raise _os_error(args.output, exc) from None
     elapsed = time.perf_counter() - started
@@ -1013,7 +1024,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         except JournalError as exc:
             raise CliError(str(exc)) from None
         except BrokenPipeError:
-            raise  # '-o - | head': the reader went away (main() ends quietly)
+            raise  # '-o - | head': the reader went away (main() ends quietly, 141)
         except OSError as exc:
             raise _os_error(dest_name, exc) from None
         elapsed = time.perf_counter() - started
@@ -1142,8 +1153,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                         f"{info['encodings']['zero']['pages']} zero, {info['encodings']['xzr']['pages']} XOR (xzr)"),
         ("encodings", ", ".join(f"{name} {plural(e['pages'], 'page')} / {plural(e['bytes'], 'byte')}" for name, e in info["encodings"].items())),
         ("page data", f"{format_size(info['uncompressed_size'])} -> {format_size(info['compressed_size'])} "
-                      f"(ratio {info['compression_ratio']:.3f}); payload compression: {info['payload_compression']}; "
-                      f"wire format v{info['wire_version']}"),
+                      f"in page encodings (ratio {info['compression_ratio']:.3f}); payload compression: "
+                      f"{info['payload_compression']}"
+                      + (f" -> {format_size(info['payload_wire_size'])} (ratio {info['payload_wire_ratio']:.3f})"
+                         if info["payload_compression"] != "none" else "")
+                      + f"; wire format v{info['wire_version']}"),
         ("on the wire", f"{format_size(wire_size)} ({wire_size} bytes, {_pct(info['wire_fraction'])} of the state)"),
     ]
     lines = [f"{args.delta}: cellmigrate delta"] + [f"  {k:<12} {v}" for k, v in rows]
@@ -1217,11 +1231,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         _error(prefix, str(exc))
         return EXIT_ERROR
     except BrokenPipeError:
-        # The reader went away (e.g. '| head'): not an error of ours. Point stdout at
-        # devnull so the interpreter's final flush does not complain either.
+        # The reader went away (e.g. '| head'): quietly, with the status of a filter that
+        # SIGPIPE ended (141), so 'set -o pipefail' still sees that the output was not
+        # all delivered (a delta piped into 'ssh' that died). Point stdout at devnull so
+        # the interpreter's final flush does not complain either.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+        return EXIT_BROKEN_PIPE
     except MemoryError:
         _error(prefix, "out of memory")
         return EXIT_ERROR

@@ -817,8 +817,13 @@ def atomic_replace(dest: StrPath) -> Iterator[Path]:
         if not stat.S_ISREG(mode):
             # Renaming over /dev/null or a FIFO would replace the device node itself.
             raise OSError(errno.EINVAL, f"{str(dest)!r} is {file_kind(mode)}; refusing to replace it")
-    remove_stale_temps(dest)
-    fd, tmp = _named_temp(directory, dest)  # held open (and locked) until renamed or removed
+    try:
+        remove_stale_temps(dest)
+        fd, tmp = _named_temp(directory, dest)  # held open (and locked) until renamed or removed
+    except OSError as exc:
+        # Named by the path the caller gave, not the hidden temporary name (a missing or
+        # unwritable directory is the caller's to fix).
+        raise OSError(exc.errno, exc.strerror, str(dest)) from None
     try:
         yield tmp
         with open(tmp, "rb+") as fh:  # the file at tmp now (the caller may have made it anew)

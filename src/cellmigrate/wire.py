@@ -763,6 +763,13 @@ def _check_algorithm(alg_id: int, flags: int, digest_length: int) -> bool:
     return keyed
 
 
+def payload_wire_size(wire_size: int, digest_length: int, page_count: int) -> int:
+    """Bytes the page payload takes in a version-2 delta of ``wire_size`` bytes (after its
+    whole-payload compression, if any), the rest being header, digests, page table and
+    trailer (``digest_length``: bytes of its digest, 0 without one)."""
+    return int(wire_size - (HEADER_SIZE + 2 * digest_length + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE))
+
+
 def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Optional[int]:
     """The most bytes a delta starting with ``prefix`` can have, from its header alone.
 
