@@ -7,7 +7,8 @@ Run ``cellmigrate --help`` (or ``python -m cellmigrate --help``) for the list, a
   whole, so multi-GiB states run in bounded memory.
 * Exit codes: ``0`` success, ``1`` verification failed or the states differ (including a
   delta that is refused because it does not fit the base, and a state that changed while
-  it was read), ``2`` usage error, unreadable/corrupt/truncated input, or a full disk. Errors are one line on stderr, never a traceback (set
+  it was read), ``2`` usage error, unreadable/corrupt/truncated input, or a full disk;
+  ``141`` (no message) when the reader of stdout went away. Errors are one line on stderr, never a traceback (set
   ``CELLMIGRATE_DEBUG=1`` to get the traceback of an unexpected error).
 * Results go to stdout (``--json`` for machine-readable output where it makes sense);
   progress bars go to stderr, only when stderr is a terminal and the work is long.
