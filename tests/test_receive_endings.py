@@ -99,6 +99,32 @@ def test_keep_listening_serves_senders_back_to_back_and_answers_a_lost_done(tmp_
     assert dst.read_bytes() == src2.read_bytes()
 
 
+def test_keep_listening_serves_on_after_a_failed_migration(tmp_path: Path) -> None:
+    """A migration that fails before STATE_FILE changes (here the sender aborts: its pause
+    command fails) is noted, and the next sender is served (it exited 2 and refused every
+    later sender, against its documentation)."""
+    src, dst = _file(tmp_path / "src.bin", 7), tmp_path / "dst.bin"
+    dst.write_bytes(b"the target's own state")
+    rx = Receiver(dst, "--keep-listening")
+    try:
+        failed = send("--live", "--pause-cmd", "false", str(src), rx.address)
+        assert failed.returncode != 0
+        assert dst.read_bytes() == b"the target's own state"
+        sent = send(str(src), rx.address)
+        assert sent.returncode == 0, sent.stderr
+        assert "proven equal" in _read_stdout_line(rx)
+        rx.proc.send_signal(signal.SIGTERM)
+        got = rx.wait()
+    finally:
+        rx.kill()
+    assert got.returncode == 0, got.stderr
+    notes = [line for line in got.stderr.splitlines() if "migration failed" in line]
+    assert len(notes) == 1 and "aborted" in notes[0] and "is unchanged (serving on)" in notes[0], got.stderr
+    assert "stopped after 1 migration" in got.stderr
+    assert dst.read_bytes() == src.read_bytes()
+    assert not list(tmp_path.glob(".*cmlive-staging"))
+
+
 def test_a_finished_migration_is_answered_by_the_next_receiver() -> None:
     """The library side of it: a sender whose DONE was lost reconnects and is told by
     ``LiveReceiver(finished=...)``, the next receiver on the address, that its migration

@@ -295,8 +295,9 @@ def add_commands(add: AddParser) -> None:
     where.add_argument("--stdio", action="store_true", help="speak the protocol on stdin/stdout (e.g. behind ssh)")
     p.add_argument("--keep-listening", action="store_true",
                    help="serve migrations one after another until interrupted (Ctrl-C between migrations "
-                        "exits 0); a sender reconnecting to learn the outcome of an earlier one is answered "
-                        "meanwhile; --json prints one line (JSON Lines) a migration")
+                        "exits 0); one that fails before STATE_FILE changes is noted, and it serves on; a "
+                        "sender reconnecting to learn the outcome of an earlier one is answered meanwhile; "
+                        "--json prints one line (JSON Lines) a migration")
     p.add_argument("--resume-timeout", type=_nonneg_seconds, default=DEFAULT_RESUME_TIMEOUT, metavar="SECONDS",
                    help="how long a dropped sender may take to reconnect (default: %(default)g)")
     p.add_argument("--linger", type=_nonneg_seconds, default=2.0, metavar="SECONDS",
@@ -423,66 +424,79 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             # the address.
             warning = "" if key is not None else " (no --key-file: unauthenticated, any peer that reaches it can replace the state)"
             _say(args, f"cellmigrate receive: listening on {shown}{warning}")
-        while True:
-            validator = MigrationValidator()
-            if store is None:
-                store = _open_store(staging, args.state_file)
-            target = FileTarget(store, args.state_file, args.resume_cmd, timeout=args.timeout)
-            receiver = LiveReceiver(
-                store, target, key=key, capabilities=caps,
-                validator=validator, timeout=args.timeout, max_state_size=max_state_size,
-                finished=finished if args.keep_listening else None,
-            )
+        receiver: Optional[LiveReceiver] = None
+        target: Optional[FileTarget] = None
+        reported: Optional[LiveReceiver] = None
+        try:
+            while True:
+                validator = MigrationValidator()
+                if store is None:
+                    store = _open_store(staging, args.state_file)
+                target = FileTarget(store, args.state_file, args.resume_cmd, timeout=args.timeout)
+                receiver = LiveReceiver(
+                    store, target, key=key, capabilities=caps,
+                    validator=validator, timeout=args.timeout, max_state_size=max_state_size,
+                    finished=finished if args.keep_listening else None,
+                )
+                adopted = target
 
-            def dropped(exc: CellError) -> None:
-                if target.adopted:  # the staging file is STATE_FILE now: serve nothing more with it
-                    raise exc
-                _say(args, f"cellmigrate receive: connection dropped: {exc.message or exc}")
+                def dropped(exc: CellError) -> None:
+                    if adopted.adopted:  # the staging file is STATE_FILE now: serve nothing more with it
+                        raise exc
+                    _say(args, f"cellmigrate receive: connection dropped: {exc.message or exc}")
 
-            try:
-                if listener is not None:
-                    if args.keep_listening:
-                        try:  # Ctrl-C is how one stops it: between migrations, no failure
-                            receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=dropped)
-                        except (KeyboardInterrupt, SignalInterrupt):
-                            if receiver.in_progress or target.adopted:
-                                raise
-                            _say(args, f"cellmigrate receive: stopped after {plural(received, 'migration')}")
-                            return 0
-                    else:
+                try:
+                    if listener is not None:
                         receiver.serve(listener, tls=tls, resume_timeout=args.resume_timeout, on_drop=dropped)
-                else:
-                    if not receiver.handle(PipeStream(sys.stdin.fileno(), sys.stdout.fileno())):
+                    elif not receiver.handle(PipeStream(sys.stdin.fileno(), sys.stdout.fileno())):
                         raise receiver.last_error or ConnectionLostError("the sender closed the stream")
-            except CellError as exc:
-                if target.adopted:  # the resume command failed (its own words), or the connection after
-                    cause = exc.__cause__ if isinstance(exc.__cause__, CellError) else exc
-                    raise CliError(f"{args.state_file!r} holds the migrated state, proven, but the migration failed: "
-                                   f"{cause.message or cause} (the sender resumes its writer)") from None
-                if isinstance(exc, AbortedError):
-                    raise CliError(f"{exc.message}; {args.state_file!r} is unchanged") from None
-                raise CliError(str(exc)) from None
-            finally:
-                if not target.adopted:
-                    _unlink_if(staging, store)  # still locked: no other receiver has it yet
-                store.close()
-                store = None
-            _report_received(args, receiver, validator)
-            received += 1
-            if not args.keep_listening or listener is None:
-                if listener is not None and args.linger > 0:
-                    # A sender whose DONE was cut off reconnects to learn the outcome. The
-                    # migration is done: an interrupt now ends a successful receive.
-                    try:
+                except CellError as exc:
+                    if target.adopted:  # the resume command failed (its own words), or the connection after
+                        cause = exc.__cause__ if isinstance(exc.__cause__, CellError) else exc
+                        raise CliError(f"{args.state_file!r} holds the migrated state, proven, but the migration "
+                                       f"failed: {cause.message or cause} (the sender resumes its writer)") from None
+                    message = (f"{exc.message}; {args.state_file!r} is unchanged" if isinstance(exc, AbortedError)
+                               else str(exc))
+                    if args.keep_listening and listener is not None:
+                        # One migration failed, before STATE_FILE changed: the next may not.
+                        _say(args, f"cellmigrate receive: migration failed: {message} (serving on)")
+                        continue  # after the finally below: its staging file is removed
+                    raise CliError(message) from None
+                finally:
+                    if not target.adopted:
+                        _unlink_if(staging, store)  # still locked: no other receiver has it yet
+                    store.close()
+                    store = None
+                _report_received(args, receiver, validator)
+                reported = receiver
+                received += 1
+                if not args.keep_listening or listener is None:
+                    if listener is not None and args.linger > 0:
+                        # A sender whose DONE was cut off reconnects to learn the outcome.
                         receiver.linger(listener, args.linger, tls)
-                    except (KeyboardInterrupt, SignalInterrupt):
-                        pass
-                return 0
-            done = receiver.finished_migration
-            if done is not None:
-                finished[done[0]] = done[1]
-                while len(finished) > _FINISHED_KEPT:
-                    del finished[next(iter(finished))]
+                    return 0
+                done = receiver.finished_migration
+                if done is not None:
+                    finished[done[0]] = done[1]
+                    while len(finished) > _FINISHED_KEPT:
+                        del finished[next(iter(finished))]
+        except (KeyboardInterrupt, SignalInterrupt):
+            # Between migrations (in the linger, or --keep-listening waiting for the next
+            # sender) an interrupt ends a receive that did its work: exit 0. In the middle
+            # of one, or before any with a single migration expected, it is an interrupt.
+            if receiver is not None and receiver.in_progress:
+                if target is not None and target.adopted:
+                    _say(args, f"cellmigrate receive: {args.state_file!r} holds the migrated state, proven; "
+                               "interrupted while its --resume-cmd ran")
+                raise
+            if receiver is not None and receiver.session.completed and reported is not receiver:
+                _report_received(args, receiver, receiver.session.validator)  # done, not yet said
+                received += 1
+            if not args.keep_listening and not received:
+                raise
+            if args.keep_listening:
+                _say(args, f"cellmigrate receive: stopped after {plural(received, 'migration')}")
+            return 0
     finally:
         if listener is not None:
             listener.close()
