@@ -17,10 +17,8 @@ SIGINT, and its children inherit that (both end the same way in the CLI).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import List
@@ -28,8 +26,7 @@ from typing import List
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from live_net import CLI, DoneDroppingProxy, Receiver, send  # noqa: E402
+from live_net import CLI, DoneDroppingProxy, Receiver, send
 
 MIB = 1 << 20
 

@@ -763,11 +763,17 @@ def _check_algorithm(alg_id: int, flags: int, digest_length: int) -> bool:
     return keyed
 
 
+def _v2_framing(digest_length: int, page_count: int) -> int:
+    """Bytes of a version-2 delta that are not its page payload: header, the two digests
+    (``digest_length`` bytes each), page table and trailer."""
+    return int(HEADER_SIZE + 2 * digest_length + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE)
+
+
 def payload_wire_size(wire_size: int, digest_length: int, page_count: int) -> int:
     """Bytes the page payload takes in a version-2 delta of ``wire_size`` bytes (after its
     whole-payload compression, if any), the rest being header, digests, page table and
     trailer (``digest_length``: bytes of its digest, 0 without one)."""
-    return int(wire_size - (HEADER_SIZE + 2 * digest_length + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE))
+    return int(wire_size - _v2_framing(digest_length, page_count))
 
 
 def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE) -> Optional[int]:
@@ -802,7 +808,7 @@ def wire_length_bound(prefix: BufferLike, *, max_total_size: int = DEFAULT_MAX_T
             return None
         fields = _checked_header(view, max_total_size)  # rules 2 and 3, as decode_delta
         digest_length, page_count, payload_wire = fields[2], fields[11], fields[12]
-        return int(HEADER_SIZE + 2 * digest_length + payload_wire + PAGE_ENTRY_SIZE * page_count + TRAILER_SIZE)
+        return int(_v2_framing(digest_length, page_count) + payload_wire)
     if size < HEADER_SIZE_V1:
         return None
     fields = _checked_header_v1(view, max_total_size)

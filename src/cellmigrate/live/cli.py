@@ -429,13 +429,12 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         reported: Optional[LiveReceiver] = None
         try:
             while True:
-                validator = MigrationValidator()
                 if store is None:
                     store = _open_store(staging, args.state_file)
                 target = FileTarget(store, args.state_file, args.resume_cmd, timeout=args.timeout)
-                receiver = LiveReceiver(
+                receiver = LiveReceiver(  # a validator of its own: each migration's audit trail
                     store, target, key=key, capabilities=caps,
-                    validator=validator, timeout=args.timeout, max_state_size=max_state_size,
+                    timeout=args.timeout, max_state_size=max_state_size,
                     finished=finished if args.keep_listening else None,
                 )
                 adopted = target
@@ -467,7 +466,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                         _unlink_if(staging, store)  # still locked: no other receiver has it yet
                     store.close()
                     store = None
-                _report_received(args, receiver, validator)
+                _report_received(args, receiver)
                 reported = receiver
                 received += 1
                 if not args.keep_listening or listener is None:
@@ -490,7 +489,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                                "interrupted while its --resume-cmd ran")
                 raise
             if receiver is not None and receiver.session.completed and reported is not receiver:
-                _report_received(args, receiver, receiver.session.validator)  # done, not yet said
+                _report_received(args, receiver)  # done, not yet said
                 received += 1
             if not args.keep_listening and not received:
                 raise
@@ -550,7 +549,7 @@ def _unlink_if(path: str, store: FileStore) -> None:
         pass
 
 
-def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator: MigrationValidator) -> None:
+def _report_received(args: argparse.Namespace, receiver: LiveReceiver) -> None:
     s = receiver.session
     assert s.offer is not None
     size = os.stat(args.state_file).st_size
@@ -564,7 +563,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver, validator
             "state_size": size,
             "chunks": s.committed_seq,
             "page_bytes": s.bytes_received,
-            "audit": [e.to_dict() for e in validator.audit_log],
+            "audit": [e.to_dict() for e in s.validator.audit_log],
         }, file=out, flush=True, compact=args.keep_listening)
     elif not args.quiet:
         print(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
