@@ -285,7 +285,7 @@ static int cm_gather_chunk(cm_claims *c, size_t k, void *unused) {
     for (; i < end; i++) {
         size_t s = (size_t)j->idx[i] * j->page, len = j->n - s < j->page ? j->n - s : j->page;
         uint8_t *copy = j->dst + i * j->page;
-        memcpy(copy, j->state + s, len);
+        cm_copy_in(copy, j->state + s, len);
         /* From the copy, still in L1: the digest is of what is sent, even if the agent
            writes the page meanwhile. */
         cm_xxh128_canonical(cm_xxh3.one128(copy, len), j->out + 16 * i);
