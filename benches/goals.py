@@ -46,6 +46,14 @@ GOALS: List[Tuple[str, str, str, str, Optional[float]]] = [
     ("compiled C create (1% dirty) vs reading both states once", "delta create",
      "straightforward compiled create (C memcmp+memcpy loop, cc -O2)",
      "memory floor: read both states once (XXH3-64 of each, one thread)", None),
+    # At 0.5x or more here, twice the C create is as fast as our compare alone on both
+    # threads: no create that compares the two states can reach it, whatever it hashes.
+    ("compiled C create (1% dirty) vs comparing both states on both threads", "delta create",
+     "straightforward compiled create (C memcmp+memcpy loop, cc -O2)",
+     "memory floor: compare both states, both threads (dirty_pages alone)", None),
+    ("create (default digest, 1% dirty) vs comparing both states on both threads", "delta create",
+     "DeltaSnapshot.create (default xxh3_128_tree digest)",
+     "memory floor: compare both states, both threads (dirty_pages alone)", None),
     ("create (default digest, 10% dirty) vs reading both states once", "delta create 10% dirty",
      "DeltaSnapshot.create (default xxh3_128_tree digest)",
      "memory floor: read both states once (XXH3-64 of each, one thread)", None),

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from cellmigrate import DeltaSnapshot, PageFingerprints, _kernels, simple_checksum
+from cellmigrate import DeltaSnapshot, PageFingerprints, _kernels, dirty_pages, simple_checksum
 
 from conftest import MiB, States
 
@@ -97,6 +97,9 @@ def compiled_create(s: States) -> Callable[[], Any]:
 
 
 READ_BOTH = "memory floor: read both states once (XXH3-64 of each, one thread)"
+#: The fastest any create that compares the two states can be here: our compare alone,
+#: on both threads (no copy, no checksum, no digest).
+COMPARE_BOTH = "memory floor: compare both states, both threads (dirty_pages alone)"
 FINGERPRINTED = "DeltaSnapshot.create (default digest) given the base's page fingerprints (reads new only)"
 
 
@@ -129,6 +132,7 @@ CREATES: Dict[str, Callable[[States], Callable[[], Any]]] = {
     # The floor of any create: both states read once by the fastest reader we have (XXH3
     # runs at this VM's memory bandwidth on one core), no compare, no copy.
     READ_BOTH: lambda s: lambda: (xxhash.xxh3_64_digest(s.old), xxhash.xxh3_64_digest(s.new)),
+    COMPARE_BOTH: lambda s: lambda: dirty_pages(s.old, s.new),
 }
 
 
@@ -261,7 +265,8 @@ def test_apply_10pct_checksum_anchor(dirty10: Dirty10, measure: Any) -> None:
 
 
 @pytest.mark.parametrize("peer", ["DeltaSnapshot.create (default xxh3_128_tree digest)", FINGERPRINTED,
-                                  "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", READ_BOTH])
+                                  "straightforward compiled create (C memcmp+memcpy loop, cc -O2)", READ_BOTH,
+                                  COMPARE_BOTH])
 def test_create_10pct(dirty10: Dirty10, measure: Any, peer: str) -> None:
     d = dirty10
     if peer == FINGERPRINTED:
@@ -270,6 +275,8 @@ def test_create_10pct(dirty10: Dirty10, measure: Any, peer: str) -> None:
         fn = lambda: DeltaSnapshot.create(AGENT, d.old_np, d.new_np, 0, 1)  # noqa: E731
     elif peer == READ_BOTH:
         fn = lambda: (xxhash.xxh3_64_digest(d.old_np), xxhash.xxh3_64_digest(d.new_np))  # noqa: E731
+    elif peer == COMPARE_BOTH:
+        fn = lambda: dirty_pages(d.old_np, d.new_np)  # noqa: E731
     else:
         shim = States.__new__(States)  # the C peer reads .size/.np(); reuse it on these arrays
         shim.size = d.size
