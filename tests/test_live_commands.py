@@ -18,7 +18,7 @@ from typing import Any, List
 import numpy as np
 import pytest
 
-from cellmigrate import StateChangedError
+from cellmigrate import InvalidStateError, StateChangedError
 from cellmigrate.live import AbortedError, BufferSource, BufferTarget, LiveMigration, MemoryStore
 from cellmigrate.live.agent import FileStore
 from cellmigrate.live.receiver import LiveReceiver
@@ -252,6 +252,34 @@ def test_a_store_closed_twice_by_a_signal_in_between_never_closes_another_file(t
         os.fstat(other)  # still open
     finally:
         real_close(other)
+
+
+def test_a_store_interrupted_while_it_opens_removes_the_file_it_created_and_no_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C inside FileStore() (here: while it maps the file) left an empty staging
+    file behind it. The file it created goes; a file that was there before it stays, as
+    does one another store holds (its lock refuses ours)."""
+    def interrupted(self: FileStore) -> None:
+        raise KeyboardInterrupt
+
+    created = tmp_path / "created"
+    monkeypatch.setattr(FileStore, "_remap", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        FileStore(str(created))
+    assert not created.exists()
+    found = tmp_path / "found"
+    found.write_bytes(b"earlier")
+    with pytest.raises(KeyboardInterrupt):
+        FileStore(str(found))
+    assert found.read_bytes() == b"earlier"
+    monkeypatch.undo()
+    held = FileStore(str(created))
+    try:
+        with pytest.raises(InvalidStateError, match="in use"):
+            FileStore(str(created))
+        assert created.exists()
+    finally:
+        held.close()
 
 
 @pytest.mark.parametrize("command,option,value", [

@@ -255,6 +255,15 @@ def _lock_exclusive(fd: int, path: str) -> None:
         raise InvalidStateError(f"{path!r} is in use: another receiver is staging into it") from None
 
 
+def _unlink_if_same(path: str, fd: int) -> None:
+    """Remove ``path`` if it still names ``fd``'s file (best effort)."""
+    try:
+        if os.path.samestat(os.stat(path), os.fstat(fd)):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 class FileStore:
     """A :class:`StateStore` in a file, mapped into memory (created empty when missing).
 
@@ -269,10 +278,22 @@ class FileStore:
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
         self.path = os.fspath(path)
         self._map: Optional[mmap.mmap] = None
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
         for attempt in range(3):
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # Created here (O_EXCL) or found: a file this store created and then failed to
+            # open fully (an interrupt, a signal, a failed map) is removed again, so that no
+            # empty staging file outlives the receiver; one found there is not ours to remove.
+            try:
+                self._fd, created = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    self._fd, created = os.open(self.path, flags), False
+                except FileNotFoundError:  # removed between the two opens: try again
+                    continue
+            locked = False
             try:
                 _lock_exclusive(self._fd, self.path)
+                locked = True
                 # Locked, but is it still the file at the path? Another store may have
                 # renamed it away (a receiver adopting it) between our open and our lock.
                 try:
@@ -285,7 +306,11 @@ class FileStore:
                     return
             except BaseException:
                 fd, self._fd = self._fd, -1
-                os.close(fd)
+                try:
+                    if created and locked:  # ours, and nobody else's yet (we hold the lock)
+                        _unlink_if_same(self.path, fd)
+                finally:
+                    os.close(fd)
                 raise
             fd, self._fd = self._fd, -1
             os.close(fd)
