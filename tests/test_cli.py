@@ -639,6 +639,35 @@ def test_diff_resize_then_apply_gives_new(tmp_path: Path, old_pages: int, new_pa
     assert run("verify", str(result), str(new_path)).returncode == 0
 
 
+def test_the_applied_before_hint_compares_a_mac_in_constant_time(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hint after a refused apply ("BASE already is this delta's result") hashed BASE
+    and compared a keyed delta's MAC with ``==``; every MAC is compared in constant time
+    (SPEC §6). It still tells the result from any other state."""
+    from cellmigrate import DeltaSnapshot, cli
+
+    key = bytes(range(32))
+    old = bytes(3 * PAGE_SIZE)
+    new = bytearray(old)
+    new[PAGE_SIZE + 5] = 7
+    delta = DeltaSnapshot.create(bytes(16), old, bytes(new), 0, 1, key=key)
+    result, other = tmp_path / "result.bin", tmp_path / "other.bin"
+    result.write_bytes(bytes(new))
+    other.write_bytes(old)
+    seen: List[Tuple[bytes, bytes]] = []
+    real = cli.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        seen.append((bytes(a), bytes(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(cli.hmac, "compare_digest", spy)
+    assert cli._is_result(str(result), delta, key) is True
+    assert cli._is_result(str(other), delta, key) is False  # same size; checksum differs
+    assert cli._is_result(str(result), delta, bytes(32)) is False  # the wrong key
+    assert [b for _, b in seen] == [bytes(delta.digest)] * 2
+
+
 @pytest.mark.parametrize("compress", ["auto", "rle"])
 def test_applying_a_delta_twice(tmp_path: Path, compress: str) -> None:
     """An XOR delta (the default) is relative to OLD: applied to its own result it is

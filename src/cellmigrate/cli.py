@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hmac
 import os
 import re
 import stat
@@ -1066,7 +1067,9 @@ def _is_result(path: str, delta: Any, key: Optional[bytes]) -> bool:
             algorithm = getattr(delta, "digest_algorithm", None)
             if algorithm is None:
                 return True
-            return bool(digest(f.buffer, algorithm, key=key if getattr(delta, "keyed", False) else None) == delta.digest)
+            # A keyed delta's digest is a MAC: compared in constant time, as everywhere (SPEC §6).
+            ours = digest(f.buffer, algorithm, key=key if getattr(delta, "keyed", False) else None)
+            return hmac.compare_digest(ours, bytes(delta.digest))
     except (CellError, OSError, ValueError):
         return False  # only a hint: the refusal stands as it is
 
