@@ -108,6 +108,12 @@ class DeltaSnapshot:
         sequence: this delta's sequence number.
         base_sequence: the sequence of the state it applies to.
         dirty_pages: the changed pages (a plain list; ``apply`` reads their current data).
+            A delta made by ``create`` lists them as the crate would (raw, or RLE when
+            smaller: ``get_data()`` needs nothing else); one read by ``deserialize``
+            lists them as shipped, so zero and XZR pages may appear: an XZR page is the
+            XOR with its base page, and its ``get_data(base=...)`` needs that page (see
+            :meth:`encoding_counts`). ``compressed_size()`` sums the list as it is, so
+            the two can differ for equal deltas; ``stored_size()`` is what ships.
         total_size: size of the new state in bytes.
         timestamp: Unix seconds of creation.
         checksum: ``simple_checksum`` of the new state (the crate's check).
