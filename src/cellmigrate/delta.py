@@ -601,7 +601,9 @@ class DeltaSnapshot:
     def write_to(self, fileobj: IO[bytes]) -> int:
         """Write :meth:`serialize`'s bytes to a binary file object (anything with
         ``write``: a file, a pipe, a socket file) piece by piece, without building them in
-        memory; returns the number of bytes written."""
+        memory; returns the number of bytes written. A raw file object that takes part of
+        a write is given the rest; one that would block (non-blocking) raises
+        ``BlockingIOError``, and what it took is a prefix any reader refuses."""
         from . import wire  # type: ignore[attr-defined,unused-ignore]
 
         return int(wire.write_delta(cast(Any, self), fileobj))

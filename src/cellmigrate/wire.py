@@ -29,6 +29,8 @@ cannot represent.
 
 from __future__ import annotations
 
+import errno
+import io
 import operator
 import os
 import struct
@@ -442,10 +444,37 @@ class _Prepared:
             for start in range(0, view.nbytes, chunk):
                 piece = view[start : start + chunk]
                 hasher.update(piece)
-                fileobj.write(piece)
+                write_all(fileobj, piece)
                 written += piece.nbytes
-        fileobj.write(hasher.digest())
+        write_all(fileobj, memoryview(hasher.digest()))
         return written + TRAILER_SIZE
+
+
+def write_all(fileobj: Any, data: memoryview) -> None:
+    """``fileobj.write`` until all of ``data`` is taken.
+
+    A raw file object (``io.RawIOBase``: an unbuffered file, ``socket.makefile('wb',
+    buffering=0)``) may take part of what it is given and return how much: the rest is
+    written again, where ignoring the count lost the delta's middle while the full count
+    was reported. Such an object returns ``None`` when it would block (non-blocking): that
+    raises ``BlockingIOError`` (nothing can tell what it took). Any other object returning
+    ``None`` (a duck-typed writer) is taken to have written everything, as ``shutil`` does.
+    ``OSError`` when a write takes no bytes at all.
+    """
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    raw = isinstance(fileobj, io.RawIOBase)
+    while view.nbytes:
+        n = fileobj.write(view)
+        if n is None:
+            if raw:
+                raise BlockingIOError(errno.EAGAIN, "the file object would block (non-blocking): "
+                                                    "pass a blocking or buffered one")
+            return
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise TypeError(f"{type(fileobj).__name__}.write returned {n!r}, not a byte count")
+        if n == 0:
+            raise OSError(errno.EIO, f"{type(fileobj).__name__}.write took no bytes")
+        view = view[n:]
 
 
 def _zstd_level_of(delta: DeltaLike) -> Optional[int]:
@@ -502,7 +531,7 @@ def write_delta(delta: DeltaLike, fileobj: IO[bytes], *, chunk: int = _WRITE_CHU
     """
     if getattr(delta, "wire_version", VERSION) == 1:
         data = _encode_v1(delta)
-        fileobj.write(data)
+        write_all(fileobj, memoryview(data))
         return len(data)
     return _Prepared(delta, _zstd_level_of(delta)).write(fileobj, chunk)
 
