@@ -932,3 +932,52 @@ def test_loading_a_path_that_is_no_file_is_refused_without_blocking(tmp_path: Pa
     assert ("a FIFO" if kind == "fifo" else "a directory") in done.stdout
     with pytest.raises(FileNotFoundError):
         RollbackInfo.load(tmp_path / "missing.cmrb")
+
+
+TRUNCATED_CHILD = """
+import os, sys
+from cellmigrate import RollbackInfo
+from cellmigrate.agent import Agent
+from cellmigrate.errors import CorruptDataError, InvalidStateError
+os.chdir(sys.argv[1])
+state = os.urandom(8 << 20)
+info = RollbackInfo.capture(Agent(b""), state, spill_to="point.cmrb")
+os.truncate("point.cmrb", 4096)  # another process cuts the file while it is mapped
+target = bytearray(len(state))
+for name, call in [("restore_into", lambda: info.restore_into(target)), ("verify", info.verify),
+                   ("serialize", info.serialize)]:
+    try:
+        call()
+        print(name, "accepted")
+    except InvalidStateError as exc:
+        print(name, "refused", "truncated while mapped" in str(exc))
+print("target unchanged", target == bytearray(len(state)))
+info.close()
+loaded_from = RollbackInfo.capture(Agent(b""), state, spill_to="again.cmrb")
+loaded_from.close()
+loaded = RollbackInfo.load("again.cmrb")
+os.truncate("again.cmrb", 1 << 20)
+try:
+    loaded.verify()
+except InvalidStateError as exc:
+    print("loaded verify refused", "truncated while mapped" in str(exc))
+loaded.close()
+"""
+
+
+def test_a_spilled_point_whose_file_is_truncated_is_refused_not_a_sigbus(tmp_path: Path) -> None:
+    """A spilled or loaded point maps its file: truncated in place by another process, the
+    next read of a page past the new end killed the process with SIGBUS. Its mapping is
+    registered with the SIGBUS guard; restore_into, verify and serialize then refuse the
+    point (InvalidStateError), the target untouched. In a child: without the guard the
+    test process itself would die."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TRUNCATED_CHILD, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split("\n")[:5] == [
+        "restore_into refused True", "verify refused True", "serialize refused True", "target unchanged True",
+        "loaded verify refused True",
+    ], done.stdout

@@ -46,7 +46,7 @@ from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressCallback, ProgressEventKind, byte_progress
-from .statefile import atomic_replace, open_regular
+from .statefile import _guard, _guard_faults, _guard_remove, atomic_replace, open_regular
 
 __all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
 
@@ -234,6 +234,7 @@ class RollbackInfo:
         *,
         spill_path: Optional[StrPath] = None,
         _mapping: Optional[mmap.mmap] = None,
+        _guard_slot: int = -1,
     ) -> None:
         """Build a point from its parts (normally use :meth:`capture`).
 
@@ -255,8 +256,12 @@ class RollbackInfo:
         if self.keyed and digest_algorithm != "blake3":
             raise ValueError("a keyed rollback point must use digest_algorithm='blake3'")
         self.spill_path = None if spill_path is None else Path(spill_path)
-        # The mapping behind a spilled/loaded state; released by close().
+        # The mapping behind a spilled/loaded state; released by close(). Registered with
+        # the SIGBUS guard (statefile, cython/cm_guard.h): a file truncated while mapped
+        # reads as zeros past its end instead of killing the process, and every check of
+        # the state asks the guard afterwards (_check_faults).
         self._mapping = _mapping
+        self._slot = _guard_slot if _mapping is None or _guard_slot >= 0 else _guard(_mapping)
         self._closed = False
         # The state's length once close() released a mapped state (len() and repr() say it).
         self._released_len: Optional[int] = None
@@ -359,13 +364,22 @@ class RollbackInfo:
                 "Rollback point is not authenticated but a key was given: refusing an unauthenticated rollback point"
             )
 
+    def _check_faults(self, error: Type[Exception] = InvalidStateError) -> None:
+        """Raise ``error`` when the mapped file was read past its end (truncated while
+        mapped: those pages read as zeros, so nothing read from it can be trusted)."""
+        if self._slot >= 0 and _guard_faults(self._slot):
+            where = f" {str(self.spill_path)!r}" if self.spill_path is not None else ""
+            raise error(f"Rollback file{where} was truncated while mapped: its state cannot be read")
+
     def _check(self, data: memoryview, reporter: Optional[_Reporter], what: str, key: Optional[bytes]) -> None:
         """Raise InvalidStateError unless ``data`` has the recorded checksum and digest."""
         got = _checksum_chunked(data, reporter)
+        self._check_faults()
         if got != self.original_checksum:
             raise InvalidStateError(f"{what} checksum mismatch: expected {self.original_checksum}, got {got}")
         if self.digest_algorithm is not None and self.digest is not None:
             actual = _digest(data, self.digest_algorithm, key=key if self.keyed else None)
+            self._check_faults()
             if reporter is not None:
                 reporter.advance(data.nbytes)
             if not hmac.compare_digest(actual, self.digest):
@@ -500,7 +514,9 @@ class RollbackInfo:
         trailer.update(self.original_policy_data)
         for a, b in _chunks(state.nbytes):
             trailer.update(state[a:b])
-        return b"".join((header, self.original_policy_data, state, trailer.digest()))
+        out = b"".join((header, self.original_policy_data, state, trailer.digest()))
+        self._check_faults()  # a mapped file truncated meanwhile: zeros were read
+        return out
 
     @classmethod
     def deserialize(cls, data: BufferLike, *, key: Optional[bytes] = None) -> "RollbackInfo":
@@ -521,8 +537,11 @@ class RollbackInfo:
     def load(cls, path: StrPath, *, key: Optional[bytes] = None) -> "RollbackInfo":
         """Open a serialized rollback point file (e.g. a ``spill_to`` file) without reading it
         into RAM: the file is mapped read-only, fully checked like :meth:`deserialize`,
-        and the state stays a view into the mapping until :meth:`close`. As with any
-        mapped file, it must not be truncated in place while mapped."""
+        and the state stays a view into the mapping until :meth:`close`. A file truncated
+        in place while mapped is refused by whatever reads it next (``CorruptDataError``
+        here, ``InvalidStateError`` from :meth:`verify`, :meth:`restore_into`,
+        :meth:`serialize`), never a SIGBUS (the mapping is registered with the guard of
+        ``cython/cm_guard.h``, as the CLI's state files are)."""
         p = Path(path)
         try:
             fd = open_regular(p, os.O_RDONLY)  # never a FIFO (it would block) nor a device
@@ -535,25 +554,31 @@ class RollbackInfo:
             if size < _OVERHEAD:
                 raise CorruptDataError(f"Rollback file truncated: {size} bytes, at least {_OVERHEAD} needed")
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        slot = _guard(mapping)  # a file truncated while parsed reads as zeros, not SIGBUS
         whole = memoryview(mapping)
         try:
             fields, policy, state = _parse(whole, key)
             policy_copy = bytes(policy)
             policy.release()
+            if slot >= 0 and _guard_faults(slot):
+                raise CorruptDataError(f"Rollback file {str(p)!r} was truncated while it was read")
+            return cls(
+                original_state=state,
+                original_policy_data=policy_copy,
+                _mapping=mapping,
+                _guard_slot=slot,
+                spill_path=p,
+                **fields,
+            )
         except BaseException:
+            if slot >= 0:
+                _guard_remove(slot)
             # Views made while parsing may still be pinned by the traceback: if so, the
             # garbage collector unmaps the file once they are gone.
             with contextlib.suppress(BufferError):
                 whole.release()
                 mapping.close()
             raise
-        return cls(
-            original_state=state,
-            original_policy_data=policy_copy,
-            _mapping=mapping,
-            spill_path=p,
-            **fields,
-        )
 
     @classmethod
     def _capture_spilled(
@@ -593,8 +618,10 @@ class RollbackInfo:
             f.write(bytes(_CHECK_SIZE))
             f.flush()
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            slot = _guard(mapping)  # truncated by someone else while mapped: zeros, not SIGBUS
             whole = memoryview(mapping)
             state: Optional[memoryview] = None
+            info: Optional[RollbackInfo] = None
             try:
                 state = whole[state_at : state_at + n]
                 checksum = _checksum_chunked(state, reporter)
@@ -611,8 +638,10 @@ class RollbackInfo:
                     digest=dig,
                     keyed=key is not None,
                     _mapping=mapping,
+                    _guard_slot=slot,
                     spill_path=path,
                 )
+                slot = -1  # the point's now: its close() removes it
                 header = info._header(len(policy), n)
                 f.seek(0)
                 f.write(header)
@@ -627,7 +656,12 @@ class RollbackInfo:
                 f.write(trailer.digest())
                 f.flush()
                 os.fsync(f.fileno())
+                info._check_faults()  # the values above were read from what is on disk
             except BaseException:
+                if slot >= 0:
+                    _guard_remove(slot)
+                elif info is not None:
+                    info.close()
                 if state is not None:
                     state.release()
                 whole.release()
@@ -635,6 +669,7 @@ class RollbackInfo:
                     mapping.close()
                 raise
             whole.release()
+        assert info is not None
         return info
 
     # -- lifetime of a mapped point ----------------------------------------------------
@@ -655,6 +690,9 @@ class RollbackInfo:
         if self._closed:
             return
         self._closed = True
+        if self._slot >= 0:
+            _guard_remove(self._slot)
+            self._slot = -1
         if self._mapping is not None:
             self._released_len = len(self.original_state)
             if isinstance(self.original_state, memoryview):
