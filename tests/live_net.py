@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 CLI = [sys.executable, "-m", "cellmigrate"]
 _ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -21,10 +21,10 @@ _ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 class Receiver:
     """``cellmigrate receive --listen 127.0.0.1:0`` in a subprocess; ``address`` once it listens."""
 
-    def __init__(self, state_file: Path, *extra: str) -> None:
+    def __init__(self, state_file: Path, *extra: str, stdout: Any = subprocess.PIPE) -> None:
         self.proc = subprocess.Popen(
             [*CLI, "receive", "--listen", "127.0.0.1:0", str(state_file), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV,
+            stdout=stdout, stderr=subprocess.PIPE, text=True, env=_ENV,
         )
         assert self.proc.stderr is not None
         self.err_lines: List[str] = []

@@ -668,6 +668,41 @@ def test_the_applied_before_hint_compares_a_mac_in_constant_time(tmp_path: Path,
     assert [b for _, b in seen] == [bytes(delta.digest)] * 2
 
 
+def _into_dev_full(*args: str) -> subprocess.CompletedProcess:
+    """The CLI with stdout on /dev/full: every write to it fails with ENOSPC."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run([sys.executable, "-m", "cellmigrate", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_report_that_cannot_be_written_says_the_work_is_done(tmp_path: Path) -> None:
+    """stdout on a full disk: apply and diff, their work committed, failed with "unexpected
+    error: OSError ..." (as if nothing had changed: a retry of the apply is then refused);
+    --help and --version exited 0 having written nothing. Each now exits 2 with one line
+    that says what is done and what failed."""
+    old, new, _, new_bytes = make_pair(tmp_path)
+    delta = tmp_path / "d.cmd"
+    made = _into_dev_full("diff", str(old), str(new), "-o", str(delta))
+    line = assert_one_line_error(made, 2)
+    assert f"{str(delta)!r} is written, but cannot write to stdout: No space left on device" in line
+    base = tmp_path / "base.bin"
+    base.write_bytes(old.read_bytes())
+    for extra in ((), ("--json",)):
+        base.write_bytes(old.read_bytes())
+        applied = _into_dev_full("apply", str(base), str(delta), *extra)
+        line = assert_one_line_error(applied, 2)
+        assert "holds the result, verified, but cannot write to stdout" in line and "unexpected" not in line
+        assert base.read_bytes() == new_bytes
+    line = assert_one_line_error(_into_dev_full("checksum", str(base)), 2)
+    assert line.endswith("cannot write to stdout: No space left on device")
+    for args in (("--help",), ("--version",), ("apply", "--help")):
+        line = assert_one_line_error(_into_dev_full(*args), 2)
+        assert line.endswith("error: cannot write to stdout: No space left on device"), args
+    refused = _into_dev_full("apply", str(base), str(delta))  # nothing to report: the refusal as before
+    assert "was it applied before?" in assert_one_line_error(refused, 1)
+
+
 @pytest.mark.parametrize("compress", ["auto", "rle"])
 def test_applying_a_delta_twice(tmp_path: Path, compress: str) -> None:
     """An XOR delta (the default) is relative to OLD: applied to its own result it is

@@ -254,6 +254,28 @@ def test_a_store_closed_twice_by_a_signal_in_between_never_closes_another_file(t
         real_close(other)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_receive_and_send_whose_report_cannot_be_written_say_the_migration_is_done(tmp_path: Path) -> None:
+    """stdout on a full disk after a proven migration: both ends said "unexpected error:
+    OSError ..." (exit 2), as if nothing had changed. Now one line says the state is
+    migrated and the report could not be written."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(np.random.default_rng(3).integers(0, 256, 5 * 4096 + 7, dtype=np.uint8).tobytes())
+    target = tmp_path / "target.bin"
+    with open("/dev/full", "w") as full:
+        rx = Receiver(target, stdout=full)
+        try:
+            sent = subprocess.run([*CLI, "send", str(source), rx.address], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+            got = rx.wait()
+        finally:
+            rx.kill()
+    assert sent.returncode == 2 and "is migrated, proven equal on the receiver, but cannot write to stdout" in sent.stderr
+    assert got.returncode == 2 and "holds the migrated state, proven, but cannot write to stdout" in got.stderr
+    assert "unexpected" not in sent.stderr + got.stderr and "Traceback" not in sent.stderr + got.stderr
+    assert target.read_bytes() == source.read_bytes()
+
+
 def test_a_store_interrupted_while_it_opens_removes_the_file_it_created_and_no_other(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C inside FileStore() (here: while it maps the file) left an empty staging

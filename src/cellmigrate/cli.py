@@ -110,6 +110,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # argparse drops a failed write of --help or --version (exit 0 with nothing
+        # written to a full disk); the help and version go through _print like the rest.
+        if message:
+            if file is None or file is sys.stdout:
+                _print(message, end="")
+            else:
+                try:
+                    file.write(message)
+                except OSError:
+                    pass  # stderr itself is gone: nothing is left to tell
+
 
 def _size_arg(text: str) -> int:
     try:
@@ -378,17 +390,45 @@ def _one_line(text: str) -> str:
     return _NOT_ONE_LINE.sub(" ", text)
 
 
+class StdoutError(Exception):
+    """Writing the results to stdout failed (not a reader that went away: that is
+    ``BrokenPipeError``, exit 141); the text is the OS error's."""
+
+
+def _print(text: str, file: Optional[IO[str]] = None, flush: bool = False, end: str = "\n") -> None:
+    """``print`` that tells a failure to write stdout (a full disk, /dev/full) from the
+    command's own I/O errors."""
+    stream = file or sys.stdout
+    try:
+        print(text, file=stream, flush=flush, end=end)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if stream is not sys.stdout:
+            raise
+        raise StdoutError(exc.strerror or str(exc)) from None
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise StdoutError(exc.strerror or str(exc)) from None
+
+
 def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) -> None:
     """Print a result line (made one line, see :func:`_one_line`) unless --quiet."""
     if not args.quiet:
-        print(_one_line(text), file=file or sys.stdout)
+        _print(_one_line(text), file)
 
 
 def _print_json(obj: Any, file: Optional[IO[str]] = None, flush: bool = False, compact: bool = False) -> None:
     """Print ``obj`` as standard JSON (:func:`~cellmigrate._jsontext.json_text`: a
     non-finite float is ``null``), the one way every ``--json`` output is written;
     ``compact``: on one line (a JSON Lines record)."""
-    print(json_text(obj, indent=None if compact else 2), file=file or sys.stdout, flush=flush)
+    _print(json_text(obj, indent=None if compact else 2), file, flush)
 
 
 def _open_state(path: str, *, private: bool = False) -> StateFile:
@@ -773,7 +813,7 @@ def _cmd_checksum(args: argparse.Namespace) -> int:
                      "keyed": key is not None, "value": text})
     else:
         # The value is the command's result: printed even with --quiet.
-        print(text)
+        _print(text)
     return EXIT_OK
 
 
@@ -838,6 +878,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
             raise  # '-o - | head': the reader went away (main() ends quietly, 141)
         except OSError as exc:
             raise _os_error(args.output, exc) from None
+    if not output.stream:
+        args.done = f"{args.output!r} is written"  # a failure from here on (stdout) says so
     elapsed = time.perf_counter() - started
     wire_size = delta.wire_size
 
@@ -1029,6 +1071,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             raise  # '-o - | head': the reader went away (main() ends quietly, 141)
         except OSError as exc:
             raise _os_error(dest_name, exc) from None
+        if args.output != STREAM:
+            args.done = f"{dest_name!r} holds the result, verified"  # see _main
         elapsed = time.perf_counter() - started
         if recovered is not None:
             print(_one_line(f"{PROG}: note: {recovered.describe()}"), file=sys.stderr)
@@ -1098,6 +1142,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot open {args.base!r}: {exc.strerror or exc}") from None
+    args.done = f"{args.base!r} is recovered"
     _out(args, done.describe())
     return EXIT_OK
 
@@ -1207,7 +1252,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, usage errors
-        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        code = exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        return _flushed(PROG, code)
+    except StdoutError as exc:  # --help or --version into a full disk
+        _error(PROG, f"cannot write to stdout: {exc}")
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return _flushed(PROG, EXIT_BROKEN_PIPE)
     if not hasattr(args, "quiet"):
         args.quiet = False
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -1215,7 +1266,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         # SIGTERM/SIGHUP raise like SIGINT, so temporary files are removed on the way out.
         with signals_raise():
-            return handler(args)
+            code = handler(args)
+            # What stdout holds is written here, not at exit, where a failure (a full
+            # disk, /dev/full) would be lost: it is reported like any other.
+            _flush_stdout()
+            return code
+    except StdoutError as exc:
+        # After committed work (args.done), say both, so nobody takes the failure for
+        # "nothing changed" and runs the command again.
+        done = getattr(args, "done", None)
+        _error(prefix, f"{done + ', but ' if done else ''}cannot write to stdout: {exc}")
+        return EXIT_ERROR
     except CliError as exc:
         _error(prefix, str(exc))
         return exc.code
@@ -1245,11 +1306,36 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except MemoryError:
         _error(prefix, "out of memory")
         return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, no traceback
-        if os.environ.get("CELLMIGRATE_DEBUG"):
-            traceback.print_exc()
-        _error(prefix, f"unexpected error: {type(exc).__name__}: {exc} (set CELLMIGRATE_DEBUG=1 for a traceback)")
+    except OSError as exc:
+        done = getattr(args, "done", None)
+        if done is None:
+            return _unexpected(prefix, exc)
+        _error(prefix, f"{done}, but then: {exc.strerror or exc}")  # as for StdoutError
         return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, no traceback
+        return _unexpected(prefix, exc)
+
+
+def _unexpected(prefix: str, exc: BaseException) -> int:
+    if os.environ.get("CELLMIGRATE_DEBUG"):
+        traceback.print_exception(exc)
+    _error(prefix, f"unexpected error: {type(exc).__name__}: {exc} (set CELLMIGRATE_DEBUG=1 for a traceback)")
+    return EXIT_ERROR
+
+
+def _flushed(prefix: str, code: int) -> int:
+    """Flush stdout (the help, the version) and return ``code``, or the status of the
+    failure: 141 for a reader that went away, 2 with one line for any other."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        _error(prefix, f"cannot write to stdout: {exc.strerror or exc}")
+        return EXIT_ERROR
+    return code
 
 
 def _error(prefix: str, message: str, stream: Optional[IO[str]] = None) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._buffers import as_bytes_view
 from .._types import BufferLike
-from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _print_json  # one-line results whatever a file name holds; standard JSON
+from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _print, _print_json  # one-line results whatever a file name holds; standard JSON
 from ..errors import CellError, StateChangedError
 from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
@@ -429,6 +429,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         reported: Optional[LiveReceiver] = None
         try:
             while True:
+                args.done = None  # set once this migration is reported (see _report_received)
                 if store is None:
                     store = _open_store(staging, args.state_file)
                 target = FileTarget(store, args.state_file, args.resume_cmd, timeout=args.timeout)
@@ -554,6 +555,8 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver) -> None:
     assert s.offer is not None
     size = os.stat(args.state_file).st_size
     out = sys.stderr if args.stdio else sys.stdout  # with --stdio, stdout is the protocol's
+    # A report that cannot be written (stdout on a full disk) says this first (cli._main).
+    args.done = f"{args.state_file!r} holds the migrated state, proven"
     if args.json:
         # --keep-listening: JSON Lines, one compact object a migration.
         _print_json({
@@ -566,8 +569,8 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver) -> None:
             "audit": [e.to_dict() for e in s.validator.audit_log],
         }, file=out, flush=True, compact=args.keep_listening)
     elif not args.quiet:
-        print(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
-                        f"({s.bytes_received} page bytes), proven equal to the sender's state"), file=out, flush=True)
+        _print(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
+                         f"({s.bytes_received} page bytes), proven equal to the sender's state"), out, flush=True)
 
 
 # -- send --------------------------------------------------------------------------------
@@ -697,13 +700,14 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
     finally:
         if bar is not None:
             bar.close()
+    args.done = f"{args.state_file!r} is migrated, proven equal on the receiver"  # see cli._main
     if args.json:
         out: Any = summary.to_dict()
         out["reconnects"] = channel.reconnects
         _print_json(out, flush=True)
     elif not args.quiet:
-        print(_one_line(f"sent {args.state_file}: {plural(summary.state_size, 'byte')} in {plural(len(summary.rounds), 'round')}, "
-                        f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
-                        f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
-                        f"(xxh3_128_tree {summary.digest.hex()})"), flush=True)
+        _print(_one_line(f"sent {args.state_file}: {plural(summary.state_size, 'byte')} in {plural(len(summary.rounds), 'round')}, "
+                         f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
+                         f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
+                         f"(xxh3_128_tree {summary.digest.hex()})"), flush=True)
     return 0
