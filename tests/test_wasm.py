@@ -465,6 +465,78 @@ def test_step_timeout_interrupts_a_runaway_step_and_spares_the_others() -> None:
         WasmAgent(SPIN_WAT, step_timeout=0)
 
 
+#: Every way a module's code runs while WasmAgent() constructs it, each spinning forever.
+RUNAWAY_AT_CONSTRUCTION = {
+    "step(0)": ("(module (memory (export \"memory\") 1)"
+                " (func (export \"step\") (param i32) (result i64) (loop (br 0)) i64.const 0))"),
+    "start function": ("(module (memory (export \"memory\") 1) (func $spin (loop (br 0))) (start $spin)"
+                       " (func (export \"step\") (param i32) (result i64) i64.const 0))"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(RUNAWAY_AT_CONSTRUCTION))
+def test_step_timeout_bounds_the_module_code_the_constructor_runs(where: str) -> None:
+    """The constructor ran step(0) (and instantiation the start function) without the
+    deadline, so a runaway module hung WasmAgent() forever. Run in a child process: a
+    regression is a timeout here, not a hung test session."""
+    code = (
+        "import sys, time\n"
+        "from cellmigrate import ExecutionFailedError\n"
+        "from cellmigrate.wasm import WasmAgent\n"
+        "began = time.monotonic()\n"
+        "try:\n"
+        "    WasmAgent(sys.argv[1], step_timeout=0.2)\n"
+        "except ExecutionFailedError as exc:\n"
+        "    print(f'{time.monotonic() - began:.3f}', exc)\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, RUNAWAY_AT_CONSTRUCTION[where]],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"WasmAgent() hung in the module's {where} despite step_timeout=0.2")
+    assert proc.returncode == 0, proc.stderr
+    took, message = proc.stdout.strip().split(" ", 1)
+    assert float(took) < 20, took
+    assert message.startswith("Agent execution failed: wasm ") and message.count("Agent execution failed") == 1
+    assert "interrupted: it ran longer than step_timeout (0.2 s)" in message, message
+
+
+def test_a_runner_failure_is_reported_once_prefixed() -> None:
+    """pause() and wait() wrapped the runner's ExecutionFailedError in another one and
+    the class's prefix read twice ("Agent execution failed: the wasm agent failed:
+    Agent execution failed: wasm step interrupted ...")."""
+    runaway = WasmAgent(SPIN_WAT, step_timeout=0.2)
+    runaway.start()
+    with pytest.raises(ExecutionFailedError) as waited:
+        runaway.wait(30)
+    with pytest.raises(ExecutionFailedError) as paused:
+        runaway.pause()
+    expected = "Agent execution failed: wasm step interrupted: it ran longer than step_timeout (0.2 s)"
+    assert str(paused.value) == str(waited.value) == expected
+    trapped = WasmAgent(SLOW_WAT.format(trap_at=1), batch=1)
+    trapped.start()
+    with pytest.raises(ExecutionFailedError) as waited:
+        trapped.wait(30)
+    assert str(waited.value).startswith("Agent execution failed: wasm step trapped: ")
+    assert str(waited.value).count("Agent execution failed") == 1
+
+
+@pytest.mark.parametrize("module", ["", "   ", " \n\t", b"", b" \n", bytearray(), memoryview(b"")])
+def test_an_empty_module_is_refused_plainly(module: object) -> None:
+    """"" was taken for the path "." ("cannot read the wasm module '.': Is a directory")."""
+    with pytest.raises(InvalidStateError) as refused:
+        WasmAgent(module)  # type: ignore[arg-type]
+    assert str(refused.value) == "Invalid state: the wasm module is empty"
+
+
+def test_an_empty_module_file_is_refused_plainly(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wat"
+    empty.write_bytes(b"\n")
+    for source in (empty, str(empty)):
+        with pytest.raises(InvalidStateError, match=r"^Invalid state: the wasm module file '.*empty\.wat' is empty$"):
+            WasmAgent(source)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- migration by hand
 
 def test_migration_while_running_matches_a_reference_run() -> None:

@@ -43,6 +43,7 @@ This module is an optional integration: nothing in the core imports it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -53,7 +54,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -286,16 +287,24 @@ def _module_binary(module: _ModuleSource) -> bytes:
     comment)."""
     if module is None:
         module = mutator_wat()
+    if isinstance(module, str) and not module.strip():
+        # Taken as a path, "" would be "." and fail as "Is a directory".
+        raise InvalidStateError("the wasm module is empty")
     if isinstance(module, str) and not module.lstrip().startswith(("(", ";;")):
         module = Path(module)
     if isinstance(module, os.PathLike):
+        path = os.fspath(module)
         try:
             with open(module, "rb") as f:
                 module = f.read()
         except OSError as exc:
-            raise InvalidStateError(f"cannot read the wasm module {os.fspath(module)!r}: {exc}") from None
+            raise InvalidStateError(f"cannot read the wasm module {path!r}: {exc}") from None
+        if not module.strip():
+            raise InvalidStateError(f"the wasm module file {path!r} is empty")
     if isinstance(module, (bytes, bytearray, memoryview)):
         raw = bytes(module)
+        if not raw.strip():
+            raise InvalidStateError("the wasm module is empty")
         if raw.startswith(b"\0asm"):
             return raw
         try:
@@ -320,6 +329,14 @@ def _kind(valtype: "wasmtime.ValType") -> Optional[str]:
     return None
 
 
+def _failure(error: BaseException) -> ExecutionFailedError:
+    """The error :meth:`WasmAgent.pause` and :meth:`WasmAgent.wait` report for the runner's ``error``."""
+    if isinstance(error, ExecutionFailedError):
+        # Its text already carries the class's prefix: wrapping str(error) would repeat it.
+        return ExecutionFailedError(error.message)
+    return ExecutionFailedError(f"the wasm agent failed: {error}")
+
+
 # --- the agent -------------------------------------------------------------------------
 
 class WasmAgent:
@@ -335,10 +352,13 @@ class WasmAgent:
     iterations in total have run (the last batch is shortened to land on it exactly).
     ``step_timeout``: seconds one ``step`` call may run (to within 10 ms) before it is
     interrupted (wasmtime epoch interruption) and fails with ``ExecutionFailedError``, so a
-    runaway module cannot make :meth:`pause` wait forever (``None``: no limit).
+    runaway module cannot make :meth:`pause` wait forever (``None``: no limit). The same
+    bound holds for every other run of the module's code: its start function when it is
+    instantiated and the ``step(0)`` the constructor makes, which raise
+    ``ExecutionFailedError`` from the constructor when they overrun it.
 
-    Raises ``InvalidStateError`` when the module does not compile or instantiate (it may
-    import nothing), lacks the ``memory``/``step`` exports or ``step`` has the wrong type,
+    Raises ``InvalidStateError`` when the module is empty, does not compile or instantiate (it
+    may import nothing), lacks the ``memory``/``step`` exports or ``step`` has the wrong type,
     or has a mutable exported global of a kind that cannot be migrated (v128, references);
     ``ValueError`` for a ``batch`` below 1, a ``rate`` or ``step_timeout`` not above 0, or a
     negative ``stop_at``.
@@ -374,7 +394,9 @@ class WasmAgent:
         self._store.set_epoch_deadline(_NO_DEADLINE)
         try:
             compiled = wasmtime.Module(engine, self.wasm_binary)
-            instance = wasmtime.Instance(self._store, compiled, [])
+            # Instantiating runs the module's start function, if it has one.
+            with self._deadline("wasm start function"):
+                instance = wasmtime.Instance(self._store, compiled, [])
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             raise InvalidStateError(f"the wasm module does not instantiate: {_first_line(exc)}") from None
         exports = instance.exports(self._store)
@@ -424,11 +446,30 @@ class WasmAgent:
         self._len = 0
         with self._store_lock:
             try:
-                self._steps = int(self._step(self._store, 0))
+                with self._deadline("wasm step(0)"):
+                    self._steps = int(self._step(self._store, 0))
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
                 raise InvalidStateError(f"the wasm module's step(0) must run no iteration, but it trapped: "
                                         f"{_first_line(exc)}") from None
             self._refresh()
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Bound a call into the module's code by ``step_timeout``. Store lock held (or the
+        store not yet shared). An overrun becomes ``ExecutionFailedError`` naming ``what``;
+        other traps pass through for the caller to describe."""
+        if self.step_timeout is None:
+            yield
+            return
+        self._store.set_epoch_deadline(1 + math.ceil(self.step_timeout / _TICK))
+        try:
+            with _ticker:
+                yield
+        except wasmtime.Trap as exc:
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise ExecutionFailedError(f"{what} interrupted: it ran longer than step_timeout "
+                                           f"({self.step_timeout:g} s)") from exc
+            raise
 
     # ------------------------------------------------------------------ memory
     def _refresh(self) -> None:
@@ -605,18 +646,9 @@ class WasmAgent:
     def _call_step(self, n: int) -> int:
         """One ``step(n)`` call; store lock held by the caller. Traps become ExecutionFailedError."""
         try:
-            if self.step_timeout is None:
+            with self._deadline("wasm step"):
                 total = int(self._step(self._store, n))
-            else:
-                self._store.set_epoch_deadline(1 + math.ceil(self.step_timeout / _TICK))
-                with _ticker:
-                    total = int(self._step(self._store, n))
-        except wasmtime.Trap as exc:
-            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
-                raise ExecutionFailedError(f"wasm step interrupted: it ran longer than step_timeout "
-                                           f"({self.step_timeout:g} s)") from exc
-            raise ExecutionFailedError(f"wasm step trapped: {_first_line(exc)}") from exc
-        except wasmtime.WasmtimeError as exc:
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             raise ExecutionFailedError(f"wasm step trapped: {_first_line(exc)}") from exc
         finally:
             self._refresh()
@@ -709,7 +741,7 @@ class WasmAgent:
                 self._cond.wait()
             error = self._error
         if error is not None:
-            raise ExecutionFailedError(f"the wasm agent failed: {error}") from error
+            raise _failure(error) from error
 
     def resume(self) -> None:
         """Continue stepping after :meth:`pause`; starts the runner when it is not running,
@@ -741,7 +773,7 @@ class WasmAgent:
                 raise TimeoutError(f"the wasm agent is still running after {timeout} s (at {self.steps} iterations)")
         error = self.error
         if error is not None:
-            raise ExecutionFailedError(f"the wasm agent failed: {error}") from error
+            raise _failure(error) from error
         return self.steps
 
     def stop(self, timeout: Optional[float] = 10.0) -> None:
