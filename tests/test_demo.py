@@ -167,3 +167,71 @@ def test_demo_fails_cleanly_when_the_live_migration_fails(monkeypatch: pytest.Mo
     out = io.StringIO()
     assert run_demo(size=8 * PAGE_SIZE, stream=out) == 1
     assert "step raised ExecutionFailedError: Agent execution failed: globals unreadable" in out.getvalue()
+
+
+# -- the memory check before the demo allocates anything ---------------------------------
+
+
+def _fake_meminfo(tmp_path: Any, available_kib: Optional[int]) -> str:
+    path = tmp_path / "meminfo"
+    lines = ["MemTotal:       25165824 kB", "MemFree:          102400 kB"]
+    if available_kib is not None:
+        lines.append(f"MemAvailable:   {available_kib:>8} kB")
+    path.write_text("\n".join(lines + ["Buffers:            2048 kB", ""]))
+    return str(path)
+
+
+def test_demo_refuses_a_size_it_has_no_memory_for_before_allocating(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    """Linux overcommits: the demo was only refused on MemoryError, which never came, and
+    `demo --size 10GiB` grew to 17.7 GiB before it was killed. The size is checked against
+    MemAvailable first (here 100 MiB: a 64 MiB demo needs about 192 MiB)."""
+    from cellmigrate.cli import main
+
+    monkeypatch.setattr(demo_mod, "_MEMINFO", _fake_meminfo(tmp_path, 100 << 10), raising=False)
+    monkeypatch.setattr(demo_mod, "synthetic_state", lambda size, seed: pytest.fail("allocated the state"))
+    assert main(["demo", "--size", "64MiB"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("cellmigrate demo: error: not enough memory for a 64 MiB state (it needs about 3x that, "
+                            "192 MiB; 100 MiB available); try --size 32MiB\n")
+
+
+def test_demo_memory_check_from_the_command_line(tmp_path: Any) -> None:
+    """The user's case, as a process: `demo --size 10GiB` where about 20 GiB is available.
+    Its address space is capped, so a demo that skipped the check fails fast (MemoryError)
+    instead of taking the machine's memory."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
+        "from cellmigrate import demo\n"
+        "demo._MEMINFO = sys.argv[1]\n"
+        "from cellmigrate.cli import main\n"
+        "raise SystemExit(main(['demo', '--size', '10GiB']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, _fake_meminfo(tmp_path, 20 << 20)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == ("cellmigrate demo: error: not enough memory for a 10 GiB state (it needs about 3x that, "
+                           "30 GiB; 20 GiB available); try --size 64MiB\n")
+
+
+@pytest.mark.parametrize("available_kib", [None, 1 << 20])
+def test_demo_runs_when_the_memory_suffices_or_is_unknown(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], tmp_path: Any,
+                                                          available_kib: Optional[int]) -> None:
+    monkeypatch.setattr(demo_mod, "_MEMINFO", _fake_meminfo(tmp_path, available_kib))
+    assert run_demo(size=16 * PAGE_SIZE, quiet=True) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_available_memory_reads_memavailable(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo_mod, "_MEMINFO", _fake_meminfo(tmp_path, 123456))
+    assert demo_mod._available_memory() == 123456 * 1024
+    monkeypatch.setattr(demo_mod, "_MEMINFO", _fake_meminfo(tmp_path, None))
+    assert demo_mod._available_memory() is None
+    if sys.platform.startswith("linux"):
+        monkeypatch.setattr(demo_mod, "_MEMINFO", "/proc/meminfo")
+        real = demo_mod._available_memory()
+        assert real is not None and real > 0

@@ -77,6 +77,13 @@ WIRE_CHUNK = 1 << 20
 #: pace (iterations per second; one 8-byte write each) and how long it runs before the
 #: migration starts (seconds), and the bound on every wait of that part (seconds).
 WASM_TOTAL_STEPS, WASM_RATE, WASM_WARMUP, WASM_TIMEOUT = 250_000, 40_000, 0.3, 60.0
+#: Copies of the state the demo holds at once (node A, node B, the rollback point...):
+#: it needs about this many times ``size`` in RAM.
+MEMORY_FACTOR = 3
+#: Where Linux says how much memory new allocations can get (MemAvailable).
+_MEMINFO = "/proc/meminfo"
+#: The size the refusal suggests when it fits.
+_SUGGESTED_SIZE = 64 << 20
 
 T = TypeVar("T")
 
@@ -141,6 +148,46 @@ def mutate_pages(state: bytearray, fraction: float, seed: int) -> List[int]:
         arr[offset:offset + length] ^= rng.integers(1, 256, size=length, dtype=np.uint8)
     del arr
     return [int(i) for i in chosen]
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of RAM new allocations can get without swapping, or ``None`` when unknown.
+
+    Linux: ``MemAvailable`` of ``/proc/meminfo`` (free memory plus the caches the kernel
+    can drop). Elsewhere the free physical pages, where ``os.sysconf`` reports them.
+    """
+    try:
+        with open(_MEMINFO, "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    fields = line.split()
+                    unit = fields[2].lower() if len(fields) > 2 else b"b"
+                    return int(fields[1]) * (1024 if unit == b"kb" else 1)
+        return None  # a kernel before 3.14: no estimate, no check
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _memory_refusal(size: int) -> Optional[str]:
+    """Why a demo of ``size`` bytes must not start here, or ``None`` when it may."""
+    # Linux overcommits: the allocations succeed and the demo is killed part way (or
+    # the machine swaps to a halt) instead of MemoryError, so look before allocating.
+    available = _available_memory()
+    need = MEMORY_FACTOR * size
+    if available is None or need <= available:
+        return None
+    suggestion = _SUGGESTED_SIZE
+    while suggestion > 1 << 20 and MEMORY_FACTOR * suggestion > available:
+        suggestion >>= 1
+    hint = f"; try --size {suggestion >> 20}MiB" if MEMORY_FACTOR * suggestion <= available else ""
+    return (f"not enough memory for a {format_size(size)} state (it needs about {MEMORY_FACTOR}x that, "
+            f"{format_size(need)}; {format_size(available)} available){hint}")
 
 
 def _host_architecture() -> Optional[str]:
@@ -512,6 +559,10 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
     if size < PAGE_SIZE:
         print(f"cellmigrate demo: error: --size must be at least {PAGE_SIZE} bytes, got {size}", file=sys.stderr)
         return 2
+    refusal = _memory_refusal(size)
+    if refusal is not None:
+        print(f"cellmigrate demo: error: {refusal}", file=sys.stderr)
+        return 2
     report = _Report(quiet=quiet, stream=out)
     started = time.perf_counter()
     try:
@@ -520,7 +571,7 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
         raise  # the reader went away (`| head`): the CLI handles it, not a failed step
     except MemoryError:
         print(f"cellmigrate demo: error: not enough memory for a {format_size(size)} state "
-              f"(it needs about 3x that); try --size 64MiB", file=sys.stderr)
+              f"(it needs about {MEMORY_FACTOR}x that); try --size 64MiB", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - report any broken step as a failed demo
         report.failures.append(f"step raised {type(exc).__name__}: {exc}")
