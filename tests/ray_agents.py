@@ -158,3 +158,11 @@ class CorruptedWriter(_WriterBase):
 
     def corruption(self) -> Dict[str, int]:
         return dict(CorruptingChannel.corrupted)
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class RefusingWriter(_WriterBase):
+    """An agent whose new actor cannot take the migrated state."""
+
+    def cellmigrate_adopt(self, state: np.ndarray, extra: bytes) -> None:
+        raise ValueError("nope")

@@ -481,6 +481,28 @@ def test_bad_target_node_is_refused_and_source_untouched(cluster: SimpleNamespac
     ray.kill(source)
 
 
+def test_a_target_that_cannot_adopt_fails_the_migration_with_one_prefix(
+        cluster: SimpleNamespace, agents: Any, fleet: Any) -> None:
+    """The source actor reported a CellError as str(exc), prefix included, and the driver
+    rebuilt it from that text: "Migration failed: Migration failed: target could not
+    adopt the state: nope"."""
+    from cellmigrate import MigrationFailedError
+    from cellmigrate.ray import migrate
+
+    ray = cluster.ray
+    source = agents.RefusingWriter.options(scheduling_strategy=_on(cluster.a)).remote(64 * 1024, 6)
+    ray.get(source.run.remote(500.0), timeout=30)
+    with pytest.raises(MigrationFailedError) as failed:
+        migrate(source, cluster.b, audit=fleet, timeout=30)
+    assert str(failed.value) == "Migration failed: target could not adopt the state: nope"
+    details = [d for _, d, ok in _events(fleet, fleet.log.get_failures()[-1].migration_id) if not ok]
+    assert any(d.endswith("MigrationFailedError: target could not adopt the state: nope") for d in details), details
+    n = ray.get(source.step_count.remote(), timeout=30)
+    assert _wait_steps(ray, source, n + 50) >= n + 50  # the source runs on
+    _assert_replays(agents, 64 * 1024, 6, ray.get(source.stop.remote(), timeout=30))
+    ray.kill(source)
+
+
 # --------------------------------------------------------------------------------------
 # The README's example, as a user runs it (its own cluster, in its own process)
 # --------------------------------------------------------------------------------------
@@ -532,6 +554,35 @@ def test_remote_errors_keep_their_class_or_the_nearest_one_built_from_a_message(
                              error_type="DeclaredSizeError", error="over the limit")
     with pytest.raises(CorruptDataError, match="over the limit"):
         failed.raise_for_error()
+
+
+@pytest.mark.parametrize("raised, bare, reported", [
+    ("MigrationFailedError", "target could not adopt the state: nope",
+     "Migration failed: target could not adopt the state: nope"),
+    ("PeerTimeoutError", "commit: no answer from the target actor in time",
+     "Migration failed: commit: no answer from the target actor in time"),
+    ("InvalidStateError", "agent extra is 9 bytes; the limit is 8", "Invalid state: agent extra is 9 bytes; the limit is 8"),
+    ("CorruptDataError", "chunk 3: unknown page encoding 9", "chunk 3: unknown page encoding 9"),
+])
+def test_a_failed_send_reports_a_cell_error_by_its_bare_message(raised: str, bare: str, reported: str) -> None:
+    """What the source actor reports travels as (class name, text) and is rebuilt by
+    class, which adds the class's prefix: the text must not carry it already."""
+    from cellmigrate.ray.actor import _Sender
+    from cellmigrate.ray.channel import error_class
+    from cellmigrate.ray.migrate import MigrationResult
+
+    class Source:
+        def cellmigrate_channel(self, target: Any, **settings: Any) -> Any:
+            raise error_class(raised)(bare)
+
+    sender = _Sender(Source(), None, {"timeout": 5, "max_bytes_in_flight": 1, "target_options": {}})  # type: ignore[arg-type]
+    sender._run()
+    assert sender.error == (raised, bare)
+    failed = MigrationResult(index=0, ok=False, actor=None, source_node="a", target_node="b",
+                             error_type=sender.error[0], error=sender.error[1])
+    with pytest.raises(error_class(raised)) as again:
+        failed.raise_for_error()
+    assert str(again.value) == reported
 
 
 @pytest.mark.parametrize("error", ["unavailable", "died"])

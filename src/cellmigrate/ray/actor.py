@@ -453,7 +453,10 @@ class _Sender:
             self.summary["migration_id"] = summary.migration_id
             self.summary["agent_id"] = summary.agent_id
         except BaseException as exc:  # reported to the driver through poll
-            self.error = (type(exc).__name__, str(exc) or type(exc).__name__)
+            # The driver rebuilds the error from its class name and this text, and the
+            # class adds its prefix again: a CellError travels as its bare message.
+            text = exc.message if isinstance(exc, CellError) else str(exc)
+            self.error = (type(exc).__name__, text or type(exc).__name__)
             if isinstance(exc, CellError) and not isinstance(exc, OutcomeUnknownError) and self.paused:
                 # LiveMigration resumes the source on failure; if that step itself failed
                 # (e.g. its audit write raised), the agent must still not stay stopped.
