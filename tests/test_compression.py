@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 import lz4.block
+import numpy as np
 import pytest
 import zstandard
 from hypothesis import given, settings
@@ -18,8 +20,10 @@ from cellmigrate import (
     adaptive_compress,
     adaptive_compress_aggressive,
     adaptive_decompress,
+    dirty_pages,
     lz4_compress,
     lz4_decompress,
+    simple_checksum,
     simple_compress,
     simple_decompress,
     zstd_compress,
@@ -191,3 +195,29 @@ def test_adaptive_decompress_rejects_unknown_methods_and_bounds_output() -> None
     payload, method = adaptive_compress(bytes(100_000))
     with pytest.raises(CorruptDataError):
         adaptive_decompress(payload, method, max_output=99_999)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: adaptive_decompress(b"", 0.0),  # an IntEnum lookup by hash took 0.0 for RLE
+    lambda: adaptive_decompress(b"", False),
+    lambda: adaptive_decompress(b"", "0"),
+    lambda: simple_checksum(b"a", offset=1.5),  # "unsupported operand type(s) for &"
+    lambda: simple_checksum(b"a", offset=0.0),  # the small-input fast path took it
+    lambda: simple_checksum(b"a", offset=True),
+], ids=["method 0.0", "method False", "method '0'", "offset 1.5", "offset 0.0", "offset True"])
+def test_numbers_of_the_wrong_type_are_refused_by_name(call: Any) -> None:
+    with pytest.raises(TypeError, match=r"^(method|offset) must be"):
+        call()
+
+
+def test_integer_like_arguments_still_work() -> None:
+    assert simple_checksum(b"\x03", offset=np.int64(2)) == simple_checksum(b"\x03", offset=2) == 9
+    assert adaptive_decompress(adaptive_compress(b"abc" * 50)[0], np.uint8(0)) == b"abc" * 50
+
+
+def test_a_page_size_past_the_kernels_range_is_a_value_error() -> None:
+    """dirty_pages(a, b, 2**63) raised a bare OverflowError from the C conversion."""
+    for size in (2**63, 2**64 + 5):
+        with pytest.raises(ValueError, match="page_size must be in 1 .. 2"):
+            dirty_pages(b"ab", b"ab", size)
+    assert dirty_pages(b"ab", b"ac", 2**62).tolist() == [0]

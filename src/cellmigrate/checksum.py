@@ -7,6 +7,8 @@ keyed, the MAC that authenticates a delta.
 
 from __future__ import annotations
 
+import operator
+
 import os
 from typing import Any, List, Optional, Sequence, cast
 
@@ -60,6 +62,12 @@ _FLAT = (bytes, bytearray)
 
 
 def _check_offset(offset: int) -> int:
+    if isinstance(offset, bool):
+        raise TypeError("offset must be an int, not bool")
+    try:
+        offset = operator.index(offset)  # an int or a numpy integer, not a float
+    except TypeError:
+        raise TypeError(f"offset must be an int, not {type(offset).__name__}") from None
     if offset < 0:
         raise ValueError("offset must be >= 0")
     return offset & _MASK64
@@ -79,7 +87,7 @@ def simple_checksum(data: BufferLike, *, offset: int = 0, threads: Optional[int]
     9
     """
     # (``type(...) in`` does not narrow for mypy; the ignore keeps this path free of a cast call.)
-    if threads is None and offset == 0 and type(data) in _FLAT and len(data) < PARALLEL_MIN_BYTES:  # type: ignore[arg-type]
+    if threads is None and type(offset) is int and offset == 0 and type(data) in _FLAT and len(data) < PARALLEL_MIN_BYTES:  # type: ignore[arg-type]
         # Fast path for small calls (4 KiB pages): bytes/bytearray are flat and
         # contiguous by construction, so the kernel can take them directly.
         result: int = kernels.checksum(data)

@@ -46,9 +46,13 @@ def _small_flat(a: BufferLike, b: BufferLike, threads: Optional[int]) -> bool:
 def _page_size(page_size: int) -> int:
     if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)):
         raise TypeError(f"page_size must be an int, not {type(page_size).__name__}")
-    if page_size <= 0:
-        raise ValueError("page_size must be positive")
+    if not 0 < page_size <= _MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be in 1 .. 2**62, got {page_size}")
     return int(page_size)
+
+
+#: Beyond any state (and the kernels' signed sizes): larger only overflowed in C.
+_MAX_PAGE_SIZE = 1 << 62
 
 
 def first_difference(a: BufferLike, b: BufferLike, *, threads: Optional[int] = None) -> Optional[int]:

@@ -12,6 +12,7 @@ functions simply do not try that method for it.
 from __future__ import annotations
 
 import enum
+import operator
 import struct
 import threading
 from typing import Optional, Tuple, Union
@@ -265,7 +266,10 @@ def adaptive_decompress(
     payload: BufferLike, method: Union[CompressionMethod, int], *, max_output: Optional[int] = None
 ) -> bytes:
     """Decode ``payload`` written with ``method`` (an unknown id raises ``ValueError``)."""
-    method = CompressionMethod(method)
+    # IntEnum looks values up by hash: 0.0 or False would pass for RLE.
+    if isinstance(method, bool) or not hasattr(method, "__index__"):
+        raise TypeError(f"method must be a CompressionMethod or its int id, not {type(method).__name__}")
+    method = CompressionMethod(operator.index(method))
     if method is CompressionMethod.RLE:
         return simple_decompress(payload, max_output=max_output)
     if method is CompressionMethod.LZ4:
