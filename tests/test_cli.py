@@ -494,6 +494,18 @@ def test_bench_json_has_every_row(tmp_path: Path) -> None:
     assert run("bench", "--size", "100").returncode == 2
 
 
+def test_bench_rows_say_what_they_measured() -> None:
+    """At a size that is no whole number of pages, the numpy dirty-page peer measured the
+    whole pages only (4096 of 4097 bytes) and the compression rows said "4 MiB" of a
+    4097-byte sample."""
+    proc = run("bench", "--size", "12289", "--min-time", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    scans = [r for r in rows if r["operation"].startswith("dirty pages")]
+    assert {r["nbytes"] for r in scans} == {12289} and len(scans) == 2
+    assert {r["operation"] for r in rows if "compress" in r["operation"]} == {"compress (12 KiB mixed)"}
+
+
 @pytest.mark.parametrize("text,expected", [
     ("4096", 4096), ("0", 0), ("256MiB", 256 << 20), ("1GiB", 1 << 30), ("1gib", 1 << 30), ("4 KiB", 4096),
     ("2K", 2048), ("3M", 3 << 20), ("1.5KiB", 1536), ("2GB", 2_000_000_000), ("10kB", 10_000), ("7B", 7),
