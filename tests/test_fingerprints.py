@@ -250,6 +250,9 @@ def test_fingerprints_refuse_bad_input_and_a_failed_create_leaves_the_table() ->
         DeltaSnapshot.create(AGENT, old[:PAGE], old[:PAGE], 1, 2, fingerprints=table)
     with pytest.raises(TypeError, match="PageFingerprints"):
         DeltaSnapshot.create(AGENT, old, old, 1, 2, fingerprints=table.values)  # type: ignore[arg-type]
+    # old_state=None (zeros) with a table: "the states have 0 and 12288 bytes" before
+    with pytest.raises(ValueError, match="fingerprints describe old_state: pass the state they were taken of"):
+        DeltaSnapshot.create(AGENT, None, old, 1, 2, fingerprints=table)
     new = old.copy()
     new[PAGE] = 1
     kept = table.copy()

@@ -231,7 +231,8 @@ class DeltaSnapshot:
         exactly and applies to its base; a page written after it was read is not in it.
 
         ``fingerprints`` (:class:`~cellmigrate.PageFingerprints` of ``old_state``, of the
-        states' one size; ``InvalidStateError`` otherwise): with the default digest,
+        states' one size; ``InvalidStateError`` otherwise, and ``ValueError`` with
+        ``old_state=None``: a table needs the state it describes): with the default digest,
         create then reads ``new_state`` once and ``old_state`` only under the pages whose
         fingerprint changed (half the memory traffic of comparing both); on success it
         updates the table to the state the delta describes, the next round's base. A page
@@ -249,6 +250,9 @@ class DeltaSnapshot:
         report = byte_reporter(progress, agent, ProgressEventKind.CAPTURING_STATE)
         if fingerprints is not None and not isinstance(fingerprints, PageFingerprints):
             raise TypeError(f"fingerprints must be a PageFingerprints, not {type(fingerprints).__name__}")
+        if fingerprints is not None and old_state is None:
+            # Reported as "the states have 0 and N bytes" before: say what is missing.
+            raise ValueError("fingerprints describe old_state: pass the state they were taken of, not None")
         delta, _ = cls._create_checked(
             agent, old_state, new_state, base_sequence, sequence, digest, key, report, resize=resize,
             compress=compress, fingerprints=fingerprints,
