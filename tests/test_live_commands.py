@@ -373,3 +373,26 @@ def test_an_exec_receiver_that_never_answers_is_stopped_with_what_it_started(tmp
     done = send(str(src), f"exec:sleep {marker}; true", "--timeout", "2", timeout=120)
     assert done.returncode == 2 and "sent nothing for 2 s" in done.stderr, done.stderr
     assert not _running_with(marker)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_stopped_command_is_reported_stopped_only_once_its_processes_are_dead() -> None:
+    """kill() only queues SIGKILL: under load the exec receiver's grandchild (the shell's
+    sleep) was still running when send returned (a flaky assertion in the test above).
+    stop_command now waits, bounded, until each killed descendant is dead or a zombie."""
+    from cellmigrate.live import transport
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not transport._dead(child.pid)
+        child.kill()
+        began = time.monotonic()
+        transport._await_death([child.pid], 10.0)  # our child: a zombie until we reap it
+        assert transport._dead(child.pid) and time.monotonic() - began < 5
+    finally:
+        child.kill()
+        child.wait()
+    assert transport._dead(child.pid)  # reaped: gone
+    began = time.monotonic()
+    transport._await_death([os.getpid()], 0.2)  # alive all along: bounded by the timeout
+    assert 0.15 < time.monotonic() - began < 5

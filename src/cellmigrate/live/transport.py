@@ -244,7 +244,28 @@ def stop_command(proc: "subprocess.Popen[bytes]") -> None:
             _signal_all(found, signal.SIGSTOP)
             frozen.extend(found)
         _signal_all([*frozen, proc.pid], signal.SIGKILL)
+        proc.wait()
+        _await_death(frozen, 2.0)
     proc.wait()
+
+
+def _dead(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (killed, not yet reaped by its new parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def _await_death(pids: Sequence[int], timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until the SIGKILLed ``pids`` are dead: the signal is
+    only queued by ``kill``, and on a busy machine a descendant could still be running
+    when the command is reported stopped. Not our children: polled in ``/proc``."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while not _dead(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 class CommandStream(PipeStream):
