@@ -92,6 +92,30 @@ def test_guard_reports_faults_in_process(tmp_path: Path) -> None:
             f.check()
 
 
+KEPT_VIEW_CHILD = textwrap.dedent("""
+    import os, sys
+    from cellmigrate.statefile import StateFile
+    path = sys.argv[1]
+    f = StateFile(path)
+    view = memoryview(f.buffer)[4096:]  # close() cannot unmap under a live view
+    f.close()
+    os.truncate(path, 4096)
+    print(bytes(view[-16:]) == bytes(16))  # zeros past the cut, not a SIGBUS
+""")
+
+
+def test_a_state_file_closed_under_a_live_view_stays_guarded(tmp_path: Path) -> None:
+    """close() removed the map from the SIGBUS guard before trying to unmap it: with a
+    view alive the map stayed, unguarded, and a read past a truncation killed the
+    process. The guard now lets go only once the map is gone. In a child."""
+    path = tmp_path / "s.bin"
+    path.write_bytes(os.urandom(4 * MiB))
+    proc = subprocess.run([sys.executable, "-c", KEPT_VIEW_CHILD, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != SIGBUS_EXIT, "killed by SIGBUS"
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", (proc.returncode, proc.stderr[-2000:])
+
+
 WRITER = textwrap.dedent("""
     import os, struct, sys, time
     path, p, q, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])

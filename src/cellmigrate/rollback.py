@@ -46,7 +46,7 @@ from .checksum import digest as _digest
 from .checksum import simple_checksum
 from .errors import CorruptDataError, InvalidStateError
 from .progress import ProgressCallback, ProgressEventKind, byte_progress
-from .statefile import _guard, _guard_faults, _guard_remove, atomic_replace, open_regular
+from .statefile import _guard, _guard_faults, _unguard, atomic_replace, open_regular
 
 __all__ = ["RollbackInfo", "policy_bytes", "FORMAT_MAGIC", "FORMAT_VERSION"]
 
@@ -441,6 +441,10 @@ class RollbackInfo:
             for a, b in _chunks(copy_n):
                 view[a:b] = saved[a:b]
                 reporter.advance(b - a)
+            if self._slot >= 0 and _guard_faults(self._slot):  # cut after the first check
+                where = f" {str(self.spill_path)!r}" if self.spill_path is not None else ""
+                raise InvalidStateError(f"Rollback file{where} was truncated while it was restored: "
+                                        "the target is partly overwritten (with zeros past the cut)")
             # Checked against the recorded values, not against the saved copy: a mapped
             # file changed by another writer after the first check is still caught.
             self._check(view, reporter, "Restored state", key)
@@ -571,13 +575,13 @@ class RollbackInfo:
                 **fields,
             )
         except BaseException:
-            if slot >= 0:
-                _guard_remove(slot)
             # Views made while parsing may still be pinned by the traceback: if so, the
-            # garbage collector unmaps the file once they are gone.
+            # garbage collector unmaps the file once they are gone (and the guard's slot
+            # goes with the map: statefile._guard).
             with contextlib.suppress(BufferError):
                 whole.release()
                 mapping.close()
+                _unguard(mapping)
             raise
 
     @classmethod
@@ -641,7 +645,6 @@ class RollbackInfo:
                     _guard_slot=slot,
                     spill_path=path,
                 )
-                slot = -1  # the point's now: its close() removes it
                 header = info._header(len(policy), n)
                 f.seek(0)
                 f.write(header)
@@ -658,15 +661,14 @@ class RollbackInfo:
                 os.fsync(f.fileno())
                 info._check_faults()  # the values above were read from what is on disk
             except BaseException:
-                if slot >= 0:
-                    _guard_remove(slot)
-                elif info is not None:
+                if info is not None:
                     info.close()
                 if state is not None:
                     state.release()
                 whole.release()
                 with contextlib.suppress(BufferError):  # a traceback may still pin a view
                     mapping.close()
+                    _unguard(mapping)
                 raise
             whole.release()
         assert info is not None
@@ -690,9 +692,7 @@ class RollbackInfo:
         if self._closed:
             return
         self._closed = True
-        if self._slot >= 0:
-            _guard_remove(self._slot)
-            self._slot = -1
+        self._slot = -1
         if self._mapping is not None:
             self._released_len = len(self.original_state)
             if isinstance(self.original_state, memoryview):
@@ -700,8 +700,11 @@ class RollbackInfo:
             try:
                 self._mapping.close()
             except BufferError:
-                # A caller still holds a view of the state: the GC unmaps it later.
+                # A caller still holds a view of the state: the GC unmaps it later, and
+                # the guard's slot goes with the map (statefile._guard), not before.
                 pass
+            else:
+                _unguard(self._mapping)
             self._mapping = None
 
     def __enter__(self) -> "RollbackInfo":

@@ -58,10 +58,11 @@ import stat
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 from .errors import JournalError, StateChangedError, TruncatedInputError
 
@@ -456,10 +457,38 @@ except (ImportError, AttributeError):  # pragma: no cover - extension not built
 
 
 def _guard(mapping: mmap.mmap) -> int:
-    """Register a map with the SIGBUS guard (-1: unguarded: no extension, table full)."""
+    """Register a map with the SIGBUS guard; its slot (-1: unguarded: no extension, table
+    full). The slot lives as long as the mapping: it is removed when the mapping object is
+    freed (after it is unmapped: a map dropped without close, or one that close could not
+    unmap because a view was alive), or by :func:`_unguard` once it is closed. Removing
+    it before a map is unmapped would leave a truncated file's read unguarded (SIGBUS);
+    never removing it would fill the 64 slots, and every later map would go unguarded."""
     if _guard_add is None:
         return -1
-    return _guard_add(mapping)
+    slot = _guard_add(mapping)
+    if slot >= 0:
+        _guard_finalizers[id(mapping)] = weakref.finalize(mapping, _guard_released, slot, id(mapping))
+    return slot
+
+
+#: id(mapping) -> the finalizer that removes its slot (see _guard).
+_guard_finalizers: Dict[int, Any] = {}
+
+
+def _guard_released(slot: int, key: int) -> None:
+    _guard_finalizers.pop(key, None)
+    _guard_remove(slot)
+
+
+def _unguard(mapping: mmap.mmap) -> None:
+    """Remove ``mapping``'s slot now: call once ``mapping.close()`` has succeeded (it is
+    unmapped). Idempotent; nothing for an unguarded map."""
+    fin = _guard_finalizers.get(id(mapping))
+    if fin is None:
+        return
+    held = fin.peek()
+    if held is not None and held[0] is mapping:
+        fin()
 
 
 # --------------------------------------------------------------------------------------
@@ -596,9 +625,7 @@ class StateFile:
     def close(self) -> None:
         """Unmap and close. Idempotent; tolerant of views that are still alive."""
         mapping, self._map = self._map, None
-        if self._slot >= 0:
-            _guard_remove(self._slot)
-            self._slot = -1
+        self._slot = -1
         if mapping is not None:
             try:
                 mapping.close()
@@ -606,10 +633,12 @@ class StateFile:
                 # A memoryview of the map is still referenced (typically by the traceback
                 # of an exception in flight). Collect cycles once and retry; otherwise
                 # leave the unmapping to the garbage collector rather than hide the
-                # original error.
+                # original error (the guard's slot goes with the map then: _guard).
                 gc.collect()
                 with contextlib.suppress(BufferError):
                     mapping.close()
+            if mapping.closed:
+                _unguard(mapping)
         fd, self.fd = getattr(self, "fd", -1), -1
         if fd >= 0:
             with contextlib.suppress(OSError):
