@@ -715,6 +715,30 @@ def test_a_report_that_cannot_be_written_says_the_work_is_done(tmp_path: Path) -
     assert "was it applied before?" in assert_one_line_error(refused, 1)
 
 
+def test_a_closed_stdout_is_no_error_unless_the_output_goes_there(tmp_path: Path) -> None:
+    """Started with stdout closed (`>&-`, a supervisor): the flush added for a full disk
+    met sys.stdout None ("unexpected error: AttributeError", exit 2, after an apply that
+    was done; --help printed a traceback). The results go nowhere, as before; only an
+    output asked for on stdout (-o -) is an error, before anything is written."""
+    old, new, _, new_bytes = make_pair(tmp_path)
+    delta = diff(tmp_path, old, new)
+    base = tmp_path / "base.bin"
+    base.write_bytes(old.read_bytes())
+
+    def closed(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cellmigrate", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              preexec_fn=lambda: os.close(1))
+
+    for args in (("--help",), ("--version",), ("checksum", str(old)), ("apply", str(base), str(delta))):
+        done = closed(*args)
+        assert done.returncode == 0 and done.stderr == "", (args, done.stderr)
+    assert base.read_bytes() == new_bytes
+    for args in (("apply", str(old), str(delta), "-o", "-"), ("diff", str(old), str(new), "-o", "-")):
+        line = assert_one_line_error(closed(*args), 2)
+        assert line.endswith("cannot write '-': stdout is closed"), line
+
+
 @pytest.mark.parametrize("compress", ["auto", "rle"])
 def test_applying_a_delta_twice(tmp_path: Path, compress: str) -> None:
     """An XOR delta (the default) is relative to OLD: applied to its own result it is

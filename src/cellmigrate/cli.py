@@ -410,6 +410,8 @@ def _print(text: str, file: Optional[IO[str]] = None, flush: bool = False, end: 
 
 
 def _flush_stdout() -> None:
+    if sys.stdout is None:  # started with stdout closed (>&-): nothing was written to fail
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -1326,6 +1328,8 @@ def _unexpected(prefix: str, exc: BaseException) -> int:
 def _flushed(prefix: str, code: int) -> int:
     """Flush stdout (the help, the version) and return ``code``, or the status of the
     failure: 141 for a reader that went away, 2 with one line for any other."""
+    if sys.stdout is None:  # stdout closed (>&-): the output goes nowhere, as before
+        return code
     try:
         sys.stdout.flush()
     except BrokenPipeError:

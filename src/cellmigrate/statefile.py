@@ -936,6 +936,8 @@ class Output:
         """
         if self.stream:
             if self.path is None:
+                if sys.stdout is None:  # started with stdout closed (>&-)
+                    raise OSError(errno.EBADF, "stdout is closed")
                 sys.stdout.flush()
                 yield sys.stdout.fileno()
             else:
@@ -1013,7 +1015,7 @@ def open_output(name: str, *, inputs: Iterable[Union[StrPath, int]] = (), force:
             fileno = sys.stdout.fileno()
             st_out: Optional[os.stat_result] = os.fstat(fileno)
             terminal = os.isatty(fileno)
-        except (OSError, ValueError):  # no real stdout (embedded): written as is
+        except (OSError, ValueError, AttributeError):  # no real stdout (embedded, closed): written as is
             st_out, terminal = None, False
         if st_out is not None:
             refuse_if_input(st_out)
