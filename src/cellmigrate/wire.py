@@ -451,25 +451,26 @@ class _Prepared:
 
 
 def write_all(fileobj: Any, data: memoryview) -> None:
-    """``fileobj.write`` until all of ``data`` is taken.
+    """``fileobj.write(data)``, all of it.
 
     A raw file object (``io.RawIOBase``: an unbuffered file, ``socket.makefile('wb',
     buffering=0)``) may take part of what it is given and return how much: the rest is
-    written again, where ignoring the count lost the delta's middle while the full count
-    was reported. Such an object returns ``None`` when it would block (non-blocking): that
-    raises ``BlockingIOError`` (nothing can tell what it took). Any other object returning
-    ``None`` (a duck-typed writer) is taken to have written everything, as ``shutil`` does.
-    ``OSError`` when a write takes no bytes at all.
+    written again (ignoring the count lost the delta's middle while the full count was
+    reported). It returns ``None`` when it would block (non-blocking): that raises
+    ``BlockingIOError``, as nothing can tell what it took; so does a raw write that takes
+    no bytes (``OSError``). Any other object is trusted to take everything, whatever it
+    returns: a buffered file's ``write`` does by contract, and a duck-typed writer's return
+    may mean something else (a ``zstandard`` stream writer returns what it emitted).
     """
+    if not isinstance(fileobj, io.RawIOBase):
+        fileobj.write(data)
+        return
     view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    raw = isinstance(fileobj, io.RawIOBase)
     while view.nbytes:
         n = fileobj.write(view)
         if n is None:
-            if raw:
-                raise BlockingIOError(errno.EAGAIN, "the file object would block (non-blocking): "
-                                                    "pass a blocking or buffered one")
-            return
+            raise BlockingIOError(errno.EAGAIN, "the file object would block (non-blocking): "
+                                                "pass a blocking or buffered one")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise TypeError(f"{type(fileobj).__name__}.write returned {n!r}, not a byte count")
         if n == 0:
