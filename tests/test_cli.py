@@ -713,6 +713,8 @@ def test_a_report_that_cannot_be_written_says_the_work_is_done(tmp_path: Path) -
         assert line.endswith("error: cannot write to stdout: No space left on device"), args
     refused = _into_dev_full("apply", str(base), str(delta))  # nothing to report: the refusal as before
     assert "was it applied before?" in assert_one_line_error(refused, 1)
+    clean = assert_one_line_error(_into_dev_full("recover", str(base)), 2)  # no journal: nothing was done
+    assert clean.endswith("error: cannot write to stdout: No space left on device"), clean
 
 
 def test_a_closed_stdout_is_no_error_unless_the_output_goes_there(tmp_path: Path) -> None:

@@ -1073,7 +1073,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             raise  # '-o - | head': the reader went away (main() ends quietly, 141)
         except OSError as exc:
             raise _os_error(dest_name, exc) from None
-        if args.output != STREAM:
+        if output is None or not output.stream:  # a file (not stdout, a pipe, a FIFO) holds it
             args.done = f"{dest_name!r} holds the result, verified"  # see _main
         elapsed = time.perf_counter() - started
         if recovered is not None:
@@ -1144,7 +1144,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot open {args.base!r}: {exc.strerror or exc}") from None
-    args.done = f"{args.base!r} is recovered"
+    if done.action != "clean":  # nothing was done to a clean base: no claim to make
+        args.done = f"{args.base!r} is {done.action}" if done.action == "rolled back" else "the torn journal is removed"
     _out(args, done.describe())
     return EXIT_OK
 
