@@ -715,6 +715,10 @@ def test_a_report_that_cannot_be_written_says_the_work_is_done(tmp_path: Path) -
     assert "was it applied before?" in assert_one_line_error(refused, 1)
     clean = assert_one_line_error(_into_dev_full("recover", str(base)), 2)  # no journal: nothing was done
     assert clean.endswith("error: cannot write to stdout: No space left on device"), clean
+    # demo said "a step failed unexpectedly: OSError" and then "unexpected error" (two lines)
+    for args in (("demo", "--size", "64KiB"), ("bench", "--size", "64KiB", "--min-time", "0")):
+        line = assert_one_line_error(_into_dev_full(*args), 2)
+        assert line == f"cellmigrate {args[0]}: error: cannot write to stdout: No space left on device", line
 
 
 def test_a_closed_stdout_is_no_error_unless_the_output_goes_there(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union, cast
 
 from ._jsontext import json_text
+from ._stdout import StdoutError, flush_stdout, print_out
 from .errors import JournalError, StateChangedError, TruncatedInputError
 from .statefile import (
     STREAM,
@@ -115,7 +116,7 @@ class _Parser(argparse.ArgumentParser):
         # written to a full disk); the help and version go through _print like the rest.
         if message:
             if file is None or file is sys.stdout:
-                _print(message, end="")
+                print_out(message, end="")
             else:
                 try:
                     file.write(message)
@@ -390,47 +391,17 @@ def _one_line(text: str) -> str:
     return _NOT_ONE_LINE.sub(" ", text)
 
 
-class StdoutError(Exception):
-    """Writing the results to stdout failed (not a reader that went away: that is
-    ``BrokenPipeError``, exit 141); the text is the OS error's."""
-
-
-def _print(text: str, file: Optional[IO[str]] = None, flush: bool = False, end: str = "\n") -> None:
-    """``print`` that tells a failure to write stdout (a full disk, /dev/full) from the
-    command's own I/O errors."""
-    stream = file or sys.stdout
-    try:
-        print(text, file=stream, flush=flush, end=end)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        if stream is not sys.stdout:
-            raise
-        raise StdoutError(exc.strerror or str(exc)) from None
-
-
-def _flush_stdout() -> None:
-    if sys.stdout is None:  # started with stdout closed (>&-): nothing was written to fail
-        return
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise StdoutError(exc.strerror or str(exc)) from None
-
-
 def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) -> None:
     """Print a result line (made one line, see :func:`_one_line`) unless --quiet."""
     if not args.quiet:
-        _print(_one_line(text), file)
+        print_out(_one_line(text), file)
 
 
 def _print_json(obj: Any, file: Optional[IO[str]] = None, flush: bool = False, compact: bool = False) -> None:
     """Print ``obj`` as standard JSON (:func:`~cellmigrate._jsontext.json_text`: a
     non-finite float is ``null``), the one way every ``--json`` output is written;
     ``compact``: on one line (a JSON Lines record)."""
-    _print(json_text(obj, indent=None if compact else 2), file, flush)
+    print_out(json_text(obj, indent=None if compact else 2), file, flush)
 
 
 def _open_state(path: str, *, private: bool = False) -> StateFile:
@@ -815,7 +786,7 @@ def _cmd_checksum(args: argparse.Namespace) -> int:
                      "keyed": key is not None, "value": text})
     else:
         # The value is the command's result: printed even with --quiet.
-        _print(text)
+        print_out(text)
     return EXIT_OK
 
 
@@ -1272,7 +1243,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             code = handler(args)
             # What stdout holds is written here, not at exit, where a failure (a full
             # disk, /dev/full) would be lost: it is reported like any other.
-            _flush_stdout()
+            flush_stdout()
             return code
     except StdoutError as exc:
         # After committed work (args.done), say both, so nobody takes the failure for

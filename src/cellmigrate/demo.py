@@ -61,6 +61,7 @@ from . import (
     first_difference,
     simple_checksum,
 )
+from ._stdout import StdoutError, print_out
 from .delta import DeltaSnapshot, DirtyPage
 from .statefile import format_size, plural
 
@@ -208,7 +209,7 @@ class _Report:
 
     def say(self, text: str = "") -> None:
         if not self.quiet:
-            print(text, file=self.stream, flush=True)
+            print_out(text, self.stream, flush=True)  # StdoutError: not a failed step
 
     def heading(self, text: str) -> None:
         self.step_no = 0
@@ -567,8 +568,8 @@ def run_demo(size: int = DEFAULT_SIZE, *, seed: int = 2024, quiet: bool = False,
     started = time.perf_counter()
     try:
         _run(size, seed, report)
-    except BrokenPipeError:
-        raise  # the reader went away (`| head`): the CLI handles it, not a failed step
+    except (BrokenPipeError, StdoutError):
+        raise  # the reader went away (`| head`) or stdout failed: the CLI says so, not a failed step
     except MemoryError:
         print(f"cellmigrate demo: error: not enough memory for a {format_size(size)} state "
               f"(it needs about {MEMORY_FACTOR}x that); try --size 64MiB", file=sys.stderr)

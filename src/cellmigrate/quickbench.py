@@ -28,6 +28,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 
 from ._jsontext import json_text
+from ._stdout import print_out
 from .statefile import format_size
 
 __all__ = ["BenchRow", "measure", "make_states", "run_bench", "collect_rows"]
@@ -216,7 +217,7 @@ def run_bench(size: int = 64 << 20, *, as_json: bool = False, quiet: bool = Fals
     if not quiet and not as_json and sys.stderr.isatty():
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     if as_json:
-        print(json_text([{**asdict(r), "gbps": r.gbps} for r in rows]))
+        print_out(json_text([{**asdict(r), "gbps": r.gbps} for r in rows]))
     elif not quiet:
-        print(format_table(rows, size))
+        print_out(format_table(rows, size))
     return 0

@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._buffers import as_bytes_view
 from .._types import BufferLike
-from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _print, _print_json  # one-line results whatever a file name holds; standard JSON
+from .._stdout import print_out
+from ..cli import _nonneg_int, _nonneg_seconds, _one_line, _positive_seconds, _print_json  # one-line results whatever a file name holds; standard JSON
 from ..errors import CellError, StateChangedError
 from ..fingerprints import PageFingerprints
 from ..progress import MigrationProgressEvent, ProgressEventKind
@@ -569,7 +570,7 @@ def _report_received(args: argparse.Namespace, receiver: LiveReceiver) -> None:
             "audit": [e.to_dict() for e in s.validator.audit_log],
         }, file=out, flush=True, compact=args.keep_listening)
     elif not args.quiet:
-        _print(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
+        print_out(_one_line(f"received {args.state_file}: {plural(size, 'byte')} in {plural(s.committed_seq, 'chunk')} "
                          f"({s.bytes_received} page bytes), proven equal to the sender's state"), out, flush=True)
 
 
@@ -706,7 +707,7 @@ def _send(args: argparse.Namespace, source: FileSource) -> int:
         out["reconnects"] = channel.reconnects
         _print_json(out, flush=True)
     elif not args.quiet:
-        _print(_one_line(f"sent {args.state_file}: {plural(summary.state_size, 'byte')} in {plural(len(summary.rounds), 'round')}, "
+        print_out(_one_line(f"sent {args.state_file}: {plural(summary.state_size, 'byte')} in {plural(len(summary.rounds), 'round')}, "
                          f"{summary.wire_bytes} bytes on the wire ({summary.transfer_ratio:.2f}x the state), "
                          f"downtime {summary.downtime_s:.3f} s, proven equal on the receiver "
                          f"(xxh3_128_tree {summary.digest.hex()})"), flush=True)
