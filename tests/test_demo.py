@@ -188,13 +188,13 @@ def test_demo_refuses_a_size_it_has_no_memory_for_before_allocating(
     MemAvailable first (here 100 MiB: a 64 MiB demo needs about 192 MiB)."""
     from cellmigrate.cli import main
 
-    monkeypatch.setattr(demo_mod, "_MEMINFO", _fake_meminfo(tmp_path, 100 << 10), raising=False)
+    monkeypatch.setattr(demo_mod, "_MEMINFO", _fake_meminfo(tmp_path, 400 << 10), raising=False)
     monkeypatch.setattr(demo_mod, "synthetic_state", lambda size, seed: pytest.fail("allocated the state"))
-    assert main(["demo", "--size", "64MiB"]) == 2
+    assert main(["demo", "--size", "128MiB"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == ("cellmigrate demo: error: not enough memory for a 64 MiB state (it needs about 3x that, "
-                            "192 MiB; 100 MiB available); try --size 32MiB\n")
+    assert captured.err == ("cellmigrate demo: error: not enough memory for a 128 MiB state (it needs about 3.5x "
+                            "that and 128 MiB more, 576 MiB; 400 MiB available); try --size 64MiB\n")
 
 
 def test_demo_memory_check_from_the_command_line(tmp_path: Any) -> None:
@@ -213,8 +213,8 @@ def test_demo_memory_check_from_the_command_line(tmp_path: Any) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout == ""
-    assert proc.stderr == ("cellmigrate demo: error: not enough memory for a 10 GiB state (it needs about 3x that, "
-                           "30 GiB; 20 GiB available); try --size 64MiB\n")
+    assert proc.stderr == ("cellmigrate demo: error: not enough memory for a 10 GiB state (it needs about 3.5x that "
+                           "and 128 MiB more, 35.1 GiB; 20 GiB available); try --size 64MiB\n")
 
 
 @pytest.mark.parametrize("available_kib", [None, 1 << 20])
