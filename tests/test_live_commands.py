@@ -7,6 +7,7 @@ processes throughout (a stopped "writer" is a real process in state T)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -274,6 +275,21 @@ def test_receive_and_send_whose_report_cannot_be_written_say_the_migration_is_do
     assert got.returncode == 2 and "holds the migrated state, proven, but cannot write to stdout" in got.stderr
     assert "unexpected" not in sent.stderr + got.stderr and "Traceback" not in sent.stderr + got.stderr
     assert target.read_bytes() == source.read_bytes()
+
+
+def test_a_store_never_opens_its_file_through_a_symlink(tmp_path: Path) -> None:
+    """A symlink at the staging path was followed (the staging would be written into, and
+    renamed over STATE_FILE from, whatever it names); a dangling one made FileStore give up
+    with "in use: it kept being replaced". Both are refused as a symlink."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    for link, points_to in ((tmp_path / "staging", victim), (tmp_path / "dangling", tmp_path / "nowhere")):
+        link.symlink_to(points_to)
+        with pytest.raises(OSError, match="is a symbolic link: remove it") as refused:
+            FileStore(str(link))
+        assert refused.value.errno == errno.ELOOP
+        assert link.is_symlink()
+    assert victim.read_bytes() == b"keep me"
 
 
 def test_a_store_interrupted_while_it_opens_removes_the_file_it_created_and_no_other(

@@ -19,6 +19,7 @@ callables, and :class:`MemoryStore` / :class:`FileStore` staging areas.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
@@ -255,6 +256,10 @@ def _lock_exclusive(fd: int, path: str) -> None:
         raise InvalidStateError(f"{path!r} is in use: another receiver is staging into it") from None
 
 
+def _symlink(path: str) -> OSError:
+    return OSError(errno.ELOOP, "is a symbolic link: remove it (a staging file is never opened through one)", path)
+
+
 def _unlink_if_same(path: str, fd: int) -> None:
     """Remove ``path`` if it still names ``fd``'s file (best effort)."""
     try:
@@ -278,7 +283,9 @@ class FileStore:
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
         self.path = os.fspath(path)
         self._map: Optional[mmap.mmap] = None
-        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        # Never through a symlink (one left at the path would have us stage into, and
+        # rename over the state file, whatever it names).
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         for attempt in range(3):
             # Created here (O_EXCL) or found: a file this store created and then failed to
             # open fully (an interrupt, a signal, a failed map) is removed again, so that no
@@ -289,7 +296,13 @@ class FileStore:
                 try:
                     self._fd, created = os.open(self.path, flags), False
                 except FileNotFoundError:  # removed between the two opens: try again
+                    if os.path.islink(self.path):  # a dangling link: not "in use"
+                        raise _symlink(self.path) from None
                     continue
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise _symlink(self.path) from None
+                    raise
             locked = False
             try:
                 _lock_exclusive(self._fd, self.path)
