@@ -113,7 +113,7 @@ class _Parser(argparse.ArgumentParser):
 
     def _print_message(self, message: str, file: Any = None) -> None:
         # argparse drops a failed write of --help or --version (exit 0 with nothing
-        # written to a full disk); the help and version go through _print like the rest.
+        # written to a full disk); the help and version go through print_out like the rest.
         if message:
             if file is None or file is sys.stdout:
                 print_out(message, end="")
@@ -1274,9 +1274,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         # SIGPIPE ended (141), so 'set -o pipefail' still sees that the output was not
         # all delivered (a delta piped into 'ssh' that died). Point stdout at devnull so
         # the interpreter's final flush does not complain either.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return _reader_gone()
     except MemoryError:
         _error(prefix, "out of memory")
         return EXIT_ERROR
@@ -1292,7 +1290,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 def _unexpected(prefix: str, exc: BaseException) -> int:
     if os.environ.get("CELLMIGRATE_DEBUG"):
-        traceback.print_exception(exc)
+        traceback.print_exception(type(exc), exc, exc.__traceback__)  # (the 3.9 signature)
     _error(prefix, f"unexpected error: {type(exc).__name__}: {exc} (set CELLMIGRATE_DEBUG=1 for a traceback)")
     return EXIT_ERROR
 
@@ -1300,18 +1298,22 @@ def _unexpected(prefix: str, exc: BaseException) -> int:
 def _flushed(prefix: str, code: int) -> int:
     """Flush stdout (the help, the version) and return ``code``, or the status of the
     failure: 141 for a reader that went away, 2 with one line for any other."""
-    if sys.stdout is None:  # stdout closed (>&-): the output goes nowhere, as before
-        return code
     try:
-        sys.stdout.flush()
+        flush_stdout()
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    except OSError as exc:
-        _error(prefix, f"cannot write to stdout: {exc.strerror or exc}")
+        return _reader_gone()
+    except StdoutError as exc:
+        _error(prefix, f"cannot write to stdout: {exc}")
         return EXIT_ERROR
     return code
+
+
+def _reader_gone() -> int:
+    """Point stdout at devnull (so the interpreter's final flush does not complain) and
+    return 141, the status of a filter that SIGPIPE ended."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def _error(prefix: str, message: str, stream: Optional[IO[str]] = None) -> None:
