@@ -244,7 +244,6 @@ def stop_command(proc: "subprocess.Popen[bytes]") -> None:
             _signal_all(found, signal.SIGSTOP)
             frozen.extend(found)
         _signal_all([*frozen, proc.pid], signal.SIGKILL)
-        proc.wait()
         _await_death(frozen, 2.0)
     proc.wait()
 
