@@ -104,6 +104,36 @@ KEPT_VIEW_CHILD = textwrap.dedent("""
 """)
 
 
+CYCLE_CHILD = textwrap.dedent("""
+    import gc, os, sys
+    from cellmigrate.statefile import StateFile
+    path = sys.argv[1]
+    f = StateFile(path)
+    view = memoryview(f.buffer)
+    f.close()  # the view keeps the map
+    class Holder:
+        def __del__(self):  # runs in the collection, before the cycle's map is unmapped
+            print(bytes(self.view[-16:]) == bytes(16))
+    holder = Holder()
+    holder.view, holder.me = view, holder
+    del view, holder
+    os.truncate(path, 4096)
+    gc.collect()
+""")
+
+
+def test_a_map_freed_in_a_reference_cycle_stays_guarded_until_it_is_unmapped(tmp_path: Path) -> None:
+    """The collector calls weakref callbacks before it frees a cycle: the guard's slot
+    went before the map was unmapped, and a finalizer reading the map past a truncation
+    died of SIGBUS. The slot now waits for the collection's end. From a review."""
+    path = tmp_path / "s.bin"
+    path.write_bytes(os.urandom(1 * MiB))
+    proc = subprocess.run([sys.executable, "-c", CYCLE_CHILD, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != SIGBUS_EXIT, "killed by SIGBUS"
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", (proc.returncode, proc.stderr[-2000:])
+
+
 def test_a_state_file_closed_under_a_live_view_stays_guarded(tmp_path: Path) -> None:
     """close() removed the map from the SIGBUS guard before trying to unmap it: with a
     view alive the map stayed, unguarded, and a read past a truncation killed the

@@ -465,19 +465,46 @@ def _guard(mapping: mmap.mmap) -> int:
     never removing it would fill the 64 slots, and every later map would go unguarded."""
     if _guard_add is None:
         return -1
+    _drain_released()
     slot = _guard_add(mapping)
     if slot >= 0:
-        _guard_finalizers[id(mapping)] = weakref.finalize(mapping, _guard_released, slot, id(mapping))
+        fin = weakref.finalize(mapping, _guard_released, slot, id(mapping))
+        fin.atexit = False  # at exit a daemon thread may still read the map
+        _guard_finalizers[id(mapping)] = fin
     return slot
 
 
 #: id(mapping) -> the finalizer that removes its slot (see _guard).
 _guard_finalizers: Dict[int, Any] = {}
+#: Slots of maps freed by the cyclic garbage collector, removed when the collection ends.
+_released_in_collection: List[int] = []
+_collecting = False
 
 
 def _guard_released(slot: int, key: int) -> None:
+    # A map freed by its reference count is unmapped before this runs; one in a reference
+    # cycle (a view pinned by a traceback) is not: the collector calls weakref callbacks
+    # before it frees the cycle. Its slot waits for the collection's end.
     _guard_finalizers.pop(key, None)
-    _guard_remove(slot)
+    if _collecting:
+        _released_in_collection.append(slot)
+    else:
+        _guard_remove(slot)
+
+
+def _drain_released() -> None:
+    while _released_in_collection:
+        _guard_remove(_released_in_collection.pop())
+
+
+def _gc_phase(phase: str, info: Dict[str, Any]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+    if not _collecting:
+        _drain_released()
+
+
+gc.callbacks.append(_gc_phase)
 
 
 def _unguard(mapping: mmap.mmap) -> None:
