@@ -743,6 +743,15 @@ def test_a_closed_stdout_is_no_error_unless_the_output_goes_there(tmp_path: Path
     for args in (("apply", str(old), str(delta), "-o", "-"), ("diff", str(old), str(new), "-o", "-")):
         line = assert_one_line_error(closed(*args), 2)
         assert line.endswith("cannot write '-': stdout is closed"), line
+    for fd, args, said in ((0, ("apply", str(old), "-", "-o", str(tmp_path / "x.bin")), "cannot open '-': stdin is closed"),
+                           (0, ("receive", "--stdio", str(tmp_path / "in.bin")), "stdin is closed"),
+                           (1, ("receive", "--stdio", str(tmp_path / "in.bin")), "stdout is closed")):
+        done = subprocess.run([sys.executable, "-m", "cellmigrate", *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                              preexec_fn=lambda fd=fd: os.close(fd))  # type: ignore[misc]
+        line = assert_one_line_error(done, 2)
+        assert line.endswith(said), line  # not "unexpected error: AttributeError"
+    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "in.bin").exists()
 
 
 @pytest.mark.parametrize("compress", ["auto", "rle"])
@@ -767,3 +776,18 @@ def test_applying_a_delta_twice(tmp_path: Path, compress: str) -> None:
     other.write_bytes(bytes(len(new_bytes)))
     wrong = run("apply", str(other), str(delta))
     assert wrong.returncode == 1 and "already is" not in wrong.stderr
+
+
+def test_text_for_a_closed_stream_goes_nowhere(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """print_out(text, sys.stderr) with stderr closed (None) printed on stdout: receive
+    --stdio 2>&- put its report into the protocol's channel. From a review."""
+    from cellmigrate._stdout import print_out
+
+    monkeypatch.setattr(sys, "stderr", None)
+    print_out("for stderr", sys.stderr)
+    print_out("for stdout")
+    monkeypatch.setattr(sys, "stdout", None)
+    print_out("for a closed stdout")  # no error either
+    monkeypatch.undo()
+    assert capsys.readouterr().out == "for stdout\n"

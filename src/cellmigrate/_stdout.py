@@ -9,9 +9,13 @@ output is reported once, not as a failed step.
 from __future__ import annotations
 
 import sys
-from typing import IO, Optional
+from typing import IO, Any, Optional
 
-__all__ = ["StdoutError", "flush_stdout", "print_out"]
+__all__ = ["STDOUT", "StdoutError", "flush_stdout", "print_out"]
+
+#: ``file`` of :func:`print_out` meaning ``sys.stdout`` as it is at the call (``None``
+#: is a closed stream, never "the default").
+STDOUT: Any = object()
 
 
 class StdoutError(Exception):
@@ -19,10 +23,14 @@ class StdoutError(Exception):
     ``BrokenPipeError``); the text is the OS error's."""
 
 
-def print_out(text: str, file: Optional[IO[str]] = None, flush: bool = False, end: str = "\n") -> None:
-    """``print(text, file=file or sys.stdout)``; a failure to write stdout raises
-    :class:`StdoutError`. Nothing happens when stdout is closed (``sys.stdout`` None)."""
-    stream = file or sys.stdout
+def print_out(text: str, file: Optional[IO[str]] = STDOUT, flush: bool = False, end: str = "\n") -> None:
+    """``print(text, file=file)`` (default :data:`STDOUT`); a failure to write stdout
+    raises :class:`StdoutError`. A closed stream (``None``: ``sys.stdout`` or
+    ``sys.stderr`` of a process started without it) takes nothing: text meant for a
+    closed stderr never lands on stdout, which may carry a protocol."""
+    stream = sys.stdout if file is STDOUT else file
+    if stream is None:
+        return
     try:
         print(text, file=stream, flush=flush, end=end)
     except BrokenPipeError:

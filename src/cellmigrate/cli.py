@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union, cast
 
 from ._jsontext import json_text
-from ._stdout import StdoutError, flush_stdout, print_out
+from ._stdout import STDOUT, StdoutError, flush_stdout, print_out
 from .errors import JournalError, StateChangedError, TruncatedInputError
 from .statefile import (
     STREAM,
@@ -391,13 +391,13 @@ def _one_line(text: str) -> str:
     return _NOT_ONE_LINE.sub(" ", text)
 
 
-def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = None) -> None:
+def _out(args: argparse.Namespace, text: str, file: Optional[IO[str]] = STDOUT) -> None:
     """Print a result line (made one line, see :func:`_one_line`) unless --quiet."""
     if not args.quiet:
         print_out(_one_line(text), file)
 
 
-def _print_json(obj: Any, file: Optional[IO[str]] = None, flush: bool = False, compact: bool = False) -> None:
+def _print_json(obj: Any, file: Optional[IO[str]] = STDOUT, flush: bool = False, compact: bool = False) -> None:
     """Print ``obj`` as standard JSON (:func:`~cellmigrate._jsontext.json_text`: a
     non-finite float is ``null``), the one way every ``--json`` output is written;
     ``compact``: on one line (a JSON Lines record)."""

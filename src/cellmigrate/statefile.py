@@ -1079,6 +1079,8 @@ def open_input_stream(name: str) -> Optional[int]:
     raise ``OSError``.
     """
     if name == STREAM:
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            raise OSError(errno.EBADF, "stdin is closed")
         return os.dup(sys.stdin.fileno())
     st = os.stat(name)
     if stat.S_ISREG(st.st_mode):

@@ -390,6 +390,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     # stays), as the other commands do (statefile.open_output).
     args.state_file = os.path.realpath(args.state_file)
     _check_state_file(args.state_file)
+    if args.stdio and (sys.stdin is None or sys.stdout is None):  # started with <&- or >&-
+        raise CliError(f"--stdio speaks on stdin and stdout: {'stdin' if sys.stdin is None else 'stdout'} is closed")
     staging = _staging_path(args.state_file)
     store: Optional[FileStore] = None
     caps = None
