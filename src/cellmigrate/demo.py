@@ -502,6 +502,11 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
 
     time.sleep(WASM_WARMUP)
 
+    # The migration calls on_round; an exception from it would fail the migration (and
+    # its abort wait out the peer), so a report that cannot be written (a full disk, a
+    # reader gone) is kept here, the migration left to finish, and raised after it.
+    unwritten: List[BaseException] = []
+
     def on_round(stats: RoundStats) -> None:
         title = ("Final round: the agent is paused" if stats.final
                  else f"Pre-copy round {stats.round} while the agent runs")
@@ -509,9 +514,14 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
         if stats.final:
             more.append("node B proved the state equal (xxh3_128_tree of 4 KiB pages), adopted the memory and globals and resumed; "
                         f"downtime {1e3 * (stats.actual_downtime_s or 0.0):.1f} ms")
-        step(title, f"{plural(stats.dirty_pages, 'page')} ({format_size(stats.dirty_bytes)}) of a "
-                    f"{format_size(stats.state_size)} memory, {format_size(stats.wire_bytes)} on the wire, "
-                    f"in {1e3 * stats.duration_s:.1f} ms", *more)
+        if unwritten:
+            return
+        try:
+            step(title, f"{plural(stats.dirty_pages, 'page')} ({format_size(stats.dirty_bytes)}) of a "
+                        f"{format_size(stats.state_size)} memory, {format_size(stats.wire_bytes)} on the wire, "
+                        f"in {1e3 * stats.duration_s:.1f} ms", *more)
+        except (BrokenPipeError, StdoutError) as exc:
+            unwritten.append(exc)
 
     try:
         channel = StreamChannel(lambda: connect(f"127.0.0.1:{port}", timeout=WASM_TIMEOUT), key=key,
@@ -524,6 +534,8 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
         summary = LiveMigration(source, channel, agent_id=aid, migration_id=mid, requirements=wasm_req,
                                 validator=validator, on_round=on_round).run()
         paused_at = source.steps
+        if unwritten:
+            raise unwritten[0]
     finally:
         source.stop()
         if thread.is_alive() and target.adopted_at is None:
