@@ -7,6 +7,7 @@ bytes against the library.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -791,3 +792,13 @@ def test_text_for_a_closed_stream_goes_nowhere(capsys: pytest.CaptureFixture[str
     print_out("for a closed stdout")  # no error either
     monkeypatch.undo()
     assert capsys.readouterr().out == "for stdout\n"
+
+
+def test_a_full_disk_under_a_stream_does_not_claim_nothing_changed() -> None:
+    """'-o -' into a full disk said "nothing was changed" when part of the delta was in
+    the file stdout points to; files (written beside and renamed) still say it."""
+    from cellmigrate.cli import _os_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert str(_os_error("-", full)).endswith("(disk full: what was written to the stream is incomplete)")
+    assert str(_os_error("out.cmd", full)).endswith("(disk full: nothing was changed)")

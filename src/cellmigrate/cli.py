@@ -469,7 +469,10 @@ def _os_error(what: str, exc: OSError) -> CliError:
     """One line for an OS error while writing (ENOSPC: the disk is full)."""
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason += " (disk full: nothing was changed)"
+        # Files are written beside their target and renamed: nothing changed. A stream
+        # (stdout, a pipe, a FIFO) may hold the part written before the disk filled.
+        reason += (" (disk full: what was written to the stream is incomplete)" if what == STREAM
+                   else " (disk full: nothing was changed)")
     return CliError(f"cannot write {what!r}: {reason}")
 
 
