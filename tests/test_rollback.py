@@ -1066,3 +1066,17 @@ def test_a_point_truncated_under_a_kept_view_or_during_a_restore_is_no_sigbus(tm
                           timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split("\n")[:2] == ["read past the cut True", "refused True"], done.stdout
+
+
+def test_closing_a_copy_of_a_spilled_point_first_leaves_the_original_closable(tmp_path: Path) -> None:
+    """A shallow copy shares the map and the state's view: closing the copy released the
+    view, and the original's close() then raised ValueError ("released memoryview") and
+    stayed half closed. From a review."""
+    import copy
+
+    info = RollbackInfo.capture(_agent(), os.urandom(3 * 4096 + 5), spill_to=tmp_path / "p.cmrb")
+    twin = copy.copy(info)
+    twin.close()
+    info.close()
+    assert info.closed and len(info) == len(twin) == 3 * 4096 + 5
+    assert "closed" in repr(info)

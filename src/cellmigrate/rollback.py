@@ -262,6 +262,7 @@ class RollbackInfo:
         # the state asks the guard afterwards (_check_faults).
         self._mapping = _mapping
         self._slot = _guard_slot if _mapping is None or _guard_slot >= 0 else _guard(_mapping)
+        self._mapped_len = len(self.original_state)  # for close() of a copy's released view
         self._closed = False
         # The state's length once close() released a mapped state (len() and repr() say it).
         self._released_len: Optional[int] = None
@@ -694,7 +695,10 @@ class RollbackInfo:
         self._closed = True
         self._slot = -1
         if self._mapping is not None:
-            self._released_len = len(self.original_state)
+            try:
+                self._released_len = len(self.original_state)
+            except ValueError:  # released by a copy of this point closed first: same map
+                self._released_len = self._mapped_len
             if isinstance(self.original_state, memoryview):
                 self.original_state.release()
             try:
