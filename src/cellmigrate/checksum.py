@@ -8,7 +8,6 @@ keyed, the MAC that authenticates a delta.
 from __future__ import annotations
 
 import operator
-
 import os
 from typing import Any, List, Optional, Sequence, cast
 

@@ -261,7 +261,7 @@ class RollbackInfo:
         # reads as zeros past its end instead of killing the process, and every check of
         # the state asks the guard afterwards (_check_faults).
         self._mapping = _mapping
-        self._slot = _guard_slot if _mapping is None or _guard_slot >= 0 else _guard(_mapping)
+        self._slot = _guard_slot  # registered by whoever mapped it (load, capture)
         self._mapped_len = len(self.original_state)  # for close() of a copy's released view
         self._closed = False
         # The state's length once close() released a mapped state (len() and repr() say it).
@@ -365,12 +365,12 @@ class RollbackInfo:
                 "Rollback point is not authenticated but a key was given: refusing an unauthenticated rollback point"
             )
 
-    def _check_faults(self, error: Type[Exception] = InvalidStateError) -> None:
-        """Raise ``error`` when the mapped file was read past its end (truncated while
-        mapped: those pages read as zeros, so nothing read from it can be trusted)."""
+    def _check_faults(self, what: str = "was truncated while mapped: its state cannot be read") -> None:
+        """``InvalidStateError`` (the file ``what``) when the mapped file was read past its
+        end (truncated while mapped: those pages read as zeros, nothing read can be trusted)."""
         if self._slot >= 0 and _guard_faults(self._slot):
             where = f" {str(self.spill_path)!r}" if self.spill_path is not None else ""
-            raise error(f"Rollback file{where} was truncated while mapped: its state cannot be read")
+            raise InvalidStateError(f"Rollback file{where} {what}")
 
     def _check(self, data: memoryview, reporter: Optional[_Reporter], what: str, key: Optional[bytes]) -> None:
         """Raise InvalidStateError unless ``data`` has the recorded checksum and digest."""
@@ -442,10 +442,9 @@ class RollbackInfo:
             for a, b in _chunks(copy_n):
                 view[a:b] = saved[a:b]
                 reporter.advance(b - a)
-            if self._slot >= 0 and _guard_faults(self._slot):  # cut after the first check
-                where = f" {str(self.spill_path)!r}" if self.spill_path is not None else ""
-                raise InvalidStateError(f"Rollback file{where} was truncated while it was restored: "
-                                        "the target is partly overwritten (with zeros past the cut)")
+            # Cut after the first check: say what it did to the target.
+            self._check_faults("was truncated while it was restored: the target is partly overwritten "
+                               "(with zeros past the cut)")
             # Checked against the recorded values, not against the saved copy: a mapped
             # file changed by another writer after the first check is still caught.
             self._check(view, reporter, "Restored state", key)
