@@ -261,7 +261,8 @@ def _symlink(path: str) -> OSError:
 
 
 def _unlink_if_same(path: str, fd: int) -> None:
-    """Remove ``path`` if it still names ``fd``'s file (best effort)."""
+    """Remove ``path`` if it still names ``fd``'s file (best effort: a path renamed away,
+    then taken by another receiver's new staging file, is not ours to remove)."""
     try:
         if os.path.samestat(os.stat(path), os.fstat(fd)):
             os.unlink(path)
@@ -384,6 +385,11 @@ class FileStore:
     def stat(self) -> os.stat_result:
         """``os.fstat`` of the store's file (which the path may no longer name)."""
         return os.fstat(self._fd)
+
+    def unlink(self) -> None:
+        """Remove :attr:`path` if it still names the store's file, before :meth:`close`
+        (best effort: another store's file at the path is left alone)."""
+        _unlink_if_same(self.path, self._fd)
 
     def close(self) -> None:
         """Unmap and close the file (the file stays; the lock goes, or, while a view is

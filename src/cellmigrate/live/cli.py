@@ -467,7 +467,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                     raise CliError(message) from None
                 finally:
                     if not target.adopted:
-                        _unlink_if(staging, store)  # still locked: no other receiver has it yet
+                        store.unlink()  # still locked: no other receiver has it yet
                     store.close()
                     store = None
                 _report_received(args, receiver)
@@ -504,7 +504,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         if listener is not None:
             listener.close()
         if store is not None:  # never served: the empty staging file goes
-            _unlink_if(staging, store)
+            store.unlink()
             store.close()
 
 
@@ -541,16 +541,6 @@ def _open_store(staging: str, state_file: str) -> FileStore:
     except CellError:
         raise CliError(f"cannot receive into {state_file!r}: another receiver is staging into it "
                        f"({staging!r} is locked)") from None
-
-
-def _unlink_if(path: str, store: FileStore) -> None:
-    """Remove ``path`` if it still names ``store``'s file (a path renamed away, then
-    taken by another receiver's new staging file, is not ours to remove)."""
-    try:
-        if os.path.samestat(os.stat(path), store.stat()):
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def _report_received(args: argparse.Namespace, receiver: LiveReceiver) -> None:
