@@ -508,14 +508,14 @@ def _run_wasm(report: _Report, validator: MigrationValidator, names: "dict[bytes
     unwritten: List[BaseException] = []
 
     def on_round(stats: RoundStats) -> None:
+        if unwritten:
+            return
         title = ("Final round: the agent is paused" if stats.final
                  else f"Pre-copy round {stats.round} while the agent runs")
         more = []
         if stats.final:
             more.append("node B proved the state equal (xxh3_128_tree of 4 KiB pages), adopted the memory and globals and resumed; "
                         f"downtime {1e3 * (stats.actual_downtime_s or 0.0):.1f} ms")
-        if unwritten:
-            return
         try:
             step(title, f"{plural(stats.dirty_pages, 'page')} ({format_size(stats.dirty_bytes)}) of a "
                         f"{format_size(stats.state_size)} memory, {format_size(stats.wire_bytes)} on the wire, "
